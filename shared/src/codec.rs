@@ -1,0 +1,418 @@
+//! Frames <-> messages.
+//!
+//! [`decode`] never panics, whatever the bytes: it checks the size first,
+//! then the JSON, then the `type`, then the message's fields, and says which
+//! step failed with a [`DecodeError`] the receiver can send back as an
+//! [`ErrorFrame`](crate::protocol::ErrorFrame).
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::protocol::{ErrorCode, Message};
+
+/// The largest frame either side accepts, in bytes (1 MiB). A job payload
+/// must fit in one `job_assign` frame with room to spare.
+pub const MAX_FRAME_BYTES: usize = 1 << 20;
+
+/// Why a frame is not a message.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// Over [`MAX_FRAME_BYTES`].
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge {
+        /// The frame's size.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// Not valid JSON (truncated, not UTF-8, nested too deep, ...).
+    #[error("frame is not valid JSON: {0}")]
+    Malformed(#[source] serde_json::Error),
+    /// Valid JSON, but not an object.
+    #[error("frame must be a JSON object, got {0}")]
+    NotAnObject(&'static str),
+    /// An object without a string `type` field.
+    #[error("frame has no string \"type\" field")]
+    MissingType,
+    /// A `type` this build does not know.
+    #[error("unknown message type {0:?}")]
+    UnknownType(String),
+    /// A known `type` whose fields are missing, of the wrong type, or invalid
+    /// (a bad language code, say).
+    #[error("invalid {ty} message: {source}")]
+    Invalid {
+        /// The message's `type`.
+        ty: &'static str,
+        /// What serde found wrong.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl DecodeError {
+    /// The protocol error code to report for this failure.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            DecodeError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+            DecodeError::Malformed(_) | DecodeError::NotAnObject(_) => ErrorCode::MalformedFrame,
+            DecodeError::MissingType | DecodeError::Invalid { .. } => ErrorCode::InvalidMessage,
+            DecodeError::UnknownType(_) => ErrorCode::UnknownType,
+        }
+    }
+}
+
+/// Decodes one frame into a message.
+pub fn decode(frame: &[u8]) -> Result<Message, DecodeError> {
+    if frame.len() > MAX_FRAME_BYTES {
+        return Err(DecodeError::TooLarge {
+            len: frame.len(),
+            max: MAX_FRAME_BYTES,
+        });
+    }
+    let value: Value = serde_json::from_slice(frame).map_err(DecodeError::Malformed)?;
+    let object = match &value {
+        Value::Object(object) => object,
+        other => return Err(DecodeError::NotAnObject(json_kind(other))),
+    };
+    let ty = object
+        .get("type")
+        .and_then(Value::as_str)
+        .ok_or(DecodeError::MissingType)?;
+    let ty = Message::TYPES
+        .into_iter()
+        .find(|known| *known == ty)
+        .ok_or_else(|| DecodeError::UnknownType(clip(ty)))?;
+    Message::deserialize(value).map_err(|source| DecodeError::Invalid { ty, source })
+}
+
+/// Encodes a message as a JSON text frame.
+pub fn encode(message: &Message) -> String {
+    // Every field is a string, number, bool, map with string keys or JSON
+    // value, so serialisation cannot fail.
+    serde_json::to_string(message).expect("protocol messages always serialise")
+}
+
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn clip(text: &str) -> String {
+    text.chars().take(64).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+    use serde_json::json;
+
+    use super::*;
+    use crate::ids::{JobId, JobKind, NodeId};
+    use crate::protocol::*;
+
+    fn every_message() -> Vec<Message> {
+        let job_id = JobId::new("job-1").unwrap();
+        let capacity = CapacityReport {
+            free_slots: BTreeMap::from([(JobKind::new("translate").unwrap(), 3)]),
+            gpus: vec![GpuReading {
+                uuid: "GPU-1".into(),
+                memory_total_mb: 24576,
+                memory_used_mb: 4000,
+                utilization_pct: Some(40),
+                temperature_c: None,
+                healthy: true,
+            }],
+        };
+        vec![
+            Message::Register(Register {
+                node_id: NodeId::new("gpu-01").unwrap(),
+                token: Some(Secret("s3cret".into())),
+                protocol: VersionRange::OURS,
+                agent_version: "0.1.0".into(),
+                instance: "b1c2".into(),
+                capabilities: Capabilities {
+                    src_langs: vec!["zh".parse().unwrap()],
+                    tgt_langs: vec!["en".parse().unwrap()],
+                    kinds: vec![JobKind::new("translate").unwrap()],
+                },
+                gpus: vec![GpuInfo {
+                    index: 0,
+                    uuid: "GPU-1".into(),
+                    name: "Simulated".into(),
+                    memory_total_mb: 24576,
+                }],
+                capacity: capacity.clone(),
+                draining: false,
+            }),
+            Message::RegisterAck(RegisterAck {
+                protocol_version: 1,
+                epoch: 7,
+                heartbeat_interval_ms: 2000,
+                pairs: vec!["zh:en".parse().unwrap()],
+            }),
+            Message::Heartbeat(Heartbeat {
+                seq: 3,
+                capacity: capacity.clone(),
+            }),
+            Message::Capacity(capacity),
+            Message::JobAssign(JobAssign {
+                job_id: job_id.clone(),
+                attempt: 1,
+                kind: JobKind::new("translate").unwrap(),
+                pair: "zh:en".parse().unwrap(),
+                session_id: Some("sess".into()),
+                payload: json!({"text": "你好"}),
+                timeout_ms: 30000,
+            }),
+            Message::JobAccept(JobRef {
+                job_id: job_id.clone(),
+                attempt: 1,
+            }),
+            Message::JobReject(JobReject {
+                job_id: job_id.clone(),
+                attempt: 1,
+                reason: RejectReason::NoCapacity,
+                message: "full".into(),
+            }),
+            Message::JobResult(JobResult {
+                job_id: job_id.clone(),
+                attempt: 1,
+                outcome: Outcome::Completed {
+                    output: json!({"text": "hello"}),
+                },
+                duration_ms: 12,
+            }),
+            Message::JobResult(JobResult {
+                job_id: job_id.clone(),
+                attempt: 2,
+                outcome: Outcome::Failed {
+                    code: FailureCode::ExecutorFailed,
+                    message: "exit 1".into(),
+                },
+                duration_ms: 5,
+            }),
+            Message::ResultAck(JobRef {
+                job_id: job_id.clone(),
+                attempt: 1,
+            }),
+            Message::JobCancel(JobCancel {
+                job_id,
+                attempt: 1,
+                reason: "timeout".into(),
+            }),
+            Message::Drain(Drain {
+                reason: "maintenance".into(),
+            }),
+            Message::Error(ErrorFrame {
+                code: ErrorCode::UnknownType,
+                message: "no".into(),
+            }),
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let messages = every_message();
+        let mut types: Vec<&str> = messages.iter().map(Message::type_name).collect();
+        types.dedup();
+        assert_eq!(types, Message::TYPES, "the sample covers every type");
+        for message in messages {
+            let frame = encode(&message);
+            assert_eq!(decode(frame.as_bytes()).unwrap(), message, "{frame}");
+        }
+    }
+
+    #[test]
+    fn unknown_fields_are_tolerated() {
+        let frame = br#"{"type":"drain","reason":"x","added_in_v2":{"a":1}}"#;
+        assert_eq!(
+            decode(frame).unwrap(),
+            Message::Drain(Drain { reason: "x".into() })
+        );
+    }
+
+    #[test]
+    fn newer_enum_values_map_to_other() {
+        let frame = br#"{"type":"job_reject","job_id":"j","attempt":1,"reason":"gpu_on_fire"}"#;
+        let Message::JobReject(reject) = decode(frame).unwrap() else {
+            panic!("not a reject");
+        };
+        assert_eq!(reject.reason, RejectReason::Other);
+    }
+
+    #[test]
+    fn truncated_json_is_malformed() {
+        let frame = encode(&every_message()[0]);
+        let err = decode(&frame.as_bytes()[..frame.len() / 2]).unwrap_err();
+        assert!(matches!(err, DecodeError::Malformed(_)), "{err}");
+        assert_eq!(err.code(), ErrorCode::MalformedFrame);
+    }
+
+    #[test]
+    fn non_objects_and_non_utf8_are_malformed() {
+        assert!(matches!(
+            decode(b"[1,2]"),
+            Err(DecodeError::NotAnObject("an array"))
+        ));
+        assert!(matches!(decode(b"\"x\""), Err(DecodeError::NotAnObject(_))));
+        assert!(matches!(
+            decode(b"\xff\xfe{}"),
+            Err(DecodeError::Malformed(_))
+        ));
+        assert!(matches!(decode(b""), Err(DecodeError::Malformed(_))));
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_stack_overflow() {
+        let frame = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        assert!(matches!(
+            decode(frame.as_bytes()),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn missing_and_unknown_types() {
+        assert!(matches!(
+            decode(br#"{"seq":1}"#),
+            Err(DecodeError::MissingType)
+        ));
+        assert!(matches!(
+            decode(br#"{"type":7}"#),
+            Err(DecodeError::MissingType)
+        ));
+        let err = decode(br#"{"type":"launch_missiles"}"#).unwrap_err();
+        assert!(matches!(&err, DecodeError::UnknownType(t) if t == "launch_missiles"));
+        assert_eq!(err.code(), ErrorCode::UnknownType);
+    }
+
+    #[test]
+    fn wrong_field_types_are_invalid() {
+        let err = decode(br#"{"type":"heartbeat","seq":"three","capacity":{"free_slots":{}}}"#)
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DecodeError::Invalid {
+                    ty: "heartbeat",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = decode(br#"{"type":"job_accept","job_id":"j"}"#).unwrap_err();
+        assert!(err.to_string().contains("attempt"), "{err}");
+    }
+
+    #[test]
+    fn invalid_language_codes_are_invalid_messages() {
+        let mut value = serde_json::to_value(&every_message()[4]).unwrap();
+        for bad in ["ZH:en", "zh-CN:en", "zh:zh", "zhen", ""] {
+            value["pair"] = json!(bad);
+            let err = decode(value.to_string().as_bytes()).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    DecodeError::Invalid {
+                        ty: "job_assign",
+                        ..
+                    }
+                ),
+                "{bad}: {err}"
+            );
+            assert_eq!(err.code(), ErrorCode::InvalidMessage);
+        }
+        let mut register = serde_json::to_value(&every_message()[0]).unwrap();
+        register["capabilities"]["src_langs"] = json!(["english"]);
+        let err = decode(register.to_string().as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("english"), "{err}");
+    }
+
+    #[test]
+    fn oversize_frames_are_refused_before_parsing() {
+        let frame = vec![b' '; MAX_FRAME_BYTES + 1];
+        let err = decode(&frame).unwrap_err();
+        assert!(matches!(
+            err,
+            DecodeError::TooLarge { len, max } if len == MAX_FRAME_BYTES + 1 && max == MAX_FRAME_BYTES
+        ));
+        assert_eq!(err.code(), ErrorCode::FrameTooLarge);
+    }
+
+    /// Mutations of valid frames: the likeliest shapes of a buggy peer.
+    fn mutated_frame() -> impl Strategy<Value = Vec<u8>> {
+        let frames: Vec<Vec<u8>> = every_message()
+            .iter()
+            .map(|m| encode(m).into_bytes())
+            .collect();
+        (
+            proptest::sample::select(frames),
+            any::<prop::sample::Index>(),
+            any::<prop::sample::Index>(),
+            any::<u8>(),
+        )
+            .prop_map(|(mut frame, cut, at, byte)| {
+                let at = at.index(frame.len());
+                frame[at] = byte;
+                frame.truncate(cut.index(frame.len() + 1));
+                frame
+            })
+    }
+
+    fn arbitrary_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(|f| json!(f)),
+            "[a-z_]{0,12}".prop_map(Value::from),
+            proptest::sample::select(Message::TYPES.to_vec()).prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                prop::collection::btree_map(
+                    prop_oneof![
+                        Just("type".to_owned()),
+                        Just("job_id".to_owned()),
+                        Just("attempt".to_owned()),
+                        Just("capacity".to_owned()),
+                        "[a-z_]{1,10}",
+                    ],
+                    inner,
+                    0..8
+                )
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(10_000))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode(&bytes);
+        }
+
+        #[test]
+        fn arbitrary_json_never_panics(value in arbitrary_json()) {
+            let _ = decode(value.to_string().as_bytes());
+        }
+
+        #[test]
+        fn mutated_frames_never_panic_and_valid_ones_round_trip(frame in mutated_frame()) {
+            if let Ok(message) = decode(&frame) {
+                prop_assert_eq!(decode(encode(&message).as_bytes()).unwrap(), message);
+            }
+        }
+    }
+}

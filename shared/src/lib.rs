@@ -1,0 +1,25 @@
+//! The vocabulary shared by the Lingua fleet coordinator and its agents.
+//!
+//! - [`lang`]: validated language codes and directed language pairs.
+//! - [`ids`]: validated node ids, job ids and job kinds.
+//! - [`protocol`]: every message of the node <-> coordinator WebSocket
+//!   protocol (version [`protocol::PROTOCOL_VERSION`]), one serde enum tagged
+//!   by `type`.
+//! - [`codec`]: decoding frames into messages with typed errors and a frame
+//!   size limit, and encoding them back.
+//! - [`close`]: the WebSocket close codes both sides use.
+//!
+//! docs/PROTOCOL.md describes the protocol for people; this crate is its
+//! executable form.
+#![forbid(unsafe_code)]
+
+pub mod close;
+pub mod codec;
+pub mod ids;
+pub mod lang;
+pub mod protocol;
+
+pub use codec::{DecodeError, MAX_FRAME_BYTES, decode, encode};
+pub use ids::{IdError, JobId, JobKind, NodeId};
+pub use lang::{LangCode, LangError, LangPair};
+pub use protocol::{Message, PROTOCOL_VERSION};

@@ -1,0 +1,429 @@
+//! Messages of the node <-> coordinator WebSocket protocol, version 1.
+//!
+//! Every frame is one JSON object tagged by `type`. Unknown fields are
+//! ignored so that either side can be upgraded first; unknown `type`s are an
+//! error the receiver answers with an [`ErrorFrame`]. docs/PROTOCOL.md has an
+//! example of each message and the connection state machine.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::ids::{JobId, JobKind, NodeId};
+use crate::lang::{LangCode, LangPair};
+
+/// The newest protocol version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// The oldest protocol version this build still speaks.
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
+
+/// One protocol message. The serde tag `type` is the snake_case variant name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Message {
+    /// node -> coordinator: the first frame of a connection.
+    Register(Register),
+    /// coordinator -> node: registration accepted.
+    RegisterAck(RegisterAck),
+    /// node -> coordinator: "still alive", with current capacity.
+    Heartbeat(Heartbeat),
+    /// node -> coordinator: capacity changed in a way routing cares about.
+    Capacity(CapacityReport),
+    /// coordinator -> node: run this job.
+    JobAssign(JobAssign),
+    /// node -> coordinator: the job was admitted and is running.
+    JobAccept(JobRef),
+    /// node -> coordinator: the job was refused; try another node.
+    JobReject(JobReject),
+    /// node -> coordinator: the job finished (completed or failed).
+    JobResult(JobResult),
+    /// coordinator -> node: the result is recorded; drop it from the outbox.
+    ResultAck(JobRef),
+    /// coordinator -> node: stop this job and free its slot.
+    JobCancel(JobCancel),
+    /// Either way: the node is draining (announced by the node, or asked of
+    /// it by the coordinator).
+    Drain(Drain),
+    /// Either way: the previous frame could not be handled.
+    Error(ErrorFrame),
+}
+
+impl Message {
+    /// Every value of the `type` tag, in declaration order.
+    pub const TYPES: [&'static str; 12] = [
+        "register",
+        "register_ack",
+        "heartbeat",
+        "capacity",
+        "job_assign",
+        "job_accept",
+        "job_reject",
+        "job_result",
+        "result_ack",
+        "job_cancel",
+        "drain",
+        "error",
+    ];
+
+    /// The `type` tag of this message.
+    pub fn type_name(&self) -> &'static str {
+        let index = match self {
+            Message::Register(_) => 0,
+            Message::RegisterAck(_) => 1,
+            Message::Heartbeat(_) => 2,
+            Message::Capacity(_) => 3,
+            Message::JobAssign(_) => 4,
+            Message::JobAccept(_) => 5,
+            Message::JobReject(_) => 6,
+            Message::JobResult(_) => 7,
+            Message::ResultAck(_) => 8,
+            Message::JobCancel(_) => 9,
+            Message::Drain(_) => 10,
+            Message::Error(_) => 11,
+        };
+        Self::TYPES[index]
+    }
+}
+
+/// A secret token: serialised as is, never printed by `Debug`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// An inclusive range of protocol versions a peer speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionRange {
+    /// Oldest version spoken.
+    pub min: u32,
+    /// Newest version spoken.
+    pub max: u32,
+}
+
+impl VersionRange {
+    /// The versions this build speaks.
+    pub const OURS: VersionRange = VersionRange {
+        min: MIN_PROTOCOL_VERSION,
+        max: PROTOCOL_VERSION,
+    };
+
+    /// The newest version both ranges contain, if any.
+    pub fn negotiate(self, other: VersionRange) -> Option<u32> {
+        let high = self.max.min(other.max);
+        let low = self.min.max(other.min);
+        (low <= high).then_some(high)
+    }
+}
+
+/// What a node can do: the languages it hears and speaks, and the job kinds
+/// it runs. It joins one pool for every directed pair `src:tgt`, `src != tgt`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// Languages it can recognise.
+    pub src_langs: Vec<LangCode>,
+    /// Languages it can translate or speak into.
+    pub tgt_langs: Vec<LangCode>,
+    /// Job kinds it runs.
+    pub kinds: Vec<JobKind>,
+}
+
+impl Capabilities {
+    /// The directed pairs these capabilities serve.
+    pub fn pairs(&self) -> Vec<LangPair> {
+        LangPair::all_from(&self.src_langs, &self.tgt_langs)
+    }
+}
+
+/// A GPU's static description, sent at registration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuInfo {
+    /// Index on the host (as NVML numbers them).
+    pub index: u32,
+    /// Stable identity (`GPU-…` under NVML).
+    pub uuid: String,
+    /// Product name.
+    pub name: String,
+    /// Total memory in MiB.
+    pub memory_total_mb: u64,
+}
+
+/// node -> coordinator, first frame: who the node is and what it serves.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Register {
+    /// The node's id.
+    pub node_id: NodeId,
+    /// The node token, when the coordinator requires one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<Secret>,
+    /// Protocol versions the agent speaks.
+    pub protocol: VersionRange,
+    /// The agent's build version, for logs and `/v1/nodes`.
+    pub agent_version: String,
+    /// Random id of this agent process. A reconnect carries the same value,
+    /// which tells the coordinator it replaces a stale connection rather than
+    /// competing with another live agent claiming the same node id.
+    pub instance: String,
+    /// Languages and kinds served.
+    pub capabilities: Capabilities,
+    /// The node's GPUs (empty on a CPU-only node).
+    #[serde(default)]
+    pub gpus: Vec<GpuInfo>,
+    /// Capacity at the time of registration.
+    pub capacity: CapacityReport,
+    /// True when the agent registers while draining (it finishes jobs but
+    /// takes no new ones).
+    #[serde(default)]
+    pub draining: bool,
+}
+
+/// coordinator -> node: the registration is accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterAck {
+    /// The protocol version both sides use from now on.
+    pub protocol_version: u32,
+    /// This registration's epoch: strictly greater than every earlier
+    /// registration of the same node id.
+    pub epoch: u64,
+    /// How often the node must send a heartbeat.
+    pub heartbeat_interval_ms: u64,
+    /// The pools the node was placed in.
+    pub pairs: Vec<LangPair>,
+}
+
+/// node -> coordinator: proof of life, every `heartbeat_interval_ms`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// Increments with each heartbeat of a connection.
+    pub seq: u64,
+    /// Capacity now.
+    pub capacity: CapacityReport,
+}
+
+/// What a node can take right now, per kind, and its GPU readings.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CapacityReport {
+    /// How many more jobs of each kind the arbiter would admit now.
+    pub free_slots: BTreeMap<JobKind, u32>,
+    /// Current GPU readings.
+    #[serde(default)]
+    pub gpus: Vec<GpuReading>,
+}
+
+/// One GPU's current readings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GpuReading {
+    /// Stable identity.
+    pub uuid: String,
+    /// Total memory in MiB.
+    pub memory_total_mb: u64,
+    /// Memory in use, by anyone, in MiB.
+    pub memory_used_mb: u64,
+    /// Utilisation in percent, when the backend measures it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub utilization_pct: Option<u8>,
+    /// Temperature in °C, when the backend measures it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature_c: Option<u32>,
+    /// False once the GPU reported a critical error or was lost.
+    pub healthy: bool,
+}
+
+/// coordinator -> node: run a job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobAssign {
+    /// The job.
+    pub job_id: JobId,
+    /// Which attempt this is (1, 2, …); answers must carry it back.
+    pub attempt: u32,
+    /// The kind of work.
+    pub kind: JobKind,
+    /// The language pair.
+    pub pair: LangPair,
+    /// The client's session, for logs and local caches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    /// Opaque input for the executor.
+    pub payload: Value,
+    /// How long the job may run on the node before it is stopped.
+    pub timeout_ms: u64,
+}
+
+/// Names one attempt of one job.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct JobRef {
+    /// The job.
+    pub job_id: JobId,
+    /// The attempt.
+    pub attempt: u32,
+}
+
+/// Why a node refused a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RejectReason {
+    /// The arbiter has no room for this kind now.
+    NoCapacity,
+    /// The node does not run this kind.
+    UnknownKind,
+    /// The node does not serve this pair.
+    UnsupportedPair,
+    /// The node is draining.
+    Draining,
+    /// The node already runs or ran this attempt.
+    Duplicate,
+    /// A reason newer than this build.
+    #[serde(other)]
+    Other,
+}
+
+/// node -> coordinator: the job was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobReject {
+    /// The job.
+    pub job_id: JobId,
+    /// The attempt refused.
+    pub attempt: u32,
+    /// Why.
+    pub reason: RejectReason,
+    /// Detail for people.
+    #[serde(default)]
+    pub message: String,
+}
+
+/// How a job ended on the node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Outcome {
+    /// The executor produced output.
+    Completed {
+        /// The executor's output.
+        output: Value,
+    },
+    /// The job did not produce output.
+    Failed {
+        /// Why.
+        code: FailureCode,
+        /// Detail for people.
+        message: String,
+    },
+}
+
+/// Why a job failed on the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureCode {
+    /// The executor failed (non-2xx, non-zero exit, bad output).
+    ExecutorFailed,
+    /// The job overran its timeout and was stopped.
+    Timeout,
+    /// The job was cancelled.
+    Cancelled,
+    /// A code newer than this build.
+    #[serde(other)]
+    Other,
+}
+
+/// node -> coordinator: a job attempt finished.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobResult {
+    /// The job.
+    pub job_id: JobId,
+    /// The attempt that ran.
+    pub attempt: u32,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Time spent running on the node.
+    pub duration_ms: u64,
+}
+
+/// coordinator -> node: stop a job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobCancel {
+    /// The job.
+    pub job_id: JobId,
+    /// The attempt to stop.
+    pub attempt: u32,
+    /// Why, for logs.
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// The node is draining: it runs what it has and takes nothing new.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drain {
+    /// Why, for logs.
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// What went wrong with a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Not valid JSON, or not a JSON object.
+    MalformedFrame,
+    /// A `type` this side does not know.
+    UnknownType,
+    /// A known `type` with missing or ill-typed fields.
+    InvalidMessage,
+    /// Over the frame size limit.
+    FrameTooLarge,
+    /// The message is not allowed in the connection's current state.
+    UnexpectedMessage,
+    /// Missing or wrong token.
+    Unauthorized,
+    /// No protocol version in common.
+    UnsupportedVersion,
+    /// Another live agent holds this node id.
+    NodeIdConflict,
+    /// The receiver failed for reasons of its own.
+    Internal,
+    /// A code newer than this build.
+    #[serde(other)]
+    Other,
+}
+
+/// Either way: the previous frame could not be handled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorFrame {
+    /// What kind of problem.
+    pub code: ErrorCode,
+    /// Detail for people.
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_negotiation_picks_the_newest_common_version() {
+        let ours = VersionRange { min: 1, max: 3 };
+        assert_eq!(ours.negotiate(VersionRange { min: 2, max: 5 }), Some(3));
+        assert_eq!(ours.negotiate(VersionRange { min: 1, max: 1 }), Some(1));
+        assert_eq!(ours.negotiate(VersionRange { min: 4, max: 9 }), None);
+        assert_eq!(ours.negotiate(VersionRange { min: 3, max: 2 }), None);
+    }
+
+    #[test]
+    fn secrets_do_not_leak_into_debug_output() {
+        let text = format!("{:?}", Secret("hunter2".into()));
+        assert!(!text.contains("hunter2"));
+    }
+
+    #[test]
+    fn type_names_match_the_serde_tags() {
+        let message = Message::Drain(Drain {
+            reason: "maintenance".into(),
+        });
+        let json: Value = serde_json::to_value(&message).unwrap();
+        assert_eq!(json["type"], message.type_name());
+    }
+}
