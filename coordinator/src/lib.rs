@@ -2,8 +2,25 @@
 //! per-language-pair pools through Redis scripts and routes jobs to nodes
 //! that reported room. Redis is its only state.
 //!
+//! - [`config`]: the TOML configuration and its validation.
+//! - [`server`]: wiring; `run(listener, …, shutdown)`.
+//! - [`node_ws`]: the node WebSocket endpoint.
+//! - [`api`]: the HTTP admin API.
+//! - [`store`], [`keys`]: everything kept in Redis, and the key names.
+//! - [`route_batch`]: routing updates batched per language pair.
+//! - [`registry`]: node sockets held by this instance.
+//! - [`metrics`]: Prometheus metrics.
 //! - [`private_redis`]: the `redis-server` the coordinator starts and owns
 //!   when no Redis URL is configured (also what the test harness uses).
 #![forbid(unsafe_code)]
 
+pub mod api;
+pub mod config;
+pub mod keys;
+pub mod metrics;
+pub mod node_ws;
 pub mod private_redis;
+pub mod registry;
+pub mod route_batch;
+pub mod server;
+pub mod store;

@@ -5,9 +5,34 @@
 //! stopped when the returned guard drops, also when the test panics and
 //! also when the test process is killed (see
 //! [`lingua_coordinator::private_redis`]). There are no mocks of Redis.
+//!
+//! [`TestCoordinator`] runs the real coordinator on `127.0.0.1:0`;
+//! [`TestNode`] is a real WebSocket client speaking the node protocol.
 #![forbid(unsafe_code)]
 
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use lingua_coordinator::config::Config;
+use lingua_coordinator::metrics::Metrics;
 use lingua_coordinator::private_redis::{PrivateRedis, PrivateRedisError};
+use lingua_coordinator::server;
+use lingua_coordinator::store::Store;
+use lingua_shared::protocol::{
+    Capabilities, CapacityReport, Register, RegisterAck, Secret, VersionRange,
+};
+use lingua_shared::{JobKind, Message, NodeId, decode, encode};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+
+/// How long a harness helper waits for something that should happen at once.
+pub const PATIENCE: Duration = Duration::from_secs(10);
 
 /// Starts a fresh `redis-server` for one test and waits until it answers.
 ///
@@ -35,4 +60,236 @@ pub async fn connect(redis: &PrivateRedis) -> redis::aio::MultiplexedConnection 
         .get_multiplexed_async_connection()
         .await
         .expect("the private Redis accepts connections")
+}
+
+/// Polls `check` until it returns `Some`, or panics after [`PATIENCE`]
+/// naming `what`. For conditions reached through other processes, where
+/// there is nothing to await directly.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A coordinator running in this process on `127.0.0.1:0`.
+pub struct TestCoordinator {
+    /// The bound address.
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+impl TestCoordinator {
+    /// Starts a coordinator on `redis` with `config` (its `listen` and
+    /// `redis_url` are ignored).
+    pub async fn start(redis: &PrivateRedis, config: Config) -> Self {
+        let metrics = Arc::new(Metrics::default());
+        let store = Store::connect(&redis.url(), metrics.clone())
+            .await
+            .expect("the test redis answers");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
+        let addr = listener
+            .local_addr()
+            .expect("a bound listener has an address");
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(server::run(
+            listener,
+            config,
+            store,
+            metrics,
+            shutdown.clone(),
+        ));
+        Self {
+            addr,
+            shutdown,
+            task,
+        }
+    }
+
+    /// `ws://…/v1/node`
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/v1/node", self.addr)
+    }
+
+    /// `http://…{path}`
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// GETs `path` and returns status and JSON body.
+    pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        let response = reqwest::get(self.url(path))
+            .await
+            .expect("the coordinator answers HTTP");
+        let status = response.status().as_u16();
+        (
+            status,
+            response.json().await.unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    /// Shuts down gracefully and waits for it.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task
+            .await
+            .expect("the coordinator task does not panic")
+            .expect("the coordinator stops cleanly");
+    }
+}
+
+/// A configuration for tests: defaults with a fast heartbeat.
+pub fn test_config() -> Config {
+    Config {
+        heartbeat_interval: Duration::from_millis(200),
+        missed_heartbeats: 3,
+        ..Config::default()
+    }
+}
+
+/// A registration for `node_id` serving `src` -> `tgt` with kind `translate`.
+pub fn registration(node_id: &str, src: &[&str], tgt: &[&str]) -> Register {
+    let langs = |codes: &[&str]| {
+        codes
+            .iter()
+            .map(|c| c.parse().expect("valid test language"))
+            .collect()
+    };
+    let kind = JobKind::new("translate").expect("valid kind");
+    Register {
+        node_id: NodeId::new(node_id).expect("valid test node id"),
+        token: None,
+        protocol: VersionRange::OURS,
+        agent_version: "test".into(),
+        instance: format!("instance-of-{node_id}"),
+        capabilities: Capabilities {
+            src_langs: langs(src),
+            tgt_langs: langs(tgt),
+            kinds: vec![kind.clone()],
+        },
+        gpus: Vec::new(),
+        capacity: CapacityReport {
+            free_slots: [(kind, 4)].into(),
+            gpus: Vec::new(),
+        },
+        draining: false,
+    }
+}
+
+/// Sets the token of a registration.
+pub fn with_token(mut register: Register, token: &str) -> Register {
+    register.token = Some(Secret(token.into()));
+    register
+}
+
+/// What a [`TestNode`] received.
+// Unboxed so that tests can match nested patterns; it lives only briefly.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, PartialEq)]
+pub enum Received {
+    /// A protocol message.
+    Message(Message),
+    /// A close frame with this code.
+    Close(u16),
+    /// The connection ended without a close frame.
+    End,
+}
+
+/// A raw node connection: a real WebSocket client.
+pub struct TestNode {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl TestNode {
+    /// Opens the WebSocket.
+    pub async fn connect(url: &str) -> Self {
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("websocket upgrade");
+        Self { ws }
+    }
+
+    /// Connects and registers; returns the node and its acknowledgement.
+    ///
+    /// # Panics
+    /// When the coordinator answers anything but `register_ack`.
+    pub async fn register(url: &str, register: Register) -> (Self, RegisterAck) {
+        let mut node = Self::connect(url).await;
+        node.send(&Message::Register(register)).await;
+        match node.recv().await {
+            Received::Message(Message::RegisterAck(ack)) => (node, ack),
+            other => panic!("expected register_ack, got {other:?}"),
+        }
+    }
+
+    /// Sends a message.
+    pub async fn send(&mut self, message: &Message) {
+        self.send_raw(encode(message)).await;
+    }
+
+    /// Sends a raw text frame.
+    pub async fn send_raw(&mut self, text: String) {
+        self.ws
+            .send(WsMessage::text(text))
+            .await
+            .expect("send frame");
+    }
+
+    /// Sends a raw frame, tolerating a connection the peer already closed.
+    pub async fn try_send_raw(&mut self, text: String) -> bool {
+        self.ws.send(WsMessage::text(text)).await.is_ok()
+    }
+
+    /// The next message or close, skipping pings.
+    pub async fn recv(&mut self) -> Received {
+        let next = tokio::time::timeout(PATIENCE, async {
+            loop {
+                match self.ws.next().await {
+                    None | Some(Err(_)) => return Received::End,
+                    Some(Ok(WsMessage::Text(text))) => {
+                        return Received::Message(
+                            decode(text.as_bytes()).expect("coordinator frames decode"),
+                        );
+                    }
+                    Some(Ok(WsMessage::Close(frame))) => {
+                        return Received::Close(frame.map_or(1005, |f| f.code.into()));
+                    }
+                    Some(Ok(_)) => {}
+                }
+            }
+        })
+        .await;
+        next.expect("the coordinator answers in time")
+    }
+
+    /// Reads until the connection closes; returns the close code.
+    pub async fn closed(&mut self) -> u16 {
+        loop {
+            match self.recv().await {
+                Received::Close(code) => return code,
+                Received::End => return 1006,
+                Received::Message(_) => {}
+            }
+        }
+    }
+
+    /// Closes the connection normally.
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+        while let Some(Ok(_)) = self.ws.next().await {}
+    }
 }

@@ -1,0 +1,459 @@
+//! The coordinator's configuration: TOML as SPEC.md fixes it, parsed into a
+//! raw form that rejects unknown keys, then validated into [`Config`] with
+//! errors that name the field and its line.
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// The address the coordinator listens on without configuration.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7700";
+/// The shortest token accepted: anything shorter is guessable.
+pub const MIN_TOKEN_LEN: usize = 16;
+
+/// Why a configuration is unusable. Each maps to exit code 64.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not valid TOML, an unknown key, or a value of the wrong type.
+    #[error("invalid config: {0}")]
+    Parse(String),
+    /// A value outside what the coordinator accepts.
+    #[error("invalid config: {field}{}: {message}", line.map(|l| format!(" (line {l})")).unwrap_or_default())]
+    Invalid {
+        /// The dotted name of the field.
+        field: &'static str,
+        /// Its line in the file, when it came from one.
+        line: Option<usize>,
+        /// What is wrong and what to do.
+        message: String,
+    },
+}
+
+/// TLS for the listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert_file: PathBuf,
+    /// PEM private key.
+    pub key_file: PathBuf,
+}
+
+/// A validated coordinator configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where HTTP and the node WebSocket are served.
+    pub listen: SocketAddr,
+    /// Redis to use; `None` starts a private `redis-server`.
+    pub redis_url: Option<String>,
+    /// Tokens nodes may present.
+    pub node_tokens: Vec<String>,
+    /// Bearer tokens for the HTTP API; empty means the API is open.
+    pub api_tokens: Vec<String>,
+    /// Accept unauthenticated nodes on a non-loopback listener.
+    pub allow_anonymous: bool,
+    /// Serve https/wss directly.
+    pub tls: Option<TlsConfig>,
+    /// Heartbeat interval told to agents.
+    pub heartbeat_interval: Duration,
+    /// Heartbeats a node may miss before it leaves routing.
+    pub missed_heartbeats: u32,
+    /// Most nodes in one pool.
+    pub max_nodes_per_pool: u32,
+    /// Job timeout when a request names none.
+    pub default_job_timeout: Duration,
+    /// Nodes tried per job before `no_capacity`.
+    pub max_attempts: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN
+                .parse()
+                .expect("the default listen address parses"),
+            redis_url: None,
+            node_tokens: Vec::new(),
+            api_tokens: Vec::new(),
+            allow_anonymous: false,
+            tls: None,
+            heartbeat_interval: Duration::from_millis(2000),
+            missed_heartbeats: 3,
+            max_nodes_per_pool: 100,
+            default_job_timeout: Duration::from_millis(30_000),
+            max_attempts: 3,
+        }
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<Spanned<String>>,
+    #[serde(default)]
+    redis: RawRedis,
+    #[serde(default)]
+    auth: RawAuth,
+    tls: Option<RawTls>,
+    #[serde(default)]
+    nodes: RawNodes,
+    #[serde(default)]
+    pools: RawPools,
+    #[serde(default)]
+    jobs: RawJobs,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRedis {
+    url: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAuth {
+    node_tokens: Option<Spanned<Vec<String>>>,
+    api_tokens: Option<Spanned<Vec<String>>>,
+    #[serde(default)]
+    allow_anonymous: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNodes {
+    heartbeat_interval_ms: Option<Spanned<u64>>,
+    missed_heartbeats: Option<Spanned<u32>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPools {
+    max_nodes_per_pool: Option<Spanned<u32>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJobs {
+    default_timeout_ms: Option<Spanned<u64>>,
+    max_attempts: Option<Spanned<u32>>,
+}
+
+/// Checks one optional spanned value and converts it, naming the field and
+/// line when it is out of range.
+struct Validator<'a> {
+    source: &'a str,
+}
+
+impl Validator<'_> {
+    fn line(&self, span: Range<usize>) -> usize {
+        let end = span.start.min(self.source.len());
+        self.source.as_bytes()[..end]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1
+    }
+
+    fn invalid<T>(
+        &self,
+        field: &'static str,
+        span: Range<usize>,
+        message: String,
+    ) -> Result<T, ConfigError> {
+        Err(ConfigError::Invalid {
+            field,
+            line: Some(self.line(span)),
+            message,
+        })
+    }
+
+    fn range<T>(
+        &self,
+        field: &'static str,
+        value: Option<Spanned<T>>,
+        default: T,
+        bounds: std::ops::RangeInclusive<T>,
+    ) -> Result<T, ConfigError>
+    where
+        T: PartialOrd + Copy + std::fmt::Display,
+    {
+        let Some(value) = value else {
+            return Ok(default);
+        };
+        let span = value.span();
+        let value = value.into_inner();
+        if !bounds.contains(&value) {
+            return self.invalid(
+                field,
+                span,
+                format!(
+                    "{value} is out of range; use a value from {} to {}",
+                    bounds.start(),
+                    bounds.end()
+                ),
+            );
+        }
+        Ok(value)
+    }
+
+    fn tokens(
+        &self,
+        field: &'static str,
+        value: Option<Spanned<Vec<String>>>,
+    ) -> Result<Vec<String>, ConfigError> {
+        let Some(value) = value else {
+            return Ok(Vec::new());
+        };
+        let span = value.span();
+        let tokens = value.into_inner();
+        if let Some(short) = tokens
+            .iter()
+            .position(|t| t.chars().count() < MIN_TOKEN_LEN)
+        {
+            return self.invalid(
+                field,
+                span,
+                format!(
+                    "token #{} is shorter than {MIN_TOKEN_LEN} characters; generate one with `openssl rand -hex 32`",
+                    short + 1
+                ),
+            );
+        }
+        Ok(tokens)
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let source = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&source)
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(source: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig =
+            toml::from_str(source).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let check = Validator { source };
+        let defaults = Config::default();
+        let listen = match raw.listen {
+            None => defaults.listen,
+            Some(listen) => {
+                let span = listen.span();
+                match listen.get_ref().parse() {
+                    Ok(addr) => addr,
+                    Err(_) => {
+                        return check.invalid(
+                            "listen",
+                            span,
+                            format!(
+                                "{:?} is not an address; write it as \"127.0.0.1:7700\"",
+                                listen.get_ref()
+                            ),
+                        );
+                    }
+                }
+            }
+        };
+        let redis_url = match raw.redis.url {
+            None => None,
+            Some(url) => {
+                let span = url.span();
+                let url = url.into_inner();
+                if let Err(message) = check_redis_url(&url) {
+                    return check.invalid("redis.url", span, message);
+                }
+                Some(url)
+            }
+        };
+        let config = Config {
+            listen,
+            redis_url,
+            node_tokens: check.tokens("auth.node_tokens", raw.auth.node_tokens)?,
+            api_tokens: check.tokens("auth.api_tokens", raw.auth.api_tokens)?,
+            allow_anonymous: raw.auth.allow_anonymous,
+            tls: raw.tls.map(|tls| TlsConfig {
+                cert_file: tls.cert_file,
+                key_file: tls.key_file,
+            }),
+            heartbeat_interval: Duration::from_millis(check.range(
+                "nodes.heartbeat_interval_ms",
+                raw.nodes.heartbeat_interval_ms,
+                2000,
+                50..=600_000,
+            )?),
+            missed_heartbeats: check.range(
+                "nodes.missed_heartbeats",
+                raw.nodes.missed_heartbeats,
+                3,
+                1..=100,
+            )?,
+            max_nodes_per_pool: check.range(
+                "pools.max_nodes_per_pool",
+                raw.pools.max_nodes_per_pool,
+                100,
+                1..=1_000_000,
+            )?,
+            default_job_timeout: Duration::from_millis(check.range(
+                "jobs.default_timeout_ms",
+                raw.jobs.default_timeout_ms,
+                30_000,
+                1..=3_600_000,
+            )?),
+            max_attempts: check.range("jobs.max_attempts", raw.jobs.max_attempts, 3, 1..=100)?,
+        };
+        Ok(config)
+    }
+
+    /// Checks the rules that span fields and command-line overrides: run it
+    /// after applying `--listen` and `--redis-url`.
+    pub fn check_security(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.redis_url {
+            check_redis_url(url).map_err(|message| ConfigError::Invalid {
+                field: "redis.url",
+                line: None,
+                message,
+            })?;
+        }
+        if self.node_tokens.is_empty() && !self.listen.ip().is_loopback() && !self.allow_anonymous {
+            return Err(ConfigError::Invalid {
+                field: "auth.node_tokens",
+                line: None,
+                message: format!(
+                    "listening on {} (not loopback) without node tokens would let anyone register a node; \
+                     set auth.node_tokens, or set auth.allow_anonymous = true to accept that",
+                    self.listen
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// How long a node may stay silent before it leaves routing.
+    pub fn lease(&self) -> Duration {
+        self.heartbeat_interval * self.missed_heartbeats
+    }
+
+    /// True when nodes must present a token.
+    pub fn nodes_need_token(&self) -> bool {
+        !self.node_tokens.is_empty()
+    }
+}
+
+fn check_redis_url(url: &str) -> Result<(), String> {
+    redis::Client::open(url).map(drop).map_err(|e| {
+        format!("{url:?} is not a Redis URL ({e}); use redis://HOST:PORT/DB or redis+unix:///PATH")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_gives_the_spec_defaults() {
+        let config = Config::parse("").unwrap();
+        assert_eq!(config.listen, "127.0.0.1:7700".parse().unwrap());
+        assert_eq!(config.redis_url, None);
+        assert_eq!(config.heartbeat_interval, Duration::from_secs(2));
+        assert_eq!(config.lease(), Duration::from_secs(6));
+        assert_eq!(config.max_nodes_per_pool, 100);
+        assert_eq!(config.max_attempts, 3);
+        config.check_security().unwrap();
+    }
+
+    #[test]
+    fn full_spec_example_parses() {
+        let config = Config::parse(
+            r#"
+listen = "0.0.0.0:7700"
+[redis]
+url = "redis://127.0.0.1:6379/0"
+[auth]
+node_tokens = ["long-random-secret"]
+api_tokens  = ["another-secret-xyz"]
+[tls]
+cert_file = "/etc/lingua/coordinator.crt"
+key_file  = "/etc/lingua/coordinator.key"
+[nodes]
+heartbeat_interval_ms = 2000
+missed_heartbeats = 3
+[pools]
+max_nodes_per_pool = 100
+[jobs]
+default_timeout_ms = 30000
+max_attempts = 3
+"#,
+        )
+        .unwrap();
+        assert!(config.nodes_need_token());
+        assert!(config.tls.is_some());
+        config.check_security().unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_line() {
+        let err =
+            Config::parse("listen = \"127.0.0.1:1\"\n[nodes]\nheartbeat_ms = 5\n").unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("heartbeat_ms") && text.contains("line 3"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn out_of_range_values_name_field_and_line() {
+        let err = Config::parse("\n[nodes]\nmissed_heartbeats = 0\n").unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("nodes.missed_heartbeats") && text.contains("line 3"),
+            "{text}"
+        );
+        assert!(matches!(err, ConfigError::Invalid { line: Some(3), .. }));
+    }
+
+    #[test]
+    fn bad_values_are_explained() {
+        let err = Config::parse("listen = \"localhost\"").unwrap_err();
+        assert!(err.to_string().contains("listen (line 1)"), "{err}");
+        let err = Config::parse("[redis]\nurl = \"http://x\"").unwrap_err();
+        assert!(err.to_string().contains("redis.url (line 2)"), "{err}");
+        let err = Config::parse("[auth]\nnode_tokens = [\"short\"]").unwrap_err();
+        assert!(err.to_string().contains("openssl rand"), "{err}");
+        let err = Config::parse("[nodes]\nheartbeat_interval_ms = \"fast\"").unwrap_err();
+        assert!(matches!(err, ConfigError::Parse(_)), "{err}");
+    }
+
+    #[test]
+    fn anonymous_nodes_off_loopback_need_an_explicit_yes() {
+        let config = Config::parse("listen = \"0.0.0.0:7700\"").unwrap();
+        let err = config.check_security().unwrap_err();
+        assert!(err.to_string().contains("allow_anonymous"), "{err}");
+        let config =
+            Config::parse("listen = \"0.0.0.0:7700\"\n[auth]\nallow_anonymous = true").unwrap();
+        config.check_security().unwrap();
+    }
+}

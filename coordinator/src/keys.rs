@@ -1,0 +1,98 @@
+//! Redis key names. Every key is built here, never inside a script.
+//!
+//! Keys carry a hash tag so that each script's keys share one Redis Cluster
+//! slot: node keys are tagged by node id (`{gpu-01}`), pair keys by the pair
+//! (`{zh:en}`). The two global indexes (all nodes, all pairs) are only read
+//! and written by plain commands. docs/REDIS_DATA_MODEL.md lists them all.
+
+use lingua_shared::{JobKind, LangPair, NodeId};
+
+const PREFIX: &str = "lingua:v1";
+
+/// Global SET of every node id ever registered (for `/v1/nodes`).
+pub const ALL_NODES: &str = "lingua:v1:nodes";
+/// Global SET of every pair that ever had a member (for `/v1/pools`).
+pub const ALL_PAIRS: &str = "lingua:v1:pairs";
+
+/// The keys of one node, all tagged `{<node id>}`.
+#[derive(Debug, Clone)]
+pub struct NodeKeys {
+    /// HASH: registration, state, epoch, owner, capacity.
+    pub hash: String,
+    /// STRING counter: the last epoch given out. Never expires, so epochs
+    /// only grow.
+    pub epoch: String,
+    /// STRING with a TTL of one lease: present while the node is alive.
+    pub lease: String,
+}
+
+impl NodeKeys {
+    /// The keys of `node`.
+    pub fn new(node: &NodeId) -> Self {
+        let hash = format!("{PREFIX}:node:{{{node}}}");
+        Self {
+            epoch: format!("{hash}:epoch"),
+            lease: format!("{hash}:lease"),
+            hash,
+        }
+    }
+}
+
+/// The keys of one language pair, all tagged `{<src:tgt>}`.
+#[derive(Debug, Clone)]
+pub struct PairKeys {
+    base: String,
+    /// HASH node -> pool id.
+    pub members: String,
+    /// ZSET pool id -> number of members (non-empty pools).
+    pub pools: String,
+    /// ZSET pool id -> number of members, only pools with room.
+    pub room: String,
+    /// STRING counter for new pool ids.
+    pub next_pool: String,
+    /// ZSET node -> lease deadline in ms.
+    pub leases: String,
+}
+
+impl PairKeys {
+    /// The keys of `pair`.
+    pub fn new(pair: LangPair) -> Self {
+        let base = format!("{PREFIX}:pair:{{{pair}}}");
+        Self {
+            members: format!("{base}:members"),
+            pools: format!("{base}:pools"),
+            room: format!("{base}:room"),
+            next_pool: format!("{base}:next_pool"),
+            leases: format!("{base}:leases"),
+            base,
+        }
+    }
+
+    /// ZSET node -> lease deadline: nodes with free slots of `kind`.
+    pub fn route(&self, kind: &JobKind) -> String {
+        format!("{}:route:{kind}", self.base)
+    }
+
+    /// HASH node -> free slots of `kind`.
+    pub fn free(&self, kind: &JobKind) -> String {
+        format!("{}:free:{kind}", self.base)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_carry_their_hash_tag() {
+        let node = NodeKeys::new(&NodeId::new("gpu-01").unwrap());
+        assert_eq!(node.hash, "lingua:v1:node:{gpu-01}");
+        assert_eq!(node.lease, "lingua:v1:node:{gpu-01}:lease");
+        let pair = PairKeys::new("zh:en".parse().unwrap());
+        assert_eq!(
+            pair.route(&JobKind::new("asr").unwrap()),
+            "lingua:v1:pair:{zh:en}:route:asr"
+        );
+        assert_eq!(pair.members, "lingua:v1:pair:{zh:en}:members");
+    }
+}

@@ -1,0 +1,211 @@
+//! `lingua-coordinator`: the central service of a Lingua fleet.
+//!
+//! Exit codes (SPEC.md): 0 success, 64 bad usage or invalid config, 69 a
+//! dependency is unavailable at start (Redis unreachable, `redis-server`
+//! missing, address in use), 70 internal error.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use lingua_coordinator::config::{Config, ConfigError};
+use lingua_coordinator::metrics::Metrics;
+use lingua_coordinator::private_redis::PrivateRedis;
+use lingua_coordinator::server;
+use lingua_coordinator::store::Store;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Process exit codes.
+#[derive(Debug, Clone, Copy)]
+enum Exit {
+    Usage = 64,
+    Unavailable = 69,
+    Internal = 70,
+}
+
+impl From<Exit> for ExitCode {
+    fn from(exit: Exit) -> Self {
+        ExitCode::from(exit as u8)
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The Lingua fleet coordinator: registers GPU nodes, keeps per-language-pair
+/// pools in Redis and routes jobs to nodes with room.
+///
+/// With no configuration it listens on 127.0.0.1:7700 and runs a private
+/// redis-server on a unix socket. Log level: LINGUA_LOG (e.g. "debug").
+#[derive(Debug, Parser)]
+#[command(version, about, long_about)]
+struct Cli {
+    /// TOML config file (see SPEC.md); every key is optional.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address to serve HTTP and the node WebSocket on (overrides `listen`).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Redis to use, e.g. redis://127.0.0.1:6379/0 (overrides `[redis] url`).
+    #[arg(long, value_name = "URL")]
+    redis_url: Option<String>,
+    /// Log line format on stderr.
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate a config file and exit: 0 when valid, 64 with the reason.
+    CheckConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            let _ = err.print();
+            return if err.use_stderr() {
+                Exit::Usage.into()
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    init_logging(cli.log_format);
+    let config = match load_config(&cli) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("lingua-coordinator: {err}");
+            return Exit::Usage.into();
+        }
+    };
+    if matches!(cli.command, Some(Command::CheckConfig)) {
+        println!("config is valid");
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("lingua-coordinator: cannot start the async runtime: {err}");
+            return Exit::Internal.into();
+        }
+    };
+    runtime.block_on(serve(config))
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LINGUA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn load_config(cli: &Cli) -> Result<Config, ConfigError> {
+    let mut config = match &cli.config {
+        Some(path) => Config::load(path)?,
+        None if matches!(cli.command, Some(Command::CheckConfig)) => {
+            return Err(ConfigError::Parse(
+                "check-config needs --config FILE".into(),
+            ));
+        }
+        None => Config::default(),
+    };
+    if let Some(listen) = &cli.listen {
+        config.listen = listen.parse().map_err(|_| ConfigError::Invalid {
+            field: "--listen",
+            line: None,
+            message: format!("{listen:?} is not an address; write it as 127.0.0.1:7700"),
+        })?;
+    }
+    if let Some(url) = &cli.redis_url {
+        config.redis_url = Some(url.clone());
+    }
+    config.check_security()?;
+    Ok(config)
+}
+
+async fn serve(config: Config) -> ExitCode {
+    if config.node_tokens.is_empty() {
+        tracing::warn!(listen = %config.listen, "no node tokens configured: accepting unauthenticated nodes");
+    }
+    let (url, private) = match &config.redis_url {
+        Some(url) => (url.clone(), None),
+        None => match PrivateRedis::start().await {
+            Ok(redis) => {
+                tracing::info!(socket = %redis.socket_path().display(), "using a private redis-server; its data is lost on exit");
+                (redis.url(), Some(redis))
+            }
+            Err(err) => {
+                eprintln!("lingua-coordinator: {err}");
+                return Exit::Unavailable.into();
+            }
+        },
+    };
+    let metrics = Arc::new(Metrics::default());
+    let exit = match Store::connect(&url, metrics.clone()).await {
+        Err(err) => {
+            eprintln!("lingua-coordinator: cannot reach Redis at {url}: {err}");
+            Exit::Unavailable.into()
+        }
+        Ok(store) => {
+            if private.is_none() {
+                tracing::info!(redis = %url, "using redis");
+            }
+            match TcpListener::bind(config.listen).await {
+                Err(err) => {
+                    eprintln!(
+                        "lingua-coordinator: cannot listen on {}: {err}",
+                        config.listen
+                    );
+                    Exit::Unavailable.into()
+                }
+                Ok(listener) => {
+                    let shutdown = CancellationToken::new();
+                    tokio::spawn(stop_on_signal(shutdown.clone()));
+                    match server::run(listener, config, store, metrics, shutdown).await {
+                        Ok(()) => ExitCode::SUCCESS,
+                        Err(err) => {
+                            eprintln!("lingua-coordinator: server failed: {err}");
+                            Exit::Internal.into()
+                        }
+                    }
+                }
+            }
+        }
+    };
+    if let Some(redis) = private {
+        redis.stop().await;
+    }
+    tracing::info!("coordinator stopped");
+    exit
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers; stop the coordinator with SIGKILL");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    shutdown.cancel();
+}

@@ -1,0 +1,580 @@
+//! The node WebSocket endpoint, `/v1/node`: one task per socket.
+//!
+//! A connection must register first (token, protocol version, node id
+//! rules), then sends heartbeats and capacity reports. docs/PROTOCOL.md has
+//! the state machine and the close codes used here.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
+use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
+use axum::response::Response;
+use futures_util::future::join_all;
+use lingua_shared::close::CloseCode;
+use lingua_shared::protocol::{
+    CapacityReport, Drain, ErrorCode, ErrorFrame, Register, RegisterAck, VersionRange,
+};
+use lingua_shared::{JobKind, LangPair, MAX_FRAME_BYTES, Message, NodeId, decode, encode};
+use subtle::ConstantTimeEq;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep_until, timeout};
+
+use crate::registry::{Control, LocalNode};
+use crate::server::Shared;
+use crate::store::{RegisterOutcome, Registration, RouteEntry};
+
+/// Time a new socket has to send `register`.
+pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bad frames tolerated on one connection before it is closed with 1008.
+pub const MAX_BAD_FRAMES: u32 = 10;
+/// Most languages on either side, and most kinds, one node may declare.
+pub const MAX_CAPABILITIES: usize = 32;
+
+/// Upgrades `/v1/node` requests.
+pub async fn upgrade(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ws: WebSocketUpgrade,
+) -> Response {
+    ws.max_message_size(MAX_FRAME_BYTES)
+        .max_frame_size(MAX_FRAME_BYTES)
+        .on_upgrade(move |socket| {
+            let tasks = shared.tasks.clone();
+            tasks.track_future(serve(socket, shared, peer))
+        })
+}
+
+/// Why a connection ended, for the close frame and the log.
+struct Ending {
+    code: CloseCode,
+    reason: &'static str,
+}
+
+impl Ending {
+    fn new(code: CloseCode, reason: &'static str) -> Self {
+        Self { code, reason }
+    }
+}
+
+/// A registered connection.
+struct Session {
+    node: NodeId,
+    epoch: u64,
+    pairs: Vec<LangPair>,
+    kinds: Vec<JobKind>,
+    draining: bool,
+    capacity: CapacityReport,
+}
+
+impl Session {
+    fn route_entry(&self) -> RouteEntry {
+        let free = self
+            .kinds
+            .iter()
+            .map(|kind| {
+                let slots = if self.draining {
+                    0
+                } else {
+                    self.capacity.free_slots.get(kind).copied().unwrap_or(0)
+                };
+                (kind.clone(), slots)
+            })
+            .collect();
+        RouteEntry {
+            node: self.node.clone(),
+            free,
+        }
+    }
+}
+
+async fn serve(mut socket: WebSocket, shared: Arc<Shared>, peer: SocketAddr) {
+    let (control_tx, mut control_rx) = mpsc::unbounded_channel();
+    let mut session = match register(&mut socket, &shared, control_tx).await {
+        Ok(session) => session,
+        Err(ending) => {
+            tracing::info!(%peer, code = ending.code.code(), reason = ending.reason, "node refused");
+            close(&mut socket, ending).await;
+            return;
+        }
+    };
+    shared.metrics.nodes_connected.inc();
+    tracing::info!(%peer, node_id = %session.node, epoch = session.epoch, pairs = session.pairs.len(), "node registered");
+    shared
+        .batcher
+        .queue(session.pairs.iter().copied(), &session.route_entry());
+
+    let ending = run(&mut socket, &shared, &mut session, &mut control_rx).await;
+    tracing::info!(node_id = %session.node, epoch = session.epoch, code = ending.code.code(), reason = ending.reason, "node connection closing");
+    close(&mut socket, ending).await;
+    shared.metrics.nodes_connected.dec();
+    leave(&shared, &session).await;
+}
+
+/// Takes a closed connection's node out of routing, unless a newer
+/// registration of the same node already replaced it.
+async fn leave(shared: &Shared, session: &Session) {
+    shared.registry.remove(&session.node, session.epoch);
+    match shared
+        .store
+        .node_offline(&session.node, session.epoch)
+        .await
+    {
+        Ok(true) => {
+            let leaves = session
+                .pairs
+                .iter()
+                .map(|&pair| shared.store.pool_leave(pair, &session.node, &session.kinds));
+            for result in join_all(leaves).await {
+                if let Err(err) = result {
+                    tracing::warn!(node_id = %session.node, error = %err, "leaving pool failed; the pair lease will expire");
+                }
+            }
+        }
+        Ok(false) => {}
+        Err(err) => {
+            tracing::warn!(node_id = %session.node, error = %err, "marking node offline failed; its lease will expire");
+        }
+    }
+}
+
+async fn close(socket: &mut WebSocket, ending: Ending) {
+    let frame = CloseFrame {
+        code: ending.code.code(),
+        reason: ending.reason.into(),
+    };
+    let _ = timeout(
+        Duration::from_secs(1),
+        socket.send(WsMessage::Close(Some(frame))),
+    )
+    .await;
+}
+
+async fn send(socket: &mut WebSocket, message: &Message) -> Result<(), Ending> {
+    socket
+        .send(WsMessage::Text(encode(message).into()))
+        .await
+        .map_err(|_| Ending::new(CloseCode::Normal, "send failed"))
+}
+
+async fn send_error(
+    socket: &mut WebSocket,
+    shared: &Shared,
+    code: ErrorCode,
+    message: String,
+) -> Result<(), Ending> {
+    let name = serde_json::to_value(code)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default();
+    shared.metrics.frame_rejected(&name);
+    send(socket, &Message::Error(ErrorFrame { code, message })).await
+}
+
+/// The payload of a data frame, or why the connection ends.
+enum Frame {
+    Data(Vec<u8>),
+    Skip,
+}
+
+fn frame_of(received: Option<Result<WsMessage, axum::Error>>) -> Result<Frame, Ending> {
+    match received {
+        None => Err(Ending::new(CloseCode::Normal, "node went away")),
+        Some(Err(err)) => {
+            let text = err.to_string();
+            if text.contains("too long") || text.contains("too big") {
+                Err(Ending::new(CloseCode::TooLarge, "frame exceeds 1 MiB"))
+            } else {
+                Err(Ending::new(CloseCode::Normal, "connection error"))
+            }
+        }
+        Some(Ok(WsMessage::Text(text))) => Ok(Frame::Data(text.as_bytes().to_vec())),
+        Some(Ok(WsMessage::Binary(bytes))) => Ok(Frame::Data(bytes.to_vec())),
+        Some(Ok(WsMessage::Close(_))) => Err(Ending::new(CloseCode::Normal, "node closed")),
+        Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => Ok(Frame::Skip),
+    }
+}
+
+async fn register(
+    socket: &mut WebSocket,
+    shared: &Shared,
+    control: mpsc::UnboundedSender<Control>,
+) -> Result<Session, Ending> {
+    let deadline = Instant::now() + REGISTER_TIMEOUT;
+    let frame = loop {
+        let received = tokio::select! {
+            received = socket.recv() => received,
+            () = sleep_until(deadline) => return Err(Ending::new(CloseCode::RegistrationRequired, "no register within 5 s")),
+            () = shared.shutdown.cancelled() => return Err(Ending::new(CloseCode::GoingAway, "coordinator shutting down")),
+        };
+        if let Frame::Data(frame) = frame_of(received)? {
+            break frame;
+        }
+    };
+    let register = match decode(&frame) {
+        Ok(Message::Register(register)) => register,
+        Ok(other) => {
+            shared.metrics.registration("invalid");
+            let _ = send_error(
+                socket,
+                shared,
+                ErrorCode::UnexpectedMessage,
+                format!("expected register, got {}", other.type_name()),
+            )
+            .await;
+            return Err(Ending::new(
+                CloseCode::RegistrationRequired,
+                "first frame must be register",
+            ));
+        }
+        Err(err) => {
+            shared.metrics.registration("invalid");
+            let _ = send_error(socket, shared, err.code(), err.to_string()).await;
+            let code = if err.code() == ErrorCode::FrameTooLarge {
+                CloseCode::TooLarge
+            } else {
+                CloseCode::RegistrationRequired
+            };
+            return Err(Ending::new(code, "first frame must be a valid register"));
+        }
+    };
+    if !token_ok(&shared.config.node_tokens, &register) {
+        shared.metrics.registration("unauthorized");
+        let _ = send_error(
+            socket,
+            shared,
+            ErrorCode::Unauthorized,
+            "missing or wrong node token".into(),
+        )
+        .await;
+        return Err(Ending::new(
+            CloseCode::Unauthorized,
+            "missing or wrong node token",
+        ));
+    }
+    let Some(version) = VersionRange::OURS.negotiate(register.protocol) else {
+        shared.metrics.registration("unsupported_version");
+        let message = format!(
+            "no common protocol version: node speaks {}..={}, coordinator {}..={}",
+            register.protocol.min,
+            register.protocol.max,
+            VersionRange::OURS.min,
+            VersionRange::OURS.max
+        );
+        let _ = send_error(socket, shared, ErrorCode::UnsupportedVersion, message).await;
+        return Err(Ending::new(
+            CloseCode::UnsupportedVersion,
+            "no common protocol version",
+        ));
+    };
+    let caps = &register.capabilities;
+    if caps.src_langs.len() > MAX_CAPABILITIES
+        || caps.tgt_langs.len() > MAX_CAPABILITIES
+        || caps.kinds.len() > MAX_CAPABILITIES
+    {
+        shared.metrics.registration("invalid");
+        let message =
+            format!("at most {MAX_CAPABILITIES} source languages, target languages and kinds each");
+        let _ = send_error(socket, shared, ErrorCode::InvalidMessage, message).await;
+        return Err(Ending::new(
+            CloseCode::RegistrationRequired,
+            "too many capabilities",
+        ));
+    }
+    let pairs = caps.pairs();
+    let mut kinds = caps.kinds.clone();
+    kinds.sort_unstable();
+    kinds.dedup();
+
+    let fields = serde_json::json!({
+        "src_langs": serde_json::to_string(&caps.src_langs).unwrap_or_default(),
+        "tgt_langs": serde_json::to_string(&caps.tgt_langs).unwrap_or_default(),
+        "kinds": serde_json::to_string(&kinds).unwrap_or_default(),
+        "pairs": serde_json::to_string(&pairs).unwrap_or_default(),
+        "gpus": serde_json::to_string(&register.gpus).unwrap_or_default(),
+        "capacity": serde_json::to_string(&register.capacity).unwrap_or_default(),
+        "agent_version": register.agent_version.chars().take(64).collect::<String>(),
+    });
+    let lease = shared.config.lease();
+    let outcome = shared
+        .store
+        .register_node(&Registration {
+            node_id: &register.node_id,
+            instance: &register.instance,
+            coordinator: &shared.instance,
+            draining: register.draining,
+            lease,
+            fields,
+        })
+        .await
+        .map_err(|err| {
+            tracing::error!(node_id = %register.node_id, error = %err, "registration failed in redis");
+            Ending::new(CloseCode::Internal, "redis unavailable")
+        })?;
+    let (epoch, previous_pairs, previous_kinds) = match outcome {
+        RegisterOutcome::Registered {
+            epoch,
+            previous_pairs,
+            previous_kinds,
+        } => (epoch, previous_pairs, previous_kinds),
+        RegisterOutcome::Conflict { holder } => {
+            shared.metrics.registration("conflict");
+            tracing::warn!(node_id = %register.node_id, holder = %holder, "node id already held by another live agent");
+            let message = format!(
+                "node id {} is held by another live agent (instance {holder}); give each host its own node_id",
+                register.node_id
+            );
+            let _ = send_error(socket, shared, ErrorCode::NodeIdConflict, message).await;
+            return Err(Ending::new(
+                CloseCode::NodeIdConflict,
+                "node id held by another live agent",
+            ));
+        }
+    };
+
+    // Capabilities changed since the last registration: leave every old
+    // pair with the old kinds, so nothing stale stays routable.
+    if previous_pairs != pairs || previous_kinds != kinds {
+        let leaves = previous_pairs.iter().map(|&pair| {
+            shared
+                .store
+                .pool_leave(pair, &register.node_id, &previous_kinds)
+        });
+        for result in join_all(leaves).await {
+            if let Err(err) = result {
+                tracing::warn!(node_id = %register.node_id, error = %err, "leaving an old pool failed");
+            }
+        }
+    }
+    let joins = pairs.iter().map(|&pair| {
+        let store = &shared.store;
+        let node = &register.node_id;
+        async move {
+            (
+                pair,
+                store
+                    .pool_join(pair, node, shared.config.max_nodes_per_pool, lease)
+                    .await,
+            )
+        }
+    });
+    let mut pools = BTreeMap::new();
+    for (pair, joined) in join_all(joins).await {
+        match joined {
+            Ok(pool) => {
+                pools.insert(pair, pool);
+            }
+            Err(err) => {
+                tracing::error!(node_id = %register.node_id, %pair, error = %err, "joining pool failed");
+                return Err(Ending::new(CloseCode::Internal, "redis unavailable"));
+            }
+        }
+    }
+    if let Err(err) = shared.store.index_node(&register.node_id, &pools).await {
+        tracing::warn!(node_id = %register.node_id, error = %err, "indexing node failed");
+    }
+
+    let replaced = shared.registry.insert(
+        register.node_id.clone(),
+        LocalNode {
+            epoch,
+            instance: register.instance.clone(),
+            pools,
+            kinds: kinds.clone(),
+            control,
+        },
+    );
+    if let Some(old) = replaced {
+        let _ = old.control.send(Control::Close(
+            CloseCode::Superseded,
+            "replaced by a newer connection",
+        ));
+    }
+    shared.metrics.registration("ok");
+    let ack = Message::RegisterAck(RegisterAck {
+        protocol_version: version,
+        epoch,
+        heartbeat_interval_ms: u64::try_from(shared.config.heartbeat_interval.as_millis())
+            .unwrap_or(u64::MAX),
+        pairs: pairs.clone(),
+    });
+    let session = Session {
+        node: register.node_id,
+        epoch,
+        pairs,
+        kinds,
+        draining: register.draining,
+        capacity: register.capacity,
+    };
+    if let Err(ending) = send(socket, &ack).await {
+        leave(shared, &session).await;
+        return Err(ending);
+    }
+    Ok(session)
+}
+
+fn token_ok(tokens: &[String], register: &Register) -> bool {
+    if tokens.is_empty() {
+        return true;
+    }
+    let Some(presented) = &register.token else {
+        return false;
+    };
+    // Check every token, so the time taken does not tell which one matched.
+    tokens.iter().fold(false, |found, token| {
+        found | bool::from(token.as_bytes().ct_eq(presented.0.as_bytes()))
+    })
+}
+
+async fn run(
+    socket: &mut WebSocket,
+    shared: &Shared,
+    session: &mut Session,
+    control: &mut mpsc::UnboundedReceiver<Control>,
+) -> Ending {
+    let lease = shared.config.lease();
+    let mut silent_deadline = Instant::now() + lease;
+    let mut bad_frames = 0u32;
+    loop {
+        let received = tokio::select! {
+            received = socket.recv() => received,
+            instruction = control.recv() => {
+                match instruction {
+                    Some(Control::Close(code, reason)) => return Ending::new(code, reason),
+                    Some(Control::Drain(reason)) => {
+                        session.draining = true;
+                        shared.batcher.queue(session.pairs.iter().copied(), &session.route_entry());
+                        if let Err(ending) = send(socket, &Message::Drain(Drain { reason })).await {
+                            return ending;
+                        }
+                    }
+                    None => return Ending::new(CloseCode::Internal, "control channel closed"),
+                }
+                continue;
+            }
+            () = sleep_until(silent_deadline) => return Ending::new(CloseCode::HeartbeatTimeout, "missed heartbeats"),
+            () = shared.shutdown.cancelled() => return Ending::new(CloseCode::GoingAway, "coordinator shutting down"),
+        };
+        let frame = match frame_of(received) {
+            Ok(Frame::Data(frame)) => frame,
+            Ok(Frame::Skip) => continue,
+            Err(ending) => return ending,
+        };
+        let message = match decode(&frame) {
+            Ok(message) => message,
+            Err(err) => {
+                if send_error(socket, shared, err.code(), err.to_string())
+                    .await
+                    .is_err()
+                {
+                    return Ending::new(CloseCode::Normal, "send failed");
+                }
+                bad_frames += 1;
+                if bad_frames >= MAX_BAD_FRAMES {
+                    return Ending::new(CloseCode::PolicyViolation, "too many bad frames");
+                }
+                continue;
+            }
+        };
+        match handle(socket, shared, session, message).await {
+            Ok(Handled::Fine) => {}
+            Ok(Handled::Alive) => silent_deadline = Instant::now() + lease,
+            Ok(Handled::Bad) => {
+                bad_frames += 1;
+                if bad_frames >= MAX_BAD_FRAMES {
+                    return Ending::new(CloseCode::PolicyViolation, "too many bad frames");
+                }
+            }
+            Err(ending) => return ending,
+        }
+    }
+}
+
+enum Handled {
+    Fine,
+    Alive,
+    Bad,
+}
+
+async fn handle(
+    socket: &mut WebSocket,
+    shared: &Shared,
+    session: &mut Session,
+    message: Message,
+) -> Result<Handled, Ending> {
+    match message {
+        Message::Heartbeat(heartbeat) => {
+            shared.metrics.heartbeats.inc();
+            let capacity = serde_json::to_string(&heartbeat.capacity).unwrap_or_default();
+            session.capacity = heartbeat.capacity;
+            let current = shared
+                .store
+                .heartbeat(&session.node, session.epoch, shared.config.lease(), &capacity)
+                .await
+                .map_err(|err| {
+                    tracing::error!(node_id = %session.node, error = %err, "heartbeat failed in redis");
+                    Ending::new(CloseCode::Internal, "redis unavailable")
+                })?;
+            if !current {
+                return Err(Ending::new(
+                    CloseCode::Superseded,
+                    "a newer registration of this node exists",
+                ));
+            }
+            shared
+                .batcher
+                .queue(session.pairs.iter().copied(), &session.route_entry());
+            Ok(Handled::Alive)
+        }
+        Message::Capacity(capacity) => {
+            session.capacity = capacity;
+            shared
+                .batcher
+                .queue(session.pairs.iter().copied(), &session.route_entry());
+            Ok(Handled::Fine)
+        }
+        Message::Drain(drain) => {
+            tracing::info!(node_id = %session.node, reason = %drain.reason, "node is draining");
+            session.draining = true;
+            shared
+                .batcher
+                .queue(session.pairs.iter().copied(), &session.route_entry());
+            if let Err(err) = shared
+                .store
+                .drain_node(&session.node, Some(session.epoch))
+                .await
+            {
+                tracing::warn!(node_id = %session.node, error = %err, "recording drain failed");
+            }
+            Ok(Handled::Fine)
+        }
+        Message::Error(error) => {
+            tracing::warn!(node_id = %session.node, code = ?error.code, message = %error.message, "node reported an error");
+            Ok(Handled::Fine)
+        }
+        Message::JobAccept(_) | Message::JobReject(_) | Message::JobResult(_) => {
+            send_error(
+                socket,
+                shared,
+                ErrorCode::UnexpectedMessage,
+                "no job was assigned with that id and attempt".into(),
+            )
+            .await?;
+            Ok(Handled::Fine)
+        }
+        other @ (Message::Register(_)
+        | Message::RegisterAck(_)
+        | Message::JobAssign(_)
+        | Message::ResultAck(_)
+        | Message::JobCancel(_)) => {
+            let text = format!(
+                "{} is not allowed from a registered node",
+                other.type_name()
+            );
+            send_error(socket, shared, ErrorCode::UnexpectedMessage, text).await?;
+            Ok(Handled::Bad)
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! The node sockets this coordinator instance holds, by node id.
+//!
+//! Redis says which registration of a node is current (its epoch); this map
+//! only routes control messages to the task that owns a socket.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use lingua_shared::close::CloseCode;
+use lingua_shared::{JobKind, LangPair, NodeId};
+use tokio::sync::mpsc;
+
+/// An instruction to a connection task.
+#[derive(Debug)]
+pub enum Control {
+    /// Close the socket with this code and reason.
+    Close(CloseCode, &'static str),
+    /// The node was put in draining state: stop routing to it and tell it.
+    Drain(String),
+}
+
+/// What the registry knows of a held socket.
+#[derive(Debug, Clone)]
+pub struct LocalNode {
+    /// The registration's epoch.
+    pub epoch: u64,
+    /// The agent process's instance id.
+    pub instance: String,
+    /// The node's pairs and the pool it holds in each.
+    pub pools: BTreeMap<LangPair, String>,
+    /// The kinds it serves.
+    pub kinds: Vec<JobKind>,
+    /// The connection task's inbox.
+    pub control: mpsc::UnboundedSender<Control>,
+}
+
+/// The sockets held by this instance.
+#[derive(Debug, Default)]
+pub struct Registry {
+    nodes: Mutex<HashMap<NodeId, LocalNode>>,
+}
+
+impl Registry {
+    /// Records a new registration; returns the one it replaces, if any.
+    pub fn insert(&self, node: NodeId, local: LocalNode) -> Option<LocalNode> {
+        self.lock().insert(node, local)
+    }
+
+    /// Forgets a registration unless a newer one replaced it. Returns
+    /// whether it was removed.
+    pub fn remove(&self, node: &NodeId, epoch: u64) -> bool {
+        let mut nodes = self.lock();
+        if nodes.get(node).is_some_and(|n| n.epoch == epoch) {
+            nodes.remove(node);
+            return true;
+        }
+        false
+    }
+
+    /// The current registration of `node` on this instance.
+    pub fn get(&self, node: &NodeId) -> Option<LocalNode> {
+        self.lock().get(node).cloned()
+    }
+
+    /// Sends a control message to the task holding `node`. Returns whether
+    /// one was there to receive it.
+    pub fn send(&self, node: &NodeId, control: Control) -> bool {
+        self.lock()
+            .get(node)
+            .is_some_and(|n| n.control.send(control).is_ok())
+    }
+
+    /// How many sockets are held.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// True when no socket is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, LocalNode>> {
+        // A panic while holding this lock cannot leave the map half-written
+        // (every operation is a single map call), so a poisoned lock is safe
+        // to keep using.
+        self.nodes
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}

@@ -1,0 +1,118 @@
+//! Wires the coordinator together and serves it on a listener until
+//! shutdown: `run(listener, config, store, shutdown)`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::route_batch::RouteBatcher;
+use crate::store::Store;
+use crate::{api, node_ws};
+
+/// Longest HTTP request body accepted.
+pub const MAX_BODY_BYTES: usize = 2 << 20;
+/// How long shutdown waits for node connections to close cleanly.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// State shared by every request and connection.
+pub struct Shared {
+    /// The validated configuration.
+    pub config: Config,
+    /// Redis.
+    pub store: Store,
+    /// Node sockets held here.
+    pub registry: Arc<Registry>,
+    /// Pending routing updates.
+    pub batcher: Arc<RouteBatcher>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// This coordinator instance's random id.
+    pub instance: String,
+    /// Cancelled when the coordinator shuts down.
+    pub shutdown: CancellationToken,
+    /// Node connection tasks, awaited on shutdown.
+    pub tasks: TaskTracker,
+}
+
+/// A random id for this coordinator process.
+pub fn new_instance_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// The HTTP routes.
+pub fn router(shared: Arc<Shared>) -> Router {
+    let admin = Router::new()
+        .route("/v1/nodes", get(api::nodes))
+        .route("/v1/nodes/{id}", get(api::node))
+        .route("/v1/nodes/{id}/drain", post(api::drain))
+        .route("/v1/pools", get(api::pools))
+        .route("/metrics", get(api::metrics))
+        .route_layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            api::require_token,
+        ));
+    Router::new()
+        .route("/v1/node", get(node_ws::upgrade))
+        .route("/healthz", get(api::healthz))
+        .merge(admin)
+        .fallback(api::fallback)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(shared)
+}
+
+/// Serves the coordinator on `listener` until `shutdown` is cancelled, then
+/// closes node sockets with 1001, finishes in-flight requests and returns.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    store: Store,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let registry = Arc::new(Registry::default());
+    let batcher = Arc::new(RouteBatcher::new(
+        store.clone(),
+        registry.clone(),
+        config.max_nodes_per_pool,
+        config.lease(),
+    ));
+    let shared = Arc::new(Shared {
+        config,
+        store,
+        registry,
+        batcher: batcher.clone(),
+        metrics,
+        instance: new_instance_id(),
+        shutdown: shutdown.clone(),
+        tasks: TaskTracker::new(),
+    });
+    let flusher_stop = CancellationToken::new();
+    let flusher = tokio::spawn(batcher.run(flusher_stop.clone()));
+    tracing::info!(listen = %listener.local_addr()?, instance = %shared.instance, "coordinator serving");
+
+    let app = router(shared.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let stop = shutdown.clone();
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await;
+
+    shared.tasks.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, shared.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("node connections did not close in time");
+    }
+    flusher_stop.cancel();
+    let _ = flusher.await;
+    served
+}

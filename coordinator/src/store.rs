@@ -1,0 +1,550 @@
+//! Everything the coordinator keeps in Redis, behind typed methods.
+//!
+//! State changes go through the Lua scripts in `lua/` (loaded once by SHA,
+//! reloaded on NOSCRIPT by `redis::Script`); reads for the admin API are
+//! plain commands. Each script call touches keys of one hash tag only.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lingua_shared::{JobKind, LangPair, NodeId};
+use redis::aio::ConnectionManager;
+use redis::{FromRedisValue, Script, ScriptInvocation, Value};
+use serde::Serialize;
+
+use crate::keys::{self, NodeKeys, PairKeys};
+use crate::metrics::Metrics;
+
+/// A Redis failure, or a reply the scripts never give.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The Redis call failed.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// A script answered something it is not written to answer.
+    #[error("unexpected reply from {script}: {reply}")]
+    Unexpected {
+        /// The script.
+        script: &'static str,
+        /// The reply, for the log.
+        reply: String,
+    },
+}
+
+/// The Lua scripts, compiled in.
+struct Scripts {
+    register_node: Script,
+    node_heartbeat: Script,
+    node_offline: Script,
+    node_drain: Script,
+    pool_join: Script,
+    pool_leave: Script,
+    route_update: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Self {
+            register_node: Script::new(include_str!("../../lua/register_node.lua")),
+            node_heartbeat: Script::new(include_str!("../../lua/node_heartbeat.lua")),
+            node_offline: Script::new(include_str!("../../lua/node_offline.lua")),
+            node_drain: Script::new(include_str!("../../lua/node_drain.lua")),
+            pool_join: Script::new(include_str!("../../lua/pool_join.lua")),
+            pool_leave: Script::new(include_str!("../../lua/pool_leave.lua")),
+            route_update: Script::new(include_str!("../../lua/route_update.lua")),
+        }
+    }
+}
+
+/// What a node registers with: stored as given, shown by `/v1/nodes`.
+#[derive(Debug, Clone)]
+pub struct Registration<'a> {
+    /// The node.
+    pub node_id: &'a NodeId,
+    /// The agent process's random instance id.
+    pub instance: &'a str,
+    /// The coordinator instance that holds the socket.
+    pub coordinator: &'a str,
+    /// `true` when the node registers while draining.
+    pub draining: bool,
+    /// How long the registration lives without a heartbeat.
+    pub lease: Duration,
+    /// JSON strings of the node's fields (see `register_node.lua`).
+    pub fields: serde_json::Value,
+}
+
+/// The answer to a registration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegisterOutcome {
+    /// Registered with this epoch; these were the node's pairs before.
+    Registered {
+        /// The new epoch.
+        epoch: u64,
+        /// Pairs recorded by the previous registration.
+        previous_pairs: Vec<LangPair>,
+        /// Kinds recorded by the previous registration.
+        previous_kinds: Vec<JobKind>,
+    },
+    /// Another live agent instance holds the id.
+    Conflict {
+        /// That agent's instance id.
+        holder: String,
+    },
+}
+
+/// The answer to a drain request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DrainOutcome {
+    /// The node is live and now draining.
+    Draining {
+        /// Its current epoch.
+        epoch: u64,
+        /// The coordinator instance holding its socket.
+        coordinator: String,
+        /// Its pairs.
+        pairs: Vec<LangPair>,
+        /// Its kinds.
+        kinds: Vec<JobKind>,
+    },
+    /// The node is known but has no live lease.
+    Offline,
+    /// The epoch given is not the current one.
+    Stale,
+    /// No such node.
+    Unknown,
+}
+
+/// One node as the admin API shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeView {
+    /// The node id.
+    pub id: String,
+    /// `ready`, `draining` or `offline`.
+    pub state: String,
+    /// Languages it recognises.
+    pub src_langs: serde_json::Value,
+    /// Languages it produces.
+    pub tgt_langs: serde_json::Value,
+    /// Job kinds it runs.
+    pub kinds: serde_json::Value,
+    /// The pool it holds in each of its pairs.
+    pub pools: serde_json::Value,
+    /// Its last reported capacity.
+    pub capacity: serde_json::Value,
+    /// Its GPUs.
+    pub gpus: serde_json::Value,
+    /// When it was last heard from, in ms since the Unix epoch.
+    pub last_seen_ms: u64,
+    /// Its current registration epoch.
+    pub epoch: u64,
+    /// The agent's version.
+    pub agent_version: String,
+}
+
+/// One pool as the admin API shows it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct PoolView {
+    /// The language pair.
+    pub pair: String,
+    /// The pool's id within the pair.
+    pub pool: String,
+    /// Its members, sorted.
+    pub nodes: Vec<String>,
+}
+
+/// One node's routing entry in one pair, for [`Store::route_update`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteEntry {
+    /// The node.
+    pub node: NodeId,
+    /// Free slots per kind; kinds absent here are not served.
+    pub free: BTreeMap<JobKind, u32>,
+}
+
+/// The coordinator's handle on Redis. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    conn: ConnectionManager,
+    scripts: Arc<Scripts>,
+    metrics: Arc<Metrics>,
+}
+
+impl Store {
+    /// Connects to Redis at `url` and checks that it answers.
+    pub async fn connect(url: &str, metrics: Arc<Metrics>) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(Duration::from_secs(5)))
+            .set_number_of_retries(2);
+        let conn = ConnectionManager::new_with_config(client, config).await?;
+        let store = Self {
+            conn,
+            scripts: Arc::new(Scripts::new()),
+            metrics,
+        };
+        store.ping().await?;
+        Ok(store)
+    }
+
+    /// PING.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PING").query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+
+    async fn invoke<T: FromRedisValue>(
+        &self,
+        name: &'static str,
+        invocation: ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        let mut conn = self.conn.clone();
+        let started = Instant::now();
+        let reply = invocation.invoke_async(&mut conn).await;
+        self.metrics.observe_script(name, started.elapsed());
+        Ok(reply?)
+    }
+
+    /// Records a registration and returns its epoch, or the conflict.
+    pub async fn register_node(
+        &self,
+        reg: &Registration<'_>,
+    ) -> Result<RegisterOutcome, StoreError> {
+        let keys = NodeKeys::new(reg.node_id);
+        let mut invocation = self.scripts.register_node.prepare_invoke();
+        invocation
+            .key(&keys.hash)
+            .key(&keys.epoch)
+            .key(&keys.lease)
+            .arg(reg.instance)
+            .arg(reg.coordinator)
+            .arg(millis(reg.lease))
+            .arg(if reg.draining { "draining" } else { "ready" })
+            .arg(reg.fields.to_string());
+        let reply: Vec<Value> = self.invoke("register_node", invocation).await?;
+        let unexpected = || StoreError::Unexpected {
+            script: "register_node",
+            reply: format!("{reply:?}"),
+        };
+        match reply.as_slice() {
+            [status, epoch, pairs, kinds] if text(status).as_deref() == Some("ok") => {
+                Ok(RegisterOutcome::Registered {
+                    epoch: u64::from_redis_value(epoch.clone()).map_err(|_| unexpected())?,
+                    previous_pairs: json_list(pairs),
+                    previous_kinds: json_list(kinds),
+                })
+            }
+            [status, holder] if text(status).as_deref() == Some("conflict") => {
+                Ok(RegisterOutcome::Conflict {
+                    holder: text(holder).unwrap_or_default(),
+                })
+            }
+            _ => Err(unexpected()),
+        }
+    }
+
+    /// Extends a node's lease; `false` when `epoch` is no longer current.
+    pub async fn heartbeat(
+        &self,
+        node: &NodeId,
+        epoch: u64,
+        lease: Duration,
+        capacity: &str,
+    ) -> Result<bool, StoreError> {
+        let keys = NodeKeys::new(node);
+        let mut invocation = self.scripts.node_heartbeat.prepare_invoke();
+        invocation
+            .key(&keys.hash)
+            .key(&keys.lease)
+            .arg(epoch)
+            .arg(millis(lease))
+            .arg(capacity);
+        let current: i64 = self.invoke("node_heartbeat", invocation).await?;
+        Ok(current == 1)
+    }
+
+    /// Marks a node offline; `false` when a newer registration exists.
+    pub async fn node_offline(&self, node: &NodeId, epoch: u64) -> Result<bool, StoreError> {
+        let keys = NodeKeys::new(node);
+        let mut invocation = self.scripts.node_offline.prepare_invoke();
+        invocation.key(&keys.hash).key(&keys.lease).arg(epoch);
+        let current: i64 = self.invoke("node_offline", invocation).await?;
+        Ok(current == 1)
+    }
+
+    /// Marks a node draining. `epoch` fences a node's own announcement;
+    /// an admin request passes `None`.
+    pub async fn drain_node(
+        &self,
+        node: &NodeId,
+        epoch: Option<u64>,
+    ) -> Result<DrainOutcome, StoreError> {
+        let keys = NodeKeys::new(node);
+        let mut invocation = self.scripts.node_drain.prepare_invoke();
+        invocation
+            .key(&keys.hash)
+            .key(&keys.lease)
+            .arg(epoch.map(|e| e.to_string()).unwrap_or_default());
+        let reply: Value = self.invoke("node_drain", invocation).await?;
+        let unexpected = || StoreError::Unexpected {
+            script: "node_drain",
+            reply: format!("{reply:?}"),
+        };
+        match &reply {
+            Value::Nil => Ok(DrainOutcome::Unknown),
+            Value::Array(items) => match items.as_slice() {
+                [epoch, coordinator, pairs, kinds] => Ok(DrainOutcome::Draining {
+                    epoch: u64::from_redis_value(epoch.clone()).map_err(|_| unexpected())?,
+                    coordinator: text(coordinator).unwrap_or_default(),
+                    pairs: json_list(pairs),
+                    kinds: json_list(kinds),
+                }),
+                _ => Err(unexpected()),
+            },
+            other => match text(other).as_deref() {
+                Some("offline") => Ok(DrainOutcome::Offline),
+                Some("stale") => Ok(DrainOutcome::Stale),
+                _ => Err(unexpected()),
+            },
+        }
+    }
+
+    /// Places a node in a pool of `pair` (idempotent) and returns the pool.
+    pub async fn pool_join(
+        &self,
+        pair: LangPair,
+        node: &NodeId,
+        max_nodes_per_pool: u32,
+        lease: Duration,
+    ) -> Result<String, StoreError> {
+        let keys = PairKeys::new(pair);
+        let mut invocation = self.scripts.pool_join.prepare_invoke();
+        invocation
+            .key(&keys.members)
+            .key(&keys.pools)
+            .key(&keys.room)
+            .key(&keys.next_pool)
+            .key(&keys.leases)
+            .arg(node.as_str())
+            .arg(max_nodes_per_pool)
+            .arg(millis(lease));
+        self.invoke("pool_join", invocation).await
+    }
+
+    /// Takes a node out of `pair`: pool seat, lease and routing entries of
+    /// `kinds`. Returns whether it was a member.
+    pub async fn pool_leave(
+        &self,
+        pair: LangPair,
+        node: &NodeId,
+        kinds: &[JobKind],
+    ) -> Result<bool, StoreError> {
+        let keys = PairKeys::new(pair);
+        let mut invocation = self.scripts.pool_leave.prepare_invoke();
+        invocation
+            .key(&keys.members)
+            .key(&keys.pools)
+            .key(&keys.room)
+            .key(&keys.leases);
+        for kind in kinds {
+            invocation.key(keys.route(kind));
+        }
+        for kind in kinds {
+            invocation.key(keys.free(kind));
+        }
+        invocation.arg(node.as_str()).arg(kinds.len());
+        let was_member: i64 = self.invoke("pool_leave", invocation).await?;
+        Ok(was_member == 1)
+    }
+
+    /// Renews leases and routing entries of several nodes in one pair, in
+    /// one call. Returns the nodes that are no longer members of the pair.
+    pub async fn route_update(
+        &self,
+        pair: LangPair,
+        entries: &[RouteEntry],
+        lease: Duration,
+    ) -> Result<Vec<NodeId>, StoreError> {
+        let keys = PairKeys::new(pair);
+        let mut kinds: Vec<&JobKind> = entries.iter().flat_map(|e| e.free.keys()).collect();
+        kinds.sort_unstable();
+        kinds.dedup();
+        let mut invocation = self.scripts.route_update.prepare_invoke();
+        invocation.key(&keys.leases);
+        for kind in &kinds {
+            invocation.key(keys.route(kind));
+        }
+        for kind in &kinds {
+            invocation.key(keys.free(kind));
+        }
+        invocation.arg(millis(lease)).arg(kinds.len());
+        for entry in entries {
+            invocation.arg(entry.node.as_str());
+            for kind in &kinds {
+                let free = entry.free.get(*kind).map_or(-1, |&n| i64::from(n));
+                invocation.arg(free);
+            }
+        }
+        let missing: Vec<String> = self.invoke("route_update", invocation).await?;
+        Ok(missing
+            .into_iter()
+            .filter_map(|id| NodeId::new(id).ok())
+            .collect())
+    }
+
+    /// Adds a node and its pairs to the global indexes, and records the
+    /// pools it holds on its node hash. Plain commands: these keys are
+    /// read only by the admin API.
+    pub async fn index_node(
+        &self,
+        node: &NodeId,
+        pools: &BTreeMap<LangPair, String>,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.sadd(keys::ALL_NODES, node.as_str()).ignore();
+        for pair in pools.keys() {
+            pipe.sadd(keys::ALL_PAIRS, pair.to_string()).ignore();
+        }
+        let pools_json: BTreeMap<String, &String> =
+            pools.iter().map(|(p, id)| (p.to_string(), id)).collect();
+        pipe.hset(
+            NodeKeys::new(node).hash,
+            "pools",
+            serde_json::to_string(&pools_json).expect("a map of strings serialises"),
+        )
+        .ignore();
+        pipe.query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+
+    /// One node, if it ever registered.
+    pub async fn node(&self, node: &NodeId) -> Result<Option<NodeView>, StoreError> {
+        let keys = NodeKeys::new(node);
+        let mut conn = self.conn.clone();
+        let (fields, alive): (HashMap<String, String>, bool) = redis::pipe()
+            .hgetall(&keys.hash)
+            .exists(&keys.lease)
+            .query_async(&mut conn)
+            .await?;
+        Ok((!fields.is_empty()).then(|| node_view(node.as_str(), fields, alive)))
+    }
+
+    /// Every node that ever registered, sorted by id.
+    pub async fn nodes(&self) -> Result<Vec<NodeView>, StoreError> {
+        let mut conn = self.conn.clone();
+        let mut ids: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(keys::ALL_NODES)
+            .query_async(&mut conn)
+            .await?;
+        ids.sort_unstable();
+        let ids: Vec<NodeId> = ids
+            .into_iter()
+            .filter_map(|id| NodeId::new(id).ok())
+            .collect();
+        let mut views = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(500) {
+            let mut pipe = redis::pipe();
+            for node in chunk {
+                let keys = NodeKeys::new(node);
+                pipe.hgetall(&keys.hash).exists(&keys.lease);
+            }
+            let replies: Vec<(HashMap<String, String>, bool)> = pipe.query_async(&mut conn).await?;
+            views.extend(
+                chunk
+                    .iter()
+                    .zip(replies)
+                    .filter(|(_, (fields, _))| !fields.is_empty())
+                    .map(|(id, (fields, alive))| node_view(id.as_str(), fields, alive)),
+            );
+        }
+        Ok(views)
+    }
+
+    /// Every non-empty pool, sorted by pair then pool id.
+    pub async fn pools(&self) -> Result<Vec<PoolView>, StoreError> {
+        let mut conn = self.conn.clone();
+        let pairs: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(keys::ALL_PAIRS)
+            .query_async(&mut conn)
+            .await?;
+        let mut pairs: Vec<LangPair> = pairs.iter().filter_map(|p| p.parse().ok()).collect();
+        pairs.sort_unstable();
+        if pairs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for pair in &pairs {
+            pipe.hgetall(PairKeys::new(*pair).members);
+        }
+        let members: Vec<HashMap<String, String>> = pipe.query_async(&mut conn).await?;
+        let mut views = Vec::new();
+        for (pair, members) in pairs.iter().zip(members) {
+            let mut pools: BTreeMap<(usize, String), Vec<String>> = BTreeMap::new();
+            for (node, pool) in members {
+                pools.entry((pool.len(), pool)).or_default().push(node);
+            }
+            views.extend(pools.into_iter().map(|((_, pool), mut nodes)| {
+                nodes.sort_unstable();
+                PoolView {
+                    pair: pair.to_string(),
+                    pool,
+                    nodes,
+                }
+            }));
+        }
+        Ok(views)
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn text(value: &Value) -> Option<String> {
+    String::from_redis_value(value.clone()).ok()
+}
+
+fn json_list<T: serde::de::DeserializeOwned>(value: &Value) -> Vec<T> {
+    text(value)
+        .and_then(|json| serde_json::from_str(&json).ok())
+        .unwrap_or_default()
+}
+
+fn node_view(id: &str, mut fields: HashMap<String, String>, alive: bool) -> NodeView {
+    let mut json = |name: &str| {
+        fields
+            .remove(name)
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or(serde_json::Value::Null)
+    };
+    let src_langs = json("src_langs");
+    let tgt_langs = json("tgt_langs");
+    let kinds = json("kinds");
+    let pools = json("pools");
+    let capacity = json("capacity");
+    let gpus = json("gpus");
+    let number = |fields: &HashMap<String, String>, name: &str| {
+        fields.get(name).and_then(|v| v.parse().ok()).unwrap_or(0)
+    };
+    let state = match fields.get("state").map(String::as_str) {
+        Some("draining") if alive => "draining",
+        Some("ready") if alive => "ready",
+        _ => "offline",
+    };
+    NodeView {
+        id: id.to_owned(),
+        state: state.to_owned(),
+        src_langs,
+        tgt_langs,
+        kinds,
+        pools,
+        capacity,
+        gpus,
+        last_seen_ms: number(&fields, "last_seen_ms"),
+        epoch: number(&fields, "epoch"),
+        agent_version: fields.remove("agent_version").unwrap_or_default(),
+    }
+}

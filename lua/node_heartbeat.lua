@@ -1,0 +1,18 @@
+-- node_heartbeat: extend a node's lease and record its latest capacity.
+--
+-- KEYS[1] node hash lingua:v1:node:{<id>}
+-- KEYS[2] lease     lingua:v1:node:{<id>}:lease
+-- ARGV[1] epoch of the connection sending the heartbeat
+-- ARGV[2] lease length in ms
+-- ARGV[3] capacity JSON
+-- Returns 1, or 0 when the epoch is stale (a newer registration exists):
+-- the caller must close that connection.
+if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then
+  return 0
+end
+local now = redis.call('TIME')
+redis.call('HSET', KEYS[1],
+  'last_seen_ms', now[1] * 1000 + math.floor(now[2] / 1000),
+  'capacity', ARGV[3])
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+return 1

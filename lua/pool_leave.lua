@@ -1,0 +1,32 @@
+-- pool_leave: take a node out of one language pair: its pool seat, its
+-- lease and its routing entries.
+--
+-- KEYS[1] members HASH node -> pool id   lingua:v1:pair:{<src:tgt>}:members
+-- KEYS[2] pools   ZSET pool id -> size   lingua:v1:pair:{<src:tgt>}:pools
+-- KEYS[3] room    ZSET pool id -> size   lingua:v1:pair:{<src:tgt>}:room
+-- KEYS[4] leases  ZSET node -> deadline  lingua:v1:pair:{<src:tgt>}:leases
+-- KEYS[5..4+n]    route:<kind> ZSET per kind the node serves
+-- KEYS[5+n..4+2n] free:<kind>  HASH per kind, in the same order
+-- ARGV[1] node id
+-- ARGV[2] n, the number of kinds
+-- Returns 1 when the node was a member, 0 otherwise.
+local node = ARGV[1]
+local n = tonumber(ARGV[2])
+for i = 1, n do
+  redis.call('ZREM', KEYS[4 + i], node)
+  redis.call('HDEL', KEYS[4 + n + i], node)
+end
+redis.call('ZREM', KEYS[4], node)
+local pool = redis.call('HGET', KEYS[1], node)
+if not pool then
+  return 0
+end
+redis.call('HDEL', KEYS[1], node)
+local size = tonumber(redis.call('ZINCRBY', KEYS[2], -1, pool))
+if size <= 0 then
+  redis.call('ZREM', KEYS[2], pool)
+  redis.call('ZREM', KEYS[3], pool)
+else
+  redis.call('ZADD', KEYS[3], size, pool)
+end
+return 1

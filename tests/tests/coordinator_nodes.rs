@@ -1,0 +1,236 @@
+//! Node registration, pools, liveness and duplicate ids, against a real
+//! coordinator, real Redis and real WebSockets.
+
+use lingua_shared::close::CloseCode;
+use lingua_shared::protocol::{CapacityReport, Heartbeat};
+use lingua_shared::{JobKind, Message};
+use lingua_tests::{Received, TestCoordinator, TestNode, eventually, registration, test_config};
+use serde_json::Value;
+
+fn pools_of(body: &Value, node: &str) -> Vec<String> {
+    let mut pairs: Vec<String> = body["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|pool| pool["nodes"].as_array().unwrap().iter().any(|n| n == node))
+        .map(|pool| pool["pair"].as_str().unwrap().to_owned())
+        .collect();
+    pairs.sort();
+    pairs
+}
+
+fn node_state(body: &Value) -> String {
+    body["state"].as_str().unwrap_or_default().to_owned()
+}
+
+async fn route_members(
+    redis: &lingua_coordinator::private_redis::PrivateRedis,
+    pair: &str,
+) -> Vec<String> {
+    let mut conn = lingua_tests::connect(redis).await;
+    redis::cmd("ZRANGE")
+        .arg(format!("lingua:v1:pair:{{{pair}}}:route:translate"))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn node_joins_one_pool_per_directed_pair_and_leaves_on_close() {
+    let redis = lingua_tests::redis().await;
+    let coordinator = TestCoordinator::start(&redis, test_config()).await;
+    let (node, ack) = TestNode::register(
+        &coordinator.ws_url(),
+        registration("gpu-1", &["zh", "en"], &["en", "ja"]),
+    )
+    .await;
+    let acked: Vec<String> = ack.pairs.iter().map(ToString::to_string).collect();
+    assert_eq!(acked, ["en:ja", "zh:en", "zh:ja"]);
+    assert_eq!(ack.heartbeat_interval_ms, 200);
+    assert!(ack.epoch >= 1);
+
+    let (status, pools) = coordinator.get("/v1/pools").await;
+    assert_eq!(status, 200);
+    assert_eq!(pools_of(&pools, "gpu-1"), ["en:ja", "zh:en", "zh:ja"]);
+    eventually("routing entries", || async {
+        (route_members(&redis, "zh:en").await == ["gpu-1"]).then_some(())
+    })
+    .await;
+
+    let (status, view) = coordinator.get("/v1/nodes/gpu-1").await;
+    assert_eq!(status, 200);
+    assert_eq!(node_state(&view), "ready");
+    assert_eq!(view["src_langs"], serde_json::json!(["zh", "en"]));
+    assert_eq!(view["pools"]["zh:en"], "1");
+
+    node.close().await;
+    eventually("the closed node to leave routing", || async {
+        let (_, pools) = coordinator.get("/v1/pools").await;
+        (pools_of(&pools, "gpu-1").is_empty() && route_members(&redis, "zh:en").await.is_empty())
+            .then_some(())
+    })
+    .await;
+    let (_, view) = coordinator.get("/v1/nodes/gpu-1").await;
+    assert_eq!(node_state(&view), "offline");
+    coordinator.stop().await;
+}
+
+#[tokio::test]
+async fn silent_node_is_closed_and_leaves_routing_after_missed_heartbeats() {
+    let redis = lingua_tests::redis().await;
+    let coordinator = TestCoordinator::start(&redis, test_config()).await;
+    let (mut node, _) = TestNode::register(
+        &coordinator.ws_url(),
+        registration("quiet", &["zh"], &["en"]),
+    )
+    .await;
+    // No heartbeat is ever sent: after 3 x 200 ms the coordinator gives up.
+    assert_eq!(node.closed().await, CloseCode::HeartbeatTimeout.code());
+    eventually("the silent node to go offline", || async {
+        let (_, view) = coordinator.get("/v1/nodes/quiet").await;
+        (node_state(&view) == "offline" && route_members(&redis, "zh:en").await.is_empty())
+            .then_some(())
+    })
+    .await;
+    coordinator.stop().await;
+}
+
+#[tokio::test]
+async fn heartbeats_keep_a_node_alive_and_capacity_drives_routing() {
+    let redis = lingua_tests::redis().await;
+    let coordinator = TestCoordinator::start(&redis, test_config()).await;
+    let (mut node, _) = TestNode::register(
+        &coordinator.ws_url(),
+        registration("busy", &["zh"], &["en"]),
+    )
+    .await;
+    let kind = JobKind::new("translate").unwrap();
+    let full = CapacityReport {
+        free_slots: [(kind.clone(), 0)].into(),
+        gpus: Vec::new(),
+    };
+    // Beat for longer than a lease (600 ms) while full: alive, not routable.
+    for seq in 0..8 {
+        node.send(&Message::Heartbeat(Heartbeat {
+            seq,
+            capacity: full.clone(),
+        }))
+        .await;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (_, view) = coordinator.get("/v1/nodes/busy").await;
+    assert_eq!(node_state(&view), "ready");
+    assert_eq!(view["capacity"]["free_slots"]["translate"], 0);
+    assert!(route_members(&redis, "zh:en").await.is_empty());
+
+    node.send(&Message::Capacity(CapacityReport {
+        free_slots: [(kind, 2)].into(),
+        gpus: Vec::new(),
+    }))
+    .await;
+    eventually("room to make the node routable", || async {
+        (route_members(&redis, "zh:en").await == ["busy"]).then_some(())
+    })
+    .await;
+    coordinator.stop().await;
+}
+
+#[tokio::test]
+async fn reconnect_of_the_same_agent_supersedes_its_stale_socket() {
+    let redis = lingua_tests::redis().await;
+    let coordinator = TestCoordinator::start(&redis, test_config()).await;
+    let register = registration("gpu-2", &["zh"], &["en"]);
+    let (mut old, first) = TestNode::register(&coordinator.ws_url(), register.clone()).await;
+    let (new, second) = TestNode::register(&coordinator.ws_url(), register).await;
+    assert!(
+        second.epoch > first.epoch,
+        "epochs grow: {} then {}",
+        first.epoch,
+        second.epoch
+    );
+    assert_eq!(old.closed().await, CloseCode::Superseded.code());
+    // The old socket's cleanup must not take the live node out.
+    let (_, view) = coordinator.get("/v1/nodes/gpu-2").await;
+    assert_eq!(node_state(&view), "ready");
+    assert_eq!(view["epoch"], second.epoch);
+    let (_, pools) = coordinator.get("/v1/pools").await;
+    assert_eq!(pools_of(&pools, "gpu-2"), ["zh:en"]);
+    new.close().await;
+    coordinator.stop().await;
+}
+
+#[tokio::test]
+async fn a_second_live_agent_with_the_same_id_is_refused_and_told_why() {
+    let redis = lingua_tests::redis().await;
+    let coordinator = TestCoordinator::start(&redis, test_config()).await;
+    let (holder, _) = TestNode::register(
+        &coordinator.ws_url(),
+        registration("twin", &["zh"], &["en"]),
+    )
+    .await;
+    let mut impostor_reg = registration("twin", &["en"], &["ja"]);
+    impostor_reg.instance = "another-host".into();
+    let mut impostor = TestNode::connect(&coordinator.ws_url()).await;
+    impostor.send(&Message::Register(impostor_reg)).await;
+    match impostor.recv().await {
+        Received::Message(Message::Error(error)) => {
+            assert!(error.message.contains("node_id"), "{}", error.message)
+        }
+        other => panic!("expected an error frame, got {other:?}"),
+    }
+    assert_eq!(impostor.closed().await, CloseCode::NodeIdConflict.code());
+    assert!(
+        CloseCode::NodeIdConflict.is_fatal(),
+        "the loser stops instead of flapping"
+    );
+    // The holder is untouched.
+    let (_, view) = coordinator.get("/v1/nodes/twin").await;
+    assert_eq!(node_state(&view), "ready");
+    assert_eq!(view["src_langs"], serde_json::json!(["zh"]));
+    holder.close().await;
+    coordinator.stop().await;
+}
+
+#[tokio::test]
+async fn changed_languages_move_the_node_between_pools() {
+    let redis = lingua_tests::redis().await;
+    let coordinator = TestCoordinator::start(&redis, test_config()).await;
+    let (mut old, _) = TestNode::register(
+        &coordinator.ws_url(),
+        registration("mover", &["zh"], &["en"]),
+    )
+    .await;
+    // Same agent, restarted with other languages, before the old socket
+    // closed: the old socket's cleanup is fenced off, so the new
+    // registration itself must leave the old pools.
+    let (node, ack) = TestNode::register(
+        &coordinator.ws_url(),
+        registration("mover", &["de"], &["fr"]),
+    )
+    .await;
+    assert_eq!(ack.pairs.len(), 1);
+    assert_eq!(old.closed().await, CloseCode::Superseded.code());
+    eventually("the node to be only in de:fr", || async {
+        let (_, pools) = coordinator.get("/v1/pools").await;
+        (pools_of(&pools, "mover") == ["de:fr"]).then_some(())
+    })
+    .await;
+    node.close().await;
+    coordinator.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_node_sockets_with_going_away() {
+    let redis = lingua_tests::redis().await;
+    let coordinator = TestCoordinator::start(&redis, test_config()).await;
+    let (mut node, _) = TestNode::register(
+        &coordinator.ws_url(),
+        registration("leaver", &["zh"], &["en"]),
+    )
+    .await;
+    let stopping = tokio::spawn(coordinator.stop());
+    assert_eq!(node.closed().await, CloseCode::GoingAway.code());
+    stopping.await.unwrap();
+}
