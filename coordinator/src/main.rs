@@ -5,6 +5,7 @@
 //! missing, address in use), 70 internal error.
 #![forbid(unsafe_code)]
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;

@@ -1,0 +1,563 @@
+//! The Lua scripts against a real redis-server: their logic through the
+//! coordinator's `Store`, the Redis Cluster rule (every call's KEYS in one
+//! hash slot, checked on the live command stream), EVALSHA with NOSCRIPT
+//! reload, and cost that does not grow with the number of pools.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lingua_coordinator::metrics::Metrics;
+use lingua_coordinator::private_redis::PrivateRedis;
+use lingua_coordinator::store::{DrainOutcome, RegisterOutcome, Registration, RouteEntry, Store};
+use lingua_shared::protocol::{CapacityReport, Heartbeat};
+use lingua_shared::{JobKind, LangPair, Message, NodeId};
+use lingua_tests::{TestCoordinator, TestNode, eventually, registration, test_config};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+const LEASE: Duration = Duration::from_secs(60);
+
+async fn store(redis: &PrivateRedis) -> Store {
+    Store::connect(&redis.url(), Arc::new(Metrics::default()))
+        .await
+        .unwrap()
+}
+
+fn node(id: &str) -> NodeId {
+    NodeId::new(id).unwrap()
+}
+
+fn pair(text: &str) -> LangPair {
+    text.parse().unwrap()
+}
+
+fn fields() -> serde_json::Value {
+    serde_json::json!({
+        "src_langs": "[\"zh\"]", "tgt_langs": "[\"en\"]", "kinds": "[\"asr\"]",
+        "pairs": "[\"zh:en\"]", "gpus": "[]", "capacity": "{}", "agent_version": "t",
+    })
+}
+
+fn reg<'a>(id: &'a NodeId, instance: &'a str, lease: Duration) -> Registration<'a> {
+    Registration {
+        node_id: id,
+        instance,
+        coordinator: "coord-a",
+        draining: false,
+        lease,
+        fields: fields(),
+    }
+}
+
+/// CRC16/XMODEM, the function Redis Cluster uses for key slots.
+fn crc16(bytes: &[u8]) -> u16 {
+    bytes.iter().fold(0u16, |crc, &byte| {
+        (0..8).fold(crc ^ (u16::from(byte) << 8), |crc, _| {
+            if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            }
+        })
+    })
+}
+
+/// The cluster slot of a key, honouring `{hash tags}`.
+fn key_slot(key: &[u8]) -> u16 {
+    let tagged = key.iter().position(|&b| b == b'{').and_then(|open| {
+        let close = key[open + 1..].iter().position(|&b| b == b'}')?;
+        (close > 0).then(|| &key[open + 1..open + 1 + close])
+    });
+    crc16(tagged.unwrap_or(key)) % 16384
+}
+
+#[test]
+fn key_slot_matches_redis_reference_values() {
+    assert_eq!(crc16(b"123456789"), 0x31C3);
+    assert_eq!(key_slot(b"foo"), 12182);
+    assert_eq!(
+        key_slot(b"{user1000}.following"),
+        key_slot(b"{user1000}.followers")
+    );
+    assert_eq!(key_slot(b"foo{}{bar}"), key_slot(b"foo{}{bar}"));
+    assert_ne!(key_slot(b"{a}x"), key_slot(b"{b}x"));
+}
+
+/// Splits one MONITOR line into its quoted arguments.
+fn monitor_args(line: &str) -> Vec<Vec<u8>> {
+    let mut args = Vec::new();
+    let mut chars = line
+        .split_once(']')
+        .map_or("", |(_, rest)| rest)
+        .bytes()
+        .peekable();
+    while let Some(c) = chars.next() {
+        if c != b'"' {
+            continue;
+        }
+        let mut arg = Vec::new();
+        while let Some(c) = chars.next() {
+            match c {
+                b'"' => break,
+                b'\\' => match chars.next() {
+                    Some(b'x') => {
+                        let hex: Vec<u8> = chars.by_ref().take(2).collect();
+                        let text = String::from_utf8_lossy(&hex).into_owned();
+                        arg.push(u8::from_str_radix(&text, 16).unwrap_or(b'?'));
+                    }
+                    Some(b'n') => arg.push(b'\n'),
+                    Some(b'r') => arg.push(b'\r'),
+                    Some(b't') => arg.push(b'\t'),
+                    Some(other) => arg.push(other),
+                    None => break,
+                },
+                other => arg.push(other),
+            }
+        }
+        args.push(arg);
+    }
+    args
+}
+
+fn script_names() -> HashMap<String, &'static str> {
+    let scripts = [
+        ("register_node", include_str!("../../lua/register_node.lua")),
+        (
+            "node_heartbeat",
+            include_str!("../../lua/node_heartbeat.lua"),
+        ),
+        ("node_offline", include_str!("../../lua/node_offline.lua")),
+        ("node_drain", include_str!("../../lua/node_drain.lua")),
+        ("pool_join", include_str!("../../lua/pool_join.lua")),
+        ("pool_leave", include_str!("../../lua/pool_leave.lua")),
+        ("route_update", include_str!("../../lua/route_update.lua")),
+    ];
+    scripts
+        .into_iter()
+        .map(|(name, code)| (redis::Script::new(code).get_hash().to_owned(), name))
+        .collect()
+}
+
+#[tokio::test]
+async fn every_script_call_keeps_its_keys_in_one_cluster_slot() {
+    let redis = lingua_tests::redis().await;
+    let mut monitor = BufReader::new(UnixStream::connect(redis.socket_path()).await.unwrap());
+    monitor.get_mut().write_all(b"MONITOR\r\n").await.unwrap();
+    let mut ok = String::new();
+    monitor.read_line(&mut ok).await.unwrap();
+    assert_eq!(ok.trim(), "+OK");
+
+    // Drive every script through the real coordinator.
+    let coordinator = TestCoordinator::start(&redis, test_config()).await;
+    let mut register = registration("slots", &["zh", "en"], &["en", "ja"]);
+    register
+        .capabilities
+        .kinds
+        .push(JobKind::new("asr").unwrap());
+    let (mut node, _) = TestNode::register(&coordinator.ws_url(), register).await;
+    node.send(&Message::Heartbeat(Heartbeat {
+        seq: 1,
+        capacity: CapacityReport::default(),
+    }))
+    .await;
+    eventually("the heartbeat to be recorded", || async {
+        let (_, view) = coordinator.get("/v1/nodes/slots").await;
+        (view["capacity"]["free_slots"] == serde_json::json!({})).then_some(())
+    })
+    .await;
+    let drained = reqwest::Client::new()
+        .post(coordinator.url("/v1/nodes/slots/drain"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(drained.status(), 202);
+    node.close().await;
+    eventually("the node to go offline", || async {
+        let (_, view) = coordinator.get("/v1/nodes/slots").await;
+        (view["state"] == "offline").then_some(())
+    })
+    .await;
+    coordinator.stop().await;
+
+    let names = script_names();
+    let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut line = String::new();
+    let drain_deadline = tokio::time::Instant::now() + Duration::from_millis(500);
+    while let Ok(Ok(n)) =
+        tokio::time::timeout_at(drain_deadline, monitor.read_line(&mut line)).await
+    {
+        if n == 0 {
+            break;
+        }
+        let args = monitor_args(&line);
+        line.clear();
+        let Some(command) = args
+            .first()
+            .map(|c| String::from_utf8_lossy(c).to_uppercase())
+        else {
+            continue;
+        };
+        assert_ne!(command, "EVAL", "scripts are sent by SHA, never as source");
+        if command != "EVALSHA" {
+            continue;
+        }
+        let sha = String::from_utf8_lossy(&args[1]).into_owned();
+        let name = names.get(&sha).copied().unwrap_or("unknown script");
+        let numkeys: usize = String::from_utf8_lossy(&args[2]).parse().unwrap();
+        let keys = &args[3..3 + numkeys];
+        assert!(!keys.is_empty(), "{name} takes its keys in KEYS");
+        let slot = key_slot(&keys[0]);
+        for key in keys {
+            assert_eq!(
+                key_slot(key),
+                slot,
+                "{name}: {} and {} are in different slots",
+                String::from_utf8_lossy(&keys[0]),
+                String::from_utf8_lossy(key)
+            );
+        }
+        *seen.entry(name).or_default() += 1;
+    }
+    let mut expected: Vec<&str> = names.values().copied().collect();
+    expected.sort_unstable();
+    assert_eq!(
+        seen.keys().copied().collect::<Vec<_>>(),
+        expected,
+        "every script ran: {seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn scripts_survive_a_script_cache_flush() {
+    let redis = lingua_tests::redis().await;
+    let coordinator = TestCoordinator::start(&redis, test_config()).await;
+    let (first, _) = TestNode::register(
+        &coordinator.ws_url(),
+        registration("before", &["zh"], &["en"]),
+    )
+    .await;
+    let mut conn = lingua_tests::connect(&redis).await;
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // NOSCRIPT is answered by loading the script again, transparently.
+    let (second, _) = TestNode::register(
+        &coordinator.ws_url(),
+        registration("after", &["zh"], &["en"]),
+    )
+    .await;
+    let (_, view) = coordinator.get("/v1/nodes/after").await;
+    assert_eq!(view["state"], "ready");
+    first.close().await;
+    second.close().await;
+    coordinator.stop().await;
+}
+
+#[tokio::test]
+async fn register_gives_growing_epochs_and_refuses_a_live_other_instance() {
+    let redis = lingua_tests::redis().await;
+    let store = store(&redis).await;
+    let id = node("gpu-7");
+    let RegisterOutcome::Registered {
+        epoch: first,
+        previous_pairs,
+        ..
+    } = store
+        .register_node(&reg(&id, "inst-a", LEASE))
+        .await
+        .unwrap()
+    else {
+        panic!("first registration is accepted");
+    };
+    assert!(previous_pairs.is_empty());
+    let RegisterOutcome::Registered {
+        epoch: second,
+        previous_pairs,
+        previous_kinds,
+    } = store
+        .register_node(&reg(&id, "inst-a", LEASE))
+        .await
+        .unwrap()
+    else {
+        panic!("the same instance may register again");
+    };
+    assert!(second > first);
+    assert_eq!(previous_pairs, [pair("zh:en")]);
+    assert_eq!(previous_kinds, [JobKind::new("asr").unwrap()]);
+    assert_eq!(
+        store
+            .register_node(&reg(&id, "inst-b", LEASE))
+            .await
+            .unwrap(),
+        RegisterOutcome::Conflict {
+            holder: "inst-a".into()
+        }
+    );
+    // Once the holder is offline, another instance may take the id.
+    assert!(store.node_offline(&id, second).await.unwrap());
+    assert!(matches!(
+        store.register_node(&reg(&id, "inst-b", LEASE)).await.unwrap(),
+        RegisterOutcome::Registered { epoch, .. } if epoch > second
+    ));
+}
+
+#[tokio::test]
+async fn stale_epochs_are_fenced_off() {
+    let redis = lingua_tests::redis().await;
+    let store = store(&redis).await;
+    let id = node("gpu-8");
+    let RegisterOutcome::Registered { epoch: old, .. } =
+        store.register_node(&reg(&id, "i", LEASE)).await.unwrap()
+    else {
+        panic!()
+    };
+    let RegisterOutcome::Registered { epoch: new, .. } =
+        store.register_node(&reg(&id, "i", LEASE)).await.unwrap()
+    else {
+        panic!()
+    };
+    assert!(!store.heartbeat(&id, old, LEASE, "{}").await.unwrap());
+    assert!(!store.node_offline(&id, old).await.unwrap());
+    assert_eq!(
+        store.drain_node(&id, Some(old)).await.unwrap(),
+        DrainOutcome::Stale
+    );
+    assert!(store.heartbeat(&id, new, LEASE, "{}").await.unwrap());
+    assert_eq!(store.node(&id).await.unwrap().unwrap().state, "ready");
+    assert!(matches!(
+        store.drain_node(&id, None).await.unwrap(),
+        DrainOutcome::Draining { epoch, .. } if epoch == new
+    ));
+    assert_eq!(store.node(&id).await.unwrap().unwrap().state, "draining");
+    assert_eq!(
+        store.drain_node(&node("ghost"), None).await.unwrap(),
+        DrainOutcome::Unknown
+    );
+}
+
+#[tokio::test]
+async fn a_node_lease_expires_without_anyone_watching() {
+    let redis = lingua_tests::redis().await;
+    let store = store(&redis).await;
+    let id = node("gpu-9");
+    store
+        .register_node(&reg(&id, "i", Duration::from_millis(50)))
+        .await
+        .unwrap();
+    assert_eq!(store.node(&id).await.unwrap().unwrap().state, "ready");
+    eventually("the lease to expire", || async {
+        (store.node(&id).await.unwrap().unwrap().state == "offline").then_some(())
+    })
+    .await;
+    assert_eq!(
+        store.drain_node(&id, None).await.unwrap(),
+        DrainOutcome::Offline
+    );
+}
+
+#[tokio::test]
+async fn pools_fill_to_the_maximum_and_reuse_room() {
+    let redis = lingua_tests::redis().await;
+    let store = store(&redis).await;
+    let zh_en = pair("zh:en");
+    let mut assigned = Vec::new();
+    for i in 0..5 {
+        assigned.push(
+            store
+                .pool_join(zh_en, &node(&format!("n{i}")), 3, LEASE)
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(assigned, ["1", "1", "1", "2", "2"]);
+    assert_eq!(
+        store.pool_join(zh_en, &node("n0"), 3, LEASE).await.unwrap(),
+        "1",
+        "joining is idempotent"
+    );
+    assert!(store.pool_leave(zh_en, &node("n0"), &[]).await.unwrap());
+    assert!(!store.pool_leave(zh_en, &node("n0"), &[]).await.unwrap());
+    assert!(store.pool_leave(zh_en, &node("n3"), &[]).await.unwrap());
+    // Pool 1 (2 members) and pool 2 (1 member) have room: the fullest is
+    // filled first, then the next, before a new pool is opened.
+    assert_eq!(
+        store.pool_join(zh_en, &node("n5"), 3, LEASE).await.unwrap(),
+        "1"
+    );
+    assert_eq!(
+        store.pool_join(zh_en, &node("n6"), 3, LEASE).await.unwrap(),
+        "2"
+    );
+    assert_eq!(
+        store.pool_join(zh_en, &node("n7"), 3, LEASE).await.unwrap(),
+        "2"
+    );
+    assert_eq!(
+        store.pool_join(zh_en, &node("n8"), 3, LEASE).await.unwrap(),
+        "3"
+    );
+    store.pool_leave(zh_en, &node("n8"), &[]).await.unwrap();
+    let mut conn = lingua_tests::connect(&redis).await;
+    let pools: Vec<String> = redis::cmd("ZRANGE")
+        .arg("lingua:v1:pair:{zh:en}:pools")
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(pools, ["1", "2"], "an emptied pool disappears");
+}
+
+#[tokio::test]
+async fn expired_pair_leases_are_cleaned_up_lazily() {
+    let redis = lingua_tests::redis().await;
+    let store = store(&redis).await;
+    let zh_en = pair("zh:en");
+    store
+        .pool_join(zh_en, &node("dead"), 10, Duration::from_millis(1))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    store
+        .pool_join(zh_en, &node("alive"), 10, LEASE)
+        .await
+        .unwrap();
+    let mut conn = lingua_tests::connect(&redis).await;
+    let members: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg("lingua:v1:pair:{zh:en}:members")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(members.keys().collect::<Vec<_>>(), ["alive"]);
+}
+
+#[tokio::test]
+async fn route_update_tracks_room_and_reports_non_members() {
+    let redis = lingua_tests::redis().await;
+    let store = store(&redis).await;
+    let zh_en = pair("zh:en");
+    let asr = JobKind::new("asr").unwrap();
+    let tts = JobKind::new("tts").unwrap();
+    store.pool_join(zh_en, &node("a"), 10, LEASE).await.unwrap();
+    store.pool_join(zh_en, &node("b"), 10, LEASE).await.unwrap();
+    let entries = [
+        RouteEntry {
+            node: node("a"),
+            free: [(asr.clone(), 3), (tts.clone(), 0)].into(),
+        },
+        RouteEntry {
+            node: node("b"),
+            free: [(tts.clone(), 1)].into(),
+        },
+        RouteEntry {
+            node: node("stranger"),
+            free: [(asr.clone(), 5)].into(),
+        },
+    ];
+    let missing = store.route_update(zh_en, &entries, LEASE).await.unwrap();
+    assert_eq!(missing, [node("stranger")]);
+    let conn = lingua_tests::connect(&redis).await;
+    let members = |kind: &'static str| {
+        let mut conn = conn.clone();
+        async move {
+            let members: Vec<String> = redis::cmd("ZRANGE")
+                .arg(format!("lingua:v1:pair:{{zh:en}}:route:{kind}"))
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            members
+        }
+    };
+    assert_eq!(members("asr").await, ["a"]);
+    assert_eq!(members("tts").await, ["b"]);
+    let free: Option<u32> = redis::cmd("HGET")
+        .arg("lingua:v1:pair:{zh:en}:free:asr")
+        .arg("a")
+        .query_async(&mut conn.clone())
+        .await
+        .unwrap();
+    assert_eq!(free, Some(3));
+    store
+        .pool_leave(zh_en, &node("a"), &[asr, tts])
+        .await
+        .unwrap();
+    assert!(members("asr").await.is_empty());
+}
+
+/// Redis commands executed (inside scripts included) by one `pool_join`.
+async fn commands_for_one_join(redis: &PrivateRedis, store: &Store, id: &str) -> u64 {
+    let mut conn = lingua_tests::connect(redis).await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    store
+        .pool_join(pair("zh:en"), &node(id), 2, LEASE)
+        .await
+        .unwrap();
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    stats
+        .lines()
+        .filter(|line| {
+            line.starts_with("cmdstat_")
+                && !line.starts_with("cmdstat_evalsha")
+                && !line.starts_with("cmdstat_config")
+        })
+        .filter_map(|line| {
+            line.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
+/// Joins nodes so that `pools` pools of size 2 each hold one member.
+async fn half_fill(store: &Store, pools: usize, offset: usize) {
+    for i in offset..offset + 2 * pools {
+        store
+            .pool_join(pair("zh:en"), &node(&format!("fill-{i}")), 2, LEASE)
+            .await
+            .unwrap();
+    }
+    for i in (offset..offset + 2 * pools).step_by(2) {
+        store
+            .pool_leave(pair("zh:en"), &node(&format!("fill-{i}")), &[])
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn pool_join_cost_does_not_grow_with_the_number_of_pools() {
+    let redis = lingua_tests::redis().await;
+    let store = store(&redis).await;
+    half_fill(&store, 10, 0).await;
+    let at_10 = commands_for_one_join(&redis, &store, "probe-10").await;
+    half_fill(&store, 990, 20).await;
+    let mut conn = lingua_tests::connect(&redis).await;
+    let with_room: u64 = redis::cmd("ZCARD")
+        .arg("lingua:v1:pair:{zh:en}:room")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(with_room >= 990, "hundreds of pools have room: {with_room}");
+    let at_1000 = commands_for_one_join(&redis, &store, "probe-1000").await;
+    assert_eq!(at_10, at_1000, "commands per join at 10 and at 1,000 pools");
+    assert!(
+        at_10 <= 10,
+        "a join is a handful of O(log n) commands: {at_10}"
+    );
+}
