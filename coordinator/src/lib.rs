@@ -10,6 +10,7 @@
 //! - [`route_batch`]: routing updates batched per language pair.
 //! - [`registry`]: node sockets held by this instance.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`tls`]: TLS on the listener.
 //! - [`private_redis`]: the `redis-server` the coordinator starts and owns
 //!   when no Redis URL is configured (also what the test harness uses).
 #![forbid(unsafe_code)]
@@ -24,3 +25,4 @@ pub mod registry;
 pub mod route_batch;
 pub mod server;
 pub mod store;
+pub mod tls;

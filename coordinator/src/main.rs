@@ -14,9 +14,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 use lingua_coordinator::config::{Config, ConfigError};
 use lingua_coordinator::metrics::Metrics;
 use lingua_coordinator::private_redis::PrivateRedis;
-use lingua_coordinator::server;
 use lingua_coordinator::store::Store;
+use lingua_coordinator::{server, tls};
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 /// Process exit codes.
@@ -93,6 +94,13 @@ fn main() -> ExitCode {
         println!("config is valid");
         return ExitCode::SUCCESS;
     }
+    let tls = match config.tls.as_ref().map(tls::acceptor).transpose() {
+        Ok(tls) => tls,
+        Err(err) => {
+            eprintln!("lingua-coordinator: invalid config: {err}");
+            return Exit::Usage.into();
+        }
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {
@@ -100,7 +108,7 @@ fn main() -> ExitCode {
             return Exit::Internal.into();
         }
     };
-    runtime.block_on(serve(config))
+    runtime.block_on(serve(config, tls))
 }
 
 fn init_logging(format: LogFormat) {
@@ -140,7 +148,7 @@ fn load_config(cli: &Cli) -> Result<Config, ConfigError> {
     Ok(config)
 }
 
-async fn serve(config: Config) -> ExitCode {
+async fn serve(config: Config, tls: Option<TlsAcceptor>) -> ExitCode {
     if config.node_tokens.is_empty() {
         tracing::warn!(listen = %config.listen, "no node tokens configured: accepting unauthenticated nodes");
     }
@@ -178,7 +186,7 @@ async fn serve(config: Config) -> ExitCode {
                 Ok(listener) => {
                     let shutdown = CancellationToken::new();
                     tokio::spawn(stop_on_signal(shutdown.clone()));
-                    match server::run(listener, config, store, metrics, shutdown).await {
+                    match server::run(listener, tls, config, store, metrics, shutdown).await {
                         Ok(()) => ExitCode::SUCCESS,
                         Err(err) => {
                             eprintln!("lingua-coordinator: server failed: {err}");

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout};
 
 use crate::registry::{Control, LocalNode};
-use crate::server::Shared;
+use crate::server::{PeerAddr, Shared};
 use crate::store::{RegisterOutcome, Registration, RouteEntry};
 
 /// Time a new socket has to send `register`.
@@ -36,7 +36,7 @@ pub const MAX_CAPABILITIES: usize = 32;
 /// Upgrades `/v1/node` requests.
 pub async fn upgrade(
     State(shared): State<Arc<Shared>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
     ws: WebSocketUpgrade,
 ) -> Response {
     ws.max_message_size(MAX_FRAME_BYTES)

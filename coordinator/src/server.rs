@@ -1,13 +1,17 @@
 //! Wires the coordinator together and serves it on a listener until
 //! shutdown: `run(listener, config, store, shutdown)`.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
+use axum::extract::connect_info::Connected;
 use axum::routing::{get, post};
+use axum::serve::{IncomingStream, Listener};
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -16,6 +20,7 @@ use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::route_batch::RouteBatcher;
 use crate::store::Store;
+use crate::tls::TlsListener;
 use crate::{api, node_ws};
 
 /// Longest HTTP request body accepted.
@@ -69,10 +74,12 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-/// Serves the coordinator on `listener` until `shutdown` is cancelled, then
-/// closes node sockets with 1001, finishes in-flight requests and returns.
+/// Serves the coordinator on `listener` (over TLS when `tls` is given)
+/// until `shutdown` is cancelled, then closes node sockets with 1001,
+/// finishes in-flight requests and returns.
 pub async fn run(
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     config: Config,
     store: Store,
     metrics: Arc<Metrics>,
@@ -97,13 +104,18 @@ pub async fn run(
     });
     let flusher_stop = CancellationToken::new();
     let flusher = tokio::spawn(batcher.run(flusher_stop.clone()));
-    tracing::info!(listen = %listener.local_addr()?, instance = %shared.instance, "coordinator serving");
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        tls = tls.is_some(),
+        instance = %shared.instance,
+        "coordinator serving"
+    );
 
-    let app = router(shared.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let stop = shutdown.clone();
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await;
+    let app = router(shared.clone());
+    let served = match tls {
+        Some(acceptor) => serve_on(TlsListener::new(listener, acceptor)?, app, shutdown).await,
+        None => serve_on(listener, app, shutdown).await,
+    };
 
     shared.tasks.close();
     if tokio::time::timeout(DRAIN_TIMEOUT, shared.tasks.wait())
@@ -115,4 +127,33 @@ pub async fn run(
     flusher_stop.cancel();
     let _ = flusher.await;
     served
+}
+
+async fn serve_on<L>(listener: L, app: Router, shutdown: CancellationToken) -> std::io::Result<()>
+where
+    L: Listener<Addr = SocketAddr>,
+    PeerAddr: for<'a> Connected<IncomingStream<'a, L>>,
+{
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<PeerAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await
+}
+
+/// The remote address of a connection, plain or TLS.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub SocketAddr);
+
+impl Connected<IncomingStream<'_, TcpListener>> for PeerAddr {
+    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
+        PeerAddr(*stream.remote_addr())
+    }
+}
+
+impl Connected<IncomingStream<'_, TlsListener>> for PeerAddr {
+    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Self {
+        PeerAddr(*stream.remote_addr())
+    }
 }

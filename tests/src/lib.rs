@@ -27,6 +27,7 @@ use lingua_shared::protocol::{
 use lingua_shared::{JobKind, Message, NodeId, decode, encode};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
@@ -95,6 +96,15 @@ impl TestCoordinator {
     /// Starts a coordinator on `redis` with `config` (its `listen` and
     /// `redis_url` are ignored).
     pub async fn start(redis: &PrivateRedis, config: Config) -> Self {
+        Self::start_tls(redis, config, None).await
+    }
+
+    /// Like [`TestCoordinator::start`], serving TLS with `acceptor`.
+    pub async fn start_tls(
+        redis: &PrivateRedis,
+        config: Config,
+        acceptor: Option<TlsAcceptor>,
+    ) -> Self {
         let metrics = Arc::new(Metrics::default());
         let store = Store::connect(&redis.url(), metrics.clone())
             .await
@@ -108,6 +118,7 @@ impl TestCoordinator {
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(server::run(
             listener,
+            acceptor,
             config,
             store,
             metrics,

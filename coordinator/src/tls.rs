@@ -1,0 +1,148 @@
+//! TLS on the coordinator's listener (`[tls] cert_file`, `key_file`), so
+//! agents can use `wss://` and clients `https://` without a proxy.
+//!
+//! Handshakes run in their own tasks with a time limit, so a slow or
+//! silent client never holds up the accept loop.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+
+use crate::config::TlsConfig;
+
+/// Longest a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the certificate or key cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The certificate file is unreadable or holds no PEM certificate.
+    #[error("tls.cert_file {path}: {message}")]
+    Certificate {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The key file is unreadable or holds no PEM private key.
+    #[error("tls.key_file {path}: {message}")]
+    Key {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// rustls refused the pair (a key that does not match the certificate).
+    #[error("tls: certificate and key do not work together: {0}")]
+    Rejected(#[from] rustls::Error),
+}
+
+/// Loads the certificate chain and key into a TLS acceptor.
+pub fn acceptor(tls: &TlsConfig) -> Result<TlsAcceptor, TlsError> {
+    let certs = load_certs(&tls.cert_file)?;
+    let key = PrivateKeyDer::from_pem_file(&tls.key_file).map_err(|e| TlsError::Key {
+        path: tls.key_file.display().to_string(),
+        message: format!("no usable PEM private key ({e})"),
+    })?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let error = |message: String| TlsError::Certificate {
+        path: path.display().to_string(),
+        message,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| error(format!("cannot read it ({e})")))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| error(format!("not valid PEM ({e})")))?;
+    if certs.is_empty() {
+        return Err(error("holds no PEM certificate".into()));
+    }
+    Ok(certs)
+}
+
+/// A listener that yields connections whose TLS handshake has completed.
+pub struct TlsListener {
+    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    local: SocketAddr,
+    accept_loop: JoinHandle<()>,
+}
+
+impl TlsListener {
+    /// Wraps `listener`; handshakes start at once in the background.
+    pub fn new(listener: TcpListener, acceptor: TlsAcceptor) -> io::Result<Self> {
+        let local = listener.local_addr()?;
+        let (tx, ready) = mpsc::channel(64);
+        let accept_loop = tokio::spawn(async move {
+            loop {
+                let (stream, peer) = match listener.accept().await {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        // Out of file descriptors, say: back off briefly.
+                        tracing::warn!(error = %err, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let acceptor = acceptor.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => {
+                            let _ = tx.send((tls, peer)).await;
+                        }
+                        Ok(Err(err)) => {
+                            tracing::debug!(%peer, error = %err, "tls handshake failed")
+                        }
+                        Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
+                    }
+                });
+            }
+        });
+        Ok(Self {
+            ready,
+            local,
+            accept_loop,
+        })
+    }
+}
+
+impl Drop for TlsListener {
+    fn drop(&mut self) {
+        self.accept_loop.abort();
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(accepted) => accepted,
+            // The accept loop only ends when this listener is dropped.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}
