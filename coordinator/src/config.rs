@@ -3,8 +3,10 @@
 //! errors that name the field and its line.
 
 use std::net::SocketAddr;
-use std::ops::Range;
 use std::path::{Path, PathBuf};
+
+pub use lingua_shared::config_check::ConfigError;
+use lingua_shared::config_check::{self, Checker};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -14,33 +16,6 @@ use toml::Spanned;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7700";
 /// The shortest token accepted: anything shorter is guessable.
 pub const MIN_TOKEN_LEN: usize = 16;
-
-/// Why a configuration is unusable. Each maps to exit code 64.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Not valid TOML, an unknown key, or a value of the wrong type.
-    #[error("invalid config: {0}")]
-    Parse(String),
-    /// A value outside what the coordinator accepts.
-    #[error("invalid config: {field}{}: {message}", line.map(|l| format!(" (line {l})")).unwrap_or_default())]
-    Invalid {
-        /// The dotted name of the field.
-        field: &'static str,
-        /// Its line in the file, when it came from one.
-        line: Option<usize>,
-        /// What is wrong and what to do.
-        message: String,
-    },
-}
 
 /// TLS for the listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,106 +132,42 @@ struct RawJobs {
     max_attempts: Option<Spanned<u32>>,
 }
 
-/// Checks one optional spanned value and converts it, naming the field and
-/// line when it is out of range.
-struct Validator<'a> {
-    source: &'a str,
-}
-
-impl Validator<'_> {
-    fn line(&self, span: Range<usize>) -> usize {
-        let end = span.start.min(self.source.len());
-        self.source.as_bytes()[..end]
-            .iter()
-            .filter(|&&b| b == b'\n')
-            .count()
-            + 1
-    }
-
-    fn invalid<T>(
-        &self,
-        field: &'static str,
-        span: Range<usize>,
-        message: String,
-    ) -> Result<T, ConfigError> {
-        Err(ConfigError::Invalid {
-            field,
-            line: Some(self.line(span)),
-            message,
-        })
-    }
-
-    fn range<T>(
-        &self,
-        field: &'static str,
-        value: Option<Spanned<T>>,
-        default: T,
-        bounds: std::ops::RangeInclusive<T>,
-    ) -> Result<T, ConfigError>
-    where
-        T: PartialOrd + Copy + std::fmt::Display,
+fn tokens(
+    check: Checker<'_>,
+    field: &str,
+    value: Option<Spanned<Vec<String>>>,
+) -> Result<Vec<String>, ConfigError> {
+    let Some(value) = value else {
+        return Ok(Vec::new());
+    };
+    let span = value.span();
+    let tokens = value.into_inner();
+    if let Some(short) = tokens
+        .iter()
+        .position(|t| t.chars().count() < MIN_TOKEN_LEN)
     {
-        let Some(value) = value else {
-            return Ok(default);
-        };
-        let span = value.span();
-        let value = value.into_inner();
-        if !bounds.contains(&value) {
-            return self.invalid(
-                field,
-                span,
-                format!(
-                    "{value} is out of range; use a value from {} to {}",
-                    bounds.start(),
-                    bounds.end()
-                ),
-            );
-        }
-        Ok(value)
+        return Err(check.invalid(
+            field,
+            span,
+            format!(
+                "token #{} is shorter than {MIN_TOKEN_LEN} characters; generate one with `openssl rand -hex 32`",
+                short + 1
+            ),
+        ));
     }
-
-    fn tokens(
-        &self,
-        field: &'static str,
-        value: Option<Spanned<Vec<String>>>,
-    ) -> Result<Vec<String>, ConfigError> {
-        let Some(value) = value else {
-            return Ok(Vec::new());
-        };
-        let span = value.span();
-        let tokens = value.into_inner();
-        if let Some(short) = tokens
-            .iter()
-            .position(|t| t.chars().count() < MIN_TOKEN_LEN)
-        {
-            return self.invalid(
-                field,
-                span,
-                format!(
-                    "token #{} is shorter than {MIN_TOKEN_LEN} characters; generate one with `openssl rand -hex 32`",
-                    short + 1
-                ),
-            );
-        }
-        Ok(tokens)
-    }
+    Ok(tokens)
 }
 
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let source = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(&source)
+        Self::parse(&config_check::read(path)?)
     }
 
     /// Parses and validates TOML text.
     pub fn parse(source: &str) -> Result<Self, ConfigError> {
-        let raw: RawConfig =
-            toml::from_str(source).map_err(|e| ConfigError::Parse(e.to_string()))?;
-        let check = Validator { source };
+        let raw: RawConfig = config_check::parse(source)?;
+        let check = Checker::new(source);
         let defaults = Config::default();
         let listen = match raw.listen {
             None => defaults.listen,
@@ -265,14 +176,14 @@ impl Config {
                 match listen.get_ref().parse() {
                     Ok(addr) => addr,
                     Err(_) => {
-                        return check.invalid(
+                        return Err(check.invalid(
                             "listen",
                             span,
                             format!(
                                 "{:?} is not an address; write it as \"127.0.0.1:7700\"",
                                 listen.get_ref()
                             ),
-                        );
+                        ));
                     }
                 }
             }
@@ -283,7 +194,7 @@ impl Config {
                 let span = url.span();
                 let url = url.into_inner();
                 if let Err(message) = check_redis_url(&url) {
-                    return check.invalid("redis.url", span, message);
+                    return Err(check.invalid("redis.url", span, message));
                 }
                 Some(url)
             }
@@ -291,8 +202,8 @@ impl Config {
         let config = Config {
             listen,
             redis_url,
-            node_tokens: check.tokens("auth.node_tokens", raw.auth.node_tokens)?,
-            api_tokens: check.tokens("auth.api_tokens", raw.auth.api_tokens)?,
+            node_tokens: tokens(check, "auth.node_tokens", raw.auth.node_tokens)?,
+            api_tokens: tokens(check, "auth.api_tokens", raw.auth.api_tokens)?,
             allow_anonymous: raw.auth.allow_anonymous,
             tls: raw.tls.map(|tls| TlsConfig {
                 cert_file: tls.cert_file,
@@ -331,22 +242,17 @@ impl Config {
     /// after applying `--listen` and `--redis-url`.
     pub fn check_security(&self) -> Result<(), ConfigError> {
         if let Some(url) = &self.redis_url {
-            check_redis_url(url).map_err(|message| ConfigError::Invalid {
-                field: "redis.url",
-                line: None,
-                message,
-            })?;
+            check_redis_url(url).map_err(|message| ConfigError::invalid("redis.url", message))?;
         }
         if self.node_tokens.is_empty() && !self.listen.ip().is_loopback() && !self.allow_anonymous {
-            return Err(ConfigError::Invalid {
-                field: "auth.node_tokens",
-                line: None,
-                message: format!(
+            return Err(ConfigError::invalid(
+                "auth.node_tokens",
+                format!(
                     "listening on {} (not loopback) without node tokens would let anyone register a node; \
                      set auth.node_tokens, or set auth.allow_anonymous = true to accept that",
                     self.listen
                 ),
-            });
+            ));
         }
         Ok(())
     }

@@ -135,10 +135,11 @@ fn load_config(cli: &Cli) -> Result<Config, ConfigError> {
         None => Config::default(),
     };
     if let Some(listen) = &cli.listen {
-        config.listen = listen.parse().map_err(|_| ConfigError::Invalid {
-            field: "--listen",
-            line: None,
-            message: format!("{listen:?} is not an address; write it as 127.0.0.1:7700"),
+        config.listen = listen.parse().map_err(|_| {
+            ConfigError::invalid(
+                "--listen",
+                format!("{listen:?} is not an address; write it as 127.0.0.1:7700"),
+            )
         })?;
     }
     if let Some(url) = &cli.redis_url {

@@ -8,6 +8,7 @@
 //! - [`codec`]: decoding frames into messages with typed errors and a frame
 //!   size limit, and encoding them back.
 //! - [`close`]: the WebSocket close codes both sides use.
+//! - [`config_check`]: reading and validating TOML configuration files.
 //!
 //! docs/PROTOCOL.md describes the protocol for people; this crate is its
 //! executable form.
@@ -15,6 +16,7 @@
 
 pub mod close;
 pub mod codec;
+pub mod config_check;
 pub mod ids;
 pub mod lang;
 pub mod protocol;
