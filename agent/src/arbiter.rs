@@ -1,0 +1,782 @@
+//! The slot arbiter: the authority on what this node can run right now.
+//!
+//! A job of kind K is admitted on GPU g only if, after admission, neither
+//! view of g's memory overcommits it:
+//!
+//! - measured: the memory the probe last saw in use (by anyone) plus the
+//!   VRAM of jobs admitted too recently to show in that reading;
+//! - reserved: the VRAM of every job admitted and still running;
+//!
+//! `max(measured, reserved) + vram(K) <= total - reserve_mb`. Memory taken
+//! by other processes shrinks capacity as soon as a reading shows it. Jobs
+//! are placed on the healthy GPU with the most room left. On top of memory,
+//! `max_concurrent` caps each kind, draining admits nothing, and under
+//! utilisation pressure (hysteresis between `pressure_enter_pct` and
+//! `pressure_exit_pct`) only kinds with `priority >= pressure_min_priority`
+//! are admitted. docs/ARBITER.md works through an example.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use lingua_shared::JobKind;
+use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
+
+use crate::config::{AgentConfig, Backend, KindConfig, Pressure};
+use crate::gpu::GpuSnapshot;
+
+/// Why a job was not admitted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The node does not serve this kind.
+    #[error("this node does not run {0} jobs")]
+    UnknownKind(JobKind),
+    /// The node is draining.
+    #[error("the node is draining")]
+    Draining,
+    /// `max_concurrent` jobs of the kind are running.
+    #[error("{kind}: all {max} slots are in use")]
+    Concurrency {
+        /// The kind.
+        kind: JobKind,
+        /// Its `max_concurrent`.
+        max: u32,
+    },
+    /// The GPUs are under utilisation pressure and the kind's priority is
+    /// below the threshold.
+    #[error("{kind}: priority {priority} is below {min} while the GPUs are under pressure")]
+    Pressure {
+        /// The kind.
+        kind: JobKind,
+        /// Its priority.
+        priority: u8,
+        /// The threshold.
+        min: u8,
+    },
+    /// No healthy GPU has the VRAM.
+    #[error("{kind}: no healthy GPU has {vram_mb} MiB free")]
+    Memory {
+        /// The kind.
+        kind: JobKind,
+        /// Its `vram_mb`.
+        vram_mb: u64,
+    },
+}
+
+/// The limits of one kind, as the arbiter applies them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KindLimits {
+    /// Estimated VRAM of a running job, MiB.
+    pub vram_mb: u64,
+    /// Priority (higher wins under pressure).
+    pub priority: u8,
+    /// Most running at once.
+    pub max_concurrent: u32,
+    /// How long `admit` may wait for a slot.
+    pub queue_wait: Duration,
+}
+
+impl From<&KindConfig> for KindLimits {
+    fn from(kind: &KindConfig) -> Self {
+        Self {
+            vram_mb: kind.vram_mb,
+            priority: kind.priority,
+            max_concurrent: kind.max_concurrent,
+            queue_wait: kind.queue_wait,
+        }
+    }
+}
+
+/// Everything the arbiter is configured with; replaced as a whole on reload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// `false` for backend `none`: admission by `max_concurrent` alone.
+    pub uses_gpus: bool,
+    /// VRAM per GPU never handed out, MiB.
+    pub reserve_mb: u64,
+    /// Pressure thresholds.
+    pub pressure: Pressure,
+    /// How long after admission a job's memory may take to show in a
+    /// reading; until then it is counted on top of the measurement.
+    pub settle: Duration,
+    /// Per-kind limits.
+    pub kinds: BTreeMap<JobKind, KindLimits>,
+}
+
+impl Limits {
+    /// The limits a config describes.
+    pub fn from_config(config: &AgentConfig) -> Self {
+        Self {
+            uses_gpus: config.gpu.backend != Backend::None,
+            reserve_mb: config.gpu.reserve_mb,
+            pressure: config.gpu.pressure,
+            settle: config.gpu.poll_interval,
+            kinds: config
+                .jobs
+                .iter()
+                .map(|(k, v)| (k.clone(), KindLimits::from(v)))
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Admitted {
+    kind: JobKind,
+    gpu: Option<usize>,
+    vram_mb: u64,
+    at: Instant,
+}
+
+#[derive(Debug)]
+struct State {
+    limits: Limits,
+    gpus: Vec<GpuSnapshot>,
+    reading_taken: Option<Instant>,
+    admitted: HashMap<u64, Admitted>,
+    running: BTreeMap<JobKind, u32>,
+    pressure: bool,
+    draining: bool,
+    next_id: u64,
+}
+
+impl State {
+    /// Memory of GPU `g` that counts as used, by the stricter of the two
+    /// views.
+    fn committed_mb(&self, g: usize) -> u64 {
+        let measured = self.gpus[g].memory_used_mb;
+        let settled_before = self
+            .reading_taken
+            .map(|t| t.checked_sub(self.limits.settle).unwrap_or(t));
+        let (mut pending, mut reserved) = (0, 0);
+        for job in self.admitted.values().filter(|a| a.gpu == Some(g)) {
+            reserved += job.vram_mb;
+            if settled_before.is_none_or(|before| job.at >= before) {
+                pending += job.vram_mb;
+            }
+        }
+        (measured + pending).max(reserved)
+    }
+
+    /// VRAM still free on GPU `g` for new jobs.
+    fn headroom_mb(&self, g: usize) -> u64 {
+        let gpu = &self.gpus[g];
+        if !gpu.healthy {
+            return 0;
+        }
+        gpu.memory_total_mb
+            .saturating_sub(self.limits.reserve_mb)
+            .saturating_sub(self.committed_mb(g))
+    }
+
+    fn check_kind(&self, kind: &JobKind) -> Result<&KindLimits, Refusal> {
+        let limits = self
+            .limits
+            .kinds
+            .get(kind)
+            .ok_or_else(|| Refusal::UnknownKind(kind.clone()))?;
+        if self.draining {
+            return Err(Refusal::Draining);
+        }
+        if self.running.get(kind).copied().unwrap_or(0) >= limits.max_concurrent {
+            return Err(Refusal::Concurrency {
+                kind: kind.clone(),
+                max: limits.max_concurrent,
+            });
+        }
+        if self.pressure && limits.priority < self.limits.pressure.min_priority {
+            return Err(Refusal::Pressure {
+                kind: kind.clone(),
+                priority: limits.priority,
+                min: self.limits.pressure.min_priority,
+            });
+        }
+        Ok(limits)
+    }
+
+    fn free_slots(&self, kind: &JobKind) -> u32 {
+        let Ok(limits) = self.check_kind(kind) else {
+            return 0;
+        };
+        let by_count = limits.max_concurrent - self.running.get(kind).copied().unwrap_or(0);
+        if !self.limits.uses_gpus || limits.vram_mb == 0 {
+            return by_count;
+        }
+        let by_memory: u64 = (0..self.gpus.len())
+            .map(|g| self.headroom_mb(g) / limits.vram_mb)
+            .sum();
+        by_count.min(u32::try_from(by_memory).unwrap_or(u32::MAX))
+    }
+}
+
+/// The slot arbiter. Shared as `Arc<Arbiter>`; permits point back to it.
+#[derive(Debug)]
+pub struct Arbiter {
+    state: Mutex<State>,
+    released: Notify,
+    version: watch::Sender<u64>,
+}
+
+/// An admitted job's slot. Dropping it frees the slot.
+#[derive(Debug)]
+pub struct Permit {
+    arbiter: Arc<Arbiter>,
+    id: u64,
+    gpu: Option<u32>,
+    kind: JobKind,
+}
+
+impl Permit {
+    /// The GPU the job was placed on (`None` on a node without GPUs).
+    pub fn gpu(&self) -> Option<u32> {
+        self.gpu
+    }
+
+    /// The job's kind.
+    pub fn kind(&self) -> &JobKind {
+        &self.kind
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.arbiter.release(self.id);
+    }
+}
+
+impl Arbiter {
+    /// An arbiter with these limits and no readings yet (a GPU node admits
+    /// nothing until its first reading arrives).
+    pub fn new(limits: Limits) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(State {
+                limits,
+                gpus: Vec::new(),
+                reading_taken: None,
+                admitted: HashMap::new(),
+                running: BTreeMap::new(),
+                pressure: false,
+                draining: false,
+                next_id: 0,
+            }),
+            released: Notify::new(),
+            version: watch::channel(0).0,
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // No critical section can panic half-way through an update, so the
+        // state behind a poisoned lock is consistent.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn changed(&self) {
+        self.version.send_modify(|v| *v = v.wrapping_add(1));
+        self.released.notify_waiters();
+    }
+
+    /// Bumped on every change that can change free slots.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
+    /// Admits a job of `kind` now, or says why not.
+    pub fn try_admit(self: &Arc<Self>, kind: &JobKind) -> Result<Permit, Refusal> {
+        self.try_admit_at(kind, Instant::now())
+    }
+
+    /// [`Arbiter::try_admit`] at a given time (tests drive the clock).
+    pub fn try_admit_at(self: &Arc<Self>, kind: &JobKind, now: Instant) -> Result<Permit, Refusal> {
+        let mut state = self.lock();
+        let limits = state.check_kind(kind)?.clone();
+        let gpu = if state.limits.uses_gpus {
+            let best = (0..state.gpus.len())
+                .map(|g| (state.headroom_mb(g), g))
+                .filter(|&(room, _)| room >= limits.vram_mb)
+                .max();
+            match best {
+                Some((_, g)) => Some(g),
+                None => {
+                    return Err(Refusal::Memory {
+                        kind: kind.clone(),
+                        vram_mb: limits.vram_mb,
+                    });
+                }
+            }
+        } else {
+            None
+        };
+        state.next_id += 1;
+        let id = state.next_id;
+        state.admitted.insert(
+            id,
+            Admitted {
+                kind: kind.clone(),
+                gpu,
+                vram_mb: limits.vram_mb,
+                at: now,
+            },
+        );
+        *state.running.entry(kind.clone()).or_default() += 1;
+        drop(state);
+        self.version.send_modify(|v| *v = v.wrapping_add(1));
+        Ok(Permit {
+            arbiter: Arc::clone(self),
+            id,
+            gpu: gpu.map(|g| g as u32),
+            kind: kind.clone(),
+        })
+    }
+
+    /// Admits a job, waiting up to the kind's `queue_wait` for a slot to
+    /// free. Kinds without a wait are answered at once.
+    pub async fn admit(self: &Arc<Self>, kind: &JobKind) -> Result<Permit, Refusal> {
+        let wait = self
+            .lock()
+            .limits
+            .kinds
+            .get(kind)
+            .map_or(Duration::ZERO, |k| k.queue_wait);
+        let deadline = Instant::now() + wait;
+        loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            match self.try_admit(kind) {
+                Ok(permit) => return Ok(permit),
+                Err(refusal @ (Refusal::UnknownKind(_) | Refusal::Draining)) => {
+                    return Err(refusal);
+                }
+                Err(refusal) => {
+                    if tokio::time::timeout_at(deadline, released).await.is_err() {
+                        return Err(refusal);
+                    }
+                }
+            }
+        }
+    }
+
+    fn release(&self, id: u64) {
+        let mut state = self.lock();
+        if let Some(job) = state.admitted.remove(&id)
+            && let Some(count) = state.running.get_mut(&job.kind)
+        {
+            *count = count.saturating_sub(1);
+        }
+        drop(state);
+        self.changed();
+    }
+
+    /// Takes a new reading of the GPUs, taken at `taken`.
+    pub fn update(&self, gpus: Vec<GpuSnapshot>, taken: Instant) {
+        let mut state = self.lock();
+        let hottest = gpus
+            .iter()
+            .filter(|g| g.healthy)
+            .filter_map(|g| g.utilization_pct)
+            .max()
+            .unwrap_or(0);
+        let pressure = state.limits.pressure;
+        if !state.pressure && hottest >= pressure.enter_pct {
+            tracing::info!(
+                utilization_pct = hottest,
+                "gpu pressure: admitting high-priority kinds only"
+            );
+            state.pressure = true;
+        } else if state.pressure && hottest <= pressure.exit_pct {
+            tracing::info!(utilization_pct = hottest, "gpu pressure over");
+            state.pressure = false;
+        }
+        state.gpus = gpus;
+        state.reading_taken = Some(taken);
+        drop(state);
+        self.changed();
+    }
+
+    /// Stops (or resumes) admitting jobs.
+    pub fn set_draining(&self, draining: bool) {
+        self.lock().draining = draining;
+        self.changed();
+    }
+
+    /// Applies new limits (SIGHUP). Running jobs keep the VRAM they were
+    /// admitted with.
+    pub fn reconfigure(&self, limits: Limits) {
+        self.lock().limits = limits;
+        self.changed();
+    }
+
+    /// How many more jobs of each kind could be admitted now (each count
+    /// as if only that kind were admitted).
+    pub fn free_slots(&self) -> BTreeMap<JobKind, u32> {
+        let state = self.lock();
+        state
+            .limits
+            .kinds
+            .keys()
+            .map(|kind| (kind.clone(), state.free_slots(kind)))
+            .collect()
+    }
+
+    /// Jobs running now.
+    pub fn running(&self) -> u32 {
+        self.lock().running.values().sum()
+    }
+
+    /// The last GPU reading.
+    pub fn gpus(&self) -> Vec<GpuSnapshot> {
+        self.lock().gpus.clone()
+    }
+
+    /// True while under utilisation pressure.
+    pub fn under_pressure(&self) -> bool {
+        self.lock().pressure
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::config::SimulatedGpus as SimConfig;
+    use crate::gpu::{SimulatedAllocation, SimulatedGpus};
+
+    const TOTAL: u64 = 10_000;
+    const RESERVE: u64 = 1_000;
+
+    fn kind(name: &str) -> JobKind {
+        JobKind::new(name).unwrap()
+    }
+
+    fn limits(kinds: &[(&str, u64, u8, u32, u64)]) -> Limits {
+        Limits {
+            uses_gpus: true,
+            reserve_mb: RESERVE,
+            pressure: Pressure {
+                enter_pct: 85,
+                exit_pct: 78,
+                min_priority: 70,
+            },
+            settle: Duration::from_millis(100),
+            kinds: kinds
+                .iter()
+                .map(|&(name, vram_mb, priority, max_concurrent, wait_ms)| {
+                    (
+                        kind(name),
+                        KindLimits {
+                            vram_mb,
+                            priority,
+                            max_concurrent,
+                            queue_wait: Duration::from_millis(wait_ms),
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn gpu(used: u64, util: u8) -> GpuSnapshot {
+        GpuSnapshot {
+            index: 0,
+            uuid: "GPU-0".into(),
+            name: "test".into(),
+            memory_total_mb: TOTAL,
+            memory_used_mb: used,
+            utilization_pct: Some(util),
+            temperature_c: None,
+            healthy: true,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn admits_until_memory_runs_out_and_frees_on_drop() {
+        let arbiter = Arbiter::new(limits(&[("asr", 3000, 50, 10, 0)]));
+        assert!(
+            matches!(arbiter.try_admit(&kind("asr")), Err(Refusal::Memory { .. })),
+            "no reading yet"
+        );
+        arbiter.update(vec![gpu(0, 0)], Instant::now());
+        assert_eq!(arbiter.free_slots()[&kind("asr")], 3);
+        let permits: Vec<Permit> = (0..3)
+            .map(|_| arbiter.try_admit(&kind("asr")).unwrap())
+            .collect();
+        assert!(matches!(
+            arbiter.try_admit(&kind("asr")),
+            Err(Refusal::Memory { .. })
+        ));
+        assert_eq!(arbiter.free_slots()[&kind("asr")], 0);
+        drop(permits);
+        assert_eq!(arbiter.running(), 0);
+        assert_eq!(arbiter.free_slots()[&kind("asr")], 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn memory_of_other_processes_shrinks_capacity_once_measured() {
+        let arbiter = Arbiter::new(limits(&[("asr", 2000, 50, 10, 0)]));
+        arbiter.update(vec![gpu(5000, 0)], Instant::now());
+        assert_eq!(arbiter.free_slots()[&kind("asr")], 2);
+        let _one = arbiter.try_admit(&kind("asr")).unwrap();
+        // The job's memory has not shown yet: it is counted on top.
+        assert_eq!(arbiter.free_slots()[&kind("asr")], 1);
+        tokio::time::advance(Duration::from_millis(200)).await;
+        // A later reading shows it (5000 + 2000) and another tenant's 2000.
+        arbiter.update(vec![gpu(9000, 0)], Instant::now());
+        assert_eq!(arbiter.free_slots()[&kind("asr")], 0);
+        assert!(arbiter.try_admit(&kind("asr")).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn max_concurrent_caps_each_kind() {
+        let arbiter = Arbiter::new(limits(&[("tts", 100, 50, 2, 0), ("asr", 100, 50, 5, 0)]));
+        arbiter.update(vec![gpu(0, 0)], Instant::now());
+        let _a = arbiter.try_admit(&kind("tts")).unwrap();
+        let _b = arbiter.try_admit(&kind("tts")).unwrap();
+        assert_eq!(
+            arbiter.try_admit(&kind("tts")).unwrap_err(),
+            Refusal::Concurrency {
+                kind: kind("tts"),
+                max: 2
+            }
+        );
+        assert!(arbiter.try_admit(&kind("asr")).is_ok());
+        assert!(matches!(
+            arbiter.try_admit(&kind("mt")),
+            Err(Refusal::UnknownKind(_))
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pressure_has_hysteresis_and_favours_high_priority() {
+        let arbiter = Arbiter::new(limits(&[
+            ("asr", 100, 90, 10, 0),
+            ("repair", 100, 20, 10, 0),
+        ]));
+        for (util, pressure) in [
+            (50, false),
+            (84, false),
+            (85, true),
+            (80, true),
+            (79, true),
+            (78, false),
+            (84, false),
+        ] {
+            arbiter.update(vec![gpu(0, util)], Instant::now());
+            assert_eq!(arbiter.under_pressure(), pressure, "at {util}%");
+            assert_eq!(
+                arbiter.try_admit(&kind("repair")).is_ok(),
+                !pressure,
+                "low priority at {util}%"
+            );
+            assert!(
+                arbiter.try_admit(&kind("asr")).is_ok(),
+                "high priority at {util}%"
+            );
+        }
+        arbiter.update(vec![gpu(0, 95)], Instant::now());
+        assert_eq!(arbiter.free_slots()[&kind("repair")], 0);
+        assert!(arbiter.free_slots()[&kind("asr")] > 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn queue_wait_admits_when_a_slot_frees_in_time() {
+        let arbiter = Arbiter::new(limits(&[("asr", 100, 90, 1, 500), ("mt", 100, 50, 1, 0)]));
+        arbiter.update(vec![gpu(0, 0)], Instant::now());
+        let held = arbiter.try_admit(&kind("asr")).unwrap();
+        let waiter = tokio::spawn({
+            let arbiter = Arc::clone(&arbiter);
+            async move { arbiter.admit(&kind("asr")).await.map(|p| p.kind().clone()) }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(held);
+        assert_eq!(waiter.await.unwrap(), Ok(kind("asr")));
+
+        // No slot frees within the wait: refused when it runs out.
+        let _held = arbiter.try_admit(&kind("asr")).unwrap();
+        let started = Instant::now();
+        assert!(matches!(
+            arbiter.admit(&kind("asr")).await,
+            Err(Refusal::Concurrency { .. })
+        ));
+        assert_eq!(started.elapsed(), Duration::from_millis(500));
+        // A kind without a wait is refused at once.
+        let _mt = arbiter.try_admit(&kind("mt")).unwrap();
+        let started = Instant::now();
+        assert!(arbiter.admit(&kind("mt")).await.is_err());
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn draining_and_unhealthy_gpus_admit_nothing() {
+        let arbiter = Arbiter::new(limits(&[("asr", 100, 50, 10, 1000)]));
+        let mut sick = gpu(0, 0);
+        sick.healthy = false;
+        arbiter.update(
+            vec![
+                sick,
+                GpuSnapshot {
+                    index: 1,
+                    ..gpu(0, 0)
+                },
+            ],
+            Instant::now(),
+        );
+        let permit = arbiter.try_admit(&kind("asr")).unwrap();
+        assert_eq!(permit.gpu(), Some(1), "placed on the healthy GPU");
+        arbiter.set_draining(true);
+        assert_eq!(arbiter.free_slots()[&kind("asr")], 0);
+        assert_eq!(
+            arbiter.admit(&kind("asr")).await.unwrap_err(),
+            Refusal::Draining
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn jobs_spread_over_gpus_by_room() {
+        let arbiter = Arbiter::new(limits(&[("asr", 1000, 50, 10, 0)]));
+        arbiter.update(
+            vec![
+                gpu(4000, 0),
+                GpuSnapshot {
+                    index: 1,
+                    ..gpu(0, 0)
+                },
+            ],
+            Instant::now(),
+        );
+        let gpus: Vec<Option<u32>> = (0..4)
+            .map(|_| arbiter.try_admit(&kind("asr")).unwrap().gpu())
+            .collect();
+        // Each permit is dropped at once, so every job lands on the roomier GPU.
+        assert_eq!(gpus, [Some(1); 4]);
+        let held: Vec<Permit> = (0..6)
+            .map(|_| arbiter.try_admit(&kind("asr")).unwrap())
+            .collect();
+        let on_first = held.iter().filter(|p| p.gpu() == Some(0)).count();
+        assert!(
+            on_first >= 1,
+            "once the second fills up, the first takes jobs too"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_without_gpus_admits_by_count_alone() {
+        let mut no_gpu = limits(&[("mt", 50_000, 50, 2, 0)]);
+        no_gpu.uses_gpus = false;
+        let arbiter = Arbiter::new(no_gpu);
+        let a = arbiter.try_admit(&kind("mt")).unwrap();
+        assert_eq!(a.gpu(), None);
+        let _b = arbiter.try_admit(&kind("mt")).unwrap();
+        assert!(arbiter.try_admit(&kind("mt")).is_err());
+        assert_eq!(arbiter.free_slots()[&kind("mt")], 0);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Submit(usize),
+        Finish(usize),
+        External(u64),
+        Tick(u64),
+    }
+
+    fn ops() -> impl Strategy<Value = Vec<Op>> {
+        prop::collection::vec(
+            prop_oneof![
+                4 => (0usize..3).prop_map(Op::Submit),
+                3 => any::<usize>().prop_map(Op::Finish),
+                1 => (0u64..6000).prop_map(Op::External),
+                2 => (1u64..300).prop_map(Op::Tick),
+            ],
+            1..120,
+        )
+    }
+
+    /// Kinds: (name, estimate, actual footprint as a share of it in %).
+    fn kind_table() -> impl Strategy<Value = Vec<(u64, u64, u32)>> {
+        prop::collection::vec((100u64..3000, 50u64..=100, 1u32..8), 3)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        /// Random job streams, kinds and external-memory changes on the
+        /// simulated backend, with a sampler reading every 100 ms of model
+        /// time: no admission takes simulated used memory over total -
+        /// reserve (another process may still grab memory on its own; the
+        /// arbiter then admits nothing until usage drops), and a job is never
+        /// refused when memory and limits clearly allow it (room even if
+        /// every running job were counted twice, and jobs finished since
+        /// the last reading still held their memory).
+        #[test]
+        fn never_overcommits_and_never_refuses_clear_room(kinds in kind_table(), ops in ops()) {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+            runtime.block_on(async move {
+                let names = ["asr", "mt", "tts"];
+                let table: Vec<(&str, u64, u8, u32, u64)> = names
+                    .iter()
+                    .zip(&kinds)
+                    .map(|(name, &(vram, _, max))| (*name, vram, 50, max, 0))
+                    .collect();
+                let arbiter = Arbiter::new(limits(&table));
+                let sim = SimulatedGpus::new(&SimConfig { count: 1, memory_mb: TOTAL, external_used_mb: 0 });
+                let mut finished_unseen = 0u64;
+                let read = |arbiter: &Arbiter, finished_unseen: &mut u64| {
+                    arbiter.update(sim.snapshot(), Instant::now());
+                    *finished_unseen = 0;
+                };
+                read(&arbiter, &mut finished_unseen);
+                let mut running: Vec<(Permit, SimulatedAllocation, u64)> = Vec::new();
+                let mut since_reading = Duration::ZERO;
+                for op in ops {
+                    match op {
+                        Op::Submit(k) => {
+                            let (vram, share, max) = kinds[k];
+                            let name = kind(names[k]);
+                            let same_kind = running.iter().filter(|(p, _, _)| p.kind() == &name).count() as u32;
+                            let external = sim.snapshot()[0].memory_used_mb - running.iter().map(|r| r.2).sum::<u64>();
+                            let doubled: u64 = running.iter().map(|(p, _, _)| 2 * table.iter().find(|t| t.0 == p.kind().as_str()).unwrap().1).sum();
+                            let clearly_fits = same_kind < max && external + doubled + finished_unseen + vram <= TOTAL - RESERVE;
+                            match arbiter.try_admit(&name) {
+                                Ok(permit) => {
+                                    let actual = vram * share / 100;
+                                    let alloc = sim.allocate(0, actual, 0);
+                                    running.push((permit, alloc, actual));
+                                    let used = sim.snapshot()[0].memory_used_mb;
+                                    prop_assert!(used <= TOTAL - RESERVE, "admitting {name} took usage to {used} MiB");
+                                }
+                                Err(refusal) => prop_assert!(!clearly_fits, "refused with clear room: {refusal}"),
+                            }
+                        }
+                        Op::Finish(i) => {
+                            if !running.is_empty() {
+                                let (_, _, actual) = running.swap_remove(i % running.len());
+                                finished_unseen += actual;
+                            }
+                        }
+                        Op::External(mb) => {
+                            sim.set_external(0, mb);
+                            // The sampler sees it before the next admission
+                            // (the arbiter cannot know of memory it has not
+                            // measured).
+                            read(&arbiter, &mut finished_unseen);
+                        }
+                        Op::Tick(ms) => {
+                            tokio::time::advance(Duration::from_millis(ms)).await;
+                            since_reading += Duration::from_millis(ms);
+                            if since_reading >= Duration::from_millis(100) {
+                                read(&arbiter, &mut finished_unseen);
+                                since_reading = Duration::ZERO;
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            })?;
+        }
+    }
+}

@@ -1,0 +1,696 @@
+//! The agent's configuration: TOML per SPEC.md, unknown keys rejected,
+//! every value validated with a message naming the field and its line.
+//!
+//! Keys the SPEC does not name, added here (all optional):
+//! `[gpu] poll_interval_ms`, `pressure_enter_pct`, `pressure_exit_pct`,
+//! `pressure_min_priority`; `[jobs.<kind>] queue_wait_ms`;
+//! `[jobs.<kind>.simulated] actual_vram_mb`, `utilization_pct`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use lingua_shared::config_check::ConfigError;
+use lingua_shared::config_check::{self, Checker};
+use lingua_shared::{JobKind, LangCode, NodeId};
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Where the agent looks for its config without `--config`.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/lingua/agent.toml";
+/// The coordinator URL without configuration.
+pub const DEFAULT_COORDINATOR_URL: &str = "ws://127.0.0.1:7700/v1/node";
+
+/// Which GPU probe to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// NVIDIA GPUs through NVML.
+    Nvml,
+    /// Fake GPUs whose memory follows the jobs (tests, the demo).
+    Simulated,
+    /// No GPU: admission by `max_concurrent` alone.
+    None,
+}
+
+impl Backend {
+    /// The name used in the config and in `probe` output.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Nvml => "nvml",
+            Backend::Simulated => "simulated",
+            Backend::None => "none",
+        }
+    }
+}
+
+/// The simulated GPUs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimulatedGpus {
+    /// How many.
+    pub count: u32,
+    /// Memory of each, in MiB.
+    pub memory_mb: u64,
+    /// Memory held on each by processes the agent does not own.
+    pub external_used_mb: u64,
+}
+
+/// The utilisation-pressure mode of the arbiter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pressure {
+    /// Enter pressure when a GPU's utilisation reaches this (percent).
+    pub enter_pct: u8,
+    /// Leave pressure when every GPU is at or below this (percent).
+    pub exit_pct: u8,
+    /// Under pressure only kinds with at least this priority are admitted.
+    pub min_priority: u8,
+}
+
+/// The `[gpu]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuConfig {
+    /// The probe.
+    pub backend: Backend,
+    /// VRAM per GPU never handed out.
+    pub reserve_mb: u64,
+    /// How often the probe is read.
+    pub poll_interval: Duration,
+    /// Pressure thresholds.
+    pub pressure: Pressure,
+    /// The simulated GPUs (backend `simulated`).
+    pub simulated: SimulatedGpus,
+}
+
+/// How a kind's jobs run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecutorConfig {
+    /// Sleep, holding simulated VRAM.
+    Simulated {
+        /// How long a job runs.
+        duration: Duration,
+        /// VRAM a running job really holds (defaults to the kind's
+        /// `vram_mb`).
+        actual_vram_mb: u64,
+        /// Utilisation a running job adds to its GPU, in percent.
+        utilization_pct: u8,
+    },
+    /// POST the payload to a local inference service.
+    Http {
+        /// The service URL.
+        url: String,
+        /// Request timeout.
+        timeout: Duration,
+    },
+    /// Run a command: payload on stdin, JSON on stdout.
+    Command {
+        /// Program and arguments.
+        argv: Vec<String>,
+        /// Time limit; the process group is killed past it.
+        timeout: Duration,
+    },
+}
+
+/// One `[jobs.<kind>]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KindConfig {
+    /// Estimated VRAM a running job holds, in MiB (an upper bound).
+    pub vram_mb: u64,
+    /// Higher wins under pressure (0..=100).
+    pub priority: u8,
+    /// Most jobs of this kind at once.
+    pub max_concurrent: u32,
+    /// How long a job may wait for a slot before it is refused (0: refuse
+    /// at once).
+    pub queue_wait: Duration,
+    /// How its jobs run.
+    pub executor: ExecutorConfig,
+}
+
+/// A validated agent configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentConfig {
+    /// The node's id.
+    pub node_id: NodeId,
+    /// The coordinator's node endpoint, `ws://` or `wss://`.
+    pub coordinator_url: String,
+    /// The node token.
+    pub token: Option<String>,
+    /// A CA to trust for `wss://` (besides the system roots).
+    pub ca_file: Option<PathBuf>,
+    /// How long SIGTERM waits for running jobs.
+    pub drain_timeout: Duration,
+    /// Where to serve this agent's Prometheus metrics.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Languages recognised.
+    pub src_langs: Vec<LangCode>,
+    /// Languages produced.
+    pub tgt_langs: Vec<LangCode>,
+    /// GPU settings.
+    pub gpu: GpuConfig,
+    /// The kinds served.
+    pub jobs: BTreeMap<JobKind, KindConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    node_id: Option<Spanned<String>>,
+    coordinator_url: Option<Spanned<String>>,
+    token: Option<String>,
+    token_file: Option<Spanned<PathBuf>>,
+    ca_file: Option<PathBuf>,
+    drain_timeout_ms: Option<Spanned<u64>>,
+    metrics_listen: Option<Spanned<String>>,
+    capabilities: Option<RawCapabilities>,
+    #[serde(default)]
+    gpu: RawGpu,
+    #[serde(default)]
+    jobs: BTreeMap<Spanned<String>, RawKind>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCapabilities {
+    src_langs: Spanned<Vec<String>>,
+    tgt_langs: Spanned<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGpu {
+    backend: Option<Spanned<String>>,
+    reserve_mb: Option<Spanned<u64>>,
+    poll_interval_ms: Option<Spanned<u64>>,
+    pressure_enter_pct: Option<Spanned<u8>>,
+    pressure_exit_pct: Option<Spanned<u8>>,
+    pressure_min_priority: Option<Spanned<u8>>,
+    simulated: Option<RawSimulatedGpus>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSimulatedGpus {
+    count: Option<Spanned<u32>>,
+    memory_mb: Option<Spanned<u64>>,
+    external_used_mb: Option<Spanned<u64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKind {
+    vram_mb: Option<Spanned<u64>>,
+    priority: Option<Spanned<u8>>,
+    max_concurrent: Option<Spanned<u32>>,
+    queue_wait_ms: Option<Spanned<u64>>,
+    executor: Option<Spanned<String>>,
+    url: Option<Spanned<String>>,
+    command: Option<Spanned<Vec<String>>>,
+    timeout_ms: Option<Spanned<u64>>,
+    simulated: Option<RawSimulatedKind>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSimulatedKind {
+    duration_ms: Option<Spanned<u64>>,
+    actual_vram_mb: Option<Spanned<u64>>,
+    utilization_pct: Option<Spanned<u8>>,
+}
+
+impl AgentConfig {
+    /// Reads and validates a config file. `token_file` is read relative to
+    /// the working directory, like every other path.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        Self::parse(&config_check::read(path)?)
+    }
+
+    /// Parses and validates TOML text.
+    pub fn parse(source: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = config_check::parse(source)?;
+        let check = Checker::new(source);
+
+        let node_id = match raw.node_id {
+            Some(id) => {
+                let span = id.span();
+                NodeId::new(id.into_inner())
+                    .map_err(|e| check.invalid("node_id", span, e.to_string()))?
+            }
+            None => default_node_id()?,
+        };
+        let coordinator_url = match raw.coordinator_url {
+            Some(url) => {
+                let span = url.span();
+                let url = url.into_inner();
+                if !(url.starts_with("ws://") || url.starts_with("wss://")) {
+                    return Err(check.invalid(
+                        "coordinator_url",
+                        span,
+                        format!("{url:?} must start with ws:// or wss://, like \"{DEFAULT_COORDINATOR_URL}\""),
+                    ));
+                }
+                url
+            }
+            None => DEFAULT_COORDINATOR_URL.to_owned(),
+        };
+        let token = match (raw.token, raw.token_file) {
+            (Some(_), Some(file)) => {
+                return Err(check.invalid(
+                    "token_file",
+                    file.span(),
+                    "set token or token_file, not both",
+                ));
+            }
+            (Some(token), None) => Some(token),
+            (None, Some(file)) => {
+                let span = file.span();
+                let path = file.into_inner();
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    check.invalid(
+                        "token_file",
+                        span.clone(),
+                        format!("cannot read {}: {e}", path.display()),
+                    )
+                })?;
+                let token = text.trim().to_owned();
+                if token.is_empty() {
+                    return Err(check.invalid(
+                        "token_file",
+                        span,
+                        format!("{} is empty", path.display()),
+                    ));
+                }
+                Some(token)
+            }
+            (None, None) => None,
+        };
+        let metrics_listen = match raw.metrics_listen {
+            Some(addr) => {
+                let span = addr.span();
+                Some(addr.get_ref().parse().map_err(|_| {
+                    check.invalid(
+                        "metrics_listen",
+                        span,
+                        format!(
+                            "{:?} is not an address; write it as \"127.0.0.1:9471\"",
+                            addr.get_ref()
+                        ),
+                    )
+                })?)
+            }
+            None => None,
+        };
+        let Some(capabilities) = raw.capabilities else {
+            return Err(ConfigError::invalid(
+                "capabilities",
+                "the [capabilities] table with src_langs and tgt_langs is required",
+            ));
+        };
+        let src_langs = languages(check, "capabilities.src_langs", capabilities.src_langs)?;
+        let tgt_langs = languages(check, "capabilities.tgt_langs", capabilities.tgt_langs)?;
+        let gpu = gpu_config(check, raw.gpu)?;
+        if raw.jobs.is_empty() {
+            return Err(ConfigError::invalid(
+                "jobs",
+                "no job kinds: add at least one [jobs.<kind>] table, like [jobs.translate]",
+            ));
+        }
+        let mut jobs = BTreeMap::new();
+        for (name, kind) in raw.jobs {
+            let span = name.span();
+            let name = name.into_inner();
+            let kind_id = JobKind::new(name.as_str())
+                .map_err(|e| check.invalid(format!("jobs.{name}"), span.clone(), e.to_string()))?;
+            let kind = kind_config(check, &name, span, kind)?;
+            jobs.insert(kind_id, kind);
+        }
+        Ok(AgentConfig {
+            node_id,
+            coordinator_url,
+            token,
+            ca_file: raw.ca_file,
+            drain_timeout: Duration::from_millis(check.range(
+                "drain_timeout_ms",
+                raw.drain_timeout_ms,
+                30_000,
+                0..=3_600_000,
+            )?),
+            metrics_listen,
+            src_langs,
+            tgt_langs,
+            gpu,
+            jobs,
+        })
+    }
+
+    /// The kinds served, sorted.
+    pub fn kinds(&self) -> Vec<JobKind> {
+        self.jobs.keys().cloned().collect()
+    }
+}
+
+fn default_node_id() -> Result<NodeId, ConfigError> {
+    let host = nix::unistd::gethostname().map_err(|e| {
+        ConfigError::invalid(
+            "node_id",
+            format!("not set, and the hostname cannot be read ({e}); set node_id"),
+        )
+    })?;
+    let host = host.to_string_lossy();
+    NodeId::new(host.as_ref()).map_err(|e| {
+        ConfigError::invalid(
+            "node_id",
+            format!("not set, and the hostname is not a valid node id ({e}); set node_id"),
+        )
+    })
+}
+
+fn languages(
+    check: Checker<'_>,
+    field: &str,
+    value: Spanned<Vec<String>>,
+) -> Result<Vec<LangCode>, ConfigError> {
+    let span = value.span();
+    let codes = value.into_inner();
+    if codes.is_empty() {
+        return Err(check.invalid(field, span, "list at least one language, like [\"en\"]"));
+    }
+    codes
+        .iter()
+        .map(|code| {
+            code.parse().map_err(|e: lingua_shared::LangError| {
+                check.invalid(field, span.clone(), e.to_string())
+            })
+        })
+        .collect()
+}
+
+fn gpu_config(check: Checker<'_>, raw: RawGpu) -> Result<GpuConfig, ConfigError> {
+    let backend = match raw.backend {
+        None => Backend::Nvml,
+        Some(name) => match name.get_ref().as_str() {
+            "nvml" => Backend::Nvml,
+            "simulated" => Backend::Simulated,
+            "none" => Backend::None,
+            other => {
+                return Err(check.invalid(
+                    "gpu.backend",
+                    name.span(),
+                    format!("{other:?} is not a backend; use \"nvml\", \"simulated\" or \"none\""),
+                ));
+            }
+        },
+    };
+    let pressure_span = raw.pressure_exit_pct.as_ref().map(Spanned::span);
+    let pressure = Pressure {
+        enter_pct: check.range(
+            "gpu.pressure_enter_pct",
+            raw.pressure_enter_pct,
+            85,
+            1..=100,
+        )?,
+        exit_pct: check.range("gpu.pressure_exit_pct", raw.pressure_exit_pct, 78, 0..=100)?,
+        min_priority: check.range(
+            "gpu.pressure_min_priority",
+            raw.pressure_min_priority,
+            70,
+            0..=100,
+        )?,
+    };
+    if pressure.exit_pct >= pressure.enter_pct {
+        let message = format!(
+            "{} must be below pressure_enter_pct ({}) so the mode has hysteresis",
+            pressure.exit_pct, pressure.enter_pct
+        );
+        return Err(match pressure_span {
+            Some(span) => check.invalid("gpu.pressure_exit_pct", span, message),
+            None => ConfigError::invalid("gpu.pressure_exit_pct", message),
+        });
+    }
+    let sim = raw.simulated.unwrap_or_default();
+    let simulated = SimulatedGpus {
+        count: check.range("gpu.simulated.count", sim.count, 1, 1..=64)?,
+        memory_mb: check.range(
+            "gpu.simulated.memory_mb",
+            sim.memory_mb,
+            24_576,
+            1..=10_000_000,
+        )?,
+        external_used_mb: check.range(
+            "gpu.simulated.external_used_mb",
+            sim.external_used_mb,
+            0,
+            0..=10_000_000,
+        )?,
+    };
+    Ok(GpuConfig {
+        backend,
+        reserve_mb: check.range("gpu.reserve_mb", raw.reserve_mb, 1024, 0..=10_000_000)?,
+        poll_interval: Duration::from_millis(check.range(
+            "gpu.poll_interval_ms",
+            raw.poll_interval_ms,
+            500,
+            10..=60_000,
+        )?),
+        pressure,
+        simulated,
+    })
+}
+
+fn kind_config(
+    check: Checker<'_>,
+    name: &str,
+    span: std::ops::Range<usize>,
+    raw: RawKind,
+) -> Result<KindConfig, ConfigError> {
+    let field = |key: &str| format!("jobs.{name}.{key}");
+    let vram_mb = check.range(field("vram_mb"), raw.vram_mb, 0, 0..=10_000_000)?;
+    let timeout = Duration::from_millis(check.range(
+        field("timeout_ms"),
+        raw.timeout_ms,
+        30_000,
+        1..=3_600_000,
+    )?);
+    let executor_span = raw.executor.as_ref().map_or(span.clone(), Spanned::span);
+    let executor_name = raw
+        .executor
+        .map_or_else(|| "simulated".to_owned(), Spanned::into_inner);
+    let executor = match executor_name.as_str() {
+        "simulated" => {
+            let sim = raw.simulated.unwrap_or_default();
+            ExecutorConfig::Simulated {
+                duration: Duration::from_millis(check.range(
+                    field("simulated.duration_ms"),
+                    sim.duration_ms,
+                    150,
+                    0..=3_600_000,
+                )?),
+                actual_vram_mb: check.range(
+                    field("simulated.actual_vram_mb"),
+                    sim.actual_vram_mb,
+                    vram_mb,
+                    0..=10_000_000,
+                )?,
+                utilization_pct: check.range(
+                    field("simulated.utilization_pct"),
+                    sim.utilization_pct,
+                    10,
+                    0..=100,
+                )?,
+            }
+        }
+        "http" => {
+            let Some(url) = raw.url else {
+                return Err(check.invalid(
+                    field("url"),
+                    span,
+                    "executor \"http\" needs url = \"http://127.0.0.1:8001/...\"",
+                ));
+            };
+            if !(url.get_ref().starts_with("http://") || url.get_ref().starts_with("https://")) {
+                return Err(check.invalid(
+                    field("url"),
+                    url.span(),
+                    format!("{:?} must start with http:// or https://", url.get_ref()),
+                ));
+            }
+            ExecutorConfig::Http {
+                url: url.into_inner(),
+                timeout,
+            }
+        }
+        "command" => {
+            let Some(command) = raw.command else {
+                return Err(check.invalid(
+                    field("command"),
+                    span,
+                    "executor \"command\" needs command = [\"/path/to/program\", \"args\"]",
+                ));
+            };
+            if command.get_ref().is_empty() || command.get_ref()[0].is_empty() {
+                return Err(check.invalid(
+                    field("command"),
+                    command.span(),
+                    "the command needs at least a program",
+                ));
+            }
+            ExecutorConfig::Command {
+                argv: command.into_inner(),
+                timeout,
+            }
+        }
+        other => {
+            return Err(check.invalid(
+                field("executor"),
+                executor_span,
+                format!("{other:?} is not an executor; use \"simulated\", \"http\" or \"command\""),
+            ));
+        }
+    };
+    Ok(KindConfig {
+        vram_mb,
+        priority: check.range(field("priority"), raw.priority, 50, 0..=100)?,
+        max_concurrent: check.range(field("max_concurrent"), raw.max_concurrent, 1, 1..=10_000)?,
+        queue_wait: Duration::from_millis(check.range(
+            field("queue_wait_ms"),
+            raw.queue_wait_ms,
+            0,
+            0..=60_000,
+        )?),
+        executor,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPEC_EXAMPLE: &str = r#"
+node_id = "gpu-host-01"
+coordinator_url = "ws://127.0.0.1:7700/v1/node"
+token = "long-random-secret"
+drain_timeout_ms = 30000
+metrics_listen = "127.0.0.1:9471"
+
+[capabilities]
+src_langs = ["zh", "en"]
+tgt_langs = ["en", "zh", "ja"]
+
+[gpu]
+backend = "simulated"
+reserve_mb = 1024
+[gpu.simulated]
+count = 1
+memory_mb = 24576
+external_used_mb = 0
+
+[jobs.translate]
+vram_mb = 2000
+priority = 50
+max_concurrent = 16
+executor = "simulated"
+[jobs.translate.simulated]
+duration_ms = 150
+"#;
+
+    #[test]
+    fn the_spec_example_parses() {
+        let config = AgentConfig::parse(SPEC_EXAMPLE).unwrap();
+        assert_eq!(config.node_id.as_str(), "gpu-host-01");
+        assert_eq!(config.gpu.backend, Backend::Simulated);
+        let translate = &config.jobs[&JobKind::new("translate").unwrap()];
+        assert_eq!(translate.max_concurrent, 16);
+        assert_eq!(
+            translate.executor,
+            ExecutorConfig::Simulated {
+                duration: Duration::from_millis(150),
+                actual_vram_mb: 2000,
+                utilization_pct: 10,
+            }
+        );
+        assert_eq!(
+            config.metrics_listen,
+            Some("127.0.0.1:9471".parse().unwrap())
+        );
+    }
+
+    fn error(source: &str) -> String {
+        AgentConfig::parse(source).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_the_field_and_line() {
+        let bad_kind = SPEC_EXAMPLE.replace("max_concurrent = 16", "max_concurrent = 0");
+        let text = error(&bad_kind);
+        assert!(
+            text.contains("jobs.translate.max_concurrent (line 23)"),
+            "{text}"
+        );
+        let bad_lang = SPEC_EXAMPLE.replace("[\"zh\", \"en\"]", "[\"zh\", \"EN\"]");
+        assert!(error(&bad_lang).contains("capabilities.src_langs (line 9)"));
+        let bad_backend = SPEC_EXAMPLE.replace("\"simulated\"\nreserve", "\"cuda\"\nreserve");
+        assert!(error(&bad_backend).contains("gpu.backend (line 13)"));
+        let unknown = SPEC_EXAMPLE.replace("priority = 50", "priority = 50\nprio = 1");
+        let text = error(&unknown);
+        assert!(text.contains("prio") && text.contains("line 23"), "{text}");
+        let url = SPEC_EXAMPLE.replace("ws://127.0.0.1:7700/v1/node", "http://x");
+        assert!(error(&url).contains("coordinator_url (line 3)"));
+    }
+
+    #[test]
+    fn executors_need_their_settings() {
+        let http = SPEC_EXAMPLE.replace("executor = \"simulated\"", "executor = \"http\"");
+        assert!(
+            error(&http).contains("jobs.translate.url"),
+            "{}",
+            error(&http)
+        );
+        let command = SPEC_EXAMPLE.replace(
+            "executor = \"simulated\"",
+            "executor = \"command\"\ncommand = []",
+        );
+        assert!(error(&command).contains("jobs.translate.command"));
+        let good = SPEC_EXAMPLE.replace(
+            "executor = \"simulated\"",
+            "executor = \"http\"\nurl = \"http://127.0.0.1:8001/translate\"\ntimeout_ms = 500",
+        );
+        let config = AgentConfig::parse(&good).unwrap();
+        assert!(matches!(
+            &config.jobs[&JobKind::new("translate").unwrap()].executor,
+            ExecutorConfig::Http { timeout, .. } if *timeout == Duration::from_millis(500)
+        ));
+    }
+
+    #[test]
+    fn required_parts_and_cross_field_rules() {
+        assert!(error("[jobs.asr]\n").contains("capabilities"));
+        let no_jobs = "[capabilities]\nsrc_langs = [\"zh\"]\ntgt_langs = [\"en\"]\n";
+        assert!(error(no_jobs).contains("[jobs.<kind>]"));
+        let both = SPEC_EXAMPLE.replace(
+            "token = \"long-random-secret\"",
+            "token = \"x\"\ntoken_file = \"/tmp/t\"",
+        );
+        assert!(error(&both).contains("token_file (line 5)"));
+        let flat = SPEC_EXAMPLE.replace(
+            "reserve_mb = 1024",
+            "reserve_mb = 1024\npressure_enter_pct = 70\npressure_exit_pct = 80",
+        );
+        assert!(error(&flat).contains("hysteresis"));
+        let bad_kind = SPEC_EXAMPLE
+            .replace("[jobs.translate]", "[jobs.Translate]")
+            .replace("[jobs.translate.simulated]", "[jobs.Translate.simulated]");
+        assert!(error(&bad_kind).contains("jobs.Translate"));
+    }
+
+    #[test]
+    fn token_file_is_read_and_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.token");
+        std::fs::write(&path, "  secret-from-file-123\n").unwrap();
+        let source = SPEC_EXAMPLE.replace(
+            "token = \"long-random-secret\"",
+            &format!("token_file = {:?}", path.display().to_string()),
+        );
+        let config = AgentConfig::parse(&source).unwrap();
+        assert_eq!(config.token.as_deref(), Some("secret-from-file-123"));
+    }
+}

@@ -1,0 +1,283 @@
+//! GPU probes: where the arbiter's readings come from.
+//!
+//! [`GpuProbe`] is read on a dedicated thread ([`spawn_sampler`]) because
+//! NVML calls block. Three backends: NVML ([`crate::nvml`]), simulated GPUs
+//! whose memory and utilisation follow the jobs running on them (tests and
+//! the demo), and none (a CPU-only node).
+
+use std::collections::HashMap;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::config::{Backend, GpuConfig, SimulatedGpus as SimulatedConfig};
+
+/// One GPU's readings at one moment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GpuSnapshot {
+    /// Index on the host.
+    pub index: u32,
+    /// Stable identity.
+    pub uuid: String,
+    /// Product name.
+    pub name: String,
+    /// Total memory, MiB.
+    pub memory_total_mb: u64,
+    /// Memory in use by anyone, MiB.
+    pub memory_used_mb: u64,
+    /// Utilisation, percent, when measured.
+    pub utilization_pct: Option<u8>,
+    /// Temperature, °C, when measured.
+    pub temperature_c: Option<u32>,
+    /// False after a critical error, or when the GPU is lost.
+    pub healthy: bool,
+}
+
+/// Why a probe could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// The NVML library or driver is not there.
+    #[error(
+        "NVML is unavailable ({0}); install the NVIDIA driver, or set [gpu] backend = \"none\" on a CPU-only node"
+    )]
+    NvmlUnavailable(String),
+}
+
+/// A source of GPU readings. `read` may block.
+pub trait GpuProbe: Send {
+    /// Which backend this is.
+    fn backend(&self) -> Backend;
+    /// Current readings of every GPU.
+    fn read(&mut self) -> Vec<GpuSnapshot>;
+}
+
+/// Opens the probe the config asks for. `simulated` is the shared model of
+/// the simulated backend (the simulated executor allocates on it).
+pub fn open(
+    config: &GpuConfig,
+    simulated: Option<Arc<SimulatedGpus>>,
+) -> Result<Box<dyn GpuProbe>, ProbeError> {
+    match config.backend {
+        Backend::Nvml => Ok(Box::new(crate::nvml::NvmlProbe::init()?)),
+        Backend::Simulated => Ok(Box::new(SimulatedProbe(
+            simulated.unwrap_or_else(|| SimulatedGpus::new(&config.simulated)),
+        ))),
+        Backend::None => Ok(Box::new(NoGpu)),
+    }
+}
+
+/// Reads `probe` every `interval` on its own thread and hands each reading
+/// to `publish`, until the returned [`Sampler`] is dropped.
+pub fn spawn_sampler(
+    mut probe: Box<dyn GpuProbe>,
+    interval: Duration,
+    publish: impl Fn(Vec<GpuSnapshot>) + Send + 'static,
+) -> std::io::Result<Sampler> {
+    let (stop, stopped) = mpsc::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("gpu-sampler".into())
+        .spawn(move || {
+            loop {
+                publish(probe.read());
+                match stopped.recv_timeout(interval) {
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
+                }
+            }
+        })?;
+    Ok(Sampler {
+        stop: Some(stop),
+        thread: Some(thread),
+    })
+}
+
+/// The sampler thread; dropping it stops the thread and waits for it.
+pub struct Sampler {
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Sampler {
+    fn drop(&mut self) {
+        self.stop.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+struct NoGpu;
+
+impl GpuProbe for NoGpu {
+    fn backend(&self) -> Backend {
+        Backend::None
+    }
+
+    fn read(&mut self) -> Vec<GpuSnapshot> {
+        Vec::new()
+    }
+}
+
+struct SimulatedProbe(Arc<SimulatedGpus>);
+
+impl GpuProbe for SimulatedProbe {
+    fn backend(&self) -> Backend {
+        Backend::Simulated
+    }
+
+    fn read(&mut self) -> Vec<GpuSnapshot> {
+        self.0.snapshot()
+    }
+}
+
+#[derive(Debug)]
+struct SimulatedGpu {
+    total_mb: u64,
+    external_mb: u64,
+    jobs: HashMap<u64, (u64, u8)>,
+}
+
+/// Fake GPUs: used memory is what "another process" holds plus what the
+/// running jobs really hold; utilisation is the sum of the jobs' share.
+#[derive(Debug)]
+pub struct SimulatedGpus {
+    gpus: Mutex<(u64, Vec<SimulatedGpu>)>,
+}
+
+impl SimulatedGpus {
+    /// The GPUs of `[gpu.simulated]`.
+    pub fn new(config: &SimulatedConfig) -> Arc<Self> {
+        let gpus = (0..config.count)
+            .map(|_| SimulatedGpu {
+                total_mb: config.memory_mb,
+                external_mb: config.external_used_mb,
+                jobs: HashMap::new(),
+            })
+            .collect();
+        Arc::new(Self {
+            gpus: Mutex::new((0, gpus)),
+        })
+    }
+
+    /// Holds `mb` of memory and `utilization_pct` of GPU `index` until the
+    /// returned guard drops. An unknown index holds nothing.
+    pub fn allocate(
+        self: &Arc<Self>,
+        index: u32,
+        mb: u64,
+        utilization_pct: u8,
+    ) -> SimulatedAllocation {
+        let mut state = self.lock();
+        state.0 += 1;
+        let id = state.0;
+        if let Some(gpu) = state.1.get_mut(index as usize) {
+            gpu.jobs.insert(id, (mb, utilization_pct));
+        }
+        SimulatedAllocation {
+            gpus: Arc::clone(self),
+            index,
+            id,
+        }
+    }
+
+    /// Sets the memory held by processes the agent does not own.
+    pub fn set_external(&self, index: u32, mb: u64) {
+        if let Some(gpu) = self.lock().1.get_mut(index as usize) {
+            gpu.external_mb = mb;
+        }
+    }
+
+    /// Current readings.
+    pub fn snapshot(&self) -> Vec<GpuSnapshot> {
+        self.lock()
+            .1
+            .iter()
+            .enumerate()
+            .map(|(index, gpu)| {
+                let jobs_mb: u64 = gpu.jobs.values().map(|(mb, _)| mb).sum();
+                let utilization: u32 = gpu.jobs.values().map(|&(_, pct)| u32::from(pct)).sum();
+                GpuSnapshot {
+                    index: index as u32,
+                    uuid: format!("GPU-simulated-{index}"),
+                    name: "Simulated GPU".into(),
+                    memory_total_mb: gpu.total_mb,
+                    memory_used_mb: gpu.external_mb + jobs_mb,
+                    utilization_pct: Some(utilization.min(100) as u8),
+                    temperature_c: None,
+                    healthy: true,
+                }
+            })
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, Vec<SimulatedGpu>)> {
+        // Every critical section is a few map operations that cannot panic
+        // half-way, so the data behind a poisoned lock is consistent.
+        self.gpus
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Memory held on a simulated GPU by one running job.
+#[derive(Debug)]
+pub struct SimulatedAllocation {
+    gpus: Arc<SimulatedGpus>,
+    index: u32,
+    id: u64,
+}
+
+impl Drop for SimulatedAllocation {
+    fn drop(&mut self) {
+        if let Some(gpu) = self.gpus.lock().1.get_mut(self.index as usize) {
+            gpu.jobs.remove(&self.id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sim() -> Arc<SimulatedGpus> {
+        SimulatedGpus::new(&SimulatedConfig {
+            count: 2,
+            memory_mb: 1000,
+            external_used_mb: 100,
+        })
+    }
+
+    #[test]
+    fn simulated_memory_follows_allocations() {
+        let gpus = sim();
+        let a = gpus.allocate(1, 300, 40);
+        let b = gpus.allocate(1, 200, 70);
+        let snapshot = gpus.snapshot();
+        assert_eq!(snapshot[0].memory_used_mb, 100);
+        assert_eq!(snapshot[1].memory_used_mb, 600);
+        assert_eq!(snapshot[1].utilization_pct, Some(100));
+        drop(a);
+        assert_eq!(gpus.snapshot()[1].memory_used_mb, 300);
+        gpus.set_external(1, 0);
+        assert_eq!(gpus.snapshot()[1].memory_used_mb, 200);
+        drop(b);
+        assert_eq!(gpus.snapshot()[1].utilization_pct, Some(0));
+    }
+
+    #[test]
+    fn sampler_publishes_until_dropped() {
+        let (tx, rx) = mpsc::channel();
+        let probe = Box::new(SimulatedProbe(sim()));
+        let sampler = spawn_sampler(probe, Duration::from_millis(1), move |reading| {
+            let _ = tx.send(reading.len());
+        })
+        .unwrap();
+        assert_eq!(rx.recv().unwrap(), 2);
+        assert_eq!(rx.recv().unwrap(), 2);
+        drop(sampler);
+        while rx.recv().is_ok() {}
+    }
+}

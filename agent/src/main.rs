@@ -1,0 +1,2 @@
+//! lingua-agent
+fn main() {}
