@@ -2,12 +2,20 @@
 //! and links it to the coordinator.
 //!
 //! - [`config`]: the TOML configuration.
+//! - [`agent`]: wiring and the run loop (reload, drain).
 //! - [`arbiter`]: the slot arbiter.
+//! - [`executor`]: http, command and simulated executors.
+//! - [`jobs`]: admission, running, watchdog and cancellation of jobs.
+//! - [`link`]: the coordinator link (reconnect, outbox).
 //! - [`gpu`]: GPU probes (simulated, none) and the sampler thread.
 //! - [`nvml`]: the NVML probe.
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod arbiter;
 pub mod config;
+pub mod executor;
 pub mod gpu;
+pub mod jobs;
+pub mod link;
 pub mod nvml;

@@ -1,2 +1,271 @@
-//! lingua-agent
-fn main() {}
+//! `lingua-agent`: the per-GPU-host service of a Lingua fleet.
+//!
+//! Exit codes (SPEC.md): 0 success, 64 bad usage, invalid config, or a
+//! refusal by the coordinator that retrying cannot fix (bad token, node id
+//! held by another host, no common protocol version), 69 a dependency is
+//! unavailable (NVML with `backend = "nvml"`), 70 internal error.
+#![forbid(unsafe_code)]
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use lingua_agent::agent::{Agent, AgentError, Control, Handles};
+use lingua_agent::arbiter::{Arbiter, Limits};
+use lingua_agent::config::{AgentConfig, DEFAULT_CONFIG_PATH};
+use lingua_agent::gpu;
+use sd_notify::NotifyState;
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Clone, Copy)]
+enum Exit {
+    Usage = 64,
+    Unavailable = 69,
+    Internal = 70,
+}
+
+impl From<Exit> for ExitCode {
+    fn from(exit: Exit) -> Self {
+        ExitCode::from(exit as u8)
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The Lingua fleet GPU node agent: decides from GPU readings how many jobs
+/// of each kind this host can run, runs them, and reports its capacity to
+/// the coordinator.
+///
+/// Runs as a systemd service (Type=notify). SIGTERM drains (no new jobs,
+/// running ones finish, results are delivered) and exits; SIGHUP reloads
+/// the config file. Log level: LINGUA_LOG (e.g. "debug").
+#[derive(Debug, Parser)]
+#[command(version, about, long_about)]
+struct Cli {
+    /// TOML config file (see SPEC.md).
+    #[arg(long, global = true, value_name = "FILE", default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    /// Log line format on stderr.
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print GPU readings and what the arbiter would admit now, as JSON.
+    Probe,
+    /// Validate the config file and exit: 0 when valid, 64 with the reason.
+    CheckConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            let _ = err.print();
+            return if err.use_stderr() {
+                Exit::Usage.into()
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    init_logging(cli.log_format);
+    let config = match AgentConfig::load(&cli.config) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("lingua-agent: {err}");
+            return Exit::Usage.into();
+        }
+    };
+    match cli.command {
+        Some(Command::CheckConfig) => {
+            println!("config is valid");
+            ExitCode::SUCCESS
+        }
+        Some(Command::Probe) => probe(&config),
+        None => {
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(runtime) => runtime,
+                Err(err) => {
+                    eprintln!("lingua-agent: cannot start the async runtime: {err}");
+                    return Exit::Internal.into();
+                }
+            };
+            runtime.block_on(serve(config, cli.config))
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("LINGUA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn probe(config: &AgentConfig) -> ExitCode {
+    let mut probe = match gpu::open(&config.gpu, None) {
+        Ok(probe) => probe,
+        Err(err) => {
+            eprintln!("lingua-agent: {err}");
+            return Exit::Unavailable.into();
+        }
+    };
+    let readings = probe.read();
+    let arbiter = Arbiter::new(Limits::from_config(config));
+    arbiter.update(readings.clone(), Instant::now());
+    let free = arbiter.free_slots();
+    let gpus: Vec<serde_json::Value> = readings
+        .iter()
+        .map(|g| {
+            json!({
+                "index": g.index,
+                "uuid": g.uuid,
+                "name": g.name,
+                "memory_total_mb": g.memory_total_mb,
+                "memory_used_mb": g.memory_used_mb,
+                "memory_free_mb": g.memory_total_mb.saturating_sub(g.memory_used_mb),
+                "utilization_pct": g.utilization_pct,
+                "temperature_c": g.temperature_c,
+                "healthy": g.healthy,
+            })
+        })
+        .collect();
+    let jobs: BTreeMap<String, serde_json::Value> = config
+        .jobs
+        .iter()
+        .map(|(kind, settings)| {
+            (
+                kind.to_string(),
+                json!({
+                    "free_slots": free.get(kind).copied().unwrap_or(0),
+                    "vram_mb": settings.vram_mb,
+                    "max_concurrent": settings.max_concurrent,
+                    "priority": settings.priority,
+                }),
+            )
+        })
+        .collect();
+    let document = json!({
+        "backend": probe.backend().name(),
+        "reserve_mb": config.gpu.reserve_mb,
+        "under_pressure": arbiter.under_pressure(),
+        "gpus": gpus,
+        "jobs": jobs,
+    });
+    println!("{document:#}");
+    ExitCode::SUCCESS
+}
+
+async fn serve(config: AgentConfig, path: PathBuf) -> ExitCode {
+    tracing::info!(node_id = %config.node_id, coordinator = %config.coordinator_url, backend = config.gpu.backend.name(), "agent starting");
+    let agent = match Agent::start(config) {
+        Ok(agent) => agent,
+        Err(err) => {
+            eprintln!("lingua-agent: {err}");
+            return exit_for(&err);
+        }
+    };
+    let shutdown = CancellationToken::new();
+    let (reload_tx, reload) = mpsc::unbounded_channel();
+    tokio::spawn(signals(shutdown.clone(), reload_tx, path));
+    tokio::spawn(systemd(agent.handles.clone(), shutdown.clone()));
+    match agent.run(Control { shutdown, reload }).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("lingua-agent: {err}");
+            exit_for(&err)
+        }
+    }
+}
+
+fn exit_for(err: &AgentError) -> ExitCode {
+    match err {
+        AgentError::Probe(_) => Exit::Unavailable.into(),
+        AgentError::Refused { .. } => Exit::Usage.into(),
+        AgentError::Thread(_) => Exit::Internal.into(),
+    }
+}
+
+async fn signals(
+    shutdown: CancellationToken,
+    reload: mpsc::UnboundedSender<AgentConfig>,
+    path: PathBuf,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: draining"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT: draining"); break; }
+            _ = hup.recv() => match AgentConfig::load(&path) {
+                Ok(config) => {
+                    let _ = sd_notify::notify(&[NotifyState::Reloading]);
+                    let _ = reload.send(config);
+                    let _ = sd_notify::notify(&[NotifyState::Ready]);
+                }
+                Err(err) => {
+                    tracing::error!(error = %err, "SIGHUP: config not reloaded; keeping the running one");
+                }
+            },
+        }
+    }
+    let _ = sd_notify::notify(&[NotifyState::Stopping]);
+    shutdown.cancel();
+}
+
+/// Tells systemd we are ready (registered or retrying), keeps its watchdog
+/// fed, and mirrors the link state into STATUS=.
+async fn systemd(handles: Handles, shutdown: CancellationToken) {
+    let _ = sd_notify::notify(&[
+        NotifyState::Ready,
+        NotifyState::Status("connecting to the coordinator"),
+    ]);
+    let watchdog = sd_notify::watchdog_enabled().map(|period| period / 2);
+    let mut status = handles.status.clone();
+    let mut feed = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = feed.tick(), if watchdog.is_some() => {
+                let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+            }
+            Ok(()) = status.changed() => {
+                let s = status.borrow().clone();
+                let line = format!(
+                    "{}; {} running; {} results awaiting acknowledgement",
+                    if s.connected { "connected" } else { "reconnecting" },
+                    handles.arbiter.running(),
+                    s.outbox
+                );
+                let _ = sd_notify::notify(&[NotifyState::Status(&line)]);
+            }
+        }
+    }
+}

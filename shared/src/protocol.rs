@@ -256,7 +256,7 @@ pub struct JobAssign {
 }
 
 /// Names one attempt of one job.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct JobRef {
     /// The job.
     pub job_id: JobId,

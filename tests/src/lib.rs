@@ -16,6 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use lingua_agent::agent::{Agent, AgentError, Control, Handles};
+use lingua_agent::config::AgentConfig;
 use lingua_coordinator::config::Config;
 use lingua_coordinator::metrics::Metrics;
 use lingua_coordinator::private_redis::{PrivateRedis, PrivateRedisError};
@@ -105,13 +107,25 @@ impl TestCoordinator {
         config: Config,
         acceptor: Option<TlsAcceptor>,
     ) -> Self {
+        let any_port = "127.0.0.1:0".parse().expect("a valid address");
+        Self::start_on(redis, config, acceptor, any_port).await
+    }
+
+    /// Starts a coordinator on a given address (to restart one where its
+    /// agents expect it).
+    pub async fn start_on(
+        redis: &PrivateRedis,
+        config: Config,
+        acceptor: Option<TlsAcceptor>,
+        addr: SocketAddr,
+    ) -> Self {
         let metrics = Arc::new(Metrics::default());
         let store = Store::connect(&redis.url(), metrics.clone())
             .await
             .expect("the test redis answers");
-        let listener = TcpListener::bind("127.0.0.1:0")
+        let listener = TcpListener::bind(addr)
             .await
-            .expect("bind 127.0.0.1:0");
+            .expect("bind the test coordinator's address");
         let addr = listener
             .local_addr()
             .expect("a bound listener has an address");
@@ -205,6 +219,94 @@ pub fn registration(node_id: &str, src: &[&str], tgt: &[&str]) -> Register {
 pub fn with_token(mut register: Register, token: &str) -> Register {
     register.token = Some(Secret(token.into()));
     register
+}
+
+/// An agent config for tests: simulated GPUs, one kind `translate`
+/// (2,000 MiB, 8 at once, jobs of `duration_ms`), connecting to `url`.
+pub fn agent_config(node_id: &str, url: &str, duration_ms: u64) -> AgentConfig {
+    let text = format!(
+        r#"
+node_id = "{node_id}"
+coordinator_url = "{url}"
+drain_timeout_ms = 10000
+[capabilities]
+src_langs = ["zh"]
+tgt_langs = ["en"]
+[gpu]
+backend = "simulated"
+reserve_mb = 1000
+poll_interval_ms = 20
+[gpu.simulated]
+count = 1
+memory_mb = 17000
+[jobs.translate]
+vram_mb = 2000
+max_concurrent = 8
+[jobs.translate.simulated]
+duration_ms = {duration_ms}
+"#
+    );
+    AgentConfig::parse(&text).expect("the test agent config is valid")
+}
+
+/// An agent running in this process.
+pub struct TestAgent {
+    /// Its handles (arbiter, link status, simulated GPUs).
+    pub handles: Handles,
+    shutdown: CancellationToken,
+    reload: tokio::sync::mpsc::UnboundedSender<AgentConfig>,
+    task: JoinHandle<Result<(), AgentError>>,
+}
+
+impl TestAgent {
+    /// Starts an agent with `config`.
+    pub fn start(config: AgentConfig) -> Self {
+        let agent = Agent::start(config).expect("the test agent starts");
+        let handles = agent.handles.clone();
+        let shutdown = CancellationToken::new();
+        let (reload, reload_rx) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(agent.run(Control {
+            shutdown: shutdown.clone(),
+            reload: reload_rx,
+        }));
+        Self {
+            handles,
+            shutdown,
+            reload,
+            task,
+        }
+    }
+
+    /// Waits until the agent has registered `count` times in all.
+    pub async fn registered(&self, count: u64) {
+        let mut status = self.handles.status.clone();
+        tokio::time::timeout(
+            PATIENCE,
+            status.wait_for(|s| s.connected && s.registrations >= count),
+        )
+        .await
+        .expect("the agent registers in time")
+        .expect("the agent is running");
+    }
+
+    /// Sends a new config, as SIGHUP does.
+    pub fn reload(&self, config: AgentConfig) {
+        self.reload.send(config).expect("the agent is running");
+    }
+
+    /// Drains and stops the agent; returns how it ended.
+    pub async fn stop(self) -> Result<(), AgentError> {
+        self.shutdown.cancel();
+        self.task.await.expect("the agent task does not panic")
+    }
+
+    /// Waits for the agent to end on its own.
+    pub async fn ended(self) -> Result<(), AgentError> {
+        tokio::time::timeout(PATIENCE, self.task)
+            .await
+            .expect("the agent ends in time")
+            .expect("the agent task does not panic")
+    }
 }
 
 /// What a [`TestNode`] received.

@@ -1,0 +1,447 @@
+//! Executors: how a job of a kind actually runs.
+//!
+//! - `http`: POST the payload as JSON to a local inference service; a 2xx
+//!   JSON answer is the output, anything else an executor failure.
+//! - `command`: run a program with the payload as JSON on stdin and read
+//!   JSON from stdout; it runs in its own process group, which is killed
+//!   on timeout or cancellation.
+//! - `simulated`: sleep for `duration_ms` while holding the kind's actual
+//!   VRAM on the simulated GPU the job was placed on.
+//!
+//! Dropping the future of [`Executor::run`] cancels the job: the HTTP
+//! request is abandoned, the process group killed, the simulated memory
+//! freed.
+
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use lingua_shared::protocol::{FailureCode, JobAssign, Outcome};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
+
+use crate::config::ExecutorConfig;
+use crate::gpu::SimulatedGpus;
+
+/// Most bytes of output read from a command or HTTP service.
+const MAX_OUTPUT_BYTES: usize = 1 << 20;
+
+/// Runs jobs of one kind.
+#[derive(Debug)]
+pub enum Executor {
+    /// See the module docs.
+    Simulated {
+        /// How long a job runs.
+        duration: Duration,
+        /// VRAM it really holds.
+        actual_vram_mb: u64,
+        /// Utilisation it adds.
+        utilization_pct: u8,
+        /// The simulated GPUs, when the backend is simulated.
+        gpus: Option<Arc<SimulatedGpus>>,
+    },
+    /// See the module docs.
+    Http {
+        /// Shared client.
+        client: reqwest::Client,
+        /// Service URL.
+        url: String,
+        /// Request timeout.
+        timeout: Duration,
+    },
+    /// See the module docs.
+    Command {
+        /// Program and arguments.
+        argv: Vec<String>,
+        /// Time limit.
+        timeout: Duration,
+    },
+}
+
+fn failed(code: FailureCode, message: impl Into<String>) -> Outcome {
+    Outcome::Failed {
+        code,
+        message: message.into(),
+    }
+}
+
+impl Executor {
+    /// The executor a kind's config describes.
+    pub fn new(
+        config: &ExecutorConfig,
+        gpus: Option<Arc<SimulatedGpus>>,
+        client: &reqwest::Client,
+    ) -> Self {
+        match config {
+            ExecutorConfig::Simulated {
+                duration,
+                actual_vram_mb,
+                utilization_pct,
+            } => Executor::Simulated {
+                duration: *duration,
+                actual_vram_mb: *actual_vram_mb,
+                utilization_pct: *utilization_pct,
+                gpus,
+            },
+            ExecutorConfig::Http { url, timeout } => Executor::Http {
+                client: client.clone(),
+                url: url.clone(),
+                timeout: *timeout,
+            },
+            ExecutorConfig::Command { argv, timeout } => Executor::Command {
+                argv: argv.clone(),
+                timeout: *timeout,
+            },
+        }
+    }
+
+    /// Runs one job placed on `gpu`.
+    pub async fn run(&self, job: &JobAssign, gpu: Option<u32>) -> Outcome {
+        match self {
+            Executor::Simulated {
+                duration,
+                actual_vram_mb,
+                utilization_pct,
+                gpus,
+            } => {
+                let _held = match (gpus, gpu) {
+                    (Some(gpus), Some(gpu)) => {
+                        Some(gpus.allocate(gpu, *actual_vram_mb, *utilization_pct))
+                    }
+                    _ => None,
+                };
+                tokio::time::sleep(*duration).await;
+                Outcome::Completed {
+                    output: json!({
+                        "simulated": true,
+                        "kind": job.kind,
+                        "pair": job.pair,
+                        "payload": job.payload,
+                    }),
+                }
+            }
+            Executor::Http {
+                client,
+                url,
+                timeout,
+            } => http(client, url, *timeout, &job.payload).await,
+            Executor::Command { argv, timeout } => command(argv, *timeout, &job.payload).await,
+        }
+    }
+}
+
+async fn http(client: &reqwest::Client, url: &str, timeout: Duration, payload: &Value) -> Outcome {
+    let response = match client.post(url).timeout(timeout).json(payload).send().await {
+        Ok(response) => response,
+        Err(err) if err.is_timeout() => {
+            return failed(
+                FailureCode::Timeout,
+                format!("http executor: no answer from {url} within {timeout:?}"),
+            );
+        }
+        Err(err) => {
+            return failed(
+                FailureCode::ExecutorFailed,
+                format!("http executor: {url}: {err}"),
+            );
+        }
+    };
+    let status = response.status();
+    let body = match response.bytes().await {
+        Ok(body) => body,
+        Err(err) if err.is_timeout() => {
+            return failed(
+                FailureCode::Timeout,
+                format!("http executor: {url} answered too slowly"),
+            );
+        }
+        Err(err) => {
+            return failed(
+                FailureCode::ExecutorFailed,
+                format!("http executor: reading the answer: {err}"),
+            );
+        }
+    };
+    if !status.is_success() {
+        let text = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+        return failed(
+            FailureCode::ExecutorFailed,
+            format!("http executor: {url} answered {status}: {text}"),
+        );
+    }
+    if body.len() > MAX_OUTPUT_BYTES {
+        return failed(
+            FailureCode::ExecutorFailed,
+            "http executor: answer larger than 1 MiB",
+        );
+    }
+    match serde_json::from_slice(&body) {
+        Ok(output) => Outcome::Completed { output },
+        Err(err) => failed(
+            FailureCode::ExecutorFailed,
+            format!("http executor: answer is not JSON: {err}"),
+        ),
+    }
+}
+
+/// Kills a process group when dropped (timeout, cancellation, or the end of
+/// a normal run, to reap anything the command left behind).
+struct GroupKiller(Option<Pid>);
+
+impl Drop for GroupKiller {
+    fn drop(&mut self) {
+        if let Some(group) = self.0 {
+            let _ = killpg(group, Signal::SIGKILL);
+        }
+    }
+}
+
+async fn command(argv: &[String], timeout: Duration, payload: &Value) -> Outcome {
+    let mut child = match Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(err) => {
+            return failed(
+                FailureCode::ExecutorFailed,
+                format!("command executor: cannot start {}: {err}", argv[0]),
+            );
+        }
+    };
+    let _group = GroupKiller(
+        child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .map(Pid::from_raw),
+    );
+    let input = payload.to_string();
+    let mut stdin = child.stdin.take();
+    let mut stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let run = async {
+        if let Some(stdin) = stdin.as_mut() {
+            // A program that exits without reading its input is judged by
+            // its exit status and output, not by the broken pipe.
+            let _ = stdin.write_all(input.as_bytes()).await;
+        }
+        drop(stdin.take());
+        let mut out = Vec::new();
+        let mut err = Vec::new();
+        let read_out = async {
+            if let Some(stdout) = stdout.as_mut() {
+                let _ = stdout
+                    .take(MAX_OUTPUT_BYTES as u64 + 1)
+                    .read_to_end(&mut out)
+                    .await;
+            }
+        };
+        let read_err = async {
+            if let Some(stderr) = stderr.as_mut() {
+                let _ = stderr.take(64 * 1024).read_to_end(&mut err).await;
+            }
+        };
+        tokio::join!(read_out, read_err);
+        (child.wait().await, out, err)
+    };
+    let Ok((status, out, err)) = tokio::time::timeout(timeout, run).await else {
+        return failed(
+            FailureCode::Timeout,
+            format!(
+                "command executor: {} ran over {timeout:?} and was killed",
+                argv[0]
+            ),
+        );
+    };
+    let status = match status {
+        Ok(status) => status,
+        Err(e) => {
+            return failed(
+                FailureCode::ExecutorFailed,
+                format!("command executor: waiting for {}: {e}", argv[0]),
+            );
+        }
+    };
+    if !status.success() {
+        let stderr = String::from_utf8_lossy(&err);
+        let tail: String = stderr
+            .trim()
+            .chars()
+            .rev()
+            .take(200)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        return failed(
+            FailureCode::ExecutorFailed,
+            format!("command executor: {} {status}: {tail}", argv[0]),
+        );
+    }
+    if out.len() > MAX_OUTPUT_BYTES {
+        return failed(
+            FailureCode::ExecutorFailed,
+            "command executor: output larger than 1 MiB",
+        );
+    }
+    match serde_json::from_slice(&out) {
+        Ok(output) => Outcome::Completed { output },
+        Err(e) => failed(
+            FailureCode::ExecutorFailed,
+            format!("command executor: stdout is not JSON: {e}"),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lingua_shared::{JobId, JobKind};
+
+    use super::*;
+
+    fn job(payload: Value) -> JobAssign {
+        JobAssign {
+            job_id: JobId::new("j1").unwrap(),
+            attempt: 1,
+            kind: JobKind::new("mt").unwrap(),
+            pair: "zh:en".parse().unwrap(),
+            session_id: None,
+            payload,
+            timeout_ms: 1000,
+        }
+    }
+
+    fn command_executor(script: &str, timeout_ms: u64) -> Executor {
+        Executor::Command {
+            argv: vec!["sh".into(), "-c".into(), script.into()],
+            timeout: Duration::from_millis(timeout_ms),
+        }
+    }
+
+    #[tokio::test]
+    async fn command_reads_stdin_and_returns_json() {
+        let executor = command_executor(r#"read -r line; printf '{"got": %s}' "$line""#, 5000);
+        let outcome = executor.run(&job(json!({"text": "你好"})), None).await;
+        assert_eq!(
+            outcome,
+            Outcome::Completed {
+                output: json!({"got": {"text": "你好"}})
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn command_failures_are_executor_failures() {
+        let outcome = command_executor("echo boom >&2; exit 3", 5000)
+            .run(&job(json!(1)), None)
+            .await;
+        let Outcome::Failed { code, message } = outcome else {
+            panic!("should fail")
+        };
+        assert_eq!(code, FailureCode::ExecutorFailed);
+        assert!(
+            message.contains("boom") && message.contains('3'),
+            "{message}"
+        );
+        let outcome = command_executor("echo not-json", 5000)
+            .run(&job(json!(1)), None)
+            .await;
+        assert!(matches!(
+            outcome,
+            Outcome::Failed {
+                code: FailureCode::ExecutorFailed,
+                ..
+            }
+        ));
+        let missing = Executor::Command {
+            argv: vec!["/nonexistent/bin".into()],
+            timeout: Duration::from_secs(1),
+        };
+        let outcome = missing.run(&job(json!(1)), None).await;
+        assert!(
+            matches!(outcome, Outcome::Failed { code: FailureCode::ExecutorFailed, message } if message.contains("cannot start"))
+        );
+    }
+
+    #[tokio::test]
+    async fn command_timeout_kills_the_whole_process_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("grandchild.pid");
+        // The command starts a grandchild that would outlive a plain kill.
+        let script = format!("sleep 30 & echo $! > {}; wait", marker.display());
+        let outcome = command_executor(&script, 300)
+            .run(&job(json!(1)), None)
+            .await;
+        assert!(
+            matches!(
+                outcome,
+                Outcome::Failed {
+                    code: FailureCode::Timeout,
+                    ..
+                }
+            ),
+            "{outcome:?}"
+        );
+        let pid: i32 = std::fs::read_to_string(&marker)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // The group was sent SIGKILL before `run` returned; wait for the
+        // kernel to finish tearing the process down.
+        let gone = tokio::time::timeout(Duration::from_secs(10), async {
+            while nix::sys::signal::kill(Pid::from_raw(pid), None).is_ok() && !is_zombie(pid) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        assert!(gone.is_ok(), "grandchild {pid} survived the timeout");
+    }
+
+    fn is_zombie(pid: i32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|stat| {
+                stat.rsplit(')')
+                    .next()
+                    .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(true)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn simulated_jobs_hold_their_memory_while_running() {
+        let gpus = SimulatedGpus::new(&crate::config::SimulatedGpus {
+            count: 1,
+            memory_mb: 1000,
+            external_used_mb: 0,
+        });
+        let executor = Executor::Simulated {
+            duration: Duration::from_millis(150),
+            actual_vram_mb: 300,
+            utilization_pct: 20,
+            gpus: Some(gpus.clone()),
+        };
+        let job = job(json!({"x": 1}));
+        let running = executor.run(&job, Some(0));
+        tokio::pin!(running);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), running.as_mut())
+                .await
+                .is_err()
+        );
+        assert_eq!(gpus.snapshot()[0].memory_used_mb, 300);
+        let Outcome::Completed { output } = running.await else {
+            panic!("completes")
+        };
+        assert_eq!(output["payload"], json!({"x": 1}));
+        assert_eq!(gpus.snapshot()[0].memory_used_mb, 0);
+    }
+}

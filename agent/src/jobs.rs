@@ -1,0 +1,376 @@
+//! Jobs on this node: admission of each `job_assign`, the run itself under
+//! a watchdog, cancellation, and the hand-over of results to the outbox.
+//!
+//! Each assignment is answered at once with `job_accept` or `job_reject`
+//! (after at most the kind's `queue_wait_ms`). An admitted job holds its
+//! arbiter permit for exactly as long as it runs.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use lingua_shared::protocol::{
+    FailureCode, JobAssign, JobRef, JobReject, JobResult, Outcome, RejectReason,
+};
+use lingua_shared::{JobKind, LangPair, Message};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::arbiter::{Arbiter, Refusal};
+use crate::executor::Executor;
+
+/// How many finished attempts are remembered to refuse duplicates.
+const REMEMBERED_ATTEMPTS: usize = 4096;
+
+/// What jobs send towards the coordinator: answers now, results later.
+#[derive(Debug)]
+pub enum Outgoing {
+    /// `job_accept` or `job_reject`: sent if connected, dropped otherwise
+    /// (the coordinator re-assigns an unanswered attempt).
+    Answer(Message),
+    /// A finished attempt: kept in the outbox until acknowledged.
+    Result(JobResult),
+}
+
+#[derive(Debug, Default)]
+struct Attempts {
+    running: HashMap<JobRef, CancellationToken>,
+    finished: HashSet<JobRef>,
+    finished_order: VecDeque<JobRef>,
+}
+
+/// The jobs of this node.
+pub struct Jobs {
+    arbiter: Arc<Arbiter>,
+    executors: RwLock<HashMap<JobKind, Arc<Executor>>>,
+    pairs: Vec<LangPair>,
+    attempts: Mutex<Attempts>,
+    outgoing: mpsc::UnboundedSender<Outgoing>,
+    tasks: TaskTracker,
+}
+
+impl Jobs {
+    /// Jobs admitted by `arbiter`, run by `executors`, for `pairs`.
+    pub fn new(
+        arbiter: Arc<Arbiter>,
+        executors: HashMap<JobKind, Arc<Executor>>,
+        pairs: Vec<LangPair>,
+        outgoing: mpsc::UnboundedSender<Outgoing>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            arbiter,
+            executors: RwLock::new(executors),
+            pairs,
+            attempts: Mutex::default(),
+            outgoing,
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    /// Replaces the executors (SIGHUP). Running jobs finish on the old ones.
+    pub fn set_executors(&self, executors: HashMap<JobKind, Arc<Executor>>) {
+        *self.executors.write().unwrap_or_else(|p| p.into_inner()) = executors;
+    }
+
+    fn attempts(&self) -> std::sync::MutexGuard<'_, Attempts> {
+        // Single map operations only: a poisoned lock holds consistent data.
+        self.attempts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Handles one assignment: answers it and, when admitted, runs it in
+    /// the background.
+    pub fn assign(self: &Arc<Self>, job: JobAssign) {
+        let this = Arc::clone(self);
+        self.tasks
+            .spawn(async move { this.admit_and_run(job).await });
+    }
+
+    fn reject(&self, job: &JobAssign, reason: RejectReason, message: String) {
+        tracing::debug!(job_id = %job.job_id, attempt = job.attempt, ?reason, %message, "job refused");
+        let _ = self
+            .outgoing
+            .send(Outgoing::Answer(Message::JobReject(JobReject {
+                job_id: job.job_id.clone(),
+                attempt: job.attempt,
+                reason,
+                message,
+            })));
+    }
+
+    async fn admit_and_run(self: Arc<Self>, job: JobAssign) {
+        let key = JobRef {
+            job_id: job.job_id.clone(),
+            attempt: job.attempt,
+        };
+        if !self.pairs.contains(&job.pair) {
+            return self.reject(
+                &job,
+                RejectReason::UnsupportedPair,
+                format!("this node does not serve {}", job.pair),
+            );
+        }
+        let executor = self
+            .executors
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&job.kind)
+            .cloned();
+        let Some(executor) = executor else {
+            return self.reject(
+                &job,
+                RejectReason::UnknownKind,
+                format!("this node does not run {} jobs", job.kind),
+            );
+        };
+        let cancel = CancellationToken::new();
+        {
+            let mut attempts = self.attempts();
+            if attempts.running.contains_key(&key) || attempts.finished.contains(&key) {
+                drop(attempts);
+                return self.reject(
+                    &job,
+                    RejectReason::Duplicate,
+                    "this attempt already ran here".into(),
+                );
+            }
+            attempts.running.insert(key.clone(), cancel.clone());
+        }
+        let permit = match self.arbiter.admit(&job.kind).await {
+            Ok(permit) => permit,
+            Err(refusal) => {
+                self.attempts().running.remove(&key);
+                let reason = match refusal {
+                    Refusal::UnknownKind(_) => RejectReason::UnknownKind,
+                    Refusal::Draining => RejectReason::Draining,
+                    Refusal::Concurrency { .. }
+                    | Refusal::Pressure { .. }
+                    | Refusal::Memory { .. } => RejectReason::NoCapacity,
+                };
+                return self.reject(&job, reason, refusal.to_string());
+            }
+        };
+        let _ = self
+            .outgoing
+            .send(Outgoing::Answer(Message::JobAccept(key.clone())));
+        let started = Instant::now();
+        let limit = Duration::from_millis(job.timeout_ms);
+        let outcome = tokio::select! {
+            outcome = executor.run(&job, permit.gpu()) => outcome,
+            () = tokio::time::sleep(limit) => {
+                tracing::warn!(job_id = %job.job_id, attempt = job.attempt, timeout_ms = job.timeout_ms, "watchdog: job overran its timeout and was stopped");
+                Outcome::Failed { code: FailureCode::Timeout, message: format!("the job ran over its timeout of {} ms and was stopped", job.timeout_ms) }
+            }
+            () = cancel.cancelled() => Outcome::Failed { code: FailureCode::Cancelled, message: "cancelled by the coordinator".into() },
+        };
+        drop(permit);
+        {
+            let mut attempts = self.attempts();
+            attempts.running.remove(&key);
+            attempts.finished.insert(key.clone());
+            attempts.finished_order.push_back(key);
+            while attempts.finished_order.len() > REMEMBERED_ATTEMPTS {
+                if let Some(old) = attempts.finished_order.pop_front() {
+                    attempts.finished.remove(&old);
+                }
+            }
+        }
+        let _ = self.outgoing.send(Outgoing::Result(JobResult {
+            job_id: job.job_id,
+            attempt: job.attempt,
+            outcome,
+            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        }));
+    }
+
+    /// Stops a running attempt; its slot frees and a `cancelled` result is
+    /// reported. Unknown attempts are ignored.
+    pub fn cancel(&self, job: &JobRef) {
+        if let Some(token) = self.attempts().running.get(job) {
+            token.cancel();
+        }
+    }
+
+    /// Attempts admitted or waiting for admission.
+    pub fn in_flight(&self) -> usize {
+        self.attempts().running.len()
+    }
+
+    /// Waits until every job task has ended (after draining).
+    pub async fn wait_idle(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
+        self.tasks.reopen();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use lingua_shared::JobId;
+    use serde_json::json;
+
+    use super::*;
+    use crate::arbiter::{KindLimits, Limits};
+    use crate::config::Pressure;
+
+    fn kind() -> JobKind {
+        JobKind::new("mt").unwrap()
+    }
+
+    fn setup(
+        max: u32,
+        duration_ms: u64,
+    ) -> (Arc<Jobs>, Arc<Arbiter>, mpsc::UnboundedReceiver<Outgoing>) {
+        let arbiter = Arbiter::new(Limits {
+            uses_gpus: false,
+            reserve_mb: 0,
+            pressure: Pressure {
+                enter_pct: 90,
+                exit_pct: 80,
+                min_priority: 0,
+            },
+            settle: Duration::ZERO,
+            kinds: BTreeMap::from([(
+                kind(),
+                KindLimits {
+                    vram_mb: 0,
+                    priority: 50,
+                    max_concurrent: max,
+                    queue_wait: Duration::ZERO,
+                },
+            )]),
+        });
+        let executor = Executor::Simulated {
+            duration: Duration::from_millis(duration_ms),
+            actual_vram_mb: 0,
+            utilization_pct: 0,
+            gpus: None,
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let jobs = Jobs::new(
+            arbiter.clone(),
+            HashMap::from([(kind(), Arc::new(executor))]),
+            vec!["zh:en".parse().unwrap()],
+            tx,
+        );
+        (jobs, arbiter, rx)
+    }
+
+    fn assign(id: &str, timeout_ms: u64) -> JobAssign {
+        JobAssign {
+            job_id: JobId::new(id).unwrap(),
+            attempt: 1,
+            kind: kind(),
+            pair: "zh:en".parse().unwrap(),
+            session_id: None,
+            payload: json!({}),
+            timeout_ms,
+        }
+    }
+
+    async fn next(rx: &mut mpsc::UnboundedReceiver<Outgoing>) -> Outgoing {
+        rx.recv().await.expect("an answer or result")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn accepted_jobs_run_and_report_then_free_their_slot() {
+        let (jobs, arbiter, mut rx) = setup(1, 100);
+        jobs.assign(assign("a", 1000));
+        assert!(matches!(
+            next(&mut rx).await,
+            Outgoing::Answer(Message::JobAccept(_))
+        ));
+        assert_eq!(arbiter.free_slots()[&kind()], 0);
+        jobs.assign(assign("b", 1000));
+        let Outgoing::Answer(Message::JobReject(reject)) = next(&mut rx).await else {
+            panic!("full")
+        };
+        assert_eq!(reject.reason, RejectReason::NoCapacity);
+        let Outgoing::Result(result) = next(&mut rx).await else {
+            panic!("result")
+        };
+        assert!(matches!(result.outcome, Outcome::Completed { .. }));
+        assert_eq!(result.duration_ms, 100);
+        assert_eq!(arbiter.free_slots()[&kind()], 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_watchdog_stops_jobs_that_overrun_their_timeout() {
+        let (jobs, arbiter, mut rx) = setup(1, 60_000);
+        jobs.assign(assign("slow", 500));
+        assert!(matches!(
+            next(&mut rx).await,
+            Outgoing::Answer(Message::JobAccept(_))
+        ));
+        let Outgoing::Result(result) = next(&mut rx).await else {
+            panic!("result")
+        };
+        assert!(matches!(
+            result.outcome,
+            Outcome::Failed {
+                code: FailureCode::Timeout,
+                ..
+            }
+        ));
+        assert_eq!(result.duration_ms, 500);
+        assert_eq!(arbiter.running(), 0, "the permit was dropped");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancel_stops_the_job_and_frees_the_slot() {
+        let (jobs, arbiter, mut rx) = setup(1, 60_000);
+        jobs.assign(assign("c", 120_000));
+        assert!(matches!(
+            next(&mut rx).await,
+            Outgoing::Answer(Message::JobAccept(_))
+        ));
+        jobs.cancel(&JobRef {
+            job_id: JobId::new("c").unwrap(),
+            attempt: 1,
+        });
+        let Outgoing::Result(result) = next(&mut rx).await else {
+            panic!("result")
+        };
+        assert!(matches!(
+            result.outcome,
+            Outcome::Failed {
+                code: FailureCode::Cancelled,
+                ..
+            }
+        ));
+        assert_eq!(arbiter.running(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn duplicates_unknown_kinds_and_pairs_are_refused() {
+        let (jobs, _arbiter, mut rx) = setup(4, 10);
+        jobs.assign(assign("d", 1000));
+        assert!(matches!(
+            next(&mut rx).await,
+            Outgoing::Answer(Message::JobAccept(_))
+        ));
+        assert!(matches!(next(&mut rx).await, Outgoing::Result(_)));
+        jobs.assign(assign("d", 1000));
+        let Outgoing::Answer(Message::JobReject(reject)) = next(&mut rx).await else {
+            panic!()
+        };
+        assert_eq!(reject.reason, RejectReason::Duplicate);
+        let mut other = assign("e", 1000);
+        other.pair = "ja:en".parse().unwrap();
+        jobs.assign(other);
+        let Outgoing::Answer(Message::JobReject(reject)) = next(&mut rx).await else {
+            panic!()
+        };
+        assert_eq!(reject.reason, RejectReason::UnsupportedPair);
+        let mut unknown = assign("f", 1000);
+        unknown.kind = JobKind::new("tts").unwrap();
+        jobs.assign(unknown);
+        let Outgoing::Answer(Message::JobReject(reject)) = next(&mut rx).await else {
+            panic!()
+        };
+        assert_eq!(reject.reason, RejectReason::UnknownKind);
+    }
+}

@@ -1,0 +1,456 @@
+//! The link to the coordinator: one WebSocket, re-established with
+//! jittered exponential backoff (backon; capped) whenever it drops.
+//!
+//! Each connection registers (idempotently: the same `instance` replaces a
+//! stale socket), then sends heartbeats with capacity, capacity reports on
+//! changes that matter, answers to assignments and job results. Results
+//! wait in an outbox until the coordinator acknowledges them, and are sent
+//! again after every reconnect. A connection that receives nothing for
+//! three heartbeat intervals (pings included) is taken as half-open and
+//! replaced. Close codes that retrying cannot fix (bad token, no common
+//! version, node id held by another host) end the link for good.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use futures_util::{SinkExt, StreamExt};
+use lingua_shared::close::CloseCode;
+use lingua_shared::protocol::{
+    Capabilities, CapacityReport, Drain, GpuInfo, GpuReading, Heartbeat, JobRef, JobResult,
+    Register, Secret, VersionRange,
+};
+use lingua_shared::{JobKind, LangCode, MAX_FRAME_BYTES, Message, NodeId, decode, encode};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, sleep_until};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
+use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+
+use crate::arbiter::Arbiter;
+use crate::gpu::GpuSnapshot;
+use crate::jobs::{Jobs, Outgoing};
+
+/// Capacity changes wait this long so that bursts go out as one report;
+/// a kind going from full to having room (or back) is sent at once.
+const CAPACITY_DEBOUNCE: Duration = Duration::from_millis(25);
+/// Time the coordinator has to answer `register`.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Who this node is, as told at registration.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// The node id.
+    pub node_id: NodeId,
+    /// The node token.
+    pub token: Option<String>,
+    /// Random per agent process.
+    pub instance: String,
+    /// Languages recognised.
+    pub src_langs: Vec<LangCode>,
+    /// Languages produced.
+    pub tgt_langs: Vec<LangCode>,
+    /// Kinds served.
+    pub kinds: Vec<JobKind>,
+}
+
+/// Where and how to connect.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// `ws://…/v1/node` or `wss://…/v1/node`.
+    pub url: String,
+    /// A CA to trust instead of the public roots, for `wss://`.
+    pub ca_file: Option<PathBuf>,
+    /// The longest wait between reconnection attempts.
+    pub backoff_cap: Duration,
+}
+
+/// Why the link ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkEnd {
+    /// Shut down as asked.
+    Shutdown,
+    /// The coordinator refused the node for a reason retrying cannot fix.
+    Fatal {
+        /// The close code.
+        code: CloseCode,
+        /// The coordinator's explanation.
+        reason: String,
+    },
+}
+
+/// What the link reports about itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LinkStatus {
+    /// Registered on a live connection.
+    pub connected: bool,
+    /// Results waiting for acknowledgement.
+    pub outbox: usize,
+    /// Registrations so far.
+    pub registrations: u64,
+}
+
+/// Everything the link works with.
+pub struct Link {
+    /// Who we are.
+    pub identity: Identity,
+    /// Where to connect.
+    pub endpoint: Endpoint,
+    /// The arbiter (capacity).
+    pub arbiter: Arc<Arbiter>,
+    /// The jobs (assignments, cancels).
+    pub jobs: Arc<Jobs>,
+    /// Answers and results from the jobs.
+    pub outgoing: mpsc::UnboundedReceiver<Outgoing>,
+    /// True once the node is draining.
+    pub draining: watch::Receiver<bool>,
+    /// Published status.
+    pub status: watch::Sender<LinkStatus>,
+}
+
+/// Converts the arbiter's view into a capacity report.
+pub fn capacity(arbiter: &Arbiter) -> CapacityReport {
+    CapacityReport {
+        free_slots: arbiter.free_slots(),
+        gpus: arbiter.gpus().iter().map(reading).collect(),
+    }
+}
+
+fn reading(gpu: &GpuSnapshot) -> GpuReading {
+    GpuReading {
+        uuid: gpu.uuid.clone(),
+        memory_total_mb: gpu.memory_total_mb,
+        memory_used_mb: gpu.memory_used_mb,
+        utilization_pct: gpu.utilization_pct,
+        temperature_c: gpu.temperature_c,
+        healthy: gpu.healthy,
+    }
+}
+
+/// How a connection ended.
+enum Ended {
+    Reconnect(String),
+    Done(LinkEnd),
+}
+
+fn connector(endpoint: &Endpoint) -> Result<Option<Connector>, String> {
+    let Some(ca_file) = &endpoint.ca_file else {
+        return Ok(None);
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(ca_file)
+        .map_err(|e| format!("ca_file {}: {e}", ca_file.display()))?;
+    for cert in certs {
+        let cert = cert.map_err(|e| format!("ca_file {}: {e}", ca_file.display()))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("ca_file {}: {e}", ca_file.display()))?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(Some(Connector::Rustls(Arc::new(config))))
+}
+
+impl Link {
+    /// Runs until shutdown or a fatal refusal.
+    pub async fn run(mut self, gpus: Vec<GpuInfo>, shutdown: CancellationToken) -> LinkEnd {
+        let connector = match connector(&self.endpoint) {
+            Ok(connector) => connector,
+            Err(message) => {
+                tracing::error!(error = %message, "cannot use ca_file; connecting with the public roots");
+                None
+            }
+        };
+        let backoff = ExponentialBuilder::new()
+            .with_jitter()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(self.endpoint.backoff_cap)
+            .without_max_times();
+        let mut delays = backoff.build();
+        let mut outbox: BTreeMap<JobRef, JobResult> = BTreeMap::new();
+        loop {
+            let attempt = tokio::select! {
+                attempt = self.connect(connector.clone(), &gpus) => attempt,
+                () = shutdown.cancelled() => return LinkEnd::Shutdown,
+            };
+            let why = match attempt {
+                Ok((ws, heartbeat)) => {
+                    delays = backoff.build();
+                    match self.session(ws, heartbeat, &mut outbox, &shutdown).await {
+                        Ended::Done(end) => return end,
+                        Ended::Reconnect(why) => why,
+                    }
+                }
+                Err(Ended::Done(end)) => return end,
+                Err(Ended::Reconnect(why)) => why,
+            };
+            self.status.send_modify(|s| s.connected = false);
+            let delay = delays.next().unwrap_or(self.endpoint.backoff_cap);
+            tracing::warn!(reason = %why, retry_in_ms = delay.as_millis() as u64, "coordinator link down");
+            let resume = Instant::now() + delay;
+            // Keep collecting results while waiting; answers to assignments
+            // are moot once the socket is gone.
+            loop {
+                tokio::select! {
+                    () = sleep_until(resume) => break,
+                    () = shutdown.cancelled() => return LinkEnd::Shutdown,
+                    Some(out) = self.outgoing.recv() => {
+                        if let Outgoing::Result(result) = out {
+                            outbox.insert(JobRef { job_id: result.job_id.clone(), attempt: result.attempt }, result);
+                            self.status.send_modify(|s| s.outbox = outbox.len());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn register_message(&self, gpus: &[GpuInfo]) -> Message {
+        Message::Register(Register {
+            node_id: self.identity.node_id.clone(),
+            token: self.identity.token.clone().map(Secret),
+            protocol: VersionRange::OURS,
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            instance: self.identity.instance.clone(),
+            capabilities: Capabilities {
+                src_langs: self.identity.src_langs.clone(),
+                tgt_langs: self.identity.tgt_langs.clone(),
+                kinds: self.identity.kinds.clone(),
+            },
+            gpus: gpus.to_vec(),
+            capacity: capacity(&self.arbiter),
+            draining: *self.draining.borrow(),
+        })
+    }
+
+    async fn connect(
+        &mut self,
+        connector: Option<Connector>,
+        gpus: &[GpuInfo],
+    ) -> Result<(Ws, Duration), Ended> {
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(MAX_FRAME_BYTES))
+            .max_frame_size(Some(MAX_FRAME_BYTES));
+        let (mut ws, _) = tokio_tungstenite::connect_async_tls_with_config(
+            self.endpoint.url.as_str(),
+            Some(config),
+            true,
+            connector,
+        )
+        .await
+        .map_err(|e| Ended::Reconnect(format!("connect {}: {e}", self.endpoint.url)))?;
+        ws.send(WsMessage::text(encode(&self.register_message(gpus))))
+            .await
+            .map_err(|e| Ended::Reconnect(format!("send register: {e}")))?;
+        let answer = tokio::time::timeout(REGISTER_TIMEOUT, async {
+            loop {
+                match ws.next().await {
+                    Some(Ok(WsMessage::Text(text))) => return Ok(decode(text.as_bytes())),
+                    Some(Ok(WsMessage::Close(frame))) => {
+                        let (code, reason) = frame.map_or((1005, String::new()), |f| {
+                            (u16::from(f.code), f.reason.to_string())
+                        });
+                        return Err(closed(code, reason));
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(Ended::Reconnect(format!("registering: {e}"))),
+                    None => return Err(Ended::Reconnect("closed while registering".into())),
+                }
+            }
+        })
+        .await
+        .map_err(|_| Ended::Reconnect("no register_ack in time".into()))??;
+        match answer {
+            Ok(Message::RegisterAck(ack)) => {
+                tracing::info!(url = %self.endpoint.url, epoch = ack.epoch, pairs = ack.pairs.len(), "registered with the coordinator");
+                self.status.send_modify(|s| {
+                    s.connected = true;
+                    s.registrations += 1;
+                });
+                Ok((ws, Duration::from_millis(ack.heartbeat_interval_ms.max(10))))
+            }
+            Ok(Message::Error(error)) => {
+                // The close frame that follows carries the code; read it.
+                let code = loop {
+                    match tokio::time::timeout(REGISTER_TIMEOUT, ws.next()).await {
+                        Ok(Some(Ok(WsMessage::Close(frame)))) => {
+                            break frame.map_or(1005, |f| u16::from(f.code));
+                        }
+                        Ok(Some(Ok(_))) => {}
+                        _ => break 1006,
+                    }
+                };
+                Err(closed(code, error.message))
+            }
+            Ok(other) => Err(Ended::Reconnect(format!(
+                "expected register_ack, got {}",
+                other.type_name()
+            ))),
+            Err(e) => Err(Ended::Reconnect(format!(
+                "bad frame while registering: {e}"
+            ))),
+        }
+    }
+
+    async fn session(
+        &mut self,
+        mut ws: Ws,
+        heartbeat: Duration,
+        outbox: &mut BTreeMap<JobRef, JobResult>,
+        shutdown: &CancellationToken,
+    ) -> Ended {
+        for result in outbox.values() {
+            if let Err(e) = ws
+                .send(WsMessage::text(encode(&Message::JobResult(result.clone()))))
+                .await
+            {
+                return Ended::Reconnect(format!("resending results: {e}"));
+            }
+        }
+        if *self.draining.borrow() {
+            let drain = Message::Drain(Drain {
+                reason: "agent shutting down".into(),
+            });
+            if let Err(e) = ws.send(WsMessage::text(encode(&drain))).await {
+                return Ended::Reconnect(format!("send drain: {e}"));
+            }
+        }
+        let mut capacity_changes = self.arbiter.subscribe();
+        let mut last_sent = self.arbiter.free_slots();
+        let mut debounce: Option<Instant> = None;
+        let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
+        let mut seq = 0u64;
+        let mut last_heard = Instant::now();
+        loop {
+            let flush_at = debounce.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            let mut sends: Vec<Message> = Vec::new();
+            tokio::select! {
+                frame = ws.next() => {
+                    last_heard = Instant::now();
+                    match frame {
+                        Some(Ok(WsMessage::Text(text))) => match decode(text.as_bytes()) {
+                            Ok(message) => self.handle(message, outbox),
+                            Err(e) => tracing::warn!(error = %e, "bad frame from the coordinator"),
+                        },
+                        Some(Ok(WsMessage::Close(frame))) => {
+                            let (code, reason) = frame.map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.to_string()));
+                            return closed(code, reason);
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => return Ended::Reconnect(format!("connection error: {e}")),
+                        None => return Ended::Reconnect("connection closed".into()),
+                    }
+                }
+                Some(out) = self.outgoing.recv() => match out {
+                    Outgoing::Answer(message) => sends.push(message),
+                    Outgoing::Result(result) => {
+                        outbox.insert(JobRef { job_id: result.job_id.clone(), attempt: result.attempt }, result.clone());
+                        self.status.send_modify(|s| s.outbox = outbox.len());
+                        sends.push(Message::JobResult(result));
+                    }
+                },
+                _ = ticker.tick() => {
+                    if last_heard.elapsed() > heartbeat * 3 {
+                        return Ended::Reconnect("no traffic from the coordinator for 3 heartbeat intervals (half-open connection)".into());
+                    }
+                    seq += 1;
+                    let report = capacity(&self.arbiter);
+                    last_sent = report.free_slots.clone();
+                    debounce = None;
+                    sends.push(Message::Heartbeat(Heartbeat { seq, capacity: report }));
+                    if let Err(e) = ws.send(WsMessage::Ping(Vec::new().into())).await {
+                        return Ended::Reconnect(format!("send ping: {e}"));
+                    }
+                }
+                Ok(()) = capacity_changes.changed() => {
+                    let now = self.arbiter.free_slots();
+                    let flipped = now.iter().any(|(kind, &free)| (free == 0) != (last_sent.get(kind).copied().unwrap_or(0) == 0));
+                    if flipped {
+                        last_sent = now;
+                        debounce = None;
+                        sends.push(Message::Capacity(capacity(&self.arbiter)));
+                    } else if now != last_sent && debounce.is_none() {
+                        debounce = Some(Instant::now() + CAPACITY_DEBOUNCE);
+                    }
+                }
+                () = sleep_until(flush_at) => {
+                    debounce = None;
+                    let report = capacity(&self.arbiter);
+                    if report.free_slots != last_sent {
+                        last_sent = report.free_slots.clone();
+                        sends.push(Message::Capacity(report));
+                    }
+                }
+                Ok(()) = self.draining.changed() => {
+                    if *self.draining.borrow() {
+                        sends.push(Message::Drain(Drain { reason: "agent shutting down".into() }));
+                    }
+                }
+                () = shutdown.cancelled() => {
+                    let _ = ws.close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                        code: WsCloseCode::Normal,
+                        reason: "agent stopped".into(),
+                    })).await;
+                    return Ended::Done(LinkEnd::Shutdown);
+                }
+            }
+            for message in sends {
+                if let Err(e) = ws.send(WsMessage::text(encode(&message))).await {
+                    return Ended::Reconnect(format!("send {}: {e}", message.type_name()));
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, message: Message, outbox: &mut BTreeMap<JobRef, JobResult>) {
+        match message {
+            Message::JobAssign(job) => self.jobs.assign(job),
+            Message::JobCancel(cancel) => {
+                tracing::info!(job_id = %cancel.job_id, attempt = cancel.attempt, reason = %cancel.reason, "job cancelled by the coordinator");
+                self.jobs.cancel(&JobRef {
+                    job_id: cancel.job_id,
+                    attempt: cancel.attempt,
+                });
+            }
+            Message::ResultAck(ack) => {
+                outbox.remove(&ack);
+                self.status.send_modify(|s| s.outbox = outbox.len());
+            }
+            Message::Drain(drain) => {
+                tracing::info!(reason = %drain.reason, "coordinator asked this node to drain");
+                self.arbiter.set_draining(true);
+            }
+            Message::Error(error) => {
+                tracing::warn!(code = ?error.code, message = %error.message, "coordinator reported an error");
+            }
+            other => tracing::warn!(
+                message = other.type_name(),
+                "unexpected message from the coordinator"
+            ),
+        }
+    }
+}
+
+fn closed(code: u16, reason: String) -> Ended {
+    match CloseCode::from_code(code) {
+        Some(code) if code.is_fatal() => {
+            tracing::error!(code = code.code(), %reason, "coordinator refused this node; not retrying");
+            Ended::Done(LinkEnd::Fatal { code, reason })
+        }
+        _ => Ended::Reconnect(format!("closed by the coordinator with {code}: {reason}")),
+    }
+}

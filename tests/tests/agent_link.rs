@@ -1,0 +1,169 @@
+//! A real agent (simulated GPUs) against a real coordinator: registration,
+//! capacity that follows the GPUs, reconnecting after a coordinator
+//! restart, refusals that stop the agent, drain on shutdown, live reload.
+
+use lingua_agent::agent::AgentError;
+use lingua_coordinator::config::Config;
+use lingua_shared::close::CloseCode;
+use lingua_tests::{TestAgent, TestCoordinator, agent_config, eventually, test_config};
+
+async fn routable(conn: &redis::aio::MultiplexedConnection, node: &str) -> bool {
+    let score: Option<f64> = redis::cmd("ZSCORE")
+        .arg("lingua:v1:pair:{zh:en}:route:translate")
+        .arg(node)
+        .query_async(&mut conn.clone())
+        .await
+        .unwrap();
+    score.is_some()
+}
+
+async fn free_translate_slots(coordinator: &TestCoordinator, node: &str) -> Option<u64> {
+    let (_, view) = coordinator.get(&format!("/v1/nodes/{node}")).await;
+    view["capacity"]["free_slots"]["translate"].as_u64()
+}
+
+#[tokio::test]
+async fn agent_registers_and_its_capacity_follows_the_gpus() {
+    let redis = lingua_tests::redis().await;
+    let coordinator = TestCoordinator::start(&redis, test_config()).await;
+    let agent = TestAgent::start(agent_config("agent-1", &coordinator.ws_url(), 100));
+    agent.registered(1).await;
+    let (_, view) = coordinator.get("/v1/nodes/agent-1").await;
+    assert_eq!(view["state"], "ready");
+    assert_eq!(view["gpus"][0]["memory_total_mb"], 17000);
+    // (17000 - 1000 reserve) / 2000 per job = 8, also the max_concurrent.
+    assert_eq!(free_translate_slots(&coordinator, "agent-1").await, Some(8));
+
+    // Another tenant takes 9 GB: room for 3 jobs, reported without any job
+    // running (heartbeat or capacity report).
+    let gpus = agent.handles.simulated.clone().expect("simulated backend");
+    gpus.set_external(0, 9000);
+    eventually("capacity to drop to 3", || async {
+        (free_translate_slots(&coordinator, "agent-1").await == Some(3)).then_some(())
+    })
+    .await;
+    // Full: the node leaves the routing index for the kind.
+    gpus.set_external(0, 15500);
+    let conn = lingua_tests::connect(&redis).await;
+    eventually("the full node to leave routing", || async {
+        (!routable(&conn, "agent-1").await).then_some(())
+    })
+    .await;
+    gpus.set_external(0, 0);
+    eventually("room to bring it back", || async {
+        routable(&conn, "agent-1").await.then_some(())
+    })
+    .await;
+    agent.stop().await.unwrap();
+    coordinator.stop().await;
+}
+
+#[tokio::test]
+async fn agent_reconnects_and_re_registers_after_a_coordinator_restart() {
+    let redis = lingua_tests::redis().await;
+    let coordinator = TestCoordinator::start(&redis, test_config()).await;
+    let addr = coordinator.addr;
+    let agent = TestAgent::start(agent_config("phoenix", &coordinator.ws_url(), 100));
+    agent.registered(1).await;
+    let (_, before) = coordinator.get("/v1/nodes/phoenix").await;
+    coordinator.stop().await;
+    let mut status = agent.handles.status.clone();
+    status.wait_for(|s| !s.connected).await.unwrap();
+
+    let coordinator = TestCoordinator::start_on(&redis, test_config(), None, addr).await;
+    // Backoff is capped at 5 s; the harness waits up to 10 s.
+    agent.registered(2).await;
+    let (_, after) = coordinator.get("/v1/nodes/phoenix").await;
+    assert_eq!(after["state"], "ready");
+    assert!(
+        after["epoch"].as_u64() > before["epoch"].as_u64(),
+        "a new epoch: {before} -> {after}"
+    );
+    agent.stop().await.unwrap();
+    coordinator.stop().await;
+}
+
+#[tokio::test]
+async fn a_wrong_token_stops_the_agent_instead_of_retrying() {
+    let redis = lingua_tests::redis().await;
+    let config = Config {
+        node_tokens: vec!["the-right-token-0123456789".into()],
+        ..test_config()
+    };
+    let coordinator = TestCoordinator::start(&redis, config).await;
+    let mut settings = agent_config("locked-out", &coordinator.ws_url(), 100);
+    settings.token = Some("the-wrong-token-0123456789".into());
+    let agent = TestAgent::start(settings);
+    let ended = agent.ended().await;
+    assert!(
+        matches!(
+            ended,
+            Err(AgentError::Refused {
+                code: CloseCode::Unauthorized,
+                ..
+            })
+        ),
+        "{ended:?}"
+    );
+    coordinator.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_announces_the_drain_and_closes_normally() {
+    let redis = lingua_tests::redis().await;
+    let coordinator = TestCoordinator::start(&redis, test_config()).await;
+    let agent = TestAgent::start(agent_config("leaving", &coordinator.ws_url(), 100));
+    agent.registered(1).await;
+    agent.stop().await.unwrap();
+    eventually("the node to go offline", || async {
+        let (_, view) = coordinator.get("/v1/nodes/leaving").await;
+        (view["state"] == "offline").then_some(())
+    })
+    .await;
+    coordinator.stop().await;
+}
+
+#[tokio::test]
+async fn an_admin_drain_reaches_the_arbiter() {
+    let redis = lingua_tests::redis().await;
+    let coordinator = TestCoordinator::start(&redis, test_config()).await;
+    let agent = TestAgent::start(agent_config("maint-1", &coordinator.ws_url(), 100));
+    agent.registered(1).await;
+    let response = reqwest::Client::new()
+        .post(coordinator.url("/v1/nodes/maint-1/drain"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let arbiter = agent.handles.arbiter.clone();
+    eventually("the agent to stop admitting", || async {
+        (arbiter.free_slots().values().all(|&n| n == 0)).then_some(())
+    })
+    .await;
+    let (_, view) = coordinator.get("/v1/nodes/maint-1").await;
+    assert_eq!(view["state"], "draining");
+    agent.stop().await.unwrap();
+    coordinator.stop().await;
+}
+
+#[tokio::test]
+async fn reload_applies_limits_live() {
+    let redis = lingua_tests::redis().await;
+    let coordinator = TestCoordinator::start(&redis, test_config()).await;
+    let config = agent_config("tunable", &coordinator.ws_url(), 100);
+    let agent = TestAgent::start(config.clone());
+    agent.registered(1).await;
+    let mut smaller = config;
+    smaller
+        .jobs
+        .values_mut()
+        .for_each(|kind| kind.max_concurrent = 2);
+    smaller.node_id = lingua_shared::NodeId::new("renamed").unwrap();
+    agent.reload(smaller);
+    eventually("the new limit to reach the coordinator", || async {
+        (free_translate_slots(&coordinator, "tunable").await == Some(2)).then_some(())
+    })
+    .await;
+    agent.stop().await.unwrap();
+    coordinator.stop().await;
+}
