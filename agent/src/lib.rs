@@ -6,6 +6,7 @@
 //! - [`arbiter`]: the slot arbiter.
 //! - [`executor`]: http, command and simulated executors.
 //! - [`jobs`]: admission, running, watchdog and cancellation of jobs.
+//! - [`metrics`]: the agent's Prometheus endpoint.
 //! - [`link`]: the coordinator link (reconnect, outbox).
 //! - [`gpu`]: GPU probes (simulated, none) and the sampler thread.
 //! - [`nvml`]: the NVML probe.
@@ -18,4 +19,5 @@ pub mod executor;
 pub mod gpu;
 pub mod jobs;
 pub mod link;
+pub mod metrics;
 pub mod nvml;

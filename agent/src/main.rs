@@ -16,7 +16,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use lingua_agent::agent::{Agent, AgentError, Control, Handles};
 use lingua_agent::arbiter::{Arbiter, Limits};
 use lingua_agent::config::{AgentConfig, DEFAULT_CONFIG_PATH};
-use lingua_agent::gpu;
+use lingua_agent::{gpu, metrics};
 use sd_notify::NotifyState;
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -178,6 +178,7 @@ fn probe(config: &AgentConfig) -> ExitCode {
 
 async fn serve(config: AgentConfig, path: PathBuf) -> ExitCode {
     tracing::info!(node_id = %config.node_id, coordinator = %config.coordinator_url, backend = config.gpu.backend.name(), "agent starting");
+    let agent_metrics_addr = config.metrics_listen;
     let agent = match Agent::start(config) {
         Ok(agent) => agent,
         Err(err) => {
@@ -186,6 +187,17 @@ async fn serve(config: AgentConfig, path: PathBuf) -> ExitCode {
         }
     };
     let shutdown = CancellationToken::new();
+    if let Some(addr) = agent_metrics_addr {
+        match metrics::serve(addr, agent.handles.clone(), shutdown.clone()).await {
+            Ok(server) => {
+                tokio::spawn(server);
+            }
+            Err(err) => {
+                eprintln!("lingua-agent: cannot serve metrics on {addr}: {err}");
+                return Exit::Unavailable.into();
+            }
+        }
+    }
     let (reload_tx, reload) = mpsc::unbounded_channel();
     tokio::spawn(signals(shutdown.clone(), reload_tx, path));
     tokio::spawn(systemd(agent.handles.clone(), shutdown.clone()));
