@@ -416,6 +416,106 @@ mod tests {
             .unwrap_or(true)
     }
 
+    /// A local inference service: `/echo` answers the payload, `/fail`
+    /// answers 500, `/slow` answers after 5 s, `/text` answers plain text.
+    async fn inference_service() -> String {
+        use axum::Json;
+        use axum::http::StatusCode;
+        use axum::routing::post;
+        let app = axum::Router::new()
+            .route(
+                "/echo",
+                post(|Json(body): Json<Value>| async move { Json(json!({"echo": body})) }),
+            )
+            .route(
+                "/fail",
+                post(|| async { (StatusCode::INTERNAL_SERVER_ERROR, "model crashed") }),
+            )
+            .route(
+                "/slow",
+                post(|| async {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    "late"
+                }),
+            )
+            .route("/text", post(|| async { "not json" }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}")
+    }
+
+    fn http_executor(url: String, timeout_ms: u64) -> Executor {
+        Executor::Http {
+            client: reqwest::Client::new(),
+            url,
+            timeout: Duration::from_millis(timeout_ms),
+        }
+    }
+
+    #[tokio::test]
+    async fn http_posts_the_payload_and_maps_failures() {
+        let base = inference_service().await;
+        let outcome = http_executor(format!("{base}/echo"), 5000)
+            .run(&job(json!({"text": "hi"})), None)
+            .await;
+        assert_eq!(
+            outcome,
+            Outcome::Completed {
+                output: json!({"echo": {"text": "hi"}})
+            }
+        );
+        let outcome = http_executor(format!("{base}/fail"), 5000)
+            .run(&job(json!(1)), None)
+            .await;
+        assert!(
+            matches!(&outcome, Outcome::Failed { code: FailureCode::ExecutorFailed, message } if message.contains("500") && message.contains("model crashed")),
+            "{outcome:?}"
+        );
+        let outcome = http_executor(format!("{base}/text"), 5000)
+            .run(&job(json!(1)), None)
+            .await;
+        assert!(matches!(
+            outcome,
+            Outcome::Failed {
+                code: FailureCode::ExecutorFailed,
+                ..
+            }
+        ));
+        let outcome = http_executor(format!("{base}/slow"), 200)
+            .run(&job(json!(1)), None)
+            .await;
+        assert!(
+            matches!(
+                outcome,
+                Outcome::Failed {
+                    code: FailureCode::Timeout,
+                    ..
+                }
+            ),
+            "{outcome:?}"
+        );
+        let closed = format!(
+            "http://127.0.0.1:{}/x",
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        );
+        let outcome = http_executor(closed, 1000).run(&job(json!(1)), None).await;
+        assert!(
+            matches!(
+                outcome,
+                Outcome::Failed {
+                    code: FailureCode::ExecutorFailed,
+                    ..
+                }
+            ),
+            "{outcome:?}"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn simulated_jobs_hold_their_memory_while_running() {
         let gpus = SimulatedGpus::new(&crate::config::SimulatedGpus {

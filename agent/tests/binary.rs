@@ -193,3 +193,10 @@ async fn serves_metrics_while_retrying_and_drains_on_sigterm() {
         .unwrap();
     assert_eq!(status.code(), Some(0));
 }
+
+#[tokio::test]
+async fn the_packaged_example_config_is_valid() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/agent.toml");
+    let (code, stdout, stderr) = run(&["check-config", "--config", example]).await;
+    assert_eq!((code, stdout.trim()), (0, "config is valid"), "{stderr}");
+}

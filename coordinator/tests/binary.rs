@@ -306,3 +306,10 @@ async fn a_node_of_a_killed_coordinator_leaves_routing_when_its_lease_runs_out()
     drop(second);
     redis.stop().await;
 }
+
+#[tokio::test]
+async fn the_packaged_example_config_is_valid() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../packaging/coordinator.toml");
+    let (code, stdout, stderr) = run_to_end(&["check-config", "--config", example], None).await;
+    assert_eq!((code, stdout.trim()), (0, "config is valid"), "{stderr}");
+}
