@@ -4,14 +4,19 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, Request, State};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use lingua_shared::NodeId;
+use lingua_shared::{JobId, NodeId};
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
+use crate::jobs::{Job, JobRequest, JobView, SubmitError};
 use crate::metrics::PoolLabel;
 use crate::registry::Control;
 use crate::server::Shared;
@@ -187,6 +192,129 @@ pub async fn metrics(State(shared): State<Arc<Shared>>) -> Result<impl IntoRespo
         )],
         shared.metrics.render(),
     ))
+}
+
+/// Query of `POST /v1/jobs`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitQuery {
+    /// `false`: answer 202 once the job is recorded, without waiting.
+    #[serde(default = "yes")]
+    wait: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Query of `GET /v1/jobs/{id}`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GetQuery {
+    /// Long-poll: wait up to this long for a terminal state.
+    #[serde(default)]
+    wait_ms: u64,
+}
+
+/// The longest `wait_ms` honoured.
+pub const MAX_WAIT_MS: u64 = 60_000;
+
+fn bad_request(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+}
+
+fn query<T>(query: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    query
+        .map(|Query(q)| q)
+        .map_err(|e| bad_request(format!("bad query string: {}", e.body_text())))
+}
+
+fn view_response(view: JobView) -> Response {
+    (view.http_status(), Json(view)).into_response()
+}
+
+/// `POST /v1/jobs`: submit a job and, by default, wait for its result.
+pub async fn submit_job(
+    State(shared): State<Arc<Shared>>,
+    submit: Result<Query<SubmitQuery>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let submit = query(submit)?;
+    let body = body.map_err(|e| match e {
+        BytesRejection::FailedToBufferBody(_) => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request",
+            format!("request body over {} bytes", crate::server::MAX_BODY_BYTES),
+        ),
+        other => bad_request(other.body_text()),
+    })?;
+    let request: JobRequest =
+        serde_json::from_slice(&body).map_err(|e| bad_request(format!("bad job request: {e}")))?;
+    let job = Job::from_request(request, shared.config.default_job_timeout).map_err(bad_request)?;
+    let timeout = job.timeout;
+    let id = job.id.clone();
+    let mut terminal = match shared.router.submit(job).await {
+        Ok(terminal) => terminal,
+        Err(SubmitError::Conflict(id)) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!("job id {id} was already submitted with a different body"),
+            ));
+        }
+        Err(SubmitError::Store(err)) => return Err(err.into()),
+    };
+    if !submit.wait {
+        let status = terminal
+            .borrow()
+            .as_ref()
+            .map_or("running".to_owned(), |v| v.status.clone());
+        return Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({"id": id, "status": status})),
+        )
+            .into_response());
+    }
+    // The dispatcher ends the job at its timeout; the margin covers Redis.
+    let waited = match tokio::time::timeout(
+        timeout + Duration::from_secs(5),
+        terminal.wait_for(Option::is_some),
+    )
+    .await
+    {
+        Ok(Ok(view)) => view.clone(),
+        _ => None,
+    };
+    if let Some(view) = waited {
+        return Ok(view_response(view));
+    }
+    match shared.router.get(&id, Duration::ZERO).await? {
+        Some(view) => Ok(view_response(view)),
+        None => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the job was lost; submit it again",
+        )),
+    }
+}
+
+/// `GET /v1/jobs/{id}`: status or result; `?wait_ms=N` long-polls.
+pub async fn job(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    get: Result<Query<GetQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let get = query(get)?;
+    let id = JobId::new(id).map_err(|e| bad_request(e.to_string()))?;
+    let wait = Duration::from_millis(get.wait_ms.min(MAX_WAIT_MS));
+    match shared.router.get(&id, wait).await? {
+        Some(view) => Ok(view_response(view)),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no job {id}: never submitted, or its result expired"),
+        )),
+    }
 }
 
 /// Any other route.

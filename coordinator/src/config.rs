@@ -51,6 +51,11 @@ pub struct Config {
     pub default_job_timeout: Duration,
     /// Nodes tried per job before `no_capacity`.
     pub max_attempts: u32,
+    /// How long a node has to accept or refuse an assignment.
+    pub accept_timeout: Duration,
+    /// How long a finished job's result stays retrievable (and its id
+    /// reserved).
+    pub result_ttl: Duration,
 }
 
 impl Default for Config {
@@ -69,6 +74,8 @@ impl Default for Config {
             max_nodes_per_pool: 100,
             default_job_timeout: Duration::from_millis(30_000),
             max_attempts: 3,
+            accept_timeout: Duration::from_millis(2_000),
+            result_ttl: Duration::from_millis(300_000),
         }
     }
 }
@@ -130,6 +137,8 @@ struct RawPools {
 struct RawJobs {
     default_timeout_ms: Option<Spanned<u64>>,
     max_attempts: Option<Spanned<u32>>,
+    accept_timeout_ms: Option<Spanned<u64>>,
+    result_ttl_ms: Option<Spanned<u64>>,
 }
 
 fn tokens(
@@ -234,6 +243,18 @@ impl Config {
                 1..=3_600_000,
             )?),
             max_attempts: check.range("jobs.max_attempts", raw.jobs.max_attempts, 3, 1..=100)?,
+            accept_timeout: Duration::from_millis(check.range(
+                "jobs.accept_timeout_ms",
+                raw.jobs.accept_timeout_ms,
+                2_000,
+                10..=600_000,
+            )?),
+            result_ttl: Duration::from_millis(check.range(
+                "jobs.result_ttl_ms",
+                raw.jobs.result_ttl_ms,
+                300_000,
+                1_000..=604_800_000,
+            )?),
         };
         Ok(config)
     }

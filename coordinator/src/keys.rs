@@ -5,7 +5,7 @@
 //! (`{zh:en}`). The two global indexes (all nodes, all pairs) are only read
 //! and written by plain commands. docs/REDIS_DATA_MODEL.md lists them all.
 
-use lingua_shared::{JobKind, LangPair, NodeId};
+use lingua_shared::{JobId, JobKind, LangPair, NodeId};
 
 const PREFIX: &str = "lingua:v1";
 
@@ -77,6 +77,17 @@ impl PairKeys {
     pub fn free(&self, kind: &JobKind) -> String {
         format!("{}:free:{kind}", self.base)
     }
+
+    /// STRING: the node that served `session` last (empty session: a key
+    /// nobody writes).
+    pub fn session(&self, session: &str) -> String {
+        format!("{}:session:{session}", self.base)
+    }
+}
+
+/// The HASH of one job, tagged `{<job id>}`.
+pub fn job(id: &JobId) -> String {
+    format!("{PREFIX}:job:{{{id}}}")
 }
 
 #[cfg(test)]

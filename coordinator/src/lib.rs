@@ -5,7 +5,8 @@
 //! - [`config`]: the TOML configuration and its validation.
 //! - [`server`]: wiring; `run(listener, …, shutdown)`.
 //! - [`node_ws`]: the node WebSocket endpoint.
-//! - [`api`]: the HTTP admin API.
+//! - [`api`]: the HTTP API (jobs and admin).
+//! - [`jobs`]: job routing: dispatch, retries, failover, results.
 //! - [`store`], [`keys`]: everything kept in Redis, and the key names.
 //! - [`route_batch`]: routing updates batched per language pair.
 //! - [`registry`]: node sockets held by this instance.
@@ -17,6 +18,7 @@
 
 pub mod api;
 pub mod config;
+pub mod jobs;
 pub mod keys;
 pub mod metrics;
 pub mod node_ws;

@@ -15,7 +15,8 @@ use axum::response::Response;
 use futures_util::future::join_all;
 use lingua_shared::close::CloseCode;
 use lingua_shared::protocol::{
-    CapacityReport, Drain, ErrorCode, ErrorFrame, Register, RegisterAck, VersionRange,
+    CapacityReport, Drain, ErrorCode, ErrorFrame, JobRef, Register, RegisterAck, RejectReason,
+    VersionRange,
 };
 use lingua_shared::{JobKind, LangPair, MAX_FRAME_BYTES, Message, NodeId, decode, encode};
 use subtle::ConstantTimeEq;
@@ -70,7 +71,11 @@ struct Session {
 }
 
 impl Session {
-    fn route_entry(&self) -> RouteEntry {
+    /// Queues this node's routing entry: the free slots it reported, less
+    /// the assignments sent to it and not answered yet (a report that
+    /// crossed them on the wire cannot have counted them); none while
+    /// draining.
+    fn publish(&self, shared: &Shared) {
         let free = self
             .kinds
             .iter()
@@ -78,15 +83,17 @@ impl Session {
                 let slots = if self.draining {
                     0
                 } else {
-                    self.capacity.free_slots.get(kind).copied().unwrap_or(0)
+                    let reported = self.capacity.free_slots.get(kind).copied().unwrap_or(0);
+                    reported.saturating_sub(shared.router.unanswered(&self.node, kind))
                 };
                 (kind.clone(), slots)
             })
             .collect();
-        RouteEntry {
+        let entry = RouteEntry {
             node: self.node.clone(),
             free,
-        }
+        };
+        shared.batcher.queue(self.pairs.iter().copied(), &entry);
     }
 }
 
@@ -102,9 +109,7 @@ async fn serve(mut socket: WebSocket, shared: Arc<Shared>, peer: SocketAddr) {
     };
     shared.metrics.nodes_connected.inc();
     tracing::info!(%peer, node_id = %session.node, epoch = session.epoch, pairs = session.pairs.len(), "node registered");
-    shared
-        .batcher
-        .queue(session.pairs.iter().copied(), &session.route_entry());
+    session.publish(&shared);
 
     let ending = run(&mut socket, &shared, &mut session, &mut control_rx).await;
     tracing::info!(node_id = %session.node, epoch = session.epoch, code = ending.code.code(), reason = ending.reason, "node connection closing");
@@ -116,7 +121,9 @@ async fn serve(mut socket: WebSocket, shared: Arc<Shared>, peer: SocketAddr) {
 /// Takes a closed connection's node out of routing, unless a newer
 /// registration of the same node already replaced it.
 async fn leave(shared: &Shared, session: &Session) {
-    shared.registry.remove(&session.node, session.epoch);
+    if shared.registry.remove(&session.node, session.epoch) {
+        shared.router.node_lost(&session.node);
+    }
     match shared
         .store
         .node_offline(&session.node, session.epoch)
@@ -442,10 +449,15 @@ async fn run(
             received = socket.recv() => received,
             instruction = control.recv() => {
                 match instruction {
+                    Some(Control::Send(message)) => {
+                        if let Err(ending) = send(socket, &message).await {
+                            return ending;
+                        }
+                    }
                     Some(Control::Close(code, reason)) => return Ending::new(code, reason),
                     Some(Control::Drain(reason)) => {
                         session.draining = true;
-                        shared.batcher.queue(session.pairs.iter().copied(), &session.route_entry());
+                        session.publish(shared);
                         if let Err(ending) = send(socket, &Message::Drain(Drain { reason })).await {
                             return ending;
                         }
@@ -523,24 +535,18 @@ async fn handle(
                     "a newer registration of this node exists",
                 ));
             }
-            shared
-                .batcher
-                .queue(session.pairs.iter().copied(), &session.route_entry());
+            session.publish(shared);
             Ok(Handled::Alive)
         }
         Message::Capacity(capacity) => {
             session.capacity = capacity;
-            shared
-                .batcher
-                .queue(session.pairs.iter().copied(), &session.route_entry());
+            session.publish(shared);
             Ok(Handled::Fine)
         }
         Message::Drain(drain) => {
             tracing::info!(node_id = %session.node, reason = %drain.reason, "node is draining");
             session.draining = true;
-            shared
-                .batcher
-                .queue(session.pairs.iter().copied(), &session.route_entry());
+            session.publish(shared);
             if let Err(err) = shared
                 .store
                 .drain_node(&session.node, Some(session.epoch))
@@ -554,14 +560,37 @@ async fn handle(
             tracing::warn!(node_id = %session.node, code = ?error.code, message = %error.message, "node reported an error");
             Ok(Handled::Fine)
         }
-        Message::JobAccept(_) | Message::JobReject(_) | Message::JobResult(_) => {
-            send_error(
-                socket,
-                shared,
-                ErrorCode::UnexpectedMessage,
-                "no job was assigned with that id and attempt".into(),
-            )
-            .await?;
+        Message::JobAccept(accept) => {
+            shared.router.answer(&session.node, &accept, None);
+            Ok(Handled::Fine)
+        }
+        Message::JobReject(reject) => {
+            let key = JobRef {
+                job_id: reject.job_id,
+                attempt: reject.attempt,
+            };
+            let reason = reject.reason;
+            let kind = shared.router.answer(&session.node, &key, Some((reason, reject.message)));
+            // The node is full for that kind, whatever its last report said:
+            // route nothing more of it there until it reports room again.
+            if let (Some(kind), RejectReason::NoCapacity) = (kind, reason) {
+                session.capacity.free_slots.insert(kind, 0);
+                session.publish(shared);
+            }
+            Ok(Handled::Fine)
+        }
+        Message::JobResult(result) => {
+            if let Err(err) = shared.router.result(&session.node, &result).await {
+                // Unacknowledged, the result stays in the agent's outbox and
+                // comes back after it reconnects.
+                tracing::error!(node_id = %session.node, job_id = %result.job_id, error = %err, "recording a result failed");
+                return Err(Ending::new(CloseCode::Internal, "redis unavailable"));
+            }
+            let ack = Message::ResultAck(JobRef {
+                job_id: result.job_id,
+                attempt: result.attempt,
+            });
+            send(socket, &ack).await?;
             Ok(Handled::Fine)
         }
         other @ (Message::Register(_)

@@ -7,12 +7,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 use lingua_shared::close::CloseCode;
-use lingua_shared::{JobKind, LangPair, NodeId};
+use lingua_shared::{JobKind, LangPair, Message, NodeId};
 use tokio::sync::mpsc;
 
 /// An instruction to a connection task.
 #[derive(Debug)]
 pub enum Control {
+    /// Send this message to the node.
+    Send(Box<Message>),
     /// Close the socket with this code and reason.
     Close(CloseCode, &'static str),
     /// The node was put in draining state: stop routing to it and tell it.

@@ -32,16 +32,19 @@ pub struct RouteBatcher {
     registry: Arc<Registry>,
     max_nodes_per_pool: u32,
     lease: Duration,
+    flushed: Arc<Notify>,
 }
 
 impl RouteBatcher {
     /// A batcher writing through `store`; nodes of `registry` that lost
-    /// their pair lease are re-joined with these pool settings.
+    /// their pair lease are re-joined with these pool settings. `flushed`
+    /// is notified after each flush (dispatchers waiting for room).
     pub fn new(
         store: Store,
         registry: Arc<Registry>,
         max_nodes_per_pool: u32,
         lease: Duration,
+        flushed: Arc<Notify>,
     ) -> Self {
         Self {
             pending: Mutex::default(),
@@ -50,6 +53,7 @@ impl RouteBatcher {
             registry,
             max_nodes_per_pool,
             lease,
+            flushed,
         }
     }
 
@@ -95,6 +99,7 @@ impl RouteBatcher {
         for (pair, entries, missing) in join_all(calls).await {
             self.rejoin(pair, &entries, missing).await;
         }
+        self.flushed.notify_waiters();
     }
 
     /// Nodes whose pair lease ran out (a Redis stall longer than a lease,

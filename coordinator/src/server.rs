@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
+use crate::jobs::JobRouter;
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::route_batch::RouteBatcher;
@@ -40,6 +41,8 @@ pub struct Shared {
     pub batcher: Arc<RouteBatcher>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// Job routing.
+    pub router: Arc<JobRouter>,
     /// This coordinator instance's random id.
     pub instance: String,
     /// Cancelled when the coordinator shuts down.
@@ -60,6 +63,8 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/nodes/{id}", get(api::node))
         .route("/v1/nodes/{id}/drain", post(api::drain))
         .route("/v1/pools", get(api::pools))
+        .route("/v1/jobs", post(api::submit_job))
+        .route("/v1/jobs/{id}", get(api::job))
         .route("/metrics", get(api::metrics))
         .route_layer(axum::middleware::from_fn_with_state(
             shared.clone(),
@@ -86,19 +91,30 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let registry = Arc::new(Registry::default());
+    let capacity = Arc::new(tokio::sync::Notify::new());
     let batcher = Arc::new(RouteBatcher::new(
         store.clone(),
         registry.clone(),
         config.max_nodes_per_pool,
         config.lease(),
+        capacity.clone(),
+    ));
+    let instance = new_instance_id();
+    let job_router = Arc::new(JobRouter::new(
+        store.clone(),
+        registry.clone(),
+        config.clone(),
+        instance.clone(),
+        capacity,
     ));
     let shared = Arc::new(Shared {
         config,
         store,
+        router: job_router,
         registry,
         batcher: batcher.clone(),
         metrics,
-        instance: new_instance_id(),
+        instance,
         shutdown: shutdown.clone(),
         tasks: TaskTracker::new(),
     });

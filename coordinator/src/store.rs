@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lingua_shared::{JobKind, LangPair, NodeId};
+use lingua_shared::{JobId, JobKind, LangPair, NodeId};
 use redis::aio::ConnectionManager;
 use redis::{FromRedisValue, Script, ScriptInvocation, Value};
 use serde::Serialize;
@@ -41,6 +41,10 @@ struct Scripts {
     pool_join: Script,
     pool_leave: Script,
     route_update: Script,
+    route_pick: Script,
+    job_start: Script,
+    job_attempt: Script,
+    job_finish: Script,
 }
 
 impl Scripts {
@@ -53,6 +57,10 @@ impl Scripts {
             pool_join: Script::new(include_str!("../../lua/pool_join.lua")),
             pool_leave: Script::new(include_str!("../../lua/pool_leave.lua")),
             route_update: Script::new(include_str!("../../lua/route_update.lua")),
+            route_pick: Script::new(include_str!("../../lua/route_pick.lua")),
+            job_start: Script::new(include_str!("../../lua/job_start.lua")),
+            job_attempt: Script::new(include_str!("../../lua/job_attempt.lua")),
+            job_finish: Script::new(include_str!("../../lua/job_finish.lua")),
         }
     }
 }
@@ -113,6 +121,56 @@ pub enum DrainOutcome {
     Stale,
     /// No such node.
     Unknown,
+}
+
+/// The answer to a pick.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pick {
+    /// This node.
+    Node(NodeId),
+    /// Live nodes serve the pair and kind, none reported room.
+    NoCapacity,
+    /// No live node serves the pair and kind.
+    NoNodes,
+}
+
+/// The answer to [`Store::job_start`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobStart {
+    /// Created, attempt 1 recorded.
+    New,
+    /// The same request is already known.
+    Exists,
+    /// The id belongs to a different request.
+    Conflict,
+}
+
+/// How [`Store::job_finish`] went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// Recorded: this was the job's terminal state.
+    Applied,
+    /// The job had already ended.
+    Duplicate,
+    /// The attempt was superseded.
+    Stale,
+}
+
+/// One job as Redis holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRecord {
+    /// `running`, `completed` or `failed`.
+    pub status: String,
+    /// The current (or last) attempt.
+    pub attempt: u32,
+    /// The node of the current (or last) attempt.
+    pub node: Option<String>,
+    /// The terminal outcome (output, or error), as stored.
+    pub outcome: Option<serde_json::Value>,
+    /// Submission to terminal state, ms.
+    pub latency_ms: Option<u64>,
+    /// The canonical request JSON.
+    pub request: String,
 }
 
 /// One node as the admin API shows it.
@@ -392,6 +450,140 @@ impl Store {
             .into_iter()
             .filter_map(|id| NodeId::new(id).ok())
             .collect())
+    }
+
+    /// Chooses a node for a job attempt (one script call).
+    pub async fn route_pick(
+        &self,
+        pair: LangPair,
+        kind: &JobKind,
+        session: Option<&str>,
+        affinity: Duration,
+        excluded: &[NodeId],
+    ) -> Result<Pick, StoreError> {
+        let keys = PairKeys::new(pair);
+        let mut invocation = self.scripts.route_pick.prepare_invoke();
+        invocation
+            .key(keys.route(kind))
+            .key(keys.free(kind))
+            .key(&keys.leases)
+            .key(keys.session(session.unwrap_or("")))
+            .arg(if session.is_some() { "1" } else { "0" })
+            .arg(millis(affinity));
+        for node in excluded {
+            invocation.arg(node.as_str());
+        }
+        let reply: Vec<String> = self.invoke("route_pick", invocation).await?;
+        match reply.as_slice() {
+            [status, node] if status == "ok" => {
+                Ok(NodeId::new(node.as_str()).map_or(Pick::NoCapacity, Pick::Node))
+            }
+            [status] if status == "no_capacity" => Ok(Pick::NoCapacity),
+            [status] if status == "no_nodes" => Ok(Pick::NoNodes),
+            _ => Err(StoreError::Unexpected {
+                script: "route_pick",
+                reply: format!("{reply:?}"),
+            }),
+        }
+    }
+
+    /// Creates a job with its first attempt on `node` (`None`: a job that
+    /// fails before reaching any node), or finds it.
+    pub async fn job_start(
+        &self,
+        id: &JobId,
+        request: &str,
+        node: Option<&NodeId>,
+        lifetime: Duration,
+        coordinator: &str,
+    ) -> Result<JobStart, StoreError> {
+        let mut invocation = self.scripts.job_start.prepare_invoke();
+        invocation
+            .key(keys::job(id))
+            .arg(request)
+            .arg(node.map_or("", NodeId::as_str))
+            .arg(millis(lifetime))
+            .arg(coordinator);
+        let reply: Vec<Value> = self.invoke("job_start", invocation).await?;
+        match reply.first().and_then(text).as_deref() {
+            Some("new") => Ok(JobStart::New),
+            Some("exists") => Ok(JobStart::Exists),
+            Some("conflict") => Ok(JobStart::Conflict),
+            _ => Err(StoreError::Unexpected {
+                script: "job_start",
+                reply: format!("{reply:?}"),
+            }),
+        }
+    }
+
+    /// Moves a running job from attempt `current` to a new one on `node`.
+    /// Returns the new attempt, or `None` when the job ended or moved on.
+    pub async fn job_attempt(
+        &self,
+        id: &JobId,
+        current: u32,
+        node: &NodeId,
+    ) -> Result<Option<u32>, StoreError> {
+        let mut invocation = self.scripts.job_attempt.prepare_invoke();
+        invocation
+            .key(keys::job(id))
+            .arg(current)
+            .arg(node.as_str());
+        let attempt: u32 = self.invoke("job_attempt", invocation).await?;
+        Ok((attempt > 0).then_some(attempt))
+    }
+
+    /// Records the terminal state produced by `attempt`.
+    pub async fn job_finish(
+        &self,
+        id: &JobId,
+        attempt: u32,
+        completed: bool,
+        outcome: &serde_json::Value,
+        retention: Duration,
+    ) -> Result<Finish, StoreError> {
+        let mut invocation = self.scripts.job_finish.prepare_invoke();
+        invocation
+            .key(keys::job(id))
+            .arg(attempt)
+            .arg(if completed { "completed" } else { "failed" })
+            .arg(outcome.to_string())
+            .arg(millis(retention));
+        let reply: String = self.invoke("job_finish", invocation).await?;
+        match reply.as_str() {
+            "applied" => Ok(Finish::Applied),
+            "duplicate" => Ok(Finish::Duplicate),
+            "stale" => Ok(Finish::Stale),
+            _ => Err(StoreError::Unexpected {
+                script: "job_finish",
+                reply,
+            }),
+        }
+    }
+
+    /// A job, if Redis still holds it.
+    pub async fn job(&self, id: &JobId) -> Result<Option<JobRecord>, StoreError> {
+        let mut conn = self.conn.clone();
+        let mut fields: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(keys::job(id))
+            .query_async(&mut conn)
+            .await?;
+        let Some(status) = fields.remove("status") else {
+            return Ok(None);
+        };
+        Ok(Some(JobRecord {
+            status,
+            attempt: fields
+                .get("attempt")
+                .and_then(|a| a.parse().ok())
+                .unwrap_or(0),
+            node: fields.remove("node"),
+            outcome: fields
+                .get("outcome")
+                .and_then(|o| serde_json::from_str(o).ok()),
+            latency_ms: fields.get("latency_ms").and_then(|l| l.parse().ok()),
+            request: fields.remove("request").unwrap_or_default(),
+        }))
     }
 
     /// Adds a node and its pairs to the global indexes, and records the

@@ -1,0 +1,28 @@
+-- job_finish: record a job's one terminal state.
+--
+-- KEYS[1] job hash lingua:v1:job:{<job id>}
+-- ARGV[1] the attempt that produced the outcome
+-- ARGV[2] "completed" or "failed"
+-- ARGV[3] the outcome JSON (output, or error code and message)
+-- ARGV[4] how long to keep the result, ms
+-- Returns "applied", "duplicate" (already terminal: a repeated or late
+-- result) or "stale" (from an attempt that was superseded).
+local fields = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'created_ms')
+if not fields[1] then
+  return 'stale'
+end
+if fields[1] ~= 'running' then
+  return 'duplicate'
+end
+if fields[2] ~= ARGV[1] then
+  return 'stale'
+end
+local now = redis.call('TIME')
+local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
+redis.call('HSET', KEYS[1],
+  'status', ARGV[2],
+  'outcome', ARGV[3],
+  'finished_ms', now_ms,
+  'latency_ms', now_ms - tonumber(fields[3]))
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 'applied'

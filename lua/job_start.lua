@@ -1,0 +1,29 @@
+-- job_start: create a job and record its first attempt, or find the job
+-- already there (idempotent submission).
+--
+-- KEYS[1] job hash lingua:v1:job:{<job id>}
+-- ARGV[1] the request, canonical JSON (kind, pair, session, payload, timeout)
+-- ARGV[2] node chosen for attempt 1 ("" when it fails before any node)
+-- ARGV[3] key lifetime in ms (job timeout + result retention)
+-- ARGV[4] coordinator instance dispatching it
+-- Returns {"new", 1}, {"exists", status, attempt} for the same request, or
+-- {"conflict"} when the id is taken by a different request.
+local request = redis.call('HGET', KEYS[1], 'request')
+if request then
+  if request ~= ARGV[1] then
+    return {'conflict'}
+  end
+  local fields = redis.call('HMGET', KEYS[1], 'status', 'attempt')
+  return {'exists', fields[1], tonumber(fields[2])}
+end
+local now = redis.call('TIME')
+redis.call('HSET', KEYS[1],
+  'request', ARGV[1],
+  'status', 'running',
+  'attempt', 1,
+  'node', ARGV[2],
+  'nodes', ARGV[2],
+  'coordinator', ARGV[4],
+  'created_ms', now[1] * 1000 + math.floor(now[2] / 1000))
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return {'new', 1}

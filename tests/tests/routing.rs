@@ -1,0 +1,522 @@
+//! Job routing end to end: real Redis, a real coordinator, real agents with
+//! simulated GPUs, real HTTP and WebSockets.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use lingua_agent::config::{AgentConfig, ExecutorConfig};
+use lingua_tests::{TestAgent, TestCoordinator, agent_config, eventually, test_config};
+use serde_json::{Value, json};
+
+async fn submit(coordinator: &TestCoordinator, body: Value) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .post(coordinator.url("/v1/jobs"))
+        .json(&body)
+        .send()
+        .await
+        .expect("the coordinator answers");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+fn translate(src: &str, tgt: &str) -> Value {
+    json!({"kind": "translate", "src_lang": src, "tgt_lang": tgt, "payload": {"text": "hello"}})
+}
+
+fn with_langs(mut config: AgentConfig, src: &str, tgt: &str) -> AgentConfig {
+    config.src_langs = vec![src.parse().unwrap()];
+    config.tgt_langs = vec![tgt.parse().unwrap()];
+    config
+}
+
+fn with_capacity(mut config: AgentConfig, max_concurrent: u32) -> AgentConfig {
+    config
+        .jobs
+        .values_mut()
+        .for_each(|kind| kind.max_concurrent = max_concurrent);
+    config
+}
+
+/// A command executor that appends each job's payload to `log`, so tests
+/// can count executions, then echoes it.
+fn logging(mut config: AgentConfig, log: &Path, sleep_s: &str) -> AgentConfig {
+    let script = format!(
+        "cat >> {log}; echo >> {log}; sleep {sleep_s}; echo '{{\"ok\": true}}'",
+        log = log.display()
+    );
+    config.jobs.values_mut().for_each(|kind| {
+        kind.executor = ExecutorConfig::Command {
+            argv: vec!["sh".into(), "-c".into(), script.clone()],
+            timeout: Duration::from_secs(30),
+        };
+    });
+    config
+}
+
+#[tokio::test]
+async fn jobs_run_only_on_nodes_serving_their_pair() {
+    let redis = lingua_tests::redis().await;
+    let coordinator = TestCoordinator::start(&redis, test_config()).await;
+    let zh_en = TestAgent::start(agent_config("zh-en", &coordinator.ws_url(), 20));
+    let de_fr = TestAgent::start(with_langs(
+        agent_config("de-fr", &coordinator.ws_url(), 20),
+        "de",
+        "fr",
+    ));
+    let en_zh = TestAgent::start(with_langs(
+        agent_config("en-zh", &coordinator.ws_url(), 20),
+        "en",
+        "zh",
+    ));
+    for agent in [&zh_en, &de_fr, &en_zh] {
+        agent.registered(1).await;
+    }
+    let answers = join_all((0..30).map(|_| submit(&coordinator, translate("zh", "en")))).await;
+    for (status, body) in answers {
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["node_id"], "zh-en", "{body}");
+    }
+    let (status, body) = submit(&coordinator, translate("de", "fr")).await;
+    assert_eq!((status, body["node_id"].as_str()), (200, Some("de-fr")));
+    for agent in [zh_en, de_fr, en_zh] {
+        agent.stop().await.unwrap();
+    }
+    coordinator.stop().await;
+}
+
+#[tokio::test]
+async fn a_burst_spreads_by_capacity_and_never_exceeds_an_arbiter() {
+    let redis = lingua_tests::redis().await;
+    let coordinator = TestCoordinator::start(&redis, test_config()).await;
+    let sizes = [("small", 2u32), ("medium", 4), ("large", 8)];
+    let agents: Vec<(&str, u32, TestAgent)> = sizes
+        .iter()
+        .map(|&(name, max)| {
+            (
+                name,
+                max,
+                TestAgent::start(with_capacity(
+                    agent_config(name, &coordinator.ws_url(), 30),
+                    max,
+                )),
+            )
+        })
+        .collect();
+    for (_, _, agent) in &agents {
+        agent.registered(1).await;
+    }
+    // Watch every arbiter while the burst runs.
+    let arbiters: Vec<_> = agents
+        .iter()
+        .map(|(name, max, a)| (*name, *max, a.handles.arbiter.clone()))
+        .collect();
+    let watching = tokio_util::sync::CancellationToken::new();
+    let watcher = tokio::spawn({
+        let watching = watching.clone();
+        async move {
+            let mut peaks: HashMap<&str, u32> = HashMap::new();
+            while !watching.is_cancelled() {
+                for (name, _, arbiter) in &arbiters {
+                    let peak = peaks.entry(name).or_default();
+                    *peak = (*peak).max(arbiter.running());
+                }
+                tokio::task::yield_now().await;
+            }
+            peaks
+        }
+    });
+    let config =
+        json!({"kind": "translate", "src_lang": "zh", "tgt_lang": "en", "timeout_ms": 60000});
+    let answers = join_all((0..300).map(|_| submit(&coordinator, config.clone()))).await;
+    watching.cancel();
+    let peaks = watcher.await.unwrap();
+    let mut per_node: HashMap<String, u32> = HashMap::new();
+    for (status, body) in &answers {
+        assert_eq!(*status, 200, "{body}");
+        assert_eq!(body["status"], "completed");
+        *per_node
+            .entry(body["node_id"].as_str().unwrap().to_owned())
+            .or_default() += 1;
+    }
+    for (name, max, _) in &agents {
+        assert!(
+            peaks[name] <= *max,
+            "{name} ran {} jobs at once, its arbiter allows {max}",
+            peaks[name]
+        );
+    }
+    // Roughly in proportion to capacity (2:4:8): the largest node takes
+    // more than the smallest.
+    let (small, large) = (
+        per_node.get("small").copied().unwrap_or(0),
+        per_node.get("large").copied().unwrap_or(0),
+    );
+    assert!(large > small, "spread {per_node:?}");
+    assert_eq!(per_node.values().sum::<u32>(), 300);
+    for (_, _, agent) in agents {
+        agent.stop().await.unwrap();
+    }
+    coordinator.stop().await;
+}
+
+#[tokio::test]
+async fn the_same_id_submitted_five_times_concurrently_runs_once() {
+    let redis = lingua_tests::redis().await;
+    let coordinator = TestCoordinator::start(&redis, test_config()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("executions.log");
+    let agent = TestAgent::start(logging(
+        agent_config("once", &coordinator.ws_url(), 0),
+        &log,
+        "0.2",
+    ));
+    agent.registered(1).await;
+    let mut body = translate("zh", "en");
+    body["id"] = json!("utterance-42");
+    let answers = join_all((0..5).map(|_| submit(&coordinator, body.clone()))).await;
+    for answer in &answers {
+        assert_eq!(answer, &answers[0], "five identical answers");
+    }
+    assert_eq!(answers[0].0, 200);
+    assert_eq!(answers[0].1["attempts"], 1);
+    let executions = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        executions.lines().count(),
+        1,
+        "executed once: {executions:?}"
+    );
+    // Same id, different body: 409.
+    body["payload"] = json!({"text": "something else"});
+    let (status, error) = submit(&coordinator, body).await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (409, Some("conflict"))
+    );
+    agent.stop().await.unwrap();
+    coordinator.stop().await;
+}
+
+#[tokio::test]
+async fn failures_get_their_documented_codes() {
+    let redis = lingua_tests::redis().await;
+    let coordinator = TestCoordinator::start(&redis, test_config()).await;
+
+    // Nothing serves ja:ko.
+    let (status, body) = submit(&coordinator, translate("ja", "ko")).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("no_nodes")),
+        "{body}"
+    );
+
+    // A job that outlives its timeout is stopped (and cancelled on the node).
+    let busy = TestAgent::start(with_capacity(
+        agent_config("busy", &coordinator.ws_url(), 3000),
+        1,
+    ));
+    busy.registered(1).await;
+    let mut hurried = translate("zh", "en");
+    hurried["timeout_ms"] = json!(100);
+    hurried["id"] = json!("hurried");
+    let (status, body) = submit(&coordinator, hurried).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (504, Some("timeout")),
+        "{body}"
+    );
+    let arbiter = busy.handles.arbiter.clone();
+    eventually("the cancelled job to free its slot", || async {
+        (arbiter.running() == 0).then_some(())
+    })
+    .await;
+
+    // One slot, held by a long job: a job that cannot wait gets no_capacity.
+    let mut long = translate("zh", "en");
+    long["id"] = json!("long-one");
+    let client = reqwest::Client::new();
+    let held = client
+        .post(coordinator.url("/v1/jobs?wait=false"))
+        .json(&long)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(held.status(), 202);
+    eventually("the long job to start", || async {
+        (arbiter.running() == 1).then_some(())
+    })
+    .await;
+    let mut impatient = translate("zh", "en");
+    impatient["timeout_ms"] = json!(300);
+    let (status, body) = submit(&coordinator, impatient).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("no_capacity")),
+        "{body}"
+    );
+    busy.stop().await.unwrap();
+
+    // A failing executor.
+    let mut failing = agent_config("broken", &coordinator.ws_url(), 0);
+    failing.jobs.values_mut().for_each(|kind| {
+        kind.executor = ExecutorConfig::Command {
+            argv: vec![
+                "sh".into(),
+                "-c".into(),
+                "echo model exploded >&2; exit 1".into(),
+            ],
+            timeout: Duration::from_secs(5),
+        };
+    });
+    let broken = TestAgent::start(failing);
+    broken.registered(1).await;
+    let (status, body) = submit(&coordinator, translate("zh", "en")).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (502, Some("executor_failed")),
+        "{body}"
+    );
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("model exploded"),
+        "{body}"
+    );
+
+    // Results stay retrievable.
+    let (status, stored) = coordinator.get("/v1/jobs/hurried").await;
+    assert_eq!(
+        (status, stored["error"]["code"].as_str()),
+        (504, Some("timeout"))
+    );
+    broken.stop().await.unwrap();
+    coordinator.stop().await;
+}
+
+#[tokio::test]
+async fn bad_requests_get_400s_and_the_service_keeps_serving() {
+    let redis = lingua_tests::redis().await;
+    let coordinator = TestCoordinator::start(&redis, test_config()).await;
+    let agent = TestAgent::start(agent_config("steady", &coordinator.ws_url(), 10));
+    agent.registered(1).await;
+    let client = reqwest::Client::new();
+    let raw = |body: Vec<u8>| {
+        let client = client.clone();
+        let url = coordinator.url("/v1/jobs");
+        async move {
+            let response = client.post(url).body(body).send().await.unwrap();
+            let status = response.status().as_u16();
+            (
+                status,
+                response.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+    let cases: Vec<(Vec<u8>, u16)> = vec![
+        (b"{not json".to_vec(), 400),
+        (b"[]".to_vec(), 400),
+        (
+            br#"{"kind": 7, "src_lang": "zh", "tgt_lang": "en"}"#.to_vec(),
+            400,
+        ),
+        (
+            br#"{"kind": "translate", "src_lang": "ZH", "tgt_lang": "en"}"#.to_vec(),
+            400,
+        ),
+        (
+            br#"{"kind": "translate", "src_lang": "zh", "tgt_lang": "zh"}"#.to_vec(),
+            400,
+        ),
+        (
+            br#"{"kind": "translate", "src_lang": "zh", "tgt_lang": "en", "timeout_ms": "soon"}"#
+                .to_vec(),
+            400,
+        ),
+        (
+            br#"{"kind": "translate", "src_lang": "zh", "tgt_lang": "en", "priority": 1}"#.to_vec(),
+            400,
+        ),
+        (
+            br#"{"kind": "translate", "src_lang": "zh", "tgt_lang": "en", "id": "has space"}"#
+                .to_vec(),
+            400,
+        ),
+        (
+            format!(
+                r#"{{"kind":"translate","src_lang":"zh","tgt_lang":"en","payload":"{}"}}"#,
+                "x".repeat(3 << 20)
+            )
+            .into_bytes(),
+            413,
+        ),
+    ];
+    for (body, expected) in cases {
+        let preview = String::from_utf8_lossy(&body[..body.len().min(80)]).into_owned();
+        let (status, answer) = raw(body).await;
+        assert_eq!(status, expected, "{preview}: {answer}");
+        assert_eq!(
+            answer["error"]["code"], "invalid_request",
+            "{preview}: {answer}"
+        );
+    }
+    let (status, _) = coordinator.get("/v1/jobs/bad%20id").await;
+    assert_eq!(status, 400);
+    let (status, body) = submit(&coordinator, translate("zh", "en")).await;
+    assert_eq!(
+        (status, body["status"].as_str()),
+        (200, Some("completed")),
+        "still serving: {body}"
+    );
+    agent.stop().await.unwrap();
+    coordinator.stop().await;
+}
+
+#[tokio::test]
+async fn the_api_token_guards_jobs() {
+    let redis = lingua_tests::redis().await;
+    let config = lingua_coordinator::config::Config {
+        api_tokens: vec!["a-job-api-token-for-tests".into()],
+        ..test_config()
+    };
+    let coordinator = TestCoordinator::start(&redis, config).await;
+    let (status, body) = submit(&coordinator, translate("zh", "en")).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (401, Some("unauthorized"))
+    );
+    let (status, _) = coordinator.get("/v1/jobs/x").await;
+    assert_eq!(status, 401);
+    coordinator.stop().await;
+}
+
+/// The agent binary, built by `cargo test --workspace` for the agent's own
+/// integration tests.
+fn agent_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary has a path");
+    let binary = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("lingua-agent"))
+        .expect("the test binary lives in target/<profile>/deps");
+    assert!(
+        binary.exists(),
+        "{} is missing: run `cargo build -p lingua-agent` (or `cargo test --workspace`) first",
+        binary.display()
+    );
+    binary
+}
+
+fn agent_process(config: &str, dir: &Path, name: &str) -> tokio::process::Child {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, config).unwrap();
+    tokio::process::Command::new(agent_binary())
+        .arg("--config")
+        .arg(&path)
+        .env("LINGUA_LOG", "warn")
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn jobs_of_a_killed_agent_complete_elsewhere_once() {
+    let redis = lingua_tests::redis().await;
+    let coordinator = TestCoordinator::start(&redis, test_config()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = |name: &str, log: &Path, sleep_s: &str| {
+        format!(
+            r#"
+node_id = "{name}"
+coordinator_url = "{url}"
+[capabilities]
+src_langs = ["zh"]
+tgt_langs = ["en"]
+[gpu]
+backend = "none"
+[jobs.translate]
+max_concurrent = 8
+executor = "command"
+command = ["sh", "-c", "cat >> {log}; echo >> {log}; sleep {sleep_s}; echo '{{\"ok\": true}}'"]
+timeout_ms = 30000
+"#,
+            url = coordinator.ws_url(),
+            log = log.display()
+        )
+    };
+    let victim_log = dir.path().join("victim.log");
+    let survivor_log = dir.path().join("survivor.log");
+    let mut victim = agent_process(&config("victim", &victim_log, "30"), dir.path(), "victim");
+    eventually("the victim to register", || async {
+        (coordinator.get("/v1/nodes/victim").await.1["state"] == "ready").then_some(())
+    })
+    .await;
+    // Every job lands on the victim, the only node, and hangs there.
+    let jobs: Vec<Value> = (0..4)
+        .map(|i| json!({"id": format!("job-{i}"), "kind": "translate", "src_lang": "zh", "tgt_lang": "en", "payload": i, "timeout_ms": 20000}))
+        .collect();
+    let running = tokio::spawn({
+        let url = coordinator.url("/v1/jobs");
+        let jobs = jobs.clone();
+        async move {
+            join_all(jobs.into_iter().map(|job| {
+                let url = url.clone();
+                async move {
+                    let response = reqwest::Client::new()
+                        .post(url)
+                        .json(&job)
+                        .send()
+                        .await
+                        .unwrap();
+                    (
+                        response.status().as_u16(),
+                        response.json::<Value>().await.unwrap(),
+                    )
+                }
+            }))
+            .await
+        }
+    });
+    eventually("the victim to run all four", || async {
+        let started = std::fs::read_to_string(&victim_log).unwrap_or_default();
+        (started.lines().count() == 4).then_some(())
+    })
+    .await;
+    let mut survivor = agent_process(
+        &config("survivor", &survivor_log, "0.1"),
+        dir.path(),
+        "survivor",
+    );
+    eventually("the survivor to register", || async {
+        (coordinator.get("/v1/nodes/survivor").await.1["state"] == "ready").then_some(())
+    })
+    .await;
+    victim.start_kill().unwrap();
+    victim.wait().await.unwrap();
+
+    let answers = running.await.unwrap();
+    for (status, body) in &answers {
+        assert_eq!(*status, 200, "{body}");
+        assert_eq!(body["status"], "completed");
+        assert_eq!(body["node_id"], "survivor");
+        assert_eq!(body["attempts"], 2, "{body}");
+    }
+    let completed = std::fs::read_to_string(&survivor_log).unwrap();
+    assert_eq!(
+        completed.lines().count(),
+        4,
+        "each job ran once on the survivor: {completed:?}"
+    );
+    for job in &jobs {
+        let (_, stored) = coordinator
+            .get(&format!("/v1/jobs/{}", job["id"].as_str().unwrap()))
+            .await;
+        assert_eq!(stored["status"], "completed");
+    }
+    survivor.start_kill().unwrap();
+    survivor.wait().await.unwrap();
+    coordinator.stop().await;
+}
