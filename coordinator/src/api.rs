@@ -276,14 +276,15 @@ pub async fn submit_job(
             .into_response());
     }
     // The dispatcher ends the job at its timeout; the margin covers Redis.
-    let waited = match tokio::time::timeout(
-        timeout + Duration::from_secs(5),
-        terminal.wait_for(Option::is_some),
-    )
-    .await
-    {
-        Ok(Ok(view)) => view.clone(),
-        _ => None,
+    // A coordinator shutting down answers with the job still running: the
+    // client can ask another instance for it.
+    let margin = timeout + Duration::from_secs(5);
+    let waited = tokio::select! {
+        waited = tokio::time::timeout(margin, terminal.wait_for(Option::is_some)) => match waited {
+            Ok(Ok(view)) => view.clone(),
+            _ => None,
+        },
+        () = shared.shutdown.cancelled() => None,
     };
     if let Some(view) = waited {
         return Ok(view_response(view));

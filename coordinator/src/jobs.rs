@@ -22,8 +22,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::metrics::{JobLabel, Metrics, ResultLabel};
 use crate::registry::{Control, Registry};
 use crate::store::{Finish, JobRecord, JobStart, Pick, Store, StoreError};
 
@@ -53,6 +55,18 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// The code as the API writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::NoNodes => "no_nodes",
+            ErrorCode::NoCapacity => "no_capacity",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::ExecutorFailed => "executor_failed",
+            ErrorCode::NodeLost => "node_lost",
+            ErrorCode::Cancelled => "cancelled",
+        }
+    }
+
     /// The HTTP status answering a job failed with this code.
     pub fn status(self) -> StatusCode {
         match self {
@@ -261,6 +275,8 @@ pub struct JobRouter {
     unanswered: Mutex<HashMap<(NodeId, JobKind), u32>>,
     waiters: Mutex<HashMap<JobId, Arc<Waiter>>>,
     capacity: Arc<Notify>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -270,13 +286,18 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl JobRouter {
     /// A router over `store`, sending through the sockets of `registry`;
-    /// `capacity` is notified whenever capacity reports reach Redis.
+    /// `capacity` is notified whenever capacity reports reach Redis. On
+    /// `shutdown` dispatching stops: jobs in flight stay `running` in Redis
+    /// and their results are recorded by whichever coordinator receives
+    /// them.
     pub fn new(
         store: Store,
         registry: Arc<Registry>,
         config: Config,
         instance: String,
         capacity: Arc<Notify>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
     ) -> Self {
         Self {
             store,
@@ -287,6 +308,8 @@ impl JobRouter {
             unanswered: Mutex::default(),
             waiters: Mutex::default(),
             capacity,
+            metrics,
+            shutdown,
         }
     }
 
@@ -343,7 +366,14 @@ impl JobRouter {
         started: tokio::sync::oneshot::Sender<Result<(), SubmitError>>,
     ) {
         let mut started = Some(started);
-        let view = match self.run(&job, &mut started).await {
+        let outcome = tokio::select! {
+            outcome = self.run(&job, &mut started) => outcome,
+            () = self.shutdown.cancelled() => {
+                lock(&self.waiters).remove(&job.id);
+                return;
+            }
+        };
+        let view = match outcome {
             Ok(view) => view,
             Err(err) => {
                 tracing::error!(job_id = %job.id, error = %err, "dispatch failed");
@@ -358,6 +388,10 @@ impl JobRouter {
         if let Some(started) = started.take() {
             let _ = started.send(Ok(()));
         }
+        let status = view
+            .error_code()
+            .map_or_else(|| view.status.clone(), |code| code.as_str().to_owned());
+        self.metrics.jobs.get_or_create(&JobLabel { status }).inc();
         self.publish(&job.id, view);
     }
 
@@ -529,13 +563,17 @@ impl JobRouter {
                 .unwrap_or(u64::MAX)
                 .max(1),
         });
-        *lock(&self.unanswered).entry((node.clone(), job.kind.clone())).or_default() += 1;
+        *lock(&self.unanswered)
+            .entry((node.clone(), job.kind.clone()))
+            .or_default() += 1;
         let unanswered = Unanswered {
             router: self,
             key: (node.clone(), job.kind.clone()),
         };
+        self.metrics.assignments.inc();
         let outcome = if self.registry.send(node, Control::Send(Box::new(assign))) {
-            self.follow(node, &key, &mut events, deadline, unanswered).await
+            self.follow(node, &key, &mut events, deadline, unanswered)
+                .await
         } else {
             Tried::Move(
                 ErrorCode::NodeLost,
@@ -700,12 +738,20 @@ impl JobRouter {
 
     /// Assignments of `kind` sent to `node` and not answered yet.
     pub fn unanswered(&self, node: &NodeId, kind: &JobKind) -> u32 {
-        lock(&self.unanswered).get(&(node.clone(), kind.clone())).copied().unwrap_or(0)
+        lock(&self.unanswered)
+            .get(&(node.clone(), kind.clone()))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// A node accepted or refused an assignment. Returns the attempt's
     /// kind when the attempt is known here.
-    pub fn answer(&self, node: &NodeId, key: &JobRef, refusal: Option<(RejectReason, String)>) -> Option<JobKind> {
+    pub fn answer(
+        &self,
+        node: &NodeId,
+        key: &JobRef,
+        refusal: Option<(RejectReason, String)>,
+    ) -> Option<JobKind> {
         let attempts = lock(&self.attempts);
         let attempt = attempts.get(key).filter(|a| &a.node == node)?;
         let _ = attempt.events.send(match refusal {
@@ -740,6 +786,17 @@ impl JobRouter {
             )
             .await?;
         tracing::debug!(job_id = %result.job_id, attempt = result.attempt, node_id = %node, ?finish, "job result");
+        let taken = match finish {
+            Finish::Applied => "applied",
+            Finish::Duplicate => "duplicate",
+            Finish::Stale => "stale",
+        };
+        self.metrics
+            .results
+            .get_or_create(&ResultLabel {
+                outcome: taken.into(),
+            })
+            .inc();
         if finish == Finish::Applied {
             let key = JobRef {
                 job_id: result.job_id.clone(),

@@ -31,6 +31,20 @@ pub struct CodeLabel {
     pub code: String,
 }
 
+/// Label: how a node's result was taken.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// `applied`, `duplicate` or `stale`.
+    pub outcome: String,
+}
+
+/// Label: a job's terminal status.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JobLabel {
+    /// `completed`, or the error code.
+    pub status: String,
+}
+
 /// Label: a pool.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PoolLabel {
@@ -57,6 +71,12 @@ pub struct Metrics {
     pub script_seconds: HistogramFamily<ScriptLabel>,
     /// Members per pool, refreshed at each scrape.
     pub pool_nodes: Family<PoolLabel, Gauge>,
+    /// Jobs dispatched by this instance that reached a terminal state.
+    pub jobs: Family<JobLabel, Counter>,
+    /// Node results by how they were taken.
+    pub results: Family<ResultLabel, Counter>,
+    /// Assignments sent to nodes (every attempt).
+    pub assignments: Counter,
 }
 
 fn script_histogram() -> Histogram {
@@ -74,6 +94,24 @@ impl Default for Metrics {
         let script_seconds =
             HistogramFamily::new_with_constructor(script_histogram as fn() -> Histogram);
         let pool_nodes = Family::default();
+        let jobs = Family::default();
+        let results = Family::default();
+        let assignments = Counter::default();
+        registry.register(
+            "jobs",
+            "Jobs dispatched here that ended, by status or error code",
+            jobs.clone(),
+        );
+        registry.register(
+            "job_results",
+            "Node results: applied, duplicate (already ended) or stale (superseded attempt)",
+            results.clone(),
+        );
+        registry.register(
+            "job_assignments",
+            "Assignments sent to nodes (one per attempt)",
+            assignments.clone(),
+        );
         registry.register(
             "nodes_connected",
             "Node sockets held by this coordinator instance",
@@ -108,6 +146,9 @@ impl Default for Metrics {
             frames_rejected,
             script_seconds,
             pool_nodes,
+            jobs,
+            results,
+            assignments,
         }
     }
 }

@@ -570,7 +570,9 @@ async fn handle(
                 attempt: reject.attempt,
             };
             let reason = reject.reason;
-            let kind = shared.router.answer(&session.node, &key, Some((reason, reject.message)));
+            let kind = shared
+                .router
+                .answer(&session.node, &key, Some((reason, reject.message)));
             // The node is full for that kind, whatever its last report said:
             // route nothing more of it there until it reports room again.
             if let (Some(kind), RejectReason::NoCapacity) = (kind, reason) {

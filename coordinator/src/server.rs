@@ -106,6 +106,8 @@ pub async fn run(
         config.clone(),
         instance.clone(),
         capacity,
+        metrics.clone(),
+        shutdown.clone(),
     ));
     let shared = Arc::new(Shared {
         config,

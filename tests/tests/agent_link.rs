@@ -167,3 +167,62 @@ async fn reload_applies_limits_live() {
     agent.stop().await.unwrap();
     coordinator.stop().await;
 }
+
+#[tokio::test]
+async fn results_finished_while_disconnected_are_delivered_once_after_reconnect() {
+    let redis = lingua_tests::redis().await;
+    let coordinator = TestCoordinator::start(&redis, test_config()).await;
+    let addr = coordinator.addr;
+    let agent = TestAgent::start(agent_config("outboxer", &coordinator.ws_url(), 800));
+    agent.registered(1).await;
+    let client = reqwest::Client::new();
+    for i in 0..3 {
+        let job = serde_json::json!({"id": format!("r-{i}"), "kind": "translate", "src_lang": "zh", "tgt_lang": "en"});
+        let response = client
+            .post(coordinator.url("/v1/jobs?wait=false"))
+            .json(&job)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+    }
+    let arbiter = agent.handles.arbiter.clone();
+    eventually("three jobs to run", || async {
+        (arbiter.running() == 3).then_some(())
+    })
+    .await;
+
+    // The coordinator goes away while they run; they finish disconnected.
+    coordinator.stop().await;
+    let mut status = agent.handles.status.clone();
+    status
+        .wait_for(|s| !s.connected && s.outbox == 3)
+        .await
+        .unwrap();
+
+    let coordinator = TestCoordinator::start_on(&redis, test_config(), None, addr).await;
+    agent.registered(2).await;
+    status.wait_for(|s| s.outbox == 0).await.unwrap();
+    for i in 0..3 {
+        let (code, job) = coordinator.get(&format!("/v1/jobs/r-{i}")).await;
+        assert_eq!(code, 200, "{job}");
+        assert_eq!(job["status"], "completed");
+        assert_eq!(job["attempts"], 1);
+    }
+    let metrics = reqwest::get(coordinator.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("lingua_job_results_total{outcome=\"applied\"} 3"),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("outcome=\"duplicate\""),
+        "each result was applied exactly once:\n{metrics}"
+    );
+    agent.stop().await.unwrap();
+    coordinator.stop().await;
+}

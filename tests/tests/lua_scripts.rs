@@ -9,9 +9,11 @@ use std::time::Duration;
 
 use lingua_coordinator::metrics::Metrics;
 use lingua_coordinator::private_redis::PrivateRedis;
-use lingua_coordinator::store::{DrainOutcome, RegisterOutcome, Registration, RouteEntry, Store};
+use lingua_coordinator::store::{
+    DrainOutcome, Finish, JobStart, Pick, RegisterOutcome, Registration, RouteEntry, Store,
+};
 use lingua_shared::protocol::{CapacityReport, Heartbeat};
-use lingua_shared::{JobKind, LangPair, Message, NodeId};
+use lingua_shared::{JobId, JobKind, LangPair, Message, NodeId};
 use lingua_tests::{TestCoordinator, TestNode, eventually, registration, test_config};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
@@ -132,6 +134,10 @@ fn script_names() -> HashMap<String, &'static str> {
         ("pool_join", include_str!("../../lua/pool_join.lua")),
         ("pool_leave", include_str!("../../lua/pool_leave.lua")),
         ("route_update", include_str!("../../lua/route_update.lua")),
+        ("route_pick", include_str!("../../lua/route_pick.lua")),
+        ("job_start", include_str!("../../lua/job_start.lua")),
+        ("job_attempt", include_str!("../../lua/job_attempt.lua")),
+        ("job_finish", include_str!("../../lua/job_finish.lua")),
     ];
     scripts
         .into_iter()
@@ -166,6 +172,30 @@ async fn every_script_call_keeps_its_keys_in_one_cluster_slot() {
         (view["capacity"]["free_slots"] == serde_json::json!({})).then_some(())
     })
     .await;
+    // A job through a real agent: route_pick, job_start, job_finish; then
+    // a (refused) job_attempt on the finished job.
+    let agent = lingua_tests::TestAgent::start(lingua_tests::agent_config(
+        "slots-agent",
+        &coordinator.ws_url(),
+        10,
+    ));
+    agent.registered(1).await;
+    let job = serde_json::json!({"id": "slot-job", "kind": "translate", "src_lang": "zh", "tgt_lang": "en", "session_id": "s1"});
+    let answer = reqwest::Client::new()
+        .post(coordinator.url("/v1/jobs"))
+        .json(&job)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    let store = store(&redis).await;
+    let job_id = JobId::new("slot-job").unwrap();
+    let agent_id = NodeId::new("slots-agent").unwrap();
+    assert_eq!(
+        store.job_attempt(&job_id, 1, &agent_id).await.unwrap(),
+        None
+    );
+    agent.stop().await.unwrap();
     let drained = reqwest::Client::new()
         .post(coordinator.url("/v1/nodes/slots/drain"))
         .send()
@@ -560,4 +590,163 @@ async fn pool_join_cost_does_not_grow_with_the_number_of_pools() {
         at_10 <= 10,
         "a join is a handful of O(log n) commands: {at_10}"
     );
+}
+
+#[tokio::test]
+async fn job_records_are_idempotent_and_fenced_by_attempt() {
+    let redis = lingua_tests::redis().await;
+    let store = store(&redis).await;
+    let id = JobId::new("j-1").unwrap();
+    let (a, b) = (node("a"), node("b"));
+    assert_eq!(
+        store
+            .job_start(&id, "{req}", Some(&a), LEASE, "c")
+            .await
+            .unwrap(),
+        JobStart::New
+    );
+    assert_eq!(
+        store
+            .job_start(&id, "{req}", Some(&b), LEASE, "c")
+            .await
+            .unwrap(),
+        JobStart::Exists
+    );
+    assert_eq!(
+        store
+            .job_start(&id, "{other}", Some(&b), LEASE, "c")
+            .await
+            .unwrap(),
+        JobStart::Conflict
+    );
+    assert_eq!(
+        store.job_attempt(&id, 2, &b).await.unwrap(),
+        None,
+        "stale: attempt 1 is current"
+    );
+    assert_eq!(store.job_attempt(&id, 1, &b).await.unwrap(), Some(2));
+    let done = serde_json::json!({"output": {"text": "hi"}});
+    assert_eq!(
+        store.job_finish(&id, 1, true, &done, LEASE).await.unwrap(),
+        Finish::Stale,
+        "the superseded attempt is ignored"
+    );
+    assert_eq!(
+        store.job_finish(&id, 2, true, &done, LEASE).await.unwrap(),
+        Finish::Applied
+    );
+    assert_eq!(
+        store.job_finish(&id, 2, true, &done, LEASE).await.unwrap(),
+        Finish::Duplicate
+    );
+    assert_eq!(
+        store.job_attempt(&id, 2, &a).await.unwrap(),
+        None,
+        "an ended job takes no new attempt"
+    );
+    let record = store.job(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            record.status.as_str(),
+            record.attempt,
+            record.node.as_deref()
+        ),
+        ("completed", 2, Some("b"))
+    );
+    assert_eq!(record.outcome, Some(done));
+    assert_eq!(
+        store
+            .job_finish(
+                &JobId::new("unknown").unwrap(),
+                1,
+                true,
+                &serde_json::json!({}),
+                LEASE
+            )
+            .await
+            .unwrap(),
+        Finish::Stale
+    );
+}
+
+#[tokio::test]
+async fn route_pick_prefers_the_session_node_excludes_tried_ones_and_tells_why_not() {
+    let redis = lingua_tests::redis().await;
+    let store = store(&redis).await;
+    let zh_en = pair("zh:en");
+    let asr = JobKind::new("asr").unwrap();
+    let affinity = Duration::from_secs(60);
+    assert_eq!(
+        store
+            .route_pick(zh_en, &asr, None, affinity, &[])
+            .await
+            .unwrap(),
+        Pick::NoNodes
+    );
+    for id in ["a", "b"] {
+        store.pool_join(zh_en, &node(id), 10, LEASE).await.unwrap();
+    }
+    assert_eq!(
+        store
+            .route_pick(zh_en, &asr, None, affinity, &[])
+            .await
+            .unwrap(),
+        Pick::NoCapacity,
+        "members, none with room"
+    );
+    let entries = [
+        RouteEntry {
+            node: node("a"),
+            free: [(asr.clone(), 1)].into(),
+        },
+        RouteEntry {
+            node: node("b"),
+            free: [(asr.clone(), 50)].into(),
+        },
+    ];
+    store.route_update(zh_en, &entries, LEASE).await.unwrap();
+    // Two candidates, two choices: the roomier one wins.
+    assert_eq!(
+        store
+            .route_pick(zh_en, &asr, None, affinity, &[])
+            .await
+            .unwrap(),
+        Pick::Node(node("b"))
+    );
+    // Excluded nodes are never picked; a's one slot hint is used up.
+    assert_eq!(
+        store
+            .route_pick(zh_en, &asr, None, affinity, &[node("b")])
+            .await
+            .unwrap(),
+        Pick::Node(node("a"))
+    );
+    assert_eq!(
+        store
+            .route_pick(zh_en, &asr, None, affinity, &[node("b")])
+            .await
+            .unwrap(),
+        Pick::NoCapacity
+    );
+    // A session sticks to its node while it has room.
+    store.route_update(zh_en, &entries, LEASE).await.unwrap();
+    assert_eq!(
+        store
+            .route_pick(zh_en, &asr, Some("s1"), affinity, &[node("b")])
+            .await
+            .unwrap(),
+        Pick::Node(node("a"))
+    );
+    store.route_update(zh_en, &entries, LEASE).await.unwrap();
+    for _ in 0..5 {
+        assert_eq!(
+            store
+                .route_pick(zh_en, &asr, Some("s1"), affinity, &[])
+                .await
+                .unwrap(),
+            Pick::Node(node("a")),
+            "affinity"
+        );
+        store.route_update(zh_en, &entries, LEASE).await.unwrap();
+    }
 }
