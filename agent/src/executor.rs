@@ -172,17 +172,22 @@ async fn http(client: &reqwest::Client, url: &str, timeout: Duration, payload: &
             format!("http executor: {url} answered {status}: {text}"),
         );
     }
-    if body.len() > MAX_OUTPUT_BYTES {
+    json_output(&body, "http executor: the answer")
+}
+
+/// The output of an executor: JSON of at most 1 MiB.
+fn json_output(bytes: &[u8], what: &str) -> Outcome {
+    if bytes.len() > MAX_OUTPUT_BYTES {
         return failed(
             FailureCode::ExecutorFailed,
-            "http executor: answer larger than 1 MiB",
+            format!("{what} is larger than 1 MiB"),
         );
     }
-    match serde_json::from_slice(&body) {
+    match serde_json::from_slice(bytes) {
         Ok(output) => Outcome::Completed { output },
         Err(err) => failed(
             FailureCode::ExecutorFailed,
-            format!("http executor: answer is not JSON: {err}"),
+            format!("{what} is not JSON: {err}"),
         ),
     }
 }
@@ -286,19 +291,7 @@ async fn command(argv: &[String], timeout: Duration, payload: &Value) -> Outcome
             format!("command executor: {} {status}: {tail}", argv[0]),
         );
     }
-    if out.len() > MAX_OUTPUT_BYTES {
-        return failed(
-            FailureCode::ExecutorFailed,
-            "command executor: output larger than 1 MiB",
-        );
-    }
-    match serde_json::from_slice(&out) {
-        Ok(output) => Outcome::Completed { output },
-        Err(e) => failed(
-            FailureCode::ExecutorFailed,
-            format!("command executor: stdout is not JSON: {e}"),
-        ),
-    }
+    json_output(&out, "command executor: stdout")
 }
 
 #[cfg(test)]

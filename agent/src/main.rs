@@ -7,40 +7,21 @@
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use lingua_agent::agent::{Agent, AgentError, Control, Handles};
 use lingua_agent::arbiter::{Arbiter, Limits};
 use lingua_agent::config::{AgentConfig, DEFAULT_CONFIG_PATH};
 use lingua_agent::{gpu, metrics};
+use lingua_shared::process::{Exit, LogFormat, init_logging, usage_error};
 use sd_notify::NotifyState;
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-
-#[derive(Debug, Clone, Copy)]
-enum Exit {
-    Usage = 64,
-    Unavailable = 69,
-    Internal = 70,
-}
-
-impl From<Exit> for ExitCode {
-    fn from(exit: Exit) -> Self {
-        ExitCode::from(exit as u8)
-    }
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
 
 /// The Lingua fleet GPU node agent: decides from GPU readings how many jobs
 /// of each kind this host can run, runs them, and reports its capacity to
@@ -73,14 +54,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(err) => {
-            let _ = err.print();
-            return if err.use_stderr() {
-                Exit::Usage.into()
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
+        Err(err) => return usage_error(&err),
     };
     init_logging(cli.log_format);
     let config = match AgentConfig::load(&cli.config) {
@@ -106,19 +80,6 @@ fn main() -> ExitCode {
             };
             runtime.block_on(serve(config, cli.config))
         }
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LINGUA_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
     }
 }
 

@@ -5,40 +5,20 @@
 //! missing, address in use), 70 internal error.
 #![forbid(unsafe_code)]
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use lingua_coordinator::config::{Config, ConfigError};
 use lingua_coordinator::metrics::Metrics;
 use lingua_coordinator::private_redis::PrivateRedis;
 use lingua_coordinator::store::Store;
 use lingua_coordinator::{server, tls};
+use lingua_shared::process::{Exit, LogFormat, init_logging, usage_error};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
-
-/// Process exit codes.
-#[derive(Debug, Clone, Copy)]
-enum Exit {
-    Usage = 64,
-    Unavailable = 69,
-    Internal = 70,
-}
-
-impl From<Exit> for ExitCode {
-    fn from(exit: Exit) -> Self {
-        ExitCode::from(exit as u8)
-    }
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
 
 /// The Lingua fleet coordinator: registers GPU nodes, keeps per-language-pair
 /// pools in Redis and routes jobs to nodes with room.
@@ -73,14 +53,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(err) => {
-            let _ = err.print();
-            return if err.use_stderr() {
-                Exit::Usage.into()
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
+        Err(err) => return usage_error(&err),
     };
     init_logging(cli.log_format);
     let config = match load_config(&cli) {
@@ -109,19 +82,6 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(serve(config, tls))
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("LINGUA_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
 }
 
 fn load_config(cli: &Cli) -> Result<Config, ConfigError> {

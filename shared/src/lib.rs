@@ -9,6 +9,7 @@
 //!   size limit, and encoding them back.
 //! - [`close`]: the WebSocket close codes both sides use.
 //! - [`config_check`]: reading and validating TOML configuration files.
+//! - [`process`]: exit codes and logging, the same in every binary.
 //!
 //! docs/PROTOCOL.md describes the protocol for people; this crate is its
 //! executable form.
@@ -19,6 +20,7 @@ pub mod codec;
 pub mod config_check;
 pub mod ids;
 pub mod lang;
+pub mod process;
 pub mod protocol;
 
 pub use codec::{DecodeError, MAX_FRAME_BYTES, decode, encode};
