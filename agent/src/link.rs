@@ -40,7 +40,7 @@ use crate::jobs::{Jobs, Outgoing};
 
 /// Capacity changes wait this long so that bursts go out as one report;
 /// a kind going from full to having room (or back) is sent at once.
-const CAPACITY_DEBOUNCE: Duration = Duration::from_millis(25);
+const CAPACITY_DEBOUNCE: Duration = Duration::from_millis(10);
 /// Time the coordinator has to answer `register`.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 

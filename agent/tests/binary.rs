@@ -200,3 +200,45 @@ async fn the_packaged_example_config_is_valid() {
     let (code, stdout, stderr) = run(&["check-config", "--config", example]).await;
     assert_eq!((code, stdout.trim()), (0, "config is valid"), "{stderr}");
 }
+
+#[tokio::test]
+async fn tells_systemd_it_is_ready_feeds_the_watchdog_and_reports_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = tokio::net::UnixDatagram::bind(&socket_path).unwrap();
+    let (_config_dir, path) = config(
+        "simulated",
+        &format!("ws://127.0.0.1:{}/v1/node", free_port()),
+        "",
+    );
+    let mut child = Command::new(BIN)
+        .args(["--config", path.to_str().unwrap()])
+        .env("LINGUA_LOG", "warn")
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "200000")
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut seen = String::new();
+    let all_seen = tokio::time::timeout(PATIENCE, async {
+        let mut buf = vec![0u8; 4096];
+        while !(seen.contains("READY=1") && seen.contains("WATCHDOG=1") && seen.contains("STATUS="))
+        {
+            let n = socket.recv(&mut buf).await.unwrap();
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+            seen.push('\n');
+        }
+    })
+    .await;
+    assert!(all_seen.is_ok(), "systemd notifications so far: {seen:?}");
+    let pid = child.id().unwrap().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert_eq!(child.wait().await.unwrap().code(), Some(0));
+}

@@ -443,22 +443,27 @@ impl JobRouter {
                 .await?;
             let node = match pick {
                 Pick::Node(node) => node,
-                Pick::NoNodes if attempt == 0 => {
-                    let message = format!("no live node serves {} jobs for {}", job.kind, job.pair);
-                    return self
-                        .fail(
-                            job,
-                            attempt,
-                            &request,
-                            lifetime,
-                            (ErrorCode::NoNodes, message),
-                            started,
+                Pick::NoNodes => {
+                    // Nothing serves the pair any more: waiting would only
+                    // burn the client's timeout.
+                    let failure = if attempt == 0 {
+                        (
+                            ErrorCode::NoNodes,
+                            format!("no live node serves {} jobs for {}", job.kind, job.pair),
                         )
+                    } else {
+                        last_failure
+                    };
+                    return self
+                        .fail(job, attempt, &request, lifetime, failure, started)
                         .await;
                 }
-                Pick::NoNodes | Pick::NoCapacity => {
-                    // Every node is full (or the last one just left): wait
-                    // for a capacity report, as long as the job may wait.
+                Pick::NoCapacity => {
+                    // Every node is full, or every node with room was tried
+                    // already: nodes that refused may have room again by the
+                    // next report, so they become candidates again. Wait for
+                    // a capacity report, as long as the job may wait.
+                    excluded.clear();
                     if !self.wait_for_capacity(deadline).await {
                         let message = format!(
                             "no node had room for a {} job for {} within {} ms",
