@@ -16,6 +16,7 @@ use lingua_coordinator::private_redis::PrivateRedis;
 use lingua_coordinator::store::Store;
 use lingua_coordinator::{server, tls};
 use lingua_shared::process::{Exit, LogFormat, init_logging, usage_error};
+use sd_notify::NotifyState;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -147,6 +148,7 @@ async fn serve(config: Config, tls: Option<TlsAcceptor>) -> ExitCode {
                 Ok(listener) => {
                     let shutdown = CancellationToken::new();
                     tokio::spawn(stop_on_signal(shutdown.clone()));
+                    tokio::spawn(systemd(shutdown.clone()));
                     match server::run(listener, tls, config, store, metrics, shutdown).await {
                         Ok(()) => ExitCode::SUCCESS,
                         Err(err) => {
@@ -163,6 +165,27 @@ async fn serve(config: Config, tls: Option<TlsAcceptor>) -> ExitCode {
     }
     tracing::info!("coordinator stopped");
     exit
+}
+
+/// Tells systemd the coordinator serves (READY=1) and feeds its watchdog;
+/// no-ops outside systemd.
+async fn systemd(shutdown: CancellationToken) {
+    let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
+    let Some(period) = sd_notify::watchdog_enabled() else {
+        return;
+    };
+    let mut feed = tokio::time::interval(period / 2);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => {
+                let _ = sd_notify::notify(&[NotifyState::Stopping]);
+                return;
+            }
+            _ = feed.tick() => {
+                let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+            }
+        }
+    }
 }
 
 async fn stop_on_signal(shutdown: CancellationToken) {

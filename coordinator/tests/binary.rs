@@ -313,3 +313,31 @@ async fn the_packaged_example_config_is_valid() {
     let (code, stdout, stderr) = run_to_end(&["check-config", "--config", example], None).await;
     assert_eq!((code, stdout.trim()), (0, "config is valid"), "{stderr}");
 }
+
+#[tokio::test]
+async fn tells_systemd_it_is_ready_and_feeds_the_watchdog() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = tokio::net::UnixDatagram::bind(&socket_path).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0"])
+        .env("LINGUA_LOG", "warn")
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "200000")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut seen = String::new();
+    let all_seen = tokio::time::timeout(PATIENCE, async {
+        let mut buf = vec![0u8; 4096];
+        while !(seen.contains("READY=1") && seen.contains("WATCHDOG=1")) {
+            let n = socket.recv(&mut buf).await.unwrap();
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+            seen.push('\n');
+        }
+    })
+    .await;
+    assert!(all_seen.is_ok(), "systemd notifications so far: {seen:?}");
+    signal(&child, "-TERM");
+    assert_eq!(child.wait().await.unwrap().code(), Some(0));
+}

@@ -213,7 +213,10 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 }
 
 fn bar(done: usize, total: usize, width: usize) -> String {
-    let filled = (done * width).checked_div(total).unwrap_or(width).min(width);
+    let filled = (done * width)
+        .checked_div(total)
+        .unwrap_or(width)
+        .min(width);
     format!("[{}{}]", "#".repeat(filled), ".".repeat(width - filled))
 }
 
