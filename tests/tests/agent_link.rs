@@ -226,3 +226,21 @@ async fn results_finished_while_disconnected_are_delivered_once_after_reconnect(
     agent.stop().await.unwrap();
     coordinator.stop().await;
 }
+
+#[tokio::test]
+async fn an_idle_link_stays_up_on_pongs_and_heartbeats_alone() {
+    let redis = lingua_tests::redis().await;
+    let coordinator = TestCoordinator::start(&redis, test_config()).await;
+    let agent = TestAgent::start(agent_config("quiet-link", &coordinator.ws_url(), 100));
+    agent.registered(1).await;
+    // Nothing but heartbeats and pings for ten heartbeat intervals (the
+    // half-open detector fires after three silent ones): no reconnect, and
+    // the coordinator keeps the node alive.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let status = agent.handles.status.borrow().clone();
+    assert!(status.connected && status.registrations == 1, "{status:?}");
+    let (_, view) = coordinator.get("/v1/nodes/quiet-link").await;
+    assert_eq!(view["state"], "ready");
+    agent.stop().await.unwrap();
+    coordinator.stop().await;
+}
