@@ -726,6 +726,13 @@ fn node_view(id: &str, mut fields: HashMap<String, String>, alive: bool) -> Node
         Some("ready") if alive => "ready",
         _ => "offline",
     };
+    // An offline node holds no pool seat (pool_leave ran, or its pair
+    // leases expired): do not show the last ones it had.
+    let pools = if state == "offline" {
+        serde_json::json!({})
+    } else {
+        pools
+    };
     NodeView {
         id: id.to_owned(),
         state: state.to_owned(),

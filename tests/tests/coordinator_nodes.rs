@@ -74,6 +74,11 @@ async fn node_joins_one_pool_per_directed_pair_and_leaves_on_close() {
     .await;
     let (_, view) = coordinator.get("/v1/nodes/gpu-1").await;
     assert_eq!(node_state(&view), "offline");
+    assert_eq!(
+        view["pools"],
+        serde_json::json!({}),
+        "an offline node holds no pool"
+    );
     coordinator.stop().await;
 }
 
