@@ -192,11 +192,6 @@ impl Jobs {
         }
     }
 
-    /// Attempts admitted or waiting for admission.
-    pub fn in_flight(&self) -> usize {
-        self.attempts().running.len()
-    }
-
     /// Waits until every job task has ended (after draining).
     pub async fn wait_idle(&self) {
         self.tasks.close();

@@ -509,7 +509,7 @@ impl JobRouter {
             }
             tries += 1;
             match self.try_node(job, &node, attempt, deadline).await {
-                Tried::Finished => return self.read_terminal(&job.id, deadline).await,
+                Tried::Finished => return self.wait_remote(&job.id, deadline).await,
                 Tried::Move(code, message) => {
                     excluded.push(node);
                     last_failure = (code, message);
@@ -683,12 +683,8 @@ impl JobRouter {
         self.store
             .job_finish(&job.id, attempt, false, &outcome, self.config.result_ttl)
             .await?;
-        self.read_terminal(&job.id, Instant::now() + job.timeout)
+        self.wait_remote(&job.id, Instant::now() + job.timeout)
             .await
-    }
-
-    async fn read_terminal(&self, id: &JobId, deadline: Instant) -> Result<JobView, SubmitError> {
-        self.wait_remote(id, deadline).await
     }
 
     /// Waits for a job's terminal state by reading Redis (the job is being

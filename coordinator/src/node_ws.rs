@@ -387,9 +387,7 @@ async fn register(
         register.node_id.clone(),
         LocalNode {
             epoch,
-            instance: register.instance.clone(),
             pools,
-            kinds: kinds.clone(),
             control,
         },
     );

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 use lingua_shared::close::CloseCode;
-use lingua_shared::{JobKind, LangPair, Message, NodeId};
+use lingua_shared::{LangPair, Message, NodeId};
 use tokio::sync::mpsc;
 
 /// An instruction to a connection task.
@@ -26,12 +26,8 @@ pub enum Control {
 pub struct LocalNode {
     /// The registration's epoch.
     pub epoch: u64,
-    /// The agent process's instance id.
-    pub instance: String,
     /// The node's pairs and the pool it holds in each.
     pub pools: BTreeMap<LangPair, String>,
-    /// The kinds it serves.
-    pub kinds: Vec<JobKind>,
     /// The connection task's inbox.
     pub control: mpsc::UnboundedSender<Control>,
 }
@@ -70,16 +66,6 @@ impl Registry {
         self.lock()
             .get(node)
             .is_some_and(|n| n.control.send(control).is_ok())
-    }
-
-    /// How many sockets are held.
-    pub fn len(&self) -> usize {
-        self.lock().len()
-    }
-
-    /// True when no socket is held.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, LocalNode>> {
