@@ -90,19 +90,22 @@ async fn jobs_run_only_on_nodes_serving_their_pair() {
 #[tokio::test]
 async fn a_burst_spreads_by_capacity_and_never_exceeds_an_arbiter() {
     let redis = lingua_tests::redis().await;
-    let coordinator = TestCoordinator::start(&redis, test_config()).await;
+    // A burst of 300 on 14 slots: capacity reports lag behind, so nodes
+    // refuse now and then; allow the retries that takes on a loaded
+    // machine.
+    let config = lingua_coordinator::config::Config {
+        max_attempts: 8,
+        ..test_config()
+    };
+    let coordinator = TestCoordinator::start(&redis, config).await;
     let sizes = [("small", 2u32), ("medium", 4), ("large", 8)];
     let agents: Vec<(&str, u32, TestAgent)> = sizes
         .iter()
         .map(|&(name, max)| {
-            (
-                name,
-                max,
-                TestAgent::start(with_capacity(
-                    agent_config(name, &coordinator.ws_url(), 30),
-                    max,
-                )),
-            )
+            let mut config = with_capacity(agent_config(name, &coordinator.ws_url(), 30), max);
+            // GPUs big enough that max_concurrent alone limits each node.
+            config.gpu.simulated.memory_mb = 200_000;
+            (name, max, TestAgent::start(config))
         })
         .collect();
     for (_, _, agent) in &agents {
