@@ -410,7 +410,7 @@ mod tests {
     }
 
     /// A local inference service: `/echo` answers the payload, `/fail`
-    /// answers 500, `/slow` answers after 5 s, `/text` answers plain text.
+    /// answers 500, `/slow` never answers, `/text` answers plain text.
     async fn inference_service() -> String {
         use axum::Json;
         use axum::http::StatusCode;
@@ -424,13 +424,7 @@ mod tests {
                 "/fail",
                 post(|| async { (StatusCode::INTERNAL_SERVER_ERROR, "model crashed") }),
             )
-            .route(
-                "/slow",
-                post(|| async {
-                    tokio::time::sleep(Duration::from_secs(5)).await;
-                    "late"
-                }),
-            )
+            .route("/slow", post(std::future::pending::<&'static str>))
             .route("/text", post(|| async { "not json" }));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
