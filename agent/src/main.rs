@@ -19,6 +19,7 @@ use lingua_agent::{gpu, metrics};
 use lingua_shared::process::{Exit, LogFormat, init_logging, usage_error};
 use sd_notify::NotifyState;
 use serde_json::json;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -138,6 +139,13 @@ fn probe(config: &AgentConfig) -> ExitCode {
 }
 
 async fn serve(config: AgentConfig, path: PathBuf) -> ExitCode {
+    let caught = match install_signals() {
+        Ok(caught) => caught,
+        Err(err) => {
+            eprintln!("lingua-agent: cannot install signal handlers: {err}");
+            return Exit::Internal.into();
+        }
+    };
     tracing::info!(node_id = %config.node_id, coordinator = %config.coordinator_url, backend = config.gpu.backend.name(), "agent starting");
     let agent_metrics_addr = config.metrics_listen;
     let agent = match Agent::start(config) {
@@ -160,7 +168,7 @@ async fn serve(config: AgentConfig, path: PathBuf) -> ExitCode {
         }
     }
     let (reload_tx, reload) = mpsc::unbounded_channel();
-    tokio::spawn(signals(shutdown.clone(), reload_tx, path));
+    tokio::spawn(signals(caught, shutdown.clone(), reload_tx, path));
     tokio::spawn(systemd(agent.handles.clone(), shutdown.clone()));
     match agent.run(Control { shutdown, reload }).await {
         Ok(()) => ExitCode::SUCCESS,
@@ -179,20 +187,32 @@ fn exit_for(err: &AgentError) -> ExitCode {
     }
 }
 
+/// SIGTERM, SIGINT and SIGHUP, caught from the moment this is created (a
+/// signal that arrives during start-up is not lost, nor fatal).
+struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+fn install_signals() -> std::io::Result<Signals> {
+    Ok(Signals {
+        term: signal(SignalKind::terminate())?,
+        int: signal(SignalKind::interrupt())?,
+        hup: signal(SignalKind::hangup())?,
+    })
+}
+
 async fn signals(
+    Signals {
+        mut term,
+        mut int,
+        mut hup,
+    }: Signals,
     shutdown: CancellationToken,
     reload: mpsc::UnboundedSender<AgentConfig>,
     path: PathBuf,
 ) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return;
-    };
     loop {
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: draining"); break; }

@@ -18,6 +18,7 @@ use lingua_coordinator::{server, tls};
 use lingua_shared::process::{Exit, LogFormat, init_logging, usage_error};
 use sd_notify::NotifyState;
 use tokio::net::TcpListener;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
@@ -111,6 +112,13 @@ fn load_config(cli: &Cli) -> Result<Config, ConfigError> {
 }
 
 async fn serve(config: Config, tls: Option<TlsAcceptor>) -> ExitCode {
+    let caught = match install_signals() {
+        Ok(caught) => caught,
+        Err(err) => {
+            eprintln!("lingua-coordinator: cannot install signal handlers: {err}");
+            return Exit::Internal.into();
+        }
+    };
     if config.node_tokens.is_empty() {
         tracing::warn!(listen = %config.listen, "no node tokens configured: accepting unauthenticated nodes");
     }
@@ -147,7 +155,7 @@ async fn serve(config: Config, tls: Option<TlsAcceptor>) -> ExitCode {
                 }
                 Ok(listener) => {
                     let shutdown = CancellationToken::new();
-                    tokio::spawn(stop_on_signal(shutdown.clone()));
+                    tokio::spawn(stop_on_signal(caught, shutdown.clone()));
                     tokio::spawn(systemd(shutdown.clone()));
                     match server::run(listener, tls, config, store, metrics, shutdown).await {
                         Ok(()) => ExitCode::SUCCESS,
@@ -188,15 +196,21 @@ async fn systemd(shutdown: CancellationToken) {
     }
 }
 
-async fn stop_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop the coordinator with SIGKILL");
-        return;
-    };
+/// SIGTERM and SIGINT, caught from the moment this is created (a signal
+/// that arrives during start-up still shuts down gracefully).
+struct Signals {
+    term: Signal,
+    int: Signal,
+}
+
+fn install_signals() -> std::io::Result<Signals> {
+    Ok(Signals {
+        term: signal(SignalKind::terminate())?,
+        int: signal(SignalKind::interrupt())?,
+    })
+}
+
+async fn stop_on_signal(Signals { mut term, mut int }: Signals, shutdown: CancellationToken) {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
