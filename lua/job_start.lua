@@ -6,6 +6,7 @@
 -- ARGV[2] node chosen for attempt 1 ("" when it fails before any node)
 -- ARGV[3] key lifetime in ms (job timeout + result retention)
 -- ARGV[4] coordinator instance dispatching it
+-- ARGV[5] the job's timeout in ms (its deadline is now + timeout)
 -- Returns {"new", 1}, {"exists", status, attempt} for the same request, or
 -- {"conflict"} when the id is taken by a different request.
 local request = redis.call('HGET', KEYS[1], 'request')
@@ -17,6 +18,7 @@ if request then
   return {'exists', fields[1], tonumber(fields[2])}
 end
 local now = redis.call('TIME')
+local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
 redis.call('HSET', KEYS[1],
   'request', ARGV[1],
   'status', 'running',
@@ -24,6 +26,7 @@ redis.call('HSET', KEYS[1],
   'node', ARGV[2],
   'nodes', ARGV[2],
   'coordinator', ARGV[4],
-  'created_ms', now[1] * 1000 + math.floor(now[2] / 1000))
+  'created_ms', now_ms,
+  'deadline_ms', now_ms + tonumber(ARGV[5]))
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return {'new', 1}

@@ -9,7 +9,9 @@
 --                      (a key nobody writes when the job has no session)
 -- ARGV[1] "1" when the job has a session, "0" otherwise
 -- ARGV[2] session affinity lifetime in ms
--- ARGV[3..] nodes already tried for this job (excluded)
+-- ARGV[3] policy: "capacity", or "random" (any live member, room or not:
+--         the earlier system's policy, kept only to measure against)
+-- ARGV[4..] nodes already tried for this job (excluded)
 -- Returns {"ok", node} or {"no_capacity"} (live members, none with room)
 -- or {"no_nodes"} (no live member serves the pair and kind).
 --
@@ -27,7 +29,7 @@ for _, node in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms, 'LIMI
 end
 
 local excluded = {}
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   excluded[ARGV[i]] = true
 end
 
@@ -39,13 +41,39 @@ if ARGV[1] == '1' then
   end
 end
 
+if not chosen and ARGV[3] == 'random' then
+  -- A negative count samples with repetition, each draw uniform (a
+  -- positive count at or above the set's size returns it in set order).
+  local sampled = redis.call('ZRANDMEMBER', KEYS[3], -(4 + (#ARGV - 3)), 'WITHSCORES')
+  for i = 1, #sampled, 2 do
+    if not chosen and not excluded[sampled[i]] and tonumber(sampled[i + 1]) > now_ms then
+      chosen = sampled[i]
+    end
+  end
+  if not chosen then
+    -- Every draw hit a tried node: take the first live untried one.
+    local live = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. now_ms, '+inf', 'LIMIT', 0, #ARGV - 2)
+    for _, node in ipairs(live) do
+      if not chosen and not excluded[node] then
+        chosen = node
+      end
+    end
+  end
+  if chosen then
+    return {'ok', chosen}
+  end
+end
+
 if not chosen then
   local best_free = -1
   local seen = 0
   -- Sampling two more than the excluded count leaves at least two
   -- candidates that were not tried yet, when there are that many.
-  local sample = 2 + (#ARGV - 2)
-  for _, node in ipairs(redis.call('ZRANDMEMBER', KEYS[1], sample)) do
+  -- A sample as large as the set comes back in set order: start at a
+  -- varying offset so that ties do not always go to the same node.
+  local sampled = redis.call('ZRANDMEMBER', KEYS[1], 2 + (#ARGV - 3))
+  for i = 1, #sampled do
+    local node = sampled[(i + now[2]) % #sampled + 1]
     if not excluded[node] and seen < 2 then
       seen = seen + 1
       local free = tonumber(redis.call('HGET', KEYS[2], node) or '0')

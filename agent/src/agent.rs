@@ -1,5 +1,5 @@
 //! Wires an agent together from its config and runs it: GPU probe and
-//! sampler thread, arbiter, executors, jobs, the coordinator link, live
+//! sampler, arbiter, executors, jobs, the coordinator link, live
 //! reload, and the drain on shutdown.
 
 use std::collections::HashMap;
@@ -92,7 +92,7 @@ pub struct Agent {
     link: Link,
     inventory: Vec<GpuInfo>,
     draining: watch::Sender<bool>,
-    sampler: gpu::Sampler,
+    probe: Box<dyn gpu::GpuProbe>,
     client: reqwest::Client,
 }
 
@@ -114,12 +114,6 @@ impl Agent {
             })
             .collect();
         arbiter.update(first, Instant::now());
-        let sampler = {
-            let arbiter = Arc::clone(&arbiter);
-            gpu::spawn_sampler(probe, config.gpu.poll_interval, move |reading| {
-                arbiter.update(reading, Instant::now())
-            })?
-        };
         let client = reqwest::Client::new();
         let (outgoing_tx, outgoing) = mpsc::unbounded_channel();
         let pairs = LangPair::all_from(&config.src_langs, &config.tgt_langs);
@@ -162,7 +156,7 @@ impl Agent {
             link,
             inventory,
             draining,
-            sampler,
+            probe,
             client,
         })
     }
@@ -178,9 +172,15 @@ impl Agent {
             link,
             inventory,
             draining,
-            sampler,
+            probe,
             client,
         } = self;
+        let sampler = {
+            let arbiter = Arc::clone(&handles.arbiter);
+            gpu::spawn_sampler(probe, config.gpu.poll_interval, move |reading| {
+                arbiter.update(reading, Instant::now())
+            })?
+        };
         let stop_link = CancellationToken::new();
         let mut link_task = tokio::spawn(link.run(inventory, stop_link.clone()));
         let refused = loop {

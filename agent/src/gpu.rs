@@ -1,7 +1,9 @@
 //! GPU probes: where the arbiter's readings come from.
 //!
-//! [`GpuProbe`] is read on a dedicated thread ([`spawn_sampler`]) because
-//! NVML calls block. Three backends: NVML ([`crate::nvml`]), simulated GPUs
+//! [`spawn_sampler`] reads a [`GpuProbe`] periodically: on a dedicated
+//! thread when its reads block (NVML), on a tokio task otherwise, so that a
+//! process can host thousands of simulated agents (`lingua-bench`) without
+//! a thread each. Three backends: NVML ([`crate::nvml`]), simulated GPUs
 //! whose memory and utilisation follow the jobs running on them (tests and
 //! the demo), and none (a CPU-only node).
 
@@ -46,10 +48,14 @@ pub enum ProbeError {
     NvmlUnavailable(String),
 }
 
-/// A source of GPU readings. `read` may block.
+/// A source of GPU readings. `read` may block when [`GpuProbe::blocks`].
 pub trait GpuProbe: Send {
     /// Which backend this is.
     fn backend(&self) -> Backend;
+    /// Whether `read` may block (and so needs a thread of its own).
+    fn blocks(&self) -> bool {
+        false
+    }
     /// Current readings of every GPU.
     fn read(&mut self) -> Vec<GpuSnapshot>;
 }
@@ -69,13 +75,25 @@ pub fn open(
     }
 }
 
-/// Reads `probe` every `interval` on its own thread and hands each reading
-/// to `publish`, until the returned [`Sampler`] is dropped.
+/// Reads `probe` every `interval` and hands each reading to `publish`,
+/// until the returned [`Sampler`] is dropped: on a thread of its own when
+/// the probe blocks, else on a task of the current tokio runtime.
 pub fn spawn_sampler(
     mut probe: Box<dyn GpuProbe>,
     interval: Duration,
     publish: impl Fn(Vec<GpuSnapshot>) + Send + 'static,
 ) -> std::io::Result<Sampler> {
+    if !probe.blocks() {
+        let task = tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticker.tick().await;
+                publish(probe.read());
+            }
+        });
+        return Ok(Sampler::Task(task.abort_handle()));
+    }
     let (stop, stopped) = mpsc::channel::<()>();
     let thread = std::thread::Builder::new()
         .name("gpu-sampler".into())
@@ -88,23 +106,35 @@ pub fn spawn_sampler(
                 }
             }
         })?;
-    Ok(Sampler {
+    Ok(Sampler::Thread {
         stop: Some(stop),
         thread: Some(thread),
     })
 }
 
-/// The sampler thread; dropping it stops the thread and waits for it.
-pub struct Sampler {
-    stop: Option<mpsc::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+/// The running sampler; dropping it stops it (and waits for its thread).
+pub enum Sampler {
+    /// A blocking probe's thread.
+    Thread {
+        /// Dropped to stop the thread.
+        stop: Option<mpsc::Sender<()>>,
+        /// Joined on drop.
+        thread: Option<JoinHandle<()>>,
+    },
+    /// A non-blocking probe's task.
+    Task(tokio::task::AbortHandle),
 }
 
 impl Drop for Sampler {
     fn drop(&mut self) {
-        self.stop.take();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        match self {
+            Self::Thread { stop, thread } => {
+                stop.take();
+                if let Some(thread) = thread.take() {
+                    let _ = thread.join();
+                }
+            }
+            Self::Task(task) => task.abort(),
         }
     }
 }
@@ -267,17 +297,50 @@ mod tests {
         assert_eq!(gpus.snapshot()[1].utilization_pct, Some(0));
     }
 
+    /// A probe that says it blocks, to exercise the thread sampler.
+    struct Blocking(SimulatedProbe);
+
+    impl GpuProbe for Blocking {
+        fn backend(&self) -> Backend {
+            Backend::Nvml
+        }
+
+        fn blocks(&self) -> bool {
+            true
+        }
+
+        fn read(&mut self) -> Vec<GpuSnapshot> {
+            self.0.read()
+        }
+    }
+
     #[test]
-    fn sampler_publishes_until_dropped() {
+    fn a_blocking_probe_is_sampled_on_a_thread_until_dropped() {
         let (tx, rx) = mpsc::channel();
-        let probe = Box::new(SimulatedProbe(sim()));
+        let probe = Box::new(Blocking(SimulatedProbe(sim())));
         let sampler = spawn_sampler(probe, Duration::from_millis(1), move |reading| {
             let _ = tx.send(reading.len());
         })
         .unwrap();
+        assert!(matches!(sampler, Sampler::Thread { .. }));
         assert_eq!(rx.recv().unwrap(), 2);
         assert_eq!(rx.recv().unwrap(), 2);
         drop(sampler);
         while rx.recv().is_ok() {}
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_simulated_probe_is_sampled_on_a_task_until_dropped() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let probe = Box::new(SimulatedProbe(sim()));
+        let sampler = spawn_sampler(probe, Duration::from_millis(100), move |reading| {
+            let _ = tx.send(reading.len());
+        })
+        .unwrap();
+        assert!(matches!(sampler, Sampler::Task(_)));
+        assert_eq!(rx.recv().await, Some(2));
+        assert_eq!(rx.recv().await, Some(2));
+        drop(sampler);
+        while rx.recv().await.is_some() {}
     }
 }

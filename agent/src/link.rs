@@ -22,7 +22,9 @@ use lingua_shared::protocol::{
     Capabilities, CapacityReport, Drain, GpuInfo, GpuReading, Heartbeat, JobRef, JobResult,
     Register, Secret, VersionRange,
 };
-use lingua_shared::{JobKind, LangCode, MAX_FRAME_BYTES, Message, NodeId, decode, encode};
+use lingua_shared::{
+    JobKind, LangCode, MAX_FRAME_BYTES, Message, NodeId, WS_BUFFER_BYTES, decode, encode,
+};
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use tokio::net::TcpStream;
@@ -244,7 +246,9 @@ impl Link {
     ) -> Result<(Ws, Duration), Ended> {
         let config = WebSocketConfig::default()
             .max_message_size(Some(MAX_FRAME_BYTES))
-            .max_frame_size(Some(MAX_FRAME_BYTES));
+            .max_frame_size(Some(MAX_FRAME_BYTES))
+            .read_buffer_size(WS_BUFFER_BYTES)
+            .write_buffer_size(WS_BUFFER_BYTES);
         let (mut ws, _) = tokio_tungstenite::connect_async_tls_with_config(
             self.endpoint.url.as_str(),
             Some(config),
@@ -332,6 +336,7 @@ impl Link {
         let mut capacity_changes = self.arbiter.subscribe();
         let mut last_sent = self.arbiter.free_slots();
         let mut debounce: Option<Instant> = None;
+        let mut hint_spent = false;
         let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
         let mut seq = 0u64;
         let mut last_heard = Instant::now();
@@ -343,7 +348,16 @@ impl Link {
                     last_heard = Instant::now();
                     match frame {
                         Some(Ok(WsMessage::Text(text))) => match decode(text.as_bytes()) {
-                            Ok(message) => self.handle(message, outbox),
+                            Ok(message) => {
+                                if matches!(message, Message::JobAssign(_)) {
+                                    // The coordinator took one off its hint of our free
+                                    // slots: even if our count ends where it was, its
+                                    // hint is now low. Report soon.
+                                    hint_spent = true;
+                                    debounce.get_or_insert_with(|| Instant::now() + CAPACITY_DEBOUNCE);
+                                }
+                                self.handle(message, outbox);
+                            }
                             Err(e) => tracing::warn!(error = %e, "bad frame from the coordinator"),
                         },
                         Some(Ok(WsMessage::Close(frame))) => {
@@ -371,6 +385,7 @@ impl Link {
                     let report = capacity(&self.arbiter);
                     last_sent = report.free_slots.clone();
                     debounce = None;
+                    hint_spent = false;
                     sends.push(Message::Heartbeat(Heartbeat { seq, capacity: report }));
                     if let Err(e) = ws.send(WsMessage::Ping(Vec::new().into())).await {
                         return Ended::Reconnect(format!("send ping: {e}"));
@@ -382,6 +397,7 @@ impl Link {
                     if flipped {
                         last_sent = now;
                         debounce = None;
+                        hint_spent = false;
                         sends.push(Message::Capacity(capacity(&self.arbiter)));
                     } else if now != last_sent && debounce.is_none() {
                         debounce = Some(Instant::now() + CAPACITY_DEBOUNCE);
@@ -390,8 +406,9 @@ impl Link {
                 () = sleep_until(flush_at) => {
                     debounce = None;
                     let report = capacity(&self.arbiter);
-                    if report.free_slots != last_sent {
+                    if report.free_slots != last_sent || hint_spent {
                         last_sent = report.free_slots.clone();
+                        hint_spent = false;
                         sends.push(Message::Capacity(report));
                     }
                 }

@@ -57,7 +57,7 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(err) => return usage_error(&err),
     };
-    init_logging(cli.log_format);
+    init_logging(cli.log_format, "info");
     let config = match AgentConfig::load(&cli.config) {
         Ok(config) => config,
         Err(err) => {

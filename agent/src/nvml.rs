@@ -76,6 +76,10 @@ impl GpuProbe for NvmlProbe {
         Backend::Nvml
     }
 
+    fn blocks(&self) -> bool {
+        true
+    }
+
     fn read(&mut self) -> Vec<GpuSnapshot> {
         self.drain_xid_events();
         let count = self.nvml.device_count().unwrap_or(0);

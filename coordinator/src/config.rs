@@ -56,6 +56,31 @@ pub struct Config {
     /// How long a finished job's result stays retrievable (and its id
     /// reserved).
     pub result_ttl: Duration,
+    /// How a node is chosen for a job.
+    pub pick: PickPolicy,
+}
+
+/// How `route_pick` chooses among the nodes of a pair.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PickPolicy {
+    /// The better of two random nodes that reported room (the default).
+    #[default]
+    Capacity,
+    /// Any live node, room or not: the earlier system's policy, kept to
+    /// measure what capacity-aware choice saves (`lingua-bench`). Never
+    /// better in production.
+    Random,
+}
+
+impl PickPolicy {
+    /// The name `route_pick` takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Capacity => "capacity",
+            Self::Random => "random",
+        }
+    }
 }
 
 impl Default for Config {
@@ -76,6 +101,7 @@ impl Default for Config {
             max_attempts: 3,
             accept_timeout: Duration::from_millis(2_000),
             result_ttl: Duration::from_millis(300_000),
+            pick: PickPolicy::Capacity,
         }
     }
 }
@@ -139,6 +165,7 @@ struct RawJobs {
     max_attempts: Option<Spanned<u32>>,
     accept_timeout_ms: Option<Spanned<u64>>,
     result_ttl_ms: Option<Spanned<u64>>,
+    pick: Option<PickPolicy>,
 }
 
 fn tokens(
@@ -255,6 +282,7 @@ impl Config {
                 300_000,
                 1_000..=604_800_000,
             )?),
+            pick: raw.jobs.pick.unwrap_or_default(),
         };
         Ok(config)
     }

@@ -33,6 +33,9 @@ use crate::store::{Finish, JobRecord, JobStart, Pick, Store, StoreError};
 const SESSION_AFFINITY: Duration = Duration::from_secs(600);
 /// How often a wait on a job dispatched by another instance re-reads Redis.
 const REMOTE_POLL: Duration = Duration::from_millis(20);
+/// How long past its deadline a running job must be before any instance
+/// ends it as an orphan: its own dispatcher ends it at the deadline.
+const ORPHAN_GRACE_MS: u64 = 2_000;
 /// Longest wait for a capacity report before picking again.
 const CAPACITY_POLL: Duration = Duration::from_millis(50);
 
@@ -438,6 +441,7 @@ impl JobRouter {
                     &job.kind,
                     job.session.as_deref(),
                     SESSION_AFFINITY,
+                    self.config.pick,
                     &excluded,
                 )
                 .await?;
@@ -486,7 +490,14 @@ impl JobRouter {
             attempt = if attempt == 0 {
                 match self
                     .store
-                    .job_start(&job.id, &request, Some(&node), lifetime, &self.instance)
+                    .job_start(
+                        &job.id,
+                        &request,
+                        Some(&node),
+                        job.timeout,
+                        lifetime,
+                        &self.instance,
+                    )
                     .await?
                 {
                     JobStart::New => 1,
@@ -662,7 +673,14 @@ impl JobRouter {
         let attempt = if attempt == 0 {
             match self
                 .store
-                .job_start(&job.id, request, None, lifetime, &self.instance)
+                .job_start(
+                    &job.id,
+                    request,
+                    None,
+                    job.timeout,
+                    lifetime,
+                    &self.instance,
+                )
                 .await?
             {
                 JobStart::New => 1,
@@ -688,10 +706,10 @@ impl JobRouter {
     }
 
     /// Waits for a job's terminal state by reading Redis (the job is being
-    /// dispatched by another submission or instance).
+    /// dispatched by another submission or instance, or by nobody).
     async fn wait_remote(&self, id: &JobId, deadline: Instant) -> Result<JobView, SubmitError> {
         loop {
-            if let Some(record) = self.store.job(id).await? {
+            if let Some(record) = self.record(id).await? {
                 let view = JobView::from_record(id, &record);
                 if view.is_terminal() || Instant::now() >= deadline {
                     return Ok(view);
@@ -711,10 +729,42 @@ impl JobRouter {
         }
     }
 
+    /// A job's record; one still running well past its deadline is an
+    /// orphan (its dispatcher died with its coordinator, its result is
+    /// lost) and is recorded failed here, so that nobody waits forever.
+    async fn record(&self, id: &JobId) -> Result<Option<JobRecord>, StoreError> {
+        let record = self.store.job(id).await?;
+        let orphaned = record.as_ref().is_some_and(|r| {
+            r.status == "running"
+                && r.deadline_ms
+                    .is_some_and(|d| wall_clock_ms() > d + ORPHAN_GRACE_MS)
+        });
+        if !orphaned {
+            return Ok(record);
+        }
+        let outcome = json!({"error": {
+            "code": ErrorCode::Timeout,
+            "message": "no result by the job's deadline: the coordinator dispatching it went away and no node reported a result",
+        }});
+        if self
+            .store
+            .job_expire(
+                id,
+                Duration::from_millis(ORPHAN_GRACE_MS),
+                &outcome,
+                self.config.result_ttl,
+            )
+            .await?
+        {
+            tracing::warn!(job_id = %id, "orphaned job recorded as failed after its deadline");
+        }
+        self.store.job(id).await
+    }
+
     /// The stored view of a job, waiting up to `wait` for a terminal state.
     pub async fn get(&self, id: &JobId, wait: Duration) -> Result<Option<JobView>, StoreError> {
         let receiver = lock(&self.waiters).get(id).map(|w| w.terminal.subscribe());
-        let Some(record) = self.store.job(id).await? else {
+        let Some(record) = self.record(id).await? else {
             return Ok(None);
         };
         let view = JobView::from_record(id, &record);
@@ -849,4 +899,12 @@ enum Tried {
     Finished,
     Move(ErrorCode, String),
     TimedOut,
+}
+
+/// Milliseconds since the Unix epoch by this host's clock (compared with
+/// Redis's only to decide whether to ask Redis, which decides by its own).
+fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }

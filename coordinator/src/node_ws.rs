@@ -18,7 +18,9 @@ use lingua_shared::protocol::{
     CapacityReport, Drain, ErrorCode, ErrorFrame, JobRef, Register, RegisterAck, RejectReason,
     VersionRange,
 };
-use lingua_shared::{JobKind, LangPair, MAX_FRAME_BYTES, Message, NodeId, decode, encode};
+use lingua_shared::{
+    JobKind, LangPair, MAX_FRAME_BYTES, Message, NodeId, WS_BUFFER_BYTES, decode, encode,
+};
 use subtle::ConstantTimeEq;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout};
@@ -42,6 +44,8 @@ pub async fn upgrade(
 ) -> Response {
     ws.max_message_size(MAX_FRAME_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
+        .read_buffer_size(WS_BUFFER_BYTES)
+        .write_buffer_size(WS_BUFFER_BYTES)
         .on_upgrade(move |socket| {
             let tasks = shared.tasks.clone();
             tasks.track_future(serve(socket, shared, peer))

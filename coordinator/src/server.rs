@@ -10,7 +10,7 @@ use axum::extract::DefaultBodyLimit;
 use axum::extract::connect_info::Connected;
 use axum::routing::{get, post};
 use axum::serve::{IncomingStream, Listener};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -132,7 +132,7 @@ pub async fn run(
     let app = router(shared.clone());
     let served = match tls {
         Some(acceptor) => serve_on(TlsListener::new(listener, acceptor)?, app, shutdown).await,
-        None => serve_on(listener, app, shutdown).await,
+        None => serve_on(PlainListener(listener), app, shutdown).await,
     };
 
     shared.tasks.close();
@@ -164,8 +164,30 @@ where
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub SocketAddr);
 
-impl Connected<IncomingStream<'_, TcpListener>> for PeerAddr {
-    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
+/// Plain TCP with Nagle's algorithm off: a small frame (an assignment
+/// right after a pong, say) must not wait up to 40 ms for the peer's
+/// delayed ACK.
+struct PlainListener(TcpListener);
+
+impl Listener for PlainListener {
+    type Io = TcpStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (TcpStream, SocketAddr) {
+        let (stream, peer) = Listener::accept(&mut self.0).await;
+        if let Err(err) = stream.set_nodelay(true) {
+            tracing::debug!(%peer, error = %err, "cannot set TCP_NODELAY");
+        }
+        (stream, peer)
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.0.local_addr()
+    }
+}
+
+impl Connected<IncomingStream<'_, PlainListener>> for PeerAddr {
+    fn connect_info(stream: IncomingStream<'_, PlainListener>) -> Self {
         PeerAddr(*stream.remote_addr())
     }
 }

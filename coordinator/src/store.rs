@@ -13,6 +13,7 @@ use redis::aio::ConnectionManager;
 use redis::{FromRedisValue, Script, ScriptInvocation, Value};
 use serde::Serialize;
 
+use crate::config::PickPolicy;
 use crate::keys::{self, NodeKeys, PairKeys};
 use crate::metrics::Metrics;
 
@@ -45,6 +46,7 @@ struct Scripts {
     job_start: Script,
     job_attempt: Script,
     job_finish: Script,
+    job_expire: Script,
 }
 
 impl Scripts {
@@ -61,6 +63,7 @@ impl Scripts {
             job_start: Script::new(include_str!("../../lua/job_start.lua")),
             job_attempt: Script::new(include_str!("../../lua/job_attempt.lua")),
             job_finish: Script::new(include_str!("../../lua/job_finish.lua")),
+            job_expire: Script::new(include_str!("../../lua/job_expire.lua")),
         }
     }
 }
@@ -169,6 +172,8 @@ pub struct JobRecord {
     pub outcome: Option<serde_json::Value>,
     /// Submission to terminal state, ms.
     pub latency_ms: Option<u64>,
+    /// When the job times out, ms since the epoch (Redis's clock).
+    pub deadline_ms: Option<u64>,
     /// The canonical request JSON.
     pub request: String,
 }
@@ -459,6 +464,7 @@ impl Store {
         kind: &JobKind,
         session: Option<&str>,
         affinity: Duration,
+        policy: PickPolicy,
         excluded: &[NodeId],
     ) -> Result<Pick, StoreError> {
         let keys = PairKeys::new(pair);
@@ -469,7 +475,8 @@ impl Store {
             .key(&keys.leases)
             .key(keys.session(session.unwrap_or("")))
             .arg(if session.is_some() { "1" } else { "0" })
-            .arg(millis(affinity));
+            .arg(millis(affinity))
+            .arg(policy.as_str());
         for node in excluded {
             invocation.arg(node.as_str());
         }
@@ -494,6 +501,7 @@ impl Store {
         id: &JobId,
         request: &str,
         node: Option<&NodeId>,
+        timeout: Duration,
         lifetime: Duration,
         coordinator: &str,
     ) -> Result<JobStart, StoreError> {
@@ -503,7 +511,8 @@ impl Store {
             .arg(request)
             .arg(node.map_or("", NodeId::as_str))
             .arg(millis(lifetime))
-            .arg(coordinator);
+            .arg(coordinator)
+            .arg(millis(timeout));
         let reply: Vec<Value> = self.invoke("job_start", invocation).await?;
         match reply.first().and_then(text).as_deref() {
             Some("new") => Ok(JobStart::New),
@@ -561,6 +570,32 @@ impl Store {
         }
     }
 
+    /// Records a job still running past its deadline plus `grace` as
+    /// failed with `outcome`: its dispatcher and its result are gone.
+    pub async fn job_expire(
+        &self,
+        id: &JobId,
+        grace: Duration,
+        outcome: &serde_json::Value,
+        retention: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut invocation = self.scripts.job_expire.prepare_invoke();
+        invocation
+            .key(keys::job(id))
+            .arg(millis(grace))
+            .arg(outcome.to_string())
+            .arg(millis(retention));
+        let reply: String = self.invoke("job_expire", invocation).await?;
+        match reply.as_str() {
+            "expired" => Ok(true),
+            "running" | "ended" | "missing" => Ok(false),
+            _ => Err(StoreError::Unexpected {
+                script: "job_expire",
+                reply,
+            }),
+        }
+    }
+
     /// A job, if Redis still holds it.
     pub async fn job(&self, id: &JobId) -> Result<Option<JobRecord>, StoreError> {
         let mut conn = self.conn.clone();
@@ -582,6 +617,7 @@ impl Store {
                 .get("outcome")
                 .and_then(|o| serde_json::from_str(o).ok()),
             latency_ms: fields.get("latency_ms").and_then(|l| l.parse().ok()),
+            deadline_ms: fields.get("deadline_ms").and_then(|d| d.parse().ok()),
             request: fields.remove("request").unwrap_or_default(),
         }))
     }

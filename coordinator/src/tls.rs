@@ -101,6 +101,9 @@ impl TlsListener {
                         continue;
                     }
                 };
+                if let Err(err) = stream.set_nodelay(true) {
+                    tracing::debug!(%peer, error = %err, "cannot set TCP_NODELAY");
+                }
                 let acceptor = acceptor.clone();
                 let tx = tx.clone();
                 tokio::spawn(async move {

@@ -14,6 +14,12 @@ use crate::protocol::{ErrorCode, Message};
 /// must fit in one `job_assign` frame with room to spare.
 pub const MAX_FRAME_BYTES: usize = 1 << 20;
 
+/// Read and write buffer of one WebSocket, either side. Frames are small
+/// (a heartbeat is a few hundred bytes), and a larger one grows the buffer
+/// as needed; the libraries' default of 128 KiB each would cost a
+/// coordinator holding 10,000 node sockets gigabytes.
+pub const WS_BUFFER_BYTES: usize = 8 * 1024;
+
 /// Why a frame is not a message.
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {

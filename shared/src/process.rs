@@ -32,10 +32,10 @@ pub enum LogFormat {
 }
 
 /// Installs the global `tracing` subscriber: stderr, level from
-/// `LINGUA_LOG` (EnvFilter syntax, default `info`).
-pub fn init_logging(format: LogFormat) {
+/// `LINGUA_LOG` (EnvFilter syntax), else `default_level`.
+pub fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("LINGUA_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -10,6 +10,8 @@
 //! [`TestNode`] is a real WebSocket client speaking the node protocol.
 #![forbid(unsafe_code)]
 
+pub mod fleet;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use lingua_coordinator::config::PickPolicy;
 use lingua_coordinator::metrics::Metrics;
 use lingua_coordinator::private_redis::PrivateRedis;
 use lingua_coordinator::store::{
@@ -138,6 +139,7 @@ fn script_names() -> HashMap<String, &'static str> {
         ("job_start", include_str!("../../lua/job_start.lua")),
         ("job_attempt", include_str!("../../lua/job_attempt.lua")),
         ("job_finish", include_str!("../../lua/job_finish.lua")),
+        ("job_expire", include_str!("../../lua/job_expire.lua")),
     ];
     scripts
         .into_iter()
@@ -208,6 +210,26 @@ async fn every_script_call_keeps_its_keys_in_one_cluster_slot() {
         (view["state"] == "offline").then_some(())
     })
     .await;
+    // An orphan: a job recorded as running whose dispatcher is gone. Past
+    // its deadline and the grace, reading it ends it (job_expire).
+    let orphan = JobId::new("orphan").unwrap();
+    store
+        .job_start(
+            &orphan,
+            "{}",
+            Some(&agent_id),
+            Duration::ZERO,
+            LEASE,
+            "gone",
+        )
+        .await
+        .unwrap();
+    let ended = eventually("the orphan to be ended", || async {
+        let (_, view) = coordinator.get("/v1/jobs/orphan").await;
+        (view["status"] == "failed").then_some(view)
+    })
+    .await;
+    assert_eq!(ended["error"]["code"], "timeout", "{ended}");
     coordinator.stop().await;
 
     let names = script_names();
@@ -600,21 +622,21 @@ async fn job_records_are_idempotent_and_fenced_by_attempt() {
     let (a, b) = (node("a"), node("b"));
     assert_eq!(
         store
-            .job_start(&id, "{req}", Some(&a), LEASE, "c")
+            .job_start(&id, "{req}", Some(&a), LEASE, LEASE, "c")
             .await
             .unwrap(),
         JobStart::New
     );
     assert_eq!(
         store
-            .job_start(&id, "{req}", Some(&b), LEASE, "c")
+            .job_start(&id, "{req}", Some(&b), LEASE, LEASE, "c")
             .await
             .unwrap(),
         JobStart::Exists
     );
     assert_eq!(
         store
-            .job_start(&id, "{other}", Some(&b), LEASE, "c")
+            .job_start(&id, "{other}", Some(&b), LEASE, LEASE, "c")
             .await
             .unwrap(),
         JobStart::Conflict
@@ -670,6 +692,45 @@ async fn job_records_are_idempotent_and_fenced_by_attempt() {
 }
 
 #[tokio::test]
+async fn only_a_job_running_past_its_deadline_and_grace_expires() {
+    let redis = lingua_tests::redis().await;
+    let store = store(&redis).await;
+    let (due, later) = (JobId::new("due").unwrap(), JobId::new("later").unwrap());
+    let a = node("a");
+    store
+        .job_start(&due, "{req}", Some(&a), Duration::ZERO, LEASE, "c")
+        .await
+        .unwrap();
+    store
+        .job_start(&later, "{req}", Some(&a), LEASE, LEASE, "c")
+        .await
+        .unwrap();
+    let failed = serde_json::json!({"error": {"code": "timeout", "message": "orphaned"}});
+    let expire = |id: &JobId, grace: Duration| {
+        let (store, id, failed) = (store.clone(), id.clone(), failed.clone());
+        async move { store.job_expire(&id, grace, &failed, LEASE).await.unwrap() }
+    };
+    assert!(
+        !expire(&due, LEASE).await,
+        "within the grace it keeps running"
+    );
+    assert!(!expire(&later, Duration::ZERO).await, "before its deadline");
+    assert!(expire(&due, Duration::ZERO).await);
+    assert!(!expire(&due, Duration::ZERO).await, "already ended");
+    assert!(!expire(&JobId::new("never").unwrap(), Duration::ZERO).await);
+    let record = store.job(&due).await.unwrap().unwrap();
+    assert_eq!(record.status, "failed");
+    assert_eq!(record.outcome, Some(failed));
+    let done = serde_json::json!({"output": {}});
+    assert_eq!(
+        store.job_finish(&due, 1, true, &done, LEASE).await.unwrap(),
+        Finish::Duplicate,
+        "a result arriving after the expiry does not overwrite it"
+    );
+    assert_eq!(store.job(&later).await.unwrap().unwrap().status, "running");
+}
+
+#[tokio::test]
 async fn route_pick_prefers_the_session_node_excludes_tried_ones_and_tells_why_not() {
     let redis = lingua_tests::redis().await;
     let store = store(&redis).await;
@@ -678,7 +739,7 @@ async fn route_pick_prefers_the_session_node_excludes_tried_ones_and_tells_why_n
     let affinity = Duration::from_secs(60);
     assert_eq!(
         store
-            .route_pick(zh_en, &asr, None, affinity, &[])
+            .route_pick(zh_en, &asr, None, affinity, PickPolicy::Capacity, &[])
             .await
             .unwrap(),
         Pick::NoNodes
@@ -688,7 +749,7 @@ async fn route_pick_prefers_the_session_node_excludes_tried_ones_and_tells_why_n
     }
     assert_eq!(
         store
-            .route_pick(zh_en, &asr, None, affinity, &[])
+            .route_pick(zh_en, &asr, None, affinity, PickPolicy::Capacity, &[])
             .await
             .unwrap(),
         Pick::NoCapacity,
@@ -708,7 +769,7 @@ async fn route_pick_prefers_the_session_node_excludes_tried_ones_and_tells_why_n
     // Two candidates, two choices: the roomier one wins.
     assert_eq!(
         store
-            .route_pick(zh_en, &asr, None, affinity, &[])
+            .route_pick(zh_en, &asr, None, affinity, PickPolicy::Capacity, &[])
             .await
             .unwrap(),
         Pick::Node(node("b"))
@@ -716,14 +777,28 @@ async fn route_pick_prefers_the_session_node_excludes_tried_ones_and_tells_why_n
     // Excluded nodes are never picked; a's one slot hint is used up.
     assert_eq!(
         store
-            .route_pick(zh_en, &asr, None, affinity, &[node("b")])
+            .route_pick(
+                zh_en,
+                &asr,
+                None,
+                affinity,
+                PickPolicy::Capacity,
+                &[node("b")]
+            )
             .await
             .unwrap(),
         Pick::Node(node("a"))
     );
     assert_eq!(
         store
-            .route_pick(zh_en, &asr, None, affinity, &[node("b")])
+            .route_pick(
+                zh_en,
+                &asr,
+                None,
+                affinity,
+                PickPolicy::Capacity,
+                &[node("b")]
+            )
             .await
             .unwrap(),
         Pick::NoCapacity
@@ -732,7 +807,14 @@ async fn route_pick_prefers_the_session_node_excludes_tried_ones_and_tells_why_n
     store.route_update(zh_en, &entries, LEASE).await.unwrap();
     assert_eq!(
         store
-            .route_pick(zh_en, &asr, Some("s1"), affinity, &[node("b")])
+            .route_pick(
+                zh_en,
+                &asr,
+                Some("s1"),
+                affinity,
+                PickPolicy::Capacity,
+                &[node("b")]
+            )
             .await
             .unwrap(),
         Pick::Node(node("a"))
@@ -741,7 +823,7 @@ async fn route_pick_prefers_the_session_node_excludes_tried_ones_and_tells_why_n
     for _ in 0..5 {
         assert_eq!(
             store
-                .route_pick(zh_en, &asr, Some("s1"), affinity, &[])
+                .route_pick(zh_en, &asr, Some("s1"), affinity, PickPolicy::Capacity, &[])
                 .await
                 .unwrap(),
             Pick::Node(node("a")),
@@ -749,4 +831,48 @@ async fn route_pick_prefers_the_session_node_excludes_tried_ones_and_tells_why_n
         );
         store.route_update(zh_en, &entries, LEASE).await.unwrap();
     }
+}
+
+#[tokio::test]
+async fn the_random_policy_picks_any_live_member_room_or_not() {
+    let redis = lingua_tests::redis().await;
+    let store = store(&redis).await;
+    let de_fr = pair("de:fr");
+    let asr = JobKind::new("asr").unwrap();
+    let pick = |excluded: Vec<NodeId>| {
+        let store = store.clone();
+        let asr = asr.clone();
+        async move {
+            store
+                .route_pick(de_fr, &asr, None, LEASE, PickPolicy::Random, &excluded)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(pick(vec![]).await, Pick::NoNodes);
+    for id in ["full", "roomy"] {
+        store.pool_join(de_fr, &node(id), 10, LEASE).await.unwrap();
+    }
+    let entries = [RouteEntry {
+        node: node("roomy"),
+        free: [(asr.clone(), 1_000)].into(),
+    }];
+    store.route_update(de_fr, &entries, LEASE).await.unwrap();
+    let mut chosen = std::collections::BTreeSet::new();
+    for _ in 0..200 {
+        match pick(vec![]).await {
+            Pick::Node(node) => chosen.insert(node.to_string()),
+            other => panic!("a live member exists: {other:?}"),
+        };
+    }
+    assert_eq!(
+        chosen.into_iter().collect::<Vec<_>>(),
+        ["full", "roomy"],
+        "room plays no part: both are chosen"
+    );
+    assert_eq!(pick(vec![node("roomy")]).await, Pick::Node(node("full")));
+    assert_eq!(
+        pick(vec![node("roomy"), node("full")]).await,
+        Pick::NoCapacity
+    );
 }

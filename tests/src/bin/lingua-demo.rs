@@ -313,7 +313,7 @@ fn main() -> ExitCode {
         Err(err) => return usage_error(&err),
     };
     if std::env::var_os("LINGUA_LOG").is_some() {
-        init_logging(LogFormat::Text);
+        init_logging(LogFormat::Text, "info");
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,

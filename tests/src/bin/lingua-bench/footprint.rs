@@ -1,0 +1,124 @@
+//! Agent footprint: the `lingua-agent` binary, idle and then running
+//! simulated jobs as fast as its slots allow.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use lingua_tests::fleet::{CoordinatorProcess, free_local_addr, proc_sample, workspace_binary};
+use serde_json::json;
+use tokio::time::Instant;
+
+use crate::{BenchError, Options, Row, core_pct, private_redis, scratch};
+
+const SLOTS: u32 = 16;
+
+pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
+    let redis = private_redis().await?;
+    let dir = scratch()?;
+    let coordinator =
+        CoordinatorProcess::start(dir.path(), &redis.url(), free_local_addr(), "").await?;
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+node_id = "footprint"
+coordinator_url = "{url}"
+[capabilities]
+src_langs = ["ja"]
+tgt_langs = ["ko"]
+[gpu]
+backend = "simulated"
+[gpu.simulated]
+count = 1
+memory_mb = 81920
+[jobs.translate]
+vram_mb = 2000
+max_concurrent = {SLOTS}
+[jobs.translate.simulated]
+duration_ms = 20
+"#,
+            url = coordinator.ws_url()
+        ),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut agent = tokio::process::Command::new(workspace_binary("lingua-agent")?)
+        .arg("--config")
+        .arg(&config)
+        .env("LINGUA_LOG", "error")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("start lingua-agent: {e}"))?;
+    let pid = agent.id().ok_or("lingua-agent exited at once")?;
+    let client = reqwest::Client::new();
+    let node_url = coordinator.url("/v1/nodes/footprint");
+    let ready = Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = match client.get(&node_url).send().await {
+            Ok(response) => response.json::<serde_json::Value>().await.ok(),
+            Err(_) => None,
+        };
+        if state.is_some_and(|s| s["state"] == "ready") {
+            break;
+        }
+        if Instant::now() >= ready {
+            return Err("lingua-agent did not register within 10 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle_before = proc_sample(pid).map_err(|e| e.to_string())?;
+    tokio::time::sleep(options.window).await;
+    let idle_after = proc_sample(pid).map_err(|e| e.to_string())?;
+
+    let end = Instant::now() + options.window;
+    let jobs_url = coordinator.url("/v1/jobs");
+    let clients: Vec<_> = (0..SLOTS)
+        .map(|_| {
+            let (client, url) = (client.clone(), jobs_url.clone());
+            tokio::spawn(async move {
+                let mut completed = 0u64;
+                while Instant::now() < end {
+                    let body = json!({"kind": "translate", "src_lang": "ja", "tgt_lang": "ko", "payload": {}});
+                    if let Ok(response) = client.post(&url).json(&body).send().await
+                        && response.status().is_success()
+                    {
+                        completed += 1;
+                    }
+                }
+                completed
+            })
+        })
+        .collect();
+    let load_before = proc_sample(pid).map_err(|e| e.to_string())?;
+    let mut completed = 0;
+    for task in clients {
+        completed += task.await.unwrap_or(0);
+    }
+    let load_after = proc_sample(pid).map_err(|e| e.to_string())?;
+    let _ = agent.kill().await;
+    coordinator.kill().await;
+    Ok(vec![
+        Row::new(
+            "lingua-agent idle (connected, heartbeating)",
+            format!(
+                "{}, {:.1} MB RSS",
+                core_pct(idle_after.cpu - idle_before.cpu, options.window),
+                idle_after.rss_kib as f64 / 1024.0
+            ),
+            "nearly free",
+        ),
+        Row::new(
+            format!("lingua-agent under load ({SLOTS} slots of 20 ms jobs)"),
+            format!(
+                "{}, {:.1} MB RSS, {:.0} jobs/s",
+                core_pct(load_after.cpu - load_before.cpu, options.window),
+                load_after.rss_kib as f64 / 1024.0,
+                completed as f64 / options.window.as_secs_f64()
+            ),
+            "",
+        ),
+    ])
+}

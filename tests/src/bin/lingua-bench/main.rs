@@ -1,0 +1,343 @@
+//! `lingua-bench`: measures a real Lingua fleet on this machine and prints
+//! the figures docs/BENCHMARKS.md publishes.
+//!
+//! Everything is real: a private `redis-server`, the `lingua-coordinator`
+//! binary as a child process, agents from the agent library (many per
+//! process, each a few tokio tasks, with the simulated GPU backend; the
+//! footprint scenario runs the `lingua-agent` binary), HTTP clients and
+//! WebSockets over loopback. Build first: `cargo build --release
+//! --workspace`, then run `target/release/lingua-bench`.
+#![forbid(unsafe_code)]
+
+mod fleet_scale;
+mod footprint;
+mod pick;
+mod policy;
+mod throughput;
+
+use std::fmt::Write as _;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use lingua_agent::config::AgentConfig;
+use lingua_coordinator::private_redis::PrivateRedis;
+use lingua_shared::process::{Exit, LogFormat, init_logging, usage_error};
+use lingua_tests::TestAgent;
+use lingua_tests::fleet::CoordinatorProcess;
+
+/// Measures a real Lingua fleet on this machine (private Redis, the
+/// coordinator binary, simulated agents) and prints a Markdown table of
+/// results beside their targets. Build with `cargo build --release
+/// --workspace` first: the coordinator and agent binaries must sit next to
+/// this one.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about)]
+struct Cli {
+    /// Scenarios to run (default: all).
+    #[arg(long = "scenario", value_enum)]
+    scenarios: Vec<Scenario>,
+    /// Seconds each measurement window lasts.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=600))]
+    seconds: u64,
+    /// Fleet sizes for the fleet-scale scenario, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1000,5000,10000")]
+    fleet: Vec<u32>,
+    /// Concurrent keep-alive HTTP clients in the throughput scenario.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    clients: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    /// No-op jobs through 100 agents, and the Redis-alone ceiling.
+    Throughput,
+    /// Many connected agents heartbeating; reconnect storm.
+    FleetScale,
+    /// Cost of one pick at 10 and at 10,000 nodes in a pair.
+    Pick,
+    /// Capacity-aware versus random choice on uneven nodes at 80 % load.
+    Policy,
+    /// The lingua-agent process idle and under load.
+    Footprint,
+}
+
+/// Options every scenario sees.
+pub struct Options {
+    /// One measurement window.
+    pub window: Duration,
+    /// Fleet sizes.
+    pub fleet: Vec<u32>,
+    /// HTTP clients.
+    pub clients: u32,
+}
+
+/// One line of the results table.
+pub struct Row {
+    /// Scenario and figure.
+    pub figure: String,
+    /// Measured value, formatted.
+    pub value: String,
+    /// The target, or "".
+    pub target: &'static str,
+}
+
+impl Row {
+    /// A row.
+    pub fn new(figure: impl Into<String>, value: impl Into<String>, target: &'static str) -> Self {
+        Self {
+            figure: figure.into(),
+            value: value.into(),
+            target,
+        }
+    }
+}
+
+/// Why a scenario could not run.
+pub type BenchError = String;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => return usage_error(&err),
+    };
+    // Thousands of agents: their info lines would bury the table.
+    init_logging(LogFormat::Text, "warn");
+    let scenarios = if cli.scenarios.is_empty() {
+        Scenario::value_variants().to_vec()
+    } else {
+        cli.scenarios.clone()
+    };
+    if cli.fleet.iter().any(|&n| n == 0 || n > 20_000) {
+        eprintln!("lingua-bench: --fleet sizes must be between 1 and 20000");
+        return Exit::Usage.into();
+    }
+    let options = Options {
+        window: Duration::from_secs(cli.seconds),
+        fleet: cli.fleet,
+        clients: cli.clients,
+    };
+    raise_open_files_limit();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("lingua-bench: cannot start the async runtime: {err}");
+            return Exit::Internal.into();
+        }
+    };
+    let mut failed = false;
+    println!("| Figure | Measured | Target |\n|---|---|---|");
+    for scenario in scenarios {
+        let outcome = runtime.block_on(async {
+            match scenario {
+                Scenario::Throughput => throughput::run(&options).await,
+                Scenario::FleetScale => fleet_scale::run(&options).await,
+                Scenario::Pick => pick::run(&options).await,
+                Scenario::Policy => policy::run(&options).await,
+                Scenario::Footprint => footprint::run(&options).await,
+            }
+        });
+        match outcome {
+            Ok(rows) => {
+                for row in rows {
+                    println!("| {} | {} | {} |", row.figure, row.value, row.target);
+                }
+            }
+            Err(err) => {
+                eprintln!("lingua-bench: {scenario:?} failed: {err}");
+                failed = true;
+            }
+        }
+    }
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    if failed {
+        Exit::Unavailable.into()
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// Thousands of sockets need more than the usual 1,024 descriptors; the
+/// coordinator child inherits the raised limit.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && let Err(err) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        eprintln!("lingua-bench: cannot raise the open-files limit: {err}");
+    }
+}
+
+/// Starts a private Redis.
+pub async fn private_redis() -> Result<PrivateRedis, BenchError> {
+    PrivateRedis::start()
+        .await
+        .map_err(|e| format!("redis-server: {e}"))
+}
+
+/// A scratch directory.
+pub fn scratch() -> Result<tempfile::TempDir, BenchError> {
+    tempfile::Builder::new()
+        .prefix("lingua-bench-")
+        .tempdir()
+        .map_err(|e| format!("temporary directory: {e}"))
+}
+
+/// A simulated agent's config: one GPU of `memory_mb`, kind `translate`
+/// (`vram_mb` each, `max_concurrent` at once, jobs of `duration_ms`).
+pub struct SimAgent<'a> {
+    /// Node id.
+    pub node_id: &'a str,
+    /// Coordinator WebSocket URL.
+    pub url: &'a str,
+    /// Source and target language.
+    pub pair: (&'a str, &'a str),
+    /// GPU memory, MiB.
+    pub memory_mb: u64,
+    /// VRAM per job, MiB.
+    pub vram_mb: u64,
+    /// Most jobs at once.
+    pub max_concurrent: u32,
+    /// Job duration.
+    pub duration_ms: u64,
+    /// GPU poll interval.
+    pub poll_ms: u64,
+}
+
+impl SimAgent<'_> {
+    /// The config.
+    pub fn config(&self) -> Result<AgentConfig, BenchError> {
+        let text = format!(
+            r#"
+node_id = "{node_id}"
+coordinator_url = "{url}"
+[capabilities]
+src_langs = ["{src}"]
+tgt_langs = ["{tgt}"]
+[gpu]
+backend = "simulated"
+reserve_mb = 1024
+poll_interval_ms = {poll}
+[gpu.simulated]
+count = 1
+memory_mb = {memory}
+[jobs.translate]
+vram_mb = {vram}
+max_concurrent = {max}
+[jobs.translate.simulated]
+duration_ms = {duration}
+"#,
+            node_id = self.node_id,
+            url = self.url,
+            src = self.pair.0,
+            tgt = self.pair.1,
+            poll = self.poll_ms,
+            memory = self.memory_mb,
+            vram = self.vram_mb,
+            max = self.max_concurrent,
+            duration = self.duration_ms,
+        );
+        AgentConfig::parse(&text).map_err(|e| format!("agent config: {e}"))
+    }
+}
+
+/// Waits until every agent is connected and has registered at least
+/// `times` times, or `limit` passes.
+pub async fn all_registered(
+    agents: &[TestAgent],
+    times: u64,
+    limit: Duration,
+) -> Result<(), BenchError> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let waiting = agents
+            .iter()
+            .filter(|a| {
+                let status = a.handles.status.borrow();
+                !(status.connected && status.registrations >= times)
+            })
+            .count();
+        if waiting == 0 {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!(
+                "{waiting} of {} agents not registered after {} s",
+                agents.len(),
+                limit.as_secs()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Latency percentiles of a sample.
+pub struct Percentiles {
+    /// Median.
+    pub p50: Duration,
+    /// 99th.
+    pub p99: Duration,
+    /// 99.9th.
+    pub p999: Duration,
+}
+
+impl Percentiles {
+    /// Of `sample` (sorted here); zeros when empty.
+    pub fn of(sample: &mut [Duration]) -> Self {
+        sample.sort_unstable();
+        let at = |q: f64| {
+            if sample.is_empty() {
+                return Duration::ZERO;
+            }
+            let index = ((sample.len() as f64 * q).ceil() as usize).clamp(1, sample.len()) - 1;
+            sample[index]
+        };
+        Self {
+            p50: at(0.50),
+            p99: at(0.99),
+            p999: at(0.999),
+        }
+    }
+
+    /// `p50 / p99 / p99.9` in ms.
+    pub fn show(&self) -> String {
+        let mut text = String::new();
+        let _ = write!(
+            text,
+            "{} / {} / {} ms",
+            ms(self.p50),
+            ms(self.p99),
+            ms(self.p999)
+        );
+        text
+    }
+}
+
+/// A duration in ms with two decimals.
+pub fn ms(duration: Duration) -> String {
+    format!("{:.2}", duration.as_secs_f64() * 1000.0)
+}
+
+/// CPU time over a window as a percentage of one core.
+pub fn core_pct(cpu: Duration, window: Duration) -> String {
+    format!("{:.1} %", cpu.as_secs_f64() * 100.0 / window.as_secs_f64())
+}
+
+/// `lingua_job_assignments_total` from a coordinator's metrics.
+pub async fn assignments(
+    client: &reqwest::Client,
+    coordinator: &CoordinatorProcess,
+) -> Result<u64, BenchError> {
+    let text = client
+        .get(coordinator.url("/metrics"))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?
+        .text()
+        .await
+        .map_err(|e| e.to_string())?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("lingua_job_assignments_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| "the coordinator's metrics lack lingua_job_assignments_total".into())
+}

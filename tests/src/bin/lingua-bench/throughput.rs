@@ -1,0 +1,326 @@
+//! Throughput: no-op jobs through 100 agents over the HTTP API, closed loop
+//! (as fast as the clients go) and open loop at half that rate; beside it
+//! the ceiling, the rate Redis alone sustains for the script calls a job
+//! costs.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use lingua_coordinator::config::PickPolicy;
+use lingua_coordinator::metrics::Metrics;
+use lingua_coordinator::store::{Pick, RouteEntry, Store};
+use lingua_shared::{JobId, JobKind, LangPair, NodeId};
+use lingua_tests::TestAgent;
+use lingua_tests::fleet::{CoordinatorProcess, free_local_addr, proc_sample, redis_counters};
+use serde_json::json;
+use tokio::time::Instant;
+
+use crate::{
+    BenchError, Options, Percentiles, Row, SimAgent, all_registered, core_pct, private_redis,
+    scratch,
+};
+
+const AGENTS: u32 = 100;
+const SLOTS: u32 = 32;
+
+/// Results of one load run.
+struct Load {
+    jobs: u64,
+    failed: u64,
+    latencies: Vec<Duration>,
+}
+
+pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
+    let redis = private_redis().await?;
+    let dir = scratch()?;
+    let coordinator =
+        CoordinatorProcess::start(dir.path(), &redis.url(), free_local_addr(), "").await?;
+    let url = coordinator.ws_url();
+    let mut agents = Vec::new();
+    for index in 0..AGENTS {
+        let name = format!("tp-{index:03}");
+        let config = SimAgent {
+            node_id: &name,
+            url: &url,
+            pair: ("zh", "en"),
+            memory_mb: 81_920,
+            vram_mb: 100,
+            max_concurrent: SLOTS,
+            duration_ms: 0,
+            poll_ms: 500,
+        }
+        .config()?;
+        agents.push(TestAgent::start(config));
+    }
+    all_registered(&agents, 1, Duration::from_secs(30)).await?;
+
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(options.clients as usize)
+        .build()
+        .map_err(|e| format!("http client: {e}"))?;
+    let jobs_url = coordinator.url("/v1/jobs");
+    // Warm up connections and caches.
+    closed_loop(&client, &jobs_url, options.clients, Duration::from_secs(1)).await;
+
+    let mut conn = redis::Client::open(redis.url())
+        .map_err(|e| format!("redis: {e}"))?
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(|e| format!("redis: {e}"))?;
+    let redis_before = redis_counters(&mut conn).await.map_err(|e| e.to_string())?;
+    let cpu_before = proc_sample(coordinator.pid()).map_err(|e| e.to_string())?;
+    let assignments_before = crate::assignments(&client, &coordinator).await?;
+    let mut closed = closed_loop(&client, &jobs_url, options.clients, options.window).await;
+    let cpu_after = proc_sample(coordinator.pid()).map_err(|e| e.to_string())?;
+    let redis_after = redis_counters(&mut conn).await.map_err(|e| e.to_string())?;
+    let assignments = crate::assignments(&client, &coordinator).await? - assignments_before;
+    let rate = closed.jobs as f64 / options.window.as_secs_f64();
+    let scripts_per_job =
+        (redis_after.scripts - redis_before.scripts) as f64 / closed.jobs.max(1) as f64;
+
+    let mut open = open_loop(&client, &jobs_url, rate / 2.0, options.window).await;
+    for agent in agents {
+        let _ = agent.stop().await;
+    }
+    coordinator.kill().await;
+
+    let ceiling = ceiling(&redis.url(), options.clients, options.window).await?;
+    let closed_pct = Percentiles::of(&mut closed.latencies);
+    let open_pct = Percentiles::of(&mut open.latencies);
+    Ok(vec![
+        Row::new(
+            format!(
+                "Throughput, {AGENTS} agents, {} keep-alive clients (closed loop)",
+                options.clients
+            ),
+            format!("{rate:.0} jobs/s ({} failed)", closed.failed),
+            ">= 10,000 jobs/s",
+        ),
+        Row::new(
+            "Latency p50 / p99 / p99.9 at that rate",
+            closed_pct.show(),
+            "",
+        ),
+        Row::new(
+            format!(
+                "Latency p50 / p99 / p99.9 at half that rate ({:.0} jobs/s offered, open loop)",
+                rate / 2.0
+            ),
+            format!(
+                "{} ({} jobs, {} failed)",
+                open_pct.show(),
+                open.jobs,
+                open.failed
+            ),
+            "p99 < 5 ms",
+        ),
+        Row::new(
+            "Redis-alone ceiling (route_pick + job_start + job_finish, route_update every 16 jobs)",
+            format!(
+                "{ceiling:.0} jobs/s; the fleet reached {:.0} %",
+                rate * 100.0 / ceiling
+            ),
+            ">= 30 % of the ceiling",
+        ),
+        Row::new(
+            "Script calls, assignments per job in the closed loop",
+            format!(
+                "{scripts_per_job:.2}, {:.3}",
+                assignments as f64 / closed.jobs.max(1) as f64
+            ),
+            "",
+        ),
+        Row::new(
+            "Coordinator CPU during the closed loop",
+            core_pct(cpu_after.cpu - cpu_before.cpu, options.window),
+            "",
+        ),
+        Row::new(
+            "Redis CPU during the closed loop",
+            core_pct(redis_after.cpu - redis_before.cpu, options.window),
+            "",
+        ),
+    ])
+}
+
+fn job_body() -> serde_json::Value {
+    json!({"kind": "translate", "src_lang": "zh", "tgt_lang": "en", "payload": {}})
+}
+
+/// One job; its latency, or `None` when it did not complete.
+async fn one_job(client: &reqwest::Client, url: &str) -> Option<Duration> {
+    let started = Instant::now();
+    let response = client.post(url).json(&job_body()).send().await.ok()?;
+    let ok = response.status().is_success();
+    let body: serde_json::Value = response.json().await.ok()?;
+    (ok && body["status"] == "completed").then(|| started.elapsed())
+}
+
+async fn closed_loop(client: &reqwest::Client, url: &str, clients: u32, window: Duration) -> Load {
+    let end = Instant::now() + window;
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            let client = client.clone();
+            let url = url.to_owned();
+            tokio::spawn(async move {
+                let mut load = Load {
+                    jobs: 0,
+                    failed: 0,
+                    latencies: Vec::new(),
+                };
+                while Instant::now() < end {
+                    match one_job(&client, &url).await {
+                        Some(latency) => {
+                            load.jobs += 1;
+                            load.latencies.push(latency);
+                        }
+                        None => load.failed += 1,
+                    }
+                }
+                load
+            })
+        })
+        .collect();
+    let mut total = Load {
+        jobs: 0,
+        failed: 0,
+        latencies: Vec::new(),
+    };
+    for task in tasks {
+        if let Ok(load) = task.await {
+            total.jobs += load.jobs;
+            total.failed += load.failed;
+            total.latencies.extend(load.latencies);
+        }
+    }
+    total
+}
+
+/// Offers `rate` jobs per second, each on its own task, whatever the
+/// answers take (so a slow answer cannot hide behind a waiting client).
+async fn open_loop(client: &reqwest::Client, url: &str, rate: f64, window: Duration) -> Load {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let started = Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_millis(1));
+    let mut offered = 0u64;
+    while started.elapsed() < window {
+        ticker.tick().await;
+        let due = (started.elapsed().as_secs_f64() * rate) as u64;
+        while offered < due {
+            offered += 1;
+            let client = client.clone();
+            let url = url.to_owned();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(one_job(&client, &url).await);
+            });
+        }
+    }
+    drop(tx);
+    let mut load = Load {
+        jobs: 0,
+        failed: 0,
+        latencies: Vec::new(),
+    };
+    while let Some(answer) = rx.recv().await {
+        match answer {
+            Some(latency) => {
+                load.jobs += 1;
+                load.latencies.push(latency);
+            }
+            None => load.failed += 1,
+        }
+    }
+    load
+}
+
+/// Jobs per second Redis sustains when a job is nothing but its script
+/// calls, issued by `clients` concurrent tasks over one multiplexed
+/// connection, as the coordinator issues them.
+async fn ceiling(redis_url: &str, clients: u32, window: Duration) -> Result<f64, BenchError> {
+    let store = Store::connect(redis_url, Arc::new(Metrics::default()))
+        .await
+        .map_err(|e| format!("redis: {e}"))?;
+    let pair: LangPair = "ko:ja".parse().map_err(|e| format!("{e}"))?;
+    let kind = JobKind::new("translate").map_err(|e| e.to_string())?;
+    let lease = Duration::from_secs(60);
+    let nodes: Vec<NodeId> = (0..AGENTS)
+        .map(|i| NodeId::new(format!("ceiling-{i:03}")).map_err(|e| e.to_string()))
+        .collect::<Result<_, _>>()?;
+    for node in &nodes {
+        store
+            .pool_join(pair, node, 100, lease)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    store
+        .route_update(pair, &with_room(nodes.iter().cloned(), &kind), lease)
+        .await
+        .map_err(|e| e.to_string())?;
+    let done = Arc::new(AtomicU64::new(0));
+    let end = Instant::now() + window;
+    let request = job_body().to_string();
+    let outcome = json!({"output": {}});
+    let tasks: Vec<_> = (0..clients)
+        .map(|client| {
+            let (store, kind, done, request, outcome) = (
+                store.clone(),
+                kind.clone(),
+                Arc::clone(&done),
+                request.clone(),
+                outcome.clone(),
+            );
+            let all = nodes.clone();
+            tokio::spawn(async move {
+                let mut picked = Vec::new();
+                let mut serial = 0u64;
+                while Instant::now() < end {
+                    let node = match store
+                        .route_pick(pair, &kind, None, Duration::ZERO, PickPolicy::Capacity, &[])
+                        .await
+                    {
+                        Ok(Pick::Node(node)) => node,
+                        Ok(_) => {
+                            let entries = with_room(all.iter().cloned(), &kind);
+                            store.route_update(pair, &entries, lease).await?;
+                            continue;
+                        }
+                        Err(err) => return Err(err),
+                    };
+                    serial += 1;
+                    let id =
+                        JobId::new(format!("ceiling-{client}-{serial}")).expect("a valid job id");
+                    store
+                        .job_start(&id, &request, Some(&node), lease, lease, "bench")
+                        .await?;
+                    store.job_finish(&id, 1, true, &outcome, lease).await?;
+                    picked.push(node);
+                    if picked.len() == 16 {
+                        let entries = with_room(picked.drain(..), &kind);
+                        store.route_update(pair, &entries, lease).await?;
+                    }
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("redis: {e}"))?;
+    }
+    Ok(done.load(Ordering::Relaxed) as f64 / window.as_secs_f64())
+}
+
+/// Routing entries that give every node all its slots of `kind` back.
+pub fn with_room(nodes: impl Iterator<Item = NodeId>, kind: &JobKind) -> Vec<RouteEntry> {
+    nodes
+        .map(|node| RouteEntry {
+            node,
+            free: BTreeMap::from([(kind.clone(), SLOTS)]),
+        })
+        .collect()
+}

@@ -1,0 +1,358 @@
+//! Pieces for whole-fleet runs (`lingua-bench`, the fault-injection test):
+//! the real binaries as child processes, a TCP proxy that can blackhole a
+//! link, a counting inference service, and readings from `/proc` and
+//! Redis `INFO`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+
+/// A binary of this workspace, built beside the running executable (which
+/// is `target/<profile>/` for binaries, `target/<profile>/deps/` for tests).
+///
+/// # Errors
+/// When it is not built, with the command that builds it.
+pub fn workspace_binary(name: &str) -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("no path to this executable: {e}"))?;
+    let mut dir = exe.parent();
+    while let Some(candidate) = dir {
+        let binary = candidate.join(name);
+        if binary.is_file() {
+            return Ok(binary);
+        }
+        if candidate.file_name().is_some_and(|n| n == "target") {
+            break;
+        }
+        dir = candidate.parent();
+    }
+    Err(format!(
+        "{name} is not built next to {}: run `cargo build --release --workspace` (or without --release, to match)",
+        exe.display()
+    ))
+}
+
+/// A free local TCP address (bound and released: a process started next
+/// binds it; the small race is acceptable for benchmarks and tests).
+///
+/// # Panics
+/// When no local port can be bound.
+pub fn free_local_addr() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a local port");
+    listener
+        .local_addr()
+        .expect("a bound listener has an address")
+}
+
+/// The real `lingua-coordinator` binary, running as a child process.
+pub struct CoordinatorProcess {
+    child: Child,
+    /// Where it serves.
+    pub addr: SocketAddr,
+}
+
+impl CoordinatorProcess {
+    /// Starts the coordinator on `addr` with `config` (TOML text, written
+    /// under `dir`), using the Redis at `redis_url`, and waits until
+    /// `/healthz` answers 200.
+    ///
+    /// # Errors
+    /// When the binary is missing or it does not become healthy.
+    pub async fn start(
+        dir: &Path,
+        redis_url: &str,
+        addr: SocketAddr,
+        config: &str,
+    ) -> Result<Self, String> {
+        let binary = workspace_binary("lingua-coordinator")?;
+        let path = dir.join(format!("coordinator-{}.toml", addr.port()));
+        std::fs::write(&path, config).map_err(|e| format!("write {}: {e}", path.display()))?;
+        let child = Command::new(binary)
+            .arg("--config")
+            .arg(&path)
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--redis-url")
+            .arg(redis_url)
+            .env("LINGUA_LOG", "error")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("start lingua-coordinator: {e}"))?;
+        let mut process = Self { child, addr };
+        process.healthy().await?;
+        Ok(process)
+    }
+
+    async fn healthy(&mut self) -> Result<(), String> {
+        let url = format!("http://{}/healthz", self.addr);
+        let client = reqwest::Client::new();
+        for _ in 0..1000 {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!("lingua-coordinator exited at start: {status}"));
+            }
+            if let Ok(response) = client.get(&url).send().await
+                && response.status().is_success()
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Err("lingua-coordinator did not become healthy within 10 s".into())
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+
+    /// `ws://…/v1/node`
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/v1/node", self.addr)
+    }
+
+    /// `http://…{path}`
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// SIGKILLs it and reaps it.
+    pub async fn kill(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// CPU time and resident memory of a process, from `/proc`.
+#[derive(Debug, Clone, Copy)]
+pub struct ProcSample {
+    /// User plus system CPU time so far.
+    pub cpu: Duration,
+    /// Resident set size, KiB.
+    pub rss_kib: u64,
+}
+
+/// Reads `/proc/<pid>/stat` and `/proc/<pid>/status`.
+///
+/// # Errors
+/// When the process is gone or `/proc` is not Linux's.
+pub fn proc_sample(pid: u32) -> std::io::Result<ProcSample> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold
+    // spaces: utime and stime are fields 14 and 15 of the whole line.
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .ok_or_else(|| std::io::Error::other("unexpected /proc stat format"))?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let ticks_per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .and_then(|t| u64::try_from(t).ok())
+        .unwrap_or(100);
+    let cpu_ms = (ticks(11) + ticks(12)) * 1000 / ticks_per_second;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Ok(ProcSample {
+        cpu: Duration::from_millis(cpu_ms),
+        rss_kib,
+    })
+}
+
+/// Counters from Redis `INFO`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RedisCounters {
+    /// Commands processed so far (a script call is one).
+    pub commands: u64,
+    /// Script calls so far (EVALSHA and EVAL).
+    pub scripts: u64,
+    /// CPU time of the server so far.
+    pub cpu: Duration,
+}
+
+/// Reads [`RedisCounters`].
+///
+/// # Errors
+/// When Redis does not answer.
+pub async fn redis_counters(
+    conn: &mut redis::aio::MultiplexedConnection,
+) -> redis::RedisResult<RedisCounters> {
+    let info: String = redis::cmd("INFO").arg("all").query_async(conn).await?;
+    let field = |name: &str| -> Option<&str> {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+    };
+    let number = |name: &str| field(name).and_then(|v| v.trim().parse::<f64>().ok());
+    let calls = |name: &str| {
+        field(name)
+            .and_then(|v| v.split(',').find_map(|kv| kv.strip_prefix("calls=")))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let cpu = number("used_cpu_user").unwrap_or(0.0) + number("used_cpu_sys").unwrap_or(0.0);
+    Ok(RedisCounters {
+        commands: number("total_commands_processed").unwrap_or(0.0) as u64,
+        scripts: calls("cmdstat_evalsha") + calls("cmdstat_eval"),
+        cpu: Duration::from_secs_f64(cpu),
+    })
+}
+
+/// A TCP proxy the harness controls: forwards to `upstream` until frozen;
+/// frozen, it keeps every connection open and accepts new ones but passes
+/// no byte either way (a half-open link, as a dead switch or a hung host
+/// leaves it).
+pub struct Blackhole {
+    /// Where clients connect.
+    pub addr: SocketAddr,
+    frozen: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Blackhole {
+    /// Starts a proxy on a free local port.
+    ///
+    /// # Panics
+    /// When no local port can be bound.
+    pub async fn start(upstream: SocketAddr) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let addr = listener
+            .local_addr()
+            .expect("a bound listener has an address");
+        let (frozen, _) = watch::channel(false);
+        let switch = frozen.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let frozen = switch.subscribe();
+                tokio::spawn(async move {
+                    if let Ok(server) = TcpStream::connect(upstream).await {
+                        let (client_read, client_write) = client.into_split();
+                        let (server_read, server_write) = server.into_split();
+                        tokio::select! {
+                            () = pump(client_read, server_write, frozen.clone()) => {}
+                            () = pump(server_read, client_write, frozen) => {}
+                        }
+                    }
+                });
+            }
+        });
+        Self { addr, frozen, task }
+    }
+
+    /// Stops passing bytes, without closing anything.
+    pub fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
+
+    /// Passes bytes again.
+    pub fn thaw(&self) {
+        self.frozen.send_replace(false);
+    }
+}
+
+impl Drop for Blackhole {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen: watch::Receiver<bool>,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        if frozen.wait_for(|f| !*f).await.is_err() {
+            return;
+        }
+        let n = tokio::select! {
+            read = from.read(&mut buf) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+            _ = frozen.wait_for(|f| *f) => continue,
+        };
+        // Bytes read before a freeze are held until the thaw.
+        if frozen.wait_for(|f| !*f).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// An inference service over HTTP that counts how often each job ran: the
+/// payload names the job (`{"job": id, "sleep_ms": n}`), the service sleeps
+/// that long and answers `{"ok": true}`.
+pub struct CountingService {
+    /// Where it serves (POST any path).
+    pub addr: SocketAddr,
+    runs: Arc<Mutex<HashMap<String, u32>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CountingService {
+    /// Starts it on a free local port.
+    ///
+    /// # Panics
+    /// When no local port can be bound.
+    pub async fn start() -> Self {
+        let runs: Arc<Mutex<HashMap<String, u32>>> = Arc::default();
+        let app = axum::Router::new().fallback({
+            let runs = Arc::clone(&runs);
+            move |axum::Json(payload): axum::Json<serde_json::Value>| {
+                let runs = Arc::clone(&runs);
+                async move {
+                    let job = payload["job"].as_str().unwrap_or_default().to_owned();
+                    *runs
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .entry(job)
+                        .or_default() += 1;
+                    let sleep = payload["sleep_ms"].as_u64().unwrap_or(0);
+                    tokio::time::sleep(Duration::from_millis(sleep)).await;
+                    axum::Json(serde_json::json!({"ok": true}))
+                }
+            }
+        });
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the counting service");
+        let addr = listener
+            .local_addr()
+            .expect("a bound listener has an address");
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Self { addr, runs, task }
+    }
+
+    /// Runs per job id so far.
+    pub fn runs(&self) -> HashMap<String, u32> {
+        self.runs.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Drop for CountingService {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
