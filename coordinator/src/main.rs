@@ -22,6 +22,11 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
+/// glibc's malloc took a third of the coordinator's CPU with 10,000 nodes
+/// connected (docs/BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The Lingua fleet coordinator: registers GPU nodes, keeps per-language-pair
 /// pools in Redis and routes jobs to nodes with room.
 ///

@@ -523,14 +523,25 @@ async fn handle(
             shared.metrics.heartbeats.inc();
             let capacity = serde_json::to_string(&heartbeat.capacity).unwrap_or_default();
             session.capacity = heartbeat.capacity;
-            let current = shared
+            // A Redis outage does not end the link: closing every socket on
+            // a Redis blip would move every running job (and run it twice).
+            // The next heartbeat renews the lease once Redis answers.
+            let current = match shared
                 .store
-                .heartbeat(&session.node, session.epoch, shared.config.lease(), &capacity)
+                .heartbeat(
+                    &session.node,
+                    session.epoch,
+                    shared.config.lease(),
+                    &capacity,
+                )
                 .await
-                .map_err(|err| {
-                    tracing::error!(node_id = %session.node, error = %err, "heartbeat failed in redis");
-                    Ending::new(CloseCode::Internal, "redis unavailable")
-                })?;
+            {
+                Ok(current) => current,
+                Err(err) => {
+                    tracing::warn!(node_id = %session.node, error = %err, "heartbeat not recorded: redis unavailable");
+                    true
+                }
+            };
             if !current {
                 return Err(Ending::new(
                     CloseCode::Superseded,

@@ -65,6 +65,8 @@ pub struct PrivateRedis {
     guardian: Child,
     lifeline: Option<ChildStdin>,
     socket: PathBuf,
+    binary: PathBuf,
+    durable: bool,
     dir: tempfile::TempDir,
 }
 
@@ -73,45 +75,32 @@ impl PrivateRedis {
     /// without persistence, and waits until it answers PING.
     pub async fn start() -> Result<Self, PrivateRedisError> {
         let binary = locate(std::env::var_os("PATH").as_deref())?;
-        Self::start_binary(&binary).await
+        Self::start_binary(&binary, false).await
     }
 
-    /// Like [`PrivateRedis::start`], with the server binary given.
-    pub async fn start_binary(binary: &Path) -> Result<Self, PrivateRedisError> {
+    /// Like [`PrivateRedis::start`], with an append-only file synced on
+    /// every write, so that [`PrivateRedis::restart`] keeps the data (the
+    /// fault-injection tests restart Redis under load).
+    pub async fn start_durable() -> Result<Self, PrivateRedisError> {
+        let binary = locate(std::env::var_os("PATH").as_deref())?;
+        Self::start_binary(&binary, true).await
+    }
+
+    /// Starts the server binary given, durable or not.
+    pub async fn start_binary(binary: &Path, durable: bool) -> Result<Self, PrivateRedisError> {
         let dir = tempfile::Builder::new()
             .prefix("lingua-redis-")
             .tempdir()
             .map_err(PrivateRedisError::Spawn)?;
         let socket = dir.path().join("redis.sock");
-        let log = dir.path().join("redis.log");
-        let mut guardian = Command::new("sh")
-            .arg("-c")
-            .arg(GUARDIAN)
-            .arg(binary)
-            .args(["--port", "0", "--unixsocket"])
-            .arg(&socket)
-            .args([
-                "--unixsocketperm",
-                "700",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(dir.path())
-            .arg("--logfile")
-            .arg(&log)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(PrivateRedisError::Spawn)?;
+        let mut guardian = spawn(binary, dir.path(), &socket, durable)?;
         let lifeline = guardian.stdin.take();
         let mut redis = Self {
             guardian,
             lifeline,
             socket,
+            binary: binary.to_owned(),
+            durable,
             dir,
         };
         if let Err(err) = redis.wait_ready().await {
@@ -133,6 +122,20 @@ impl PrivateRedis {
 
     /// Stops the server and waits (bounded) for it to exit.
     pub async fn stop(mut self) {
+        self.halt().await;
+    }
+
+    /// Stops the server (SIGTERM: a durable one syncs its file) and starts
+    /// it again on the same socket and directory. A server that is not
+    /// durable comes back empty.
+    pub async fn restart(&mut self) -> Result<(), PrivateRedisError> {
+        self.halt().await;
+        self.guardian = spawn(&self.binary, self.dir.path(), &self.socket, self.durable)?;
+        self.lifeline = self.guardian.stdin.take();
+        self.wait_ready().await
+    }
+
+    async fn halt(&mut self) {
         self.lifeline.take();
         if tokio::time::timeout(STOP_TIMEOUT, self.guardian.wait())
             .await
@@ -160,6 +163,44 @@ impl PrivateRedis {
             pause = (pause * 2).min(Duration::from_millis(100));
         }
     }
+}
+
+/// Starts the guardian running the server on `socket`, files in `dir`.
+fn spawn(
+    binary: &Path,
+    dir: &Path,
+    socket: &Path,
+    durable: bool,
+) -> Result<Child, PrivateRedisError> {
+    let persistence: &[&str] = if durable {
+        &[
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+        ]
+    } else {
+        &["--save", "", "--appendonly", "no"]
+    };
+    Command::new("sh")
+        .arg("-c")
+        .arg(GUARDIAN)
+        .arg(binary)
+        .args(["--port", "0", "--unixsocket"])
+        .arg(socket)
+        .args(["--unixsocketperm", "700"])
+        .args(persistence)
+        .arg("--dir")
+        .arg(dir)
+        .arg("--logfile")
+        .arg(dir.join("redis.log"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(PrivateRedisError::Spawn)
 }
 
 /// True when a server on `socket` answers PING with PONG.

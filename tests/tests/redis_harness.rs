@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use lingua_coordinator::private_redis::{self, PrivateRedisError};
+use lingua_coordinator::private_redis::{self, PrivateRedis, PrivateRedisError};
 
 async fn server_pid(conn: &mut redis::aio::MultiplexedConnection) -> u32 {
     let info: String = redis::cmd("INFO")
@@ -107,13 +107,39 @@ async fn missing_redis_server_says_how_to_install_it() {
 
 #[tokio::test]
 async fn a_server_that_cannot_start_is_reported_with_its_log() {
-    let err =
-        lingua_coordinator::private_redis::PrivateRedis::start_binary(Path::new("/bin/false"))
-            .await
-            .unwrap_err();
+    let err = PrivateRedis::start_binary(Path::new("/bin/false"), false)
+        .await
+        .unwrap_err();
     assert!(matches!(err, PrivateRedisError::NotReady { .. }), "{err}");
 }
 
 fn tempfile_dir() -> std::path::PathBuf {
     std::env::temp_dir().join("lingua-no-such-dir-for-path")
+}
+
+#[tokio::test]
+async fn a_durable_server_keeps_its_data_across_a_restart_and_a_plain_one_does_not() {
+    for durable in [true, false] {
+        let mut redis = if durable {
+            PrivateRedis::start_durable().await.unwrap()
+        } else {
+            PrivateRedis::start().await.unwrap()
+        };
+        let mut conn = lingua_tests::connect(&redis).await;
+        let _: () = redis::cmd("SET")
+            .arg("kept")
+            .arg("yes")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        redis.restart().await.unwrap();
+        let mut conn = lingua_tests::connect(&redis).await;
+        let kept: Option<String> = redis::cmd("GET")
+            .arg("kept")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(kept.is_some(), durable, "durable: {durable}");
+        redis.stop().await;
+    }
 }
