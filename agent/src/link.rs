@@ -336,7 +336,9 @@ impl Link {
         let mut capacity_changes = self.arbiter.subscribe();
         let mut last_sent = self.arbiter.free_slots();
         let mut debounce: Option<Instant> = None;
-        let mut hint_spent = false;
+        // Assignments received per kind since the last report: the
+        // coordinator took one off its hint of our free slots for each.
+        let mut spent: BTreeMap<JobKind, u32> = BTreeMap::new();
         let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
         let mut seq = 0u64;
         let mut last_heard = Instant::now();
@@ -349,11 +351,10 @@ impl Link {
                     match frame {
                         Some(Ok(WsMessage::Text(text))) => match decode(text.as_bytes()) {
                             Ok(message) => {
-                                if matches!(message, Message::JobAssign(_)) {
-                                    // The coordinator took one off its hint of our free
-                                    // slots: even if our count ends where it was, its
-                                    // hint is now low. Report soon.
-                                    hint_spent = true;
+                                if let Message::JobAssign(assign) = &message {
+                                    // Even if our count ends where it was, the
+                                    // coordinator's hint is now lower: report soon.
+                                    *spent.entry(assign.kind.clone()).or_default() += 1;
                                     debounce.get_or_insert_with(|| Instant::now() + CAPACITY_DEBOUNCE);
                                 }
                                 self.handle(message, outbox);
@@ -385,19 +386,25 @@ impl Link {
                     let report = capacity(&self.arbiter);
                     last_sent = report.free_slots.clone();
                     debounce = None;
-                    hint_spent = false;
+                    spent.clear();
                     sends.push(Message::Heartbeat(Heartbeat { seq, capacity: report }));
                     if let Err(e) = ws.send(WsMessage::Ping(Vec::new().into())).await {
                         return Ended::Reconnect(format!("send ping: {e}"));
                     }
                 }
                 Ok(()) = capacity_changes.changed() => {
+                    // At once when the coordinator's hint (our last report, less
+                    // what it assigned since) says full or free and we are the
+                    // other: a free slot it does not know of is wasted time.
                     let now = self.arbiter.free_slots();
-                    let flipped = now.iter().any(|(kind, &free)| (free == 0) != (last_sent.get(kind).copied().unwrap_or(0) == 0));
+                    let flipped = now.iter().any(|(kind, &free)| {
+                        let hint = last_sent.get(kind).copied().unwrap_or(0).saturating_sub(spent.get(kind).copied().unwrap_or(0));
+                        (free == 0) != (hint == 0)
+                    });
                     if flipped {
                         last_sent = now;
                         debounce = None;
-                        hint_spent = false;
+                        spent.clear();
                         sends.push(Message::Capacity(capacity(&self.arbiter)));
                     } else if now != last_sent && debounce.is_none() {
                         debounce = Some(Instant::now() + CAPACITY_DEBOUNCE);
@@ -406,9 +413,9 @@ impl Link {
                 () = sleep_until(flush_at) => {
                     debounce = None;
                     let report = capacity(&self.arbiter);
-                    if report.free_slots != last_sent || hint_spent {
+                    if report.free_slots != last_sent || !spent.is_empty() {
                         last_sent = report.free_slots.clone();
-                        hint_spent = false;
+                        spent.clear();
                         sends.push(Message::Capacity(report));
                     }
                 }

@@ -10,6 +10,7 @@
 //! draws the lifecycle.
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ use lingua_shared::protocol::{
 use lingua_shared::{JobId, JobKind, LangCode, LangPair, Message, NodeId};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use tokio::sync::futures::Notified;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -434,6 +436,11 @@ impl JobRouter {
                     )
                     .await;
             }
+            // Registered before the pick, so that a report landing while
+            // the pick is in flight still wakes this dispatcher.
+            let report = self.capacity.notified();
+            tokio::pin!(report);
+            report.as_mut().enable();
             let pick = self
                 .store
                 .route_pick(
@@ -468,7 +475,7 @@ impl JobRouter {
                     // next report, so they become candidates again. Wait for
                     // a capacity report, as long as the job may wait.
                     excluded.clear();
-                    if !self.wait_for_capacity(deadline).await {
+                    if !wait_for_capacity(report, deadline).await {
                         let message = format!(
                             "no node had room for a {} job for {} within {} ms",
                             job.kind,
@@ -540,17 +547,6 @@ impl JobRouter {
                 }
             }
         }
-    }
-
-    /// Waits for the next capacity report (or a short poll interval, for
-    /// reports received by other instances). False once `deadline` passed.
-    async fn wait_for_capacity(&self, deadline: Instant) -> bool {
-        if Instant::now() >= deadline {
-            return false;
-        }
-        let wake = (Instant::now() + CAPACITY_POLL).min(deadline);
-        let _ = tokio::time::timeout_at(wake, self.capacity.notified()).await;
-        Instant::now() < deadline
     }
 
     async fn try_node(&self, job: &Job, node: &NodeId, attempt: u32, deadline: Instant) -> Tried {
@@ -899,6 +895,18 @@ enum Tried {
     Finished,
     Move(ErrorCode, String),
     TimedOut,
+}
+
+/// Waits for `report` (the next capacity report to reach Redis), or a
+/// short poll interval for reports received by other instances. False
+/// once `deadline` passed.
+async fn wait_for_capacity(report: Pin<&mut Notified<'_>>, deadline: Instant) -> bool {
+    if Instant::now() >= deadline {
+        return false;
+    }
+    let wake = (Instant::now() + CAPACITY_POLL).min(deadline);
+    let _ = tokio::time::timeout_at(wake, report).await;
+    Instant::now() < deadline
 }
 
 /// Milliseconds since the Unix epoch by this host's clock (compared with

@@ -8,7 +8,7 @@ use lingua_tests::fleet::{CoordinatorProcess, free_local_addr, proc_sample, work
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::{BenchError, Options, Row, core_pct, private_redis, scratch};
+use crate::{BenchError, Options, Percentiles, Row, core_pct, private_redis, scratch};
 
 const SLOTS: u32 = 16;
 
@@ -37,6 +37,7 @@ vram_mb = 2000
 max_concurrent = {SLOTS}
 [jobs.translate.simulated]
 duration_ms = 20
+utilization_pct = 3
 "#,
             url = coordinator.ws_url()
         ),
@@ -79,24 +80,27 @@ duration_ms = 20
         .map(|_| {
             let (client, url) = (client.clone(), jobs_url.clone());
             tokio::spawn(async move {
-                let mut completed = 0u64;
+                let mut latencies = Vec::new();
                 while Instant::now() < end {
                     let body = json!({"kind": "translate", "src_lang": "ja", "tgt_lang": "ko", "payload": {}});
+                    let started = Instant::now();
                     if let Ok(response) = client.post(&url).json(&body).send().await
                         && response.status().is_success()
                     {
-                        completed += 1;
+                        latencies.push(started.elapsed());
                     }
                 }
-                completed
+                latencies
             })
         })
         .collect();
     let load_before = proc_sample(pid).map_err(|e| e.to_string())?;
-    let mut completed = 0;
+    let mut latencies = Vec::new();
     for task in clients {
-        completed += task.await.unwrap_or(0);
+        latencies.extend(task.await.unwrap_or_default());
     }
+    let completed = latencies.len();
+    let latency = Percentiles::of(&mut latencies);
     let load_after = proc_sample(pid).map_err(|e| e.to_string())?;
     let _ = agent.kill().await;
     coordinator.kill().await;
@@ -113,10 +117,11 @@ duration_ms = 20
         Row::new(
             format!("lingua-agent under load ({SLOTS} slots of 20 ms jobs)"),
             format!(
-                "{}, {:.1} MB RSS, {:.0} jobs/s",
+                "{}, {:.1} MB RSS, {:.0} jobs/s, latency {}",
                 core_pct(load_after.cpu - load_before.cpu, options.window),
                 load_after.rss_kib as f64 / 1024.0,
-                completed as f64 / options.window.as_secs_f64()
+                completed as f64 / options.window.as_secs_f64(),
+                latency.show()
             ),
             "",
         ),

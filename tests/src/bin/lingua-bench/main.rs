@@ -184,7 +184,8 @@ pub fn scratch() -> Result<tempfile::TempDir, BenchError> {
 }
 
 /// A simulated agent's config: one GPU of `memory_mb`, kind `translate`
-/// (`vram_mb` each, `max_concurrent` at once, jobs of `duration_ms`).
+/// (`vram_mb` each, `max_concurrent` at once, jobs of `duration_ms`, the
+/// GPU half busy when every slot is).
 pub struct SimAgent<'a> {
     /// Node id.
     pub node_id: &'a str,
@@ -226,6 +227,7 @@ vram_mb = {vram}
 max_concurrent = {max}
 [jobs.translate.simulated]
 duration_ms = {duration}
+utilization_pct = {utilization}
 "#,
             node_id = self.node_id,
             url = self.url,
@@ -236,6 +238,9 @@ duration_ms = {duration}
             vram = self.vram_mb,
             max = self.max_concurrent,
             duration = self.duration_ms,
+            // A full node at half utilisation: below the pressure threshold,
+            // so that only slots and memory limit admission.
+            utilization = (50 / self.max_concurrent).max(1),
         );
         AgentConfig::parse(&text).map_err(|e| format!("agent config: {e}"))
     }
