@@ -369,6 +369,18 @@ max_attempts = 3
     }
 
     #[test]
+    fn the_pick_policy_is_capacity_unless_random_is_asked_for() {
+        assert_eq!(Config::parse("").unwrap().pick, PickPolicy::Capacity);
+        let random = Config::parse("[jobs]\npick = \"random\"\n").unwrap();
+        assert_eq!(random.pick, PickPolicy::Random);
+        let err = Config::parse("[jobs]\npick = \"fastest\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 2"), "{err}");
+        assert!(err.contains("`capacity` or `random`"), "{err}");
+    }
+
+    #[test]
     fn unknown_keys_are_rejected_with_their_line() {
         let err =
             Config::parse("listen = \"127.0.0.1:1\"\n[nodes]\nheartbeat_ms = 5\n").unwrap_err();

@@ -56,6 +56,37 @@ fn logging(mut config: AgentConfig, log: &Path, sleep_s: &str) -> AgentConfig {
     config
 }
 
+/// Each pick takes one from the node's free-slot hint; only the node's
+/// reports give it back. With heartbeats a minute apart, short sequential
+/// jobs on a 4-slot node run only if the agent reports after assignments
+/// (its count returns to where it was, so a change-only report never goes).
+#[tokio::test]
+async fn free_slot_hints_come_back_between_heartbeats() {
+    let redis = lingua_tests::redis().await;
+    let config = lingua_coordinator::config::Config {
+        heartbeat_interval: Duration::from_secs(60),
+        ..test_config()
+    };
+    let coordinator = TestCoordinator::start(&redis, config).await;
+    let agent = TestAgent::start(with_capacity(
+        agent_config("quick", &coordinator.ws_url(), 0),
+        4,
+    ));
+    agent.registered(1).await;
+    for i in 0..40 {
+        let mut job = translate("zh", "en");
+        job["timeout_ms"] = json!(5000);
+        let (status, body) = submit(&coordinator, job).await;
+        assert_eq!(
+            (status, &body["status"]),
+            (200, &json!("completed")),
+            "job {i}: {body}"
+        );
+    }
+    agent.stop().await.unwrap();
+    coordinator.stop().await;
+}
+
 #[tokio::test]
 async fn jobs_run_only_on_nodes_serving_their_pair() {
     let redis = lingua_tests::redis().await;
@@ -395,27 +426,12 @@ async fn the_api_token_guards_jobs() {
     coordinator.stop().await;
 }
 
-/// The agent binary, built by `cargo test --workspace` for the agent's own
-/// integration tests.
-fn agent_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test binary has a path");
-    let binary = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|dir| dir.join("lingua-agent"))
-        .expect("the test binary lives in target/<profile>/deps");
-    assert!(
-        binary.exists(),
-        "{} is missing: run `cargo build -p lingua-agent` (or `cargo test --workspace`) first",
-        binary.display()
-    );
-    binary
-}
-
 fn agent_process(config: &str, dir: &Path, name: &str) -> tokio::process::Child {
     let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, config).unwrap();
-    tokio::process::Command::new(agent_binary())
+    let binary =
+        lingua_tests::fleet::workspace_binary("lingua-agent").unwrap_or_else(|e| panic!("{e}"));
+    tokio::process::Command::new(binary)
         .arg("--config")
         .arg(&path)
         .env("LINGUA_LOG", "warn")
