@@ -2,7 +2,7 @@
 //! simulated GPUs, real HTTP and WebSockets.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
