@@ -33,6 +33,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Redis to use; `None` starts a private `redis-server`.
     pub redis_url: Option<String>,
+    /// Seed nodes of a Redis Cluster (instead of `redis_url`).
+    pub redis_cluster: Vec<String>,
     /// Tokens nodes may present.
     pub node_tokens: Vec<String>,
     /// Bearer tokens for the HTTP API; empty means the API is open.
@@ -90,6 +92,7 @@ impl Default for Config {
                 .parse()
                 .expect("the default listen address parses"),
             redis_url: None,
+            redis_cluster: Vec::new(),
             node_tokens: Vec::new(),
             api_tokens: Vec::new(),
             allow_anonymous: false,
@@ -127,6 +130,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawRedis {
     url: Option<Spanned<String>>,
+    cluster: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -235,9 +239,35 @@ impl Config {
                 Some(url)
             }
         };
+        let redis_cluster = match raw.redis.cluster {
+            None => Vec::new(),
+            Some(seeds) => {
+                let span = seeds.span();
+                let seeds = seeds.into_inner();
+                if seeds.is_empty() {
+                    return Err(check.invalid(
+                        "redis.cluster",
+                        span,
+                        "list at least one node of the cluster, e.g. [\"redis://10.0.0.1:6379\"]",
+                    ));
+                }
+                if redis_url.is_some() {
+                    return Err(check.invalid(
+                        "redis.cluster",
+                        span,
+                        "set redis.url (one Redis) or redis.cluster (a Redis Cluster), not both",
+                    ));
+                }
+                if let Some(message) = seeds.iter().find_map(|url| check_redis_url(url).err()) {
+                    return Err(check.invalid("redis.cluster", span, message));
+                }
+                seeds
+            }
+        };
         let config = Config {
             listen,
             redis_url,
+            redis_cluster,
             node_tokens: tokens(check, "auth.node_tokens", raw.auth.node_tokens)?,
             api_tokens: tokens(check, "auth.api_tokens", raw.auth.api_tokens)?,
             allow_anonymous: raw.auth.allow_anonymous,
@@ -288,10 +318,20 @@ impl Config {
     }
 
     /// Checks the rules that span fields and command-line overrides: run it
-    /// after applying `--listen` and `--redis-url`.
+    /// after applying `--listen`, `--redis-url` and `--redis-cluster`.
     pub fn check_security(&self) -> Result<(), ConfigError> {
         if let Some(url) = &self.redis_url {
             check_redis_url(url).map_err(|message| ConfigError::invalid("redis.url", message))?;
+        }
+        if self.redis_url.is_some() && !self.redis_cluster.is_empty() {
+            return Err(ConfigError::invalid(
+                "redis.cluster",
+                "set a Redis URL or a Redis Cluster, not both (--redis-url and --redis-cluster override the file)",
+            ));
+        }
+        for url in &self.redis_cluster {
+            check_redis_url(url)
+                .map_err(|message| ConfigError::invalid("redis.cluster", message))?;
         }
         if self.node_tokens.is_empty() && !self.listen.ip().is_loopback() && !self.allow_anonymous {
             return Err(ConfigError::invalid(
@@ -366,6 +406,30 @@ max_attempts = 3
         assert!(config.nodes_need_token());
         assert!(config.tls.is_some());
         config.check_security().unwrap();
+    }
+
+    #[test]
+    fn a_cluster_is_listed_by_its_seed_nodes_instead_of_a_url() {
+        let config = Config::parse(
+            "[redis]\ncluster = [\"redis://10.0.0.1:6379\", \"redis://10.0.0.2:6379\"]\n",
+        )
+        .unwrap();
+        assert_eq!(config.redis_cluster.len(), 2);
+        assert_eq!(config.redis_url, None);
+        for (text, says) in [
+            ("[redis]\ncluster = []\n", "at least one node"),
+            (
+                "[redis]\nurl = \"redis://a:1\"\ncluster = [\"redis://b:1\"]\n",
+                "not both",
+            ),
+            ("[redis]\ncluster = [\"http://b\"]\n", "not a Redis URL"),
+        ] {
+            let err = Config::parse(text).unwrap_err().to_string();
+            assert!(
+                err.contains("redis.cluster") && err.contains(says),
+                "{text}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -42,8 +42,12 @@ struct Cli {
     #[arg(long, value_name = "ADDR")]
     listen: Option<String>,
     /// Redis to use, e.g. redis://127.0.0.1:6379/0 (overrides `[redis] url`).
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", conflicts_with = "redis_cluster")]
     redis_url: Option<String>,
+    /// A Redis Cluster to use, by some of its nodes: URL,URL,… (overrides
+    /// `[redis] cluster`).
+    #[arg(long, value_name = "URLS", value_delimiter = ',')]
+    redis_cluster: Vec<String>,
     /// Log line format on stderr.
     #[arg(long, value_enum, default_value = "text", global = true)]
     log_format: LogFormat,
@@ -111,6 +115,11 @@ fn load_config(cli: &Cli) -> Result<Config, ConfigError> {
     }
     if let Some(url) = &cli.redis_url {
         config.redis_url = Some(url.clone());
+        config.redis_cluster.clear();
+    }
+    if !cli.redis_cluster.is_empty() {
+        config.redis_cluster.clone_from(&cli.redis_cluster);
+        config.redis_url = None;
     }
     config.check_security()?;
     Ok(config)
@@ -127,21 +136,31 @@ async fn serve(config: Config, tls: Option<TlsAcceptor>) -> ExitCode {
     if config.node_tokens.is_empty() {
         tracing::warn!(listen = %config.listen, "no node tokens configured: accepting unauthenticated nodes");
     }
-    let (url, private) = match &config.redis_url {
-        Some(url) => (url.clone(), None),
-        None => match PrivateRedis::start().await {
-            Ok(redis) => {
-                tracing::info!(socket = %redis.socket_path().display(), "using a private redis-server; its data is lost on exit");
-                (redis.url(), Some(redis))
-            }
-            Err(err) => {
-                eprintln!("lingua-coordinator: {err}");
-                return Exit::Unavailable.into();
-            }
-        },
-    };
     let metrics = Arc::new(Metrics::default());
-    let exit = match Store::connect(&url, metrics.clone()).await {
+    let (connected, url, private) = if config.redis_cluster.is_empty() {
+        let (url, private) = match &config.redis_url {
+            Some(url) => (url.clone(), None),
+            None => match PrivateRedis::start().await {
+                Ok(redis) => {
+                    tracing::info!(socket = %redis.socket_path().display(), "using a private redis-server; its data is lost on exit");
+                    (redis.url(), Some(redis))
+                }
+                Err(err) => {
+                    eprintln!("lingua-coordinator: {err}");
+                    return Exit::Unavailable.into();
+                }
+            },
+        };
+        (Store::connect(&url, metrics.clone()).await, url, private)
+    } else {
+        let seeds = config.redis_cluster.join(",");
+        (
+            Store::connect_cluster(&config.redis_cluster, metrics.clone()).await,
+            format!("the Redis Cluster of {seeds}"),
+            None,
+        )
+    };
+    let exit = match connected {
         Err(err) => {
             eprintln!("lingua-coordinator: cannot reach Redis at {url}: {err}");
             Exit::Unavailable.into()

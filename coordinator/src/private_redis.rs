@@ -66,7 +66,10 @@ pub struct PrivateRedis {
     lifeline: Option<ChildStdin>,
     socket: PathBuf,
     binary: PathBuf,
-    durable: bool,
+    /// Arguments beyond the socket and directory (persistence, port,
+    /// cluster mode), kept for [`PrivateRedis::restart`].
+    args: Vec<String>,
+    port: Option<u16>,
     dir: tempfile::TempDir,
 }
 
@@ -76,6 +79,30 @@ impl PrivateRedis {
     pub async fn start() -> Result<Self, PrivateRedisError> {
         let binary = locate(std::env::var_os("PATH").as_deref())?;
         Self::start_binary(&binary, false).await
+    }
+
+    /// Starts a server that is one node of a Redis Cluster, on the unix
+    /// socket and also on TCP `port` of 127.0.0.1 (cluster nodes find each
+    /// other over TCP; the cluster bus uses `port + 10000`). The caller
+    /// forms the cluster (`redis-cli --cluster create`).
+    pub async fn start_cluster_node(port: u16) -> Result<Self, PrivateRedisError> {
+        let binary = locate(std::env::var_os("PATH").as_deref())?;
+        let args = [
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--cluster-enabled",
+            "yes",
+            "--cluster-node-timeout",
+            "5000",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]
+        .map(str::to_owned);
+        Self::start_with(&binary, args.to_vec(), Some(port)).await
     }
 
     /// Like [`PrivateRedis::start`], with an append-only file synced on
@@ -88,19 +115,42 @@ impl PrivateRedis {
 
     /// Starts the server binary given, durable or not.
     pub async fn start_binary(binary: &Path, durable: bool) -> Result<Self, PrivateRedisError> {
+        let persistence: &[&str] = if durable {
+            &[
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ]
+        } else {
+            &["--save", "", "--appendonly", "no"]
+        };
+        let mut args = vec!["--port".to_owned(), "0".to_owned()];
+        args.extend(persistence.iter().map(|a| (*a).to_owned()));
+        Self::start_with(binary, args, None).await
+    }
+
+    async fn start_with(
+        binary: &Path,
+        args: Vec<String>,
+        port: Option<u16>,
+    ) -> Result<Self, PrivateRedisError> {
         let dir = tempfile::Builder::new()
             .prefix("lingua-redis-")
             .tempdir()
             .map_err(PrivateRedisError::Spawn)?;
         let socket = dir.path().join("redis.sock");
-        let mut guardian = spawn(binary, dir.path(), &socket, durable)?;
+        let mut guardian = spawn(binary, dir.path(), &socket, &args)?;
         let lifeline = guardian.stdin.take();
         let mut redis = Self {
             guardian,
             lifeline,
             socket,
             binary: binary.to_owned(),
-            durable,
+            args,
+            port,
             dir,
         };
         if let Err(err) = redis.wait_ready().await {
@@ -120,6 +170,12 @@ impl PrivateRedis {
         &self.socket
     }
 
+    /// `redis://127.0.0.1:PORT` for a cluster node (see
+    /// [`PrivateRedis::start_cluster_node`]).
+    pub fn tcp_url(&self) -> Option<String> {
+        self.port.map(|port| format!("redis://127.0.0.1:{port}"))
+    }
+
     /// Stops the server and waits (bounded) for it to exit.
     pub async fn stop(mut self) {
         self.halt().await;
@@ -130,7 +186,7 @@ impl PrivateRedis {
     /// durable comes back empty.
     pub async fn restart(&mut self) -> Result<(), PrivateRedisError> {
         self.halt().await;
-        self.guardian = spawn(&self.binary, self.dir.path(), &self.socket, self.durable)?;
+        self.guardian = spawn(&self.binary, self.dir.path(), &self.socket, &self.args)?;
         self.lifeline = self.guardian.stdin.take();
         self.wait_ready().await
     }
@@ -170,28 +226,16 @@ fn spawn(
     binary: &Path,
     dir: &Path,
     socket: &Path,
-    durable: bool,
+    args: &[String],
 ) -> Result<Child, PrivateRedisError> {
-    let persistence: &[&str] = if durable {
-        &[
-            "--save",
-            "",
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "always",
-        ]
-    } else {
-        &["--save", "", "--appendonly", "no"]
-    };
     Command::new("sh")
         .arg("-c")
         .arg(GUARDIAN)
         .arg(binary)
-        .args(["--port", "0", "--unixsocket"])
+        .arg("--unixsocket")
         .arg(socket)
         .args(["--unixsocketperm", "700"])
-        .args(persistence)
+        .args(args)
         .arg("--dir")
         .arg(dir)
         .arg("--logfile")

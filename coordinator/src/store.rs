@@ -9,8 +9,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lingua_shared::{JobId, JobKind, LangPair, NodeId};
-use redis::aio::ConnectionManager;
-use redis::{FromRedisValue, Script, ScriptInvocation, Value};
+use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
+use redis::{FromRedisValue, RedisFuture, Script, ScriptInvocation, Value};
 use serde::Serialize;
 
 use crate::config::PickPolicy;
@@ -225,10 +227,52 @@ pub struct RouteEntry {
     pub free: BTreeMap<JobKind, u32>,
 }
 
+/// A connection to one Redis or to a Redis Cluster: both reconnect by
+/// themselves, and both multiplex concurrent requests.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(conn) => conn.req_packed_command(cmd),
+            Self::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(conn) => conn.get_db(),
+            Self::Cluster(conn) => conn.get_db(),
+        }
+    }
+}
+
+/// How long connecting, or one reply, may take.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The coordinator's handle on Redis. Cheap to clone.
+///
+/// Every script keeps its keys in one hash slot, and no pipeline spans
+/// slots, so the same code runs on one Redis and on Redis Cluster.
 #[derive(Clone)]
 pub struct Store {
-    conn: ConnectionManager,
+    conn: Conn,
     scripts: Arc<Scripts>,
     metrics: Arc<Metrics>,
 }
@@ -238,10 +282,29 @@ impl Store {
     pub async fn connect(url: &str, metrics: Arc<Metrics>) -> Result<Self, StoreError> {
         let client = redis::Client::open(url)?;
         let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_response_timeout(Some(Duration::from_secs(5)))
+            .set_connection_timeout(Some(REDIS_TIMEOUT))
+            .set_response_timeout(Some(REDIS_TIMEOUT))
             .set_number_of_retries(2);
         let conn = ConnectionManager::new_with_config(client, config).await?;
+        Self::checked(Conn::Single(conn), metrics).await
+    }
+
+    /// Connects to the Redis Cluster that `seeds` (URLs of some of its
+    /// nodes) belong to, and checks that it answers.
+    pub async fn connect_cluster(
+        seeds: &[String],
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, StoreError> {
+        let client = ClusterClientBuilder::new(seeds.iter().map(String::as_str))
+            .connection_timeout(REDIS_TIMEOUT)
+            .response_timeout(REDIS_TIMEOUT)
+            .retries(2)
+            .build()?;
+        let conn = client.get_async_connection().await?;
+        Self::checked(Conn::Cluster(conn), metrics).await
+    }
+
+    async fn checked(conn: Conn, metrics: Arc<Metrics>) -> Result<Self, StoreError> {
         let store = Self {
             conn,
             scripts: Arc::new(Scripts::new()),
@@ -630,21 +693,33 @@ impl Store {
         node: &NodeId,
         pools: &BTreeMap<LangPair, String>,
     ) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
-        let mut pipe = redis::pipe();
-        pipe.sadd(keys::ALL_NODES, node.as_str()).ignore();
-        for pair in pools.keys() {
-            pipe.sadd(keys::ALL_PAIRS, pair.to_string()).ignore();
-        }
+        // Three keys in three slots: three commands, sent together.
+        let (mut a, mut b, mut c) = (self.conn.clone(), self.conn.clone(), self.conn.clone());
         let pools_json: BTreeMap<String, &String> =
             pools.iter().map(|(p, id)| (p.to_string(), id)).collect();
-        pipe.hset(
-            NodeKeys::new(node).hash,
-            "pools",
-            serde_json::to_string(&pools_json).expect("a map of strings serialises"),
-        )
-        .ignore();
-        pipe.query_async::<()>(&mut conn).await?;
+        let pairs: Vec<String> = pools.keys().map(LangPair::to_string).collect();
+        let mut add_node = redis::cmd("SADD");
+        add_node.arg(keys::ALL_NODES).arg(node.as_str());
+        let mut add_pairs = redis::cmd("SADD");
+        add_pairs.arg(keys::ALL_PAIRS).arg(&pairs);
+        let mut set_pools = redis::cmd("HSET");
+        set_pools
+            .arg(NodeKeys::new(node).hash)
+            .arg("pools")
+            .arg(serde_json::to_string(&pools_json).expect("a map of strings serialises"));
+        let (nodes, pairs, hash) = tokio::join!(
+            add_node.query_async::<()>(&mut a),
+            async {
+                if pairs.is_empty() {
+                    return Ok(());
+                }
+                add_pairs.query_async::<()>(&mut b).await
+            },
+            set_pools.query_async::<()>(&mut c),
+        );
+        nodes?;
+        pairs?;
+        hash?;
         Ok(())
     }
 
@@ -673,13 +748,22 @@ impl Store {
             .filter_map(|id| NodeId::new(id).ok())
             .collect();
         let mut views = Vec::with_capacity(ids.len());
+        // One node's keys share a slot; different nodes' do not. Requests
+        // for a chunk of nodes go out together (the connection pipelines
+        // them), each in its own slot.
         for chunk in ids.chunks(500) {
-            let mut pipe = redis::pipe();
-            for node in chunk {
+            let replies = futures_util::future::try_join_all(chunk.iter().map(|node| {
                 let keys = NodeKeys::new(node);
-                pipe.hgetall(&keys.hash).exists(&keys.lease);
-            }
-            let replies: Vec<(HashMap<String, String>, bool)> = pipe.query_async(&mut conn).await?;
+                let mut conn = self.conn.clone();
+                async move {
+                    redis::pipe()
+                        .hgetall(&keys.hash)
+                        .exists(&keys.lease)
+                        .query_async::<(HashMap<String, String>, bool)>(&mut conn)
+                        .await
+                }
+            }))
+            .await?;
             views.extend(
                 chunk
                     .iter()
@@ -703,11 +787,13 @@ impl Store {
         if pairs.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        for pair in &pairs {
-            pipe.hgetall(PairKeys::new(*pair).members);
-        }
-        let members: Vec<HashMap<String, String>> = pipe.query_async(&mut conn).await?;
+        let members: Vec<HashMap<String, String>> =
+            futures_util::future::try_join_all(pairs.iter().map(|pair| {
+                let mut conn = self.conn.clone();
+                let key = PairKeys::new(*pair).members;
+                async move { redis::cmd("HGETALL").arg(key).query_async(&mut conn).await }
+            }))
+            .await?;
         let mut views = Vec::new();
         for (pair, members) in pairs.iter().zip(members) {
             let mut pools: BTreeMap<(usize, String), Vec<String>> = BTreeMap::new();

@@ -10,6 +10,7 @@
 //! [`TestNode`] is a real WebSocket client speaking the node protocol.
 #![forbid(unsafe_code)]
 
+pub mod cluster;
 pub mod fleet;
 
 use std::future::Future;
@@ -88,6 +89,20 @@ where
     }
 }
 
+/// A Redis the coordinator can use: one server, or a cluster.
+pub trait RedisBackend {
+    /// A store on it.
+    fn store(&self, metrics: Arc<Metrics>) -> impl Future<Output = Store> + Send;
+}
+
+impl RedisBackend for PrivateRedis {
+    async fn store(&self, metrics: Arc<Metrics>) -> Store {
+        Store::connect(&self.url(), metrics)
+            .await
+            .expect("the test redis answers")
+    }
+}
+
 /// A coordinator running in this process on `127.0.0.1:0`.
 pub struct TestCoordinator {
     /// The bound address.
@@ -99,13 +114,13 @@ pub struct TestCoordinator {
 impl TestCoordinator {
     /// Starts a coordinator on `redis` with `config` (its `listen` and
     /// `redis_url` are ignored).
-    pub async fn start(redis: &PrivateRedis, config: Config) -> Self {
+    pub async fn start(redis: &impl RedisBackend, config: Config) -> Self {
         Self::start_tls(redis, config, None).await
     }
 
     /// Like [`TestCoordinator::start`], serving TLS with `acceptor`.
     pub async fn start_tls(
-        redis: &PrivateRedis,
+        redis: &impl RedisBackend,
         config: Config,
         acceptor: Option<TlsAcceptor>,
     ) -> Self {
@@ -116,15 +131,13 @@ impl TestCoordinator {
     /// Starts a coordinator on a given address (to restart one where its
     /// agents expect it).
     pub async fn start_on(
-        redis: &PrivateRedis,
+        redis: &impl RedisBackend,
         config: Config,
         acceptor: Option<TlsAcceptor>,
         addr: SocketAddr,
     ) -> Self {
         let metrics = Arc::new(Metrics::default());
-        let store = Store::connect(&redis.url(), metrics.clone())
-            .await
-            .expect("the test redis answers");
+        let store = redis.store(metrics.clone()).await;
         let listener = TcpListener::bind(addr)
             .await
             .expect("bind the test coordinator's address");

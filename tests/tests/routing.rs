@@ -1,5 +1,6 @@
 //! Job routing end to end: real Redis, a real coordinator, real agents with
-//! simulated GPUs, real HTTP and WebSockets.
+//! simulated GPUs, real HTTP and WebSockets. Every test runs twice: on one
+//! Redis, and on a local three-master Redis Cluster.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -8,7 +9,10 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use lingua_agent::config::{AgentConfig, ExecutorConfig};
-use lingua_tests::{TestAgent, TestCoordinator, agent_config, eventually, test_config};
+use lingua_tests::cluster::RedisCluster;
+use lingua_tests::{
+    RedisBackend, TestAgent, TestCoordinator, agent_config, eventually, test_config,
+};
 use serde_json::{Value, json};
 
 async fn submit(coordinator: &TestCoordinator, body: Value) -> (u16, Value) {
@@ -60,9 +64,7 @@ fn logging(mut config: AgentConfig, log: &Path, sleep_s: &str) -> AgentConfig {
 /// reports give it back. With heartbeats a minute apart, short sequential
 /// jobs on a 4-slot node run only if the agent reports after assignments
 /// (its count returns to where it was, so a change-only report never goes).
-#[tokio::test]
-async fn free_slot_hints_come_back_between_heartbeats() {
-    let redis = lingua_tests::redis().await;
+async fn free_slot_hints_come_back_between_heartbeats(redis: impl RedisBackend) {
     let config = lingua_coordinator::config::Config {
         heartbeat_interval: Duration::from_secs(60),
         ..test_config()
@@ -87,9 +89,7 @@ async fn free_slot_hints_come_back_between_heartbeats() {
     coordinator.stop().await;
 }
 
-#[tokio::test]
-async fn jobs_run_only_on_nodes_serving_their_pair() {
-    let redis = lingua_tests::redis().await;
+async fn jobs_run_only_on_nodes_serving_their_pair(redis: impl RedisBackend) {
     let coordinator = TestCoordinator::start(&redis, test_config()).await;
     let zh_en = TestAgent::start(agent_config("zh-en", &coordinator.ws_url(), 20));
     let de_fr = TestAgent::start(with_langs(
@@ -118,9 +118,7 @@ async fn jobs_run_only_on_nodes_serving_their_pair() {
     coordinator.stop().await;
 }
 
-#[tokio::test]
-async fn a_burst_spreads_by_capacity_and_never_exceeds_an_arbiter() {
-    let redis = lingua_tests::redis().await;
+async fn a_burst_spreads_by_capacity_and_never_exceeds_an_arbiter(redis: impl RedisBackend) {
     // A burst of 300 on 14 slots: capacity reports lag behind, so nodes
     // refuse now and then; allow the retries that takes on a loaded
     // machine.
@@ -196,9 +194,7 @@ async fn a_burst_spreads_by_capacity_and_never_exceeds_an_arbiter() {
     coordinator.stop().await;
 }
 
-#[tokio::test]
-async fn the_same_id_submitted_five_times_concurrently_runs_once() {
-    let redis = lingua_tests::redis().await;
+async fn the_same_id_submitted_five_times_concurrently_runs_once(redis: impl RedisBackend) {
     let coordinator = TestCoordinator::start(&redis, test_config()).await;
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("executions.log");
@@ -233,9 +229,7 @@ async fn the_same_id_submitted_five_times_concurrently_runs_once() {
     coordinator.stop().await;
 }
 
-#[tokio::test]
-async fn failures_get_their_documented_codes() {
-    let redis = lingua_tests::redis().await;
+async fn failures_get_their_documented_codes(redis: impl RedisBackend) {
     let coordinator = TestCoordinator::start(&redis, test_config()).await;
 
     // Nothing serves ja:ko.
@@ -330,9 +324,7 @@ async fn failures_get_their_documented_codes() {
     coordinator.stop().await;
 }
 
-#[tokio::test]
-async fn bad_requests_get_400s_and_the_service_keeps_serving() {
-    let redis = lingua_tests::redis().await;
+async fn bad_requests_get_400s_and_the_service_keeps_serving(redis: impl RedisBackend) {
     let coordinator = TestCoordinator::start(&redis, test_config()).await;
     let agent = TestAgent::start(agent_config("steady", &coordinator.ws_url(), 10));
     agent.registered(1).await;
@@ -408,9 +400,7 @@ async fn bad_requests_get_400s_and_the_service_keeps_serving() {
     coordinator.stop().await;
 }
 
-#[tokio::test]
-async fn the_api_token_guards_jobs() {
-    let redis = lingua_tests::redis().await;
+async fn the_api_token_guards_jobs(redis: impl RedisBackend) {
     let config = lingua_coordinator::config::Config {
         api_tokens: vec!["a-job-api-token-for-tests".into()],
         ..test_config()
@@ -441,9 +431,7 @@ fn agent_process(config: &str, dir: &Path, name: &str) -> tokio::process::Child 
         .unwrap()
 }
 
-#[tokio::test]
-async fn jobs_of_a_killed_agent_complete_elsewhere_once() {
-    let redis = lingua_tests::redis().await;
+async fn jobs_of_a_killed_agent_complete_elsewhere_once(redis: impl RedisBackend) {
     let coordinator = TestCoordinator::start(&redis, test_config()).await;
     let dir = tempfile::tempdir().unwrap();
     let config = |name: &str, log: &Path, sleep_s: &str| {
@@ -539,3 +527,37 @@ timeout_ms = 30000
     survivor.wait().await.unwrap();
     coordinator.stop().await;
 }
+
+/// Runs each test on one Redis (module `single`) and on a Redis Cluster
+/// (module `cluster`).
+macro_rules! on_both_backends {
+    ($($test:ident),* $(,)?) => {
+        mod single {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$test(lingua_tests::redis().await).await;
+                }
+            )*
+        }
+        mod cluster {
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    super::$test(super::RedisCluster::start().await).await;
+                }
+            )*
+        }
+    };
+}
+
+on_both_backends!(
+    free_slot_hints_come_back_between_heartbeats,
+    jobs_run_only_on_nodes_serving_their_pair,
+    a_burst_spreads_by_capacity_and_never_exceeds_an_arbiter,
+    the_same_id_submitted_five_times_concurrently_runs_once,
+    failures_get_their_documented_codes,
+    bad_requests_get_400s_and_the_service_keeps_serving,
+    the_api_token_guards_jobs,
+    jobs_of_a_killed_agent_complete_elsewhere_once
+);
