@@ -29,7 +29,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::metrics::{JobLabel, Metrics, ResultLabel};
 use crate::registry::{Control, Registry};
-use crate::store::{Finish, JobRecord, JobStart, Pick, Store, StoreError};
+use crate::forward::{Envelope, RemoteAnswer};
+use crate::store::{Finish, JobRecord, JobStart, Pick, Store, StoreError, wall_clock_ms};
 
 /// How long a session keeps preferring the node that served it last.
 const SESSION_AFFINITY: Duration = Duration::from_secs(600);
@@ -277,6 +278,7 @@ pub struct JobRouter {
     config: Config,
     instance: String,
     attempts: Mutex<HashMap<JobRef, Attempt>>,
+    forwarded: Mutex<HashMap<JobRef, Forwarded>>,
     unanswered: Mutex<HashMap<(NodeId, JobKind), u32>>,
     waiters: Mutex<HashMap<JobId, Arc<Waiter>>>,
     capacity: Arc<Notify>,
@@ -310,6 +312,7 @@ impl JobRouter {
             config,
             instance,
             attempts: Mutex::default(),
+            forwarded: Mutex::default(),
             unanswered: Mutex::default(),
             waiters: Mutex::default(),
             capacity,
@@ -561,6 +564,7 @@ impl JobRouter {
                 node: node.clone(),
                 kind: job.kind.clone(),
                 events: tx,
+                holder: None,
             },
         );
         let remaining = deadline.saturating_duration_since(Instant::now());
@@ -583,17 +587,125 @@ impl JobRouter {
             key: (node.clone(), job.kind.clone()),
         };
         self.metrics.assignments.inc();
-        let outcome = if self.registry.send(node, Control::Send(Box::new(assign))) {
+        let delivered = self.registry.send(node, Control::Send(Box::new(assign.clone())))
+            || self.forward(node, &key, assign).await;
+        let outcome = if delivered {
             self.follow(node, &key, &mut events, deadline, unanswered)
                 .await
         } else {
             Tried::Move(
                 ErrorCode::NodeLost,
-                format!("node {node} is not connected here"),
+                format!("node {node} is not connected to any live coordinator"),
             )
         };
         lock(&self.attempts).remove(&key);
         outcome
+    }
+
+    /// Sends an assignment for a node whose socket another live instance
+    /// holds through that instance's inbox. False when no live instance
+    /// holds it.
+    async fn forward(&self, node: &NodeId, key: &JobRef, assign: Message) -> bool {
+        let Message::JobAssign(assign) = assign else {
+            return false;
+        };
+        let holder = match self.store.node_holder(node).await {
+            Ok(Some(holder)) if holder != self.instance => holder,
+            Ok(_) => return false,
+            Err(err) => {
+                tracing::warn!(node_id = %node, error = %err, "cannot look up the node's coordinator");
+                return false;
+            }
+        };
+        if !self.store.instance_present(&holder).await.unwrap_or(false) {
+            return false;
+        }
+        let envelope = Envelope::Assign {
+            origin: self.instance.clone(),
+            node: node.clone(),
+            assign,
+        };
+        if let Some(attempt) = lock(&self.attempts).get_mut(key) {
+            attempt.holder = Some(holder.clone());
+        }
+        let text = serde_json::to_string(&envelope).expect("envelopes serialise");
+        match self.store.inbox_push(&holder, &text).await {
+            Ok(()) => {
+                self.metrics.forwarded.inc();
+                true
+            }
+            Err(err) => {
+                tracing::warn!(node_id = %node, %holder, error = %err, "cannot forward the assignment");
+                false
+            }
+        }
+    }
+
+    /// Records that the node's answers to `job` belong to `origin`.
+    pub fn note_forwarded(&self, job: JobRef, node: &NodeId, kind: JobKind, origin: &str) {
+        lock(&self.forwarded).insert(
+            job,
+            Forwarded {
+                node: node.clone(),
+                kind,
+                origin: origin.to_owned(),
+            },
+        );
+    }
+
+    /// Forgets a forwarded assignment (it could not be delivered).
+    pub fn forget_forwarded(&self, job: &JobRef) {
+        lock(&self.forwarded).remove(job);
+    }
+
+    /// Sends `answer` about `job` to instance `origin`'s inbox, in the
+    /// background.
+    pub fn tell_later(&self, origin: String, job: JobRef, answer: RemoteAnswer) {
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            let text = serde_json::to_string(&Envelope::Answer { job, answer })
+                .expect("envelopes serialise");
+            if let Err(err) = store.inbox_push(&origin, &text).await {
+                tracing::warn!(%origin, error = %err, "cannot send an answer to the dispatching instance");
+            }
+        });
+    }
+
+    /// Another instance answered about an attempt dispatched here.
+    pub fn remote_answer(&self, job: &JobRef, answer: RemoteAnswer) {
+        if let Some(attempt) = lock(&self.attempts).get(job) {
+            let _ = attempt.events.send(match answer {
+                RemoteAnswer::Accepted => AttemptEvent::Accepted,
+                RemoteAnswer::Rejected { reason, message } => {
+                    AttemptEvent::Rejected(reason, message)
+                }
+                RemoteAnswer::Finished => AttemptEvent::Finished,
+                RemoteAnswer::Lost => AttemptEvent::NodeLost,
+            });
+        }
+    }
+
+    /// Attempts forwarded to an instance whose presence expired move on:
+    /// the node will register elsewhere, and its answers would never come.
+    pub async fn check_holders(&self) {
+        let holders: Vec<String> = {
+            let attempts = lock(&self.attempts);
+            let mut holders: Vec<String> = attempts.values().filter_map(|a| a.holder.clone()).collect();
+            holders.sort_unstable();
+            holders.dedup();
+            holders
+        };
+        for holder in holders {
+            if self.store.instance_present(&holder).await.unwrap_or(true) {
+                continue;
+            }
+            tracing::warn!(%holder, "a coordinator instance holding nodes of jobs dispatched here went away");
+            for attempt in lock(&self.attempts).values() {
+                if attempt.holder.as_deref() == Some(holder.as_str()) {
+                    let _ = attempt.events.send(AttemptEvent::NodeLost);
+                }
+            }
+        }
     }
 
     async fn follow(
@@ -652,7 +764,23 @@ impl JobRouter {
             attempt: key.attempt,
             reason: reason.into(),
         });
-        self.registry.send(node, Control::Send(Box::new(cancel)));
+        if self.registry.send(node, Control::Send(Box::new(cancel.clone()))) {
+            return;
+        }
+        let holder = lock(&self.attempts).get(key).and_then(|a| a.holder.clone());
+        if let (Some(holder), Message::JobCancel(cancel)) = (holder, cancel) {
+            let envelope = Envelope::Cancel {
+                node: node.clone(),
+                cancel,
+            };
+            let text = serde_json::to_string(&envelope).expect("envelopes serialise");
+            let store = self.store.clone();
+            tokio::spawn(async move {
+                if let Err(err) = store.inbox_push(&holder, &text).await {
+                    tracing::warn!(%holder, error = %err, "cannot forward a cancel");
+                }
+            });
+        }
     }
 
     /// Records a failure decided here (not by a node) as the job's terminal
@@ -799,13 +927,28 @@ impl JobRouter {
         key: &JobRef,
         refusal: Option<(RejectReason, String)>,
     ) -> Option<JobKind> {
-        let attempts = lock(&self.attempts);
-        let attempt = attempts.get(key).filter(|a| &a.node == node)?;
-        let _ = attempt.events.send(match refusal {
-            None => AttemptEvent::Accepted,
-            Some((reason, message)) => AttemptEvent::Rejected(reason, message),
-        });
-        Some(attempt.kind.clone())
+        if let Some(attempt) = lock(&self.attempts).get(key).filter(|a| &a.node == node) {
+            let _ = attempt.events.send(match refusal {
+                None => AttemptEvent::Accepted,
+                Some((reason, message)) => AttemptEvent::Rejected(reason, message),
+            });
+            return Some(attempt.kind.clone());
+        }
+        let mut forwarded = lock(&self.forwarded);
+        let entry = forwarded.get(key).filter(|f| &f.node == node)?;
+        let (kind, origin) = (entry.kind.clone(), entry.origin.clone());
+        let answer = match refusal {
+            None => RemoteAnswer::Accepted,
+            Some((reason, message)) => {
+                // A refused attempt is over here; an accepted one waits for
+                // its result (or the node's loss).
+                forwarded.remove(key);
+                RemoteAnswer::Rejected { reason, message }
+            }
+        };
+        drop(forwarded);
+        self.tell_later(origin, key.clone(), answer);
+        Some(kind)
     }
 
     /// A node reported a result: record it (fenced by attempt), wake the
@@ -851,6 +994,17 @@ impl JobRouter {
             };
             if let Some(attempt) = lock(&self.attempts).get(&key) {
                 let _ = attempt.events.send(AttemptEvent::Finished);
+                return Ok(());
+            }
+            // Dispatched elsewhere (forwarded here, or its node moved to this
+            // instance since): its dispatcher is waiting.
+            let forwarded = lock(&self.forwarded).remove(&key);
+            let origin = match forwarded {
+                Some(forwarded) => Some(forwarded.origin),
+                None => self.store.job_dispatcher(&key.job_id).await?,
+            };
+            if let Some(origin) = origin.filter(|o| o != &self.instance) {
+                self.tell_later(origin, key, RemoteAnswer::Finished);
             }
         }
         Ok(())
@@ -862,6 +1016,20 @@ impl JobRouter {
             if &attempt.node == node {
                 let _ = attempt.events.send(AttemptEvent::NodeLost);
             }
+        }
+        let lost: Vec<(JobRef, String)> = {
+            let mut forwarded = lock(&self.forwarded);
+            let keys: Vec<JobRef> = forwarded
+                .iter()
+                .filter(|(_, f)| &f.node == node)
+                .map(|(key, _)| key.clone())
+                .collect();
+            keys.into_iter()
+                .filter_map(|key| forwarded.remove(&key).map(|f| (key, f.origin)))
+                .collect()
+        };
+        for (key, origin) in lost {
+            self.tell_later(origin, key, RemoteAnswer::Lost);
         }
     }
 }
@@ -889,6 +1057,17 @@ struct Attempt {
     node: NodeId,
     kind: JobKind,
     events: mpsc::UnboundedSender<AttemptEvent>,
+    /// The instance the assignment was forwarded to, when another one
+    /// holds the node's socket.
+    holder: Option<String>,
+}
+
+/// An assignment another instance forwarded here, for a node whose socket
+/// this instance holds: where the node's answers must go.
+struct Forwarded {
+    node: NodeId,
+    kind: JobKind,
+    origin: String,
 }
 
 enum Tried {
@@ -909,10 +1088,3 @@ async fn wait_for_capacity(report: Pin<&mut Notified<'_>>, deadline: Instant) ->
     Instant::now() < deadline
 }
 
-/// Milliseconds since the Unix epoch by this host's clock (compared with
-/// Redis's only to decide whether to ask Redis, which decides by its own).
-fn wall_clock_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}

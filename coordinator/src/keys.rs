@@ -13,6 +13,31 @@ const PREFIX: &str = "lingua:v1";
 pub const ALL_NODES: &str = "lingua:v1:nodes";
 /// Global SET of every pair that ever had a member (for `/v1/pools`).
 pub const ALL_PAIRS: &str = "lingua:v1:pairs";
+/// Global ZSET coordinator instance -> presence deadline in ms (to find
+/// instances that died without cleaning up).
+pub const ALL_INSTANCES: &str = "lingua:v1:coordinators";
+
+/// The keys of one coordinator instance, tagged `{<instance id>}`.
+#[derive(Debug, Clone)]
+pub struct InstanceKeys {
+    /// STRING with a TTL: present while the instance is alive; its value
+    /// is the instance's listen address.
+    pub presence: String,
+    /// STREAM of messages for this instance from the others: assignments
+    /// for nodes whose socket it holds, answers for jobs it dispatches.
+    pub inbox: String,
+}
+
+impl InstanceKeys {
+    /// The keys of `instance`.
+    pub fn new(instance: &str) -> Self {
+        let presence = format!("{PREFIX}:coordinator:{{{instance}}}");
+        Self {
+            inbox: format!("{presence}:inbox"),
+            presence,
+        }
+    }
+}
 
 /// The keys of one node, all tagged `{<node id>}`.
 #[derive(Debug, Clone)]

@@ -7,6 +7,7 @@
 //! - [`node_ws`]: the node WebSocket endpoint.
 //! - [`api`]: the HTTP API (jobs and admin).
 //! - [`jobs`]: job routing: dispatch, retries, failover, results.
+//! - [`forward`]: several instances on one Redis: presence, inboxes.
 //! - [`store`], [`keys`]: everything kept in Redis, and the key names.
 //! - [`route_batch`]: routing updates batched per language pair.
 //! - [`registry`]: node sockets held by this instance.
@@ -18,6 +19,7 @@
 
 pub mod api;
 pub mod config;
+pub mod forward;
 pub mod jobs;
 pub mod keys;
 pub mod metrics;

@@ -77,6 +77,8 @@ pub struct Metrics {
     pub results: Family<ResultLabel, Counter>,
     /// Assignments sent to nodes (every attempt).
     pub assignments: Counter,
+    /// Assignments forwarded to the instance holding the node's socket.
+    pub forwarded: Counter,
 }
 
 fn script_histogram() -> Histogram {
@@ -97,6 +99,7 @@ impl Default for Metrics {
         let jobs = Family::default();
         let results = Family::default();
         let assignments = Counter::default();
+        let forwarded = Counter::default();
         registry.register(
             "jobs",
             "Jobs dispatched here that ended, by status or error code",
@@ -111,6 +114,11 @@ impl Default for Metrics {
             "job_assignments",
             "Assignments sent to nodes (one per attempt)",
             assignments.clone(),
+        );
+        registry.register(
+            "job_assignments_forwarded",
+            "Assignments sent through the inbox of the instance holding the node's socket",
+            forwarded.clone(),
         );
         registry.register(
             "nodes_connected",
@@ -149,6 +157,7 @@ impl Default for Metrics {
             jobs,
             results,
             assignments,
+            forwarded,
         }
     }
 }

@@ -22,7 +22,7 @@ use crate::registry::Registry;
 use crate::route_batch::RouteBatcher;
 use crate::store::Store;
 use crate::tls::TlsListener;
-use crate::{api, node_ws};
+use crate::{api, forward, node_ws};
 
 /// Longest HTTP request body accepted.
 pub const MAX_BODY_BYTES: usize = 2 << 20;
@@ -122,6 +122,13 @@ pub async fn run(
     });
     let flusher_stop = CancellationToken::new();
     let flusher = tokio::spawn(batcher.run(flusher_stop.clone()));
+    let listen = listener.local_addr()?.to_string();
+    let announcer = tokio::spawn(forward::announce(
+        shared.clone(),
+        listen,
+        flusher_stop.clone(),
+    ));
+    let receiver = tokio::spawn(forward::receive(shared.clone(), flusher_stop.clone()));
     tracing::info!(
         listen = %listener.local_addr()?,
         tls = tls.is_some(),
@@ -144,6 +151,8 @@ pub async fn run(
     }
     flusher_stop.cancel();
     let _ = flusher.await;
+    let _ = receiver.await;
+    let _ = announcer.await;
     served
 }
 

@@ -16,7 +16,7 @@ use redis::{FromRedisValue, RedisFuture, Script, ScriptInvocation, Value};
 use serde::Serialize;
 
 use crate::config::PickPolicy;
-use crate::keys::{self, NodeKeys, PairKeys};
+use crate::keys::{self, InstanceKeys, NodeKeys, PairKeys};
 use crate::metrics::Metrics;
 
 /// A Redis failure, or a reply the scripts never give.
@@ -273,9 +273,21 @@ const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct Store {
     conn: Conn,
+    target: Arc<Target>,
     scripts: Arc<Scripts>,
     metrics: Arc<Metrics>,
 }
+
+/// Where a store connects, kept to open a dedicated connection.
+enum Target {
+    Single(String),
+    Cluster(Vec<String>),
+}
+
+/// The consumer group every instance reads its own inbox with.
+const INBOX_GROUP: &str = "lingua";
+/// Inbox entries kept at most (older ones are trimmed).
+const INBOX_MAX: u32 = 100_000;
 
 impl Store {
     /// Connects to Redis at `url` and checks that it answers.
@@ -286,7 +298,7 @@ impl Store {
             .set_response_timeout(Some(REDIS_TIMEOUT))
             .set_number_of_retries(2);
         let conn = ConnectionManager::new_with_config(client, config).await?;
-        Self::checked(Conn::Single(conn), metrics).await
+        Self::checked(Conn::Single(conn), Target::Single(url.to_owned()), metrics).await
     }
 
     /// Connects to the Redis Cluster that `seeds` (URLs of some of its
@@ -301,12 +313,22 @@ impl Store {
             .retries(2)
             .build()?;
         let conn = client.get_async_connection().await?;
-        Self::checked(Conn::Cluster(conn), metrics).await
+        Self::checked(Conn::Cluster(conn), Target::Cluster(seeds.to_vec()), metrics).await
     }
 
-    async fn checked(conn: Conn, metrics: Arc<Metrics>) -> Result<Self, StoreError> {
+    /// A store on a connection of its own, for blocking reads that must
+    /// not hold up everyone else's commands.
+    pub async fn dedicated(&self) -> Result<Self, StoreError> {
+        match &*self.target {
+            Target::Single(url) => Self::connect(url, self.metrics.clone()).await,
+            Target::Cluster(seeds) => Self::connect_cluster(seeds, self.metrics.clone()).await,
+        }
+    }
+
+    async fn checked(conn: Conn, target: Target, metrics: Arc<Metrics>) -> Result<Self, StoreError> {
         let store = Self {
             conn,
+            target: Arc::new(target),
             scripts: Arc::new(Scripts::new()),
             metrics,
         };
@@ -659,6 +681,191 @@ impl Store {
         }
     }
 
+    /// Announces (or renews) coordinator `instance`, serving on `listen`,
+    /// for `ttl`.
+    pub async fn instance_alive(
+        &self,
+        instance: &str,
+        listen: &str,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let keys = InstanceKeys::new(instance);
+        let mut conn = self.conn.clone();
+        redis::cmd("SET")
+            .arg(&keys.presence)
+            .arg(listen)
+            .arg("PX")
+            .arg(millis(ttl))
+            .query_async::<()>(&mut conn)
+            .await?;
+        redis::cmd("ZADD")
+            .arg(keys::ALL_INSTANCES)
+            .arg(wall_clock_ms() + millis(ttl))
+            .arg(instance)
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Whether coordinator `instance` is alive.
+    pub async fn instance_present(&self, instance: &str) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        Ok(redis::cmd("EXISTS")
+            .arg(InstanceKeys::new(instance).presence)
+            .query_async(&mut conn)
+            .await?)
+    }
+
+    /// Removes an instance: its presence, its inbox, its index entry.
+    pub async fn instance_gone(&self, instance: &str) -> Result<(), StoreError> {
+        let keys = InstanceKeys::new(instance);
+        let mut conn = self.conn.clone();
+        redis::cmd("DEL")
+            .arg(&keys.presence)
+            .arg(&keys.inbox)
+            .query_async::<()>(&mut conn)
+            .await?;
+        redis::cmd("ZREM")
+            .arg(keys::ALL_INSTANCES)
+            .arg(instance)
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Cleans up after instances whose presence ran out (they died
+    /// without saying so): returns their ids.
+    pub async fn reap_instances(&self) -> Result<Vec<String>, StoreError> {
+        let mut conn = self.conn.clone();
+        let overdue: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(keys::ALL_INSTANCES)
+            .arg("-inf")
+            .arg(wall_clock_ms())
+            .arg("LIMIT")
+            .arg(0)
+            .arg(100)
+            .query_async(&mut conn)
+            .await?;
+        let mut reaped = Vec::new();
+        for instance in overdue {
+            if !self.instance_present(&instance).await? {
+                self.instance_gone(&instance).await?;
+                reaped.push(instance);
+            }
+        }
+        Ok(reaped)
+    }
+
+    /// The instance holding `node`'s socket, as last registered.
+    pub async fn node_holder(&self, node: &NodeId) -> Result<Option<String>, StoreError> {
+        let mut conn = self.conn.clone();
+        Ok(redis::cmd("HGET")
+            .arg(NodeKeys::new(node).hash)
+            .arg("coordinator")
+            .query_async(&mut conn)
+            .await?)
+    }
+
+    /// The instance dispatching job `id`.
+    pub async fn job_dispatcher(&self, id: &JobId) -> Result<Option<String>, StoreError> {
+        let mut conn = self.conn.clone();
+        Ok(redis::cmd("HGET")
+            .arg(keys::job(id))
+            .arg("coordinator")
+            .query_async(&mut conn)
+            .await?)
+    }
+
+    /// Creates `instance`'s inbox and its consumer group, if missing.
+    pub async fn inbox_open(&self, instance: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(InstanceKeys::new(instance).inbox)
+            .arg(INBOX_GROUP)
+            .arg("$")
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await;
+        match created {
+            Err(err) if err.code() == Some("BUSYGROUP") => Ok(()),
+            other => Ok(other?),
+        }
+    }
+
+    /// Appends `message` to `instance`'s inbox.
+    pub async fn inbox_push(&self, instance: &str, message: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        // NOMKSTREAM: a message for an instance that is gone (its inbox
+        // reaped) is dropped rather than recreating the inbox forever.
+        redis::cmd("XADD")
+            .arg(InstanceKeys::new(instance).inbox)
+            .arg("NOMKSTREAM")
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(INBOX_MAX)
+            .arg("*")
+            .arg("m")
+            .arg(message)
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Waits up to `block` for messages in `instance`'s inbox; returns
+    /// their ids and texts. Read them on a [`Store::dedicated`] store.
+    pub async fn inbox_read(
+        &self,
+        instance: &str,
+        block: Duration,
+    ) -> Result<Vec<(String, String)>, StoreError> {
+        let mut conn = self.conn.clone();
+        let reply: Option<redis::streams::StreamReadReply> = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(INBOX_GROUP)
+            .arg(instance)
+            .arg("COUNT")
+            .arg(256)
+            .arg("BLOCK")
+            .arg(millis(block))
+            .arg("STREAMS")
+            .arg(InstanceKeys::new(instance).inbox)
+            .arg(">")
+            .query_async(&mut conn)
+            .await?;
+        Ok(reply
+            .into_iter()
+            .flat_map(|r| r.keys)
+            .flat_map(|k| k.ids)
+            .map(|entry| {
+                let text = entry.get::<String>("m").unwrap_or_default();
+                (entry.id, text)
+            })
+            .collect())
+    }
+
+    /// Acknowledges and deletes inbox entries.
+    pub async fn inbox_ack(&self, instance: &str, ids: &[String]) -> Result<(), StoreError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let inbox = InstanceKeys::new(instance).inbox;
+        let mut conn = self.conn.clone();
+        redis::pipe()
+            .cmd("XACK")
+            .arg(&inbox)
+            .arg(INBOX_GROUP)
+            .arg(ids)
+            .ignore()
+            .cmd("XDEL")
+            .arg(&inbox)
+            .arg(ids)
+            .ignore()
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(())
+    }
+
     /// A job, if Redis still holds it.
     pub async fn job(&self, id: &JobId) -> Result<Option<JobRecord>, StoreError> {
         let mut conn = self.conn.clone();
@@ -868,4 +1075,11 @@ fn node_view(id: &str, mut fields: HashMap<String, String>, alive: bool) -> Node
         epoch: number(&fields, "epoch"),
         agent_version: fields.remove("agent_version").unwrap_or_default(),
     }
+}
+
+/// Milliseconds since the Unix epoch by this host's clock.
+pub fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
