@@ -135,7 +135,7 @@ impl Agent {
                 kinds: config.kinds(),
             },
             endpoint: Endpoint {
-                url: config.coordinator_url.clone(),
+                urls: config.coordinator_urls.clone(),
                 ca_file: config.ca_file.clone(),
                 backoff_cap: BACKOFF_CAP,
             },
@@ -244,7 +244,7 @@ fn apply_reload(
         ("node_id", old.node_id != new.node_id),
         (
             "coordinator_url",
-            old.coordinator_url != new.coordinator_url,
+            old.coordinator_urls != new.coordinator_urls,
         ),
         ("token", old.token != new.token),
         ("ca_file", old.ca_file != new.ca_file),

@@ -131,8 +131,9 @@ pub struct KindConfig {
 pub struct AgentConfig {
     /// The node's id.
     pub node_id: NodeId,
-    /// The coordinator's node endpoint, `ws://` or `wss://`.
-    pub coordinator_url: String,
+    /// The coordinators' node endpoints, `ws://` or `wss://`, tried in
+    /// turn (several instances behind no load balancer, or a fallback).
+    pub coordinator_urls: Vec<String>,
     /// The node token.
     pub token: Option<String>,
     /// A CA to trust for `wss://` (besides the system roots).
@@ -151,11 +152,19 @@ pub struct AgentConfig {
     pub jobs: BTreeMap<JobKind, KindConfig>,
 }
 
+/// `coordinator_url`: one URL, or a list of them.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum UrlList {
+    One(String),
+    Many(Vec<String>),
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     node_id: Option<Spanned<String>>,
-    coordinator_url: Option<Spanned<String>>,
+    coordinator_url: Option<Spanned<UrlList>>,
     token: Option<String>,
     token_file: Option<Spanned<PathBuf>>,
     ca_file: Option<PathBuf>,
@@ -237,20 +246,33 @@ impl AgentConfig {
             }
             None => default_node_id()?,
         };
-        let coordinator_url = match raw.coordinator_url {
-            Some(url) => {
-                let span = url.span();
-                let url = url.into_inner();
-                if !(url.starts_with("ws://") || url.starts_with("wss://")) {
+        let coordinator_urls = match raw.coordinator_url {
+            Some(urls) => {
+                let span = urls.span();
+                let urls = match urls.into_inner() {
+                    UrlList::One(url) => vec![url],
+                    UrlList::Many(urls) => urls,
+                };
+                if urls.is_empty() {
+                    return Err(check.invalid(
+                        "coordinator_url",
+                        span,
+                        format!("list at least one coordinator, like [\"{DEFAULT_COORDINATOR_URL}\"]"),
+                    ));
+                }
+                if let Some(url) = urls
+                    .iter()
+                    .find(|url| !(url.starts_with("ws://") || url.starts_with("wss://")))
+                {
                     return Err(check.invalid(
                         "coordinator_url",
                         span,
                         format!("{url:?} must start with ws:// or wss://, like \"{DEFAULT_COORDINATOR_URL}\""),
                     ));
                 }
-                url
+                urls
             }
-            None => DEFAULT_COORDINATOR_URL.to_owned(),
+            None => vec![DEFAULT_COORDINATOR_URL.to_owned()],
         };
         let token = match (raw.token, raw.token_file) {
             (Some(_), Some(file)) => {
@@ -325,7 +347,7 @@ impl AgentConfig {
         }
         Ok(AgentConfig {
             node_id,
-            coordinator_url,
+            coordinator_urls,
             token,
             ca_file: raw.ca_file,
             drain_timeout: Duration::from_millis(check.range(
@@ -634,6 +656,27 @@ duration_ms = 150
         assert!(text.contains("prio") && text.contains("line 23"), "{text}");
         let url = SPEC_EXAMPLE.replace("ws://127.0.0.1:7700/v1/node", "http://x");
         assert!(error(&url).contains("coordinator_url (line 3)"));
+    }
+
+    #[test]
+    fn coordinator_url_is_one_url_or_a_list() {
+        let one = AgentConfig::parse(SPEC_EXAMPLE).unwrap();
+        assert_eq!(one.coordinator_urls, ["ws://127.0.0.1:7700/v1/node"]);
+        let list = SPEC_EXAMPLE.replace(
+            "\"ws://127.0.0.1:7700/v1/node\"",
+            "[\"ws://10.0.0.1:7700/v1/node\", \"wss://10.0.0.2:7700/v1/node\"]",
+        );
+        assert_eq!(
+            AgentConfig::parse(&list).unwrap().coordinator_urls,
+            ["ws://10.0.0.1:7700/v1/node", "wss://10.0.0.2:7700/v1/node"]
+        );
+        let empty = SPEC_EXAMPLE.replace("\"ws://127.0.0.1:7700/v1/node\"", "[]");
+        assert!(error(&empty).contains("at least one coordinator"), "{}", error(&empty));
+        let bad = SPEC_EXAMPLE.replace(
+            "\"ws://127.0.0.1:7700/v1/node\"",
+            "[\"ws://a/v1/node\", \"http://b\"]",
+        );
+        assert!(error(&bad).contains("\"http://b\" must start with ws://"), "{}", error(&bad));
     }
 
     #[test]

@@ -68,8 +68,9 @@ pub struct Identity {
 /// Where and how to connect.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
-    /// `ws://…/v1/node` or `wss://…/v1/node`.
-    pub url: String,
+    /// `ws://…/v1/node` or `wss://…/v1/node`, one per coordinator
+    /// instance: each reconnection tries the next.
+    pub urls: Vec<String>,
     /// A CA to trust instead of the public roots, for `wss://`.
     pub ca_file: Option<PathBuf>,
     /// The longest wait between reconnection attempts.
@@ -184,9 +185,14 @@ impl Link {
             .without_max_times();
         let mut delays = backoff.build();
         let mut outbox: BTreeMap<JobRef, JobResult> = BTreeMap::new();
+        let mut turn = 0usize;
         loop {
+            // After a failure or a lost link, the next coordinator: the one
+            // just tried may be the one that went away.
+            let url = self.endpoint.urls[turn % self.endpoint.urls.len()].clone();
+            turn = turn.wrapping_add(1);
             let attempt = tokio::select! {
-                attempt = self.connect(connector.clone(), &gpus) => attempt,
+                attempt = self.connect(&url, connector.clone(), &gpus) => attempt,
                 () = shutdown.cancelled() => return LinkEnd::Shutdown,
             };
             let why = match attempt {
@@ -241,6 +247,7 @@ impl Link {
 
     async fn connect(
         &mut self,
+        url: &str,
         connector: Option<Connector>,
         gpus: &[GpuInfo],
     ) -> Result<(Ws, Duration), Ended> {
@@ -250,13 +257,13 @@ impl Link {
             .read_buffer_size(WS_BUFFER_BYTES)
             .write_buffer_size(WS_BUFFER_BYTES);
         let (mut ws, _) = tokio_tungstenite::connect_async_tls_with_config(
-            self.endpoint.url.as_str(),
+            url,
             Some(config),
             true,
             connector,
         )
         .await
-        .map_err(|e| Ended::Reconnect(format!("connect {}: {e}", self.endpoint.url)))?;
+        .map_err(|e| Ended::Reconnect(format!("connect {url}: {e}")))?;
         ws.send(WsMessage::text(encode(&self.register_message(gpus))))
             .await
             .map_err(|e| Ended::Reconnect(format!("send register: {e}")))?;
@@ -280,7 +287,7 @@ impl Link {
         .map_err(|_| Ended::Reconnect("no register_ack in time".into()))??;
         match answer {
             Ok(Message::RegisterAck(ack)) => {
-                tracing::info!(url = %self.endpoint.url, epoch = ack.epoch, pairs = ack.pairs.len(), "registered with the coordinator");
+                tracing::info!(%url, epoch = ack.epoch, pairs = ack.pairs.len(), "registered with the coordinator");
                 self.status.send_modify(|s| {
                     s.connected = true;
                     s.registrations += 1;

@@ -146,7 +146,7 @@ async fn serve(config: AgentConfig, path: PathBuf) -> ExitCode {
             return Exit::Internal.into();
         }
     };
-    tracing::info!(node_id = %config.node_id, coordinator = %config.coordinator_url, backend = config.gpu.backend.name(), "agent starting");
+    tracing::info!(node_id = %config.node_id, coordinators = ?config.coordinator_urls, backend = config.gpu.backend.name(), "agent starting");
     let agent_metrics_addr = config.metrics_listen;
     let agent = match Agent::start(config) {
         Ok(agent) => agent,
