@@ -257,7 +257,9 @@ impl AgentConfig {
                     return Err(check.invalid(
                         "coordinator_url",
                         span,
-                        format!("list at least one coordinator, like [\"{DEFAULT_COORDINATOR_URL}\"]"),
+                        format!(
+                            "list at least one coordinator, like [\"{DEFAULT_COORDINATOR_URL}\"]"
+                        ),
                     ));
                 }
                 if let Some(url) = urls
@@ -671,12 +673,20 @@ duration_ms = 150
             ["ws://10.0.0.1:7700/v1/node", "wss://10.0.0.2:7700/v1/node"]
         );
         let empty = SPEC_EXAMPLE.replace("\"ws://127.0.0.1:7700/v1/node\"", "[]");
-        assert!(error(&empty).contains("at least one coordinator"), "{}", error(&empty));
+        assert!(
+            error(&empty).contains("at least one coordinator"),
+            "{}",
+            error(&empty)
+        );
         let bad = SPEC_EXAMPLE.replace(
             "\"ws://127.0.0.1:7700/v1/node\"",
             "[\"ws://a/v1/node\", \"http://b\"]",
         );
-        assert!(error(&bad).contains("\"http://b\" must start with ws://"), "{}", error(&bad));
+        assert!(
+            error(&bad).contains("\"http://b\" must start with ws://"),
+            "{}",
+            error(&bad)
+        );
     }
 
     #[test]

@@ -256,14 +256,10 @@ impl Link {
             .max_frame_size(Some(MAX_FRAME_BYTES))
             .read_buffer_size(WS_BUFFER_BYTES)
             .write_buffer_size(WS_BUFFER_BYTES);
-        let (mut ws, _) = tokio_tungstenite::connect_async_tls_with_config(
-            url,
-            Some(config),
-            true,
-            connector,
-        )
-        .await
-        .map_err(|e| Ended::Reconnect(format!("connect {url}: {e}")))?;
+        let (mut ws, _) =
+            tokio_tungstenite::connect_async_tls_with_config(url, Some(config), true, connector)
+                .await
+                .map_err(|e| Ended::Reconnect(format!("connect {url}: {e}")))?;
         ws.send(WsMessage::text(encode(&self.register_message(gpus))))
             .await
             .map_err(|e| Ended::Reconnect(format!("send register: {e}")))?;

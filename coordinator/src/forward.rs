@@ -84,7 +84,11 @@ pub async fn announce(shared: Arc<Shared>, listen: String, stop: CancellationTok
             _ = ticker.tick() => {}
             () = stop.cancelled() => break,
         }
-        if let Err(err) = shared.store.instance_alive(&shared.instance, &listen, ttl).await {
+        if let Err(err) = shared
+            .store
+            .instance_alive(&shared.instance, &listen, ttl)
+            .await
+        {
             tracing::warn!(error = %err, "cannot renew this instance's presence");
             continue;
         }

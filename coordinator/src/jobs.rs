@@ -27,9 +27,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::forward::{Envelope, RemoteAnswer};
 use crate::metrics::{JobLabel, Metrics, ResultLabel};
 use crate::registry::{Control, Registry};
-use crate::forward::{Envelope, RemoteAnswer};
 use crate::store::{Finish, JobRecord, JobStart, Pick, Store, StoreError, wall_clock_ms};
 
 /// How long a session keeps preferring the node that served it last.
@@ -587,7 +587,9 @@ impl JobRouter {
             key: (node.clone(), job.kind.clone()),
         };
         self.metrics.assignments.inc();
-        let delivered = self.registry.send(node, Control::Send(Box::new(assign.clone())))
+        let delivered = self
+            .registry
+            .send(node, Control::Send(Box::new(assign.clone())))
             || self.forward(node, &key, assign).await;
         let outcome = if delivered {
             self.follow(node, &key, &mut events, deadline, unanswered)
@@ -690,7 +692,8 @@ impl JobRouter {
     pub async fn check_holders(&self) {
         let holders: Vec<String> = {
             let attempts = lock(&self.attempts);
-            let mut holders: Vec<String> = attempts.values().filter_map(|a| a.holder.clone()).collect();
+            let mut holders: Vec<String> =
+                attempts.values().filter_map(|a| a.holder.clone()).collect();
             holders.sort_unstable();
             holders.dedup();
             holders
@@ -764,7 +767,10 @@ impl JobRouter {
             attempt: key.attempt,
             reason: reason.into(),
         });
-        if self.registry.send(node, Control::Send(Box::new(cancel.clone()))) {
+        if self
+            .registry
+            .send(node, Control::Send(Box::new(cancel.clone())))
+        {
             return;
         }
         let holder = lock(&self.attempts).get(key).and_then(|a| a.holder.clone());
@@ -1087,4 +1093,3 @@ async fn wait_for_capacity(report: Pin<&mut Notified<'_>>, deadline: Instant) ->
     let _ = tokio::time::timeout_at(wake, report).await;
     Instant::now() < deadline
 }
-

@@ -313,7 +313,12 @@ impl Store {
             .retries(2)
             .build()?;
         let conn = client.get_async_connection().await?;
-        Self::checked(Conn::Cluster(conn), Target::Cluster(seeds.to_vec()), metrics).await
+        Self::checked(
+            Conn::Cluster(conn),
+            Target::Cluster(seeds.to_vec()),
+            metrics,
+        )
+        .await
     }
 
     /// A store on a connection of its own, for blocking reads that must
@@ -325,7 +330,11 @@ impl Store {
         }
     }
 
-    async fn checked(conn: Conn, target: Target, metrics: Arc<Metrics>) -> Result<Self, StoreError> {
+    async fn checked(
+        conn: Conn,
+        target: Target,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, StoreError> {
         let store = Self {
             conn,
             target: Arc::new(target),

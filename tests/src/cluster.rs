@@ -97,6 +97,10 @@ impl RedisBackend for RedisCluster {
             .await
             .expect("the test cluster answers")
     }
+
+    fn coordinator_args(&self) -> Vec<String> {
+        vec!["--redis-cluster".into(), self.seeds().join(",")]
+    }
 }
 
 /// `count` free TCP ports whose cluster bus ports (+10000) are free too.

@@ -15,6 +15,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
+use crate::RedisBackend;
+
 /// A binary of this workspace, built beside the running executable (which
 /// is `target/<profile>/` for binaries, `target/<profile>/deps/` for tests).
 ///
@@ -60,14 +62,13 @@ pub struct CoordinatorProcess {
 
 impl CoordinatorProcess {
     /// Starts the coordinator on `addr` with `config` (TOML text, written
-    /// under `dir`), using the Redis at `redis_url`, and waits until
-    /// `/healthz` answers 200.
+    /// under `dir`), using `redis`, and waits until `/healthz` answers 200.
     ///
     /// # Errors
     /// When the binary is missing or it does not become healthy.
     pub async fn start(
         dir: &Path,
-        redis_url: &str,
+        redis: &impl RedisBackend,
         addr: SocketAddr,
         config: &str,
     ) -> Result<Self, String> {
@@ -79,8 +80,7 @@ impl CoordinatorProcess {
             .arg(&path)
             .arg("--listen")
             .arg(addr.to_string())
-            .arg("--redis-url")
-            .arg(redis_url)
+            .args(redis.coordinator_args())
             .env("LINGUA_LOG", "error")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -355,4 +355,30 @@ impl Drop for CountingService {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// Submits `job` (which names its id) until some coordinator gives a
+/// terminal answer, the way a client recovers from a lost connection or a
+/// 5xx: the same id again (ids are idempotent), to the next of `jobs_urls`
+/// (`http://…/v1/jobs` of each instance). `None` after `give_up`.
+pub async fn submit_until_answered(
+    http: &reqwest::Client,
+    jobs_urls: &[String],
+    job: &serde_json::Value,
+    give_up: Duration,
+) -> Option<serde_json::Value> {
+    let deadline = tokio::time::Instant::now() + give_up;
+    let mut turn = rand::random::<u32>() as usize;
+    while tokio::time::Instant::now() < deadline {
+        let url = &jobs_urls[turn % jobs_urls.len()];
+        turn = turn.wrapping_add(1);
+        if let Ok(response) = http.post(url).json(job).send().await
+            && let Ok(view) = response.json::<serde_json::Value>().await
+            && (view["status"] == "completed" || view["status"] == "failed")
+        {
+            return Some(view);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    None
 }

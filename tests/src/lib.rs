@@ -93,6 +93,8 @@ where
 pub trait RedisBackend {
     /// A store on it.
     fn store(&self, metrics: Arc<Metrics>) -> impl Future<Output = Store> + Send;
+    /// The `lingua-coordinator` flags that point at it.
+    fn coordinator_args(&self) -> Vec<String>;
 }
 
 impl RedisBackend for PrivateRedis {
@@ -100,6 +102,10 @@ impl RedisBackend for PrivateRedis {
         Store::connect(&self.url(), metrics)
             .await
             .expect("the test redis answers")
+    }
+
+    fn coordinator_args(&self) -> Vec<String> {
+        vec!["--redis-url".into(), self.url()]
     }
 }
 

@@ -22,7 +22,8 @@ use std::time::Duration;
 
 use lingua_coordinator::private_redis::PrivateRedis;
 use lingua_tests::fleet::{
-    Blackhole, CoordinatorProcess, CountingService, free_local_addr, workspace_binary,
+    Blackhole, CoordinatorProcess, CountingService, free_local_addr, submit_until_answered,
+    workspace_binary,
 };
 use serde_json::{Value, json};
 use tokio::process::Child;
@@ -171,24 +172,13 @@ impl Fleet {
     }
 }
 
-/// Submits `id` until it gets a terminal answer (resubmitting the same id
-/// is how a client recovers from a lost connection: ids are idempotent).
+/// Submits job `id` until it gets a terminal answer.
 async fn drive(http: &reqwest::Client, url: &str, id: &str) -> Option<Value> {
-    let body = json!({
+    let job = json!({
         "id": id, "kind": "translate", "src_lang": "zh", "tgt_lang": "en",
         "payload": {"job": id, "sleep_ms": 30}, "timeout_ms": 8000,
     });
-    let give_up = Instant::now() + GIVE_UP;
-    while Instant::now() < give_up {
-        if let Ok(response) = http.post(url).json(&body).send().await
-            && let Ok(view) = response.json::<Value>().await
-            && (view["status"] == "completed" || view["status"] == "failed")
-        {
-            return Some(view);
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    None
+    submit_until_answered(http, &[url.to_owned()], &job, GIVE_UP).await
 }
 
 fn rounds_for() -> Duration {
@@ -206,7 +196,7 @@ async fn under_faults_every_job_gets_one_terminal_answer_and_none_completes_twic
     let service = CountingService::start().await;
     let dir = tempfile::tempdir().unwrap();
     let addr = free_local_addr();
-    let coordinator = CoordinatorProcess::start(dir.path(), &redis.url(), addr, COORDINATOR_CONFIG)
+    let coordinator = CoordinatorProcess::start(dir.path(), &redis, addr, COORDINATOR_CONFIG)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let proxy = Blackhole::start(addr).await;
@@ -318,7 +308,7 @@ async fn under_faults_every_job_gets_one_terminal_answer_and_none_completes_twic
         fleet.coordinator = Some(
             CoordinatorProcess::start(
                 fleet.dir.path(),
-                &fleet.redis.url(),
+                &fleet.redis,
                 fleet.addr,
                 COORDINATOR_CONFIG,
             )

@@ -29,7 +29,7 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     let redis = private_redis().await?;
     let dir = scratch()?;
     let addr = free_local_addr();
-    let mut coordinator = CoordinatorProcess::start(dir.path(), &redis.url(), addr, "").await?;
+    let mut coordinator = CoordinatorProcess::start(dir.path(), &redis, addr, "").await?;
     let url = coordinator.ws_url();
     let mut conn = redis::Client::open(redis.url())
         .map_err(|e| format!("redis: {e}"))?
@@ -100,7 +100,7 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     }
     let killed = Instant::now();
     coordinator.kill().await;
-    coordinator = CoordinatorProcess::start(dir.path(), &redis.url(), addr, "").await?;
+    coordinator = CoordinatorProcess::start(dir.path(), &redis, addr, "").await?;
     let restarted = killed.elapsed();
     all_registered(&agents, 2, Duration::from_secs(180)).await?;
     rows.push(Row::new(

@@ -15,8 +15,7 @@ const SLOTS: u32 = 16;
 pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     let redis = private_redis().await?;
     let dir = scratch()?;
-    let coordinator =
-        CoordinatorProcess::start(dir.path(), &redis.url(), free_local_addr(), "").await?;
+    let coordinator = CoordinatorProcess::start(dir.path(), &redis, free_local_addr(), "").await?;
     let config = dir.path().join("agent.toml");
     std::fs::write(
         &config,

@@ -64,7 +64,7 @@ async fn measure(policy: &str, window: Duration) -> Result<Outcome, BenchError> 
     let dir = scratch()?;
     let coordinator = CoordinatorProcess::start(
         dir.path(),
-        &redis.url(),
+        &redis,
         free_local_addr(),
         &format!("[jobs]\npick = \"{policy}\"\n"),
     )

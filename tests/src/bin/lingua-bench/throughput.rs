@@ -35,8 +35,7 @@ struct Load {
 pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     let redis = private_redis().await?;
     let dir = scratch()?;
-    let coordinator =
-        CoordinatorProcess::start(dir.path(), &redis.url(), free_local_addr(), "").await?;
+    let coordinator = CoordinatorProcess::start(dir.path(), &redis, free_local_addr(), "").await?;
     let url = coordinator.ws_url();
     let mut agents = Vec::new();
     for index in 0..AGENTS {
