@@ -34,8 +34,11 @@ use crate::store::{Finish, JobRecord, JobStart, Pick, Store, StoreError, wall_cl
 
 /// How long a session keeps preferring the node that served it last.
 const SESSION_AFFINITY: Duration = Duration::from_secs(600);
-/// How often a wait on a job dispatched by another instance re-reads Redis.
-const REMOTE_POLL: Duration = Duration::from_millis(20);
+/// How often a wait on a job dispatched elsewhere re-reads Redis: at
+/// first soon (most such jobs are a duplicate submission about to end),
+/// then less and less often, up to `REMOTE_POLL_MAX`.
+const REMOTE_POLL: Duration = Duration::from_millis(10);
+const REMOTE_POLL_MAX: Duration = Duration::from_millis(250);
 /// How long past its deadline a running job must be before any instance
 /// ends it as an orphan: its own dispatcher ends it at the deadline.
 const ORPHAN_GRACE_MS: u64 = 2_000;
@@ -838,6 +841,7 @@ impl JobRouter {
     /// Waits for a job's terminal state by reading Redis (the job is being
     /// dispatched by another submission or instance, or by nobody).
     async fn wait_remote(&self, id: &JobId, deadline: Instant) -> Result<JobView, SubmitError> {
+        let mut pause = REMOTE_POLL;
         loop {
             if let Some(record) = self.record(id).await? {
                 let view = JobView::from_record(id, &record);
@@ -855,7 +859,8 @@ impl JobRouter {
                     latency_ms: None,
                 });
             }
-            tokio::time::sleep(REMOTE_POLL).await;
+            tokio::time::sleep_until((Instant::now() + pause).min(deadline)).await;
+            pause = (pause * 2).min(REMOTE_POLL_MAX);
         }
     }
 

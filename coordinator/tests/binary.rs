@@ -106,6 +106,33 @@ async fn missing_dependencies_exit_69_with_what_to_do() {
     .await;
     assert_eq!(code, 69);
     assert!(stderr.contains("cannot reach Redis"), "{stderr}");
+    let (code, _, stderr) = run_to_end(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--redis-cluster",
+            "redis://127.0.0.1:1",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(code, 69);
+    assert!(
+        stderr.contains("cannot reach Redis at the Redis Cluster of redis://127.0.0.1:1"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = run_to_end(
+        &[
+            "--redis-cluster",
+            "redis://a:1",
+            "--redis-url",
+            "redis://b:1",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(code, 64);
+    assert!(stderr.contains("cannot be used with"), "{stderr}");
 }
 
 /// A coordinator process, started and read until it serves.

@@ -8,7 +8,7 @@ use lingua_tests::fleet::{CoordinatorProcess, free_local_addr, proc_sample, work
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::{BenchError, Options, Percentiles, Row, core_pct, private_redis, scratch};
+use crate::{BenchError, Options, Percentiles, Row, closed_loop, core_pct, private_redis, scratch};
 
 const SLOTS: u32 = 16;
 
@@ -73,33 +73,12 @@ utilization_pct = 3
     tokio::time::sleep(options.window).await;
     let idle_after = proc_sample(pid).map_err(|e| e.to_string())?;
 
-    let end = Instant::now() + options.window;
-    let jobs_url = coordinator.url("/v1/jobs");
-    let clients: Vec<_> = (0..SLOTS)
-        .map(|_| {
-            let (client, url) = (client.clone(), jobs_url.clone());
-            tokio::spawn(async move {
-                let mut latencies = Vec::new();
-                while Instant::now() < end {
-                    let body = json!({"kind": "translate", "src_lang": "ja", "tgt_lang": "ko", "payload": {}});
-                    let started = Instant::now();
-                    if let Ok(response) = client.post(&url).json(&body).send().await
-                        && response.status().is_success()
-                    {
-                        latencies.push(started.elapsed());
-                    }
-                }
-                latencies
-            })
-        })
-        .collect();
+    let jobs_url = [coordinator.url("/v1/jobs")];
+    let body = json!({"kind": "translate", "src_lang": "ja", "tgt_lang": "ko", "payload": {}});
     let load_before = proc_sample(pid).map_err(|e| e.to_string())?;
-    let mut latencies = Vec::new();
-    for task in clients {
-        latencies.extend(task.await.unwrap_or_default());
-    }
-    let completed = latencies.len();
-    let latency = Percentiles::of(&mut latencies);
+    let mut load = closed_loop(&client, &jobs_url, SLOTS, options.window, &body).await;
+    let completed = load.jobs;
+    let latency = Percentiles::of(&mut load.latencies);
     let load_after = proc_sample(pid).map_err(|e| e.to_string())?;
     let _ = agent.kill().await;
     coordinator.kill().await;

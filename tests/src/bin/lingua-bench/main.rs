@@ -9,6 +9,7 @@
 //! --workspace`, then run `target/release/lingua-bench`.
 #![forbid(unsafe_code)]
 
+mod coordinators;
 mod fleet_scale;
 mod footprint;
 mod pick;
@@ -60,6 +61,8 @@ enum Scenario {
     Policy,
     /// The lingua-agent process idle and under load.
     Footprint,
+    /// Throughput with 1, 2 and 3 coordinators on one Redis.
+    Coordinators,
 }
 
 /// Options every scenario sees.
@@ -135,6 +138,7 @@ fn main() -> ExitCode {
                 Scenario::Pick => pick::run(&options).await,
                 Scenario::Policy => policy::run(&options).await,
                 Scenario::Footprint => footprint::run(&options).await,
+                Scenario::Coordinators => coordinators::run(&options).await,
             }
         });
         match outcome {
@@ -333,6 +337,15 @@ pub async fn assignments(
     client: &reqwest::Client,
     coordinator: &CoordinatorProcess,
 ) -> Result<u64, BenchError> {
+    metric(client, coordinator, "lingua_job_assignments_total").await
+}
+
+/// A counter from a coordinator's metrics.
+pub async fn metric(
+    client: &reqwest::Client,
+    coordinator: &CoordinatorProcess,
+    name: &str,
+) -> Result<u64, BenchError> {
     let text = client
         .get(coordinator.url("/metrics"))
         .send()
@@ -342,7 +355,119 @@ pub async fn assignments(
         .await
         .map_err(|e| e.to_string())?;
     text.lines()
-        .find_map(|l| l.strip_prefix("lingua_job_assignments_total "))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
-        .ok_or_else(|| "the coordinator's metrics lack lingua_job_assignments_total".into())
+        .ok_or_else(|| format!("the coordinator's metrics lack {name}"))
+}
+
+/// Jobs run by a load, and their latencies.
+pub struct Load {
+    /// Completed.
+    pub jobs: u64,
+    /// Not completed.
+    pub failed: u64,
+    /// Of the completed ones.
+    pub latencies: Vec<Duration>,
+}
+
+/// One job; its latency, or `None` when it did not complete.
+pub async fn one_job(
+    client: &reqwest::Client,
+    url: &str,
+    body: &serde_json::Value,
+) -> Option<Duration> {
+    let started = tokio::time::Instant::now();
+    let response = client.post(url).json(body).send().await.ok()?;
+    let ok = response.status().is_success();
+    let answer: serde_json::Value = response.json().await.ok()?;
+    (ok && answer["status"] == "completed").then(|| started.elapsed())
+}
+
+/// `clients` keep-alive clients submitting `body` one job after another
+/// for `window`; client `i` uses `urls[i % urls.len()]`.
+pub async fn closed_loop(
+    client: &reqwest::Client,
+    urls: &[String],
+    clients: u32,
+    window: Duration,
+    body: &serde_json::Value,
+) -> Load {
+    let end = tokio::time::Instant::now() + window;
+    let tasks: Vec<_> = (0..clients as usize)
+        .map(|index| {
+            let (client, url, body) = (
+                client.clone(),
+                urls[index % urls.len()].clone(),
+                body.clone(),
+            );
+            tokio::spawn(async move {
+                let mut load = Load {
+                    jobs: 0,
+                    failed: 0,
+                    latencies: Vec::new(),
+                };
+                while tokio::time::Instant::now() < end {
+                    match one_job(&client, &url, &body).await {
+                        Some(latency) => {
+                            load.jobs += 1;
+                            load.latencies.push(latency);
+                        }
+                        None => load.failed += 1,
+                    }
+                }
+                load
+            })
+        })
+        .collect();
+    let mut total = Load {
+        jobs: 0,
+        failed: 0,
+        latencies: Vec::new(),
+    };
+    for task in tasks {
+        if let Ok(load) = task.await {
+            total.jobs += load.jobs;
+            total.failed += load.failed;
+            total.latencies.extend(load.latencies);
+        }
+    }
+    total
+}
+
+/// Slots of each agent in the no-op fleet.
+pub const SLOTS: u32 = 32;
+
+/// `count` agents of [`SLOTS`] slots for no-op jobs, serving zh -> en,
+/// registered; agent `i` lists the coordinator `urls` starting with the
+/// `i % urls.len()`-th, so they spread evenly over the instances.
+pub async fn noop_fleet(urls: &[String], count: usize) -> Result<Vec<TestAgent>, BenchError> {
+    let mut agents = Vec::with_capacity(count);
+    for index in 0..count {
+        let name = format!("noop-{index:03}");
+        let mut config = SimAgent {
+            node_id: &name,
+            url: &urls[0],
+            pair: ("zh", "en"),
+            memory_mb: 81_920,
+            vram_mb: 100,
+            max_concurrent: SLOTS,
+            duration_ms: 0,
+            poll_ms: 500,
+        }
+        .config()?;
+        let mut ordered = urls.to_vec();
+        ordered.rotate_left(index % urls.len());
+        config.coordinator_urls = ordered;
+        agents.push(TestAgent::start(config));
+    }
+    all_registered(&agents, 1, Duration::from_secs(30)).await?;
+    Ok(agents)
+}
+
+/// An HTTP client keeping up to `clients` connections alive.
+pub fn http_client(clients: u32) -> Result<reqwest::Client, BenchError> {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(clients as usize)
+        .build()
+        .map_err(|e| format!("http client: {e}"))
 }

@@ -12,56 +12,34 @@ use lingua_coordinator::config::PickPolicy;
 use lingua_coordinator::metrics::Metrics;
 use lingua_coordinator::store::{Pick, RouteEntry, Store};
 use lingua_shared::{JobId, JobKind, LangPair, NodeId};
-use lingua_tests::TestAgent;
 use lingua_tests::fleet::{CoordinatorProcess, free_local_addr, proc_sample, redis_counters};
 use serde_json::json;
 use tokio::time::Instant;
 
 use crate::{
-    BenchError, Options, Percentiles, Row, SimAgent, all_registered, core_pct, private_redis,
-    scratch,
+    BenchError, Load, Options, Percentiles, Row, SLOTS, closed_loop, core_pct, http_client,
+    noop_fleet, one_job, private_redis, scratch,
 };
 
-const AGENTS: u32 = 100;
-const SLOTS: u32 = 32;
-
-/// Results of one load run.
-struct Load {
-    jobs: u64,
-    failed: u64,
-    latencies: Vec<Duration>,
-}
+const AGENTS: usize = 100;
 
 pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     let redis = private_redis().await?;
     let dir = scratch()?;
     let coordinator = CoordinatorProcess::start(dir.path(), &redis, free_local_addr(), "").await?;
-    let url = coordinator.ws_url();
-    let mut agents = Vec::new();
-    for index in 0..AGENTS {
-        let name = format!("tp-{index:03}");
-        let config = SimAgent {
-            node_id: &name,
-            url: &url,
-            pair: ("zh", "en"),
-            memory_mb: 81_920,
-            vram_mb: 100,
-            max_concurrent: SLOTS,
-            duration_ms: 0,
-            poll_ms: 500,
-        }
-        .config()?;
-        agents.push(TestAgent::start(config));
-    }
-    all_registered(&agents, 1, Duration::from_secs(30)).await?;
-
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(options.clients as usize)
-        .build()
-        .map_err(|e| format!("http client: {e}"))?;
+    let agents = noop_fleet(&[coordinator.ws_url()], AGENTS).await?;
+    let client = http_client(options.clients)?;
     let jobs_url = coordinator.url("/v1/jobs");
     // Warm up connections and caches.
-    closed_loop(&client, &jobs_url, options.clients, Duration::from_secs(1)).await;
+    let urls = [jobs_url.clone()];
+    closed_loop(
+        &client,
+        &urls,
+        options.clients,
+        Duration::from_secs(1),
+        &job_body(),
+    )
+    .await;
 
     let mut conn = redis::Client::open(redis.url())
         .map_err(|e| format!("redis: {e}"))?
@@ -71,7 +49,8 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     let redis_before = redis_counters(&mut conn).await.map_err(|e| e.to_string())?;
     let cpu_before = proc_sample(coordinator.pid()).map_err(|e| e.to_string())?;
     let assignments_before = crate::assignments(&client, &coordinator).await?;
-    let mut closed = closed_loop(&client, &jobs_url, options.clients, options.window).await;
+    let mut closed =
+        closed_loop(&client, &urls, options.clients, options.window, &job_body()).await;
     let cpu_after = proc_sample(coordinator.pid()).map_err(|e| e.to_string())?;
     let redis_after = redis_counters(&mut conn).await.map_err(|e| e.to_string())?;
     let assignments = crate::assignments(&client, &coordinator).await? - assignments_before;
@@ -148,55 +127,6 @@ fn job_body() -> serde_json::Value {
     json!({"kind": "translate", "src_lang": "zh", "tgt_lang": "en", "payload": {}})
 }
 
-/// One job; its latency, or `None` when it did not complete.
-async fn one_job(client: &reqwest::Client, url: &str) -> Option<Duration> {
-    let started = Instant::now();
-    let response = client.post(url).json(&job_body()).send().await.ok()?;
-    let ok = response.status().is_success();
-    let body: serde_json::Value = response.json().await.ok()?;
-    (ok && body["status"] == "completed").then(|| started.elapsed())
-}
-
-async fn closed_loop(client: &reqwest::Client, url: &str, clients: u32, window: Duration) -> Load {
-    let end = Instant::now() + window;
-    let tasks: Vec<_> = (0..clients)
-        .map(|_| {
-            let client = client.clone();
-            let url = url.to_owned();
-            tokio::spawn(async move {
-                let mut load = Load {
-                    jobs: 0,
-                    failed: 0,
-                    latencies: Vec::new(),
-                };
-                while Instant::now() < end {
-                    match one_job(&client, &url).await {
-                        Some(latency) => {
-                            load.jobs += 1;
-                            load.latencies.push(latency);
-                        }
-                        None => load.failed += 1,
-                    }
-                }
-                load
-            })
-        })
-        .collect();
-    let mut total = Load {
-        jobs: 0,
-        failed: 0,
-        latencies: Vec::new(),
-    };
-    for task in tasks {
-        if let Ok(load) = task.await {
-            total.jobs += load.jobs;
-            total.failed += load.failed;
-            total.latencies.extend(load.latencies);
-        }
-    }
-    total
-}
-
 /// Offers `rate` jobs per second, each on its own task, whatever the
 /// answers take (so a slow answer cannot hide behind a waiting client).
 async fn open_loop(client: &reqwest::Client, url: &str, rate: f64, window: Duration) -> Load {
@@ -213,7 +143,7 @@ async fn open_loop(client: &reqwest::Client, url: &str, rate: f64, window: Durat
             let url = url.to_owned();
             let tx = tx.clone();
             tokio::spawn(async move {
-                let _ = tx.send(one_job(&client, &url).await);
+                let _ = tx.send(one_job(&client, &url, &job_body()).await);
             });
         }
     }
