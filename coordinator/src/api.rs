@@ -145,9 +145,11 @@ pub async fn drain(
                     .route_update(*pair, std::slice::from_ref(&entry), shared.config.lease())
                     .await?;
             }
-            let told = shared
-                .registry
-                .send(&id, Control::Drain("drain requested by an admin".into()));
+            let reason = "drain requested by an admin";
+            // The instance holding the node's socket must know, or its next
+            // heartbeat would make the node routable again.
+            let told = shared.registry.send(&id, Control::Drain(reason.into()))
+                || shared.router.forward_drain(&id, reason).await?;
             tracing::info!(node_id = %id, told, "node drained by admin request");
             let view = shared
                 .store

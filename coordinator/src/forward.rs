@@ -38,6 +38,14 @@ pub enum Envelope {
         /// The assignment.
         assign: JobAssign,
     },
+    /// For the holder of `node`: drain it (an admin asked another
+    /// instance).
+    Drain {
+        /// The node.
+        node: NodeId,
+        /// Why, for the node's log.
+        reason: String,
+    },
     /// For the holder of `node`: send it this cancel.
     Cancel {
         /// The node.
@@ -180,6 +188,9 @@ async fn deliver(shared: &Shared, envelope: Envelope) {
                 shared.router.forget_forwarded(&job);
                 shared.router.tell_later(origin, job, RemoteAnswer::Lost);
             }
+        }
+        Envelope::Drain { node, reason } => {
+            shared.registry.send(&node, Control::Drain(reason));
         }
         Envelope::Cancel { node, cancel } => {
             shared

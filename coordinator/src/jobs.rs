@@ -646,6 +646,29 @@ impl JobRouter {
         }
     }
 
+    /// Asks the instance holding `node`'s socket to drain it; false when no
+    /// other live instance holds it.
+    pub async fn forward_drain(&self, node: &NodeId, reason: &str) -> Result<bool, StoreError> {
+        let Some(holder) = self
+            .store
+            .node_holder(node)
+            .await?
+            .filter(|holder| holder != &self.instance)
+        else {
+            return Ok(false);
+        };
+        if !self.store.instance_present(&holder).await? {
+            return Ok(false);
+        }
+        let envelope = Envelope::Drain {
+            node: node.clone(),
+            reason: reason.to_owned(),
+        };
+        let text = serde_json::to_string(&envelope).expect("envelopes serialise");
+        self.store.inbox_push(&holder, &text).await?;
+        Ok(true)
+    }
+
     /// Records that the node's answers to `job` belong to `origin`.
     pub fn note_forwarded(&self, job: JobRef, node: &NodeId, kind: JobKind, origin: &str) {
         lock(&self.forwarded).insert(

@@ -164,6 +164,28 @@ async fn three_coordinators_share_one_fleet(redis: impl RedisBackend) {
         fleet.metric("lingua_job_assignments_forwarded_total").await > 0,
         "some assignments went through another instance"
     );
+    // A drain asked of an instance that does not hold the node reaches the
+    // node through the one that does.
+    let first = fleet.live().next().expect("instances run");
+    let drained = fleet
+        .http
+        .post(first.url("/v1/nodes/spread-1/drain"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(drained.status(), 202);
+    let arbiter = &fleet.agents[1].handles.arbiter;
+    eventually(
+        "the node to hear of its drain (it admits nothing)",
+        || async {
+            arbiter
+                .free_slots()
+                .values()
+                .all(|&free| free == 0)
+                .then_some(())
+        },
+    )
+    .await;
     fleet.stop().await;
 }
 
