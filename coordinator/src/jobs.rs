@@ -1021,25 +1021,27 @@ impl JobRouter {
                 outcome: taken.into(),
             })
             .inc();
-        if finish == Finish::Applied {
-            let key = JobRef {
-                job_id: result.job_id.clone(),
-                attempt: result.attempt,
-            };
-            if let Some(attempt) = lock(&self.attempts).get(&key) {
-                let _ = attempt.events.send(AttemptEvent::Finished);
-                return Ok(());
-            }
-            // Dispatched elsewhere (forwarded here, or its node moved to this
-            // instance since): its dispatcher is waiting.
-            let forwarded = lock(&self.forwarded).remove(&key);
-            let origin = match forwarded {
-                Some(forwarded) => Some(forwarded.origin),
-                None => self.store.job_dispatcher(&key.job_id).await?,
-            };
-            if let Some(origin) = origin.filter(|o| o != &self.instance) {
-                self.tell_later(origin, key, RemoteAnswer::Finished);
-            }
+        let key = JobRef {
+            job_id: result.job_id.clone(),
+            attempt: result.attempt,
+        };
+        // Whatever became of it, a forwarded attempt ends with its result.
+        let forwarded = lock(&self.forwarded).remove(&key);
+        if finish != Finish::Applied {
+            return Ok(());
+        }
+        if let Some(attempt) = lock(&self.attempts).get(&key) {
+            let _ = attempt.events.send(AttemptEvent::Finished);
+            return Ok(());
+        }
+        // Dispatched elsewhere (forwarded here, or its node moved to this
+        // instance since): its dispatcher is waiting.
+        let origin = match forwarded {
+            Some(forwarded) => Some(forwarded.origin),
+            None => self.store.job_dispatcher(&key.job_id).await?,
+        };
+        if let Some(origin) = origin.filter(|o| o != &self.instance) {
+            self.tell_later(origin, key, RemoteAnswer::Finished);
         }
         Ok(())
     }
