@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::registry::Control;
 use crate::server::Shared;
+use crate::store::{Store, StoreError};
 
 /// How long one inbox read blocks before the loop looks around.
 const READ_BLOCK: Duration = Duration::from_secs(2);
@@ -79,6 +80,23 @@ pub enum RemoteAnswer {
     Finished,
     /// The node is gone (or was never there).
     Lost,
+}
+
+/// Appends `envelope` to `instance`'s inbox.
+pub async fn send(store: &Store, instance: &str, envelope: &Envelope) -> Result<(), StoreError> {
+    let text = serde_json::to_string(envelope).expect("envelopes serialise");
+    store.inbox_push(instance, &text).await
+}
+
+/// [`send`] in the background. A failure is logged: the receiver's
+/// timeouts cover a message that never arrives.
+pub fn post(store: &Store, instance: String, envelope: Envelope) {
+    let store = store.clone();
+    tokio::spawn(async move {
+        if let Err(err) = send(&store, &instance, &envelope).await {
+            tracing::warn!(%instance, error = %err, "cannot reach another coordinator instance's inbox");
+        }
+    });
 }
 
 /// Keeps this instance's presence alive every heartbeat interval, reaps

@@ -27,7 +27,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::forward::{Envelope, RemoteAnswer};
+use crate::forward::{self, Envelope, RemoteAnswer};
 use crate::metrics::{JobLabel, Metrics, ResultLabel};
 use crate::registry::{Control, Registry};
 use crate::store::{Finish, JobRecord, JobStart, Pick, Store, StoreError, wall_clock_ms};
@@ -571,7 +571,7 @@ impl JobRouter {
             },
         );
         let remaining = deadline.saturating_duration_since(Instant::now());
-        let assign = Message::JobAssign(JobAssign {
+        let assign = JobAssign {
             job_id: job.id.clone(),
             attempt,
             kind: job.kind.clone(),
@@ -581,7 +581,7 @@ impl JobRouter {
             timeout_ms: u64::try_from(remaining.as_millis())
                 .unwrap_or(u64::MAX)
                 .max(1),
-        });
+        };
         *lock(&self.unanswered)
             .entry((node.clone(), job.kind.clone()))
             .or_default() += 1;
@@ -590,10 +590,12 @@ impl JobRouter {
             key: (node.clone(), job.kind.clone()),
         };
         self.metrics.assignments.inc();
-        let delivered = self
-            .registry
-            .send(node, Control::Send(Box::new(assign.clone())))
-            || self.forward(node, &key, assign).await;
+        let delivered = if self.registry.get(node).is_some() {
+            let assign = Message::JobAssign(assign);
+            self.registry.send(node, Control::Send(Box::new(assign)))
+        } else {
+            self.forward(node, &key, assign).await
+        };
         let outcome = if delivered {
             self.follow(node, &key, &mut events, deadline, unanswered)
                 .await
@@ -610,21 +612,15 @@ impl JobRouter {
     /// Sends an assignment for a node whose socket another live instance
     /// holds through that instance's inbox. False when no live instance
     /// holds it.
-    async fn forward(&self, node: &NodeId, key: &JobRef, assign: Message) -> bool {
-        let Message::JobAssign(assign) = assign else {
-            return false;
-        };
-        let holder = match self.store.node_holder(node).await {
-            Ok(Some(holder)) if holder != self.instance => holder,
-            Ok(_) => return false,
+    async fn forward(&self, node: &NodeId, key: &JobRef, assign: JobAssign) -> bool {
+        let holder = match self.other_holder(node).await {
+            Ok(Some(holder)) => holder,
+            Ok(None) => return false,
             Err(err) => {
                 tracing::warn!(node_id = %node, error = %err, "cannot look up the node's coordinator");
                 return false;
             }
         };
-        if !self.store.instance_present(&holder).await.unwrap_or(false) {
-            return false;
-        }
         let envelope = Envelope::Assign {
             origin: self.instance.clone(),
             node: node.clone(),
@@ -633,8 +629,7 @@ impl JobRouter {
         if let Some(attempt) = lock(&self.attempts).get_mut(key) {
             attempt.holder = Some(holder.clone());
         }
-        let text = serde_json::to_string(&envelope).expect("envelopes serialise");
-        match self.store.inbox_push(&holder, &text).await {
+        match forward::send(&self.store, &holder, &envelope).await {
             Ok(()) => {
                 self.metrics.forwarded.inc();
                 true
@@ -649,24 +644,32 @@ impl JobRouter {
     /// Asks the instance holding `node`'s socket to drain it; false when no
     /// other live instance holds it.
     pub async fn forward_drain(&self, node: &NodeId, reason: &str) -> Result<bool, StoreError> {
+        let Some(holder) = self.other_holder(node).await? else {
+            return Ok(false);
+        };
+        let envelope = Envelope::Drain {
+            node: node.clone(),
+            reason: reason.to_owned(),
+        };
+        forward::send(&self.store, &holder, &envelope).await?;
+        Ok(true)
+    }
+
+    /// The other live instance holding `node`'s socket, if any.
+    async fn other_holder(&self, node: &NodeId) -> Result<Option<String>, StoreError> {
         let Some(holder) = self
             .store
             .node_holder(node)
             .await?
             .filter(|holder| holder != &self.instance)
         else {
-            return Ok(false);
+            return Ok(None);
         };
-        if !self.store.instance_present(&holder).await? {
-            return Ok(false);
-        }
-        let envelope = Envelope::Drain {
-            node: node.clone(),
-            reason: reason.to_owned(),
-        };
-        let text = serde_json::to_string(&envelope).expect("envelopes serialise");
-        self.store.inbox_push(&holder, &text).await?;
-        Ok(true)
+        Ok(self
+            .store
+            .instance_present(&holder)
+            .await?
+            .then_some(holder))
     }
 
     /// Records that the node's answers to `job` belong to `origin`.
@@ -689,14 +692,7 @@ impl JobRouter {
     /// Sends `answer` about `job` to instance `origin`'s inbox, in the
     /// background.
     pub fn tell_later(&self, origin: String, job: JobRef, answer: RemoteAnswer) {
-        let store = self.store.clone();
-        tokio::spawn(async move {
-            let text = serde_json::to_string(&Envelope::Answer { job, answer })
-                .expect("envelopes serialise");
-            if let Err(err) = store.inbox_push(&origin, &text).await {
-                tracing::warn!(%origin, error = %err, "cannot send an answer to the dispatching instance");
-            }
-        });
+        forward::post(&self.store, origin, Envelope::Answer { job, answer });
     }
 
     /// Another instance answered about an attempt dispatched here.
@@ -805,13 +801,7 @@ impl JobRouter {
                 node: node.clone(),
                 cancel,
             };
-            let text = serde_json::to_string(&envelope).expect("envelopes serialise");
-            let store = self.store.clone();
-            tokio::spawn(async move {
-                if let Err(err) = store.inbox_push(&holder, &text).await {
-                    tracing::warn!(%holder, error = %err, "cannot forward a cancel");
-                }
-            });
+            forward::post(&self.store, holder, envelope);
         }
     }
 
