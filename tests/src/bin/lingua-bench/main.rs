@@ -471,3 +471,46 @@ pub fn http_client(clients: u32) -> Result<reqwest::Client, BenchError> {
         .build()
         .map_err(|e| format!("http client: {e}"))
 }
+
+/// Offers `rate` jobs of `body` per second, each on its own task, whatever
+/// the answers take (so a slow answer cannot hide behind a waiting client).
+pub async fn open_loop(
+    client: &reqwest::Client,
+    url: &str,
+    rate: f64,
+    window: Duration,
+    body: &serde_json::Value,
+) -> Load {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let started = tokio::time::Instant::now();
+    let mut ticker = tokio::time::interval(Duration::from_millis(1));
+    let mut offered = 0u64;
+    while started.elapsed() < window {
+        ticker.tick().await;
+        let due = (started.elapsed().as_secs_f64() * rate) as u64;
+        while offered < due {
+            offered += 1;
+            let (client, url, body, tx) =
+                (client.clone(), url.to_owned(), body.clone(), tx.clone());
+            tokio::spawn(async move {
+                let _ = tx.send(one_job(&client, &url, &body).await);
+            });
+        }
+    }
+    drop(tx);
+    let mut load = Load {
+        jobs: 0,
+        failed: 0,
+        latencies: Vec::new(),
+    };
+    while let Some(answer) = rx.recv().await {
+        match answer {
+            Some(latency) => {
+                load.jobs += 1;
+                load.latencies.push(latency);
+            }
+            None => load.failed += 1,
+        }
+    }
+    load
+}

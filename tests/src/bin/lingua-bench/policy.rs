@@ -9,10 +9,10 @@ use std::time::Duration;
 use lingua_tests::TestAgent;
 use lingua_tests::fleet::{CoordinatorProcess, free_local_addr};
 use serde_json::json;
-use tokio::time::Instant;
 
 use crate::{
-    BenchError, Options, Percentiles, Row, SimAgent, all_registered, private_redis, scratch,
+    BenchError, Options, Percentiles, Row, SimAgent, all_registered, open_loop, private_redis,
+    scratch,
 };
 
 const AGENTS: usize = 20;
@@ -93,46 +93,14 @@ async fn measure(policy: &str, window: Duration) -> Result<Outcome, BenchError> 
     let client = reqwest::Client::new();
     let assignments_before = crate::assignments(&client, &coordinator).await?;
     let rate = f64::from(slots) * LOAD * 1000.0 / JOB_MS as f64;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let started = Instant::now();
-    let mut ticker = tokio::time::interval(Duration::from_millis(1));
-    let mut offered = 0u64;
-    while started.elapsed() < window {
-        ticker.tick().await;
-        let due = (started.elapsed().as_secs_f64() * rate) as u64;
-        while offered < due {
-            offered += 1;
-            let (client, url, tx) = (client.clone(), coordinator.url("/v1/jobs"), tx.clone());
-            tokio::spawn(async move {
-                let begun = Instant::now();
-                let body = json!({"kind": "translate", "src_lang": "it", "tgt_lang": "es", "payload": {}, "timeout_ms": 10000});
-                let completed = match client.post(url).json(&body).send().await {
-                    Ok(response) => response
-                        .json::<serde_json::Value>()
-                        .await
-                        .is_ok_and(|v| v["status"] == "completed"),
-                    Err(_) => false,
-                };
-                let _ = tx.send(completed.then(|| begun.elapsed()));
-            });
-        }
-    }
-    drop(tx);
+    let body = json!({"kind": "translate", "src_lang": "it", "tgt_lang": "es", "payload": {}, "timeout_ms": 10000});
+    let load = open_loop(&client, &coordinator.url("/v1/jobs"), rate, window, &body).await;
     let mut outcome = Outcome {
-        jobs: 0,
-        failed: 0,
+        jobs: load.jobs,
+        failed: load.failed,
         refusals: 0,
-        latencies: Vec::new(),
+        latencies: load.latencies,
     };
-    while let Some(answer) = rx.recv().await {
-        match answer {
-            Some(latency) => {
-                outcome.jobs += 1;
-                outcome.latencies.push(latency);
-            }
-            None => outcome.failed += 1,
-        }
-    }
     let sent = crate::assignments(&client, &coordinator).await? - assignments_before;
     outcome.refusals = sent.saturating_sub(outcome.jobs + outcome.failed);
     for agent in agents {

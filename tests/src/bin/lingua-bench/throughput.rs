@@ -17,8 +17,8 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use crate::{
-    BenchError, Load, Options, Percentiles, Row, SLOTS, closed_loop, core_pct, http_client,
-    noop_fleet, one_job, private_redis, scratch,
+    BenchError, Options, Percentiles, Row, SLOTS, closed_loop, core_pct, http_client, noop_fleet,
+    open_loop, private_redis, scratch,
 };
 
 const AGENTS: usize = 100;
@@ -58,7 +58,7 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     let scripts_per_job =
         (redis_after.scripts - redis_before.scripts) as f64 / closed.jobs.max(1) as f64;
 
-    let mut open = open_loop(&client, &jobs_url, rate / 2.0, options.window).await;
+    let mut open = open_loop(&client, &jobs_url, rate / 2.0, options.window, &job_body()).await;
     for agent in agents {
         let _ = agent.stop().await;
     }
@@ -125,44 +125,6 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
 
 fn job_body() -> serde_json::Value {
     json!({"kind": "translate", "src_lang": "zh", "tgt_lang": "en", "payload": {}})
-}
-
-/// Offers `rate` jobs per second, each on its own task, whatever the
-/// answers take (so a slow answer cannot hide behind a waiting client).
-async fn open_loop(client: &reqwest::Client, url: &str, rate: f64, window: Duration) -> Load {
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let started = Instant::now();
-    let mut ticker = tokio::time::interval(Duration::from_millis(1));
-    let mut offered = 0u64;
-    while started.elapsed() < window {
-        ticker.tick().await;
-        let due = (started.elapsed().as_secs_f64() * rate) as u64;
-        while offered < due {
-            offered += 1;
-            let client = client.clone();
-            let url = url.to_owned();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let _ = tx.send(one_job(&client, &url, &job_body()).await);
-            });
-        }
-    }
-    drop(tx);
-    let mut load = Load {
-        jobs: 0,
-        failed: 0,
-        latencies: Vec::new(),
-    };
-    while let Some(answer) = rx.recv().await {
-        match answer {
-            Some(latency) => {
-                load.jobs += 1;
-                load.latencies.push(latency);
-            }
-            None => load.failed += 1,
-        }
-    }
-    load
 }
 
 /// Jobs per second Redis sustains when a job is nothing but its script
