@@ -201,7 +201,14 @@ async fn a_second_live_agent_with_the_same_id_is_refused_and_told_why() {
 #[tokio::test]
 async fn changed_languages_move_the_node_between_pools() {
     let redis = lingua_tests::redis().await;
-    let coordinator = TestCoordinator::start(&redis, test_config()).await;
+    // These raw nodes send no heartbeats: a long interval keeps the new
+    // registration alive while the test looks (with the 600 ms lease of
+    // `test_config` a slow machine could see it dropped first).
+    let config = lingua_coordinator::config::Config {
+        heartbeat_interval: std::time::Duration::from_secs(60),
+        ..test_config()
+    };
+    let coordinator = TestCoordinator::start(&redis, config).await;
     let (mut old, _) = TestNode::register(
         &coordinator.ws_url(),
         registration("mover", &["zh"], &["en"]),
