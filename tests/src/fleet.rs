@@ -41,6 +41,17 @@ pub fn workspace_binary(name: &str) -> Result<PathBuf, String> {
     ))
 }
 
+/// A coordinator config for fleet tests: fast heartbeats (a silent node
+/// leaves after 600 ms), a 1 s accept timeout, five attempts per job.
+pub const FAST_COORDINATOR: &str = "
+[nodes]
+heartbeat_interval_ms = 200
+missed_heartbeats = 3
+[jobs]
+max_attempts = 5
+accept_timeout_ms = 1000
+";
+
 /// A free local TCP address (bound and released: a process started next
 /// binds it; the small race is acceptable for benchmarks and tests).
 ///

@@ -11,20 +11,14 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use lingua_tests::cluster::RedisCluster;
-use lingua_tests::fleet::{CoordinatorProcess, free_local_addr, submit_until_answered};
+use lingua_tests::fleet::{
+    CoordinatorProcess, FAST_COORDINATOR, free_local_addr, submit_until_answered,
+};
 use lingua_tests::{RedisBackend, TestAgent, agent_config, eventually};
 use serde_json::{Value, json};
 
 const INSTANCES: usize = 3;
 const AGENTS: usize = 6;
-const CONFIG: &str = "
-[nodes]
-heartbeat_interval_ms = 200
-missed_heartbeats = 3
-[jobs]
-max_attempts = 5
-accept_timeout_ms = 1000
-";
 
 struct Deployment {
     _dir: tempfile::TempDir,
@@ -40,9 +34,10 @@ impl Deployment {
         let dir = tempfile::tempdir().unwrap();
         let mut instances = Vec::new();
         for _ in 0..INSTANCES {
-            let process = CoordinatorProcess::start(dir.path(), redis, free_local_addr(), CONFIG)
-                .await
-                .unwrap_or_else(|e| panic!("{e}"));
+            let process =
+                CoordinatorProcess::start(dir.path(), redis, free_local_addr(), FAST_COORDINATOR)
+                    .await
+                    .unwrap_or_else(|e| panic!("{e}"));
             instances.push(Some(process));
         }
         let ws: Vec<String> = instances

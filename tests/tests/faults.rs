@@ -22,8 +22,8 @@ use std::time::Duration;
 
 use lingua_coordinator::private_redis::PrivateRedis;
 use lingua_tests::fleet::{
-    Blackhole, CoordinatorProcess, CountingService, free_local_addr, submit_until_answered,
-    workspace_binary,
+    Blackhole, CoordinatorProcess, CountingService, FAST_COORDINATOR, free_local_addr,
+    submit_until_answered, workspace_binary,
 };
 use serde_json::{Value, json};
 use tokio::process::Child;
@@ -36,15 +36,6 @@ const CLIENTS: usize = 6;
 const GIVE_UP: Duration = Duration::from_secs(60);
 /// How long a fault may take to be detected before the test fails.
 const DETECT_LIMIT: Duration = Duration::from_secs(20);
-
-const COORDINATOR_CONFIG: &str = "
-[nodes]
-heartbeat_interval_ms = 200
-missed_heartbeats = 3
-[jobs]
-max_attempts = 5
-accept_timeout_ms = 1000
-";
 
 /// A `lingua-agent` process.
 struct AgentProcess {
@@ -196,7 +187,7 @@ async fn under_faults_every_job_gets_one_terminal_answer_and_none_completes_twic
     let service = CountingService::start().await;
     let dir = tempfile::tempdir().unwrap();
     let addr = free_local_addr();
-    let coordinator = CoordinatorProcess::start(dir.path(), &redis, addr, COORDINATOR_CONFIG)
+    let coordinator = CoordinatorProcess::start(dir.path(), &redis, addr, FAST_COORDINATOR)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     let proxy = Blackhole::start(addr).await;
@@ -306,14 +297,9 @@ async fn under_faults_every_job_gets_one_terminal_answer_and_none_completes_twic
             coordinator.kill().await;
         }
         fleet.coordinator = Some(
-            CoordinatorProcess::start(
-                fleet.dir.path(),
-                &fleet.redis,
-                fleet.addr,
-                COORDINATOR_CONFIG,
-            )
-            .await
-            .unwrap_or_else(|e| panic!("{e}")),
+            CoordinatorProcess::start(fleet.dir.path(), &fleet.redis, fleet.addr, FAST_COORDINATOR)
+                .await
+                .unwrap_or_else(|e| panic!("{e}")),
         );
         fleet
             .until("every agent back after the coordinator restart", || async {
