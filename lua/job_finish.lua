@@ -5,9 +5,13 @@
 -- ARGV[2] "completed" or "failed"
 -- ARGV[3] the outcome JSON (output, or error code and message)
 -- ARGV[4] how long to keep the result, ms
+-- ARGV[5] the node reporting the outcome, or "" when the dispatching
+--         coordinator ends the job itself (timeout, no capacity)
 -- Returns "applied", "duplicate" (already terminal: a repeated or late
--- result) or "stale" (from an attempt that was superseded).
-local fields = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'created_ms')
+-- result), "stale" (from an attempt that was superseded) or
+-- {"foreign", node}: the current attempt was assigned to that other node,
+-- so the reporter has no say in it.
+local fields = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'created_ms', 'node')
 if not fields[1] then
   return 'stale'
 end
@@ -16,6 +20,9 @@ if fields[1] ~= 'running' then
 end
 if fields[2] ~= ARGV[1] then
   return 'stale'
+end
+if ARGV[5] ~= '' and fields[4] ~= ARGV[5] then
+  return {'foreign', fields[4]}
 end
 local now = redis.call('TIME')
 local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)

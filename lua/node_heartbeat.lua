@@ -2,9 +2,11 @@
 --
 -- KEYS[1] node hash lingua:v1:node:{<id>}
 -- KEYS[2] lease     lingua:v1:node:{<id>}:lease
+-- KEYS[3] epoch counter lingua:v1:node:{<id>}:epoch
 -- ARGV[1] epoch of the connection sending the heartbeat
 -- ARGV[2] lease length in ms
 -- ARGV[3] capacity JSON
+-- ARGV[4] how long the node's keys outlive this sign of life, ms
 -- Returns 1, or 0 when the epoch is stale (a newer registration exists):
 -- the caller must close that connection.
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then
@@ -15,4 +17,6 @@ redis.call('HSET', KEYS[1],
   'last_seen_ms', now[1] * 1000 + math.floor(now[2] / 1000),
   'capacity', ARGV[3])
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[3], ARGV[4])
 return 1

@@ -5,16 +5,20 @@
 -- KEYS[2] pools   ZSET pool id -> size   lingua:v1:pair:{<src:tgt>}:pools
 -- KEYS[3] room    ZSET pool id -> size   lingua:v1:pair:{<src:tgt>}:room
 -- KEYS[4] leases  ZSET node -> deadline  lingua:v1:pair:{<src:tgt>}:leases
--- KEYS[5..4+n]    route:<kind> ZSET per kind the node serves
--- KEYS[5+n..4+2n] free:<kind>  HASH per kind, in the same order
+-- KEYS[5] next pool STRING counter       lingua:v1:pair:{<src:tgt>}:next_pool
+-- KEYS[6..5+n]    route:<kind> ZSET per kind the node serves
+-- KEYS[6+n..5+2n] free:<kind>  HASH per kind, in the same order
 -- ARGV[1] node id
 -- ARGV[2] n, the number of kinds
 -- Returns 1 when the node was a member, 0 otherwise.
+--
+-- The last member out deletes the pool-id counter: with no pool left no
+-- id can collide, and a pair nobody serves keeps no key at all.
 local node = ARGV[1]
 local n = tonumber(ARGV[2])
 for i = 1, n do
-  redis.call('ZREM', KEYS[4 + i], node)
-  redis.call('HDEL', KEYS[4 + n + i], node)
+  redis.call('ZREM', KEYS[5 + i], node)
+  redis.call('HDEL', KEYS[5 + n + i], node)
 end
 redis.call('ZREM', KEYS[4], node)
 local pool = redis.call('HGET', KEYS[1], node)
@@ -26,6 +30,9 @@ local size = tonumber(redis.call('ZINCRBY', KEYS[2], -1, pool))
 if size <= 0 then
   redis.call('ZREM', KEYS[2], pool)
   redis.call('ZREM', KEYS[3], pool)
+  if redis.call('EXISTS', KEYS[2]) == 0 then
+    redis.call('DEL', KEYS[5])
+  end
 else
   redis.call('ZADD', KEYS[3], size, pool)
 end

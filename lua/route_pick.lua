@@ -16,7 +16,8 @@
 -- or {"no_nodes"} (no live member serves the pair and kind).
 --
 -- Candidates are nodes whose last report showed free slots of the kind
--- and whose lease is current. The session's last node wins while it has
+-- and whose lease is current: a sampled entry whose lease is past is
+-- removed, never chosen. The session's last node wins while it has
 -- room; otherwise the better of two random candidates (more free slots),
 -- which spreads bursts. The chosen node's free-slot hint drops by one
 -- until its next report (the node stays the authority: it may refuse).
@@ -36,7 +37,8 @@ end
 local chosen = nil
 if ARGV[1] == '1' then
   local last = redis.call('GET', KEYS[4])
-  if last and not excluded[last] and redis.call('ZSCORE', KEYS[1], last) then
+  local deadline = last and redis.call('ZSCORE', KEYS[1], last)
+  if last and not excluded[last] and deadline and tonumber(deadline) > now_ms then
     chosen = last
   end
 end
@@ -71,10 +73,15 @@ if not chosen then
   -- candidates that were not tried yet, when there are that many.
   -- A sample as large as the set comes back in set order: start at a
   -- varying offset so that ties do not always go to the same node.
-  local sampled = redis.call('ZRANDMEMBER', KEYS[1], 2 + (#ARGV - 3))
-  for i = 1, #sampled do
-    local node = sampled[(i + now[2]) % #sampled + 1]
-    if not excluded[node] and seen < 2 then
+  local sampled = redis.call('ZRANDMEMBER', KEYS[1], 2 + (#ARGV - 3), 'WITHSCORES')
+  local count = #sampled / 2
+  for i = 1, count do
+    local at = ((i + now[2]) % count) * 2 + 1
+    local node = sampled[at]
+    if tonumber(sampled[at + 1]) <= now_ms then
+      redis.call('ZREM', KEYS[1], node)
+      redis.call('HDEL', KEYS[2], node)
+    elseif not excluded[node] and seen < 2 then
       seen = seen + 1
       local free = tonumber(redis.call('HGET', KEYS[2], node) or '0')
       if free > best_free then

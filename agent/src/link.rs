@@ -19,11 +19,12 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::{SinkExt, StreamExt};
 use lingua_shared::close::CloseCode;
 use lingua_shared::protocol::{
-    Capabilities, CapacityReport, Drain, GpuInfo, GpuReading, Heartbeat, JobRef, JobResult,
-    Register, Secret, VersionRange,
+    Capabilities, CapacityReport, Drain, ErrorFrame, FailureCode, GpuInfo, GpuReading, Heartbeat,
+    JobRef, JobResult, Outcome, Register, Secret, VersionRange,
 };
 use lingua_shared::{
     JobKind, LangCode, MAX_FRAME_BYTES, Message, NodeId, WS_BUFFER_BYTES, decode, encode,
+    encoded_len,
 };
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
@@ -362,7 +363,12 @@ impl Link {
                                 }
                                 self.handle(message, outbox);
                             }
-                            Err(e) => tracing::warn!(error = %e, "bad frame from the coordinator"),
+                            Err(e) => {
+                                // The link stays up: tell the coordinator what
+                                // was wrong, as it does for ours.
+                                tracing::warn!(error = %e, "bad frame from the coordinator");
+                                sends.push(Message::Error(ErrorFrame { code: e.code(), message: e.to_string() }));
+                            }
                         },
                         Some(Ok(WsMessage::Close(frame))) => {
                             let (code, reason) = frame.map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.to_string()));
@@ -376,6 +382,7 @@ impl Link {
                 Some(out) = self.outgoing.recv() => match out {
                     Outgoing::Answer(message) => sends.push(message),
                     Outgoing::Result(result) => {
+                        let result = within_frame(result);
                         outbox.insert(JobRef { job_id: result.job_id.clone(), attempt: result.attempt }, result.clone());
                         self.status.send_modify(|s| s.outbox = outbox.len());
                         sends.push(Message::JobResult(result));
@@ -472,11 +479,36 @@ impl Link {
     }
 }
 
+/// A result whose frame would exceed the frame limit becomes a failure
+/// that says so: sent as it is, it would end the link instead.
+fn within_frame(result: JobResult) -> JobResult {
+    // `"type":"job_result",` and braces around the result's own fields.
+    const ENVELOPE: usize = 64;
+    let len = encoded_len(&result) + ENVELOPE;
+    if len <= MAX_FRAME_BYTES {
+        return result;
+    }
+    tracing::warn!(job_id = %result.job_id, bytes = len, "job output too large for one frame");
+    JobResult {
+        outcome: Outcome::Failed {
+            code: FailureCode::ExecutorFailed,
+            message: format!(
+                "the job's output makes a {len}-byte result, over the {MAX_FRAME_BYTES}-byte frame limit"
+            ),
+        },
+        ..result
+    }
+}
+
 fn closed(code: u16, reason: String) -> Ended {
     match CloseCode::from_code(code) {
         Some(code) if code.is_fatal() => {
             tracing::error!(code = code.code(), %reason, "coordinator refused this node; not retrying");
             Ended::Done(LinkEnd::Fatal { code, reason })
+        }
+        Some(CloseCode::NodeIdConflict) => {
+            tracing::error!(%reason, "another live agent holds this node id: check that every host has its own node_id; retrying");
+            Ended::Reconnect(format!("closed by the coordinator with 4005: {reason}"))
         }
         _ => Ended::Reconnect(format!("closed by the coordinator with {code}: {reason}")),
     }

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use axum::Json;
+use axum::{Extension, Json};
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -12,10 +12,10 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use lingua_shared::{JobId, NodeId};
+use lingua_shared::{JobId, MAX_FRAME_BYTES, MAX_REQUEST_BODY_BYTES, NodeId};
 use serde_json::json;
-use subtle::ConstantTimeEq;
 
+use crate::auth::{Caller, Role};
 use crate::jobs::{Job, JobRequest, JobView, SubmitError};
 use crate::metrics::PoolLabel;
 use crate::registry::Control;
@@ -59,34 +59,53 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Requires `Authorization: Bearer <token>` when API tokens are configured.
-pub async fn require_token(
+/// The caller presenting `headers`, or 401.
+fn caller(shared: &Shared, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    let authorization = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    shared.api_tokens.caller(authorization).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong bearer token: send `Authorization: Bearer <api token>`",
+        )
+    })
+}
+
+/// Admin routes: an admin token, when API tokens are configured.
+pub async fn require_admin(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
     request: Request,
     next: Next,
 ) -> Response {
-    let tokens = &shared.config.api_tokens;
-    if tokens.is_empty() {
-        return next.run(request).await;
-    }
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    let valid = tokens.iter().fold(false, |found, token| {
-        found | bool::from(token.as_bytes().ct_eq(presented.as_bytes()))
-    });
-    if !valid {
-        return ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing or wrong bearer token: send `Authorization: Bearer <api token>`",
+    match caller(&shared, &headers) {
+        Ok(caller) if caller.role == Role::Admin => next.run(request).await,
+        Ok(_) => ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "this route needs an admin token (auth.api_tokens); client tokens submit and read jobs only",
         )
-        .into_response();
+        .into_response(),
+        Err(err) => err.into_response(),
     }
-    next.run(request).await
+}
+
+/// Job routes: any valid token; the caller travels with the request.
+pub async fn require_caller(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    match caller(&shared, &headers) {
+        Ok(caller) => {
+            request.extensions_mut().insert(caller);
+            next.run(request).await
+        }
+        Err(err) => err.into_response(),
+    }
 }
 
 fn node_id(raw: &str) -> Result<NodeId, ApiError> {
@@ -172,28 +191,29 @@ pub async fn healthz(State(shared): State<Arc<Shared>>) -> Result<impl IntoRespo
     Ok(Json(json!({"status": "ok", "instance": shared.instance})))
 }
 
-/// `GET /metrics`: Prometheus text; pool sizes are read from Redis now.
-pub async fn metrics(State(shared): State<Arc<Shared>>) -> Result<impl IntoResponse, ApiError> {
-    let pools = shared.store.pools().await?;
+/// `GET /metrics`: Prometheus text. It asks Redis nothing: pool sizes
+/// count the nodes this instance holds (sum them over instances), so a
+/// scrape costs the same however many keys Redis holds, and answers while
+/// Redis is down.
+pub async fn metrics(State(shared): State<Arc<Shared>>) -> impl IntoResponse {
     shared.metrics.pool_nodes.clear();
-    for pool in pools {
-        let size = i64::try_from(pool.nodes.len()).unwrap_or(i64::MAX);
+    for ((pair, pool), size) in shared.registry.pool_sizes() {
         shared
             .metrics
             .pool_nodes
             .get_or_create(&PoolLabel {
-                pair: pool.pair,
-                pool: pool.pool,
+                pair: pair.to_string(),
+                pool,
             })
             .set(size);
     }
-    Ok((
+    (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         shared.metrics.render(),
-    ))
+    )
 }
 
 /// Query of `POST /v1/jobs`.
@@ -238,6 +258,7 @@ fn view_response(view: JobView) -> Response {
 /// `POST /v1/jobs`: submit a job and, by default, wait for its result.
 pub async fn submit_job(
     State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<Caller>,
     submit: Result<Query<SubmitQuery>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -245,14 +266,33 @@ pub async fn submit_job(
     let body = body.map_err(|e| match e {
         BytesRejection::FailedToBufferBody(_) => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            "invalid_request",
-            format!("request body over {} bytes", crate::server::MAX_BODY_BYTES),
+            "payload_too_large",
+            format!(
+                "the request body exceeds the limit of {MAX_REQUEST_BODY_BYTES} bytes (one node frame); \
+                 send large inputs by reference (a URL) instead"
+            ),
         ),
         other => bad_request(other.body_text()),
     })?;
     let request: JobRequest =
         serde_json::from_slice(&body).map_err(|e| bad_request(format!("bad job request: {e}")))?;
-    let job = Job::from_request(request, shared.config.default_job_timeout).map_err(bad_request)?;
+    let job = Job::from_request(
+        request,
+        shared.config.default_job_timeout,
+        caller.owner.clone(),
+    )
+    .map_err(bad_request)?;
+    let frame = job.assign_frame_len();
+    if frame > MAX_FRAME_BYTES {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!(
+                "the job's assignment would be a {frame}-byte frame, over the node frame limit of \
+                 {MAX_FRAME_BYTES} bytes; send large inputs by reference (a URL) instead"
+            ),
+        ));
+    }
     let timeout = job.timeout;
     let id = job.id.clone();
     let mut terminal = match shared.router.submit(job).await {
@@ -291,7 +331,7 @@ pub async fn submit_job(
     if let Some(view) = waited {
         return Ok(view_response(view));
     }
-    match shared.router.get(&id, Duration::ZERO).await? {
+    match shared.router.get(&id, Duration::ZERO, &caller).await? {
         Some(view) => Ok(view_response(view)),
         None => Err(ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -304,13 +344,14 @@ pub async fn submit_job(
 /// `GET /v1/jobs/{id}`: status or result; `?wait_ms=N` long-polls.
 pub async fn job(
     State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     get: Result<Query<GetQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let get = query(get)?;
     let id = JobId::new(id).map_err(|e| bad_request(e.to_string()))?;
     let wait = Duration::from_millis(get.wait_ms.min(MAX_WAIT_MS));
-    match shared.router.get(&id, wait).await? {
+    match shared.router.get(&id, wait, &caller).await? {
         Some(view) => Ok(view_response(view)),
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,

@@ -16,6 +16,8 @@ use toml::Spanned;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7700";
 /// The shortest token accepted: anything shorter is guessable.
 pub const MIN_TOKEN_LEN: usize = 16;
+/// The shortest node secret accepted: every node token derives from it.
+pub const MIN_SECRET_LEN: usize = 32;
 
 /// TLS for the listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,10 +39,16 @@ pub struct Config {
     pub redis_cluster: Vec<String>,
     /// Tokens nodes may present.
     pub node_tokens: Vec<String>,
-    /// Bearer tokens for the HTTP API; empty means the API is open.
+    /// The secret per-node tokens derive from (`node-token` prints them).
+    pub node_secret: Option<String>,
+    /// Admin bearer tokens for the HTTP API.
     pub api_tokens: Vec<String>,
+    /// Client bearer tokens: submit jobs, read their own.
+    pub client_tokens: Vec<String>,
     /// Accept unauthenticated nodes on a non-loopback listener.
     pub allow_anonymous: bool,
+    /// Serve the API without tokens on a non-loopback listener.
+    pub allow_open_api: bool,
     /// Serve https/wss directly.
     pub tls: Option<TlsConfig>,
     /// Heartbeat interval told to agents.
@@ -60,6 +68,16 @@ pub struct Config {
     pub result_ttl: Duration,
     /// How a node is chosen for a job.
     pub pick: PickPolicy,
+    /// Most language pairs one node may serve.
+    pub max_pairs_per_node: u32,
+    /// How long an offline node's record stays in Redis after its last
+    /// sign of life.
+    pub offline_retention: Duration,
+    /// Most connections (HTTP and node sockets) served at once.
+    pub max_connections: u32,
+    /// Time a connection has to send a request's headers; also how long
+    /// an idle keep-alive connection stays open.
+    pub header_read_timeout: Duration,
 }
 
 /// How `route_pick` chooses among the nodes of a pair.
@@ -94,8 +112,11 @@ impl Default for Config {
             redis_url: None,
             redis_cluster: Vec::new(),
             node_tokens: Vec::new(),
+            node_secret: None,
             api_tokens: Vec::new(),
+            client_tokens: Vec::new(),
             allow_anonymous: false,
+            allow_open_api: false,
             tls: None,
             heartbeat_interval: Duration::from_millis(2000),
             missed_heartbeats: 3,
@@ -105,6 +126,10 @@ impl Default for Config {
             accept_timeout: Duration::from_millis(2_000),
             result_ttl: Duration::from_millis(300_000),
             pick: PickPolicy::Capacity,
+            max_pairs_per_node: 64,
+            offline_retention: Duration::from_millis(86_400_000),
+            max_connections: 16_384,
+            header_read_timeout: Duration::from_millis(10_000),
         }
     }
 }
@@ -124,6 +149,8 @@ struct RawConfig {
     pools: RawPools,
     #[serde(default)]
     jobs: RawJobs,
+    #[serde(default)]
+    limits: RawLimits,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -137,9 +164,13 @@ struct RawRedis {
 #[serde(deny_unknown_fields)]
 struct RawAuth {
     node_tokens: Option<Spanned<Vec<String>>>,
+    node_secret: Option<Spanned<String>>,
     api_tokens: Option<Spanned<Vec<String>>>,
+    client_tokens: Option<Spanned<Vec<String>>>,
     #[serde(default)]
     allow_anonymous: bool,
+    #[serde(default)]
+    allow_open_api: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -154,6 +185,15 @@ struct RawTls {
 struct RawNodes {
     heartbeat_interval_ms: Option<Spanned<u64>>,
     missed_heartbeats: Option<Spanned<u32>>,
+    max_pairs: Option<Spanned<u32>>,
+    offline_retention_ms: Option<Spanned<u64>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_connections: Option<Spanned<u32>>,
+    header_read_timeout_ms: Option<Spanned<u64>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -269,8 +309,11 @@ impl Config {
             redis_url,
             redis_cluster,
             node_tokens: tokens(check, "auth.node_tokens", raw.auth.node_tokens)?,
+            node_secret: node_secret(check, raw.auth.node_secret)?,
             api_tokens: tokens(check, "auth.api_tokens", raw.auth.api_tokens)?,
+            client_tokens: tokens(check, "auth.client_tokens", raw.auth.client_tokens)?,
             allow_anonymous: raw.auth.allow_anonymous,
+            allow_open_api: raw.auth.allow_open_api,
             tls: raw.tls.map(|tls| TlsConfig {
                 cert_file: tls.cert_file,
                 key_file: tls.key_file,
@@ -313,6 +356,30 @@ impl Config {
                 1_000..=604_800_000,
             )?),
             pick: raw.jobs.pick.unwrap_or_default(),
+            max_pairs_per_node: check.range(
+                "nodes.max_pairs",
+                raw.nodes.max_pairs,
+                defaults.max_pairs_per_node,
+                1..=1024,
+            )?,
+            offline_retention: Duration::from_millis(check.range(
+                "nodes.offline_retention_ms",
+                raw.nodes.offline_retention_ms,
+                millis(defaults.offline_retention),
+                60_000..=31_536_000_000,
+            )?),
+            max_connections: check.range(
+                "limits.max_connections",
+                raw.limits.max_connections,
+                defaults.max_connections,
+                16..=1_000_000,
+            )?,
+            header_read_timeout: Duration::from_millis(check.range(
+                "limits.header_read_timeout_ms",
+                raw.limits.header_read_timeout_ms,
+                millis(defaults.header_read_timeout),
+                100..=600_000,
+            )?),
         };
         Ok(config)
     }
@@ -333,17 +400,35 @@ impl Config {
             check_redis_url(url)
                 .map_err(|message| ConfigError::invalid("redis.cluster", message))?;
         }
-        if self.node_tokens.is_empty() && !self.listen.ip().is_loopback() && !self.allow_anonymous {
+        let public = !self.listen.ip().is_loopback();
+        if public && !self.nodes_need_token() && !self.allow_anonymous {
             return Err(ConfigError::invalid(
-                "auth.node_tokens",
+                "auth.node_secret",
                 format!(
-                    "listening on {} (not loopback) without node tokens would let anyone register a node; \
-                     set auth.node_tokens, or set auth.allow_anonymous = true to accept that",
+                    "listening on {} (not loopback) without node credentials would let anyone register a node; \
+                     set auth.node_secret (per-node tokens, see `lingua-coordinator node-token --help`) or \
+                     auth.node_tokens, or set auth.allow_anonymous = true to accept that",
+                    self.listen
+                ),
+            ));
+        }
+        if public && self.api_is_open() && !self.allow_open_api {
+            return Err(ConfigError::invalid(
+                "auth.api_tokens",
+                format!(
+                    "listening on {} (not loopback) without API tokens would let anyone drain nodes and read jobs; \
+                     set auth.api_tokens (admins) and auth.client_tokens (job clients), \
+                     or set auth.allow_open_api = true to accept that",
                     self.listen
                 ),
             ));
         }
         Ok(())
+    }
+
+    /// True when the HTTP API needs no token.
+    pub fn api_is_open(&self) -> bool {
+        self.api_tokens.is_empty() && self.client_tokens.is_empty()
     }
 
     /// How long a node may stay silent before it leaves routing.
@@ -353,8 +438,31 @@ impl Config {
 
     /// True when nodes must present a token.
     pub fn nodes_need_token(&self) -> bool {
-        !self.node_tokens.is_empty()
+        !self.node_tokens.is_empty() || self.node_secret.is_some()
     }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn node_secret(
+    check: Checker<'_>,
+    value: Option<Spanned<String>>,
+) -> Result<Option<String>, ConfigError> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    if value.get_ref().chars().count() < MIN_SECRET_LEN {
+        return Err(check.invalid(
+            "auth.node_secret",
+            value.span(),
+            format!(
+                "the node secret is shorter than {MIN_SECRET_LEN} characters; generate one with `openssl rand -hex 32`"
+            ),
+        ));
+    }
+    Ok(Some(value.into_inner()))
 }
 
 fn check_redis_url(url: &str) -> Result<(), String> {
@@ -483,8 +591,37 @@ max_attempts = 3
         let config = Config::parse("listen = \"0.0.0.0:7700\"").unwrap();
         let err = config.check_security().unwrap_err();
         assert!(err.to_string().contains("allow_anonymous"), "{err}");
-        let config =
-            Config::parse("listen = \"0.0.0.0:7700\"\n[auth]\nallow_anonymous = true").unwrap();
+        let config = Config::parse(
+            "listen = \"0.0.0.0:7700\"\n[auth]\nallow_anonymous = true\napi_tokens = [\"an-admin-token-0123\"]",
+        )
+        .unwrap();
         config.check_security().unwrap();
+    }
+
+    #[test]
+    fn an_open_api_off_loopback_needs_an_explicit_yes() {
+        let nodes = "listen = \"0.0.0.0:7700\"\n[auth]\nnode_secret = \"0123456789abcdef0123456789abcdef\"\n";
+        let err = Config::parse(nodes).unwrap().check_security().unwrap_err();
+        assert!(
+            err.to_string().contains("auth.api_tokens")
+                && err.to_string().contains("allow_open_api"),
+            "{err}"
+        );
+        for extra in [
+            "api_tokens = [\"an-admin-token-0123\"]",
+            "client_tokens = [\"a-client-token-0123\"]",
+            "allow_open_api = true",
+        ] {
+            let config = Config::parse(&format!("{nodes}{extra}\n")).unwrap();
+            config.check_security().unwrap();
+        }
+        let err = Config::parse("[auth]\nnode_secret = \"short\"").unwrap_err();
+        assert!(
+            err.to_string().contains("auth.node_secret (line 2)"),
+            "{err}"
+        );
+        let loopback = Config::parse("").unwrap();
+        assert!(loopback.api_is_open());
+        loopback.check_security().unwrap();
     }
 }

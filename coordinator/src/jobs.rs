@@ -18,7 +18,7 @@ use axum::http::StatusCode;
 use lingua_shared::protocol::{
     FailureCode, JobAssign, JobCancel, JobRef, JobResult, Outcome, RejectReason,
 };
-use lingua_shared::{JobId, JobKind, LangCode, LangPair, Message, NodeId};
+use lingua_shared::{JobId, JobKind, LangCode, LangPair, Message, NodeId, encoded_len};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::futures::Notified;
@@ -26,6 +26,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::Caller;
 use crate::config::Config;
 use crate::forward::{self, Envelope, RemoteAnswer};
 use crate::metrics::{JobLabel, Metrics, ResultLabel};
@@ -124,11 +125,17 @@ pub struct Job {
     pub payload: Value,
     /// Its time limit.
     pub timeout: Duration,
+    /// Who submitted it: a client token's fingerprint, empty for admins.
+    pub owner: String,
 }
 
 impl Job {
     /// Validates a request; the error text says which field is wrong.
-    pub fn from_request(request: JobRequest, default_timeout: Duration) -> Result<Self, String> {
+    pub fn from_request(
+        request: JobRequest,
+        default_timeout: Duration,
+        owner: String,
+    ) -> Result<Self, String> {
         let id = match request.id {
             Some(id) => JobId::new(id).map_err(|e| e.to_string())?,
             None => JobId::new(format!("job-{:032x}", rand::random::<u128>()))
@@ -172,21 +179,53 @@ impl Job {
             session,
             payload: request.payload,
             timeout,
+            owner,
         })
     }
 
     /// The request as stored, for comparing resubmissions: the same id with
     /// a different canonical request is a conflict.
+    /// The owner is part of it: another client reusing the id conflicts
+    /// instead of reading someone else's job.
     fn canonical(&self) -> String {
-        json!({
+        let mut request = json!({
             "kind": self.kind,
             "pair": self.pair,
             "session_id": self.session,
             "payload": self.payload,
             "timeout_ms": self.timeout.as_millis() as u64,
-        })
-        .to_string()
+        });
+        if !self.owner.is_empty() {
+            request["owner"] = json!(self.owner);
+        }
+        request.to_string()
     }
+}
+
+impl Job {
+    /// The size of this job's `job_assign` frame, at its largest (attempt
+    /// and timeout at their widest): a job over the frame limit could
+    /// never reach a node.
+    pub fn assign_frame_len(&self) -> usize {
+        let envelope = Message::JobAssign(JobAssign {
+            job_id: self.id.clone(),
+            attempt: u32::MAX,
+            kind: self.kind.clone(),
+            pair: self.pair,
+            session_id: self.session.clone(),
+            payload: Value::Null,
+            timeout_ms: u64::MAX,
+        });
+        encoded_len(&envelope) - "null".len() + encoded_len(&self.payload)
+    }
+}
+
+/// The owner recorded in a canonical request (empty: an admin's job).
+fn owner_of(request: &str) -> String {
+    serde_json::from_str::<Value>(request)
+        .ok()
+        .and_then(|r| r["owner"].as_str().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 /// A job as the API shows it.
@@ -845,7 +884,13 @@ impl JobRouter {
         }
         let outcome = json!({"error": {"code": code, "message": message}});
         self.store
-            .job_finish(&job.id, attempt, false, &outcome, self.config.result_ttl)
+            .job_finish(
+                &job.id,
+                (None, attempt),
+                false,
+                &outcome,
+                self.config.result_ttl,
+            )
             .await?;
         self.wait_remote(&job.id, Instant::now() + job.timeout)
             .await
@@ -909,12 +954,21 @@ impl JobRouter {
         self.store.job(id).await
     }
 
-    /// The stored view of a job, waiting up to `wait` for a terminal state.
-    pub async fn get(&self, id: &JobId, wait: Duration) -> Result<Option<JobView>, StoreError> {
+    /// The stored view of a job, waiting up to `wait` for a terminal state;
+    /// `None` when it does not exist or `reader` may not see it.
+    pub async fn get(
+        &self,
+        id: &JobId,
+        wait: Duration,
+        reader: &Caller,
+    ) -> Result<Option<JobView>, StoreError> {
         let receiver = lock(&self.waiters).get(id).map(|w| w.terminal.subscribe());
         let Some(record) = self.record(id).await? else {
             return Ok(None);
         };
+        if !reader.may_read(&owner_of(&record.request)) {
+            return Ok(None);
+        }
         let view = JobView::from_record(id, &record);
         if view.is_terminal() || wait.is_zero() {
             return Ok(Some(view));
@@ -943,14 +997,18 @@ impl JobRouter {
             .unwrap_or(0)
     }
 
-    /// A node accepted or refused an assignment. Returns the attempt's
-    /// kind when the attempt is known here.
+    /// A node's connection of `epoch` accepted or refused an assignment.
+    /// Returns the attempt's kind when the attempt is known here and the
+    /// connection is the node's current one.
     pub fn answer(
         &self,
-        node: &NodeId,
+        (node, epoch): (&NodeId, u64),
         key: &JobRef,
         refusal: Option<(RejectReason, String)>,
     ) -> Option<JobKind> {
+        if !self.registry.is_current(node, epoch) {
+            return None;
+        }
         if let Some(attempt) = lock(&self.attempts).get(key).filter(|a| &a.node == node) {
             let _ = attempt.events.send(match refusal {
                 None => AttemptEvent::Accepted,
@@ -975,9 +1033,10 @@ impl JobRouter {
         Some(kind)
     }
 
-    /// A node reported a result: record it (fenced by attempt), wake the
-    /// dispatcher, and say whether the node may drop it from its outbox.
-    pub async fn result(&self, node: &NodeId, result: &JobResult) -> Result<(), StoreError> {
+    /// A node reported a result: record it (fenced by node and attempt),
+    /// wake the dispatcher, and say whether the node may drop it from its
+    /// outbox.
+    pub async fn result(&self, node: &NodeId, result: &JobResult) -> Result<Taken, StoreError> {
         let (completed, outcome) = match &result.outcome {
             Outcome::Completed { output } => (true, json!({"output": output})),
             Outcome::Failed { code, message } => {
@@ -993,17 +1052,18 @@ impl JobRouter {
             .store
             .job_finish(
                 &result.job_id,
-                result.attempt,
+                (Some(node), result.attempt),
                 completed,
                 &outcome,
                 self.config.result_ttl,
             )
             .await?;
         tracing::debug!(job_id = %result.job_id, attempt = result.attempt, node_id = %node, ?finish, "job result");
-        let taken = match finish {
+        let taken = match &finish {
             Finish::Applied => "applied",
             Finish::Duplicate => "duplicate",
             Finish::Stale => "stale",
+            Finish::Foreign { .. } => "foreign",
         };
         self.metrics
             .results
@@ -1015,14 +1075,18 @@ impl JobRouter {
             job_id: result.job_id.clone(),
             attempt: result.attempt,
         };
+        if let Finish::Foreign { assigned } = finish {
+            tracing::warn!(node_id = %node, assigned_node = %assigned, job_id = %key.job_id, attempt = key.attempt, "result refused: the attempt is assigned to another node");
+            return Ok(Taken::Foreign);
+        }
         // Whatever became of it, a forwarded attempt ends with its result.
         let forwarded = lock(&self.forwarded).remove(&key);
         if finish != Finish::Applied {
-            return Ok(());
+            return Ok(Taken::Acknowledged);
         }
         if let Some(attempt) = lock(&self.attempts).get(&key) {
             let _ = attempt.events.send(AttemptEvent::Finished);
-            return Ok(());
+            return Ok(Taken::Acknowledged);
         }
         // Dispatched elsewhere (forwarded here, or its node moved to this
         // instance since): its dispatcher is waiting.
@@ -1033,7 +1097,7 @@ impl JobRouter {
         if let Some(origin) = origin.filter(|o| o != &self.instance) {
             self.tell_later(origin, key, RemoteAnswer::Finished);
         }
-        Ok(())
+        Ok(Taken::Acknowledged)
     }
 
     /// A node's connection ended: its running attempts move elsewhere.
@@ -1058,6 +1122,15 @@ impl JobRouter {
             self.tell_later(origin, key, RemoteAnswer::Lost);
         }
     }
+}
+
+/// What became of a result a node reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    /// Recorded, or a duplicate or stale one: the node may forget it.
+    Acknowledged,
+    /// The attempt is assigned to another node: refused.
+    Foreign,
 }
 
 /// Counts an assignment as unanswered until dropped.

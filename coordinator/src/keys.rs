@@ -44,8 +44,9 @@ impl InstanceKeys {
 pub struct NodeKeys {
     /// HASH: registration, state, epoch, owner, capacity.
     pub hash: String,
-    /// STRING counter: the last epoch given out. Never expires, so epochs
-    /// only grow.
+    /// STRING counter: the last epoch given out. It expires with the hash,
+    /// `offline_retention_ms` after the node's last sign of life, when no
+    /// connection of an older epoch can be left.
     pub epoch: String,
     /// STRING with a TTL of one lease: present while the node is alive.
     pub lease: String,

@@ -6,6 +6,7 @@
 //! - [`server`]: wiring; `run(listener, …, shutdown)`.
 //! - [`node_ws`]: the node WebSocket endpoint.
 //! - [`api`]: the HTTP API (jobs and admin).
+//! - [`auth`]: node credentials and API tokens with roles.
 //! - [`jobs`]: job routing: dispatch, retries, failover, results.
 //! - [`forward`]: several instances on one Redis: presence, inboxes.
 //! - [`store`], [`keys`]: everything kept in Redis, and the key names.
@@ -18,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod forward;
 pub mod jobs;

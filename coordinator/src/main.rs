@@ -10,12 +10,15 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use lingua_coordinator::auth::node_token;
 use lingua_coordinator::config::{Config, ConfigError};
 use lingua_coordinator::metrics::Metrics;
 use lingua_coordinator::private_redis::PrivateRedis;
 use lingua_coordinator::store::Store;
 use lingua_coordinator::{server, tls};
+use lingua_shared::NodeId;
 use lingua_shared::process::{Exit, LogFormat, init_logging, usage_error};
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use sd_notify::NotifyState;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{Signal, SignalKind, signal};
@@ -59,6 +62,13 @@ struct Cli {
 enum Command {
     /// Validate a config file and exit: 0 when valid, 64 with the reason.
     CheckConfig,
+    /// Print the token of one node, derived from `[auth] node_secret`:
+    /// put it in that host's agent config (`token_file`). A token
+    /// registers only the node id it was made for.
+    NodeToken {
+        /// The node id (the agent's `node_id`).
+        node_id: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -74,9 +84,13 @@ fn main() -> ExitCode {
             return Exit::Usage.into();
         }
     };
-    if matches!(cli.command, Some(Command::CheckConfig)) {
-        println!("config is valid");
-        return ExitCode::SUCCESS;
+    match &cli.command {
+        Some(Command::CheckConfig) => {
+            println!("config is valid");
+            return ExitCode::SUCCESS;
+        }
+        Some(Command::NodeToken { node_id }) => return print_node_token(&config, node_id),
+        None => {}
     }
     let tls = match config.tls.as_ref().map(tls::acceptor).transpose() {
         Ok(tls) => tls,
@@ -95,15 +109,40 @@ fn main() -> ExitCode {
     runtime.block_on(serve(config, tls))
 }
 
+fn print_node_token(config: &Config, node_id: &str) -> ExitCode {
+    let node = match NodeId::new(node_id) {
+        Ok(node) => node,
+        Err(err) => {
+            eprintln!("lingua-coordinator: {err}");
+            return Exit::Usage.into();
+        }
+    };
+    let Some(secret) = &config.node_secret else {
+        eprintln!(
+            "lingua-coordinator: the config sets no auth.node_secret; add one (`openssl rand -hex 32`) to derive per-node tokens"
+        );
+        return Exit::Usage.into();
+    };
+    println!("{}", node_token(secret, &node));
+    ExitCode::SUCCESS
+}
+
 fn load_config(cli: &Cli) -> Result<Config, ConfigError> {
     let mut config = match &cli.config {
         Some(path) => Config::load(path)?,
-        None if matches!(cli.command, Some(Command::CheckConfig)) => {
-            return Err(ConfigError::Parse(
-                "check-config needs --config FILE".into(),
-            ));
-        }
-        None => Config::default(),
+        None => match &cli.command {
+            Some(Command::CheckConfig) => {
+                return Err(ConfigError::Parse(
+                    "check-config needs --config FILE".into(),
+                ));
+            }
+            Some(Command::NodeToken { .. }) => {
+                return Err(ConfigError::Parse(
+                    "node-token needs --config FILE (the file with auth.node_secret)".into(),
+                ));
+            }
+            None => Config::default(),
+        },
     };
     if let Some(listen) = &cli.listen {
         config.listen = listen.parse().map_err(|_| {
@@ -125,7 +164,7 @@ fn load_config(cli: &Cli) -> Result<Config, ConfigError> {
     Ok(config)
 }
 
-async fn serve(config: Config, tls: Option<TlsAcceptor>) -> ExitCode {
+async fn serve(mut config: Config, tls: Option<TlsAcceptor>) -> ExitCode {
     let caught = match install_signals() {
         Ok(caught) => caught,
         Err(err) => {
@@ -133,9 +172,17 @@ async fn serve(config: Config, tls: Option<TlsAcceptor>) -> ExitCode {
             return Exit::Internal.into();
         }
     };
-    if config.node_tokens.is_empty() {
-        tracing::warn!(listen = %config.listen, "no node tokens configured: accepting unauthenticated nodes");
+    if !config.nodes_need_token() {
+        tracing::warn!(listen = %config.listen, "no node credentials configured: accepting unauthenticated nodes");
     }
+    if config.api_is_open() {
+        if config.listen.ip().is_loopback() {
+            tracing::warn!(listen = %config.listen, "no API tokens configured: anyone on this host may use the admin API");
+        } else {
+            tracing::error!(listen = %config.listen, "auth.allow_open_api = true: ANYONE who can reach this address may drain nodes and read every job");
+        }
+    }
+    config.max_connections = raise_open_files_limit(config.max_connections);
     let metrics = Arc::new(Metrics::default());
     let (connected, url, private) = if config.redis_cluster.is_empty() {
         let (url, private) = match &config.redis_url {
@@ -197,6 +244,36 @@ async fn serve(config: Config, tls: Option<TlsAcceptor>) -> ExitCode {
     }
     tracing::info!("coordinator stopped");
     exit
+}
+
+/// Raises the soft limit on open files to the hard limit: each connection
+/// holds one, and the default soft limit (1024) is far below the 10,000
+/// nodes one coordinator can hold. Returns the connection cap that fits
+/// the limit: when even the hard limit is below `max_connections`, the
+/// cap shrinks (and says so), so that running out of descriptors cannot
+/// stop the coordinator from accepting its own health checks.
+fn raise_open_files_limit(max_connections: u32) -> u32 {
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return max_connections;
+    };
+    let limit = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        hard
+    } else {
+        soft
+    };
+    // Redis connections, the private redis-server's socket, TLS files.
+    const RESERVED: u64 = 64;
+    if limit >= u64::from(max_connections) + RESERVED {
+        return max_connections;
+    }
+    let cap = u32::try_from(limit.saturating_sub(RESERVED).max(16)).unwrap_or(max_connections);
+    tracing::warn!(
+        open_files = limit,
+        max_connections,
+        cap,
+        "the open-files limit is below limits.max_connections: serving at most `cap` connections; raise LimitNOFILE (the shipped unit sets 65536)"
+    );
+    cap
 }
 
 /// Tells systemd the coordinator serves (READY=1) and feeds its watchdog;

@@ -107,7 +107,7 @@ impl Default for Metrics {
         );
         registry.register(
             "job_results",
-            "Node results: applied, duplicate (already ended) or stale (superseded attempt)",
+            "Node results: applied, duplicate (already ended), stale (superseded attempt) or foreign (assigned to another node: refused)",
             results.clone(),
         );
         registry.register(

@@ -15,16 +15,15 @@ use axum::response::Response;
 use futures_util::future::join_all;
 use lingua_shared::close::CloseCode;
 use lingua_shared::protocol::{
-    CapacityReport, Drain, ErrorCode, ErrorFrame, JobRef, Register, RegisterAck, RejectReason,
-    VersionRange,
+    CapacityReport, Drain, ErrorCode, ErrorFrame, JobRef, RegisterAck, RejectReason, VersionRange,
 };
 use lingua_shared::{
     JobKind, LangPair, MAX_FRAME_BYTES, Message, NodeId, WS_BUFFER_BYTES, decode, encode,
 };
-use subtle::ConstantTimeEq;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout};
 
+use crate::jobs::Taken;
 use crate::registry::{Control, LocalNode};
 use crate::server::{PeerAddr, Shared};
 use crate::store::{RegisterOutcome, Registration, RouteEntry};
@@ -35,6 +34,11 @@ pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_BAD_FRAMES: u32 = 10;
 /// Most languages on either side, and most kinds, one node may declare.
 pub const MAX_CAPABILITIES: usize = 32;
+/// Messages queued for one node socket before further ones are refused.
+pub const CONTROL_QUEUE: usize = 1024;
+/// Shortest time between two routing updates from one connection: more
+/// frequent capacity reports are coalesced, the latest one wins.
+pub const MIN_PUBLISH_INTERVAL: Duration = Duration::from_millis(25);
 
 /// Upgrades `/v1/node` requests.
 pub async fn upgrade(
@@ -72,6 +76,13 @@ struct Session {
     kinds: Vec<JobKind>,
     draining: bool,
     capacity: CapacityReport,
+    /// When this connection's routing entries were last queued.
+    published: Instant,
+    /// A report arrived within [`MIN_PUBLISH_INTERVAL`] of the last one
+    /// and waits for the interval's end.
+    publish_pending: bool,
+    /// When a heartbeat was last recorded in Redis (never, at first).
+    recorded: Option<Instant>,
 }
 
 impl Session {
@@ -79,7 +90,9 @@ impl Session {
     /// the assignments sent to it and not answered yet (a report that
     /// crossed them on the wire cannot have counted them); none while
     /// draining.
-    fn publish(&self, shared: &Shared) {
+    fn publish(&mut self, shared: &Shared) {
+        self.published = Instant::now();
+        self.publish_pending = false;
         let free = self
             .kinds
             .iter()
@@ -99,10 +112,22 @@ impl Session {
         };
         shared.batcher.queue(self.pairs.iter().copied(), &entry);
     }
+
+    /// Publishes now, or at the end of the current interval when the last
+    /// publication was less than [`MIN_PUBLISH_INTERVAL`] ago: however
+    /// fast a node reports, its reports cost at most one routing update
+    /// per interval.
+    fn publish_soon(&mut self, shared: &Shared) {
+        if self.published.elapsed() >= MIN_PUBLISH_INTERVAL {
+            self.publish(shared);
+        } else {
+            self.publish_pending = true;
+        }
+    }
 }
 
 async fn serve(mut socket: WebSocket, shared: Arc<Shared>, peer: SocketAddr) {
-    let (control_tx, mut control_rx) = mpsc::unbounded_channel();
+    let (control_tx, mut control_rx) = mpsc::channel(CONTROL_QUEUE);
     let mut session = match register(&mut socket, &shared, control_tx).await {
         Ok(session) => session,
         Err(ending) => {
@@ -163,11 +188,23 @@ async fn close(socket: &mut WebSocket, ending: Ending) {
     .await;
 }
 
-async fn send(socket: &mut WebSocket, message: &Message) -> Result<(), Ending> {
-    socket
-        .send(WsMessage::Text(encode(message).into()))
-        .await
-        .map_err(|_| Ending::new(CloseCode::Normal, "send failed"))
+/// Sends one frame. A node that does not take it within one lease is not
+/// reading: its connection ends, so it leaves routing instead of holding a
+/// socket (and its jobs) while the heartbeat deadline cannot fire.
+async fn send(socket: &mut WebSocket, shared: &Shared, message: &Message) -> Result<(), Ending> {
+    match timeout(
+        shared.config.lease(),
+        socket.send(WsMessage::Text(encode(message).into())),
+    )
+    .await
+    {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(Ending::new(CloseCode::Normal, "send failed")),
+        Err(_) => Err(Ending::new(
+            CloseCode::PolicyViolation,
+            "send timed out: the node is not reading",
+        )),
+    }
 }
 
 async fn send_error(
@@ -181,7 +218,12 @@ async fn send_error(
         .and_then(|v| v.as_str().map(str::to_owned))
         .unwrap_or_default();
     shared.metrics.frame_rejected(&name);
-    send(socket, &Message::Error(ErrorFrame { code, message })).await
+    send(
+        socket,
+        shared,
+        &Message::Error(ErrorFrame { code, message }),
+    )
+    .await
 }
 
 /// The payload of a data frame, or why the connection ends.
@@ -211,7 +253,7 @@ fn frame_of(received: Option<Result<WsMessage, axum::Error>>) -> Result<Frame, E
 async fn register(
     socket: &mut WebSocket,
     shared: &Shared,
-    control: mpsc::UnboundedSender<Control>,
+    control: mpsc::Sender<Control>,
 ) -> Result<Session, Ending> {
     let deadline = Instant::now() + REGISTER_TIMEOUT;
     let frame = loop {
@@ -251,13 +293,17 @@ async fn register(
             return Err(Ending::new(code, "first frame must be a valid register"));
         }
     };
-    if !token_ok(&shared.config.node_tokens, &register) {
+    let token = register.token.as_ref().map(|t| t.0.as_str());
+    if !shared.node_credentials.allows(&register.node_id, token) {
         shared.metrics.registration("unauthorized");
         let _ = send_error(
             socket,
             shared,
             ErrorCode::Unauthorized,
-            "missing or wrong node token".into(),
+            format!(
+                "missing or wrong node token for node id {}: a per-node token registers only its own node id",
+                register.node_id
+            ),
         )
         .await;
         return Err(Ending::new(
@@ -295,6 +341,22 @@ async fn register(
         ));
     }
     let pairs = caps.pairs();
+    let max_pairs = shared.config.max_pairs_per_node as usize;
+    if pairs.len() > max_pairs {
+        shared.metrics.registration("invalid");
+        let message = format!(
+            "{} language pairs ({} source x {} target languages) exceed this coordinator's limit of {max_pairs} \
+             (nodes.max_pairs); serve fewer languages per node",
+            pairs.len(),
+            caps.src_langs.len(),
+            caps.tgt_langs.len()
+        );
+        let _ = send_error(socket, shared, ErrorCode::InvalidMessage, message).await;
+        return Err(Ending::new(
+            CloseCode::RegistrationRequired,
+            "too many language pairs",
+        ));
+    }
     let mut kinds = caps.kinds.clone();
     kinds.sort_unstable();
     kinds.dedup();
@@ -317,6 +379,7 @@ async fn register(
             coordinator: &shared.instance,
             draining: register.draining,
             lease,
+            retention: shared.config.offline_retention,
             fields,
         })
         .await
@@ -324,17 +387,20 @@ async fn register(
             tracing::error!(node_id = %register.node_id, error = %err, "registration failed in redis");
             Ending::new(CloseCode::Internal, "redis unavailable")
         })?;
-    let (epoch, previous_pairs, previous_kinds) = match outcome {
+    let (epoch, previous_pairs, previous_kinds, drained) = match outcome {
         RegisterOutcome::Registered {
             epoch,
             previous_pairs,
             previous_kinds,
-        } => (epoch, previous_pairs, previous_kinds),
+            drained,
+        } => (epoch, previous_pairs, previous_kinds, drained),
         RegisterOutcome::Conflict { holder } => {
             shared.metrics.registration("conflict");
-            tracing::warn!(node_id = %register.node_id, holder = %holder, "node id already held by another live agent");
+            // The holder's instance id stays in this log: sent back, it
+            // would let the caller take the node id over.
+            tracing::warn!(node_id = %register.node_id, holder = %holder, instance = %register.instance, "node id already held by another live agent");
             let message = format!(
-                "node id {} is held by another live agent (instance {holder}); give each host its own node_id",
+                "node id {} is held by another live agent; give each host its own node_id",
                 register.node_id
             );
             let _ = send_error(socket, shared, ErrorCode::NodeIdConflict, message).await;
@@ -396,7 +462,7 @@ async fn register(
         },
     );
     if let Some(old) = replaced {
-        let _ = old.control.send(Control::Close(
+        let _ = old.control.try_send(Control::Close(
             CloseCode::Superseded,
             "replaced by a newer connection",
         ));
@@ -414,45 +480,44 @@ async fn register(
         epoch,
         pairs,
         kinds,
-        draining: register.draining,
+        draining: register.draining || drained,
         capacity: register.capacity,
+        published: Instant::now(),
+        publish_pending: false,
+        recorded: None,
     };
-    if let Err(ending) = send(socket, &ack).await {
+    let mut sent = send(socket, shared, &ack).await;
+    if sent.is_ok() && drained && !register.draining {
+        // An admin drained this agent process before it reconnected.
+        let drain = Message::Drain(Drain {
+            reason: "drain requested by an admin".into(),
+        });
+        sent = send(socket, shared, &drain).await;
+    }
+    if let Err(ending) = sent {
         leave(shared, &session).await;
         return Err(ending);
     }
     Ok(session)
 }
 
-fn token_ok(tokens: &[String], register: &Register) -> bool {
-    if tokens.is_empty() {
-        return true;
-    }
-    let Some(presented) = &register.token else {
-        return false;
-    };
-    // Check every token, so the time taken does not tell which one matched.
-    tokens.iter().fold(false, |found, token| {
-        found | bool::from(token.as_bytes().ct_eq(presented.0.as_bytes()))
-    })
-}
-
 async fn run(
     socket: &mut WebSocket,
     shared: &Shared,
     session: &mut Session,
-    control: &mut mpsc::UnboundedReceiver<Control>,
+    control: &mut mpsc::Receiver<Control>,
 ) -> Ending {
     let lease = shared.config.lease();
     let mut silent_deadline = Instant::now() + lease;
     let mut bad_frames = 0u32;
     loop {
+        let publish_at = session.published + MIN_PUBLISH_INTERVAL;
         let received = tokio::select! {
             received = socket.recv() => received,
             instruction = control.recv() => {
                 match instruction {
                     Some(Control::Send(message)) => {
-                        if let Err(ending) = send(socket, &message).await {
+                        if let Err(ending) = send(socket, shared, &message).await {
                             return ending;
                         }
                     }
@@ -460,12 +525,16 @@ async fn run(
                     Some(Control::Drain(reason)) => {
                         session.draining = true;
                         session.publish(shared);
-                        if let Err(ending) = send(socket, &Message::Drain(Drain { reason })).await {
+                        if let Err(ending) = send(socket, shared, &Message::Drain(Drain { reason })).await {
                             return ending;
                         }
                     }
                     None => return Ending::new(CloseCode::Internal, "control channel closed"),
                 }
+                continue;
+            }
+            () = sleep_until(publish_at), if session.publish_pending => {
+                session.publish(shared);
                 continue;
             }
             () = sleep_until(silent_deadline) => return Ending::new(CloseCode::HeartbeatTimeout, "missed heartbeats"),
@@ -521,8 +590,20 @@ async fn handle(
     match message {
         Message::Heartbeat(heartbeat) => {
             shared.metrics.heartbeats.inc();
-            let capacity = serde_json::to_string(&heartbeat.capacity).unwrap_or_default();
             session.capacity = heartbeat.capacity;
+            // More than two heartbeats per interval renew the connection
+            // but cost Redis nothing: a node cannot turn its frame rate
+            // into script calls.
+            let interval = shared.config.heartbeat_interval;
+            if session
+                .recorded
+                .is_some_and(|at| at.elapsed() < interval / 2)
+            {
+                session.publish_soon(shared);
+                return Ok(Handled::Alive);
+            }
+            session.recorded = Some(Instant::now());
+            let capacity = serde_json::to_string(&session.capacity).unwrap_or_default();
             // A Redis outage does not end the link: closing every socket on
             // a Redis blip would move every running job (and run it twice).
             // The next heartbeat renews the lease once Redis answers.
@@ -531,7 +612,7 @@ async fn handle(
                 .heartbeat(
                     &session.node,
                     session.epoch,
-                    shared.config.lease(),
+                    (shared.config.lease(), shared.config.offline_retention),
                     &capacity,
                 )
                 .await
@@ -548,12 +629,12 @@ async fn handle(
                     "a newer registration of this node exists",
                 ));
             }
-            session.publish(shared);
+            session.publish_soon(shared);
             Ok(Handled::Alive)
         }
         Message::Capacity(capacity) => {
             session.capacity = capacity;
-            session.publish(shared);
+            session.publish_soon(shared);
             Ok(Handled::Fine)
         }
         Message::Drain(drain) => {
@@ -574,7 +655,9 @@ async fn handle(
             Ok(Handled::Fine)
         }
         Message::JobAccept(accept) => {
-            shared.router.answer(&session.node, &accept, None);
+            shared
+                .router
+                .answer((&session.node, session.epoch), &accept, None);
             Ok(Handled::Fine)
         }
         Message::JobReject(reject) => {
@@ -583,9 +666,11 @@ async fn handle(
                 attempt: reject.attempt,
             };
             let reason = reject.reason;
-            let kind = shared
-                .router
-                .answer(&session.node, &key, Some((reason, reject.message)));
+            let kind = shared.router.answer(
+                (&session.node, session.epoch),
+                &key,
+                Some((reason, reject.message)),
+            );
             // The node is full for that kind, whatever its last report said:
             // route nothing more of it there until it reports room again.
             if let (Some(kind), RejectReason::NoCapacity) = (kind, reason) {
@@ -595,17 +680,28 @@ async fn handle(
             Ok(Handled::Fine)
         }
         Message::JobResult(result) => {
-            if let Err(err) = shared.router.result(&session.node, &result).await {
-                // Unacknowledged, the result stays in the agent's outbox and
-                // comes back after it reconnects.
-                tracing::error!(node_id = %session.node, job_id = %result.job_id, error = %err, "recording a result failed");
-                return Err(Ending::new(CloseCode::Internal, "redis unavailable"));
+            match shared.router.result(&session.node, &result).await {
+                Ok(Taken::Acknowledged) => {}
+                Ok(Taken::Foreign) => {
+                    let text = format!(
+                        "job {} attempt {} is not assigned to node {}: result refused",
+                        result.job_id, result.attempt, session.node
+                    );
+                    send_error(socket, shared, ErrorCode::NotAssigned, text).await?;
+                    return Ok(Handled::Bad);
+                }
+                Err(err) => {
+                    // Unacknowledged, the result stays in the agent's outbox
+                    // and comes back after it reconnects.
+                    tracing::error!(node_id = %session.node, job_id = %result.job_id, error = %err, "recording a result failed");
+                    return Err(Ending::new(CloseCode::Internal, "redis unavailable"));
+                }
             }
             let ack = Message::ResultAck(JobRef {
                 job_id: result.job_id,
                 attempt: result.attempt,
             });
-            send(socket, &ack).await?;
+            send(socket, shared, &ack).await?;
             Ok(Handled::Fine)
         }
         other @ (Message::Register(_)

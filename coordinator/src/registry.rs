@@ -28,8 +28,10 @@ pub struct LocalNode {
     pub epoch: u64,
     /// The node's pairs and the pool it holds in each.
     pub pools: BTreeMap<LangPair, String>,
-    /// The connection task's inbox.
-    pub control: mpsc::UnboundedSender<Control>,
+    /// The connection task's inbox, bounded: a node that stops reading
+    /// fills it, and further messages are refused rather than queued
+    /// without end.
+    pub control: mpsc::Sender<Control>,
 }
 
 /// The sockets held by this instance.
@@ -60,12 +62,36 @@ impl Registry {
         self.lock().get(node).cloned()
     }
 
+    /// True when `epoch` is `node`'s registration held here: answers from
+    /// any other connection (a superseded one) do not count.
+    pub fn is_current(&self, node: &NodeId, epoch: u64) -> bool {
+        self.lock().get(node).is_some_and(|n| n.epoch == epoch)
+    }
+
+    /// Nodes held here per pair and pool: what `/metrics` reports, at no
+    /// Redis cost however many keys Redis holds.
+    pub fn pool_sizes(&self) -> BTreeMap<(LangPair, String), i64> {
+        let mut sizes = BTreeMap::new();
+        for node in self.lock().values() {
+            for (pair, pool) in &node.pools {
+                *sizes.entry((*pair, pool.clone())).or_default() += 1;
+            }
+        }
+        sizes
+    }
+
     /// Sends a control message to the task holding `node`. Returns whether
-    /// one was there to receive it.
+    /// one was there to receive it, with room in its queue.
     pub fn send(&self, node: &NodeId, control: Control) -> bool {
-        self.lock()
-            .get(node)
-            .is_some_and(|n| n.control.send(control).is_ok())
+        let sent = self.lock().get(node).map(|n| n.control.try_send(control));
+        match sent {
+            Some(Ok(())) => true,
+            Some(Err(mpsc::error::TrySendError::Full(_))) => {
+                tracing::warn!(node_id = %node, "node's send queue is full: it is not reading");
+                false
+            }
+            Some(Err(mpsc::error::TrySendError::Closed(_))) | None => false,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, LocalNode>> {

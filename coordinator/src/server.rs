@@ -6,15 +6,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
-use axum::extract::connect_info::Connected;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request};
 use axum::routing::{get, post};
-use axum::serve::{IncomingStream, Listener};
+use axum::serve::Listener;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
 
+use crate::auth::{ApiTokens, NodeCredentials};
 use crate::config::Config;
 use crate::jobs::JobRouter;
 use crate::metrics::Metrics;
@@ -23,9 +29,8 @@ use crate::route_batch::RouteBatcher;
 use crate::store::Store;
 use crate::tls::TlsListener;
 use crate::{api, forward, node_ws};
+use lingua_shared::MAX_REQUEST_BODY_BYTES;
 
-/// Longest HTTP request body accepted.
-pub const MAX_BODY_BYTES: usize = 2 << 20;
 /// How long shutdown waits for node connections to close cleanly.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -33,6 +38,10 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Shared {
     /// The validated configuration.
     pub config: Config,
+    /// What nodes present to register.
+    pub node_credentials: NodeCredentials,
+    /// API tokens by role.
+    pub api_tokens: ApiTokens,
     /// Redis.
     pub store: Store,
     /// Node sockets held here.
@@ -63,19 +72,25 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/nodes/{id}", get(api::node))
         .route("/v1/nodes/{id}/drain", post(api::drain))
         .route("/v1/pools", get(api::pools))
-        .route("/v1/jobs", post(api::submit_job))
-        .route("/v1/jobs/{id}", get(api::job))
         .route("/metrics", get(api::metrics))
         .route_layer(axum::middleware::from_fn_with_state(
             shared.clone(),
-            api::require_token,
+            api::require_admin,
+        ));
+    let jobs = Router::new()
+        .route("/v1/jobs", post(api::submit_job))
+        .route("/v1/jobs/{id}", get(api::job))
+        .route_layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            api::require_caller,
         ));
     Router::new()
         .route("/v1/node", get(node_ws::upgrade))
         .route("/healthz", get(api::healthz))
         .merge(admin)
+        .merge(jobs)
         .fallback(api::fallback)
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(DefaultBodyLimit::max(MAX_REQUEST_BODY_BYTES))
         .with_state(shared)
 }
 
@@ -110,6 +125,14 @@ pub async fn run(
         shutdown.clone(),
     ));
     let shared = Arc::new(Shared {
+        node_credentials: NodeCredentials {
+            shared: config.node_tokens.clone(),
+            secret: config.node_secret.clone(),
+        },
+        api_tokens: ApiTokens {
+            admin: config.api_tokens.clone(),
+            client: config.client_tokens.clone(),
+        },
         config,
         store,
         router: job_router,
@@ -137,9 +160,15 @@ pub async fn run(
     );
 
     let app = router(shared.clone());
+    let limits = ConnectionLimits {
+        max: shared.config.max_connections,
+        header_read_timeout: shared.config.header_read_timeout,
+    };
     let served = match tls {
-        Some(acceptor) => serve_on(TlsListener::new(listener, acceptor)?, app, shutdown).await,
-        None => serve_on(PlainListener(listener), app, shutdown).await,
+        Some(acceptor) => {
+            serve_on(TlsListener::new(listener, acceptor)?, app, limits, shutdown).await
+        }
+        None => serve_on(PlainListener(listener), app, limits, shutdown).await,
     };
 
     shared.tasks.close();
@@ -156,17 +185,92 @@ pub async fn run(
     served
 }
 
-async fn serve_on<L>(listener: L, app: Router, shutdown: CancellationToken) -> std::io::Result<()>
+/// What one listener lets its connections hold.
+#[derive(Debug, Clone, Copy)]
+struct ConnectionLimits {
+    /// Connections served at once; more wait in the kernel's backlog.
+    max: u32,
+    /// Time to send a request's headers, and to start the next request
+    /// on an idle keep-alive connection.
+    header_read_timeout: Duration,
+}
+
+/// Accepts connections until `shutdown`, each served by its own task with
+/// HTTP/1.1 (and WebSocket upgrades), at most `limits.max` at once; then
+/// asks each to finish its request and waits up to [`DRAIN_TIMEOUT`].
+async fn serve_on<L>(
+    mut listener: L,
+    app: Router,
+    limits: ConnectionLimits,
+    shutdown: CancellationToken,
+) -> std::io::Result<()>
 where
     L: Listener<Addr = SocketAddr>,
-    PeerAddr: for<'a> Connected<IncomingStream<'a, L>>,
+    L::Io: Send + 'static,
 {
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<PeerAddr>(),
-    )
-    .with_graceful_shutdown(async move { shutdown.cancelled().await })
-    .await
+    let permits = Arc::new(Semaphore::new(limits.max as usize));
+    let connections = TaskTracker::new();
+    let mut at_cap = false;
+    loop {
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(permit) => {
+                at_cap = false;
+                permit
+            }
+            Err(_) => {
+                if !at_cap {
+                    at_cap = true;
+                    tracing::warn!(
+                        max_connections = limits.max,
+                        "connection cap reached: new connections wait until one closes (raise limits.max_connections and LimitNOFILE if this is load, not an attack)"
+                    );
+                }
+                tokio::select! {
+                    permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+                    () = shutdown.cancelled() => break,
+                }
+            }
+        };
+        let (io, peer) = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = shutdown.cancelled() => break,
+        };
+        let service = app
+            .clone()
+            .map_request(move |mut request: Request<Incoming>| {
+                request.extensions_mut().insert(ConnectInfo(PeerAddr(peer)));
+                request
+            });
+        let mut http = http1::Builder::new();
+        http.timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout);
+        let shutdown = shutdown.clone();
+        connections.spawn(async move {
+            let _permit = permit;
+            let connection = http
+                .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
+                .with_upgrades();
+            tokio::pin!(connection);
+            let served = tokio::select! {
+                served = connection.as_mut() => served,
+                () = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(err) = served {
+                tracing::debug!(%peer, error = %err, "connection ended with an error");
+            }
+        });
+    }
+    connections.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("http connections did not finish in time");
+    }
+    Ok(())
 }
 
 /// The remote address of a connection, plain or TLS.
@@ -192,17 +296,5 @@ impl Listener for PlainListener {
 
     fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.0.local_addr()
-    }
-}
-
-impl Connected<IncomingStream<'_, PlainListener>> for PeerAddr {
-    fn connect_info(stream: IncomingStream<'_, PlainListener>) -> Self {
-        PeerAddr(*stream.remote_addr())
-    }
-}
-
-impl Connected<IncomingStream<'_, TlsListener>> for PeerAddr {
-    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Self {
-        PeerAddr(*stream.remote_addr())
     }
 }

@@ -83,6 +83,8 @@ pub struct Registration<'a> {
     pub draining: bool,
     /// How long the registration lives without a heartbeat.
     pub lease: Duration,
+    /// How long the node's record outlives its last sign of life.
+    pub retention: Duration,
     /// JSON strings of the node's fields (see `register_node.lua`).
     pub fields: serde_json::Value,
 }
@@ -98,10 +100,13 @@ pub enum RegisterOutcome {
         previous_pairs: Vec<LangPair>,
         /// Kinds recorded by the previous registration.
         previous_kinds: Vec<JobKind>,
+        /// An admin drained this agent process before: it stays draining.
+        drained: bool,
     },
     /// Another live agent instance holds the id.
     Conflict {
-        /// That agent's instance id.
+        /// That agent's instance id: for the coordinator's log only, never
+        /// for the refused connection (it would let it take the id over).
         holder: String,
     },
 }
@@ -151,7 +156,7 @@ pub enum JobStart {
 }
 
 /// How [`Store::job_finish`] went.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Finish {
     /// Recorded: this was the job's terminal state.
     Applied,
@@ -159,6 +164,12 @@ pub enum Finish {
     Duplicate,
     /// The attempt was superseded.
     Stale,
+    /// The current attempt belongs to another node: the reporter has no
+    /// say in this job.
+    Foreign {
+        /// The node the attempt was assigned to.
+        assigned: String,
+    },
 }
 
 /// One job as Redis holds it.
@@ -379,18 +390,20 @@ impl Store {
             .arg(reg.coordinator)
             .arg(millis(reg.lease))
             .arg(if reg.draining { "draining" } else { "ready" })
-            .arg(reg.fields.to_string());
+            .arg(reg.fields.to_string())
+            .arg(millis(reg.lease + reg.retention));
         let reply: Vec<Value> = self.invoke("register_node", invocation).await?;
         let unexpected = || StoreError::Unexpected {
             script: "register_node",
             reply: format!("{reply:?}"),
         };
         match reply.as_slice() {
-            [status, epoch, pairs, kinds] if text(status).as_deref() == Some("ok") => {
+            [status, epoch, pairs, kinds, drained] if text(status).as_deref() == Some("ok") => {
                 Ok(RegisterOutcome::Registered {
                     epoch: u64::from_redis_value(epoch.clone()).map_err(|_| unexpected())?,
                     previous_pairs: json_list(pairs),
                     previous_kinds: json_list(kinds),
+                    drained: i64::from_redis_value(drained.clone()).map_err(|_| unexpected())? == 1,
                 })
             }
             [status, holder] if text(status).as_deref() == Some("conflict") => {
@@ -402,12 +415,13 @@ impl Store {
         }
     }
 
-    /// Extends a node's lease; `false` when `epoch` is no longer current.
+    /// Extends a node's lease, and its record's life by `lease` plus
+    /// `retention`; `false` when `epoch` is no longer current.
     pub async fn heartbeat(
         &self,
         node: &NodeId,
         epoch: u64,
-        lease: Duration,
+        (lease, retention): (Duration, Duration),
         capacity: &str,
     ) -> Result<bool, StoreError> {
         let keys = NodeKeys::new(node);
@@ -415,9 +429,11 @@ impl Store {
         invocation
             .key(&keys.hash)
             .key(&keys.lease)
+            .key(&keys.epoch)
             .arg(epoch)
             .arg(millis(lease))
-            .arg(capacity);
+            .arg(capacity)
+            .arg(millis(lease + retention));
         let current: i64 = self.invoke("node_heartbeat", invocation).await?;
         Ok(current == 1)
     }
@@ -504,7 +520,8 @@ impl Store {
             .key(&keys.members)
             .key(&keys.pools)
             .key(&keys.room)
-            .key(&keys.leases);
+            .key(&keys.leases)
+            .key(&keys.next_pool);
         for kind in kinds {
             invocation.key(keys.route(kind));
         }
@@ -640,7 +657,7 @@ impl Store {
     pub async fn job_finish(
         &self,
         id: &JobId,
-        attempt: u32,
+        (reporter, attempt): (Option<&NodeId>, u32),
         completed: bool,
         outcome: &serde_json::Value,
         retention: Duration,
@@ -651,16 +668,28 @@ impl Store {
             .arg(attempt)
             .arg(if completed { "completed" } else { "failed" })
             .arg(outcome.to_string())
-            .arg(millis(retention));
-        let reply: String = self.invoke("job_finish", invocation).await?;
-        match reply.as_str() {
-            "applied" => Ok(Finish::Applied),
-            "duplicate" => Ok(Finish::Duplicate),
-            "stale" => Ok(Finish::Stale),
-            _ => Err(StoreError::Unexpected {
-                script: "job_finish",
-                reply,
-            }),
+            .arg(millis(retention))
+            .arg(reporter.map_or("", NodeId::as_str));
+        let reply: Value = self.invoke("job_finish", invocation).await?;
+        let unexpected = || StoreError::Unexpected {
+            script: "job_finish",
+            reply: format!("{reply:?}"),
+        };
+        if let Value::Array(items) = &reply {
+            return match items.as_slice() {
+                [status, assigned] if text(status).as_deref() == Some("foreign") => {
+                    Ok(Finish::Foreign {
+                        assigned: text(assigned).unwrap_or_default(),
+                    })
+                }
+                _ => Err(unexpected()),
+            };
+        }
+        match text(&reply).as_deref() {
+            Some("applied") => Ok(Finish::Applied),
+            Some("duplicate") => Ok(Finish::Duplicate),
+            Some("stale") => Ok(Finish::Stale),
+            _ => Err(unexpected()),
         }
     }
 
@@ -964,6 +993,7 @@ impl Store {
             .filter_map(|id| NodeId::new(id).ok())
             .collect();
         let mut views = Vec::with_capacity(ids.len());
+        let mut gone = Vec::new();
         // One node's keys share a slot; different nodes' do not. Requests
         // for a chunk of nodes go out together (the connection pipelines
         // them), each in its own slot.
@@ -980,15 +1010,33 @@ impl Store {
                 }
             }))
             .await?;
-            views.extend(
-                chunk
-                    .iter()
-                    .zip(replies)
-                    .filter(|(_, (fields, _))| !fields.is_empty())
-                    .map(|(id, (fields, alive))| node_view(id.as_str(), fields, alive)),
-            );
+            for (id, (fields, alive)) in chunk.iter().zip(replies) {
+                if fields.is_empty() {
+                    gone.push(id.as_str());
+                } else {
+                    views.push(node_view(id.as_str(), fields, alive));
+                }
+            }
         }
+        self.prune(keys::ALL_NODES, &gone).await?;
         Ok(views)
+    }
+
+    /// Removes from an index set the members whose records are gone
+    /// (expired nodes, pairs nobody serves). A member re-added between the
+    /// read and this call is missing from the index until its next
+    /// registration; the routing keys themselves are not touched.
+    async fn prune(&self, index: &str, gone: &[&str]) -> Result<(), StoreError> {
+        if gone.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        redis::cmd("SREM")
+            .arg(index)
+            .arg(gone)
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(())
     }
 
     /// Every non-empty pool, sorted by pair then pool id.
@@ -1011,7 +1059,12 @@ impl Store {
             }))
             .await?;
         let mut views = Vec::new();
+        let mut gone = Vec::new();
         for (pair, members) in pairs.iter().zip(members) {
+            if members.is_empty() {
+                gone.push(pair.to_string());
+                continue;
+            }
             let mut pools: BTreeMap<(usize, String), Vec<String>> = BTreeMap::new();
             for (node, pool) in members {
                 pools.entry((pool.len(), pool)).or_default().push(node);
@@ -1025,6 +1078,8 @@ impl Store {
                 }
             }));
         }
+        let gone: Vec<&str> = gone.iter().map(String::as_str).collect();
+        self.prune(keys::ALL_PAIRS, &gone).await?;
         Ok(views)
     }
 }

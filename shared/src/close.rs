@@ -26,7 +26,9 @@ pub enum CloseCode {
     /// 4004: a newer connection of the same agent replaced this one.
     Superseded,
     /// 4005: another live agent (different instance) holds this node id.
-    /// Stop: two hosts are configured with the same `node_id`.
+    /// Two hosts may be configured with the same `node_id`, or the holder
+    /// is a stale process about to time out: retry with backoff, and tell
+    /// the operator.
     NodeIdConflict,
     /// 4006: no heartbeat for `missed_heartbeats` intervals.
     HeartbeatTimeout,
@@ -75,7 +77,7 @@ impl CloseCode {
     pub fn is_fatal(self) -> bool {
         matches!(
             self,
-            CloseCode::Unauthorized | CloseCode::UnsupportedVersion | CloseCode::NodeIdConflict
+            CloseCode::Unauthorized | CloseCode::UnsupportedVersion
         )
     }
 }
@@ -98,7 +100,7 @@ mod tests {
     #[test]
     fn only_configuration_problems_are_fatal() {
         assert!(CloseCode::Unauthorized.is_fatal());
-        assert!(CloseCode::NodeIdConflict.is_fatal());
+        assert!(!CloseCode::NodeIdConflict.is_fatal());
         assert!(!CloseCode::GoingAway.is_fatal());
         assert!(!CloseCode::Superseded.is_fatal());
     }

@@ -14,6 +14,10 @@ use crate::protocol::{ErrorCode, Message};
 /// must fit in one `job_assign` frame with room to spare.
 pub const MAX_FRAME_BYTES: usize = 1 << 20;
 
+/// The largest HTTP request body the coordinator reads: a job's body can
+/// be no larger than the frame that carries the job to a node.
+pub const MAX_REQUEST_BODY_BYTES: usize = MAX_FRAME_BYTES;
+
 /// Read and write buffer of one WebSocket, either side. Frames are small
 /// (a heartbeat is a few hundred bytes), and a larger one grows the buffer
 /// as needed; the libraries' default of 128 KiB each would cost a
@@ -98,6 +102,26 @@ pub fn encode(message: &Message) -> String {
     serde_json::to_string(message).expect("protocol messages always serialise")
 }
 
+/// The bytes [`encode`] would produce for `value`, counted without
+/// building the text.
+pub fn encoded_len<T: serde::Serialize>(value: &T) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing to a counter cannot fail, and neither can the values this
+    // crate serialises (see `encode`).
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
+}
+
 fn json_kind(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
@@ -118,6 +142,15 @@ mod tests {
     use std::collections::BTreeMap;
 
     use proptest::prelude::*;
+
+    #[test]
+    fn encoded_len_counts_what_encode_writes() {
+        let message = Message::Error(crate::protocol::ErrorFrame {
+            code: ErrorCode::Internal,
+            message: "é and \"quotes\"".into(),
+        });
+        assert_eq!(encoded_len(&message), encode(&message).len());
+    }
     use serde_json::json;
 
     use super::*;

@@ -23,7 +23,10 @@ pub mod lang;
 pub mod process;
 pub mod protocol;
 
-pub use codec::{DecodeError, MAX_FRAME_BYTES, WS_BUFFER_BYTES, decode, encode};
+pub use codec::{
+    DecodeError, MAX_FRAME_BYTES, MAX_REQUEST_BODY_BYTES, WS_BUFFER_BYTES, decode, encode,
+    encoded_len,
+};
 pub use ids::{IdError, JobId, JobKind, NodeId};
 pub use lang::{LangCode, LangError, LangPair};
 pub use protocol::{Message, PROTOCOL_VERSION};

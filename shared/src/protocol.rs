@@ -385,6 +385,8 @@ pub enum ErrorCode {
     NodeIdConflict,
     /// The receiver failed for reasons of its own.
     Internal,
+    /// A result names a job attempt that is assigned to another node.
+    NotAssigned,
     /// A code newer than this build.
     #[serde(other)]
     Other,

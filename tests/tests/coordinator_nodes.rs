@@ -179,16 +179,20 @@ async fn a_second_live_agent_with_the_same_id_is_refused_and_told_why() {
     impostor_reg.instance = "another-host".into();
     let mut impostor = TestNode::connect(&coordinator.ws_url()).await;
     impostor.send(&Message::Register(impostor_reg)).await;
-    match impostor.recv().await {
-        Received::Message(Message::Error(error)) => {
-            assert!(error.message.contains("node_id"), "{}", error.message)
-        }
+    let refusal = match impostor.recv().await {
+        Received::Message(Message::Error(error)) => error.message,
         other => panic!("expected an error frame, got {other:?}"),
-    }
+    };
+    assert!(refusal.contains("node_id"), "{refusal}");
     assert_eq!(impostor.closed().await, CloseCode::NodeIdConflict.code());
     assert!(
-        CloseCode::NodeIdConflict.is_fatal(),
-        "the loser stops instead of flapping"
+        !CloseCode::NodeIdConflict.is_fatal(),
+        "the loser retries with backoff: a stale holder's lease runs out, and a squatter must not keep the real agent down"
+    );
+    let holder_instance = registration("twin", &["zh"], &["en"]).instance;
+    assert!(
+        !refusal.contains(&holder_instance),
+        "the refusal does not disclose the holder's instance id: {refusal}"
     );
     // The holder is untouched.
     let (_, view) = coordinator.get("/v1/nodes/twin").await;

@@ -20,6 +20,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
 const LEASE: Duration = Duration::from_secs(60);
+const RETENTION: Duration = Duration::from_secs(3600);
 
 async fn store(redis: &PrivateRedis) -> Store {
     Store::connect(&redis.url(), Arc::new(Metrics::default()))
@@ -49,6 +50,7 @@ fn reg<'a>(id: &'a NodeId, instance: &'a str, lease: Duration) -> Registration<'
         coordinator: "coord-a",
         draining: false,
         lease,
+        retention: RETENTION,
         fields: fields(),
     }
 }
@@ -329,6 +331,7 @@ async fn register_gives_growing_epochs_and_refuses_a_live_other_instance() {
         epoch: second,
         previous_pairs,
         previous_kinds,
+        ..
     } = store
         .register_node(&reg(&id, "inst-a", LEASE))
         .await
@@ -371,13 +374,23 @@ async fn stale_epochs_are_fenced_off() {
     else {
         panic!()
     };
-    assert!(!store.heartbeat(&id, old, LEASE, "{}").await.unwrap());
+    assert!(
+        !store
+            .heartbeat(&id, old, (LEASE, RETENTION), "{}")
+            .await
+            .unwrap()
+    );
     assert!(!store.node_offline(&id, old).await.unwrap());
     assert_eq!(
         store.drain_node(&id, Some(old)).await.unwrap(),
         DrainOutcome::Stale
     );
-    assert!(store.heartbeat(&id, new, LEASE, "{}").await.unwrap());
+    assert!(
+        store
+            .heartbeat(&id, new, (LEASE, RETENTION), "{}")
+            .await
+            .unwrap()
+    );
     assert_eq!(store.node(&id).await.unwrap().unwrap().state, "ready");
     assert!(matches!(
         store.drain_node(&id, None).await.unwrap(),
@@ -649,16 +662,35 @@ async fn job_records_are_idempotent_and_fenced_by_attempt() {
     assert_eq!(store.job_attempt(&id, 1, &b).await.unwrap(), Some(2));
     let done = serde_json::json!({"output": {"text": "hi"}});
     assert_eq!(
-        store.job_finish(&id, 1, true, &done, LEASE).await.unwrap(),
+        store
+            .job_finish(&id, (Some(&a), 1), true, &done, LEASE)
+            .await
+            .unwrap(),
         Finish::Stale,
         "the superseded attempt is ignored"
     );
     assert_eq!(
-        store.job_finish(&id, 2, true, &done, LEASE).await.unwrap(),
+        store
+            .job_finish(&id, (Some(&a), 2), true, &done, LEASE)
+            .await
+            .unwrap(),
+        Finish::Foreign {
+            assigned: "b".into()
+        },
+        "attempt 2 is b's: a has no say in it"
+    );
+    assert_eq!(
+        store
+            .job_finish(&id, (Some(&b), 2), true, &done, LEASE)
+            .await
+            .unwrap(),
         Finish::Applied
     );
     assert_eq!(
-        store.job_finish(&id, 2, true, &done, LEASE).await.unwrap(),
+        store
+            .job_finish(&id, (Some(&b), 2), true, &done, LEASE)
+            .await
+            .unwrap(),
         Finish::Duplicate
     );
     assert_eq!(
@@ -680,7 +712,7 @@ async fn job_records_are_idempotent_and_fenced_by_attempt() {
         store
             .job_finish(
                 &JobId::new("unknown").unwrap(),
-                1,
+                (Some(&a), 1),
                 true,
                 &serde_json::json!({}),
                 LEASE
@@ -723,7 +755,10 @@ async fn only_a_job_running_past_its_deadline_and_grace_expires() {
     assert_eq!(record.outcome, Some(failed));
     let done = serde_json::json!({"output": {}});
     assert_eq!(
-        store.job_finish(&due, 1, true, &done, LEASE).await.unwrap(),
+        store
+            .job_finish(&due, (Some(&a), 1), true, &done, LEASE)
+            .await
+            .unwrap(),
         Finish::Duplicate,
         "a result arriving after the expiry does not overwrite it"
     );
@@ -875,4 +910,172 @@ async fn the_random_policy_picks_any_live_member_room_or_not() {
         pick(vec![node("roomy"), node("full")]).await,
         Pick::NoCapacity
     );
+}
+
+/// Redis's clock, in ms (the scripts' time base).
+async fn redis_now_ms(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await.unwrap();
+    secs * 1000 + micros / 1000
+}
+
+#[tokio::test]
+async fn route_pick_never_chooses_a_node_whose_lease_is_past() {
+    let redis = lingua_tests::redis().await;
+    let store = store(&redis).await;
+    let mut conn = lingua_tests::connect(&redis).await;
+    let zh_en = pair("zh:en");
+    let asr = JobKind::new("asr").unwrap();
+    let short = Duration::from_millis(50);
+    // More expired entries than one pick cleans up on its way (16): their
+    // coordinator died holding them.
+    let entries: Vec<RouteEntry> = (0..20)
+        .map(|i| RouteEntry {
+            node: node(&format!("dead-{i}")),
+            free: [(asr.clone(), 4)].into(),
+        })
+        .collect();
+    for entry in &entries {
+        store
+            .pool_join(zh_en, &entry.node, 100, short)
+            .await
+            .unwrap();
+    }
+    store.route_update(zh_en, &entries, short).await.unwrap();
+    let expires = redis_now_ms(&mut conn).await + 50;
+    eventually("the leases to pass", || {
+        let mut conn = conn.clone();
+        async move { (redis_now_ms(&mut conn).await > expires).then_some(()) }
+    })
+    .await;
+    for _ in 0..3 {
+        assert_eq!(
+            store
+                .route_pick(
+                    zh_en,
+                    &asr,
+                    None,
+                    Duration::from_secs(60),
+                    PickPolicy::Capacity,
+                    &[]
+                )
+                .await
+                .unwrap(),
+            Pick::NoNodes
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_offline_node_expires_after_its_retention_and_leaves_the_index() {
+    let redis = lingua_tests::redis().await;
+    let store = store(&redis).await;
+    let mut conn = lingua_tests::connect(&redis).await;
+    let (gone, kept) = (node("gone"), node("kept"));
+    for (id, retention) in [(&gone, Duration::from_millis(100)), (&kept, RETENTION)] {
+        let registration = Registration {
+            retention,
+            ..reg(id, "i", Duration::from_millis(50))
+        };
+        store.register_node(&registration).await.unwrap();
+        store.index_node(id, &BTreeMap::new()).await.unwrap();
+    }
+    let keys = lingua_coordinator::keys::NodeKeys::new(&gone);
+    eventually("the node's record to expire", || {
+        let mut conn = conn.clone();
+        let keys = keys.clone();
+        async move {
+            let left: u32 = redis::cmd("EXISTS")
+                .arg(&keys.hash)
+                .arg(&keys.epoch)
+                .arg(&keys.lease)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            (left == 0).then_some(())
+        }
+    })
+    .await;
+    let listed: Vec<String> = store
+        .nodes()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|n| n.id)
+        .collect();
+    assert_eq!(
+        listed,
+        ["kept"],
+        "the offline node within its retention stays"
+    );
+    let indexed: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(lingua_coordinator::keys::ALL_NODES)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(indexed, ["kept"], "the index is pruned");
+}
+
+#[tokio::test]
+async fn a_pair_nobody_serves_keeps_no_key() {
+    let redis = lingua_tests::redis().await;
+    let store = store(&redis).await;
+    let mut conn = lingua_tests::connect(&redis).await;
+    let zh_en = pair("zh:en");
+    let asr = JobKind::new("asr").unwrap();
+    for id in ["a", "b"] {
+        store.pool_join(zh_en, &node(id), 10, LEASE).await.unwrap();
+    }
+    for id in ["a", "b"] {
+        store
+            .pool_leave(zh_en, &node(id), std::slice::from_ref(&asr))
+            .await
+            .unwrap();
+    }
+    let left: Vec<String> = redis::cmd("KEYS")
+        .arg("lingua:v1:pair:{zh:en}:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(left.is_empty(), "{left:?}");
+    // A new member starts pool ids afresh.
+    assert_eq!(
+        store.pool_join(zh_en, &node("c"), 10, LEASE).await.unwrap(),
+        "1"
+    );
+}
+
+#[tokio::test]
+async fn an_admin_drain_is_kept_for_the_same_agent_process_only() {
+    let redis = lingua_tests::redis().await;
+    let store = store(&redis).await;
+    let id = node("held");
+    let registered = |instance: &'static str| {
+        let store = store.clone();
+        let id = id.clone();
+        async move {
+            match store
+                .register_node(&reg(&id, instance, LEASE))
+                .await
+                .unwrap()
+            {
+                RegisterOutcome::Registered { epoch, drained, .. } => (epoch, drained),
+                other => panic!("expected a registration, got {other:?}"),
+            }
+        }
+    };
+    assert!(!registered("inst-a").await.1);
+    assert!(matches!(
+        store.drain_node(&id, None).await.unwrap(),
+        DrainOutcome::Draining { .. }
+    ));
+    let (epoch, drained) = registered("inst-a").await;
+    assert!(
+        drained,
+        "a reconnection of the drained process stays drained"
+    );
+    assert_eq!(store.node(&id).await.unwrap().unwrap().state, "draining");
+    assert!(store.node_offline(&id, epoch).await.unwrap());
+    let (_, drained) = registered("inst-b").await;
+    assert!(!drained, "a new agent process comes back ready");
+    assert_eq!(store.node(&id).await.unwrap().unwrap().state, "ready");
 }

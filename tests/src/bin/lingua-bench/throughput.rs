@@ -186,7 +186,9 @@ async fn ceiling(redis_url: &str, clients: u32, window: Duration) -> Result<f64,
                     store
                         .job_start(&id, &request, Some(&node), lease, lease, "bench")
                         .await?;
-                    store.job_finish(&id, 1, true, &outcome, lease).await?;
+                    store
+                        .job_finish(&id, (Some(&node), 1), true, &outcome, lease)
+                        .await?;
                     picked.push(node);
                     if picked.len() == 16 {
                         let entries = with_room(picked.drain(..), &kind);

@@ -1,0 +1,218 @@
+//! Credentials: node tokens bound to a node id, and API tokens with roles.
+//!
+//! docs/SECURITY.md says what each credential allows. Every comparison of
+//! a presented secret is constant-time and checks every candidate, so the
+//! time taken tells nothing about which one (if any) matched.
+
+use lingua_shared::NodeId;
+use ring::{digest, hmac};
+use subtle::ConstantTimeEq;
+
+/// The context string of a per-node token: changing it invalidates every
+/// token derived so far.
+const NODE_TOKEN_CONTEXT: &str = "lingua-node-token:v1:";
+
+/// True when `presented` equals one of `tokens`.
+pub fn contains_token(tokens: &[String], presented: &str) -> bool {
+    tokens.iter().fold(false, |found, token| {
+        found | bool::from(token.as_bytes().ct_eq(presented.as_bytes()))
+    })
+}
+
+/// The token of `node` under `secret`: HMAC-SHA256 of the node id, hex.
+/// A token for one node id is useless for any other.
+pub fn node_token(secret: &str, node: &NodeId) -> String {
+    let key = hmac::Key::new(hmac::HMAC_SHA256, secret.as_bytes());
+    let tag = hmac::sign(&key, format!("{NODE_TOKEN_CONTEXT}{node}").as_bytes());
+    hex(tag.as_ref())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What a node may present to register.
+#[derive(Debug, Clone, Default)]
+pub struct NodeCredentials {
+    /// Shared tokens: any of them registers any node id.
+    pub shared: Vec<String>,
+    /// The secret per-node tokens derive from ([`node_token`]).
+    pub secret: Option<String>,
+}
+
+impl NodeCredentials {
+    /// True when nodes must present a token.
+    pub fn required(&self) -> bool {
+        !self.shared.is_empty() || self.secret.is_some()
+    }
+
+    /// True when `presented` lets `node` register.
+    pub fn allows(&self, node: &NodeId, presented: Option<&str>) -> bool {
+        if !self.required() {
+            return true;
+        }
+        let Some(presented) = presented else {
+            return false;
+        };
+        let derived = self
+            .secret
+            .as_deref()
+            .is_some_and(|secret| contains_token(&[node_token(secret, node)], presented));
+        derived | contains_token(&self.shared, presented)
+    }
+}
+
+/// What an API caller may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Everything: nodes, pools, drain, metrics, any job.
+    Admin,
+    /// Submit jobs and read the jobs it submitted.
+    Client,
+}
+
+/// An authenticated API caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// What it may do.
+    pub role: Role,
+    /// Whose jobs it submits: a fingerprint of a client token, empty for
+    /// admins (and for everyone while the API is open).
+    pub owner: String,
+}
+
+impl Caller {
+    /// The caller of an open API (no tokens configured): an admin.
+    pub fn open() -> Self {
+        Self {
+            role: Role::Admin,
+            owner: String::new(),
+        }
+    }
+
+    /// True when this caller may read a job submitted by `owner`.
+    pub fn may_read(&self, owner: &str) -> bool {
+        self.role == Role::Admin || self.owner == owner
+    }
+}
+
+/// The API's tokens by role.
+#[derive(Debug, Clone, Default)]
+pub struct ApiTokens {
+    /// Admin tokens (`[auth] api_tokens`).
+    pub admin: Vec<String>,
+    /// Client tokens (`[auth] client_tokens`).
+    pub client: Vec<String>,
+}
+
+impl ApiTokens {
+    /// True when no token is configured: every caller is an admin.
+    pub fn open(&self) -> bool {
+        self.admin.is_empty() && self.client.is_empty()
+    }
+
+    /// The caller presenting `authorization` (the header's value), or
+    /// `None` when it is missing or wrong.
+    pub fn caller(&self, authorization: Option<&str>) -> Option<Caller> {
+        if self.open() {
+            return Some(Caller::open());
+        }
+        let token = bearer(authorization?)?;
+        let admin = contains_token(&self.admin, token);
+        let client = contains_token(&self.client, token);
+        if admin {
+            Some(Caller::open())
+        } else if client {
+            Some(Caller {
+                role: Role::Client,
+                owner: fingerprint(token),
+            })
+        } else {
+            None
+        }
+    }
+}
+
+/// The token of an `Authorization` header value with the bearer scheme,
+/// whose name is case-insensitive (RFC 7235).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim_start())
+}
+
+/// A stable, non-secret name for a client token: the first 16 hex digits
+/// of its SHA-256.
+fn fingerprint(token: &str) -> String {
+    let digest = digest::digest(&digest::SHA256, token.as_bytes());
+    let mut name = hex(digest.as_ref());
+    name.truncate(16);
+    name
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(id: &str) -> NodeId {
+        NodeId::new(id).unwrap()
+    }
+
+    #[test]
+    fn a_node_token_registers_its_own_node_only() {
+        let credentials = NodeCredentials {
+            shared: Vec::new(),
+            secret: Some("a-coordinator-secret-of-enough-length".into()),
+        };
+        let a = node_token(credentials.secret.as_deref().unwrap(), &node("gpu-a"));
+        assert_eq!(a.len(), 64);
+        assert!(credentials.allows(&node("gpu-a"), Some(&a)));
+        assert!(!credentials.allows(&node("gpu-b"), Some(&a)));
+        assert!(!credentials.allows(&node("gpu-a"), None));
+        assert!(!credentials.allows(&node("gpu-a"), Some("")));
+    }
+
+    #[test]
+    fn a_shared_token_registers_any_node_and_no_tokens_means_open() {
+        let shared = NodeCredentials {
+            shared: vec!["a-shared-node-token".into()],
+            secret: None,
+        };
+        assert!(shared.allows(&node("x"), Some("a-shared-node-token")));
+        assert!(shared.allows(&node("y"), Some("a-shared-node-token")));
+        assert!(!shared.allows(&node("y"), Some("a-shared-node-tokeN")));
+        assert!(NodeCredentials::default().allows(&node("x"), None));
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive_and_roles_are_kept_apart() {
+        let tokens = ApiTokens {
+            admin: vec!["admin-token-0123456789".into()],
+            client: vec!["client-token-0123456789".into()],
+        };
+        for header in [
+            "Bearer admin-token-0123456789",
+            "bearer admin-token-0123456789",
+            "BEARER  admin-token-0123456789",
+        ] {
+            assert_eq!(
+                tokens.caller(Some(header)),
+                Some(Caller::open()),
+                "{header}"
+            );
+        }
+        let client = tokens
+            .caller(Some("Bearer client-token-0123456789"))
+            .unwrap();
+        assert_eq!(client.role, Role::Client);
+        assert_eq!(client.owner.len(), 16);
+        assert!(client.may_read(&client.owner));
+        assert!(!client.may_read(""));
+        assert!(Caller::open().may_read(&client.owner));
+        assert_eq!(tokens.caller(Some("Basic admin-token-0123456789")), None);
+        assert_eq!(tokens.caller(Some("Bearer wrong")), None);
+        assert_eq!(tokens.caller(None), None);
+        assert_eq!(ApiTokens::default().caller(None), Some(Caller::open()));
+    }
+}
