@@ -31,6 +31,8 @@ use crate::tls::TlsListener;
 use crate::{api, forward, node_ws};
 use lingua_shared::MAX_REQUEST_BODY_BYTES;
 
+/// Shortest time between two "connection cap reached" log lines.
+const CAP_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// How long shutdown waits for node connections to close cleanly.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -210,16 +212,15 @@ where
 {
     let permits = Arc::new(Semaphore::new(limits.max as usize));
     let connections = TaskTracker::new();
-    let mut at_cap = false;
+    // When the cap was last reported: once per CAP_LOG_INTERVAL at most,
+    // since under attack it is reached at every accept.
+    let mut reported: Option<tokio::time::Instant> = None;
     loop {
         let permit = match permits.clone().try_acquire_owned() {
-            Ok(permit) => {
-                at_cap = false;
-                permit
-            }
+            Ok(permit) => permit,
             Err(_) => {
-                if !at_cap {
-                    at_cap = true;
+                if reported.is_none_or(|at| at.elapsed() >= CAP_LOG_INTERVAL) {
+                    reported = Some(tokio::time::Instant::now());
                     tracing::warn!(
                         max_connections = limits.max,
                         "connection cap reached: new connections wait until one closes (raise limits.max_connections and LimitNOFILE if this is load, not an attack)"

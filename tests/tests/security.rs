@@ -7,7 +7,6 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
 use lingua_coordinator::auth::node_token;
 use lingua_coordinator::config::Config;
 use lingua_shared::close::CloseCode;
@@ -15,14 +14,13 @@ use lingua_shared::protocol::{CapacityReport, ErrorCode, Heartbeat, JobRef, JobR
 use lingua_shared::{JobKind, MAX_FRAME_BYTES, Message, NodeId, encode};
 use lingua_tests::fleet::{free_local_addr, workspace_binary};
 use lingua_tests::{
-    Received, TestAgent, TestCoordinator, TestNode, agent_config, eventually, registration,
-    test_config, with_token,
+    PATIENCE, Received, TestAgent, TestCoordinator, TestNode, agent_config, eventually,
+    registration, test_config, with_token,
 };
 use serde_json::{Value, json};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::process::Command;
-use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 const ADMIN: &str = "an-admin-token-for-the-tests";
 const CLIENT_A: &str = "client-token-a-for-the-tests";
@@ -314,7 +312,10 @@ async fn idle_and_half_sent_connections_cannot_exhaust_the_coordinator() {
     // send half a request and stop.
     let mut held = Vec::new();
     for i in 0..160 {
-        let mut socket = TcpStream::connect(addr).await.unwrap();
+        let mut socket = tokio::time::timeout(PATIENCE, TcpStream::connect(addr))
+            .await
+            .expect("the kernel accepts the connection")
+            .unwrap();
         if i % 10 == 0 {
             socket
                 .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
@@ -336,36 +337,83 @@ async fn idle_and_half_sent_connections_cannot_exhaust_the_coordinator() {
     child.kill().await.unwrap();
 }
 
-#[tokio::test]
+/// A client text frame: masked, as RFC 6455 requires of clients, with an
+/// all-zero key (so the payload goes out as it is).
+fn client_frame(text: &str) -> Vec<u8> {
+    let payload = text.as_bytes();
+    let mut frame = vec![0x81];
+    match payload.len() {
+        len @ 0..126 => frame.push(0x80 | len as u8),
+        len @ 126..65536 => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        len => {
+            frame.push(0x80 | 127);
+            frame.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(&[0; 4]);
+    frame.extend_from_slice(payload);
+    frame
+}
+
+// Several threads: parsing the large bodies below must not hold up the
+// node's heartbeats, or the node would leave for missing them instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_that_stops_reading_leaves_routing_within_its_lease() {
     let redis = lingua_tests::redis().await;
-    let coordinator = TestCoordinator::start(&redis, test_config()).await;
-    let (mut ws, _) = tokio_tungstenite::connect_async(coordinator.ws_url())
+    let config = Config {
+        heartbeat_interval: Duration::from_millis(1000),
+        ..test_config()
+    };
+    let coordinator = TestCoordinator::start(&redis, config).await;
+    // A WebSocket spoken by hand over TCP, so that the test decides when
+    // the node stops reading: after its register_ack, never again.
+    let mut socket = TcpStream::connect(coordinator.addr).await.unwrap();
+    socket
+        .write_all(
+            b"GET /v1/node HTTP/1.1\r\nHost: lingua\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
         .await
         .unwrap();
-    ws.send(WsMessage::text(encode(&Message::Register(registration(
-        "wedged",
-        &["zh"],
-        &["en"],
-    )))))
-    .await
-    .unwrap();
-    let ack = ws.next().await.unwrap().unwrap();
-    assert!(ack.to_text().unwrap().contains("register_ack"), "{ack:?}");
+    // Room for every assignment below, so that they are all sent to it.
+    let kind = JobKind::new("translate").unwrap();
+    let mut register = registration("wedged", &["zh"], &["en"]);
+    register.capacity.free_slots.insert(kind.clone(), 64);
+    socket
+        .write_all(&client_frame(&encode(&Message::Register(register))))
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("register_ack") {
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(PATIENCE, socket.read(&mut chunk))
+            .await
+            .expect("the coordinator answers")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before register_ack: {}",
+            String::from_utf8_lossy(&seen)
+        );
+        seen.extend_from_slice(&chunk[..n]);
+    }
+    assert!(String::from_utf8_lossy(&seen).starts_with("HTTP/1.1 101"));
     // The node keeps sending heartbeats but never reads again.
-    let (mut sink, stream) = ws.split();
+    let (reader, mut writer) = socket.into_split();
     let beating = tokio::spawn(async move {
-        let kind = JobKind::new("translate").unwrap();
         for seq in 0.. {
             let heartbeat = Message::Heartbeat(Heartbeat {
                 seq,
                 capacity: CapacityReport {
-                    free_slots: [(kind.clone(), 4)].into(),
+                    free_slots: [(kind.clone(), 64)].into(),
                     gpus: Vec::new(),
                 },
             });
-            if sink
-                .send(WsMessage::text(encode(&heartbeat)))
+            if writer
+                .write_all(&client_frame(&encode(&heartbeat)))
                 .await
                 .is_err()
             {
@@ -387,14 +435,17 @@ async fn a_node_that_stops_reading_leaves_routing_within_its_lease() {
             tokio::spawn(async move { client.post(url).json(&body).send().await })
         })
         .collect();
-    eventually("the wedged node to leave routing", || async {
+    // Its lease alone would make it look offline; the coordinator must
+    // also let go of the socket it cannot write to.
+    eventually("the wedged node's connection to end", || async {
         let (_, view) = coordinator.get("/v1/nodes/wedged").await;
-        (view["state"] == "offline").then_some(())
+        let connected = series(&metrics(&coordinator).await, "lingua_nodes_connected");
+        (view["state"] == "offline" && connected == 0.0).then_some(())
     })
     .await;
     assert!(!beating.is_finished(), "the node is still sending");
     beating.abort();
-    drop(stream);
+    drop(reader);
     for submit in submits {
         let answer = submit.await.unwrap().unwrap();
         assert_eq!(answer.status(), 503, "no other node serves the pair");
