@@ -989,4 +989,151 @@ mod tests {
             })?;
         }
     }
+
+    #[derive(Debug, Clone)]
+    enum SlowOp {
+        /// Submit a job of kind k that allocates after this many ms.
+        Submit(usize, u64),
+        Finish(usize),
+        /// Another tenant's memory changes and a reading shows it.
+        External(u64),
+        /// Another tenant grows by this much between two readings.
+        TenantGrows(u64),
+        Tick(u64),
+    }
+
+    /// The most a job waits before allocating: the kinds' `load_time`.
+    const LOAD_MS: u64 = 1_000;
+
+    fn slow_ops() -> impl Strategy<Value = Vec<SlowOp>> {
+        prop::collection::vec(
+            prop_oneof![
+                4 => (0usize..3, 0u64..=LOAD_MS).prop_map(|(k, d)| SlowOp::Submit(k, d)),
+                2 => any::<usize>().prop_map(SlowOp::Finish),
+                1 => (0u64..5000).prop_map(SlowOp::External),
+                1 => (0u64..1500).prop_map(SlowOp::TenantGrows),
+                3 => (1u64..400).prop_map(SlowOp::Tick),
+            ],
+            1..150,
+        )
+    }
+
+    /// A job in the slow-load model.
+    struct Loading {
+        permit: Permit,
+        declared: u64,
+        actual: u64,
+        allocate_at: Instant,
+        held: Option<SimulatedAllocation>,
+        /// A reading was taken since it allocated.
+        seen: bool,
+    }
+
+    impl Loading {
+        /// What it will hold once loaded, as far as anyone can know: its
+        /// real footprint, except an under-declared job nobody has seen
+        /// allocate yet, which counts as declared.
+        fn footprint(&self) -> u64 {
+            if self.actual <= self.declared || self.seen {
+                self.actual
+            } else {
+                self.declared
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        /// Jobs that allocate up to `load_time` after admission (a model
+        /// load), that use less or more than they declare (50-150 %), and
+        /// another tenant that grows between readings: after every
+        /// admission, the tenant's memory last read plus what every running
+        /// job will hold once loaded stays within total - reserve.
+        #[test]
+        fn never_overcommits_with_slow_loads_wrong_estimates_and_a_growing_tenant(
+            kinds in prop::collection::vec((500u64..3000, 50u64..=150, 1u32..8), 3),
+            ops in slow_ops(),
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+            runtime.block_on(async move {
+                let names = ["asr", "mt", "tts"];
+                let table: Vec<(&str, u64, u8, u32, u64)> = names
+                    .iter()
+                    .zip(&kinds)
+                    .map(|(name, &(vram, _, max))| (*name, vram, 50, max, 0))
+                    .collect();
+                let mut limits = limits(&table);
+                for kind in limits.kinds.values_mut() {
+                    kind.load_time = Duration::from_millis(LOAD_MS);
+                }
+                let arbiter = Arbiter::new(limits);
+                let sim = SimulatedGpus::new(&SimConfig { count: 1, memory_mb: TOTAL, external_used_mb: 0 });
+                let mut tenant_read = 0u64;
+                let mut tenant = 0u64;
+                let mut running: Vec<Loading> = Vec::new();
+                let mut since_reading = Duration::ZERO;
+                arbiter.update(sim.snapshot(), Instant::now());
+                for op in ops {
+                    match op {
+                        SlowOp::Submit(k, delay) => {
+                            let (declared, share, _) = kinds[k];
+                            if let Ok(permit) = arbiter.try_admit(&kind(names[k])) {
+                                running.push(Loading {
+                                    permit,
+                                    declared,
+                                    actual: declared * share / 100,
+                                    allocate_at: Instant::now() + Duration::from_millis(delay),
+                                    held: None,
+                                    seen: false,
+                                });
+                                let committed = tenant_read + running.iter().map(Loading::footprint).sum::<u64>();
+                                prop_assert!(
+                                    committed <= TOTAL - RESERVE,
+                                    "admitting {} commits {committed} MiB: tenant {tenant_read}, jobs {:?}",
+                                    names[k],
+                                    running.iter().map(|j| (j.permit.kind().to_string(), j.declared, j.actual, j.held.is_some())).collect::<Vec<_>>()
+                                );
+                            }
+                        }
+                        SlowOp::Finish(i) => {
+                            if !running.is_empty() {
+                                running.swap_remove(i % running.len());
+                            }
+                        }
+                        SlowOp::External(mb) => {
+                            tenant = mb;
+                            sim.set_external(0, tenant);
+                            arbiter.update(sim.snapshot(), Instant::now());
+                            tenant_read = tenant;
+                            for job in running.iter_mut().filter(|j| j.held.is_some()) {
+                                job.seen = true;
+                            }
+                        }
+                        SlowOp::TenantGrows(mb) => {
+                            tenant += mb;
+                            sim.set_external(0, tenant);
+                        }
+                        SlowOp::Tick(ms) => {
+                            tokio::time::advance(Duration::from_millis(ms)).await;
+                            let now = Instant::now();
+                            for job in running.iter_mut().filter(|j| j.held.is_none() && j.allocate_at <= now) {
+                                job.held = Some(sim.allocate(0, job.actual, 0));
+                            }
+                            since_reading += Duration::from_millis(ms);
+                            if since_reading >= Duration::from_millis(100) {
+                                arbiter.update(sim.snapshot(), now);
+                                tenant_read = tenant;
+                                for job in running.iter_mut().filter(|j| j.held.is_some()) {
+                                    job.seen = true;
+                                }
+                                since_reading = Duration::ZERO;
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            })?;
+        }
+    }
 }

@@ -22,7 +22,11 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tokio::time::Instant;
 
-const BIN: &str = env!("CARGO_BIN_EXE_lingua-agent");
+/// The agent binary: this build's, or `LINGUA_AGENT_BIN` (a prebuilt copy
+/// next to a test binary carried to a GPU machine).
+fn bin() -> String {
+    std::env::var("LINGUA_AGENT_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_lingua-agent").into())
+}
 const PATIENCE: Duration = Duration::from_secs(20);
 const MIB_PER_GB: u64 = 1024;
 
@@ -464,7 +468,7 @@ async fn the_service_outlives_an_nvml_failure_and_shuts_nvml_down_on_exit() {
         ),
     )
     .unwrap();
-    let mut child = Command::new(BIN)
+    let mut child = Command::new(bin())
         .args(["--config", path.to_str().unwrap()])
         .env("LINGUA_LOG", "warn")
         .stderr(Stdio::piped())
@@ -524,7 +528,7 @@ async fn probe_json(config: &str) -> (i32, serde_json::Value, String) {
     std::fs::write(&path, config).unwrap();
     let output = tokio::time::timeout(
         PATIENCE,
-        Command::new(BIN)
+        Command::new(bin())
             .args(["probe", "--config", path.to_str().unwrap()])
             .env("LINGUA_LOG", "error")
             .output(),
