@@ -905,4 +905,72 @@ duration_ms = 150
         let config = AgentConfig::parse(&source).unwrap();
         assert_eq!(config.token.as_deref(), Some("secret-from-file-123"));
     }
+
+    #[test]
+    fn gpu_devices_nvml_and_load_time_are_validated() {
+        let gpu = |extra: &str| {
+            SPEC_EXAMPLE.replace(
+                "reserve_mb = 1024\n",
+                &format!("reserve_mb = 1024\n{extra}\n"),
+            )
+        };
+        let config = AgentConfig::parse(&gpu("devices = [1, \"GPU-abc\", \"MIG-def\"]")).unwrap();
+        assert_eq!(
+            config.gpu.devices,
+            [
+                DeviceSelector::Index(1),
+                DeviceSelector::Uuid("GPU-abc".into()),
+                DeviceSelector::Uuid("MIG-def".into())
+            ]
+        );
+        assert_eq!(config.gpu.nvml.ignored_xids, DEFAULT_IGNORED_XIDS);
+        assert_eq!(config.gpu.stale_after, Duration::from_millis(2500));
+        let text = error(&gpu("devices = [\"gpu0\"]"));
+        assert!(
+            text.contains("gpu.devices (line 15)") && text.contains("nvidia-smi -L"),
+            "{text}"
+        );
+        assert!(error(&gpu("devices = [-1]")).contains("gpu.devices"));
+        assert!(error(&gpu("devices = []")).contains("at least one GPU"));
+        assert!(error(&gpu("stale_after_ms = 100")).contains("gpu.stale_after_ms"));
+        let nvml = SPEC_EXAMPLE.replace(
+            "[gpu.simulated]",
+            "[gpu.nvml]\nlibrary_path = \"/opt/nvidia/libnvidia-ml.so.1\"\nignored_xids = [13]\n[gpu.simulated]",
+        );
+        let config = AgentConfig::parse(&nvml).unwrap();
+        assert_eq!(
+            config.gpu.nvml.library_path.as_deref(),
+            Some(Path::new("/opt/nvidia/libnvidia-ml.so.1"))
+        );
+        assert_eq!(config.gpu.nvml.ignored_xids, [13]);
+        let typo = nvml.replace("ignored_xids", "ignore_xids");
+        assert!(error(&typo).contains("ignore_xids"));
+        let empty = nvml.replace("\"/opt/nvidia/libnvidia-ml.so.1\"", "\"\"");
+        assert!(error(&empty).contains("gpu.nvml.library_path"));
+        let translate =
+            &AgentConfig::parse(SPEC_EXAMPLE).unwrap().jobs[&JobKind::new("translate").unwrap()];
+        assert_eq!(
+            translate.load_time,
+            Duration::ZERO,
+            "simulated: one reading"
+        );
+        let command = SPEC_EXAMPLE.replace(
+            "executor = \"simulated\"",
+            "executor = \"command\"\ncommand = [\"/bin/model\"]",
+        );
+        let config = AgentConfig::parse(&command).unwrap();
+        assert_eq!(
+            config.jobs[&JobKind::new("translate").unwrap()].load_time,
+            Duration::from_secs(10)
+        );
+        let url = SPEC_EXAMPLE.replace(
+            "executor = \"simulated\"",
+            "executor = \"http\"\nurl = \"http://127.0.0.1:8000/{gpu}/asr\"",
+        );
+        assert!(
+            error(&url).contains("{gpu} is not a placeholder"),
+            "{}",
+            error(&url)
+        );
+    }
 }
