@@ -21,7 +21,9 @@
 #
 # Tunables (environment): JOB_MIB (VRAM each job allocates, 8192), HOLD_MS
 # (how long it holds it, 8000), LOAD_DELAY_MS (pause before allocating, a
-# slow model load, 2000), EXTRA_JOBS (submitted beyond what fits, 4).
+# slow model load, 2000), EXTRA_JOBS (submitted beyond what fits, 4),
+# NVML_LIBRARY (an NVML other than the system's, e.g. the tests' fake for a
+# rehearsal on a machine without a GPU).
 set -u
 
 JOB_MIB=${JOB_MIB:-8192}
@@ -63,7 +65,7 @@ prepare() {
     cc -O2 -o "$dir/hold_vram" "$ROOT/scripts/gpu-check/hold_vram.c" -ldl || return 1
     local redis
     redis=$(command -v redis-server) && cp -L "$redis" "$dir/redis-server" &&
-        ldd "$redis" | awk '/=> \// {print $3}' | grep -E 'lzf|jemalloc|atomic' |
+        ldd "$redis" | awk '/=> \// {print $3}' | grep -vE '/(libc|libm|libstdc\+\+|libgcc_s|ld-linux[^/]*)\.so' |
         while read -r lib; do cp -L "$lib" "$dir/lib/"; done
     strip "$dir"/lingua-agent "$dir"/lingua-coordinator "$dir"/nvml-tests "$dir"/hold_vram "$dir"/redis-server 2>/dev/null
     du -sh "$dir" >&2
@@ -95,7 +97,8 @@ case "${1:-}" in
         ;;
 esac
 export PATH="$BIN_DIR:$PATH"
-export LD_LIBRARY_PATH="$BIN_DIR/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# Only redis-server (started by the coordinator) needs the carried libs.
+REDIS_LIBS="$BIN_DIR/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 log "artifacts: $BIN_DIR; log: $LOG"
 
 # A minimal HTTP client: curl when present, else bash's /dev/tcp.
@@ -154,6 +157,9 @@ command = ["$BIN_DIR/hold_vram", "$JOB_MIB", "$HOLD_MS"]
 timeout_ms = 120000
 load_time_ms = $((LOAD_DELAY_MS + 3000))
 EOF
+    if [ -n "${NVML_LIBRARY:-}" ]; then
+        printf '[gpu.nvml]\nlibrary_path = "%s"\n' "$NVML_LIBRARY"
+    fi
 }
 
 # 2. probe with backend = "nvml".
@@ -161,7 +167,7 @@ step_probe() {
     agent_config 1 1 >"$WORK/probe.toml"
     if timeout 30 lingua-agent probe --config "$WORK/probe.toml" >"$LOGDIR/probe.json" 2>"$LOGDIR/probe.err"; then
         note "probe: ok ($(grep -c '"uuid"' "$LOGDIR/probe.json") devices); hold slots: $(grep -A1 '"free_slots"' "$LOGDIR/probe.json" | grep -o '[0-9]*' | head -1)"
-        grep -E '"(uuid|name|memory_total_mb|memory_used_mb|utilization_pct|temperature_c|healthy|reason|mig_parent_uuid)"' "$LOGDIR/probe.json" | tee -a "$LOG" >&2
+        note "probe fields (null = NotSupported): $(grep -E '"(uuid|name|memory_total_mb|memory_used_mb|utilization_pct|temperature_c|healthy|reason|mig_parent_uuid)"' "$LOGDIR/probe.json" | tr -s ' ' | tr -d '\n')"
     else
         note "FAIL probe: exit $? $(head -c 400 "$LOGDIR/probe.err")"
     fi
@@ -188,10 +194,13 @@ step_admission() {
     fi
     note "hold_vram alone: $(cat "$LOGDIR/hold-alone.json")"
     command -v redis-server >/dev/null || { note "FAIL admission: no redis-server"; return; }
+    LD_LIBRARY_PATH=$REDIS_LIBS redis-server --version >/dev/null 2>&1 ||
+        note "FAIL redis-server does not run here: $(LD_LIBRARY_PATH=$REDIS_LIBS ldd "$(command -v redis-server)" | grep 'not found' | tr '\n' ' ')"
+
     local cport mport
     cport=$(free_port)
     mport=$(free_port)
-    lingua-coordinator --listen "127.0.0.1:$cport" >"$LOGDIR/coordinator.log" 2>&1 &
+    LD_LIBRARY_PATH=$REDIS_LIBS lingua-coordinator --listen "127.0.0.1:$cport" >"$LOGDIR/coordinator.log" 2>&1 &
     PIDS+=($!)
     local up=""
     for _ in $(seq 100); do
