@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::arbiter::{Arbiter, Limits};
 use crate::config::{AgentConfig, Backend};
 use crate::executor::Executor;
-use crate::gpu::{self, ProbeError, SimulatedGpus};
+use crate::gpu::{self, SimulatedGpus};
 use crate::jobs::Jobs;
 use crate::link::{Endpoint, Identity, Link, LinkEnd, LinkStatus};
 
@@ -26,9 +26,6 @@ pub const BACKOFF_CAP: Duration = Duration::from_secs(5);
 /// Why an agent stopped other than by request.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    /// The GPU probe cannot be opened (exit 69).
-    #[error(transparent)]
-    Probe(#[from] ProbeError),
     /// The coordinator refused this node for good (exit 64).
     #[error("the coordinator refused this node (close code {}): {reason}", code.code())]
     Refused {
@@ -92,28 +89,39 @@ pub struct Agent {
     link: Link,
     inventory: Vec<GpuInfo>,
     draining: watch::Sender<bool>,
-    probe: Box<dyn gpu::GpuProbe>,
+    source: gpu::Source,
     client: reqwest::Client,
 }
 
 impl Agent {
-    /// Opens the probe, takes a first reading and builds every part.
+    /// Opens the probe, takes a first reading and builds every part. GPUs
+    /// that cannot be read (NVML unavailable) do not stop the agent: it
+    /// connects with zero slots, says why, and the sampler retries.
     pub fn start(config: AgentConfig) -> Result<Self, AgentError> {
         let simulated = (config.gpu.backend == Backend::Simulated)
             .then(|| SimulatedGpus::new(&config.gpu.simulated));
-        let mut probe = gpu::open(&config.gpu, simulated.clone())?;
+        let mut source = gpu::open(&config.gpu, simulated.clone());
         let arbiter = Arbiter::new(Limits::from_config(&config));
-        let first = probe.read();
-        let inventory = first
-            .iter()
-            .map(|g| GpuInfo {
-                index: g.index,
-                uuid: g.uuid.clone(),
-                name: g.name.clone(),
-                memory_total_mb: g.memory_total_mb,
-            })
-            .collect();
-        arbiter.update(first, Instant::now());
+        let inventory = match source.read_once() {
+            Ok(first) => {
+                let inventory = first
+                    .iter()
+                    .map(|g| GpuInfo {
+                        index: g.index,
+                        uuid: g.uuid.clone(),
+                        name: g.name.clone(),
+                        memory_total_mb: g.memory_total_mb,
+                    })
+                    .collect();
+                arbiter.update(first, Instant::now());
+                inventory
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "gpus unavailable: connecting with zero slots; retrying in the background");
+                arbiter.update_unavailable(err.to_string(), Instant::now());
+                Vec::new()
+            }
+        };
         let client = reqwest::Client::new();
         let (outgoing_tx, outgoing) = mpsc::unbounded_channel();
         let pairs = LangPair::all_from(&config.src_langs, &config.tgt_langs);
@@ -156,7 +164,7 @@ impl Agent {
             link,
             inventory,
             draining,
-            probe,
+            source,
             client,
         })
     }
@@ -172,13 +180,13 @@ impl Agent {
             link,
             inventory,
             draining,
-            probe,
+            source,
             client,
         } = self;
         let sampler = {
             let arbiter = Arc::clone(&handles.arbiter);
-            gpu::spawn_sampler(probe, config.gpu.poll_interval, move |reading| {
-                arbiter.update(reading, Instant::now())
+            gpu::spawn_sampler(source, config.gpu.poll_interval, move |reading| {
+                arbiter.publish(reading, Instant::now())
             })?
         };
         let stop_link = CancellationToken::new();
@@ -255,6 +263,8 @@ fn apply_reload(
         ),
         ("gpu.backend", old.gpu.backend != new.gpu.backend),
         ("gpu.simulated", old.gpu.simulated != new.gpu.simulated),
+        ("gpu.devices", old.gpu.devices != new.gpu.devices),
+        ("gpu.nvml", old.gpu.nvml != new.gpu.nvml),
         (
             "gpu.poll_interval_ms",
             old.gpu.poll_interval != new.gpu.poll_interval,
@@ -275,6 +285,7 @@ fn apply_reload(
     }
     live.gpu.reserve_mb = new.gpu.reserve_mb;
     live.gpu.pressure = new.gpu.pressure;
+    live.gpu.stale_after = new.gpu.stale_after;
     live.drain_timeout = new.drain_timeout;
     handles.arbiter.reconfigure(Limits::from_config(&live));
     jobs.set_executors(executors(&live, handles.simulated.as_ref(), client));

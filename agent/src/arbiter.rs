@@ -7,15 +7,21 @@
 //!   VRAM of jobs admitted too recently to show in that reading;
 //! - reserved: the VRAM of every job admitted and still running;
 //!
-//! `max(measured, reserved) + vram(K) <= total - reserve_mb`. Memory taken
-//! by other processes shrinks capacity as soon as a reading shows it. Jobs
-//! are placed on the healthy GPU with the most room left. On top of memory,
-//! `max_concurrent` caps each kind, draining admits nothing, and under
-//! utilisation pressure (hysteresis between `pressure_enter_pct` and
-//! `pressure_exit_pct`) only kinds with `priority >= pressure_min_priority`
-//! are admitted. docs/ARBITER.md works through an example.
+//! `max(measured, reserved) + vram(K) <= total - reserve_mb`. A job counts
+//! as "not showing yet" until a reading taken its kind's load time (at
+//! least one sample interval) after its admission: a model that loads
+//! slowly stays counted while it loads. Memory taken by other processes
+//! shrinks capacity as soon as a reading shows it. Jobs are placed best-fit:
+//! on the healthy GPU (or MIG instance) with the least room left that still
+//! fits, which keeps large holes for large jobs. On top of memory,
+//! `max_concurrent` caps each kind, draining admits nothing, a reading older
+//! than `stale_after` admits nothing, and a GPU under utilisation pressure
+//! (hysteresis between `pressure_enter_pct` and `pressure_exit_pct`; memory
+//! use stands in where utilisation is not measured, as on MIG) takes only
+//! kinds with `priority >= pressure_min_priority`. docs/ARBITER.md works
+//! through an example.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -54,6 +60,15 @@ pub enum Refusal {
         /// The threshold.
         min: u8,
     },
+    /// The GPUs cannot be read (NVML unavailable).
+    #[error("the GPUs cannot be read: {0}")]
+    Unavailable(String),
+    /// The last reading is too old to trust (the sampler is stuck).
+    #[error("the last GPU reading is {age_ms} ms old; admitting nothing until a fresh one")]
+    Stale {
+        /// Its age.
+        age_ms: u64,
+    },
     /// No healthy GPU has the VRAM.
     #[error("{kind}: no healthy GPU has {vram_mb} MiB free")]
     Memory {
@@ -75,6 +90,8 @@ pub struct KindLimits {
     pub max_concurrent: u32,
     /// How long `admit` may wait for a slot.
     pub queue_wait: Duration,
+    /// How long a job may take to show its memory in a reading.
+    pub load_time: Duration,
 }
 
 impl From<&KindConfig> for KindLimits {
@@ -84,6 +101,7 @@ impl From<&KindConfig> for KindLimits {
             priority: kind.priority,
             max_concurrent: kind.max_concurrent,
             queue_wait: kind.queue_wait,
+            load_time: kind.load_time,
         }
     }
 }
@@ -100,6 +118,8 @@ pub struct Limits {
     /// How long after admission a job's memory may take to show in a
     /// reading; until then it is counted on top of the measurement.
     pub settle: Duration,
+    /// A reading older than this admits nothing.
+    pub stale_after: Duration,
     /// Per-kind limits.
     pub kinds: BTreeMap<JobKind, KindLimits>,
 }
@@ -112,6 +132,7 @@ impl Limits {
             reserve_mb: config.gpu.reserve_mb,
             pressure: config.gpu.pressure,
             settle: config.gpu.poll_interval,
+            stale_after: config.gpu.stale_after,
             kinds: config
                 .jobs
                 .iter()
@@ -121,11 +142,21 @@ impl Limits {
     }
 }
 
+/// Where an admitted job runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    /// The GPU's NVML index (for a MIG instance, its GPU's).
+    pub index: u32,
+    /// The GPU's or MIG instance's UUID: what `CUDA_VISIBLE_DEVICES` takes.
+    pub uuid: String,
+}
+
 #[derive(Debug)]
 struct Admitted {
     kind: JobKind,
-    gpu: Option<usize>,
+    gpu: Option<String>,
     vram_mb: u64,
+    load_time: Duration,
     at: Instant,
 }
 
@@ -134,11 +165,22 @@ struct State {
     limits: Limits,
     gpus: Vec<GpuSnapshot>,
     reading_taken: Option<Instant>,
+    unavailable: Option<String>,
     admitted: HashMap<u64, Admitted>,
     running: BTreeMap<JobKind, u32>,
-    pressure: bool,
+    hot: HashSet<String>,
     draining: bool,
     next_id: u64,
+}
+
+/// The load a GPU's pressure is judged by: utilisation, or where it is not
+/// measured (MIG), the share of memory in use.
+fn load_pct(gpu: &GpuSnapshot) -> u8 {
+    gpu.utilization_pct.unwrap_or_else(|| {
+        (gpu.memory_used_mb * 100)
+            .checked_div(gpu.memory_total_mb)
+            .map_or(0, |pct| pct.min(100) as u8)
+    })
 }
 
 impl State {
@@ -146,13 +188,15 @@ impl State {
     /// views.
     fn committed_mb(&self, g: usize) -> u64 {
         let measured = self.gpus[g].memory_used_mb;
-        let settled_before = self
-            .reading_taken
-            .map(|t| t.checked_sub(self.limits.settle).unwrap_or(t));
+        let uuid = self.gpus[g].uuid.as_str();
         let (mut pending, mut reserved) = (0, 0);
-        for job in self.admitted.values().filter(|a| a.gpu == Some(g)) {
+        for job in self.admitted.values() {
+            if job.gpu.as_deref() != Some(uuid) {
+                continue;
+            }
             reserved += job.vram_mb;
-            if settled_before.is_none_or(|before| job.at >= before) {
+            let shows_by = job.at + self.limits.settle.max(job.load_time);
+            if self.reading_taken.is_none_or(|taken| taken <= shows_by) {
                 pending += job.vram_mb;
             }
         }
@@ -170,7 +214,26 @@ impl State {
             .saturating_sub(self.committed_mb(g))
     }
 
-    fn check_kind(&self, kind: &JobKind) -> Result<&KindLimits, Refusal> {
+    /// Whether a kind of this priority may be placed on GPU `g` now.
+    fn allowed_on(&self, g: usize, priority: u8) -> bool {
+        priority >= self.limits.pressure.min_priority || !self.hot.contains(&self.gpus[g].uuid)
+    }
+
+    /// Why the readings cannot be trusted now, if they cannot.
+    fn readings_problem(&self, now: Instant) -> Option<Refusal> {
+        if !self.limits.uses_gpus {
+            return None;
+        }
+        if let Some(reason) = &self.unavailable {
+            return Some(Refusal::Unavailable(reason.clone()));
+        }
+        let age = now.saturating_duration_since(self.reading_taken?);
+        (age > self.limits.stale_after).then(|| Refusal::Stale {
+            age_ms: u64::try_from(age.as_millis()).unwrap_or(u64::MAX),
+        })
+    }
+
+    fn check_kind(&self, kind: &JobKind, now: Instant) -> Result<&KindLimits, Refusal> {
         let limits = self
             .limits
             .kinds
@@ -185,27 +248,49 @@ impl State {
                 max: limits.max_concurrent,
             });
         }
-        if self.pressure && limits.priority < self.limits.pressure.min_priority {
+        if let Some(problem) = self.readings_problem(now) {
+            return Err(problem);
+        }
+        Ok(limits)
+    }
+
+    /// Best fit: the GPU with the least room left that still fits.
+    fn place(&self, kind: &JobKind, limits: &KindLimits) -> Result<usize, Refusal> {
+        let fits = |g: &usize| self.headroom_mb(*g) >= limits.vram_mb;
+        let best = (0..self.gpus.len())
+            .filter(fits)
+            .filter(|&g| self.allowed_on(g, limits.priority))
+            .min_by_key(|&g| (self.headroom_mb(g), g));
+        if let Some(g) = best {
+            return Ok(g);
+        }
+        if (0..self.gpus.len()).any(|g| fits(&g)) {
             return Err(Refusal::Pressure {
                 kind: kind.clone(),
                 priority: limits.priority,
                 min: self.limits.pressure.min_priority,
             });
         }
-        Ok(limits)
+        Err(Refusal::Memory {
+            kind: kind.clone(),
+            vram_mb: limits.vram_mb,
+        })
     }
 
-    fn free_slots(&self, kind: &JobKind) -> u32 {
-        let Ok(limits) = self.check_kind(kind) else {
+    fn free_slots(&self, kind: &JobKind, now: Instant) -> u32 {
+        let Ok(limits) = self.check_kind(kind, now) else {
             return 0;
         };
         let by_count = limits.max_concurrent - self.running.get(kind).copied().unwrap_or(0);
-        if !self.limits.uses_gpus || limits.vram_mb == 0 {
+        if !self.limits.uses_gpus {
             return by_count;
         }
-        let by_memory: u64 = (0..self.gpus.len())
-            .map(|g| self.headroom_mb(g) / limits.vram_mb)
-            .sum();
+        let eligible = (0..self.gpus.len()).filter(|&g| self.allowed_on(g, limits.priority));
+        if limits.vram_mb == 0 {
+            let any = eligible.into_iter().any(|g| self.gpus[g].healthy);
+            return if any { by_count } else { 0 };
+        }
+        let by_memory: u64 = eligible.map(|g| self.headroom_mb(g) / limits.vram_mb).sum();
         by_count.min(u32::try_from(by_memory).unwrap_or(u32::MAX))
     }
 }
@@ -223,14 +308,20 @@ pub struct Arbiter {
 pub struct Permit {
     arbiter: Arc<Arbiter>,
     id: u64,
-    gpu: Option<u32>,
+    placement: Option<Placement>,
     kind: JobKind,
 }
 
 impl Permit {
-    /// The GPU the job was placed on (`None` on a node without GPUs).
+    /// The GPU's index the job was placed on (`None` on a node without
+    /// GPUs).
     pub fn gpu(&self) -> Option<u32> {
-        self.gpu
+        self.placement.as_ref().map(|p| p.index)
+    }
+
+    /// The GPU or MIG instance the job was placed on.
+    pub fn placement(&self) -> Option<&Placement> {
+        self.placement.as_ref()
     }
 
     /// The job's kind.
@@ -254,9 +345,10 @@ impl Arbiter {
                 limits,
                 gpus: Vec::new(),
                 reading_taken: None,
+                unavailable: None,
                 admitted: HashMap::new(),
                 running: BTreeMap::new(),
-                pressure: false,
+                hot: HashSet::new(),
                 draining: false,
                 next_id: 0,
             }),
@@ -291,21 +383,14 @@ impl Arbiter {
     /// [`Arbiter::try_admit`] at a given time (tests drive the clock).
     pub fn try_admit_at(self: &Arc<Self>, kind: &JobKind, now: Instant) -> Result<Permit, Refusal> {
         let mut state = self.lock();
-        let limits = state.check_kind(kind)?.clone();
-        let gpu = if state.limits.uses_gpus {
-            let best = (0..state.gpus.len())
-                .map(|g| (state.headroom_mb(g), g))
-                .filter(|&(room, _)| room >= limits.vram_mb)
-                .max();
-            match best {
-                Some((_, g)) => Some(g),
-                None => {
-                    return Err(Refusal::Memory {
-                        kind: kind.clone(),
-                        vram_mb: limits.vram_mb,
-                    });
-                }
-            }
+        let limits = state.check_kind(kind, now)?.clone();
+        let placement = if state.limits.uses_gpus {
+            let g = state.place(kind, &limits)?;
+            let gpu = &state.gpus[g];
+            Some(Placement {
+                index: gpu.index,
+                uuid: gpu.uuid.clone(),
+            })
         } else {
             None
         };
@@ -315,8 +400,9 @@ impl Arbiter {
             id,
             Admitted {
                 kind: kind.clone(),
-                gpu,
+                gpu: placement.as_ref().map(|p| p.uuid.clone()),
                 vram_mb: limits.vram_mb,
+                load_time: limits.load_time,
                 at: now,
             },
         );
@@ -326,7 +412,7 @@ impl Arbiter {
         Ok(Permit {
             arbiter: Arc::clone(self),
             id,
-            gpu: gpu.map(|g| g as u32),
+            placement,
             kind: kind.clone(),
         })
     }
@@ -373,27 +459,71 @@ impl Arbiter {
     /// Takes a new reading of the GPUs, taken at `taken`.
     pub fn update(&self, gpus: Vec<GpuSnapshot>, taken: Instant) {
         let mut state = self.lock();
-        let hottest = gpus
-            .iter()
-            .filter(|g| g.healthy)
-            .filter_map(|g| g.utilization_pct)
-            .max()
-            .unwrap_or(0);
         let pressure = state.limits.pressure;
-        if !state.pressure && hottest >= pressure.enter_pct {
-            tracing::info!(
-                utilization_pct = hottest,
-                "gpu pressure: admitting high-priority kinds only"
-            );
-            state.pressure = true;
-        } else if state.pressure && hottest <= pressure.exit_pct {
-            tracing::info!(utilization_pct = hottest, "gpu pressure over");
-            state.pressure = false;
+        let mut hot = HashSet::new();
+        for gpu in gpus.iter().filter(|g| g.healthy) {
+            let load = load_pct(gpu);
+            let was_hot = state.hot.contains(&gpu.uuid);
+            let now_hot = if was_hot {
+                load > pressure.exit_pct
+            } else {
+                load >= pressure.enter_pct
+            };
+            if now_hot != was_hot {
+                if now_hot {
+                    tracing::info!(gpu = %gpu.uuid, load_pct = load, "gpu pressure: admitting high-priority kinds only on this gpu");
+                } else {
+                    tracing::info!(gpu = %gpu.uuid, load_pct = load, "gpu pressure over");
+                }
+            }
+            if now_hot {
+                hot.insert(gpu.uuid.clone());
+            }
         }
+        if state.unavailable.take().is_some() {
+            tracing::info!(gpus = gpus.len(), "gpus readable again");
+        }
+        state.hot = hot;
         state.gpus = gpus;
         state.reading_taken = Some(taken);
         drop(state);
         self.changed();
+    }
+
+    /// Records that the GPUs cannot be read (taken at `taken`): nothing is
+    /// admitted until a reading arrives, and `health` says why.
+    pub fn update_unavailable(&self, reason: String, taken: Instant) {
+        let mut state = self.lock();
+        state.gpus.clear();
+        state.hot.clear();
+        state.unavailable = Some(reason);
+        state.reading_taken = Some(taken);
+        drop(state);
+        self.changed();
+    }
+
+    /// Takes one sample of the sampler.
+    pub fn publish(&self, reading: crate::gpu::Reading, taken: Instant) {
+        match reading {
+            Ok(gpus) => self.update(gpus, taken),
+            Err(reason) => self.update_unavailable(reason, taken),
+        }
+    }
+
+    /// Why this node's GPUs admit nothing as a whole, if they do not: NVML
+    /// unavailable, or a reading too old.
+    pub fn health(&self) -> Option<String> {
+        self.lock()
+            .readings_problem(Instant::now())
+            .map(|problem| problem.to_string())
+    }
+
+    /// True while the last reading is recent (the sampler makes progress).
+    pub fn fresh(&self) -> bool {
+        let state = self.lock();
+        state.reading_taken.is_some_and(|t| {
+            Instant::now().saturating_duration_since(t) <= state.limits.stale_after
+        })
     }
 
     /// Stops (or resumes) admitting jobs.
@@ -413,11 +543,12 @@ impl Arbiter {
     /// as if only that kind were admitted).
     pub fn free_slots(&self) -> BTreeMap<JobKind, u32> {
         let state = self.lock();
+        let now = Instant::now();
         state
             .limits
             .kinds
             .keys()
-            .map(|kind| (kind.clone(), state.free_slots(kind)))
+            .map(|kind| (kind.clone(), state.free_slots(kind, now)))
             .collect()
     }
 
@@ -431,9 +562,16 @@ impl Arbiter {
         self.lock().gpus.clone()
     }
 
-    /// True while under utilisation pressure.
+    /// True while any GPU is under utilisation pressure.
     pub fn under_pressure(&self) -> bool {
-        self.lock().pressure
+        !self.lock().hot.is_empty()
+    }
+
+    /// The GPUs (by UUID) under utilisation pressure.
+    pub fn hot_gpus(&self) -> Vec<String> {
+        let mut hot: Vec<String> = self.lock().hot.iter().cloned().collect();
+        hot.sort();
+        hot
     }
 }
 
@@ -464,6 +602,7 @@ mod tests {
                 min_priority: 70,
             },
             settle: Duration::from_millis(100),
+            stale_after: Duration::from_secs(2),
             kinds: kinds
                 .iter()
                 .map(|&(name, vram_mb, priority, max_concurrent, wait_ms)| {
@@ -474,6 +613,7 @@ mod tests {
                             priority,
                             max_concurrent,
                             queue_wait: Duration::from_millis(wait_ms),
+                            load_time: Duration::ZERO,
                         },
                     )
                 })
@@ -482,15 +622,21 @@ mod tests {
     }
 
     fn gpu(used: u64, util: u8) -> GpuSnapshot {
+        gpu_at(0, used, util)
+    }
+
+    fn gpu_at(index: u32, used: u64, util: u8) -> GpuSnapshot {
         GpuSnapshot {
-            index: 0,
-            uuid: "GPU-0".into(),
+            index,
+            uuid: format!("GPU-{index}"),
             name: "test".into(),
             memory_total_mb: TOTAL,
             memory_used_mb: used,
             utilization_pct: Some(util),
             temperature_c: None,
             healthy: true,
+            reason: None,
+            parent_uuid: None,
         }
     }
 
@@ -616,16 +762,7 @@ mod tests {
         let arbiter = Arbiter::new(limits(&[("asr", 100, 50, 10, 1000)]));
         let mut sick = gpu(0, 0);
         sick.healthy = false;
-        arbiter.update(
-            vec![
-                sick,
-                GpuSnapshot {
-                    index: 1,
-                    ..gpu(0, 0)
-                },
-            ],
-            Instant::now(),
-        );
+        arbiter.update(vec![sick, gpu_at(1, 0, 0)], Instant::now());
         let permit = arbiter.try_admit(&kind("asr")).unwrap();
         assert_eq!(permit.gpu(), Some(1), "placed on the healthy GPU");
         arbiter.set_draining(true);
@@ -637,31 +774,104 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn jobs_spread_over_gpus_by_room() {
+    async fn best_fit_fills_the_fullest_gpu_that_still_fits() {
         let arbiter = Arbiter::new(limits(&[("asr", 1000, 50, 10, 0)]));
-        arbiter.update(
-            vec![
-                gpu(4000, 0),
-                GpuSnapshot {
-                    index: 1,
-                    ..gpu(0, 0)
-                },
-            ],
-            Instant::now(),
+        arbiter.update(vec![gpu_at(0, 4000, 0), gpu_at(1, 0, 0)], Instant::now());
+        let first = arbiter.try_admit(&kind("asr")).unwrap();
+        assert_eq!(
+            first.placement(),
+            Some(&Placement {
+                index: 0,
+                uuid: "GPU-0".into()
+            }),
+            "the fuller GPU that fits"
         );
-        let gpus: Vec<Option<u32>> = (0..4)
-            .map(|_| arbiter.try_admit(&kind("asr")).unwrap().gpu())
-            .collect();
-        // Each permit is dropped at once, so every job lands on the roomier GPU.
-        assert_eq!(gpus, [Some(1); 4]);
-        let held: Vec<Permit> = (0..6)
+        let held: Vec<Permit> = (0..4)
             .map(|_| arbiter.try_admit(&kind("asr")).unwrap())
             .collect();
-        let on_first = held.iter().filter(|p| p.gpu() == Some(0)).count();
-        assert!(
-            on_first >= 1,
-            "once the second fills up, the first takes jobs too"
+        // GPU 0 had room for 5 (9000 - 4000): all five land there first.
+        assert!(held.iter().all(|p| p.gpu() == Some(0)));
+        assert_eq!(arbiter.try_admit(&kind("asr")).unwrap().gpu(), Some(1));
+    }
+
+    /// The fragmentation case: four 1,000 MiB translate jobs on four GPUs
+    /// with 3,000 MiB of budget each; a 3,000 MiB ASR job must still fit.
+    /// Worst-fit put one translate job on every GPU and refused the ASR job
+    /// with 8,000 MiB free in total.
+    #[tokio::test(start_paused = true)]
+    async fn best_fit_keeps_a_whole_gpu_for_a_large_job() {
+        let arbiter = Arbiter::new(limits(&[
+            ("translate", 1000, 50, 10, 0),
+            ("asr", 3000, 50, 10, 0),
+        ]));
+        // Total 10,000 - reserve 1,000 - 6,000 held by others: 3,000 each.
+        let gpus = (0..4).map(|i| gpu_at(i, 6000, 0)).collect();
+        arbiter.update(gpus, Instant::now());
+        let translate: Vec<Permit> = (0..4)
+            .map(|_| arbiter.try_admit(&kind("translate")).unwrap())
+            .collect();
+        let on: Vec<Option<u32>> = translate.iter().map(Permit::gpu).collect();
+        assert_eq!(
+            on,
+            [Some(0), Some(0), Some(0), Some(1)],
+            "packed, not spread"
         );
+        let asr = arbiter
+            .try_admit(&kind("asr"))
+            .expect("a whole GPU is left");
+        assert_eq!(asr.gpu(), Some(2));
+        assert_eq!(arbiter.free_slots()[&kind("asr")], 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pressure_holds_back_low_priority_on_the_hot_gpu_only() {
+        let arbiter = Arbiter::new(limits(&[
+            ("asr", 100, 90, 10, 0),
+            ("repair", 100, 20, 1000, 0),
+        ]));
+        arbiter.update(vec![gpu_at(0, 0, 95), gpu_at(1, 9000, 10)], Instant::now());
+        assert_eq!(arbiter.hot_gpus(), ["GPU-0"]);
+        // GPU 1 has room for 0 jobs: the low-priority kind is held back.
+        assert!(matches!(
+            arbiter.try_admit(&kind("repair")),
+            Err(Refusal::Pressure { .. })
+        ));
+        arbiter.update(vec![gpu_at(0, 0, 95), gpu_at(1, 0, 10)], Instant::now());
+        let repair = arbiter.try_admit(&kind("repair")).unwrap();
+        assert_eq!(repair.gpu(), Some(1), "placed on the idle GPU");
+        assert_eq!(arbiter.free_slots()[&kind("repair")], 89);
+        // High priority may use the hot GPU too.
+        assert_eq!(arbiter.free_slots()[&kind("asr")], 10);
+        // Without utilisation (MIG) memory use stands in for it.
+        let mut mig = gpu_at(2, 9000, 0);
+        mig.utilization_pct = None;
+        arbiter.update(vec![mig], Instant::now());
+        assert_eq!(arbiter.hot_gpus(), ["GPU-2"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stale_reading_or_unreadable_gpus_admit_nothing_and_say_why() {
+        let arbiter = Arbiter::new(limits(&[("asr", 1000, 50, 10, 0)]));
+        arbiter.update(vec![gpu(0, 0)], Instant::now());
+        assert!(arbiter.fresh());
+        assert_eq!(arbiter.health(), None);
+        tokio::time::advance(Duration::from_millis(2001)).await;
+        assert!(!arbiter.fresh());
+        assert_eq!(
+            arbiter.try_admit(&kind("asr")).unwrap_err(),
+            Refusal::Stale { age_ms: 2001 }
+        );
+        assert_eq!(arbiter.free_slots()[&kind("asr")], 0);
+        assert!(arbiter.health().unwrap().contains("2001 ms old"));
+        arbiter.publish(Err("NVML: Driver Not Loaded".into()), Instant::now());
+        assert!(arbiter.fresh(), "the sampler still makes progress");
+        assert!(matches!(
+            arbiter.try_admit(&kind("asr")),
+            Err(Refusal::Unavailable(reason)) if reason.contains("Driver Not Loaded")
+        ));
+        arbiter.publish(Ok(vec![gpu(0, 0)]), Instant::now());
+        assert_eq!(arbiter.health(), None);
+        assert!(arbiter.try_admit(&kind("asr")).is_ok());
     }
 
     #[tokio::test(start_paused = true)]
@@ -770,6 +980,153 @@ mod tests {
                             since_reading += Duration::from_millis(ms);
                             if since_reading >= Duration::from_millis(100) {
                                 read(&arbiter, &mut finished_unseen);
+                                since_reading = Duration::ZERO;
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            })?;
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum SlowOp {
+        /// Submit a job of kind k that allocates after this many ms.
+        Submit(usize, u64),
+        Finish(usize),
+        /// Another tenant's memory changes and a reading shows it.
+        External(u64),
+        /// Another tenant grows by this much between two readings.
+        TenantGrows(u64),
+        Tick(u64),
+    }
+
+    /// The most a job waits before allocating: the kinds' `load_time`.
+    const LOAD_MS: u64 = 1_000;
+
+    fn slow_ops() -> impl Strategy<Value = Vec<SlowOp>> {
+        prop::collection::vec(
+            prop_oneof![
+                4 => (0usize..3, 0u64..=LOAD_MS).prop_map(|(k, d)| SlowOp::Submit(k, d)),
+                2 => any::<usize>().prop_map(SlowOp::Finish),
+                1 => (0u64..5000).prop_map(SlowOp::External),
+                1 => (0u64..1500).prop_map(SlowOp::TenantGrows),
+                3 => (1u64..400).prop_map(SlowOp::Tick),
+            ],
+            1..150,
+        )
+    }
+
+    /// A job in the slow-load model.
+    struct Loading {
+        permit: Permit,
+        declared: u64,
+        actual: u64,
+        allocate_at: Instant,
+        held: Option<SimulatedAllocation>,
+        /// A reading was taken since it allocated.
+        seen: bool,
+    }
+
+    impl Loading {
+        /// What it will hold once loaded, as far as anyone can know: its
+        /// real footprint, except an under-declared job nobody has seen
+        /// allocate yet, which counts as declared.
+        fn footprint(&self) -> u64 {
+            if self.actual <= self.declared || self.seen {
+                self.actual
+            } else {
+                self.declared
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        /// Jobs that allocate up to `load_time` after admission (a model
+        /// load), that use less or more than they declare (50-150 %), and
+        /// another tenant that grows between readings: after every
+        /// admission, the tenant's memory last read plus what every running
+        /// job will hold once loaded stays within total - reserve.
+        #[test]
+        fn never_overcommits_with_slow_loads_wrong_estimates_and_a_growing_tenant(
+            kinds in prop::collection::vec((500u64..3000, 50u64..=150, 1u32..8), 3),
+            ops in slow_ops(),
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+            runtime.block_on(async move {
+                let names = ["asr", "mt", "tts"];
+                let table: Vec<(&str, u64, u8, u32, u64)> = names
+                    .iter()
+                    .zip(&kinds)
+                    .map(|(name, &(vram, _, max))| (*name, vram, 50, max, 0))
+                    .collect();
+                let mut limits = limits(&table);
+                for kind in limits.kinds.values_mut() {
+                    kind.load_time = Duration::from_millis(LOAD_MS);
+                }
+                let arbiter = Arbiter::new(limits);
+                let sim = SimulatedGpus::new(&SimConfig { count: 1, memory_mb: TOTAL, external_used_mb: 0 });
+                let mut tenant_read = 0u64;
+                let mut tenant = 0u64;
+                let mut running: Vec<Loading> = Vec::new();
+                let mut since_reading = Duration::ZERO;
+                arbiter.update(sim.snapshot(), Instant::now());
+                for op in ops {
+                    match op {
+                        SlowOp::Submit(k, delay) => {
+                            let (declared, share, _) = kinds[k];
+                            if let Ok(permit) = arbiter.try_admit(&kind(names[k])) {
+                                running.push(Loading {
+                                    permit,
+                                    declared,
+                                    actual: declared * share / 100,
+                                    allocate_at: Instant::now() + Duration::from_millis(delay),
+                                    held: None,
+                                    seen: false,
+                                });
+                                let committed = tenant_read + running.iter().map(Loading::footprint).sum::<u64>();
+                                prop_assert!(
+                                    committed <= TOTAL - RESERVE,
+                                    "admitting {} commits {committed} MiB: tenant {tenant_read}, jobs {:?}",
+                                    names[k],
+                                    running.iter().map(|j| (j.permit.kind().to_string(), j.declared, j.actual, j.held.is_some())).collect::<Vec<_>>()
+                                );
+                            }
+                        }
+                        SlowOp::Finish(i) => {
+                            if !running.is_empty() {
+                                running.swap_remove(i % running.len());
+                            }
+                        }
+                        SlowOp::External(mb) => {
+                            tenant = mb;
+                            sim.set_external(0, tenant);
+                            arbiter.update(sim.snapshot(), Instant::now());
+                            tenant_read = tenant;
+                            for job in running.iter_mut().filter(|j| j.held.is_some()) {
+                                job.seen = true;
+                            }
+                        }
+                        SlowOp::TenantGrows(mb) => {
+                            tenant += mb;
+                            sim.set_external(0, tenant);
+                        }
+                        SlowOp::Tick(ms) => {
+                            tokio::time::advance(Duration::from_millis(ms)).await;
+                            let now = Instant::now();
+                            for job in running.iter_mut().filter(|j| j.held.is_none() && j.allocate_at <= now) {
+                                job.held = Some(sim.allocate(0, job.actual, 0));
+                            }
+                            since_reading += Duration::from_millis(ms);
+                            if since_reading >= Duration::from_millis(100) {
+                                arbiter.update(sim.snapshot(), now);
+                                tenant_read = tenant;
+                                for job in running.iter_mut().filter(|j| j.held.is_some()) {
+                                    job.seen = true;
+                                }
                                 since_reading = Duration::ZERO;
                             }
                         }

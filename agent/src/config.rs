@@ -3,7 +3,9 @@
 //!
 //! Keys the SPEC does not name, added here (all optional):
 //! `[gpu] poll_interval_ms`, `pressure_enter_pct`, `pressure_exit_pct`,
-//! `pressure_min_priority`; `[jobs.<kind>] queue_wait_ms`;
+//! `pressure_min_priority`, `devices`, `stale_after_ms`;
+//! `[gpu.nvml] library_path`, `ignored_xids`;
+//! `[jobs.<kind>] queue_wait_ms`, `load_time_ms`;
 //! `[jobs.<kind>.simulated] actual_vram_mb`, `utilization_pct`.
 
 use std::collections::BTreeMap;
@@ -66,11 +68,40 @@ pub struct Pressure {
     pub min_priority: u8,
 }
 
+/// Application Xids: errors a CUDA program causes (a bad kernel, a
+/// process killed mid-work) that leave the GPU itself fine.
+pub const DEFAULT_IGNORED_XIDS: [u64; 6] = [13, 31, 43, 45, 68, 109];
+
+/// One entry of `[gpu] devices`: a GPU (or MIG instance) by UUID, or a GPU
+/// by its NVML index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceSelector {
+    /// `GPU-…` or `MIG-…`.
+    Uuid(String),
+    /// The NVML index (the order of `nvidia-smi -L`).
+    Index(u32),
+}
+
+/// The `[gpu.nvml]` table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NvmlConfig {
+    /// Load NVML from this file instead of the system's `libnvidia-ml.so.1`.
+    pub library_path: Option<PathBuf>,
+    /// Xid errors that do not take a GPU out.
+    pub ignored_xids: Vec<u64>,
+}
+
 /// The `[gpu]` table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GpuConfig {
     /// The probe.
     pub backend: Backend,
+    /// The GPUs this agent schedules on (empty: all of them).
+    pub devices: Vec<DeviceSelector>,
+    /// A reading older than this admits nothing.
+    pub stale_after: Duration,
+    /// NVML settings.
+    pub nvml: NvmlConfig,
     /// VRAM per GPU never handed out.
     pub reserve_mb: u64,
     /// How often the probe is read.
@@ -96,7 +127,8 @@ pub enum ExecutorConfig {
     },
     /// POST the payload to a local inference service.
     Http {
-        /// The service URL.
+        /// The service URL; `{gpu_uuid}` and `{gpu_index}` are replaced by
+        /// the GPU the job was placed on (one service per GPU).
         url: String,
         /// Request timeout.
         timeout: Duration,
@@ -122,6 +154,10 @@ pub struct KindConfig {
     /// How long a job may wait for a slot before it is refused (0: refuse
     /// at once).
     pub queue_wait: Duration,
+    /// How long a job may take to allocate its VRAM (model load); until a
+    /// reading taken this long after admission, its `vram_mb` is counted
+    /// on top of the measured memory.
+    pub load_time: Duration,
     /// How its jobs run.
     pub executor: ExecutorConfig,
 }
@@ -193,7 +229,24 @@ struct RawGpu {
     pressure_enter_pct: Option<Spanned<u8>>,
     pressure_exit_pct: Option<Spanned<u8>>,
     pressure_min_priority: Option<Spanned<u8>>,
+    devices: Option<Spanned<Vec<RawDevice>>>,
+    stale_after_ms: Option<Spanned<u64>>,
+    nvml: Option<RawNvml>,
     simulated: Option<RawSimulatedGpus>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawDevice {
+    Index(i64),
+    Uuid(String),
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNvml {
+    library_path: Option<Spanned<PathBuf>>,
+    ignored_xids: Option<Spanned<Vec<u64>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -211,6 +264,7 @@ struct RawKind {
     priority: Option<Spanned<u8>>,
     max_concurrent: Option<Spanned<u32>>,
     queue_wait_ms: Option<Spanned<u64>>,
+    load_time_ms: Option<Spanned<u64>>,
     executor: Option<Spanned<String>>,
     url: Option<Spanned<String>>,
     command: Option<Spanned<Vec<String>>>,
@@ -466,18 +520,103 @@ fn gpu_config(check: Checker<'_>, raw: RawGpu) -> Result<GpuConfig, ConfigError>
             0..=10_000_000,
         )?,
     };
+    let poll_interval = Duration::from_millis(check.range(
+        "gpu.poll_interval_ms",
+        raw.poll_interval_ms,
+        500,
+        10..=60_000,
+    )?);
+    let default_stale = (5 * poll_interval.as_millis() as u64).max(2_000);
+    let stale_after = Duration::from_millis(check.range(
+        "gpu.stale_after_ms",
+        raw.stale_after_ms,
+        default_stale,
+        1..=3_600_000,
+    )?);
+    if stale_after <= poll_interval {
+        return Err(ConfigError::invalid(
+            "gpu.stale_after_ms",
+            format!(
+                "{} ms must be longer than poll_interval_ms ({} ms), or every reading is stale",
+                stale_after.as_millis(),
+                poll_interval.as_millis()
+            ),
+        ));
+    }
+    let devices = match raw.devices {
+        None => Vec::new(),
+        Some(list) => {
+            let span = list.span();
+            let mut devices = Vec::new();
+            for device in list.into_inner() {
+                devices.push(match device {
+                    RawDevice::Index(index) => DeviceSelector::Index(u32::try_from(index).map_err(|_| {
+                        check.invalid("gpu.devices", span.clone(), format!("{index} is not a GPU index"))
+                    })?),
+                    RawDevice::Uuid(uuid) if uuid.starts_with("GPU-") || uuid.starts_with("MIG-") => {
+                        DeviceSelector::Uuid(uuid)
+                    }
+                    RawDevice::Uuid(other) => {
+                        return Err(check.invalid(
+                            "gpu.devices",
+                            span,
+                            format!("{other:?} is neither a GPU index nor a UUID like \"GPU-…\" or \"MIG-…\" (see nvidia-smi -L)"),
+                        ));
+                    }
+                });
+            }
+            if devices.is_empty() {
+                return Err(check.invalid(
+                    "gpu.devices",
+                    span,
+                    "list at least one GPU, or leave devices out to use them all",
+                ));
+            }
+            devices
+        }
+    };
+    let raw_nvml = raw.nvml.unwrap_or_default();
+    let nvml = NvmlConfig {
+        library_path: match raw_nvml.library_path {
+            None => None,
+            Some(path) if path.get_ref().as_os_str().is_empty() => {
+                return Err(check.invalid(
+                    "gpu.nvml.library_path",
+                    path.span(),
+                    "give the path of libnvidia-ml.so.1, or leave it out",
+                ));
+            }
+            Some(path) => Some(path.into_inner()),
+        },
+        ignored_xids: raw_nvml
+            .ignored_xids
+            .map_or_else(|| DEFAULT_IGNORED_XIDS.to_vec(), Spanned::into_inner),
+    };
     Ok(GpuConfig {
         backend,
+        devices,
+        stale_after,
+        nvml,
         reserve_mb: check.range("gpu.reserve_mb", raw.reserve_mb, 1024, 0..=10_000_000)?,
-        poll_interval: Duration::from_millis(check.range(
-            "gpu.poll_interval_ms",
-            raw.poll_interval_ms,
-            500,
-            10..=60_000,
-        )?),
+        poll_interval,
         pressure,
         simulated,
     })
+}
+
+/// The first `{…}` in a URL template that is not a known placeholder.
+fn unknown_placeholder(url: &str) -> Option<String> {
+    let mut rest = url;
+    while let Some(open) = rest.find('{') {
+        let after = &rest[open + 1..];
+        let close = after.find('}').unwrap_or(after.len());
+        let name = &after[..close];
+        if name != "gpu_uuid" && name != "gpu_index" {
+            return Some(name.to_owned());
+        }
+        rest = &after[close..];
+    }
+    None
 }
 
 fn kind_config(
@@ -494,6 +633,7 @@ fn kind_config(
         30_000,
         1..=3_600_000,
     )?);
+    let load_time_field = raw.load_time_ms;
     let executor_span = raw.executor.as_ref().map_or(span.clone(), Spanned::span);
     let executor_name = raw
         .executor
@@ -537,6 +677,13 @@ fn kind_config(
                     format!("{:?} must start with http:// or https://", url.get_ref()),
                 ));
             }
+            if let Some(bad) = unknown_placeholder(url.get_ref()) {
+                return Err(check.invalid(
+                    field("url"),
+                    url.span(),
+                    format!("{{{bad}}} is not a placeholder; use {{gpu_uuid}} or {{gpu_index}}"),
+                ));
+            }
             ExecutorConfig::Http {
                 url: url.into_inner(),
                 timeout,
@@ -570,8 +717,20 @@ fn kind_config(
             ));
         }
     };
+    // A command loads its model on every run; a service or the simulator
+    // holds its memory already, so one reading shows a job's memory.
+    let default_load_ms = match executor {
+        ExecutorConfig::Command { .. } => 10_000,
+        ExecutorConfig::Simulated { .. } | ExecutorConfig::Http { .. } => 0,
+    };
     Ok(KindConfig {
         vram_mb,
+        load_time: Duration::from_millis(check.range(
+            field("load_time_ms"),
+            load_time_field,
+            default_load_ms,
+            0..=3_600_000,
+        )?),
         priority: check.range(field("priority"), raw.priority, 50, 0..=100)?,
         max_concurrent: check.range(field("max_concurrent"), raw.max_concurrent, 1, 1..=10_000)?,
         queue_wait: Duration::from_millis(check.range(
@@ -745,5 +904,73 @@ duration_ms = 150
         );
         let config = AgentConfig::parse(&source).unwrap();
         assert_eq!(config.token.as_deref(), Some("secret-from-file-123"));
+    }
+
+    #[test]
+    fn gpu_devices_nvml_and_load_time_are_validated() {
+        let gpu = |extra: &str| {
+            SPEC_EXAMPLE.replace(
+                "reserve_mb = 1024\n",
+                &format!("reserve_mb = 1024\n{extra}\n"),
+            )
+        };
+        let config = AgentConfig::parse(&gpu("devices = [1, \"GPU-abc\", \"MIG-def\"]")).unwrap();
+        assert_eq!(
+            config.gpu.devices,
+            [
+                DeviceSelector::Index(1),
+                DeviceSelector::Uuid("GPU-abc".into()),
+                DeviceSelector::Uuid("MIG-def".into())
+            ]
+        );
+        assert_eq!(config.gpu.nvml.ignored_xids, DEFAULT_IGNORED_XIDS);
+        assert_eq!(config.gpu.stale_after, Duration::from_millis(2500));
+        let text = error(&gpu("devices = [\"gpu0\"]"));
+        assert!(
+            text.contains("gpu.devices (line 15)") && text.contains("nvidia-smi -L"),
+            "{text}"
+        );
+        assert!(error(&gpu("devices = [-1]")).contains("gpu.devices"));
+        assert!(error(&gpu("devices = []")).contains("at least one GPU"));
+        assert!(error(&gpu("stale_after_ms = 100")).contains("gpu.stale_after_ms"));
+        let nvml = SPEC_EXAMPLE.replace(
+            "[gpu.simulated]",
+            "[gpu.nvml]\nlibrary_path = \"/opt/nvidia/libnvidia-ml.so.1\"\nignored_xids = [13]\n[gpu.simulated]",
+        );
+        let config = AgentConfig::parse(&nvml).unwrap();
+        assert_eq!(
+            config.gpu.nvml.library_path.as_deref(),
+            Some(Path::new("/opt/nvidia/libnvidia-ml.so.1"))
+        );
+        assert_eq!(config.gpu.nvml.ignored_xids, [13]);
+        let typo = nvml.replace("ignored_xids", "ignore_xids");
+        assert!(error(&typo).contains("ignore_xids"));
+        let empty = nvml.replace("\"/opt/nvidia/libnvidia-ml.so.1\"", "\"\"");
+        assert!(error(&empty).contains("gpu.nvml.library_path"));
+        let translate =
+            &AgentConfig::parse(SPEC_EXAMPLE).unwrap().jobs[&JobKind::new("translate").unwrap()];
+        assert_eq!(
+            translate.load_time,
+            Duration::ZERO,
+            "simulated: one reading"
+        );
+        let command = SPEC_EXAMPLE.replace(
+            "executor = \"simulated\"",
+            "executor = \"command\"\ncommand = [\"/bin/model\"]",
+        );
+        let config = AgentConfig::parse(&command).unwrap();
+        assert_eq!(
+            config.jobs[&JobKind::new("translate").unwrap()].load_time,
+            Duration::from_secs(10)
+        );
+        let url = SPEC_EXAMPLE.replace(
+            "executor = \"simulated\"",
+            "executor = \"http\"\nurl = \"http://127.0.0.1:8000/{gpu}/asr\"",
+        );
+        assert!(
+            error(&url).contains("{gpu} is not a placeholder"),
+            "{}",
+            error(&url)
+        );
     }
 }

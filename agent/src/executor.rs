@@ -1,10 +1,15 @@
 //! Executors: how a job of a kind actually runs.
 //!
 //! - `http`: POST the payload as JSON to a local inference service; a 2xx
-//!   JSON answer is the output, anything else an executor failure.
+//!   JSON answer is the output, anything else an executor failure. The URL
+//!   may name the GPU the job was placed on (`{gpu_uuid}`, `{gpu_index}`),
+//!   for one service per GPU.
 //! - `command`: run a program with the payload as JSON on stdin and read
 //!   JSON from stdout; it runs in its own process group, which is killed
-//!   on timeout or cancellation.
+//!   on timeout or cancellation. It sees only the GPU (or MIG instance) the
+//!   job was placed on: `CUDA_VISIBLE_DEVICES` and `NVIDIA_VISIBLE_DEVICES`
+//!   hold its UUID (CUDA numbers GPUs differently from NVML; a UUID is the
+//!   same to both), `LINGUA_GPU_UUID` and `LINGUA_GPU_INDEX` say which.
 //! - `simulated`: sleep for `duration_ms` while holding the kind's actual
 //!   VRAM on the simulated GPU the job was placed on.
 //!
@@ -23,6 +28,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
+use crate::arbiter::Placement;
 use crate::config::ExecutorConfig;
 use crate::gpu::SimulatedGpus;
 
@@ -99,7 +105,7 @@ impl Executor {
     }
 
     /// Runs one job placed on `gpu`.
-    pub async fn run(&self, job: &JobAssign, gpu: Option<u32>) -> Outcome {
+    pub async fn run(&self, job: &JobAssign, gpu: Option<&Placement>) -> Outcome {
         match self {
             Executor::Simulated {
                 duration,
@@ -109,7 +115,7 @@ impl Executor {
             } => {
                 let _held = match (gpus, gpu) {
                     (Some(gpus), Some(gpu)) => {
-                        Some(gpus.allocate(gpu, *actual_vram_mb, *utilization_pct))
+                        Some(gpus.allocate(gpu.index, *actual_vram_mb, *utilization_pct))
                     }
                     _ => None,
                 };
@@ -127,10 +133,21 @@ impl Executor {
                 client,
                 url,
                 timeout,
-            } => http(client, url, *timeout, &job.payload).await,
-            Executor::Command { argv, timeout } => command(argv, *timeout, &job.payload).await,
+            } => http(client, &gpu_url(url, gpu), *timeout, &job.payload).await,
+            Executor::Command { argv, timeout } => command(argv, *timeout, &job.payload, gpu).await,
         }
     }
+}
+
+/// The URL for a job placed on `gpu`: `{gpu_uuid}` and `{gpu_index}`
+/// replaced (by nothing on a node without GPUs).
+fn gpu_url(template: &str, gpu: Option<&Placement>) -> String {
+    let (uuid, index) = gpu.map_or((String::new(), String::new()), |g| {
+        (g.uuid.clone(), g.index.to_string())
+    });
+    template
+        .replace("{gpu_uuid}", &uuid)
+        .replace("{gpu_index}", &index)
 }
 
 async fn http(client: &reqwest::Client, url: &str, timeout: Duration, payload: &Value) -> Outcome {
@@ -204,8 +221,21 @@ impl Drop for GroupKiller {
     }
 }
 
-async fn command(argv: &[String], timeout: Duration, payload: &Value) -> Outcome {
-    let mut child = match Command::new(&argv[0])
+async fn command(
+    argv: &[String],
+    timeout: Duration,
+    payload: &Value,
+    gpu: Option<&Placement>,
+) -> Outcome {
+    let mut process = Command::new(&argv[0]);
+    if let Some(gpu) = gpu {
+        process
+            .env("CUDA_VISIBLE_DEVICES", &gpu.uuid)
+            .env("NVIDIA_VISIBLE_DEVICES", &gpu.uuid)
+            .env("LINGUA_GPU_UUID", &gpu.uuid)
+            .env("LINGUA_GPU_INDEX", gpu.index.to_string());
+    }
+    let mut child = match process
         .args(&argv[1..])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -332,6 +362,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_command_sees_only_the_gpu_it_was_placed_on() {
+        let executor = command_executor(
+            r#"printf '{"cuda": "%s", "nvidia": "%s", "uuid": "%s", "index": "%s"}' "$CUDA_VISIBLE_DEVICES" "$NVIDIA_VISIBLE_DEVICES" "$LINGUA_GPU_UUID" "$LINGUA_GPU_INDEX""#,
+            5000,
+        );
+        let gpu = Placement {
+            index: 3,
+            uuid: "GPU-8e6a3b7e-0000-4000-8000-000000000003".into(),
+        };
+        let outcome = executor.run(&job(json!(1)), Some(&gpu)).await;
+        let uuid = "GPU-8e6a3b7e-0000-4000-8000-000000000003";
+        assert_eq!(
+            outcome,
+            Outcome::Completed {
+                output: json!({"cuda": uuid, "nvidia": uuid, "uuid": uuid, "index": "3"})
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn an_http_job_reaches_the_service_of_its_gpu() {
+        let base = inference_service().await;
+        let executor = http_executor(format!("{base}/gpu/{{gpu_index}}/{{gpu_uuid}}"), 5000);
+        let gpu = Placement {
+            index: 1,
+            uuid: "MIG-5c1d".into(),
+        };
+        let outcome = executor.run(&job(json!({"t": 1})), Some(&gpu)).await;
+        assert_eq!(
+            outcome,
+            Outcome::Completed {
+                output: json!({"index": "1", "uuid": "MIG-5c1d", "body": {"t": 1}})
+            }
+        );
+    }
+
+    #[tokio::test]
     async fn command_failures_are_executor_failures() {
         let outcome = command_executor("echo boom >&2; exit 3", 5000)
             .run(&job(json!(1)), None)
@@ -410,12 +477,22 @@ mod tests {
     }
 
     /// A local inference service: `/echo` answers the payload, `/fail`
-    /// answers 500, `/slow` never answers, `/text` answers plain text.
+    /// answers 500, `/slow` never answers, `/text` answers plain text,
+    /// `/gpu/{index}/{uuid}` answers which GPU's route it was.
     async fn inference_service() -> String {
         use axum::Json;
+        use axum::extract::Path;
         use axum::http::StatusCode;
         use axum::routing::post;
         let app = axum::Router::new()
+            .route(
+                "/gpu/{index}/{uuid}",
+                post(
+                    |Path((index, uuid)): Path<(String, String)>, Json(body): Json<Value>| async move {
+                        Json(json!({"index": index, "uuid": uuid, "body": body}))
+                    },
+                ),
+            )
             .route(
                 "/echo",
                 post(|Json(body): Json<Value>| async move { Json(json!({"echo": body})) }),
@@ -517,7 +594,11 @@ mod tests {
             gpus: Some(gpus.clone()),
         };
         let job = job(json!({"x": 1}));
-        let running = executor.run(&job, Some(0));
+        let gpu = Placement {
+            index: 0,
+            uuid: "GPU-simulated-0".into(),
+        };
+        let running = executor.run(&job, Some(&gpu));
         tokio::pin!(running);
         assert!(
             tokio::time::timeout(Duration::from_millis(100), running.as_mut())

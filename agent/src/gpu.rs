@@ -1,21 +1,33 @@
 //! GPU probes: where the arbiter's readings come from.
 //!
-//! [`spawn_sampler`] reads a [`GpuProbe`] periodically: on a dedicated
+//! [`spawn_sampler`] reads a [`Source`] periodically: on a dedicated
 //! thread when its reads block (NVML), on a tokio task otherwise, so that a
 //! process can host thousands of simulated agents (`lingua-bench`) without
 //! a thread each. Three backends: NVML ([`crate::nvml`]), simulated GPUs
 //! whose memory and utilisation follow the jobs running on them (tests and
 //! the demo), and none (a CPU-only node).
+//!
+//! The NVML sampler thread owns the library for as long as it runs: when
+//! NVML cannot be initialised it publishes the reason and retries with a
+//! doubling pause (capped at [`NVML_RETRY_CAP`]), and when it stops it
+//! shuts NVML down. `[gpu] devices` keeps only the GPUs it names.
 
 use std::collections::HashMap;
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::config::{Backend, GpuConfig, SimulatedGpus as SimulatedConfig};
+use crate::config::{Backend, DeviceSelector, GpuConfig, SimulatedGpus as SimulatedConfig};
+use crate::nvml::NvmlLibrary;
+
+/// The longest pause between two attempts to initialise NVML.
+pub const NVML_RETRY_CAP: Duration = Duration::from_secs(30);
+
+/// One sample: the readings, or why there are none (NVML unavailable).
+pub type Reading = Result<Vec<GpuSnapshot>, String>;
 
 /// One GPU's readings at one moment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -36,6 +48,10 @@ pub struct GpuSnapshot {
     pub temperature_c: Option<u32>,
     /// False after a critical error, or when the GPU is lost.
     pub healthy: bool,
+    /// Why the GPU is unhealthy.
+    pub reason: Option<String>,
+    /// For a MIG instance, the UUID of its GPU.
+    pub parent_uuid: Option<String>,
 }
 
 /// Why a probe could not be opened.
@@ -48,7 +64,8 @@ pub enum ProbeError {
     NvmlUnavailable(String),
 }
 
-/// A source of GPU readings. `read` may block when [`GpuProbe::blocks`].
+/// A source of GPU readings other than NVML. `read` may block when
+/// [`GpuProbe::blocks`].
 pub trait GpuProbe: Send {
     /// Which backend this is.
     fn backend(&self) -> Backend;
@@ -60,56 +77,171 @@ pub trait GpuProbe: Send {
     fn read(&mut self) -> Vec<GpuSnapshot>;
 }
 
-/// Opens the probe the config asks for. `simulated` is the shared model of
+/// Where readings come from: a probe, or NVML (opened on the sampler
+/// thread, which owns it).
+pub struct Source {
+    kind: SourceKind,
+    devices: Vec<DeviceSelector>,
+}
+
+enum SourceKind {
+    Probe(Box<dyn GpuProbe>),
+    Nvml(crate::config::NvmlConfig),
+}
+
+/// Opens the source the config asks for. `simulated` is the shared model of
 /// the simulated backend (the simulated executor allocates on it).
-pub fn open(
-    config: &GpuConfig,
-    simulated: Option<Arc<SimulatedGpus>>,
-) -> Result<Box<dyn GpuProbe>, ProbeError> {
-    match config.backend {
-        Backend::Nvml => Ok(Box::new(crate::nvml::NvmlProbe::init()?)),
-        Backend::Simulated => Ok(Box::new(SimulatedProbe(
+pub fn open(config: &GpuConfig, simulated: Option<Arc<SimulatedGpus>>) -> Source {
+    let kind = match config.backend {
+        Backend::Nvml => SourceKind::Nvml(config.nvml.clone()),
+        Backend::Simulated => SourceKind::Probe(Box::new(SimulatedProbe(
             simulated.unwrap_or_else(|| SimulatedGpus::new(&config.simulated)),
         ))),
-        Backend::None => Ok(Box::new(NoGpu)),
+        Backend::None => SourceKind::Probe(Box::new(NoGpu)),
+    };
+    Source {
+        kind,
+        devices: config.devices.clone(),
     }
 }
 
-/// Reads `probe` every `interval` and hands each reading to `publish`,
+impl Source {
+    /// A source reading `probe`, keeping only `devices` (all when empty).
+    pub fn probe(probe: Box<dyn GpuProbe>, devices: Vec<DeviceSelector>) -> Self {
+        Self {
+            kind: SourceKind::Probe(probe),
+            devices,
+        }
+    }
+
+    /// Which backend this is.
+    pub fn backend(&self) -> Backend {
+        match &self.kind {
+            SourceKind::Probe(probe) => probe.backend(),
+            SourceKind::Nvml(_) => Backend::Nvml,
+        }
+    }
+
+    /// One reading now (NVML is opened for it and shut down after).
+    pub fn read_once(&mut self) -> Result<Vec<GpuSnapshot>, ProbeError> {
+        let gpus = match &mut self.kind {
+            SourceKind::Probe(probe) => probe.read(),
+            SourceKind::Nvml(config) => {
+                let library = NvmlLibrary::open(config)?;
+                library.probe(config).read()
+            }
+        };
+        Ok(select(&self.devices, gpus))
+    }
+}
+
+/// The readings of the devices `[gpu] devices` names (all when empty). A
+/// MIG instance is selected by its own UUID, its GPU's UUID or index.
+pub fn select(devices: &[DeviceSelector], gpus: Vec<GpuSnapshot>) -> Vec<GpuSnapshot> {
+    if devices.is_empty() {
+        return gpus;
+    }
+    gpus.into_iter()
+        .filter(|gpu| {
+            devices.iter().any(|d| match d {
+                DeviceSelector::Index(index) => gpu.index == *index,
+                DeviceSelector::Uuid(uuid) => {
+                    gpu.uuid == *uuid || gpu.parent_uuid.as_deref() == Some(uuid.as_str())
+                }
+            })
+        })
+        .collect()
+}
+
+/// Reads `source` every `interval` and hands each reading to `publish`,
 /// until the returned [`Sampler`] is dropped: on a thread of its own when
-/// the probe blocks, else on a task of the current tokio runtime.
+/// the source blocks, else on a task of the current tokio runtime.
 pub fn spawn_sampler(
-    mut probe: Box<dyn GpuProbe>,
+    source: Source,
     interval: Duration,
-    publish: impl Fn(Vec<GpuSnapshot>) + Send + 'static,
+    publish: impl Fn(Reading) + Send + 'static,
 ) -> std::io::Result<Sampler> {
+    let Source { kind, devices } = source;
+    let mut probe = match kind {
+        SourceKind::Probe(probe) => probe,
+        SourceKind::Nvml(config) => {
+            return spawn_thread(move |stopped| {
+                nvml_loop(&config, &devices, interval, &publish, stopped);
+            });
+        }
+    };
     if !probe.blocks() {
         let task = tokio::spawn(async move {
             let mut ticker = tokio::time::interval(interval);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticker.tick().await;
-                publish(probe.read());
+                publish(Ok(select(&devices, probe.read())));
             }
         });
         return Ok(Sampler::Task(task.abort_handle()));
     }
+    spawn_thread(move |stopped| {
+        loop {
+            publish(Ok(select(&devices, probe.read())));
+            if stop_requested(stopped, interval) {
+                return;
+            }
+        }
+    })
+}
+
+/// Waits `pause`; true when the sampler was stopped meanwhile.
+fn stop_requested(stopped: &Receiver<()>, pause: Duration) -> bool {
+    match stopped.recv_timeout(pause) {
+        Err(RecvTimeoutError::Timeout) => false,
+        Ok(()) | Err(RecvTimeoutError::Disconnected) => true,
+    }
+}
+
+fn spawn_thread(body: impl FnOnce(&Receiver<()>) + Send + 'static) -> std::io::Result<Sampler> {
     let (stop, stopped) = mpsc::channel::<()>();
     let thread = std::thread::Builder::new()
         .name("gpu-sampler".into())
-        .spawn(move || {
-            loop {
-                publish(probe.read());
-                match stopped.recv_timeout(interval) {
-                    Err(RecvTimeoutError::Timeout) => {}
-                    Ok(()) | Err(RecvTimeoutError::Disconnected) => return,
-                }
-            }
-        })?;
+        .spawn(move || body(&stopped))?;
     Ok(Sampler::Thread {
         stop: Some(stop),
         thread: Some(thread),
     })
+}
+
+/// The NVML sampler: initialise (retrying with backoff, publishing why it
+/// fails), then read until stopped; NVML is shut down on the way out.
+fn nvml_loop(
+    config: &crate::config::NvmlConfig,
+    devices: &[DeviceSelector],
+    interval: Duration,
+    publish: &dyn Fn(Reading),
+    stopped: &Receiver<()>,
+) {
+    let mut pause = interval;
+    loop {
+        match NvmlLibrary::open(config) {
+            Err(err) => {
+                tracing::warn!(error = %err, retry_in_ms = pause.as_millis() as u64, "nvml unavailable: no gpu slots until it initialises");
+                publish(Err(err.to_string()));
+                if stop_requested(stopped, pause) {
+                    return;
+                }
+                pause = (pause * 2).min(NVML_RETRY_CAP);
+            }
+            Ok(library) => {
+                let mut probe = library.probe(config);
+                tracing::info!(xid_watched = ?probe.watched(), "nvml initialised");
+                loop {
+                    publish(Ok(select(devices, probe.read())));
+                    if stop_requested(stopped, interval) {
+                        return;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// The running sampler; dropping it stops it (and waits for its thread).
@@ -238,6 +370,8 @@ impl SimulatedGpus {
                     utilization_pct: Some(utilization.min(100) as u8),
                     temperature_c: None,
                     healthy: true,
+                    reason: None,
+                    parent_uuid: None,
                 }
             })
             .collect()
@@ -317,14 +451,14 @@ mod tests {
     #[test]
     fn a_blocking_probe_is_sampled_on_a_thread_until_dropped() {
         let (tx, rx) = mpsc::channel();
-        let probe = Box::new(Blocking(SimulatedProbe(sim())));
+        let probe = Source::probe(Box::new(Blocking(SimulatedProbe(sim()))), Vec::new());
         let sampler = spawn_sampler(probe, Duration::from_millis(1), move |reading| {
-            let _ = tx.send(reading.len());
+            let _ = tx.send(reading.map(|r| r.len()));
         })
         .unwrap();
         assert!(matches!(sampler, Sampler::Thread { .. }));
-        assert_eq!(rx.recv().unwrap(), 2);
-        assert_eq!(rx.recv().unwrap(), 2);
+        assert_eq!(rx.recv().unwrap(), Ok(2));
+        assert_eq!(rx.recv().unwrap(), Ok(2));
         drop(sampler);
         while rx.recv().is_ok() {}
     }
@@ -332,14 +466,18 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_simulated_probe_is_sampled_on_a_task_until_dropped() {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let probe = Box::new(SimulatedProbe(sim()));
+        // Only GPU 1 is selected.
+        let probe = Source::probe(
+            Box::new(SimulatedProbe(sim())),
+            vec![DeviceSelector::Index(1)],
+        );
         let sampler = spawn_sampler(probe, Duration::from_millis(100), move |reading| {
-            let _ = tx.send(reading.len());
+            let _ = tx.send(reading.map(|r| r.iter().map(|g| g.index).collect::<Vec<_>>()));
         })
         .unwrap();
         assert!(matches!(sampler, Sampler::Task(_)));
-        assert_eq!(rx.recv().await, Some(2));
-        assert_eq!(rx.recv().await, Some(2));
+        assert_eq!(rx.recv().await, Some(Ok(vec![1])));
+        assert_eq!(rx.recv().await, Some(Ok(vec![1])));
         drop(sampler);
         while rx.recv().await.is_some() {}
     }

@@ -146,7 +146,9 @@ impl Jobs {
                     Refusal::Draining => RejectReason::Draining,
                     Refusal::Concurrency { .. }
                     | Refusal::Pressure { .. }
-                    | Refusal::Memory { .. } => RejectReason::NoCapacity,
+                    | Refusal::Memory { .. }
+                    | Refusal::Unavailable(_)
+                    | Refusal::Stale { .. } => RejectReason::NoCapacity,
                 };
                 return self.reject(&job, reason, refusal.to_string());
             }
@@ -157,7 +159,7 @@ impl Jobs {
         let started = Instant::now();
         let limit = Duration::from_millis(job.timeout_ms);
         let outcome = tokio::select! {
-            outcome = executor.run(&job, permit.gpu()) => outcome,
+            outcome = executor.run(&job, permit.placement()) => outcome,
             () = tokio::time::sleep(limit) => {
                 tracing::warn!(job_id = %job.job_id, attempt = job.attempt, timeout_ms = job.timeout_ms, "watchdog: job overran its timeout and was stopped");
                 Outcome::Failed { code: FailureCode::Timeout, message: format!("the job ran over its timeout of {} ms and was stopped", job.timeout_ms) }
@@ -228,6 +230,7 @@ mod tests {
                 min_priority: 0,
             },
             settle: Duration::ZERO,
+            stale_after: Duration::from_secs(2),
             kinds: BTreeMap::from([(
                 kind(),
                 KindLimits {
@@ -235,6 +238,7 @@ mod tests {
                     priority: 50,
                     max_concurrent: max,
                     queue_wait: Duration::ZERO,
+                    load_time: Duration::ZERO,
                 },
             )]),
         });

@@ -126,6 +126,7 @@ pub fn capacity(arbiter: &Arbiter) -> CapacityReport {
     CapacityReport {
         free_slots: arbiter.free_slots(),
         gpus: arbiter.gpus().iter().map(reading).collect(),
+        gpu_problem: arbiter.health(),
     }
 }
 
@@ -137,6 +138,7 @@ fn reading(gpu: &GpuSnapshot) -> GpuReading {
         utilization_pct: gpu.utilization_pct,
         temperature_c: gpu.temperature_c,
         healthy: gpu.healthy,
+        reason: gpu.reason.clone(),
     }
 }
 

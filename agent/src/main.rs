@@ -3,7 +3,8 @@
 //! Exit codes (SPEC.md): 0 success, 64 bad usage, invalid config, or a
 //! refusal by the coordinator that retrying cannot fix (bad token, node id
 //! held by another host, no common protocol version), 69 a dependency is
-//! unavailable (NVML with `backend = "nvml"`), 70 internal error.
+//! unavailable (`probe` without NVML; the service itself keeps running
+//! with zero slots and retries), 70 internal error.
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
@@ -85,14 +86,14 @@ fn main() -> ExitCode {
 }
 
 fn probe(config: &AgentConfig) -> ExitCode {
-    let mut probe = match gpu::open(&config.gpu, None) {
-        Ok(probe) => probe,
+    let mut source = gpu::open(&config.gpu, None);
+    let readings = match source.read_once() {
+        Ok(readings) => readings,
         Err(err) => {
             eprintln!("lingua-agent: {err}");
             return Exit::Unavailable.into();
         }
     };
-    let readings = probe.read();
     let arbiter = Arbiter::new(Limits::from_config(config));
     arbiter.update(readings.clone(), Instant::now());
     let free = arbiter.free_slots();
@@ -109,6 +110,8 @@ fn probe(config: &AgentConfig) -> ExitCode {
                 "utilization_pct": g.utilization_pct,
                 "temperature_c": g.temperature_c,
                 "healthy": g.healthy,
+                "reason": g.reason,
+                "mig_parent_uuid": g.parent_uuid,
             })
         })
         .collect();
@@ -128,9 +131,10 @@ fn probe(config: &AgentConfig) -> ExitCode {
         })
         .collect();
     let document = json!({
-        "backend": probe.backend().name(),
+        "backend": source.backend().name(),
         "reserve_mb": config.gpu.reserve_mb,
         "under_pressure": arbiter.under_pressure(),
+        "hot_gpus": arbiter.hot_gpus(),
         "gpus": gpus,
         "jobs": jobs,
     });
@@ -181,7 +185,6 @@ async fn serve(config: AgentConfig, path: PathBuf) -> ExitCode {
 
 fn exit_for(err: &AgentError) -> ExitCode {
     match err {
-        AgentError::Probe(_) => Exit::Unavailable.into(),
         AgentError::Refused { .. } => Exit::Usage.into(),
         AgentError::Thread(_) => Exit::Internal.into(),
     }
@@ -234,7 +237,8 @@ async fn signals(
 }
 
 /// Tells systemd we are ready (registered or retrying), keeps its watchdog
-/// fed, and mirrors the link state into STATUS=.
+/// fed while the GPU sampler makes progress (a stuck sampler lets systemd
+/// restart the agent), and mirrors the link state into STATUS=.
 async fn systemd(handles: Handles, shutdown: CancellationToken) {
     let _ = sd_notify::notify(&[
         NotifyState::Ready,
@@ -247,16 +251,24 @@ async fn systemd(handles: Handles, shutdown: CancellationToken) {
         tokio::select! {
             () = shutdown.cancelled() => return,
             _ = feed.tick(), if watchdog.is_some() => {
-                let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+                if handles.arbiter.fresh() {
+                    let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+                } else {
+                    tracing::error!("gpu readings are stale: not feeding the systemd watchdog");
+                }
             }
             Ok(()) = status.changed() => {
                 let s = status.borrow().clone();
-                let line = format!(
+                let mut line = format!(
                     "{}; {} running; {} results awaiting acknowledgement",
                     if s.connected { "connected" } else { "reconnecting" },
                     handles.arbiter.running(),
                     s.outbox
                 );
+                if let Some(problem) = handles.arbiter.health() {
+                    line.push_str("; ");
+                    line.push_str(&problem);
+                }
                 let _ = sd_notify::notify(&[NotifyState::Status(&line)]);
             }
         }

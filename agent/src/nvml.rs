@@ -1,158 +1,278 @@
 //! The NVML backend: NVIDIA GPUs read through `libnvidia-ml`.
 //!
-//! NVML is initialised once per process. Each read asks every GPU for its
-//! memory, utilisation, temperature and name; `NotSupported` is a missing
-//! metric, not an error. A GPU that reports a critical Xid error or is lost
-//! (`GpuLost`) is marked unhealthy for good: the arbiter gives it no slots
-//! until the agent restarts.
+//! [`NvmlLibrary`] owns one initialised NVML (loaded from the system, or
+//! from `[gpu.nvml] library_path`) and shuts it down when dropped, so a
+//! driver can be reloaded once the agent stops. [`NvmlProbe`] borrows it:
+//! it lives on the sampler thread, next to the library.
+//!
+//! Each read lists the schedulable devices: every GPU, or with MIG mode on,
+//! the GPU's MIG instances instead (each with its own memory). Per device:
+//! memory, utilisation and temperature; `NotSupported` is a missing metric,
+//! not an error. A device is unhealthy, with a reason, when NVML says it is
+//! lost (`GpuLost`), when a critical Xid that is not an application Xid
+//! (`[gpu.nvml] ignored_xids`) arrives, or when it has counted
+//! uncorrectable (double-bit) ECC errors since the driver loaded. Xid
+//! events are registered one GPU at a time, each in its own event set, so
+//! a GPU that cannot be registered costs no other GPU its monitoring.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use nvml_wrapper::Nvml;
 use nvml_wrapper::bitmasks::event::EventTypes;
-use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
+use nvml_wrapper::device::Device;
+use nvml_wrapper::enum_wrappers::device::{EccCounter, MemoryError, TemperatureSensor};
+use nvml_wrapper::enums::event::XidError;
 use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::event::EventSet;
 
-use crate::config::Backend;
-use crate::gpu::{GpuProbe, GpuSnapshot, ProbeError};
+use crate::config::NvmlConfig;
+use crate::gpu::{GpuSnapshot, ProbeError};
 
 const MIB: u64 = 1024 * 1024;
 
-/// Reads NVIDIA GPUs through NVML.
-pub struct NvmlProbe {
-    nvml: &'static Nvml,
-    events: Option<EventSet<'static>>,
-    broken: HashSet<String>,
+/// The memory call every read needs; drivers before R510 lack it.
+const MEMORY_V2: &str = "nvmlDeviceGetMemoryInfo_v2";
+
+/// An initialised NVML; dropping it calls `nvmlShutdown`.
+pub struct NvmlLibrary {
+    nvml: Nvml,
 }
 
-impl NvmlProbe {
-    /// Loads and initialises NVML, and subscribes to critical Xid errors
-    /// where the GPUs support it.
-    pub fn init() -> Result<Self, ProbeError> {
-        let nvml = Nvml::init().map_err(|e| ProbeError::NvmlUnavailable(e.to_string()))?;
-        // NVML lives as long as the process; the event set borrows it.
-        let nvml: &'static Nvml = Box::leak(Box::new(nvml));
-        let count = nvml
-            .device_count()
-            .map_err(|e| ProbeError::NvmlUnavailable(e.to_string()))?;
-        let mut events = nvml.create_event_set().ok();
-        for index in 0..count {
-            let (Some(set), Ok(device)) = (events.take(), nvml.device_by_index(index)) else {
-                continue;
-            };
-            events = match device.register_events(EventTypes::CRITICAL_XID_ERROR, set) {
-                Ok(set) => Some(set),
-                Err(err) => {
-                    tracing::info!(gpu = index, error = %err.error, "xid events unavailable");
-                    nvml.create_event_set().ok()
-                }
-            };
+impl NvmlLibrary {
+    /// Loads and initialises NVML.
+    pub fn open(config: &NvmlConfig) -> Result<Self, ProbeError> {
+        let mut builder = Nvml::builder();
+        if let Some(path) = &config.library_path {
+            builder.lib_path(path.as_os_str());
         }
-        Ok(Self {
-            nvml,
-            events,
-            broken: HashSet::new(),
-        })
+        let nvml = builder.init().map_err(|err| {
+            let from = config.library_path.as_ref().map_or_else(
+                || "libnvidia-ml.so.1".to_owned(),
+                |p| p.display().to_string(),
+            );
+            ProbeError::NvmlUnavailable(format!("{from}: {err}"))
+        })?;
+        Ok(Self { nvml })
     }
 
-    fn drain_xid_events(&mut self) {
-        let Some(events) = &self.events else { return };
-        while let Ok(event) = events.wait(0) {
-            if let Ok(uuid) = event.device.uuid() {
-                tracing::error!(gpu = %uuid, xid = ?event.event_data, "critical xid error: gpu taken out of admission");
-                self.broken.insert(uuid);
+    /// A probe reading this library's GPUs, registered for Xid events.
+    pub fn probe(&self, config: &NvmlConfig) -> NvmlProbe<'_> {
+        NvmlProbe::new(&self.nvml, config)
+    }
+}
+
+/// Reads NVIDIA GPUs through an [`NvmlLibrary`].
+pub struct NvmlProbe<'a> {
+    nvml: &'a Nvml,
+    ignored_xids: Vec<u64>,
+    /// One event set per GPU that accepted registration, by GPU UUID.
+    events: Vec<(String, EventSet<'a>)>,
+    /// GPUs (by UUID) taken out for good, with the reason.
+    broken: HashMap<String, String>,
+    /// UUIDs seen per index, to name a GPU that stops answering.
+    known: HashMap<u32, String>,
+    memory_v2_missing_told: bool,
+}
+
+impl<'a> NvmlProbe<'a> {
+    fn new(nvml: &'a Nvml, config: &NvmlConfig) -> Self {
+        let mut probe = Self {
+            nvml,
+            ignored_xids: config.ignored_xids.clone(),
+            events: Vec::new(),
+            broken: HashMap::new(),
+            known: HashMap::new(),
+            memory_v2_missing_told: false,
+        };
+        probe.register_events();
+        probe
+    }
+
+    fn register_events(&mut self) {
+        let count = self.nvml.device_count().unwrap_or(0);
+        for index in 0..count {
+            let Ok(device) = self.nvml.device_by_index(index) else {
+                continue;
+            };
+            let Ok(uuid) = device.uuid() else { continue };
+            let set = match self.nvml.create_event_set() {
+                Ok(set) => set,
+                Err(err) => {
+                    tracing::warn!(gpu = index, %uuid, error = %err, "cannot create an nvml event set: xid errors of this gpu go unseen");
+                    continue;
+                }
+            };
+            match device.register_events(EventTypes::CRITICAL_XID_ERROR, set) {
+                Ok(set) => self.events.push((uuid, set)),
+                Err(err) => {
+                    tracing::warn!(gpu = index, %uuid, error = %err.error, "xid events unavailable on this gpu; the others are still watched");
+                }
             }
         }
     }
-}
 
-fn metric<T>(result: Result<T, NvmlError>) -> Option<T> {
-    result.ok()
-}
-
-impl GpuProbe for NvmlProbe {
-    fn backend(&self) -> Backend {
-        Backend::Nvml
+    /// GPUs with Xid monitoring, by UUID.
+    pub fn watched(&self) -> Vec<&str> {
+        self.events.iter().map(|(uuid, _)| uuid.as_str()).collect()
     }
 
-    fn blocks(&self) -> bool {
-        true
+    fn drain_xid_events(&mut self) {
+        for (uuid, set) in &self.events {
+            while let Ok(event) = set.wait(0) {
+                let xid = match event.event_data {
+                    Some(XidError::Value(xid)) => Some(xid),
+                    Some(XidError::Unknown) | None => None,
+                };
+                if let Some(xid) = xid
+                    && self.ignored_xids.contains(&xid)
+                {
+                    tracing::warn!(gpu = %uuid, xid, "application xid (a CUDA program failed); the gpu stays in admission");
+                    continue;
+                }
+                let reason = match xid {
+                    Some(xid) => format!("critical Xid {xid}"),
+                    None => "critical Xid (unknown code)".to_owned(),
+                };
+                tracing::error!(gpu = %uuid, %reason, "gpu taken out of admission until the agent restarts");
+                self.broken.entry(uuid.clone()).or_insert(reason);
+            }
+        }
     }
 
-    fn read(&mut self) -> Vec<GpuSnapshot> {
+    /// Current readings of every schedulable device.
+    pub fn read(&mut self) -> Vec<GpuSnapshot> {
         self.drain_xid_events();
         let count = self.nvml.device_count().unwrap_or(0);
         let mut snapshots = Vec::with_capacity(count as usize);
         for index in 0..count {
+            let known = self.known.get(&index).cloned();
             let device = match self.nvml.device_by_index(index) {
                 Ok(device) => device,
                 Err(err) => {
-                    tracing::error!(gpu = index, error = %err, "gpu unreachable");
-                    snapshots.push(unhealthy(index, format!("GPU-unreachable-{index}")));
+                    let uuid = known.unwrap_or_else(|| format!("GPU-unreachable-{index}"));
+                    snapshots.push(self.lost(index, uuid, None, &err));
                     continue;
                 }
             };
-            let uuid = device
-                .uuid()
-                .unwrap_or_else(|_| format!("GPU-unknown-{index}"));
-            let memory = match device.memory_info() {
-                Ok(memory) => memory,
+            let uuid = match device.uuid() {
+                Ok(uuid) => uuid,
                 Err(err) => {
-                    if matches!(err, NvmlError::GpuLost) {
-                        self.broken.insert(uuid.clone());
-                    }
-                    tracing::error!(gpu = %uuid, error = %err, "memory reading failed");
-                    snapshots.push(unhealthy(index, uuid));
+                    let uuid = known.unwrap_or_else(|| format!("GPU-unreachable-{index}"));
+                    snapshots.push(self.lost(index, uuid, None, &err));
                     continue;
                 }
             };
-            snapshots.push(GpuSnapshot {
-                index,
-                name: device.name().unwrap_or_else(|_| "NVIDIA GPU".into()),
-                memory_total_mb: memory.total / MIB,
-                memory_used_mb: memory.total.saturating_sub(memory.free).div_ceil(MIB),
-                utilization_pct: metric(device.utilization_rates()).map(|u| u.gpu.min(100) as u8),
-                temperature_c: metric(device.temperature(TemperatureSensor::Gpu)),
-                healthy: !self.broken.contains(&uuid),
-                uuid,
-            });
+            self.known.insert(index, uuid.clone());
+            if let Ok(ecc) = device.total_ecc_errors(MemoryError::Uncorrected, EccCounter::Volatile)
+                && ecc > 0
+            {
+                self.broken.entry(uuid.clone()).or_insert_with(|| {
+                    tracing::error!(gpu = %uuid, errors = ecc, "uncorrectable ecc errors: gpu taken out of admission");
+                    format!("{ecc} uncorrectable (double-bit) ECC errors since the driver loaded")
+                });
+            }
+            let mig_on = matches!(device.mig_mode(), Ok(mode) if mode.current == 1);
+            if !mig_on {
+                snapshots.push(self.snapshot(&device, index, uuid, None));
+                continue;
+            }
+            let slots = device.mig_device_count().unwrap_or(0);
+            for slot in 0..slots {
+                let Ok(instance) = device.mig_device_by_index(slot) else {
+                    continue;
+                };
+                match instance.uuid() {
+                    Ok(mig_uuid) => {
+                        snapshots.push(self.snapshot(&instance, index, mig_uuid, Some(&uuid)));
+                    }
+                    Err(err) => {
+                        let name = format!("{uuid}-mig-{slot}");
+                        snapshots.push(self.lost(index, name, Some(&uuid), &err));
+                    }
+                }
+            }
         }
         snapshots
     }
-}
 
-fn unhealthy(index: u32, uuid: String) -> GpuSnapshot {
-    GpuSnapshot {
-        index,
-        uuid,
-        name: "NVIDIA GPU".into(),
-        memory_total_mb: 0,
-        memory_used_mb: 0,
-        utilization_pct: None,
-        temperature_c: None,
-        healthy: false,
+    fn snapshot(
+        &mut self,
+        device: &Device<'_>,
+        index: u32,
+        uuid: String,
+        parent: Option<&str>,
+    ) -> GpuSnapshot {
+        let memory = match device.memory_info() {
+            Ok(memory) => memory,
+            Err(err) => return self.lost(index, uuid, parent, &err),
+        };
+        let reason = self
+            .broken
+            .get(parent.unwrap_or(&uuid))
+            .or_else(|| self.broken.get(&uuid))
+            .cloned();
+        GpuSnapshot {
+            index,
+            name: device.name().unwrap_or_else(|_| "NVIDIA GPU".into()),
+            memory_total_mb: memory.total / MIB,
+            memory_used_mb: memory.total.saturating_sub(memory.free).div_ceil(MIB),
+            utilization_pct: device
+                .utilization_rates()
+                .ok()
+                .map(|u| u.gpu.min(100) as u8),
+            temperature_c: device.temperature(TemperatureSensor::Gpu).ok(),
+            healthy: reason.is_none(),
+            reason,
+            parent_uuid: parent.map(str::to_owned),
+            uuid,
+        }
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn without_a_driver_init_is_an_error_not_a_panic() {
-        // These machines have no NVIDIA driver; on a GPU host this test
-        // checks that init succeeds and reads every GPU instead.
-        match NvmlProbe::init() {
-            Err(ProbeError::NvmlUnavailable(reason)) => assert!(!reason.is_empty()),
-            Ok(mut probe) => {
-                let snapshots = probe.read();
-                assert!(
-                    snapshots
-                        .iter()
-                        .all(|g| g.memory_total_mb > 0 && g.uuid.starts_with("GPU-"))
-                );
+    /// A device that could not be read: no slots, and why.
+    fn lost(
+        &mut self,
+        index: u32,
+        uuid: String,
+        parent: Option<&str>,
+        err: &NvmlError,
+    ) -> GpuSnapshot {
+        let reason = match err {
+            NvmlError::GpuLost => {
+                let reason = "GPU lost (fallen off the bus); it needs a reset or a reboot";
+                self.broken
+                    .entry(parent.unwrap_or(&uuid).to_owned())
+                    .or_insert_with(|| {
+                        tracing::error!(gpu = %uuid, "gpu lost: taken out of admission");
+                        reason.to_owned()
+                    });
+                reason.to_owned()
             }
+            NvmlError::FailedToLoadSymbol(_) => {
+                if !self.memory_v2_missing_told {
+                    self.memory_v2_missing_told = true;
+                    tracing::error!(
+                        call = MEMORY_V2,
+                        "the nvidia driver lacks {MEMORY_V2} (drivers before R510); upgrade the driver: no gpu gets slots until then"
+                    );
+                }
+                format!("the NVIDIA driver lacks {MEMORY_V2} (drivers before R510); upgrade it")
+            }
+            other => {
+                tracing::warn!(gpu = %uuid, error = %other, "gpu reading failed");
+                format!("NVML: {other}")
+            }
+        };
+        GpuSnapshot {
+            index,
+            uuid,
+            name: "NVIDIA GPU".into(),
+            memory_total_mb: 0,
+            memory_used_mb: 0,
+            utilization_pct: None,
+            temperature_c: None,
+            healthy: false,
+            reason: Some(reason),
+            parent_uuid: parent.map(str::to_owned),
         }
     }
 }

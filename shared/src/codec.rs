@@ -168,7 +168,9 @@ mod tests {
                 utilization_pct: Some(40),
                 temperature_c: None,
                 healthy: true,
+                reason: None,
             }],
+            gpu_problem: None,
         };
         vec![
             Message::Register(Register {

@@ -214,6 +214,10 @@ pub struct CapacityReport {
     /// Current GPU readings.
     #[serde(default)]
     pub gpus: Vec<GpuReading>,
+    /// Why the node's GPUs admit nothing as a whole (NVML unavailable, a
+    /// stale reading); absent when they can be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_problem: Option<String>,
 }
 
 /// One GPU's current readings.
@@ -233,6 +237,9 @@ pub struct GpuReading {
     pub temperature_c: Option<u32>,
     /// False once the GPU reported a critical error or was lost.
     pub healthy: bool,
+    /// Why the GPU is unhealthy (a critical Xid, ECC errors, lost).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// coordinator -> node: run a job.

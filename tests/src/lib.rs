@@ -231,6 +231,7 @@ pub fn registration(node_id: &str, src: &[&str], tgt: &[&str]) -> Register {
         capacity: CapacityReport {
             free_slots: [(kind, 4)].into(),
             gpus: Vec::new(),
+            gpu_problem: None,
         },
         draining: false,
     }
