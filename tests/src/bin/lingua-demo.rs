@@ -5,11 +5,18 @@
 //! pairs, drives a burst-and-lull speech-translation load through the HTTP
 //! API, kills one agent part-way so its jobs are routed elsewhere, and
 //! prints a summary. Exits 0 only when every job reached a terminal state.
+//!
+//! `--speech` runs real speech instead (see [`speech`]).
 #![forbid(unsafe_code)]
+
+// The crate root is a file, so its module directory is named explicitly.
+#[path = "lingua-demo/speech.rs"]
+mod speech;
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -43,6 +50,26 @@ struct Cli {
     /// Use this Redis instead of starting a private redis-server.
     #[arg(long, value_name = "URL")]
     redis_url: Option<String>,
+    /// Real speech instead: espeak-ng speaks English sentences, two nodes
+    /// run real ASR, translation (en -> es) and TTS (the programs of
+    /// examples/speech/, Debian packages), the Spanish speech is written
+    /// as WAV files.
+    #[arg(long, conflicts_with_all = ["agents", "jobs"])]
+    speech: bool,
+    /// With --speech: utterances to send.
+    #[arg(long, default_value_t = 6, requires = "speech", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    utterances: u32,
+    /// With --speech: speakers talking at once, one session each.
+    #[arg(long, default_value_t = 2, requires = "speech", value_parser = clap::value_parser!(u32).range(1..=64))]
+    speakers: u32,
+    /// With --speech: where the Spanish WAV files go.
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "lingua-speech-out",
+        requires = "speech"
+    )]
+    out: PathBuf,
 }
 
 /// Languages per agent, round robin: every agent serves a few directed
@@ -326,6 +353,12 @@ fn main() -> ExitCode {
 }
 
 async fn demo(cli: Cli) -> ExitCode {
+    if cli.speech
+        && let Err(err) = lingua_tests::speech::check_packages()
+    {
+        eprintln!("lingua-demo --speech: {err}");
+        return Exit::Unavailable.into();
+    }
     let (url, private) = match &cli.redis_url {
         Some(url) => (url.clone(), None),
         None => match PrivateRedis::start().await {
@@ -378,6 +411,21 @@ async fn demo(cli: Cli) -> ExitCode {
         }
     );
 
+    let outcome = if cli.speech {
+        speech::run(addr, cli.utterances, cli.speakers, &cli.out).await
+    } else {
+        simulated(&cli, addr, &metrics).await
+    };
+    stop.cancel();
+    let _ = coordinator.await;
+    if let Some(redis) = private {
+        redis.stop().await;
+    }
+    outcome
+}
+
+/// The simulated fleet under load, with one agent killed part-way.
+async fn simulated(cli: &Cli, addr: SocketAddr, metrics: &Metrics) -> ExitCode {
     let ws = format!("ws://{addr}/v1/node");
     let mut agents = Vec::new();
     for index in 0..cli.agents {
@@ -406,14 +454,9 @@ async fn demo(cli: Cli) -> ExitCode {
         cli.jobs
     );
 
-    let outcome = run_load(&cli, addr, &mut agents, &metrics).await;
+    let outcome = run_load(cli, addr, &mut agents, metrics).await;
     for agent in agents {
         agent.stop();
-    }
-    stop.cancel();
-    let _ = coordinator.await;
-    if let Some(redis) = private {
-        redis.stop().await;
     }
     outcome
 }
