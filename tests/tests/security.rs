@@ -409,7 +409,7 @@ async fn a_node_that_stops_reading_leaves_routing_within_its_lease() {
                 seq,
                 capacity: CapacityReport {
                     free_slots: [(kind.clone(), 64)].into(),
-                    gpus: Vec::new(),
+                    ..CapacityReport::default()
                 },
             });
             if writer
@@ -626,7 +626,7 @@ async fn metrics_scrapes_cost_redis_nothing_and_fast_frames_are_coalesced() {
     for seq in 0..150u64 {
         let capacity = CapacityReport {
             free_slots: [(kind.clone(), (seq % 4) as u32)].into(),
-            gpus: Vec::new(),
+            ..CapacityReport::default()
         };
         node.send(&Message::Heartbeat(Heartbeat {
             seq,
@@ -639,7 +639,7 @@ async fn metrics_scrapes_cost_redis_nothing_and_fast_frames_are_coalesced() {
     // The last report is published at most one interval after it arrived.
     let last = CapacityReport {
         free_slots: [(kind, 3)].into(),
-        gpus: Vec::new(),
+        ..CapacityReport::default()
     };
     node.send(&Message::Capacity(last)).await;
     eventually("the last report to reach routing", || {
