@@ -158,8 +158,13 @@ async fn every_script_call_keeps_its_keys_in_one_cluster_slot() {
     monitor.read_line(&mut ok).await.unwrap();
     assert_eq!(ok.trim(), "+OK");
 
-    // Drive every script through the real coordinator.
-    let coordinator = TestCoordinator::start(&redis, test_config()).await;
+    // Drive every script through the real coordinator. The raw node sends
+    // one heartbeat only: a long interval keeps it live until the drain.
+    let config = lingua_coordinator::config::Config {
+        heartbeat_interval: Duration::from_secs(10),
+        ..test_config()
+    };
+    let coordinator = TestCoordinator::start(&redis, config).await;
     let mut register = registration("slots", &["zh", "en"], &["en", "ja"]);
     register
         .capabilities
