@@ -6,19 +6,20 @@ use std::sync::Arc;
 use axum::{Extension, Json};
 use std::time::Duration;
 
+use axum::body::Body;
 use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
 use lingua_shared::{JobId, MAX_FRAME_BYTES, MAX_REQUEST_BODY_BYTES, NodeId};
 use serde_json::json;
 
 use crate::auth::{Caller, Role};
 use crate::jobs::{Job, JobRequest, JobView, SubmitError};
 use crate::metrics::PoolLabel;
-use crate::registry::Control;
 use crate::server::Shared;
 use crate::store::{DrainOutcome, RouteEntry, StoreError};
 
@@ -167,7 +168,7 @@ pub async fn drain(
             let reason = "drain requested by an admin";
             // The instance holding the node's socket must know, or its next
             // heartbeat would make the node routable again.
-            let told = shared.registry.send(&id, Control::Drain(reason.into()))
+            let told = shared.registry.drain(&id, reason.into())
                 || shared.router.forward_drain(&id, reason).await?;
             tracing::info!(node_id = %id, told, "node drained by admin request");
             let view = shared
@@ -255,25 +256,43 @@ fn view_response(view: JobView) -> Response {
     (view.http_status(), Json(view)).into_response()
 }
 
-/// `POST /v1/jobs`: submit a job and, by default, wait for its result.
-pub async fn submit_job(
-    State(shared): State<Arc<Shared>>,
-    Extension(caller): Extension<Caller>,
-    submit: Result<Query<SubmitQuery>, QueryRejection>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let submit = query(submit)?;
-    let body = body.map_err(|e| match e {
-        BytesRejection::FailedToBufferBody(_) => ApiError::new(
+/// Reads a request body of at most [`MAX_REQUEST_BODY_BYTES`] within
+/// `limit`: a client that trickles its body cannot hold a connection (and
+/// a place under the connection cap) for longer than it may take for its
+/// headers.
+async fn read_body(body: Body, limit: Duration) -> Result<Bytes, ApiError> {
+    let limited = Limited::new(body, MAX_REQUEST_BODY_BYTES);
+    match tokio::time::timeout(limit, limited.collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(err)) if err.is::<LengthLimitError>() => Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "payload_too_large",
             format!(
                 "the request body exceeds the limit of {MAX_REQUEST_BODY_BYTES} bytes (one node frame); \
                  send large inputs by reference (a URL) instead"
             ),
-        ),
-        other => bad_request(other.body_text()),
-    })?;
+        )),
+        Ok(Err(err)) => Err(bad_request(format!("cannot read the request body: {err}"))),
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request",
+            format!(
+                "the request body did not arrive within {} ms",
+                limit.as_millis()
+            ),
+        )),
+    }
+}
+
+/// `POST /v1/jobs`: submit a job and, by default, wait for its result.
+pub async fn submit_job(
+    State(shared): State<Arc<Shared>>,
+    Extension(caller): Extension<Caller>,
+    submit: Result<Query<SubmitQuery>, QueryRejection>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let submit = query(submit)?;
+    let body = read_body(body, shared.config.header_read_timeout).await?;
     let request: JobRequest =
         serde_json::from_slice(&body).map_err(|e| bad_request(format!("bad job request: {e}")))?;
     let job = Job::from_request(

@@ -208,7 +208,7 @@ async fn deliver(shared: &Shared, envelope: Envelope) {
             }
         }
         Envelope::Drain { node, reason } => {
-            shared.registry.send(&node, Control::Drain(reason));
+            shared.registry.drain(&node, reason);
         }
         Envelope::Cancel { node, cancel } => {
             shared

@@ -61,6 +61,8 @@ pub struct Metrics {
     registry: Registry,
     /// Node sockets held by this instance, registered.
     pub nodes_connected: Gauge,
+    /// Connections holding a place under the connection cap.
+    pub connections_open: Gauge,
     /// Registrations by outcome.
     pub registrations: Family<OutcomeLabel, Counter>,
     /// Heartbeats received.
@@ -90,6 +92,7 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("lingua");
         let nodes_connected = Gauge::default();
+        let connections_open = Gauge::default();
         let registrations = Family::default();
         let heartbeats = Counter::default();
         let frames_rejected = Family::default();
@@ -126,6 +129,11 @@ impl Default for Metrics {
             nodes_connected.clone(),
         );
         registry.register(
+            "connections_open",
+            "Connections (HTTP and node sockets) holding a place under limits.max_connections",
+            connections_open.clone(),
+        );
+        registry.register(
             "node_registrations",
             "Node registrations by outcome",
             registrations.clone(),
@@ -143,12 +151,13 @@ impl Default for Metrics {
         );
         registry.register(
             "pool_nodes",
-            "Nodes per pool (refreshed at each scrape)",
+            "Nodes per pool held by this instance (refreshed at each scrape)",
             pool_nodes.clone(),
         );
         Self {
             registry,
             nodes_connected,
+            connections_open,
             registrations,
             heartbeats,
             frames_rejected,

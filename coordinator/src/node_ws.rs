@@ -4,29 +4,29 @@
 //! rules), then sends heartbeats and capacity reports. docs/PROTOCOL.md has
 //! the state machine and the close codes used here.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
-use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Extension, State, WebSocketUpgrade};
 use axum::response::Response;
 use futures_util::future::join_all;
 use lingua_shared::close::CloseCode;
-use lingua_shared::protocol::{
-    CapacityReport, Drain, ErrorCode, ErrorFrame, JobRef, RegisterAck, RejectReason, VersionRange,
-};
+use lingua_shared::protocol::{CapacityReport, Drain, ErrorCode, ErrorFrame, JobRef, RejectReason};
 use lingua_shared::{
     JobKind, LangPair, MAX_FRAME_BYTES, Message, NodeId, WS_BUFFER_BYTES, decode, encode,
 };
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout};
 
+mod handshake;
+
 use crate::jobs::Taken;
-use crate::registry::{Control, LocalNode};
-use crate::server::{PeerAddr, Shared};
-use crate::store::{RegisterOutcome, Registration, RouteEntry};
+use crate::registry::Control;
+use crate::server::{ConnectionPermit, PeerAddr, Shared};
+use crate::store::RouteEntry;
 
 /// Time a new socket has to send `register`.
 pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -34,8 +34,11 @@ pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
 pub const MAX_BAD_FRAMES: u32 = 10;
 /// Most languages on either side, and most kinds, one node may declare.
 pub const MAX_CAPABILITIES: usize = 32;
-/// Messages queued for one node socket before further ones are refused.
-pub const CONTROL_QUEUE: usize = 1024;
+/// Messages queued for one node socket before further ones are refused
+/// (assignments carry up to one frame each: 256 MiB at most).
+pub const CONTROL_QUEUE: usize = 256;
+/// Longest text from a node that goes into a log line.
+const MAX_LOGGED_CHARS: usize = 512;
 /// Shortest time between two routing updates from one connection: more
 /// frequent capacity reports are coalesced, the latest one wins.
 pub const MIN_PUBLISH_INTERVAL: Duration = Duration::from_millis(25);
@@ -44,6 +47,7 @@ pub const MIN_PUBLISH_INTERVAL: Duration = Duration::from_millis(25);
 pub async fn upgrade(
     State(shared): State<Arc<Shared>>,
     ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
+    Extension(permit): Extension<ConnectionPermit>,
     ws: WebSocketUpgrade,
 ) -> Response {
     ws.max_message_size(MAX_FRAME_BYTES)
@@ -52,7 +56,11 @@ pub async fn upgrade(
         .write_buffer_size(WS_BUFFER_BYTES)
         .on_upgrade(move |socket| {
             let tasks = shared.tasks.clone();
-            tasks.track_future(serve(socket, shared, peer))
+            tasks.track_future(async move {
+                // The socket counts against the connection cap while it lives.
+                let _permit = permit;
+                serve(socket, shared, peer).await;
+            })
         })
 }
 
@@ -74,7 +82,8 @@ struct Session {
     epoch: u64,
     pairs: Vec<LangPair>,
     kinds: Vec<JobKind>,
-    draining: bool,
+    /// Shared with the registry entry: an admin drain sets it.
+    draining: Arc<AtomicBool>,
     capacity: CapacityReport,
     /// When this connection's routing entries were last queued.
     published: Instant,
@@ -97,7 +106,7 @@ impl Session {
             .kinds
             .iter()
             .map(|kind| {
-                let slots = if self.draining {
+                let slots = if self.draining.load(Ordering::SeqCst) {
                     0
                 } else {
                     let reported = self.capacity.free_slots.get(kind).copied().unwrap_or(0);
@@ -128,7 +137,7 @@ impl Session {
 
 async fn serve(mut socket: WebSocket, shared: Arc<Shared>, peer: SocketAddr) {
     let (control_tx, mut control_rx) = mpsc::channel(CONTROL_QUEUE);
-    let mut session = match register(&mut socket, &shared, control_tx).await {
+    let mut session = match handshake::register(&mut socket, &shared, control_tx).await {
         Ok(session) => session,
         Err(ending) => {
             tracing::info!(%peer, code = ending.code.code(), reason = ending.reason, "node refused");
@@ -250,257 +259,6 @@ fn frame_of(received: Option<Result<WsMessage, axum::Error>>) -> Result<Frame, E
     }
 }
 
-async fn register(
-    socket: &mut WebSocket,
-    shared: &Shared,
-    control: mpsc::Sender<Control>,
-) -> Result<Session, Ending> {
-    let deadline = Instant::now() + REGISTER_TIMEOUT;
-    let frame = loop {
-        let received = tokio::select! {
-            received = socket.recv() => received,
-            () = sleep_until(deadline) => return Err(Ending::new(CloseCode::RegistrationRequired, "no register within 5 s")),
-            () = shared.shutdown.cancelled() => return Err(Ending::new(CloseCode::GoingAway, "coordinator shutting down")),
-        };
-        if let Frame::Data(frame) = frame_of(received)? {
-            break frame;
-        }
-    };
-    let register = match decode(&frame) {
-        Ok(Message::Register(register)) => register,
-        Ok(other) => {
-            shared.metrics.registration("invalid");
-            let _ = send_error(
-                socket,
-                shared,
-                ErrorCode::UnexpectedMessage,
-                format!("expected register, got {}", other.type_name()),
-            )
-            .await;
-            return Err(Ending::new(
-                CloseCode::RegistrationRequired,
-                "first frame must be register",
-            ));
-        }
-        Err(err) => {
-            shared.metrics.registration("invalid");
-            let _ = send_error(socket, shared, err.code(), err.to_string()).await;
-            let code = if err.code() == ErrorCode::FrameTooLarge {
-                CloseCode::TooLarge
-            } else {
-                CloseCode::RegistrationRequired
-            };
-            return Err(Ending::new(code, "first frame must be a valid register"));
-        }
-    };
-    let token = register.token.as_ref().map(|t| t.0.as_str());
-    if !shared.node_credentials.allows(&register.node_id, token) {
-        shared.metrics.registration("unauthorized");
-        let _ = send_error(
-            socket,
-            shared,
-            ErrorCode::Unauthorized,
-            format!(
-                "missing or wrong node token for node id {}: a per-node token registers only its own node id",
-                register.node_id
-            ),
-        )
-        .await;
-        return Err(Ending::new(
-            CloseCode::Unauthorized,
-            "missing or wrong node token",
-        ));
-    }
-    let Some(version) = VersionRange::OURS.negotiate(register.protocol) else {
-        shared.metrics.registration("unsupported_version");
-        let message = format!(
-            "no common protocol version: node speaks {}..={}, coordinator {}..={}",
-            register.protocol.min,
-            register.protocol.max,
-            VersionRange::OURS.min,
-            VersionRange::OURS.max
-        );
-        let _ = send_error(socket, shared, ErrorCode::UnsupportedVersion, message).await;
-        return Err(Ending::new(
-            CloseCode::UnsupportedVersion,
-            "no common protocol version",
-        ));
-    };
-    let caps = &register.capabilities;
-    if caps.src_langs.len() > MAX_CAPABILITIES
-        || caps.tgt_langs.len() > MAX_CAPABILITIES
-        || caps.kinds.len() > MAX_CAPABILITIES
-    {
-        shared.metrics.registration("invalid");
-        let message =
-            format!("at most {MAX_CAPABILITIES} source languages, target languages and kinds each");
-        let _ = send_error(socket, shared, ErrorCode::InvalidMessage, message).await;
-        return Err(Ending::new(
-            CloseCode::RegistrationRequired,
-            "too many capabilities",
-        ));
-    }
-    let pairs = caps.pairs();
-    let max_pairs = shared.config.max_pairs_per_node as usize;
-    if pairs.len() > max_pairs {
-        shared.metrics.registration("invalid");
-        let message = format!(
-            "{} language pairs ({} source x {} target languages) exceed this coordinator's limit of {max_pairs} \
-             (nodes.max_pairs); serve fewer languages per node",
-            pairs.len(),
-            caps.src_langs.len(),
-            caps.tgt_langs.len()
-        );
-        let _ = send_error(socket, shared, ErrorCode::InvalidMessage, message).await;
-        return Err(Ending::new(
-            CloseCode::RegistrationRequired,
-            "too many language pairs",
-        ));
-    }
-    let mut kinds = caps.kinds.clone();
-    kinds.sort_unstable();
-    kinds.dedup();
-
-    let fields = serde_json::json!({
-        "src_langs": serde_json::to_string(&caps.src_langs).unwrap_or_default(),
-        "tgt_langs": serde_json::to_string(&caps.tgt_langs).unwrap_or_default(),
-        "kinds": serde_json::to_string(&kinds).unwrap_or_default(),
-        "pairs": serde_json::to_string(&pairs).unwrap_or_default(),
-        "gpus": serde_json::to_string(&register.gpus).unwrap_or_default(),
-        "capacity": serde_json::to_string(&register.capacity).unwrap_or_default(),
-        "agent_version": register.agent_version.chars().take(64).collect::<String>(),
-    });
-    let lease = shared.config.lease();
-    let outcome = shared
-        .store
-        .register_node(&Registration {
-            node_id: &register.node_id,
-            instance: &register.instance,
-            coordinator: &shared.instance,
-            draining: register.draining,
-            lease,
-            retention: shared.config.offline_retention,
-            fields,
-        })
-        .await
-        .map_err(|err| {
-            tracing::error!(node_id = %register.node_id, error = %err, "registration failed in redis");
-            Ending::new(CloseCode::Internal, "redis unavailable")
-        })?;
-    let (epoch, previous_pairs, previous_kinds, drained) = match outcome {
-        RegisterOutcome::Registered {
-            epoch,
-            previous_pairs,
-            previous_kinds,
-            drained,
-        } => (epoch, previous_pairs, previous_kinds, drained),
-        RegisterOutcome::Conflict { holder } => {
-            shared.metrics.registration("conflict");
-            // The holder's instance id stays in this log: sent back, it
-            // would let the caller take the node id over.
-            tracing::warn!(node_id = %register.node_id, holder = %holder, instance = %register.instance, "node id already held by another live agent");
-            let message = format!(
-                "node id {} is held by another live agent; give each host its own node_id",
-                register.node_id
-            );
-            let _ = send_error(socket, shared, ErrorCode::NodeIdConflict, message).await;
-            return Err(Ending::new(
-                CloseCode::NodeIdConflict,
-                "node id held by another live agent",
-            ));
-        }
-    };
-
-    // Capabilities changed since the last registration: leave every old
-    // pair with the old kinds, so nothing stale stays routable.
-    if previous_pairs != pairs || previous_kinds != kinds {
-        let leaves = previous_pairs.iter().map(|&pair| {
-            shared
-                .store
-                .pool_leave(pair, &register.node_id, &previous_kinds)
-        });
-        for result in join_all(leaves).await {
-            if let Err(err) = result {
-                tracing::warn!(node_id = %register.node_id, error = %err, "leaving an old pool failed");
-            }
-        }
-    }
-    let joins = pairs.iter().map(|&pair| {
-        let store = &shared.store;
-        let node = &register.node_id;
-        async move {
-            (
-                pair,
-                store
-                    .pool_join(pair, node, shared.config.max_nodes_per_pool, lease)
-                    .await,
-            )
-        }
-    });
-    let mut pools = BTreeMap::new();
-    for (pair, joined) in join_all(joins).await {
-        match joined {
-            Ok(pool) => {
-                pools.insert(pair, pool);
-            }
-            Err(err) => {
-                tracing::error!(node_id = %register.node_id, %pair, error = %err, "joining pool failed");
-                return Err(Ending::new(CloseCode::Internal, "redis unavailable"));
-            }
-        }
-    }
-    if let Err(err) = shared.store.index_node(&register.node_id, &pools).await {
-        tracing::warn!(node_id = %register.node_id, error = %err, "indexing node failed");
-    }
-
-    let replaced = shared.registry.insert(
-        register.node_id.clone(),
-        LocalNode {
-            epoch,
-            pools,
-            control,
-        },
-    );
-    if let Some(old) = replaced {
-        let _ = old.control.try_send(Control::Close(
-            CloseCode::Superseded,
-            "replaced by a newer connection",
-        ));
-    }
-    shared.metrics.registration("ok");
-    let ack = Message::RegisterAck(RegisterAck {
-        protocol_version: version,
-        epoch,
-        heartbeat_interval_ms: u64::try_from(shared.config.heartbeat_interval.as_millis())
-            .unwrap_or(u64::MAX),
-        pairs: pairs.clone(),
-    });
-    let session = Session {
-        node: register.node_id,
-        epoch,
-        pairs,
-        kinds,
-        draining: register.draining || drained,
-        capacity: register.capacity,
-        published: Instant::now(),
-        publish_pending: false,
-        recorded: None,
-    };
-    let mut sent = send(socket, shared, &ack).await;
-    if sent.is_ok() && drained && !register.draining {
-        // An admin drained this agent process before it reconnected.
-        let drain = Message::Drain(Drain {
-            reason: "drain requested by an admin".into(),
-        });
-        sent = send(socket, shared, &drain).await;
-    }
-    if let Err(ending) = sent {
-        leave(shared, &session).await;
-        return Err(ending);
-    }
-    Ok(session)
-}
-
 async fn run(
     socket: &mut WebSocket,
     shared: &Shared,
@@ -523,7 +281,7 @@ async fn run(
                     }
                     Some(Control::Close(code, reason)) => return Ending::new(code, reason),
                     Some(Control::Drain(reason)) => {
-                        session.draining = true;
+                        session.draining.store(true, Ordering::SeqCst);
                         session.publish(shared);
                         if let Err(ending) = send(socket, shared, &Message::Drain(Drain { reason })).await {
                             return ending;
@@ -594,11 +352,13 @@ async fn handle(
             // More than two heartbeats per interval renew the connection
             // but cost Redis nothing: a node cannot turn its frame rate
             // into script calls.
+            // The lease recorded last must still outlast a whole interval,
+            // or this heartbeat renews it whatever the rate.
             let interval = shared.config.heartbeat_interval;
-            if session
-                .recorded
-                .is_some_and(|at| at.elapsed() < interval / 2)
-            {
+            let lease = shared.config.lease();
+            if session.recorded.is_some_and(|at| {
+                at.elapsed() < interval / 2 && lease.saturating_sub(at.elapsed()) > interval
+            }) {
                 session.publish_soon(shared);
                 return Ok(Handled::Alive);
             }
@@ -638,8 +398,12 @@ async fn handle(
             Ok(Handled::Fine)
         }
         Message::Drain(drain) => {
-            tracing::info!(node_id = %session.node, reason = %drain.reason, "node is draining");
-            session.draining = true;
+            // Once is enough: a repeated drain costs Redis nothing.
+            if session.draining.swap(true, Ordering::SeqCst) {
+                return Ok(Handled::Fine);
+            }
+            let reason: String = drain.reason.chars().take(MAX_LOGGED_CHARS).collect();
+            tracing::info!(node_id = %session.node, %reason, "node is draining");
             session.publish(shared);
             if let Err(err) = shared
                 .store
@@ -651,8 +415,10 @@ async fn handle(
             Ok(Handled::Fine)
         }
         Message::Error(error) => {
-            tracing::warn!(node_id = %session.node, code = ?error.code, message = %error.message, "node reported an error");
-            Ok(Handled::Fine)
+            let message: String = error.message.chars().take(MAX_LOGGED_CHARS).collect();
+            tracing::warn!(node_id = %session.node, code = ?error.code, %message, "node reported an error");
+            // Counted like a bad frame: a node has no reason to send many.
+            Ok(Handled::Bad)
         }
         Message::JobAccept(accept) => {
             shared

@@ -4,7 +4,8 @@
 //! only routes control messages to the task that owns a socket.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use lingua_shared::close::CloseCode;
 use lingua_shared::{LangPair, Message, NodeId};
@@ -28,6 +29,9 @@ pub struct LocalNode {
     pub epoch: u64,
     /// The node's pairs and the pool it holds in each.
     pub pools: BTreeMap<LangPair, String>,
+    /// Set once the node is draining; the connection task reads it before
+    /// every routing update, so a drain holds even when the inbox is full.
+    pub draining: Arc<AtomicBool>,
     /// The connection task's inbox, bounded: a node that stops reading
     /// fills it, and further messages are refused rather than queued
     /// without end.
@@ -41,9 +45,18 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Records a new registration; returns the one it replaces, if any.
-    pub fn insert(&self, node: NodeId, local: LocalNode) -> Option<LocalNode> {
-        self.lock().insert(node, local)
+    /// Records a new registration; returns the one it replaces, if any,
+    /// or gives `local` back when a registration of a newer epoch is held
+    /// (two registrations of one node that finished out of order).
+    pub fn insert(&self, node: NodeId, local: LocalNode) -> Result<Option<LocalNode>, LocalNode> {
+        let mut nodes = self.lock();
+        if nodes
+            .get(&node)
+            .is_some_and(|held| held.epoch > local.epoch)
+        {
+            return Err(local);
+        }
+        Ok(nodes.insert(node, local))
     }
 
     /// Forgets a registration unless a newer one replaced it. Returns
@@ -80,6 +93,22 @@ impl Registry {
         sizes
     }
 
+    /// Marks `node` draining and asks its connection task to tell it.
+    /// Returns whether this instance holds its socket.
+    pub fn drain(&self, node: &NodeId, reason: String) -> bool {
+        let held = self
+            .lock()
+            .get(node)
+            .map(|n| n.draining.store(true, Ordering::SeqCst))
+            .is_some();
+        if held {
+            // Even when its queue is full (the node is not reading), the
+            // flag keeps the node out of routing.
+            self.send(node, Control::Drain(reason));
+        }
+        held
+    }
+
     /// Sends a control message to the task holding `node`. Returns whether
     /// one was there to receive it, with room in its queue.
     pub fn send(&self, node: &NodeId, control: Control) -> bool {
@@ -101,5 +130,53 @@ impl Registry {
         self.nodes
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn local(epoch: u64) -> (LocalNode, mpsc::Receiver<Control>) {
+        let (control, inbox) = mpsc::channel(1);
+        let node = LocalNode {
+            epoch,
+            pools: BTreeMap::new(),
+            draining: Arc::new(AtomicBool::new(false)),
+            control,
+        };
+        (node, inbox)
+    }
+
+    #[test]
+    fn a_registration_that_finished_late_never_replaces_a_newer_one() {
+        let registry = Registry::default();
+        let id = NodeId::new("n").unwrap();
+        let (newer, _newer_inbox) = local(2);
+        assert!(matches!(registry.insert(id.clone(), newer), Ok(None)));
+        let (older, _older_inbox) = local(1);
+        assert!(matches!(registry.insert(id.clone(), older), Err(l) if l.epoch == 1));
+        assert!(registry.is_current(&id, 2));
+        let (newest, _newest_inbox) = local(3);
+        assert!(matches!(registry.insert(id.clone(), newest), Ok(Some(l)) if l.epoch == 2));
+        assert!(!registry.remove(&id, 2), "a stale epoch removes nothing");
+        assert!(registry.remove(&id, 3));
+    }
+
+    #[test]
+    fn a_drain_holds_when_the_nodes_queue_is_full() {
+        let registry = Registry::default();
+        let id = NodeId::new("n").unwrap();
+        let (node, _inbox) = local(1);
+        let draining = node.draining.clone();
+        registry.insert(id.clone(), node).unwrap();
+        assert!(registry.send(&id, Control::Drain("fill".into())));
+        assert!(
+            !registry.send(&id, Control::Drain("full".into())),
+            "queue of one is full"
+        );
+        assert!(registry.drain(&id, "admin".into()));
+        assert!(draining.load(Ordering::SeqCst));
+        assert!(!registry.drain(&NodeId::new("elsewhere").unwrap(), "admin".into()));
     }
 }

@@ -13,8 +13,9 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -165,6 +166,7 @@ pub async fn run(
     let limits = ConnectionLimits {
         max: shared.config.max_connections,
         header_read_timeout: shared.config.header_read_timeout,
+        open: shared.metrics.connections_open.clone(),
     };
     let served = match tls {
         Some(acceptor) => {
@@ -188,13 +190,15 @@ pub async fn run(
 }
 
 /// What one listener lets its connections hold.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct ConnectionLimits {
     /// Connections served at once; more wait in the kernel's backlog.
     max: u32,
     /// Time to send a request's headers, and to start the next request
     /// on an idle keep-alive connection.
     header_read_timeout: Duration,
+    /// Connections holding a place now.
+    open: Gauge,
 }
 
 /// Accepts connections until `shutdown`, each served by its own task with
@@ -236,10 +240,17 @@ where
             accepted = listener.accept() => accepted,
             () = shutdown.cancelled() => break,
         };
+        // Every request carries the connection's permit, so that a socket
+        // upgraded to a WebSocket keeps counting against the cap after
+        // the HTTP connection hands it over.
+        let permit = ConnectionPermit::new(permit, limits.open.clone());
+        let held = permit.clone();
         let service = app
             .clone()
             .map_request(move |mut request: Request<Incoming>| {
-                request.extensions_mut().insert(ConnectInfo(PeerAddr(peer)));
+                let extensions = request.extensions_mut();
+                extensions.insert(ConnectInfo(PeerAddr(peer)));
+                extensions.insert(held.clone());
                 request
             });
         let mut http = http1::Builder::new();
@@ -247,7 +258,7 @@ where
             .header_read_timeout(limits.header_read_timeout);
         let shutdown = shutdown.clone();
         connections.spawn(async move {
-            let _permit = permit;
+            let _held = permit;
             let connection = http
                 .serve_connection(TokioIo::new(io), TowerToHyperService::new(service))
                 .with_upgrades();
@@ -272,6 +283,38 @@ where
         tracing::warn!("http connections did not finish in time");
     }
     Ok(())
+}
+
+/// A connection's place under the connection cap, held by the HTTP
+/// connection and by a WebSocket upgraded from it; counted in
+/// `lingua_connections_open` while either lives.
+#[derive(Debug, Clone)]
+pub struct ConnectionPermit {
+    _held: Arc<HeldPermit>,
+}
+
+#[derive(Debug)]
+struct HeldPermit {
+    _permit: OwnedSemaphorePermit,
+    open: Gauge,
+}
+
+impl ConnectionPermit {
+    fn new(permit: OwnedSemaphorePermit, open: Gauge) -> Self {
+        open.inc();
+        Self {
+            _held: Arc::new(HeldPermit {
+                _permit: permit,
+                open,
+            }),
+        }
+    }
+}
+
+impl Drop for HeldPermit {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
 }
 
 /// The remote address of a connection, plain or TLS.

@@ -13,7 +13,7 @@ use std::time::Duration;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -22,6 +22,8 @@ use crate::config::TlsConfig;
 
 /// Longest a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections in TLS handshake at once.
+const MAX_HANDSHAKES: usize = 64;
 
 /// Why the certificate or key cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -89,9 +91,16 @@ impl TlsListener {
     /// Wraps `listener`; handshakes start at once in the background.
     pub fn new(listener: TcpListener, acceptor: TlsAcceptor) -> io::Result<Self> {
         let local = listener.local_addr()?;
-        let (tx, ready) = mpsc::channel(64);
+        let (tx, ready) = mpsc::channel(MAX_HANDSHAKES);
+        let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
         let accept_loop = tokio::spawn(async move {
             loop {
+                // Past MAX_HANDSHAKES connections in handshake (or handed
+                // over and waiting for the server's connection cap), the
+                // rest wait in the kernel's backlog, holding no descriptor.
+                let Ok(permit) = handshakes.clone().acquire_owned().await else {
+                    return;
+                };
                 let (stream, peer) = match listener.accept().await {
                     Ok(accepted) => accepted,
                     Err(err) => {
@@ -107,14 +116,20 @@ impl TlsListener {
                 let acceptor = acceptor.clone();
                 let tx = tx.clone();
                 tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => {
-                            let _ = tx.send((tls, peer)).await;
-                        }
+                    let _permit = permit;
+                    // The deadline covers the hand-over too: a connection
+                    // the server has no room for is closed, not parked.
+                    let handed = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+                        let tls = acceptor.accept(stream).await?;
+                        let _ = tx.send((tls, peer)).await;
+                        Ok::<(), io::Error>(())
+                    });
+                    match handed.await {
+                        Ok(Ok(())) => {}
                         Ok(Err(err)) => {
                             tracing::debug!(%peer, error = %err, "tls handshake failed")
                         }
-                        Err(_) => tracing::debug!(%peer, "tls handshake timed out"),
+                        Err(_) => tracing::debug!(%peer, "tls handshake or hand-over timed out"),
                     }
                 });
             }

@@ -706,3 +706,50 @@ async fn an_admin_drain_survives_a_coordinator_restart() {
     agent.stop().await.unwrap();
     coordinator.stop().await;
 }
+
+#[tokio::test]
+async fn node_sockets_count_against_the_connection_cap_and_slow_bodies_time_out() {
+    let redis = lingua_tests::redis().await;
+    let config = Config {
+        max_connections: 17,
+        header_read_timeout: Duration::from_millis(300),
+        ..quiet_config()
+    };
+    let coordinator = TestCoordinator::start(&redis, config).await;
+    let mut nodes = Vec::new();
+    for i in 0..16 {
+        let (node, _) = TestNode::register(
+            &coordinator.ws_url(),
+            registration(&format!("capped-{i}"), &["zh"], &["en"]),
+        )
+        .await;
+        nodes.push(node);
+    }
+    // The scrape's own connection is the seventeenth place.
+    let text = metrics(&coordinator).await;
+    assert_eq!(series(&text, "lingua_connections_open"), 17.0, "{text}");
+    for node in nodes {
+        node.close().await;
+    }
+    eventually("the node sockets to give their places back", || async {
+        let text = metrics(&coordinator).await;
+        (series(&text, "lingua_connections_open") == 1.0).then_some(())
+    })
+    .await;
+    // A body sent slower than the header timeout ends the request.
+    let mut socket = TcpStream::connect(coordinator.addr).await.unwrap();
+    socket
+        .write_all(
+            b"POST /v1/jobs HTTP/1.1\r\nHost: lingua\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"kind\":",
+        )
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(PATIENCE, socket.read_to_end(&mut answer))
+        .await
+        .expect("the coordinator answers a stalled body")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    coordinator.stop().await;
+}
