@@ -20,6 +20,16 @@
 //! use stands in where utilisation is not measured, as on MIG) takes only
 //! kinds with `priority >= pressure_min_priority`. docs/ARBITER.md works
 //! through an example.
+//!
+//! A `command` job's permit learns its process group. Where a reading
+//! lists the GPU's compute processes with their memory, the memory of the
+//! job's group is attributed to it: during its load time only the part of
+//! its `vram_mb` not yet held by its own processes is counted on top of
+//! the measurement (all of it is released early once they hold it), and a
+//! job whose processes hold more than `vram_mb` is an overrun: counted per
+//! kind, and signalled to the job through its permit ([`Permit::overrun`])
+//! with the kind's `on_vram_overrun` action. Without per-process data
+//! (MIG, the simulated backend) the load time alone applies.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -29,7 +39,7 @@ use lingua_shared::JobKind;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
-use crate::config::{AgentConfig, Backend, KindConfig, Pressure};
+use crate::config::{AgentConfig, Backend, KindConfig, OverrunAction, Pressure};
 use crate::gpu::GpuSnapshot;
 
 /// Why a job was not admitted.
@@ -92,6 +102,8 @@ pub struct KindLimits {
     pub queue_wait: Duration,
     /// How long a job may take to show its memory in a reading.
     pub load_time: Duration,
+    /// What a job holding more than `vram_mb` is told to do.
+    pub on_overrun: OverrunAction,
 }
 
 impl From<&KindConfig> for KindLimits {
@@ -102,6 +114,7 @@ impl From<&KindConfig> for KindLimits {
             max_concurrent: kind.max_concurrent,
             queue_wait: kind.queue_wait,
             load_time: kind.load_time,
+            on_overrun: kind.on_vram_overrun,
         }
     }
 }
@@ -151,6 +164,17 @@ pub struct Placement {
     pub uuid: String,
 }
 
+/// A job whose own processes hold more GPU memory than its kind declares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Overrun {
+    /// What its processes hold, MiB.
+    pub used_mb: u64,
+    /// Its kind's `vram_mb` when it was admitted.
+    pub declared_mb: u64,
+    /// The kind's `on_vram_overrun`.
+    pub action: OverrunAction,
+}
+
 #[derive(Debug)]
 struct Admitted {
     kind: JobKind,
@@ -158,6 +182,13 @@ struct Admitted {
     vram_mb: u64,
     load_time: Duration,
     at: Instant,
+    /// The job's process group (`command` jobs, once started).
+    group: Option<u32>,
+    /// What its processes hold in the last reading, where NVML lists
+    /// processes on its GPU.
+    attributed_mb: Option<u64>,
+    /// Set once, at the first reading that shows an overrun.
+    overrun: watch::Sender<Option<Overrun>>,
 }
 
 #[derive(Debug)]
@@ -171,6 +202,8 @@ struct State {
     hot: HashSet<String>,
     draining: bool,
     next_id: u64,
+    /// Overruns seen since start, per kind.
+    overruns: BTreeMap<JobKind, u64>,
 }
 
 /// The load a GPU's pressure is judged by: utilisation, or where it is not
@@ -197,7 +230,8 @@ impl State {
             reserved += job.vram_mb;
             let shows_by = job.at + self.limits.settle.max(job.load_time);
             if self.reading_taken.is_none_or(|taken| taken <= shows_by) {
-                pending += job.vram_mb;
+                // What its own processes already hold is in the measurement.
+                pending += job.vram_mb.saturating_sub(job.attributed_mb.unwrap_or(0));
             }
         }
         (measured + pending).max(reserved)
@@ -277,6 +311,45 @@ impl State {
         })
     }
 
+    /// Attributes the last reading's per-process memory to the jobs whose
+    /// process group holds it, and signals each job's first overrun.
+    fn attribute(&mut self) {
+        let State {
+            gpus,
+            admitted,
+            overruns,
+            limits,
+            ..
+        } = self;
+        for job in admitted.values_mut() {
+            job.attributed_mb = job.group.and_then(|group| {
+                let gpu = gpus.iter().find(|g| job.gpu.as_ref() == Some(&g.uuid))?;
+                let held = gpu.processes.as_ref()?.iter();
+                Some(
+                    held.filter(|p| p.group == Some(group))
+                        .map(|p| p.used_mb)
+                        .sum(),
+                )
+            });
+            let Some(used_mb) = job.attributed_mb else {
+                continue;
+            };
+            if used_mb <= job.vram_mb || job.overrun.borrow().is_some() {
+                continue;
+            }
+            *overruns.entry(job.kind.clone()).or_default() += 1;
+            let action = limits
+                .kinds
+                .get(&job.kind)
+                .map_or(OverrunAction::Warn, |k| k.on_overrun);
+            job.overrun.send_replace(Some(Overrun {
+                used_mb,
+                declared_mb: job.vram_mb,
+                action,
+            }));
+        }
+    }
+
     fn free_slots(&self, kind: &JobKind, now: Instant) -> u32 {
         let Ok(limits) = self.check_kind(kind, now) else {
             return 0;
@@ -310,6 +383,7 @@ pub struct Permit {
     id: u64,
     placement: Option<Placement>,
     kind: JobKind,
+    overrun: watch::Receiver<Option<Overrun>>,
 }
 
 impl Permit {
@@ -327,6 +401,26 @@ impl Permit {
     /// The job's kind.
     pub fn kind(&self) -> &JobKind {
         &self.kind
+    }
+
+    /// Tells the arbiter the job's process group, so that readings listing
+    /// GPU processes attribute their memory to it.
+    pub fn watch_process_group(&self, group: u32) {
+        if let Some(job) = self.arbiter.lock().admitted.get_mut(&self.id) {
+            job.group = Some(group);
+        }
+    }
+
+    /// Resolves at the first reading in which the job's processes hold more
+    /// than its kind's `vram_mb`; never, where that cannot be seen.
+    pub async fn overrun(&self) -> Overrun {
+        let mut seen = self.overrun.clone();
+        if let Ok(overrun) = seen.wait_for(Option::is_some).await
+            && let Some(overrun) = *overrun
+        {
+            return overrun;
+        }
+        std::future::pending().await
     }
 }
 
@@ -351,6 +445,7 @@ impl Arbiter {
                 hot: HashSet::new(),
                 draining: false,
                 next_id: 0,
+                overruns: BTreeMap::new(),
             }),
             released: Notify::new(),
             version: watch::channel(0).0,
@@ -396,6 +491,7 @@ impl Arbiter {
         };
         state.next_id += 1;
         let id = state.next_id;
+        let (overrun_tx, overrun) = watch::channel(None);
         state.admitted.insert(
             id,
             Admitted {
@@ -404,6 +500,9 @@ impl Arbiter {
                 vram_mb: limits.vram_mb,
                 load_time: limits.load_time,
                 at: now,
+                group: None,
+                attributed_mb: None,
+                overrun: overrun_tx,
             },
         );
         *state.running.entry(kind.clone()).or_default() += 1;
@@ -414,6 +513,7 @@ impl Arbiter {
             id,
             placement,
             kind: kind.clone(),
+            overrun,
         })
     }
 
@@ -486,6 +586,7 @@ impl Arbiter {
         state.hot = hot;
         state.gpus = gpus;
         state.reading_taken = Some(taken);
+        state.attribute();
         drop(state);
         self.changed();
     }
@@ -496,6 +597,7 @@ impl Arbiter {
         let mut state = self.lock();
         state.gpus.clear();
         state.hot.clear();
+        state.attribute();
         state.unavailable = Some(reason);
         state.reading_taken = Some(taken);
         drop(state);
@@ -549,6 +651,21 @@ impl Arbiter {
             .kinds
             .keys()
             .map(|kind| (kind.clone(), state.free_slots(kind, now)))
+            .collect()
+    }
+
+    /// Jobs whose processes held more than their kind's `vram_mb`, per
+    /// kind, since start (every kind served, zeros included).
+    pub fn vram_overruns(&self) -> BTreeMap<JobKind, u64> {
+        let state = self.lock();
+        state
+            .limits
+            .kinds
+            .keys()
+            .map(|kind| {
+                let count = state.overruns.get(kind).copied().unwrap_or(0);
+                (kind.clone(), count)
+            })
             .collect()
     }
 
@@ -614,6 +731,7 @@ mod tests {
                             max_concurrent,
                             queue_wait: Duration::from_millis(wait_ms),
                             load_time: Duration::ZERO,
+                            on_overrun: OverrunAction::Warn,
                         },
                     )
                 })
@@ -637,6 +755,7 @@ mod tests {
             healthy: true,
             reason: None,
             parent_uuid: None,
+            processes: None,
         }
     }
 

@@ -13,6 +13,10 @@
 //! - `simulated`: sleep for `duration_ms` while holding the kind's actual
 //!   VRAM on the simulated GPU the job was placed on.
 //!
+//! A `command` job's process group is handed to the caller as soon as it
+//! starts (`on_spawn`), so that GPU memory held by its processes can be
+//! attributed to it.
+//!
 //! Dropping the future of [`Executor::run`] cancels the job: the HTTP
 //! request is abandoned, the process group killed, the simulated memory
 //! freed.
@@ -104,8 +108,14 @@ impl Executor {
         }
     }
 
-    /// Runs one job placed on `gpu`.
-    pub async fn run(&self, job: &JobAssign, gpu: Option<&Placement>) -> Outcome {
+    /// Runs one job placed on `gpu`; a `command` job's process group is
+    /// passed to `on_spawn` once it has started.
+    pub async fn run(
+        &self,
+        job: &JobAssign,
+        gpu: Option<&Placement>,
+        on_spawn: &(dyn Fn(u32) + Sync),
+    ) -> Outcome {
         match self {
             Executor::Simulated {
                 duration,
@@ -134,7 +144,9 @@ impl Executor {
                 url,
                 timeout,
             } => http(client, &gpu_url(url, gpu), *timeout, &job.payload).await,
-            Executor::Command { argv, timeout } => command(argv, *timeout, &job.payload, gpu).await,
+            Executor::Command { argv, timeout } => {
+                command(argv, *timeout, &job.payload, gpu, on_spawn).await
+            }
         }
     }
 }
@@ -226,6 +238,7 @@ async fn command(
     timeout: Duration,
     payload: &Value,
     gpu: Option<&Placement>,
+    on_spawn: &(dyn Fn(u32) + Sync),
 ) -> Outcome {
     let mut process = Command::new(&argv[0]);
     if let Some(gpu) = gpu {
@@ -252,9 +265,13 @@ async fn command(
             );
         }
     };
+    // The child leads its own process group: the group's id is its PID.
+    let group = child.id();
+    if let Some(group) = group {
+        on_spawn(group);
+    }
     let _group = GroupKiller(
-        child
-            .id()
+        group
             .and_then(|id| i32::try_from(id).ok())
             .map(Pid::from_raw),
     );
@@ -352,7 +369,9 @@ mod tests {
     #[tokio::test]
     async fn command_reads_stdin_and_returns_json() {
         let executor = command_executor(r#"read -r line; printf '{"got": %s}' "$line""#, 5000);
-        let outcome = executor.run(&job(json!({"text": "你好"})), None).await;
+        let outcome = executor
+            .run(&job(json!({"text": "你好"})), None, &|_| ())
+            .await;
         assert_eq!(
             outcome,
             Outcome::Completed {
@@ -371,7 +390,7 @@ mod tests {
             index: 3,
             uuid: "GPU-8e6a3b7e-0000-4000-8000-000000000003".into(),
         };
-        let outcome = executor.run(&job(json!(1)), Some(&gpu)).await;
+        let outcome = executor.run(&job(json!(1)), Some(&gpu), &|_| ()).await;
         let uuid = "GPU-8e6a3b7e-0000-4000-8000-000000000003";
         assert_eq!(
             outcome,
@@ -382,6 +401,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_command_reports_its_process_group_when_it_starts() {
+        // `$$` is the shell's PID, which leads the job's process group.
+        let executor = command_executor("printf '%s' $$", 5000);
+        let group = std::sync::Mutex::new(None);
+        let outcome = executor
+            .run(&job(json!(1)), None, &|g| {
+                *group.lock().unwrap() = Some(g);
+            })
+            .await;
+        let Outcome::Completed { output } = outcome else {
+            panic!("completes: {outcome:?}")
+        };
+        let reported = *group.lock().unwrap();
+        assert!(reported.is_some());
+        assert_eq!(output.as_u64(), reported.map(u64::from));
+    }
+
+    #[tokio::test]
     async fn an_http_job_reaches_the_service_of_its_gpu() {
         let base = inference_service().await;
         let executor = http_executor(format!("{base}/gpu/{{gpu_index}}/{{gpu_uuid}}"), 5000);
@@ -389,7 +426,9 @@ mod tests {
             index: 1,
             uuid: "MIG-5c1d".into(),
         };
-        let outcome = executor.run(&job(json!({"t": 1})), Some(&gpu)).await;
+        let outcome = executor
+            .run(&job(json!({"t": 1})), Some(&gpu), &|_| ())
+            .await;
         assert_eq!(
             outcome,
             Outcome::Completed {
@@ -401,7 +440,7 @@ mod tests {
     #[tokio::test]
     async fn command_failures_are_executor_failures() {
         let outcome = command_executor("echo boom >&2; exit 3", 5000)
-            .run(&job(json!(1)), None)
+            .run(&job(json!(1)), None, &|_| ())
             .await;
         let Outcome::Failed { code, message } = outcome else {
             panic!("should fail")
@@ -412,7 +451,7 @@ mod tests {
             "{message}"
         );
         let outcome = command_executor("echo not-json", 5000)
-            .run(&job(json!(1)), None)
+            .run(&job(json!(1)), None, &|_| ())
             .await;
         assert!(matches!(
             outcome,
@@ -425,7 +464,7 @@ mod tests {
             argv: vec!["/nonexistent/bin".into()],
             timeout: Duration::from_secs(1),
         };
-        let outcome = missing.run(&job(json!(1)), None).await;
+        let outcome = missing.run(&job(json!(1)), None, &|_| ()).await;
         assert!(
             matches!(outcome, Outcome::Failed { code: FailureCode::ExecutorFailed, message } if message.contains("cannot start"))
         );
@@ -438,7 +477,7 @@ mod tests {
         // The command starts a grandchild that would outlive a plain kill.
         let script = format!("sleep 30 & echo $! > {}; wait", marker.display());
         let outcome = command_executor(&script, 300)
-            .run(&job(json!(1)), None)
+            .run(&job(json!(1)), None, &|_| ())
             .await;
         assert!(
             matches!(
@@ -521,7 +560,7 @@ mod tests {
     async fn http_posts_the_payload_and_maps_failures() {
         let base = inference_service().await;
         let outcome = http_executor(format!("{base}/echo"), 5000)
-            .run(&job(json!({"text": "hi"})), None)
+            .run(&job(json!({"text": "hi"})), None, &|_| ())
             .await;
         assert_eq!(
             outcome,
@@ -530,14 +569,14 @@ mod tests {
             }
         );
         let outcome = http_executor(format!("{base}/fail"), 5000)
-            .run(&job(json!(1)), None)
+            .run(&job(json!(1)), None, &|_| ())
             .await;
         assert!(
             matches!(&outcome, Outcome::Failed { code: FailureCode::ExecutorFailed, message } if message.contains("500") && message.contains("model crashed")),
             "{outcome:?}"
         );
         let outcome = http_executor(format!("{base}/text"), 5000)
-            .run(&job(json!(1)), None)
+            .run(&job(json!(1)), None, &|_| ())
             .await;
         assert!(matches!(
             outcome,
@@ -547,7 +586,7 @@ mod tests {
             }
         ));
         let outcome = http_executor(format!("{base}/slow"), 200)
-            .run(&job(json!(1)), None)
+            .run(&job(json!(1)), None, &|_| ())
             .await;
         assert!(
             matches!(
@@ -567,7 +606,9 @@ mod tests {
                 .unwrap()
                 .port()
         );
-        let outcome = http_executor(closed, 1000).run(&job(json!(1)), None).await;
+        let outcome = http_executor(closed, 1000)
+            .run(&job(json!(1)), None, &|_| ())
+            .await;
         assert!(
             matches!(
                 outcome,
@@ -598,7 +639,7 @@ mod tests {
             index: 0,
             uuid: "GPU-simulated-0".into(),
         };
-        let running = executor.run(&job, Some(&gpu));
+        let running = executor.run(&job, Some(&gpu), &|_| ());
         tokio::pin!(running);
         assert!(
             tokio::time::timeout(Duration::from_millis(100), running.as_mut())

@@ -52,6 +52,31 @@ pub struct GpuSnapshot {
     pub reason: Option<String>,
     /// For a MIG instance, the UUID of its GPU.
     pub parent_uuid: Option<String>,
+    /// The processes holding memory on it, where NVML lists them with
+    /// their memory (`None` where it does not, as on MIG instances, and on
+    /// the simulated backend).
+    pub processes: Option<Vec<GpuProcess>>,
+}
+
+/// A process with a compute context on a GPU, as NVML lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GpuProcess {
+    /// Its PID, as this host sees it.
+    pub pid: u32,
+    /// Its process group, when the process could still be asked (a
+    /// `command` job's processes share the group of the job).
+    pub group: Option<u32>,
+    /// GPU memory it holds, MiB.
+    pub used_mb: u64,
+}
+
+/// The process group of `pid`, or `None` when it has exited (or lives in
+/// another PID namespace than the agent).
+pub fn process_group(pid: u32) -> Option<u32> {
+    let pid = i32::try_from(pid).ok()?;
+    nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(pid)))
+        .ok()
+        .and_then(|group| u32::try_from(group.as_raw()).ok())
 }
 
 /// Why a probe could not be opened.
@@ -372,6 +397,7 @@ impl SimulatedGpus {
                     healthy: true,
                     reason: None,
                     parent_uuid: None,
+                    processes: None,
                 }
             })
             .collect()

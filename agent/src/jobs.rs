@@ -3,7 +3,9 @@
 //!
 //! Each assignment is answered at once with `job_accept` or `job_reject`
 //! (after at most the kind's `queue_wait_ms`). An admitted job holds its
-//! arbiter permit for exactly as long as it runs.
+//! arbiter permit for exactly as long as it runs. A job whose processes
+//! hold more GPU memory than its kind's `vram_mb` is logged (the arbiter
+//! counts it) and, with `on_vram_overrun = "kill"`, stopped and failed.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
@@ -18,7 +20,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::arbiter::{Arbiter, Refusal};
+use crate::arbiter::{Arbiter, Overrun, Refusal};
+use crate::config::OverrunAction;
 use crate::executor::Executor;
 
 /// How many finished attempts are remembered to refuse duplicates.
@@ -157,14 +160,29 @@ impl Jobs {
             .outgoing
             .send(Outgoing::Answer(Message::JobAccept(key.clone())));
         let started = Instant::now();
-        let limit = Duration::from_millis(job.timeout_ms);
-        let outcome = tokio::select! {
-            outcome = executor.run(&job, permit.placement()) => outcome,
-            () = tokio::time::sleep(limit) => {
-                tracing::warn!(job_id = %job.job_id, attempt = job.attempt, timeout_ms = job.timeout_ms, "watchdog: job overran its timeout and was stopped");
-                Outcome::Failed { code: FailureCode::Timeout, message: format!("the job ran over its timeout of {} ms and was stopped", job.timeout_ms) }
+        let deadline = started + Duration::from_millis(job.timeout_ms);
+        let outcome = {
+            let on_spawn = |group| permit.watch_process_group(group);
+            let run = executor.run(&job, permit.placement(), &on_spawn);
+            let overrun = permit.overrun();
+            tokio::pin!(run, overrun);
+            let mut overrun_told = false;
+            loop {
+                tokio::select! {
+                    outcome = &mut run => break outcome,
+                    () = tokio::time::sleep_until(deadline) => {
+                        tracing::warn!(job_id = %job.job_id, attempt = job.attempt, timeout_ms = job.timeout_ms, "watchdog: job overran its timeout and was stopped");
+                        break Outcome::Failed { code: FailureCode::Timeout, message: format!("the job ran over its timeout of {} ms and was stopped", job.timeout_ms) };
+                    }
+                    () = cancel.cancelled() => break Outcome::Failed { code: FailureCode::Cancelled, message: "cancelled by the coordinator".into() },
+                    overrun = &mut overrun, if !overrun_told => {
+                        overrun_told = true;
+                        if let Some(failed) = vram_overrun(&job, overrun) {
+                            break failed;
+                        }
+                    }
+                }
             }
-            () = cancel.cancelled() => Outcome::Failed { code: FailureCode::Cancelled, message: "cancelled by the coordinator".into() },
         };
         drop(permit);
         {
@@ -186,6 +204,13 @@ impl Jobs {
         }));
     }
 
+    /// Waits until every job task has ended (after draining).
+    pub async fn wait_idle(&self) {
+        self.tasks.close();
+        self.tasks.wait().await;
+        self.tasks.reopen();
+    }
+
     /// Stops a running attempt; its slot frees and a `cancelled` result is
     /// reported. Unknown attempts are ignored.
     pub fn cancel(&self, job: &JobRef) {
@@ -193,13 +218,28 @@ impl Jobs {
             token.cancel();
         }
     }
+}
 
-    /// Waits until every job task has ended (after draining).
-    pub async fn wait_idle(&self) {
-        self.tasks.close();
-        self.tasks.wait().await;
-        self.tasks.reopen();
-    }
+/// Reports a job whose processes hold more GPU memory than its kind
+/// declares; with `on_vram_overrun = "kill"`, the failure that stops it
+/// (dropping the run kills its process group).
+fn vram_overrun(job: &JobAssign, overrun: Overrun) -> Option<Outcome> {
+    tracing::warn!(
+        job_id = %job.job_id,
+        attempt = job.attempt,
+        kind = %job.kind,
+        declared_mb = overrun.declared_mb,
+        used_mb = overrun.used_mb,
+        action = overrun.action.name(),
+        "job holds more gpu memory than its kind's vram_mb: raise vram_mb, or the job crowds out others"
+    );
+    (overrun.action == OverrunAction::Kill).then(|| Outcome::Failed {
+        code: FailureCode::ExecutorFailed,
+        message: format!(
+            "the job's processes held {} MiB of GPU memory, over the {} MiB its kind declares (vram_mb); killed because on_vram_overrun = \"kill\"",
+            overrun.used_mb, overrun.declared_mb
+        ),
+    })
 }
 
 #[cfg(test)]
@@ -239,6 +279,7 @@ mod tests {
                     max_concurrent: max,
                     queue_wait: Duration::ZERO,
                     load_time: Duration::ZERO,
+                    on_overrun: OverrunAction::Warn,
                 },
             )]),
         });

@@ -41,6 +41,13 @@ fn gauge(out: &mut String, name: &str, help: &str, samples: &[(String, f64)]) {
     }
 }
 
+fn counter(out: &mut String, name: &str, help: &str, samples: &[(String, f64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (labels, value) in samples {
+        let _ = writeln!(out, "{name}{labels} {value}");
+    }
+}
+
 /// Renders every metric in the Prometheus text format.
 pub fn render(handles: &Handles) -> String {
     let arbiter = &handles.arbiter;
@@ -87,6 +94,17 @@ pub fn render(handles: &Handles) -> String {
         "lingua_agent_free_slots",
         "Jobs of each kind the arbiter would admit now",
         &free,
+    );
+    let overruns: Vec<(String, f64)> = arbiter
+        .vram_overruns()
+        .into_iter()
+        .map(|(kind, n)| (format!("{{kind=\"{kind}\"}}"), n as f64))
+        .collect();
+    counter(
+        &mut out,
+        "lingua_agent_vram_overruns_total",
+        "Jobs whose own processes held more GPU memory than their kind's vram_mb",
+        &overruns,
     );
     let gpus = arbiter.gpus();
     let per_gpu = |value: &dyn Fn(&crate::gpu::GpuSnapshot) -> Option<f64>| -> Vec<(String, f64)> {

@@ -14,6 +14,10 @@
 //! uncorrectable (double-bit) ECC errors since the driver loaded. Xid
 //! events are registered one GPU at a time, each in its own event set, so
 //! a GPU that cannot be registered costs no other GPU its monitoring.
+//!
+//! Where NVML lists a device's compute processes with their memory, each
+//! reading carries them, with their process groups, so that the arbiter can
+//! attribute memory to the `command` jobs that hold it.
 
 use std::collections::HashMap;
 
@@ -21,12 +25,13 @@ use nvml_wrapper::Nvml;
 use nvml_wrapper::bitmasks::event::EventTypes;
 use nvml_wrapper::device::Device;
 use nvml_wrapper::enum_wrappers::device::{EccCounter, MemoryError, TemperatureSensor};
+use nvml_wrapper::enums::device::UsedGpuMemory;
 use nvml_wrapper::enums::event::XidError;
 use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::event::EventSet;
 
 use crate::config::NvmlConfig;
-use crate::gpu::{GpuSnapshot, ProbeError};
+use crate::gpu::{self, GpuProcess, GpuSnapshot, ProbeError};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -224,6 +229,7 @@ impl<'a> NvmlProbe<'a> {
             healthy: reason.is_none(),
             reason,
             parent_uuid: parent.map(str::to_owned),
+            processes: compute_processes(device, &uuid),
             uuid,
         }
     }
@@ -273,6 +279,36 @@ impl<'a> NvmlProbe<'a> {
             healthy: false,
             reason: Some(reason),
             parent_uuid: parent.map(str::to_owned),
+            processes: None,
         }
     }
+}
+
+/// The device's compute processes and the memory each holds, each with its
+/// process group. `None` where NVML does not list them (`NotSupported`: MIG
+/// instances, older boards; a driver without the call) or the call fails:
+/// the arbiter then keeps a job's reservation for its kind's load time and
+/// cannot attribute memory to it. A process listed without a memory figure
+/// is left out.
+fn compute_processes(device: &Device<'_>, uuid: &str) -> Option<Vec<GpuProcess>> {
+    let listed = match device.running_compute_processes() {
+        Ok(listed) => listed,
+        Err(NvmlError::NotSupported) => return None,
+        Err(err) => {
+            tracing::debug!(gpu = %uuid, error = %err, "compute processes not listed: no per-process memory this reading");
+            return None;
+        }
+    };
+    let processes = listed
+        .into_iter()
+        .filter_map(|process| match process.used_gpu_memory {
+            UsedGpuMemory::Used(bytes) => Some(GpuProcess {
+                pid: process.pid,
+                group: gpu::process_group(process.pid),
+                used_mb: bytes.div_ceil(MIB),
+            }),
+            UsedGpuMemory::Unavailable => None,
+        })
+        .collect();
+    Some(processes)
 }

@@ -7,19 +7,30 @@
 //! `LINGUA_NVML_REAL=1` (scripts/gpu-check.sh on a GPU machine); they then
 //! check what holds on any machine rather than the fake's exact numbers.
 //! Every other test always uses the fake.
+//!
+//! The `command` job tests run real jobs (`sh`) whose shell writes its own
+//! PID to a file once started; the test then lists that PID, with the
+//! memory it should hold, among the fake GPU's compute processes.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use lingua_agent::agent::Handles;
 use lingua_agent::arbiter::{Arbiter, Limits, Refusal};
 use lingua_agent::config::AgentConfig;
-use lingua_agent::gpu::{self, GpuSnapshot};
+use lingua_agent::executor::Executor;
+use lingua_agent::gpu::{self, GpuProcess, GpuSnapshot};
+use lingua_agent::jobs::{Jobs, Outgoing};
+use lingua_agent::link::LinkStatus;
+use lingua_agent::metrics;
 use lingua_agent::nvml::NvmlLibrary;
-use lingua_shared::JobKind;
+use lingua_shared::protocol::{FailureCode, JobAssign, JobResult, Outcome};
+use lingua_shared::{JobId, JobKind, Message};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 /// The agent binary: this build's, or `LINGUA_AGENT_BIN` (a prebuilt copy
@@ -628,4 +639,343 @@ async fn host_probe_binary_prints_the_gpus() {
     for gpu in gpus {
         assert!(gpu["memory_total_mb"].as_u64().unwrap() > 0, "{gpu}");
     }
+}
+
+/// A node's job side on the fake library: the real sampler, arbiter,
+/// `Jobs` and `command` executor, and the metrics it renders.
+struct JobNode {
+    jobs: Arc<Jobs>,
+    handles: Handles,
+    results: mpsc::UnboundedReceiver<Outgoing>,
+    _status: watch::Sender<LinkStatus>,
+    _sampler: gpu::Sampler,
+}
+
+/// A `command` kind `asr` declaring 4,000 MiB with a long load time. Each
+/// job writes its shell's PID (its process group) to `<dir>/<n>.pid`, `n`
+/// being its payload, then waits for a line on the FIFO `<dir>/<n>.go`.
+fn command_kind(dir: &Path, extra: &str) -> String {
+    let script = format!(
+        r#"read -r n || true; echo $$ > {d}/$n.tmp; mv {d}/$n.tmp {d}/$n.pid; read -r go < {d}/$n.go; printf '{{"done": %s}}' "$n""#,
+        d = dir.display()
+    );
+    format!(
+        "[jobs.asr]\nvram_mb = 4000\nmax_concurrent = 8\nload_time_ms = 600000\nexecutor = \"command\"\ncommand = [\"sh\", \"-c\", {script:?}]\n{extra}\n"
+    )
+}
+
+impl JobNode {
+    fn start(fake: &FakeNvml, kind: &str) -> Self {
+        let text = format!(
+            r#"
+node_id = "nvml-jobs"
+coordinator_url = "ws://127.0.0.1:1/v1/node"
+[capabilities]
+src_langs = ["zh"]
+tgt_langs = ["en"]
+[gpu]
+backend = "nvml"
+reserve_mb = 1000
+poll_interval_ms = 20
+[gpu.nvml]
+library_path = {:?}
+{kind}
+"#,
+            fake.lib.display().to_string()
+        );
+        let config = AgentConfig::parse(&text).unwrap();
+        let arbiter = Arbiter::new(Limits::from_config(&config));
+        let sampler = {
+            let arbiter = Arc::clone(&arbiter);
+            gpu::spawn_sampler(
+                gpu::open(&config.gpu, None),
+                config.gpu.poll_interval,
+                move |r| arbiter.publish(r, Instant::now()),
+            )
+            .unwrap()
+        };
+        let client = reqwest::Client::new();
+        let executors = config
+            .jobs
+            .iter()
+            .map(|(k, c)| {
+                (
+                    k.clone(),
+                    Arc::new(Executor::new(&c.executor, None, &client)),
+                )
+            })
+            .collect();
+        let (tx, results) = mpsc::unbounded_channel();
+        let jobs = Jobs::new(
+            Arc::clone(&arbiter),
+            executors,
+            vec!["zh:en".parse().unwrap()],
+            tx,
+        );
+        let (status, status_rx) = watch::channel(LinkStatus::default());
+        Self {
+            jobs,
+            handles: Handles {
+                arbiter,
+                status: status_rx,
+                simulated: None,
+            },
+            results,
+            _status: status,
+            _sampler: sampler,
+        }
+    }
+
+    /// Assigns job `n` and waits for its acceptance.
+    async fn assign(&mut self, n: u32) {
+        self.jobs.assign(JobAssign {
+            job_id: JobId::new(format!("job-{n}")).unwrap(),
+            attempt: 1,
+            kind: kind("asr"),
+            pair: "zh:en".parse().unwrap(),
+            session_id: None,
+            payload: serde_json::json!(n),
+            timeout_ms: 60_000,
+        });
+        let answer = tokio::time::timeout(PATIENCE, self.results.recv())
+            .await
+            .unwrap();
+        assert!(
+            matches!(answer, Some(Outgoing::Answer(Message::JobAccept(_)))),
+            "{answer:?}"
+        );
+    }
+
+    async fn result(&mut self) -> JobResult {
+        match tokio::time::timeout(PATIENCE, self.results.recv()).await {
+            Ok(Some(Outgoing::Result(result))) => result,
+            other => panic!("expected a result, got {other:?}"),
+        }
+    }
+
+    fn overruns_metric(&self) -> String {
+        metrics::render(&self.handles)
+            .lines()
+            .find(|l| l.starts_with("lingua_agent_vram_overruns_total{kind=\"asr\"}"))
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// Waits until a reading shows `used_mb` in use on GPU 0.
+    async fn reading_shows(&self, used_mb: u64) {
+        until(&format!("a reading of {used_mb} MiB"), || {
+            self.handles
+                .arbiter
+                .gpus()
+                .first()
+                .is_some_and(|g| g.memory_used_mb == used_mb)
+        })
+        .await;
+    }
+}
+
+/// Polls `check` every 10 ms until it holds or `PATIENCE` runs out.
+async fn until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !check() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Creates the FIFO job `n` waits on.
+fn make_fifo(dir: &Path, n: u32) -> PathBuf {
+    let fifo = dir.join(format!("{n}.go"));
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    fifo
+}
+
+/// Waits for job `n` to write its PID.
+async fn job_pid(dir: &Path, n: u32) -> u32 {
+    let file = dir.join(format!("{n}.pid"));
+    until("the job's pid", || file.exists()).await;
+    std::fs::read_to_string(&file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Lets job `n` finish (on a thread: opening a FIFO blocks until the job
+/// reads it).
+fn release(fifo: PathBuf) {
+    std::thread::spawn(move || std::fs::write(fifo, "go\n"));
+}
+
+/// GPU 0 (24 GiB) with `used_mb` in use and these compute processes.
+fn one_gpu(used_mb: u64, extra: &str, processes: &[(u32, u64)]) -> String {
+    let procs: String = processes
+        .iter()
+        .map(|(pid, mb)| format!("proc gpu=0 pid={pid} used={mb}\n"))
+        .collect();
+    format!("init code=0\n{}{procs}", gpu_line(0, 24, used_mb, extra))
+}
+
+#[tokio::test]
+async fn command_jobs_are_attributed_their_processes_memory_and_overruns_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeNvml::new(&one_gpu(1000, "", &[]));
+    let mut node = JobNode::start(&fake, &command_kind(dir.path(), ""));
+    node.reading_shows(1000).await;
+    let fifo = make_fifo(dir.path(), 1);
+    node.assign(1).await;
+    let pid = job_pid(dir.path(), 1).await;
+    // 24,576 - 1,000 reserve - (1,000 used + 4,000 loading): 4 more.
+    assert_eq!(node.handles.arbiter.free_slots()[&kind("asr")], 4);
+    // Another process (not in the job's group) holds memory too: it is
+    // measured, never attributed to the job.
+    let stranger = 1;
+    // The job's processes hold its 4,000 MiB, within what it declares.
+    fake.set(&one_gpu(5500, "", &[(pid, 4000), (stranger, 500)]));
+    node.reading_shows(5500).await;
+    // Released early: the measurement holds the job's memory, so the
+    // reservation is not counted on top (5,500 + 4,000 would leave 3).
+    assert_eq!(node.handles.arbiter.free_slots()[&kind("asr")], 4);
+    assert_eq!(
+        node.overruns_metric(),
+        "lingua_agent_vram_overruns_total{kind=\"asr\"} 0"
+    );
+    // It grows past its 4,000 MiB: reported, and (warn) it runs on.
+    fake.set(&one_gpu(6500, "", &[(pid, 5000), (stranger, 500)]));
+    until("the overrun to be counted", || {
+        node.overruns_metric() == "lingua_agent_vram_overruns_total{kind=\"asr\"} 1"
+    })
+    .await;
+    release(fifo);
+    let result = node.result().await;
+    assert_eq!(
+        result.outcome,
+        Outcome::Completed {
+            output: serde_json::json!({"done": 1})
+        }
+    );
+    assert_eq!(
+        node.overruns_metric(),
+        "lingua_agent_vram_overruns_total{kind=\"asr\"} 1",
+        "one job, counted once"
+    );
+}
+
+#[tokio::test]
+async fn on_vram_overrun_kill_fails_the_job_and_the_node_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeNvml::new(&one_gpu(1000, "", &[]));
+    let mut node = JobNode::start(
+        &fake,
+        &command_kind(dir.path(), "on_vram_overrun = \"kill\""),
+    );
+    node.reading_shows(1000).await;
+    make_fifo(dir.path(), 1);
+    node.assign(1).await;
+    let pid = job_pid(dir.path(), 1).await;
+    fake.set(&one_gpu(7000, "", &[(pid, 6000)]));
+    let result = node.result().await;
+    let Outcome::Failed { code, message } = result.outcome else {
+        panic!("the job fails: {result:?}")
+    };
+    assert_eq!(code, FailureCode::ExecutorFailed);
+    assert!(
+        message.contains("6000 MiB")
+            && message.contains("4000 MiB")
+            && message.contains("on_vram_overrun = \"kill\""),
+        "{message}"
+    );
+    assert_eq!(
+        node.overruns_metric(),
+        "lingua_agent_vram_overruns_total{kind=\"asr\"} 1"
+    );
+    until("the job's process to be killed", || gone(pid)).await;
+    assert_eq!(node.handles.arbiter.running(), 0);
+    // The node keeps serving: the next job runs to the end.
+    fake.set(&one_gpu(1000, "", &[]));
+    let fifo = make_fifo(dir.path(), 2);
+    node.assign(2).await;
+    let pid = job_pid(dir.path(), 2).await;
+    fake.set(&one_gpu(4000, "", &[(pid, 3000)]));
+    node.reading_shows(4000).await;
+    release(fifo);
+    assert_eq!(
+        node.result().await.outcome,
+        Outcome::Completed {
+            output: serde_json::json!({"done": 2})
+        }
+    );
+    assert_eq!(
+        node.overruns_metric(),
+        "lingua_agent_vram_overruns_total{kind=\"asr\"} 1"
+    );
+}
+
+#[tokio::test]
+async fn without_per_process_data_a_reservation_waits_for_the_load_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeNvml::new(&one_gpu(1000, "procs=-1", &[]));
+    let mut node = JobNode::start(
+        &fake,
+        &command_kind(dir.path(), "on_vram_overrun = \"kill\""),
+    );
+    node.reading_shows(1000).await;
+    let fifo = make_fifo(dir.path(), 1);
+    node.assign(1).await;
+    let pid = job_pid(dir.path(), 1).await;
+    // NVML does not list processes here: the job's 5,000 MiB are only in
+    // the measurement, its 4,000 MiB stay reserved on top until its load
+    // time passes, and nothing can be said about an overrun.
+    fake.set(&one_gpu(6000, "procs=-1", &[(pid, 5000)]));
+    node.reading_shows(6000).await;
+    assert_eq!(node.handles.arbiter.gpus()[0].processes, None);
+    // 24,576 - 1,000 - (6,000 + 4,000) = 13,576: 3 more.
+    assert_eq!(node.handles.arbiter.free_slots()[&kind("asr")], 3);
+    release(fifo);
+    assert!(matches!(
+        node.result().await.outcome,
+        Outcome::Completed { .. }
+    ));
+    assert_eq!(
+        node.overruns_metric(),
+        "lingua_agent_vram_overruns_total{kind=\"asr\"} 0"
+    );
+}
+
+#[test]
+fn compute_processes_are_read_with_their_process_groups() {
+    let me = std::process::id();
+    let fake = FakeNvml::new(&format!(
+        "init code=0\n{}mig uuid=MIG-a total=19968 used=0\n{}proc gpu=1 pid={me} used=1500\n",
+        gpu_line(0, 80, 0, "mig=1"),
+        gpu_line(1, 80, 1500, ""),
+    ));
+    let (gpus, _) = read(&config(&fake, ""));
+    assert_eq!(gpus[0].processes, None, "MIG instances do not list them");
+    let listed = gpus[1].processes.as_ref().unwrap();
+    assert_eq!(
+        listed,
+        &[GpuProcess {
+            pid: me,
+            group: gpu::process_group(me),
+            used_mb: 1500
+        }]
+    );
+    assert!(listed[0].group.is_some());
+}
+
+/// True once `pid` has exited (or is a zombie waiting to be reaped).
+fn gone(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+        stat.rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+    })
 }

@@ -8,14 +8,19 @@
  *
  *   init code=0                 nvmlInit_v2 returns this code
  *   gpu uuid=GPU-a name=Fake total=81920 used=512 util=10 temp=40
- *       ecc=0 lost=0 register=0 mig=0
+ *       ecc=0 lost=0 register=0 mig=0 procs=0
  *                               util/temp -1: NotSupported; ecc: volatile
  *                               uncorrected count; lost=1: GPU_IS_LOST;
  *                               register: code nvmlDeviceRegisterEvents
- *                               returns; mig=1: MIG mode on
+ *                               returns; mig=1: MIG mode on; procs=-1:
+ *                               compute processes NotSupported
  *   mig uuid=MIG-a total=9728 used=0
  *                               a MIG instance of the last gpu line
  *   xid gpu=0 value=13          one Xid event on GPU 0, delivered once
+ *   proc gpu=0 pid=4242 used=3000
+ *                               a compute process on GPU 0 holding 3000 MiB
+ *                               (listed by nvmlDeviceGetComputeRunningProcesses_v3;
+ *                               MIG instances answer NotSupported)
  *
  * Calls are appended to "<path>.calls" ("init", "shutdown") so tests can see
  * retries and the shutdown at exit. Built with -DFAKE_NO_MEMORY_V2 it lacks
@@ -43,6 +48,7 @@ enum {
 #define MAX_GPUS 16
 #define MAX_MIGS 7
 #define MAX_XIDS 64
+#define MAX_PROCS 64
 #define CRITICAL_XID 8ULL
 
 struct mig {
@@ -55,7 +61,7 @@ struct gpu {
     unsigned long long total, used;
     long util, temp;
     unsigned long long ecc;
-    int lost, register_code, mig_mode, mig_count;
+    int lost, register_code, mig_mode, mig_count, procs_supported;
     struct mig migs[MAX_MIGS];
 };
 
@@ -64,12 +70,20 @@ struct xid {
     unsigned long long value;
 };
 
+struct proc {
+    int gpu;
+    unsigned pid;
+    unsigned long long used;
+};
+
 struct state {
     int init_code;
     int gpu_count;
     struct gpu gpus[MAX_GPUS];
     int xid_count;
     struct xid xids[MAX_XIDS];
+    int proc_count;
+    struct proc procs[MAX_PROCS];
 };
 
 /* Handles are addresses in these arrays: stable across re-reads. */
@@ -147,6 +161,12 @@ static void load(void) {
             g->lost = (int)num(padded, "lost", 0);
             g->register_code = (int)num(padded, "register", 0);
             g->mig_mode = (int)num(padded, "mig", 0);
+            g->procs_supported = num(padded, "procs", 0) >= 0;
+        } else if (strncmp(line, "proc", 4) == 0 && st.proc_count < MAX_PROCS) {
+            struct proc *p = &st.procs[st.proc_count++];
+            p->gpu = (int)num(padded, "gpu", 0);
+            p->pid = (unsigned)num(padded, "pid", 0);
+            p->used = (unsigned long long)num(padded, "used", 0);
         } else if (strncmp(line, "mig", 3) == 0 && st.gpu_count > 0) {
             struct gpu *g = &st.gpus[st.gpu_count - 1];
             if (g->mig_count >= MAX_MIGS) continue;
@@ -317,6 +337,41 @@ nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(void *device, struct memory_v2 *out) {
     DONE(OK);
 }
 #endif
+
+/* nvmlProcessInfo_t (v2 layout), what the _v3 call fills. */
+struct process_info {
+    unsigned pid;
+    unsigned long long used;
+    unsigned gpu_instance, compute_instance;
+};
+
+nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(void *device, unsigned *count,
+                                                     struct process_info *infos) {
+    DEVICE_CALL(device);
+    if (m || !g->procs_supported) DONE(NOT_SUPPORTED);
+    int gpu = (int)(g - st.gpus);
+    unsigned n = 0;
+    for (int i = 0; i < st.proc_count; i++) n += st.procs[i].gpu == gpu;
+    if (n == 0) {
+        *count = 0;
+        DONE(OK);
+    }
+    if (!infos || *count < n) {
+        *count = n;
+        DONE(INSUFFICIENT_SIZE);
+    }
+    unsigned at = 0;
+    for (int i = 0; i < st.proc_count; i++) {
+        if (st.procs[i].gpu != gpu) continue;
+        infos[at].pid = st.procs[i].pid;
+        infos[at].used = st.procs[i].used * 1024ULL * 1024ULL;
+        infos[at].gpu_instance = 0xFFFFFFFFu;
+        infos[at].compute_instance = 0xFFFFFFFFu;
+        at++;
+    }
+    *count = n;
+    DONE(OK);
+}
 
 struct utilization {
     unsigned gpu, memory;
