@@ -1,7 +1,7 @@
-//! The agent's configuration: TOML per SPEC.md, unknown keys rejected,
+//! The agent's configuration (packaging/agent.toml), unknown keys rejected,
 //! every value validated with a message naming the field and its line.
 //!
-//! Keys the SPEC does not name, added here (all optional):
+//! Keys beyond the original contract, all optional:
 //! `[gpu] poll_interval_ms`, `pressure_enter_pct`, `pressure_exit_pct`,
 //! `pressure_min_priority`, `devices`, `stale_after_ms`;
 //! `[gpu.nvml] library_path`, `ignored_xids`;

@@ -1,8 +1,8 @@
 //! `lingua-agent`: the per-GPU-host service of a Lingua fleet.
 //!
-//! Exit codes (SPEC.md): 0 success, 64 bad usage, invalid config, or a
-//! refusal by the coordinator that retrying cannot fix (bad token, node id
-//! held by another host, no common protocol version), 69 a dependency is
+//! Exit codes (docs/OPERATIONS.md): 0 success, 64 bad usage, invalid
+//! config, or a refusal by the coordinator that retrying cannot fix (bad
+//! token, no common protocol version), 69 a dependency is
 //! unavailable (`probe` without NVML; the service itself keeps running
 //! with zero slots and retries), 70 internal error.
 #![forbid(unsafe_code)]
@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 struct Cli {
-    /// TOML config file (see SPEC.md).
+    /// TOML config file (packaging/agent.toml shows every key).
     #[arg(long, global = true, value_name = "FILE", default_value = DEFAULT_CONFIG_PATH)]
     config: PathBuf,
     /// Log line format on stderr.

@@ -1,4 +1,4 @@
-//! The HTTP admin API of SPEC.md: nodes, pools, drain, health, metrics.
+//! The HTTP API (README.md, docs/ARCHITECTURE.md): nodes, pools, drain, health, metrics.
 //! Errors are `{"error": {"code", "message"}}` with a fitting status.
 
 use std::sync::Arc;
@@ -385,6 +385,6 @@ pub async fn fallback() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         "not_found",
-        "no such route; see SPEC.md for the API",
+        "no such route; the API is described in the README and docs/ARCHITECTURE.md",
     )
 }

@@ -1,4 +1,4 @@
-//! The coordinator's configuration: TOML as SPEC.md fixes it, parsed into a
+//! The coordinator's configuration (packaging/coordinator.toml), parsed into a
 //! raw form that rejects unknown keys, then validated into [`Config`] with
 //! errors that name the field and its line.
 

@@ -1,6 +1,6 @@
 //! `lingua-coordinator`: the central service of a Lingua fleet.
 //!
-//! Exit codes (SPEC.md): 0 success, 64 bad usage or invalid config, 69 a
+//! Exit codes (docs/OPERATIONS.md): 0 success, 64 bad usage or invalid config, 69 a
 //! dependency is unavailable at start (Redis unreachable, `redis-server`
 //! missing, address in use), 70 internal error.
 #![forbid(unsafe_code)]
@@ -38,7 +38,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Debug, Parser)]
 #[command(version, about, long_about)]
 struct Cli {
-    /// TOML config file (see SPEC.md); every key is optional.
+    /// TOML config file (packaging/coordinator.toml shows every key); every
+    /// key is optional.
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Address to serve HTTP and the node WebSocket on (overrides `listen`).

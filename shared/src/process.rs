@@ -1,4 +1,4 @@
-//! Conventions every Lingua binary follows (SPEC.md, "Common rules"):
+//! Conventions every Lingua binary follows (docs/OPERATIONS.md):
 //! exit codes, and logs on stderr through `tracing` with the level from
 //! `LINGUA_LOG` and text or JSON lines.
 
