@@ -20,7 +20,7 @@ use serde_json::json;
 use crate::auth::{Caller, Role};
 use crate::jobs::{Job, JobRequest, JobView, SubmitError};
 use crate::metrics::PoolLabel;
-use crate::server::Shared;
+use crate::state::Shared;
 use crate::store::{DrainOutcome, RouteEntry, StoreError};
 
 /// An API error: status, stable code, message for people.

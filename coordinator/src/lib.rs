@@ -8,7 +8,10 @@
 //! - [`api`]: the HTTP API (jobs and admin).
 //! - [`auth`]: node credentials and API tokens with roles.
 //! - [`jobs`]: job routing: dispatch, retries, failover, results.
-//! - [`forward`]: several instances on one Redis: presence, inboxes.
+//! - [`forward`]: several instances on one Redis: the messages between them.
+//! - [`inbox`]: this instance's presence and inbox loops.
+//! - [`state`]: what handlers, sockets and loops share.
+//! - [`listener`]: the accept loop: connection cap, timeouts, drain.
 //! - [`store`], [`keys`]: everything kept in Redis, and the key names.
 //! - [`route_batch`]: routing updates batched per language pair.
 //! - [`registry`]: node sockets held by this instance.
@@ -22,13 +25,16 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod forward;
+pub mod inbox;
 pub mod jobs;
 pub mod keys;
+pub mod listener;
 pub mod metrics;
 pub mod node_ws;
 pub mod private_redis;
 pub mod registry;
 pub mod route_batch;
 pub mod server;
+pub mod state;
 pub mod store;
 pub mod tls;

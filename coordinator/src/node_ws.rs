@@ -24,8 +24,9 @@ use tokio::time::{Instant, sleep_until, timeout};
 mod handshake;
 
 use crate::jobs::Taken;
+use crate::listener::{ConnectionPermit, PeerAddr};
 use crate::registry::Control;
-use crate::server::{ConnectionPermit, PeerAddr, Shared};
+use crate::state::Shared;
 use crate::store::RouteEntry;
 
 /// Time a new socket has to send `register`.

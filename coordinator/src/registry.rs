@@ -27,7 +27,9 @@ pub enum Control {
 pub struct LocalNode {
     /// The registration's epoch.
     pub epoch: u64,
-    /// The node's pairs and the pool it holds in each.
+    /// The node's pairs, from the moment its registration is held.
+    pub pairs: Vec<LangPair>,
+    /// The pool it holds in each pair, once joined.
     pub pools: BTreeMap<LangPair, String>,
     /// Set once the node is draining; the connection task reads it before
     /// every routing update, so a drain holds even when the inbox is full.
@@ -73,6 +75,14 @@ impl Registry {
     /// The current registration of `node` on this instance.
     pub fn get(&self, node: &NodeId) -> Option<LocalNode> {
         self.lock().get(node).cloned()
+    }
+
+    /// Records the pools registration `epoch` of `node` joined (unless a
+    /// newer registration replaced it meanwhile).
+    pub fn set_pools(&self, node: &NodeId, epoch: u64, pools: BTreeMap<LangPair, String>) {
+        if let Some(held) = self.lock().get_mut(node).filter(|n| n.epoch == epoch) {
+            held.pools = pools;
+        }
     }
 
     /// True when `epoch` is `node`'s registration held here: answers from
@@ -141,6 +151,7 @@ mod tests {
         let (control, inbox) = mpsc::channel(1);
         let node = LocalNode {
             epoch,
+            pairs: Vec::new(),
             pools: BTreeMap::new(),
             draining: Arc::new(AtomicBool::new(false)),
             control,

@@ -109,7 +109,7 @@ impl RouteBatcher {
             if !self
                 .registry
                 .get(&node)
-                .is_some_and(|local| local.pools.contains_key(&pair))
+                .is_some_and(|local| local.pairs.contains(&pair))
             {
                 continue;
             }

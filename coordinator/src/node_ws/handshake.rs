@@ -1,5 +1,5 @@
 //! Registration: the first frame of a node connection, read -> check ->
-//! record -> re-pool -> acknowledge. Each step either moves on or ends the
+//! record -> hold (in the registry) -> re-pool -> acknowledge. Each step either moves on or ends the
 //! connection with a close code and an `error` frame saying why.
 
 use std::collections::BTreeMap;
@@ -18,7 +18,7 @@ use super::{
     Ending, Frame, MAX_CAPABILITIES, REGISTER_TIMEOUT, Session, frame_of, leave, send, send_error,
 };
 use crate::registry::{Control, LocalNode};
-use crate::server::Shared;
+use crate::state::Shared;
 use crate::store::{RegisterOutcome, Registration};
 
 /// What a checked registration serves.
@@ -45,11 +45,14 @@ pub(super) async fn register(
     let register = read(socket, shared).await?;
     let checked = check(socket, shared, &register).await?;
     let recorded = record(socket, shared, &register, &checked).await?;
-    let pools = repool(shared, &register.node_id, &recorded, &checked).await?;
+    // Held before re-pooling: a routing update of the previous registration
+    // still in flight must find this one's pairs, not re-join the node to
+    // a pair it is leaving. Its pool ids follow once joined.
     let draining = Arc::new(AtomicBool::new(register.draining || recorded.drained));
     let local = LocalNode {
         epoch: recorded.epoch,
-        pools,
+        pairs: checked.pairs.clone(),
+        pools: BTreeMap::new(),
         draining: draining.clone(),
         control,
     };
@@ -70,6 +73,16 @@ pub(super) async fn register(
             ));
         }
     }
+    let pools = match repool(shared, &register.node_id, &recorded, &checked).await {
+        Ok(pools) => pools,
+        Err(ending) => {
+            shared.registry.remove(&register.node_id, recorded.epoch);
+            return Err(ending);
+        }
+    };
+    shared
+        .registry
+        .set_pools(&register.node_id, recorded.epoch, pools);
     shared.metrics.registration("ok");
     acknowledge(socket, shared, register, (checked, draining), &recorded).await
 }

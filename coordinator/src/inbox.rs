@@ -1,0 +1,137 @@
+//! This instance's side of several coordinators: its presence in Redis,
+//! kept alive ([`announce`]), and its inbox, read and acted on
+//! ([`receive`]). The messages are [`crate::forward`]'s.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use lingua_shared::Message;
+use lingua_shared::protocol::JobRef;
+use tokio_util::sync::CancellationToken;
+
+use crate::forward::{Envelope, RemoteAnswer};
+use crate::registry::Control;
+use crate::state::Shared;
+
+/// How long one inbox read blocks before the loop looks around.
+const READ_BLOCK: Duration = Duration::from_secs(2);
+
+/// Keeps this instance's presence alive every heartbeat interval, reaps
+/// instances that died, and moves on attempts held by dead instances. On
+/// `stop` the instance removes itself.
+pub async fn announce(shared: Arc<Shared>, listen: String, stop: CancellationToken) {
+    let ttl = shared.config.lease();
+    let mut ticker = tokio::time::interval(shared.config.heartbeat_interval);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = stop.cancelled() => break,
+        }
+        if let Err(err) = shared
+            .store
+            .instance_alive(&shared.instance, &listen, ttl)
+            .await
+        {
+            tracing::warn!(error = %err, "cannot renew this instance's presence");
+            continue;
+        }
+        match shared.store.reap_instances().await {
+            Ok(reaped) => {
+                for instance in reaped {
+                    tracing::info!(%instance, "cleaned up after a coordinator instance that went away");
+                }
+            }
+            Err(err) => tracing::warn!(error = %err, "cannot look for dead instances"),
+        }
+        shared.router.check_holders().await;
+    }
+    if let Err(err) = shared.store.instance_gone(&shared.instance).await {
+        tracing::warn!(error = %err, "cannot remove this instance's presence");
+    }
+}
+
+/// Reads this instance's inbox until `stop`, on a connection of its own
+/// (the read blocks), and acts on each message.
+pub async fn receive(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut pause = Duration::from_millis(100);
+    loop {
+        let reader = match shared.store.dedicated().await {
+            Ok(reader) => reader,
+            Err(err) => {
+                tracing::warn!(error = %err, "cannot open the inbox connection; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = stop.cancelled() => return,
+                }
+                pause = (pause * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        if let Err(err) = reader.inbox_open(&shared.instance).await {
+            tracing::warn!(error = %err, "cannot open this instance's inbox; retrying");
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = stop.cancelled() => return,
+            }
+            continue;
+        }
+        pause = Duration::from_millis(100);
+        loop {
+            let read = tokio::select! {
+                read = reader.inbox_read(&shared.instance, READ_BLOCK) => read,
+                () = stop.cancelled() => return,
+            };
+            let entries = match read {
+                Ok(entries) => entries,
+                Err(err) => {
+                    tracing::warn!(error = %err, "reading the inbox failed; reconnecting");
+                    break;
+                }
+            };
+            let ids: Vec<String> = entries.iter().map(|(id, _)| id.clone()).collect();
+            for (_, text) in entries {
+                match serde_json::from_str::<Envelope>(&text) {
+                    Ok(envelope) => deliver(&shared, envelope).await,
+                    Err(err) => tracing::warn!(error = %err, "ignoring a malformed inbox entry"),
+                }
+            }
+            if let Err(err) = reader.inbox_ack(&shared.instance, &ids).await {
+                tracing::warn!(error = %err, "acknowledging inbox entries failed");
+            }
+        }
+    }
+}
+
+async fn deliver(shared: &Shared, envelope: Envelope) {
+    match envelope {
+        Envelope::Assign {
+            origin,
+            node,
+            assign,
+        } => {
+            let job = JobRef {
+                job_id: assign.job_id.clone(),
+                attempt: assign.attempt,
+            };
+            shared
+                .router
+                .note_forwarded(job.clone(), &node, assign.kind.clone(), &origin);
+            let sent = shared
+                .registry
+                .send(&node, Control::Send(Box::new(Message::JobAssign(assign))));
+            if !sent {
+                shared.router.forget_forwarded(&job);
+                shared.router.tell_later(origin, job, RemoteAnswer::Lost);
+            }
+        }
+        Envelope::Drain { node, reason } => {
+            shared.registry.drain(&node, reason);
+        }
+        Envelope::Cancel { node, cancel } => {
+            shared
+                .registry
+                .send(&node, Control::Send(Box::new(Message::JobCancel(cancel))));
+        }
+        Envelope::Answer { job, answer } => shared.router.remote_answer(&job, answer),
+    }
+}
