@@ -14,16 +14,16 @@ use axum::extract::{ConnectInfo, Extension, State, WebSocketUpgrade};
 use axum::response::Response;
 use futures_util::future::join_all;
 use lingua_shared::close::CloseCode;
-use lingua_shared::protocol::{CapacityReport, Drain, ErrorCode, ErrorFrame, JobRef, RejectReason};
+use lingua_shared::protocol::{CapacityReport, Drain, ErrorCode, ErrorFrame};
 use lingua_shared::{
     JobKind, LangPair, MAX_FRAME_BYTES, Message, NodeId, WS_BUFFER_BYTES, decode, encode,
 };
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout};
 
+mod frames;
 mod handshake;
 
-use crate::jobs::Taken;
 use crate::listener::{ConnectionPermit, PeerAddr};
 use crate::registry::Control;
 use crate::state::Shared;
@@ -347,74 +347,13 @@ async fn handle(
     message: Message,
 ) -> Result<Handled, Ending> {
     match message {
-        Message::Heartbeat(heartbeat) => {
-            shared.metrics.heartbeats.inc();
-            session.capacity = heartbeat.capacity;
-            // More than two heartbeats per interval renew the connection
-            // but cost Redis nothing: a node cannot turn its frame rate
-            // into script calls.
-            // The lease recorded last must still outlast a whole interval,
-            // or this heartbeat renews it whatever the rate.
-            let interval = shared.config.heartbeat_interval;
-            let lease = shared.config.lease();
-            if session.recorded.is_some_and(|at| {
-                at.elapsed() < interval / 2 && lease.saturating_sub(at.elapsed()) > interval
-            }) {
-                session.publish_soon(shared);
-                return Ok(Handled::Alive);
-            }
-            session.recorded = Some(Instant::now());
-            let capacity = serde_json::to_string(&session.capacity).unwrap_or_default();
-            // A Redis outage does not end the link: closing every socket on
-            // a Redis blip would move every running job (and run it twice).
-            // The next heartbeat renews the lease once Redis answers.
-            let current = match shared
-                .store
-                .heartbeat(
-                    &session.node,
-                    session.epoch,
-                    (shared.config.lease(), shared.config.offline_retention),
-                    &capacity,
-                )
-                .await
-            {
-                Ok(current) => current,
-                Err(err) => {
-                    tracing::warn!(node_id = %session.node, error = %err, "heartbeat not recorded: redis unavailable");
-                    true
-                }
-            };
-            if !current {
-                return Err(Ending::new(
-                    CloseCode::Superseded,
-                    "a newer registration of this node exists",
-                ));
-            }
-            session.publish_soon(shared);
-            Ok(Handled::Alive)
-        }
+        Message::Heartbeat(heartbeat) => frames::heartbeat(shared, session, heartbeat).await,
         Message::Capacity(capacity) => {
             session.capacity = capacity;
             session.publish_soon(shared);
             Ok(Handled::Fine)
         }
-        Message::Drain(drain) => {
-            // Once is enough: a repeated drain costs Redis nothing.
-            if session.draining.swap(true, Ordering::SeqCst) {
-                return Ok(Handled::Fine);
-            }
-            let reason: String = drain.reason.chars().take(MAX_LOGGED_CHARS).collect();
-            tracing::info!(node_id = %session.node, %reason, "node is draining");
-            session.publish(shared);
-            if let Err(err) = shared
-                .store
-                .drain_node(&session.node, Some(session.epoch))
-                .await
-            {
-                tracing::warn!(node_id = %session.node, error = %err, "recording drain failed");
-            }
-            Ok(Handled::Fine)
-        }
+        Message::Drain(drain) => Ok(frames::drain(shared, session, drain).await),
         Message::Error(error) => {
             let message: String = error.message.chars().take(MAX_LOGGED_CHARS).collect();
             tracing::warn!(node_id = %session.node, code = ?error.code, %message, "node reported an error");
@@ -427,50 +366,8 @@ async fn handle(
                 .answer((&session.node, session.epoch), &accept, None);
             Ok(Handled::Fine)
         }
-        Message::JobReject(reject) => {
-            let key = JobRef {
-                job_id: reject.job_id,
-                attempt: reject.attempt,
-            };
-            let reason = reject.reason;
-            let kind = shared.router.answer(
-                (&session.node, session.epoch),
-                &key,
-                Some((reason, reject.message)),
-            );
-            // The node is full for that kind, whatever its last report said:
-            // route nothing more of it there until it reports room again.
-            if let (Some(kind), RejectReason::NoCapacity) = (kind, reason) {
-                session.capacity.free_slots.insert(kind, 0);
-                session.publish(shared);
-            }
-            Ok(Handled::Fine)
-        }
-        Message::JobResult(result) => {
-            match shared.router.result(&session.node, &result).await {
-                Ok(Taken::Acknowledged) => {}
-                Ok(Taken::Foreign) => {
-                    let text = format!(
-                        "job {} attempt {} is not assigned to node {}: result refused",
-                        result.job_id, result.attempt, session.node
-                    );
-                    send_error(socket, shared, ErrorCode::NotAssigned, text).await?;
-                    return Ok(Handled::Bad);
-                }
-                Err(err) => {
-                    // Unacknowledged, the result stays in the agent's outbox
-                    // and comes back after it reconnects.
-                    tracing::error!(node_id = %session.node, job_id = %result.job_id, error = %err, "recording a result failed");
-                    return Err(Ending::new(CloseCode::Internal, "redis unavailable"));
-                }
-            }
-            let ack = Message::ResultAck(JobRef {
-                job_id: result.job_id,
-                attempt: result.attempt,
-            });
-            send(socket, shared, &ack).await?;
-            Ok(Handled::Fine)
-        }
+        Message::JobReject(reject) => Ok(frames::reject(shared, session, reject)),
+        Message::JobResult(result) => frames::result(socket, shared, session, result).await,
         other @ (Message::Register(_)
         | Message::RegisterAck(_)
         | Message::JobAssign(_)

@@ -1,0 +1,140 @@
+//! What nodes say about their assignments: accepts, refusals, results
+//! (fenced by node and attempt), and a node's connection ending.
+
+use super::*;
+
+impl JobRouter {
+    /// Assignments of `kind` sent to `node` and not answered yet.
+    pub fn unanswered(&self, node: &NodeId, kind: &JobKind) -> u32 {
+        lock(&self.unanswered)
+            .get(&(node.clone(), kind.clone()))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// A node's connection of `epoch` accepted or refused an assignment.
+    /// Returns the attempt's kind when the attempt is known here and the
+    /// connection is the node's current one.
+    pub fn answer(
+        &self,
+        (node, epoch): (&NodeId, u64),
+        key: &JobRef,
+        refusal: Option<(RejectReason, String)>,
+    ) -> Option<JobKind> {
+        if !self.registry.is_current(node, epoch) {
+            return None;
+        }
+        if let Some(attempt) = lock(&self.attempts).get(key).filter(|a| &a.node == node) {
+            let _ = attempt.events.send(match refusal {
+                None => AttemptEvent::Accepted,
+                Some((reason, message)) => AttemptEvent::Rejected(reason, message),
+            });
+            return Some(attempt.kind.clone());
+        }
+        let mut forwarded = lock(&self.forwarded);
+        let entry = forwarded.get(key).filter(|f| &f.node == node)?;
+        let (kind, origin) = (entry.kind.clone(), entry.origin.clone());
+        let answer = match refusal {
+            None => RemoteAnswer::Accepted,
+            Some((reason, message)) => {
+                // A refused attempt is over here; an accepted one waits for
+                // its result (or the node's loss).
+                forwarded.remove(key);
+                RemoteAnswer::Rejected { reason, message }
+            }
+        };
+        drop(forwarded);
+        self.tell_later(origin, key.clone(), answer);
+        Some(kind)
+    }
+
+    /// A node reported a result: record it (fenced by node and attempt),
+    /// wake the dispatcher, and say whether the node may drop it from its
+    /// outbox.
+    pub async fn result(&self, node: &NodeId, result: &JobResult) -> Result<Taken, StoreError> {
+        let (completed, outcome) = match &result.outcome {
+            Outcome::Completed { output } => (true, json!({"output": output})),
+            Outcome::Failed { code, message } => {
+                let code = match code {
+                    FailureCode::Timeout => ErrorCode::Timeout,
+                    FailureCode::Cancelled => ErrorCode::Cancelled,
+                    FailureCode::ExecutorFailed | FailureCode::Other => ErrorCode::ExecutorFailed,
+                };
+                (false, json!({"error": {"code": code, "message": message}}))
+            }
+        };
+        let finish = self
+            .store
+            .job_finish(
+                &result.job_id,
+                (Some(node), result.attempt),
+                completed,
+                &outcome,
+                self.config.result_ttl,
+            )
+            .await?;
+        tracing::debug!(job_id = %result.job_id, attempt = result.attempt, node_id = %node, ?finish, "job result");
+        let taken = match &finish {
+            Finish::Applied => "applied",
+            Finish::Duplicate => "duplicate",
+            Finish::Stale => "stale",
+            Finish::Foreign { .. } => "foreign",
+        };
+        self.metrics
+            .results
+            .get_or_create(&ResultLabel {
+                outcome: taken.into(),
+            })
+            .inc();
+        let key = JobRef {
+            job_id: result.job_id.clone(),
+            attempt: result.attempt,
+        };
+        if let Finish::Foreign { assigned } = finish {
+            tracing::warn!(node_id = %node, assigned_node = %assigned, job_id = %key.job_id, attempt = key.attempt, "result refused: the attempt is assigned to another node");
+            return Ok(Taken::Foreign);
+        }
+        // Whatever became of it, a forwarded attempt ends with its result.
+        let forwarded = lock(&self.forwarded).remove(&key);
+        if finish != Finish::Applied {
+            return Ok(Taken::Acknowledged);
+        }
+        if let Some(attempt) = lock(&self.attempts).get(&key) {
+            let _ = attempt.events.send(AttemptEvent::Finished);
+            return Ok(Taken::Acknowledged);
+        }
+        // Dispatched elsewhere (forwarded here, or its node moved to this
+        // instance since): its dispatcher is waiting.
+        let origin = match forwarded {
+            Some(forwarded) => Some(forwarded.origin),
+            None => self.store.job_dispatcher(&key.job_id).await?,
+        };
+        if let Some(origin) = origin.filter(|o| o != &self.instance) {
+            self.tell_later(origin, key, RemoteAnswer::Finished);
+        }
+        Ok(Taken::Acknowledged)
+    }
+
+    /// A node's connection ended: its running attempts move elsewhere.
+    pub fn node_lost(&self, node: &NodeId) {
+        for attempt in lock(&self.attempts).values() {
+            if &attempt.node == node {
+                let _ = attempt.events.send(AttemptEvent::NodeLost);
+            }
+        }
+        let lost: Vec<(JobRef, String)> = {
+            let mut forwarded = lock(&self.forwarded);
+            let keys: Vec<JobRef> = forwarded
+                .iter()
+                .filter(|(_, f)| &f.node == node)
+                .map(|(key, _)| key.clone())
+                .collect();
+            keys.into_iter()
+                .filter_map(|key| forwarded.remove(&key).map(|f| (key, f.origin)))
+                .collect()
+        };
+        for (key, origin) in lost {
+            self.tell_later(origin, key, RemoteAnswer::Lost);
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! Reading a job's state back: from a local waiter, or from Redis (ending
+//! an orphan whose dispatcher died on the way).
+
+use super::request::owner_of;
+use super::*;
+
+impl JobRouter {
+    /// Waits for a job's terminal state by reading Redis (the job is being
+    /// dispatched by another submission or instance, or by nobody).
+    pub(super) async fn wait_remote(
+        &self,
+        id: &JobId,
+        deadline: Instant,
+    ) -> Result<JobView, SubmitError> {
+        let mut pause = REMOTE_POLL;
+        loop {
+            if let Some(record) = self.record(id).await? {
+                let view = JobView::from_record(id, &record);
+                if view.is_terminal() || Instant::now() >= deadline {
+                    return Ok(view);
+                }
+            } else if Instant::now() >= deadline {
+                return Ok(JobView {
+                    id: id.to_string(),
+                    status: "running".into(),
+                    node_id: None,
+                    attempts: 0,
+                    output: None,
+                    error: None,
+                    latency_ms: None,
+                });
+            }
+            tokio::time::sleep_until((Instant::now() + pause).min(deadline)).await;
+            pause = (pause * 2).min(REMOTE_POLL_MAX);
+        }
+    }
+
+    /// A job's record; one still running well past its deadline is an
+    /// orphan (its dispatcher died with its coordinator, its result is
+    /// lost) and is recorded failed here, so that nobody waits forever.
+    pub(super) async fn record(&self, id: &JobId) -> Result<Option<JobRecord>, StoreError> {
+        let record = self.store.job(id).await?;
+        let orphaned = record.as_ref().is_some_and(|r| {
+            r.status == "running"
+                && r.deadline_ms
+                    .is_some_and(|d| wall_clock_ms() > d + ORPHAN_GRACE_MS)
+        });
+        if !orphaned {
+            return Ok(record);
+        }
+        let outcome = json!({"error": {
+            "code": ErrorCode::Timeout,
+            "message": "no result by the job's deadline: the coordinator dispatching it went away and no node reported a result",
+        }});
+        if self
+            .store
+            .job_expire(
+                id,
+                Duration::from_millis(ORPHAN_GRACE_MS),
+                &outcome,
+                self.config.result_ttl,
+            )
+            .await?
+        {
+            tracing::warn!(job_id = %id, "orphaned job recorded as failed after its deadline");
+        }
+        self.store.job(id).await
+    }
+
+    /// The stored view of a job, waiting up to `wait` for a terminal state;
+    /// `None` when it does not exist or `reader` may not see it.
+    pub async fn get(
+        &self,
+        id: &JobId,
+        wait: Duration,
+        reader: &Caller,
+    ) -> Result<Option<JobView>, StoreError> {
+        let receiver = lock(&self.waiters).get(id).map(|w| w.terminal.subscribe());
+        let Some(record) = self.record(id).await? else {
+            return Ok(None);
+        };
+        if !reader.may_read(&owner_of(&record.request)) {
+            return Ok(None);
+        }
+        let view = JobView::from_record(id, &record);
+        if view.is_terminal() || wait.is_zero() {
+            return Ok(Some(view));
+        }
+        let deadline = Instant::now() + wait;
+        if let Some(mut receiver) = receiver {
+            if let Ok(Ok(terminal)) =
+                tokio::time::timeout_at(deadline, receiver.wait_for(Option::is_some)).await
+            {
+                return Ok(terminal.clone());
+            }
+            return Ok(Some(view));
+        }
+        match self.wait_remote(id, deadline).await {
+            Ok(view) => Ok(Some(view)),
+            Err(SubmitError::Store(err)) => Err(err),
+            Err(SubmitError::Conflict(_)) => Ok(Some(view)),
+        }
+    }
+}

@@ -1,0 +1,130 @@
+//! Attempts on nodes another coordinator instance holds: forwarding
+//! assignments and drains, and the answers coming back.
+
+use super::*;
+
+impl JobRouter {
+    /// Sends an assignment for a node whose socket another live instance
+    /// holds through that instance's inbox. False when no live instance
+    /// holds it.
+    pub(super) async fn forward(&self, node: &NodeId, key: &JobRef, assign: JobAssign) -> bool {
+        let holder = match self.other_holder(node).await {
+            Ok(Some(holder)) => holder,
+            Ok(None) => return false,
+            Err(err) => {
+                tracing::warn!(node_id = %node, error = %err, "cannot look up the node's coordinator");
+                return false;
+            }
+        };
+        let envelope = Envelope::Assign {
+            origin: self.instance.clone(),
+            node: node.clone(),
+            assign,
+        };
+        if let Some(attempt) = lock(&self.attempts).get_mut(key) {
+            attempt.holder = Some(holder.clone());
+        }
+        match forward::send(&self.store, &holder, &envelope).await {
+            Ok(()) => {
+                self.metrics.forwarded.inc();
+                true
+            }
+            Err(err) => {
+                tracing::warn!(node_id = %node, %holder, error = %err, "cannot forward the assignment");
+                false
+            }
+        }
+    }
+
+    /// Asks the instance holding `node`'s socket to drain it; false when no
+    /// other live instance holds it.
+    pub async fn forward_drain(&self, node: &NodeId, reason: &str) -> Result<bool, StoreError> {
+        let Some(holder) = self.other_holder(node).await? else {
+            return Ok(false);
+        };
+        let envelope = Envelope::Drain {
+            node: node.clone(),
+            reason: reason.to_owned(),
+        };
+        forward::send(&self.store, &holder, &envelope).await?;
+        Ok(true)
+    }
+
+    /// The other live instance holding `node`'s socket, if any.
+    pub(super) async fn other_holder(&self, node: &NodeId) -> Result<Option<String>, StoreError> {
+        let Some(holder) = self
+            .store
+            .node_holder(node)
+            .await?
+            .filter(|holder| holder != &self.instance)
+        else {
+            return Ok(None);
+        };
+        Ok(self
+            .store
+            .instance_present(&holder)
+            .await?
+            .then_some(holder))
+    }
+
+    /// Records that the node's answers to `job` belong to `origin`.
+    pub fn note_forwarded(&self, job: JobRef, node: &NodeId, kind: JobKind, origin: &str) {
+        lock(&self.forwarded).insert(
+            job,
+            Forwarded {
+                node: node.clone(),
+                kind,
+                origin: origin.to_owned(),
+            },
+        );
+    }
+
+    /// Forgets a forwarded assignment (it could not be delivered).
+    pub fn forget_forwarded(&self, job: &JobRef) {
+        lock(&self.forwarded).remove(job);
+    }
+
+    /// Sends `answer` about `job` to instance `origin`'s inbox, in the
+    /// background.
+    pub fn tell_later(&self, origin: String, job: JobRef, answer: RemoteAnswer) {
+        forward::post(&self.store, origin, Envelope::Answer { job, answer });
+    }
+
+    /// Another instance answered about an attempt dispatched here.
+    pub fn remote_answer(&self, job: &JobRef, answer: RemoteAnswer) {
+        if let Some(attempt) = lock(&self.attempts).get(job) {
+            let _ = attempt.events.send(match answer {
+                RemoteAnswer::Accepted => AttemptEvent::Accepted,
+                RemoteAnswer::Rejected { reason, message } => {
+                    AttemptEvent::Rejected(reason, message)
+                }
+                RemoteAnswer::Finished => AttemptEvent::Finished,
+                RemoteAnswer::Lost => AttemptEvent::NodeLost,
+            });
+        }
+    }
+
+    /// Attempts forwarded to an instance whose presence expired move on:
+    /// the node will register elsewhere, and its answers would never come.
+    pub async fn check_holders(&self) {
+        let holders: Vec<String> = {
+            let attempts = lock(&self.attempts);
+            let mut holders: Vec<String> =
+                attempts.values().filter_map(|a| a.holder.clone()).collect();
+            holders.sort_unstable();
+            holders.dedup();
+            holders
+        };
+        for holder in holders {
+            if self.store.instance_present(&holder).await.unwrap_or(true) {
+                continue;
+            }
+            tracing::warn!(%holder, "a coordinator instance holding nodes of jobs dispatched here went away");
+            for attempt in lock(&self.attempts).values() {
+                if attempt.holder.as_deref() == Some(holder.as_str()) {
+                    let _ = attempt.events.send(AttemptEvent::NodeLost);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! A job as submitted: the request body, its validation, its canonical
+//! form (idempotency and ownership) and the size of its assignment frame.
+
+use super::*;
+
+/// The body of `POST /v1/jobs`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobRequest {
+    /// Client-chosen id (idempotency key); generated when absent.
+    pub id: Option<String>,
+    /// Job kind.
+    pub kind: String,
+    /// Source language.
+    pub src_lang: String,
+    /// Target language.
+    pub tgt_lang: String,
+    /// Session, for affinity.
+    pub session_id: Option<String>,
+    /// Opaque input.
+    #[serde(default)]
+    pub payload: Value,
+    /// Time limit; the config's default when absent.
+    pub timeout_ms: Option<u64>,
+}
+
+/// A validated job.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// Its id.
+    pub id: JobId,
+    /// Its kind.
+    pub kind: JobKind,
+    /// Its pair.
+    pub pair: LangPair,
+    /// Its session.
+    pub session: Option<String>,
+    /// Its payload.
+    pub payload: Value,
+    /// Its time limit.
+    pub timeout: Duration,
+    /// Who submitted it: a client token's fingerprint, empty for admins.
+    pub owner: String,
+}
+
+impl Job {
+    /// Validates a request; the error text says which field is wrong.
+    pub fn from_request(
+        request: JobRequest,
+        default_timeout: Duration,
+        owner: String,
+    ) -> Result<Self, String> {
+        let id = match request.id {
+            Some(id) => JobId::new(id).map_err(|e| e.to_string())?,
+            None => JobId::new(format!("job-{:032x}", rand::random::<u128>()))
+                .map_err(|e| e.to_string())?,
+        };
+        let kind = JobKind::new(request.kind).map_err(|e| e.to_string())?;
+        let src: LangCode = request
+            .src_lang
+            .parse()
+            .map_err(|e| format!("src_lang: {e}"))?;
+        let tgt: LangCode = request
+            .tgt_lang
+            .parse()
+            .map_err(|e| format!("tgt_lang: {e}"))?;
+        let pair = LangPair::new(src, tgt).map_err(|e| e.to_string())?;
+        let session = match request.session_id {
+            Some(session) => Some(
+                JobId::new(session)
+                    .map_err(|e| {
+                        format!(
+                            "session_id: {}",
+                            e.to_string().replacen("job id", "session id", 1)
+                        )
+                    })?
+                    .to_string(),
+            ),
+            None => None,
+        };
+        let timeout = match request.timeout_ms {
+            None => default_timeout,
+            Some(0) => return Err("timeout_ms must be at least 1".into()),
+            Some(ms) if ms > 3_600_000 => {
+                return Err("timeout_ms must be at most 3600000 (one hour)".into());
+            }
+            Some(ms) => Duration::from_millis(ms),
+        };
+        Ok(Self {
+            id,
+            kind,
+            pair,
+            session,
+            payload: request.payload,
+            timeout,
+            owner,
+        })
+    }
+
+    /// The request as stored, for comparing resubmissions: the same id with
+    /// a different canonical request is a conflict.
+    /// The owner is part of it: another client reusing the id conflicts
+    /// instead of reading someone else's job.
+    pub(super) fn canonical(&self) -> String {
+        let mut request = json!({
+            "kind": self.kind,
+            "pair": self.pair,
+            "session_id": self.session,
+            "payload": self.payload,
+            "timeout_ms": self.timeout.as_millis() as u64,
+        });
+        if !self.owner.is_empty() {
+            request["owner"] = json!(self.owner);
+        }
+        request.to_string()
+    }
+}
+
+impl Job {
+    /// The size of this job's `job_assign` frame, at its largest (attempt
+    /// and timeout at their widest): a job over the frame limit could
+    /// never reach a node.
+    pub fn assign_frame_len(&self) -> usize {
+        let envelope = Message::JobAssign(JobAssign {
+            job_id: self.id.clone(),
+            attempt: u32::MAX,
+            kind: self.kind.clone(),
+            pair: self.pair,
+            session_id: self.session.clone(),
+            payload: Value::Null,
+            timeout_ms: u64::MAX,
+        });
+        encoded_len(&envelope) - "null".len() + encoded_len(&self.payload)
+    }
+}
+
+/// The owner recorded in a canonical request (empty: an admin's job).
+pub(super) fn owner_of(request: &str) -> String {
+    serde_json::from_str::<Value>(request)
+        .ok()
+        .and_then(|r| r["owner"].as_str().map(str::to_owned))
+        .unwrap_or_default()
+}

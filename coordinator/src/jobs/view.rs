@@ -1,0 +1,106 @@
+//! A job as the API shows it, and the error codes of failed jobs.
+
+use super::*;
+
+/// Why a job failed (the `error.code` of the API).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// Nothing serves the pair and kind.
+    NoNodes,
+    /// Every candidate refused, up to `max_attempts`.
+    NoCapacity,
+    /// The job did not finish within its timeout.
+    Timeout,
+    /// The executor on the node failed.
+    ExecutorFailed,
+    /// The nodes running it went away and attempts ran out.
+    NodeLost,
+    /// The node cancelled it.
+    Cancelled,
+}
+
+impl ErrorCode {
+    /// The code as the API writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::NoNodes => "no_nodes",
+            ErrorCode::NoCapacity => "no_capacity",
+            ErrorCode::Timeout => "timeout",
+            ErrorCode::ExecutorFailed => "executor_failed",
+            ErrorCode::NodeLost => "node_lost",
+            ErrorCode::Cancelled => "cancelled",
+        }
+    }
+
+    /// The HTTP status answering a job failed with this code.
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorCode::NoNodes | ErrorCode::NoCapacity | ErrorCode::NodeLost => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ErrorCode::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorCode::ExecutorFailed | ErrorCode::Cancelled => StatusCode::BAD_GATEWAY,
+        }
+    }
+}
+
+/// A job as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JobView {
+    /// The id.
+    pub id: String,
+    /// `running`, `completed` or `failed`.
+    pub status: String,
+    /// The node of the last attempt.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The executor's output, when completed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output: Option<Value>,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<Value>,
+    /// Submission to terminal state.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_ms: Option<u64>,
+}
+
+impl JobView {
+    /// The view of a stored job.
+    pub fn from_record(id: &JobId, record: &JobRecord) -> Self {
+        let outcome = record.outcome.clone().unwrap_or(Value::Null);
+        Self {
+            id: id.to_string(),
+            status: record.status.clone(),
+            node_id: record.node.clone().filter(|n| !n.is_empty()),
+            attempts: record.attempt,
+            output: (record.status == "completed").then(|| outcome["output"].clone()),
+            error: (record.status == "failed").then(|| outcome["error"].clone()),
+            latency_ms: record.latency_ms,
+        }
+    }
+
+    /// True once completed or failed.
+    pub fn is_terminal(&self) -> bool {
+        self.status != "running"
+    }
+
+    /// The HTTP status for this view.
+    pub fn http_status(&self) -> StatusCode {
+        match self.status.as_str() {
+            "completed" | "running" => StatusCode::OK,
+            _ => self
+                .error_code()
+                .map_or(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::status),
+        }
+    }
+
+    pub(super) fn error_code(&self) -> Option<ErrorCode> {
+        self.error
+            .as_ref()
+            .and_then(|e| serde_json::from_value(e["code"].clone()).ok())
+    }
+}

@@ -1,0 +1,141 @@
+//! One function per message a registered node sends that needs more than
+//! a line: heartbeats, drains, refusals, results.
+
+use axum::extract::ws::WebSocket;
+use lingua_shared::Message;
+use lingua_shared::close::CloseCode;
+use lingua_shared::protocol::{
+    Drain, ErrorCode, Heartbeat, JobRef, JobReject, JobResult, RejectReason,
+};
+use std::sync::atomic::Ordering;
+use tokio::time::Instant;
+
+use super::{Ending, Handled, MAX_LOGGED_CHARS, Session, send, send_error};
+use crate::jobs::Taken;
+use crate::state::Shared;
+
+/// A heartbeat: renews the connection; recorded in Redis at most twice
+/// per interval.
+pub(super) async fn heartbeat(
+    shared: &Shared,
+    session: &mut Session,
+    heartbeat: Heartbeat,
+) -> Result<Handled, Ending> {
+    shared.metrics.heartbeats.inc();
+    session.capacity = heartbeat.capacity;
+    // More than two heartbeats per interval renew the connection
+    // but cost Redis nothing: a node cannot turn its frame rate
+    // into script calls.
+    // The lease recorded last must still outlast a whole interval,
+    // or this heartbeat renews it whatever the rate.
+    let interval = shared.config.heartbeat_interval;
+    let lease = shared.config.lease();
+    if session.recorded.is_some_and(|at| {
+        at.elapsed() < interval / 2 && lease.saturating_sub(at.elapsed()) > interval
+    }) {
+        session.publish_soon(shared);
+        return Ok(Handled::Alive);
+    }
+    session.recorded = Some(Instant::now());
+    let capacity = serde_json::to_string(&session.capacity).unwrap_or_default();
+    // A Redis outage does not end the link: closing every socket on
+    // a Redis blip would move every running job (and run it twice).
+    // The next heartbeat renews the lease once Redis answers.
+    let current = match shared
+        .store
+        .heartbeat(
+            &session.node,
+            session.epoch,
+            (shared.config.lease(), shared.config.offline_retention),
+            &capacity,
+        )
+        .await
+    {
+        Ok(current) => current,
+        Err(err) => {
+            tracing::warn!(node_id = %session.node, error = %err, "heartbeat not recorded: redis unavailable");
+            true
+        }
+    };
+    if !current {
+        return Err(Ending::new(
+            CloseCode::Superseded,
+            "a newer registration of this node exists",
+        ));
+    }
+    session.publish_soon(shared);
+    Ok(Handled::Alive)
+}
+
+/// The node announces it is draining.
+pub(super) async fn drain(shared: &Shared, session: &mut Session, drain: Drain) -> Handled {
+    // Once is enough: a repeated drain costs Redis nothing.
+    if session.draining.swap(true, Ordering::SeqCst) {
+        return Handled::Fine;
+    }
+    let reason: String = drain.reason.chars().take(MAX_LOGGED_CHARS).collect();
+    tracing::info!(node_id = %session.node, %reason, "node is draining");
+    session.publish(shared);
+    if let Err(err) = shared
+        .store
+        .drain_node(&session.node, Some(session.epoch))
+        .await
+    {
+        tracing::warn!(node_id = %session.node, error = %err, "recording drain failed");
+    }
+    Handled::Fine
+}
+
+/// The node refused an assignment.
+pub(super) fn reject(shared: &Shared, session: &mut Session, reject: JobReject) -> Handled {
+    let key = JobRef {
+        job_id: reject.job_id,
+        attempt: reject.attempt,
+    };
+    let reason = reject.reason;
+    let kind = shared.router.answer(
+        (&session.node, session.epoch),
+        &key,
+        Some((reason, reject.message)),
+    );
+    // The node is full for that kind, whatever its last report said:
+    // route nothing more of it there until it reports room again.
+    if let (Some(kind), RejectReason::NoCapacity) = (kind, reason) {
+        session.capacity.free_slots.insert(kind, 0);
+        session.publish(shared);
+    }
+    Handled::Fine
+}
+
+/// A job's result: recorded (fenced by node and attempt) and acknowledged,
+/// or refused when the attempt is another node's.
+pub(super) async fn result(
+    socket: &mut WebSocket,
+    shared: &Shared,
+    session: &Session,
+    result: JobResult,
+) -> Result<Handled, Ending> {
+    match shared.router.result(&session.node, &result).await {
+        Ok(Taken::Acknowledged) => {}
+        Ok(Taken::Foreign) => {
+            let text = format!(
+                "job {} attempt {} is not assigned to node {}: result refused",
+                result.job_id, result.attempt, session.node
+            );
+            send_error(socket, shared, ErrorCode::NotAssigned, text).await?;
+            return Ok(Handled::Bad);
+        }
+        Err(err) => {
+            // Unacknowledged, the result stays in the agent's outbox
+            // and comes back after it reconnects.
+            tracing::error!(node_id = %session.node, job_id = %result.job_id, error = %err, "recording a result failed");
+            return Err(Ending::new(CloseCode::Internal, "redis unavailable"));
+        }
+    }
+    let ack = Message::ResultAck(JobRef {
+        job_id: result.job_id,
+        attempt: result.attempt,
+    });
+    send(socket, shared, &ack).await?;
+    Ok(Handled::Fine)
+}

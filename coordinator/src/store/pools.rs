@@ -1,0 +1,171 @@
+//! Pools and routing per language pair: joining and leaving pools,
+//! routing updates, the pick, and the view `/v1/pools` reads.
+
+use super::*;
+
+impl Store {
+    /// Places a node in a pool of `pair` (idempotent) and returns the pool.
+    pub async fn pool_join(
+        &self,
+        pair: LangPair,
+        node: &NodeId,
+        max_nodes_per_pool: u32,
+        lease: Duration,
+    ) -> Result<String, StoreError> {
+        let keys = PairKeys::new(pair);
+        let mut invocation = self.scripts.pool_join.prepare_invoke();
+        invocation
+            .key(&keys.members)
+            .key(&keys.pools)
+            .key(&keys.room)
+            .key(&keys.next_pool)
+            .key(&keys.leases)
+            .arg(node.as_str())
+            .arg(max_nodes_per_pool)
+            .arg(millis(lease));
+        self.invoke("pool_join", invocation).await
+    }
+
+    /// Takes a node out of `pair`: pool seat, lease and routing entries of
+    /// `kinds`. Returns whether it was a member.
+    pub async fn pool_leave(
+        &self,
+        pair: LangPair,
+        node: &NodeId,
+        kinds: &[JobKind],
+    ) -> Result<bool, StoreError> {
+        let keys = PairKeys::new(pair);
+        let mut invocation = self.scripts.pool_leave.prepare_invoke();
+        invocation
+            .key(&keys.members)
+            .key(&keys.pools)
+            .key(&keys.room)
+            .key(&keys.leases)
+            .key(&keys.next_pool);
+        for kind in kinds {
+            invocation.key(keys.route(kind));
+        }
+        for kind in kinds {
+            invocation.key(keys.free(kind));
+        }
+        invocation.arg(node.as_str()).arg(kinds.len());
+        let was_member: i64 = self.invoke("pool_leave", invocation).await?;
+        Ok(was_member == 1)
+    }
+
+    /// Renews leases and routing entries of several nodes in one pair, in
+    /// one call. Returns the nodes that are no longer members of the pair.
+    pub async fn route_update(
+        &self,
+        pair: LangPair,
+        entries: &[RouteEntry],
+        lease: Duration,
+    ) -> Result<Vec<NodeId>, StoreError> {
+        let keys = PairKeys::new(pair);
+        let mut kinds: Vec<&JobKind> = entries.iter().flat_map(|e| e.free.keys()).collect();
+        kinds.sort_unstable();
+        kinds.dedup();
+        let mut invocation = self.scripts.route_update.prepare_invoke();
+        invocation.key(&keys.leases);
+        for kind in &kinds {
+            invocation.key(keys.route(kind));
+        }
+        for kind in &kinds {
+            invocation.key(keys.free(kind));
+        }
+        invocation.arg(millis(lease)).arg(kinds.len());
+        for entry in entries {
+            invocation.arg(entry.node.as_str());
+            for kind in &kinds {
+                let free = entry.free.get(*kind).map_or(-1, |&n| i64::from(n));
+                invocation.arg(free);
+            }
+        }
+        let missing: Vec<String> = self.invoke("route_update", invocation).await?;
+        Ok(missing
+            .into_iter()
+            .filter_map(|id| NodeId::new(id).ok())
+            .collect())
+    }
+
+    /// Chooses a node for a job attempt (one script call).
+    pub async fn route_pick(
+        &self,
+        pair: LangPair,
+        kind: &JobKind,
+        session: Option<&str>,
+        affinity: Duration,
+        policy: PickPolicy,
+        excluded: &[NodeId],
+    ) -> Result<Pick, StoreError> {
+        let keys = PairKeys::new(pair);
+        let mut invocation = self.scripts.route_pick.prepare_invoke();
+        invocation
+            .key(keys.route(kind))
+            .key(keys.free(kind))
+            .key(&keys.leases)
+            .key(keys.session(session.unwrap_or("")))
+            .arg(if session.is_some() { "1" } else { "0" })
+            .arg(millis(affinity))
+            .arg(policy.as_str());
+        for node in excluded {
+            invocation.arg(node.as_str());
+        }
+        let reply: Vec<String> = self.invoke("route_pick", invocation).await?;
+        match reply.as_slice() {
+            [status, node] if status == "ok" => {
+                Ok(NodeId::new(node.as_str()).map_or(Pick::NoCapacity, Pick::Node))
+            }
+            [status] if status == "no_capacity" => Ok(Pick::NoCapacity),
+            [status] if status == "no_nodes" => Ok(Pick::NoNodes),
+            _ => Err(StoreError::Unexpected {
+                script: "route_pick",
+                reply: format!("{reply:?}"),
+            }),
+        }
+    }
+
+    /// Every non-empty pool, sorted by pair then pool id.
+    pub async fn pools(&self) -> Result<Vec<PoolView>, StoreError> {
+        let mut conn = self.conn.clone();
+        let pairs: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(keys::ALL_PAIRS)
+            .query_async(&mut conn)
+            .await?;
+        let mut pairs: Vec<LangPair> = pairs.iter().filter_map(|p| p.parse().ok()).collect();
+        pairs.sort_unstable();
+        if pairs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let members: Vec<HashMap<String, String>> =
+            futures_util::future::try_join_all(pairs.iter().map(|pair| {
+                let mut conn = self.conn.clone();
+                let key = PairKeys::new(*pair).members;
+                async move { redis::cmd("HGETALL").arg(key).query_async(&mut conn).await }
+            }))
+            .await?;
+        let mut views = Vec::new();
+        let mut gone = Vec::new();
+        for (pair, members) in pairs.iter().zip(members) {
+            if members.is_empty() {
+                gone.push(pair.to_string());
+                continue;
+            }
+            let mut pools: BTreeMap<(usize, String), Vec<String>> = BTreeMap::new();
+            for (node, pool) in members {
+                pools.entry((pool.len(), pool)).or_default().push(node);
+            }
+            views.extend(pools.into_iter().map(|((_, pool), mut nodes)| {
+                nodes.sort_unstable();
+                PoolView {
+                    pair: pair.to_string(),
+                    pool,
+                    nodes,
+                }
+            }));
+        }
+        let gone: Vec<&str> = gone.iter().map(String::as_str).collect();
+        self.prune(keys::ALL_PAIRS, &gone).await?;
+        Ok(views)
+    }
+}
