@@ -17,6 +17,8 @@ use lingua_shared::NodeId;
 use lingua_shared::protocol::{JobAssign, JobCancel, JobRef, RejectReason};
 use serde::{Deserialize, Serialize};
 
+use tokio_util::task::TaskTracker;
+
 use crate::store::{Store, StoreError};
 
 /// A message between coordinator instances.
@@ -82,11 +84,11 @@ pub async fn send(store: &Store, instance: &str, envelope: &Envelope) -> Result<
     store.inbox_push(instance, &text).await
 }
 
-/// [`send`] in the background. A failure is logged: the receiver's
-/// timeouts cover a message that never arrives.
-pub fn post(store: &Store, instance: String, envelope: Envelope) {
+/// [`send`] in the background, as a task of `tasks`. A failure is logged:
+/// the receiver's timeouts cover a message that never arrives.
+pub fn post(store: &Store, tasks: &TaskTracker, instance: String, envelope: Envelope) {
     let store = store.clone();
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         if let Err(err) = send(&store, &instance, &envelope).await {
             tracing::warn!(%instance, error = %err, "cannot reach another coordinator instance's inbox");
         }

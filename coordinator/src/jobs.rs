@@ -25,6 +25,7 @@ use tokio::sync::futures::Notified;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::auth::Caller;
 use crate::config::Config;
@@ -94,6 +95,9 @@ pub struct JobRouter {
     capacity: Arc<Notify>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
+    /// Dispatch tasks and messages posted to other instances, awaited on
+    /// shutdown ([`JobRouter::finish`]).
+    tasks: TaskTracker,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -128,7 +132,16 @@ impl JobRouter {
             capacity,
             metrics,
             shutdown,
+            tasks: TaskTracker::new(),
         }
+    }
+
+    /// After shutdown: waits up to `limit` for the dispatch tasks (they stop
+    /// at once, leaving their jobs `running` in Redis) and the messages
+    /// posted to other instances. False when some were still running.
+    pub async fn finish(&self, limit: Duration) -> bool {
+        self.tasks.close();
+        tokio::time::timeout(limit, self.tasks.wait()).await.is_ok()
     }
 }
 

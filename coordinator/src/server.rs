@@ -139,6 +139,9 @@ pub async fn run(
     {
         tracing::warn!("node connections did not close in time");
     }
+    if !shared.router.finish(DRAIN_TIMEOUT).await {
+        tracing::warn!("job dispatch tasks did not end in time");
+    }
     flusher_stop.cancel();
     let _ = flusher.await;
     let _ = receiver.await;

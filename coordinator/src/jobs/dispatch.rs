@@ -22,7 +22,8 @@ impl JobRouter {
             return Ok(receiver);
         }
         let this = Arc::clone(self);
-        tokio::spawn(async move { this.dispatch(job, waiter, started_tx).await });
+        self.tasks
+            .spawn(async move { this.dispatch(job, waiter, started_tx).await });
         match started.await {
             Ok(Ok(())) => Ok(receiver),
             Ok(Err(err)) => Err(err),
@@ -363,7 +364,7 @@ impl JobRouter {
                 node: node.clone(),
                 cancel,
             };
-            forward::post(&self.store, holder, envelope);
+            forward::post(&self.store, &self.tasks, holder, envelope);
         }
     }
 

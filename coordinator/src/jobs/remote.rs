@@ -87,7 +87,12 @@ impl JobRouter {
     /// Sends `answer` about `job` to instance `origin`'s inbox, in the
     /// background.
     pub fn tell_later(&self, origin: String, job: JobRef, answer: RemoteAnswer) {
-        forward::post(&self.store, origin, Envelope::Answer { job, answer });
+        forward::post(
+            &self.store,
+            &self.tasks,
+            origin,
+            Envelope::Answer { job, answer },
+        );
     }
 
     /// Another instance answered about an attempt dispatched here.
