@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lingua_shared::close::CloseCode;
+use lingua_shared::ids::new_instance_id;
 use lingua_shared::protocol::GpuInfo;
 use lingua_shared::{JobKind, LangPair};
 use tokio::sync::{mpsc, watch};
@@ -73,11 +74,6 @@ fn executors(
             )
         })
         .collect()
-}
-
-/// A random id for this agent process.
-pub fn new_instance_id() -> String {
-    format!("{:016x}", rand::random::<u64>())
 }
 
 /// A started agent: its handles, and the future that runs it to the end.

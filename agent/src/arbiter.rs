@@ -36,6 +36,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lingua_shared::JobKind;
+use lingua_shared::sync::lock;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
@@ -455,9 +456,7 @@ impl Arbiter {
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // No critical section can panic half-way through an update, so the
         // state behind a poisoned lock is consistent.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.state)
     }
 
     fn changed(&self) {

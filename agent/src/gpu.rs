@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use lingua_shared::sync::lock;
 use serde::Serialize;
 
 use crate::config::{Backend, DeviceSelector, GpuConfig, SimulatedGpus as SimulatedConfig};
@@ -406,9 +407,7 @@ impl SimulatedGpus {
     fn lock(&self) -> std::sync::MutexGuard<'_, (u64, Vec<SimulatedGpu>)> {
         // Every critical section is a few map operations that cannot panic
         // half-way, so the data behind a poisoned lock is consistent.
-        self.gpus
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.gpus)
     }
 }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 use lingua_shared::protocol::{
     FailureCode, JobAssign, JobRef, JobReject, JobResult, Outcome, RejectReason,
 };
-use lingua_shared::{JobKind, LangPair, Message};
+use lingua_shared::{JobKind, LangPair, Message, sync};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -74,12 +74,12 @@ impl Jobs {
 
     /// Replaces the executors (SIGHUP). Running jobs finish on the old ones.
     pub fn set_executors(&self, executors: HashMap<JobKind, Arc<Executor>>) {
-        *self.executors.write().unwrap_or_else(|p| p.into_inner()) = executors;
+        *sync::write(&self.executors) = executors;
     }
 
     fn attempts(&self) -> std::sync::MutexGuard<'_, Attempts> {
         // Single map operations only: a poisoned lock holds consistent data.
-        self.attempts.lock().unwrap_or_else(|p| p.into_inner())
+        sync::lock(&self.attempts)
     }
 
     /// Handles one assignment: answers it and, when admitted, runs it in
@@ -114,12 +114,7 @@ impl Jobs {
                 format!("this node does not serve {}", job.pair),
             );
         }
-        let executor = self
-            .executors
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&job.kind)
-            .cloned();
+        let executor = sync::read(&self.executors).get(&job.kind).cloned();
         let Some(executor) = executor else {
             return self.reject(
                 &job,

@@ -17,8 +17,8 @@ use lingua_agent::agent::{Agent, AgentError, Control, Handles};
 use lingua_agent::arbiter::{Arbiter, Limits};
 use lingua_agent::config::{AgentConfig, DEFAULT_CONFIG_PATH};
 use lingua_agent::{gpu, metrics};
-use lingua_shared::process::{Exit, LogFormat, init_logging, usage_error};
-use sd_notify::NotifyState;
+use lingua_shared::process::{Exit, LogFormat, StopSignals, block_on, init_logging, usage_error};
+use lingua_shared::systemd;
 use serde_json::json;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;
@@ -72,16 +72,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some(Command::Probe) => probe(&config),
-        None => {
-            let runtime = match tokio::runtime::Runtime::new() {
-                Ok(runtime) => runtime,
-                Err(err) => {
-                    eprintln!("lingua-agent: cannot start the async runtime: {err}");
-                    return Exit::Internal.into();
-                }
-            };
-            runtime.block_on(serve(config, cli.config))
-        }
+        None => block_on("lingua-agent", serve(config, cli.config)),
     }
 }
 
@@ -190,41 +181,34 @@ fn exit_for(err: &AgentError) -> ExitCode {
     }
 }
 
-/// SIGTERM, SIGINT and SIGHUP, caught from the moment this is created (a
+/// The stop signals and SIGHUP, caught from the moment this is created (a
 /// signal that arrives during start-up is not lost, nor fatal).
 struct Signals {
-    term: Signal,
-    int: Signal,
+    stop: StopSignals,
     hup: Signal,
 }
 
 fn install_signals() -> std::io::Result<Signals> {
     Ok(Signals {
-        term: signal(SignalKind::terminate())?,
-        int: signal(SignalKind::interrupt())?,
+        stop: StopSignals::install()?,
         hup: signal(SignalKind::hangup())?,
     })
 }
 
 async fn signals(
-    Signals {
-        mut term,
-        mut int,
-        mut hup,
-    }: Signals,
+    Signals { mut stop, mut hup }: Signals,
     shutdown: CancellationToken,
     reload: mpsc::UnboundedSender<AgentConfig>,
     path: PathBuf,
 ) {
     loop {
         tokio::select! {
-            _ = term.recv() => { tracing::info!("SIGTERM: draining"); break; }
-            _ = int.recv() => { tracing::info!("SIGINT: draining"); break; }
+            name = stop.stopped() => { tracing::info!("{name}: draining"); break; }
             _ = hup.recv() => match AgentConfig::load(&path) {
                 Ok(config) => {
-                    let _ = sd_notify::notify(&[NotifyState::Reloading]);
+                    systemd::reloading();
                     let _ = reload.send(config);
-                    let _ = sd_notify::notify(&[NotifyState::Ready]);
+                    systemd::reloaded();
                 }
                 Err(err) => {
                     tracing::error!(error = %err, "SIGHUP: config not reloaded; keeping the running one");
@@ -232,7 +216,7 @@ async fn signals(
             },
         }
     }
-    let _ = sd_notify::notify(&[NotifyState::Stopping]);
+    systemd::stopping();
     shutdown.cancel();
 }
 
@@ -240,11 +224,8 @@ async fn signals(
 /// fed while the GPU sampler makes progress (a stuck sampler lets systemd
 /// restart the agent), and mirrors the link state into STATUS=.
 async fn systemd(handles: Handles, shutdown: CancellationToken) {
-    let _ = sd_notify::notify(&[
-        NotifyState::Ready,
-        NotifyState::Status("connecting to the coordinator"),
-    ]);
-    let watchdog = sd_notify::watchdog_enabled().map(|period| period / 2);
+    systemd::ready("connecting to the coordinator");
+    let watchdog = systemd::watchdog_interval();
     let mut status = handles.status.clone();
     let mut feed = tokio::time::interval(watchdog.unwrap_or(Duration::from_secs(3600)));
     loop {
@@ -252,7 +233,7 @@ async fn systemd(handles: Handles, shutdown: CancellationToken) {
             () = shutdown.cancelled() => return,
             _ = feed.tick(), if watchdog.is_some() => {
                 if handles.arbiter.fresh() {
-                    let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+                    systemd::watchdog();
                 } else {
                     tracing::error!("gpu readings are stale: not feeding the systemd watchdog");
                 }
@@ -269,7 +250,7 @@ async fn systemd(handles: Handles, shutdown: CancellationToken) {
                     line.push_str("; ");
                     line.push_str(&problem);
                 }
-                let _ = sd_notify::notify(&[NotifyState::Status(&line)]);
+                systemd::status(&line);
             }
         }
     }

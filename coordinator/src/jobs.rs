@@ -18,6 +18,7 @@ use axum::http::StatusCode;
 use lingua_shared::protocol::{
     FailureCode, JobAssign, JobCancel, JobRef, JobResult, Outcome, RejectReason,
 };
+use lingua_shared::sync::lock;
 use lingua_shared::{JobId, JobKind, LangCode, LangPair, Message, NodeId, encoded_len};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -98,11 +99,6 @@ pub struct JobRouter {
     /// Dispatch tasks and messages posted to other instances, awaited on
     /// shutdown ([`JobRouter::finish`]).
     tasks: TaskTracker,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Every critical section is a single map operation.
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl JobRouter {

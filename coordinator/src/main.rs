@@ -17,11 +17,10 @@ use lingua_coordinator::private_redis::PrivateRedis;
 use lingua_coordinator::store::Store;
 use lingua_coordinator::{server, tls};
 use lingua_shared::NodeId;
-use lingua_shared::process::{Exit, LogFormat, init_logging, usage_error};
+use lingua_shared::process::{Exit, LogFormat, StopSignals, block_on, init_logging, usage_error};
+use lingua_shared::systemd;
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
-use sd_notify::NotifyState;
 use tokio::net::TcpListener;
-use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
@@ -100,14 +99,7 @@ fn main() -> ExitCode {
             return Exit::Usage.into();
         }
     };
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(err) => {
-            eprintln!("lingua-coordinator: cannot start the async runtime: {err}");
-            return Exit::Internal.into();
-        }
-    };
-    runtime.block_on(serve(config, tls))
+    block_on("lingua-coordinator", serve(config, tls))
 }
 
 fn print_node_token(config: &Config, node_id: &str) -> ExitCode {
@@ -166,7 +158,7 @@ fn load_config(cli: &Cli) -> Result<Config, ConfigError> {
 }
 
 async fn serve(mut config: Config, tls: Option<TlsAcceptor>) -> ExitCode {
-    let caught = match install_signals() {
+    let caught = match StopSignals::install() {
         Ok(caught) => caught,
         Err(err) => {
             eprintln!("lingua-coordinator: cannot install signal handlers: {err}");
@@ -280,42 +272,26 @@ fn raise_open_files_limit(max_connections: u32) -> u32 {
 /// Tells systemd the coordinator serves (READY=1) and feeds its watchdog;
 /// no-ops outside systemd.
 async fn systemd(shutdown: CancellationToken) {
-    let _ = sd_notify::notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
-    let Some(period) = sd_notify::watchdog_enabled() else {
+    systemd::ready("serving");
+    let Some(period) = systemd::watchdog_interval() else {
         return;
     };
-    let mut feed = tokio::time::interval(period / 2);
+    let mut feed = tokio::time::interval(period);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => {
-                let _ = sd_notify::notify(&[NotifyState::Stopping]);
+                systemd::stopping();
                 return;
             }
             _ = feed.tick() => {
-                let _ = sd_notify::notify(&[NotifyState::Watchdog]);
+                systemd::watchdog();
             }
         }
     }
 }
 
-/// SIGTERM and SIGINT, caught from the moment this is created (a signal
-/// that arrives during start-up still shuts down gracefully).
-struct Signals {
-    term: Signal,
-    int: Signal,
-}
-
-fn install_signals() -> std::io::Result<Signals> {
-    Ok(Signals {
-        term: signal(SignalKind::terminate())?,
-        int: signal(SignalKind::interrupt())?,
-    })
-}
-
-async fn stop_on_signal(Signals { mut term, mut int }: Signals, shutdown: CancellationToken) {
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
-    }
+async fn stop_on_signal(mut signals: StopSignals, shutdown: CancellationToken) {
+    let name = signals.stopped().await;
+    tracing::info!("{name}: shutting down");
     shutdown.cancel();
 }

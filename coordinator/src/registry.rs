@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use lingua_shared::close::CloseCode;
+use lingua_shared::sync::lock;
 use lingua_shared::{LangPair, Message, NodeId};
 use tokio::sync::mpsc;
 
@@ -137,9 +138,7 @@ impl Registry {
         // A panic while holding this lock cannot leave the map half-written
         // (every operation is a single map call), so a poisoned lock is safe
         // to keep using.
-        self.nodes
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.nodes)
     }
 }
 

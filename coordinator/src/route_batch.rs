@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::join_all;
+use lingua_shared::sync::lock;
 use lingua_shared::{LangPair, NodeId};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -131,8 +132,6 @@ impl RouteBatcher {
     fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
         // Every critical section is a single map operation, so a poisoned
         // lock holds consistent data.
-        self.pending
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.pending)
     }
 }

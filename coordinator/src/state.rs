@@ -39,8 +39,3 @@ pub struct Shared {
     /// Node connection tasks, awaited on shutdown.
     pub tasks: TaskTracker,
 }
-
-/// A random id for this coordinator process.
-pub fn new_instance_id() -> String {
-    format!("{:016x}", rand::random::<u64>())
-}

@@ -1,4 +1,5 @@
-//! Validated identifiers: node ids, job ids and job kinds.
+//! Validated identifiers: node ids, job ids and job kinds; and the random
+//! id of a process instance.
 //!
 //! Each ends up inside Redis key names and log lines, so each admits only a
 //! conservative set of characters. Braces are never allowed: inside a key
@@ -8,6 +9,13 @@ use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
+
+/// A random id for one process (a coordinator or an agent instance): 16
+/// hex digits, new at every start, so a restart is told apart from a
+/// reconnect.
+pub fn new_instance_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
 
 /// Why a string is not a valid identifier.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -1,7 +1,8 @@
 //! The vocabulary shared by the Lingua fleet coordinator and its agents.
 //!
 //! - [`lang`]: validated language codes and directed language pairs.
-//! - [`ids`]: validated node ids, job ids and job kinds.
+//! - [`ids`]: validated node ids, job ids and job kinds; process instance
+//!   ids.
 //! - [`protocol`]: every message of the node <-> coordinator WebSocket
 //!   protocol (version [`protocol::PROTOCOL_VERSION`]), one serde enum tagged
 //!   by `type`.
@@ -9,7 +10,10 @@
 //!   size limit, and encoding them back.
 //! - [`close`]: the WebSocket close codes both sides use.
 //! - [`config_check`]: reading and validating TOML configuration files.
-//! - [`process`]: exit codes and logging, the same in every binary.
+//! - [`process`]: exit codes, logging, the runtime and the stop signals,
+//!   the same in every binary.
+//! - [`systemd`]: readiness, status, watchdog and stopping notifications.
+//! - [`sync`]: lock helpers that tolerate a poisoned lock.
 //!
 //! docs/PROTOCOL.md describes the protocol for people; this crate is its
 //! executable form.
@@ -22,6 +26,8 @@ pub mod ids;
 pub mod lang;
 pub mod process;
 pub mod protocol;
+pub mod sync;
+pub mod systemd;
 
 pub use codec::{
     DecodeError, MAX_FRAME_BYTES, MAX_REQUEST_BODY_BYTES, WS_BUFFER_BYTES, decode, encode,

@@ -1,9 +1,13 @@
 //! Conventions every Lingua binary follows (docs/OPERATIONS.md):
-//! exit codes, and logs on stderr through `tracing` with the level from
-//! `LINGUA_LOG` and text or JSON lines.
+//! exit codes, logs on stderr through `tracing` with the level from
+//! `LINGUA_LOG` and text or JSON lines, the async runtime, and SIGTERM and
+//! SIGINT as the request to stop.
 
+use std::future::Future;
 use std::io::IsTerminal;
 use std::process::ExitCode;
+
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 /// The documented non-zero exit codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,5 +58,63 @@ pub fn usage_error(err: &clap::Error) -> ExitCode {
         Exit::Usage.into()
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// Runs `serve` to its exit code on a new multi-threaded tokio runtime; 70
+/// when the runtime cannot start, printed as `program: reason`.
+pub fn block_on(program: &str, serve: impl Future<Output = ExitCode>) -> ExitCode {
+    match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime.block_on(serve),
+        Err(err) => {
+            eprintln!("{program}: cannot start the async runtime: {err}");
+            Exit::Internal.into()
+        }
+    }
+}
+
+/// SIGTERM and SIGINT, caught from the moment they are installed: a signal
+/// that arrives during start-up is neither lost nor fatal, and stops the
+/// service gracefully once it serves.
+pub struct StopSignals {
+    term: Signal,
+    int: Signal,
+}
+
+impl StopSignals {
+    /// Installs the handlers; call it first thing inside the runtime.
+    ///
+    /// # Errors
+    /// When a handler cannot be installed.
+    pub fn install() -> std::io::Result<Self> {
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Waits for the next SIGTERM or SIGINT and returns its name, for the
+    /// log line. Cancel-safe: a signal is not lost when this is dropped
+    /// unfinished, e.g. as one branch of a `select!`.
+    pub async fn stopped(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StopSignals;
+
+    #[tokio::test]
+    async fn a_signal_caught_before_anyone_waits_is_not_lost() {
+        let mut signals = StopSignals::install().unwrap();
+        nix::sys::signal::raise(nix::sys::signal::Signal::SIGINT).unwrap();
+        let name = tokio::time::timeout(std::time::Duration::from_secs(5), signals.stopped())
+            .await
+            .unwrap();
+        assert_eq!(name, "SIGINT");
     }
 }

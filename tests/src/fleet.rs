@@ -10,6 +10,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use lingua_shared::sync::lock;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
@@ -333,11 +334,7 @@ impl CountingService {
                 let runs = Arc::clone(&runs);
                 async move {
                     let job = payload["job"].as_str().unwrap_or_default().to_owned();
-                    *runs
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .entry(job)
-                        .or_default() += 1;
+                    *lock(&runs).entry(job).or_default() += 1;
                     let sleep = payload["sleep_ms"].as_u64().unwrap_or(0);
                     tokio::time::sleep(Duration::from_millis(sleep)).await;
                     axum::Json(serde_json::json!({"ok": true}))
@@ -358,7 +355,7 @@ impl CountingService {
 
     /// Runs per job id so far.
     pub fn runs(&self) -> HashMap<String, u32> {
-        self.runs.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        lock(&self.runs).clone()
     }
 }
 

@@ -144,6 +144,12 @@ impl SpeechFleet {
     }
 }
 
+/// The `lingua-demo` binary of the `lingua-tools` crate, built beside this
+/// test by `cargo test --workspace`.
+fn demo() -> std::path::PathBuf {
+    workspace_binary("lingua-demo").unwrap_or_else(|e| panic!("{e}"))
+}
+
 fn start_agent(dir: &Path, name: &str, config: &str) -> Child {
     let path = dir.join(name);
     std::fs::write(&path, config).unwrap();
@@ -346,7 +352,7 @@ async fn the_speech_demo_translates_each_utterance() {
     let out = tempfile::tempdir().unwrap();
     let output = tokio::time::timeout(
         Duration::from_secs(300),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_lingua-demo"))
+        tokio::process::Command::new(demo())
             .args(["--speech", "--utterances", "2", "--out"])
             .arg(out.path())
             .output(),
@@ -381,7 +387,7 @@ async fn the_speech_demo_translates_each_utterance() {
 
 #[tokio::test]
 async fn the_speech_demo_names_a_missing_package() {
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_lingua-demo"))
+    let output = tokio::process::Command::new(demo())
         .arg("--speech")
         .env("PATH", "/nonexistent")
         .output()

@@ -26,6 +26,7 @@ use lingua_coordinator::private_redis::PrivateRedis;
 use lingua_shared::process::{Exit, LogFormat, init_logging, usage_error};
 use lingua_tests::TestAgent;
 use lingua_tests::fleet::CoordinatorProcess;
+use lingua_tools::percentile;
 
 /// Measures a real Lingua fleet on this machine (private Redis, the
 /// coordinator binary, simulated agents) and prints a Markdown table of
@@ -294,17 +295,10 @@ impl Percentiles {
     /// Of `sample` (sorted here); zeros when empty.
     pub fn of(sample: &mut [Duration]) -> Self {
         sample.sort_unstable();
-        let at = |q: f64| {
-            if sample.is_empty() {
-                return Duration::ZERO;
-            }
-            let index = ((sample.len() as f64 * q).ceil() as usize).clamp(1, sample.len()) - 1;
-            sample[index]
-        };
         Self {
-            p50: at(0.50),
-            p99: at(0.99),
-            p999: at(0.999),
+            p50: percentile(sample, 0.50),
+            p99: percentile(sample, 0.99),
+            p999: percentile(sample, 0.999),
         }
     }
 

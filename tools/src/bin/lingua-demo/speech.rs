@@ -14,6 +14,7 @@ use lingua_shared::process::Exit;
 use lingua_tests::speech::{
     Step, TranslateService, base64, microphone, node_config, read_wav, submit, unbase64,
 };
+use lingua_tools::percentile;
 use serde_json::{Value, json};
 
 use crate::DemoAgent;
@@ -274,7 +275,7 @@ fn summary(done: &[Done], elapsed: Duration) {
         println!(
             "  {:<10} {:>9} ms {:>9} ms {:>9} ms {:>11} ms",
             kind,
-            latency[latency.len() / 2],
+            percentile(&latency, 0.50),
             mean_latency,
             mean_model,
             mean_latency.saturating_sub(mean_model)

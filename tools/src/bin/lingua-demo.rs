@@ -31,6 +31,7 @@ use lingua_coordinator::private_redis::PrivateRedis;
 use lingua_coordinator::server;
 use lingua_coordinator::store::Store;
 use lingua_shared::process::{Exit, LogFormat, init_logging, usage_error};
+use lingua_tools::percentile;
 use serde_json::{Value, json};
 use tokio::sync::{Mutex, Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -231,14 +232,6 @@ struct Tally {
     examples: Vec<String>,
 }
 
-fn percentile(sorted: &[u64], p: f64) -> u64 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[rank.min(sorted.len() - 1)]
-}
-
 fn bar(done: usize, total: usize, width: usize) -> String {
     let filled = (done * width)
         .checked_div(total)
@@ -280,8 +273,8 @@ fn render(view: &View<'_>) -> Vec<String> {
             view.done,
             view.total,
             view.done as f64 / elapsed,
-            percentile(&sorted, 50.0),
-            percentile(&sorted, 99.0),
+            percentile(&sorted, 0.50),
+            percentile(&sorted, 0.99),
             view.tally.completed,
             failed
         ),
@@ -601,8 +594,8 @@ async fn run_load(
     );
     println!(
         "  latency              p50 {} ms, p99 {} ms",
-        percentile(&sorted, 50.0),
-        percentile(&sorted, 99.0)
+        percentile(&sorted, 0.50),
+        percentile(&sorted, 0.99)
     );
     println!(
         "  assignments          {assignments} ({} refusals and retries)",
