@@ -25,5 +25,8 @@ for name in agent coordinator; do
   for path in "./usr/bin/lingua-$name" "lingua-$name.service" "./etc/lingua/$name.toml"; do
     grep -q -- "$path" <<<"$contents" || { echo "packaging: $deb lacks $path" >&2; exit 1; }
   done
-  dpkg-deb -I "$deb" | grep -q "conffiles" || { echo "packaging: $deb declares no conffiles" >&2; exit 1; }
+  # Not a pipe into grep -q: under pipefail, grep leaving early kills
+  # dpkg-deb with SIGPIPE and fails the check at random.
+  info=$(dpkg-deb -I "$deb")
+  grep -q "conffiles" <<<"$info" || { echo "packaging: $deb declares no conffiles" >&2; exit 1; }
 done
