@@ -21,7 +21,7 @@ use crate::auth::{Caller, Role};
 use crate::jobs::{Job, JobRequest, JobView, SubmitError};
 use crate::metrics::PoolLabel;
 use crate::state::Shared;
-use crate::store::{DrainOutcome, RouteEntry, StoreError};
+use crate::store::{DrainOutcome, JobStatus, RouteEntry, StoreError};
 
 /// An API error: status, stable code, message for people.
 #[derive(Debug)]
@@ -329,7 +329,7 @@ pub async fn submit_job(
         let status = terminal
             .borrow()
             .as_ref()
-            .map_or("running".to_owned(), |v| v.status.clone());
+            .map_or(JobStatus::Running, |v| v.status);
         return Ok((
             StatusCode::ACCEPTED,
             Json(json!({"id": id, "status": status})),

@@ -249,61 +249,8 @@ impl Config {
         let raw: RawConfig = config_check::parse(source)?;
         let check = Checker::new(source);
         let defaults = Config::default();
-        let listen = match raw.listen {
-            None => defaults.listen,
-            Some(listen) => {
-                let span = listen.span();
-                match listen.get_ref().parse() {
-                    Ok(addr) => addr,
-                    Err(_) => {
-                        return Err(check.invalid(
-                            "listen",
-                            span,
-                            format!(
-                                "{:?} is not an address; write it as \"127.0.0.1:7700\"",
-                                listen.get_ref()
-                            ),
-                        ));
-                    }
-                }
-            }
-        };
-        let redis_url = match raw.redis.url {
-            None => None,
-            Some(url) => {
-                let span = url.span();
-                let url = url.into_inner();
-                if let Err(message) = check_redis_url(&url) {
-                    return Err(check.invalid("redis.url", span, message));
-                }
-                Some(url)
-            }
-        };
-        let redis_cluster = match raw.redis.cluster {
-            None => Vec::new(),
-            Some(seeds) => {
-                let span = seeds.span();
-                let seeds = seeds.into_inner();
-                if seeds.is_empty() {
-                    return Err(check.invalid(
-                        "redis.cluster",
-                        span,
-                        "list at least one node of the cluster, e.g. [\"redis://10.0.0.1:6379\"]",
-                    ));
-                }
-                if redis_url.is_some() {
-                    return Err(check.invalid(
-                        "redis.cluster",
-                        span,
-                        "set redis.url (one Redis) or redis.cluster (a Redis Cluster), not both",
-                    ));
-                }
-                if let Some(message) = seeds.iter().find_map(|url| check_redis_url(url).err()) {
-                    return Err(check.invalid("redis.cluster", span, message));
-                }
-                seeds
-            }
-        };
+        let listen = listen(check, raw.listen, defaults.listen)?;
+        let (redis_url, redis_cluster) = redis(check, raw.redis)?;
         let config = Config {
             listen,
             redis_url,
@@ -318,43 +265,52 @@ impl Config {
                 cert_file: tls.cert_file,
                 key_file: tls.key_file,
             }),
-            heartbeat_interval: Duration::from_millis(check.range(
+            heartbeat_interval: duration(
+                check,
                 "nodes.heartbeat_interval_ms",
                 raw.nodes.heartbeat_interval_ms,
-                2000,
+                defaults.heartbeat_interval,
                 50..=600_000,
-            )?),
+            )?,
             missed_heartbeats: check.range(
                 "nodes.missed_heartbeats",
                 raw.nodes.missed_heartbeats,
-                3,
+                defaults.missed_heartbeats,
                 1..=100,
             )?,
             max_nodes_per_pool: check.range(
                 "pools.max_nodes_per_pool",
                 raw.pools.max_nodes_per_pool,
-                100,
+                defaults.max_nodes_per_pool,
                 1..=1_000_000,
             )?,
-            default_job_timeout: Duration::from_millis(check.range(
+            default_job_timeout: duration(
+                check,
                 "jobs.default_timeout_ms",
                 raw.jobs.default_timeout_ms,
-                30_000,
+                defaults.default_job_timeout,
                 1..=3_600_000,
-            )?),
-            max_attempts: check.range("jobs.max_attempts", raw.jobs.max_attempts, 3, 1..=100)?,
-            accept_timeout: Duration::from_millis(check.range(
+            )?,
+            max_attempts: check.range(
+                "jobs.max_attempts",
+                raw.jobs.max_attempts,
+                defaults.max_attempts,
+                1..=100,
+            )?,
+            accept_timeout: duration(
+                check,
                 "jobs.accept_timeout_ms",
                 raw.jobs.accept_timeout_ms,
-                2_000,
+                defaults.accept_timeout,
                 10..=600_000,
-            )?),
-            result_ttl: Duration::from_millis(check.range(
+            )?,
+            result_ttl: duration(
+                check,
                 "jobs.result_ttl_ms",
                 raw.jobs.result_ttl_ms,
-                300_000,
+                defaults.result_ttl,
                 1_000..=604_800_000,
-            )?),
+            )?,
             pick: raw.jobs.pick.unwrap_or_default(),
             max_pairs_per_node: check.range(
                 "nodes.max_pairs",
@@ -362,24 +318,26 @@ impl Config {
                 defaults.max_pairs_per_node,
                 1..=1024,
             )?,
-            offline_retention: Duration::from_millis(check.range(
+            offline_retention: duration(
+                check,
                 "nodes.offline_retention_ms",
                 raw.nodes.offline_retention_ms,
-                millis(defaults.offline_retention),
+                defaults.offline_retention,
                 60_000..=31_536_000_000,
-            )?),
+            )?,
             max_connections: check.range(
                 "limits.max_connections",
                 raw.limits.max_connections,
                 defaults.max_connections,
                 16..=1_000_000,
             )?,
-            header_read_timeout: Duration::from_millis(check.range(
+            header_read_timeout: duration(
+                check,
                 "limits.header_read_timeout_ms",
                 raw.limits.header_read_timeout_ms,
-                millis(defaults.header_read_timeout),
+                defaults.header_read_timeout,
                 100..=600_000,
-            )?),
+            )?,
         };
         Ok(config)
     }
@@ -442,8 +400,19 @@ impl Config {
     }
 }
 
-fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+/// A duration field given in ms, checked against `bounds` (ms); the
+/// default is [`Config::default`]'s, written once there.
+fn duration(
+    check: Checker<'_>,
+    field: &str,
+    value: Option<Spanned<u64>>,
+    default: Duration,
+    bounds: std::ops::RangeInclusive<u64>,
+) -> Result<Duration, ConfigError> {
+    let default = u64::try_from(default.as_millis()).unwrap_or(u64::MAX);
+    Ok(Duration::from_millis(
+        check.range(field, value, default, bounds)?,
+    ))
 }
 
 fn node_secret(
@@ -463,6 +432,75 @@ fn node_secret(
         ));
     }
     Ok(Some(value.into_inner()))
+}
+
+/// The `listen` address, or the default.
+fn listen(
+    check: Checker<'_>,
+    value: Option<Spanned<String>>,
+    default: SocketAddr,
+) -> Result<SocketAddr, ConfigError> {
+    let listen = match value {
+        None => default,
+        Some(listen) => {
+            let span = listen.span();
+            match listen.get_ref().parse() {
+                Ok(addr) => addr,
+                Err(_) => {
+                    return Err(check.invalid(
+                        "listen",
+                        span,
+                        format!(
+                            "{:?} is not an address; write it as \"127.0.0.1:7700\"",
+                            listen.get_ref()
+                        ),
+                    ));
+                }
+            }
+        }
+    };
+    Ok(listen)
+}
+
+/// `[redis]`: one Redis by URL, or a cluster by its seeds, not both.
+fn redis(check: Checker<'_>, raw: RawRedis) -> Result<(Option<String>, Vec<String>), ConfigError> {
+    let redis_url = match raw.url {
+        None => None,
+        Some(url) => {
+            let span = url.span();
+            let url = url.into_inner();
+            if let Err(message) = check_redis_url(&url) {
+                return Err(check.invalid("redis.url", span, message));
+            }
+            Some(url)
+        }
+    };
+    let redis_cluster = match raw.cluster {
+        None => Vec::new(),
+        Some(seeds) => {
+            let span = seeds.span();
+            let seeds = seeds.into_inner();
+            if seeds.is_empty() {
+                return Err(check.invalid(
+                    "redis.cluster",
+                    span,
+                    "list at least one node of the cluster, e.g. [\"redis://10.0.0.1:6379\"]",
+                ));
+            }
+            if redis_url.is_some() {
+                return Err(check.invalid(
+                    "redis.cluster",
+                    span,
+                    "set redis.url (one Redis) or redis.cluster (a Redis Cluster), not both",
+                ));
+            }
+            if let Some(message) = seeds.iter().find_map(|url| check_redis_url(url).err()) {
+                return Err(check.invalid("redis.cluster", span, message));
+            }
+            seeds
+        }
+    };
+    Ok((redis_url, redis_cluster))
 }
 
 fn check_redis_url(url: &str) -> Result<(), String> {

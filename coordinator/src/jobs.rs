@@ -33,7 +33,9 @@ use crate::config::Config;
 use crate::forward::{self, Envelope, RemoteAnswer};
 use crate::metrics::{JobLabel, Metrics, ResultLabel};
 use crate::registry::{Control, Registry};
-use crate::store::{Finish, JobRecord, JobStart, Pick, Store, StoreError, wall_clock_ms};
+use crate::store::{
+    Finish, JobRecord, JobStart, JobStatus, Pick, Store, StoreError, wall_clock_ms,
+};
 
 /// How long a session keeps preferring the node that served it last.
 const SESSION_AFFINITY: Duration = Duration::from_secs(600);

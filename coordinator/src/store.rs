@@ -177,11 +177,52 @@ pub enum Finish {
     },
 }
 
+/// Where a job stands: the `status` field of its hash and of the API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    /// Dispatched, no terminal state yet.
+    Running,
+    /// Ended with output.
+    Completed,
+    /// Ended with an error.
+    Failed,
+}
+
+impl JobStatus {
+    /// The status as Redis and the API write it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Running => "running",
+            JobStatus::Completed => "completed",
+            JobStatus::Failed => "failed",
+        }
+    }
+
+    /// The status a hash holds, if it is one of ours.
+    pub fn parse(text: &str) -> Option<Self> {
+        [JobStatus::Running, JobStatus::Completed, JobStatus::Failed]
+            .into_iter()
+            .find(|status| status.as_str() == text)
+    }
+
+    /// True once completed or failed.
+    pub fn is_terminal(self) -> bool {
+        self != JobStatus::Running
+    }
+}
+
+impl PartialEq<&str> for JobStatus {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 /// One job as Redis holds it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobRecord {
-    /// `running`, `completed` or `failed`.
-    pub status: String,
+    /// Where it stands.
+    pub status: JobStatus,
     /// The current (or last) attempt.
     pub attempt: u32,
     /// The node of the current (or last) attempt.

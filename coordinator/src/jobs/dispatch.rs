@@ -80,9 +80,10 @@ impl JobRouter {
         if let Some(started) = started.take() {
             let _ = started.send(Ok(()));
         }
-        let status = view
-            .error_code()
-            .map_or_else(|| view.status.clone(), |code| code.as_str().to_owned());
+        let status = view.error_code().map_or_else(
+            || view.status.as_str().to_owned(),
+            |code| code.as_str().to_owned(),
+        );
         self.metrics.jobs.get_or_create(&JobLabel { status }).inc();
         self.publish(&job.id, view);
     }

@@ -22,7 +22,7 @@ impl JobRouter {
             } else if Instant::now() >= deadline {
                 return Ok(JobView {
                     id: id.to_string(),
-                    status: "running".into(),
+                    status: JobStatus::Running,
                     node_id: None,
                     attempts: 0,
                     output: None,
@@ -41,7 +41,7 @@ impl JobRouter {
     pub(super) async fn record(&self, id: &JobId) -> Result<Option<JobRecord>, StoreError> {
         let record = self.store.job(id).await?;
         let orphaned = record.as_ref().is_some_and(|r| {
-            r.status == "running"
+            r.status == JobStatus::Running
                 && r.deadline_ms
                     .is_some_and(|d| wall_clock_ms() > d + ORPHAN_GRACE_MS)
         });

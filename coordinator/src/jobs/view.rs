@@ -50,8 +50,8 @@ impl ErrorCode {
 pub struct JobView {
     /// The id.
     pub id: String,
-    /// `running`, `completed` or `failed`.
-    pub status: String,
+    /// Where it stands.
+    pub status: JobStatus,
     /// The node of the last attempt.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node_id: Option<String>,
@@ -74,25 +74,25 @@ impl JobView {
         let outcome = record.outcome.clone().unwrap_or(Value::Null);
         Self {
             id: id.to_string(),
-            status: record.status.clone(),
+            status: record.status,
             node_id: record.node.clone().filter(|n| !n.is_empty()),
             attempts: record.attempt,
-            output: (record.status == "completed").then(|| outcome["output"].clone()),
-            error: (record.status == "failed").then(|| outcome["error"].clone()),
+            output: (record.status == JobStatus::Completed).then(|| outcome["output"].clone()),
+            error: (record.status == JobStatus::Failed).then(|| outcome["error"].clone()),
             latency_ms: record.latency_ms,
         }
     }
 
     /// True once completed or failed.
     pub fn is_terminal(&self) -> bool {
-        self.status != "running"
+        self.status.is_terminal()
     }
 
     /// The HTTP status for this view.
     pub fn http_status(&self) -> StatusCode {
-        match self.status.as_str() {
-            "completed" | "running" => StatusCode::OK,
-            _ => self
+        match self.status {
+            JobStatus::Completed | JobStatus::Running => StatusCode::OK,
+            JobStatus::Failed => self
                 .error_code()
                 .map_or(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::status),
         }

@@ -64,7 +64,14 @@ impl Store {
         invocation
             .key(keys::job(id))
             .arg(attempt)
-            .arg(if completed { "completed" } else { "failed" })
+            .arg(
+                if completed {
+                    JobStatus::Completed
+                } else {
+                    JobStatus::Failed
+                }
+                .as_str(),
+            )
             .arg(outcome.to_string())
             .arg(millis(retention))
             .arg(reporter.map_or("", NodeId::as_str));
@@ -124,7 +131,10 @@ impl Store {
             .arg(keys::job(id))
             .query_async(&mut conn)
             .await?;
-        let Some(status) = fields.remove("status") else {
+        let Some(status) = fields
+            .remove("status")
+            .and_then(|status| JobStatus::parse(&status))
+        else {
             return Ok(None);
         };
         Ok(Some(JobRecord {
