@@ -42,6 +42,25 @@ pub fn workspace_binary(name: &str) -> Result<PathBuf, String> {
     ))
 }
 
+/// Writes `config` (agent TOML) to `path` and starts the real
+/// `lingua-agent` binary on it: errors only on stderr, killed on drop.
+///
+/// # Errors
+/// When the binary is missing, the file cannot be written or the process
+/// cannot start.
+pub fn spawn_agent(path: &Path, config: &str) -> Result<Child, String> {
+    std::fs::write(path, config).map_err(|e| format!("write {}: {e}", path.display()))?;
+    Command::new(workspace_binary("lingua-agent")?)
+        .arg("--config")
+        .arg(path)
+        .env("LINGUA_LOG", "error")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("start lingua-agent: {e}"))
+}
+
 /// A coordinator config for fleet tests: fast heartbeats (a silent node
 /// leaves after 600 ms), a 1 s accept timeout, five attempts per job.
 pub const FAST_COORDINATOR: &str = "

@@ -15,15 +15,14 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use lingua_coordinator::private_redis::PrivateRedis;
 use lingua_tests::fleet::{
-    Blackhole, CoordinatorProcess, CountingService, FAST_COORDINATOR, free_local_addr,
-    submit_until_answered, workspace_binary,
+    Blackhole, CoordinatorProcess, CountingService, FAST_COORDINATOR, free_local_addr, spawn_agent,
+    submit_until_answered,
 };
 use serde_json::{Value, json};
 use tokio::process::Child;
@@ -41,16 +40,15 @@ const DETECT_LIMIT: Duration = Duration::from_secs(20);
 struct AgentProcess {
     name: String,
     config: PathBuf,
+    text: String,
     child: Option<Child>,
 }
 
 impl AgentProcess {
     fn start(dir: &Path, name: &str, url: &str, service: &str) -> Self {
         let config = dir.join(format!("{name}.toml"));
-        std::fs::write(
-            &config,
-            format!(
-                r#"
+        let text = format!(
+            r#"
 node_id = "{name}"
 coordinator_url = "{url}"
 drain_timeout_ms = 2000
@@ -65,12 +63,11 @@ executor = "http"
 url = "http://{service}/run"
 timeout_ms = 5000
 "#
-            ),
-        )
-        .unwrap();
+        );
         let mut agent = Self {
             name: name.to_owned(),
             config,
+            text,
             child: None,
         };
         agent.spawn();
@@ -78,18 +75,8 @@ timeout_ms = 5000
     }
 
     fn spawn(&mut self) {
-        let binary = workspace_binary("lingua-agent").unwrap_or_else(|e| panic!("{e}"));
-        self.child = Some(
-            tokio::process::Command::new(binary)
-                .arg("--config")
-                .arg(&self.config)
-                .env("LINGUA_LOG", "error")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .unwrap(),
-        );
+        let child = spawn_agent(&self.config, &self.text).unwrap_or_else(|e| panic!("{e}"));
+        self.child = Some(child);
     }
 
     async fn kill(&mut self) {

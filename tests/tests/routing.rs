@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use futures_util::future::join_all;
@@ -419,18 +418,8 @@ async fn the_api_token_guards_jobs(redis: impl RedisBackend) {
 }
 
 fn agent_process(config: &str, dir: &Path, name: &str) -> tokio::process::Child {
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, config).unwrap();
-    let binary =
-        lingua_tests::fleet::workspace_binary("lingua-agent").unwrap_or_else(|e| panic!("{e}"));
-    tokio::process::Command::new(binary)
-        .arg("--config")
-        .arg(&path)
-        .env("LINGUA_LOG", "warn")
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap()
+    lingua_tests::fleet::spawn_agent(&dir.join(format!("{name}.toml")), config)
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 async fn jobs_of_a_killed_agent_complete_elsewhere_once(redis: impl RedisBackend) {

@@ -9,12 +9,11 @@
 //! they fail with the command that installs them.
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use lingua_coordinator::private_redis::PrivateRedis;
 use lingua_tests::fleet::{
-    CoordinatorProcess, FAST_COORDINATOR, free_local_addr, workspace_binary,
+    CoordinatorProcess, FAST_COORDINATOR, free_local_addr, spawn_agent, workspace_binary,
 };
 use lingua_tests::speech::{
     Step, TranslateService, Wav, base64, check_packages, microphone, node_config, read_wav, submit,
@@ -151,17 +150,7 @@ fn demo() -> std::path::PathBuf {
 }
 
 fn start_agent(dir: &Path, name: &str, config: &str) -> Child {
-    let path = dir.join(name);
-    std::fs::write(&path, config).unwrap();
-    tokio::process::Command::new(workspace_binary("lingua-agent").unwrap_or_else(|e| panic!("{e}")))
-        .arg("--config")
-        .arg(&path)
-        .env("LINGUA_LOG", "error")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap()
+    spawn_agent(&dir.join(name), config).unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn cpu_node(coordinator: &str, _service: &str) -> String {

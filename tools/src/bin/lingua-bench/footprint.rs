@@ -1,10 +1,9 @@
 //! Agent footprint: the `lingua-agent` binary, idle and then running
 //! simulated jobs as fast as its slots allow.
 
-use std::process::Stdio;
 use std::time::Duration;
 
-use lingua_tests::fleet::{CoordinatorProcess, free_local_addr, proc_sample, workspace_binary};
+use lingua_tests::fleet::{CoordinatorProcess, free_local_addr, proc_sample, spawn_agent};
 use serde_json::json;
 use tokio::time::Instant;
 
@@ -17,10 +16,8 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     let dir = scratch()?;
     let coordinator = CoordinatorProcess::start(dir.path(), &redis, free_local_addr(), "").await?;
     let config = dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"
+    let text = format!(
+        r#"
 node_id = "footprint"
 coordinator_url = "{url}"
 [capabilities]
@@ -38,19 +35,9 @@ max_concurrent = {SLOTS}
 duration_ms = 20
 utilization_pct = 3
 "#,
-            url = coordinator.ws_url()
-        ),
-    )
-    .map_err(|e| e.to_string())?;
-    let mut agent = tokio::process::Command::new(workspace_binary("lingua-agent")?)
-        .arg("--config")
-        .arg(&config)
-        .env("LINGUA_LOG", "error")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| format!("start lingua-agent: {e}"))?;
+        url = coordinator.ws_url()
+    );
+    let mut agent = spawn_agent(&config, &text)?;
     let pid = agent.id().ok_or("lingua-agent exited at once")?;
     let client = reqwest::Client::new();
     let node_url = coordinator.url("/v1/nodes/footprint");
