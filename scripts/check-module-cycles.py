@@ -23,16 +23,16 @@ def modules(src):
         name = relative.parts[0].removesuffix(".rs")
         if name in ("lib", "main"):
             continue
-        found[name] = found.get(name, "") + path.read_text()
+        # Unit tests may reach anywhere; production code may not.
+        code = path.read_text().split("#[cfg(test)]")[0]
+        found[name] = found.get(name, "") + code
     return found
 
 
 def edges(found):
     graph = {name: set() for name in found}
     for name, text in found.items():
-        # Unit tests may reach anywhere; production code may not. Doc and
-        # other comments name modules without depending on them.
-        text = text.split("#[cfg(test)]")[0]
+        # Doc and other comments name modules without depending on them.
         text = re.sub(r"//[^\n]*", "", text)
         for group, single in PATH.findall(text):
             targets = [single] if single else [

@@ -12,6 +12,10 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+mod fields;
+
+use fields::*;
+
 /// The address the coordinator listens on without configuration.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7700";
 /// The shortest token accepted: anything shorter is guessable.
@@ -134,110 +138,6 @@ impl Default for Config {
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    listen: Option<Spanned<String>>,
-    #[serde(default)]
-    redis: RawRedis,
-    #[serde(default)]
-    auth: RawAuth,
-    tls: Option<RawTls>,
-    #[serde(default)]
-    nodes: RawNodes,
-    #[serde(default)]
-    pools: RawPools,
-    #[serde(default)]
-    jobs: RawJobs,
-    #[serde(default)]
-    limits: RawLimits,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawRedis {
-    url: Option<Spanned<String>>,
-    cluster: Option<Spanned<Vec<String>>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAuth {
-    node_tokens: Option<Spanned<Vec<String>>>,
-    node_secret: Option<Spanned<String>>,
-    api_tokens: Option<Spanned<Vec<String>>>,
-    client_tokens: Option<Spanned<Vec<String>>>,
-    #[serde(default)]
-    allow_anonymous: bool,
-    #[serde(default)]
-    allow_open_api: bool,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawTls {
-    cert_file: PathBuf,
-    key_file: PathBuf,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawNodes {
-    heartbeat_interval_ms: Option<Spanned<u64>>,
-    missed_heartbeats: Option<Spanned<u32>>,
-    max_pairs: Option<Spanned<u32>>,
-    offline_retention_ms: Option<Spanned<u64>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawLimits {
-    max_connections: Option<Spanned<u32>>,
-    header_read_timeout_ms: Option<Spanned<u64>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawPools {
-    max_nodes_per_pool: Option<Spanned<u32>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawJobs {
-    default_timeout_ms: Option<Spanned<u64>>,
-    max_attempts: Option<Spanned<u32>>,
-    accept_timeout_ms: Option<Spanned<u64>>,
-    result_ttl_ms: Option<Spanned<u64>>,
-    pick: Option<PickPolicy>,
-}
-
-fn tokens(
-    check: Checker<'_>,
-    field: &str,
-    value: Option<Spanned<Vec<String>>>,
-) -> Result<Vec<String>, ConfigError> {
-    let Some(value) = value else {
-        return Ok(Vec::new());
-    };
-    let span = value.span();
-    let tokens = value.into_inner();
-    if let Some(short) = tokens
-        .iter()
-        .position(|t| t.chars().count() < MIN_TOKEN_LEN)
-    {
-        return Err(check.invalid(
-            field,
-            span,
-            format!(
-                "token #{} is shorter than {MIN_TOKEN_LEN} characters; generate one with `openssl rand -hex 32`",
-                short + 1
-            ),
-        ));
-    }
-    Ok(tokens)
-}
-
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -265,81 +165,106 @@ impl Config {
                 cert_file: tls.cert_file,
                 key_file: tls.key_file,
             }),
-            heartbeat_interval: duration(
-                check,
-                "nodes.heartbeat_interval_ms",
-                raw.nodes.heartbeat_interval_ms,
-                defaults.heartbeat_interval,
-                50..=600_000,
-            )?,
-            missed_heartbeats: check.range(
-                "nodes.missed_heartbeats",
-                raw.nodes.missed_heartbeats,
-                defaults.missed_heartbeats,
-                1..=100,
-            )?,
             max_nodes_per_pool: check.range(
                 "pools.max_nodes_per_pool",
                 raw.pools.max_nodes_per_pool,
                 defaults.max_nodes_per_pool,
                 1..=1_000_000,
             )?,
-            default_job_timeout: duration(
+            ..defaults
+        }
+        .with_nodes(check, raw.nodes)?
+        .with_jobs(check, raw.jobs)?
+        .with_limits(check, raw.limits)?;
+        Ok(config)
+    }
+
+    /// `[nodes]` over `self`'s values.
+    fn with_nodes(self, check: Checker<'_>, raw: RawNodes) -> Result<Self, ConfigError> {
+        Ok(Self {
+            heartbeat_interval: duration(
                 check,
-                "jobs.default_timeout_ms",
-                raw.jobs.default_timeout_ms,
-                defaults.default_job_timeout,
-                1..=3_600_000,
+                "nodes.heartbeat_interval_ms",
+                raw.heartbeat_interval_ms,
+                self.heartbeat_interval,
+                50..=600_000,
             )?,
-            max_attempts: check.range(
-                "jobs.max_attempts",
-                raw.jobs.max_attempts,
-                defaults.max_attempts,
+            missed_heartbeats: check.range(
+                "nodes.missed_heartbeats",
+                raw.missed_heartbeats,
+                self.missed_heartbeats,
                 1..=100,
             )?,
-            accept_timeout: duration(
-                check,
-                "jobs.accept_timeout_ms",
-                raw.jobs.accept_timeout_ms,
-                defaults.accept_timeout,
-                10..=600_000,
-            )?,
-            result_ttl: duration(
-                check,
-                "jobs.result_ttl_ms",
-                raw.jobs.result_ttl_ms,
-                defaults.result_ttl,
-                1_000..=604_800_000,
-            )?,
-            pick: raw.jobs.pick.unwrap_or_default(),
             max_pairs_per_node: check.range(
                 "nodes.max_pairs",
-                raw.nodes.max_pairs,
-                defaults.max_pairs_per_node,
+                raw.max_pairs,
+                self.max_pairs_per_node,
                 1..=1024,
             )?,
             offline_retention: duration(
                 check,
                 "nodes.offline_retention_ms",
-                raw.nodes.offline_retention_ms,
-                defaults.offline_retention,
+                raw.offline_retention_ms,
+                self.offline_retention,
                 60_000..=31_536_000_000,
             )?,
+            ..self
+        })
+    }
+
+    /// `[jobs]` over `self`'s values.
+    fn with_jobs(self, check: Checker<'_>, raw: RawJobs) -> Result<Self, ConfigError> {
+        Ok(Self {
+            default_job_timeout: duration(
+                check,
+                "jobs.default_timeout_ms",
+                raw.default_timeout_ms,
+                self.default_job_timeout,
+                1..=3_600_000,
+            )?,
+            max_attempts: check.range(
+                "jobs.max_attempts",
+                raw.max_attempts,
+                self.max_attempts,
+                1..=100,
+            )?,
+            accept_timeout: duration(
+                check,
+                "jobs.accept_timeout_ms",
+                raw.accept_timeout_ms,
+                self.accept_timeout,
+                10..=600_000,
+            )?,
+            result_ttl: duration(
+                check,
+                "jobs.result_ttl_ms",
+                raw.result_ttl_ms,
+                self.result_ttl,
+                1_000..=604_800_000,
+            )?,
+            pick: raw.pick.unwrap_or_default(),
+            ..self
+        })
+    }
+
+    /// `[limits]` over `self`'s values.
+    fn with_limits(self, check: Checker<'_>, raw: RawLimits) -> Result<Self, ConfigError> {
+        Ok(Self {
             max_connections: check.range(
                 "limits.max_connections",
-                raw.limits.max_connections,
-                defaults.max_connections,
+                raw.max_connections,
+                self.max_connections,
                 16..=1_000_000,
             )?,
             header_read_timeout: duration(
                 check,
                 "limits.header_read_timeout_ms",
-                raw.limits.header_read_timeout_ms,
-                defaults.header_read_timeout,
+                raw.header_read_timeout_ms,
+                self.header_read_timeout,
                 100..=600_000,
             )?,
-        };
-        Ok(config)
+            ..self
+        })
     }
 
     /// Checks the rules that span fields and command-line overrides: run it
@@ -398,115 +323,6 @@ impl Config {
     pub fn nodes_need_token(&self) -> bool {
         !self.node_tokens.is_empty() || self.node_secret.is_some()
     }
-}
-
-/// A duration field given in ms, checked against `bounds` (ms); the
-/// default is [`Config::default`]'s, written once there.
-fn duration(
-    check: Checker<'_>,
-    field: &str,
-    value: Option<Spanned<u64>>,
-    default: Duration,
-    bounds: std::ops::RangeInclusive<u64>,
-) -> Result<Duration, ConfigError> {
-    let default = u64::try_from(default.as_millis()).unwrap_or(u64::MAX);
-    Ok(Duration::from_millis(
-        check.range(field, value, default, bounds)?,
-    ))
-}
-
-fn node_secret(
-    check: Checker<'_>,
-    value: Option<Spanned<String>>,
-) -> Result<Option<String>, ConfigError> {
-    let Some(value) = value else {
-        return Ok(None);
-    };
-    if value.get_ref().chars().count() < MIN_SECRET_LEN {
-        return Err(check.invalid(
-            "auth.node_secret",
-            value.span(),
-            format!(
-                "the node secret is shorter than {MIN_SECRET_LEN} characters; generate one with `openssl rand -hex 32`"
-            ),
-        ));
-    }
-    Ok(Some(value.into_inner()))
-}
-
-/// The `listen` address, or the default.
-fn listen(
-    check: Checker<'_>,
-    value: Option<Spanned<String>>,
-    default: SocketAddr,
-) -> Result<SocketAddr, ConfigError> {
-    let listen = match value {
-        None => default,
-        Some(listen) => {
-            let span = listen.span();
-            match listen.get_ref().parse() {
-                Ok(addr) => addr,
-                Err(_) => {
-                    return Err(check.invalid(
-                        "listen",
-                        span,
-                        format!(
-                            "{:?} is not an address; write it as \"127.0.0.1:7700\"",
-                            listen.get_ref()
-                        ),
-                    ));
-                }
-            }
-        }
-    };
-    Ok(listen)
-}
-
-/// `[redis]`: one Redis by URL, or a cluster by its seeds, not both.
-fn redis(check: Checker<'_>, raw: RawRedis) -> Result<(Option<String>, Vec<String>), ConfigError> {
-    let redis_url = match raw.url {
-        None => None,
-        Some(url) => {
-            let span = url.span();
-            let url = url.into_inner();
-            if let Err(message) = check_redis_url(&url) {
-                return Err(check.invalid("redis.url", span, message));
-            }
-            Some(url)
-        }
-    };
-    let redis_cluster = match raw.cluster {
-        None => Vec::new(),
-        Some(seeds) => {
-            let span = seeds.span();
-            let seeds = seeds.into_inner();
-            if seeds.is_empty() {
-                return Err(check.invalid(
-                    "redis.cluster",
-                    span,
-                    "list at least one node of the cluster, e.g. [\"redis://10.0.0.1:6379\"]",
-                ));
-            }
-            if redis_url.is_some() {
-                return Err(check.invalid(
-                    "redis.cluster",
-                    span,
-                    "set redis.url (one Redis) or redis.cluster (a Redis Cluster), not both",
-                ));
-            }
-            if let Some(message) = seeds.iter().find_map(|url| check_redis_url(url).err()) {
-                return Err(check.invalid("redis.cluster", span, message));
-            }
-            seeds
-        }
-    };
-    Ok((redis_url, redis_cluster))
-}
-
-fn check_redis_url(url: &str) -> Result<(), String> {
-    redis::Client::open(url).map(drop).map_err(|e| {
-        format!("{url:?} is not a Redis URL ({e}); use redis://HOST:PORT/DB or redis+unix:///PATH")
-    })
 }
 
 #[cfg(test)]

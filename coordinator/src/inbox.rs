@@ -10,32 +10,50 @@ use lingua_shared::protocol::JobRef;
 use tokio_util::sync::CancellationToken;
 
 use crate::forward::{Envelope, RemoteAnswer};
-use crate::registry::Control;
-use crate::state::Shared;
+use crate::jobs::JobRouter;
+use crate::registry::{Control, Registry};
+use crate::store::Store;
 
 /// How long one inbox read blocks before the loop looks around.
 const READ_BLOCK: Duration = Duration::from_secs(2);
 
-/// Keeps this instance's presence alive every heartbeat interval, reaps
-/// instances that died, and moves on attempts held by dead instances. On
-/// `stop` the instance removes itself.
-pub async fn announce(shared: Arc<Shared>, listen: String, stop: CancellationToken) {
-    let ttl = shared.config.lease();
-    let mut ticker = tokio::time::interval(shared.config.heartbeat_interval);
+/// What the presence and inbox loops use.
+pub struct Peers {
+    /// Redis.
+    pub store: Store,
+    /// Job routing: forwarded attempts and remote answers.
+    pub router: Arc<JobRouter>,
+    /// Node sockets held here.
+    pub registry: Arc<Registry>,
+    /// This coordinator instance's random id.
+    pub instance: String,
+}
+
+/// Keeps this instance's presence (`listen`) alive every `every`, for
+/// `ttl`, reaps instances that died, and moves on attempts held by dead
+/// instances. On `stop` the instance removes itself.
+pub async fn announce(
+    peers: Arc<Peers>,
+    listen: String,
+    every: Duration,
+    ttl: Duration,
+    stop: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(every);
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
             () = stop.cancelled() => break,
         }
-        if let Err(err) = shared
+        if let Err(err) = peers
             .store
-            .instance_alive(&shared.instance, &listen, ttl)
+            .instance_alive(&peers.instance, &listen, ttl)
             .await
         {
             tracing::warn!(error = %err, "cannot renew this instance's presence");
             continue;
         }
-        match shared.store.reap_instances().await {
+        match peers.store.reap_instances().await {
             Ok(reaped) => {
                 for instance in reaped {
                     tracing::info!(%instance, "cleaned up after a coordinator instance that went away");
@@ -43,19 +61,19 @@ pub async fn announce(shared: Arc<Shared>, listen: String, stop: CancellationTok
             }
             Err(err) => tracing::warn!(error = %err, "cannot look for dead instances"),
         }
-        shared.router.check_holders().await;
+        peers.router.check_holders().await;
     }
-    if let Err(err) = shared.store.instance_gone(&shared.instance).await {
+    if let Err(err) = peers.store.instance_gone(&peers.instance).await {
         tracing::warn!(error = %err, "cannot remove this instance's presence");
     }
 }
 
 /// Reads this instance's inbox until `stop`, on a connection of its own
 /// (the read blocks), and acts on each message.
-pub async fn receive(shared: Arc<Shared>, stop: CancellationToken) {
+pub async fn receive(peers: Arc<Peers>, stop: CancellationToken) {
     let mut pause = Duration::from_millis(100);
     loop {
-        let reader = match shared.store.dedicated().await {
+        let reader = match peers.store.dedicated().await {
             Ok(reader) => reader,
             Err(err) => {
                 tracing::warn!(error = %err, "cannot open the inbox connection; retrying");
@@ -67,7 +85,7 @@ pub async fn receive(shared: Arc<Shared>, stop: CancellationToken) {
                 continue;
             }
         };
-        if let Err(err) = reader.inbox_open(&shared.instance).await {
+        if let Err(err) = reader.inbox_open(&peers.instance).await {
             tracing::warn!(error = %err, "cannot open this instance's inbox; retrying");
             tokio::select! {
                 () = tokio::time::sleep(pause) => {}
@@ -78,7 +96,7 @@ pub async fn receive(shared: Arc<Shared>, stop: CancellationToken) {
         pause = Duration::from_millis(100);
         loop {
             let read = tokio::select! {
-                read = reader.inbox_read(&shared.instance, READ_BLOCK) => read,
+                read = reader.inbox_read(&peers.instance, READ_BLOCK) => read,
                 () = stop.cancelled() => return,
             };
             let entries = match read {
@@ -91,18 +109,18 @@ pub async fn receive(shared: Arc<Shared>, stop: CancellationToken) {
             let ids: Vec<String> = entries.iter().map(|(id, _)| id.clone()).collect();
             for (_, text) in entries {
                 match serde_json::from_str::<Envelope>(&text) {
-                    Ok(envelope) => deliver(&shared, envelope).await,
+                    Ok(envelope) => deliver(&peers, envelope).await,
                     Err(err) => tracing::warn!(error = %err, "ignoring a malformed inbox entry"),
                 }
             }
-            if let Err(err) = reader.inbox_ack(&shared.instance, &ids).await {
+            if let Err(err) = reader.inbox_ack(&peers.instance, &ids).await {
                 tracing::warn!(error = %err, "acknowledging inbox entries failed");
             }
         }
     }
 }
 
-async fn deliver(shared: &Shared, envelope: Envelope) {
+async fn deliver(peers: &Peers, envelope: Envelope) {
     match envelope {
         Envelope::Assign {
             origin,
@@ -113,25 +131,25 @@ async fn deliver(shared: &Shared, envelope: Envelope) {
                 job_id: assign.job_id.clone(),
                 attempt: assign.attempt,
             };
-            shared
+            peers
                 .router
                 .note_forwarded(job.clone(), &node, assign.kind.clone(), &origin);
-            let sent = shared
+            let sent = peers
                 .registry
                 .send(&node, Control::Send(Box::new(Message::JobAssign(assign))));
             if !sent {
-                shared.router.forget_forwarded(&job);
-                shared.router.tell_later(origin, job, RemoteAnswer::Lost);
+                peers.router.forget_forwarded(&job);
+                peers.router.tell_later(origin, job, RemoteAnswer::Lost);
             }
         }
         Envelope::Drain { node, reason } => {
-            shared.registry.drain(&node, reason);
+            peers.registry.drain(&node, reason);
         }
         Envelope::Cancel { node, cancel } => {
-            shared
+            peers
                 .registry
                 .send(&node, Control::Send(Box::new(Message::JobCancel(cancel))));
         }
-        Envelope::Answer { job, answer } => shared.router.remote_answer(&job, answer),
+        Envelope::Answer { job, answer } => peers.router.remote_answer(&job, answer),
     }
 }

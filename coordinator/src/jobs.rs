@@ -23,7 +23,7 @@ use lingua_shared::{JobId, JobKind, LangCode, LangPair, Message, NodeId, encoded
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::futures::Notified;
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -58,7 +58,7 @@ mod request;
 mod view;
 
 pub use request::{Job, JobRequest};
-pub use view::{ErrorCode, JobView};
+pub use view::{JobErrorCode, JobView};
 
 /// What a dispatch task hears about its current attempt.
 #[derive(Debug)]
@@ -190,6 +190,6 @@ struct Forwarded {
 
 enum Tried {
     Finished,
-    Move(ErrorCode, String),
+    Move(JobErrorCode, String),
     TimedOut,
 }

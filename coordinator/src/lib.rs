@@ -5,12 +5,13 @@
 //! - [`config`]: the TOML configuration and its validation.
 //! - [`server`]: wiring; `run(listener, …, shutdown)`.
 //! - [`node_ws`]: the node WebSocket endpoint.
-//! - [`api`]: the HTTP API (jobs and admin).
+//! - [`http`]: the HTTP API (jobs, nodes and pools, health, metrics).
+//! - [`drain`]: an admin drain, start to end.
 //! - [`auth`]: node credentials and API tokens with roles.
 //! - [`jobs`]: job routing: dispatch, retries, failover, results.
 //! - [`forward`]: several instances on one Redis: the messages between them.
 //! - [`inbox`]: this instance's presence and inbox loops.
-//! - [`state`]: what handlers, sockets and loops share.
+//! - [`state`]: the HTTP router's state and each handler's substate.
 //! - [`listener`]: the accept loop: connection cap, timeouts, drain.
 //! - [`store`], [`keys`]: everything kept in Redis, and the key names.
 //! - [`route_batch`]: routing updates batched per language pair.
@@ -21,10 +22,11 @@
 //!   when no Redis URL is configured (also what the test harness uses).
 #![forbid(unsafe_code)]
 
-pub mod api;
 pub mod auth;
 pub mod config;
+pub mod drain;
 pub mod forward;
+pub mod http;
 pub mod inbox;
 pub mod jobs;
 pub mod keys;

@@ -14,7 +14,7 @@ use lingua_coordinator::auth::node_token;
 use lingua_coordinator::config::{Config, ConfigError};
 use lingua_coordinator::metrics::Metrics;
 use lingua_coordinator::private_redis::PrivateRedis;
-use lingua_coordinator::store::Store;
+use lingua_coordinator::store::{Store, StoreError};
 use lingua_coordinator::{server, tls};
 use lingua_shared::NodeId;
 use lingua_shared::process::{Exit, LogFormat, StopSignals, block_on, init_logging, usage_error};
@@ -165,40 +165,12 @@ async fn serve(mut config: Config, tls: Option<TlsAcceptor>) -> ExitCode {
             return Exit::Internal.into();
         }
     };
-    if !config.nodes_need_token() {
-        tracing::warn!(listen = %config.listen, "no node credentials configured: accepting unauthenticated nodes");
-    }
-    if config.api_is_open() {
-        if config.listen.ip().is_loopback() {
-            tracing::warn!(listen = %config.listen, "no API tokens configured: anyone on this host may use the admin API");
-        } else {
-            tracing::error!(listen = %config.listen, "auth.allow_open_api = true: ANYONE who can reach this address may drain nodes and read every job");
-        }
-    }
+    warn_about_open_access(&config);
     config.max_connections = raise_open_files_limit(config.max_connections);
     let metrics = Arc::new(Metrics::default());
-    let (connected, url, private) = if config.redis_cluster.is_empty() {
-        let (url, private) = match &config.redis_url {
-            Some(url) => (url.clone(), None),
-            None => match PrivateRedis::start().await {
-                Ok(redis) => {
-                    tracing::info!(socket = %redis.socket_path().display(), "using a private redis-server; its data is lost on exit");
-                    (redis.url(), Some(redis))
-                }
-                Err(err) => {
-                    eprintln!("lingua-coordinator: {err}");
-                    return Exit::Unavailable.into();
-                }
-            },
-        };
-        (Store::connect(&url, metrics.clone()).await, url, private)
-    } else {
-        let seeds = config.redis_cluster.join(",");
-        (
-            Store::connect_cluster(&config.redis_cluster, metrics.clone()).await,
-            format!("the Redis Cluster of {seeds}"),
-            None,
-        )
+    let (connected, url, private) = match open_redis(&config, metrics.clone()).await {
+        Ok(opened) => opened,
+        Err(exit) => return exit,
     };
     let exit = match connected {
         Err(err) => {
@@ -209,27 +181,7 @@ async fn serve(mut config: Config, tls: Option<TlsAcceptor>) -> ExitCode {
             if private.is_none() {
                 tracing::info!(redis = %url, "using redis");
             }
-            match TcpListener::bind(config.listen).await {
-                Err(err) => {
-                    eprintln!(
-                        "lingua-coordinator: cannot listen on {}: {err}",
-                        config.listen
-                    );
-                    Exit::Unavailable.into()
-                }
-                Ok(listener) => {
-                    let shutdown = CancellationToken::new();
-                    tokio::spawn(stop_on_signal(caught, shutdown.clone()));
-                    tokio::spawn(systemd(shutdown.clone()));
-                    match server::run(listener, tls, config, store, metrics, shutdown).await {
-                        Ok(()) => ExitCode::SUCCESS,
-                        Err(err) => {
-                            eprintln!("lingua-coordinator: server failed: {err}");
-                            Exit::Internal.into()
-                        }
-                    }
-                }
-            }
+            listen_and_serve(config, tls, store, metrics, caught).await
         }
     };
     if let Some(redis) = private {
@@ -237,6 +189,78 @@ async fn serve(mut config: Config, tls: Option<TlsAcceptor>) -> ExitCode {
     }
     tracing::info!("coordinator stopped");
     exit
+}
+
+/// Logs what anyone may do without credentials.
+fn warn_about_open_access(config: &Config) {
+    if !config.nodes_need_token() {
+        tracing::warn!(listen = %config.listen, "no node credentials configured: accepting unauthenticated nodes");
+    }
+    if config.api_is_open() {
+        if config.listen.ip().is_loopback() {
+            tracing::warn!(listen = %config.listen, "no API tokens configured: anyone on this host may use the admin API");
+        } else {
+            tracing::error!(listen = %config.listen, "auth.allow_open_api = true: ANYONE who can reach this address may drain nodes and read every job");
+        }
+    }
+}
+
+/// Connects to the configured Redis, or to a Cluster, or starts a private
+/// `redis-server` when none is configured: the connection (or why not),
+/// what it reached for the log, and the private server to stop at exit.
+async fn open_redis(
+    config: &Config,
+    metrics: Arc<Metrics>,
+) -> Result<(Result<Store, StoreError>, String, Option<PrivateRedis>), ExitCode> {
+    if !config.redis_cluster.is_empty() {
+        let seeds = config.redis_cluster.join(",");
+        let store = Store::connect_cluster(&config.redis_cluster, metrics).await;
+        return Ok((store, format!("the Redis Cluster of {seeds}"), None));
+    }
+    let (url, private) = match &config.redis_url {
+        Some(url) => (url.clone(), None),
+        None => match PrivateRedis::start().await {
+            Ok(redis) => {
+                tracing::info!(socket = %redis.socket_path().display(), "using a private redis-server; its data is lost on exit");
+                (redis.url(), Some(redis))
+            }
+            Err(err) => {
+                eprintln!("lingua-coordinator: {err}");
+                return Err(Exit::Unavailable.into());
+            }
+        },
+    };
+    Ok((Store::connect(&url, metrics).await, url, private))
+}
+
+/// Binds the listener and serves until a stop signal.
+async fn listen_and_serve(
+    config: Config,
+    tls: Option<TlsAcceptor>,
+    store: Store,
+    metrics: Arc<Metrics>,
+    caught: StopSignals,
+) -> ExitCode {
+    let listener = match TcpListener::bind(config.listen).await {
+        Ok(listener) => listener,
+        Err(err) => {
+            eprintln!(
+                "lingua-coordinator: cannot listen on {}: {err}",
+                config.listen
+            );
+            return Exit::Unavailable.into();
+        }
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(caught, shutdown.clone()));
+    tokio::spawn(systemd(shutdown.clone()));
+    match server::run(listener, tls, config, store, metrics, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("lingua-coordinator: server failed: {err}");
+            Exit::Internal.into()
+        }
+    }
 }
 
 /// Raises the soft limit on open files to the hard limit: each connection

@@ -24,10 +24,17 @@ use tokio::time::{Instant, sleep_until, timeout};
 mod frames;
 mod handshake;
 
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::NodeCredentials;
+use crate::config::Config;
+use crate::jobs::JobRouter;
 use crate::listener::{ConnectionPermit, PeerAddr};
-use crate::registry::Control;
-use crate::state::Shared;
-use crate::store::RouteEntry;
+use crate::metrics::Metrics;
+use crate::registry::{Control, Registry};
+use crate::route_batch::RouteBatcher;
+use crate::store::{RouteEntry, Store};
 
 /// Time a new socket has to send `register`.
 pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -44,9 +51,34 @@ const MAX_LOGGED_CHARS: usize = 512;
 /// frequent capacity reports are coalesced, the latest one wins.
 pub const MIN_PUBLISH_INTERVAL: Duration = Duration::from_millis(25);
 
+/// What node sockets use: every service a registration, a report or an
+/// answer touches.
+pub struct NodeServices {
+    /// The validated configuration.
+    pub config: Config,
+    /// What nodes present to register.
+    pub credentials: NodeCredentials,
+    /// Redis.
+    pub store: Store,
+    /// Node sockets held here.
+    pub registry: Arc<Registry>,
+    /// Pending routing updates.
+    pub batcher: Arc<RouteBatcher>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Job routing: answers, refusals and re-dispatch of lost attempts.
+    pub router: Arc<JobRouter>,
+    /// This coordinator instance's random id.
+    pub instance: String,
+    /// Cancelled when the coordinator shuts down.
+    pub shutdown: CancellationToken,
+    /// Node connection tasks, awaited on shutdown.
+    pub tasks: TaskTracker,
+}
+
 /// Upgrades `/v1/node` requests.
 pub async fn upgrade(
-    State(shared): State<Arc<Shared>>,
+    State(services): State<Arc<NodeServices>>,
     ConnectInfo(PeerAddr(peer)): ConnectInfo<PeerAddr>,
     Extension(permit): Extension<ConnectionPermit>,
     ws: WebSocketUpgrade,
@@ -56,11 +88,11 @@ pub async fn upgrade(
         .read_buffer_size(WS_BUFFER_BYTES)
         .write_buffer_size(WS_BUFFER_BYTES)
         .on_upgrade(move |socket| {
-            let tasks = shared.tasks.clone();
+            let tasks = services.tasks.clone();
             tasks.track_future(async move {
                 // The socket counts against the connection cap while it lives.
                 let _permit = permit;
-                serve(socket, shared, peer).await;
+                serve(socket, services, peer).await;
             })
         })
 }
@@ -100,7 +132,7 @@ impl Session {
     /// the assignments sent to it and not answered yet (a report that
     /// crossed them on the wire cannot have counted them); none while
     /// draining.
-    fn publish(&mut self, shared: &Shared) {
+    fn publish(&mut self, services: &NodeServices) {
         self.published = Instant::now();
         self.publish_pending = false;
         let free = self
@@ -111,7 +143,7 @@ impl Session {
                     0
                 } else {
                     let reported = self.capacity.free_slots.get(kind).copied().unwrap_or(0);
-                    reported.saturating_sub(shared.router.unanswered(&self.node, kind))
+                    reported.saturating_sub(services.router.unanswered(&self.node, kind))
                 };
                 (kind.clone(), slots)
             })
@@ -120,25 +152,25 @@ impl Session {
             node: self.node.clone(),
             free,
         };
-        shared.batcher.queue(self.pairs.iter().copied(), &entry);
+        services.batcher.queue(self.pairs.iter().copied(), &entry);
     }
 
     /// Publishes now, or at the end of the current interval when the last
     /// publication was less than [`MIN_PUBLISH_INTERVAL`] ago: however
     /// fast a node reports, its reports cost at most one routing update
     /// per interval.
-    fn publish_soon(&mut self, shared: &Shared) {
+    fn publish_soon(&mut self, services: &NodeServices) {
         if self.published.elapsed() >= MIN_PUBLISH_INTERVAL {
-            self.publish(shared);
+            self.publish(services);
         } else {
             self.publish_pending = true;
         }
     }
 }
 
-async fn serve(mut socket: WebSocket, shared: Arc<Shared>, peer: SocketAddr) {
+async fn serve(mut socket: WebSocket, services: Arc<NodeServices>, peer: SocketAddr) {
     let (control_tx, mut control_rx) = mpsc::channel(CONTROL_QUEUE);
-    let mut session = match handshake::register(&mut socket, &shared, control_tx).await {
+    let mut session = match handshake::register(&mut socket, &services, control_tx).await {
         Ok(session) => session,
         Err(ending) => {
             tracing::info!(%peer, code = ending.code.code(), reason = ending.reason, "node refused");
@@ -146,33 +178,34 @@ async fn serve(mut socket: WebSocket, shared: Arc<Shared>, peer: SocketAddr) {
             return;
         }
     };
-    shared.metrics.nodes_connected.inc();
+    services.metrics.nodes_connected.inc();
     tracing::info!(%peer, node_id = %session.node, epoch = session.epoch, pairs = session.pairs.len(), "node registered");
-    session.publish(&shared);
+    session.publish(&services);
 
-    let ending = run(&mut socket, &shared, &mut session, &mut control_rx).await;
+    let ending = run(&mut socket, &services, &mut session, &mut control_rx).await;
     tracing::info!(node_id = %session.node, epoch = session.epoch, code = ending.code.code(), reason = ending.reason, "node connection closing");
     close(&mut socket, ending).await;
-    shared.metrics.nodes_connected.dec();
-    leave(&shared, &session).await;
+    services.metrics.nodes_connected.dec();
+    leave(&services, &session).await;
 }
 
 /// Takes a closed connection's node out of routing, unless a newer
 /// registration of the same node already replaced it.
-async fn leave(shared: &Shared, session: &Session) {
-    if shared.registry.remove(&session.node, session.epoch) {
-        shared.router.node_lost(&session.node);
+async fn leave(services: &NodeServices, session: &Session) {
+    if services.registry.remove(&session.node, session.epoch) {
+        services.router.node_lost(&session.node);
     }
-    match shared
+    match services
         .store
         .node_offline(&session.node, session.epoch)
         .await
     {
         Ok(true) => {
-            let leaves = session
-                .pairs
-                .iter()
-                .map(|&pair| shared.store.pool_leave(pair, &session.node, &session.kinds));
+            let leaves = session.pairs.iter().map(|&pair| {
+                services
+                    .store
+                    .pool_leave(pair, &session.node, &session.kinds)
+            });
             for result in join_all(leaves).await {
                 if let Err(err) = result {
                     tracing::warn!(node_id = %session.node, error = %err, "leaving pool failed; the pair lease will expire");
@@ -201,9 +234,13 @@ async fn close(socket: &mut WebSocket, ending: Ending) {
 /// Sends one frame. A node that does not take it within one lease is not
 /// reading: its connection ends, so it leaves routing instead of holding a
 /// socket (and its jobs) while the heartbeat deadline cannot fire.
-async fn send(socket: &mut WebSocket, shared: &Shared, message: &Message) -> Result<(), Ending> {
+async fn send(
+    socket: &mut WebSocket,
+    services: &NodeServices,
+    message: &Message,
+) -> Result<(), Ending> {
     match timeout(
-        shared.config.lease(),
+        services.config.lease(),
         socket.send(WsMessage::Text(encode(message).into())),
     )
     .await
@@ -219,7 +256,7 @@ async fn send(socket: &mut WebSocket, shared: &Shared, message: &Message) -> Res
 
 async fn send_error(
     socket: &mut WebSocket,
-    shared: &Shared,
+    services: &NodeServices,
     code: ErrorCode,
     message: String,
 ) -> Result<(), Ending> {
@@ -227,10 +264,10 @@ async fn send_error(
         .ok()
         .and_then(|v| v.as_str().map(str::to_owned))
         .unwrap_or_default();
-    shared.metrics.frame_rejected(&name);
+    services.metrics.frame_rejected(&name);
     send(
         socket,
-        shared,
+        services,
         &Message::Error(ErrorFrame { code, message }),
     )
     .await
@@ -262,11 +299,11 @@ fn frame_of(received: Option<Result<WsMessage, axum::Error>>) -> Result<Frame, E
 
 async fn run(
     socket: &mut WebSocket,
-    shared: &Shared,
+    services: &NodeServices,
     session: &mut Session,
     control: &mut mpsc::Receiver<Control>,
 ) -> Ending {
-    let lease = shared.config.lease();
+    let lease = services.config.lease();
     let mut silent_deadline = Instant::now() + lease;
     let mut bad_frames = 0u32;
     loop {
@@ -276,15 +313,15 @@ async fn run(
             instruction = control.recv() => {
                 match instruction {
                     Some(Control::Send(message)) => {
-                        if let Err(ending) = send(socket, shared, &message).await {
+                        if let Err(ending) = send(socket, services, &message).await {
                             return ending;
                         }
                     }
                     Some(Control::Close(code, reason)) => return Ending::new(code, reason),
                     Some(Control::Drain(reason)) => {
                         session.draining.store(true, Ordering::SeqCst);
-                        session.publish(shared);
-                        if let Err(ending) = send(socket, shared, &Message::Drain(Drain { reason })).await {
+                        session.publish(services);
+                        if let Err(ending) = send(socket, services, &Message::Drain(Drain { reason })).await {
                             return ending;
                         }
                     }
@@ -293,11 +330,11 @@ async fn run(
                 continue;
             }
             () = sleep_until(publish_at), if session.publish_pending => {
-                session.publish(shared);
+                session.publish(services);
                 continue;
             }
             () = sleep_until(silent_deadline) => return Ending::new(CloseCode::HeartbeatTimeout, "missed heartbeats"),
-            () = shared.shutdown.cancelled() => return Ending::new(CloseCode::GoingAway, "coordinator shutting down"),
+            () = services.shutdown.cancelled() => return Ending::new(CloseCode::GoingAway, "coordinator shutting down"),
         };
         let frame = match frame_of(received) {
             Ok(Frame::Data(frame)) => frame,
@@ -307,7 +344,7 @@ async fn run(
         let message = match decode(&frame) {
             Ok(message) => message,
             Err(err) => {
-                if send_error(socket, shared, err.code(), err.to_string())
+                if send_error(socket, services, err.code(), err.to_string())
                     .await
                     .is_err()
                 {
@@ -320,7 +357,7 @@ async fn run(
                 continue;
             }
         };
-        match handle(socket, shared, session, message).await {
+        match handle(socket, services, session, message).await {
             Ok(Handled::Fine) => {}
             Ok(Handled::Alive) => silent_deadline = Instant::now() + lease,
             Ok(Handled::Bad) => {
@@ -342,18 +379,18 @@ enum Handled {
 
 async fn handle(
     socket: &mut WebSocket,
-    shared: &Shared,
+    services: &NodeServices,
     session: &mut Session,
     message: Message,
 ) -> Result<Handled, Ending> {
     match message {
-        Message::Heartbeat(heartbeat) => frames::heartbeat(shared, session, heartbeat).await,
+        Message::Heartbeat(heartbeat) => frames::heartbeat(services, session, heartbeat).await,
         Message::Capacity(capacity) => {
             session.capacity = capacity;
-            session.publish_soon(shared);
+            session.publish_soon(services);
             Ok(Handled::Fine)
         }
-        Message::Drain(drain) => Ok(frames::drain(shared, session, drain).await),
+        Message::Drain(drain) => Ok(frames::drain(services, session, drain).await),
         Message::Error(error) => {
             let message: String = error.message.chars().take(MAX_LOGGED_CHARS).collect();
             tracing::warn!(node_id = %session.node, code = ?error.code, %message, "node reported an error");
@@ -361,13 +398,13 @@ async fn handle(
             Ok(Handled::Bad)
         }
         Message::JobAccept(accept) => {
-            shared
+            services
                 .router
                 .answer((&session.node, session.epoch), &accept, None);
             Ok(Handled::Fine)
         }
-        Message::JobReject(reject) => Ok(frames::reject(shared, session, reject)),
-        Message::JobResult(result) => frames::result(socket, shared, session, result).await,
+        Message::JobReject(reject) => Ok(frames::reject(services, session, reject)),
+        Message::JobResult(result) => frames::result(socket, services, session, result).await,
         other @ (Message::Register(_)
         | Message::RegisterAck(_)
         | Message::JobAssign(_)
@@ -377,7 +414,7 @@ async fn handle(
                 "{} is not allowed from a registered node",
                 other.type_name()
             );
-            send_error(socket, shared, ErrorCode::UnexpectedMessage, text).await?;
+            send_error(socket, services, ErrorCode::UnexpectedMessage, text).await?;
             Ok(Handled::Bad)
         }
     }

@@ -16,43 +16,90 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{ApiTokens, NodeCredentials};
 use crate::config::Config;
+use crate::drain::Drainer;
+use crate::http::{access, jobs, nodes, ops};
+use crate::inbox::{self, Peers};
 use crate::jobs::JobRouter;
 use crate::listener::{ConnectionLimits, DRAIN_TIMEOUT, PlainListener, serve_on};
 use crate::metrics::Metrics;
+use crate::node_ws::{self, NodeServices};
 use crate::registry::Registry;
 use crate::route_batch::RouteBatcher;
 use crate::state::Shared;
 use crate::store::Store;
 use crate::tls::TlsListener;
-use crate::{api, inbox, node_ws};
 
 /// The HTTP routes.
-pub fn router(shared: Arc<Shared>) -> Router {
+pub fn router(shared: Shared) -> Router {
     let admin = Router::new()
-        .route("/v1/nodes", get(api::nodes))
-        .route("/v1/nodes/{id}", get(api::node))
-        .route("/v1/nodes/{id}/drain", post(api::drain))
-        .route("/v1/pools", get(api::pools))
-        .route("/metrics", get(api::metrics))
+        .route("/v1/nodes", get(nodes::nodes))
+        .route("/v1/nodes/{id}", get(nodes::node))
+        .route("/v1/nodes/{id}/drain", post(nodes::drain))
+        .route("/v1/pools", get(nodes::pools))
+        .route("/metrics", get(ops::metrics))
         .route_layer(axum::middleware::from_fn_with_state(
             shared.clone(),
-            api::require_admin,
+            access::require_admin,
         ));
     let jobs = Router::new()
-        .route("/v1/jobs", post(api::submit_job))
-        .route("/v1/jobs/{id}", get(api::job))
+        .route("/v1/jobs", post(jobs::submit_job))
+        .route("/v1/jobs/{id}", get(jobs::job))
         .route_layer(axum::middleware::from_fn_with_state(
             shared.clone(),
-            api::require_caller,
+            access::require_caller,
         ));
     Router::new()
         .route("/v1/node", get(node_ws::upgrade))
-        .route("/healthz", get(api::healthz))
+        .route("/healthz", get(ops::healthz))
         .merge(admin)
         .merge(jobs)
-        .fallback(api::fallback)
+        .fallback(ops::fallback)
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BODY_BYTES))
         .with_state(shared)
+}
+
+/// The services of one coordinator instance, wired together; `capacity`
+/// wakes dispatchers when a routing update lands.
+fn services(
+    config: Config,
+    store: Store,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> NodeServices {
+    let registry = Arc::new(Registry::default());
+    let capacity = Arc::new(tokio::sync::Notify::new());
+    let batcher = Arc::new(RouteBatcher::new(
+        store.clone(),
+        registry.clone(),
+        config.max_nodes_per_pool,
+        config.lease(),
+        capacity.clone(),
+    ));
+    let instance = new_instance_id();
+    let router = Arc::new(JobRouter::new(
+        store.clone(),
+        registry.clone(),
+        config.clone(),
+        instance.clone(),
+        capacity,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    NodeServices {
+        credentials: NodeCredentials {
+            shared: config.node_tokens.clone(),
+            secret: config.node_secret.clone(),
+        },
+        config,
+        store,
+        registry,
+        batcher,
+        metrics,
+        router,
+        instance,
+        shutdown,
+        tasks: TaskTracker::new(),
+    }
 }
 
 /// Serves the coordinator on `listener` (over TLS when `tls` is given)
@@ -66,86 +113,72 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let registry = Arc::new(Registry::default());
-    let capacity = Arc::new(tokio::sync::Notify::new());
-    let batcher = Arc::new(RouteBatcher::new(
-        store.clone(),
-        registry.clone(),
-        config.max_nodes_per_pool,
-        config.lease(),
-        capacity.clone(),
-    ));
-    let instance = new_instance_id();
-    let job_router = Arc::new(JobRouter::new(
-        store.clone(),
-        registry.clone(),
-        config.clone(),
-        instance.clone(),
-        capacity,
-        metrics.clone(),
-        shutdown.clone(),
-    ));
-    let shared = Arc::new(Shared {
-        node_credentials: NodeCredentials {
-            shared: config.node_tokens.clone(),
-            secret: config.node_secret.clone(),
-        },
-        api_tokens: ApiTokens {
+    let nodes = Arc::new(services(config, store, metrics, shutdown.clone()));
+    let config = &nodes.config;
+    let shared = Shared {
+        api_tokens: Arc::new(ApiTokens {
             admin: config.api_tokens.clone(),
             client: config.client_tokens.clone(),
-        },
-        config,
-        store,
-        router: job_router,
-        registry,
-        batcher: batcher.clone(),
-        metrics,
-        instance,
-        shutdown: shutdown.clone(),
-        tasks: TaskTracker::new(),
-    });
-    let flusher_stop = CancellationToken::new();
-    let flusher = tokio::spawn(batcher.run(flusher_stop.clone()));
-    let listen = listener.local_addr()?.to_string();
-    let announcer = tokio::spawn(inbox::announce(
-        shared.clone(),
-        listen,
-        flusher_stop.clone(),
-    ));
-    let receiver = tokio::spawn(inbox::receive(shared.clone(), flusher_stop.clone()));
-    tracing::info!(
-        listen = %listener.local_addr()?,
-        tls = tls.is_some(),
-        instance = %shared.instance,
-        "coordinator serving"
-    );
-
-    let app = router(shared.clone());
-    let limits = ConnectionLimits {
-        max: shared.config.max_connections,
-        header_read_timeout: shared.config.header_read_timeout,
-        open: shared.metrics.connections_open.clone(),
+        }),
+        drainer: Arc::new(Drainer {
+            store: nodes.store.clone(),
+            registry: nodes.registry.clone(),
+            instance: nodes.instance.clone(),
+            lease: config.lease(),
+        }),
+        nodes: nodes.clone(),
     };
+    let peers = Arc::new(Peers {
+        store: nodes.store.clone(),
+        router: nodes.router.clone(),
+        registry: nodes.registry.clone(),
+        instance: nodes.instance.clone(),
+    });
+    let loops_stop = CancellationToken::new();
+    let listen = listener.local_addr()?.to_string();
+    let loops = [
+        tokio::spawn(nodes.batcher.clone().run(loops_stop.clone())),
+        tokio::spawn(inbox::announce(
+            peers.clone(),
+            listen.clone(),
+            config.heartbeat_interval,
+            config.lease(),
+            loops_stop.clone(),
+        )),
+        tokio::spawn(inbox::receive(peers, loops_stop.clone())),
+    ];
+    tracing::info!(%listen, tls = tls.is_some(), instance = %nodes.instance, "coordinator serving");
+
+    let limits = ConnectionLimits {
+        max: config.max_connections,
+        header_read_timeout: config.header_read_timeout,
+        open: nodes.metrics.connections_open.clone(),
+    };
+    let app = router(shared);
     let served = match tls {
         Some(acceptor) => {
             serve_on(TlsListener::new(listener, acceptor)?, app, limits, shutdown).await
         }
         None => serve_on(PlainListener(listener), app, limits, shutdown).await,
     };
+    finish(&nodes).await;
+    loops_stop.cancel();
+    for task in loops {
+        let _ = task.await;
+    }
+    served
+}
 
-    shared.tasks.close();
-    if tokio::time::timeout(DRAIN_TIMEOUT, shared.tasks.wait())
+/// Waits (a while) for node connections and dispatch tasks to end.
+async fn finish(nodes: &NodeServices) {
+    nodes.tasks.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, nodes.tasks.wait())
         .await
         .is_err()
     {
         tracing::warn!("node connections did not close in time");
     }
-    if !shared.router.finish(DRAIN_TIMEOUT).await {
+    if !nodes.router.finish(DRAIN_TIMEOUT).await {
         tracing::warn!("job dispatch tasks did not end in time");
     }
-    flusher_stop.cancel();
-    let _ = flusher.await;
-    let _ = receiver.await;
-    let _ = announcer.await;
-    served
 }

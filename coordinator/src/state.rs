@@ -1,41 +1,55 @@
-//! What every request handler, node socket and background loop shares:
-//! the configuration, the services below it, and shutdown.
+//! The state behind the HTTP router, and how each handler's substate is
+//! found in it (axum `FromRef`): a handler names the services it uses,
+//! never the whole.
 
 use std::sync::Arc;
 
+use axum::extract::FromRef;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use crate::auth::{ApiTokens, NodeCredentials};
-use crate::config::Config;
+use crate::auth::ApiTokens;
+use crate::drain::Drainer;
+use crate::http::jobs::JobLimits;
+use crate::http::ops::InstanceId;
 use crate::jobs::JobRouter;
 use crate::metrics::Metrics;
+use crate::node_ws::NodeServices;
 use crate::registry::Registry;
-use crate::route_batch::RouteBatcher;
 use crate::store::Store;
 
-/// State shared by every request and connection.
+/// The router's state: cheap to clone (every field is shared).
+#[derive(Clone)]
 pub struct Shared {
-    /// The validated configuration.
-    pub config: Config,
-    /// What nodes present to register.
-    pub node_credentials: NodeCredentials,
+    /// What node sockets use (and the services below them).
+    pub nodes: Arc<NodeServices>,
     /// API tokens by role.
-    pub api_tokens: ApiTokens,
-    /// Redis.
-    pub store: Store,
-    /// Node sockets held here.
-    pub registry: Arc<Registry>,
-    /// Pending routing updates.
-    pub batcher: Arc<RouteBatcher>,
-    /// Metrics.
-    pub metrics: Arc<Metrics>,
-    /// Job routing.
-    pub router: Arc<JobRouter>,
-    /// This coordinator instance's random id.
-    pub instance: String,
-    /// Cancelled when the coordinator shuts down.
-    pub shutdown: CancellationToken,
-    /// Node connection tasks, awaited on shutdown.
-    pub tasks: TaskTracker,
+    pub api_tokens: Arc<ApiTokens>,
+    /// Admin drains.
+    pub drainer: Arc<Drainer>,
 }
+
+macro_rules! substate {
+    ($ty:ty, |$shared:ident| $get:expr) => {
+        impl FromRef<Shared> for $ty {
+            fn from_ref($shared: &Shared) -> Self {
+                $get
+            }
+        }
+    };
+}
+
+substate!(Arc<NodeServices>, |shared| shared.nodes.clone());
+substate!(Arc<ApiTokens>, |shared| shared.api_tokens.clone());
+substate!(Arc<Drainer>, |shared| shared.drainer.clone());
+substate!(Store, |shared| shared.nodes.store.clone());
+substate!(Arc<JobRouter>, |shared| shared.nodes.router.clone());
+substate!(Arc<Metrics>, |shared| shared.nodes.metrics.clone());
+substate!(Arc<Registry>, |shared| shared.nodes.registry.clone());
+substate!(CancellationToken, |shared| shared.nodes.shutdown.clone());
+substate!(InstanceId, |shared| InstanceId(
+    shared.nodes.instance.clone()
+));
+substate!(JobLimits, |shared| JobLimits {
+    body_timeout: shared.nodes.config.header_read_timeout,
+    default_timeout: shared.nodes.config.default_job_timeout,
+});

@@ -237,38 +237,22 @@ pub struct JobRecord {
     pub request: String,
 }
 
-/// One node as the admin API shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct NodeView {
+/// One node's hash as Redis holds it, and whether its lease is live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRecord {
     /// The node id.
-    pub id: String,
-    /// `ready`, `draining` or `offline`.
-    pub state: String,
-    /// Languages it recognises.
-    pub src_langs: serde_json::Value,
-    /// Languages it produces.
-    pub tgt_langs: serde_json::Value,
-    /// Job kinds it runs.
-    pub kinds: serde_json::Value,
-    /// The pool it holds in each of its pairs.
-    pub pools: serde_json::Value,
-    /// Its last reported capacity.
-    pub capacity: serde_json::Value,
-    /// Its GPUs.
-    pub gpus: serde_json::Value,
-    /// When it was last heard from, in ms since the Unix epoch.
-    pub last_seen_ms: u64,
-    /// Its current registration epoch.
-    pub epoch: u64,
-    /// The agent's version.
-    pub agent_version: String,
+    pub id: NodeId,
+    /// The fields of its hash (docs/REDIS_DATA_MODEL.md).
+    pub fields: HashMap<String, String>,
+    /// Whether its lease is live.
+    pub alive: bool,
 }
 
-/// One pool as the admin API shows it.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
-pub struct PoolView {
+/// The members of one pool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolMembers {
     /// The language pair.
-    pub pair: String,
+    pub pair: LangPair,
     /// The pool's id within the pair.
     pub pool: String,
     /// Its members, sorted.

@@ -244,17 +244,26 @@ pub fn with_token(mut register: Register, token: &str) -> Register {
     register
 }
 
-/// An agent config for tests: simulated GPUs, one kind `translate`
-/// (2,000 MiB, 8 at once, jobs of `duration_ms`), connecting to `url`.
-pub fn agent_config(node_id: &str, url: &str, duration_ms: u64) -> AgentConfig {
-    let text = format!(
-        r#"
-node_id = "{node_id}"
+/// The TOML of a test agent `node_id` connecting to `url` and serving
+/// zh -> en; `rest` is the rest of it: top-level keys first (a drain
+/// timeout), then `[gpu]` and `[jobs.*]` tables.
+pub fn agent_toml(node_id: &str, url: &str, rest: &str) -> String {
+    format!(
+        r#"node_id = "{node_id}"
 coordinator_url = "{url}"
-drain_timeout_ms = 10000
+{rest}
 [capabilities]
 src_langs = ["zh"]
 tgt_langs = ["en"]
+"#
+    )
+}
+
+/// An agent config for tests: simulated GPUs, one kind `translate`
+/// (2,000 MiB, 8 at once, jobs of `duration_ms`), connecting to `url`.
+pub fn agent_config(node_id: &str, url: &str, duration_ms: u64) -> AgentConfig {
+    let rest = format!(
+        r#"drain_timeout_ms = 10000
 [gpu]
 backend = "simulated"
 reserve_mb = 1000
@@ -269,7 +278,7 @@ max_concurrent = 8
 duration_ms = {duration_ms}
 "#
     );
-    AgentConfig::parse(&text).expect("the test agent config is valid")
+    AgentConfig::parse(&agent_toml(node_id, url, &rest)).expect("the test agent config is valid")
 }
 
 /// An agent running in this process.

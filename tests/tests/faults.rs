@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use lingua_coordinator::private_redis::PrivateRedis;
+use lingua_tests::agent_toml;
 use lingua_tests::fleet::{
     Blackhole, CoordinatorProcess, CountingService, FAST_COORDINATOR, free_local_addr, spawn_agent,
     submit_until_answered,
@@ -47,14 +48,8 @@ struct AgentProcess {
 impl AgentProcess {
     fn start(dir: &Path, name: &str, url: &str, service: &str) -> Self {
         let config = dir.join(format!("{name}.toml"));
-        let text = format!(
-            r#"
-node_id = "{name}"
-coordinator_url = "{url}"
-drain_timeout_ms = 2000
-[capabilities]
-src_langs = ["zh"]
-tgt_langs = ["en"]
+        let rest = format!(
+            r#"drain_timeout_ms = 2000
 [gpu]
 backend = "none"
 [jobs.translate]
@@ -67,7 +62,7 @@ timeout_ms = 5000
         let mut agent = Self {
             name: name.to_owned(),
             config,
-            text,
+            text: agent_toml(name, url, &rest),
             child: None,
         };
         agent.spawn();

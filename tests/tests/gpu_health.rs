@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use lingua_agent::config::AgentConfig;
-use lingua_tests::{TestAgent, TestCoordinator, eventually, test_config};
+use lingua_tests::{TestAgent, TestCoordinator, agent_toml, eventually, test_config};
 
 /// The fake NVML library, compiled into `dir` with its state file next to
 /// it ("<library>.state", re-read on every call).
@@ -39,14 +39,8 @@ const GPUS: &str = "init code=0\n\
     gpu uuid=GPU-0001-xid total=24576 used=0\n";
 
 fn agent_config(url: &str, lib: &Path) -> AgentConfig {
-    AgentConfig::parse(&format!(
-        r#"
-node_id = "gpu-health"
-coordinator_url = "{url}"
-drain_timeout_ms = 10000
-[capabilities]
-src_langs = ["zh"]
-tgt_langs = ["en"]
+    let rest = format!(
+        r#"drain_timeout_ms = 10000
 [gpu]
 backend = "nvml"
 reserve_mb = 1000
@@ -58,8 +52,9 @@ vram_mb = 2000
 max_concurrent = 32
 "#,
         lib.display().to_string()
-    ))
-    .expect("the test agent config is valid")
+    );
+    AgentConfig::parse(&agent_toml("gpu-health", url, &rest))
+        .expect("the test agent config is valid")
 }
 
 /// The node's GPU readings as the coordinator shows them.

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lingua_coordinator::config::PickPolicy;
+use lingua_coordinator::http::nodes::{NodeState, NodeView};
 use lingua_coordinator::metrics::Metrics;
 use lingua_coordinator::private_redis::PrivateRedis;
 use lingua_coordinator::store::{
@@ -26,6 +27,11 @@ async fn store(redis: &PrivateRedis) -> Store {
     Store::connect(&redis.url(), Arc::new(Metrics::default()))
         .await
         .unwrap()
+}
+
+/// The node's state as the admin API shows it.
+async fn state(store: &Store, id: &NodeId) -> NodeState {
+    NodeView::from(store.node(id).await.unwrap().unwrap()).state
 }
 
 fn node(id: &str) -> NodeId {
@@ -396,12 +402,12 @@ async fn stale_epochs_are_fenced_off() {
             .await
             .unwrap()
     );
-    assert_eq!(store.node(&id).await.unwrap().unwrap().state, "ready");
+    assert_eq!(state(&store, &id).await, NodeState::Ready);
     assert!(matches!(
         store.drain_node(&id, None).await.unwrap(),
         DrainOutcome::Draining { epoch, .. } if epoch == new
     ));
-    assert_eq!(store.node(&id).await.unwrap().unwrap().state, "draining");
+    assert_eq!(state(&store, &id).await, NodeState::Draining);
     assert_eq!(
         store.drain_node(&node("ghost"), None).await.unwrap(),
         DrainOutcome::Unknown
@@ -417,9 +423,9 @@ async fn a_node_lease_expires_without_anyone_watching() {
         .register_node(&reg(&id, "i", Duration::from_millis(50)))
         .await
         .unwrap();
-    assert_eq!(store.node(&id).await.unwrap().unwrap().state, "ready");
+    assert_eq!(state(&store, &id).await, NodeState::Ready);
     eventually("the lease to expire", || async {
-        (store.node(&id).await.unwrap().unwrap().state == "offline").then_some(())
+        (state(&store, &id).await == NodeState::Offline).then_some(())
     })
     .await;
     assert_eq!(
@@ -1005,7 +1011,7 @@ async fn an_offline_node_expires_after_its_retention_and_leaves_the_index() {
         .await
         .unwrap()
         .into_iter()
-        .map(|n| n.id)
+        .map(|n| n.id.to_string())
         .collect();
     assert_eq!(
         listed,
@@ -1078,9 +1084,9 @@ async fn an_admin_drain_is_kept_for_the_same_agent_process_only() {
         drained,
         "a reconnection of the drained process stays drained"
     );
-    assert_eq!(store.node(&id).await.unwrap().unwrap().state, "draining");
+    assert_eq!(state(&store, &id).await, NodeState::Draining);
     assert!(store.node_offline(&id, epoch).await.unwrap());
     let (_, drained) = registered("inst-b").await;
     assert!(!drained, "a new agent process comes back ready");
-    assert_eq!(store.node(&id).await.unwrap().unwrap().state, "ready");
+    assert_eq!(state(&store, &id).await, NodeState::Ready);
 }

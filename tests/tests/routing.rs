@@ -10,7 +10,7 @@ use futures_util::future::join_all;
 use lingua_agent::config::{AgentConfig, ExecutorConfig};
 use lingua_tests::cluster::RedisCluster;
 use lingua_tests::{
-    RedisBackend, TestAgent, TestCoordinator, agent_config, eventually, test_config,
+    RedisBackend, TestAgent, TestCoordinator, agent_config, agent_toml, eventually, test_config,
 };
 use serde_json::{Value, json};
 
@@ -426,14 +426,8 @@ async fn jobs_of_a_killed_agent_complete_elsewhere_once(redis: impl RedisBackend
     let coordinator = TestCoordinator::start(&redis, test_config()).await;
     let dir = tempfile::tempdir().unwrap();
     let config = |name: &str, log: &Path, sleep_s: &str| {
-        format!(
-            r#"
-node_id = "{name}"
-coordinator_url = "{url}"
-[capabilities]
-src_langs = ["zh"]
-tgt_langs = ["en"]
-[gpu]
+        let rest = format!(
+            r#"[gpu]
 backend = "none"
 [jobs.translate]
 max_concurrent = 8
@@ -441,9 +435,9 @@ executor = "command"
 command = ["sh", "-c", "cat >> {log}; echo >> {log}; sleep {sleep_s}; echo '{{\"ok\": true}}'"]
 timeout_ms = 30000
 "#,
-            url = coordinator.ws_url(),
             log = log.display()
-        )
+        );
+        agent_toml(name, &coordinator.ws_url(), &rest)
     };
     let victim_log = dir.path().join("victim.log");
     let survivor_log = dir.path().join("survivor.log");

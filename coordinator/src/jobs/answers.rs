@@ -56,9 +56,11 @@ impl JobRouter {
             Outcome::Completed { output } => (true, json!({"output": output})),
             Outcome::Failed { code, message } => {
                 let code = match code {
-                    FailureCode::Timeout => ErrorCode::Timeout,
-                    FailureCode::Cancelled => ErrorCode::Cancelled,
-                    FailureCode::ExecutorFailed | FailureCode::Other => ErrorCode::ExecutorFailed,
+                    FailureCode::Timeout => JobErrorCode::Timeout,
+                    FailureCode::Cancelled => JobErrorCode::Cancelled,
+                    FailureCode::ExecutorFailed | FailureCode::Other => {
+                        JobErrorCode::ExecutorFailed
+                    }
                 };
                 (false, json!({"error": {"code": code, "message": message}}))
             }

@@ -10,7 +10,7 @@ impl JobRouter {
         self: &Arc<Self>,
         job: Job,
     ) -> Result<watch::Receiver<Option<JobView>>, SubmitError> {
-        let (started_tx, started) = tokio::sync::oneshot::channel();
+        let (started_tx, started) = oneshot::channel();
         let request = job.canonical();
         let (waiter, fresh) = self.waiter(&job.id, &request);
         if waiter.request != request {
@@ -51,15 +51,10 @@ impl JobRouter {
         }
     }
 
-    pub(super) async fn dispatch(
-        self: Arc<Self>,
-        job: Job,
-        waiter: Arc<Waiter>,
-        started: tokio::sync::oneshot::Sender<Result<(), SubmitError>>,
-    ) {
-        let mut started = Some(started);
+    pub(super) async fn dispatch(self: Arc<Self>, job: Job, waiter: Arc<Waiter>, started: Started) {
+        let mut state = Dispatch::new(&job, self.config.result_ttl, started);
         let outcome = tokio::select! {
-            outcome = self.run(&job, &mut started) => outcome,
+            outcome = self.run(&mut state) => outcome,
             () = self.shutdown.cancelled() => {
                 lock(&self.waiters).remove(&job.id);
                 return;
@@ -69,7 +64,7 @@ impl JobRouter {
             Ok(view) => view,
             Err(err) => {
                 tracing::error!(job_id = %job.id, error = %err, "dispatch failed");
-                if let Some(started) = started.take() {
+                if let Some(started) = state.started.take() {
                     let _ = started.send(Err(err));
                 }
                 lock(&self.waiters).remove(&job.id);
@@ -77,9 +72,7 @@ impl JobRouter {
                 return;
             }
         };
-        if let Some(started) = started.take() {
-            let _ = started.send(Ok(()));
-        }
+        state.recorded();
         let status = view.error_code().map_or_else(
             || view.status.as_str().to_owned(),
             |code| code.as_str().to_owned(),
@@ -88,41 +81,12 @@ impl JobRouter {
         self.publish(&job.id, view);
     }
 
-    pub(super) async fn run(
-        &self,
-        job: &Job,
-        started: &mut Option<tokio::sync::oneshot::Sender<Result<(), SubmitError>>>,
-    ) -> Result<JobView, SubmitError> {
-        let deadline = Instant::now() + job.timeout;
-        let request = job.canonical();
-        let lifetime = job.timeout + self.config.result_ttl;
-        let mut excluded: Vec<NodeId> = Vec::new();
-        let mut attempt = 0u32;
-        let mut tries = 0u32;
-        let mut last_failure = (
-            ErrorCode::NoCapacity,
-            String::from("every candidate node refused the job"),
-        );
+    /// Tries nodes until the job ends, here or on another instance.
+    async fn run(&self, state: &mut Dispatch<'_>) -> Result<JobView, SubmitError> {
+        let job = state.job;
         loop {
-            if tries >= self.config.max_attempts {
-                return self
-                    .fail(job, attempt, &request, lifetime, last_failure, started)
-                    .await;
-            }
-            if Instant::now() >= deadline {
-                return self
-                    .fail(
-                        job,
-                        attempt,
-                        &request,
-                        lifetime,
-                        (
-                            ErrorCode::Timeout,
-                            format!("no result within {} ms", job.timeout.as_millis()),
-                        ),
-                        started,
-                    )
-                    .await;
+            if let Some(failure) = state.spent(self.config.max_attempts, Instant::now()) {
+                return self.fail(state, failure).await;
             }
             // Registered before the pick, so that a report landing while
             // the pick is in flight still wakes this dispatcher.
@@ -137,7 +101,7 @@ impl JobRouter {
                     job.session.as_deref(),
                     SESSION_AFFINITY,
                     self.config.pick,
-                    &excluded,
+                    &state.excluded,
                 )
                 .await?;
             let node = match pick {
@@ -145,96 +109,73 @@ impl JobRouter {
                 Pick::NoNodes => {
                     // Nothing serves the pair any more: waiting would only
                     // burn the client's timeout.
-                    let failure = if attempt == 0 {
-                        (
-                            ErrorCode::NoNodes,
-                            format!("no live node serves {} jobs for {}", job.kind, job.pair),
-                        )
-                    } else {
-                        last_failure
-                    };
-                    return self
-                        .fail(job, attempt, &request, lifetime, failure, started)
-                        .await;
+                    let message = format!("no live node serves {} jobs for {}", job.kind, job.pair);
+                    let failure = state.failure_or(JobErrorCode::NoNodes, message);
+                    return self.fail(state, failure).await;
                 }
                 Pick::NoCapacity => {
                     // Every node is full, or every node with room was tried
                     // already: nodes that refused may have room again by the
                     // next report, so they become candidates again. Wait for
                     // a capacity report, as long as the job may wait.
-                    excluded.clear();
-                    if !wait_for_capacity(report, deadline).await {
+                    state.excluded.clear();
+                    if !wait_for_capacity(report, state.deadline).await {
                         let message = format!(
                             "no node had room for a {} job for {} within {} ms",
                             job.kind,
                             job.pair,
                             job.timeout.as_millis()
                         );
-                        let failure = if attempt == 0 {
-                            (ErrorCode::NoCapacity, message)
-                        } else {
-                            last_failure
-                        };
-                        return self
-                            .fail(job, attempt, &request, lifetime, failure, started)
-                            .await;
+                        let failure = state.failure_or(JobErrorCode::NoCapacity, message);
+                        return self.fail(state, failure).await;
                     }
                     continue;
                 }
             };
-            attempt = if attempt == 0 {
-                match self
-                    .store
-                    .job_start(
-                        &job.id,
-                        &request,
-                        Some(&node),
-                        job.timeout,
-                        lifetime,
-                        &self.instance,
-                    )
-                    .await?
-                {
-                    JobStart::New => 1,
-                    JobStart::Conflict => return Err(SubmitError::Conflict(job.id.clone())),
-                    JobStart::Exists => {
-                        if let Some(started) = started.take() {
-                            let _ = started.send(Ok(()));
-                        }
-                        return self.wait_remote(&job.id, deadline).await;
-                    }
-                }
-            } else {
-                match self.store.job_attempt(&job.id, attempt, &node).await? {
-                    Some(next) => next,
-                    None => return self.wait_remote(&job.id, deadline).await,
-                }
-            };
-            if let Some(started) = started.take() {
-                let _ = started.send(Ok(()));
+            if !self.record_attempt(state, &node).await? {
+                return self.wait_remote(&job.id, state.deadline).await;
             }
-            tries += 1;
-            match self.try_node(job, &node, attempt, deadline).await {
-                Tried::Finished => return self.wait_remote(&job.id, deadline).await,
+            match self
+                .try_node(job, &node, state.attempt, state.deadline)
+                .await
+            {
+                Tried::Finished => return self.wait_remote(&job.id, state.deadline).await,
                 Tried::Move(code, message) => {
-                    excluded.push(node);
-                    last_failure = (code, message);
+                    state.excluded.push(node);
+                    state.last_failure = (code, message);
                 }
                 Tried::TimedOut => {
-                    let message = format!("no result within {} ms", job.timeout.as_millis());
-                    return self
-                        .fail(
-                            job,
-                            attempt,
-                            &request,
-                            lifetime,
-                            (ErrorCode::Timeout, message),
-                            started,
-                        )
-                        .await;
+                    let failure = state.timed_out();
+                    return self.fail(state, failure).await;
                 }
             }
         }
+    }
+
+    /// Records the next attempt, on `node`: the job itself on the first
+    /// one. False when the job is another dispatcher's (submitted on
+    /// another instance, or moved on by one).
+    async fn record_attempt(
+        &self,
+        state: &mut Dispatch<'_>,
+        node: &NodeId,
+    ) -> Result<bool, SubmitError> {
+        let job = state.job;
+        state.attempt = if state.attempt == 0 {
+            if !self.start(state, Some(node)).await? {
+                state.recorded();
+                return Ok(false);
+            }
+            1
+        } else {
+            match self.store.job_attempt(&job.id, state.attempt, node).await? {
+                Some(next) => next,
+                None => return Ok(false),
+            }
+        };
+        state.recorded();
+        state.tries += 1;
+        Ok(true)
     }
 
     pub(super) async fn try_node(
@@ -289,7 +230,7 @@ impl JobRouter {
                 .await
         } else {
             Tried::Move(
-                ErrorCode::NodeLost,
+                JobErrorCode::NodeLost,
                 format!("node {node} is not connected to any live coordinator"),
             )
         };
@@ -313,10 +254,13 @@ impl JobRouter {
             Ok(Some(AttemptEvent::Finished)) => return Tried::Finished,
             Ok(Some(AttemptEvent::Rejected(reason, message))) => {
                 tracing::debug!(job_id = %key.job_id, attempt = key.attempt, node_id = %node, ?reason, "node refused the job");
-                return Tried::Move(ErrorCode::NoCapacity, format!("{node} refused: {message}"));
+                return Tried::Move(
+                    JobErrorCode::NoCapacity,
+                    format!("{node} refused: {message}"),
+                );
             }
             Ok(Some(AttemptEvent::NodeLost) | None) => {
-                return Tried::Move(ErrorCode::NodeLost, format!("node {node} went away"));
+                return Tried::Move(JobErrorCode::NodeLost, format!("node {node} went away"));
             }
             Err(_) => false,
         };
@@ -326,18 +270,18 @@ impl JobRouter {
                 return Tried::TimedOut;
             }
             return Tried::Move(
-                ErrorCode::NoCapacity,
+                JobErrorCode::NoCapacity,
                 format!("{node} did not answer the assignment in time"),
             );
         }
         match tokio::time::timeout_at(deadline, events.recv()).await {
             Ok(Some(AttemptEvent::Finished)) => Tried::Finished,
             Ok(Some(AttemptEvent::NodeLost) | None) => Tried::Move(
-                ErrorCode::NodeLost,
+                JobErrorCode::NodeLost,
                 format!("node {node} went away while running the job"),
             ),
             Ok(Some(AttemptEvent::Accepted | AttemptEvent::Rejected(..))) => Tried::Move(
-                ErrorCode::NodeLost,
+                JobErrorCode::NodeLost,
                 format!("node {node} answered the assignment twice"),
             ),
             Err(_) => {
@@ -369,44 +313,52 @@ impl JobRouter {
         }
     }
 
+    /// Records the job in Redis, its first attempt on `node` (none: it
+    /// fails before any). False when the id is recorded already, with
+    /// the same request.
+    async fn start(
+        &self,
+        state: &Dispatch<'_>,
+        node: Option<&NodeId>,
+    ) -> Result<bool, SubmitError> {
+        let job = state.job;
+        let started = self
+            .store
+            .job_start(
+                &job.id,
+                &state.request,
+                node,
+                job.timeout,
+                state.lifetime,
+                &self.instance,
+            )
+            .await?;
+        match started {
+            JobStart::New => Ok(true),
+            JobStart::Exists => Ok(false),
+            JobStart::Conflict => Err(SubmitError::Conflict(job.id.clone())),
+        }
+    }
+
     /// Records a failure decided here (not by a node) as the job's terminal
     /// state.
-    pub(super) async fn fail(
+    async fn fail(
         &self,
-        job: &Job,
-        attempt: u32,
-        request: &str,
-        lifetime: Duration,
-        (code, message): (ErrorCode, String),
-        started: &mut Option<tokio::sync::oneshot::Sender<Result<(), SubmitError>>>,
+        state: &mut Dispatch<'_>,
+        (code, message): (JobErrorCode, String),
     ) -> Result<JobView, SubmitError> {
-        let attempt = if attempt == 0 {
-            match self
-                .store
-                .job_start(
-                    &job.id,
-                    request,
-                    None,
-                    job.timeout,
-                    lifetime,
-                    &self.instance,
-                )
-                .await?
-            {
-                JobStart::New => 1,
-                JobStart::Conflict => return Err(SubmitError::Conflict(job.id.clone())),
-                JobStart::Exists => {
-                    return self
-                        .wait_remote(&job.id, Instant::now() + job.timeout)
-                        .await;
-                }
+        let job = state.job;
+        let attempt = if state.attempt == 0 {
+            if !self.start(state, None).await? {
+                return self
+                    .wait_remote(&job.id, Instant::now() + job.timeout)
+                    .await;
             }
+            1
         } else {
-            attempt
+            state.attempt
         };
-        if let Some(started) = started.take() {
-            let _ = started.send(Ok(()));
-        }
+        state.recorded();
         let outcome = json!({"error": {"code": code, "message": message}});
         self.store
             .job_finish(
@@ -422,6 +374,86 @@ impl JobRouter {
     }
 }
 
+/// Told once the job is recorded in Redis (or could not be): the
+/// submission's answer waits for it.
+pub(super) type Started = oneshot::Sender<Result<(), SubmitError>>;
+
+/// One job's dispatch between attempts: what it was, where it stands,
+/// what it may still do. Pure: the router does the IO.
+pub(super) struct Dispatch<'a> {
+    job: &'a Job,
+    /// The canonical request JSON.
+    request: String,
+    /// How long its record lives.
+    lifetime: Duration,
+    /// When it times out.
+    deadline: Instant,
+    /// Nodes that refused or lost it since the last capacity wait.
+    excluded: Vec<NodeId>,
+    /// The current attempt number (0 before the first).
+    attempt: u32,
+    /// Attempts made here.
+    tries: u32,
+    /// Why the last attempt moved on.
+    last_failure: (JobErrorCode, String),
+    /// Until the job is recorded.
+    started: Option<Started>,
+}
+
+impl<'a> Dispatch<'a> {
+    pub(super) fn new(job: &'a Job, result_ttl: Duration, started: Started) -> Self {
+        Self {
+            job,
+            request: job.canonical(),
+            lifetime: job.timeout + result_ttl,
+            deadline: Instant::now() + job.timeout,
+            excluded: Vec::new(),
+            attempt: 0,
+            tries: 0,
+            last_failure: (
+                JobErrorCode::NoCapacity,
+                String::from("every candidate node refused the job"),
+            ),
+            started: Some(started),
+        }
+    }
+
+    /// The failure ending the job before another pick, if it must end: no
+    /// attempts left, or its deadline passed at `now`.
+    fn spent(&self, max_attempts: u32, now: Instant) -> Option<(JobErrorCode, String)> {
+        if self.tries >= max_attempts {
+            Some(self.last_failure.clone())
+        } else if now >= self.deadline {
+            Some(self.timed_out())
+        } else {
+            None
+        }
+    }
+
+    /// The job timed out.
+    fn timed_out(&self) -> (JobErrorCode, String) {
+        let message = format!("no result within {} ms", self.job.timeout.as_millis());
+        (JobErrorCode::Timeout, message)
+    }
+
+    /// `code` before any attempt; after one, why the last one moved on
+    /// (what the client can act on).
+    fn failure_or(&self, code: JobErrorCode, message: String) -> (JobErrorCode, String) {
+        if self.attempt == 0 {
+            (code, message)
+        } else {
+            self.last_failure.clone()
+        }
+    }
+
+    /// The job is recorded: the submission may answer.
+    fn recorded(&mut self) {
+        if let Some(started) = self.started.take() {
+            let _ = started.send(Ok(()));
+        }
+    }
+}
+
 /// Waits for `report` (the next capacity report to reach Redis), or a
 /// short poll interval for reports received by other instances. False
 /// once `deadline` passed.
@@ -432,4 +464,61 @@ async fn wait_for_capacity(report: Pin<&mut Notified<'_>>, deadline: Instant) ->
     let wake = (Instant::now() + CAPACITY_POLL).min(deadline);
     let _ = tokio::time::timeout_at(wake, report).await;
     Instant::now() < deadline
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job() -> Job {
+        let request: JobRequest = serde_json::from_value(json!({
+            "id": "j1", "kind": "asr", "src_lang": "en", "tgt_lang": "es", "timeout_ms": 1000
+        }))
+        .unwrap();
+        Job::from_request(request, Duration::from_secs(30), String::new()).unwrap()
+    }
+
+    #[test]
+    fn a_dispatch_ends_when_its_tries_or_its_time_run_out() {
+        let job = job();
+        let (started, _) = oneshot::channel();
+        let mut state = Dispatch::new(&job, Duration::from_secs(60), started);
+        let now = Instant::now();
+        assert_eq!(state.spent(3, now), None);
+        state.tries = 3;
+        state.last_failure = (JobErrorCode::NodeLost, "node n1 went away".into());
+        assert_eq!(
+            state.spent(3, now),
+            Some((JobErrorCode::NodeLost, "node n1 went away".into()))
+        );
+        state.tries = 1;
+        let (code, message) = state.spent(3, now + Duration::from_secs(1)).unwrap();
+        assert_eq!(code, JobErrorCode::Timeout);
+        assert_eq!(message, "no result within 1000 ms");
+        assert_eq!(state.lifetime, Duration::from_secs(61));
+    }
+
+    #[test]
+    fn after_an_attempt_the_last_failure_is_the_answer() {
+        let job = job();
+        let (started, _) = oneshot::channel();
+        let mut state = Dispatch::new(&job, Duration::from_secs(60), started);
+        let first = state.failure_or(JobErrorCode::NoNodes, "nothing serves it".into());
+        assert_eq!(first.0, JobErrorCode::NoNodes);
+        state.attempt = 2;
+        state.last_failure = (JobErrorCode::NoCapacity, "n1 refused: full".into());
+        let later = state.failure_or(JobErrorCode::NoNodes, "nothing serves it".into());
+        assert_eq!(later, (JobErrorCode::NoCapacity, "n1 refused: full".into()));
+    }
+
+    #[test]
+    fn the_submission_hears_once_that_the_job_is_recorded() {
+        let job = job();
+        let (started, mut heard) = oneshot::channel();
+        let mut state = Dispatch::new(&job, Duration::from_secs(60), started);
+        assert!(heard.try_recv().is_err());
+        state.recorded();
+        state.recorded();
+        assert!(matches!(heard.try_recv(), Ok(Ok(()))));
+    }
 }

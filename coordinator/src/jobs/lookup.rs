@@ -49,7 +49,7 @@ impl JobRouter {
             return Ok(record);
         }
         let outcome = json!({"error": {
-            "code": ErrorCode::Timeout,
+            "code": JobErrorCode::Timeout,
             "message": "no result by the job's deadline: the coordinator dispatching it went away and no node reported a result",
         }});
         if self

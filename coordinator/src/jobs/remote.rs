@@ -36,35 +36,9 @@ impl JobRouter {
         }
     }
 
-    /// Asks the instance holding `node`'s socket to drain it; false when no
-    /// other live instance holds it.
-    pub async fn forward_drain(&self, node: &NodeId, reason: &str) -> Result<bool, StoreError> {
-        let Some(holder) = self.other_holder(node).await? else {
-            return Ok(false);
-        };
-        let envelope = Envelope::Drain {
-            node: node.clone(),
-            reason: reason.to_owned(),
-        };
-        forward::send(&self.store, &holder, &envelope).await?;
-        Ok(true)
-    }
-
     /// The other live instance holding `node`'s socket, if any.
     pub(super) async fn other_holder(&self, node: &NodeId) -> Result<Option<String>, StoreError> {
-        let Some(holder) = self
-            .store
-            .node_holder(node)
-            .await?
-            .filter(|holder| holder != &self.instance)
-        else {
-            return Ok(None);
-        };
-        Ok(self
-            .store
-            .instance_present(&holder)
-            .await?
-            .then_some(holder))
+        self.store.other_live_holder(node, &self.instance).await
     }
 
     /// Records that the node's answers to `job` belong to `origin`.

@@ -5,7 +5,7 @@ use super::*;
 /// Why a job failed (the `error.code` of the API).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum ErrorCode {
+pub enum JobErrorCode {
     /// Nothing serves the pair and kind.
     NoNodes,
     /// Every candidate refused, up to `max_attempts`.
@@ -20,27 +20,27 @@ pub enum ErrorCode {
     Cancelled,
 }
 
-impl ErrorCode {
+impl JobErrorCode {
     /// The code as the API writes it.
     pub fn as_str(self) -> &'static str {
         match self {
-            ErrorCode::NoNodes => "no_nodes",
-            ErrorCode::NoCapacity => "no_capacity",
-            ErrorCode::Timeout => "timeout",
-            ErrorCode::ExecutorFailed => "executor_failed",
-            ErrorCode::NodeLost => "node_lost",
-            ErrorCode::Cancelled => "cancelled",
+            JobErrorCode::NoNodes => "no_nodes",
+            JobErrorCode::NoCapacity => "no_capacity",
+            JobErrorCode::Timeout => "timeout",
+            JobErrorCode::ExecutorFailed => "executor_failed",
+            JobErrorCode::NodeLost => "node_lost",
+            JobErrorCode::Cancelled => "cancelled",
         }
     }
 
     /// The HTTP status answering a job failed with this code.
     pub fn status(self) -> StatusCode {
         match self {
-            ErrorCode::NoNodes | ErrorCode::NoCapacity | ErrorCode::NodeLost => {
+            JobErrorCode::NoNodes | JobErrorCode::NoCapacity | JobErrorCode::NodeLost => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            ErrorCode::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            ErrorCode::ExecutorFailed | ErrorCode::Cancelled => StatusCode::BAD_GATEWAY,
+            JobErrorCode::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            JobErrorCode::ExecutorFailed | JobErrorCode::Cancelled => StatusCode::BAD_GATEWAY,
         }
     }
 }
@@ -94,11 +94,11 @@ impl JobView {
             JobStatus::Completed | JobStatus::Running => StatusCode::OK,
             JobStatus::Failed => self
                 .error_code()
-                .map_or(StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::status),
+                .map_or(StatusCode::INTERNAL_SERVER_ERROR, JobErrorCode::status),
         }
     }
 
-    pub(super) fn error_code(&self) -> Option<ErrorCode> {
+    pub(super) fn error_code(&self) -> Option<JobErrorCode> {
         self.error
             .as_ref()
             .and_then(|e| serde_json::from_value(e["code"].clone()).ok())

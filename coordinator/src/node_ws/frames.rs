@@ -10,30 +10,30 @@ use lingua_shared::protocol::{
 use std::sync::atomic::Ordering;
 use tokio::time::Instant;
 
+use super::NodeServices;
 use super::{Ending, Handled, MAX_LOGGED_CHARS, Session, send, send_error};
 use crate::jobs::Taken;
-use crate::state::Shared;
 
 /// A heartbeat: renews the connection; recorded in Redis at most twice
 /// per interval.
 pub(super) async fn heartbeat(
-    shared: &Shared,
+    services: &NodeServices,
     session: &mut Session,
     heartbeat: Heartbeat,
 ) -> Result<Handled, Ending> {
-    shared.metrics.heartbeats.inc();
+    services.metrics.heartbeats.inc();
     session.capacity = heartbeat.capacity;
     // More than two heartbeats per interval renew the connection
     // but cost Redis nothing: a node cannot turn its frame rate
     // into script calls.
     // The lease recorded last must still outlast a whole interval,
     // or this heartbeat renews it whatever the rate.
-    let interval = shared.config.heartbeat_interval;
-    let lease = shared.config.lease();
+    let interval = services.config.heartbeat_interval;
+    let lease = services.config.lease();
     if session.recorded.is_some_and(|at| {
         at.elapsed() < interval / 2 && lease.saturating_sub(at.elapsed()) > interval
     }) {
-        session.publish_soon(shared);
+        session.publish_soon(services);
         return Ok(Handled::Alive);
     }
     session.recorded = Some(Instant::now());
@@ -41,12 +41,12 @@ pub(super) async fn heartbeat(
     // A Redis outage does not end the link: closing every socket on
     // a Redis blip would move every running job (and run it twice).
     // The next heartbeat renews the lease once Redis answers.
-    let current = match shared
+    let current = match services
         .store
         .heartbeat(
             &session.node,
             session.epoch,
-            (shared.config.lease(), shared.config.offline_retention),
+            (services.config.lease(), services.config.offline_retention),
             &capacity,
         )
         .await
@@ -63,20 +63,20 @@ pub(super) async fn heartbeat(
             "a newer registration of this node exists",
         ));
     }
-    session.publish_soon(shared);
+    session.publish_soon(services);
     Ok(Handled::Alive)
 }
 
 /// The node announces it is draining.
-pub(super) async fn drain(shared: &Shared, session: &mut Session, drain: Drain) -> Handled {
+pub(super) async fn drain(services: &NodeServices, session: &mut Session, drain: Drain) -> Handled {
     // Once is enough: a repeated drain costs Redis nothing.
     if session.draining.swap(true, Ordering::SeqCst) {
         return Handled::Fine;
     }
     let reason: String = drain.reason.chars().take(MAX_LOGGED_CHARS).collect();
     tracing::info!(node_id = %session.node, %reason, "node is draining");
-    session.publish(shared);
-    if let Err(err) = shared
+    session.publish(services);
+    if let Err(err) = services
         .store
         .drain_node(&session.node, Some(session.epoch))
         .await
@@ -87,13 +87,13 @@ pub(super) async fn drain(shared: &Shared, session: &mut Session, drain: Drain) 
 }
 
 /// The node refused an assignment.
-pub(super) fn reject(shared: &Shared, session: &mut Session, reject: JobReject) -> Handled {
+pub(super) fn reject(services: &NodeServices, session: &mut Session, reject: JobReject) -> Handled {
     let key = JobRef {
         job_id: reject.job_id,
         attempt: reject.attempt,
     };
     let reason = reject.reason;
-    let kind = shared.router.answer(
+    let kind = services.router.answer(
         (&session.node, session.epoch),
         &key,
         Some((reason, reject.message)),
@@ -102,7 +102,7 @@ pub(super) fn reject(shared: &Shared, session: &mut Session, reject: JobReject) 
     // route nothing more of it there until it reports room again.
     if let (Some(kind), RejectReason::NoCapacity) = (kind, reason) {
         session.capacity.free_slots.insert(kind, 0);
-        session.publish(shared);
+        session.publish(services);
     }
     Handled::Fine
 }
@@ -111,18 +111,18 @@ pub(super) fn reject(shared: &Shared, session: &mut Session, reject: JobReject) 
 /// or refused when the attempt is another node's.
 pub(super) async fn result(
     socket: &mut WebSocket,
-    shared: &Shared,
+    services: &NodeServices,
     session: &Session,
     result: JobResult,
 ) -> Result<Handled, Ending> {
-    match shared.router.result(&session.node, &result).await {
+    match services.router.result(&session.node, &result).await {
         Ok(Taken::Acknowledged) => {}
         Ok(Taken::Foreign) => {
             let text = format!(
                 "job {} attempt {} is not assigned to node {}: result refused",
                 result.job_id, result.attempt, session.node
             );
-            send_error(socket, shared, ErrorCode::NotAssigned, text).await?;
+            send_error(socket, services, ErrorCode::NotAssigned, text).await?;
             return Ok(Handled::Bad);
         }
         Err(err) => {
@@ -136,6 +136,6 @@ pub(super) async fn result(
         job_id: result.job_id,
         attempt: result.attempt,
     });
-    send(socket, shared, &ack).await?;
+    send(socket, services, &ack).await?;
     Ok(Handled::Fine)
 }

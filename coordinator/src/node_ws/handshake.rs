@@ -14,11 +14,11 @@ use lingua_shared::{JobKind, LangPair, Message, NodeId, decode};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 
+use super::NodeServices;
 use super::{
     Ending, Frame, MAX_CAPABILITIES, REGISTER_TIMEOUT, Session, frame_of, leave, send, send_error,
 };
 use crate::registry::{Control, LocalNode};
-use crate::state::Shared;
 use crate::store::{RegisterOutcome, Registration};
 
 /// What a checked registration serves.
@@ -39,12 +39,12 @@ struct Recorded {
 /// Registers the node on `socket`; `control` becomes its inbox.
 pub(super) async fn register(
     socket: &mut WebSocket,
-    shared: &Shared,
+    services: &NodeServices,
     control: mpsc::Sender<Control>,
 ) -> Result<Session, Ending> {
-    let register = read(socket, shared).await?;
-    let checked = check(socket, shared, &register).await?;
-    let recorded = record(socket, shared, &register, &checked).await?;
+    let register = read(socket, services).await?;
+    let checked = check(socket, services, &register).await?;
+    let recorded = record(socket, services, &register, &checked).await?;
     // Held before re-pooling: a routing update of the previous registration
     // still in flight must find this one's pairs, not re-join the node to
     // a pair it is leaving. Its pool ids follow once joined.
@@ -56,7 +56,7 @@ pub(super) async fn register(
         draining: draining.clone(),
         control,
     };
-    match shared.registry.insert(register.node_id.clone(), local) {
+    match services.registry.insert(register.node_id.clone(), local) {
         Ok(Some(old)) => {
             let _ = old.control.try_send(Control::Close(
                 CloseCode::Superseded,
@@ -73,42 +73,42 @@ pub(super) async fn register(
             ));
         }
     }
-    let pools = match repool(shared, &register.node_id, &recorded, &checked).await {
+    let pools = match repool(services, &register.node_id, &recorded, &checked).await {
         Ok(pools) => pools,
         Err(ending) => {
-            shared.registry.remove(&register.node_id, recorded.epoch);
+            services.registry.remove(&register.node_id, recorded.epoch);
             return Err(ending);
         }
     };
-    shared
+    services
         .registry
         .set_pools(&register.node_id, recorded.epoch, pools);
-    shared.metrics.registration("ok");
-    acknowledge(socket, shared, register, (checked, draining), &recorded).await
+    services.metrics.registration("ok");
+    acknowledge(socket, services, register, (checked, draining), &recorded).await
 }
 
 /// Ends a registration: counts it under `outcome`, tells the node why.
 async fn refuse(
     socket: &mut WebSocket,
-    shared: &Shared,
+    services: &NodeServices,
     outcome: &str,
     (code, message): (ErrorCode, String),
     ending: Ending,
 ) -> Ending {
-    shared.metrics.registration(outcome);
-    let _ = send_error(socket, shared, code, message).await;
+    services.metrics.registration(outcome);
+    let _ = send_error(socket, services, code, message).await;
     ending
 }
 
 /// The first data frame, which must be a `register` within
 /// [`REGISTER_TIMEOUT`].
-async fn read(socket: &mut WebSocket, shared: &Shared) -> Result<Register, Ending> {
+async fn read(socket: &mut WebSocket, services: &NodeServices) -> Result<Register, Ending> {
     let deadline = Instant::now() + REGISTER_TIMEOUT;
     let frame = loop {
         let received = tokio::select! {
             received = socket.recv() => received,
             () = sleep_until(deadline) => return Err(Ending::new(CloseCode::RegistrationRequired, "no register within 5 s")),
-            () = shared.shutdown.cancelled() => return Err(Ending::new(CloseCode::GoingAway, "coordinator shutting down")),
+            () = services.shutdown.cancelled() => return Err(Ending::new(CloseCode::GoingAway, "coordinator shutting down")),
         };
         if let Frame::Data(frame) = frame_of(received)? {
             break frame;
@@ -125,7 +125,7 @@ async fn read(socket: &mut WebSocket, shared: &Shared) -> Result<Register, Endin
                 CloseCode::RegistrationRequired,
                 "first frame must be register",
             );
-            Err(refuse(socket, shared, "invalid", why, ending).await)
+            Err(refuse(socket, services, "invalid", why, ending).await)
         }
         Err(err) => {
             let code = if err.code() == ErrorCode::FrameTooLarge {
@@ -136,7 +136,7 @@ async fn read(socket: &mut WebSocket, shared: &Shared) -> Result<Register, Endin
             let ending = Ending::new(code, "first frame must be a valid register");
             Err(refuse(
                 socket,
-                shared,
+                services,
                 "invalid",
                 (err.code(), err.to_string()),
                 ending,
@@ -149,11 +149,11 @@ async fn read(socket: &mut WebSocket, shared: &Shared) -> Result<Register, Endin
 /// Credentials, protocol version and the coordinator's limits.
 async fn check(
     socket: &mut WebSocket,
-    shared: &Shared,
+    services: &NodeServices,
     register: &Register,
 ) -> Result<Checked, Ending> {
     let token = register.token.as_ref().map(|t| t.0.as_str());
-    if !shared.node_credentials.allows(&register.node_id, token) {
+    if !services.credentials.allows(&register.node_id, token) {
         let why = (
             ErrorCode::Unauthorized,
             format!(
@@ -162,7 +162,7 @@ async fn check(
             ),
         );
         let ending = Ending::new(CloseCode::Unauthorized, "missing or wrong node token");
-        return Err(refuse(socket, shared, "unauthorized", why, ending).await);
+        return Err(refuse(socket, services, "unauthorized", why, ending).await);
     }
     let Some(version) = VersionRange::OURS.negotiate(register.protocol) else {
         let why = (
@@ -176,7 +176,7 @@ async fn check(
             ),
         );
         let ending = Ending::new(CloseCode::UnsupportedVersion, "no common protocol version");
-        return Err(refuse(socket, shared, "unsupported_version", why, ending).await);
+        return Err(refuse(socket, services, "unsupported_version", why, ending).await);
     };
     let caps = &register.capabilities;
     if caps.src_langs.len() > MAX_CAPABILITIES
@@ -188,10 +188,10 @@ async fn check(
             format!("at most {MAX_CAPABILITIES} source languages, target languages and kinds each"),
         );
         let ending = Ending::new(CloseCode::RegistrationRequired, "too many capabilities");
-        return Err(refuse(socket, shared, "invalid", why, ending).await);
+        return Err(refuse(socket, services, "invalid", why, ending).await);
     }
     let pairs = caps.pairs();
-    let max_pairs = shared.config.max_pairs_per_node as usize;
+    let max_pairs = services.config.max_pairs_per_node as usize;
     if pairs.len() > max_pairs {
         let why = (
             ErrorCode::InvalidMessage,
@@ -204,7 +204,7 @@ async fn check(
             ),
         );
         let ending = Ending::new(CloseCode::RegistrationRequired, "too many language pairs");
-        return Err(refuse(socket, shared, "invalid", why, ending).await);
+        return Err(refuse(socket, services, "invalid", why, ending).await);
     }
     let mut kinds = caps.kinds.clone();
     kinds.sort_unstable();
@@ -220,7 +220,7 @@ async fn check(
 /// live agent holding the id.
 async fn record(
     socket: &mut WebSocket,
-    shared: &Shared,
+    services: &NodeServices,
     register: &Register,
     checked: &Checked,
 ) -> Result<Recorded, Ending> {
@@ -234,15 +234,15 @@ async fn record(
         "capacity": serde_json::to_string(&register.capacity).unwrap_or_default(),
         "agent_version": register.agent_version.chars().take(64).collect::<String>(),
     });
-    let outcome = shared
+    let outcome = services
         .store
         .register_node(&Registration {
             node_id: &register.node_id,
             instance: &register.instance,
-            coordinator: &shared.instance,
+            coordinator: &services.instance,
             draining: register.draining,
-            lease: shared.config.lease(),
-            retention: shared.config.offline_retention,
+            lease: services.config.lease(),
+            retention: services.config.offline_retention,
             fields,
         })
         .await
@@ -277,7 +277,7 @@ async fn record(
                 CloseCode::NodeIdConflict,
                 "node id held by another live agent",
             );
-            Err(refuse(socket, shared, "conflict", why, ending).await)
+            Err(refuse(socket, services, "conflict", why, ending).await)
         }
     }
 }
@@ -286,14 +286,14 @@ async fn record(
 /// kinds changed (nothing stale stays routable), joins one pool per pair,
 /// and indexes the node. Returns the pool of each pair.
 async fn repool(
-    shared: &Shared,
+    services: &NodeServices,
     node: &NodeId,
     recorded: &Recorded,
     checked: &Checked,
 ) -> Result<BTreeMap<LangPair, String>, Ending> {
     if recorded.previous_pairs != checked.pairs || recorded.previous_kinds != checked.kinds {
         let leaves = recorded.previous_pairs.iter().map(|&pair| {
-            shared
+            services
                 .store
                 .pool_leave(pair, node, &recorded.previous_kinds)
         });
@@ -303,11 +303,11 @@ async fn repool(
             }
         }
     }
-    let lease = shared.config.lease();
+    let lease = services.config.lease();
     let joins = checked.pairs.iter().map(|&pair| async move {
-        let joined = shared
+        let joined = services
             .store
-            .pool_join(pair, node, shared.config.max_nodes_per_pool, lease)
+            .pool_join(pair, node, services.config.max_nodes_per_pool, lease)
             .await;
         (pair, joined)
     });
@@ -323,7 +323,7 @@ async fn repool(
             }
         }
     }
-    if let Err(err) = shared.store.index_node(node, &pools).await {
+    if let Err(err) = services.store.index_node(node, &pools).await {
         tracing::warn!(node_id = %node, error = %err, "indexing node failed");
     }
     Ok(pools)
@@ -333,7 +333,7 @@ async fn repool(
 /// process before it reconnected.
 async fn acknowledge(
     socket: &mut WebSocket,
-    shared: &Shared,
+    services: &NodeServices,
     register: Register,
     (checked, draining): (Checked, Arc<AtomicBool>),
     recorded: &Recorded,
@@ -341,7 +341,7 @@ async fn acknowledge(
     let ack = Message::RegisterAck(RegisterAck {
         protocol_version: checked.version,
         epoch: recorded.epoch,
-        heartbeat_interval_ms: u64::try_from(shared.config.heartbeat_interval.as_millis())
+        heartbeat_interval_ms: u64::try_from(services.config.heartbeat_interval.as_millis())
             .unwrap_or(u64::MAX),
         pairs: checked.pairs.clone(),
     });
@@ -356,15 +356,15 @@ async fn acknowledge(
         publish_pending: false,
         recorded: None,
     };
-    let mut sent = send(socket, shared, &ack).await;
+    let mut sent = send(socket, services, &ack).await;
     if sent.is_ok() && recorded.drained && !register.draining {
         let drain = Message::Drain(Drain {
             reason: "drain requested by an admin".into(),
         });
-        sent = send(socket, shared, &drain).await;
+        sent = send(socket, services, &drain).await;
     }
     if let Err(ending) = sent {
-        leave(shared, &session).await;
+        leave(services, &session).await;
         return Err(ending);
     }
     Ok(session)

@@ -78,8 +78,20 @@ impl Store {
         Ok(reaped)
     }
 
+    /// The live instance other than `me` holding `node`'s socket, if any.
+    pub async fn other_live_holder(
+        &self,
+        node: &NodeId,
+        me: &str,
+    ) -> Result<Option<String>, StoreError> {
+        let Some(holder) = self.node_holder(node).await?.filter(|holder| holder != me) else {
+            return Ok(None);
+        };
+        Ok(self.instance_present(&holder).await?.then_some(holder))
+    }
+
     /// The instance holding `node`'s socket, as last registered.
-    pub async fn node_holder(&self, node: &NodeId) -> Result<Option<String>, StoreError> {
+    async fn node_holder(&self, node: &NodeId) -> Result<Option<String>, StoreError> {
         let mut conn = self.conn.clone();
         Ok(redis::cmd("HGET")
             .arg(NodeKeys::new(node).hash)

@@ -152,7 +152,7 @@ impl Store {
     }
 
     /// One node, if it ever registered.
-    pub async fn node(&self, node: &NodeId) -> Result<Option<NodeView>, StoreError> {
+    pub async fn node(&self, node: &NodeId) -> Result<Option<NodeRecord>, StoreError> {
         let keys = NodeKeys::new(node);
         let mut conn = self.conn.clone();
         let (fields, alive): (HashMap<String, String>, bool) = redis::pipe()
@@ -160,11 +160,15 @@ impl Store {
             .exists(&keys.lease)
             .query_async(&mut conn)
             .await?;
-        Ok((!fields.is_empty()).then(|| node_view(node.as_str(), fields, alive)))
+        Ok((!fields.is_empty()).then(|| NodeRecord {
+            id: node.clone(),
+            fields,
+            alive,
+        }))
     }
 
     /// Every node that ever registered, sorted by id.
-    pub async fn nodes(&self) -> Result<Vec<NodeView>, StoreError> {
+    pub async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
         let mut conn = self.conn.clone();
         let mut ids: Vec<String> = redis::cmd("SMEMBERS")
             .arg(keys::ALL_NODES)
@@ -197,7 +201,11 @@ impl Store {
                 if fields.is_empty() {
                     gone.push(id.as_str());
                 } else {
-                    views.push(node_view(id.as_str(), fields, alive));
+                    views.push(NodeRecord {
+                        id: id.clone(),
+                        fields,
+                        alive,
+                    });
                 }
             }
         }
@@ -220,48 +228,5 @@ impl Store {
             .query_async::<()>(&mut conn)
             .await?;
         Ok(())
-    }
-}
-
-fn node_view(id: &str, mut fields: HashMap<String, String>, alive: bool) -> NodeView {
-    let mut json = |name: &str| {
-        fields
-            .remove(name)
-            .and_then(|text| serde_json::from_str(&text).ok())
-            .unwrap_or(serde_json::Value::Null)
-    };
-    let src_langs = json("src_langs");
-    let tgt_langs = json("tgt_langs");
-    let kinds = json("kinds");
-    let pools = json("pools");
-    let capacity = json("capacity");
-    let gpus = json("gpus");
-    let number = |fields: &HashMap<String, String>, name: &str| {
-        fields.get(name).and_then(|v| v.parse().ok()).unwrap_or(0)
-    };
-    let state = match fields.get("state").map(String::as_str) {
-        Some("draining") if alive => "draining",
-        Some("ready") if alive => "ready",
-        _ => "offline",
-    };
-    // An offline node holds no pool seat (pool_leave ran, or its pair
-    // leases expired): do not show the last ones it had.
-    let pools = if state == "offline" {
-        serde_json::json!({})
-    } else {
-        pools
-    };
-    NodeView {
-        id: id.to_owned(),
-        state: state.to_owned(),
-        src_langs,
-        tgt_langs,
-        kinds,
-        pools,
-        capacity,
-        gpus,
-        last_seen_ms: number(&fields, "last_seen_ms"),
-        epoch: number(&fields, "epoch"),
-        agent_version: fields.remove("agent_version").unwrap_or_default(),
     }
 }

@@ -126,7 +126,7 @@ impl Store {
     }
 
     /// Every non-empty pool, sorted by pair then pool id.
-    pub async fn pools(&self) -> Result<Vec<PoolView>, StoreError> {
+    pub async fn pools(&self) -> Result<Vec<PoolMembers>, StoreError> {
         let mut conn = self.conn.clone();
         let pairs: Vec<String> = redis::cmd("SMEMBERS")
             .arg(keys::ALL_PAIRS)
@@ -157,8 +157,8 @@ impl Store {
             }
             views.extend(pools.into_iter().map(|((_, pool), mut nodes)| {
                 nodes.sort_unstable();
-                PoolView {
-                    pair: pair.to_string(),
+                PoolMembers {
+                    pair: *pair,
                     pool,
                     nodes,
                 }

@@ -1,0 +1,180 @@
+//! The job routes: `POST /v1/jobs` and `GET /v1/jobs/{id}`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Extension, Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use lingua_shared::{JobId, MAX_FRAME_BYTES, MAX_REQUEST_BODY_BYTES};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use super::{ApiError, query};
+use crate::auth::Caller;
+use crate::jobs::{Job, JobRequest, JobRouter, JobView, SubmitError};
+use crate::store::JobStatus;
+
+/// The limits a job request is held to.
+#[derive(Debug, Clone, Copy)]
+pub struct JobLimits {
+    /// How long a request body may take to arrive.
+    pub body_timeout: Duration,
+    /// The timeout of a job that names none.
+    pub default_timeout: Duration,
+}
+
+/// Query of `POST /v1/jobs`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitQuery {
+    /// `false`: answer 202 once the job is recorded, without waiting.
+    #[serde(default = "yes")]
+    wait: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Query of `GET /v1/jobs/{id}`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GetQuery {
+    /// Long-poll: wait up to this long for a terminal state.
+    #[serde(default)]
+    wait_ms: u64,
+}
+
+/// The longest `wait_ms` honoured.
+pub const MAX_WAIT_MS: u64 = 60_000;
+
+fn view_response(view: JobView) -> Response {
+    (view.http_status(), Json(view)).into_response()
+}
+
+/// Reads a request body of at most [`MAX_REQUEST_BODY_BYTES`] within
+/// `limit`: a client that trickles its body cannot hold a connection (and
+/// a place under the connection cap) for longer than it may take for its
+/// headers.
+async fn read_body(body: Body, limit: Duration) -> Result<Bytes, ApiError> {
+    let limited = Limited::new(body, MAX_REQUEST_BODY_BYTES);
+    match tokio::time::timeout(limit, limited.collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(err)) if err.is::<LengthLimitError>() => Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!(
+                "the request body exceeds the limit of {MAX_REQUEST_BODY_BYTES} bytes (one node frame); \
+                 send large inputs by reference (a URL) instead"
+            ),
+        )),
+        Ok(Err(err)) => Err(ApiError::bad_request(format!(
+            "cannot read the request body: {err}"
+        ))),
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request",
+            format!(
+                "the request body did not arrive within {} ms",
+                limit.as_millis()
+            ),
+        )),
+    }
+}
+
+/// `POST /v1/jobs`: submit a job and, by default, wait for its result.
+pub async fn submit_job(
+    State(router): State<Arc<JobRouter>>,
+    State(limits): State<JobLimits>,
+    State(shutdown): State<CancellationToken>,
+    Extension(caller): Extension<Caller>,
+    submit: Result<Query<SubmitQuery>, QueryRejection>,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let submit = query(submit)?;
+    let body = read_body(body, limits.body_timeout).await?;
+    let request: JobRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::bad_request(format!("bad job request: {e}")))?;
+    let job = Job::from_request(request, limits.default_timeout, caller.owner.clone())
+        .map_err(ApiError::bad_request)?;
+    let frame = job.assign_frame_len();
+    if frame > MAX_FRAME_BYTES {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!(
+                "the job's assignment would be a {frame}-byte frame, over the node frame limit of \
+                 {MAX_FRAME_BYTES} bytes; send large inputs by reference (a URL) instead"
+            ),
+        ));
+    }
+    let timeout = job.timeout;
+    let id = job.id.clone();
+    let mut terminal = match router.submit(job).await {
+        Ok(terminal) => terminal,
+        Err(SubmitError::Conflict(id)) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!("job id {id} was already submitted with a different body"),
+            ));
+        }
+        Err(SubmitError::Store(err)) => return Err(err.into()),
+    };
+    if !submit.wait {
+        let status = terminal
+            .borrow()
+            .as_ref()
+            .map_or(JobStatus::Running, |v| v.status);
+        return Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({"id": id, "status": status})),
+        )
+            .into_response());
+    }
+    // The dispatcher ends the job at its timeout; the margin covers Redis.
+    // A coordinator shutting down answers with the job still running: the
+    // client can ask another instance for it.
+    let margin = timeout + Duration::from_secs(5);
+    let waited = tokio::select! {
+        waited = tokio::time::timeout(margin, terminal.wait_for(Option::is_some)) => match waited {
+            Ok(Ok(view)) => view.clone(),
+            _ => None,
+        },
+        () = shutdown.cancelled() => None,
+    };
+    if let Some(view) = waited {
+        return Ok(view_response(view));
+    }
+    match router.get(&id, Duration::ZERO, &caller).await? {
+        Some(view) => Ok(view_response(view)),
+        None => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the job was lost; submit it again",
+        )),
+    }
+}
+
+/// `GET /v1/jobs/{id}`: status or result; `?wait_ms=N` long-polls.
+pub async fn job(
+    State(router): State<Arc<JobRouter>>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    get: Result<Query<GetQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let get = query(get)?;
+    let id = JobId::new(id).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let wait = Duration::from_millis(get.wait_ms.min(MAX_WAIT_MS));
+    match router.get(&id, wait, &caller).await? {
+        Some(view) => Ok(view_response(view)),
+        None => Err(ApiError::not_found(format!(
+            "no job {id}: never submitted, or its result expired"
+        ))),
+    }
+}

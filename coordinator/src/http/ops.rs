@@ -1,0 +1,62 @@
+//! Operations routes: `GET /healthz`, `GET /metrics`, and the answer to
+//! any other route.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use serde_json::json;
+
+use super::ApiError;
+use crate::metrics::{Metrics, PoolLabel};
+use crate::registry::Registry;
+use crate::store::Store;
+
+/// This coordinator instance's random id, as `/healthz` shows it.
+#[derive(Debug, Clone)]
+pub struct InstanceId(pub String);
+
+/// `GET /healthz`: 200 when Redis answers.
+pub async fn healthz(
+    State(store): State<Store>,
+    State(InstanceId(instance)): State<InstanceId>,
+) -> Result<impl IntoResponse, ApiError> {
+    store.ping().await?;
+    Ok(Json(json!({"status": "ok", "instance": instance})))
+}
+
+/// `GET /metrics`: Prometheus text. It asks Redis nothing: pool sizes
+/// count the nodes this instance holds (sum them over instances), so a
+/// scrape costs the same however many keys Redis holds, and answers while
+/// Redis is down.
+pub async fn metrics(
+    State(metrics): State<Arc<Metrics>>,
+    State(registry): State<Arc<Registry>>,
+) -> impl IntoResponse {
+    metrics.pool_nodes.clear();
+    for ((pair, pool), size) in registry.pool_sizes() {
+        metrics
+            .pool_nodes
+            .get_or_create(&PoolLabel {
+                pair: pair.to_string(),
+                pool,
+            })
+            .set(size);
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        metrics.render(),
+    )
+}
+
+/// Any other route.
+pub async fn fallback() -> ApiError {
+    ApiError::not_found(
+        "no such route; the API is described in the README and docs/ARCHITECTURE.md",
+    )
+}
