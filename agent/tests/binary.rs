@@ -1,6 +1,10 @@
 //! The `lingua-agent` binary as an operator runs it: check-config, probe,
 //! exit codes, the metrics endpoint and SIGTERM.
 
+#[path = "../../tests/src/signal.rs"]
+mod signal;
+use signal::terminate;
+
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
@@ -179,19 +183,7 @@ async fn serves_metrics_while_retrying_and_drains_on_sigterm() {
     ] {
         assert!(text.contains(sample), "{sample} missing from:\n{text}");
     }
-    let pid = child.id().unwrap().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = tokio::time::timeout(PATIENCE, child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(terminate(&mut child, PATIENCE).await.code(), Some(0));
 }
 
 #[tokio::test]
@@ -232,13 +224,5 @@ async fn tells_systemd_it_is_ready_feeds_the_watchdog_and_reports_status() {
     })
     .await;
     assert!(all_seen.is_ok(), "systemd notifications so far: {seen:?}");
-    let pid = child.id().unwrap().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    assert_eq!(child.wait().await.unwrap().code(), Some(0));
+    assert_eq!(terminate(&mut child, PATIENCE).await.code(), Some(0));
 }

@@ -12,6 +12,10 @@
 //! PID to a file once started; the test then lists that PID, with the
 //! memory it should hold, among the fake GPU's compute processes.
 
+#[path = "../../tests/src/signal.rs"]
+mod signal;
+use signal::terminate;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, OnceLock};
@@ -517,19 +521,7 @@ async fn the_service_outlives_an_nvml_failure_and_shuts_nvml_down_on_exit() {
     })
     .await
     .expect("slots once NVML initialises");
-    let pid = child.id().unwrap().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = tokio::time::timeout(PATIENCE, child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(terminate(&mut child, PATIENCE).await.code(), Some(0));
     assert_eq!(fake.calls().last().map(String::as_str), Some("shutdown"));
 }
 

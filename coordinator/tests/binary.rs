@@ -2,6 +2,10 @@
 //! check-config, SIGTERM, and what happens to Redis state and to a private
 //! redis-server when the process is killed.
 
+#[path = "../../tests/src/signal.rs"]
+mod signal;
+use signal::{signal, terminate};
+
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
@@ -174,15 +178,6 @@ async fn start(args: &[&str]) -> Running {
         addr,
         private_socket,
     }
-}
-
-fn signal(child: &Child, name: &str) {
-    let pid = child.id().expect("the process runs").to_string();
-    let status = std::process::Command::new("kill")
-        .args([name, &pid])
-        .status()
-        .unwrap();
-    assert!(status.success());
 }
 
 type Ws =
@@ -365,6 +360,5 @@ async fn tells_systemd_it_is_ready_and_feeds_the_watchdog() {
     })
     .await;
     assert!(all_seen.is_ok(), "systemd notifications so far: {seen:?}");
-    signal(&child, "-TERM");
-    assert_eq!(child.wait().await.unwrap().code(), Some(0));
+    assert_eq!(terminate(&mut child, PATIENCE).await.code(), Some(0));
 }

@@ -6,6 +6,10 @@
 //! Always on with a few thousand inputs; `LINGUA_FUZZ_FRAMES=100000` (and
 //! `LINGUA_FUZZ_REQUESTS`) run the long version.
 
+#[path = "../../tests/src/signal.rs"]
+mod signal;
+use signal::terminate;
+
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -238,18 +242,7 @@ async fn random_frames_and_requests_never_crash_hang_or_stop_the_coordinator() {
         .unwrap();
     assert!(ack.to_text().unwrap().contains("register_ack"), "{ack:?}");
 
-    let pid = child.id().unwrap().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = tokio::time::timeout(DEADLINE, child.wait())
-        .await
-        .unwrap()
-        .unwrap();
+    let status = terminate(&mut child, DEADLINE).await;
     assert_eq!(status.code(), Some(0), "clean exit after the abuse");
     let panics = log.await.unwrap();
     assert!(panics.is_empty(), "the coordinator panicked: {panics:?}");

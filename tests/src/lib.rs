@@ -12,6 +12,7 @@
 
 pub mod cluster;
 pub mod fleet;
+pub mod signal;
 pub mod speech;
 
 use std::future::Future;
