@@ -21,6 +21,20 @@
 //! kinds with `priority >= pressure_min_priority`. docs/ARBITER.md works
 //! through an example.
 //!
+//! A job that cannot be admitted at once waits (in [`Arbiter::admit`]) up
+//! to its kind's `queue_wait` in a queue ordered by kind priority, higher
+//! first, then arrival. After every change (a permit dropped, a reading, a
+//! reload, drain on or off, a job joining or leaving the queue) the queue
+//! is served in that order: a waiting job that fits is admitted, and the
+//! first one that waits for memory, the head, has room held for it: its
+//! `vram_mb` on the healthy GPU it may use that has the most room now.
+//! Jobs behind it, and new arrivals that do not outrank it, are placed as
+//! if that room were taken: they may still fit elsewhere (backfill), but
+//! cannot starve it. A head waiting for its kind's `max_concurrent` holds
+//! no memory: the job it waits for frees its own as it ends. A wait that
+//! runs out answers what an arrival would get then; draining answers every
+//! waiting job; a dropped `admit` future leaves the queue.
+//!
 //! A `command` job's permit learns its process group. Where a reading
 //! lists the GPU's compute processes with their memory, the memory of the
 //! job's group is attributed to it: during its load time only the part of
@@ -32,7 +46,7 @@
 //! (MIG, the simulated backend) the load time alone applies.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use lingua_shared::JobKind;
@@ -40,12 +54,15 @@ use lingua_shared::sync::lock;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
-use crate::config::{AgentConfig, Backend, KindConfig, OverrunAction, Pressure};
+use crate::config::OverrunAction;
 use crate::gpu::GpuSnapshot;
 
+mod limits;
+mod queue;
 mod state;
 
-use state::{Admitted, State, load_pct};
+pub use limits::{KindLimits, Limits};
+use state::{Admission, State, load_pct};
 
 /// Why a job was not admitted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -84,7 +101,8 @@ pub enum Refusal {
         /// Its age.
         age_ms: u64,
     },
-    /// No healthy GPU has the VRAM.
+    /// No healthy GPU has the VRAM (the room held for the head of the
+    /// wait queue counting as taken).
     #[error("{kind}: no healthy GPU has {vram_mb} MiB free")]
     Memory {
         /// The kind.
@@ -92,72 +110,6 @@ pub enum Refusal {
         /// Its `vram_mb`.
         vram_mb: u64,
     },
-}
-
-/// The limits of one kind, as the arbiter applies them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KindLimits {
-    /// Estimated VRAM of a running job, MiB.
-    pub vram_mb: u64,
-    /// Priority (higher wins under pressure).
-    pub priority: u8,
-    /// Most running at once.
-    pub max_concurrent: u32,
-    /// How long `admit` may wait for a slot.
-    pub queue_wait: Duration,
-    /// How long a job may take to show its memory in a reading.
-    pub load_time: Duration,
-    /// What a job holding more than `vram_mb` is told to do.
-    pub on_overrun: OverrunAction,
-}
-
-impl From<&KindConfig> for KindLimits {
-    fn from(kind: &KindConfig) -> Self {
-        Self {
-            vram_mb: kind.vram_mb,
-            priority: kind.priority,
-            max_concurrent: kind.max_concurrent,
-            queue_wait: kind.queue_wait,
-            load_time: kind.load_time,
-            on_overrun: kind.on_vram_overrun,
-        }
-    }
-}
-
-/// Everything the arbiter is configured with; replaced as a whole on reload.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Limits {
-    /// `false` for backend `none`: admission by `max_concurrent` alone.
-    pub uses_gpus: bool,
-    /// VRAM per GPU never handed out, MiB.
-    pub reserve_mb: u64,
-    /// Pressure thresholds.
-    pub pressure: Pressure,
-    /// How long after admission a job's memory may take to show in a
-    /// reading; until then it is counted on top of the measurement.
-    pub settle: Duration,
-    /// A reading older than this admits nothing.
-    pub stale_after: Duration,
-    /// Per-kind limits.
-    pub kinds: BTreeMap<JobKind, KindLimits>,
-}
-
-impl Limits {
-    /// The limits a config describes.
-    pub fn from_config(config: &AgentConfig) -> Self {
-        Self {
-            uses_gpus: config.gpu.backend != Backend::None,
-            reserve_mb: config.gpu.reserve_mb,
-            pressure: config.gpu.pressure,
-            settle: config.gpu.poll_interval,
-            stale_after: config.gpu.stale_after,
-            kinds: config
-                .jobs
-                .iter()
-                .map(|(k, v)| (k.clone(), KindLimits::from(v)))
-                .collect(),
-        }
-    }
 }
 
 /// Where an admitted job runs.
@@ -184,7 +136,8 @@ pub struct Overrun {
 #[derive(Debug)]
 pub struct Arbiter {
     state: Mutex<State>,
-    released: Notify,
+    /// Notified when the queue answers waiting jobs.
+    answered: Notify,
     version: watch::Sender<u64>,
 }
 
@@ -242,6 +195,46 @@ impl Drop for Permit {
     }
 }
 
+/// A job in the wait queue. Dropping it (its `admit` future was dropped)
+/// takes the job out of the queue, and frees a slot it was given but never
+/// took.
+struct Waiting<'a> {
+    arbiter: &'a Arc<Arbiter>,
+    kind: &'a JobKind,
+    id: u64,
+}
+
+impl Waiting<'_> {
+    /// The queue's answer, or at `deadline` what an arrival would get then.
+    async fn answer(&self, deadline: Instant) -> Result<Permit, Refusal> {
+        loop {
+            let answered = self.arbiter.answered.notified();
+            tokio::pin!(answered);
+            answered.as_mut().enable();
+            let answer = self.arbiter.lock().take_answer(self.id);
+            if let Some(answer) = answer {
+                return answer.map(|admission| self.arbiter.permit(admission));
+            }
+            if tokio::time::timeout_at(deadline, answered).await.is_err() {
+                let now = Instant::now();
+                let mut state = self.arbiter.lock();
+                let answer = state.expire(self.id, self.kind, now);
+                self.arbiter.changed(state, now);
+                return answer.map(|admission| self.arbiter.permit(admission));
+            }
+        }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut state = self.arbiter.lock();
+        if state.leave(self.id) {
+            self.arbiter.changed(state, Instant::now());
+        }
+    }
+}
+
 impl Arbiter {
     /// An arbiter with these limits and no readings yet (a GPU node admits
     /// nothing until its first reading arrives).
@@ -258,21 +251,40 @@ impl Arbiter {
                 draining: false,
                 next_id: 0,
                 overruns: BTreeMap::new(),
+                waiting: BTreeMap::new(),
+                held: None,
             }),
-            released: Notify::new(),
+            answered: Notify::new(),
             version: watch::channel(0).0,
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, State> {
         // No critical section can panic half-way through an update, so the
         // state behind a poisoned lock is consistent.
         lock(&self.state)
     }
 
-    fn changed(&self) {
+    /// After any change: serves the wait queue (under the same lock, so
+    /// that no arrival slips in before it), then wakes the waiters it
+    /// answered and whoever watches free slots.
+    fn changed(&self, mut state: MutexGuard<'_, State>, now: Instant) {
+        let answered = state.serve(now);
+        drop(state);
         self.version.send_modify(|v| *v = v.wrapping_add(1));
-        self.released.notify_waiters();
+        if answered {
+            self.answered.notify_waiters();
+        }
+    }
+
+    fn permit(self: &Arc<Self>, admission: Admission) -> Permit {
+        Permit {
+            arbiter: Arc::clone(self),
+            id: admission.id,
+            placement: admission.placement,
+            kind: admission.kind,
+            overrun: admission.overrun,
+        }
     }
 
     /// Bumped on every change that can change free slots.
@@ -280,7 +292,8 @@ impl Arbiter {
         self.version.subscribe()
     }
 
-    /// Admits a job of `kind` now, or says why not.
+    /// Admits a job of `kind` now, or says why not. It may not take the
+    /// room held for the head of the wait queue unless it outranks it.
     pub fn try_admit(self: &Arc<Self>, kind: &JobKind) -> Result<Permit, Refusal> {
         self.try_admit_at(kind, Instant::now())
     }
@@ -288,82 +301,51 @@ impl Arbiter {
     /// [`Arbiter::try_admit`] at a given time (tests drive the clock).
     pub fn try_admit_at(self: &Arc<Self>, kind: &JobKind, now: Instant) -> Result<Permit, Refusal> {
         let mut state = self.lock();
-        let limits = state.check_kind(kind, now)?.clone();
-        let placement = if state.limits.uses_gpus {
-            let g = state.place(kind, &limits)?;
-            let gpu = &state.gpus[g];
-            Some(Placement {
-                index: gpu.index,
-                uuid: gpu.uuid.clone(),
-            })
-        } else {
-            None
-        };
-        state.next_id += 1;
-        let id = state.next_id;
-        let (overrun_tx, overrun) = watch::channel(None);
-        state.admitted.insert(
-            id,
-            Admitted {
-                kind: kind.clone(),
-                gpu: placement.as_ref().map(|p| p.uuid.clone()),
-                vram_mb: limits.vram_mb,
-                load_time: limits.load_time,
-                at: now,
-                group: None,
-                attributed_mb: None,
-                overrun: overrun_tx,
-            },
-        );
-        *state.running.entry(kind.clone()).or_default() += 1;
-        drop(state);
-        self.version.send_modify(|v| *v = v.wrapping_add(1));
-        Ok(Permit {
-            arbiter: Arc::clone(self),
-            id,
-            placement,
-            kind: kind.clone(),
-            overrun,
-        })
+        let admission = state.admit(kind, now)?;
+        self.changed(state, now);
+        Ok(self.permit(admission))
     }
 
-    /// Admits a job, waiting up to the kind's `queue_wait` for a slot to
-    /// free. Kinds without a wait are answered at once.
+    /// Admits a job, or queues it for up to its kind's `queue_wait` until
+    /// the queue gives it a slot (see the module doc for the order). Kinds
+    /// without a wait are answered at once, and so are an unknown kind and
+    /// a draining node. Dropping the future takes the job out of the queue.
     pub async fn admit(self: &Arc<Self>, kind: &JobKind) -> Result<Permit, Refusal> {
-        let wait = self
-            .lock()
-            .limits
-            .kinds
-            .get(kind)
-            .map_or(Duration::ZERO, |k| k.queue_wait);
-        let deadline = Instant::now() + wait;
-        loop {
-            let released = self.released.notified();
-            tokio::pin!(released);
-            released.as_mut().enable();
-            match self.try_admit(kind) {
-                Ok(permit) => return Ok(permit),
-                Err(refusal @ (Refusal::UnknownKind(_) | Refusal::Draining)) => {
-                    return Err(refusal);
+        let now = Instant::now();
+        let (waiting, wait) = {
+            let mut state = self.lock();
+            let refusal = match state.admit(kind, now) {
+                Ok(admission) => {
+                    self.changed(state, now);
+                    return Ok(self.permit(admission));
                 }
-                Err(refusal) => {
-                    if tokio::time::timeout_at(deadline, released).await.is_err() {
-                        return Err(refusal);
-                    }
-                }
+                Err(refusal) => refusal,
+            };
+            let wait = state
+                .limits
+                .kinds
+                .get(kind)
+                .map_or(Duration::ZERO, |k| k.queue_wait);
+            if wait.is_zero() || matches!(refusal, Refusal::UnknownKind(_) | Refusal::Draining) {
+                return Err(refusal);
             }
-        }
+            let waiting = Waiting {
+                arbiter: self,
+                kind,
+                id: state.enqueue(kind),
+            };
+            // A job that outranks the head becomes the head: the held room
+            // moves.
+            self.changed(state, now);
+            (waiting, wait)
+        };
+        waiting.answer(now + wait).await
     }
 
     fn release(&self, id: u64) {
         let mut state = self.lock();
-        if let Some(job) = state.admitted.remove(&id)
-            && let Some(count) = state.running.get_mut(&job.kind)
-        {
-            *count = count.saturating_sub(1);
-        }
-        drop(state);
-        self.changed();
+        state.release(id);
+        self.changed(state, Instant::now());
     }
 
     /// Takes a new reading of the GPUs, taken at `taken`.
@@ -397,8 +379,7 @@ impl Arbiter {
         state.gpus = gpus;
         state.reading_taken = Some(taken);
         state.attribute();
-        drop(state);
-        self.changed();
+        self.changed(state, Instant::now());
     }
 
     /// Records that the GPUs cannot be read (taken at `taken`): nothing is
@@ -410,8 +391,7 @@ impl Arbiter {
         state.attribute();
         state.unavailable = Some(reason);
         state.reading_taken = Some(taken);
-        drop(state);
-        self.changed();
+        self.changed(state, Instant::now());
     }
 
     /// Takes one sample of the sampler.
@@ -438,17 +418,20 @@ impl Arbiter {
         })
     }
 
-    /// Stops (or resumes) admitting jobs.
+    /// Stops (or resumes) admitting jobs. Draining answers every waiting
+    /// job with [`Refusal::Draining`].
     pub fn set_draining(&self, draining: bool) {
-        self.lock().draining = draining;
-        self.changed();
+        let mut state = self.lock();
+        state.draining = draining;
+        self.changed(state, Instant::now());
     }
 
     /// Applies new limits (SIGHUP). Running jobs keep the VRAM they were
     /// admitted with.
     pub fn reconfigure(&self, limits: Limits) {
-        self.lock().limits = limits;
-        self.changed();
+        let mut state = self.lock();
+        state.limits = limits;
+        self.changed(state, Instant::now());
     }
 
     /// How many more jobs of each kind could be admitted now (each count
@@ -479,6 +462,12 @@ impl Arbiter {
             .collect()
     }
 
+    /// Jobs waiting in the queue, per kind (every kind served, zeros
+    /// included).
+    pub fn waiting(&self) -> BTreeMap<JobKind, u32> {
+        self.lock().waiting_per_kind()
+    }
+
     /// Jobs running now.
     pub fn running(&self) -> u32 {
         self.lock().running.values().sum()
@@ -504,12 +493,15 @@ impl Arbiter {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::VecDeque;
+    use std::pin::Pin;
     use std::sync::Arc;
+    use std::task::{Context, Poll, Waker};
 
     use proptest::prelude::*;
 
     use super::*;
-    use crate::config::SimulatedGpus as SimConfig;
+    use crate::config::{Pressure, SimulatedGpus as SimConfig};
     use crate::gpu::{SimulatedAllocation, SimulatedGpus};
 
     const TOTAL: u64 = 10_000;
@@ -801,6 +793,305 @@ mod tests {
         arbiter.publish(Ok(vec![gpu(0, 0)]), Instant::now());
         assert_eq!(arbiter.health(), None);
         assert!(arbiter.try_admit(&kind("asr")).is_ok());
+    }
+
+    /// Polls a future once, as its task would when first scheduled.
+    fn poll_once<F: Future + Unpin>(future: &mut F) -> Poll<F::Output> {
+        Pin::new(future).poll(&mut Context::from_waker(Waker::noop()))
+    }
+
+    /// An `admit` future, polled by hand.
+    type Queued<'a> = Pin<Box<dyn Future<Output = Result<Permit, Refusal>> + 'a>>;
+
+    /// Polls each queued job once, as the wake-up of its task would, and
+    /// returns those answered (in the order given), which leave `queued`.
+    fn answered<'a>(
+        queued: &mut Vec<(&'a str, Queued<'_>)>,
+    ) -> Vec<(&'a str, Result<Permit, Refusal>)> {
+        let mut answered = Vec::new();
+        queued.retain_mut(|(label, job)| match poll_once(job) {
+            Poll::Pending => true,
+            Poll::Ready(answer) => {
+                answered.push((*label, answer));
+                false
+            }
+        });
+        answered
+    }
+
+    fn counts(pairs: &[(&str, u32)]) -> BTreeMap<JobKind, u32> {
+        pairs.iter().map(|&(name, n)| (kind(name), n)).collect()
+    }
+
+    /// Translate jobs (3,000 MiB) keep arriving, and each one that finishes
+    /// frees just enough for the next; an ASR job (6,000 MiB) waiting for
+    /// memory must still get in, whether it outranks them or only arrived
+    /// first. Room is held for it: translate arrivals are refused until a
+    /// second translate job has finished. Without the held room each arrival
+    /// took the 3,000 MiB freed and the ASR job waited out its queue_wait.
+    #[tokio::test(start_paused = true)]
+    async fn a_waiting_large_job_is_not_starved_by_a_stream_of_small_ones() {
+        for asr_priority in [90, 50] {
+            let arbiter = Arbiter::new(limits(&[
+                ("asr", 6000, asr_priority, 10, 60_000),
+                ("translate", 3000, 50, 10, 60_000),
+            ]));
+            arbiter.update(vec![gpu(0, 0)], Instant::now());
+            let (asr_kind, translate) = (kind("asr"), kind("translate"));
+            let mut running: VecDeque<Permit> = (0..3)
+                .map(|_| arbiter.try_admit(&translate).unwrap())
+                .collect();
+            let mut asr = Box::pin(arbiter.admit(&asr_kind));
+            assert!(poll_once(&mut asr).is_pending(), "9,000 of 9,000 MiB taken");
+            running.pop_front();
+            assert!(
+                matches!(arbiter.try_admit(&translate), Err(Refusal::Memory { .. })),
+                "the 3,000 MiB freed are held for asr (priority {asr_priority})"
+            );
+            let mut queued = Box::pin(arbiter.admit(&translate));
+            assert!(poll_once(&mut queued).is_pending(), "queued behind asr");
+            assert!(poll_once(&mut asr).is_pending(), "3,000 of 6,000 MiB free");
+            running.pop_front();
+            let Poll::Ready(Ok(asr)) = poll_once(&mut asr) else {
+                panic!("asr is admitted once 6,000 MiB are free");
+            };
+            assert_eq!(asr.kind(), &asr_kind);
+            assert!(
+                poll_once(&mut queued).is_pending(),
+                "9,000 of 9,000 MiB taken"
+            );
+            drop(asr);
+            assert!(matches!(poll_once(&mut queued), Poll::Ready(Ok(_))));
+            assert!(arbiter.try_admit(&translate).is_ok(), "3,000 MiB left");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_jobs_are_admitted_by_priority_then_arrival() {
+        let arbiter = Arbiter::new(limits(&[
+            ("asr", 3000, 90, 10, 60_000),
+            ("tts", 3000, 50, 10, 60_000),
+            ("repair", 3000, 20, 10, 60_000),
+        ]));
+        arbiter.update(vec![gpu(0, 0)], Instant::now());
+        let (asr, tts, repair) = (kind("asr"), kind("tts"), kind("repair"));
+        let mut running: VecDeque<Permit> =
+            (0..3).map(|_| arbiter.try_admit(&tts).unwrap()).collect();
+        // Polled in this order: they arrive in this order.
+        let mut queued: Vec<(&str, Queued<'_>)> = vec![
+            ("repair 1", Box::pin(arbiter.admit(&repair))),
+            ("tts 1", Box::pin(arbiter.admit(&tts))),
+            ("asr 1", Box::pin(arbiter.admit(&asr))),
+            ("repair 2", Box::pin(arbiter.admit(&repair))),
+            ("asr 2", Box::pin(arbiter.admit(&asr))),
+        ];
+        assert!(answered(&mut queued).is_empty());
+        assert_eq!(
+            arbiter.waiting(),
+            counts(&[("asr", 2), ("repair", 2), ("tts", 1)])
+        );
+        let mut order = Vec::new();
+        while !queued.is_empty() {
+            running.pop_front();
+            let admitted = answered(&mut queued);
+            assert_eq!(admitted.len(), 1, "3,000 MiB freed: one job admitted");
+            for (label, answer) in admitted {
+                order.push(label);
+                running.push_back(answer.unwrap());
+            }
+        }
+        assert_eq!(order, ["asr 1", "asr 2", "tts 1", "repair 1", "repair 2"]);
+        assert_eq!(
+            arbiter.waiting(),
+            counts(&[("asr", 0), ("repair", 0), ("tts", 0)])
+        );
+    }
+
+    /// The head (ASR, 6,000 MiB) has room held on GPU 1, which has the most
+    /// room; a translate job behind it that fits on GPU 0 is admitted there,
+    /// while GPU 1 takes nothing else until the head fits.
+    #[tokio::test(start_paused = true)]
+    async fn a_job_behind_the_head_is_admitted_where_it_leaves_the_held_room_alone() {
+        let arbiter = Arbiter::new(limits(&[
+            ("asr", 6000, 90, 10, 60_000),
+            ("translate", 3000, 50, 10, 60_000),
+        ]));
+        arbiter.update(vec![gpu_at(0, 0, 0), gpu_at(1, 0, 0)], Instant::now());
+        let (asr, translate) = (kind("asr"), kind("translate"));
+        let mut on_gpu_0: VecDeque<Permit> = (0..3)
+            .map(|_| arbiter.try_admit(&translate).unwrap())
+            .collect();
+        assert!(on_gpu_0.iter().all(|p| p.gpu() == Some(0)));
+        // Another tenant takes 5,000 MiB of GPU 1.
+        arbiter.update(vec![gpu_at(0, 0, 0), gpu_at(1, 5000, 0)], Instant::now());
+        // GPU 0: 0 MiB free; GPU 1: 4,000 MiB free, held for asr.
+        let mut queued: Vec<(&str, Queued<'_>)> = vec![
+            ("asr", Box::pin(arbiter.admit(&asr))),
+            ("translate", Box::pin(arbiter.admit(&translate))),
+        ];
+        assert!(answered(&mut queued).is_empty());
+        assert!(matches!(
+            arbiter.try_admit(&translate),
+            Err(Refusal::Memory { .. })
+        ));
+        on_gpu_0.pop_front();
+        let admitted = answered(&mut queued);
+        let [("translate", Ok(backfilled))] = admitted.as_slice() else {
+            panic!("translate is admitted beside the held room: {admitted:?}");
+        };
+        assert_eq!(backfilled.gpu(), Some(0));
+        assert!(arbiter.try_admit(&translate).is_err(), "GPU 1 is held");
+        // The other tenant on GPU 1 shrinks: 7,000 MiB free, asr fits.
+        arbiter.update(vec![gpu_at(0, 0, 0), gpu_at(1, 2000, 0)], Instant::now());
+        let admitted = answered(&mut queued);
+        let [("asr", Ok(head))] = admitted.as_slice() else {
+            panic!("asr is admitted once GPU 1 has room: {admitted:?}");
+        };
+        assert_eq!(head.gpu(), Some(1));
+    }
+
+    /// A head waiting for its kind's `max_concurrent` waits for a job of its
+    /// own kind, which frees memory as it ends: it holds none meanwhile.
+    #[tokio::test(start_paused = true)]
+    async fn a_head_waiting_for_its_kinds_slot_holds_no_memory() {
+        let arbiter = Arbiter::new(limits(&[
+            ("asr", 3000, 90, 1, 60_000),
+            ("translate", 3000, 50, 10, 60_000),
+        ]));
+        arbiter.update(vec![gpu(0, 0)], Instant::now());
+        let (asr, translate) = (kind("asr"), kind("translate"));
+        let running = arbiter.try_admit(&asr).unwrap();
+        let mut queued: Vec<(&str, Queued<'_>)> = vec![("asr", Box::pin(arbiter.admit(&asr)))];
+        assert!(answered(&mut queued).is_empty());
+        let _first = arbiter.try_admit(&translate).unwrap();
+        let _second = arbiter.try_admit(&translate).unwrap();
+        drop(running);
+        assert!(matches!(answered(&mut queued).as_slice(), [("asr", Ok(_))]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_that_runs_out_leaves_the_queue_with_the_refusal_of_now() {
+        let arbiter = Arbiter::new(limits(&[
+            ("asr", 6000, 90, 10, 500),
+            ("translate", 3000, 50, 10, 0),
+        ]));
+        arbiter.update(vec![gpu(0, 0)], Instant::now());
+        let (asr, translate) = (kind("asr"), kind("translate"));
+        let mut running: VecDeque<Permit> = (0..3)
+            .map(|_| arbiter.try_admit(&translate).unwrap())
+            .collect();
+        let mut queued: Vec<(&str, Queued<'_>)> = vec![("asr", Box::pin(arbiter.admit(&asr)))];
+        assert!(answered(&mut queued).is_empty());
+        running.pop_front();
+        assert!(arbiter.try_admit(&translate).is_err(), "held for asr");
+        tokio::time::advance(Duration::from_millis(500)).await;
+        let expired = answered(&mut queued);
+        assert!(
+            matches!(expired.as_slice(), [("asr", Err(Refusal::Memory { .. }))]),
+            "{expired:?}"
+        );
+        assert_eq!(arbiter.waiting()[&asr], 0);
+        assert!(
+            arbiter.try_admit(&translate).is_ok(),
+            "no room is held for a job that left"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_waiter_leaves_the_queue_and_any_slot_it_was_given() {
+        let arbiter = Arbiter::new(limits(&[
+            ("asr", 6000, 90, 10, 60_000),
+            ("translate", 3000, 50, 10, 0),
+        ]));
+        arbiter.update(vec![gpu(0, 0)], Instant::now());
+        let (asr, translate) = (kind("asr"), kind("translate"));
+        let mut running: VecDeque<Permit> = (0..3)
+            .map(|_| arbiter.try_admit(&translate).unwrap())
+            .collect();
+        // Dropped while it waits: out of the queue, and its room with it.
+        let mut waiter = Box::pin(arbiter.admit(&asr));
+        assert!(poll_once(&mut waiter).is_pending());
+        running.pop_front();
+        assert!(arbiter.try_admit(&translate).is_err(), "held for asr");
+        drop(waiter);
+        assert_eq!(arbiter.waiting()[&asr], 0);
+        running.push_back(arbiter.try_admit(&translate).unwrap());
+
+        // Dropped after the queue gave it a slot, before its task took it:
+        // the slot is freed, not leaked.
+        let mut waiter = Box::pin(arbiter.admit(&asr));
+        assert!(poll_once(&mut waiter).is_pending());
+        running.pop_front();
+        running.pop_front();
+        assert_eq!(arbiter.running(), 2, "one translate job, and asr admitted");
+        assert_eq!(arbiter.waiting()[&asr], 0);
+        drop(waiter);
+        assert_eq!(arbiter.running(), 1);
+        assert_eq!(arbiter.lock().waiting.len(), 0);
+        assert_eq!(arbiter.free_slots()[&translate], 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn draining_answers_every_waiting_job() {
+        let arbiter = Arbiter::new(limits(&[
+            ("asr", 6000, 90, 1, 60_000),
+            ("translate", 3000, 50, 10, 60_000),
+        ]));
+        arbiter.update(vec![gpu(0, 0)], Instant::now());
+        let (asr, translate) = (kind("asr"), kind("translate"));
+        let _asr = arbiter.try_admit(&asr).unwrap();
+        let _translate = arbiter.try_admit(&translate).unwrap();
+        let mut queued: Vec<(&str, Queued<'_>)> = vec![
+            ("asr", Box::pin(arbiter.admit(&asr))),
+            ("translate", Box::pin(arbiter.admit(&translate))),
+        ];
+        assert!(answered(&mut queued).is_empty());
+        assert_eq!(arbiter.waiting(), counts(&[("asr", 1), ("translate", 1)]));
+        arbiter.set_draining(true);
+        let drained = answered(&mut queued);
+        assert!(
+            matches!(
+                drained.as_slice(),
+                [
+                    ("asr", Err(Refusal::Draining)),
+                    ("translate", Err(Refusal::Draining))
+                ]
+            ),
+            "{drained:?}"
+        );
+        assert_eq!(arbiter.waiting(), counts(&[("asr", 0), ("translate", 0)]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_reload_reorders_the_queue_and_answers_kinds_no_longer_served() {
+        let arbiter = Arbiter::new(limits(&[
+            ("asr", 3000, 90, 10, 60_000),
+            ("tts", 3000, 50, 10, 60_000),
+            ("repair", 3000, 20, 10, 60_000),
+        ]));
+        arbiter.update(vec![gpu(0, 0)], Instant::now());
+        let (asr, tts, repair) = (kind("asr"), kind("tts"), kind("repair"));
+        let mut running: VecDeque<Permit> =
+            (0..3).map(|_| arbiter.try_admit(&tts).unwrap()).collect();
+        let mut queued: Vec<(&str, Queued<'_>)> = vec![
+            ("asr", Box::pin(arbiter.admit(&asr))),
+            ("tts", Box::pin(arbiter.admit(&tts))),
+            ("repair", Box::pin(arbiter.admit(&repair))),
+        ];
+        assert!(answered(&mut queued).is_empty());
+        // asr is no longer served; repair now outranks tts.
+        arbiter.reconfigure(limits(&[
+            ("tts", 3000, 50, 10, 60_000),
+            ("repair", 3000, 80, 10, 60_000),
+        ]));
+        let gone = answered(&mut queued);
+        assert!(
+            matches!(gone.as_slice(), [("asr", Err(Refusal::UnknownKind(_)))]),
+            "{gone:?}"
+        );
+        running.pop_front();
+        let first = answered(&mut queued);
+        assert!(matches!(first.as_slice(), [("repair", Ok(_))]), "{first:?}");
     }
 
     #[tokio::test(start_paused = true)]

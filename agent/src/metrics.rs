@@ -78,6 +78,17 @@ pub fn render(handles: &Handles) -> String {
         "Jobs running now",
         &[(String::new(), f64::from(arbiter.running()))],
     );
+    let waiting: Vec<(String, f64)> = arbiter
+        .waiting()
+        .into_iter()
+        .map(|(kind, n)| (format!("{{kind=\"{kind}\"}}"), f64::from(n)))
+        .collect();
+    gauge(
+        &mut out,
+        "lingua_agent_jobs_waiting",
+        "Jobs of each kind waiting in the arbiter's queue for a slot",
+        &waiting,
+    );
     gauge(
         &mut out,
         "lingua_agent_under_pressure",

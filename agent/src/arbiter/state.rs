@@ -1,8 +1,10 @@
 //! The arbiter's state behind its lock: the last readings, the jobs
-//! admitted and what they hold, and the decisions made from them (room per
-//! GPU, placement, pressure, attribution of memory to jobs). Pure: no IO,
-//! no clock of its own.
+//! admitted and what they hold, the jobs waiting, and the decisions made
+//! from them (room per GPU, placement, pressure, attribution of memory to
+//! jobs; the queue's own decisions are in queue.rs). Pure: no IO, no clock
+//! of its own.
 
+use super::queue::{Held, Waiter};
 use super::*;
 
 #[derive(Debug)]
@@ -21,6 +23,15 @@ pub(super) struct Admitted {
     pub(super) overrun: watch::Sender<Option<Overrun>>,
 }
 
+/// A job just admitted, for the arbiter to wrap in a [`Permit`].
+#[derive(Debug)]
+pub(super) struct Admission {
+    pub(super) id: u64,
+    pub(super) kind: JobKind,
+    pub(super) placement: Option<Placement>,
+    pub(super) overrun: watch::Receiver<Option<Overrun>>,
+}
+
 #[derive(Debug)]
 pub(super) struct State {
     pub(super) limits: Limits,
@@ -31,9 +42,17 @@ pub(super) struct State {
     pub(super) running: BTreeMap<JobKind, u32>,
     pub(super) hot: HashSet<String>,
     pub(super) draining: bool,
+    /// The last id given to an admitted or a waiting job: ids grow in
+    /// order of arrival.
     pub(super) next_id: u64,
     /// Overruns seen since start, per kind.
     pub(super) overruns: BTreeMap<JobKind, u64>,
+    /// Jobs waiting in `admit`, by id, with their answer once the queue
+    /// has one for them.
+    pub(super) waiting: BTreeMap<u64, Waiter>,
+    /// The room held for the head of the queue, as of the last time the
+    /// queue was served.
+    pub(super) held: Option<Held>,
 }
 
 /// The load a GPU's pressure is judged by: utilisation, or where it is not
@@ -118,13 +137,23 @@ impl State {
         Ok(limits)
     }
 
-    /// Best fit: the GPU with the least room left that still fits.
-    pub(super) fn place(&self, kind: &JobKind, limits: &KindLimits) -> Result<usize, Refusal> {
-        let fits = |g: &usize| self.headroom_mb(*g) >= limits.vram_mb;
+    /// Best fit: the GPU with the least room left that still fits, where
+    /// room `held` for the head of the queue counts as taken.
+    fn place(
+        &self,
+        kind: &JobKind,
+        limits: &KindLimits,
+        held: Option<Held>,
+    ) -> Result<usize, Refusal> {
+        let room = |g: usize| {
+            let held_mb = held.filter(|h| h.gpu == g).map_or(0, |h| h.vram_mb);
+            self.headroom_mb(g).saturating_sub(held_mb)
+        };
+        let fits = |g: &usize| room(*g) >= limits.vram_mb;
         let best = (0..self.gpus.len())
             .filter(fits)
             .filter(|&g| self.allowed_on(g, limits.priority))
-            .min_by_key(|&g| (self.headroom_mb(g), g));
+            .min_by_key(|&g| (room(g), g));
         if let Some(g) = best {
             return Ok(g);
         }
@@ -139,6 +168,58 @@ impl State {
             kind: kind.clone(),
             vram_mb: limits.vram_mb,
         })
+    }
+
+    /// Admits a job of `kind` now if every limit allows it, with the room
+    /// `held` for the head of the queue counted as taken.
+    pub(super) fn admit_beside(
+        &mut self,
+        kind: &JobKind,
+        now: Instant,
+        held: Option<Held>,
+    ) -> Result<Admission, Refusal> {
+        let limits = self.check_kind(kind, now)?.clone();
+        let placement = if self.limits.uses_gpus {
+            let gpu = &self.gpus[self.place(kind, &limits, held)?];
+            Some(Placement {
+                index: gpu.index,
+                uuid: gpu.uuid.clone(),
+            })
+        } else {
+            None
+        };
+        self.next_id += 1;
+        let id = self.next_id;
+        let (overrun_tx, overrun) = watch::channel(None);
+        self.admitted.insert(
+            id,
+            Admitted {
+                kind: kind.clone(),
+                gpu: placement.as_ref().map(|p| p.uuid.clone()),
+                vram_mb: limits.vram_mb,
+                load_time: limits.load_time,
+                at: now,
+                group: None,
+                attributed_mb: None,
+                overrun: overrun_tx,
+            },
+        );
+        *self.running.entry(kind.clone()).or_default() += 1;
+        Ok(Admission {
+            id,
+            kind: kind.clone(),
+            placement,
+            overrun,
+        })
+    }
+
+    /// Frees admitted job `id`'s slot.
+    pub(super) fn release(&mut self, id: u64) {
+        if let Some(job) = self.admitted.remove(&id)
+            && let Some(count) = self.running.get_mut(&job.kind)
+        {
+            *count = count.saturating_sub(1);
+        }
     }
 
     /// Attributes the last reading's per-process memory to the jobs whose
