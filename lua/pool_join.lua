@@ -8,6 +8,9 @@
 -- KEYS[4] next pool STRING counter           lingua:v1:pair:{<src:tgt>}:next_pool
 -- KEYS[5] leases    ZSET node -> lease deadline (ms)
 --                                            lingua:v1:pair:{<src:tgt>}:leases
+-- KEYS[6..] served:<kind> ZSET node -> lease deadline, one per kind the node
+--                                            serves (it serves them from now)
+--                                            lingua:v1:pair:{<src:tgt>}:served:<kind>
 -- ARGV[1] node id
 -- ARGV[2] max_nodes_per_pool
 -- ARGV[3] lease length in ms
@@ -59,4 +62,7 @@ if not pool then
   end
 end
 redis.call('ZADD', KEYS[5], now_ms + tonumber(ARGV[3]), ARGV[1])
+for k = 6, #KEYS do
+  redis.call('ZADD', KEYS[k], now_ms + tonumber(ARGV[3]), ARGV[1])
+end
 return pool

@@ -8,6 +8,8 @@
 -- KEYS[5] next pool STRING counter       lingua:v1:pair:{<src:tgt>}:next_pool
 -- KEYS[6..5+n]    route:<kind> ZSET per kind the node serves
 -- KEYS[6+n..5+2n] free:<kind>  HASH per kind, in the same order
+-- KEYS[6+2n..5+3n] served:<kind> ZSET per kind, in the same order
+-- KEYS[6+3n]      memory HASH node -> room  lingua:v1:pair:{<src:tgt>}:memory
 -- ARGV[1] node id
 -- ARGV[2] n, the number of kinds
 -- Returns 1 when the node was a member, 0 otherwise.
@@ -19,7 +21,9 @@ local n = tonumber(ARGV[2])
 for i = 1, n do
   redis.call('ZREM', KEYS[5 + i], node)
   redis.call('HDEL', KEYS[5 + n + i], node)
+  redis.call('ZREM', KEYS[5 + 2 * n + i], node)
 end
+redis.call('HDEL', KEYS[6 + 3 * n], node)
 redis.call('ZREM', KEYS[4], node)
 local pool = redis.call('HGET', KEYS[1], node)
 if not pool then

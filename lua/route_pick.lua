@@ -7,46 +7,105 @@
 -- KEYS[4] session      STRING: the node that served the session last
 --                      lingua:v1:pair:{<src:tgt>}:session:<session id>
 --                      (a key nobody writes when the job has no session)
+-- KEYS[5] memory       HASH node -> its room (JSON)  lingua:v1:pair:{<src:tgt>}:memory
+-- KEYS[6] served:<kind> ZSET node -> lease deadline  lingua:v1:pair:{<src:tgt>}:served:<kind>
 -- ARGV[1] "1" when the job has a session, "0" otherwise
 -- ARGV[2] session affinity lifetime in ms
 -- ARGV[3] policy: "capacity", or "random" (any live member, room or not:
 --         the earlier system's policy, kept only to measure against)
--- ARGV[4..] nodes already tried for this job (excluded)
--- Returns {"ok", node} or {"no_capacity"} (live members, none with room)
--- or {"no_nodes"} (no live member serves the pair and kind).
+-- ARGV[4] the kind
+-- ARGV[5..] nodes already tried for this job (excluded)
+-- Returns {"ok", node} or {"no_capacity"} (live nodes serve the kind, none
+-- with room) or {"no_nodes"} (no live node serves the pair and kind).
 --
 -- Candidates are nodes whose last report showed free slots of the kind
 -- and whose lease is current: a sampled entry whose lease is past is
--- removed, never chosen. The session's last node wins while it has
--- room; otherwise the better of two random candidates (more free slots),
--- which spreads bursts. The chosen node's free-slot hint drops by one
--- until its next report (the node stays the authority: it may refuse).
+-- removed, never chosen. A node's room for the kind is its free slots,
+-- capped by what fits in its memory (the `memory` record of nodes that
+-- report one, shared by every kind). The session's last node wins while it
+-- has room; otherwise the better of two random candidates (more room),
+-- which spreads bursts. The chosen node's free slots of the kind drop by
+-- one and its memory by one job of the kind (best-fit, as its arbiter
+-- places): every kind's room there shrinks until its next report (the
+-- node stays the authority: it may refuse). Cost: a few commands on a
+-- bounded sample, whatever the size of the fleet.
 local now = redis.call('TIME')
 local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
 
 for _, node in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms, 'LIMIT', 0, 16)) do
   redis.call('ZREM', KEYS[1], node)
   redis.call('HDEL', KEYS[2], node)
+  redis.call('HDEL', KEYS[5], node)
 end
 
+local kind = ARGV[4]
+local tried = #ARGV - 4
 local excluded = {}
-for i = 4, #ARGV do
+for i = 5, #ARGV do
   excluded[ARGV[i]] = true
 end
 
-local chosen = nil
+-- The node's room for the kind now, and its memory record (nil when it
+-- reports none).
+local function room_for(node)
+  local free = tonumber(redis.call('HGET', KEYS[2], node) or '0')
+  local text = redis.call('HGET', KEYS[5], node)
+  if not text then
+    return free, nil
+  end
+  local memory = cjson.decode(text)
+  local size = tonumber(memory.vram_mb[kind] or 0)
+  if size > 0 then
+    local fits = 0
+    for _, mb in ipairs(memory.devices_mb) do
+      fits = fits + math.floor(mb / size)
+    end
+    if fits < free then
+      free = fits
+    end
+  end
+  return free, memory
+end
+
+-- Takes one job of the kind from a memory record: the device with the
+-- least room that still fits it.
+local function take(memory)
+  local size = tonumber(memory.vram_mb[kind] or 0)
+  if size <= 0 then
+    return
+  end
+  local best = nil
+  for d, mb in ipairs(memory.devices_mb) do
+    if mb >= size and (not best or mb < memory.devices_mb[best]) then
+      best = d
+    end
+  end
+  if best then
+    memory.devices_mb[best] = memory.devices_mb[best] - size
+  end
+end
+
+local function forget(node)
+  redis.call('ZREM', KEYS[1], node)
+  redis.call('HDEL', KEYS[2], node)
+end
+
+local chosen, chosen_free, chosen_memory = nil, 0, nil
 if ARGV[1] == '1' then
   local last = redis.call('GET', KEYS[4])
   local deadline = last and redis.call('ZSCORE', KEYS[1], last)
   if last and not excluded[last] and deadline and tonumber(deadline) > now_ms then
-    chosen = last
+    local free, memory = room_for(last)
+    if free > 0 then
+      chosen, chosen_free, chosen_memory = last, free, memory
+    end
   end
 end
 
 if not chosen and ARGV[3] == 'random' then
   -- A negative count samples with repetition, each draw uniform (a
   -- positive count at or above the set's size returns it in set order).
-  local sampled = redis.call('ZRANDMEMBER', KEYS[3], -(4 + (#ARGV - 3)), 'WITHSCORES')
+  local sampled = redis.call('ZRANDMEMBER', KEYS[3], -(4 + tried), 'WITHSCORES')
   for i = 1, #sampled, 2 do
     if not chosen and not excluded[sampled[i]] and tonumber(sampled[i + 1]) > now_ms then
       chosen = sampled[i]
@@ -54,7 +113,7 @@ if not chosen and ARGV[3] == 'random' then
   end
   if not chosen then
     -- Every draw hit a tried node: take the first live untried one.
-    local live = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. now_ms, '+inf', 'LIMIT', 0, #ARGV - 2)
+    local live = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. now_ms, '+inf', 'LIMIT', 0, tried + 1)
     for _, node in ipairs(live) do
       if not chosen and not excluded[node] then
         chosen = node
@@ -67,41 +126,50 @@ if not chosen and ARGV[3] == 'random' then
 end
 
 if not chosen then
-  local best_free = -1
   local seen = 0
-  -- Sampling two more than the excluded count leaves at least two
-  -- candidates that were not tried yet, when there are that many.
-  -- A sample as large as the set comes back in set order: start at a
-  -- varying offset so that ties do not always go to the same node.
-  local sampled = redis.call('ZRANDMEMBER', KEYS[1], 2 + (#ARGV - 3), 'WITHSCORES')
+  -- Sampling four more than the excluded count leaves at least two
+  -- candidates that were not tried yet, when there are that many, with
+  -- two to spare for nodes whose memory other kinds took since their
+  -- report. A sample as large as the set comes back in set order: start at
+  -- a varying offset so that ties do not always go to the same node.
+  local sampled = redis.call('ZRANDMEMBER', KEYS[1], 4 + tried, 'WITHSCORES')
   local count = #sampled / 2
   for i = 1, count do
     local at = ((i + now[2]) % count) * 2 + 1
     local node = sampled[at]
     if tonumber(sampled[at + 1]) <= now_ms then
-      redis.call('ZREM', KEYS[1], node)
-      redis.call('HDEL', KEYS[2], node)
+      forget(node)
+      redis.call('HDEL', KEYS[5], node)
     elseif not excluded[node] and seen < 2 then
-      seen = seen + 1
-      local free = tonumber(redis.call('HGET', KEYS[2], node) or '0')
-      if free > best_free then
-        best_free = free
-        chosen = node
+      local free, memory = room_for(node)
+      if free <= 0 then
+        -- Other kinds took its memory: out of this kind's routing until
+        -- its next report.
+        forget(node)
+      else
+        seen = seen + 1
+        if free > chosen_free then
+          chosen, chosen_free, chosen_memory = node, free, memory
+        end
       end
     end
   end
 end
 
 if not chosen then
-  if redis.call('ZCOUNT', KEYS[3], '(' .. now_ms, '+inf') == 0 then
+  if redis.call('ZCOUNT', KEYS[6], '(' .. now_ms, '+inf') == 0 then
     return {'no_nodes'}
   end
   return {'no_capacity'}
 end
 
-if redis.call('HINCRBY', KEYS[2], chosen, -1) <= 0 then
-  redis.call('ZREM', KEYS[1], chosen)
-  redis.call('HDEL', KEYS[2], chosen)
+local left = redis.call('HINCRBY', KEYS[2], chosen, -1)
+if chosen_memory then
+  take(chosen_memory)
+  redis.call('HSET', KEYS[5], chosen, cjson.encode(chosen_memory))
+end
+if left <= 0 or chosen_free <= 1 then
+  forget(chosen)
 end
 if ARGV[1] == '1' then
   redis.call('SET', KEYS[4], chosen, 'PX', ARGV[2])

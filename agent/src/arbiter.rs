@@ -50,6 +50,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use lingua_shared::JobKind;
+use lingua_shared::room::Room;
 use lingua_shared::sync::lock;
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
@@ -447,6 +448,31 @@ impl Arbiter {
             .collect()
     }
 
+    /// The room for new jobs that every kind shares: per healthy GPU, the
+    /// VRAM free (less the room held for the head of the queue), and each
+    /// kind's `vram_mb`. None without GPUs, or while the readings admit
+    /// nothing.
+    pub fn room(&self) -> Option<Room> {
+        let state = self.lock();
+        if !state.limits.uses_gpus || state.readings_problem(Instant::now()).is_some() {
+            return None;
+        }
+        let devices_mb = (0..state.gpus.len())
+            .filter(|&g| state.gpus[g].healthy)
+            .map(|g| state.room_mb(g, state.held))
+            .collect();
+        let vram_mb = state
+            .limits
+            .kinds
+            .iter()
+            .map(|(kind, limits)| (kind.clone(), limits.vram_mb))
+            .collect();
+        Some(Room {
+            devices_mb,
+            vram_mb,
+        })
+    }
+
     /// Jobs whose processes held more than their kind's `vram_mb`, per
     /// kind, since start (every kind served, zeros included).
     pub fn vram_overruns(&self) -> BTreeMap<JobKind, u64> {
@@ -581,6 +607,26 @@ mod tests {
         drop(permits);
         assert_eq!(arbiter.running(), 0);
         assert_eq!(arbiter.free_slots()[&kind("asr")], 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_room_lists_what_each_healthy_gpu_has_left_and_what_each_kind_takes() {
+        let arbiter = Arbiter::new(limits(&[("asr", 3000, 90, 10, 0), ("mt", 1000, 50, 10, 0)]));
+        let unread = arbiter.room().unwrap();
+        assert_eq!(unread.devices_mb, [] as [u64; 0], "no reading yet: no room");
+        let mut sick = gpu_at(1, 0, 0);
+        sick.healthy = false;
+        arbiter.update(vec![gpu_at(0, 500, 0), sick], Instant::now());
+        let _asr = arbiter.try_admit(&kind("asr")).unwrap();
+        let room = arbiter.room().unwrap();
+        assert_eq!(room.devices_mb, [TOTAL - RESERVE - 500 - 3000]);
+        assert_eq!(room.vram_mb[&kind("asr")], 3000);
+        assert_eq!(room.vram_mb[&kind("mt")], 1000);
+        assert_eq!(
+            room.fits(&kind("mt")),
+            Some(u64::from(arbiter.free_slots()[&kind("mt")])),
+            "the room and the per-kind count agree on one kind alone"
+        );
     }
 
     #[tokio::test(start_paused = true)]

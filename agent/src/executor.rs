@@ -13,8 +13,9 @@
 //! - `simulated`: sleep for `duration_ms` while holding the kind's actual
 //!   VRAM on the simulated GPU the job was placed on.
 //!
-//! A `command` job's process group is handed to the caller as soon as it
-//! starts (`on_spawn`), so that GPU memory held by its processes can be
+//! A `command` job's process group (a simulated job's allocation, listed
+//! as a process of the simulated GPU) is handed to the caller as soon as
+//! it starts (`on_spawn`), so that GPU memory held by its processes can be
 //! attributed to it.
 //!
 //! Dropping the future of [`Executor::run`] cancels the job: the HTTP
@@ -108,8 +109,9 @@ impl Executor {
         }
     }
 
-    /// Runs one job placed on `gpu`; a `command` job's process group is
-    /// passed to `on_spawn` once it has started.
+    /// Runs one job placed on `gpu`; a `command` job's process group (a
+    /// simulated job's allocation group) is passed to `on_spawn` once it
+    /// has started.
     pub async fn run(
         &self,
         job: &JobAssign,
@@ -125,7 +127,9 @@ impl Executor {
             } => {
                 let _held = match (gpus, gpu) {
                     (Some(gpus), Some(gpu)) => {
-                        Some(gpus.allocate(gpu.index, *actual_vram_mb, *utilization_pct))
+                        let held = gpus.allocate(gpu.index, *actual_vram_mb, *utilization_pct);
+                        on_spawn(held.group());
+                        Some(held)
                     }
                     _ => None,
                 };

@@ -325,14 +325,16 @@ impl GpuProbe for SimulatedProbe {
 struct SimulatedGpu {
     total_mb: u64,
     external_mb: u64,
-    jobs: HashMap<u64, (u64, u8)>,
+    jobs: HashMap<u32, (u64, u8)>,
 }
 
 /// Fake GPUs: used memory is what "another process" holds plus what the
 /// running jobs really hold; utilisation is the sum of the jobs' share.
+/// Each job's memory is listed as a process of its own (its allocation id
+/// as PID and process group), as NVML lists compute processes.
 #[derive(Debug)]
 pub struct SimulatedGpus {
-    gpus: Mutex<(u64, Vec<SimulatedGpu>)>,
+    gpus: Mutex<(u32, Vec<SimulatedGpu>)>,
 }
 
 impl SimulatedGpus {
@@ -351,7 +353,9 @@ impl SimulatedGpus {
     }
 
     /// Holds `mb` of memory and `utilization_pct` of GPU `index` until the
-    /// returned guard drops. An unknown index holds nothing.
+    /// returned guard drops; its [`SimulatedAllocation::group`] is the
+    /// process group its memory is listed under. An unknown index holds
+    /// nothing.
     pub fn allocate(
         self: &Arc<Self>,
         index: u32,
@@ -359,7 +363,7 @@ impl SimulatedGpus {
         utilization_pct: u8,
     ) -> SimulatedAllocation {
         let mut state = self.lock();
-        state.0 += 1;
+        state.0 = state.0.wrapping_add(1);
         let id = state.0;
         if let Some(gpu) = state.1.get_mut(index as usize) {
             gpu.jobs.insert(id, (mb, utilization_pct));
@@ -398,13 +402,22 @@ impl SimulatedGpus {
                     healthy: true,
                     reason: None,
                     parent_uuid: None,
-                    processes: None,
+                    processes: Some(
+                        gpu.jobs
+                            .iter()
+                            .map(|(&id, &(used_mb, _))| GpuProcess {
+                                pid: id,
+                                group: Some(id),
+                                used_mb,
+                            })
+                            .collect(),
+                    ),
                 }
             })
             .collect()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, Vec<SimulatedGpu>)> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u32, Vec<SimulatedGpu>)> {
         // Every critical section is a few map operations that cannot panic
         // half-way, so the data behind a poisoned lock is consistent.
         lock(&self.gpus)
@@ -416,7 +429,14 @@ impl SimulatedGpus {
 pub struct SimulatedAllocation {
     gpus: Arc<SimulatedGpus>,
     index: u32,
-    id: u64,
+    id: u32,
+}
+
+impl SimulatedAllocation {
+    /// The process group its memory is listed under.
+    pub fn group(&self) -> u32 {
+        self.id
+    }
 }
 
 impl Drop for SimulatedAllocation {

@@ -14,7 +14,7 @@ use std::time::Duration;
 use lingua_shared::protocol::{
     FailureCode, JobAssign, JobRef, JobReject, JobResult, Outcome, RejectReason,
 };
-use lingua_shared::{JobKind, LangPair, Message, sync};
+use lingua_shared::{JobKind, LangPair, sync};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -30,9 +30,11 @@ const REMEMBERED_ATTEMPTS: usize = 4096;
 /// What jobs send towards the coordinator: answers now, results later.
 #[derive(Debug)]
 pub enum Outgoing {
-    /// `job_accept` or `job_reject`: sent if connected, dropped otherwise
-    /// (the coordinator re-assigns an unanswered attempt).
-    Answer(Message),
+    /// `job_accept`: sent if connected, dropped otherwise (the
+    /// coordinator re-assigns an unanswered attempt).
+    Accept(JobRef),
+    /// `job_reject`: the same.
+    Reject(JobReject),
     /// A finished attempt: kept in the outbox until acknowledged.
     Result(JobResult),
 }
@@ -92,14 +94,12 @@ impl Jobs {
 
     fn reject(&self, job: &JobAssign, reason: RejectReason, message: String) {
         tracing::debug!(job_id = %job.job_id, attempt = job.attempt, ?reason, %message, "job refused");
-        let _ = self
-            .outgoing
-            .send(Outgoing::Answer(Message::JobReject(JobReject {
-                job_id: job.job_id.clone(),
-                attempt: job.attempt,
-                reason,
-                message,
-            })));
+        let _ = self.outgoing.send(Outgoing::Reject(JobReject {
+            job_id: job.job_id.clone(),
+            attempt: job.attempt,
+            reason,
+            message,
+        }));
     }
 
     async fn admit_and_run(self: Arc<Self>, job: JobAssign) {
@@ -151,9 +151,7 @@ impl Jobs {
                 return self.reject(&job, reason, refusal.to_string());
             }
         };
-        let _ = self
-            .outgoing
-            .send(Outgoing::Answer(Message::JobAccept(key.clone())));
+        let _ = self.outgoing.send(Outgoing::Accept(key.clone()));
         let started = Instant::now();
         let deadline = started + Duration::from_millis(job.timeout_ms);
         let outcome = {
@@ -314,13 +312,10 @@ mod tests {
     async fn accepted_jobs_run_and_report_then_free_their_slot() {
         let (jobs, arbiter, mut rx) = setup(1, 100);
         jobs.assign(assign("a", 1000));
-        assert!(matches!(
-            next(&mut rx).await,
-            Outgoing::Answer(Message::JobAccept(_))
-        ));
+        assert!(matches!(next(&mut rx).await, Outgoing::Accept(_)));
         assert_eq!(arbiter.free_slots()[&kind()], 0);
         jobs.assign(assign("b", 1000));
-        let Outgoing::Answer(Message::JobReject(reject)) = next(&mut rx).await else {
+        let Outgoing::Reject(reject) = next(&mut rx).await else {
             panic!("full")
         };
         assert_eq!(reject.reason, RejectReason::NoCapacity);
@@ -336,10 +331,7 @@ mod tests {
     async fn the_watchdog_stops_jobs_that_overrun_their_timeout() {
         let (jobs, arbiter, mut rx) = setup(1, 60_000);
         jobs.assign(assign("slow", 500));
-        assert!(matches!(
-            next(&mut rx).await,
-            Outgoing::Answer(Message::JobAccept(_))
-        ));
+        assert!(matches!(next(&mut rx).await, Outgoing::Accept(_)));
         let Outgoing::Result(result) = next(&mut rx).await else {
             panic!("result")
         };
@@ -358,10 +350,7 @@ mod tests {
     async fn cancel_stops_the_job_and_frees_the_slot() {
         let (jobs, arbiter, mut rx) = setup(1, 60_000);
         jobs.assign(assign("c", 120_000));
-        assert!(matches!(
-            next(&mut rx).await,
-            Outgoing::Answer(Message::JobAccept(_))
-        ));
+        assert!(matches!(next(&mut rx).await, Outgoing::Accept(_)));
         jobs.cancel(&JobRef {
             job_id: JobId::new("c").unwrap(),
             attempt: 1,
@@ -383,27 +372,24 @@ mod tests {
     async fn duplicates_unknown_kinds_and_pairs_are_refused() {
         let (jobs, _arbiter, mut rx) = setup(4, 10);
         jobs.assign(assign("d", 1000));
-        assert!(matches!(
-            next(&mut rx).await,
-            Outgoing::Answer(Message::JobAccept(_))
-        ));
+        assert!(matches!(next(&mut rx).await, Outgoing::Accept(_)));
         assert!(matches!(next(&mut rx).await, Outgoing::Result(_)));
         jobs.assign(assign("d", 1000));
-        let Outgoing::Answer(Message::JobReject(reject)) = next(&mut rx).await else {
+        let Outgoing::Reject(reject) = next(&mut rx).await else {
             panic!()
         };
         assert_eq!(reject.reason, RejectReason::Duplicate);
         let mut other = assign("e", 1000);
         other.pair = "ja:en".parse().unwrap();
         jobs.assign(other);
-        let Outgoing::Answer(Message::JobReject(reject)) = next(&mut rx).await else {
+        let Outgoing::Reject(reject) = next(&mut rx).await else {
             panic!()
         };
         assert_eq!(reject.reason, RejectReason::UnsupportedPair);
         let mut unknown = assign("f", 1000);
         unknown.kind = JobKind::new("tts").unwrap();
         jobs.assign(unknown);
-        let Outgoing::Answer(Message::JobReject(reject)) = next(&mut rx).await else {
+        let Outgoing::Reject(reject) = next(&mut rx).await else {
             panic!()
         };
         assert_eq!(reject.reason, RejectReason::UnknownKind);

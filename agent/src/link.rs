@@ -127,6 +127,7 @@ pub fn capacity(arbiter: &Arbiter) -> CapacityReport {
         free_slots: arbiter.free_slots(),
         gpus: arbiter.gpus().iter().map(reading).collect(),
         gpu_problem: arbiter.health(),
+        room: arbiter.room(),
     }
 }
 
@@ -382,7 +383,8 @@ impl Link {
                     }
                 }
                 Some(out) = self.outgoing.recv() => match out {
-                    Outgoing::Answer(message) => sends.push(message),
+                    Outgoing::Accept(key) => sends.push(Message::JobAccept(key)),
+                    Outgoing::Reject(reject) => sends.push(Message::JobReject(reject)),
                     Outgoing::Result(result) => {
                         let result = within_frame(result);
                         outbox.insert(JobRef { job_id: result.job_id.clone(), attempt: result.attempt }, result.clone());

@@ -31,7 +31,7 @@ use lingua_agent::link::LinkStatus;
 use lingua_agent::metrics;
 use lingua_agent::nvml::NvmlLibrary;
 use lingua_shared::protocol::{FailureCode, JobAssign, JobResult, Outcome};
-use lingua_shared::{JobId, JobKind, Message};
+use lingua_shared::{JobId, JobKind};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::{mpsc, watch};
@@ -732,10 +732,7 @@ library_path = {:?}
         let answer = tokio::time::timeout(PATIENCE, self.results.recv())
             .await
             .unwrap();
-        assert!(
-            matches!(answer, Some(Outgoing::Answer(Message::JobAccept(_)))),
-            "{answer:?}"
-        );
+        assert!(matches!(answer, Some(Outgoing::Accept(_))), "{answer:?}");
     }
 
     async fn result(&mut self) -> JobResult {

@@ -63,7 +63,8 @@ pub struct Config {
     pub max_nodes_per_pool: u32,
     /// Job timeout when a request names none.
     pub default_job_timeout: Duration,
-    /// Nodes tried per job before `no_capacity`.
+    /// Attempts per job that may end with the node silent or gone
+    /// (refusals do not count).
     pub max_attempts: u32,
     /// How long a node has to accept or refuse an assignment.
     pub accept_timeout: Duration,

@@ -46,6 +46,7 @@ impl Drainer {
         let entry = RouteEntry {
             node: node.clone(),
             free: kinds.into_iter().map(|kind| (kind, 0)).collect(),
+            room: None,
         };
         for pair in &pairs {
             self.store

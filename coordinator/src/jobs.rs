@@ -23,7 +23,7 @@ use lingua_shared::{JobId, JobKind, LangCode, LangPair, Message, NodeId, encoded
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::futures::Notified;
-use tokio::sync::{Notify, mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -31,6 +31,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Caller;
 use crate::config::Config;
 use crate::forward::{self, Envelope, RemoteAnswer};
+use crate::hints::{Assigned, Hints};
 use crate::metrics::{JobLabel, Metrics, ResultLabel};
 use crate::registry::{Control, Registry};
 use crate::store::{
@@ -93,9 +94,8 @@ pub struct JobRouter {
     instance: String,
     attempts: Mutex<HashMap<JobRef, Attempt>>,
     forwarded: Mutex<HashMap<JobRef, Forwarded>>,
-    unanswered: Mutex<HashMap<(NodeId, JobKind), u32>>,
     waiters: Mutex<HashMap<JobId, Arc<Waiter>>>,
-    capacity: Arc<Notify>,
+    hints: Arc<Hints>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     /// Dispatch tasks and messages posted to other instances, awaited on
@@ -104,8 +104,9 @@ pub struct JobRouter {
 }
 
 impl JobRouter {
-    /// A router over `store`, sending through the sockets of `registry`;
-    /// `capacity` is notified whenever capacity reports reach Redis. On
+    /// A router over `store`, sending through the sockets of `registry`,
+    /// counting its assignments in `hints` (and waking waiting dispatchers
+    /// when routing updates reach Redis). On
     /// `shutdown` dispatching stops: jobs in flight stay `running` in Redis
     /// and their results are recorded by whichever coordinator receives
     /// them.
@@ -114,7 +115,7 @@ impl JobRouter {
         registry: Arc<Registry>,
         config: Config,
         instance: String,
-        capacity: Arc<Notify>,
+        hints: Arc<Hints>,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Self {
@@ -125,9 +126,8 @@ impl JobRouter {
             instance,
             attempts: Mutex::default(),
             forwarded: Mutex::default(),
-            unanswered: Mutex::default(),
             waiters: Mutex::default(),
-            capacity,
+            hints,
             metrics,
             shutdown,
             tasks: TaskTracker::new(),
@@ -152,24 +152,6 @@ pub enum Taken {
     Foreign,
 }
 
-/// Counts an assignment as unanswered until dropped.
-struct Unanswered<'a> {
-    router: &'a JobRouter,
-    key: (NodeId, JobKind),
-}
-
-impl Drop for Unanswered<'_> {
-    fn drop(&mut self) {
-        let mut unanswered = lock(&self.router.unanswered);
-        if let Some(count) = unanswered.get_mut(&self.key) {
-            *count -= 1;
-            if *count == 0 {
-                unanswered.remove(&self.key);
-            }
-        }
-    }
-}
-
 /// One attempt in flight: where it went, and its dispatcher's inbox.
 struct Attempt {
     node: NodeId,
@@ -186,10 +168,19 @@ struct Forwarded {
     node: NodeId,
     kind: JobKind,
     origin: String,
+    /// Counted in the node's hints until its first answer.
+    counted: bool,
 }
 
+/// How an attempt ended for its dispatcher.
 enum Tried {
+    /// The node finished it (its result is recorded).
     Finished,
+    /// The node refused it: try another, as long as time allows.
+    Refused(String),
+    /// The node did not answer or went away: try another, up to
+    /// `max_attempts`.
     Move(JobErrorCode, String),
+    /// The job's time ran out.
     TimedOut,
 }

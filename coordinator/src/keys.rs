@@ -104,6 +104,18 @@ impl PairKeys {
         format!("{}:free:{kind}", self.base)
     }
 
+    /// ZSET node -> lease deadline: nodes that serve `kind`, room or not.
+    pub fn served(&self, kind: &JobKind) -> String {
+        format!("{}:served:{kind}", self.base)
+    }
+
+    /// HASH node -> its room (JSON of `lingua_shared::room::Room`), for
+    /// nodes that report one: every kind's hint shrinks when any kind is
+    /// assigned there.
+    pub fn memory(&self) -> String {
+        format!("{}:memory", self.base)
+    }
+
     /// STRING: the node that served `session` last (empty session: a key
     /// nobody writes).
     pub fn session(&self, session: &str) -> String {

@@ -14,6 +14,7 @@
 //! - [`state`]: the HTTP router's state and each handler's substate.
 //! - [`listener`]: the accept loop: connection cap, timeouts, drain.
 //! - [`store`], [`keys`]: everything kept in Redis, and the key names.
+//! - [`hints`]: what routing is told about the nodes held here.
 //! - [`route_batch`]: routing updates batched per language pair.
 //! - [`registry`]: node sockets held by this instance.
 //! - [`metrics`]: Prometheus metrics.
@@ -26,6 +27,7 @@ pub mod auth;
 pub mod config;
 pub mod drain;
 pub mod forward;
+pub mod hints;
 pub mod http;
 pub mod inbox;
 pub mod jobs;

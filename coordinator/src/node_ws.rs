@@ -6,7 +6,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
@@ -14,27 +14,29 @@ use axum::extract::{ConnectInfo, Extension, State, WebSocketUpgrade};
 use axum::response::Response;
 use futures_util::future::join_all;
 use lingua_shared::close::CloseCode;
-use lingua_shared::protocol::{CapacityReport, Drain, ErrorCode, ErrorFrame};
-use lingua_shared::{
-    JobKind, LangPair, MAX_FRAME_BYTES, Message, NodeId, WS_BUFFER_BYTES, decode, encode,
-};
+use lingua_shared::protocol::{Drain, ErrorCode, ErrorFrame};
+use lingua_shared::{MAX_FRAME_BYTES, Message, WS_BUFFER_BYTES, decode, encode};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout};
 
 mod frames;
 mod handshake;
+mod session;
+
+use session::Session;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::NodeCredentials;
 use crate::config::Config;
+use crate::hints::Hints;
 use crate::jobs::JobRouter;
 use crate::listener::{ConnectionPermit, PeerAddr};
 use crate::metrics::Metrics;
 use crate::registry::{Control, Registry};
 use crate::route_batch::RouteBatcher;
-use crate::store::{RouteEntry, Store};
+use crate::store::Store;
 
 /// Time a new socket has to send `register`.
 pub const REGISTER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -68,6 +70,8 @@ pub struct NodeServices {
     pub metrics: Arc<Metrics>,
     /// Job routing: answers, refusals and re-dispatch of lost attempts.
     pub router: Arc<JobRouter>,
+    /// What routing is told about the nodes held here.
+    pub hints: Arc<Hints>,
     /// This coordinator instance's random id.
     pub instance: String,
     /// Cancelled when the coordinator shuts down.
@@ -109,65 +113,6 @@ impl Ending {
     }
 }
 
-/// A registered connection.
-struct Session {
-    node: NodeId,
-    epoch: u64,
-    pairs: Vec<LangPair>,
-    kinds: Vec<JobKind>,
-    /// Shared with the registry entry: an admin drain sets it.
-    draining: Arc<AtomicBool>,
-    capacity: CapacityReport,
-    /// When this connection's routing entries were last queued.
-    published: Instant,
-    /// A report arrived within [`MIN_PUBLISH_INTERVAL`] of the last one
-    /// and waits for the interval's end.
-    publish_pending: bool,
-    /// When a heartbeat was last recorded in Redis (never, at first).
-    recorded: Option<Instant>,
-}
-
-impl Session {
-    /// Queues this node's routing entry: the free slots it reported, less
-    /// the assignments sent to it and not answered yet (a report that
-    /// crossed them on the wire cannot have counted them); none while
-    /// draining.
-    fn publish(&mut self, services: &NodeServices) {
-        self.published = Instant::now();
-        self.publish_pending = false;
-        let free = self
-            .kinds
-            .iter()
-            .map(|kind| {
-                let slots = if self.draining.load(Ordering::SeqCst) {
-                    0
-                } else {
-                    let reported = self.capacity.free_slots.get(kind).copied().unwrap_or(0);
-                    reported.saturating_sub(services.router.unanswered(&self.node, kind))
-                };
-                (kind.clone(), slots)
-            })
-            .collect();
-        let entry = RouteEntry {
-            node: self.node.clone(),
-            free,
-        };
-        services.batcher.queue(self.pairs.iter().copied(), &entry);
-    }
-
-    /// Publishes now, or at the end of the current interval when the last
-    /// publication was less than [`MIN_PUBLISH_INTERVAL`] ago: however
-    /// fast a node reports, its reports cost at most one routing update
-    /// per interval.
-    fn publish_soon(&mut self, services: &NodeServices) {
-        if self.published.elapsed() >= MIN_PUBLISH_INTERVAL {
-            self.publish(services);
-        } else {
-            self.publish_pending = true;
-        }
-    }
-}
-
 async fn serve(mut socket: WebSocket, services: Arc<NodeServices>, peer: SocketAddr) {
     let (control_tx, mut control_rx) = mpsc::channel(CONTROL_QUEUE);
     let mut session = match handshake::register(&mut socket, &services, control_tx).await {
@@ -194,6 +139,7 @@ async fn serve(mut socket: WebSocket, services: Arc<NodeServices>, peer: SocketA
 async fn leave(services: &NodeServices, session: &Session) {
     if services.registry.remove(&session.node, session.epoch) {
         services.router.node_lost(&session.node);
+        services.hints.forget(&session.node);
     }
     match services
         .store
@@ -386,7 +332,7 @@ async fn handle(
     match message {
         Message::Heartbeat(heartbeat) => frames::heartbeat(services, session, heartbeat).await,
         Message::Capacity(capacity) => {
-            session.capacity = capacity;
+            session.reported(services, capacity);
             session.publish_soon(services);
             Ok(Handled::Fine)
         }

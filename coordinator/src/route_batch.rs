@@ -4,10 +4,10 @@
 //! pair it serves. Sending one script call per node and pair would cost
 //! `nodes x pairs` calls per heartbeat interval; instead updates wait here
 //! for a few milliseconds and each pair is flushed with one `route_update`
-//! call carrying every node that changed. A newer update of the same node
-//! replaces an older one that has not been flushed yet.
+//! call carrying every node that changed. Entries are computed at the
+//! flush, from the nodes' [`Hints`], while no pick of the pair runs.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,13 +17,14 @@ use lingua_shared::{LangPair, NodeId};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::hints::Hints;
 use crate::registry::Registry;
 use crate::store::{RouteEntry, Store};
 
 /// How long updates gather before a flush.
 const FLUSH_WINDOW: Duration = Duration::from_millis(5);
 
-type Pending = HashMap<LangPair, HashMap<NodeId, RouteEntry>>;
+type Pending = HashMap<LangPair, HashSet<NodeId>>;
 
 /// Pending routing updates, flushed by [`RouteBatcher::run`].
 pub struct RouteBatcher {
@@ -33,19 +34,19 @@ pub struct RouteBatcher {
     registry: Arc<Registry>,
     max_nodes_per_pool: u32,
     lease: Duration,
-    flushed: Arc<Notify>,
+    hints: Arc<Hints>,
 }
 
 impl RouteBatcher {
-    /// A batcher writing through `store`; nodes of `registry` that lost
-    /// their pair lease are re-joined with these pool settings. `flushed`
-    /// is notified after each flush (dispatchers waiting for room).
+    /// A batcher writing the entries of `hints` through `store`; nodes of
+    /// `registry` that lost their pair lease are re-joined with these pool
+    /// settings.
     pub fn new(
         store: Store,
         registry: Arc<Registry>,
         max_nodes_per_pool: u32,
         lease: Duration,
-        flushed: Arc<Notify>,
+        hints: Arc<Hints>,
     ) -> Self {
         Self {
             pending: Mutex::default(),
@@ -54,18 +55,15 @@ impl RouteBatcher {
             registry,
             max_nodes_per_pool,
             lease,
-            flushed,
+            hints,
         }
     }
 
-    /// Queues `entry` for each of `pairs`.
-    pub fn queue(&self, pairs: impl IntoIterator<Item = LangPair>, entry: &RouteEntry) {
+    /// Queues an update of `node`'s entry in each of `pairs`.
+    pub fn queue(&self, pairs: impl IntoIterator<Item = LangPair>, node: &NodeId) {
         let mut pending = self.lock();
         for pair in pairs {
-            pending
-                .entry(pair)
-                .or_default()
-                .insert(entry.node.clone(), entry.clone());
+            pending.entry(pair).or_default().insert(node.clone());
         }
         drop(pending);
         self.wake.notify_one();
@@ -87,25 +85,30 @@ impl RouteBatcher {
     async fn flush(&self) {
         let (store, lease) = (&self.store, self.lease);
         let batch = std::mem::take(&mut *self.lock());
+        let hints = &self.hints;
         let calls = batch.into_iter().map(|(pair, nodes)| async move {
-            let entries: Vec<RouteEntry> = nodes.into_values().collect();
+            let _updating = hints.updating(pair).await;
+            let entries: Vec<RouteEntry> = nodes.iter().filter_map(|node| hints.entry(node)).collect();
+            if entries.is_empty() {
+                return (pair, Vec::new());
+            }
             match store.route_update(pair, &entries, lease).await {
-                Ok(missing) => (pair, entries, missing),
+                Ok(missing) => (pair, missing),
                 Err(err) => {
                     tracing::warn!(%pair, nodes = entries.len(), error = %err, "routing update failed");
-                    (pair, Vec::new(), Vec::new())
+                    (pair, Vec::new())
                 }
             }
         });
-        for (pair, entries, missing) in join_all(calls).await {
-            self.rejoin(pair, &entries, missing).await;
+        for (pair, missing) in join_all(calls).await {
+            self.rejoin(pair, missing).await;
         }
-        self.flushed.notify_waiters();
+        self.hints.written().notify_waiters();
     }
 
     /// Nodes whose pair lease ran out (a Redis stall longer than a lease,
     /// say) while their socket stayed here: put them back.
-    async fn rejoin(&self, pair: LangPair, entries: &[RouteEntry], missing: Vec<NodeId>) {
+    async fn rejoin(&self, pair: LangPair, missing: Vec<NodeId>) {
         for node in missing {
             if !self
                 .registry
@@ -117,15 +120,13 @@ impl RouteBatcher {
             tracing::info!(%pair, node_id = %node, "node lost its pair lease; re-joining");
             if let Err(err) = self
                 .store
-                .pool_join(pair, &node, self.max_nodes_per_pool, self.lease)
+                .pool_join(pair, &node, &[], self.max_nodes_per_pool, self.lease)
                 .await
             {
                 tracing::warn!(%pair, node_id = %node, error = %err, "re-joining pool failed");
                 continue;
             }
-            if let Some(entry) = entries.iter().find(|e| e.node == node) {
-                self.queue([pair], entry);
-            }
+            self.queue([pair], &node);
         }
     }
 

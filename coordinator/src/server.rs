@@ -17,6 +17,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{ApiTokens, NodeCredentials};
 use crate::config::Config;
 use crate::drain::Drainer;
+use crate::hints::Hints;
 use crate::http::{access, jobs, nodes, ops};
 use crate::inbox::{self, Peers};
 use crate::jobs::JobRouter;
@@ -58,8 +59,7 @@ pub fn router(shared: Shared) -> Router {
         .with_state(shared)
 }
 
-/// The services of one coordinator instance, wired together; `capacity`
-/// wakes dispatchers when a routing update lands.
+/// The services of one coordinator instance, wired together.
 fn services(
     config: Config,
     store: Store,
@@ -67,13 +67,13 @@ fn services(
     shutdown: CancellationToken,
 ) -> NodeServices {
     let registry = Arc::new(Registry::default());
-    let capacity = Arc::new(tokio::sync::Notify::new());
+    let hints = Arc::new(Hints::default());
     let batcher = Arc::new(RouteBatcher::new(
         store.clone(),
         registry.clone(),
         config.max_nodes_per_pool,
         config.lease(),
-        capacity.clone(),
+        hints.clone(),
     ));
     let instance = new_instance_id();
     let router = Arc::new(JobRouter::new(
@@ -81,7 +81,7 @@ fn services(
         registry.clone(),
         config.clone(),
         instance.clone(),
-        capacity,
+        hints.clone(),
         metrics.clone(),
         shutdown.clone(),
     ));
@@ -96,6 +96,7 @@ fn services(
         batcher,
         metrics,
         router,
+        hints,
         instance,
         shutdown,
         tasks: TaskTracker::new(),

@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use lingua_shared::room::Room;
 use lingua_shared::{JobId, JobKind, LangPair, NodeId};
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster::ClusterClientBuilder;
@@ -266,6 +267,9 @@ pub struct RouteEntry {
     pub node: NodeId,
     /// Free slots per kind; kinds absent here are not served.
     pub free: BTreeMap<JobKind, u32>,
+    /// Its room, when it reports one: picks then shrink every kind's
+    /// hint, not only the picked kind's.
+    pub room: Option<Room>,
 }
 
 /// A connection to one Redis or to a Redis Cluster: both reconnect by

@@ -171,6 +171,10 @@ mod tests {
                 reason: None,
             }],
             gpu_problem: None,
+            room: Some(crate::room::Room {
+                devices_mb: vec![19_000],
+                vram_mb: BTreeMap::from([(JobKind::new("translate").unwrap(), 3000)]),
+            }),
         };
         vec![
             Message::Register(Register {

@@ -14,6 +14,7 @@
 //!   the same in every binary.
 //! - [`systemd`]: readiness, status, watchdog and stopping notifications.
 //! - [`sync`]: lock helpers that tolerate a poisoned lock.
+//! - [`room`]: a node's room for new jobs, memory every kind shares.
 //!
 //! docs/PROTOCOL.md describes the protocol for people; this crate is its
 //! executable form.
@@ -26,6 +27,7 @@ pub mod ids;
 pub mod lang;
 pub mod process;
 pub mod protocol;
+pub mod room;
 pub mod sync;
 pub mod systemd;
 

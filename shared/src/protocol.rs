@@ -1,4 +1,5 @@
-//! Messages of the node <-> coordinator WebSocket protocol, version 1.
+//! Messages of the node <-> coordinator WebSocket protocol, versions 1
+//! and 2 (2 adds [`CapacityReport::room`]).
 //!
 //! Every frame is one JSON object tagged by `type`. Unknown fields are
 //! ignored so that either side can be upgraded first; unknown `type`s are an
@@ -13,9 +14,10 @@ use serde_json::Value;
 
 use crate::ids::{JobId, JobKind, NodeId};
 use crate::lang::{LangCode, LangPair};
+use crate::room::Room;
 
 /// The newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// The oldest protocol version this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 
@@ -218,6 +220,11 @@ pub struct CapacityReport {
     /// stale reading); absent when they can be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu_problem: Option<String>,
+    /// The node's memory for new jobs, shared by every kind (version 2;
+    /// absent from older agents and from nodes without GPUs): the
+    /// coordinator shrinks every kind's hint when it assigns any kind.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub room: Option<Room>,
 }
 
 /// One GPU's current readings.

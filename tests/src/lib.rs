@@ -232,8 +232,7 @@ pub fn registration(node_id: &str, src: &[&str], tgt: &[&str]) -> Register {
         gpus: Vec::new(),
         capacity: CapacityReport {
             free_slots: [(kind, 4)].into(),
-            gpus: Vec::new(),
-            gpu_problem: None,
+            ..CapacityReport::default()
         },
         draining: false,
     }

@@ -114,8 +114,7 @@ async fn heartbeats_keep_a_node_alive_and_capacity_drives_routing() {
     let kind = JobKind::new("translate").unwrap();
     let full = CapacityReport {
         free_slots: [(kind.clone(), 0)].into(),
-        gpus: Vec::new(),
-        gpu_problem: None,
+        ..CapacityReport::default()
     };
     // Beat for longer than a lease (600 ms) while full: alive, not routable.
     for seq in 0..8 {
@@ -133,8 +132,7 @@ async fn heartbeats_keep_a_node_alive_and_capacity_drives_routing() {
 
     node.send(&Message::Capacity(CapacityReport {
         free_slots: [(kind, 2)].into(),
-        gpus: Vec::new(),
-        gpu_problem: None,
+        ..CapacityReport::default()
     }))
     .await;
     eventually("room to make the node routable", || async {

@@ -15,6 +15,7 @@ use lingua_coordinator::store::{
     DrainOutcome, Finish, JobStart, Pick, RegisterOutcome, Registration, RouteEntry, Store,
 };
 use lingua_shared::protocol::{CapacityReport, Heartbeat};
+use lingua_shared::room::Room;
 use lingua_shared::{JobId, JobKind, LangPair, Message, NodeId};
 use lingua_tests::{TestCoordinator, TestNode, eventually, registration, test_config};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -443,14 +444,17 @@ async fn pools_fill_to_the_maximum_and_reuse_room() {
     for i in 0..5 {
         assigned.push(
             store
-                .pool_join(zh_en, &node(&format!("n{i}")), 3, LEASE)
+                .pool_join(zh_en, &node(&format!("n{i}")), &[], 3, LEASE)
                 .await
                 .unwrap(),
         );
     }
     assert_eq!(assigned, ["1", "1", "1", "2", "2"]);
     assert_eq!(
-        store.pool_join(zh_en, &node("n0"), 3, LEASE).await.unwrap(),
+        store
+            .pool_join(zh_en, &node("n0"), &[], 3, LEASE)
+            .await
+            .unwrap(),
         "1",
         "joining is idempotent"
     );
@@ -460,19 +464,31 @@ async fn pools_fill_to_the_maximum_and_reuse_room() {
     // Pool 1 (2 members) and pool 2 (1 member) have room: the fullest is
     // filled first, then the next, before a new pool is opened.
     assert_eq!(
-        store.pool_join(zh_en, &node("n5"), 3, LEASE).await.unwrap(),
+        store
+            .pool_join(zh_en, &node("n5"), &[], 3, LEASE)
+            .await
+            .unwrap(),
         "1"
     );
     assert_eq!(
-        store.pool_join(zh_en, &node("n6"), 3, LEASE).await.unwrap(),
+        store
+            .pool_join(zh_en, &node("n6"), &[], 3, LEASE)
+            .await
+            .unwrap(),
         "2"
     );
     assert_eq!(
-        store.pool_join(zh_en, &node("n7"), 3, LEASE).await.unwrap(),
+        store
+            .pool_join(zh_en, &node("n7"), &[], 3, LEASE)
+            .await
+            .unwrap(),
         "2"
     );
     assert_eq!(
-        store.pool_join(zh_en, &node("n8"), 3, LEASE).await.unwrap(),
+        store
+            .pool_join(zh_en, &node("n8"), &[], 3, LEASE)
+            .await
+            .unwrap(),
         "3"
     );
     store.pool_leave(zh_en, &node("n8"), &[]).await.unwrap();
@@ -493,12 +509,12 @@ async fn expired_pair_leases_are_cleaned_up_lazily() {
     let store = store(&redis).await;
     let zh_en = pair("zh:en");
     store
-        .pool_join(zh_en, &node("dead"), 10, Duration::from_millis(1))
+        .pool_join(zh_en, &node("dead"), &[], 10, Duration::from_millis(1))
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
     store
-        .pool_join(zh_en, &node("alive"), 10, LEASE)
+        .pool_join(zh_en, &node("alive"), &[], 10, LEASE)
         .await
         .unwrap();
     let mut conn = lingua_tests::connect(&redis).await;
@@ -517,20 +533,29 @@ async fn route_update_tracks_room_and_reports_non_members() {
     let zh_en = pair("zh:en");
     let asr = JobKind::new("asr").unwrap();
     let tts = JobKind::new("tts").unwrap();
-    store.pool_join(zh_en, &node("a"), 10, LEASE).await.unwrap();
-    store.pool_join(zh_en, &node("b"), 10, LEASE).await.unwrap();
+    store
+        .pool_join(zh_en, &node("a"), &[], 10, LEASE)
+        .await
+        .unwrap();
+    store
+        .pool_join(zh_en, &node("b"), &[], 10, LEASE)
+        .await
+        .unwrap();
     let entries = [
         RouteEntry {
             node: node("a"),
             free: [(asr.clone(), 3), (tts.clone(), 0)].into(),
+            room: None,
         },
         RouteEntry {
             node: node("b"),
             free: [(tts.clone(), 1)].into(),
+            room: None,
         },
         RouteEntry {
             node: node("stranger"),
             free: [(asr.clone(), 5)].into(),
+            room: None,
         },
     ];
     let missing = store.route_update(zh_en, &entries, LEASE).await.unwrap();
@@ -574,7 +599,7 @@ async fn commands_for_one_join(redis: &PrivateRedis, store: &Store, id: &str) ->
         .await
         .unwrap();
     store
-        .pool_join(pair("zh:en"), &node(id), 2, LEASE)
+        .pool_join(pair("zh:en"), &node(id), &[], 2, LEASE)
         .await
         .unwrap();
     let stats: String = redis::cmd("INFO")
@@ -604,7 +629,7 @@ async fn commands_for_one_join(redis: &PrivateRedis, store: &Store, id: &str) ->
 async fn half_fill(store: &Store, pools: usize, offset: usize) {
     for i in offset..offset + 2 * pools {
         store
-            .pool_join(pair("zh:en"), &node(&format!("fill-{i}")), 2, LEASE)
+            .pool_join(pair("zh:en"), &node(&format!("fill-{i}")), &[], 2, LEASE)
             .await
             .unwrap();
     }
@@ -791,24 +816,50 @@ async fn route_pick_prefers_the_session_node_excludes_tried_ones_and_tells_why_n
         Pick::NoNodes
     );
     for id in ["a", "b"] {
-        store.pool_join(zh_en, &node(id), 10, LEASE).await.unwrap();
+        store
+            .pool_join(zh_en, &node(id), &[], 10, LEASE)
+            .await
+            .unwrap();
     }
+    let full = [RouteEntry {
+        node: node("a"),
+        free: [(asr.clone(), 0)].into(),
+        room: None,
+    }];
+    store.route_update(zh_en, &full, LEASE).await.unwrap();
     assert_eq!(
         store
             .route_pick(zh_en, &asr, None, affinity, PickPolicy::Capacity, &[])
             .await
             .unwrap(),
         Pick::NoCapacity,
-        "members, none with room"
+        "a member serves the kind, none has room"
+    );
+    assert_eq!(
+        store
+            .route_pick(
+                zh_en,
+                &JobKind::new("tts").unwrap(),
+                None,
+                affinity,
+                PickPolicy::Capacity,
+                &[]
+            )
+            .await
+            .unwrap(),
+        Pick::NoNodes,
+        "members, none serving the kind"
     );
     let entries = [
         RouteEntry {
             node: node("a"),
             free: [(asr.clone(), 1)].into(),
+            room: None,
         },
         RouteEntry {
             node: node("b"),
             free: [(asr.clone(), 50)].into(),
+            room: None,
         },
     ];
     store.route_update(zh_en, &entries, LEASE).await.unwrap();
@@ -897,11 +948,15 @@ async fn the_random_policy_picks_any_live_member_room_or_not() {
     };
     assert_eq!(pick(vec![]).await, Pick::NoNodes);
     for id in ["full", "roomy"] {
-        store.pool_join(de_fr, &node(id), 10, LEASE).await.unwrap();
+        store
+            .pool_join(de_fr, &node(id), &[], 10, LEASE)
+            .await
+            .unwrap();
     }
     let entries = [RouteEntry {
         node: node("roomy"),
         free: [(asr.clone(), 1_000)].into(),
+        room: None,
     }];
     store.route_update(de_fr, &entries, LEASE).await.unwrap();
     let mut chosen = std::collections::BTreeSet::new();
@@ -943,11 +998,12 @@ async fn route_pick_never_chooses_a_node_whose_lease_is_past() {
         .map(|i| RouteEntry {
             node: node(&format!("dead-{i}")),
             free: [(asr.clone(), 4)].into(),
+            room: None,
         })
         .collect();
     for entry in &entries {
         store
-            .pool_join(zh_en, &entry.node, 100, short)
+            .pool_join(zh_en, &entry.node, &[], 100, short)
             .await
             .unwrap();
     }
@@ -1034,7 +1090,10 @@ async fn a_pair_nobody_serves_keeps_no_key() {
     let zh_en = pair("zh:en");
     let asr = JobKind::new("asr").unwrap();
     for id in ["a", "b"] {
-        store.pool_join(zh_en, &node(id), 10, LEASE).await.unwrap();
+        store
+            .pool_join(zh_en, &node(id), &[], 10, LEASE)
+            .await
+            .unwrap();
     }
     for id in ["a", "b"] {
         store
@@ -1050,7 +1109,10 @@ async fn a_pair_nobody_serves_keeps_no_key() {
     assert!(left.is_empty(), "{left:?}");
     // A new member starts pool ids afresh.
     assert_eq!(
-        store.pool_join(zh_en, &node("c"), 10, LEASE).await.unwrap(),
+        store
+            .pool_join(zh_en, &node("c"), &[], 10, LEASE)
+            .await
+            .unwrap(),
         "1"
     );
 }
@@ -1089,4 +1151,52 @@ async fn an_admin_drain_is_kept_for_the_same_agent_process_only() {
     let (_, drained) = registered("inst-b").await;
     assert!(!drained, "a new agent process comes back ready");
     assert_eq!(state(&store, &id).await, NodeState::Ready);
+}
+
+#[tokio::test]
+async fn a_pick_of_any_kind_shrinks_every_kind_on_a_node_that_reports_its_room() {
+    let redis = lingua_tests::redis().await;
+    let store = store(&redis).await;
+    let zh_en = pair("zh:en");
+    let (asr, translate) = (
+        JobKind::new("asr").unwrap(),
+        JobKind::new("translate").unwrap(),
+    );
+    store
+        .pool_join(zh_en, &node("a"), &[], 10, LEASE)
+        .await
+        .unwrap();
+    // One 16,000 MiB GPU: 2 asr (6,000 MiB) or 5 translate (3,000 MiB).
+    let entry = RouteEntry {
+        node: node("a"),
+        free: [(asr.clone(), 2), (translate.clone(), 5)].into(),
+        room: Some(Room {
+            devices_mb: vec![16_000],
+            vram_mb: [(asr.clone(), 6000), (translate.clone(), 3000)].into(),
+        }),
+    };
+    store.route_update(zh_en, &[entry], LEASE).await.unwrap();
+    let pick = |kind: &JobKind| {
+        let (store, kind) = (store.clone(), kind.clone());
+        async move {
+            store
+                .route_pick(
+                    zh_en,
+                    &kind,
+                    None,
+                    Duration::ZERO,
+                    PickPolicy::Capacity,
+                    &[],
+                )
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(pick(&asr).await, Pick::Node(node("a")));
+    assert_eq!(pick(&asr).await, Pick::Node(node("a")));
+    // 4,000 MiB left: one translate fits, not the five the node counted
+    // for translate alone.
+    assert_eq!(pick(&translate).await, Pick::Node(node("a")));
+    assert_eq!(pick(&translate).await, Pick::NoCapacity);
+    assert_eq!(pick(&asr).await, Pick::NoCapacity);
 }

@@ -8,9 +8,14 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use lingua_agent::config::{AgentConfig, ExecutorConfig};
+use lingua_shared::Message;
+use lingua_shared::protocol::{
+    CapacityReport, JobAssign, JobRef, JobReject, JobResult, Outcome, RejectReason,
+};
 use lingua_tests::cluster::RedisCluster;
 use lingua_tests::{
-    RedisBackend, TestAgent, TestCoordinator, agent_config, agent_toml, eventually, test_config,
+    Received, RedisBackend, TestAgent, TestCoordinator, TestNode, agent_config, agent_toml,
+    eventually, registration, test_config,
 };
 use serde_json::{Value, json};
 
@@ -245,6 +250,21 @@ async fn failures_get_their_documented_codes(redis: impl RedisBackend) {
         1,
     ));
     busy.registered(1).await;
+
+    // zh:en is served, but no node runs asr there: no_nodes at once, not a
+    // wait for room that never comes.
+    let asr = json!({"kind": "asr", "src_lang": "zh", "tgt_lang": "en", "timeout_ms": 30000});
+    let (status, body) = submit(&coordinator, asr).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (503, Some("no_nodes")),
+        "{body}"
+    );
+    assert_eq!(
+        body["error"]["message"],
+        "no live node serves asr jobs for zh:en"
+    );
+
     let mut hurried = translate("zh", "en");
     hurried["timeout_ms"] = json!(100);
     hurried["id"] = json!("hurried");
@@ -513,6 +533,131 @@ timeout_ms = 30000
     coordinator.stop().await;
 }
 
+async fn a_mixed_burst_into_one_node_waits_for_memory_instead_of_being_refused(
+    redis: impl RedisBackend,
+) {
+    let coordinator = TestCoordinator::start(&redis, test_config()).await;
+    // One 17,000 MiB GPU, 16,000 usable: 2 asr (6,000 MiB) and 1 translate
+    // (3,000 MiB) at once, or 5 translate alone.
+    let rest = r#"drain_timeout_ms = 10000
+[gpu]
+backend = "simulated"
+reserve_mb = 1000
+poll_interval_ms = 20
+[gpu.simulated]
+count = 1
+memory_mb = 17000
+[jobs.asr]
+vram_mb = 6000
+max_concurrent = 4
+[jobs.asr.simulated]
+duration_ms = 300
+[jobs.translate]
+vram_mb = 3000
+max_concurrent = 8
+[jobs.translate.simulated]
+duration_ms = 300
+"#;
+    let config = AgentConfig::parse(&agent_toml("mixed", &coordinator.ws_url(), rest)).unwrap();
+    let agent = TestAgent::start(config);
+    agent.registered(1).await;
+    let job =
+        |kind: &str| json!({"kind": kind, "src_lang": "zh", "tgt_lang": "en", "timeout_ms": 30000});
+    let burst = [
+        "asr",
+        "translate",
+        "asr",
+        "translate",
+        "asr",
+        "translate",
+        "translate",
+    ];
+    let answers = join_all(burst.iter().map(|&kind| submit(&coordinator, job(kind)))).await;
+    for (status, body) in answers {
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["status"], "completed", "{body}");
+        assert_eq!(
+            body["attempts"], 1,
+            "no node refused it: the hints of every kind shrank as memory was assigned: {body}"
+        );
+    }
+    agent.stop().await.unwrap();
+    coordinator.stop().await;
+}
+
+/// The node's next `job_assign`, skipping other frames.
+async fn next_assign(node: &mut TestNode) -> JobAssign {
+    loop {
+        match node.recv().await {
+            Received::Message(Message::JobAssign(assign)) => return assign,
+            Received::Message(_) => {}
+            other => panic!("expected job_assign, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_refusal_moves_a_job_on_without_using_up_its_attempts() {
+    let redis = lingua_tests::redis().await;
+    // One attempt that may end silent or lost; refusals do not count.
+    let config = lingua_coordinator::config::Config {
+        max_attempts: 1,
+        ..test_config()
+    };
+    let coordinator = TestCoordinator::start(&redis, config).await;
+    let register = registration("refuser", &["zh"], &["en"]);
+    let (mut node, _) = TestNode::register(&coordinator.ws_url(), register).await;
+    let submitted = tokio::spawn({
+        let url = coordinator.url("/v1/jobs");
+        async move {
+            let body = json!({"kind": "translate", "src_lang": "zh", "tgt_lang": "en", "timeout_ms": 20000});
+            let answer = reqwest::Client::new()
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            answer.json::<Value>().await.unwrap()
+        }
+    });
+    let first = next_assign(&mut node).await;
+    node.send(&Message::JobReject(JobReject {
+        job_id: first.job_id.clone(),
+        attempt: first.attempt,
+        reason: RejectReason::NoCapacity,
+        message: "translate: busy for a moment".into(),
+    }))
+    .await;
+    // Room again: the refusal zeroed the node's hint until it reports.
+    let room = CapacityReport {
+        free_slots: [(first.kind.clone(), 1)].into(),
+        ..CapacityReport::default()
+    };
+    node.send(&Message::Capacity(room)).await;
+    let second = next_assign(&mut node).await;
+    assert_eq!(second.job_id, first.job_id);
+    assert_eq!(second.attempt, first.attempt + 1);
+    let key = JobRef {
+        job_id: second.job_id.clone(),
+        attempt: second.attempt,
+    };
+    node.send(&Message::JobAccept(key)).await;
+    node.send(&Message::JobResult(JobResult {
+        job_id: second.job_id,
+        attempt: second.attempt,
+        outcome: Outcome::Completed {
+            output: json!({"text": "hello"}),
+        },
+        duration_ms: 1,
+    }))
+    .await;
+    let answer = submitted.await.unwrap();
+    assert_eq!(answer["status"], "completed", "{answer}");
+    assert_eq!(answer["attempts"], 2, "{answer}");
+    node.close().await;
+    coordinator.stop().await;
+}
+
 /// Runs each test on one Redis (module `single`) and on a Redis Cluster
 /// (module `cluster`).
 macro_rules! on_both_backends {
@@ -540,6 +685,7 @@ on_both_backends!(
     free_slot_hints_come_back_between_heartbeats,
     jobs_run_only_on_nodes_serving_their_pair,
     a_burst_spreads_by_capacity_and_never_exceeds_an_arbiter,
+    a_mixed_burst_into_one_node_waits_for_memory_instead_of_being_refused,
     the_same_id_submitted_five_times_concurrently_runs_once,
     failures_get_their_documented_codes,
     bad_requests_get_400s_and_the_service_keeps_serving,

@@ -137,6 +137,13 @@ impl State {
         Ok(limits)
     }
 
+    /// VRAM of GPU `g` free for new jobs, where room `held` for the head
+    /// of the queue counts as taken.
+    pub(super) fn room_mb(&self, g: usize, held: Option<Held>) -> u64 {
+        let held_mb = held.filter(|h| h.gpu == g).map_or(0, |h| h.vram_mb);
+        self.headroom_mb(g).saturating_sub(held_mb)
+    }
+
     /// Best fit: the GPU with the least room left that still fits, where
     /// room `held` for the head of the queue counts as taken.
     fn place(
@@ -145,10 +152,7 @@ impl State {
         limits: &KindLimits,
         held: Option<Held>,
     ) -> Result<usize, Refusal> {
-        let room = |g: usize| {
-            let held_mb = held.filter(|h| h.gpu == g).map_or(0, |h| h.vram_mb);
-            self.headroom_mb(g).saturating_sub(held_mb)
-        };
+        let room = |g: usize| self.room_mb(g, held);
         let fits = |g: &usize| room(*g) >= limits.vram_mb;
         let best = (0..self.gpus.len())
             .filter(fits)

@@ -4,14 +4,6 @@
 use super::*;
 
 impl JobRouter {
-    /// Assignments of `kind` sent to `node` and not answered yet.
-    pub fn unanswered(&self, node: &NodeId, kind: &JobKind) -> u32 {
-        lock(&self.unanswered)
-            .get(&(node.clone(), kind.clone()))
-            .copied()
-            .unwrap_or(0)
-    }
-
     /// A node's connection of `epoch` accepted or refused an assignment.
     /// Returns the attempt's kind when the attempt is known here and the
     /// connection is the node's current one.
@@ -32,7 +24,10 @@ impl JobRouter {
             return Some(attempt.kind.clone());
         }
         let mut forwarded = lock(&self.forwarded);
-        let entry = forwarded.get(key).filter(|f| &f.node == node)?;
+        let entry = forwarded.get_mut(key).filter(|f| &f.node == node)?;
+        if std::mem::take(&mut entry.counted) {
+            self.hints.answered(node, &entry.kind);
+        }
         let (kind, origin) = (entry.kind.clone(), entry.origin.clone());
         let answer = match refusal {
             None => RemoteAnswer::Accepted,
@@ -97,7 +92,7 @@ impl JobRouter {
             return Ok(Taken::Foreign);
         }
         // Whatever became of it, a forwarded attempt ends with its result.
-        let forwarded = lock(&self.forwarded).remove(&key);
+        let forwarded = self.end_forwarded(&key);
         if finish != Finish::Applied {
             return Ok(Taken::Acknowledged);
         }
@@ -132,7 +127,13 @@ impl JobRouter {
                 .map(|(key, _)| key.clone())
                 .collect();
             keys.into_iter()
-                .filter_map(|key| forwarded.remove(&key).map(|f| (key, f.origin)))
+                .filter_map(|key| {
+                    let ended = forwarded.remove(&key)?;
+                    if ended.counted {
+                        self.hints.answered(node, &ended.kind);
+                    }
+                    Some((key, ended.origin))
+                })
                 .collect()
         };
         for (key, origin) in lost {

@@ -90,30 +90,19 @@ impl JobRouter {
             }
             // Registered before the pick, so that a report landing while
             // the pick is in flight still wakes this dispatcher.
-            let report = self.capacity.notified();
+            let report = self.hints.written().notified();
             tokio::pin!(report);
             report.as_mut().enable();
-            let pick = self
-                .store
-                .route_pick(
-                    job.pair,
-                    &job.kind,
-                    job.session.as_deref(),
-                    SESSION_AFFINITY,
-                    self.config.pick,
-                    &state.excluded,
-                )
-                .await?;
-            let node = match pick {
-                Pick::Node(node) => node,
-                Pick::NoNodes => {
+            let (node, assigned) = match self.pick(state).await? {
+                Picked::Node(node, assigned) => (node, assigned),
+                Picked::NoNodes => {
                     // Nothing serves the pair any more: waiting would only
                     // burn the client's timeout.
                     let message = format!("no live node serves {} jobs for {}", job.kind, job.pair);
                     let failure = state.failure_or(JobErrorCode::NoNodes, message);
                     return self.fail(state, failure).await;
                 }
-                Pick::NoCapacity => {
+                Picked::NoCapacity => {
                     // Every node is full, or every node with room was tried
                     // already: nodes that refused may have room again by the
                     // next report, so they become candidates again. Wait for
@@ -136,13 +125,18 @@ impl JobRouter {
                 return self.wait_remote(&job.id, state.deadline).await;
             }
             match self
-                .try_node(job, &node, state.attempt, state.deadline)
+                .try_node(job, &node, state.attempt, state.deadline, assigned)
                 .await
             {
                 Tried::Finished => return self.wait_remote(&job.id, state.deadline).await,
+                Tried::Refused(message) => {
+                    state.excluded.push(node);
+                    state.last_failure = (JobErrorCode::NoCapacity, message);
+                }
                 Tried::Move(code, message) => {
                     state.excluded.push(node);
                     state.last_failure = (code, message);
+                    state.tries += 1;
                 }
                 Tried::TimedOut => {
                     let failure = state.timed_out();
@@ -150,6 +144,32 @@ impl JobRouter {
                 }
             }
         }
+    }
+
+    /// One `route_pick`, and the assignment counted in the chosen node's
+    /// hints before any routing update of the pair is computed.
+    async fn pick(&self, state: &Dispatch<'_>) -> Result<Picked, StoreError> {
+        let job = state.job;
+        let _picking = self.hints.picking(job.pair).await;
+        let pick = self
+            .store
+            .route_pick(
+                job.pair,
+                &job.kind,
+                job.session.as_deref(),
+                SESSION_AFFINITY,
+                self.config.pick,
+                &state.excluded,
+            )
+            .await?;
+        Ok(match pick {
+            Pick::Node(node) => {
+                let assigned = self.hints.assign(&node, &job.kind);
+                Picked::Node(node, assigned)
+            }
+            Pick::NoNodes => Picked::NoNodes,
+            Pick::NoCapacity => Picked::NoCapacity,
+        })
     }
 
     /// Records the next attempt, on `node`: the job itself on the first
@@ -174,7 +194,6 @@ impl JobRouter {
             }
         };
         state.recorded();
-        state.tries += 1;
         Ok(true)
     }
 
@@ -184,6 +203,7 @@ impl JobRouter {
         node: &NodeId,
         attempt: u32,
         deadline: Instant,
+        assigned: Assigned,
     ) -> Tried {
         let key = JobRef {
             job_id: job.id.clone(),
@@ -211,13 +231,6 @@ impl JobRouter {
                 .unwrap_or(u64::MAX)
                 .max(1),
         };
-        *lock(&self.unanswered)
-            .entry((node.clone(), job.kind.clone()))
-            .or_default() += 1;
-        let unanswered = Unanswered {
-            router: self,
-            key: (node.clone(), job.kind.clone()),
-        };
         self.metrics.assignments.inc();
         let delivered = if self.registry.get(node).is_some() {
             let assign = Message::JobAssign(assign);
@@ -226,7 +239,7 @@ impl JobRouter {
             self.forward(node, &key, assign).await
         };
         let outcome = if delivered {
-            self.follow(node, &key, &mut events, deadline, unanswered)
+            self.follow(node, &key, &mut events, deadline, assigned)
                 .await
         } else {
             Tried::Move(
@@ -244,20 +257,17 @@ impl JobRouter {
         key: &JobRef,
         events: &mut mpsc::UnboundedReceiver<AttemptEvent>,
         deadline: Instant,
-        unanswered: Unanswered<'_>,
+        assigned: Assigned,
     ) -> Tried {
         let accept_by = (Instant::now() + self.config.accept_timeout).min(deadline);
         let first = tokio::time::timeout_at(accept_by, events.recv()).await;
-        drop(unanswered);
+        drop(assigned);
         let accepted = match first {
             Ok(Some(AttemptEvent::Accepted)) => true,
             Ok(Some(AttemptEvent::Finished)) => return Tried::Finished,
             Ok(Some(AttemptEvent::Rejected(reason, message))) => {
                 tracing::debug!(job_id = %key.job_id, attempt = key.attempt, node_id = %node, ?reason, "node refused the job");
-                return Tried::Move(
-                    JobErrorCode::NoCapacity,
-                    format!("{node} refused: {message}"),
-                );
+                return Tried::Refused(format!("{node} refused: {message}"));
             }
             Ok(Some(AttemptEvent::NodeLost) | None) => {
                 return Tried::Move(JobErrorCode::NodeLost, format!("node {node} went away"));
@@ -374,6 +384,13 @@ impl JobRouter {
     }
 }
 
+/// A pick, with the chosen node's assignment counted.
+enum Picked {
+    Node(NodeId, Assigned),
+    NoNodes,
+    NoCapacity,
+}
+
 /// Told once the job is recorded in Redis (or could not be): the
 /// submission's answer waits for it.
 pub(super) type Started = oneshot::Sender<Result<(), SubmitError>>;
@@ -392,7 +409,9 @@ pub(super) struct Dispatch<'a> {
     excluded: Vec<NodeId>,
     /// The current attempt number (0 before the first).
     attempt: u32,
-    /// Attempts made here.
+    /// Attempts here that failed for other reasons than a refusal (a
+    /// node silent or lost): refusals only move the job on, its deadline
+    /// bounds them.
     tries: u32,
     /// Why the last attempt moved on.
     last_failure: (JobErrorCode, String),

@@ -43,19 +43,31 @@ impl JobRouter {
 
     /// Records that the node's answers to `job` belong to `origin`.
     pub fn note_forwarded(&self, job: JobRef, node: &NodeId, kind: JobKind, origin: &str) {
+        self.hints.assigned(node, &kind);
         lock(&self.forwarded).insert(
             job,
             Forwarded {
                 node: node.clone(),
                 kind,
                 origin: origin.to_owned(),
+                counted: true,
             },
         );
     }
 
+    /// Ends a forwarded assignment: uncounted from its node's hints if no
+    /// answer did that already.
+    pub(super) fn end_forwarded(&self, job: &JobRef) -> Option<Forwarded> {
+        let ended = lock(&self.forwarded).remove(job)?;
+        if ended.counted {
+            self.hints.answered(&ended.node, &ended.kind);
+        }
+        Some(ended)
+    }
+
     /// Forgets a forwarded assignment (it could not be delivered).
     pub fn forget_forwarded(&self, job: &JobRef) {
-        lock(&self.forwarded).remove(job);
+        self.end_forwarded(job);
     }
 
     /// Sends `answer` about `job` to instance `origin`'s inbox, in the

@@ -22,7 +22,7 @@ pub(super) async fn heartbeat(
     heartbeat: Heartbeat,
 ) -> Result<Handled, Ending> {
     services.metrics.heartbeats.inc();
-    session.capacity = heartbeat.capacity;
+    session.reported(services, heartbeat.capacity);
     // More than two heartbeats per interval renew the connection
     // but cost Redis nothing: a node cannot turn its frame rate
     // into script calls.
@@ -101,7 +101,7 @@ pub(super) fn reject(services: &NodeServices, session: &mut Session, reject: Job
     // The node is full for that kind, whatever its last report said:
     // route nothing more of it there until it reports room again.
     if let (Some(kind), RejectReason::NoCapacity) = (kind, reason) {
-        session.capacity.free_slots.insert(kind, 0);
+        services.hints.full(&session.node, &kind);
         session.publish(services);
     }
     Handled::Fine

@@ -307,7 +307,13 @@ async fn repool(
     let joins = checked.pairs.iter().map(|&pair| async move {
         let joined = services
             .store
-            .pool_join(pair, node, services.config.max_nodes_per_pool, lease)
+            .pool_join(
+                pair,
+                node,
+                &checked.kinds,
+                services.config.max_nodes_per_pool,
+                lease,
+            )
             .await;
         (pair, joined)
     });
@@ -345,6 +351,13 @@ async fn acknowledge(
             .unwrap_or(u64::MAX),
         pairs: checked.pairs.clone(),
     });
+    services.hints.hold(
+        &register.node_id,
+        checked.kinds.clone(),
+        checked.version,
+        draining.clone(),
+        register.capacity.clone(),
+    );
     let session = Session {
         node: register.node_id,
         epoch: recorded.epoch,

@@ -4,11 +4,14 @@
 use super::*;
 
 impl Store {
-    /// Places a node in a pool of `pair` (idempotent) and returns the pool.
+    /// Places a node in a pool of `pair` (idempotent) and returns the pool;
+    /// it serves `kinds` there from now (no room yet: its routing entry
+    /// says how much).
     pub async fn pool_join(
         &self,
         pair: LangPair,
         node: &NodeId,
+        kinds: &[JobKind],
         max_nodes_per_pool: u32,
         lease: Duration,
     ) -> Result<String, StoreError> {
@@ -23,6 +26,9 @@ impl Store {
             .arg(node.as_str())
             .arg(max_nodes_per_pool)
             .arg(millis(lease));
+        for kind in kinds {
+            invocation.key(keys.served(kind));
+        }
         self.invoke("pool_join", invocation).await
     }
 
@@ -48,6 +54,10 @@ impl Store {
         for kind in kinds {
             invocation.key(keys.free(kind));
         }
+        for kind in kinds {
+            invocation.key(keys.served(kind));
+        }
+        invocation.key(keys.memory());
         invocation.arg(node.as_str()).arg(kinds.len());
         let was_member: i64 = self.invoke("pool_leave", invocation).await?;
         Ok(was_member == 1)
@@ -66,16 +76,22 @@ impl Store {
         kinds.sort_unstable();
         kinds.dedup();
         let mut invocation = self.scripts.route_update.prepare_invoke();
-        invocation.key(&keys.leases);
+        invocation.key(&keys.leases).key(keys.memory());
         for kind in &kinds {
             invocation.key(keys.route(kind));
         }
         for kind in &kinds {
             invocation.key(keys.free(kind));
         }
+        for kind in &kinds {
+            invocation.key(keys.served(kind));
+        }
         invocation.arg(millis(lease)).arg(kinds.len());
         for entry in entries {
-            invocation.arg(entry.node.as_str());
+            let room = entry.room.as_ref().map_or_else(String::new, |room| {
+                serde_json::to_string(room).unwrap_or_default()
+            });
+            invocation.arg(entry.node.as_str()).arg(room);
             for kind in &kinds {
                 let free = entry.free.get(*kind).map_or(-1, |&n| i64::from(n));
                 invocation.arg(free);
@@ -105,9 +121,12 @@ impl Store {
             .key(keys.free(kind))
             .key(&keys.leases)
             .key(keys.session(session.unwrap_or("")))
+            .key(keys.memory())
+            .key(keys.served(kind))
             .arg(if session.is_some() { "1" } else { "0" })
             .arg(millis(affinity))
-            .arg(policy.as_str());
+            .arg(policy.as_str())
+            .arg(kind.as_str());
         for node in excluded {
             invocation.arg(node.as_str());
         }

@@ -70,7 +70,7 @@ async fn measure(
         try_join_all(
             chunk
                 .iter()
-                .map(|node| store.pool_join(pair, node, 100, lease)),
+                .map(|node| store.pool_join(pair, node, &[], 100, lease)),
         )
         .await
         .map_err(|e| e.to_string())?;
@@ -79,6 +79,7 @@ async fn measure(
             .map(|node| RouteEntry {
                 node: node.clone(),
                 free: BTreeMap::from([(kind.clone(), 1_000_000)]),
+                room: None,
             })
             .collect();
         store

@@ -142,7 +142,7 @@ async fn ceiling(redis_url: &str, clients: u32, window: Duration) -> Result<f64,
         .collect::<Result<_, _>>()?;
     for node in &nodes {
         store
-            .pool_join(pair, node, 100, lease)
+            .pool_join(pair, node, &[], 100, lease)
             .await
             .map_err(|e| e.to_string())?;
     }
@@ -214,6 +214,7 @@ pub fn with_room(nodes: impl Iterator<Item = NodeId>, kind: &JobKind) -> Vec<Rou
         .map(|node| RouteEntry {
             node,
             free: BTreeMap::from([(kind.clone(), SLOTS)]),
+            room: None,
         })
         .collect()
 }

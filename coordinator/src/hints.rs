@@ -1,0 +1,308 @@
+//! What routing is told about the nodes this instance holds: each node's
+//! last report, less the assignments that report cannot have counted.
+//!
+//! A report reflects every assignment the node answered before sending it,
+//! and none sent after. So the entry written for routing is the last
+//! report less every assignment sent since that report arrived, and less
+//! those unanswered when it arrived (they crossed it on the wire). With
+//! the node's room (protocol version 2) those assignments also take their
+//! memory, and no kind's hint exceeds what fits in the memory left: every
+//! kind shrinks when any kind is sent.
+//!
+//! Routing updates and picks of one pair exclude each other here
+//! ([`Hints::picking`], [`Hints::updating`]): a pick is counted before
+//! any update of its pair is computed, so an update never hands back room
+//! a pick took. (Picks by other coordinator instances, for nodes held
+//! here, are counted when their assignments arrive: between the two, a
+//! node may be offered more than it has, and refuses.)
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use lingua_shared::protocol::CapacityReport;
+use lingua_shared::sync::lock;
+use lingua_shared::{JobKind, LangPair, NodeId};
+use tokio::sync::{Notify, OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
+
+use crate::store::RouteEntry;
+
+/// The protocol version from which a node's room is used.
+pub const ROOM_VERSION: u32 = 2;
+
+/// One held node.
+#[derive(Debug)]
+struct Node {
+    kinds: Vec<JobKind>,
+    version: u32,
+    draining: Arc<AtomicBool>,
+    report: CapacityReport,
+    /// Assignments sent and not answered yet, per kind.
+    unanswered: BTreeMap<JobKind, u32>,
+    /// Assignments the last report cannot have counted, per kind.
+    uncounted: BTreeMap<JobKind, u32>,
+}
+
+/// The routing hints of the nodes this instance holds.
+#[derive(Debug, Default)]
+pub struct Hints {
+    nodes: Mutex<HashMap<NodeId, Node>>,
+    pairs: Mutex<HashMap<LangPair, Arc<RwLock<()>>>>,
+    written: Notify,
+}
+
+impl Hints {
+    /// Notified after each batch of routing updates reaches Redis:
+    /// dispatchers waiting for room try again.
+    pub fn written(&self) -> &Notify {
+        &self.written
+    }
+
+    /// Starts hinting for a node that registered: its kinds, protocol
+    /// version, drain flag and first report. Assignments still unanswered
+    /// from an earlier connection stay counted.
+    pub fn hold(
+        &self,
+        node: &NodeId,
+        kinds: Vec<JobKind>,
+        version: u32,
+        draining: Arc<AtomicBool>,
+        report: CapacityReport,
+    ) {
+        let mut nodes = lock(&self.nodes);
+        let unanswered = nodes
+            .remove(node)
+            .map(|old| old.unanswered)
+            .unwrap_or_default();
+        let uncounted = unanswered.clone();
+        let held = Node {
+            kinds,
+            version,
+            draining,
+            report,
+            unanswered,
+            uncounted,
+        };
+        nodes.insert(node.clone(), held);
+    }
+
+    /// Stops hinting for a node whose connection ended.
+    pub fn forget(&self, node: &NodeId) {
+        lock(&self.nodes).remove(node);
+    }
+
+    /// A new report from `node`: it counts every assignment answered
+    /// before it.
+    pub fn report(&self, node: &NodeId, report: CapacityReport) {
+        if let Some(held) = lock(&self.nodes).get_mut(node) {
+            held.uncounted = held.unanswered.clone();
+            held.report = report;
+        }
+    }
+
+    /// `node` refused a job of `kind` for want of room: none of that kind
+    /// there until it reports again.
+    pub fn full(&self, node: &NodeId, kind: &JobKind) {
+        if let Some(held) = lock(&self.nodes).get_mut(node) {
+            held.report.free_slots.insert(kind.clone(), 0);
+        }
+    }
+
+    /// Counts an assignment of `kind` sent to `node` (picked here, or
+    /// forwarded by another instance), unanswered until `answered`.
+    pub fn assigned(&self, node: &NodeId, kind: &JobKind) {
+        let mut nodes = lock(&self.nodes);
+        let Some(held) = nodes.get_mut(node) else {
+            return;
+        };
+        *held.unanswered.entry(kind.clone()).or_default() += 1;
+        *held.uncounted.entry(kind.clone()).or_default() += 1;
+    }
+
+    /// The node answered (or never will answer) an assignment of `kind`.
+    pub fn answered(&self, node: &NodeId, kind: &JobKind) {
+        if let Some(held) = lock(&self.nodes).get_mut(node)
+            && let Some(count) = held.unanswered.get_mut(kind)
+        {
+            *count = count.saturating_sub(1);
+        }
+    }
+
+    /// The routing entry of `node` now; none when it is not held here.
+    pub fn entry(&self, node: &NodeId) -> Option<RouteEntry> {
+        let nodes = lock(&self.nodes);
+        let held = nodes.get(node)?;
+        if held.draining.load(Ordering::SeqCst) {
+            return Some(RouteEntry {
+                node: node.clone(),
+                free: held.kinds.iter().map(|kind| (kind.clone(), 0)).collect(),
+                room: None,
+            });
+        }
+        let mut room = held
+            .report
+            .room
+            .clone()
+            .filter(|_| held.version >= ROOM_VERSION);
+        let mut free = BTreeMap::new();
+        for kind in &held.kinds {
+            let sent = held.uncounted.get(kind).copied().unwrap_or(0);
+            if let Some(room) = room.as_mut() {
+                for _ in 0..sent {
+                    room.take(kind);
+                }
+            }
+            let reported = held.report.free_slots.get(kind).copied().unwrap_or(0);
+            free.insert(kind.clone(), reported.saturating_sub(sent));
+        }
+        if let Some(room) = &room {
+            for (kind, slots) in &mut free {
+                *slots = room.hint(kind, *slots);
+            }
+        }
+        Some(RouteEntry {
+            node: node.clone(),
+            free,
+            room,
+        })
+    }
+
+    /// Counts an assignment picked here until the returned guard drops
+    /// (at its answer, or when it is not sent after all).
+    pub fn assign(self: &Arc<Self>, node: &NodeId, kind: &JobKind) -> Assigned {
+        self.assigned(node, kind);
+        Assigned {
+            hints: Arc::clone(self),
+            node: node.clone(),
+            kind: kind.clone(),
+        }
+    }
+
+    fn pair_lock(&self, pair: LangPair) -> Arc<RwLock<()>> {
+        Arc::clone(lock(&self.pairs).entry(pair).or_default())
+    }
+
+    /// Held while a pick of `pair` runs and its assignment is counted:
+    /// no update of the pair is computed meanwhile.
+    pub async fn picking(&self, pair: LangPair) -> OwnedRwLockReadGuard<()> {
+        self.pair_lock(pair).read_owned().await
+    }
+
+    /// Held while an update of `pair` is computed and written.
+    pub async fn updating(&self, pair: LangPair) -> OwnedRwLockWriteGuard<()> {
+        self.pair_lock(pair).write_owned().await
+    }
+}
+
+/// An assignment counted as unanswered until dropped.
+#[derive(Debug)]
+pub struct Assigned {
+    hints: Arc<Hints>,
+    node: NodeId,
+    kind: JobKind,
+}
+
+impl Drop for Assigned {
+    fn drop(&mut self) {
+        self.hints.answered(&self.node, &self.kind);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lingua_shared::room::Room;
+
+    use super::*;
+
+    fn kind(name: &str) -> JobKind {
+        JobKind::new(name).unwrap()
+    }
+
+    fn node() -> NodeId {
+        NodeId::new("n1").unwrap()
+    }
+
+    /// One 16,000 MiB GPU: 2 asr (6,000 MiB) or 5 translate (3,000 MiB).
+    fn report() -> CapacityReport {
+        CapacityReport {
+            free_slots: [(kind("asr"), 2), (kind("translate"), 5)].into(),
+            room: Some(Room {
+                devices_mb: vec![16_000],
+                vram_mb: [(kind("asr"), 6000), (kind("translate"), 3000)].into(),
+            }),
+            ..CapacityReport::default()
+        }
+    }
+
+    fn hints(version: u32) -> Hints {
+        let hints = Hints::default();
+        let kinds = vec![kind("asr"), kind("translate")];
+        hints.hold(&node(), kinds, version, Arc::default(), report());
+        hints
+    }
+
+    fn free(hints: &Hints, name: &str) -> u32 {
+        hints.entry(&node()).unwrap().free[&kind(name)]
+    }
+
+    #[test]
+    fn an_assignment_shrinks_every_kind_of_a_node_that_reports_its_room() {
+        let hints = hints(ROOM_VERSION);
+        hints.assigned(&node(), &kind("asr"));
+        assert_eq!(free(&hints, "asr"), 1);
+        assert_eq!(free(&hints, "translate"), 3, "10,000 MiB left");
+        let room = hints.entry(&node()).unwrap().room.unwrap();
+        assert_eq!(room.devices_mb, [10_000]);
+    }
+
+    #[test]
+    fn without_room_only_the_assigned_kind_shrinks() {
+        let hints = hints(1);
+        hints.assigned(&node(), &kind("asr"));
+        assert_eq!(free(&hints, "asr"), 1);
+        assert_eq!(free(&hints, "translate"), 5);
+        assert_eq!(hints.entry(&node()).unwrap().room, None);
+    }
+
+    #[test]
+    fn an_assignment_counts_until_a_report_that_follows_its_answer() {
+        let hints = hints(ROOM_VERSION);
+        hints.assigned(&node(), &kind("asr"));
+        // Answered, but the last report came before: still not counted
+        // there.
+        hints.answered(&node(), &kind("asr"));
+        assert_eq!(free(&hints, "asr"), 1);
+        // A report after the answer counts it.
+        let mut later = report();
+        later.free_slots.insert(kind("asr"), 1);
+        later.room.as_mut().unwrap().devices_mb = vec![10_000];
+        hints.report(&node(), later);
+        assert_eq!(free(&hints, "asr"), 1);
+        assert_eq!(free(&hints, "translate"), 3);
+    }
+
+    #[test]
+    fn a_report_crossing_an_unanswered_assignment_still_counts_it_out() {
+        let hints = hints(ROOM_VERSION);
+        hints.assigned(&node(), &kind("translate"));
+        hints.report(&node(), report());
+        assert_eq!(free(&hints, "translate"), 4);
+        hints.answered(&node(), &kind("translate"));
+        hints.report(&node(), report());
+        assert_eq!(free(&hints, "translate"), 5);
+    }
+
+    #[test]
+    fn a_draining_node_and_a_full_kind_get_no_room() {
+        let hints = hints(ROOM_VERSION);
+        hints.full(&node(), &kind("translate"));
+        assert_eq!(free(&hints, "translate"), 0);
+        assert_eq!(free(&hints, "asr"), 2);
+        let draining = Arc::new(AtomicBool::new(true));
+        let kinds = vec![kind("asr")];
+        hints.hold(&node(), kinds, ROOM_VERSION, draining, report());
+        assert_eq!(free(&hints, "asr"), 0);
+        hints.forget(&node());
+        assert_eq!(hints.entry(&node()), None);
+    }
+}

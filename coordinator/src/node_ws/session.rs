@@ -1,0 +1,60 @@
+//! A registered connection's state, and when it tells routing about the
+//! node (what it tells is the node's [`crate::hints::Hints`]).
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use lingua_shared::protocol::CapacityReport;
+use lingua_shared::{JobKind, LangPair, NodeId};
+use tokio::time::Instant;
+
+use super::{MIN_PUBLISH_INTERVAL, NodeServices};
+
+/// A registered connection.
+pub(super) struct Session {
+    pub(super) node: NodeId,
+    pub(super) epoch: u64,
+    pub(super) pairs: Vec<LangPair>,
+    pub(super) kinds: Vec<JobKind>,
+    /// Shared with the registry entry and the hints: an admin drain sets
+    /// it.
+    pub(super) draining: Arc<AtomicBool>,
+    /// The last report, as the admin API shows it.
+    pub(super) capacity: CapacityReport,
+    /// When this connection's routing entries were last queued.
+    pub(super) published: Instant,
+    /// A report arrived within [`MIN_PUBLISH_INTERVAL`] of the last one
+    /// and waits for the interval's end.
+    pub(super) publish_pending: bool,
+    /// When a heartbeat was last recorded in Redis (never, at first).
+    pub(super) recorded: Option<Instant>,
+}
+
+impl Session {
+    /// Takes a report from the node: its hints follow it.
+    pub(super) fn reported(&mut self, services: &NodeServices, report: CapacityReport) {
+        services.hints.report(&self.node, report.clone());
+        self.capacity = report;
+    }
+
+    /// Queues this node's routing entries in every pair it serves.
+    pub(super) fn publish(&mut self, services: &NodeServices) {
+        self.published = Instant::now();
+        self.publish_pending = false;
+        services
+            .batcher
+            .queue(self.pairs.iter().copied(), &self.node);
+    }
+
+    /// Publishes now, or at the end of the current interval when the last
+    /// publication was less than [`MIN_PUBLISH_INTERVAL`] ago: however
+    /// fast a node reports, its reports cost at most one routing update
+    /// per interval.
+    pub(super) fn publish_soon(&mut self, services: &NodeServices) {
+        if self.published.elapsed() >= MIN_PUBLISH_INTERVAL {
+            self.publish(services);
+        } else {
+            self.publish_pending = true;
+        }
+    }
+}
