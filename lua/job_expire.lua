@@ -14,7 +14,7 @@ local fields = redis.call('HMGET', KEYS[1], 'status', 'created_ms', 'deadline_ms
 if not fields[1] then
   return 'missing'
 end
-if fields[1] ~= 'running' then
+if fields[1] ~= 'running' and fields[1] ~= 'queued' then
   return 'ended'
 end
 local now = redis.call('TIME')

@@ -15,7 +15,7 @@ local fields = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'created_ms', '
 if not fields[1] then
   return 'stale'
 end
-if fields[1] ~= 'running' then
+if fields[1] ~= 'running' and fields[1] ~= 'queued' then
   return 'duplicate'
 end
 if fields[2] ~= ARGV[1] then

@@ -15,13 +15,18 @@
 -- KEYS[3+2n..2+3n] served:<kind> ZSET node -> lease deadline, every node
 --                               serving the kind, room or not
 --                               lingua:v1:pair:{<src:tgt>}:served:<kind>
+-- KEYS[3+3n]       waiting      ZSET instance -> deadline: coordinator
+--                               instances with jobs waiting for room here
+--                               lingua:v1:pair:{<src:tgt>}:waiting
 -- ARGV[1] lease length in ms
 -- ARGV[2] n, the number of kinds
 -- ARGV[3..] per node: node id, its room as JSON ("" when it reports none),
 --           then n free-slot counts (one per kind; 0 takes the node out of
 --           that kind's routing, -1 means the node does not serve the kind)
--- Returns the ids of nodes that are no longer members of the pair (their
--- lease ran out and they were cleaned up): the caller re-joins them.
+-- Returns {missing, waiting}: the ids of nodes that are no longer members
+-- of the pair (their lease ran out and they were cleaned up: the caller
+-- re-joins them), and the instances with jobs waiting for room here (the
+-- caller tells them when the update shows room).
 local n = tonumber(ARGV[2])
 local now = redis.call('TIME')
 local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
@@ -62,4 +67,6 @@ end
 for k = 1, n do
   redis.call('ZREMRANGEBYSCORE', KEYS[2 + 2 * n + k], '-inf', now_ms)
 end
-return missing
+local waiting = KEYS[3 + 3 * n]
+redis.call('ZREMRANGEBYSCORE', waiting, '-inf', now_ms)
+return {missing, redis.call('ZRANGE', waiting, 0, -1)}

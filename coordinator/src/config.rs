@@ -73,6 +73,8 @@ pub struct Config {
     pub result_ttl: Duration,
     /// How a node is chosen for a job.
     pub pick: PickPolicy,
+    /// Most jobs this instance holds waiting for room, all queues together.
+    pub max_queued: u32,
     /// Most language pairs one node may serve.
     pub max_pairs_per_node: u32,
     /// How long an offline node's record stays in Redis after its last
@@ -131,6 +133,7 @@ impl Default for Config {
             accept_timeout: Duration::from_millis(2_000),
             result_ttl: Duration::from_millis(300_000),
             pick: PickPolicy::Capacity,
+            max_queued: 10_000,
             max_pairs_per_node: 64,
             offline_retention: Duration::from_millis(86_400_000),
             max_connections: 16_384,
@@ -244,6 +247,12 @@ impl Config {
                 1_000..=604_800_000,
             )?,
             pick: raw.pick.unwrap_or_default(),
+            max_queued: check.range(
+                "jobs.max_queued",
+                raw.max_queued,
+                self.max_queued,
+                1..=1_000_000,
+            )?,
             ..self
         })
     }

@@ -13,8 +13,8 @@
 //! This module holds the messages and how to post them; [`crate::inbox`]
 //! runs the loops that announce this instance and read its inbox.
 
-use lingua_shared::NodeId;
 use lingua_shared::protocol::{JobAssign, JobCancel, JobRef, RejectReason};
+use lingua_shared::{LangPair, NodeId};
 use serde::{Deserialize, Serialize};
 
 use tokio_util::task::TaskTracker;
@@ -49,6 +49,12 @@ pub enum Envelope {
         node: NodeId,
         /// The cancel.
         cancel: JobCancel,
+    },
+    /// For an instance with jobs waiting for room in `pair`: a routing
+    /// update of the pair showed room (the head of each queue may try).
+    Capacity {
+        /// The language pair.
+        pair: LangPair,
     },
     /// For a job's dispatcher: what became of one attempt.
     Answer {

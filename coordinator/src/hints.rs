@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use lingua_shared::protocol::CapacityReport;
 use lingua_shared::sync::lock;
 use lingua_shared::{JobKind, LangPair, NodeId};
-use tokio::sync::{Notify, OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
+use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
 
 use crate::store::RouteEntry;
 
@@ -48,16 +48,9 @@ struct Node {
 pub struct Hints {
     nodes: Mutex<HashMap<NodeId, Node>>,
     pairs: Mutex<HashMap<LangPair, Arc<RwLock<()>>>>,
-    written: Notify,
 }
 
 impl Hints {
-    /// Notified after each batch of routing updates reaches Redis:
-    /// dispatchers waiting for room try again.
-    pub fn written(&self) -> &Notify {
-        &self.written
-    }
-
     /// Starts hinting for a node that registered: its kinds, protocol
     /// version, drain flag and first report. Assignments still unanswered
     /// from an earlier connection stay counted.

@@ -62,6 +62,7 @@ pub async fn announce(
             Err(err) => tracing::warn!(error = %err, "cannot look for dead instances"),
         }
         peers.router.check_holders().await;
+        peers.router.still_waiting(ttl).await;
     }
     if let Err(err) = peers.store.instance_gone(&peers.instance).await {
         tracing::warn!(error = %err, "cannot remove this instance's presence");
@@ -151,5 +152,6 @@ async fn deliver(peers: &Peers, envelope: Envelope) {
                 .send(&node, Control::Send(Box::new(Message::JobCancel(cancel))));
         }
         Envelope::Answer { job, answer } => peers.router.remote_answer(&job, answer),
+        Envelope::Capacity { pair } => peers.router.room_in(pair),
     }
 }

@@ -10,7 +10,6 @@
 //! draws the lifecycle.
 
 use std::collections::HashMap;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,8 +21,7 @@ use lingua_shared::sync::lock;
 use lingua_shared::{JobId, JobKind, LangCode, LangPair, Message, NodeId, encoded_len};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use tokio::sync::futures::Notified;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -32,7 +30,8 @@ use crate::auth::Caller;
 use crate::config::Config;
 use crate::forward::{self, Envelope, RemoteAnswer};
 use crate::hints::{Assigned, Hints};
-use crate::metrics::{JobLabel, Metrics, ResultLabel};
+use crate::metrics::{JobLabel, Metrics, QueueLabel, ResultLabel};
+use crate::queue::{QueueKey, Queues, Shed, Waiting};
 use crate::registry::{Control, Registry};
 use crate::store::{
     Finish, JobRecord, JobStart, JobStatus, Pick, Store, StoreError, wall_clock_ms,
@@ -48,17 +47,23 @@ const REMOTE_POLL_MAX: Duration = Duration::from_millis(250);
 /// How long past its deadline a running job must be before any instance
 /// ends it as an orphan: its own dispatcher ends it at the deadline.
 const ORPHAN_GRACE_MS: u64 = 2_000;
-/// Longest wait for a capacity report before picking again.
-const CAPACITY_POLL: Duration = Duration::from_millis(50);
+/// How many leases an instance's record of waiting jobs lasts (renewed
+/// every heartbeat interval while jobs wait; clocks may differ a little).
+const WAITING_TTL_LEASES: u32 = 3;
+/// The shortest Retry-After given with `no_capacity`.
+const MIN_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 mod answers;
+mod attempts;
 mod dispatch;
 mod lookup;
 mod remote;
 mod request;
+mod submit;
 mod view;
 
-pub use request::{Job, JobRequest};
+pub use request::{DEFAULT_PRIORITY, Job, JobRequest};
+pub use submit::Submitted;
 pub use view::{JobErrorCode, JobView};
 
 /// What a dispatch task hears about its current attempt.
@@ -76,6 +81,13 @@ pub enum SubmitError {
     /// The id belongs to a different request.
     #[error("job id {0} is already used by a different request")]
     Conflict(JobId),
+    /// It would wait behind others while this instance's admission queue
+    /// is full.
+    #[error("the admission queue is full")]
+    QueueFull {
+        /// When it is worth submitting again.
+        retry_after: Duration,
+    },
     /// Redis failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -96,6 +108,8 @@ pub struct JobRouter {
     forwarded: Mutex<HashMap<JobRef, Forwarded>>,
     waiters: Mutex<HashMap<JobId, Arc<Waiter>>>,
     hints: Arc<Hints>,
+    /// Jobs waiting for room, per pair and kind (routing updates wake them).
+    queues: Arc<Mutex<Queues>>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     /// Dispatch tasks and messages posted to other instances, awaited on
@@ -105,8 +119,8 @@ pub struct JobRouter {
 
 impl JobRouter {
     /// A router over `store`, sending through the sockets of `registry`,
-    /// counting its assignments in `hints` (and waking waiting dispatchers
-    /// when routing updates reach Redis). On
+    /// counting its assignments in `hints`; jobs without room wait in
+    /// `queues`, which routing updates wake. On
     /// `shutdown` dispatching stops: jobs in flight stay `running` in Redis
     /// and their results are recorded by whichever coordinator receives
     /// them.
@@ -115,7 +129,7 @@ impl JobRouter {
         registry: Arc<Registry>,
         config: Config,
         instance: String,
-        hints: Arc<Hints>,
+        (hints, queues): (Arc<Hints>, Arc<Mutex<Queues>>),
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Self {
@@ -128,6 +142,7 @@ impl JobRouter {
             forwarded: Mutex::default(),
             waiters: Mutex::default(),
             hints,
+            queues,
             metrics,
             shutdown,
             tasks: TaskTracker::new(),

@@ -109,6 +109,13 @@ impl PairKeys {
         format!("{}:served:{kind}", self.base)
     }
 
+    /// ZSET instance -> deadline (ms): coordinator instances with jobs
+    /// waiting for room in the pair, to be told when a routing update
+    /// shows some.
+    pub fn waiting(&self) -> String {
+        format!("{}:waiting", self.base)
+    }
+
     /// HASH node -> its room (JSON of `lingua_shared::room::Room`), for
     /// nodes that report one: every kind's hint shrinks when any kind is
     /// assigned there.

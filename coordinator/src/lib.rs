@@ -15,6 +15,7 @@
 //! - [`listener`]: the accept loop: connection cap, timeouts, drain.
 //! - [`store`], [`keys`]: everything kept in Redis, and the key names.
 //! - [`hints`]: what routing is told about the nodes held here.
+//! - [`queue`]: the admission queue, per pair and kind.
 //! - [`route_batch`]: routing updates batched per language pair.
 //! - [`registry`]: node sockets held by this instance.
 //! - [`metrics`]: Prometheus metrics.
@@ -36,6 +37,7 @@ pub mod listener;
 pub mod metrics;
 pub mod node_ws;
 pub mod private_redis;
+pub mod queue;
 pub mod registry;
 pub mod route_batch;
 pub mod server;

@@ -8,7 +8,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 /// Label: the outcome of a registration.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -54,6 +54,22 @@ pub struct PoolLabel {
     pub pool: String,
 }
 
+/// Label: an admission queue.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLabel {
+    /// The language pair.
+    pub pair: String,
+    /// The job kind.
+    pub kind: String,
+}
+
+/// Label: why a job was answered early, or a node refused one.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// The reason.
+    pub reason: String,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Every metric the coordinator exports.
@@ -81,6 +97,20 @@ pub struct Metrics {
     pub assignments: Counter,
     /// Assignments forwarded to the instance holding the node's socket.
     pub forwarded: Counter,
+    /// Jobs waiting in the admission queue, per pair and kind.
+    pub queue_depth: Family<QueueLabel, Gauge>,
+    /// How long jobs waited in the admission queue before a node had room.
+    pub queue_wait: HistogramFamily<QueueLabel>,
+    /// Jobs answered early, without a node: `queue_full`, `too_late` (the
+    /// queue could not serve them before their deadline), `deadline`.
+    pub shed: Family<ReasonLabel, Counter>,
+    /// Assignments nodes refused, by the node's reason.
+    pub refusals: Family<ReasonLabel, Counter>,
+}
+
+fn wait_histogram() -> Histogram {
+    // 1 ms .. ~65 s
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
 }
 
 fn script_histogram() -> Histogram {
@@ -88,87 +118,98 @@ fn script_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_05, 2.0, 15))
 }
 
+/// The help text of each metric, as `/metrics` shows it.
+mod help {
+    pub const NODES_CONNECTED: &str = "Node sockets held by this coordinator instance";
+    pub const CONNECTIONS_OPEN: &str =
+        "Connections (HTTP and node sockets) holding a place under limits.max_connections";
+    pub const REGISTRATIONS: &str = "Node registrations by outcome";
+    pub const HEARTBEATS: &str = "Heartbeats received";
+    pub const FRAMES_REJECTED: &str = "Node frames answered with an error frame, by code";
+    pub const SCRIPT_SECONDS: &str = "Latency of Redis script calls";
+    pub const POOL_NODES: &str = "Nodes per pool held by this instance (refreshed at each scrape)";
+    pub const JOBS: &str = "Jobs dispatched here that ended, by status or error code";
+    pub const RESULTS: &str = "Node results: applied, duplicate (already ended), stale (superseded attempt) or foreign (assigned to another node: refused)";
+    pub const ASSIGNMENTS: &str = "Assignments sent to nodes (one per attempt)";
+    pub const FORWARDED: &str =
+        "Assignments sent through the inbox of the instance holding the node's socket";
+    pub const QUEUE_DEPTH: &str =
+        "Jobs waiting in this instance's admission queue, per pair and kind";
+    pub const QUEUE_WAIT: &str =
+        "Time jobs waited in the admission queue until a node had room, per pair and kind";
+    pub const SHED: &str = "Jobs answered no_capacity early: queue_full (max_queued reached), too_late (the queue could not serve them before their deadline), deadline (it passed while queued)";
+    pub const REFUSALS: &str = "Assignments nodes refused, by the node's reason";
+}
+
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("lingua");
-        let nodes_connected = Gauge::default();
-        let connections_open = Gauge::default();
-        let registrations = Family::default();
-        let heartbeats = Counter::default();
-        let frames_rejected = Family::default();
-        let script_seconds =
-            HistogramFamily::new_with_constructor(script_histogram as fn() -> Histogram);
-        let pool_nodes = Family::default();
-        let jobs = Family::default();
-        let results = Family::default();
-        let assignments = Counter::default();
-        let forwarded = Counter::default();
-        registry.register(
-            "jobs",
-            "Jobs dispatched here that ended, by status or error code",
-            jobs.clone(),
-        );
-        registry.register(
-            "job_results",
-            "Node results: applied, duplicate (already ended), stale (superseded attempt) or foreign (assigned to another node: refused)",
-            results.clone(),
-        );
-        registry.register(
-            "job_assignments",
-            "Assignments sent to nodes (one per attempt)",
-            assignments.clone(),
-        );
-        registry.register(
-            "job_assignments_forwarded",
-            "Assignments sent through the inbox of the instance holding the node's socket",
-            forwarded.clone(),
-        );
-        registry.register(
-            "nodes_connected",
-            "Node sockets held by this coordinator instance",
-            nodes_connected.clone(),
-        );
-        registry.register(
-            "connections_open",
-            "Connections (HTTP and node sockets) holding a place under limits.max_connections",
-            connections_open.clone(),
-        );
-        registry.register(
-            "node_registrations",
-            "Node registrations by outcome",
-            registrations.clone(),
-        );
-        registry.register("heartbeats", "Heartbeats received", heartbeats.clone());
-        registry.register(
-            "frames_rejected",
-            "Node frames answered with an error frame, by code",
-            frames_rejected.clone(),
-        );
-        registry.register(
-            "redis_script_duration_seconds",
-            "Latency of Redis script calls",
-            script_seconds.clone(),
-        );
-        registry.register(
-            "pool_nodes",
-            "Nodes per pool held by this instance (refreshed at each scrape)",
-            pool_nodes.clone(),
-        );
+        let mut r = Registry::with_prefix("lingua");
         Self {
-            registry,
-            nodes_connected,
-            connections_open,
-            registrations,
-            heartbeats,
-            frames_rejected,
-            script_seconds,
-            pool_nodes,
-            jobs,
-            results,
-            assignments,
-            forwarded,
+            nodes_connected: register(
+                &mut r,
+                "nodes_connected",
+                help::NODES_CONNECTED,
+                Gauge::default(),
+            ),
+            connections_open: register(
+                &mut r,
+                "connections_open",
+                help::CONNECTIONS_OPEN,
+                Gauge::default(),
+            ),
+            registrations: register(
+                &mut r,
+                "node_registrations",
+                help::REGISTRATIONS,
+                Family::default(),
+            ),
+            heartbeats: register(&mut r, "heartbeats", help::HEARTBEATS, Counter::default()),
+            frames_rejected: register(
+                &mut r,
+                "frames_rejected",
+                help::FRAMES_REJECTED,
+                Family::default(),
+            ),
+            script_seconds: register(
+                &mut r,
+                "redis_script_duration_seconds",
+                help::SCRIPT_SECONDS,
+                HistogramFamily::new_with_constructor(script_histogram as fn() -> Histogram),
+            ),
+            pool_nodes: register(&mut r, "pool_nodes", help::POOL_NODES, Family::default()),
+            jobs: register(&mut r, "jobs", help::JOBS, Family::default()),
+            results: register(&mut r, "job_results", help::RESULTS, Family::default()),
+            assignments: register(
+                &mut r,
+                "job_assignments",
+                help::ASSIGNMENTS,
+                Counter::default(),
+            ),
+            forwarded: register(
+                &mut r,
+                "job_assignments_forwarded",
+                help::FORWARDED,
+                Counter::default(),
+            ),
+            queue_depth: register(&mut r, "queue_depth", help::QUEUE_DEPTH, Family::default()),
+            queue_wait: register(
+                &mut r,
+                "queue_wait_seconds",
+                help::QUEUE_WAIT,
+                HistogramFamily::new_with_constructor(wait_histogram as fn() -> Histogram),
+            ),
+            shed: register(&mut r, "jobs_shed", help::SHED, Family::default()),
+            refusals: register(&mut r, "job_refusals", help::REFUSALS, Family::default()),
+            registry: r,
         }
     }
+}
+
+/// Registers `metric` under `name` and returns it (a handle to the same
+/// values).
+fn register<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
 }
 
 impl Metrics {
@@ -195,6 +236,24 @@ impl Metrics {
         self.frames_rejected
             .get_or_create(&CodeLabel {
                 code: code.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a job answered early, for `reason`.
+    pub fn shed(&self, reason: &str) {
+        self.shed
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts a node's refusal, for `reason`.
+    pub fn refused(&self, reason: &str) {
+        self.refusals
+            .get_or_create(&ReasonLabel {
+                reason: reason.to_owned(),
             })
             .inc();
     }

@@ -13,11 +13,13 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use lingua_shared::sync::lock;
-use lingua_shared::{LangPair, NodeId};
+use lingua_shared::{JobKind, LangPair, NodeId};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::forward::{self, Envelope};
 use crate::hints::Hints;
+use crate::queue::Queues;
 use crate::registry::Registry;
 use crate::store::{RouteEntry, Store};
 
@@ -35,18 +37,21 @@ pub struct RouteBatcher {
     max_nodes_per_pool: u32,
     lease: Duration,
     hints: Arc<Hints>,
+    queues: Arc<Mutex<Queues>>,
+    instance: String,
 }
 
 impl RouteBatcher {
-    /// A batcher writing the entries of `hints` through `store`; nodes of
+    /// A batcher of `instance` writing the entries of `hints` through
+    /// `store`, waking the `queues` of each pair and kind that has room
+    /// after a flush (and other instances waiting there); nodes of
     /// `registry` that lost their pair lease are re-joined with these pool
-    /// settings.
+    /// settings (most nodes per pool, lease).
     pub fn new(
-        store: Store,
+        (store, instance): (Store, String),
         registry: Arc<Registry>,
-        max_nodes_per_pool: u32,
-        lease: Duration,
-        hints: Arc<Hints>,
+        (max_nodes_per_pool, lease): (u32, Duration),
+        (hints, queues): (Arc<Hints>, Arc<Mutex<Queues>>),
     ) -> Self {
         Self {
             pending: Mutex::default(),
@@ -56,6 +61,8 @@ impl RouteBatcher {
             max_nodes_per_pool,
             lease,
             hints,
+            queues,
+            instance,
         }
     }
 
@@ -87,13 +94,18 @@ impl RouteBatcher {
         let batch = std::mem::take(&mut *self.lock());
         let hints = &self.hints;
         let calls = batch.into_iter().map(|(pair, nodes)| async move {
-            let _updating = hints.updating(pair).await;
+            let updating = hints.updating(pair).await;
             let entries: Vec<RouteEntry> = nodes.iter().filter_map(|node| hints.entry(node)).collect();
             if entries.is_empty() {
                 return (pair, Vec::new());
             }
-            match store.route_update(pair, &entries, lease).await {
-                Ok(missing) => (pair, missing),
+            let updated = store.route_update(pair, &entries, lease).await;
+            drop(updating);
+            match updated {
+                Ok(updated) => {
+                    self.wake(pair, &entries, &updated.waiting).await;
+                    (pair, updated.missing)
+                }
                 Err(err) => {
                     tracing::warn!(%pair, nodes = entries.len(), error = %err, "routing update failed");
                     (pair, Vec::new())
@@ -103,7 +115,35 @@ impl RouteBatcher {
         for (pair, missing) in join_all(calls).await {
             self.rejoin(pair, missing).await;
         }
-        self.hints.written().notify_waiters();
+    }
+
+    /// After an update of `pair` showing room: the head of each of this
+    /// instance's queues of a kind with room tries again, and the other
+    /// instances with jobs `waiting` there are told.
+    async fn wake(&self, pair: LangPair, entries: &[RouteEntry], waiting: &[String]) {
+        let mut roomy: Vec<&JobKind> = entries
+            .iter()
+            .flat_map(|e| e.free.iter())
+            .filter(|(_, free)| **free > 0)
+            .map(|(kind, _)| kind)
+            .collect();
+        if roomy.is_empty() {
+            return;
+        }
+        roomy.sort_unstable();
+        roomy.dedup();
+        {
+            let mut queues = lock(&self.queues);
+            for kind in roomy {
+                queues.wake(&(pair, kind.clone()));
+            }
+        }
+        let envelope = Envelope::Capacity { pair };
+        for instance in waiting.iter().filter(|i| **i != self.instance) {
+            if let Err(err) = forward::send(&self.store, instance, &envelope).await {
+                tracing::warn!(%pair, %instance, error = %err, "cannot tell a waiting instance about room");
+            }
+        }
     }
 
     /// Nodes whose pair lease ran out (a Redis stall longer than a lease,

@@ -2,7 +2,7 @@
 //! shutdown: `run(listener, tls, config, store, metrics, shutdown)`. Nothing
 //! depends on this module; it depends on everything.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -24,6 +24,7 @@ use crate::jobs::JobRouter;
 use crate::listener::{ConnectionLimits, DRAIN_TIMEOUT, PlainListener, serve_on};
 use crate::metrics::Metrics;
 use crate::node_ws::{self, NodeServices};
+use crate::queue::Queues;
 use crate::registry::Registry;
 use crate::route_batch::RouteBatcher;
 use crate::state::Shared;
@@ -67,21 +68,21 @@ fn services(
     shutdown: CancellationToken,
 ) -> NodeServices {
     let registry = Arc::new(Registry::default());
-    let hints = Arc::new(Hints::default());
-    let batcher = Arc::new(RouteBatcher::new(
-        store.clone(),
-        registry.clone(),
-        config.max_nodes_per_pool,
-        config.lease(),
-        hints.clone(),
-    ));
     let instance = new_instance_id();
+    let hints = Arc::new(Hints::default());
+    let queues = Arc::new(Mutex::new(Queues::new(config.max_queued as usize)));
+    let batcher = Arc::new(RouteBatcher::new(
+        (store.clone(), instance.clone()),
+        registry.clone(),
+        (config.max_nodes_per_pool, config.lease()),
+        (hints.clone(), queues.clone()),
+    ));
     let router = Arc::new(JobRouter::new(
         store.clone(),
         registry.clone(),
         config.clone(),
         instance.clone(),
-        hints.clone(),
+        (hints.clone(), queues),
         metrics.clone(),
         shutdown.clone(),
     ));

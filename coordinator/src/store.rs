@@ -153,7 +153,7 @@ pub enum Pick {
 /// The answer to [`Store::job_start`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobStart {
-    /// Created, attempt 1 recorded.
+    /// Created: queued without a node, or attempt 1 on the node given.
     New,
     /// The same request is already known.
     Exists,
@@ -182,6 +182,8 @@ pub enum Finish {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JobStatus {
+    /// Recorded, waiting for room: no node yet.
+    Queued,
     /// Dispatched, no terminal state yet.
     Running,
     /// Ended with output.
@@ -194,6 +196,7 @@ impl JobStatus {
     /// The status as Redis and the API write it.
     pub fn as_str(self) -> &'static str {
         match self {
+            JobStatus::Queued => "queued",
             JobStatus::Running => "running",
             JobStatus::Completed => "completed",
             JobStatus::Failed => "failed",
@@ -202,14 +205,19 @@ impl JobStatus {
 
     /// The status a hash holds, if it is one of ours.
     pub fn parse(text: &str) -> Option<Self> {
-        [JobStatus::Running, JobStatus::Completed, JobStatus::Failed]
-            .into_iter()
-            .find(|status| status.as_str() == text)
+        [
+            JobStatus::Queued,
+            JobStatus::Running,
+            JobStatus::Completed,
+            JobStatus::Failed,
+        ]
+        .into_iter()
+        .find(|status| status.as_str() == text)
     }
 
     /// True once completed or failed.
     pub fn is_terminal(self) -> bool {
-        self != JobStatus::Running
+        matches!(self, JobStatus::Completed | JobStatus::Failed)
     }
 }
 
@@ -258,6 +266,15 @@ pub struct PoolMembers {
     pub pool: String,
     /// Its members, sorted.
     pub nodes: Vec<String>,
+}
+
+/// What [`Store::route_update`] found.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RouteUpdated {
+    /// Nodes no longer members of the pair (their lease ran out).
+    pub missing: Vec<NodeId>,
+    /// Coordinator instances with jobs waiting for room in the pair.
+    pub waiting: Vec<String>,
 }
 
 /// One node's routing entry in one pair, for [`Store::route_update`].

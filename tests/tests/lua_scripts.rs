@@ -559,7 +559,7 @@ async fn route_update_tracks_room_and_reports_non_members() {
         },
     ];
     let missing = store.route_update(zh_en, &entries, LEASE).await.unwrap();
-    assert_eq!(missing, [node("stranger")]);
+    assert_eq!(missing.missing, [node("stranger")]);
     let conn = lingua_tests::connect(&redis).await;
     let members = |kind: &'static str| {
         let mut conn = conn.clone();

@@ -381,7 +381,7 @@ async fn bad_requests_get_400s_and_the_service_keeps_serving(redis: impl RedisBa
             400,
         ),
         (
-            br#"{"kind": "translate", "src_lang": "zh", "tgt_lang": "en", "priority": 1}"#.to_vec(),
+            br#"{"kind": "translate", "src_lang": "zh", "tgt_lang": "en", "urgency": 1}"#.to_vec(),
             400,
         ),
         (
@@ -654,6 +654,16 @@ async fn a_refusal_moves_a_job_on_without_using_up_its_attempts() {
     let answer = submitted.await.unwrap();
     assert_eq!(answer["status"], "completed", "{answer}");
     assert_eq!(answer["attempts"], 2, "{answer}");
+    let metrics = reqwest::get(coordinator.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("lingua_job_refusals_total{reason=\"no_capacity\"} 1"),
+        "{metrics}"
+    );
     node.close().await;
     coordinator.stop().await;
 }

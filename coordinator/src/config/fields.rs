@@ -79,6 +79,7 @@ pub(super) struct RawJobs {
     pub(super) accept_timeout_ms: Option<Spanned<u64>>,
     pub(super) result_ttl_ms: Option<Spanned<u64>>,
     pub(super) pick: Option<PickPolicy>,
+    pub(super) max_queued: Option<Spanned<u32>>,
 }
 
 pub(super) fn tokens(

@@ -14,10 +14,9 @@ use lingua_shared::{JobId, MAX_FRAME_BYTES, MAX_REQUEST_BODY_BYTES};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use super::{ApiError, query};
+use super::{ApiError, query, set_retry_after};
 use crate::auth::Caller;
 use crate::jobs::{Job, JobRequest, JobRouter, JobView, SubmitError};
-use crate::store::JobStatus;
 
 /// The limits a job request is held to.
 #[derive(Debug, Clone, Copy)]
@@ -53,8 +52,15 @@ pub struct GetQuery {
 /// The longest `wait_ms` honoured.
 pub const MAX_WAIT_MS: u64 = 60_000;
 
+/// A job's view; a `no_capacity` failure tells when to try again
+/// (`Retry-After`).
 fn view_response(view: JobView) -> Response {
-    (view.http_status(), Json(view)).into_response()
+    let retry_after = view.retry_after();
+    let mut response = (view.http_status(), Json(view)).into_response();
+    if let Some(wait) = retry_after {
+        set_retry_after(&mut response, wait);
+    }
+    response
 }
 
 /// Reads a request body of at most [`MAX_REQUEST_BODY_BYTES`] within
@@ -115,8 +121,8 @@ pub async fn submit_job(
     }
     let timeout = job.timeout;
     let id = job.id.clone();
-    let mut terminal = match router.submit(job).await {
-        Ok(terminal) => terminal,
+    let submitted = match router.submit(job).await {
+        Ok(submitted) => submitted,
         Err(SubmitError::Conflict(id)) => {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
@@ -124,19 +130,24 @@ pub async fn submit_job(
                 format!("job id {id} was already submitted with a different body"),
             ));
         }
+        Err(SubmitError::QueueFull { retry_after }) => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "queue_full",
+                "no node has room and this coordinator's admission queue is full ([jobs] max_queued); retry after the time in Retry-After",
+            )
+            .retry_after(retry_after));
+        }
         Err(SubmitError::Store(err)) => return Err(err.into()),
     };
     if !submit.wait {
-        let status = terminal
-            .borrow()
-            .as_ref()
-            .map_or(JobStatus::Running, |v| v.status);
         return Ok((
             StatusCode::ACCEPTED,
-            Json(json!({"id": id, "status": status})),
+            Json(json!({"id": id, "status": submitted.status})),
         )
             .into_response());
     }
+    let mut terminal = submitted.terminal;
     // The dispatcher ends the job at its timeout; the margin covers Redis.
     // A coordinator shutting down answers with the job still running: the
     // client can ask another instance for it.

@@ -1,102 +1,38 @@
-//! One task per job: pick a node, record the attempt, assign it, follow
-//! the node's answer, move on or end; and reading a job's state back.
+//! A job's dispatch: pick a node (in its turn in the admission queue while
+//! no node has room), record the attempt, follow it, move on or end.
 
 use super::*;
 
 impl JobRouter {
-    /// Submits a job: returns once it is recorded (or refused), with a
-    /// receiver that yields its terminal view.
-    pub async fn submit(
-        self: &Arc<Self>,
-        job: Job,
-    ) -> Result<watch::Receiver<Option<JobView>>, SubmitError> {
-        let (started_tx, started) = oneshot::channel();
-        let request = job.canonical();
-        let (waiter, fresh) = self.waiter(&job.id, &request);
-        if waiter.request != request {
-            return Err(SubmitError::Conflict(job.id));
-        }
-        let receiver = waiter.terminal.subscribe();
-        if !fresh {
-            // A submission of this id is being dispatched here already.
-            return Ok(receiver);
-        }
-        let this = Arc::clone(self);
-        self.tasks
-            .spawn(async move { this.dispatch(job, waiter, started_tx).await });
-        match started.await {
-            Ok(Ok(())) => Ok(receiver),
-            Ok(Err(err)) => Err(err),
-            Err(_) => Ok(receiver),
-        }
-    }
-
-    pub(super) fn waiter(&self, id: &JobId, request: &str) -> (Arc<Waiter>, bool) {
-        let mut waiters = lock(&self.waiters);
-        if let Some(existing) = waiters.get(id) {
-            return (Arc::clone(existing), false);
-        }
-        let waiter = Arc::new(Waiter {
-            request: request.to_owned(),
-            terminal: watch::channel(None).0,
-        });
-        waiters.insert(id.clone(), Arc::clone(&waiter));
-        (waiter, true)
-    }
-
-    /// Publishes a terminal view and forgets the waiter.
-    pub(super) fn publish(&self, id: &JobId, view: JobView) {
-        if let Some(waiter) = lock(&self.waiters).remove(id) {
-            waiter.terminal.send_replace(Some(view));
-        }
-    }
-
-    pub(super) async fn dispatch(self: Arc<Self>, job: Job, waiter: Arc<Waiter>, started: Started) {
-        let mut state = Dispatch::new(&job, self.config.result_ttl, started);
-        let outcome = tokio::select! {
-            outcome = self.run(&mut state) => outcome,
-            () = self.shutdown.cancelled() => {
-                lock(&self.waiters).remove(&job.id);
-                return;
-            }
-        };
-        let view = match outcome {
-            Ok(view) => view,
-            Err(err) => {
-                tracing::error!(job_id = %job.id, error = %err, "dispatch failed");
-                if let Some(started) = state.started.take() {
-                    let _ = started.send(Err(err));
-                }
-                lock(&self.waiters).remove(&job.id);
-                drop(waiter);
-                return;
-            }
-        };
-        state.recorded();
-        let status = view.error_code().map_or_else(
-            || view.status.as_str().to_owned(),
-            |code| code.as_str().to_owned(),
-        );
-        self.metrics.jobs.get_or_create(&JobLabel { status }).inc();
-        self.publish(&job.id, view);
-    }
-
     /// Tries nodes until the job ends, here or on another instance.
-    async fn run(&self, state: &mut Dispatch<'_>) -> Result<JobView, SubmitError> {
+    pub(super) async fn run(&self, state: &mut Dispatch<'_>) -> Result<JobView, SubmitError> {
         let job = state.job;
+        let mut seat: Option<Seat<'_>> = None;
         loop {
             if let Some(failure) = state.spent(self.config.max_attempts, Instant::now()) {
                 return self.fail(state, failure).await;
             }
-            // Registered before the pick, so that a report landing while
-            // the pick is in flight still wakes this dispatcher.
-            let report = self.hints.written().notified();
-            tokio::pin!(report);
-            report.as_mut().enable();
+            if seat.is_none() && lock(&self.queues).depth(&state.key) > 0 {
+                // Others wait for room of this pair and kind: behind them.
+                match self.sit(state) {
+                    Ok(joined) => seat = Some(joined),
+                    Err(failure) => return self.fail(state, failure).await,
+                }
+            }
+            if let Some(waiting) = &seat
+                && !waiting.turn(state.deadline).await
+            {
+                let failure = self.waited_too_long(state);
+                return self.fail(state, failure).await;
+            }
+            let wakes = lock(&self.queues).wakes(&state.key);
             let (node, assigned) = match self.pick(state).await? {
-                Picked::Node(node, assigned) => (node, assigned),
+                Picked::Node(node, assigned) => {
+                    self.granted(state, seat.take());
+                    (node, assigned)
+                }
                 Picked::NoNodes => {
-                    // Nothing serves the pair any more: waiting would only
+                    // Nothing serves the pair and kind: waiting would only
                     // burn the client's timeout.
                     let message = format!("no live node serves {} jobs for {}", job.kind, job.pair);
                     let failure = state.failure_or(JobErrorCode::NoNodes, message);
@@ -104,38 +40,39 @@ impl JobRouter {
                 }
                 Picked::NoCapacity => {
                     // Every node is full, or every node with room was tried
-                    // already: nodes that refused may have room again by the
-                    // next report, so they become candidates again. Wait for
-                    // a capacity report, as long as the job may wait.
+                    // already: nodes that refused may have room by the next
+                    // report, so they become candidates again.
                     state.excluded.clear();
-                    if !wait_for_capacity(report, state.deadline).await {
-                        let message = format!(
-                            "no node had room for a {} job for {} within {} ms",
-                            job.kind,
-                            job.pair,
-                            job.timeout.as_millis()
-                        );
-                        let failure = state.failure_or(JobErrorCode::NoCapacity, message);
-                        return self.fail(state, failure).await;
+                    if seat.is_none() {
+                        match self.sit(state) {
+                            Ok(joined) => seat = Some(joined),
+                            Err(failure) => return self.fail(state, failure).await,
+                        }
+                    }
+                    if let Some(waiting) = &seat
+                        && lock(&self.queues).wakes(&state.key) != wakes
+                    {
+                        // A report landed during the pick: try again.
+                        waiting.turn.notify_one();
                     }
                     continue;
                 }
             };
             if !self.record_attempt(state, &node).await? {
-                return self.wait_remote(&job.id, state.deadline).await;
+                return Ok(self.wait_remote(&job.id, state.deadline).await?);
             }
             match self
                 .try_node(job, &node, state.attempt, state.deadline, assigned)
                 .await
             {
-                Tried::Finished => return self.wait_remote(&job.id, state.deadline).await,
+                Tried::Finished => return Ok(self.wait_remote(&job.id, state.deadline).await?),
                 Tried::Refused(message) => {
                     state.excluded.push(node);
-                    state.last_failure = (JobErrorCode::NoCapacity, message);
+                    state.last_failure = Failure::new(JobErrorCode::NoCapacity, message);
                 }
                 Tried::Move(code, message) => {
                     state.excluded.push(node);
-                    state.last_failure = (code, message);
+                    state.last_failure = Failure::new(code, message);
                     state.tries += 1;
                 }
                 Tried::TimedOut => {
@@ -144,6 +81,145 @@ impl JobRouter {
                 }
             }
         }
+    }
+
+    /// A seat in the job's queue, or why it cannot wait there: the queues
+    /// are full, or this one cannot serve it before its deadline.
+    fn sit<'a>(&'a self, state: &Dispatch<'_>) -> Result<Seat<'a>, Failure> {
+        let job = state.job;
+        let turn = Arc::new(Notify::new());
+        let waiting = Waiting {
+            id: job.id.clone(),
+            priority: job.priority,
+            tenant: job.tenant.clone(),
+            turn: Arc::clone(&turn),
+        };
+        let now = Instant::now();
+        let mut queues = lock(&self.queues);
+        let first_of_pair = !queues
+            .depths()
+            .iter()
+            .any(|((pair, _), _)| *pair == job.pair);
+        let joined = queues.join(&state.key, waiting, now, state.deadline);
+        self.show_depth(&queues, &state.key);
+        drop(queues);
+        let failure = match joined {
+            Ok(()) => {
+                if first_of_pair {
+                    // Other instances must know, to tell this one of room.
+                    let (store, instance, pair) =
+                        (self.store.clone(), self.instance.clone(), job.pair);
+                    let ttl = self.config.lease() * WAITING_TTL_LEASES;
+                    self.tasks.spawn(async move {
+                        if let Err(err) = store.waiting(&[pair], &instance, ttl).await {
+                            tracing::warn!(%pair, error = %err, "cannot record waiting jobs in redis");
+                        }
+                    });
+                }
+                return Ok(Seat {
+                    router: self,
+                    key: state.key.clone(),
+                    id: job.id.clone(),
+                    joined: now,
+                    turn,
+                    granted: false,
+                });
+            }
+            Err(Shed::Full) => {
+                self.metrics.shed("queue_full");
+                let message = format!(
+                    "no node has room for a {} job for {} and this coordinator's admission queue is full ({} jobs)",
+                    job.kind, job.pair, self.config.max_queued
+                );
+                Failure::new(JobErrorCode::NoCapacity, message).retry_after(MIN_RETRY_AFTER)
+            }
+            Err(Shed::TooLate { wait }) => {
+                self.metrics.shed("too_late");
+                let message = format!(
+                    "no node has room for a {} job for {}, and the jobs queued ahead need about {} ms, past its deadline",
+                    job.kind,
+                    job.pair,
+                    wait.as_millis()
+                );
+                Failure::new(JobErrorCode::NoCapacity, message).retry_after(wait)
+            }
+        };
+        Err(failure)
+    }
+
+    /// Another instance saw room in `pair`: the head of each queue of the
+    /// pair tries again.
+    pub fn room_in(&self, pair: LangPair) {
+        let mut queues = lock(&self.queues);
+        for (key, _) in queues.depths() {
+            if key.0 == pair {
+                queues.wake(&key);
+            }
+        }
+    }
+
+    /// Renews, for `ttl`, this instance's place among those waiting for
+    /// room in each pair where jobs wait here.
+    pub async fn still_waiting(&self, ttl: Duration) {
+        let mut pairs: Vec<LangPair> = lock(&self.queues)
+            .depths()
+            .into_iter()
+            .map(|((pair, _), _)| pair)
+            .collect();
+        pairs.sort_unstable();
+        pairs.dedup();
+        if pairs.is_empty() {
+            return;
+        }
+        if let Err(err) = self
+            .store
+            .waiting(&pairs, &self.instance, ttl * WAITING_TTL_LEASES)
+            .await
+        {
+            tracing::warn!(error = %err, "cannot renew this instance's waiting jobs in redis");
+        }
+    }
+
+    /// The answer to a job whose deadline passed while it waited.
+    fn waited_too_long(&self, state: &Dispatch<'_>) -> Failure {
+        self.metrics.shed("deadline");
+        let job = state.job;
+        let message = format!(
+            "no node had room for a {} job for {} within {} ms",
+            job.kind,
+            job.pair,
+            job.timeout.as_millis()
+        );
+        let retry = lock(&self.queues).expected_wait(&state.key, job.priority);
+        let failure = state.failure_or(JobErrorCode::NoCapacity, message);
+        failure.retry_after(retry.unwrap_or(MIN_RETRY_AFTER).max(MIN_RETRY_AFTER))
+    }
+
+    /// The job found room: it leaves its queue (if it sat in one), and the
+    /// next in line tries at once.
+    fn granted(&self, state: &Dispatch<'_>, seat: Option<Seat<'_>>) {
+        let now = Instant::now();
+        if let Some(seat) = &seat {
+            self.metrics
+                .queue_wait
+                .get_or_create(&queue_label(&state.key))
+                .observe(now.saturating_duration_since(seat.joined).as_secs_f64());
+        }
+        let mut queues = lock(&self.queues);
+        queues.granted(&state.key, &state.job.id, &state.job.tenant, now);
+        self.show_depth(&queues, &state.key);
+        drop(queues);
+        if let Some(mut seat) = seat {
+            seat.granted = true;
+        }
+    }
+
+    fn show_depth(&self, queues: &Queues, key: &QueueKey) {
+        let depth = i64::try_from(queues.depth(key)).unwrap_or(i64::MAX);
+        self.metrics
+            .queue_depth
+            .get_or_create(&queue_label(key))
+            .set(depth);
     }
 
     /// One `route_pick`, and the assignment counted in the chosen node's
@@ -172,181 +248,23 @@ impl JobRouter {
         })
     }
 
-    /// Records the next attempt, on `node`: the job itself on the first
-    /// one. False when the job is another dispatcher's (submitted on
-    /// another instance, or moved on by one).
+    /// Records the next attempt, on `node`. False when the job is another
+    /// dispatcher's (moved on by one).
     async fn record_attempt(
         &self,
         state: &mut Dispatch<'_>,
         node: &NodeId,
     ) -> Result<bool, SubmitError> {
-        let job = state.job;
-        state.attempt = if state.attempt == 0 {
-            if !self.start(state, Some(node)).await? {
-                state.recorded();
-                return Ok(false);
-            }
-            1
-        } else {
-            match self.store.job_attempt(&job.id, state.attempt, node).await? {
-                Some(next) => next,
-                None => return Ok(false),
-            }
-        };
-        state.recorded();
-        Ok(true)
-    }
-
-    pub(super) async fn try_node(
-        &self,
-        job: &Job,
-        node: &NodeId,
-        attempt: u32,
-        deadline: Instant,
-        assigned: Assigned,
-    ) -> Tried {
-        let key = JobRef {
-            job_id: job.id.clone(),
-            attempt,
-        };
-        let (tx, mut events) = mpsc::unbounded_channel();
-        lock(&self.attempts).insert(
-            key.clone(),
-            Attempt {
-                node: node.clone(),
-                kind: job.kind.clone(),
-                events: tx,
-                holder: None,
-            },
-        );
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        let assign = JobAssign {
-            job_id: job.id.clone(),
-            attempt,
-            kind: job.kind.clone(),
-            pair: job.pair,
-            session_id: job.session.clone(),
-            payload: job.payload.clone(),
-            timeout_ms: u64::try_from(remaining.as_millis())
-                .unwrap_or(u64::MAX)
-                .max(1),
-        };
-        self.metrics.assignments.inc();
-        let delivered = if self.registry.get(node).is_some() {
-            let assign = Message::JobAssign(assign);
-            self.registry.send(node, Control::Send(Box::new(assign)))
-        } else {
-            self.forward(node, &key, assign).await
-        };
-        let outcome = if delivered {
-            self.follow(node, &key, &mut events, deadline, assigned)
-                .await
-        } else {
-            Tried::Move(
-                JobErrorCode::NodeLost,
-                format!("node {node} is not connected to any live coordinator"),
-            )
-        };
-        lock(&self.attempts).remove(&key);
-        outcome
-    }
-
-    pub(super) async fn follow(
-        &self,
-        node: &NodeId,
-        key: &JobRef,
-        events: &mut mpsc::UnboundedReceiver<AttemptEvent>,
-        deadline: Instant,
-        assigned: Assigned,
-    ) -> Tried {
-        let accept_by = (Instant::now() + self.config.accept_timeout).min(deadline);
-        let first = tokio::time::timeout_at(accept_by, events.recv()).await;
-        drop(assigned);
-        let accepted = match first {
-            Ok(Some(AttemptEvent::Accepted)) => true,
-            Ok(Some(AttemptEvent::Finished)) => return Tried::Finished,
-            Ok(Some(AttemptEvent::Rejected(reason, message))) => {
-                tracing::debug!(job_id = %key.job_id, attempt = key.attempt, node_id = %node, ?reason, "node refused the job");
-                return Tried::Refused(format!("{node} refused: {message}"));
-            }
-            Ok(Some(AttemptEvent::NodeLost) | None) => {
-                return Tried::Move(JobErrorCode::NodeLost, format!("node {node} went away"));
-            }
-            Err(_) => false,
-        };
-        if !accepted {
-            self.cancel(node, key, "not accepted in time");
-            if Instant::now() >= deadline {
-                return Tried::TimedOut;
-            }
-            return Tried::Move(
-                JobErrorCode::NoCapacity,
-                format!("{node} did not answer the assignment in time"),
-            );
-        }
-        match tokio::time::timeout_at(deadline, events.recv()).await {
-            Ok(Some(AttemptEvent::Finished)) => Tried::Finished,
-            Ok(Some(AttemptEvent::NodeLost) | None) => Tried::Move(
-                JobErrorCode::NodeLost,
-                format!("node {node} went away while running the job"),
-            ),
-            Ok(Some(AttemptEvent::Accepted | AttemptEvent::Rejected(..))) => Tried::Move(
-                JobErrorCode::NodeLost,
-                format!("node {node} answered the assignment twice"),
-            ),
-            Err(_) => {
-                self.cancel(node, key, "job timeout");
-                Tried::TimedOut
-            }
-        }
-    }
-
-    pub(super) fn cancel(&self, node: &NodeId, key: &JobRef, reason: &str) {
-        let cancel = Message::JobCancel(JobCancel {
-            job_id: key.job_id.clone(),
-            attempt: key.attempt,
-            reason: reason.into(),
-        });
-        if self
-            .registry
-            .send(node, Control::Send(Box::new(cancel.clone())))
-        {
-            return;
-        }
-        let holder = lock(&self.attempts).get(key).and_then(|a| a.holder.clone());
-        if let (Some(holder), Message::JobCancel(cancel)) = (holder, cancel) {
-            let envelope = Envelope::Cancel {
-                node: node.clone(),
-                cancel,
-            };
-            forward::post(&self.store, &self.tasks, holder, envelope);
-        }
-    }
-
-    /// Records the job in Redis, its first attempt on `node` (none: it
-    /// fails before any). False when the id is recorded already, with
-    /// the same request.
-    async fn start(
-        &self,
-        state: &Dispatch<'_>,
-        node: Option<&NodeId>,
-    ) -> Result<bool, SubmitError> {
-        let job = state.job;
-        let started = self
+        let next = self
             .store
-            .job_start(
-                &job.id,
-                &state.request,
-                node,
-                job.timeout,
-                state.lifetime,
-                &self.instance,
-            )
+            .job_attempt(&state.job.id, state.attempt, node)
             .await?;
-        match started {
-            JobStart::New => Ok(true),
-            JobStart::Exists => Ok(false),
-            JobStart::Conflict => Err(SubmitError::Conflict(job.id.clone())),
+        match next {
+            Some(attempt) => {
+                state.attempt = attempt;
+                Ok(true)
+            }
+            None => Ok(false),
         }
     }
 
@@ -355,32 +273,72 @@ impl JobRouter {
     async fn fail(
         &self,
         state: &mut Dispatch<'_>,
-        (code, message): (JobErrorCode, String),
+        failure: Failure,
     ) -> Result<JobView, SubmitError> {
         let job = state.job;
-        let attempt = if state.attempt == 0 {
-            if !self.start(state, None).await? {
-                return self
-                    .wait_remote(&job.id, Instant::now() + job.timeout)
-                    .await;
-            }
-            1
-        } else {
-            state.attempt
-        };
-        state.recorded();
-        let outcome = json!({"error": {"code": code, "message": message}});
         self.store
             .job_finish(
                 &job.id,
-                (None, attempt),
+                (None, state.attempt),
                 false,
-                &outcome,
+                &failure.outcome(),
                 self.config.result_ttl,
             )
             .await?;
-        self.wait_remote(&job.id, Instant::now() + job.timeout)
-            .await
+        Ok(self
+            .wait_remote(&job.id, Instant::now() + job.timeout)
+            .await?)
+    }
+}
+
+fn queue_label((pair, kind): &QueueKey) -> QueueLabel {
+    QueueLabel {
+        pair: pair.to_string(),
+        kind: kind.to_string(),
+    }
+}
+
+/// A job's place in its admission queue; leaving the queue when dropped
+/// (its deadline, a failure, its task cancelled) unless it was granted.
+struct Seat<'a> {
+    router: &'a JobRouter,
+    key: QueueKey,
+    id: JobId,
+    joined: Instant,
+    turn: Arc<Notify>,
+    /// It found room: it left the queue that way.
+    granted: bool,
+}
+
+impl Seat<'_> {
+    /// Waits until the job heads its queue and a report says there may be
+    /// room; false once `deadline` passed.
+    async fn turn(&self, deadline: Instant) -> bool {
+        loop {
+            if tokio::time::timeout_at(deadline, self.turn.notified())
+                .await
+                .is_err()
+            {
+                return false;
+            }
+            let mut queues = lock(&self.router.queues);
+            if queues.is_head(&self.key, &self.id) {
+                return true;
+            }
+            // Woken while another job had moved ahead: its turn.
+            queues.wake(&self.key);
+        }
+    }
+}
+
+impl Drop for Seat<'_> {
+    fn drop(&mut self) {
+        if self.granted {
+            return;
+        }
+        let mut queues = lock(&self.router.queues);
+        queues.leave(&self.key, &self.id);
+        self.router.show_depth(&queues, &self.key);
     }
 }
 
@@ -391,55 +349,81 @@ enum Picked {
     NoCapacity,
 }
 
-/// Told once the job is recorded in Redis (or could not be): the
-/// submission's answer waits for it.
-pub(super) type Started = oneshot::Sender<Result<(), SubmitError>>;
+/// Why a job ended without a node's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Failure {
+    code: JobErrorCode,
+    message: String,
+    /// When it is worth submitting again (`no_capacity`).
+    retry_after: Option<Duration>,
+}
+
+impl Failure {
+    fn new(code: JobErrorCode, message: String) -> Self {
+        Self {
+            code,
+            message,
+            retry_after: None,
+        }
+    }
+
+    fn retry_after(self, wait: Duration) -> Self {
+        Self {
+            retry_after: Some(wait),
+            ..self
+        }
+    }
+
+    /// The outcome as stored: `{"error": {"code", "message",
+    /// "retry_after_ms"?}}`.
+    fn outcome(&self) -> Value {
+        let mut error = json!({"code": self.code, "message": self.message});
+        if let Some(wait) = self.retry_after {
+            error["retry_after_ms"] = json!(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));
+        }
+        json!({ "error": error })
+    }
+}
 
 /// One job's dispatch between attempts: what it was, where it stands,
 /// what it may still do. Pure: the router does the IO.
-pub(super) struct Dispatch<'a> {
+pub(in crate::jobs) struct Dispatch<'a> {
     job: &'a Job,
-    /// The canonical request JSON.
-    request: String,
-    /// How long its record lives.
-    lifetime: Duration,
+    /// Its admission queue.
+    key: QueueKey,
     /// When it times out.
     deadline: Instant,
     /// Nodes that refused or lost it since the last capacity wait.
     excluded: Vec<NodeId>,
-    /// The current attempt number (0 before the first).
+    /// The current attempt number (0 while queued).
     attempt: u32,
     /// Attempts here that failed for other reasons than a refusal (a
     /// node silent or lost): refusals only move the job on, its deadline
     /// bounds them.
     tries: u32,
     /// Why the last attempt moved on.
-    last_failure: (JobErrorCode, String),
-    /// Until the job is recorded.
-    started: Option<Started>,
+    last_failure: Failure,
 }
 
 impl<'a> Dispatch<'a> {
-    pub(super) fn new(job: &'a Job, result_ttl: Duration, started: Started) -> Self {
+    pub(in crate::jobs) fn new(job: &'a Job) -> Self {
         Self {
             job,
-            request: job.canonical(),
-            lifetime: job.timeout + result_ttl,
+            key: (job.pair, job.kind.clone()),
             deadline: Instant::now() + job.timeout,
             excluded: Vec::new(),
             attempt: 0,
             tries: 0,
-            last_failure: (
+            last_failure: Failure::new(
                 JobErrorCode::NoCapacity,
                 String::from("every candidate node refused the job"),
             ),
-            started: Some(started),
         }
     }
 
     /// The failure ending the job before another pick, if it must end: no
     /// attempts left, or its deadline passed at `now`.
-    fn spent(&self, max_attempts: u32, now: Instant) -> Option<(JobErrorCode, String)> {
+    fn spent(&self, max_attempts: u32, now: Instant) -> Option<Failure> {
         if self.tries >= max_attempts {
             Some(self.last_failure.clone())
         } else if now >= self.deadline {
@@ -450,39 +434,20 @@ impl<'a> Dispatch<'a> {
     }
 
     /// The job timed out.
-    fn timed_out(&self) -> (JobErrorCode, String) {
+    fn timed_out(&self) -> Failure {
         let message = format!("no result within {} ms", self.job.timeout.as_millis());
-        (JobErrorCode::Timeout, message)
+        Failure::new(JobErrorCode::Timeout, message)
     }
 
     /// `code` before any attempt; after one, why the last one moved on
     /// (what the client can act on).
-    fn failure_or(&self, code: JobErrorCode, message: String) -> (JobErrorCode, String) {
+    fn failure_or(&self, code: JobErrorCode, message: String) -> Failure {
         if self.attempt == 0 {
-            (code, message)
+            Failure::new(code, message)
         } else {
             self.last_failure.clone()
         }
     }
-
-    /// The job is recorded: the submission may answer.
-    fn recorded(&mut self) {
-        if let Some(started) = self.started.take() {
-            let _ = started.send(Ok(()));
-        }
-    }
-}
-
-/// Waits for `report` (the next capacity report to reach Redis), or a
-/// short poll interval for reports received by other instances. False
-/// once `deadline` passed.
-async fn wait_for_capacity(report: Pin<&mut Notified<'_>>, deadline: Instant) -> bool {
-    if Instant::now() >= deadline {
-        return false;
-    }
-    let wake = (Instant::now() + CAPACITY_POLL).min(deadline);
-    let _ = tokio::time::timeout_at(wake, report).await;
-    Instant::now() < deadline
 }
 
 #[cfg(test)]
@@ -500,44 +465,45 @@ mod tests {
     #[test]
     fn a_dispatch_ends_when_its_tries_or_its_time_run_out() {
         let job = job();
-        let (started, _) = oneshot::channel();
-        let mut state = Dispatch::new(&job, Duration::from_secs(60), started);
+        let mut state = Dispatch::new(&job);
         let now = Instant::now();
         assert_eq!(state.spent(3, now), None);
         state.tries = 3;
-        state.last_failure = (JobErrorCode::NodeLost, "node n1 went away".into());
+        state.last_failure = Failure::new(JobErrorCode::NodeLost, "node n1 went away".into());
         assert_eq!(
             state.spent(3, now),
-            Some((JobErrorCode::NodeLost, "node n1 went away".into()))
+            Some(Failure::new(
+                JobErrorCode::NodeLost,
+                "node n1 went away".into()
+            ))
         );
         state.tries = 1;
-        let (code, message) = state.spent(3, now + Duration::from_secs(1)).unwrap();
-        assert_eq!(code, JobErrorCode::Timeout);
-        assert_eq!(message, "no result within 1000 ms");
-        assert_eq!(state.lifetime, Duration::from_secs(61));
+        let timed_out = state.spent(3, now + Duration::from_secs(1)).unwrap();
+        assert_eq!(timed_out.code, JobErrorCode::Timeout);
+        assert_eq!(timed_out.message, "no result within 1000 ms");
     }
 
     #[test]
     fn after_an_attempt_the_last_failure_is_the_answer() {
         let job = job();
-        let (started, _) = oneshot::channel();
-        let mut state = Dispatch::new(&job, Duration::from_secs(60), started);
+        let mut state = Dispatch::new(&job);
         let first = state.failure_or(JobErrorCode::NoNodes, "nothing serves it".into());
-        assert_eq!(first.0, JobErrorCode::NoNodes);
+        assert_eq!(first.code, JobErrorCode::NoNodes);
         state.attempt = 2;
-        state.last_failure = (JobErrorCode::NoCapacity, "n1 refused: full".into());
+        state.last_failure = Failure::new(JobErrorCode::NoCapacity, "n1 refused: full".into());
         let later = state.failure_or(JobErrorCode::NoNodes, "nothing serves it".into());
-        assert_eq!(later, (JobErrorCode::NoCapacity, "n1 refused: full".into()));
+        assert_eq!(later, state.last_failure);
     }
 
     #[test]
-    fn the_submission_hears_once_that_the_job_is_recorded() {
-        let job = job();
-        let (started, mut heard) = oneshot::channel();
-        let mut state = Dispatch::new(&job, Duration::from_secs(60), started);
-        assert!(heard.try_recv().is_err());
-        state.recorded();
-        state.recorded();
-        assert!(matches!(heard.try_recv(), Ok(Ok(()))));
+    fn a_failure_with_a_retry_after_stores_it_in_ms() {
+        let failure = Failure::new(JobErrorCode::NoCapacity, "full".into())
+            .retry_after(Duration::from_millis(1500));
+        assert_eq!(
+            failure.outcome(),
+            json!({"error": {"code": "no_capacity", "message": "full", "retry_after_ms": 1500}})
+        );
+        let plain = Failure::new(JobErrorCode::Timeout, "late".into()).outcome();
+        assert_eq!(plain["error"].get("retry_after_ms"), None);
     }
 }

@@ -11,7 +11,7 @@ impl JobRouter {
         &self,
         id: &JobId,
         deadline: Instant,
-    ) -> Result<JobView, SubmitError> {
+    ) -> Result<JobView, StoreError> {
         let mut pause = REMOTE_POLL;
         loop {
             if let Some(record) = self.record(id).await? {
@@ -41,7 +41,7 @@ impl JobRouter {
     pub(super) async fn record(&self, id: &JobId) -> Result<Option<JobRecord>, StoreError> {
         let record = self.store.job(id).await?;
         let orphaned = record.as_ref().is_some_and(|r| {
-            r.status == JobStatus::Running
+            !r.status.is_terminal()
                 && r.deadline_ms
                     .is_some_and(|d| wall_clock_ms() > d + ORPHAN_GRACE_MS)
         });
@@ -95,10 +95,6 @@ impl JobRouter {
             }
             return Ok(Some(view));
         }
-        match self.wait_remote(id, deadline).await {
-            Ok(view) => Ok(Some(view)),
-            Err(SubmitError::Store(err)) => Err(err),
-            Err(SubmitError::Conflict(_)) => Ok(Some(view)),
-        }
+        Ok(Some(self.wait_remote(id, deadline).await?))
     }
 }

@@ -22,7 +22,17 @@ pub struct JobRequest {
     pub payload: Value,
     /// Time limit; the config's default when absent.
     pub timeout_ms: Option<u64>,
+    /// Order in the admission queue, 0-100 (higher first); 50 when absent.
+    pub priority: Option<u8>,
+    /// Whom the fair share of the admission queue counts it for; the
+    /// client token when absent.
+    pub tenant: Option<String>,
 }
+
+/// The priority of a job that names none.
+pub const DEFAULT_PRIORITY: u8 = 50;
+/// The longest tenant name.
+pub const MAX_TENANT_LEN: usize = 64;
 
 /// A validated job.
 #[derive(Debug, Clone)]
@@ -41,6 +51,13 @@ pub struct Job {
     pub timeout: Duration,
     /// Who submitted it: a client token's fingerprint, empty for admins.
     pub owner: String,
+    /// Its place in the admission queue, 0-100 (higher first).
+    pub priority: u8,
+    /// Whom the admission queue's fair share counts it for.
+    pub tenant: String,
+    /// Whether `priority` and `tenant` were given (they are then part of
+    /// the canonical request).
+    explicit: (bool, bool),
 }
 
 impl Job {
@@ -86,6 +103,20 @@ impl Job {
             }
             Some(ms) => Duration::from_millis(ms),
         };
+        let priority = match request.priority {
+            Some(p) if p > 100 => return Err("priority must be at most 100".into()),
+            p => p,
+        };
+        let tenant = match request.tenant {
+            Some(t)
+                if t.is_empty() || t.len() > MAX_TENANT_LEN || t.chars().any(char::is_control) =>
+            {
+                return Err(format!(
+                    "tenant must be 1 to {MAX_TENANT_LEN} bytes without control characters"
+                ));
+            }
+            t => t,
+        };
         Ok(Self {
             id,
             kind,
@@ -93,6 +124,9 @@ impl Job {
             session,
             payload: request.payload,
             timeout,
+            explicit: (priority.is_some(), tenant.is_some()),
+            priority: priority.unwrap_or(DEFAULT_PRIORITY),
+            tenant: tenant.unwrap_or_else(|| owner.clone()),
             owner,
         })
     }
@@ -111,6 +145,12 @@ impl Job {
         });
         if !self.owner.is_empty() {
             request["owner"] = json!(self.owner);
+        }
+        if self.explicit.0 {
+            request["priority"] = json!(self.priority);
+        }
+        if self.explicit.1 {
+            request["tenant"] = json!(self.tenant);
         }
         request.to_string()
     }

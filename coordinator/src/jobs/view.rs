@@ -91,11 +91,17 @@ impl JobView {
     /// The HTTP status for this view.
     pub fn http_status(&self) -> StatusCode {
         match self.status {
-            JobStatus::Completed | JobStatus::Running => StatusCode::OK,
+            JobStatus::Completed | JobStatus::Running | JobStatus::Queued => StatusCode::OK,
             JobStatus::Failed => self
                 .error_code()
                 .map_or(StatusCode::INTERNAL_SERVER_ERROR, JobErrorCode::status),
         }
+    }
+
+    /// When a failed job is worth submitting again, if its error says.
+    pub fn retry_after(&self) -> Option<Duration> {
+        let ms = self.error.as_ref()?.get("retry_after_ms")?.as_u64()?;
+        Some(Duration::from_millis(ms))
     }
 
     pub(super) fn error_code(&self) -> Option<JobErrorCode> {

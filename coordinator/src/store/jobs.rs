@@ -3,8 +3,9 @@
 use super::*;
 
 impl Store {
-    /// Creates a job with its first attempt on `node` (`None`: a job that
-    /// fails before reaching any node), or finds it.
+    /// Creates a job with its first attempt on `node`, or queued without
+    /// one (`None`: attempt 0, [`Store::job_attempt`] gives it a node), or
+    /// finds it.
     pub async fn job_start(
         &self,
         id: &JobId,
@@ -34,7 +35,8 @@ impl Store {
         }
     }
 
-    /// Moves a running job from attempt `current` to a new one on `node`.
+    /// Moves a queued or running job from attempt `current` to a new one
+    /// on `node`.
     /// Returns the new attempt, or `None` when the job ended or moved on.
     pub async fn job_attempt(
         &self,

@@ -64,13 +64,13 @@ impl Store {
     }
 
     /// Renews leases and routing entries of several nodes in one pair, in
-    /// one call. Returns the nodes that are no longer members of the pair.
+    /// one call.
     pub async fn route_update(
         &self,
         pair: LangPair,
         entries: &[RouteEntry],
         lease: Duration,
-    ) -> Result<Vec<NodeId>, StoreError> {
+    ) -> Result<RouteUpdated, StoreError> {
         let keys = PairKeys::new(pair);
         let mut kinds: Vec<&JobKind> = entries.iter().flat_map(|e| e.free.keys()).collect();
         kinds.sort_unstable();
@@ -86,6 +86,7 @@ impl Store {
         for kind in &kinds {
             invocation.key(keys.served(kind));
         }
+        invocation.key(keys.waiting());
         invocation.arg(millis(lease)).arg(kinds.len());
         for entry in entries {
             let room = entry.room.as_ref().map_or_else(String::new, |room| {
@@ -97,11 +98,40 @@ impl Store {
                 invocation.arg(free);
             }
         }
-        let missing: Vec<String> = self.invoke("route_update", invocation).await?;
-        Ok(missing
-            .into_iter()
-            .filter_map(|id| NodeId::new(id).ok())
-            .collect())
+        let (missing, waiting): (Vec<String>, Vec<String>) =
+            self.invoke("route_update", invocation).await?;
+        Ok(RouteUpdated {
+            missing: missing
+                .into_iter()
+                .filter_map(|id| NodeId::new(id).ok())
+                .collect(),
+            waiting,
+        })
+    }
+
+    /// Records that `instance` has jobs waiting for room in each of
+    /// `pairs`, for `ttl` (renewed while they wait).
+    pub async fn waiting(
+        &self,
+        pairs: &[LangPair],
+        instance: &str,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let until = wall_clock_ms() + millis(ttl);
+        futures_util::future::try_join_all(pairs.iter().map(|pair| {
+            let mut conn = self.conn.clone();
+            let key = PairKeys::new(*pair).waiting();
+            async move {
+                redis::cmd("ZADD")
+                    .arg(key)
+                    .arg(until)
+                    .arg(instance)
+                    .query_async::<()>(&mut conn)
+                    .await
+            }
+        }))
+        .await?;
+        Ok(())
     }
 
     /// Chooses a node for a job attempt (one script call).

@@ -1,0 +1,137 @@
+//! One attempt on one node: the assignment sent (or forwarded), the
+//! node's answer followed until the result, a refusal, a silence or the
+//! node's loss; cancelling it.
+
+use super::*;
+
+impl JobRouter {
+    /// Sends attempt `attempt` of `job` to `node` and follows it.
+    pub(super) async fn try_node(
+        &self,
+        job: &Job,
+        node: &NodeId,
+        attempt: u32,
+        deadline: Instant,
+        assigned: Assigned,
+    ) -> Tried {
+        let key = JobRef {
+            job_id: job.id.clone(),
+            attempt,
+        };
+        let (tx, mut events) = mpsc::unbounded_channel();
+        lock(&self.attempts).insert(
+            key.clone(),
+            Attempt {
+                node: node.clone(),
+                kind: job.kind.clone(),
+                events: tx,
+                holder: None,
+            },
+        );
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let assign = JobAssign {
+            job_id: job.id.clone(),
+            attempt,
+            kind: job.kind.clone(),
+            pair: job.pair,
+            session_id: job.session.clone(),
+            payload: job.payload.clone(),
+            timeout_ms: u64::try_from(remaining.as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1),
+        };
+        self.metrics.assignments.inc();
+        let delivered = if self.registry.get(node).is_some() {
+            let assign = Message::JobAssign(assign);
+            self.registry.send(node, Control::Send(Box::new(assign)))
+        } else {
+            self.forward(node, &key, assign).await
+        };
+        let outcome = if delivered {
+            self.follow(node, &key, &mut events, deadline, assigned)
+                .await
+        } else {
+            Tried::Move(
+                JobErrorCode::NodeLost,
+                format!("node {node} is not connected to any live coordinator"),
+            )
+        };
+        lock(&self.attempts).remove(&key);
+        outcome
+    }
+
+    pub(super) async fn follow(
+        &self,
+        node: &NodeId,
+        key: &JobRef,
+        events: &mut mpsc::UnboundedReceiver<AttemptEvent>,
+        deadline: Instant,
+        assigned: Assigned,
+    ) -> Tried {
+        let accept_by = (Instant::now() + self.config.accept_timeout).min(deadline);
+        let first = tokio::time::timeout_at(accept_by, events.recv()).await;
+        drop(assigned);
+        let accepted = match first {
+            Ok(Some(AttemptEvent::Accepted)) => true,
+            Ok(Some(AttemptEvent::Finished)) => return Tried::Finished,
+            Ok(Some(AttemptEvent::Rejected(reason, message))) => {
+                let name = serde_json::to_value(reason).ok();
+                self.metrics
+                    .refused(name.as_ref().and_then(Value::as_str).unwrap_or("other"));
+                tracing::debug!(job_id = %key.job_id, attempt = key.attempt, node_id = %node, ?reason, "node refused the job");
+                return Tried::Refused(format!("{node} refused: {message}"));
+            }
+            Ok(Some(AttemptEvent::NodeLost) | None) => {
+                return Tried::Move(JobErrorCode::NodeLost, format!("node {node} went away"));
+            }
+            Err(_) => false,
+        };
+        if !accepted {
+            self.cancel(node, key, "not accepted in time");
+            if Instant::now() >= deadline {
+                return Tried::TimedOut;
+            }
+            return Tried::Move(
+                JobErrorCode::NoCapacity,
+                format!("{node} did not answer the assignment in time"),
+            );
+        }
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(AttemptEvent::Finished)) => Tried::Finished,
+            Ok(Some(AttemptEvent::NodeLost) | None) => Tried::Move(
+                JobErrorCode::NodeLost,
+                format!("node {node} went away while running the job"),
+            ),
+            Ok(Some(AttemptEvent::Accepted | AttemptEvent::Rejected(..))) => Tried::Move(
+                JobErrorCode::NodeLost,
+                format!("node {node} answered the assignment twice"),
+            ),
+            Err(_) => {
+                self.cancel(node, key, "job timeout");
+                Tried::TimedOut
+            }
+        }
+    }
+
+    pub(super) fn cancel(&self, node: &NodeId, key: &JobRef, reason: &str) {
+        let cancel = Message::JobCancel(JobCancel {
+            job_id: key.job_id.clone(),
+            attempt: key.attempt,
+            reason: reason.into(),
+        });
+        if self
+            .registry
+            .send(node, Control::Send(Box::new(cancel.clone())))
+        {
+            return;
+        }
+        let holder = lock(&self.attempts).get(key).and_then(|a| a.holder.clone());
+        if let (Some(holder), Message::JobCancel(cancel)) = (holder, cancel) {
+            let envelope = Envelope::Cancel {
+                node: node.clone(),
+                cancel,
+            };
+            forward::post(&self.store, &self.tasks, holder, envelope);
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! Taking a job in: recorded in Redis at once (queued), then one task
+//! dispatches it; submissions of the same id share its answer.
+
+use super::dispatch::Dispatch;
+use super::*;
+
+/// A job taken in: where it stands now, and its terminal view to come.
+pub struct Submitted {
+    /// Its status as recorded.
+    pub status: JobStatus,
+    /// Yields its terminal view.
+    pub terminal: watch::Receiver<Option<JobView>>,
+}
+
+impl JobRouter {
+    /// Submits a job: returns once it is recorded (queued) or found,
+    /// without picking a node for an id that exists. Refused without
+    /// being recorded when it would wait behind others while this
+    /// instance already holds `max_queued` waiting jobs.
+    pub async fn submit(self: &Arc<Self>, job: Job) -> Result<Submitted, SubmitError> {
+        let request = job.canonical();
+        let (waiter, fresh) = self.waiter(&job.id, &request);
+        if waiter.request != request {
+            return Err(SubmitError::Conflict(job.id));
+        }
+        let terminal = waiter.terminal.subscribe();
+        if !fresh {
+            // A submission of this id is being dispatched here already.
+            let status = terminal
+                .borrow()
+                .as_ref()
+                .map_or(JobStatus::Running, |v| v.status);
+            return Ok(Submitted { status, terminal });
+        }
+        if let Some(retry_after) = self.queue_full(&job) {
+            lock(&self.waiters).remove(&job.id);
+            self.metrics.shed("queue_full");
+            return Err(SubmitError::QueueFull { retry_after });
+        }
+        let lifetime = job.timeout + self.config.result_ttl;
+        let started = self
+            .store
+            .job_start(
+                &job.id,
+                &request,
+                None,
+                job.timeout,
+                lifetime,
+                &self.instance,
+            )
+            .await;
+        let status = match started {
+            Ok(JobStart::New) => JobStatus::Queued,
+            Ok(JobStart::Exists) => JobStatus::Running,
+            Ok(JobStart::Conflict) => {
+                lock(&self.waiters).remove(&job.id);
+                return Err(SubmitError::Conflict(job.id));
+            }
+            Err(err) => {
+                lock(&self.waiters).remove(&job.id);
+                return Err(err.into());
+            }
+        };
+        let this = Arc::clone(self);
+        let fresh = status == JobStatus::Queued;
+        self.tasks
+            .spawn(async move { this.follow_job(job, waiter, fresh).await });
+        Ok(Submitted { status, terminal })
+    }
+
+    /// Retry-After for a job that would wait behind others while the
+    /// queues are full; `None` when it may go on.
+    fn queue_full(&self, job: &Job) -> Option<Duration> {
+        let queues = lock(&self.queues);
+        let key = (job.pair, job.kind.clone());
+        (queues.full() && queues.depth(&key) > 0).then(|| {
+            queues
+                .expected_wait(&key, job.priority)
+                .unwrap_or(MIN_RETRY_AFTER)
+                .max(MIN_RETRY_AFTER)
+        })
+    }
+
+    pub(super) fn waiter(&self, id: &JobId, request: &str) -> (Arc<Waiter>, bool) {
+        let mut waiters = lock(&self.waiters);
+        if let Some(existing) = waiters.get(id) {
+            return (Arc::clone(existing), false);
+        }
+        let waiter = Arc::new(Waiter {
+            request: request.to_owned(),
+            terminal: watch::channel(None).0,
+        });
+        waiters.insert(id.clone(), Arc::clone(&waiter));
+        (waiter, true)
+    }
+
+    /// Publishes a terminal view and forgets the waiter.
+    pub(super) fn publish(&self, id: &JobId, view: JobView) {
+        if let Some(waiter) = lock(&self.waiters).remove(id) {
+            waiter.terminal.send_replace(Some(view));
+        }
+    }
+
+    /// Dispatches a job recorded just now (`fresh`), or waits for one
+    /// recorded before (by an earlier submission here or elsewhere), and
+    /// publishes its terminal view. On shutdown it stops: the job stays in
+    /// Redis as it is.
+    async fn follow_job(self: Arc<Self>, job: Job, waiter: Arc<Waiter>, fresh: bool) {
+        let outcome = tokio::select! {
+            outcome = async {
+                if fresh {
+                    self.run(&mut Dispatch::new(&job)).await
+                } else {
+                    Ok(self.wait_remote(&job.id, Instant::now() + job.timeout).await?)
+                }
+            } => outcome,
+            () = self.shutdown.cancelled() => {
+                lock(&self.waiters).remove(&job.id);
+                return;
+            }
+        };
+        let view = match outcome {
+            Ok(view) => view,
+            Err(err) => {
+                tracing::error!(job_id = %job.id, error = %err, "dispatch failed");
+                lock(&self.waiters).remove(&job.id);
+                drop(waiter);
+                return;
+            }
+        };
+        let status = view.error_code().map_or_else(
+            || view.status.as_str().to_owned(),
+            |code| code.as_str().to_owned(),
+        );
+        self.metrics.jobs.get_or_create(&JobLabel { status }).inc();
+        self.publish(&job.id, view);
+    }
+}

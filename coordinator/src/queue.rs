@@ -1,0 +1,420 @@
+//! The admission queue: jobs that found no room wait here, one queue per
+//! language pair and kind, until a capacity report for that pair and kind
+//! lets the head try again. Pure: the dispatchers do the IO.
+//!
+//! Order: priority (higher first), then a fair share between tenants (the
+//! tenant served least so far in this queue goes first), then arrival.
+//! Only the head picks; a successful pick hands the turn to the next head
+//! at once (room may be left), a failed one waits for the next report. So
+//! the Redis calls waiting jobs cost are bounded by capacity reports, not by
+//! a clock or by how many jobs wait.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use lingua_shared::{JobId, JobKind, LangPair};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// A queue: one pair and kind.
+pub type QueueKey = (LangPair, JobKind);
+
+/// How fast each queue has been served lately: the weight of the newest
+/// interval in the moving average of the time between two grants.
+const RATE_WEIGHT: f64 = 0.2;
+
+/// A job waiting for room.
+#[derive(Debug)]
+pub struct Waiting {
+    /// The job.
+    pub id: JobId,
+    /// Its priority (0-100).
+    pub priority: u8,
+    /// Who submitted it, for the fair share.
+    pub tenant: String,
+    /// Woken when it is the head and may try.
+    pub turn: Arc<Notify>,
+}
+
+/// A waiting job and when it arrived (among all queues of this instance).
+#[derive(Debug)]
+struct Entry {
+    waiting: Waiting,
+    seq: u64,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    /// Priority (higher first) -> tenant -> jobs in arrival order.
+    levels: BTreeMap<std::cmp::Reverse<u8>, BTreeMap<String, VecDeque<Entry>>>,
+    /// Jobs served per tenant, for the fair share.
+    served: HashMap<String, u64>,
+    len: usize,
+    /// When the last job left by a successful pick.
+    last_grant: Option<Instant>,
+    /// Moving average of the time between grants.
+    interval: Option<Duration>,
+}
+
+impl Queue {
+    /// The first job of the highest priority: of the tenant served least,
+    /// then of the one whose first job arrived first.
+    fn head(&self) -> Option<&Waiting> {
+        let (_, tenants) = self.levels.iter().next()?;
+        tenants
+            .iter()
+            .filter_map(|(tenant, jobs)| Some((tenant, jobs.front()?)))
+            .min_by_key(|(tenant, first)| {
+                (self.served.get(*tenant).copied().unwrap_or(0), first.seq)
+            })
+            .map(|(_, first)| &first.waiting)
+    }
+
+    fn remove(&mut self, id: &JobId) -> Option<Entry> {
+        let mut found = None;
+        for tenants in self.levels.values_mut() {
+            for jobs in tenants.values_mut() {
+                if let Some(at) = jobs.iter().position(|e| &e.waiting.id == id) {
+                    found = jobs.remove(at);
+                    break;
+                }
+            }
+            if found.is_some() {
+                break;
+            }
+        }
+        self.levels.retain(|_, tenants| {
+            tenants.retain(|_, jobs| !jobs.is_empty());
+            !tenants.is_empty()
+        });
+        if found.is_some() {
+            self.len -= 1;
+        }
+        if self.len == 0 {
+            // Nobody competes any more: the fair share starts over.
+            self.served.clear();
+        }
+        found
+    }
+
+    /// How many wait ahead of a job of `priority` joining now (jobs of
+    /// higher or equal priority; the fair share is ignored).
+    fn ahead_of(&self, priority: u8) -> usize {
+        self.levels
+            .range(..=std::cmp::Reverse(priority))
+            .flat_map(|(_, tenants)| tenants.values())
+            .map(VecDeque::len)
+            .sum()
+    }
+}
+
+/// Why a job could not join a queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shed {
+    /// This instance holds `max_queued` jobs already.
+    Full,
+    /// At the rate this queue is served, the job's turn would come after
+    /// its deadline; `wait` is how long the queue needs.
+    TooLate {
+        /// The expected wait.
+        wait: Duration,
+    },
+}
+
+/// Every queue of this instance.
+#[derive(Debug)]
+pub struct Queues {
+    queues: HashMap<QueueKey, Queue>,
+    /// Capacity reports seen per pair and kind (a job that found no room
+    /// compares before and after joining: a report in between must not be
+    /// lost on it).
+    wakes: HashMap<QueueKey, u64>,
+    total: usize,
+    max: usize,
+    arrivals: u64,
+}
+
+impl Queues {
+    /// Queues holding at most `max` jobs in all.
+    pub fn new(max: usize) -> Self {
+        Self {
+            queues: HashMap::new(),
+            wakes: HashMap::new(),
+            total: 0,
+            max,
+            arrivals: 0,
+        }
+    }
+
+    /// Jobs waiting in `key`'s queue.
+    pub fn depth(&self, key: &QueueKey) -> usize {
+        self.queues.get(key).map_or(0, |q| q.len)
+    }
+
+    /// Jobs waiting in all.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// Whether the cap is reached.
+    pub fn full(&self) -> bool {
+        self.total >= self.max
+    }
+
+    /// How long a job of `priority` joining `key` now can expect to wait,
+    /// at the rate the queue has been served; `None` before the queue has
+    /// a rate, or when nobody waits ahead.
+    pub fn expected_wait(&self, key: &QueueKey, priority: u8) -> Option<Duration> {
+        let queue = self.queues.get(key)?;
+        let ahead = queue.ahead_of(priority);
+        let interval = queue.interval?;
+        (ahead > 0).then(|| interval * u32::try_from(ahead + 1).unwrap_or(u32::MAX))
+    }
+
+    /// Adds a job that must wait, unless the cap is reached or the queue
+    /// cannot serve it before `deadline` (at `now`).
+    pub fn join(
+        &mut self,
+        key: &QueueKey,
+        waiting: Waiting,
+        now: Instant,
+        deadline: Instant,
+    ) -> Result<(), Shed> {
+        if self.full() {
+            return Err(Shed::Full);
+        }
+        if let Some(wait) = self.expected_wait(key, waiting.priority)
+            && now + wait > deadline
+        {
+            return Err(Shed::TooLate { wait });
+        }
+        self.arrivals += 1;
+        let seq = self.arrivals;
+        let queue = self.queues.entry(key.clone()).or_default();
+        queue
+            .levels
+            .entry(std::cmp::Reverse(waiting.priority))
+            .or_default()
+            .entry(waiting.tenant.clone())
+            .or_default()
+            .push_back(Entry { waiting, seq });
+        queue.len += 1;
+        self.total += 1;
+        Ok(())
+    }
+
+    /// Whether `id` is the head of `key`'s queue (or the queue is empty:
+    /// nobody to wait behind).
+    pub fn is_head(&self, key: &QueueKey, id: &JobId) -> bool {
+        self.queues
+            .get(key)
+            .and_then(Queue::head)
+            .is_none_or(|head| &head.id == id)
+    }
+
+    /// A capacity report for `key`: the head may try.
+    pub fn wake(&mut self, key: &QueueKey) {
+        *self.wakes.entry(key.clone()).or_default() += 1;
+        if let Some(head) = self.queues.get(key).and_then(Queue::head) {
+            head.turn.notify_one();
+        }
+    }
+
+    /// Capacity reports seen for `key` so far.
+    pub fn wakes(&self, key: &QueueKey) -> u64 {
+        self.wakes.get(key).copied().unwrap_or(0)
+    }
+
+    /// `id` left `key`'s queue without room (its deadline, a failure, its
+    /// task ended); the next head is woken if it became the head.
+    pub fn leave(&mut self, key: &QueueKey, id: &JobId) {
+        let Some(queue) = self.queues.get_mut(key) else {
+            return;
+        };
+        let was_head = queue.head().is_some_and(|head| &head.id == id);
+        if queue.remove(id).is_some() {
+            self.total -= 1;
+        }
+        if was_head {
+            self.wake(key);
+        }
+        self.drop_if_idle(key);
+    }
+
+    /// `id` found room: it leaves the queue (if it was in it), its tenant
+    /// counts one more served, and the next head tries at once: room may
+    /// be left.
+    pub fn granted(&mut self, key: &QueueKey, id: &JobId, tenant: &str, now: Instant) {
+        let queue = self.queues.entry(key.clone()).or_default();
+        if queue.remove(id).is_some() {
+            self.total -= 1;
+        }
+        *queue.served.entry(tenant.to_owned()).or_default() += 1;
+        if let Some(last) = queue.last_grant {
+            let newest = now.saturating_duration_since(last);
+            queue.interval = Some(match queue.interval {
+                Some(average) => average.mul_f64(1.0 - RATE_WEIGHT) + newest.mul_f64(RATE_WEIGHT),
+                None => newest,
+            });
+        }
+        queue.last_grant = Some(now);
+        self.wake(key);
+        self.drop_if_idle(key);
+    }
+
+    /// A queue that never served a job and has nobody waiting is dropped
+    /// (one that served keeps its rate: a few numbers per pair and kind).
+    fn drop_if_idle(&mut self, key: &QueueKey) {
+        if self
+            .queues
+            .get(key)
+            .is_some_and(|q| q.len == 0 && q.last_grant.is_none())
+        {
+            self.queues.remove(key);
+        }
+    }
+
+    /// The pairs and kinds with jobs waiting, and how many.
+    pub fn depths(&self) -> Vec<(QueueKey, usize)> {
+        self.queues
+            .iter()
+            .filter(|(_, q)| q.len > 0)
+            .map(|(key, q)| (key.clone(), q.len))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> QueueKey {
+        ("zh:en".parse().unwrap(), JobKind::new("asr").unwrap())
+    }
+
+    fn waiting(id: &str, priority: u8, tenant: &str) -> Waiting {
+        Waiting {
+            id: JobId::new(id).unwrap(),
+            priority,
+            tenant: tenant.into(),
+            turn: Arc::new(Notify::new()),
+        }
+    }
+
+    fn head(queues: &Queues) -> String {
+        let queue = &queues.queues[&key()];
+        queue.head().unwrap().id.to_string()
+    }
+
+    /// Serves the whole queue, one grant at a time; the order served.
+    fn drain(queues: &mut Queues, now: Instant) -> Vec<String> {
+        let mut order = Vec::new();
+        while queues.depth(&key()) > 0 {
+            let first = queues.queues[&key()].head().unwrap();
+            let (id, tenant) = (first.id.clone(), first.tenant.clone());
+            queues.granted(&key(), &id, &tenant, now);
+            order.push(id.to_string());
+        }
+        order
+    }
+
+    #[test]
+    fn higher_priority_first_then_arrival() {
+        let mut queues = Queues::new(100);
+        let (now, deadline) = (Instant::now(), Instant::now() + Duration::from_secs(60));
+        for (id, priority) in [("low-1", 10), ("high-1", 90), ("low-2", 10), ("high-2", 90)] {
+            queues
+                .join(&key(), waiting(id, priority, "t"), now, deadline)
+                .unwrap();
+        }
+        assert_eq!(head(&queues), "high-1");
+        assert_eq!(
+            drain(&mut queues, now),
+            ["high-1", "high-2", "low-1", "low-2"]
+        );
+        assert_eq!(queues.total(), 0);
+    }
+
+    #[test]
+    fn a_flooding_tenant_shares_turns_with_the_others() {
+        let mut queues = Queues::new(100);
+        let (now, deadline) = (Instant::now(), Instant::now() + Duration::from_secs(60));
+        for i in 1..=4 {
+            let id = format!("a{i}");
+            queues
+                .join(&key(), waiting(&id, 50, "flood"), now, deadline)
+                .unwrap();
+        }
+        for i in 1..=2 {
+            let id = format!("b{i}");
+            queues
+                .join(&key(), waiting(&id, 50, "quiet"), now, deadline)
+                .unwrap();
+        }
+        assert_eq!(
+            drain(&mut queues, now),
+            ["a1", "b1", "a2", "b2", "a3", "a4"]
+        );
+    }
+
+    #[test]
+    fn the_cap_and_the_service_rate_shed_what_cannot_be_served() {
+        let mut queues = Queues::new(3);
+        let now = Instant::now();
+        let far = now + Duration::from_secs(60);
+        // One grant every 100 ms.
+        for step in 0..3 {
+            let at = now + Duration::from_millis(100 * step);
+            queues.granted(&key(), &JobId::new("served").unwrap(), "t", at);
+        }
+        let later = now + Duration::from_millis(200);
+        queues
+            .join(&key(), waiting("w1", 50, "t"), later, far)
+            .unwrap();
+        queues
+            .join(&key(), waiting("w2", 50, "t"), later, far)
+            .unwrap();
+        // Two ahead: about 300 ms to its turn, and it has 250 ms.
+        let hurried = waiting("w3", 50, "t");
+        let shed = queues.join(&key(), hurried, later, later + Duration::from_millis(250));
+        assert_eq!(
+            shed,
+            Err(Shed::TooLate {
+                wait: Duration::from_millis(300)
+            })
+        );
+        // A higher priority has nobody ahead: it joins.
+        let urgent = waiting("w4", 90, "t");
+        queues
+            .join(&key(), urgent, later, later + Duration::from_millis(250))
+            .unwrap();
+        let one_more = queues.join(&key(), waiting("w5", 50, "t"), later, far);
+        assert_eq!(one_more, Err(Shed::Full));
+        assert_eq!(queues.depth(&key()), 3);
+    }
+
+    #[test]
+    fn a_report_wakes_the_head_only_and_leaving_passes_the_turn_on() {
+        let mut queues = Queues::new(10);
+        let (now, deadline) = (Instant::now(), Instant::now() + Duration::from_secs(60));
+        let (first, second) = (waiting("first", 50, "t"), waiting("second", 50, "t"));
+        let (first_turn, second_turn) = (first.turn.clone(), second.turn.clone());
+        queues.join(&key(), first, now, deadline).unwrap();
+        queues.join(&key(), second, now, deadline).unwrap();
+        let before = queues.wakes(&key());
+        queues.wake(&key());
+        assert_eq!(queues.wakes(&key()), before + 1);
+        let woken = |turn: &Arc<Notify>| {
+            let notified = turn.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable()
+        };
+        assert!(woken(&first_turn));
+        assert!(!woken(&second_turn), "not its turn");
+        assert!(queues.is_head(&key(), &JobId::new("first").unwrap()));
+        queues.leave(&key(), &JobId::new("first").unwrap());
+        assert!(woken(&second_turn), "the head left: its turn");
+        assert!(queues.is_head(&key(), &JobId::new("second").unwrap()));
+    }
+}
