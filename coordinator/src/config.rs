@@ -75,6 +75,10 @@ pub struct Config {
     pub pick: PickPolicy,
     /// Most jobs this instance holds waiting for room, all queues together.
     pub max_queued: u32,
+    /// Routing hints share each node's memory between its kinds (protocol
+    /// version 2). `false` keeps per-kind counts only, the earlier model,
+    /// kept to measure against (docs/BENCHMARKS.md).
+    pub kinds_share_memory: bool,
     /// Most language pairs one node may serve.
     pub max_pairs_per_node: u32,
     /// How long an offline node's record stays in Redis after its last
@@ -134,6 +138,7 @@ impl Default for Config {
             result_ttl: Duration::from_millis(300_000),
             pick: PickPolicy::Capacity,
             max_queued: 10_000,
+            kinds_share_memory: true,
             max_pairs_per_node: 64,
             offline_retention: Duration::from_millis(86_400_000),
             max_connections: 16_384,
@@ -253,6 +258,7 @@ impl Config {
                 self.max_queued,
                 1..=1_000_000,
             )?,
+            kinds_share_memory: raw.kinds_share_memory.unwrap_or(self.kinds_share_memory),
             ..self
         })
     }
@@ -402,6 +408,15 @@ max_attempts = 3
                 "{text}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn kinds_share_memory_unless_the_earlier_model_is_asked_for() {
+        assert!(Config::parse("").unwrap().kinds_share_memory);
+        let earlier = Config::parse("[jobs]\nkinds_share_memory = false\n").unwrap();
+        assert!(!earlier.kinds_share_memory);
+        let err = Config::parse("[jobs]\nkinds_share_memory = \"no\"\n").unwrap_err();
+        assert!(err.to_string().contains("kinds_share_memory"), "{err}");
     }
 
     #[test]

@@ -44,13 +44,31 @@ struct Node {
 }
 
 /// The routing hints of the nodes this instance holds.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Hints {
     nodes: Mutex<HashMap<NodeId, Node>>,
     pairs: Mutex<HashMap<LangPair, Arc<RwLock<()>>>>,
+    /// Whether nodes' rooms are used (`[jobs] kinds_share_memory`).
+    share_memory: bool,
+}
+
+impl Default for Hints {
+    fn default() -> Self {
+        Self::new(true)
+    }
 }
 
 impl Hints {
+    /// Hints that use the nodes' rooms when `share_memory`, and per-kind
+    /// counts only otherwise.
+    pub fn new(share_memory: bool) -> Self {
+        Self {
+            nodes: Mutex::default(),
+            pairs: Mutex::default(),
+            share_memory,
+        }
+    }
+
     /// Starts hinting for a node that registered: its kinds, protocol
     /// version, drain flag and first report. Assignments still unanswered
     /// from an earlier connection stay counted.
@@ -136,7 +154,7 @@ impl Hints {
             .report
             .room
             .clone()
-            .filter(|_| held.version >= ROOM_VERSION);
+            .filter(|_| self.share_memory && held.version >= ROOM_VERSION);
         let mut free = BTreeMap::new();
         for kind in &held.kinds {
             let sent = held.uncounted.get(kind).copied().unwrap_or(0);

@@ -69,7 +69,7 @@ fn services(
 ) -> NodeServices {
     let registry = Arc::new(Registry::default());
     let instance = new_instance_id();
-    let hints = Arc::new(Hints::default());
+    let hints = Arc::new(Hints::new(config.kinds_share_memory));
     let queues = Arc::new(Mutex::new(Queues::new(config.max_queued as usize)));
     let batcher = Arc::new(RouteBatcher::new(
         (store.clone(), instance.clone()),

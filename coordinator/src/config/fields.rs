@@ -80,6 +80,7 @@ pub(super) struct RawJobs {
     pub(super) result_ttl_ms: Option<Spanned<u64>>,
     pub(super) pick: Option<PickPolicy>,
     pub(super) max_queued: Option<Spanned<u32>>,
+    pub(super) kinds_share_memory: Option<bool>,
 }
 
 pub(super) fn tokens(
