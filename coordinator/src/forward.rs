@@ -14,7 +14,7 @@
 //! runs the loops that announce this instance and read its inbox.
 
 use lingua_shared::protocol::{JobAssign, JobCancel, JobRef, RejectReason};
-use lingua_shared::{LangPair, NodeId};
+use lingua_shared::{JobKind, LangPair, NodeId};
 use serde::{Deserialize, Serialize};
 
 use tokio_util::task::TaskTracker;
@@ -55,6 +55,8 @@ pub enum Envelope {
     Capacity {
         /// The language pair.
         pair: LangPair,
+        /// The kinds with room.
+        kinds: Vec<JobKind>,
     },
     /// For a job's dispatcher: what became of one attempt.
     Answer {

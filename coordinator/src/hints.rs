@@ -16,23 +16,26 @@
 //! here, are counted when their assignments arrive: between the two, a
 //! node may be offered more than it has, and refuses.)
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use lingua_shared::protocol::CapacityReport;
 use lingua_shared::sync::lock;
 use lingua_shared::{JobKind, LangPair, NodeId};
-use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
+use tokio::sync::{Notify, OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
 
 use crate::store::RouteEntry;
 
 /// The protocol version from which a node's room is used.
 pub const ROOM_VERSION: u32 = 2;
+/// Pair locks kept before those nobody holds are dropped.
+const MAX_IDLE_PAIR_LOCKS: usize = 4096;
 
 /// One held node.
 #[derive(Debug)]
 struct Node {
+    pairs: Vec<LangPair>,
     kinds: Vec<JobKind>,
     version: u32,
     draining: Arc<AtomicBool>,
@@ -50,6 +53,10 @@ pub struct Hints {
     pairs: Mutex<HashMap<LangPair, Arc<RwLock<()>>>>,
     /// Whether nodes' rooms are used (`[jobs] kinds_share_memory`).
     share_memory: bool,
+    /// Entries to write, per pair: nodes that reported, or were assigned
+    /// a job through another pair.
+    due: Mutex<HashMap<LangPair, HashSet<NodeId>>>,
+    due_now: Notify,
 }
 
 impl Default for Hints {
@@ -66,27 +73,27 @@ impl Hints {
             nodes: Mutex::default(),
             pairs: Mutex::default(),
             share_memory,
+            due: Mutex::default(),
+            due_now: Notify::new(),
         }
     }
 
-    /// Starts hinting for a node that registered: its kinds, protocol
-    /// version, drain flag and first report. Assignments still unanswered
-    /// from an earlier connection stay counted.
+    /// Starts hinting for a node that registered: its pairs and kinds,
+    /// protocol version, drain flag and first report. A new connection
+    /// starts from its own report: what the node answered, or never got,
+    /// on an earlier one is not counted against it.
     pub fn hold(
         &self,
         node: &NodeId,
-        kinds: Vec<JobKind>,
+        (pairs, kinds): (Vec<LangPair>, Vec<JobKind>),
         version: u32,
         draining: Arc<AtomicBool>,
         report: CapacityReport,
     ) {
         let mut nodes = lock(&self.nodes);
-        let unanswered = nodes
-            .remove(node)
-            .map(|old| old.unanswered)
-            .unwrap_or_default();
-        let uncounted = unanswered.clone();
+        let (unanswered, uncounted) = (BTreeMap::new(), BTreeMap::new());
         let held = Node {
+            pairs,
             kinds,
             version,
             draining,
@@ -119,15 +126,42 @@ impl Hints {
         }
     }
 
-    /// Counts an assignment of `kind` sent to `node` (picked here, or
-    /// forwarded by another instance), unanswered until `answered`.
-    pub fn assigned(&self, node: &NodeId, kind: &JobKind) {
+    /// Counts an assignment of `kind` sent to `node` through `pair`
+    /// (picked here, or forwarded by another instance), unanswered until
+    /// `answered`. The node's entries in its other pairs are due: the
+    /// memory it took is gone there too.
+    pub fn assigned(&self, node: &NodeId, kind: &JobKind, pair: LangPair) {
         let mut nodes = lock(&self.nodes);
         let Some(held) = nodes.get_mut(node) else {
             return;
         };
         *held.unanswered.entry(kind.clone()).or_default() += 1;
         *held.uncounted.entry(kind.clone()).or_default() += 1;
+        let others: Vec<LangPair> = held.pairs.iter().copied().filter(|p| *p != pair).collect();
+        drop(nodes);
+        if !others.is_empty() {
+            self.due(others, node);
+        }
+    }
+
+    /// `node`'s entries in `pairs` are due for writing.
+    pub fn due(&self, pairs: impl IntoIterator<Item = LangPair>, node: &NodeId) {
+        let mut due = lock(&self.due);
+        for pair in pairs {
+            due.entry(pair).or_default().insert(node.clone());
+        }
+        drop(due);
+        self.due_now.notify_one();
+    }
+
+    /// Waits until some entries are due.
+    pub async fn wait_due(&self) {
+        self.due_now.notified().await;
+    }
+
+    /// The entries due, per pair (they are no longer due).
+    pub fn take_due(&self) -> HashMap<LangPair, HashSet<NodeId>> {
+        std::mem::take(&mut *lock(&self.due))
     }
 
     /// The node answered (or never will answer) an assignment of `kind`.
@@ -137,6 +171,13 @@ impl Hints {
         {
             *count = count.saturating_sub(1);
         }
+    }
+
+    /// Whether `node`, held here, has no room for a job of `kind` now (a
+    /// node not held here: no opinion).
+    pub fn lacks_room(&self, node: &NodeId, kind: &JobKind) -> bool {
+        self.entry(node)
+            .is_some_and(|entry| entry.free.get(kind).copied().unwrap_or(0) == 0)
     }
 
     /// The routing entry of `node` now; none when it is not held here.
@@ -180,8 +221,8 @@ impl Hints {
 
     /// Counts an assignment picked here until the returned guard drops
     /// (at its answer, or when it is not sent after all).
-    pub fn assign(self: &Arc<Self>, node: &NodeId, kind: &JobKind) -> Assigned {
-        self.assigned(node, kind);
+    pub fn assign(self: &Arc<Self>, node: &NodeId, kind: &JobKind, pair: LangPair) -> Assigned {
+        self.assigned(node, kind, pair);
         Assigned {
             hints: Arc::clone(self),
             node: node.clone(),
@@ -190,7 +231,12 @@ impl Hints {
     }
 
     fn pair_lock(&self, pair: LangPair) -> Arc<RwLock<()>> {
-        Arc::clone(lock(&self.pairs).entry(pair).or_default())
+        let mut pairs = lock(&self.pairs);
+        if pairs.len() >= MAX_IDLE_PAIR_LOCKS {
+            // Jobs name any pair: keep only the locks in use.
+            pairs.retain(|_, held| Arc::strong_count(held) > 1);
+        }
+        Arc::clone(pairs.entry(pair).or_default())
     }
 
     /// Held while a pick of `pair` runs and its assignment is counted:
@@ -229,6 +275,10 @@ mod tests {
         JobKind::new(name).unwrap()
     }
 
+    fn pair(text: &str) -> LangPair {
+        text.parse().unwrap()
+    }
+
     fn node() -> NodeId {
         NodeId::new("n1").unwrap()
     }
@@ -248,7 +298,13 @@ mod tests {
     fn hints(version: u32) -> Hints {
         let hints = Hints::default();
         let kinds = vec![kind("asr"), kind("translate")];
-        hints.hold(&node(), kinds, version, Arc::default(), report());
+        hints.hold(
+            &node(),
+            (vec![pair("zh:en")], kinds),
+            version,
+            Arc::default(),
+            report(),
+        );
         hints
     }
 
@@ -259,7 +315,7 @@ mod tests {
     #[test]
     fn an_assignment_shrinks_every_kind_of_a_node_that_reports_its_room() {
         let hints = hints(ROOM_VERSION);
-        hints.assigned(&node(), &kind("asr"));
+        hints.assigned(&node(), &kind("asr"), pair("zh:en"));
         assert_eq!(free(&hints, "asr"), 1);
         assert_eq!(free(&hints, "translate"), 3, "10,000 MiB left");
         let room = hints.entry(&node()).unwrap().room.unwrap();
@@ -269,7 +325,7 @@ mod tests {
     #[test]
     fn without_room_only_the_assigned_kind_shrinks() {
         let hints = hints(1);
-        hints.assigned(&node(), &kind("asr"));
+        hints.assigned(&node(), &kind("asr"), pair("zh:en"));
         assert_eq!(free(&hints, "asr"), 1);
         assert_eq!(free(&hints, "translate"), 5);
         assert_eq!(hints.entry(&node()).unwrap().room, None);
@@ -278,7 +334,7 @@ mod tests {
     #[test]
     fn an_assignment_counts_until_a_report_that_follows_its_answer() {
         let hints = hints(ROOM_VERSION);
-        hints.assigned(&node(), &kind("asr"));
+        hints.assigned(&node(), &kind("asr"), pair("zh:en"));
         // Answered, but the last report came before: still not counted
         // there.
         hints.answered(&node(), &kind("asr"));
@@ -295,12 +351,33 @@ mod tests {
     #[test]
     fn a_report_crossing_an_unanswered_assignment_still_counts_it_out() {
         let hints = hints(ROOM_VERSION);
-        hints.assigned(&node(), &kind("translate"));
+        hints.assigned(&node(), &kind("translate"), pair("zh:en"));
         hints.report(&node(), report());
         assert_eq!(free(&hints, "translate"), 4);
         hints.answered(&node(), &kind("translate"));
         hints.report(&node(), report());
         assert_eq!(free(&hints, "translate"), 5);
+    }
+
+    #[test]
+    fn an_assignment_through_one_pair_makes_the_nodes_other_pairs_due() {
+        let hints = Hints::default();
+        let pairs = vec![pair("zh:en"), pair("zh:ja"), pair("en:zh")];
+        hints.hold(
+            &node(),
+            (pairs, vec![kind("asr")]),
+            ROOM_VERSION,
+            Arc::default(),
+            report(),
+        );
+        assert!(hints.take_due().is_empty());
+        hints.assigned(&node(), &kind("asr"), pair("zh:ja"));
+        let due = hints.take_due();
+        let mut due_pairs: Vec<String> = due.keys().map(ToString::to_string).collect();
+        due_pairs.sort();
+        assert_eq!(due_pairs, ["en:zh", "zh:en"]);
+        assert!(due.values().all(|nodes| nodes.contains(&node())));
+        assert!(hints.take_due().is_empty(), "taken once");
     }
 
     #[test]
@@ -311,7 +388,13 @@ mod tests {
         assert_eq!(free(&hints, "asr"), 2);
         let draining = Arc::new(AtomicBool::new(true));
         let kinds = vec![kind("asr")];
-        hints.hold(&node(), kinds, ROOM_VERSION, draining, report());
+        hints.hold(
+            &node(),
+            (vec![pair("zh:en")], kinds),
+            ROOM_VERSION,
+            draining,
+            report(),
+        );
         assert_eq!(free(&hints, "asr"), 0);
         hints.forget(&node());
         assert_eq!(hints.entry(&node()), None);

@@ -132,9 +132,12 @@ async fn deliver(peers: &Peers, envelope: Envelope) {
                 job_id: assign.job_id.clone(),
                 attempt: assign.attempt,
             };
-            peers
-                .router
-                .note_forwarded(job.clone(), &node, assign.kind.clone(), &origin);
+            peers.router.note_forwarded(
+                job.clone(),
+                &node,
+                (assign.kind.clone(), assign.pair),
+                &origin,
+            );
             let sent = peers
                 .registry
                 .send(&node, Control::Send(Box::new(Message::JobAssign(assign))));
@@ -152,6 +155,6 @@ async fn deliver(peers: &Peers, envelope: Envelope) {
                 .send(&node, Control::Send(Box::new(Message::JobCancel(cancel))));
         }
         Envelope::Answer { job, answer } => peers.router.remote_answer(&job, answer),
-        Envelope::Capacity { pair } => peers.router.room_in(pair),
+        Envelope::Capacity { pair, kinds } => peers.router.room_in(pair, &kinds),
     }
 }

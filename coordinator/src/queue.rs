@@ -53,6 +53,8 @@ struct Queue {
     len: usize,
     /// When the last job left by a successful pick.
     last_grant: Option<Instant>,
+    /// Since when jobs have been waiting without a break.
+    busy_since: Option<Instant>,
     /// Moving average of the time between grants.
     interval: Option<Duration>,
 }
@@ -92,8 +94,10 @@ impl Queue {
             self.len -= 1;
         }
         if self.len == 0 {
-            // Nobody competes any more: the fair share starts over.
+            // Nobody competes any more: the fair share starts over, and
+            // the time until the next backlog is no service time.
             self.served.clear();
+            self.busy_since = None;
         }
         found
     }
@@ -192,6 +196,7 @@ impl Queues {
         self.arrivals += 1;
         let seq = self.arrivals;
         let queue = self.queues.entry(key.clone()).or_default();
+        queue.busy_since.get_or_insert(now);
         queue
             .levels
             .entry(std::cmp::Reverse(waiting.priority))
@@ -247,17 +252,23 @@ impl Queues {
     /// be left.
     pub fn granted(&mut self, key: &QueueKey, id: &JobId, tenant: &str, now: Instant) {
         let queue = self.queues.entry(key.clone()).or_default();
+        let busy_since = queue.busy_since;
         if queue.remove(id).is_some() {
             self.total -= 1;
+            // Service time counts only while jobs wait: an idle queue's
+            // gaps between grants say nothing of its rate.
+            if let Some(busy) = busy_since {
+                let from = queue.last_grant.map_or(busy, |last| last.max(busy));
+                let newest = now.saturating_duration_since(from);
+                queue.interval = Some(match queue.interval {
+                    Some(average) => {
+                        average.mul_f64(1.0 - RATE_WEIGHT) + newest.mul_f64(RATE_WEIGHT)
+                    }
+                    None => newest,
+                });
+            }
         }
         *queue.served.entry(tenant.to_owned()).or_default() += 1;
-        if let Some(last) = queue.last_grant {
-            let newest = now.saturating_duration_since(last);
-            queue.interval = Some(match queue.interval {
-                Some(average) => average.mul_f64(1.0 - RATE_WEIGHT) + newest.mul_f64(RATE_WEIGHT),
-                None => newest,
-            });
-        }
         queue.last_grant = Some(now);
         self.wake(key);
         self.drop_if_idle(key);
@@ -363,12 +374,19 @@ mod tests {
         let mut queues = Queues::new(3);
         let now = Instant::now();
         let far = now + Duration::from_secs(60);
-        // One grant every 100 ms.
-        for step in 0..3 {
-            let at = now + Duration::from_millis(100 * step);
-            queues.granted(&key(), &JobId::new("served").unwrap(), "t", at);
+        // An idle hour says nothing of the rate.
+        queues.granted(&key(), &JobId::new("early").unwrap(), "t", now);
+        let now = now + Duration::from_secs(3600);
+        // A backlog served one job every 100 ms.
+        for id in ["s1", "s2", "s3"] {
+            queues.join(&key(), waiting(id, 50, "t"), now, far).unwrap();
         }
-        let later = now + Duration::from_millis(200);
+        for (step, id) in ["s1", "s2", "s3"].into_iter().enumerate() {
+            let at = now + Duration::from_millis(100 * (step as u64 + 1));
+            queues.granted(&key(), &JobId::new(id).unwrap(), "t", at);
+        }
+        let later = now + Duration::from_millis(400);
+        let far = later + Duration::from_secs(60);
         queues
             .join(&key(), waiting("w1", 50, "t"), later, far)
             .unwrap();

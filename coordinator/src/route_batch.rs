@@ -7,14 +7,12 @@
 //! call carrying every node that changed. Entries are computed at the
 //! flush, from the nodes' [`Hints`], while no pick of the pair runs.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::join_all;
 use lingua_shared::sync::lock;
 use lingua_shared::{JobKind, LangPair, NodeId};
-use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::forward::{self, Envelope};
@@ -26,12 +24,9 @@ use crate::store::{RouteEntry, Store};
 /// How long updates gather before a flush.
 const FLUSH_WINDOW: Duration = Duration::from_millis(5);
 
-type Pending = HashMap<LangPair, HashSet<NodeId>>;
-
-/// Pending routing updates, flushed by [`RouteBatcher::run`].
+/// Writes the routing entries [`Hints`] says are due, flushed by
+/// [`RouteBatcher::run`].
 pub struct RouteBatcher {
-    pending: Mutex<Pending>,
-    wake: Notify,
     store: Store,
     registry: Arc<Registry>,
     max_nodes_per_pool: u32,
@@ -54,8 +49,6 @@ impl RouteBatcher {
         (hints, queues): (Arc<Hints>, Arc<Mutex<Queues>>),
     ) -> Self {
         Self {
-            pending: Mutex::default(),
-            wake: Notify::new(),
             store,
             registry,
             max_nodes_per_pool,
@@ -68,19 +61,14 @@ impl RouteBatcher {
 
     /// Queues an update of `node`'s entry in each of `pairs`.
     pub fn queue(&self, pairs: impl IntoIterator<Item = LangPair>, node: &NodeId) {
-        let mut pending = self.lock();
-        for pair in pairs {
-            pending.entry(pair).or_default().insert(node.clone());
-        }
-        drop(pending);
-        self.wake.notify_one();
+        self.hints.due(pairs, node);
     }
 
     /// Flushes until `shutdown`, then once more.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
         loop {
             tokio::select! {
-                () = self.wake.notified() => {}
+                () = self.hints.wait_due() => {}
                 () = shutdown.cancelled() => break,
             }
             tokio::time::sleep(FLUSH_WINDOW).await;
@@ -91,7 +79,7 @@ impl RouteBatcher {
 
     async fn flush(&self) {
         let (store, lease) = (&self.store, self.lease);
-        let batch = std::mem::take(&mut *self.lock());
+        let batch = self.hints.take_due();
         let hints = &self.hints;
         let calls = batch.into_iter().map(|(pair, nodes)| async move {
             let updating = hints.updating(pair).await;
@@ -134,11 +122,12 @@ impl RouteBatcher {
         roomy.dedup();
         {
             let mut queues = lock(&self.queues);
-            for kind in roomy {
-                queues.wake(&(pair, kind.clone()));
+            for kind in &roomy {
+                queues.wake(&(pair, (*kind).clone()));
             }
         }
-        let envelope = Envelope::Capacity { pair };
+        let kinds = roomy.into_iter().cloned().collect();
+        let envelope = Envelope::Capacity { pair, kinds };
         for instance in waiting.iter().filter(|i| **i != self.instance) {
             if let Err(err) = forward::send(&self.store, instance, &envelope).await {
                 tracing::warn!(%pair, %instance, error = %err, "cannot tell a waiting instance about room");
@@ -168,11 +157,5 @@ impl RouteBatcher {
             }
             self.queue([pair], &node);
         }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
-        // Every critical section is a single map operation, so a poisoned
-        // lock holds consistent data.
-        lock(&self.pending)
     }
 }

@@ -28,7 +28,11 @@ impl Room {
     /// the kind (it takes none, or the node did not say).
     pub fn fits(&self, kind: &JobKind) -> Option<u64> {
         let size = self.vram_mb.get(kind).copied().filter(|&mb| mb > 0)?;
-        Some(self.devices_mb.iter().map(|free| free / size).sum())
+        Some(
+            self.devices_mb
+                .iter()
+                .fold(0u64, |fits, free| fits.saturating_add(free / size)),
+        )
     }
 
     /// Takes the memory of one job of `kind` where the node's arbiter

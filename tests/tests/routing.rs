@@ -668,6 +668,48 @@ async fn a_refusal_moves_a_job_on_without_using_up_its_attempts() {
     coordinator.stop().await;
 }
 
+#[tokio::test]
+async fn a_node_that_cannot_run_a_job_at_all_uses_up_an_attempt() {
+    let redis = lingua_tests::redis().await;
+    let config = lingua_coordinator::config::Config {
+        max_attempts: 1,
+        ..test_config()
+    };
+    let coordinator = TestCoordinator::start(&redis, config).await;
+    let register = registration("misfit", &["zh"], &["en"]);
+    let (mut node, _) = TestNode::register(&coordinator.ws_url(), register).await;
+    let submitted = tokio::spawn({
+        let url = coordinator.url("/v1/jobs");
+        async move {
+            let body = json!({"kind": "translate", "src_lang": "zh", "tgt_lang": "en", "timeout_ms": 20000});
+            let answer = reqwest::Client::new()
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            answer.json::<Value>().await.unwrap()
+        }
+    });
+    let assign = next_assign(&mut node).await;
+    node.send(&Message::JobReject(JobReject {
+        job_id: assign.job_id,
+        attempt: assign.attempt,
+        reason: RejectReason::UnsupportedPair,
+        message: "zh:en is not configured here".into(),
+    }))
+    .await;
+    let answer = submitted.await.unwrap();
+    assert_eq!(answer["status"], "failed", "{answer}");
+    assert_eq!(answer["attempts"], 1, "{answer}");
+    assert_eq!(
+        answer["error"]["message"],
+        "misfit refused: zh:en is not configured here"
+    );
+    node.close().await;
+    coordinator.stop().await;
+}
+
 /// Runs each test on one Redis (module `single`) and on a Redis Cluster
 /// (module `cluster`).
 macro_rules! on_both_backends {

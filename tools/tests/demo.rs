@@ -24,6 +24,7 @@ async fn the_demo_runs_a_fleet_through_a_node_failure() {
         "killed gpu-02",
         "summary",
         "jobs submitted       150",
+        "admission queue      at most",
         "every job reached a terminal state",
     ] {
         assert!(

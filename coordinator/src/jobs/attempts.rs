@@ -79,7 +79,13 @@ impl JobRouter {
                 self.metrics
                     .refused(name.as_ref().and_then(Value::as_str).unwrap_or("other"));
                 tracing::debug!(job_id = %key.job_id, attempt = key.attempt, node_id = %node, ?reason, "node refused the job");
-                return Tried::Refused(format!("{node} refused: {message}"));
+                let message = format!("{node} refused: {message}");
+                // "Not now" moves the job on for free; a node that cannot
+                // run it at all (kind, pair) uses up an attempt.
+                return match reason {
+                    RejectReason::NoCapacity | RejectReason::Draining => Tried::Refused(message),
+                    _ => Tried::Move(JobErrorCode::NoCapacity, message),
+                };
             }
             Ok(Some(AttemptEvent::NodeLost) | None) => {
                 return Tried::Move(JobErrorCode::NodeLost, format!("node {node} went away"));

@@ -147,14 +147,12 @@ impl JobRouter {
         Err(failure)
     }
 
-    /// Another instance saw room in `pair`: the head of each queue of the
-    /// pair tries again.
-    pub fn room_in(&self, pair: LangPair) {
+    /// Another instance saw room for `kinds` in `pair`: the head of each
+    /// of those queues tries again.
+    pub fn room_in(&self, pair: LangPair, kinds: &[JobKind]) {
         let mut queues = lock(&self.queues);
-        for (key, _) in queues.depths() {
-            if key.0 == pair {
-                queues.wake(&key);
-            }
+        for kind in kinds {
+            queues.wake(&(pair, kind.clone()));
         }
     }
 
@@ -224,28 +222,38 @@ impl JobRouter {
 
     /// One `route_pick`, and the assignment counted in the chosen node's
     /// hints before any routing update of the pair is computed.
-    async fn pick(&self, state: &Dispatch<'_>) -> Result<Picked, StoreError> {
+    /// A node held here whose hints (exact, whatever pair took its memory)
+    /// say it has no room, although the pair's record in Redis did (a pick
+    /// through another pair took the memory since that record was
+    /// written), is passed over, and the record corrected.
+    async fn pick(&self, state: &mut Dispatch<'_>) -> Result<Picked, StoreError> {
         let job = state.job;
         let _picking = self.hints.picking(job.pair).await;
-        let pick = self
-            .store
-            .route_pick(
-                job.pair,
-                &job.kind,
-                job.session.as_deref(),
-                SESSION_AFFINITY,
-                self.config.pick,
-                &state.excluded,
-            )
-            .await?;
-        Ok(match pick {
-            Pick::Node(node) => {
-                let assigned = self.hints.assign(&node, &job.kind);
-                Picked::Node(node, assigned)
+        loop {
+            let pick = self
+                .store
+                .route_pick(
+                    job.pair,
+                    &job.kind,
+                    job.session.as_deref(),
+                    SESSION_AFFINITY,
+                    self.config.pick,
+                    &state.excluded,
+                )
+                .await?;
+            let node = match pick {
+                Pick::Node(node) => node,
+                Pick::NoNodes => return Ok(Picked::NoNodes),
+                Pick::NoCapacity => return Ok(Picked::NoCapacity),
+            };
+            if self.hints.lacks_room(&node, &job.kind) {
+                self.hints.due([job.pair], &node);
+                state.excluded.push(node);
+                continue;
             }
-            Pick::NoNodes => Picked::NoNodes,
-            Pick::NoCapacity => Picked::NoCapacity,
-        })
+            let assigned = self.hints.assign(&node, &job.kind, job.pair);
+            return Ok(Picked::Node(node, assigned));
+        }
     }
 
     /// Records the next attempt, on `node`. False when the job is another
@@ -431,6 +439,11 @@ impl<'a> Dispatch<'a> {
         } else {
             None
         }
+    }
+
+    /// Whether the job's deadline passed.
+    pub(in crate::jobs) fn past_deadline(&self) -> bool {
+        Instant::now() >= self.deadline
     }
 
     /// The job timed out.

@@ -41,9 +41,16 @@ impl JobRouter {
         self.store.other_live_holder(node, &self.instance).await
     }
 
-    /// Records that the node's answers to `job` belong to `origin`.
-    pub fn note_forwarded(&self, job: JobRef, node: &NodeId, kind: JobKind, origin: &str) {
-        self.hints.assigned(node, &kind);
+    /// Records that the node's answers to `job` (of `kind`, through
+    /// `pair`) belong to `origin`.
+    pub fn note_forwarded(
+        &self,
+        job: JobRef,
+        node: &NodeId,
+        (kind, pair): (JobKind, LangPair),
+        origin: &str,
+    ) {
+        self.hints.assigned(node, &kind, pair);
         lock(&self.forwarded).insert(
             job,
             Forwarded {

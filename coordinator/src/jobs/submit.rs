@@ -101,6 +101,24 @@ impl JobRouter {
         }
     }
 
+    /// Dispatches a job recorded just now. A Redis error does not end it:
+    /// the dispatch goes on from where it stood once Redis answers, until
+    /// the job's deadline (the job is recorded; nobody else would).
+    async fn dispatch(&self, job: &Job) -> Result<JobView, SubmitError> {
+        let mut state = Dispatch::new(job);
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match self.run(&mut state).await {
+                Err(SubmitError::Store(err)) if !state.past_deadline() => {
+                    tracing::warn!(job_id = %job.id, error = %err, "dispatch paused: redis unavailable");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
     /// Dispatches a job recorded just now (`fresh`), or waits for one
     /// recorded before (by an earlier submission here or elsewhere), and
     /// publishes its terminal view. On shutdown it stops: the job stays in
@@ -109,7 +127,7 @@ impl JobRouter {
         let outcome = tokio::select! {
             outcome = async {
                 if fresh {
-                    self.run(&mut Dispatch::new(&job)).await
+                    self.dispatch(&job).await
                 } else {
                     Ok(self.wait_remote(&job.id, Instant::now() + job.timeout).await?)
                 }

@@ -353,7 +353,7 @@ async fn acknowledge(
     });
     services.hints.hold(
         &register.node_id,
-        checked.kinds.clone(),
+        (checked.pairs.clone(), checked.kinds.clone()),
         checked.version,
         draining.clone(),
         register.capacity.clone(),

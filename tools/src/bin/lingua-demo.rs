@@ -279,9 +279,11 @@ fn render(view: &View<'_>) -> Vec<String> {
             failed
         ),
         format!(
-            "assignments {}  refusals and retries {}  completed after more than one attempt {}{}",
+            "queued {}  shed {}  assignments {}  refused by nodes {}  completed after more than one attempt {}{}",
+            counter(view.metrics, "lingua_queue_depth"),
+            counter(view.metrics, "lingua_jobs_shed_total"),
             assignments,
-            assignments.saturating_sub(view.done as u64),
+            counter(view.metrics, "lingua_job_refusals_total"),
             view.tally.rerouted,
             view.killed
                 .map(|k| format!("  ({k} was killed)"))
@@ -467,6 +469,7 @@ async fn run_load(
     let started = Instant::now();
     let mut screen = Screen {
         tty: std::io::stdout().is_terminal(),
+        peak_queued: 0,
         printed: 0,
         started,
         total,
@@ -597,9 +600,16 @@ async fn run_load(
         percentile(&sorted, 0.50),
         percentile(&sorted, 0.99)
     );
+    let refusals = counter(metrics, "lingua_job_refusals_total");
     println!(
-        "  assignments          {assignments} ({} refusals and retries)",
+        "  assignments          {assignments}: {refusals} refused by nodes ({:.3} per job), {} beyond one per job in all",
+        refusals as f64 / total.max(1) as f64,
         assignments.saturating_sub(total as u64)
+    );
+    println!(
+        "  admission queue      at most {} jobs waiting for room; {} answered early (no room in time)",
+        screen.peak_queued,
+        counter(metrics, "lingua_jobs_shed_total")
     );
     if let Some(killed) = &killed {
         println!(
@@ -623,6 +633,8 @@ async fn run_load(
 /// refresh otherwise.
 struct Screen {
     tty: bool,
+    /// The most jobs seen waiting in the admission queue.
+    peak_queued: u64,
     printed: usize,
     started: Instant,
     total: usize,
@@ -639,6 +651,7 @@ impl Screen {
         full: bool,
     ) {
         let tally = self.tally.lock().await;
+        self.peak_queued = self.peak_queued.max(counter(metrics, "lingua_queue_depth"));
         let lines = render(&View {
             started: self.started,
             total: self.total,

@@ -12,6 +12,7 @@
 mod coordinators;
 mod fleet_scale;
 mod footprint;
+mod mixed;
 mod pick;
 mod policy;
 mod throughput;
@@ -60,6 +61,9 @@ enum Scenario {
     Pick,
     /// Capacity-aware versus random choice on uneven nodes at 80 % load.
     Policy,
+    /// Three kinds sharing uneven GPUs at 80 % and 120 % load: memory
+    /// shared between kinds versus per-kind counts.
+    Mixed,
     /// The lingua-agent process idle and under load.
     Footprint,
     /// Throughput with 1, 2 and 3 coordinators on one Redis.
@@ -138,6 +142,7 @@ fn main() -> ExitCode {
                 Scenario::FleetScale => fleet_scale::run(&options).await,
                 Scenario::Pick => pick::run(&options).await,
                 Scenario::Policy => policy::run(&options).await,
+                Scenario::Mixed => mixed::run(&options).await,
                 Scenario::Footprint => footprint::run(&options).await,
                 Scenario::Coordinators => coordinators::run(&options).await,
             }
