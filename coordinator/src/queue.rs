@@ -57,6 +57,8 @@ struct Queue {
     busy_since: Option<Instant>,
     /// Moving average of the time between grants.
     interval: Option<Duration>,
+    /// Moving average of how long a job takes once sent to a node.
+    run_time: Option<Duration>,
 }
 
 impl Queue {
@@ -113,16 +115,27 @@ impl Queue {
     }
 }
 
+/// `newest` folded into a moving average.
+fn average(average: Option<Duration>, newest: Duration) -> Duration {
+    match average {
+        Some(average) => average.mul_f64(1.0 - RATE_WEIGHT) + newest.mul_f64(RATE_WEIGHT),
+        None => newest,
+    }
+}
+
 /// Why a job could not join a queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Shed {
     /// This instance holds `max_queued` jobs already.
     Full,
-    /// At the rate this queue is served, the job's turn would come after
-    /// its deadline; `wait` is how long the queue needs.
+    /// At the rate this queue is served, the job would not finish before
+    /// its deadline: its turn comes after `wait`, and a job of its kind
+    /// takes about `run` once sent.
     TooLate {
         /// The expected wait.
         wait: Duration,
+        /// The expected run time.
+        run: Duration,
     },
 }
 
@@ -166,6 +179,17 @@ impl Queues {
         self.total >= self.max
     }
 
+    /// A job of `key` ran for `took`, from its assignment to its result.
+    pub fn ran(&mut self, key: &QueueKey, took: Duration) {
+        let queue = self.queues.entry(key.clone()).or_default();
+        queue.run_time = Some(average(queue.run_time, took));
+    }
+
+    /// How long a job of `key` takes once sent, lately.
+    pub fn run_time(&self, key: &QueueKey) -> Option<Duration> {
+        self.queues.get(key)?.run_time
+    }
+
     /// How long a job of `priority` joining `key` now can expect to wait,
     /// at the rate the queue has been served; `None` before the queue has
     /// a rate, or when nobody waits ahead.
@@ -188,10 +212,15 @@ impl Queues {
         if self.full() {
             return Err(Shed::Full);
         }
-        if let Some(wait) = self.expected_wait(key, waiting.priority)
-            && now + wait > deadline
+        let wait = self.expected_wait(key, waiting.priority);
+        let run = self.run_time(key);
+        if (wait.is_some() || run.is_some())
+            && now + wait.unwrap_or_default() + run.unwrap_or_default() > deadline
         {
-            return Err(Shed::TooLate { wait });
+            return Err(Shed::TooLate {
+                wait: wait.unwrap_or_default(),
+                run: run.unwrap_or_default(),
+            });
         }
         self.arrivals += 1;
         let seq = self.arrivals;
@@ -260,12 +289,7 @@ impl Queues {
             if let Some(busy) = busy_since {
                 let from = queue.last_grant.map_or(busy, |last| last.max(busy));
                 let newest = now.saturating_duration_since(from);
-                queue.interval = Some(match queue.interval {
-                    Some(average) => {
-                        average.mul_f64(1.0 - RATE_WEIGHT) + newest.mul_f64(RATE_WEIGHT)
-                    }
-                    None => newest,
-                });
+                queue.interval = Some(average(queue.interval, newest));
             }
         }
         *queue.served.entry(tenant.to_owned()).or_default() += 1;
@@ -393,13 +417,28 @@ mod tests {
         queues
             .join(&key(), waiting("w2", 50, "t"), later, far)
             .unwrap();
+        // Once its kind is known to take 200 ms, 150 ms is too little even
+        // with nobody ahead.
+        let mut timed = Queues::new(3);
+        timed.ran(&key(), Duration::from_millis(200));
+        let short = waiting("w6", 90, "t");
+        let shed = timed.join(&key(), short, later, later + Duration::from_millis(150));
+        let run = Duration::from_millis(200);
+        assert_eq!(
+            shed,
+            Err(Shed::TooLate {
+                wait: Duration::ZERO,
+                run
+            })
+        );
         // Two ahead: about 300 ms to its turn, and it has 250 ms.
         let hurried = waiting("w3", 50, "t");
         let shed = queues.join(&key(), hurried, later, later + Duration::from_millis(250));
         assert_eq!(
             shed,
             Err(Shed::TooLate {
-                wait: Duration::from_millis(300)
+                wait: Duration::from_millis(300),
+                run: Duration::ZERO,
             })
         );
         // A higher priority has nobody ahead: it joins.

@@ -229,7 +229,7 @@ async fn a_job_that_finds_no_room_by_its_deadline_is_told_when_to_retry() {
     );
     assert_eq!(
         body["error"]["message"],
-        "no node had room for a translate job for zh:en within 300 ms"
+        "no node had room for a translate job for zh:en in time to finish within 300 ms"
     );
     let seconds: u64 = retry_after.expect("a Retry-After header").parse().unwrap();
     assert!(seconds >= 1);

@@ -20,7 +20,7 @@ impl JobRouter {
                 }
             }
             if let Some(waiting) = &seat
-                && !waiting.turn(state.deadline).await
+                && !waiting.turn(self.latest_start(state)).await
             {
                 let failure = self.waited_too_long(state);
                 return self.fail(state, failure).await;
@@ -61,11 +61,15 @@ impl JobRouter {
             if !self.record_attempt(state, &node).await? {
                 return Ok(self.wait_remote(&job.id, state.deadline).await?);
             }
+            let sent = Instant::now();
             match self
                 .try_node(job, &node, state.attempt, state.deadline, assigned)
                 .await
             {
-                Tried::Finished => return Ok(self.wait_remote(&job.id, state.deadline).await?),
+                Tried::Finished => {
+                    lock(&self.queues).ran(&state.key, sent.elapsed());
+                    return Ok(self.wait_remote(&job.id, state.deadline).await?);
+                }
                 Tried::Refused(message) => {
                     state.excluded.push(node);
                     state.last_failure = Failure::new(JobErrorCode::NoCapacity, message);
@@ -133,15 +137,17 @@ impl JobRouter {
                 );
                 Failure::new(JobErrorCode::NoCapacity, message).retry_after(MIN_RETRY_AFTER)
             }
-            Err(Shed::TooLate { wait }) => {
+            Err(Shed::TooLate { wait, run }) => {
                 self.metrics.shed("too_late");
                 let message = format!(
-                    "no node has room for a {} job for {}, and the jobs queued ahead need about {} ms, past its deadline",
+                    "no node has room for a {} job for {}, and it could not finish by its deadline: about {} ms for the jobs queued ahead, about {} ms to run",
                     job.kind,
                     job.pair,
-                    wait.as_millis()
+                    wait.as_millis(),
+                    run.as_millis()
                 );
-                Failure::new(JobErrorCode::NoCapacity, message).retry_after(wait)
+                Failure::new(JobErrorCode::NoCapacity, message)
+                    .retry_after(wait.max(MIN_RETRY_AFTER))
             }
         };
         Err(failure)
@@ -178,12 +184,19 @@ impl JobRouter {
         }
     }
 
-    /// The answer to a job whose deadline passed while it waited.
+    /// The last moment a waiting job may still start and finish by its
+    /// deadline, given how long its kind has been taking once sent.
+    fn latest_start(&self, state: &Dispatch<'_>) -> Instant {
+        let run = lock(&self.queues).run_time(&state.key).unwrap_or_default();
+        state.deadline.checked_sub(run).unwrap_or(state.deadline)
+    }
+
+    /// The answer to a job that could not start in time while it waited.
     fn waited_too_long(&self, state: &Dispatch<'_>) -> Failure {
         self.metrics.shed("deadline");
         let job = state.job;
         let message = format!(
-            "no node had room for a {} job for {} within {} ms",
+            "no node had room for a {} job for {} in time to finish within {} ms",
             job.kind,
             job.pair,
             job.timeout.as_millis()
