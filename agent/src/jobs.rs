@@ -135,9 +135,21 @@ impl Jobs {
             }
             attempts.running.insert(key.clone(), cancel.clone());
         }
-        let permit = match self.arbiter.admit(&job.kind).await {
-            Ok(permit) => permit,
-            Err(refusal) => {
+        // A cancel (the coordinator gave up on the attempt) ends the wait:
+        // the job leaves the arbiter's queue and any room held for it.
+        let admitted = tokio::select! {
+            biased;
+            () = cancel.cancelled() => None,
+            admitted = self.arbiter.admit(&job.kind) => Some(admitted),
+        };
+        let permit = match admitted {
+            None => {
+                self.attempts().running.remove(&key);
+                tracing::debug!(job_id = %job.job_id, attempt = job.attempt, "cancelled while waiting for a slot");
+                return;
+            }
+            Some(Ok(permit)) => permit,
+            Some(Err(refusal)) => {
                 self.attempts().running.remove(&key);
                 let reason = match refusal {
                     Refusal::UnknownKind(_) => RejectReason::UnknownKind,
@@ -162,12 +174,13 @@ impl Jobs {
             let mut overrun_told = false;
             loop {
                 tokio::select! {
+                    biased;
+                    () = cancel.cancelled() => break Outcome::Failed { code: FailureCode::Cancelled, message: "cancelled by the coordinator".into() },
                     outcome = &mut run => break outcome,
                     () = tokio::time::sleep_until(deadline) => {
                         tracing::warn!(job_id = %job.job_id, attempt = job.attempt, timeout_ms = job.timeout_ms, "watchdog: job overran its timeout and was stopped");
                         break Outcome::Failed { code: FailureCode::Timeout, message: format!("the job ran over its timeout of {} ms and was stopped", job.timeout_ms) };
                     }
-                    () = cancel.cancelled() => break Outcome::Failed { code: FailureCode::Cancelled, message: "cancelled by the coordinator".into() },
                     overrun = &mut overrun, if !overrun_told => {
                         overrun_told = true;
                         if let Some(failed) = vram_overrun(&job, overrun) {
@@ -253,6 +266,7 @@ mod tests {
     fn setup(
         max: u32,
         duration_ms: u64,
+        wait_ms: u64,
     ) -> (Arc<Jobs>, Arc<Arbiter>, mpsc::UnboundedReceiver<Outgoing>) {
         let arbiter = Arbiter::new(Limits {
             uses_gpus: false,
@@ -270,7 +284,7 @@ mod tests {
                     vram_mb: 0,
                     priority: 50,
                     max_concurrent: max,
-                    queue_wait: Duration::ZERO,
+                    queue_wait: Duration::from_millis(wait_ms),
                     load_time: Duration::ZERO,
                     on_overrun: OverrunAction::Warn,
                 },
@@ -310,7 +324,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn accepted_jobs_run_and_report_then_free_their_slot() {
-        let (jobs, arbiter, mut rx) = setup(1, 100);
+        let (jobs, arbiter, mut rx) = setup(1, 100, 0);
         jobs.assign(assign("a", 1000));
         assert!(matches!(next(&mut rx).await, Outgoing::Accept(_)));
         assert_eq!(arbiter.free_slots()[&kind()], 0);
@@ -328,8 +342,31 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_cancel_ends_a_wait_for_a_slot_and_runs_nothing() {
+        let (jobs, arbiter, mut rx) = setup(1, 1000, 60_000);
+        jobs.assign(assign("running", 5000));
+        assert!(matches!(next(&mut rx).await, Outgoing::Accept(_)));
+        jobs.assign(assign("waiting", 5000));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(arbiter.waiting()[&kind()], 1, "it waits for the slot");
+        jobs.cancel(&JobRef {
+            job_id: JobId::new("waiting").unwrap(),
+            attempt: 1,
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(arbiter.waiting()[&kind()], 0, "it left the queue");
+        let Outgoing::Result(result) = next(&mut rx).await else {
+            panic!("the running job's result")
+        };
+        assert_eq!(result.job_id.as_str(), "running");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(rx.try_recv().is_err(), "the cancelled job never ran");
+        assert_eq!(arbiter.running(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn the_watchdog_stops_jobs_that_overrun_their_timeout() {
-        let (jobs, arbiter, mut rx) = setup(1, 60_000);
+        let (jobs, arbiter, mut rx) = setup(1, 60_000, 0);
         jobs.assign(assign("slow", 500));
         assert!(matches!(next(&mut rx).await, Outgoing::Accept(_)));
         let Outgoing::Result(result) = next(&mut rx).await else {
@@ -348,7 +385,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn cancel_stops_the_job_and_frees_the_slot() {
-        let (jobs, arbiter, mut rx) = setup(1, 60_000);
+        let (jobs, arbiter, mut rx) = setup(1, 60_000, 0);
         jobs.assign(assign("c", 120_000));
         assert!(matches!(next(&mut rx).await, Outgoing::Accept(_)));
         jobs.cancel(&JobRef {
@@ -370,7 +407,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn duplicates_unknown_kinds_and_pairs_are_refused() {
-        let (jobs, _arbiter, mut rx) = setup(4, 10);
+        let (jobs, _arbiter, mut rx) = setup(4, 10, 0);
         jobs.assign(assign("d", 1000));
         assert!(matches!(next(&mut rx).await, Outgoing::Accept(_)));
         assert!(matches!(next(&mut rx).await, Outgoing::Result(_)));
