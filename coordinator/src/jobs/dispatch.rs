@@ -71,13 +71,10 @@ impl JobRouter {
                     return Ok(self.wait_remote(&job.id, state.deadline).await?);
                 }
                 Tried::Refused(message) => {
-                    state.excluded.push(node);
-                    state.last_failure = Failure::new(JobErrorCode::NoCapacity, message);
+                    state.moved_on(node, Failure::new(JobErrorCode::NoCapacity, message), false);
                 }
                 Tried::Move(code, message) => {
-                    state.excluded.push(node);
-                    state.last_failure = Failure::new(code, message);
-                    state.tries += 1;
+                    state.moved_on(node, Failure::new(code, message), true);
                 }
                 Tried::TimedOut => {
                     let failure = state.timed_out();
@@ -454,6 +451,17 @@ impl<'a> Dispatch<'a> {
         }
     }
 
+    /// The attempt on `node` ended without a result, for `failure`: the
+    /// job moves on, and the attempt `counts` toward `max_attempts` unless
+    /// the node only said "not now".
+    fn moved_on(&mut self, node: NodeId, failure: Failure, counts: bool) {
+        self.excluded.push(node);
+        self.last_failure = failure;
+        if counts {
+            self.tries += 1;
+        }
+    }
+
     /// Whether the job's deadline passed.
     pub(in crate::jobs) fn past_deadline(&self) -> bool {
         Instant::now() >= self.deadline
@@ -494,6 +502,12 @@ mod tests {
         let mut state = Dispatch::new(&job);
         let now = Instant::now();
         assert_eq!(state.spent(3, now), None);
+        let node = || NodeId::new("n1").unwrap();
+        let refused = Failure::new(JobErrorCode::NoCapacity, "n1 refused: full".into());
+        state.moved_on(node(), refused.clone(), false);
+        assert_eq!((state.tries, state.excluded.len()), (0, 1), "a refusal is free");
+        state.moved_on(node(), refused, true);
+        assert_eq!(state.tries, 1, "a silence or a loss counts");
         state.tries = 3;
         state.last_failure = Failure::new(JobErrorCode::NodeLost, "node n1 went away".into());
         assert_eq!(
