@@ -505,7 +505,11 @@ mod tests {
         let node = || NodeId::new("n1").unwrap();
         let refused = Failure::new(JobErrorCode::NoCapacity, "n1 refused: full".into());
         state.moved_on(node(), refused.clone(), false);
-        assert_eq!((state.tries, state.excluded.len()), (0, 1), "a refusal is free");
+        assert_eq!(
+            (state.tries, state.excluded.len()),
+            (0, 1),
+            "a refusal is free"
+        );
         state.moved_on(node(), refused, true);
         assert_eq!(state.tries, 1, "a silence or a loss counts");
         state.tries = 3;
