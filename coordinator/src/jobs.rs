@@ -172,6 +172,10 @@ struct Attempt {
     node: NodeId,
     kind: JobKind,
     events: mpsc::UnboundedSender<AttemptEvent>,
+    /// Counted in the node's hints until the node's first answer, taken
+    /// (dropped) by the socket task that reads it, in frame order with the
+    /// node's reports.
+    assigned: Option<Assigned>,
     /// The instance the assignment was forwarded to, when another one
     /// holds the node's socket.
     holder: Option<String>,

@@ -35,6 +35,9 @@ pub struct Waiting {
     pub tenant: String,
     /// Woken when it is the head and may try.
     pub turn: Arc<Notify>,
+    /// When it first joined, for a job back after a node refused it: it
+    /// keeps its place. `None` for a first arrival.
+    pub arrival: Option<u64>,
 }
 
 /// A waiting job and when it arrived (among all queues of this instance).
@@ -202,13 +205,15 @@ impl Queues {
 
     /// Adds a job that must wait, unless the cap is reached or the queue
     /// cannot serve it before `deadline` (at `now`).
+    /// Returns its arrival number (give it back as `arrival` if it joins
+    /// again).
     pub fn join(
         &mut self,
         key: &QueueKey,
         waiting: Waiting,
         now: Instant,
         deadline: Instant,
-    ) -> Result<(), Shed> {
+    ) -> Result<u64, Shed> {
         if self.full() {
             return Err(Shed::Full);
         }
@@ -222,20 +227,23 @@ impl Queues {
                 run: run.unwrap_or_default(),
             });
         }
-        self.arrivals += 1;
-        let seq = self.arrivals;
+        let seq = waiting.arrival.unwrap_or_else(|| {
+            self.arrivals += 1;
+            self.arrivals
+        });
         let queue = self.queues.entry(key.clone()).or_default();
         queue.busy_since.get_or_insert(now);
-        queue
+        let jobs = queue
             .levels
             .entry(std::cmp::Reverse(waiting.priority))
             .or_default()
             .entry(waiting.tenant.clone())
-            .or_default()
-            .push_back(Entry { waiting, seq });
+            .or_default();
+        let at = jobs.partition_point(|e| e.seq < seq);
+        jobs.insert(at, Entry { waiting, seq });
         queue.len += 1;
         self.total += 1;
-        Ok(())
+        Ok(seq)
     }
 
     /// Whether `id` is the head of `key`'s queue (or the queue is empty:
@@ -334,6 +342,7 @@ mod tests {
             priority,
             tenant: tenant.into(),
             turn: Arc::new(Notify::new()),
+            arrival: None,
         }
     }
 
@@ -369,6 +378,27 @@ mod tests {
             ["high-1", "high-2", "low-1", "low-2"]
         );
         assert_eq!(queues.total(), 0);
+    }
+
+    #[test]
+    fn a_job_back_from_a_refusal_keeps_its_place() {
+        let mut queues = Queues::new(100);
+        let (now, deadline) = (Instant::now(), Instant::now() + Duration::from_secs(60));
+        let first = queues
+            .join(&key(), waiting("a", 50, "t"), now, deadline)
+            .unwrap();
+        queues
+            .join(&key(), waiting("b", 50, "t"), now, deadline)
+            .unwrap();
+        queues.granted(&key(), &JobId::new("a").unwrap(), "t", now);
+        assert_eq!(head(&queues), "b");
+        // The node refused "a": it joins again where it was.
+        let back = Waiting {
+            arrival: Some(first),
+            ..waiting("a", 50, "t")
+        };
+        queues.join(&key(), back, now, deadline).unwrap();
+        assert_eq!(drain(&mut queues, now), ["a", "b"]);
     }
 
     #[test]

@@ -16,7 +16,13 @@ impl JobRouter {
         if !self.registry.is_current(node, epoch) {
             return None;
         }
-        if let Some(attempt) = lock(&self.attempts).get(key).filter(|a| &a.node == node) {
+        if let Some(attempt) = lock(&self.attempts)
+            .get_mut(key)
+            .filter(|a| &a.node == node)
+        {
+            // The node's next report counts this answer: uncounted now,
+            // before that report is read.
+            attempt.assigned = None;
             let _ = attempt.events.send(match refusal {
                 None => AttemptEvent::Accepted,
                 Some((reason, message)) => AttemptEvent::Rejected(reason, message),

@@ -25,6 +25,7 @@ impl JobRouter {
                 node: node.clone(),
                 kind: job.kind.clone(),
                 events: tx,
+                assigned: Some(assigned),
                 holder: None,
             },
         );
@@ -48,8 +49,7 @@ impl JobRouter {
             self.forward(node, &key, assign).await
         };
         let outcome = if delivered {
-            self.follow(node, &key, &mut events, deadline, assigned)
-                .await
+            self.follow(node, &key, &mut events, deadline).await
         } else {
             Tried::Move(
                 JobErrorCode::NodeLost,
@@ -66,11 +66,13 @@ impl JobRouter {
         key: &JobRef,
         events: &mut mpsc::UnboundedReceiver<AttemptEvent>,
         deadline: Instant,
-        assigned: Assigned,
     ) -> Tried {
         let accept_by = (Instant::now() + self.config.accept_timeout).min(deadline);
         let first = tokio::time::timeout_at(accept_by, events.recv()).await;
-        drop(assigned);
+        if let Some(attempt) = lock(&self.attempts).get_mut(key) {
+            // Not answered in time (or answered): no longer counted.
+            attempt.assigned = None;
+        }
         let accepted = match first {
             Ok(Some(AttemptEvent::Accepted)) => true,
             Ok(Some(AttemptEvent::Finished)) => return Tried::Finished,

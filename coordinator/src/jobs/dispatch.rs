@@ -86,7 +86,7 @@ impl JobRouter {
 
     /// A seat in the job's queue, or why it cannot wait there: the queues
     /// are full, or this one cannot serve it before its deadline.
-    fn sit<'a>(&'a self, state: &Dispatch<'_>) -> Result<Seat<'a>, Failure> {
+    fn sit<'a>(&'a self, state: &mut Dispatch<'_>) -> Result<Seat<'a>, Failure> {
         let job = state.job;
         let turn = Arc::new(Notify::new());
         let waiting = Waiting {
@@ -94,6 +94,7 @@ impl JobRouter {
             priority: job.priority,
             tenant: job.tenant.clone(),
             turn: Arc::clone(&turn),
+            arrival: state.arrival,
         };
         let now = Instant::now();
         let mut queues = lock(&self.queues);
@@ -105,7 +106,8 @@ impl JobRouter {
         self.show_depth(&queues, &state.key);
         drop(queues);
         let failure = match joined {
-            Ok(()) => {
+            Ok(arrival) => {
+                state.arrival = Some(arrival);
                 if first_of_pair {
                     // Other instances must know, to tell this one of room.
                     let (store, instance, pair) =
@@ -413,6 +415,9 @@ pub(in crate::jobs) struct Dispatch<'a> {
     deadline: Instant,
     /// Nodes that refused or lost it since the last capacity wait.
     excluded: Vec<NodeId>,
+    /// Its place in its queue, once it joined: back after a refusal, it
+    /// keeps it.
+    arrival: Option<u64>,
     /// The current attempt number (0 while queued).
     attempt: u32,
     /// Attempts here that failed for other reasons than a refusal (a
@@ -430,6 +435,7 @@ impl<'a> Dispatch<'a> {
             key: (job.pair, job.kind.clone()),
             deadline: Instant::now() + job.timeout,
             excluded: Vec::new(),
+            arrival: None,
             attempt: 0,
             tries: 0,
             last_failure: Failure::new(
