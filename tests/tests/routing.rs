@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use lingua_agent::config::{AgentConfig, ExecutorConfig};
+use lingua_coordinator::private_redis::PrivateRedis;
 use lingua_shared::Message;
 use lingua_shared::protocol::{
     CapacityReport, JobAssign, JobRef, JobReject, JobResult, Outcome, RejectReason,
@@ -596,30 +597,40 @@ async fn next_assign(node: &mut TestNode) -> JobAssign {
     }
 }
 
-#[tokio::test]
-async fn a_refusal_moves_a_job_on_without_using_up_its_attempts() {
-    let redis = lingua_tests::redis().await;
-    // One attempt that may end silent or lost; refusals do not count.
+/// A coordinator allowing one attempt that ends silent or lost, a raw
+/// node `name` serving zh -> en, and a translate job submitted in the
+/// background (its answer).
+async fn one_attempt_and_a_raw_node(
+    redis: &PrivateRedis,
+    name: &str,
+) -> (TestCoordinator, TestNode, tokio::task::JoinHandle<Value>) {
     let config = lingua_coordinator::config::Config {
         max_attempts: 1,
         ..test_config()
     };
-    let coordinator = TestCoordinator::start(&redis, config).await;
-    let register = registration("refuser", &["zh"], &["en"]);
-    let (mut node, _) = TestNode::register(&coordinator.ws_url(), register).await;
-    let submitted = tokio::spawn({
-        let url = coordinator.url("/v1/jobs");
-        async move {
-            let body = json!({"kind": "translate", "src_lang": "zh", "tgt_lang": "en", "timeout_ms": 20000});
-            let answer = reqwest::Client::new()
-                .post(url)
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            answer.json::<Value>().await.unwrap()
-        }
+    let coordinator = TestCoordinator::start(redis, config).await;
+    let register = registration(name, &["zh"], &["en"]);
+    let (node, _) = TestNode::register(&coordinator.ws_url(), register).await;
+    let url = coordinator.url("/v1/jobs");
+    let submitted = tokio::spawn(async move {
+        let body =
+            json!({"kind": "translate", "src_lang": "zh", "tgt_lang": "en", "timeout_ms": 20000});
+        let answer = reqwest::Client::new()
+            .post(url)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        answer.json::<Value>().await.unwrap()
     });
+    (coordinator, node, submitted)
+}
+
+#[tokio::test]
+async fn a_refusal_moves_a_job_on_without_using_up_its_attempts() {
+    let redis = lingua_tests::redis().await;
+    // One attempt that may end silent or lost; refusals do not count.
+    let (coordinator, mut node, submitted) = one_attempt_and_a_raw_node(&redis, "refuser").await;
     let first = next_assign(&mut node).await;
     node.send(&Message::JobReject(JobReject {
         job_id: first.job_id.clone(),
@@ -671,26 +682,7 @@ async fn a_refusal_moves_a_job_on_without_using_up_its_attempts() {
 #[tokio::test]
 async fn a_node_that_cannot_run_a_job_at_all_uses_up_an_attempt() {
     let redis = lingua_tests::redis().await;
-    let config = lingua_coordinator::config::Config {
-        max_attempts: 1,
-        ..test_config()
-    };
-    let coordinator = TestCoordinator::start(&redis, config).await;
-    let register = registration("misfit", &["zh"], &["en"]);
-    let (mut node, _) = TestNode::register(&coordinator.ws_url(), register).await;
-    let submitted = tokio::spawn({
-        let url = coordinator.url("/v1/jobs");
-        async move {
-            let body = json!({"kind": "translate", "src_lang": "zh", "tgt_lang": "en", "timeout_ms": 20000});
-            let answer = reqwest::Client::new()
-                .post(url)
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            answer.json::<Value>().await.unwrap()
-        }
-    });
+    let (coordinator, mut node, submitted) = one_attempt_and_a_raw_node(&redis, "misfit").await;
     let assign = next_assign(&mut node).await;
     node.send(&Message::JobReject(JobReject {
         job_id: assign.job_id,

@@ -345,18 +345,41 @@ pub async fn metric(
     coordinator: &CoordinatorProcess,
     name: &str,
 ) -> Result<u64, BenchError> {
-    let text = client
+    metrics_text(client, coordinator)
+        .await?
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| format!("the coordinator's metrics lack {name}"))
+}
+
+/// The sum of every series of a family (all label values; 0 when none
+/// was recorded yet) from a coordinator's metrics.
+pub async fn metric_sum(
+    client: &reqwest::Client,
+    coordinator: &CoordinatorProcess,
+    family: &str,
+) -> Result<u64, BenchError> {
+    Ok(metrics_text(client, coordinator)
+        .await?
+        .lines()
+        .filter(|line| line.starts_with(family))
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum::<f64>() as u64)
+}
+
+async fn metrics_text(
+    client: &reqwest::Client,
+    coordinator: &CoordinatorProcess,
+) -> Result<String, BenchError> {
+    client
         .get(coordinator.url("/metrics"))
         .send()
         .await
         .map_err(|e| e.to_string())?
         .text()
         .await
-        .map_err(|e| e.to_string())?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|v| v.trim().parse().ok())
-        .ok_or_else(|| format!("the coordinator's metrics lack {name}"))
+        .map_err(|e| e.to_string())
 }
 
 /// Jobs run by a load, and their latencies.

@@ -162,7 +162,7 @@ async fn measure(shared: bool, load: f64, window: Duration) -> Result<Outcome, B
         completed: Default::default(),
         shed: 0,
         other_failures: 0,
-        refusals: refusals(&client, &coordinator).await?,
+        refusals: crate::metric_sum(&client, &coordinator, "lingua_job_refusals_total").await?,
         fill,
     };
     for answer in answers {
@@ -244,24 +244,4 @@ async fn sample_fill(agents: &[TestAgent], window: Duration) -> f64 {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     samples.iter().sum::<f64>() / samples.len().max(1) as f64
-}
-
-/// Node refusals so far, every reason.
-async fn refusals(
-    client: &reqwest::Client,
-    coordinator: &CoordinatorProcess,
-) -> Result<u64, BenchError> {
-    let text = client
-        .get(coordinator.url("/metrics"))
-        .send()
-        .await
-        .map_err(|e| e.to_string())?
-        .text()
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(text
-        .lines()
-        .filter(|line| line.starts_with("lingua_job_refusals_total"))
-        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum::<f64>() as u64)
 }
