@@ -386,6 +386,28 @@ async fn bad_requests_get_400s_and_the_service_keeps_serving(redis: impl RedisBa
             400,
         ),
         (
+            br#"{"kind": "translate", "src_lang": "zh", "tgt_lang": "en", "priority": 101}"#
+                .to_vec(),
+            400,
+        ),
+        (
+            br#"{"kind": "translate", "src_lang": "zh", "tgt_lang": "en", "priority": -1}"#
+                .to_vec(),
+            400,
+        ),
+        (
+            br#"{"kind": "translate", "src_lang": "zh", "tgt_lang": "en", "tenant": ""}"#.to_vec(),
+            400,
+        ),
+        (
+            format!(
+                r#"{{"kind":"translate","src_lang":"zh","tgt_lang":"en","tenant":"{}"}}"#,
+                "t".repeat(65)
+            )
+            .into_bytes(),
+            400,
+        ),
+        (
             br#"{"kind": "translate", "src_lang": "zh", "tgt_lang": "en", "id": "has space"}"#
                 .to_vec(),
             400,
