@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Checks the packaging: the systemd units pass `systemd-analyze verify`
 # (pointed at the freshly built binaries) and both Debian packages build
-# and hold the binary, the unit and the example config.
+# and hold the binary, the unit and the example config (and the
+# coordinator's, lingua-ctl).
 # Needs: systemd (systemd-analyze), cargo-deb (`cargo install cargo-deb`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +28,9 @@ for name in agent coordinator; do
   done
   # Not a pipe into grep -q: under pipefail, grep leaving early kills
   # dpkg-deb with SIGPIPE and fails the check at random.
+  if [ "$name" = coordinator ]; then
+    grep -q -- "./usr/bin/lingua-ctl" <<<"$contents" || { echo "packaging: $deb lacks lingua-ctl" >&2; exit 1; }
+  fi
   info=$(dpkg-deb -I "$deb")
   grep -q "conffiles" <<<"$info" || { echo "packaging: $deb declares no conffiles" >&2; exit 1; }
 done

@@ -128,6 +128,7 @@ pub fn capacity(arbiter: &Arbiter) -> CapacityReport {
         gpus: arbiter.gpus().iter().map(reading).collect(),
         gpu_problem: arbiter.health(),
         room: arbiter.room(),
+        running: Some(arbiter.running()),
     }
 }
 

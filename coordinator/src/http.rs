@@ -1,5 +1,5 @@
 //! The HTTP API (README.md, docs/ARCHITECTURE.md): jobs, nodes and pools,
-//! health and metrics. Each handler takes only the services it uses, as
+//! the fleet view and its dashboard, health and metrics. Each handler takes only the services it uses, as
 //! axum `State` substates ([`crate::state`] says how each is found).
 //! Errors are `{"error": {"code", "message"}}` with a fitting status.
 
@@ -15,9 +15,11 @@ use serde_json::json;
 use crate::store::StoreError;
 
 pub mod access;
+pub mod fleet;
 pub mod jobs;
 pub mod nodes;
 pub mod ops;
+pub mod ui;
 
 /// An API error: status, stable code, message for people.
 #[derive(Debug)]

@@ -30,7 +30,7 @@ use crate::auth::Caller;
 use crate::config::Config;
 use crate::forward::{self, Envelope, RemoteAnswer};
 use crate::hints::{Assigned, Hints};
-use crate::metrics::{JobLabel, Metrics, QueueLabel, ResultLabel};
+use crate::metrics::{Metrics, QueueLabel, ResultLabel};
 use crate::queue::{QueueKey, Queues, Shed, Waiting};
 use crate::registry::{Control, Registry};
 use crate::store::{
@@ -155,6 +155,11 @@ impl JobRouter {
     pub async fn finish(&self, limit: Duration) -> bool {
         self.tasks.close();
         tokio::time::timeout(limit, self.tasks.wait()).await.is_ok()
+    }
+
+    /// Jobs waiting in this instance's admission queues.
+    pub fn queued(&self) -> usize {
+        lock(&self.queues).total()
     }
 }
 

@@ -26,6 +26,9 @@ pub struct InstanceKeys {
     /// STREAM of messages for this instance from the others: assignments
     /// for nodes whose socket it holds, answers for jobs it dispatches.
     pub inbox: String,
+    /// STRING with a TTL: the instance's last minute of jobs (JSON of
+    /// `recent::Stats`), rewritten every second, for the fleet view.
+    pub stats: String,
 }
 
 impl InstanceKeys {
@@ -34,6 +37,7 @@ impl InstanceKeys {
         let presence = format!("{PREFIX}:coordinator:{{{instance}}}");
         Self {
             inbox: format!("{presence}:inbox"),
+            stats: format!("{presence}:stats"),
             presence,
         }
     }

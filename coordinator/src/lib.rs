@@ -7,6 +7,7 @@
 //! - [`node_ws`]: the node WebSocket endpoint.
 //! - [`http`]: the HTTP API (jobs, nodes and pools, health, metrics).
 //! - [`drain`]: an admin drain, start to end.
+//! - [`fleet`]: the whole fleet for operators: summary, live snapshots.
 //! - [`auth`]: node credentials and API tokens with roles.
 //! - [`jobs`]: job routing: dispatch, retries, failover, results.
 //! - [`forward`]: several instances on one Redis: the messages between them.
@@ -19,6 +20,7 @@
 //! - [`route_batch`]: routing updates batched per language pair.
 //! - [`registry`]: node sockets held by this instance.
 //! - [`metrics`]: Prometheus metrics.
+//! - [`recent`]: the last minute of jobs, for the fleet view.
 //! - [`tls`]: TLS on the listener.
 //! - [`private_redis`]: the `redis-server` the coordinator starts and owns
 //!   when no Redis URL is configured (also what the test harness uses).
@@ -27,6 +29,7 @@
 pub mod auth;
 pub mod config;
 pub mod drain;
+pub mod fleet;
 pub mod forward;
 pub mod hints;
 pub mod http;
@@ -38,6 +41,7 @@ pub mod metrics;
 pub mod node_ws;
 pub mod private_redis;
 pub mod queue;
+pub mod recent;
 pub mod registry;
 pub mod route_batch;
 pub mod server;

@@ -10,6 +10,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Metric, Registry};
 
+use crate::recent::{FailedJob, Recent};
+
 /// Label: the outcome of a registration.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabel {
@@ -106,6 +108,10 @@ pub struct Metrics {
     pub shed: Family<ReasonLabel, Counter>,
     /// Assignments nodes refused, by the node's reason.
     pub refusals: Family<ReasonLabel, Counter>,
+    /// Fleet snapshots built for dashboards and `lingua-ctl top`.
+    pub fleet_snapshots: Counter,
+    /// The last minute of jobs, for the fleet view.
+    pub recent: Recent,
 }
 
 fn wait_histogram() -> Histogram {
@@ -139,6 +145,7 @@ mod help {
         "Time jobs waited in the admission queue until a node had room, per pair and kind";
     pub const SHED: &str = "Jobs answered no_capacity early: queue_full (max_queued reached), too_late (the queue could not serve them before their deadline), deadline (it passed while queued)";
     pub const REFUSALS: &str = "Assignments nodes refused, by the node's reason";
+    pub const FLEET_SNAPSHOTS: &str = "Fleet snapshots built for live views (one per second while any dashboard or lingua-ctl top watches, however many)";
 }
 
 impl Default for Metrics {
@@ -200,6 +207,13 @@ impl Default for Metrics {
             ),
             shed: register(&mut r, "jobs_shed", help::SHED, Family::default()),
             refusals: register(&mut r, "job_refusals", help::REFUSALS, Family::default()),
+            fleet_snapshots: register(
+                &mut r,
+                "fleet_snapshots",
+                help::FLEET_SNAPSHOTS,
+                Counter::default(),
+            ),
+            recent: Recent::default(),
             registry: r,
         }
     }
@@ -240,8 +254,16 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts a job that ended (`status`: `completed` or its error code)
+    /// after `latency_ms`, with its failure when it failed.
+    pub fn job_ended(&self, status: String, latency_ms: u64, failure: Option<FailedJob>) {
+        self.jobs.get_or_create(&JobLabel { status }).inc();
+        self.recent.ended(latency_ms, failure);
+    }
+
     /// Counts a job answered early, for `reason`.
     pub fn shed(&self, reason: &str) {
+        self.recent.shed(reason);
         self.shed
             .get_or_create(&ReasonLabel {
                 reason: reason.to_owned(),
@@ -251,6 +273,7 @@ impl Metrics {
 
     /// Counts a node's refusal, for `reason`.
     pub fn refused(&self, reason: &str) {
+        self.recent.refused(reason);
         self.refusals
             .get_or_create(&ReasonLabel {
                 reason: reason.to_owned(),

@@ -17,8 +17,9 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{ApiTokens, NodeCredentials};
 use crate::config::Config;
 use crate::drain::Drainer;
+use crate::fleet::{self, Live};
 use crate::hints::Hints;
-use crate::http::{access, jobs, nodes, ops};
+use crate::http::{access, fleet as fleet_view, jobs, nodes, ops, ui};
 use crate::inbox::{self, Peers};
 use crate::jobs::JobRouter;
 use crate::listener::{ConnectionLimits, DRAIN_TIMEOUT, PlainListener, serve_on};
@@ -38,6 +39,8 @@ pub fn router(shared: Shared) -> Router {
         .route("/v1/nodes/{id}", get(nodes::node))
         .route("/v1/nodes/{id}/drain", post(nodes::drain))
         .route("/v1/pools", get(nodes::pools))
+        .route("/v1/fleet", get(fleet_view::fleet))
+        .route("/v1/fleet/events", get(fleet_view::events))
         .route("/metrics", get(ops::metrics))
         .route_layer(axum::middleware::from_fn_with_state(
             shared.clone(),
@@ -53,6 +56,10 @@ pub fn router(shared: Shared) -> Router {
     Router::new()
         .route("/v1/node", get(node_ws::upgrade))
         .route("/healthz", get(ops::healthz))
+        .route("/", get(ui::root))
+        .route("/ui", get(ui::page))
+        .route("/ui/app.js", get(ui::script))
+        .route("/ui/app.css", get(ui::style))
         .merge(admin)
         .merge(jobs)
         .fallback(ops::fallback)
@@ -128,6 +135,11 @@ pub async fn run(
             instance: nodes.instance.clone(),
             lease: config.lease(),
         }),
+        live: Arc::new(Live::new(
+            nodes.store.clone(),
+            nodes.metrics.clone(),
+            fleet::INTERVAL,
+        )),
         nodes: nodes.clone(),
     };
     let peers = Arc::new(Peers {
@@ -148,6 +160,13 @@ pub async fn run(
             loops_stop.clone(),
         )),
         tokio::spawn(inbox::receive(peers, loops_stop.clone())),
+        tokio::spawn(fleet::publish(
+            nodes.store.clone(),
+            nodes.metrics.clone(),
+            nodes.router.clone(),
+            nodes.instance.clone(),
+            loops_stop.clone(),
+        )),
     ];
     tracing::info!(%listen, tls = tls.is_some(), instance = %nodes.instance, "coordinator serving");
 

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::ApiTokens;
 use crate::drain::Drainer;
+use crate::fleet::Live;
 use crate::http::jobs::JobLimits;
 use crate::http::ops::InstanceId;
 use crate::jobs::JobRouter;
@@ -26,6 +27,8 @@ pub struct Shared {
     pub api_tokens: Arc<ApiTokens>,
     /// Admin drains.
     pub drainer: Arc<Drainer>,
+    /// Live fleet snapshots for dashboards.
+    pub live: Arc<Live>,
 }
 
 macro_rules! substate {
@@ -41,6 +44,7 @@ macro_rules! substate {
 substate!(Arc<NodeServices>, |shared| shared.nodes.clone());
 substate!(Arc<ApiTokens>, |shared| shared.api_tokens.clone());
 substate!(Arc<Drainer>, |shared| shared.drainer.clone());
+substate!(Arc<Live>, |shared| shared.live.clone());
 substate!(Store, |shared| shared.nodes.store.clone());
 substate!(Arc<JobRouter>, |shared| shared.nodes.router.clone());
 substate!(Arc<Metrics>, |shared| shared.nodes.metrics.clone());

@@ -175,6 +175,7 @@ mod tests {
                 devices_mb: vec![19_000],
                 vram_mb: BTreeMap::from([(JobKind::new("translate").unwrap(), 3000)]),
             }),
+            running: Some(2),
         };
         vec![
             Message::Register(Register {

@@ -225,6 +225,10 @@ pub struct CapacityReport {
     /// coordinator shrinks every kind's hint when it assigns any kind.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub room: Option<Room>,
+    /// Jobs running on the node now (absent from older agents): a drained
+    /// node is idle, and can be stopped, once this is 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub running: Option<u32>,
 }
 
 /// One GPU's current readings.

@@ -190,6 +190,26 @@ impl TestCoordinator {
         )
     }
 
+    /// A sample of `/metrics` by its name and labels (as written, e.g.
+    /// `lingua_jobs_total{status="completed"}`), asked with `token` when
+    /// given; `None` when the series is absent.
+    pub async fn metric(&self, token: Option<&str>, series: &str) -> Option<f64> {
+        let request = reqwest::Client::new().get(self.url("/metrics"));
+        let request = match token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        };
+        let text = request
+            .send()
+            .await
+            .expect("the coordinator answers HTTP")
+            .text()
+            .await
+            .expect("/metrics is text");
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+    }
+
     /// Shuts down gracefully and waits for it.
     pub async fn stop(self) {
         self.shutdown.cancel();

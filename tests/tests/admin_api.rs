@@ -17,7 +17,15 @@ async fn api_tokens_guard_every_route_but_healthz_and_the_node_socket() {
     };
     let coordinator = TestCoordinator::start(&redis, config).await;
     let client = reqwest::Client::new();
-    for path in ["/v1/nodes", "/v1/nodes/x", "/v1/pools", "/metrics"] {
+    let guarded = [
+        "/v1/nodes",
+        "/v1/nodes/x",
+        "/v1/pools",
+        "/v1/fleet",
+        "/v1/fleet/events",
+        "/metrics",
+    ];
+    for path in guarded {
         let response = client.get(coordinator.url(path)).send().await.unwrap();
         assert_eq!(response.status(), 401, "{path}");
         let body: serde_json::Value = response.json().await.unwrap();

@@ -112,19 +112,8 @@ timeout_ms = 30000
 
     /// A sample of `coordinator`'s `/metrics`, by its name and labels.
     async fn metric_of(&self, coordinator: &TestCoordinator, series: &str) -> Option<u64> {
-        let url = coordinator.url("/metrics");
-        let text = self
-            .http
-            .get(url)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        text.lines()
-            .find_map(|line| line.strip_prefix(series)?.trim().parse::<f64>().ok())
-            .map(|value| value as u64)
+        let value = coordinator.metric(None, series).await?;
+        Some(value as u64)
     }
 
     /// Lets every job through, now and later.

@@ -209,19 +209,13 @@ async fn results_finished_while_disconnected_are_delivered_once_after_reconnect(
         assert_eq!(job["status"], "completed");
         assert_eq!(job["attempts"], 1);
     }
-    let metrics = reqwest::get(coordinator.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains("lingua_job_results_total{outcome=\"applied\"} 3"),
-        "{metrics}"
-    );
-    assert!(
-        !metrics.contains("outcome=\"duplicate\""),
-        "each result was applied exactly once:\n{metrics}"
+    let applied = r#"lingua_job_results_total{outcome="applied"}"#;
+    assert_eq!(coordinator.metric(None, applied).await, Some(3.0));
+    let duplicates = r#"lingua_job_results_total{outcome="duplicate"}"#;
+    assert_eq!(
+        coordinator.metric(None, duplicates).await,
+        None,
+        "each result was applied exactly once"
     );
     agent.stop().await.unwrap();
     coordinator.stop().await;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lingua_coordinator::config::PickPolicy;
-use lingua_coordinator::http::nodes::{NodeState, NodeView};
+use lingua_coordinator::fleet::views::{NodeState, NodeView};
 use lingua_coordinator::metrics::Metrics;
 use lingua_coordinator::private_redis::PrivateRedis;
 use lingua_coordinator::store::{

@@ -687,16 +687,8 @@ async fn a_refusal_moves_a_job_on_without_using_up_its_attempts() {
     let answer = submitted.await.unwrap();
     assert_eq!(answer["status"], "completed", "{answer}");
     assert_eq!(answer["attempts"], 2, "{answer}");
-    let metrics = reqwest::get(coordinator.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains("lingua_job_refusals_total{reason=\"no_capacity\"} 1"),
-        "{metrics}"
-    );
+    let refusals = r#"lingua_job_refusals_total{reason="no_capacity"}"#;
+    assert_eq!(coordinator.metric(None, refusals).await, Some(1.0));
     node.close().await;
     coordinator.stop().await;
 }

@@ -3,6 +3,7 @@
 
 use super::dispatch::Dispatch;
 use super::*;
+use crate::recent::{FailedJob, now_ms};
 
 /// A job taken in: where it stands now, and its terminal view to come.
 pub struct Submitted {
@@ -146,11 +147,30 @@ impl JobRouter {
                 return;
             }
         };
-        let status = view.error_code().map_or_else(
-            || view.status.as_str().to_owned(),
-            |code| code.as_str().to_owned(),
-        );
-        self.metrics.jobs.get_or_create(&JobLabel { status }).inc();
+        if fresh {
+            self.count_ended(&job, &view);
+        }
         self.publish(&job.id, view);
+    }
+
+    /// Counts a job dispatched here that ended (a job followed for another
+    /// submission is counted where it was dispatched).
+    fn count_ended(&self, job: &Job, view: &JobView) {
+        let failure = view.error_code().map(|code| FailedJob {
+            id: job.id.to_string(),
+            pair: job.pair.to_string(),
+            kind: job.kind.to_string(),
+            code: code.as_str().to_owned(),
+            message: view.error.as_ref().map_or_else(String::new, |e| {
+                e["message"].as_str().unwrap_or_default().to_owned()
+            }),
+            node_id: view.node_id.clone(),
+            at_ms: now_ms(),
+        });
+        let status = failure
+            .as_ref()
+            .map_or_else(|| view.status.as_str().to_owned(), |f| f.code.clone());
+        self.metrics
+            .job_ended(status, view.latency_ms.unwrap_or(0), failure);
     }
 }

@@ -29,6 +29,49 @@ impl Store {
         Ok(())
     }
 
+    /// Publishes `instance`'s recent job counts (JSON), kept for `ttl`.
+    pub async fn publish_stats(
+        &self,
+        instance: &str,
+        stats: &str,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("SET")
+            .arg(InstanceKeys::new(instance).stats)
+            .arg(stats)
+            .arg("PX")
+            .arg(millis(ttl))
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    /// The recent job counts of every instance that published them
+    /// lately (JSON): one per live instance.
+    pub async fn instance_stats(&self) -> Result<Vec<String>, StoreError> {
+        let mut conn = self.conn.clone();
+        let instances: Vec<String> = redis::cmd("ZRANGE")
+            .arg(keys::ALL_INSTANCES)
+            .arg(0)
+            .arg(-1)
+            .query_async(&mut conn)
+            .await?;
+        // Each instance's keys have a slot of their own: one GET each,
+        // sent together.
+        let stats = futures_util::future::try_join_all(instances.iter().map(|instance| {
+            let mut conn = self.conn.clone();
+            async move {
+                redis::cmd("GET")
+                    .arg(InstanceKeys::new(instance).stats)
+                    .query_async::<Option<String>>(&mut conn)
+                    .await
+            }
+        }))
+        .await?;
+        Ok(stats.into_iter().flatten().collect())
+    }
+
     /// Whether coordinator `instance` is alive.
     pub async fn instance_present(&self, instance: &str) -> Result<bool, StoreError> {
         let mut conn = self.conn.clone();
@@ -45,6 +88,7 @@ impl Store {
         redis::cmd("DEL")
             .arg(&keys.presence)
             .arg(&keys.inbox)
+            .arg(&keys.stats)
             .query_async::<()>(&mut conn)
             .await?;
         redis::cmd("ZREM")

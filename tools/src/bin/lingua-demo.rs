@@ -71,6 +71,10 @@ struct Cli {
         requires = "speech"
     )]
     out: PathBuf,
+    /// Keep the fleet running after the load, until Ctrl-C: look at it in
+    /// the dashboard (http://ADDR/ui) or with `lingua-ctl --url http://ADDR`.
+    #[arg(long, conflicts_with = "speech")]
+    keep: bool,
 }
 
 /// Languages per agent, round robin: every agent serves a few directed
@@ -398,7 +402,7 @@ async fn demo(cli: Cli) -> ExitCode {
         stop.clone(),
     ));
     println!(
-        "lingua-demo: coordinator on http://{addr} (Redis: {})",
+        "lingua-demo: coordinator on http://{addr}, dashboard http://{addr}/ui (Redis: {})",
         if private.is_some() {
             "private redis-server"
         } else {
@@ -450,6 +454,12 @@ async fn simulated(cli: &Cli, addr: SocketAddr, metrics: &Metrics) -> ExitCode {
     );
 
     let outcome = run_load(cli, addr, &mut agents, metrics).await;
+    if cli.keep {
+        println!(
+            "lingua-demo: the fleet keeps running until Ctrl-C: dashboard http://{addr}/ui, or `lingua-ctl --url http://{addr} top`"
+        );
+        let _ = tokio::signal::ctrl_c().await;
+    }
     for agent in agents {
         agent.stop();
     }
