@@ -20,6 +20,7 @@ use crate::executor::Executor;
 use crate::gpu::{self, SimulatedGpus};
 use crate::jobs::Jobs;
 use crate::link::{Endpoint, Identity, Link, LinkEnd, LinkStatus};
+use crate::metrics::JobMetrics;
 
 /// The longest pause between reconnection attempts.
 pub const BACKOFF_CAP: Duration = Duration::from_secs(5);
@@ -55,6 +56,8 @@ pub struct Handles {
     pub arbiter: Arc<Arbiter>,
     /// The link's status.
     pub status: watch::Receiver<LinkStatus>,
+    /// Job counts and durations, for `/metrics`.
+    pub job_metrics: Arc<JobMetrics>,
     /// The simulated GPUs, with backend `simulated`.
     pub simulated: Option<Arc<SimulatedGpus>>,
 }
@@ -121,11 +124,12 @@ impl Agent {
         let client = reqwest::Client::new();
         let (outgoing_tx, outgoing) = mpsc::unbounded_channel();
         let pairs = LangPair::all_from(&config.src_langs, &config.tgt_langs);
+        let job_metrics = Arc::new(JobMetrics::default());
         let jobs = Jobs::new(
             Arc::clone(&arbiter),
             executors(&config, simulated.as_ref(), &client),
             pairs,
-            outgoing_tx,
+            (outgoing_tx, Arc::clone(&job_metrics)),
         );
         let (draining, draining_rx) = watch::channel(false);
         let (status, status_rx) = watch::channel(LinkStatus::default());
@@ -153,6 +157,7 @@ impl Agent {
             handles: Handles {
                 arbiter,
                 status: status_rx,
+                job_metrics,
                 simulated,
             },
             config,

@@ -398,7 +398,8 @@ impl SimulatedGpus {
                     memory_total_mb: gpu.total_mb,
                     memory_used_mb: gpu.external_mb + jobs_mb,
                     utilization_pct: Some(utilization.min(100) as u8),
-                    temperature_c: None,
+                    // Idle at 30 °C, 80 °C at full load: something to show.
+                    temperature_c: Some(30 + utilization.min(100) / 2),
                     healthy: true,
                     reason: None,
                     parent_uuid: None,

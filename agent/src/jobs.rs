@@ -19,10 +19,12 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 
 use crate::arbiter::{Arbiter, Overrun, Refusal};
 use crate::config::OverrunAction;
 use crate::executor::Executor;
+use crate::metrics::JobMetrics;
 
 /// How many finished attempts are remembered to refuse duplicates.
 const REMEMBERED_ATTEMPTS: usize = 4096;
@@ -53,16 +55,18 @@ pub struct Jobs {
     pairs: Vec<LangPair>,
     attempts: Mutex<Attempts>,
     outgoing: mpsc::UnboundedSender<Outgoing>,
+    metrics: Arc<JobMetrics>,
     tasks: TaskTracker,
 }
 
 impl Jobs {
-    /// Jobs admitted by `arbiter`, run by `executors`, for `pairs`.
+    /// Jobs admitted by `arbiter`, run by `executors`, for `pairs`; their
+    /// answers go to `outgoing`, their counts to `metrics`.
     pub fn new(
         arbiter: Arc<Arbiter>,
         executors: HashMap<JobKind, Arc<Executor>>,
         pairs: Vec<LangPair>,
-        outgoing: mpsc::UnboundedSender<Outgoing>,
+        (outgoing, metrics): (mpsc::UnboundedSender<Outgoing>, Arc<JobMetrics>),
     ) -> Arc<Self> {
         Arc::new(Self {
             arbiter,
@@ -70,6 +74,7 @@ impl Jobs {
             pairs,
             attempts: Mutex::default(),
             outgoing,
+            metrics,
             tasks: TaskTracker::new(),
         })
     }
@@ -88,12 +93,21 @@ impl Jobs {
     /// the background.
     pub fn assign(self: &Arc<Self>, job: JobAssign) {
         let this = Arc::clone(self);
+        // Every line logged for the job carries its id and attempt (the
+        // coordinator's lines carry the same, to follow a job across both).
+        let span = tracing::info_span!("job", job_id = %job.job_id, attempt = job.attempt);
         self.tasks
-            .spawn(async move { this.admit_and_run(job).await });
+            .spawn(async move { this.admit_and_run(job).await }.instrument(span));
     }
 
     fn reject(&self, job: &JobAssign, reason: RejectReason, message: String) {
         tracing::debug!(job_id = %job.job_id, attempt = job.attempt, ?reason, %message, "job refused");
+        let name = serde_json::to_value(reason).ok();
+        let name = name
+            .as_ref()
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("other");
+        self.metrics.refused(&job.kind, name);
         let _ = self.outgoing.send(Outgoing::Reject(JobReject {
             job_id: job.job_id.clone(),
             attempt: job.attempt,
@@ -202,11 +216,20 @@ impl Jobs {
                 }
             }
         }
+        let ran = started.elapsed();
+        let ended = match &outcome {
+            Outcome::Completed { .. } => "completed".to_owned(),
+            Outcome::Failed { code, .. } => serde_json::to_value(code)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_else(|| "other".into()),
+        };
+        self.metrics.ended(&job.kind, &ended, ran.as_secs_f64());
         let _ = self.outgoing.send(Outgoing::Result(JobResult {
             job_id: job.job_id,
             attempt: job.attempt,
             outcome,
-            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            duration_ms: u64::try_from(ran.as_millis()).unwrap_or(u64::MAX),
         }));
     }
 
@@ -301,7 +324,7 @@ mod tests {
             arbiter.clone(),
             HashMap::from([(kind(), Arc::new(executor))]),
             vec!["zh:en".parse().unwrap()],
-            tx,
+            (tx, Arc::default()),
         );
         (jobs, arbiter, rx)
     }

@@ -1,19 +1,139 @@
 //! The agent's own Prometheus endpoint (`metrics_listen`): what its
-//! arbiter sees and admits, and the state of its link. Values are read at
-//! scrape time, so an idle agent does no metrics work at all.
+//! arbiter sees and admits, its jobs by kind and outcome, the state of its
+//! link, and the `process_*` metrics. Gauges are read at scrape time, so
+//! an idle agent does no metrics work at all; job counts and durations are
+//! kept as they happen ([`JobMetrics`]). GPUs are labelled `gpu` and
+//! `UUID` as NVIDIA's DCGM exporter labels them, so that queries can join
+//! the two on `UUID`; the product name is `model_name` (DCGM's `modelName`
+//! fails Prometheus' snake_case lint, which `promtool check metrics`
+//! applies).
 
-use std::fmt::Write;
 use std::net::SocketAddr;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{HeaderMap, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use lingua_shared::JobKind;
+use lingua_shared::metrics::{ProcessCollector, exposition};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Metric, Registry};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::Handles;
+use crate::gpu::GpuSnapshot;
+
+/// Label: a job kind.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
+}
+
+/// Labels: a job kind and how its job ended (`completed`, or the failure
+/// code).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    kind: String,
+    outcome: String,
+}
+
+/// Labels: a job kind and why a job of it was refused.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    kind: String,
+    reason: String,
+}
+
+/// Labels of a GPU: `gpu` and `UUID` as the DCGM exporter names them.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+#[allow(non_snake_case)]
+struct GpuLabels {
+    gpu: String,
+    UUID: String,
+    model_name: String,
+}
+
+/// Label: this build's version.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabel {
+    version: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn duration_histogram() -> Histogram {
+    // 5 ms .. ~160 s
+    Histogram::new(exponential_buckets(0.005, 2.0, 16))
+}
+
+/// Job counts and durations, kept as jobs end (shared by every scrape).
+#[derive(Debug)]
+pub struct JobMetrics {
+    jobs: Family<OutcomeLabels, Counter>,
+    seconds: HistogramFamily<OutcomeLabels>,
+    refusals: Family<ReasonLabels, Counter>,
+}
+
+impl Default for JobMetrics {
+    fn default() -> Self {
+        Self {
+            jobs: Family::default(),
+            seconds: HistogramFamily::new_with_constructor(duration_histogram),
+            refusals: Family::default(),
+        }
+    }
+}
+
+impl JobMetrics {
+    /// A job of `kind` ran for `seconds` and ended with `outcome`
+    /// (`completed`, or its failure code).
+    pub fn ended(&self, kind: &JobKind, outcome: &str, seconds: f64) {
+        let labels = OutcomeLabels {
+            kind: kind.to_string(),
+            outcome: outcome.to_owned(),
+        };
+        self.jobs.get_or_create(&labels).inc();
+        self.seconds.get_or_create(&labels).observe(seconds);
+    }
+
+    /// Every refusal reason of every kind in `kinds` starts at 0, so that
+    /// their series exist (and `rate()` over them works) before the first.
+    fn known_reasons(&self, kinds: impl Iterator<Item = JobKind>) {
+        let reasons = [
+            "no_capacity",
+            "draining",
+            "unknown_kind",
+            "unsupported_pair",
+            "duplicate",
+        ];
+        for kind in kinds {
+            for reason in reasons {
+                self.refusals
+                    .get_or_create(&ReasonLabels {
+                        kind: kind.to_string(),
+                        reason: reason.to_owned(),
+                    })
+                    .inc_by(0);
+            }
+        }
+    }
+
+    /// A job of `kind` was refused for `reason`.
+    pub fn refused(&self, kind: &JobKind, reason: &str) {
+        self.refusals
+            .get_or_create(&ReasonLabels {
+                kind: kind.to_string(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+}
 
 /// Binds `addr` (so that a taken port fails at start) and returns the
 /// server future, which runs until `shutdown`.
@@ -34,130 +154,196 @@ pub async fn serve(
     })
 }
 
-fn gauge(out: &mut String, name: &str, help: &str, samples: &[(String, f64)]) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-    for (labels, value) in samples {
-        let _ = writeln!(out, "{name}{labels} {value}");
+/// Registers `metric` and returns it.
+fn register<M: Metric + Clone>(r: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    r.register(name, help, metric.clone());
+    metric
+}
+
+/// A gauge set to `value`, registered.
+fn gauge(r: &mut Registry, name: &str, help: &str, value: i64) {
+    register(r, name, help, Gauge::<i64>::default()).set(value);
+}
+
+/// A family of gauges per kind, registered.
+fn per_kind(
+    r: &mut Registry,
+    name: &str,
+    help: &str,
+    values: impl Iterator<Item = (JobKind, i64)>,
+) {
+    let family: Family<KindLabel, Gauge> = register(r, name, help, Family::default());
+    for (kind, value) in values {
+        family
+            .get_or_create(&KindLabel {
+                kind: kind.to_string(),
+            })
+            .set(value);
     }
 }
 
-fn counter(out: &mut String, name: &str, help: &str, samples: &[(String, f64)]) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-    for (labels, value) in samples {
-        let _ = writeln!(out, "{name}{labels} {value}");
+/// A family of gauges per GPU, registered; GPUs without a value are left
+/// out.
+fn per_gpu(
+    r: &mut Registry,
+    (name, help): (&str, &str),
+    gpus: &[GpuSnapshot],
+    value: impl Fn(&GpuSnapshot) -> Option<f64>,
+) {
+    let family: Family<GpuLabels, Gauge<f64, std::sync::atomic::AtomicU64>> =
+        register(r, name, help, Family::default());
+    for gpu in gpus {
+        if let Some(v) = value(gpu) {
+            let labels = GpuLabels {
+                gpu: gpu.index.to_string(),
+                UUID: gpu.uuid.clone(),
+                model_name: gpu.name.clone(),
+            };
+            family.get_or_create(&labels).set(v);
+        }
     }
 }
 
-/// Renders every metric in the Prometheus text format.
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// Every metric, in OpenMetrics text.
 pub fn render(handles: &Handles) -> String {
     let arbiter = &handles.arbiter;
     let status = handles.status.borrow().clone();
-    let mut out = String::new();
-    let flag = |b: bool| if b { 1.0 } else { 0.0 };
+    let mut root = Registry::default();
+    root.register_collector(Box::new(ProcessCollector));
+    let r = root.sub_registry_with_prefix("lingua_agent");
+    let build: Family<VersionLabel, Gauge> = register(
+        r,
+        "build_info",
+        "Always 1; its label says the agent's version",
+        Family::default(),
+    );
+    build
+        .get_or_create(&VersionLabel {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        })
+        .set(1);
     gauge(
-        &mut out,
-        "lingua_agent_connected",
+        r,
+        "connected",
         "1 while registered with the coordinator",
-        &[(String::new(), flag(status.connected))],
+        i64::from(status.connected),
     );
-    gauge(
-        &mut out,
-        "lingua_agent_registrations",
+    register(
+        r,
+        "registrations",
         "Registrations since start (reconnects + 1)",
-        &[(String::new(), status.registrations as f64)],
-    );
+        Counter::<u64>::default(),
+    )
+    .inc_by(status.registrations);
     gauge(
-        &mut out,
-        "lingua_agent_outbox_results",
+        r,
+        "outbox_results",
         "Results waiting for the coordinator's acknowledgement",
-        &[(String::new(), status.outbox as f64)],
+        status.outbox as i64,
     );
     gauge(
-        &mut out,
-        "lingua_agent_jobs_running",
+        r,
+        "jobs_running",
         "Jobs running now",
-        &[(String::new(), f64::from(arbiter.running()))],
+        i64::from(arbiter.running()),
     );
-    let waiting: Vec<(String, f64)> = arbiter
+    gauge(
+        r,
+        "under_pressure",
+        "1 while the GPUs are under utilisation pressure",
+        i64::from(arbiter.under_pressure()),
+    );
+    let waiting = arbiter
         .waiting()
         .into_iter()
-        .map(|(kind, n)| (format!("{{kind=\"{kind}\"}}"), f64::from(n)))
-        .collect();
-    gauge(
-        &mut out,
-        "lingua_agent_jobs_waiting",
+        .map(|(k, n)| (k, i64::from(n)));
+    per_kind(
+        r,
+        "jobs_waiting",
         "Jobs of each kind waiting in the arbiter's queue for a slot",
-        &waiting,
+        waiting,
     );
-    gauge(
-        &mut out,
-        "lingua_agent_under_pressure",
-        "1 while the GPUs are under utilisation pressure",
-        &[(String::new(), flag(arbiter.under_pressure()))],
-    );
-    let free: Vec<(String, f64)> = arbiter
+    let free = arbiter
         .free_slots()
         .into_iter()
-        .map(|(kind, n)| (format!("{{kind=\"{kind}\"}}"), f64::from(n)))
-        .collect();
-    gauge(
-        &mut out,
-        "lingua_agent_free_slots",
+        .map(|(k, n)| (k, i64::from(n)));
+    per_kind(
+        r,
+        "free_slots",
         "Jobs of each kind the arbiter would admit now",
-        &free,
+        free,
     );
-    let overruns: Vec<(String, f64)> = arbiter
-        .vram_overruns()
-        .into_iter()
-        .map(|(kind, n)| (format!("{{kind=\"{kind}\"}}"), n as f64))
-        .collect();
-    counter(
-        &mut out,
-        "lingua_agent_vram_overruns_total",
+    let overruns: Family<KindLabel, Counter> = register(
+        r,
+        "vram_overruns",
         "Jobs whose own processes held more GPU memory than their kind's vram_mb",
-        &overruns,
+        Family::default(),
+    );
+    for (kind, n) in arbiter.vram_overruns() {
+        overruns
+            .get_or_create(&KindLabel {
+                kind: kind.to_string(),
+            })
+            .inc_by(n);
+    }
+    let jobs = &handles.job_metrics;
+    jobs.known_reasons(arbiter.free_slots().into_keys());
+    r.register(
+        "jobs",
+        "Jobs run, by kind and outcome (completed, or the failure code)",
+        jobs.jobs.clone(),
+    );
+    r.register(
+        "job_duration_seconds",
+        "Time jobs ran, admission to result, by kind and outcome",
+        jobs.seconds.clone(),
+    );
+    r.register(
+        "refusals",
+        "Jobs refused, by kind and reason",
+        jobs.refusals.clone(),
     );
     let gpus = arbiter.gpus();
-    let per_gpu = |value: &dyn Fn(&crate::gpu::GpuSnapshot) -> Option<f64>| -> Vec<(String, f64)> {
-        gpus.iter()
-            .filter_map(|g| {
-                value(g).map(|v| (format!("{{gpu=\"{}\",uuid=\"{}\"}}", g.index, g.uuid), v))
-            })
-            .collect()
-    };
-    gauge(
-        &mut out,
-        "lingua_agent_gpu_memory_total_mb",
-        "GPU memory, MiB",
-        &per_gpu(&|g| Some(g.memory_total_mb as f64)),
+    per_gpu(r, ("gpu_memory_total_bytes", "GPU memory"), &gpus, |g| {
+        Some(g.memory_total_mb as f64 * MIB)
+    });
+    per_gpu(
+        r,
+        ("gpu_memory_used_bytes", "GPU memory in use by anyone"),
+        &gpus,
+        |g| Some(g.memory_used_mb as f64 * MIB),
     );
-    gauge(
-        &mut out,
-        "lingua_agent_gpu_memory_used_mb",
-        "GPU memory in use by anyone, MiB",
-        &per_gpu(&|g| Some(g.memory_used_mb as f64)),
+    per_gpu(
+        r,
+        ("gpu_utilization_ratio", "GPU utilisation, 0 to 1"),
+        &gpus,
+        |g| g.utilization_pct.map(|p| f64::from(p) / 100.0),
     );
-    gauge(
-        &mut out,
-        "lingua_agent_gpu_utilization_pct",
-        "GPU utilisation, percent",
-        &per_gpu(&|g| g.utilization_pct.map(f64::from)),
+    per_gpu(
+        r,
+        ("gpu_temperature_celsius", "GPU temperature"),
+        &gpus,
+        |g| g.temperature_c.map(f64::from),
     );
-    gauge(
-        &mut out,
-        "lingua_agent_gpu_healthy",
-        "0 once a GPU reported a critical error or was lost",
-        &per_gpu(&|g| Some(flag(g.healthy))),
+    per_gpu(
+        r,
+        (
+            "gpu_healthy",
+            "0 once a GPU reported a critical error or was lost",
+        ),
+        &gpus,
+        |g| Some(f64::from(u8::from(g.healthy))),
     );
-    out
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &root)
+        .expect("writing to a String cannot fail");
+    text
 }
 
-async fn metrics(State(handles): State<Handles>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        render(&handles),
-    )
+async fn metrics(State(handles): State<Handles>, headers: HeaderMap) -> impl IntoResponse {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let (content_type, body) = exposition(accept, render(&handles));
+    ([(header::CONTENT_TYPE, content_type)], body)
 }

@@ -179,7 +179,7 @@ async fn serves_metrics_while_retrying_and_drains_on_sigterm() {
         "lingua_agent_connected 0",
         "lingua_agent_jobs_running 0",
         "lingua_agent_free_slots{kind=\"translate\"} 4",
-        "lingua_agent_gpu_memory_used_mb{gpu=\"1\",uuid=\"GPU-simulated-1\"} 3000",
+        "lingua_agent_gpu_memory_used_bytes{gpu=\"1\",UUID=\"GPU-simulated-1\",model_name=\"Simulated GPU\"} 3145728000.0",
     ] {
         assert!(text.contains(sample), "{sample} missing from:\n{text}");
     }

@@ -28,7 +28,7 @@ use lingua_agent::executor::Executor;
 use lingua_agent::gpu::{self, GpuProcess, GpuSnapshot};
 use lingua_agent::jobs::{Jobs, Outgoing};
 use lingua_agent::link::LinkStatus;
-use lingua_agent::metrics;
+use lingua_agent::metrics::{self, JobMetrics};
 use lingua_agent::nvml::NvmlLibrary;
 use lingua_shared::protocol::{FailureCode, JobAssign, JobResult, Outcome};
 use lingua_shared::{JobId, JobKind};
@@ -698,11 +698,12 @@ library_path = {:?}
             })
             .collect();
         let (tx, results) = mpsc::unbounded_channel();
+        let job_metrics = Arc::new(JobMetrics::default());
         let jobs = Jobs::new(
             Arc::clone(&arbiter),
             executors,
             vec!["zh:en".parse().unwrap()],
-            tx,
+            (tx, Arc::clone(&job_metrics)),
         );
         let (status, status_rx) = watch::channel(LinkStatus::default());
         Self {
@@ -710,6 +711,7 @@ library_path = {:?}
             handles: Handles {
                 arbiter,
                 status: status_rx,
+                job_metrics,
                 simulated: None,
             },
             results,

@@ -43,6 +43,12 @@ impl Drainer {
             DrainOutcome::Offline | DrainOutcome::Stale => return Ok(Drained::Offline),
             DrainOutcome::Draining { pairs, kinds, .. } => (pairs, kinds),
         };
+        // The instance holding the node's socket must know, or its next
+        // routing update would make the node routable again. Held here,
+        // the node's hints say draining from now on, before its routes are
+        // zeroed: an update computed after this writes no room either.
+        let told =
+            self.registry.drain(node, reason.into()) || self.tell_holder(node, reason).await?;
         let entry = RouteEntry {
             node: node.clone(),
             free: kinds.into_iter().map(|kind| (kind, 0)).collect(),
@@ -53,10 +59,6 @@ impl Drainer {
                 .route_update(*pair, std::slice::from_ref(&entry), self.lease)
                 .await?;
         }
-        // The instance holding the node's socket must know, or its next
-        // heartbeat would make the node routable again.
-        let told =
-            self.registry.drain(node, reason.into()) || self.tell_holder(node, reason).await?;
         tracing::info!(node_id = %node, told, "node drained by admin request");
         Ok(Drained::Draining)
     }

@@ -112,7 +112,8 @@ impl Live {
 }
 
 /// Publishes this instance's last minute of jobs every [`INTERVAL`] until
-/// `stop`, for every instance's fleet view.
+/// `stop`, for every instance's fleet view; whether Redis took it sets
+/// `lingua_redis_up`.
 pub async fn publish(
     store: Store,
     metrics: Arc<Metrics>,
@@ -130,8 +131,15 @@ pub async fn publish(
         let Ok(text) = serde_json::to_string(&stats) else {
             continue;
         };
-        if let Err(err) = store.publish_stats(&instance, &text, STATS_TTL).await {
-            tracing::debug!(error = %err, "cannot publish this instance's job counts");
+        // The call a second that tells `lingua_redis_up`.
+        match store.publish_stats(&instance, &text, STATS_TTL).await {
+            Ok(()) => {
+                metrics.redis_up.set(1);
+            }
+            Err(err) => {
+                metrics.redis_up.set(0);
+                tracing::debug!(error = %err, "cannot publish this instance's job counts");
+            }
         }
     }
 }

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use backon::{BackoffBuilder, ExponentialBuilder};
 use lingua_shared::Message;
 use lingua_shared::protocol::JobRef;
 use tokio_util::sync::CancellationToken;
@@ -72,29 +73,35 @@ pub async fn announce(
 /// Reads this instance's inbox until `stop`, on a connection of its own
 /// (the read blocks), and acts on each message.
 pub async fn receive(peers: Arc<Peers>, stop: CancellationToken) {
-    let mut pause = Duration::from_millis(100);
+    // Jittered, so that instances that lost Redis together do not come
+    // back in step.
+    let backoff = ExponentialBuilder::new()
+        .with_jitter()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .without_max_times();
+    let mut pauses = backoff.build();
     loop {
-        let reader = match peers.store.dedicated().await {
+        let opened = match peers.store.dedicated().await {
+            Ok(reader) => match reader.inbox_open(&peers.instance).await {
+                Ok(()) => Ok(reader),
+                Err(err) => Err(format!("cannot open this instance's inbox: {err}")),
+            },
+            Err(err) => Err(format!("cannot open the inbox connection: {err}")),
+        };
+        let reader = match opened {
             Ok(reader) => reader,
-            Err(err) => {
-                tracing::warn!(error = %err, "cannot open the inbox connection; retrying");
+            Err(why) => {
+                let pause = pauses.next().unwrap_or(Duration::from_secs(5));
+                tracing::warn!(reason = %why, retry_in_ms = pause.as_millis() as u64, "inbox unavailable");
                 tokio::select! {
                     () = tokio::time::sleep(pause) => {}
                     () = stop.cancelled() => return,
                 }
-                pause = (pause * 2).min(Duration::from_secs(5));
                 continue;
             }
         };
-        if let Err(err) = reader.inbox_open(&peers.instance).await {
-            tracing::warn!(error = %err, "cannot open this instance's inbox; retrying");
-            tokio::select! {
-                () = tokio::time::sleep(pause) => {}
-                () = stop.cancelled() => return,
-            }
-            continue;
-        }
-        pause = Duration::from_millis(100);
+        pauses = backoff.build();
         loop {
             let read = tokio::select! {
                 read = reader.inbox_read(&peers.instance, READ_BLOCK) => read,

@@ -10,6 +10,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Metric, Registry};
 
+use lingua_shared::metrics::ProcessCollector;
+
 use crate::recent::{FailedJob, Recent};
 
 /// Label: the outcome of a registration.
@@ -65,6 +67,20 @@ pub struct QueueLabel {
     pub kind: String,
 }
 
+/// Label: a job kind.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// The kind.
+    pub kind: String,
+}
+
+/// Label: this build's version.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabel {
+    /// The crate version.
+    pub version: String,
+}
+
 /// Label: why a job was answered early, or a node refused one.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
@@ -110,6 +126,10 @@ pub struct Metrics {
     pub refusals: Family<ReasonLabel, Counter>,
     /// Fleet snapshots built for dashboards and `lingua-ctl top`.
     pub fleet_snapshots: Counter,
+    /// 1 while Redis answered this instance's last call.
+    pub redis_up: Gauge,
+    /// Jobs dispatched here, submission to answer, by kind.
+    pub job_seconds: HistogramFamily<KindLabel>,
     /// The last minute of jobs, for the fleet view.
     pub recent: Recent,
 }
@@ -145,78 +165,133 @@ mod help {
         "Time jobs waited in the admission queue until a node had room, per pair and kind";
     pub const SHED: &str = "Jobs answered no_capacity early: queue_full (max_queued reached), too_late (the queue could not serve them before their deadline), deadline (it passed while queued)";
     pub const REFUSALS: &str = "Assignments nodes refused, by the node's reason";
+    pub const BUILD_INFO: &str = "Always 1; its label says the coordinator's version";
+    pub const REDIS_UP: &str =
+        "1 while this instance's last Redis call (at least one a second) succeeded";
+    pub const JOB_SECONDS: &str = "Jobs dispatched here, submission to answer, by kind";
     pub const FLEET_SNAPSHOTS: &str = "Fleet snapshots built for live views (one per second while any dashboard or lingua-ctl top watches, however many)";
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut r = Registry::with_prefix("lingua");
+        let mut root = Registry::default();
+        root.register_collector(Box::new(ProcessCollector));
+        let r = root.sub_registry_with_prefix("lingua");
+        let (redis_up, job_seconds) = health(r);
         Self {
+            redis_up,
+            job_seconds,
             nodes_connected: register(
-                &mut r,
+                r,
                 "nodes_connected",
                 help::NODES_CONNECTED,
                 Gauge::default(),
             ),
             connections_open: register(
-                &mut r,
+                r,
                 "connections_open",
                 help::CONNECTIONS_OPEN,
                 Gauge::default(),
             ),
             registrations: register(
-                &mut r,
+                r,
                 "node_registrations",
                 help::REGISTRATIONS,
                 Family::default(),
             ),
-            heartbeats: register(&mut r, "heartbeats", help::HEARTBEATS, Counter::default()),
+            heartbeats: register(r, "heartbeats", help::HEARTBEATS, Counter::default()),
             frames_rejected: register(
-                &mut r,
+                r,
                 "frames_rejected",
                 help::FRAMES_REJECTED,
                 Family::default(),
             ),
             script_seconds: register(
-                &mut r,
+                r,
                 "redis_script_duration_seconds",
                 help::SCRIPT_SECONDS,
                 HistogramFamily::new_with_constructor(script_histogram as fn() -> Histogram),
             ),
-            pool_nodes: register(&mut r, "pool_nodes", help::POOL_NODES, Family::default()),
-            jobs: register(&mut r, "jobs", help::JOBS, Family::default()),
-            results: register(&mut r, "job_results", help::RESULTS, Family::default()),
-            assignments: register(
-                &mut r,
-                "job_assignments",
-                help::ASSIGNMENTS,
-                Counter::default(),
-            ),
+            pool_nodes: register(r, "pool_nodes", help::POOL_NODES, Family::default()),
+            jobs: register(r, "jobs", help::JOBS, Family::default()),
+            results: register(r, "job_results", help::RESULTS, Family::default()),
+            assignments: register(r, "job_assignments", help::ASSIGNMENTS, Counter::default()),
             forwarded: register(
-                &mut r,
+                r,
                 "job_assignments_forwarded",
                 help::FORWARDED,
                 Counter::default(),
             ),
-            queue_depth: register(&mut r, "queue_depth", help::QUEUE_DEPTH, Family::default()),
+            queue_depth: register(r, "queue_depth", help::QUEUE_DEPTH, Family::default()),
             queue_wait: register(
-                &mut r,
+                r,
                 "queue_wait_seconds",
                 help::QUEUE_WAIT,
                 HistogramFamily::new_with_constructor(wait_histogram as fn() -> Histogram),
             ),
-            shed: register(&mut r, "jobs_shed", help::SHED, Family::default()),
-            refusals: register(&mut r, "job_refusals", help::REFUSALS, Family::default()),
+            shed: register(r, "jobs_shed", help::SHED, Family::default()),
+            refusals: register(r, "job_refusals", help::REFUSALS, Family::default()),
             fleet_snapshots: register(
-                &mut r,
+                r,
                 "fleet_snapshots",
                 help::FLEET_SNAPSHOTS,
                 Counter::default(),
             ),
             recent: Recent::default(),
-            registry: r,
+            registry: root,
         }
+        .with_known_reasons()
     }
+}
+
+impl Metrics {
+    /// Every shed reason and node refusal reason starts at 0, so that
+    /// their series exist (and `rate()` over them works) before the first.
+    fn with_known_reasons(self) -> Self {
+        for reason in ["queue_full", "too_late", "deadline"] {
+            self.shed
+                .get_or_create(&ReasonLabel {
+                    reason: reason.to_owned(),
+                })
+                .inc_by(0);
+        }
+        let refusals = [
+            "no_capacity",
+            "draining",
+            "unknown_kind",
+            "unsupported_pair",
+            "duplicate",
+        ];
+        for reason in refusals {
+            self.refusals
+                .get_or_create(&ReasonLabel {
+                    reason: reason.to_owned(),
+                })
+                .inc_by(0);
+        }
+        self
+    }
+}
+
+/// Registers what says whether this instance is healthy and how long its
+/// jobs take: `lingua_build_info{version}` (always 1), `lingua_redis_up`
+/// and `lingua_job_duration_seconds{kind}`.
+fn health(r: &mut Registry) -> (Gauge, HistogramFamily<KindLabel>) {
+    let build: Family<VersionLabel, Gauge> =
+        register(r, "build_info", help::BUILD_INFO, Family::default());
+    build
+        .get_or_create(&VersionLabel {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        })
+        .set(1);
+    let redis_up = register(r, "redis_up", help::REDIS_UP, Gauge::default());
+    let job_seconds = register(
+        r,
+        "job_duration_seconds",
+        help::JOB_SECONDS,
+        HistogramFamily::new_with_constructor(wait_histogram as fn() -> Histogram),
+    );
+    (redis_up, job_seconds)
 }
 
 /// Registers `metric` under `name` and returns it (a handle to the same
@@ -254,10 +329,20 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts a job that ended (`status`: `completed` or its error code)
-    /// after `latency_ms`, with its failure when it failed.
-    pub fn job_ended(&self, status: String, latency_ms: u64, failure: Option<FailedJob>) {
+    /// Counts a job of `kind` that ended (`status`: `completed` or its
+    /// error code) after `latency_ms`, with its failure when it failed.
+    pub fn job_ended(
+        &self,
+        (kind, status): (&str, String),
+        latency_ms: u64,
+        failure: Option<FailedJob>,
+    ) {
         self.jobs.get_or_create(&JobLabel { status }).inc();
+        self.job_seconds
+            .get_or_create(&KindLabel {
+                kind: kind.to_owned(),
+            })
+            .observe(latency_ms as f64 / 1000.0);
         self.recent.ended(latency_ms, failure);
     }
 

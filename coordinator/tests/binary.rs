@@ -362,3 +362,37 @@ async fn tells_systemd_it_is_ready_and_feeds_the_watchdog() {
     assert!(all_seen.is_ok(), "systemd notifications so far: {seen:?}");
     assert_eq!(terminate(&mut child, PATIENCE).await.code(), Some(0));
 }
+
+#[tokio::test]
+async fn under_systemd_log_lines_carry_their_journal_priority_and_no_timestamp() {
+    let mut child = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0"])
+        .env("LINGUA_LOG", "info")
+        // What systemd sets when stderr goes to the journal.
+        .env("JOURNAL_STREAM", "8:12345")
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let serving = tokio::time::timeout(PATIENCE, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("coordinator serving") {
+                return line;
+            }
+        }
+        panic!("the coordinator exited before serving");
+    })
+    .await
+    .expect("the coordinator starts in time");
+    assert!(
+        serving.starts_with("<6>lingua_coordinator::server: coordinator serving"),
+        "an info line, priority 6, no timestamp, no colour: {serving:?}"
+    );
+    signal(&child, "-TERM");
+    let status = tokio::time::timeout(PATIENCE, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}

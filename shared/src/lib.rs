@@ -13,6 +13,9 @@
 //! - [`process`]: exit codes, logging, the runtime and the stop signals,
 //!   the same in every binary.
 //! - [`systemd`]: readiness, status, watchdog and stopping notifications.
+//! - [`journal`]: log lines for the systemd journal (priorities, spans).
+//! - [`metrics`]: `process_*` metrics and the exposition format of both
+//!   binaries' `/metrics`.
 //! - [`sync`]: lock helpers that tolerate a poisoned lock.
 //! - [`room`]: a node's room for new jobs, memory every kind shares.
 //!
@@ -24,7 +27,9 @@ pub mod close;
 pub mod codec;
 pub mod config_check;
 pub mod ids;
+pub mod journal;
 pub mod lang;
+pub mod metrics;
 pub mod process;
 pub mod protocol;
 pub mod room;

@@ -9,6 +9,8 @@ use std::process::ExitCode;
 
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
+use crate::journal;
+
 /// The documented non-zero exit codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {
@@ -29,14 +31,17 @@ impl From<Exit> for ExitCode {
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
-    /// Human-readable lines (coloured on a terminal).
+    /// Human-readable lines (coloured on a terminal; under systemd, with
+    /// the journal priority on each line and no timestamp).
     Text,
     /// One JSON object per line.
     Json,
 }
 
 /// Installs the global `tracing` subscriber: stderr, level from
-/// `LINGUA_LOG` (EnvFilter syntax), else `default_level`.
+/// `LINGUA_LOG` (EnvFilter syntax), else `default_level`. Text under
+/// systemd (stderr going to the journal) is written in the journal's form:
+/// the priority on each line, no timestamp ([`crate::journal`]).
 pub fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("LINGUA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
@@ -45,6 +50,10 @@ pub fn init_logging(format: LogFormat, default_level: &str) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
     match format {
+        LogFormat::Text if journal::attached() => builder
+            .with_ansi(false)
+            .event_format(journal::Journald)
+            .init(),
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }

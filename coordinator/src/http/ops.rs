@@ -5,8 +5,9 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::header;
+use axum::http::{HeaderMap, header};
 use axum::response::IntoResponse;
+use lingua_shared::metrics::exposition;
 use serde_json::json;
 
 use super::ApiError;
@@ -27,13 +28,15 @@ pub async fn healthz(
     Ok(Json(json!({"status": "ok", "instance": instance})))
 }
 
-/// `GET /metrics`: Prometheus text. It asks Redis nothing: pool sizes
+/// `GET /metrics`: OpenMetrics for a scraper that asks for it, the
+/// classic Prometheus text otherwise. It asks Redis nothing: pool sizes
 /// count the nodes this instance holds (sum them over instances), so a
 /// scrape costs the same however many keys Redis holds, and answers while
-/// Redis is down.
+/// Redis is down (`lingua_redis_up` then says 0).
 pub async fn metrics(
     State(metrics): State<Arc<Metrics>>,
     State(registry): State<Arc<Registry>>,
+    headers: HeaderMap,
 ) -> impl IntoResponse {
     metrics.pool_nodes.clear();
     for ((pair, pool), size) in registry.pool_sizes() {
@@ -45,13 +48,9 @@ pub async fn metrics(
             })
             .set(size);
     }
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        metrics.render(),
-    )
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let (content_type, body) = exposition(accept, metrics.render());
+    ([(header::CONTENT_TYPE, content_type)], body)
 }
 
 /// Any other route.

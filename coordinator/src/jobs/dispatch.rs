@@ -2,6 +2,7 @@
 //! no node has room), record the attempt, follow it, move on or end.
 
 use super::*;
+use tracing::Instrument;
 
 impl JobRouter {
     /// Tries nodes until the job ends, here or on another instance.
@@ -62,8 +63,10 @@ impl JobRouter {
                 return Ok(self.wait_remote(&job.id, state.deadline).await?);
             }
             let sent = Instant::now();
+            let span = tracing::info_span!("attempt", node_id = %node, attempt = state.attempt);
             match self
                 .try_node(job, &node, state.attempt, state.deadline, assigned)
+                .instrument(span)
                 .await
             {
                 Tried::Finished => {

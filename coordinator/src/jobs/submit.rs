@@ -4,6 +4,7 @@
 use super::dispatch::Dispatch;
 use super::*;
 use crate::recent::{FailedJob, now_ms};
+use tracing::Instrument;
 
 /// A job taken in: where it stands now, and its terminal view to come.
 pub struct Submitted {
@@ -64,8 +65,11 @@ impl JobRouter {
         };
         let this = Arc::clone(self);
         let fresh = status == JobStatus::Queued;
+        // Every line logged for the job carries its id (its attempts add
+        // the node and the attempt number).
+        let span = tracing::info_span!("job", job_id = %job.id);
         self.tasks
-            .spawn(async move { this.follow_job(job, waiter, fresh).await });
+            .spawn(async move { this.follow_job(job, waiter, fresh).await }.instrument(span));
         Ok(Submitted { status, terminal })
     }
 
@@ -170,7 +174,8 @@ impl JobRouter {
         let status = failure
             .as_ref()
             .map_or_else(|| view.status.as_str().to_owned(), |f| f.code.clone());
+        let latency_ms = view.latency_ms.unwrap_or(0);
         self.metrics
-            .job_ended(status, view.latency_ms.unwrap_or(0), failure);
+            .job_ended((job.kind.as_str(), status), latency_ms, failure);
     }
 }

@@ -272,18 +272,17 @@ fn render(view: &View<'_>) -> Vec<String> {
     let assignments = counter(view.metrics, "lingua_job_assignments_total");
     let mut lines = vec![
         format!(
-            "{} {}/{} jobs  {:.0} jobs/s  p50 {} ms  p99 {} ms  completed {}  failed {}",
-            bar(view.done, view.total, 30),
+            "{} {}/{}  {:.0} jobs/s  p50 {} ms  p99 {} ms  failed {}",
+            bar(view.done, view.total, 20),
             view.done,
             view.total,
             view.done as f64 / elapsed,
             percentile(&sorted, 0.50),
             percentile(&sorted, 0.99),
-            view.tally.completed,
             failed
         ),
         format!(
-            "queued {}  shed {}  assignments {}  refused by nodes {}  completed after more than one attempt {}{}",
+            "queued {}  shed {}  sent {}  refused {}  retried {}{}",
             counter(view.metrics, "lingua_queue_depth"),
             counter(view.metrics, "lingua_jobs_shed_total"),
             assignments,
@@ -676,8 +675,12 @@ impl Screen {
             if self.printed > 0 {
                 let _ = write!(out, "\x1b[{}A", self.printed);
             }
+            // A line that wraps would throw the redraw off: cut each to
+            // the terminal's width.
+            let width = terminal_size::terminal_size().map_or(80, |(w, _)| usize::from(w.0));
             for line in &lines {
-                let _ = writeln!(out, "\x1b[2K{line}");
+                let cut: String = line.chars().take(width.saturating_sub(1)).collect();
+                let _ = writeln!(out, "\x1b[2K{cut}");
             }
             self.printed = lines.len();
         } else if full {
