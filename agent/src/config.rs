@@ -159,7 +159,7 @@ struct RawConfig {
     coordinator_url: Option<Spanned<UrlList>>,
     token: Option<String>,
     token_file: Option<Spanned<PathBuf>>,
-    ca_file: Option<PathBuf>,
+    ca_file: Option<Spanned<PathBuf>>,
     drain_timeout_ms: Option<Spanned<u64>>,
     metrics_listen: Option<Spanned<String>>,
     capabilities: Option<RawCapabilities>,
@@ -338,7 +338,16 @@ impl AgentConfig {
             node_id,
             coordinator_urls,
             token,
-            ca_file: raw.ca_file,
+            ca_file: match raw.ca_file {
+                None => None,
+                Some(file) => {
+                    let span = file.span();
+                    let path = file.into_inner();
+                    config_check::check_ca_file(&path)
+                        .map_err(|message| check.invalid("ca_file", span, message))?;
+                    Some(path)
+                }
+            },
             drain_timeout: Duration::from_millis(check.range(
                 "drain_timeout_ms",
                 raw.drain_timeout_ms,

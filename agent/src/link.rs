@@ -152,9 +152,15 @@ enum Ended {
 
 fn connector(endpoint: &Endpoint) -> Result<Option<Connector>, String> {
     let Some(ca_file) = &endpoint.ca_file else {
+        // tokio-tungstenite's own: the system's roots.
         return Ok(None);
     };
     let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for err in &native.errors {
+        tracing::warn!(error = %err, "cannot read some of the system's CA certificates");
+    }
+    roots.add_parsable_certificates(native.certs);
     let certs = CertificateDer::pem_file_iter(ca_file)
         .map_err(|e| format!("ca_file {}: {e}", ca_file.display()))?;
     for cert in certs {
@@ -176,13 +182,6 @@ fn connector(endpoint: &Endpoint) -> Result<Option<Connector>, String> {
 impl Link {
     /// Runs until shutdown or a fatal refusal.
     pub async fn run(mut self, gpus: Vec<GpuInfo>, shutdown: CancellationToken) -> LinkEnd {
-        let connector = match connector(&self.endpoint) {
-            Ok(connector) => connector,
-            Err(message) => {
-                tracing::error!(error = %message, "cannot use ca_file; connecting with the public roots");
-                None
-            }
-        };
         let backoff = ExponentialBuilder::new()
             .with_jitter()
             .with_min_delay(Duration::from_millis(100))
@@ -196,9 +195,14 @@ impl Link {
             // just tried may be the one that went away.
             let url = self.endpoint.urls[turn % self.endpoint.urls.len()].clone();
             turn = turn.wrapping_add(1);
-            let attempt = tokio::select! {
-                attempt = self.connect(&url, connector.clone(), &gpus) => attempt,
-                () = shutdown.cancelled() => return LinkEnd::Shutdown,
+            // Built for each attempt: a ca_file that became unusable fails
+            // the attempt (and is logged), never falls back to other roots.
+            let attempt = match connector(&self.endpoint) {
+                Err(message) => Err(Ended::Reconnect(format!("cannot use ca_file: {message}"))),
+                Ok(connector) => tokio::select! {
+                    attempt = self.connect(&url, connector, &gpus) => attempt,
+                    () = shutdown.cancelled() => return LinkEnd::Shutdown,
+                },
             };
             let why = match attempt {
                 Ok((ws, heartbeat)) => {

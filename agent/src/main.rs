@@ -12,18 +12,21 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use lingua_agent::agent::{Agent, AgentError, Control, Handles};
 use lingua_agent::arbiter::{Arbiter, Limits};
 use lingua_agent::config::{AgentConfig, DEFAULT_CONFIG_PATH};
 use lingua_agent::{gpu, metrics};
-use lingua_shared::process::{Exit, LogFormat, StopSignals, block_on, init_logging, usage_error};
+use lingua_shared::process::{
+    Exit, LogFormat, StopSignals, block_on, generate_docs, init_logging, usage_error,
+};
 use lingua_shared::systemd;
 use serde_json::json;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 /// The Lingua fleet GPU node agent: decides from GPU readings how many jobs
 /// of each kind this host can run, runs them, and reports its capacity to
@@ -41,6 +44,10 @@ struct Cli {
     /// Log line format on stderr.
     #[arg(long, value_enum, default_value = "text", global = true)]
     log_format: LogFormat,
+    /// Write the man page and shell completions into DIR and exit
+    /// (packaging).
+    #[arg(long, hide = true, value_name = "DIR", exclusive = true)]
+    generate_docs: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -58,6 +65,9 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(err) => return usage_error(&err),
     };
+    if let Some(dir) = &cli.generate_docs {
+        return generate_docs(Cli::command(), dir);
+    }
     init_logging(cli.log_format, "info");
     let config = match AgentConfig::load(&cli.config) {
         Ok(config) => config,
@@ -143,6 +153,8 @@ async fn serve(config: AgentConfig, path: PathBuf) -> ExitCode {
     };
     tracing::info!(node_id = %config.node_id, coordinators = ?config.coordinator_urls, backend = config.gpu.backend.name(), "agent starting");
     let agent_metrics_addr = config.metrics_listen;
+    // Every line the agent logs names its node (a job's lines add the job).
+    let span = tracing::info_span!("agent", node_id = %config.node_id);
     let agent = match Agent::start(config) {
         Ok(agent) => agent,
         Err(err) => {
@@ -165,7 +177,11 @@ async fn serve(config: AgentConfig, path: PathBuf) -> ExitCode {
     let (reload_tx, reload) = mpsc::unbounded_channel();
     tokio::spawn(signals(caught, shutdown.clone(), reload_tx, path));
     tokio::spawn(systemd(agent.handles.clone(), shutdown.clone()));
-    match agent.run(Control { shutdown, reload }).await {
+    match agent
+        .run(Control { shutdown, reload })
+        .instrument(span)
+        .await
+    {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("lingua-agent: {err}");

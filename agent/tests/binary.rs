@@ -133,6 +133,45 @@ async fn config_errors_exit_64_naming_field_and_line() {
     );
 }
 
+#[tokio::test]
+async fn a_ca_file_that_is_not_a_ca_fails_check_config() {
+    let (dir, _) = config("simulated", "wss://127.0.0.1:1/v1/node", "");
+    let not_pem = dir.path().join("ca.crt");
+    std::fs::write(&not_pem, "not a certificate").unwrap();
+    for (file, says) in [
+        (not_pem.display().to_string(), "holds no PEM certificate"),
+        (
+            "/nonexistent/ca.crt".to_owned(),
+            "cannot read /nonexistent/ca.crt",
+        ),
+    ] {
+        let ca = format!("ca_file = \"{file}\"");
+        let (_dir, path) = config("simulated", "wss://127.0.0.1:1/v1/node", &ca);
+        let (code, _, stderr) = run(&["check-config", "--config", path.to_str().unwrap()]).await;
+        assert_eq!(code, 64, "{stderr}");
+        assert!(
+            stderr.contains("ca_file (line 5)") && stderr.contains(says),
+            "{stderr}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn generates_its_man_page_and_completions() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("docs");
+    let (code, _, stderr) = run(&["--generate-docs", out.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{stderr}");
+    let page = std::fs::read_to_string(out.join("lingua-agent.1")).unwrap();
+    assert!(
+        page.contains("check\\-config") || page.contains("check-config"),
+        "{page}"
+    );
+    for file in ["lingua-agent.bash", "_lingua-agent", "lingua-agent.fish"] {
+        assert!(out.join(file).is_file(), "{file}");
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -41,6 +41,8 @@ pub struct Config {
     pub redis_url: Option<String>,
     /// Seed nodes of a Redis Cluster (instead of `redis_url`).
     pub redis_cluster: Vec<String>,
+    /// A PEM CA to trust for `rediss://`, besides the system's roots.
+    pub redis_ca_file: Option<PathBuf>,
     /// Tokens nodes may present.
     pub node_tokens: Vec<String>,
     /// The secret per-node tokens derive from (`node-token` prints them).
@@ -122,6 +124,7 @@ impl Default for Config {
                 .expect("the default listen address parses"),
             redis_url: None,
             redis_cluster: Vec::new(),
+            redis_ca_file: None,
             node_tokens: Vec::new(),
             node_secret: None,
             api_tokens: Vec::new(),
@@ -159,11 +162,13 @@ impl Config {
         let check = Checker::new(source);
         let defaults = Config::default();
         let listen = listen(check, raw.listen, defaults.listen)?;
+        let redis_ca_file = redis_ca_file(check, raw.redis.ca_file.clone())?;
         let (redis_url, redis_cluster) = redis(check, raw.redis)?;
         let config = Config {
             listen,
             redis_url,
             redis_cluster,
+            redis_ca_file,
             node_tokens: tokens(check, "auth.node_tokens", raw.auth.node_tokens)?,
             node_secret: node_secret(check, raw.auth.node_secret)?,
             api_tokens: tokens(check, "auth.api_tokens", raw.auth.api_tokens)?,
@@ -298,6 +303,14 @@ impl Config {
         for url in &self.redis_cluster {
             check_redis_url(url)
                 .map_err(|message| ConfigError::invalid("redis.cluster", message))?;
+        }
+        let tls = |url: &String| url.starts_with("rediss://");
+        let uses_tls = self.redis_url.iter().chain(&self.redis_cluster).any(tls);
+        if self.redis_ca_file.is_some() && !uses_tls {
+            return Err(ConfigError::invalid(
+                "redis.ca_file",
+                "a CA for Redis needs a rediss:// URL (redis.url or redis.cluster)",
+            ));
         }
         let public = !self.listen.ip().is_loopback();
         if public && !self.nodes_need_token() && !self.allow_anonymous {

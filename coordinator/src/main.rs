@@ -9,19 +9,22 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use lingua_coordinator::auth::node_token;
 use lingua_coordinator::config::{Config, ConfigError};
 use lingua_coordinator::metrics::Metrics;
 use lingua_coordinator::private_redis::PrivateRedis;
 use lingua_coordinator::store::{Store, StoreError};
+use lingua_coordinator::tls::Certificate;
 use lingua_coordinator::{server, tls};
 use lingua_shared::NodeId;
-use lingua_shared::process::{Exit, LogFormat, StopSignals, block_on, init_logging, usage_error};
+use lingua_shared::process::{
+    Exit, LogFormat, StopSignals, block_on, generate_docs, init_logging, usage_error,
+};
 use lingua_shared::systemd;
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
+use tokio::signal::unix::{SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 /// glibc's malloc took a third of the coordinator's CPU with 10,000 nodes
@@ -54,6 +57,10 @@ struct Cli {
     /// Log line format on stderr.
     #[arg(long, value_enum, default_value = "text", global = true)]
     log_format: LogFormat,
+    /// Write the man page and shell completions into DIR and exit
+    /// (packaging).
+    #[arg(long, hide = true, value_name = "DIR", exclusive = true)]
+    generate_docs: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -76,6 +83,9 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(err) => return usage_error(&err),
     };
+    if let Some(dir) = &cli.generate_docs {
+        return generate_docs(Cli::command(), dir);
+    }
     init_logging(cli.log_format, "info");
     let config = match load_config(&cli) {
         Ok(config) => config,
@@ -92,7 +102,7 @@ fn main() -> ExitCode {
         Some(Command::NodeToken { node_id }) => return print_node_token(&config, node_id),
         None => {}
     }
-    let tls = match config.tls.as_ref().map(tls::acceptor).transpose() {
+    let tls = match config.tls.as_ref().map(tls::Certificate::load).transpose() {
         Ok(tls) => tls,
         Err(err) => {
             eprintln!("lingua-coordinator: invalid config: {err}");
@@ -157,7 +167,7 @@ fn load_config(cli: &Cli) -> Result<Config, ConfigError> {
     Ok(config)
 }
 
-async fn serve(mut config: Config, tls: Option<TlsAcceptor>) -> ExitCode {
+async fn serve(mut config: Config, tls: Option<Arc<Certificate>>) -> ExitCode {
     let caught = match StopSignals::install() {
         Ok(caught) => caught,
         Err(err) => {
@@ -214,7 +224,8 @@ async fn open_redis(
 ) -> Result<(Result<Store, StoreError>, String, Option<PrivateRedis>), ExitCode> {
     if !config.redis_cluster.is_empty() {
         let seeds = config.redis_cluster.join(",");
-        let store = Store::connect_cluster(&config.redis_cluster, metrics).await;
+        let ca = config.redis_ca_file.as_deref();
+        let store = Store::connect_cluster(&config.redis_cluster, ca, metrics).await;
         return Ok((store, format!("the Redis Cluster of {seeds}"), None));
     }
     let (url, private) = match &config.redis_url {
@@ -230,17 +241,50 @@ async fn open_redis(
             }
         },
     };
-    Ok((Store::connect(&url, metrics).await, url, private))
+    let ca = config.redis_ca_file.as_deref();
+    Ok((Store::connect_tls(&url, ca, metrics).await, url, private))
+}
+
+/// Reloads the TLS certificate on each SIGHUP (`systemctl reload`); the
+/// rest of the configuration needs a restart, which loses nothing.
+async fn reload_on_hangup(certificate: Option<Arc<Certificate>>) {
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot catch SIGHUP; the TLS certificate cannot be reloaded");
+            return;
+        }
+    };
+    while hangups.recv().await.is_some() {
+        match certificate.as_ref().map(|c| c.reload()) {
+            Some(Ok(())) => {
+                tracing::info!("SIGHUP: TLS certificate reloaded; new connections use it")
+            }
+            Some(Err(err)) => {
+                tracing::error!(error = %err, "SIGHUP: TLS certificate not reloaded; keeping the one in use");
+            }
+            None => tracing::info!(
+                "SIGHUP: nothing to reload (only [tls] certificates are; restart for other changes, which loses nothing)"
+            ),
+        }
+    }
 }
 
 /// Binds the listener and serves until a stop signal.
 async fn listen_and_serve(
     config: Config,
-    tls: Option<TlsAcceptor>,
+    certificate: Option<Arc<Certificate>>,
     store: Store,
     metrics: Arc<Metrics>,
     caught: StopSignals,
 ) -> ExitCode {
+    let tls = match certificate.as_ref().map(|c| c.acceptor()).transpose() {
+        Ok(tls) => tls,
+        Err(err) => {
+            eprintln!("lingua-coordinator: cannot set up TLS: {err}");
+            return Exit::Internal.into();
+        }
+    };
     let listener = match TcpListener::bind(config.listen).await {
         Ok(listener) => listener,
         Err(err) => {
@@ -253,6 +297,7 @@ async fn listen_and_serve(
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(caught, shutdown.clone()));
+    tokio::spawn(reload_on_hangup(certificate));
     tokio::spawn(systemd(shutdown.clone()));
     match server::run(listener, tls, config, store, metrics, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,

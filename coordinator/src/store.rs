@@ -5,6 +5,7 @@
 //! plain commands. Each script call touches keys of one hash tag only.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,7 +14,7 @@ use lingua_shared::{JobId, JobKind, LangPair, NodeId};
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::{FromRedisValue, RedisFuture, Script, ScriptInvocation, Value};
+use redis::{FromRedisValue, RedisFuture, Script, ScriptInvocation, TlsCertificates, Value};
 use serde::Serialize;
 
 use crate::config::PickPolicy;
@@ -31,6 +32,14 @@ pub enum StoreError {
     /// The Redis call failed.
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    /// The CA file for `rediss://` cannot be read.
+    #[error("redis.ca_file {path}: {message}")]
+    CaFile {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
     /// A script answered something it is not written to answer.
     #[error("unexpected reply from {script}: {reply}")]
     Unexpected {
@@ -340,10 +349,27 @@ pub struct Store {
     metrics: Arc<Metrics>,
 }
 
-/// Where a store connects, kept to open a dedicated connection.
+/// Where a store connects (and the CA it trusts for `rediss://`), kept to
+/// open a dedicated connection.
 enum Target {
-    Single(String),
-    Cluster(Vec<String>),
+    Single(String, Option<PathBuf>),
+    Cluster(Vec<String>, Option<PathBuf>),
+}
+
+/// The CA of `ca_file` as redis-rs takes it (none: the system's roots).
+fn certificates(ca_file: Option<&Path>) -> Result<TlsCertificates, StoreError> {
+    let root_cert = ca_file
+        .map(|path| {
+            std::fs::read(path).map_err(|e| StoreError::CaFile {
+                path: path.display().to_string(),
+                message: format!("cannot read it ({e})"),
+            })
+        })
+        .transpose()?;
+    Ok(TlsCertificates {
+        client_tls: None,
+        root_cert,
+    })
 }
 
 /// The consumer group every instance reads its own inbox with.
@@ -354,41 +380,60 @@ const INBOX_MAX: u32 = 100_000;
 impl Store {
     /// Connects to Redis at `url` and checks that it answers.
     pub async fn connect(url: &str, metrics: Arc<Metrics>) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url)?;
+        Self::connect_tls(url, None, metrics).await
+    }
+
+    /// Connects to Redis at `url`, trusting `ca_file` (besides the system's
+    /// roots) for `rediss://`, and checks that it answers.
+    pub async fn connect_tls(
+        url: &str,
+        ca_file: Option<&Path>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, StoreError> {
+        let client = match ca_file {
+            Some(_) => redis::Client::build_with_tls(url, certificates(ca_file)?)?,
+            None => redis::Client::open(url)?,
+        };
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(REDIS_TIMEOUT))
             .set_response_timeout(Some(REDIS_TIMEOUT))
             .set_number_of_retries(2);
         let conn = ConnectionManager::new_with_config(client, config).await?;
-        Self::checked(Conn::Single(conn), Target::Single(url.to_owned()), metrics).await
+        let target = Target::Single(url.to_owned(), ca_file.map(Path::to_path_buf));
+        Self::checked(Conn::Single(conn), target, metrics).await
     }
 
     /// Connects to the Redis Cluster that `seeds` (URLs of some of its
     /// nodes) belong to, and checks that it answers.
+    /// With `ca_file`, `rediss://` seeds trust it besides the system's
+    /// roots.
     pub async fn connect_cluster(
         seeds: &[String],
+        ca_file: Option<&Path>,
         metrics: Arc<Metrics>,
     ) -> Result<Self, StoreError> {
-        let client = ClusterClientBuilder::new(seeds.iter().map(String::as_str))
+        let mut builder = ClusterClientBuilder::new(seeds.iter().map(String::as_str))
             .connection_timeout(REDIS_TIMEOUT)
             .response_timeout(REDIS_TIMEOUT)
-            .retries(2)
-            .build()?;
-        let conn = client.get_async_connection().await?;
-        Self::checked(
-            Conn::Cluster(conn),
-            Target::Cluster(seeds.to_vec()),
-            metrics,
-        )
-        .await
+            .retries(2);
+        if ca_file.is_some() {
+            builder = builder.certs(certificates(ca_file)?);
+        }
+        let conn = builder.build()?.get_async_connection().await?;
+        let target = Target::Cluster(seeds.to_vec(), ca_file.map(Path::to_path_buf));
+        Self::checked(Conn::Cluster(conn), target, metrics).await
     }
 
     /// A store on a connection of its own, for blocking reads that must
     /// not hold up everyone else's commands.
     pub async fn dedicated(&self) -> Result<Self, StoreError> {
         match &*self.target {
-            Target::Single(url) => Self::connect(url, self.metrics.clone()).await,
-            Target::Cluster(seeds) => Self::connect_cluster(seeds, self.metrics.clone()).await,
+            Target::Single(url, ca) => {
+                Self::connect_tls(url, ca.as_deref(), self.metrics.clone()).await
+            }
+            Target::Cluster(seeds, ca) => {
+                Self::connect_cluster(seeds, ca.as_deref(), self.metrics.clone()).await
+            }
         }
     }
 

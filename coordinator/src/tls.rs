@@ -2,14 +2,19 @@
 //! agents can use `wss://` and clients `https://` without a proxy.
 //!
 //! Handshakes run in their own tasks with a time limit, so a slow or
-//! silent client never holds up the accept loop.
+//! silent client never holds up the accept loop. The certificate can be
+//! reloaded from its files ([`Certificate::reload`], on SIGHUP): new
+//! handshakes use the new one, connections already open keep theirs.
 
 use std::io;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use lingua_shared::sync;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
@@ -49,20 +54,59 @@ pub enum TlsError {
     Rejected(#[from] rustls::Error),
 }
 
-/// Loads the certificate chain and key into a TLS acceptor.
-pub fn acceptor(tls: &TlsConfig) -> Result<TlsAcceptor, TlsError> {
+/// The listener's certificate and key, as last loaded from their files.
+#[derive(Debug)]
+pub struct Certificate {
+    files: TlsConfig,
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl Certificate {
+    /// Loads the certificate chain and key of `tls`.
+    pub fn load(tls: &TlsConfig) -> Result<Arc<Self>, TlsError> {
+        Ok(Arc::new(Self {
+            current: RwLock::new(certified_key(tls)?),
+            files: tls.clone(),
+        }))
+    }
+
+    /// Loads the files again: new handshakes present what they hold now.
+    /// On an error the certificate in use stays.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let loaded = certified_key(&self.files)?;
+        *sync::write(&self.current) = loaded;
+        Ok(())
+    }
+
+    /// A TLS acceptor presenting this certificate, reloads included.
+    pub fn acceptor(self: &Arc<Self>) -> Result<TlsAcceptor, TlsError> {
+        let config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::clone(self) as Arc<dyn ResolvesServerCert>);
+        Ok(TlsAcceptor::from(Arc::new(config)))
+    }
+}
+
+impl ResolvesServerCert for Certificate {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(Arc::clone(&sync::read(&self.current)))
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The certificate chain and key of `tls`, checked to belong together.
+fn certified_key(tls: &TlsConfig) -> Result<Arc<CertifiedKey>, TlsError> {
     let certs = load_certs(&tls.cert_file)?;
     let key = PrivateKeyDer::from_pem_file(&tls.key_file).map_err(|e| TlsError::Key {
         path: tls.key_file.display().to_string(),
         message: format!("no usable PEM private key ({e})"),
     })?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)?;
-    Ok(TlsAcceptor::from(Arc::new(config)))
+    let certified = CertifiedKey::from_der(certs, key, &provider())?;
+    Ok(Arc::new(certified))
 }
 
 fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {

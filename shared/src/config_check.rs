@@ -56,6 +56,21 @@ pub fn read(path: &Path) -> Result<String, ConfigError> {
     })
 }
 
+/// Why `path` cannot serve as a file of trusted CA certificates (PEM),
+/// if it cannot: unreadable, not PEM, or no certificate in it.
+pub fn check_ca_file(path: &Path) -> Result<(), String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read {} ({e})", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{} is not valid PEM ({e})", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no PEM certificate", path.display()));
+    }
+    Ok(())
+}
+
 /// Parses TOML into a raw config struct.
 pub fn parse<T: DeserializeOwned>(source: &str) -> Result<T, ConfigError> {
     toml::from_str(source).map_err(|e| ConfigError::Parse(e.to_string().trim_end().to_owned()))

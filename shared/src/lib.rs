@@ -12,6 +12,7 @@
 //! - [`config_check`]: reading and validating TOML configuration files.
 //! - [`process`]: exit codes, logging, the runtime and the stop signals,
 //!   the same in every binary.
+//! - [`docs`]: man pages and shell completions from each binary's CLI.
 //! - [`systemd`]: readiness, status, watchdog and stopping notifications.
 //! - [`journal`]: log lines for the systemd journal (priorities, spans).
 //! - [`metrics`]: `process_*` metrics and the exposition format of both
@@ -26,6 +27,7 @@
 pub mod close;
 pub mod codec;
 pub mod config_check;
+pub mod docs;
 pub mod ids;
 pub mod journal;
 pub mod lang;

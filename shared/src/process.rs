@@ -70,6 +70,19 @@ pub fn usage_error(err: &clap::Error) -> ExitCode {
     }
 }
 
+/// Writes `command`'s man page and completions into `dir` (the hidden
+/// `--generate-docs DIR` of every binary, run by packaging): 0, or 70 with
+/// the reason.
+pub fn generate_docs(command: clap::Command, dir: &std::path::Path) -> ExitCode {
+    match crate::docs::generate(command, dir) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("cannot write the docs into {}: {err}", dir.display());
+            Exit::Internal.into()
+        }
+    }
+}
+
 /// Runs `serve` to its exit code on a new multi-threaded tokio runtime; 70
 /// when the runtime cannot start, printed as `program: reason`.
 pub fn block_on(program: &str, serve: impl Future<Output = ExitCode>) -> ExitCode {

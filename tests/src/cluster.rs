@@ -93,7 +93,7 @@ impl RedisCluster {
 
 impl RedisBackend for RedisCluster {
     async fn store(&self, metrics: Arc<Metrics>) -> Store {
-        Store::connect_cluster(&self.seeds(), metrics)
+        Store::connect_cluster(&self.seeds(), None, metrics)
             .await
             .expect("the test cluster answers")
     }
@@ -104,7 +104,7 @@ impl RedisBackend for RedisCluster {
 }
 
 /// `count` free TCP ports whose cluster bus ports (+10000) are free too.
-fn cluster_ports(count: usize) -> Vec<u16> {
+pub fn cluster_ports(count: usize) -> Vec<u16> {
     let mut ports = Vec::with_capacity(count);
     while ports.len() < count {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a local port");

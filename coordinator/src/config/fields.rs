@@ -1,6 +1,8 @@
 //! The configuration file as written (unknown keys rejected), and the
 //! checks of single fields: tokens, durations, the listen address, Redis.
 
+use lingua_shared::config_check::check_ca_file;
+
 use super::*;
 
 #[derive(Debug, Default, Deserialize)]
@@ -27,6 +29,7 @@ pub(super) struct RawConfig {
 pub(super) struct RawRedis {
     pub(super) url: Option<Spanned<String>>,
     pub(super) cluster: Option<Spanned<Vec<String>>>,
+    pub(super) ca_file: Option<Spanned<PathBuf>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -217,6 +220,20 @@ pub(super) fn redis(
 
 pub(super) fn check_redis_url(url: &str) -> Result<(), String> {
     redis::Client::open(url).map(drop).map_err(|e| {
-        format!("{url:?} is not a Redis URL ({e}); use redis://HOST:PORT/DB or redis+unix:///PATH")
+        format!("{url:?} is not a Redis URL ({e}); use redis://HOST:PORT/DB, rediss://HOST:PORT/DB (TLS) or redis+unix:///PATH")
     })
+}
+
+/// `[redis] ca_file`: a readable PEM file of at least one certificate.
+pub(super) fn redis_ca_file(
+    check: Checker<'_>,
+    raw: Option<Spanned<PathBuf>>,
+) -> Result<Option<PathBuf>, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(None);
+    };
+    let span = raw.span();
+    let path = raw.into_inner();
+    check_ca_file(&path).map_err(|message| check.invalid("redis.ca_file", span, message))?;
+    Ok(Some(path))
 }

@@ -12,8 +12,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use clap::{Parser, Subcommand};
-use lingua_shared::process::{block_on, usage_error};
+use clap::{CommandFactory, Parser, Subcommand};
+use lingua_shared::process::{Exit, block_on, generate_docs, usage_error};
 use reqwest::Method;
 use serde_json::Value;
 
@@ -54,8 +54,12 @@ struct Cli {
     /// Print the API's JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// Write the man page and shell completions into DIR and exit
+    /// (packaging).
+    #[arg(long, hide = true, value_name = "DIR", exclusive = true)]
+    generate_docs: Option<PathBuf>,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -111,12 +115,19 @@ enum JobsCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let mut cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) => return usage_error(&err),
     };
+    if let Some(dir) = &cli.generate_docs {
+        return generate_docs(Cli::command(), dir);
+    }
+    let Some(command) = cli.command.take() else {
+        let _ = Cli::command().print_help();
+        return Exit::Usage.into();
+    };
     block_on("lingua-ctl", async move {
-        match run(cli).await {
+        match run(cli, command).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
                 eprintln!("lingua-ctl: {}", show::clean(&err.to_string()));
@@ -141,10 +152,10 @@ fn token(cli: &Cli) -> Result<Option<String>, CtlError> {
     }
 }
 
-async fn run(cli: Cli) -> Result<(), CtlError> {
+async fn run(cli: Cli, command: Command) -> Result<(), CtlError> {
     let api = Api::new(&cli.url, token(&cli)?, cli.ca_file.as_deref())?;
     let json = cli.json;
-    match cli.command {
+    match command {
         Command::Nodes => {
             let answer = api.get("/v1/nodes").await?;
             let nodes = list(&answer, "nodes")?;
