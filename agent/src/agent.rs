@@ -13,6 +13,7 @@ use lingua_shared::{JobKind, LangPair};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::arbiter::{Arbiter, Limits};
 use crate::config::{AgentConfig, Backend};
@@ -145,6 +146,7 @@ impl Agent {
             endpoint: Endpoint {
                 urls: config.coordinator_urls.clone(),
                 ca_file: config.ca_file.clone(),
+                system_roots: config.system_roots,
                 backoff_cap: BACKOFF_CAP,
             },
             arbiter: Arc::clone(&arbiter),
@@ -191,7 +193,9 @@ impl Agent {
             })?
         };
         let stop_link = CancellationToken::new();
-        let mut link_task = tokio::spawn(link.run(inventory, stop_link.clone()));
+        // The link (and the jobs it starts) log within the caller's span,
+        // which names the node.
+        let mut link_task = tokio::spawn(link.run(inventory, stop_link.clone()).in_current_span());
         let refused = loop {
             tokio::select! {
                 () = control.shutdown.cancelled() => break None,
@@ -257,6 +261,7 @@ fn apply_reload(
         ),
         ("token", old.token != new.token),
         ("ca_file", old.ca_file != new.ca_file),
+        ("system_roots", old.system_roots != new.system_roots),
         ("metrics_listen", old.metrics_listen != new.metrics_listen),
         (
             "capabilities",

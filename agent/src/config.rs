@@ -128,8 +128,11 @@ pub struct AgentConfig {
     pub coordinator_urls: Vec<String>,
     /// The node token.
     pub token: Option<String>,
-    /// A CA to trust for `wss://` (besides the system roots).
+    /// A CA to trust for `wss://`.
     pub ca_file: Option<PathBuf>,
+    /// Whether the system's roots are trusted besides `ca_file` (always
+    /// without one).
+    pub system_roots: bool,
     /// How long SIGTERM waits for running jobs.
     pub drain_timeout: Duration,
     /// Where to serve this agent's Prometheus metrics.
@@ -160,6 +163,7 @@ struct RawConfig {
     token: Option<String>,
     token_file: Option<Spanned<PathBuf>>,
     ca_file: Option<Spanned<PathBuf>>,
+    system_roots: Option<Spanned<bool>>,
     drain_timeout_ms: Option<Spanned<u64>>,
     metrics_listen: Option<Spanned<String>>,
     capabilities: Option<RawCapabilities>,
@@ -334,10 +338,22 @@ impl AgentConfig {
             let kind = kind_config(check, &name, span, kind)?;
             jobs.insert(kind_id, kind);
         }
+        let system_roots = match (&raw.system_roots, &raw.ca_file) {
+            (Some(roots), None) if !*roots.get_ref() => {
+                return Err(check.invalid(
+                    "system_roots",
+                    roots.span(),
+                    "system_roots = false needs a ca_file to trust instead",
+                ));
+            }
+            (Some(roots), _) => *roots.get_ref(),
+            (None, _) => true,
+        };
         Ok(AgentConfig {
             node_id,
             coordinator_urls,
             token,
+            system_roots,
             ca_file: match raw.ca_file {
                 None => None,
                 Some(file) => {

@@ -74,6 +74,8 @@ pub struct Endpoint {
     pub urls: Vec<String>,
     /// A CA to trust instead of the public roots, for `wss://`.
     pub ca_file: Option<PathBuf>,
+    /// Whether the system's roots are trusted besides `ca_file`.
+    pub system_roots: bool,
     /// The longest wait between reconnection attempts.
     pub backoff_cap: Duration,
 }
@@ -156,11 +158,13 @@ fn connector(endpoint: &Endpoint) -> Result<Option<Connector>, String> {
         return Ok(None);
     };
     let mut roots = rustls::RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    for err in &native.errors {
-        tracing::warn!(error = %err, "cannot read some of the system's CA certificates");
+    if endpoint.system_roots {
+        let native = rustls_native_certs::load_native_certs();
+        for err in &native.errors {
+            tracing::warn!(error = %err, "cannot read some of the system's CA certificates");
+        }
+        roots.add_parsable_certificates(native.certs);
     }
-    roots.add_parsable_certificates(native.certs);
     let certs = CertificateDer::pem_file_iter(ca_file)
         .map_err(|e| format!("ca_file {}: {e}", ca_file.display()))?;
     for cert in certs {

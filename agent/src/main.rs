@@ -72,7 +72,7 @@ fn main() -> ExitCode {
     let config = match AgentConfig::load(&cli.config) {
         Ok(config) => config,
         Err(err) => {
-            eprintln!("lingua-agent: {err}");
+            lingua_shared::fatal!("lingua-agent: {err}");
             return Exit::Usage.into();
         }
     };
@@ -91,7 +91,7 @@ fn probe(config: &AgentConfig) -> ExitCode {
     let readings = match source.read_once() {
         Ok(readings) => readings,
         Err(err) => {
-            eprintln!("lingua-agent: {err}");
+            lingua_shared::fatal!("lingua-agent: {err}");
             return Exit::Unavailable.into();
         }
     };
@@ -147,7 +147,7 @@ async fn serve(config: AgentConfig, path: PathBuf) -> ExitCode {
     let caught = match install_signals() {
         Ok(caught) => caught,
         Err(err) => {
-            eprintln!("lingua-agent: cannot install signal handlers: {err}");
+            lingua_shared::fatal!("lingua-agent: cannot install signal handlers: {err}");
             return Exit::Internal.into();
         }
     };
@@ -158,7 +158,7 @@ async fn serve(config: AgentConfig, path: PathBuf) -> ExitCode {
     let agent = match Agent::start(config) {
         Ok(agent) => agent,
         Err(err) => {
-            eprintln!("lingua-agent: {err}");
+            lingua_shared::fatal!("lingua-agent: {err}");
             return exit_for(&err);
         }
     };
@@ -169,7 +169,7 @@ async fn serve(config: AgentConfig, path: PathBuf) -> ExitCode {
                 tokio::spawn(server);
             }
             Err(err) => {
-                eprintln!("lingua-agent: cannot serve metrics on {addr}: {err}");
+                lingua_shared::fatal!("lingua-agent: cannot serve metrics on {addr}: {err}");
                 return Exit::Unavailable.into();
             }
         }
@@ -184,7 +184,7 @@ async fn serve(config: AgentConfig, path: PathBuf) -> ExitCode {
     {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("lingua-agent: {err}");
+            lingua_shared::fatal!("lingua-agent: {err}");
             exit_for(&err)
         }
     }

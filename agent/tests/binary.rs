@@ -154,6 +154,17 @@ async fn a_ca_file_that_is_not_a_ca_fails_check_config() {
             "{stderr}"
         );
     }
+    let (_dir, path) = config(
+        "simulated",
+        "wss://127.0.0.1:1/v1/node",
+        "system_roots = false",
+    );
+    let (code, _, stderr) = run(&["check-config", "--config", path.to_str().unwrap()]).await;
+    assert_eq!(code, 64, "{stderr}");
+    assert!(
+        stderr.contains("system_roots (line 5)") && stderr.contains("needs a ca_file"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]

@@ -41,7 +41,7 @@ pub struct Config {
     pub redis_url: Option<String>,
     /// Seed nodes of a Redis Cluster (instead of `redis_url`).
     pub redis_cluster: Vec<String>,
-    /// A PEM CA to trust for `rediss://`, besides the system's roots.
+    /// A PEM CA to trust for `rediss://`, instead of the system's roots.
     pub redis_ca_file: Option<PathBuf>,
     /// Tokens nodes may present.
     pub node_tokens: Vec<String>,

@@ -47,8 +47,14 @@ impl Drainer {
         // routing update would make the node routable again. Held here,
         // the node's hints say draining from now on, before its routes are
         // zeroed: an update computed after this writes no room either.
-        let told =
-            self.registry.drain(node, reason.into()) || self.tell_holder(node, reason).await?;
+        let told_here = self.registry.drain(node, reason.into());
+        let told_holder = if told_here {
+            Ok(false)
+        } else {
+            self.tell_holder(node, reason).await
+        };
+        // Zeroed whether or not the holder could be told: the drain is
+        // recorded already.
         let entry = RouteEntry {
             node: node.clone(),
             free: kinds.into_iter().map(|kind| (kind, 0)).collect(),
@@ -59,6 +65,7 @@ impl Drainer {
                 .route_update(*pair, std::slice::from_ref(&entry), self.lease)
                 .await?;
         }
+        let told = told_here || told_holder?;
         tracing::info!(node_id = %node, told, "node drained by admin request");
         Ok(Drained::Draining)
     }

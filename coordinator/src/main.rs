@@ -24,7 +24,7 @@ use lingua_shared::process::{
 use lingua_shared::systemd;
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
 use tokio::net::TcpListener;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 /// glibc's malloc took a third of the coordinator's CPU with 10,000 nodes
@@ -90,7 +90,7 @@ fn main() -> ExitCode {
     let config = match load_config(&cli) {
         Ok(config) => config,
         Err(err) => {
-            eprintln!("lingua-coordinator: {err}");
+            lingua_shared::fatal!("lingua-coordinator: {err}");
             return Exit::Usage.into();
         }
     };
@@ -105,7 +105,7 @@ fn main() -> ExitCode {
     let tls = match config.tls.as_ref().map(tls::Certificate::load).transpose() {
         Ok(tls) => tls,
         Err(err) => {
-            eprintln!("lingua-coordinator: invalid config: {err}");
+            lingua_shared::fatal!("lingua-coordinator: invalid config: {err}");
             return Exit::Usage.into();
         }
     };
@@ -116,12 +116,12 @@ fn print_node_token(config: &Config, node_id: &str) -> ExitCode {
     let node = match NodeId::new(node_id) {
         Ok(node) => node,
         Err(err) => {
-            eprintln!("lingua-coordinator: {err}");
+            lingua_shared::fatal!("lingua-coordinator: {err}");
             return Exit::Usage.into();
         }
     };
     let Some(secret) = &config.node_secret else {
-        eprintln!(
+        lingua_shared::fatal!(
             "lingua-coordinator: the config sets no auth.node_secret; add one (`openssl rand -hex 32`) to derive per-node tokens"
         );
         return Exit::Usage.into();
@@ -168,10 +168,12 @@ fn load_config(cli: &Cli) -> Result<Config, ConfigError> {
 }
 
 async fn serve(mut config: Config, tls: Option<Arc<Certificate>>) -> ExitCode {
-    let caught = match StopSignals::install() {
+    // SIGHUP too, at once: its default action would stop the coordinator
+    // while it connects to Redis.
+    let caught = match StopSignals::install().and_then(|c| Ok((c, signal(SignalKind::hangup())?))) {
         Ok(caught) => caught,
         Err(err) => {
-            eprintln!("lingua-coordinator: cannot install signal handlers: {err}");
+            lingua_shared::fatal!("lingua-coordinator: cannot install signal handlers: {err}");
             return Exit::Internal.into();
         }
     };
@@ -184,7 +186,7 @@ async fn serve(mut config: Config, tls: Option<Arc<Certificate>>) -> ExitCode {
     };
     let exit = match connected {
         Err(err) => {
-            eprintln!("lingua-coordinator: cannot reach Redis at {url}: {err}");
+            lingua_shared::fatal!("lingua-coordinator: cannot reach Redis at {url}: {err}");
             Exit::Unavailable.into()
         }
         Ok(store) => {
@@ -236,7 +238,7 @@ async fn open_redis(
                 (redis.url(), Some(redis))
             }
             Err(err) => {
-                eprintln!("lingua-coordinator: {err}");
+                lingua_shared::fatal!("lingua-coordinator: {err}");
                 return Err(Exit::Unavailable.into());
             }
         },
@@ -245,16 +247,10 @@ async fn open_redis(
     Ok((Store::connect_tls(&url, ca, metrics).await, url, private))
 }
 
-/// Reloads the TLS certificate on each SIGHUP (`systemctl reload`); the
-/// rest of the configuration needs a restart, which loses nothing.
-async fn reload_on_hangup(certificate: Option<Arc<Certificate>>) {
-    let mut hangups = match signal(SignalKind::hangup()) {
-        Ok(hangups) => hangups,
-        Err(err) => {
-            tracing::warn!(error = %err, "cannot catch SIGHUP; the TLS certificate cannot be reloaded");
-            return;
-        }
-    };
+/// Reloads the TLS certificate on each SIGHUP (`systemctl reload`), caught
+/// from the start (`hangups`): the rest of the configuration needs a
+/// restart, which loses nothing.
+async fn reload_on_hangup(mut hangups: Signal, certificate: Option<Arc<Certificate>>) {
     while hangups.recv().await.is_some() {
         match certificate.as_ref().map(|c| c.reload()) {
             Some(Ok(())) => {
@@ -276,19 +272,19 @@ async fn listen_and_serve(
     certificate: Option<Arc<Certificate>>,
     store: Store,
     metrics: Arc<Metrics>,
-    caught: StopSignals,
+    (caught, hangups): (StopSignals, Signal),
 ) -> ExitCode {
     let tls = match certificate.as_ref().map(|c| c.acceptor()).transpose() {
         Ok(tls) => tls,
         Err(err) => {
-            eprintln!("lingua-coordinator: cannot set up TLS: {err}");
+            lingua_shared::fatal!("lingua-coordinator: cannot set up TLS: {err}");
             return Exit::Internal.into();
         }
     };
     let listener = match TcpListener::bind(config.listen).await {
         Ok(listener) => listener,
         Err(err) => {
-            eprintln!(
+            lingua_shared::fatal!(
                 "lingua-coordinator: cannot listen on {}: {err}",
                 config.listen
             );
@@ -297,12 +293,12 @@ async fn listen_and_serve(
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(stop_on_signal(caught, shutdown.clone()));
-    tokio::spawn(reload_on_hangup(certificate));
+    tokio::spawn(reload_on_hangup(hangups, certificate));
     tokio::spawn(systemd(shutdown.clone()));
     match server::run(listener, tls, config, store, metrics, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("lingua-coordinator: server failed: {err}");
+            lingua_shared::fatal!("lingua-coordinator: server failed: {err}");
             Exit::Internal.into()
         }
     }

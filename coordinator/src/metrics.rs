@@ -139,6 +139,11 @@ fn wait_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 17))
 }
 
+fn job_histogram() -> Histogram {
+    // 1 ms .. ~70 min: the longest job timeout is an hour.
+    Histogram::new(exponential_buckets(0.001, 2.0, 23))
+}
+
 fn script_histogram() -> Histogram {
     // 50 µs .. ~0.8 s
     Histogram::new(exponential_buckets(0.000_05, 2.0, 15))
@@ -289,7 +294,7 @@ fn health(r: &mut Registry) -> (Gauge, HistogramFamily<KindLabel>) {
         r,
         "job_duration_seconds",
         help::JOB_SECONDS,
-        HistogramFamily::new_with_constructor(wait_histogram as fn() -> Histogram),
+        HistogramFamily::new_with_constructor(job_histogram as fn() -> Histogram),
     );
     (redis_up, job_seconds)
 }

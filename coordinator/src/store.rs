@@ -383,8 +383,8 @@ impl Store {
         Self::connect_tls(url, None, metrics).await
     }
 
-    /// Connects to Redis at `url`, trusting `ca_file` (besides the system's
-    /// roots) for `rediss://`, and checks that it answers.
+    /// Connects to Redis at `url`, trusting `ca_file` (instead of the
+    /// system's roots) for `rediss://`, and checks that it answers.
     pub async fn connect_tls(
         url: &str,
         ca_file: Option<&Path>,
@@ -405,8 +405,8 @@ impl Store {
 
     /// Connects to the Redis Cluster that `seeds` (URLs of some of its
     /// nodes) belong to, and checks that it answers.
-    /// With `ca_file`, `rediss://` seeds trust it besides the system's
-    /// roots.
+    /// With `ca_file`, `rediss://` nodes are trusted by it instead of the
+    /// system's roots.
     pub async fn connect_cluster(
         seeds: &[String],
         ca_file: Option<&Path>,

@@ -365,26 +365,49 @@ async fn tells_systemd_it_is_ready_and_feeds_the_watchdog() {
 
 #[tokio::test]
 async fn under_systemd_log_lines_carry_their_journal_priority_and_no_timestamp() {
+    use std::os::unix::fs::MetadataExt;
+    // systemd connects stderr to the journal and names that stream in
+    // JOURNAL_STREAM (device:inode); here the stream is a file.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("stderr");
+    let file = std::fs::File::create(&path).unwrap();
+    let meta = file.metadata().unwrap();
+    let stream = format!("{}:{}", meta.dev(), meta.ino());
     let mut child = Command::new(BIN)
-        .args(["--listen", "127.0.0.1:0"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            "/nonexistent/coordinator.toml",
+        ])
         .env("LINGUA_LOG", "info")
-        // What systemd sets when stderr goes to the journal.
-        .env("JOURNAL_STREAM", "8:12345")
-        .stderr(Stdio::piped())
+        .env("JOURNAL_STREAM", &stream)
+        .stderr(file.try_clone().unwrap())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let serving = tokio::time::timeout(PATIENCE, async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if line.contains("coordinator serving") {
-                return line;
-            }
-        }
-        panic!("the coordinator exited before serving");
-    })
-    .await
-    .expect("the coordinator starts in time");
+    let status = tokio::time::timeout(PATIENCE, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(64));
+    let written = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        written.starts_with("<3>lingua-coordinator: "),
+        "the error it exits with is an error to the journal: {written:?}"
+    );
+
+    let file = std::fs::File::create(&path).unwrap();
+    let meta = file.metadata().unwrap();
+    let mut child = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0"])
+        .env("LINGUA_LOG", "info")
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .stderr(file)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let serving = serving_line(&path).await;
     assert!(
         serving.starts_with("<6>lingua_coordinator::server: coordinator serving"),
         "an info line, priority 6, no timestamp, no colour: {serving:?}"
@@ -395,4 +418,64 @@ async fn under_systemd_log_lines_carry_their_journal_priority_and_no_timestamp()
         .unwrap()
         .unwrap();
     assert_eq!(status.code(), Some(0));
+
+    // Inherited by a process whose stderr goes elsewhere: plain lines.
+    let output = Command::new(BIN)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            "/nonexistent/coordinator.toml",
+        ])
+        .env("JOURNAL_STREAM", &stream)
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.starts_with("lingua-coordinator: "), "{stderr:?}");
+}
+
+/// The first line of `path` that says the coordinator serves.
+async fn serving_line(path: &std::path::Path) -> String {
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            if let Some(line) = text.lines().find(|l| l.contains("coordinator serving")) {
+                return line.to_owned();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the coordinator starts in time")
+}
+
+#[tokio::test]
+async fn sighup_while_connecting_to_redis_does_not_stop_it() {
+    // A "Redis" that accepts the connection and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("redis://{}", silent.local_addr().unwrap());
+    let mut child = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--redis-url", &url])
+        .env("LINGUA_LOG", "error")
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Once it connects, it is past start-up's signal handling.
+    let (_held, _) = tokio::time::timeout(PATIENCE, silent.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    signal(&child, "-HUP");
+    // Its Redis timeouts and retries take a while: a bound, not a measure.
+    let status = tokio::time::timeout(PATIENCE * 6, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        status.code(),
+        Some(69),
+        "it gives up on the silent Redis, not on SIGHUP: {status:?}"
+    );
 }

@@ -1,7 +1,7 @@
 //! Man pages and shell completions generated from a binary's command-line
 //! definition (`clap`), so they never drift from `--help`. Each binary
-//! writes them with a hidden `generate-docs DIR` subcommand, which
-//! packaging runs (packaging/check.sh).
+//! writes them with a hidden `--generate-docs DIR` flag, which packaging
+//! runs (packaging/check.sh).
 
 use std::io;
 use std::path::Path;

@@ -13,9 +13,22 @@ use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
 use tracing_subscriber::registry::LookupSpan;
 
-/// True when stderr goes to the systemd journal.
+/// True when stderr goes to the systemd journal: systemd sets
+/// `JOURNAL_STREAM` to the device and inode of the stream it connected,
+/// and a process that inherited the variable but writes elsewhere (a
+/// shell, an executor, a test's pipe) does not match it.
 pub fn attached() -> bool {
-    std::env::var_os("JOURNAL_STREAM").is_some()
+    use std::os::unix::fs::MetadataExt;
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = stream.to_str().and_then(|s| s.split_once(':')) else {
+        return false;
+    };
+    let Ok(stderr) = std::fs::metadata("/proc/self/fd/2") else {
+        return false;
+    };
+    dev.parse() == Ok(stderr.dev()) && ino.parse() == Ok(stderr.ino())
 }
 
 /// The syslog priority of a level.

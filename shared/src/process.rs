@@ -28,6 +28,25 @@ impl From<Exit> for ExitCode {
     }
 }
 
+/// Prints a line on stderr as `eprintln!` does, with the journal's error
+/// priority (`<3>`) in front when stderr goes to the journal, so that the
+/// messages a binary exits with are errors in `journalctl -p err`.
+pub fn print_error(message: std::fmt::Arguments<'_>) {
+    if journal::attached() {
+        eprintln!("<3>{message}");
+    } else {
+        eprintln!("{message}");
+    }
+}
+
+/// `eprintln!` for the errors a binary exits with: [`print_error`].
+#[macro_export]
+macro_rules! fatal {
+    ($($arg:tt)*) => {
+        $crate::process::print_error(format_args!($($arg)*))
+    };
+}
+
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -77,7 +96,10 @@ pub fn generate_docs(command: clap::Command, dir: &std::path::Path) -> ExitCode 
     match crate::docs::generate(command, dir) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("cannot write the docs into {}: {err}", dir.display());
+            print_error(format_args!(
+                "cannot write the docs into {}: {err}",
+                dir.display()
+            ));
             Exit::Internal.into()
         }
     }
@@ -89,7 +111,9 @@ pub fn block_on(program: &str, serve: impl Future<Output = ExitCode>) -> ExitCod
     match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime.block_on(serve),
         Err(err) => {
-            eprintln!("{program}: cannot start the async runtime: {err}");
+            print_error(format_args!(
+                "{program}: cannot start the async runtime: {err}"
+            ));
             Exit::Internal.into()
         }
     }
