@@ -29,7 +29,7 @@ use lingua_shared::{JobId, NodeId};
 ///
 /// Tables are for people; --json prints the API's JSON for scripts.
 #[derive(Debug, Parser)]
-#[command(name = "lingua-ctl", version, about, long_about)]
+#[command(name = "lingua-ctl", version)]
 struct Cli {
     /// The coordinator's URL.
     #[arg(
@@ -279,6 +279,9 @@ async fn job(api: &Api, request: reqwest::RequestBuilder) -> Result<Value, CtlEr
     }
 }
 
+/// How often `drain --wait` reads the node.
+const DRAIN_POLL: Duration = Duration::from_secs(1);
+
 /// Drains node `id`; with `wait`, then waits (up to it) until the node
 /// runs no job: two reports in a row made after the drain show none, or
 /// the node is offline.
@@ -322,6 +325,6 @@ async fn drain(api: &Api, id: &str, json: bool, wait: Option<Duration>) -> Resul
                 limit.as_secs()
             )));
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        tokio::time::sleep(DRAIN_POLL).await;
     }
 }
