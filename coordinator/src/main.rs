@@ -18,6 +18,7 @@ use lingua_coordinator::store::{Store, StoreError};
 use lingua_coordinator::tls::Certificate;
 use lingua_coordinator::{server, tls};
 use lingua_shared::NodeId;
+use lingua_shared::docs::DocsFlag;
 use lingua_shared::process::{
     Exit, LogFormat, StopSignals, block_on, generate_docs, init_logging, usage_error,
 };
@@ -57,10 +58,8 @@ struct Cli {
     /// Log line format on stderr.
     #[arg(long, value_enum, default_value = "text", global = true)]
     log_format: LogFormat,
-    /// Write the man page and shell completions into DIR and exit
-    /// (packaging).
-    #[arg(long, hide = true, value_name = "DIR", exclusive = true)]
-    generate_docs: Option<PathBuf>,
+    #[command(flatten)]
+    docs: DocsFlag,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -83,7 +82,7 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(err) => return usage_error(&err),
     };
-    if let Some(dir) = &cli.generate_docs {
+    if let Some(dir) = &cli.docs.generate_docs {
         return generate_docs(Cli::command(), dir);
     }
     init_logging(cli.log_format, "info");

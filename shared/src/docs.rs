@@ -4,9 +4,19 @@
 //! runs (packaging/check.sh).
 
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use clap_complete::Shell;
+
+/// The hidden `--generate-docs DIR` flag of every binary (flattened into
+/// its command line).
+#[derive(Debug, Clone, clap::Args)]
+pub struct DocsFlag {
+    /// Write the man page and shell completions into DIR and exit
+    /// (packaging).
+    #[arg(long, hide = true, value_name = "DIR", exclusive = true)]
+    pub generate_docs: Option<PathBuf>,
+}
 
 /// Writes `NAME.1` (a man page) and the bash (`NAME`), zsh (`_NAME`) and
 /// fish (`NAME.fish`) completions of `command` into `dir`.

@@ -13,6 +13,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{CommandFactory, Parser, Subcommand};
+use lingua_shared::docs::DocsFlag;
 use lingua_shared::process::{Exit, block_on, generate_docs, usage_error};
 use reqwest::Method;
 use serde_json::Value;
@@ -54,10 +55,8 @@ struct Cli {
     /// Print the API's JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
-    /// Write the man page and shell completions into DIR and exit
-    /// (packaging).
-    #[arg(long, hide = true, value_name = "DIR", exclusive = true)]
-    generate_docs: Option<PathBuf>,
+    #[command(flatten)]
+    docs: DocsFlag,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -119,7 +118,7 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(err) => return usage_error(&err),
     };
-    if let Some(dir) = &cli.generate_docs {
+    if let Some(dir) = &cli.docs.generate_docs {
         return generate_docs(Cli::command(), dir);
     }
     let Some(command) = cli.command.take() else {
