@@ -1,19 +1,20 @@
 -- route_pick: choose a node for one job attempt. The one script call a
 -- dispatch costs.
 --
--- KEYS[1] route:<kind> ZSET node -> lease deadline  lingua:v1:pair:{<src:tgt>}:route:<kind>
--- KEYS[2] free:<kind>  HASH node -> free slots     lingua:v1:pair:{<src:tgt>}:free:<kind>
+-- KEYS[1] route:<r>    ZSET node -> lease deadline  lingua:v1:pair:{<src:tgt>}:route:<r>
+-- KEYS[2] free:<r>     HASH node -> free slots     lingua:v1:pair:{<src:tgt>}:free:<r>
 -- KEYS[3] leases       ZSET node -> lease deadline  lingua:v1:pair:{<src:tgt>}:leases
 -- KEYS[4] session      STRING: the node that served the session last
 --                      lingua:v1:pair:{<src:tgt>}:session:<session id>
 --                      (a key nobody writes when the job has no session)
 -- KEYS[5] memory       HASH node -> its room (JSON)  lingua:v1:pair:{<src:tgt>}:memory
--- KEYS[6] served:<kind> ZSET node -> lease deadline  lingua:v1:pair:{<src:tgt>}:served:<kind>
+-- KEYS[6] served:<r>   ZSET node -> lease deadline  lingua:v1:pair:{<src:tgt>}:served:<r>
 -- ARGV[1] "1" when the job has a session, "0" otherwise
 -- ARGV[2] session affinity lifetime in ms
 -- ARGV[3] policy: "capacity", or "random" (any live member, room or not:
 --         the earlier system's policy, kept only to measure against)
--- ARGV[4] the kind
+-- ARGV[4] the route <r>: a kind (its GPU room), or `<kind>@cpu` (its
+--         fallback room, which takes no memory)
 -- ARGV[5..] nodes already tried for this job (excluded)
 -- Returns {"ok", node} or {"no_capacity"} (live nodes serve the kind, none
 -- with room) or {"no_nodes"} (no live node serves the pair and kind).
@@ -68,11 +69,12 @@ local function room_for(node)
 end
 
 -- Takes one job of the kind from a memory record: the device with the
--- least room that still fits it.
+-- least room that still fits it. False when the kind takes no memory (a
+-- fallback route, `<kind>@cpu`, is not in the record) or fits nowhere.
 local function take(memory)
   local size = tonumber(memory.vram_mb[kind] or 0)
   if size <= 0 then
-    return
+    return false
   end
   local best = nil
   for d, mb in ipairs(memory.devices_mb) do
@@ -82,7 +84,9 @@ local function take(memory)
   end
   if best then
     memory.devices_mb[best] = memory.devices_mb[best] - size
+    return true
   end
+  return false
 end
 
 local function forget(node)
@@ -164,8 +168,7 @@ if not chosen then
 end
 
 local left = redis.call('HINCRBY', KEYS[2], chosen, -1)
-if chosen_memory then
-  take(chosen_memory)
+if chosen_memory and take(chosen_memory) then
   redis.call('HSET', KEYS[5], chosen, cjson.encode(chosen_memory))
 end
 if left <= 0 or chosen_free <= 1 then

@@ -19,7 +19,7 @@ use crate::arbiter::{Arbiter, Limits};
 use crate::config::{AgentConfig, Backend};
 use crate::executor::Executor;
 use crate::gpu::{self, SimulatedGpus};
-use crate::jobs::Jobs;
+use crate::jobs::{Executors, Jobs};
 use crate::link::{Endpoint, Identity, Link, LinkEnd, LinkStatus};
 use crate::metrics::JobMetrics;
 
@@ -63,19 +63,25 @@ pub struct Handles {
     pub simulated: Option<Arc<SimulatedGpus>>,
 }
 
+/// Each kind's executors; a fallback executor runs on no GPU, simulated
+/// or not.
 fn executors(
     config: &AgentConfig,
     simulated: Option<&Arc<SimulatedGpus>>,
     client: &reqwest::Client,
-) -> HashMap<JobKind, Arc<Executor>> {
+) -> HashMap<JobKind, Executors> {
     config
         .jobs
         .iter()
         .map(|(kind, cfg)| {
-            (
-                kind.clone(),
-                Arc::new(Executor::new(&cfg.executor, simulated.cloned(), client)),
-            )
+            let executors = Executors {
+                primary: Arc::new(Executor::new(&cfg.executor, simulated.cloned(), client)),
+                fallback: cfg
+                    .busy
+                    .fallback()
+                    .map(|fallback| Arc::new(Executor::new(&fallback.executor, None, client))),
+            };
+            (kind.clone(), executors)
         })
         .collect()
 }

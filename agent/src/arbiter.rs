@@ -111,6 +111,14 @@ pub enum Refusal {
         /// Its `vram_mb`.
         vram_mb: u64,
     },
+    /// No GPU had room and every fallback slot of the kind is in use.
+    #[error("{kind}: no GPU has room and all {max} fallback slots are in use")]
+    Fallback {
+        /// The kind.
+        kind: JobKind,
+        /// Its fallback `max_concurrent`.
+        max: u32,
+    },
 }
 
 /// Where an admitted job runs.
@@ -147,6 +155,8 @@ pub struct Arbiter {
 pub struct Permit {
     arbiter: Arc<Arbiter>,
     id: u64,
+    /// A slot of the kind's fallback executor: no GPU, no memory.
+    fallback: bool,
     placement: Option<Placement>,
     kind: JobKind,
     overrun: watch::Receiver<Option<Overrun>>,
@@ -167,6 +177,11 @@ impl Permit {
     /// The job's kind.
     pub fn kind(&self) -> &JobKind {
         &self.kind
+    }
+
+    /// True for a slot of the kind's fallback executor.
+    pub fn is_fallback(&self) -> bool {
+        self.fallback
     }
 
     /// Tells the arbiter the job's process group, so that readings listing
@@ -192,7 +207,11 @@ impl Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.arbiter.release(self.id);
+        if self.fallback {
+            self.arbiter.release_fallback(&self.kind);
+        } else {
+            self.arbiter.release(self.id);
+        }
     }
 }
 
@@ -254,6 +273,7 @@ impl Arbiter {
                 overruns: BTreeMap::new(),
                 waiting: BTreeMap::new(),
                 held: None,
+                fallback: BTreeMap::new(),
             }),
             answered: Notify::new(),
             version: watch::channel(0).0,
@@ -282,6 +302,7 @@ impl Arbiter {
         Permit {
             arbiter: Arc::clone(self),
             id: admission.id,
+            fallback: false,
             placement: admission.placement,
             kind: admission.kind,
             overrun: admission.overrun,
@@ -307,11 +328,16 @@ impl Arbiter {
         Ok(self.permit(admission))
     }
 
-    /// Admits a job, or queues it for up to its kind's `queue_wait` until
-    /// the queue gives it a slot (see the module doc for the order). Kinds
-    /// without a wait are answered at once, and so are an unknown kind and
-    /// a draining node. Dropping the future takes the job out of the queue.
-    pub async fn admit(self: &Arc<Self>, kind: &JobKind) -> Result<Permit, Refusal> {
+    /// Admits a job, or queues it until the queue gives it a slot (see the
+    /// module doc for the order), for up to its kind's `queue_wait` and
+    /// never past `until`. Kinds without a wait are answered at once, and
+    /// so are an unknown kind and a draining node. Dropping the future
+    /// takes the job out of the queue.
+    pub async fn admit(
+        self: &Arc<Self>,
+        kind: &JobKind,
+        until: Instant,
+    ) -> Result<Permit, Refusal> {
         let now = Instant::now();
         let (waiting, wait) = {
             let mut state = self.lock();
@@ -327,7 +353,8 @@ impl Arbiter {
                 .kinds
                 .get(kind)
                 .map_or(Duration::ZERO, |k| k.queue_wait);
-            if wait.is_zero() || matches!(refusal, Refusal::UnknownKind(_) | Refusal::Draining) {
+            let until = now.checked_add(wait).map_or(until, |end| end.min(until));
+            if until <= now || matches!(refusal, Refusal::UnknownKind(_) | Refusal::Draining) {
                 return Err(refusal);
             }
             let waiting = Waiting {
@@ -338,15 +365,86 @@ impl Arbiter {
             // A job that outranks the head becomes the head: the held room
             // moves.
             self.changed(state, now);
-            (waiting, wait)
+            (waiting, until)
         };
-        waiting.answer(now + wait).await
+        waiting.answer(wait).await
     }
 
     fn release(&self, id: u64) {
         let mut state = self.lock();
         state.release(id);
         self.changed(state, Instant::now());
+    }
+
+    /// A slot of `kind`'s fallback executor (`busy = "fallback"`): no GPU,
+    /// no memory, only the fallback's own `max_concurrent`. Refused while
+    /// draining, and for kinds without a fallback.
+    pub fn try_fallback(self: &Arc<Self>, kind: &JobKind) -> Result<Permit, Refusal> {
+        let mut state = self.lock();
+        if state.draining {
+            return Err(Refusal::Draining);
+        }
+        let max = state
+            .limits
+            .kinds
+            .get(kind)
+            .ok_or_else(|| Refusal::UnknownKind(kind.clone()))?
+            .fallback
+            .ok_or_else(|| Refusal::Fallback {
+                kind: kind.clone(),
+                max: 0,
+            })?;
+        let running = state.fallback.entry(kind.clone()).or_default();
+        if *running >= max {
+            return Err(Refusal::Fallback {
+                kind: kind.clone(),
+                max,
+            });
+        }
+        *running += 1;
+        self.changed(state, Instant::now());
+        Ok(Permit {
+            arbiter: Arc::clone(self),
+            id: 0,
+            fallback: true,
+            placement: None,
+            kind: kind.clone(),
+            overrun: watch::channel(None).1,
+        })
+    }
+
+    fn release_fallback(&self, kind: &JobKind) {
+        let mut state = self.lock();
+        if let Some(running) = state.fallback.get_mut(kind) {
+            *running = running.saturating_sub(1);
+        }
+        self.changed(state, Instant::now());
+    }
+
+    /// How many more jobs each kind with a fallback executor could run on
+    /// it now (none while draining).
+    pub fn fallback_slots(&self) -> BTreeMap<JobKind, u32> {
+        let state = self.lock();
+        state
+            .limits
+            .kinds
+            .iter()
+            .filter_map(|(kind, limits)| {
+                let max = limits.fallback?;
+                let running = state.fallback.get(kind).copied().unwrap_or(0);
+                let free = if state.draining {
+                    0
+                } else {
+                    max.saturating_sub(running)
+                };
+                Some((kind.clone(), free))
+            })
+            .collect()
+    }
+
+    /// Jobs running on fallback executors now, per kind.
+    pub fn fallback_running(&self) -> BTreeMap<JobKind, u32> {
+        self.lock().fallback.clone()
     }
 
     /// Takes a new reading of the GPUs, taken at `taken`.
@@ -494,9 +592,10 @@ impl Arbiter {
         self.lock().waiting_per_kind()
     }
 
-    /// Jobs running now.
+    /// Jobs running now, on GPUs and on fallback executors.
     pub fn running(&self) -> u32 {
-        self.lock().running.values().sum()
+        let state = self.lock();
+        state.running.values().sum::<u32>() + state.fallback.values().sum::<u32>()
     }
 
     /// The last GPU reading.
@@ -537,6 +636,12 @@ mod tests {
         JobKind::new(name).unwrap()
     }
 
+    /// A deadline no test reaches: only the kind's `queue_wait` bounds
+    /// the wait.
+    fn forever() -> Instant {
+        Instant::now() + Duration::from_secs(3600)
+    }
+
     fn limits(kinds: &[(&str, u64, u8, u32, u64)]) -> Limits {
         Limits {
             uses_gpus: true,
@@ -558,6 +663,7 @@ mod tests {
                             priority,
                             max_concurrent,
                             queue_wait: Duration::from_millis(wait_ms),
+                            fallback: None,
                             load_time: Duration::ZERO,
                             on_overrun: OverrunAction::Warn,
                         },
@@ -703,7 +809,12 @@ mod tests {
         let held = arbiter.try_admit(&kind("asr")).unwrap();
         let waiter = tokio::spawn({
             let arbiter = Arc::clone(&arbiter);
-            async move { arbiter.admit(&kind("asr")).await.map(|p| p.kind().clone()) }
+            async move {
+                arbiter
+                    .admit(&kind("asr"), forever())
+                    .await
+                    .map(|p| p.kind().clone())
+            }
         });
         tokio::time::sleep(Duration::from_millis(300)).await;
         drop(held);
@@ -713,14 +824,14 @@ mod tests {
         let _held = arbiter.try_admit(&kind("asr")).unwrap();
         let started = Instant::now();
         assert!(matches!(
-            arbiter.admit(&kind("asr")).await,
+            arbiter.admit(&kind("asr"), forever()).await,
             Err(Refusal::Concurrency { .. })
         ));
         assert_eq!(started.elapsed(), Duration::from_millis(500));
         // A kind without a wait is refused at once.
         let _mt = arbiter.try_admit(&kind("mt")).unwrap();
         let started = Instant::now();
-        assert!(arbiter.admit(&kind("mt")).await.is_err());
+        assert!(arbiter.admit(&kind("mt"), forever()).await.is_err());
         assert_eq!(started.elapsed(), Duration::ZERO);
     }
 
@@ -735,7 +846,7 @@ mod tests {
         arbiter.set_draining(true);
         assert_eq!(arbiter.free_slots()[&kind("asr")], 0);
         assert_eq!(
-            arbiter.admit(&kind("asr")).await.unwrap_err(),
+            arbiter.admit(&kind("asr"), forever()).await.unwrap_err(),
             Refusal::Draining
         );
     }
@@ -887,14 +998,14 @@ mod tests {
             let mut running: VecDeque<Permit> = (0..3)
                 .map(|_| arbiter.try_admit(&translate).unwrap())
                 .collect();
-            let mut asr = Box::pin(arbiter.admit(&asr_kind));
+            let mut asr = Box::pin(arbiter.admit(&asr_kind, forever()));
             assert!(poll_once(&mut asr).is_pending(), "9,000 of 9,000 MiB taken");
             running.pop_front();
             assert!(
                 matches!(arbiter.try_admit(&translate), Err(Refusal::Memory { .. })),
                 "the 3,000 MiB freed are held for asr (priority {asr_priority})"
             );
-            let mut queued = Box::pin(arbiter.admit(&translate));
+            let mut queued = Box::pin(arbiter.admit(&translate, forever()));
             assert!(poll_once(&mut queued).is_pending(), "queued behind asr");
             assert!(poll_once(&mut asr).is_pending(), "3,000 of 6,000 MiB free");
             running.pop_front();
@@ -925,11 +1036,11 @@ mod tests {
             (0..3).map(|_| arbiter.try_admit(&tts).unwrap()).collect();
         // Polled in this order: they arrive in this order.
         let mut queued: Vec<(&str, Queued<'_>)> = vec![
-            ("repair 1", Box::pin(arbiter.admit(&repair))),
-            ("tts 1", Box::pin(arbiter.admit(&tts))),
-            ("asr 1", Box::pin(arbiter.admit(&asr))),
-            ("repair 2", Box::pin(arbiter.admit(&repair))),
-            ("asr 2", Box::pin(arbiter.admit(&asr))),
+            ("repair 1", Box::pin(arbiter.admit(&repair, forever()))),
+            ("tts 1", Box::pin(arbiter.admit(&tts, forever()))),
+            ("asr 1", Box::pin(arbiter.admit(&asr, forever()))),
+            ("repair 2", Box::pin(arbiter.admit(&repair, forever()))),
+            ("asr 2", Box::pin(arbiter.admit(&asr, forever()))),
         ];
         assert!(answered(&mut queued).is_empty());
         assert_eq!(
@@ -972,8 +1083,8 @@ mod tests {
         arbiter.update(vec![gpu_at(0, 0, 0), gpu_at(1, 5000, 0)], Instant::now());
         // GPU 0: 0 MiB free; GPU 1: 4,000 MiB free, held for asr.
         let mut queued: Vec<(&str, Queued<'_>)> = vec![
-            ("asr", Box::pin(arbiter.admit(&asr))),
-            ("translate", Box::pin(arbiter.admit(&translate))),
+            ("asr", Box::pin(arbiter.admit(&asr, forever()))),
+            ("translate", Box::pin(arbiter.admit(&translate, forever()))),
         ];
         assert!(answered(&mut queued).is_empty());
         assert!(matches!(
@@ -1007,7 +1118,8 @@ mod tests {
         arbiter.update(vec![gpu(0, 0)], Instant::now());
         let (asr, translate) = (kind("asr"), kind("translate"));
         let running = arbiter.try_admit(&asr).unwrap();
-        let mut queued: Vec<(&str, Queued<'_>)> = vec![("asr", Box::pin(arbiter.admit(&asr)))];
+        let mut queued: Vec<(&str, Queued<'_>)> =
+            vec![("asr", Box::pin(arbiter.admit(&asr, forever())))];
         assert!(answered(&mut queued).is_empty());
         let _first = arbiter.try_admit(&translate).unwrap();
         let _second = arbiter.try_admit(&translate).unwrap();
@@ -1026,7 +1138,8 @@ mod tests {
         let mut running: VecDeque<Permit> = (0..3)
             .map(|_| arbiter.try_admit(&translate).unwrap())
             .collect();
-        let mut queued: Vec<(&str, Queued<'_>)> = vec![("asr", Box::pin(arbiter.admit(&asr)))];
+        let mut queued: Vec<(&str, Queued<'_>)> =
+            vec![("asr", Box::pin(arbiter.admit(&asr, forever())))];
         assert!(answered(&mut queued).is_empty());
         running.pop_front();
         assert!(arbiter.try_admit(&translate).is_err(), "held for asr");
@@ -1055,7 +1168,7 @@ mod tests {
             .map(|_| arbiter.try_admit(&translate).unwrap())
             .collect();
         // Dropped while it waits: out of the queue, and its room with it.
-        let mut waiter = Box::pin(arbiter.admit(&asr));
+        let mut waiter = Box::pin(arbiter.admit(&asr, forever()));
         assert!(poll_once(&mut waiter).is_pending());
         running.pop_front();
         assert!(arbiter.try_admit(&translate).is_err(), "held for asr");
@@ -1065,7 +1178,7 @@ mod tests {
 
         // Dropped after the queue gave it a slot, before its task took it:
         // the slot is freed, not leaked.
-        let mut waiter = Box::pin(arbiter.admit(&asr));
+        let mut waiter = Box::pin(arbiter.admit(&asr, forever()));
         assert!(poll_once(&mut waiter).is_pending());
         running.pop_front();
         running.pop_front();
@@ -1088,8 +1201,8 @@ mod tests {
         let _asr = arbiter.try_admit(&asr).unwrap();
         let _translate = arbiter.try_admit(&translate).unwrap();
         let mut queued: Vec<(&str, Queued<'_>)> = vec![
-            ("asr", Box::pin(arbiter.admit(&asr))),
-            ("translate", Box::pin(arbiter.admit(&translate))),
+            ("asr", Box::pin(arbiter.admit(&asr, forever()))),
+            ("translate", Box::pin(arbiter.admit(&translate, forever()))),
         ];
         assert!(answered(&mut queued).is_empty());
         assert_eq!(arbiter.waiting(), counts(&[("asr", 1), ("translate", 1)]));
@@ -1120,9 +1233,9 @@ mod tests {
         let mut running: VecDeque<Permit> =
             (0..3).map(|_| arbiter.try_admit(&tts).unwrap()).collect();
         let mut queued: Vec<(&str, Queued<'_>)> = vec![
-            ("asr", Box::pin(arbiter.admit(&asr))),
-            ("tts", Box::pin(arbiter.admit(&tts))),
-            ("repair", Box::pin(arbiter.admit(&repair))),
+            ("asr", Box::pin(arbiter.admit(&asr, forever()))),
+            ("tts", Box::pin(arbiter.admit(&tts, forever()))),
+            ("repair", Box::pin(arbiter.admit(&repair, forever()))),
         ];
         assert!(answered(&mut queued).is_empty());
         // asr is no longer served; repair now outranks tts.

@@ -5,7 +5,8 @@
 //! `[gpu] poll_interval_ms`, `pressure_enter_pct`, `pressure_exit_pct`,
 //! `pressure_min_priority`, `devices`, `stale_after_ms`;
 //! `[gpu.nvml] library_path`, `ignored_xids`;
-//! `[jobs.<kind>] queue_wait_ms`, `load_time_ms`, `on_vram_overrun`
+//! `[jobs.<kind>] busy`, `queue_wait_ms`, `load_time_ms`, `on_vram_overrun`,
+//! `[jobs.<kind>.fallback]`
 //! (the kind tables are read in `config/kind.rs`);
 //! `[jobs.<kind>.simulated] actual_vram_mb`, `utilization_pct`.
 
@@ -22,7 +23,7 @@ use toml::Spanned;
 
 mod kind;
 
-pub use kind::{ExecutorConfig, KindConfig, OverrunAction};
+pub use kind::{Busy, ExecutorConfig, Fallback, KindConfig, OverrunAction};
 use kind::{RawKind, kind_config};
 
 /// Where the agent looks for its config without `--config`.

@@ -10,6 +10,9 @@
 //!   job was placed on: `CUDA_VISIBLE_DEVICES` and `NVIDIA_VISIBLE_DEVICES`
 //!   hold its UUID (CUDA numbers GPUs differently from NVML; a UUID is the
 //!   same to both), `LINGUA_GPU_UUID` and `LINGUA_GPU_INDEX` say which.
+//!   `LINGUA_DEVICE` is `gpu`, or `cpu` for a job placed on no GPU (a
+//!   fallback executor's, or any on a node without GPUs), which sees no
+//!   `CUDA_VISIBLE_DEVICES` or `NVIDIA_VISIBLE_DEVICES` at all.
 //! - `simulated`: sleep for `duration_ms` while holding the kind's actual
 //!   VRAM on the simulated GPU the job was placed on.
 //!
@@ -26,7 +29,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use lingua_shared::protocol::{FailureCode, JobAssign, Outcome};
+use lingua_shared::protocol::{Device, FailureCode, JobAssign, Outcome};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
@@ -109,13 +112,13 @@ impl Executor {
         }
     }
 
-    /// Runs one job placed on `gpu`; a `command` job's process group (a
-    /// simulated job's allocation group) is passed to `on_spawn` once it
-    /// has started.
+    /// Runs one job placed on `gpu` (none: it runs on the `cpu` device);
+    /// a `command` job's process group (a simulated job's allocation group)
+    /// is passed to `on_spawn` once it has started.
     pub async fn run(
         &self,
         job: &JobAssign,
-        gpu: Option<&Placement>,
+        (gpu, device): (Option<&Placement>, Device),
         on_spawn: &(dyn Fn(u32) + Sync),
     ) -> Outcome {
         match self {
@@ -149,7 +152,7 @@ impl Executor {
                 timeout,
             } => http(client, &gpu_url(url, gpu), *timeout, &job.payload).await,
             Executor::Command { argv, timeout } => {
-                command(argv, *timeout, &job.payload, gpu, on_spawn).await
+                command(argv, *timeout, &job.payload, (gpu, device), on_spawn).await
             }
         }
     }
@@ -241,17 +244,21 @@ async fn command(
     argv: &[String],
     timeout: Duration,
     payload: &Value,
-    gpu: Option<&Placement>,
+    (gpu, device): (Option<&Placement>, Device),
     on_spawn: &(dyn Fn(u32) + Sync),
 ) -> Outcome {
     let mut process = Command::new(&argv[0]);
-    if let Some(gpu) = gpu {
-        process
+    process.env("LINGUA_DEVICE", device.name());
+    match gpu {
+        Some(gpu) => process
             .env("CUDA_VISIBLE_DEVICES", &gpu.uuid)
             .env("NVIDIA_VISIBLE_DEVICES", &gpu.uuid)
             .env("LINGUA_GPU_UUID", &gpu.uuid)
-            .env("LINGUA_GPU_INDEX", gpu.index.to_string());
-    }
+            .env("LINGUA_GPU_INDEX", gpu.index.to_string()),
+        None => process
+            .env_remove("CUDA_VISIBLE_DEVICES")
+            .env_remove("NVIDIA_VISIBLE_DEVICES"),
+    };
     let mut child = match process
         .args(&argv[1..])
         .stdin(Stdio::piped())
@@ -347,6 +354,7 @@ async fn command(
 
 #[cfg(test)]
 mod tests {
+    use lingua_shared::protocol::DeviceChoice;
     use lingua_shared::{JobId, JobKind};
 
     use super::*;
@@ -360,6 +368,8 @@ mod tests {
             session_id: None,
             payload,
             timeout_ms: 1000,
+            device: DeviceChoice::Any,
+            answer_within_ms: None,
         }
     }
 
@@ -374,7 +384,7 @@ mod tests {
     async fn command_reads_stdin_and_returns_json() {
         let executor = command_executor(r#"read -r line; printf '{"got": %s}' "$line""#, 5000);
         let outcome = executor
-            .run(&job(json!({"text": "你好"})), None, &|_| ())
+            .run(&job(json!({"text": "你好"})), (None, Device::Cpu), &|_| ())
             .await;
         assert_eq!(
             outcome,
@@ -387,19 +397,30 @@ mod tests {
     #[tokio::test]
     async fn a_command_sees_only_the_gpu_it_was_placed_on() {
         let executor = command_executor(
-            r#"printf '{"cuda": "%s", "nvidia": "%s", "uuid": "%s", "index": "%s"}' "$CUDA_VISIBLE_DEVICES" "$NVIDIA_VISIBLE_DEVICES" "$LINGUA_GPU_UUID" "$LINGUA_GPU_INDEX""#,
+            r#"printf '{"cuda": "%s", "nvidia": "%s", "uuid": "%s", "index": "%s", "device": "%s"}' "$CUDA_VISIBLE_DEVICES" "$NVIDIA_VISIBLE_DEVICES" "$LINGUA_GPU_UUID" "$LINGUA_GPU_INDEX" "$LINGUA_DEVICE""#,
             5000,
         );
         let gpu = Placement {
             index: 3,
             uuid: "GPU-8e6a3b7e-0000-4000-8000-000000000003".into(),
         };
-        let outcome = executor.run(&job(json!(1)), Some(&gpu), &|_| ()).await;
+        let outcome = executor
+            .run(&job(json!(1)), (Some(&gpu), Device::Gpu), &|_| ())
+            .await;
         let uuid = "GPU-8e6a3b7e-0000-4000-8000-000000000003";
         assert_eq!(
             outcome,
             Outcome::Completed {
-                output: json!({"cuda": uuid, "nvidia": uuid, "uuid": uuid, "index": "3"})
+                output: json!({"cuda": uuid, "nvidia": uuid, "uuid": uuid, "index": "3", "device": "gpu"})
+            }
+        );
+        let outcome = executor
+            .run(&job(json!(1)), (None, Device::Cpu), &|_| ())
+            .await;
+        assert_eq!(
+            outcome,
+            Outcome::Completed {
+                output: json!({"cuda": "", "nvidia": "", "uuid": "", "index": "", "device": "cpu"})
             }
         );
     }
@@ -410,7 +431,7 @@ mod tests {
         let executor = command_executor("printf '%s' $$", 5000);
         let group = std::sync::Mutex::new(None);
         let outcome = executor
-            .run(&job(json!(1)), None, &|g| {
+            .run(&job(json!(1)), (None, Device::Cpu), &|g| {
                 *group.lock().unwrap() = Some(g);
             })
             .await;
@@ -431,7 +452,7 @@ mod tests {
             uuid: "MIG-5c1d".into(),
         };
         let outcome = executor
-            .run(&job(json!({"t": 1})), Some(&gpu), &|_| ())
+            .run(&job(json!({"t": 1})), (Some(&gpu), Device::Gpu), &|_| ())
             .await;
         assert_eq!(
             outcome,
@@ -444,7 +465,7 @@ mod tests {
     #[tokio::test]
     async fn command_failures_are_executor_failures() {
         let outcome = command_executor("echo boom >&2; exit 3", 5000)
-            .run(&job(json!(1)), None, &|_| ())
+            .run(&job(json!(1)), (None, Device::Cpu), &|_| ())
             .await;
         let Outcome::Failed { code, message } = outcome else {
             panic!("should fail")
@@ -455,7 +476,7 @@ mod tests {
             "{message}"
         );
         let outcome = command_executor("echo not-json", 5000)
-            .run(&job(json!(1)), None, &|_| ())
+            .run(&job(json!(1)), (None, Device::Cpu), &|_| ())
             .await;
         assert!(matches!(
             outcome,
@@ -468,7 +489,9 @@ mod tests {
             argv: vec!["/nonexistent/bin".into()],
             timeout: Duration::from_secs(1),
         };
-        let outcome = missing.run(&job(json!(1)), None, &|_| ()).await;
+        let outcome = missing
+            .run(&job(json!(1)), (None, Device::Cpu), &|_| ())
+            .await;
         assert!(
             matches!(outcome, Outcome::Failed { code: FailureCode::ExecutorFailed, message } if message.contains("cannot start"))
         );
@@ -481,7 +504,7 @@ mod tests {
         // The command starts a grandchild that would outlive a plain kill.
         let script = format!("sleep 30 & echo $! > {}; wait", marker.display());
         let outcome = command_executor(&script, 300)
-            .run(&job(json!(1)), None, &|_| ())
+            .run(&job(json!(1)), (None, Device::Cpu), &|_| ())
             .await;
         assert!(
             matches!(
@@ -564,7 +587,7 @@ mod tests {
     async fn http_posts_the_payload_and_maps_failures() {
         let base = inference_service().await;
         let outcome = http_executor(format!("{base}/echo"), 5000)
-            .run(&job(json!({"text": "hi"})), None, &|_| ())
+            .run(&job(json!({"text": "hi"})), (None, Device::Cpu), &|_| ())
             .await;
         assert_eq!(
             outcome,
@@ -573,14 +596,14 @@ mod tests {
             }
         );
         let outcome = http_executor(format!("{base}/fail"), 5000)
-            .run(&job(json!(1)), None, &|_| ())
+            .run(&job(json!(1)), (None, Device::Cpu), &|_| ())
             .await;
         assert!(
             matches!(&outcome, Outcome::Failed { code: FailureCode::ExecutorFailed, message } if message.contains("500") && message.contains("model crashed")),
             "{outcome:?}"
         );
         let outcome = http_executor(format!("{base}/text"), 5000)
-            .run(&job(json!(1)), None, &|_| ())
+            .run(&job(json!(1)), (None, Device::Cpu), &|_| ())
             .await;
         assert!(matches!(
             outcome,
@@ -590,7 +613,7 @@ mod tests {
             }
         ));
         let outcome = http_executor(format!("{base}/slow"), 200)
-            .run(&job(json!(1)), None, &|_| ())
+            .run(&job(json!(1)), (None, Device::Cpu), &|_| ())
             .await;
         assert!(
             matches!(
@@ -611,7 +634,7 @@ mod tests {
                 .port()
         );
         let outcome = http_executor(closed, 1000)
-            .run(&job(json!(1)), None, &|_| ())
+            .run(&job(json!(1)), (None, Device::Cpu), &|_| ())
             .await;
         assert!(
             matches!(
@@ -643,7 +666,7 @@ mod tests {
             index: 0,
             uuid: "GPU-simulated-0".into(),
         };
-        let running = executor.run(&job, Some(&gpu), &|_| ());
+        let running = executor.run(&job, (Some(&gpu), Device::Gpu), &|_| ());
         tokio::pin!(running);
         assert!(
             tokio::time::timeout(Duration::from_millis(100), running.as_mut())

@@ -1,18 +1,25 @@
 //! Jobs on this node: admission of each `job_assign`, the run itself under
 //! a watchdog, cancellation, and the hand-over of results to the outbox.
 //!
-//! Each assignment is answered at once with `job_accept` or `job_reject`
-//! (after at most the kind's `queue_wait_ms`). An admitted job holds its
-//! arbiter permit for exactly as long as it runs. A job whose processes
-//! hold more GPU memory than its kind's `vram_mb` is logged (the arbiter
-//! counts it) and, with `on_vram_overrun = "kill"`, stopped and failed.
+//! Each assignment is answered with `job_accept` or `job_reject`: at once,
+//! or for a kind with `busy = "wait"` once a slot frees, or once the job
+//! could no longer finish by its deadline (its kind's usual run time
+//! before it) or the coordinator would stop waiting for the answer. A
+//! kind with `busy = "fallback"` whose job finds no GPU room runs it on
+//! the fallback executor, without a GPU, when the job allows it
+//! (`device: "any"`). An admitted job holds its arbiter permit for exactly
+//! as long as it runs, and its deadline is the assignment's `timeout_ms`
+//! from when it arrived. A job whose processes hold more GPU memory than
+//! its kind's `vram_mb` is logged (the arbiter counts it) and, with
+//! `on_vram_overrun = "kill"`, stopped and failed.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use lingua_shared::protocol::{
-    FailureCode, JobAssign, JobRef, JobReject, JobResult, Outcome, RejectReason,
+    Device, DeviceChoice, FailureCode, JobAssign, JobRef, JobReject, JobResult, Outcome,
+    RejectReason,
 };
 use lingua_shared::{JobKind, LangPair, sync};
 use tokio::sync::mpsc;
@@ -21,13 +28,28 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::arbiter::{Arbiter, Overrun, Refusal};
+use crate::arbiter::{Arbiter, Overrun, Permit, Refusal};
 use crate::config::OverrunAction;
 use crate::executor::Executor;
 use crate::metrics::JobMetrics;
 
 /// How many finished attempts are remembered to refuse duplicates.
 const REMEMBERED_ATTEMPTS: usize = 4096;
+/// The most of the coordinator's answer window a waiting job leaves for
+/// its answer's trip back (a tenth of the window when that is less).
+const ANSWER_MARGIN: Duration = Duration::from_millis(100);
+/// Weight of the newest run in a kind's usual run time (1/8).
+const RUN_TIME_WEIGHT: u32 = 8;
+
+/// How a kind's jobs run: on a GPU (or on a node without GPUs), and on no
+/// GPU when `busy = "fallback"` and no GPU has room.
+#[derive(Debug, Clone)]
+pub struct Executors {
+    /// The kind's executor.
+    pub primary: Arc<Executor>,
+    /// Its `[jobs.<kind>.fallback]` executor.
+    pub fallback: Option<Arc<Executor>>,
+}
 
 /// What jobs send towards the coordinator: answers now, results later.
 #[derive(Debug)]
@@ -51,7 +73,10 @@ struct Attempts {
 /// The jobs of this node.
 pub struct Jobs {
     arbiter: Arc<Arbiter>,
-    executors: RwLock<HashMap<JobKind, Arc<Executor>>>,
+    executors: RwLock<HashMap<JobKind, Executors>>,
+    /// Each kind's usual run time on its primary executor (a moving
+    /// average), which a waiting job must still have before its deadline.
+    run_times: Mutex<HashMap<JobKind, Duration>>,
     pairs: Vec<LangPair>,
     attempts: Mutex<Attempts>,
     outgoing: mpsc::UnboundedSender<Outgoing>,
@@ -64,13 +89,14 @@ impl Jobs {
     /// answers go to `outgoing`, their counts to `metrics`.
     pub fn new(
         arbiter: Arc<Arbiter>,
-        executors: HashMap<JobKind, Arc<Executor>>,
+        executors: HashMap<JobKind, Executors>,
         pairs: Vec<LangPair>,
         (outgoing, metrics): (mpsc::UnboundedSender<Outgoing>, Arc<JobMetrics>),
     ) -> Arc<Self> {
         Arc::new(Self {
             arbiter,
             executors: RwLock::new(executors),
+            run_times: Mutex::default(),
             pairs,
             attempts: Mutex::default(),
             outgoing,
@@ -80,7 +106,7 @@ impl Jobs {
     }
 
     /// Replaces the executors (SIGHUP). Running jobs finish on the old ones.
-    pub fn set_executors(&self, executors: HashMap<JobKind, Arc<Executor>>) {
+    pub fn set_executors(&self, executors: HashMap<JobKind, Executors>) {
         *sync::write(&self.executors) = executors;
     }
 
@@ -116,7 +142,52 @@ impl Jobs {
         }));
     }
 
+    /// The last moment a job received at `received` may wait for a slot:
+    /// while it can still run its kind's usual time before its deadline,
+    /// and answer before the coordinator stops waiting for the answer.
+    fn wait_until(&self, job: &JobAssign, received: Instant) -> Instant {
+        let run = sync::lock(&self.run_times)
+            .get(&job.kind)
+            .copied()
+            .unwrap_or_default();
+        let deadline = later(received, job.timeout_ms);
+        let mut until = deadline.checked_sub(run).unwrap_or(received);
+        if let Some(ms) = job.answer_within_ms {
+            let margin = (Duration::from_millis(ms) / 10).min(ANSWER_MARGIN);
+            let answer_by = later(received, ms);
+            until = until.min(answer_by.checked_sub(margin).unwrap_or(received));
+        }
+        until
+    }
+
+    /// A slot for `job`: on a GPU (waiting up to `until` for a kind with
+    /// `busy = "wait"`), else on its kind's fallback executor when it has
+    /// one and the job allows it.
+    async fn admit(
+        &self,
+        job: &JobAssign,
+        until: Instant,
+        fallback: bool,
+    ) -> Result<Permit, Refusal> {
+        match self.arbiter.admit(&job.kind, until).await {
+            Ok(permit) => Ok(permit),
+            Err(refusal @ (Refusal::UnknownKind(_) | Refusal::Draining)) => Err(refusal),
+            Err(_) if fallback && job.device == DeviceChoice::Any => {
+                self.arbiter.try_fallback(&job.kind)
+            }
+            Err(refusal) => Err(refusal),
+        }
+    }
+
+    /// Counts a run of `kind` on its primary executor in its usual time.
+    fn ran(&self, kind: &JobKind, took: Duration) {
+        let mut run_times = sync::lock(&self.run_times);
+        let usual = run_times.entry(kind.clone()).or_insert(took);
+        *usual = (*usual * (RUN_TIME_WEIGHT - 1) + took) / RUN_TIME_WEIGHT;
+    }
+
     async fn admit_and_run(self: Arc<Self>, job: JobAssign) {
+        let received = Instant::now();
         let key = JobRef {
             job_id: job.job_id.clone(),
             attempt: job.attempt,
@@ -128,8 +199,8 @@ impl Jobs {
                 format!("this node does not serve {}", job.pair),
             );
         }
-        let executor = sync::read(&self.executors).get(&job.kind).cloned();
-        let Some(executor) = executor else {
+        let executors = sync::read(&self.executors).get(&job.kind).cloned();
+        let Some(executors) = executors else {
             return self.reject(
                 &job,
                 RejectReason::UnknownKind,
@@ -151,10 +222,11 @@ impl Jobs {
         }
         // A cancel (the coordinator gave up on the attempt) ends the wait:
         // the job leaves the arbiter's queue and any room held for it.
+        let until = self.wait_until(&job, received);
         let admitted = tokio::select! {
             biased;
             () = cancel.cancelled() => None,
-            admitted = self.arbiter.admit(&job.kind) => Some(admitted),
+            admitted = self.admit(&job, until, executors.fallback.is_some()) => Some(admitted),
         };
         let permit = match admitted {
             None => {
@@ -172,17 +244,24 @@ impl Jobs {
                     | Refusal::Pressure { .. }
                     | Refusal::Memory { .. }
                     | Refusal::Unavailable(_)
-                    | Refusal::Stale { .. } => RejectReason::NoCapacity,
+                    | Refusal::Stale { .. }
+                    | Refusal::Fallback { .. } => RejectReason::NoCapacity,
                 };
                 return self.reject(&job, reason, refusal.to_string());
             }
         };
         let _ = self.outgoing.send(Outgoing::Accept(key.clone()));
         let started = Instant::now();
-        let deadline = started + Duration::from_millis(job.timeout_ms);
+        let deadline = later(received, job.timeout_ms);
+        let on_fallback = permit.is_fallback();
+        let (executor, device) = match &executors.fallback {
+            Some(fallback) if on_fallback => (fallback, Device::Cpu),
+            _ if permit.placement().is_some() => (&executors.primary, Device::Gpu),
+            _ => (&executors.primary, Device::Cpu),
+        };
         let outcome = {
             let on_spawn = |group| permit.watch_process_group(group);
-            let run = executor.run(&job, permit.placement(), &on_spawn);
+            let run = executor.run(&job, (permit.placement(), device), &on_spawn);
             let overrun = permit.overrun();
             tokio::pin!(run, overrun);
             let mut overrun_told = false;
@@ -192,8 +271,8 @@ impl Jobs {
                     () = cancel.cancelled() => break Outcome::Failed { code: FailureCode::Cancelled, message: "cancelled by the coordinator".into() },
                     outcome = &mut run => break outcome,
                     () = tokio::time::sleep_until(deadline) => {
-                        tracing::warn!(job_id = %job.job_id, attempt = job.attempt, timeout_ms = job.timeout_ms, "watchdog: job overran its timeout and was stopped");
-                        break Outcome::Failed { code: FailureCode::Timeout, message: format!("the job ran over its timeout of {} ms and was stopped", job.timeout_ms) };
+                        tracing::warn!(job_id = %job.job_id, attempt = job.attempt, timeout_ms = job.timeout_ms, "watchdog: job overran its deadline and was stopped");
+                        break Outcome::Failed { code: FailureCode::Timeout, message: format!("the job was not done {} ms after it arrived, its deadline, and was stopped", job.timeout_ms) };
                     }
                     overrun = &mut overrun, if !overrun_told => {
                         overrun_told = true;
@@ -217,6 +296,9 @@ impl Jobs {
             }
         }
         let ran = started.elapsed();
+        if matches!(outcome, Outcome::Completed { .. }) && !on_fallback {
+            self.ran(&job.kind, ran);
+        }
         let ended = match &outcome {
             Outcome::Completed { .. } => "completed".to_owned(),
             Outcome::Failed { code, .. } => serde_json::to_value(code)
@@ -224,12 +306,14 @@ impl Jobs {
                 .and_then(|v| v.as_str().map(str::to_owned))
                 .unwrap_or_else(|| "other".into()),
         };
-        self.metrics.ended(&job.kind, &ended, ran.as_secs_f64());
+        self.metrics
+            .ended(&job.kind, (&ended, device), ran.as_secs_f64());
         let _ = self.outgoing.send(Outgoing::Result(JobResult {
             job_id: job.job_id,
             attempt: job.attempt,
             outcome,
             duration_ms: u64::try_from(ran.as_millis()).unwrap_or(u64::MAX),
+            device: Some(device),
         }));
     }
 
@@ -247,6 +331,13 @@ impl Jobs {
             token.cancel();
         }
     }
+}
+
+/// `ms` after `at`, or (for a figure beyond the clock's reach) a year
+/// after it: what a peer sends never overflows the clock.
+fn later(at: Instant, ms: u64) -> Instant {
+    at.checked_add(Duration::from_millis(ms))
+        .unwrap_or_else(|| at + Duration::from_secs(365 * 24 * 3600))
 }
 
 /// Reports a job whose processes hold more GPU memory than its kind
@@ -281,6 +372,7 @@ mod tests {
     use super::*;
     use crate::arbiter::{KindLimits, Limits};
     use crate::config::Pressure;
+    use crate::gpu::GpuSnapshot;
 
     fn kind() -> JobKind {
         JobKind::new("mt").unwrap()
@@ -291,8 +383,20 @@ mod tests {
         duration_ms: u64,
         wait_ms: u64,
     ) -> (Arc<Jobs>, Arc<Arbiter>, mpsc::UnboundedReceiver<Outgoing>) {
+        setup_busy(max, duration_ms, Duration::from_millis(wait_ms), None)
+    }
+
+    /// Jobs of one kind on one GPU, at most `max` at once there (and each
+    /// taking `duration_ms`), with a `wait`, and a `fallback` executor of
+    /// (most at once, duration in ms).
+    fn setup_busy(
+        max: u32,
+        duration_ms: u64,
+        wait: Duration,
+        fallback: Option<(u32, u64)>,
+    ) -> (Arc<Jobs>, Arc<Arbiter>, mpsc::UnboundedReceiver<Outgoing>) {
         let arbiter = Arbiter::new(Limits {
-            uses_gpus: false,
+            uses_gpus: true,
             reserve_mb: 0,
             pressure: Pressure {
                 enter_pct: 90,
@@ -300,29 +404,54 @@ mod tests {
                 min_priority: 0,
             },
             settle: Duration::ZERO,
-            stale_after: Duration::from_secs(2),
+            stale_after: Duration::from_secs(3600),
             kinds: BTreeMap::from([(
                 kind(),
                 KindLimits {
-                    vram_mb: 0,
+                    vram_mb: 1000,
                     priority: 50,
                     max_concurrent: max,
-                    queue_wait: Duration::from_millis(wait_ms),
+                    queue_wait: wait,
+                    fallback: fallback.map(|(most, _)| most),
                     load_time: Duration::ZERO,
                     on_overrun: OverrunAction::Warn,
                 },
             )]),
         });
-        let executor = Executor::Simulated {
-            duration: Duration::from_millis(duration_ms),
-            actual_vram_mb: 0,
-            utilization_pct: 0,
-            gpus: None,
+        arbiter.update(
+            vec![GpuSnapshot {
+                index: 0,
+                uuid: "GPU-0".into(),
+                name: "test".into(),
+                memory_total_mb: 100_000,
+                memory_used_mb: 0,
+                utilization_pct: Some(0),
+                temperature_c: None,
+                healthy: true,
+                reason: None,
+                parent_uuid: None,
+                processes: None,
+            }],
+            Instant::now(),
+        );
+        let simulated = |ms| {
+            Arc::new(Executor::Simulated {
+                duration: Duration::from_millis(ms),
+                actual_vram_mb: 0,
+                utilization_pct: 0,
+                gpus: None,
+            })
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let jobs = Jobs::new(
             arbiter.clone(),
-            HashMap::from([(kind(), Arc::new(executor))]),
+            HashMap::from([(
+                kind(),
+                Executors {
+                    primary: simulated(duration_ms),
+                    fallback: fallback.map(|(_, ms)| simulated(ms)),
+                },
+            )]),
             vec!["zh:en".parse().unwrap()],
             (tx, Arc::default()),
         );
@@ -338,6 +467,8 @@ mod tests {
             session_id: None,
             payload: json!({}),
             timeout_ms,
+            device: DeviceChoice::Any,
+            answer_within_ms: None,
         }
     }
 
@@ -455,5 +586,154 @@ mod tests {
             panic!()
         };
         assert_eq!(reject.reason, RejectReason::UnknownKind);
+    }
+
+    async fn result(rx: &mut mpsc::UnboundedReceiver<Outgoing>) -> JobResult {
+        match next(rx).await {
+            Outgoing::Result(result) => result,
+            other => panic!("a result, not {other:?}"),
+        }
+    }
+
+    async fn refusal(rx: &mut mpsc::UnboundedReceiver<Outgoing>) -> JobReject {
+        match next(rx).await {
+            Outgoing::Reject(reject) => reject,
+            other => panic!("a refusal, not {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_fallback_kind_runs_on_its_fallback_executor_once_the_gpu_is_full() {
+        let (jobs, arbiter, mut rx) = setup_busy(1, 100, Duration::ZERO, Some((1, 300)));
+        assert_eq!(arbiter.fallback_slots()[&kind()], 1);
+        jobs.assign(assign("gpu", 1000));
+        assert!(matches!(next(&mut rx).await, Outgoing::Accept(_)));
+        jobs.assign(assign("cpu", 1000));
+        assert!(matches!(next(&mut rx).await, Outgoing::Accept(_)));
+        assert_eq!(arbiter.fallback_slots()[&kind()], 0);
+        assert_eq!(arbiter.running(), 2);
+        jobs.assign(assign("none", 1000));
+        let refused = refusal(&mut rx).await;
+        assert_eq!(refused.reason, RejectReason::NoCapacity);
+        assert!(
+            refused.message.contains("fallback slots"),
+            "{}",
+            refused.message
+        );
+        let first = result(&mut rx).await;
+        assert_eq!(
+            (first.job_id.as_str(), first.device, first.duration_ms),
+            ("gpu", Some(Device::Gpu), 100)
+        );
+        let second = result(&mut rx).await;
+        assert_eq!(
+            (second.job_id.as_str(), second.device, second.duration_ms),
+            ("cpu", Some(Device::Cpu), 300),
+            "the fallback executor ran it"
+        );
+        assert_eq!(
+            arbiter.fallback_slots()[&kind()],
+            1,
+            "its slot is free again"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_gpu_room_no_job_takes_the_fallback() {
+        let (jobs, arbiter, mut rx) = setup_busy(2, 100, Duration::ZERO, Some((1, 300)));
+        jobs.assign(assign("a", 1000));
+        jobs.assign(assign("b", 1000));
+        assert!(matches!(next(&mut rx).await, Outgoing::Accept(_)));
+        assert!(matches!(next(&mut rx).await, Outgoing::Accept(_)));
+        assert_eq!(arbiter.fallback_slots()[&kind()], 1);
+        for _ in 0..2 {
+            assert_eq!(result(&mut rx).await.device, Some(Device::Gpu));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_job_that_requires_a_gpu_never_runs_on_the_fallback() {
+        let (jobs, arbiter, mut rx) = setup_busy(1, 100, Duration::ZERO, Some((1, 300)));
+        jobs.assign(assign("a", 1000));
+        assert!(matches!(next(&mut rx).await, Outgoing::Accept(_)));
+        let mut gpu_only = assign("b", 1000);
+        gpu_only.device = DeviceChoice::Gpu;
+        jobs.assign(gpu_only);
+        let refused = refusal(&mut rx).await;
+        assert_eq!(refused.reason, RejectReason::NoCapacity);
+        assert_eq!(arbiter.fallback_slots()[&kind()], 1, "left unused");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refuse_kind_is_refused_at_once() {
+        let (jobs, _arbiter, mut rx) = setup_busy(1, 100, Duration::ZERO, None);
+        jobs.assign(assign("a", 1000));
+        assert!(matches!(next(&mut rx).await, Outgoing::Accept(_)));
+        let sent = Instant::now();
+        jobs.assign(assign("b", 1000));
+        assert_eq!(refusal(&mut rx).await.reason, RejectReason::NoCapacity);
+        assert_eq!(sent.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_kind_runs_when_a_slot_frees_before_its_deadline() {
+        let (jobs, _arbiter, mut rx) = setup_busy(1, 400, Duration::MAX, None);
+        let start = Instant::now();
+        jobs.assign(assign("a", 1000));
+        assert!(matches!(next(&mut rx).await, Outgoing::Accept(_)));
+        jobs.assign(assign("b", 1000));
+        assert!(matches!(next(&mut rx).await, Outgoing::Result(_)));
+        assert!(matches!(next(&mut rx).await, Outgoing::Accept(_)));
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_millis(400),
+            "as a's slot freed"
+        );
+        let done = result(&mut rx).await;
+        assert_eq!(
+            (done.job_id.as_str(), done.device),
+            ("b", Some(Device::Gpu))
+        );
+        assert!(matches!(done.outcome, Outcome::Completed { .. }));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_kind_is_answered_early_when_it_could_not_finish_in_time() {
+        let (jobs, _arbiter, mut rx) = setup_busy(1, 400, Duration::MAX, None);
+        // One run teaches the node that the kind takes 400 ms.
+        jobs.assign(assign("first", 5000));
+        assert!(matches!(next(&mut rx).await, Outgoing::Accept(_)));
+        assert!(matches!(next(&mut rx).await, Outgoing::Result(_)));
+        jobs.assign(assign("running", 5000));
+        assert!(matches!(next(&mut rx).await, Outgoing::Accept(_)));
+        // Its slot frees in 400 ms; with 600 ms left it could start then
+        // but not finish: refused once 200 ms remain (the usual 400 ms).
+        let sent = Instant::now();
+        jobs.assign(assign("late", 600));
+        let refused = refusal(&mut rx).await;
+        assert_eq!(refused.job_id.as_str(), "late");
+        assert_eq!(sent.elapsed(), Duration::from_millis(200));
+        // The coordinator waits 100 ms for an answer: answered before then.
+        let mut hurried = assign("hurried", 5000);
+        hurried.answer_within_ms = Some(100);
+        let sent = Instant::now();
+        jobs.assign(hurried);
+        let refused = refusal(&mut rx).await;
+        assert_eq!(refused.job_id.as_str(), "hurried");
+        assert_eq!(sent.elapsed(), Duration::from_millis(90));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deadline_beyond_the_clock_neither_panics_nor_ends_the_job() {
+        let (jobs, _arbiter, mut rx) = setup_busy(1, 100, Duration::MAX, None);
+        let mut far = assign("far", u64::MAX);
+        far.answer_within_ms = Some(u64::MAX);
+        jobs.assign(far);
+        assert!(matches!(next(&mut rx).await, Outgoing::Accept(_)));
+        let done = result(&mut rx).await;
+        assert!(
+            matches!(done.outcome, Outcome::Completed { .. }),
+            "{done:?}"
+        );
     }
 }

@@ -131,6 +131,7 @@ pub fn capacity(arbiter: &Arbiter) -> CapacityReport {
         gpu_problem: arbiter.health(),
         room: arbiter.room(),
         running: Some(arbiter.running()),
+        fallback_slots: arbiter.fallback_slots(),
     }
 }
 

@@ -17,6 +17,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use lingua_shared::JobKind;
 use lingua_shared::metrics::{ProcessCollector, exposition};
+use lingua_shared::protocol::Device;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -35,12 +36,14 @@ struct KindLabel {
     kind: String,
 }
 
-/// Labels: a job kind and how its job ended (`completed`, or the failure
-/// code).
+/// Labels: a job kind, how its job ended (`completed`, or the failure
+/// code), and where it ran (`gpu`, or `cpu`: a fallback executor or a node
+/// without GPUs).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
     kind: String,
     outcome: String,
+    device: String,
 }
 
 /// Labels: a job kind and why a job of it was refused.
@@ -91,12 +94,13 @@ impl Default for JobMetrics {
 }
 
 impl JobMetrics {
-    /// A job of `kind` ran for `seconds` and ended with `outcome`
-    /// (`completed`, or its failure code).
-    pub fn ended(&self, kind: &JobKind, outcome: &str, seconds: f64) {
+    /// A job of `kind` ran on `device` for `seconds` and ended with
+    /// `outcome` (`completed`, or its failure code).
+    pub fn ended(&self, kind: &JobKind, (outcome, device): (&str, Device), seconds: f64) {
         let labels = OutcomeLabels {
             kind: kind.to_string(),
             outcome: outcome.to_owned(),
+            device: device.name().to_owned(),
         };
         self.jobs.get_or_create(&labels).inc();
         self.seconds.get_or_create(&labels).observe(seconds);

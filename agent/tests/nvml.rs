@@ -26,11 +26,11 @@ use lingua_agent::arbiter::{Arbiter, Limits, Refusal};
 use lingua_agent::config::AgentConfig;
 use lingua_agent::executor::Executor;
 use lingua_agent::gpu::{self, GpuProcess, GpuSnapshot};
-use lingua_agent::jobs::{Jobs, Outgoing};
+use lingua_agent::jobs::{Executors, Jobs, Outgoing};
 use lingua_agent::link::LinkStatus;
 use lingua_agent::metrics::{self, JobMetrics};
 use lingua_agent::nvml::NvmlLibrary;
-use lingua_shared::protocol::{FailureCode, JobAssign, JobResult, Outcome};
+use lingua_shared::protocol::{DeviceChoice, FailureCode, JobAssign, JobResult, Outcome};
 use lingua_shared::{JobId, JobKind};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
@@ -691,10 +691,11 @@ library_path = {:?}
             .jobs
             .iter()
             .map(|(k, c)| {
-                (
-                    k.clone(),
-                    Arc::new(Executor::new(&c.executor, None, &client)),
-                )
+                let executors = Executors {
+                    primary: Arc::new(Executor::new(&c.executor, None, &client)),
+                    fallback: None,
+                };
+                (k.clone(), executors)
             })
             .collect();
         let (tx, results) = mpsc::unbounded_channel();
@@ -730,6 +731,8 @@ library_path = {:?}
             session_id: None,
             payload: serde_json::json!(n),
             timeout_ms: 60_000,
+            device: DeviceChoice::Gpu,
+            answer_within_ms: None,
         });
         let answer = tokio::time::timeout(PATIENCE, self.results.recv())
             .await

@@ -10,7 +10,7 @@ use lingua_shared::NodeId;
 
 use crate::forward::{self, Envelope};
 use crate::registry::Registry;
-use crate::store::{DrainOutcome, RouteEntry, Store, StoreError};
+use crate::store::{DrainOutcome, Route, RouteEntry, Store, StoreError};
 
 /// What became of a drain request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,7 +57,11 @@ impl Drainer {
         // recorded already.
         let entry = RouteEntry {
             node: node.clone(),
-            free: kinds.into_iter().map(|kind| (kind, 0)).collect(),
+            free: kinds
+                .iter()
+                .flat_map(|kind| [Route::gpu(kind), Route::fallback(kind)])
+                .map(|route| (route, 0))
+                .collect(),
             room: None,
         };
         for pair in &pairs {

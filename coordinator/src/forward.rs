@@ -117,6 +117,8 @@ mod tests {
             session_id: None,
             payload: serde_json::json!({"text": "hi"}),
             timeout_ms: 1000,
+            device: lingua_shared::protocol::DeviceChoice::Gpu,
+            answer_within_ms: Some(500),
         };
         let job = JobRef {
             job_id: assign.job_id.clone(),

@@ -7,7 +7,9 @@
 //! those unanswered when it arrived (they crossed it on the wire). With
 //! the node's room (protocol version 2) those assignments also take their
 //! memory, and no kind's hint exceeds what fits in the memory left: every
-//! kind shrinks when any kind is sent.
+//! kind shrinks when any kind is sent. A kind's fallback room (`busy =
+//! "fallback"`) is hinted as a route of its own, `<kind>@cpu`, and takes
+//! no memory.
 //!
 //! Routing updates and picks of one pair exclude each other here
 //! ([`Hints::picking`], [`Hints::updating`]): a pick is counted before
@@ -25,7 +27,7 @@ use lingua_shared::sync::lock;
 use lingua_shared::{JobKind, LangPair, NodeId};
 use tokio::sync::{Notify, OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
 
-use crate::store::RouteEntry;
+use crate::store::{Route, RouteEntry};
 
 /// The protocol version from which a node's room is used.
 pub const ROOM_VERSION: u32 = 2;
@@ -40,10 +42,10 @@ struct Node {
     version: u32,
     draining: Arc<AtomicBool>,
     report: CapacityReport,
-    /// Assignments sent and not answered yet, per kind.
-    unanswered: BTreeMap<JobKind, u32>,
-    /// Assignments the last report cannot have counted, per kind.
-    uncounted: BTreeMap<JobKind, u32>,
+    /// Assignments sent and not answered yet, per route.
+    unanswered: BTreeMap<Route, u32>,
+    /// Assignments the last report cannot have counted, per route.
+    uncounted: BTreeMap<Route, u32>,
 }
 
 /// The routing hints of the nodes this instance holds.
@@ -110,33 +112,45 @@ impl Hints {
     }
 
     /// A new report from `node`: it counts every assignment answered
-    /// before it.
-    pub fn report(&self, node: &NodeId, report: CapacityReport) {
+    /// before it. A kind whose fallback the node no longer reports (a
+    /// reload took it away) keeps a fallback route with no room, so that
+    /// the next update takes the node out of it.
+    pub fn report(&self, node: &NodeId, mut report: CapacityReport) {
         if let Some(held) = lock(&self.nodes).get_mut(node) {
+            for kind in held.report.fallback_slots.keys() {
+                report.fallback_slots.entry(kind.clone()).or_insert(0);
+            }
             held.uncounted = held.unanswered.clone();
             held.report = report;
         }
     }
 
-    /// `node` refused a job of `kind` for want of room: none of that kind
+    /// `node` refused a job sent through `route` for want of room: none
     /// there until it reports again.
-    pub fn full(&self, node: &NodeId, kind: &JobKind) {
+    pub fn full(&self, node: &NodeId, route: &Route) {
         if let Some(held) = lock(&self.nodes).get_mut(node) {
-            held.report.free_slots.insert(kind.clone(), 0);
+            let slots = if route.fallback {
+                &mut held.report.fallback_slots
+            } else {
+                &mut held.report.free_slots
+            };
+            if let Some(free) = slots.get_mut(&route.kind) {
+                *free = 0;
+            }
         }
     }
 
-    /// Counts an assignment of `kind` sent to `node` through `pair`
+    /// Counts an assignment sent to `node` through `route` of `pair`
     /// (picked here, or forwarded by another instance), unanswered until
     /// `answered`. The node's entries in its other pairs are due: the
     /// memory it took is gone there too.
-    pub fn assigned(&self, node: &NodeId, kind: &JobKind, pair: LangPair) {
+    pub fn assigned(&self, node: &NodeId, route: &Route, pair: LangPair) {
         let mut nodes = lock(&self.nodes);
         let Some(held) = nodes.get_mut(node) else {
             return;
         };
-        *held.unanswered.entry(kind.clone()).or_default() += 1;
-        *held.uncounted.entry(kind.clone()).or_default() += 1;
+        *held.unanswered.entry(route.clone()).or_default() += 1;
+        *held.uncounted.entry(route.clone()).or_default() += 1;
         let others: Vec<LangPair> = held.pairs.iter().copied().filter(|p| *p != pair).collect();
         drop(nodes);
         if !others.is_empty() {
@@ -164,30 +178,39 @@ impl Hints {
         std::mem::take(&mut *lock(&self.due))
     }
 
-    /// The node answered (or never will answer) an assignment of `kind`.
-    pub fn answered(&self, node: &NodeId, kind: &JobKind) {
+    /// The node answered (or never will answer) an assignment sent
+    /// through `route`.
+    pub fn answered(&self, node: &NodeId, route: &Route) {
         if let Some(held) = lock(&self.nodes).get_mut(node)
-            && let Some(count) = held.unanswered.get_mut(kind)
+            && let Some(count) = held.unanswered.get_mut(route)
         {
             *count = count.saturating_sub(1);
         }
     }
 
-    /// Whether `node`, held here, has no room for a job of `kind` now (a
-    /// node not held here: no opinion).
-    pub fn lacks_room(&self, node: &NodeId, kind: &JobKind) -> bool {
+    /// Whether `node`, held here, has no room on `route` now (a node not
+    /// held here: no opinion).
+    pub fn lacks_room(&self, node: &NodeId, route: &Route) -> bool {
         self.entry(node)
-            .is_some_and(|entry| entry.free.get(kind).copied().unwrap_or(0) == 0)
+            .is_some_and(|entry| entry.free.get(route).copied().unwrap_or(0) == 0)
     }
 
     /// The routing entry of `node` now; none when it is not held here.
     pub fn entry(&self, node: &NodeId) -> Option<RouteEntry> {
         let nodes = lock(&self.nodes);
         let held = nodes.get(node)?;
+        let fallbacks = held
+            .kinds
+            .iter()
+            .filter(|kind| held.report.fallback_slots.contains_key(*kind));
         if held.draining.load(Ordering::SeqCst) {
+            let routes = held.kinds.iter().map(Route::gpu);
             return Some(RouteEntry {
                 node: node.clone(),
-                free: held.kinds.iter().map(|kind| (kind.clone(), 0)).collect(),
+                free: routes
+                    .chain(fallbacks.map(Route::fallback))
+                    .map(|route| (route, 0))
+                    .collect(),
                 room: None,
             });
         }
@@ -196,21 +219,27 @@ impl Hints {
             .room
             .clone()
             .filter(|_| self.share_memory && held.version >= ROOM_VERSION);
+        let sent = |route: &Route| held.uncounted.get(route).copied().unwrap_or(0);
         let mut free = BTreeMap::new();
         for kind in &held.kinds {
-            let sent = held.uncounted.get(kind).copied().unwrap_or(0);
+            let route = Route::gpu(kind);
             if let Some(room) = room.as_mut() {
-                for _ in 0..sent {
+                for _ in 0..sent(&route) {
                     room.take(kind);
                 }
             }
             let reported = held.report.free_slots.get(kind).copied().unwrap_or(0);
-            free.insert(kind.clone(), reported.saturating_sub(sent));
+            free.insert(route.clone(), reported.saturating_sub(sent(&route)));
         }
         if let Some(room) = &room {
-            for (kind, slots) in &mut free {
-                *slots = room.hint(kind, *slots);
+            for (route, slots) in &mut free {
+                *slots = room.hint(&route.kind, *slots);
             }
+        }
+        for kind in fallbacks {
+            let route = Route::fallback(kind);
+            let reported = held.report.fallback_slots[kind];
+            free.insert(route.clone(), reported.saturating_sub(sent(&route)));
         }
         Some(RouteEntry {
             node: node.clone(),
@@ -221,12 +250,12 @@ impl Hints {
 
     /// Counts an assignment picked here until the returned guard drops
     /// (at its answer, or when it is not sent after all).
-    pub fn assign(self: &Arc<Self>, node: &NodeId, kind: &JobKind, pair: LangPair) -> Assigned {
-        self.assigned(node, kind, pair);
+    pub fn assign(self: &Arc<Self>, node: &NodeId, route: &Route, pair: LangPair) -> Assigned {
+        self.assigned(node, route, pair);
         Assigned {
             hints: Arc::clone(self),
             node: node.clone(),
-            kind: kind.clone(),
+            route: route.clone(),
         }
     }
 
@@ -256,12 +285,12 @@ impl Hints {
 pub struct Assigned {
     hints: Arc<Hints>,
     node: NodeId,
-    kind: JobKind,
+    route: Route,
 }
 
 impl Drop for Assigned {
     fn drop(&mut self) {
-        self.hints.answered(&self.node, &self.kind);
+        self.hints.answered(&self.node, &self.route);
     }
 }
 
@@ -309,13 +338,13 @@ mod tests {
     }
 
     fn free(hints: &Hints, name: &str) -> u32 {
-        hints.entry(&node()).unwrap().free[&kind(name)]
+        hints.entry(&node()).unwrap().free[&Route::gpu(&kind(name))]
     }
 
     #[test]
     fn an_assignment_shrinks_every_kind_of_a_node_that_reports_its_room() {
         let hints = hints(ROOM_VERSION);
-        hints.assigned(&node(), &kind("asr"), pair("zh:en"));
+        hints.assigned(&node(), &Route::gpu(&kind("asr")), pair("zh:en"));
         assert_eq!(free(&hints, "asr"), 1);
         assert_eq!(free(&hints, "translate"), 3, "10,000 MiB left");
         let room = hints.entry(&node()).unwrap().room.unwrap();
@@ -325,7 +354,7 @@ mod tests {
     #[test]
     fn without_room_only_the_assigned_kind_shrinks() {
         let hints = hints(1);
-        hints.assigned(&node(), &kind("asr"), pair("zh:en"));
+        hints.assigned(&node(), &Route::gpu(&kind("asr")), pair("zh:en"));
         assert_eq!(free(&hints, "asr"), 1);
         assert_eq!(free(&hints, "translate"), 5);
         assert_eq!(hints.entry(&node()).unwrap().room, None);
@@ -334,10 +363,10 @@ mod tests {
     #[test]
     fn an_assignment_counts_until_a_report_that_follows_its_answer() {
         let hints = hints(ROOM_VERSION);
-        hints.assigned(&node(), &kind("asr"), pair("zh:en"));
+        hints.assigned(&node(), &Route::gpu(&kind("asr")), pair("zh:en"));
         // Answered, but the last report came before: still not counted
         // there.
-        hints.answered(&node(), &kind("asr"));
+        hints.answered(&node(), &Route::gpu(&kind("asr")));
         assert_eq!(free(&hints, "asr"), 1);
         // A report after the answer counts it.
         let mut later = report();
@@ -351,10 +380,10 @@ mod tests {
     #[test]
     fn a_report_crossing_an_unanswered_assignment_still_counts_it_out() {
         let hints = hints(ROOM_VERSION);
-        hints.assigned(&node(), &kind("translate"), pair("zh:en"));
+        hints.assigned(&node(), &Route::gpu(&kind("translate")), pair("zh:en"));
         hints.report(&node(), report());
         assert_eq!(free(&hints, "translate"), 4);
-        hints.answered(&node(), &kind("translate"));
+        hints.answered(&node(), &Route::gpu(&kind("translate")));
         hints.report(&node(), report());
         assert_eq!(free(&hints, "translate"), 5);
     }
@@ -371,7 +400,7 @@ mod tests {
             report(),
         );
         assert!(hints.take_due().is_empty());
-        hints.assigned(&node(), &kind("asr"), pair("zh:ja"));
+        hints.assigned(&node(), &Route::gpu(&kind("asr")), pair("zh:ja"));
         let due = hints.take_due();
         let mut due_pairs: Vec<String> = due.keys().map(ToString::to_string).collect();
         due_pairs.sort();
@@ -383,7 +412,7 @@ mod tests {
     #[test]
     fn a_draining_node_and_a_full_kind_get_no_room() {
         let hints = hints(ROOM_VERSION);
-        hints.full(&node(), &kind("translate"));
+        hints.full(&node(), &Route::gpu(&kind("translate")));
         assert_eq!(free(&hints, "translate"), 0);
         assert_eq!(free(&hints, "asr"), 2);
         let draining = Arc::new(AtomicBool::new(true));
@@ -398,5 +427,55 @@ mod tests {
         assert_eq!(free(&hints, "asr"), 0);
         hints.forget(&node());
         assert_eq!(hints.entry(&node()), None);
+    }
+
+    #[test]
+    fn a_fallback_is_a_route_of_its_own_that_takes_no_memory() {
+        let hints = Hints::default();
+        let mut with_fallback = report();
+        with_fallback.fallback_slots = [(kind("asr"), 2)].into();
+        let kinds = vec![kind("asr"), kind("translate")];
+        let draining = Arc::new(AtomicBool::new(false));
+        hints.hold(
+            &node(),
+            (vec![pair("zh:en")], kinds),
+            ROOM_VERSION,
+            Arc::clone(&draining),
+            with_fallback,
+        );
+        let cpu = Route::fallback(&kind("asr"));
+        let entry = hints.entry(&node()).unwrap();
+        assert_eq!(entry.free[&cpu], 2);
+        assert!(
+            !entry
+                .free
+                .contains_key(&Route::fallback(&kind("translate"))),
+            "translate has no fallback"
+        );
+        hints.assigned(&node(), &cpu, pair("zh:en"));
+        let entry = hints.entry(&node()).unwrap();
+        assert_eq!(entry.free[&cpu], 1);
+        assert_eq!(
+            entry.free[&Route::gpu(&kind("asr"))],
+            2,
+            "the GPUs keep their room"
+        );
+        assert_eq!(entry.room.unwrap().devices_mb, [16_000]);
+        hints.full(&node(), &cpu);
+        assert!(hints.lacks_room(&node(), &cpu));
+        hints.report(&node(), report());
+        assert_eq!(
+            hints.entry(&node()).unwrap().free.get(&cpu),
+            Some(&0),
+            "a fallback no longer reported is taken out of routing"
+        );
+        assert!(!hints.lacks_room(&node(), &Route::gpu(&kind("asr"))));
+        draining.store(true, Ordering::SeqCst);
+        let entry = hints.entry(&node()).unwrap();
+        assert_eq!(
+            entry.free.values().copied().collect::<Vec<_>>(),
+            [0, 0, 0],
+            "draining: no room on any route, the fallback's included"
+        );
     }
 }

@@ -142,7 +142,7 @@ async fn deliver(peers: &Peers, envelope: Envelope) {
             peers.router.note_forwarded(
                 job.clone(),
                 &node,
-                (assign.kind.clone(), assign.pair),
+                (crate::jobs::route_of(&assign), assign.pair),
                 &origin,
             );
             let sent = peers

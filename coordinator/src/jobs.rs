@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use lingua_shared::protocol::{
-    FailureCode, JobAssign, JobCancel, JobRef, JobResult, Outcome, RejectReason,
+    DeviceChoice, FailureCode, JobAssign, JobCancel, JobRef, JobResult, Outcome, RejectReason,
 };
 use lingua_shared::sync::lock;
 use lingua_shared::{JobId, JobKind, LangCode, LangPair, Message, NodeId, encoded_len};
@@ -31,10 +31,10 @@ use crate::config::Config;
 use crate::forward::{self, Envelope, RemoteAnswer};
 use crate::hints::{Assigned, Hints};
 use crate::metrics::{Metrics, QueueLabel, ResultLabel};
-use crate::queue::{QueueKey, Queues, Shed, Waiting};
+use crate::queue::{QueueKey, Queues, Shed, Turn, Waiting};
 use crate::registry::{Control, Registry};
 use crate::store::{
-    Finish, JobRecord, JobStart, JobStatus, Pick, Store, StoreError, wall_clock_ms,
+    Finish, JobRecord, JobStart, JobStatus, Pick, Route, Store, StoreError, wall_clock_ms,
 };
 
 /// How long a session keeps preferring the node that served it last.
@@ -57,6 +57,7 @@ mod answers;
 mod attempts;
 mod dispatch;
 mod lookup;
+mod pick;
 mod remote;
 mod request;
 mod submit;
@@ -172,10 +173,19 @@ pub enum Taken {
     Foreign,
 }
 
+/// The route an assignment was picked from: a GPU's room when it may run
+/// on a GPU only, the kind's fallback room when it may run anywhere.
+pub fn route_of(assign: &JobAssign) -> Route {
+    match assign.device {
+        DeviceChoice::Gpu => Route::gpu(&assign.kind),
+        DeviceChoice::Any => Route::fallback(&assign.kind),
+    }
+}
+
 /// One attempt in flight: where it went, and its dispatcher's inbox.
 struct Attempt {
     node: NodeId,
-    kind: JobKind,
+    route: Route,
     events: mpsc::UnboundedSender<AttemptEvent>,
     /// Counted in the node's hints until the node's first answer, taken
     /// (dropped) by the socket task that reads it, in frame order with the
@@ -190,7 +200,7 @@ struct Attempt {
 /// this instance holds: where the node's answers must go.
 struct Forwarded {
     node: NodeId,
-    kind: JobKind,
+    route: Route,
     origin: String,
     /// Counted in the node's hints until its first answer.
     counted: bool,

@@ -5,6 +5,8 @@
 //! (`{zh:en}`). The two global indexes (all nodes, all pairs) are only read
 //! and written by plain commands. docs/REDIS_DATA_MODEL.md lists them all.
 
+use std::fmt;
+
 use lingua_shared::{JobId, JobKind, LangPair, NodeId};
 
 const PREFIX: &str = "lingua:v1";
@@ -84,6 +86,46 @@ pub struct PairKeys {
     pub leases: String,
 }
 
+/// One routing list of a pair: the nodes with room for a kind on their
+/// GPUs, or (`fallback`) on the kind's fallback executors, which take no
+/// GPU memory. Its name in keys is the kind, or `<kind>@cpu` for the
+/// fallback (a kind cannot contain `@`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Route {
+    /// The kind.
+    pub kind: JobKind,
+    /// True for the fallback's room.
+    pub fallback: bool,
+}
+
+impl Route {
+    /// The GPU room of `kind`.
+    pub fn gpu(kind: &JobKind) -> Self {
+        Self {
+            kind: kind.clone(),
+            fallback: false,
+        }
+    }
+
+    /// The fallback room of `kind`.
+    pub fn fallback(kind: &JobKind) -> Self {
+        Self {
+            kind: kind.clone(),
+            fallback: true,
+        }
+    }
+}
+
+impl fmt::Display for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.fallback {
+            write!(f, "{}@cpu", self.kind)
+        } else {
+            write!(f, "{}", self.kind)
+        }
+    }
+}
+
 impl PairKeys {
     /// The keys of `pair`.
     pub fn new(pair: LangPair) -> Self {
@@ -98,19 +140,19 @@ impl PairKeys {
         }
     }
 
-    /// ZSET node -> lease deadline: nodes with free slots of `kind`.
-    pub fn route(&self, kind: &JobKind) -> String {
-        format!("{}:route:{kind}", self.base)
+    /// ZSET node -> lease deadline: nodes with free slots on `route`.
+    pub fn route(&self, route: &Route) -> String {
+        format!("{}:route:{route}", self.base)
     }
 
-    /// HASH node -> free slots of `kind`.
-    pub fn free(&self, kind: &JobKind) -> String {
-        format!("{}:free:{kind}", self.base)
+    /// HASH node -> free slots on `route`.
+    pub fn free(&self, route: &Route) -> String {
+        format!("{}:free:{route}", self.base)
     }
 
-    /// ZSET node -> lease deadline: nodes that serve `kind`, room or not.
-    pub fn served(&self, kind: &JobKind) -> String {
-        format!("{}:served:{kind}", self.base)
+    /// ZSET node -> lease deadline: nodes that serve `route`, room or not.
+    pub fn served(&self, route: &Route) -> String {
+        format!("{}:served:{route}", self.base)
     }
 
     /// ZSET instance -> deadline (ms): coordinator instances with jobs
@@ -149,9 +191,14 @@ mod tests {
         assert_eq!(node.hash, "lingua:v1:node:{gpu-01}");
         assert_eq!(node.lease, "lingua:v1:node:{gpu-01}:lease");
         let pair = PairKeys::new("zh:en".parse().unwrap());
+        let asr = JobKind::new("asr").unwrap();
         assert_eq!(
-            pair.route(&JobKind::new("asr").unwrap()),
+            pair.route(&Route::gpu(&asr)),
             "lingua:v1:pair:{zh:en}:route:asr"
+        );
+        assert_eq!(
+            pair.free(&Route::fallback(&asr)),
+            "lingua:v1:pair:{zh:en}:free:asr@cpu"
         );
         assert_eq!(pair.members, "lingua:v1:pair:{zh:en}:members");
     }

@@ -7,7 +7,10 @@
 //! Only the head picks; a successful pick hands the turn to the next head
 //! at once (room may be left), a failed one waits for the next report. So
 //! the Redis calls waiting jobs cost are bounded by capacity reports, not by
-//! a clock or by how many jobs wait.
+//! a clock or by how many jobs wait. One exception: while the head may run
+//! on a GPU only, the first job that may also run on its kind's CPU
+//! fallback (by priority, then arrival) is woken with it and tries the
+//! fallback's room alone, which the head could not use.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -38,6 +41,17 @@ pub struct Waiting {
     /// When it first joined, for a job back after a node refused it: it
     /// keeps its place. `None` for a first arrival.
     pub arrival: Option<u64>,
+    /// It may run on its kind's CPU fallback (`device: "any"`).
+    pub fallback: bool,
+}
+
+/// What a woken job may try.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Turn {
+    /// Any room: it heads the queue (or nobody waits).
+    Head,
+    /// The fallback's room only: the head cannot use it.
+    Fallback,
 }
 
 /// A waiting job and when it arrived (among all queues of this instance).
@@ -76,6 +90,22 @@ impl Queue {
                 (self.served.get(*tenant).copied().unwrap_or(0), first.seq)
             })
             .map(|(_, first)| &first.waiting)
+    }
+
+    /// While the head may run on a GPU only: the first job (by priority,
+    /// then arrival) that may run on the fallback too.
+    fn fallback_stand_in(&self) -> Option<&Waiting> {
+        if self.head()?.fallback {
+            return None;
+        }
+        self.levels.values().find_map(|tenants| {
+            tenants
+                .values()
+                .flatten()
+                .filter(|entry| entry.waiting.fallback)
+                .min_by_key(|entry| entry.seq)
+                .map(|entry| &entry.waiting)
+        })
     }
 
     fn remove(&mut self, id: &JobId) -> Option<Entry> {
@@ -246,20 +276,34 @@ impl Queues {
         Ok(seq)
     }
 
-    /// Whether `id` is the head of `key`'s queue (or the queue is empty:
-    /// nobody to wait behind).
-    pub fn is_head(&self, key: &QueueKey, id: &JobId) -> bool {
-        self.queues
-            .get(key)
-            .and_then(Queue::head)
-            .is_none_or(|head| &head.id == id)
+    /// What `id` may try now: any room when it heads `key`'s queue (or
+    /// the queue is empty: nobody to wait behind), the fallback's room
+    /// when it stands in for a head that cannot use it; nothing otherwise.
+    pub fn turn(&self, key: &QueueKey, id: &JobId) -> Option<Turn> {
+        let Some(queue) = self.queues.get(key) else {
+            return Some(Turn::Head);
+        };
+        match queue.head() {
+            None => Some(Turn::Head),
+            Some(head) if &head.id == id => Some(Turn::Head),
+            Some(_) => queue
+                .fallback_stand_in()
+                .is_some_and(|stand_in| &stand_in.id == id)
+                .then_some(Turn::Fallback),
+        }
     }
 
-    /// A capacity report for `key`: the head may try.
+    /// A capacity report for `key`: the head may try, and so may the job
+    /// standing in for it on the fallback.
     pub fn wake(&mut self, key: &QueueKey) {
         *self.wakes.entry(key.clone()).or_default() += 1;
-        if let Some(head) = self.queues.get(key).and_then(Queue::head) {
-            head.turn.notify_one();
+        if let Some(queue) = self.queues.get(key) {
+            for waiting in [queue.head(), queue.fallback_stand_in()]
+                .into_iter()
+                .flatten()
+            {
+                waiting.turn.notify_one();
+            }
         }
     }
 
@@ -343,6 +387,7 @@ mod tests {
             tenant: tenant.into(),
             turn: Arc::new(Notify::new()),
             arrival: None,
+            fallback: true,
         }
     }
 
@@ -499,9 +544,54 @@ mod tests {
         };
         assert!(woken(&first_turn));
         assert!(!woken(&second_turn), "not its turn");
-        assert!(queues.is_head(&key(), &JobId::new("first").unwrap()));
+        assert_eq!(
+            queues.turn(&key(), &JobId::new("first").unwrap()),
+            Some(Turn::Head)
+        );
         queues.leave(&key(), &JobId::new("first").unwrap());
         assert!(woken(&second_turn), "the head left: its turn");
-        assert!(queues.is_head(&key(), &JobId::new("second").unwrap()));
+        assert_eq!(
+            queues.turn(&key(), &JobId::new("second").unwrap()),
+            Some(Turn::Head)
+        );
+    }
+
+    #[test]
+    fn a_head_that_cannot_use_the_fallback_does_not_keep_it_from_the_others() {
+        let mut queues = Queues::new(100);
+        let now = Instant::now();
+        let deadline = now + Duration::from_secs(60);
+        let gpu_only = Waiting {
+            fallback: false,
+            ..waiting("gpu-only", 90, "t")
+        };
+        let gpu_only_turn = Arc::clone(&gpu_only.turn);
+        queues.join(&key(), gpu_only, now, deadline).unwrap();
+        let behind = waiting("behind", 50, "t");
+        let last = waiting("last", 50, "t");
+        let (behind_turn, last_turn) = (Arc::clone(&behind.turn), Arc::clone(&last.turn));
+        queues.join(&key(), behind, now, deadline).unwrap();
+        queues.join(&key(), last, now, deadline).unwrap();
+        queues.wake(&key());
+        let woken = |turn: &Arc<Notify>| {
+            let notified = turn.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable()
+        };
+        assert!(woken(&gpu_only_turn));
+        assert!(woken(&behind_turn), "it stands in on the fallback");
+        assert!(!woken(&last_turn));
+        let id = |name: &str| JobId::new(name).unwrap();
+        assert_eq!(queues.turn(&key(), &id("gpu-only")), Some(Turn::Head));
+        assert_eq!(queues.turn(&key(), &id("behind")), Some(Turn::Fallback));
+        assert_eq!(queues.turn(&key(), &id("last")), None);
+        queues.granted(&key(), &id("behind"), "t", now);
+        assert_eq!(queues.turn(&key(), &id("last")), Some(Turn::Fallback));
+        queues.leave(&key(), &id("gpu-only"));
+        assert_eq!(
+            queues.turn(&key(), &id("last")),
+            Some(Turn::Head),
+            "a head that may use the fallback needs no stand-in"
+        );
     }
 }

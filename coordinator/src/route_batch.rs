@@ -105,15 +105,16 @@ impl RouteBatcher {
         }
     }
 
-    /// After an update of `pair` showing room: the head of each of this
-    /// instance's queues of a kind with room tries again, and the other
-    /// instances with jobs `waiting` there are told.
+    /// After an update of `pair` showing room (on a GPU or a fallback):
+    /// the head of each of this instance's queues of a kind with room
+    /// tries again, and the other instances with jobs `waiting` there are
+    /// told.
     async fn wake(&self, pair: LangPair, entries: &[RouteEntry], waiting: &[String]) {
         let mut roomy: Vec<&JobKind> = entries
             .iter()
             .flat_map(|e| e.free.iter())
             .filter(|(_, free)| **free > 0)
-            .map(|(kind, _)| kind)
+            .map(|(route, _)| &route.kind)
             .collect();
         if roomy.is_empty() {
             return;

@@ -18,6 +18,7 @@ use redis::{FromRedisValue, RedisFuture, Script, ScriptInvocation, TlsCertificat
 use serde::Serialize;
 
 use crate::config::PickPolicy;
+pub use crate::keys::Route;
 use crate::keys::{self, InstanceKeys, NodeKeys, PairKeys};
 use crate::metrics::Metrics;
 
@@ -291,8 +292,9 @@ pub struct RouteUpdated {
 pub struct RouteEntry {
     /// The node.
     pub node: NodeId,
-    /// Free slots per kind; kinds absent here are not served.
-    pub free: BTreeMap<JobKind, u32>,
+    /// Free slots per route (a kind's GPU room, and its fallback room
+    /// where it has one); routes absent here are not served.
+    pub free: BTreeMap<Route, u32>,
     /// Its room, when it reports one: picks then shrink every kind's
     /// hint, not only the picked kind's.
     pub room: Option<Room>,

@@ -176,6 +176,7 @@ mod tests {
                 vram_mb: BTreeMap::from([(JobKind::new("translate").unwrap(), 3000)]),
             }),
             running: Some(2),
+            fallback_slots: BTreeMap::from([(JobKind::new("translate").unwrap(), 1)]),
         };
         vec![
             Message::Register(Register {
@@ -217,6 +218,8 @@ mod tests {
                 session_id: Some("sess".into()),
                 payload: json!({"text": "你好"}),
                 timeout_ms: 30000,
+                device: DeviceChoice::Gpu,
+                answer_within_ms: Some(2000),
             }),
             Message::JobAccept(JobRef {
                 job_id: job_id.clone(),
@@ -235,6 +238,7 @@ mod tests {
                     output: json!({"text": "hello"}),
                 },
                 duration_ms: 12,
+                device: Some(Device::Cpu),
             }),
             Message::JobResult(JobResult {
                 job_id: job_id.clone(),
@@ -244,6 +248,7 @@ mod tests {
                     message: "exit 1".into(),
                 },
                 duration_ms: 5,
+                device: None,
             }),
             Message::ResultAck(JobRef {
                 job_id: job_id.clone(),

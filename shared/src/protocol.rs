@@ -229,6 +229,11 @@ pub struct CapacityReport {
     /// node is idle, and can be stopped, once this is 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub running: Option<u32>,
+    /// How many more jobs of each kind with `busy = "fallback"` the
+    /// node's fallback (CPU) executors would take now; absent when no kind
+    /// has one. Routing uses this room only when no GPU room is left.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub fallback_slots: BTreeMap<JobKind, u32>,
 }
 
 /// One GPU's current readings.
@@ -269,8 +274,50 @@ pub struct JobAssign {
     pub session_id: Option<String>,
     /// Opaque input for the executor.
     pub payload: Value,
-    /// How long the job may run on the node before it is stopped.
+    /// How long the job may run on the node before it is stopped: the time
+    /// left to its deadline.
     pub timeout_ms: u64,
+    /// Where the node may run it: `gpu` only, or `any` (a kind's fallback
+    /// executor too, when no GPU has room). `gpu` when absent: an older
+    /// coordinator picks nodes by their GPU room only.
+    #[serde(default)]
+    pub device: DeviceChoice,
+    /// How long the coordinator waits for `job_accept` or `job_reject`
+    /// before it moves the job on: a node waiting for a slot answers
+    /// before then. Absent from older coordinators.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer_within_ms: Option<u64>,
+}
+
+/// Where a job may run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceChoice {
+    /// On a GPU only.
+    #[default]
+    Gpu,
+    /// On a GPU, or on its kind's fallback executor when no GPU has room.
+    Any,
+}
+
+/// Where a job ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Device {
+    /// On a GPU.
+    Gpu,
+    /// Without one: a kind's fallback executor, or a node without GPUs.
+    Cpu,
+}
+
+impl Device {
+    /// The name the protocol and the API use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Device::Gpu => "gpu",
+            Device::Cpu => "cpu",
+        }
+    }
 }
 
 /// Names one attempt of one job.
@@ -359,6 +406,9 @@ pub struct JobResult {
     pub outcome: Outcome,
     /// Time spent running on the node.
     pub duration_ms: u64,
+    /// Where it ran (absent from older agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<Device>,
 }
 
 /// coordinator -> node: stop a job.

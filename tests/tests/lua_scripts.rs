@@ -12,7 +12,7 @@ use lingua_coordinator::fleet::views::{NodeState, NodeView};
 use lingua_coordinator::metrics::Metrics;
 use lingua_coordinator::private_redis::PrivateRedis;
 use lingua_coordinator::store::{
-    DrainOutcome, Finish, JobStart, Pick, RegisterOutcome, Registration, RouteEntry, Store,
+    DrainOutcome, Finish, JobStart, Pick, RegisterOutcome, Registration, Route, RouteEntry, Store,
 };
 use lingua_shared::protocol::{CapacityReport, Heartbeat};
 use lingua_shared::room::Room;
@@ -544,17 +544,17 @@ async fn route_update_tracks_room_and_reports_non_members() {
     let entries = [
         RouteEntry {
             node: node("a"),
-            free: [(asr.clone(), 3), (tts.clone(), 0)].into(),
+            free: [(Route::gpu(&asr), 3), (Route::gpu(&tts), 0)].into(),
             room: None,
         },
         RouteEntry {
             node: node("b"),
-            free: [(tts.clone(), 1)].into(),
+            free: [(Route::gpu(&tts), 1)].into(),
             room: None,
         },
         RouteEntry {
             node: node("stranger"),
-            free: [(asr.clone(), 5)].into(),
+            free: [(Route::gpu(&asr), 5)].into(),
             room: None,
         },
     ];
@@ -810,7 +810,14 @@ async fn route_pick_prefers_the_session_node_excludes_tried_ones_and_tells_why_n
     let affinity = Duration::from_secs(60);
     assert_eq!(
         store
-            .route_pick(zh_en, &asr, None, affinity, PickPolicy::Capacity, &[])
+            .route_pick(
+                zh_en,
+                &Route::gpu(&asr),
+                None,
+                affinity,
+                PickPolicy::Capacity,
+                &[]
+            )
             .await
             .unwrap(),
         Pick::NoNodes
@@ -823,13 +830,20 @@ async fn route_pick_prefers_the_session_node_excludes_tried_ones_and_tells_why_n
     }
     let full = [RouteEntry {
         node: node("a"),
-        free: [(asr.clone(), 0)].into(),
+        free: [(Route::gpu(&asr), 0)].into(),
         room: None,
     }];
     store.route_update(zh_en, &full, LEASE).await.unwrap();
     assert_eq!(
         store
-            .route_pick(zh_en, &asr, None, affinity, PickPolicy::Capacity, &[])
+            .route_pick(
+                zh_en,
+                &Route::gpu(&asr),
+                None,
+                affinity,
+                PickPolicy::Capacity,
+                &[]
+            )
             .await
             .unwrap(),
         Pick::NoCapacity,
@@ -839,7 +853,7 @@ async fn route_pick_prefers_the_session_node_excludes_tried_ones_and_tells_why_n
         store
             .route_pick(
                 zh_en,
-                &JobKind::new("tts").unwrap(),
+                &Route::gpu(&JobKind::new("tts").unwrap()),
                 None,
                 affinity,
                 PickPolicy::Capacity,
@@ -853,12 +867,12 @@ async fn route_pick_prefers_the_session_node_excludes_tried_ones_and_tells_why_n
     let entries = [
         RouteEntry {
             node: node("a"),
-            free: [(asr.clone(), 1)].into(),
+            free: [(Route::gpu(&asr), 1)].into(),
             room: None,
         },
         RouteEntry {
             node: node("b"),
-            free: [(asr.clone(), 50)].into(),
+            free: [(Route::gpu(&asr), 50)].into(),
             room: None,
         },
     ];
@@ -866,7 +880,14 @@ async fn route_pick_prefers_the_session_node_excludes_tried_ones_and_tells_why_n
     // Two candidates, two choices: the roomier one wins.
     assert_eq!(
         store
-            .route_pick(zh_en, &asr, None, affinity, PickPolicy::Capacity, &[])
+            .route_pick(
+                zh_en,
+                &Route::gpu(&asr),
+                None,
+                affinity,
+                PickPolicy::Capacity,
+                &[]
+            )
             .await
             .unwrap(),
         Pick::Node(node("b"))
@@ -876,7 +897,7 @@ async fn route_pick_prefers_the_session_node_excludes_tried_ones_and_tells_why_n
         store
             .route_pick(
                 zh_en,
-                &asr,
+                &Route::gpu(&asr),
                 None,
                 affinity,
                 PickPolicy::Capacity,
@@ -890,7 +911,7 @@ async fn route_pick_prefers_the_session_node_excludes_tried_ones_and_tells_why_n
         store
             .route_pick(
                 zh_en,
-                &asr,
+                &Route::gpu(&asr),
                 None,
                 affinity,
                 PickPolicy::Capacity,
@@ -906,7 +927,7 @@ async fn route_pick_prefers_the_session_node_excludes_tried_ones_and_tells_why_n
         store
             .route_pick(
                 zh_en,
-                &asr,
+                &Route::gpu(&asr),
                 Some("s1"),
                 affinity,
                 PickPolicy::Capacity,
@@ -920,7 +941,14 @@ async fn route_pick_prefers_the_session_node_excludes_tried_ones_and_tells_why_n
     for _ in 0..5 {
         assert_eq!(
             store
-                .route_pick(zh_en, &asr, Some("s1"), affinity, PickPolicy::Capacity, &[])
+                .route_pick(
+                    zh_en,
+                    &Route::gpu(&asr),
+                    Some("s1"),
+                    affinity,
+                    PickPolicy::Capacity,
+                    &[]
+                )
                 .await
                 .unwrap(),
             Pick::Node(node("a")),
@@ -941,7 +969,14 @@ async fn the_random_policy_picks_any_live_member_room_or_not() {
         let asr = asr.clone();
         async move {
             store
-                .route_pick(de_fr, &asr, None, LEASE, PickPolicy::Random, &excluded)
+                .route_pick(
+                    de_fr,
+                    &Route::gpu(&asr),
+                    None,
+                    LEASE,
+                    PickPolicy::Random,
+                    &excluded,
+                )
                 .await
                 .unwrap()
         }
@@ -955,7 +990,7 @@ async fn the_random_policy_picks_any_live_member_room_or_not() {
     }
     let entries = [RouteEntry {
         node: node("roomy"),
-        free: [(asr.clone(), 1_000)].into(),
+        free: [(Route::gpu(&asr), 1_000)].into(),
         room: None,
     }];
     store.route_update(de_fr, &entries, LEASE).await.unwrap();
@@ -997,7 +1032,7 @@ async fn route_pick_never_chooses_a_node_whose_lease_is_past() {
     let entries: Vec<RouteEntry> = (0..20)
         .map(|i| RouteEntry {
             node: node(&format!("dead-{i}")),
-            free: [(asr.clone(), 4)].into(),
+            free: [(Route::gpu(&asr), 4)].into(),
             room: None,
         })
         .collect();
@@ -1019,7 +1054,7 @@ async fn route_pick_never_chooses_a_node_whose_lease_is_past() {
             store
                 .route_pick(
                     zh_en,
-                    &asr,
+                    &Route::gpu(&asr),
                     None,
                     Duration::from_secs(60),
                     PickPolicy::Capacity,
@@ -1169,7 +1204,7 @@ async fn a_pick_of_any_kind_shrinks_every_kind_on_a_node_that_reports_its_room()
     // One 16,000 MiB GPU: 2 asr (6,000 MiB) or 5 translate (3,000 MiB).
     let entry = RouteEntry {
         node: node("a"),
-        free: [(asr.clone(), 2), (translate.clone(), 5)].into(),
+        free: [(Route::gpu(&asr), 2), (Route::gpu(&translate), 5)].into(),
         room: Some(Room {
             devices_mb: vec![16_000],
             vram_mb: [(asr.clone(), 6000), (translate.clone(), 3000)].into(),
@@ -1182,7 +1217,7 @@ async fn a_pick_of_any_kind_shrinks_every_kind_on_a_node_that_reports_its_room()
             store
                 .route_pick(
                     zh_en,
-                    &kind,
+                    &Route::gpu(&kind),
                     None,
                     Duration::ZERO,
                     PickPolicy::Capacity,
@@ -1199,4 +1234,87 @@ async fn a_pick_of_any_kind_shrinks_every_kind_on_a_node_that_reports_its_room()
     assert_eq!(pick(&translate).await, Pick::Node(node("a")));
     assert_eq!(pick(&translate).await, Pick::NoCapacity);
     assert_eq!(pick(&asr).await, Pick::NoCapacity);
+}
+
+#[tokio::test]
+async fn a_fallback_route_is_a_list_of_its_own_that_takes_no_memory() {
+    let redis = lingua_tests::redis().await;
+    let store = store(&redis).await;
+    let zh_en = pair("zh:en");
+    let asr = JobKind::new("asr").unwrap();
+    store
+        .pool_join(zh_en, &node("a"), std::slice::from_ref(&asr), 10, LEASE)
+        .await
+        .unwrap();
+    // One 6,000 MiB GPU: one asr job; and two slots of asr's fallback.
+    let entry = RouteEntry {
+        node: node("a"),
+        free: [(Route::gpu(&asr), 1), (Route::fallback(&asr), 2)].into(),
+        room: Some(Room {
+            devices_mb: vec![6000],
+            vram_mb: [(asr.clone(), 6000)].into(),
+        }),
+    };
+    store.route_update(zh_en, &[entry], LEASE).await.unwrap();
+    let pick = |route: Route| {
+        let store = store.clone();
+        async move {
+            store
+                .route_pick(
+                    zh_en,
+                    &route,
+                    None,
+                    Duration::ZERO,
+                    PickPolicy::Capacity,
+                    &[],
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let mut conn = lingua_tests::connect(&redis).await;
+    let memory = |conn: &mut redis::aio::MultiplexedConnection| {
+        let mut conn = conn.clone();
+        async move {
+            let text: String = redis::cmd("HGET")
+                .arg("lingua:v1:pair:{zh:en}:memory")
+                .arg("a")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            serde_json::from_str::<Room>(&text).unwrap().devices_mb
+        }
+    };
+    assert_eq!(pick(Route::fallback(&asr)).await, Pick::Node(node("a")));
+    assert_eq!(
+        memory(&mut conn).await,
+        [6000],
+        "a fallback job leaves the GPU's memory alone"
+    );
+    assert_eq!(pick(Route::gpu(&asr)).await, Pick::Node(node("a")));
+    assert_eq!(memory(&mut conn).await, [0]);
+    assert_eq!(pick(Route::gpu(&asr)).await, Pick::NoCapacity);
+    assert_eq!(
+        pick(Route::fallback(&asr)).await,
+        Pick::Node(node("a")),
+        "the GPU being full leaves the fallback's room"
+    );
+    assert_eq!(pick(Route::fallback(&asr)).await, Pick::NoCapacity);
+    let free: Option<u32> = redis::cmd("HGET")
+        .arg("lingua:v1:pair:{zh:en}:free:asr@cpu")
+        .arg("a")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(free, None, "a node out of room leaves the list");
+    store
+        .pool_leave(zh_en, &node("a"), std::slice::from_ref(&asr))
+        .await
+        .unwrap();
+    let served: u32 = redis::cmd("EXISTS")
+        .arg("lingua:v1:pair:{zh:en}:served:asr@cpu")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(served, 0, "leaving the pair leaves the fallback lists too");
 }

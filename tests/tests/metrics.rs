@@ -109,8 +109,8 @@ async fn promtool_accepts_both_live_endpoints() {
     }
     let (_, agent) = scrape(&http, &agent_url).await;
     for series in [
-        r#"lingua_agent_jobs_total{kind="translate",outcome="completed"} 8"#,
-        r#"lingua_agent_job_duration_seconds_count{kind="translate",outcome="completed"} 8"#,
+        r#"lingua_agent_jobs_total{kind="translate",outcome="completed",device="gpu"} 8"#,
+        r#"lingua_agent_job_duration_seconds_count{kind="translate",outcome="completed",device="gpu"} 8"#,
         r#"lingua_agent_build_info{version=""#,
         r#"lingua_agent_gpu_temperature_celsius{gpu="1",UUID="GPU-simulated-1",model_name="Simulated GPU"}"#,
         r#"lingua_agent_gpu_memory_total_bytes{gpu="0",UUID="GPU-simulated-0",model_name="Simulated GPU"} 16777216000"#,

@@ -682,6 +682,7 @@ async fn a_refusal_moves_a_job_on_without_using_up_its_attempts() {
             output: json!({"text": "hello"}),
         },
         duration_ms: 1,
+        device: None,
     }))
     .await;
     let answer = submitted.await.unwrap();

@@ -137,6 +137,7 @@ async fn a_node_cannot_record_the_result_of_a_job_assigned_to_another() {
                 output: json!({"text": text}),
             },
             duration_ms: 1,
+            device: None,
         })
     };
     forger.send(&result("forged")).await;

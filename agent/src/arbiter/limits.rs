@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use lingua_shared::JobKind;
 
-use crate::config::{AgentConfig, Backend, KindConfig, OverrunAction, Pressure};
+use crate::config::{AgentConfig, Backend, Busy, KindConfig, OverrunAction, Pressure};
 
 /// The limits of one kind, as the arbiter applies them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,8 +18,12 @@ pub struct KindLimits {
     pub priority: u8,
     /// Most running at once.
     pub max_concurrent: u32,
-    /// How long `admit` may wait in the queue for a slot.
+    /// How long `admit` may wait in the queue for a slot (`busy = "wait"`;
+    /// `Duration::MAX` when only the job's deadline bounds it).
     pub queue_wait: Duration,
+    /// Most jobs at once on the kind's fallback executor (`busy =
+    /// "fallback"`).
+    pub fallback: Option<u32>,
     /// How long a job may take to show its memory in a reading.
     pub load_time: Duration,
     /// What a job holding more than `vram_mb` is told to do.
@@ -32,7 +36,11 @@ impl From<&KindConfig> for KindLimits {
             vram_mb: kind.vram_mb,
             priority: kind.priority,
             max_concurrent: kind.max_concurrent,
-            queue_wait: kind.queue_wait,
+            queue_wait: match kind.busy {
+                Busy::Wait { at_most } => at_most.unwrap_or(Duration::MAX),
+                Busy::Refuse | Busy::Fallback(_) => Duration::ZERO,
+            },
+            fallback: kind.busy.fallback().map(|f| f.max_concurrent),
             load_time: kind.load_time,
             on_overrun: kind.on_vram_overrun,
         }

@@ -53,6 +53,8 @@ pub(super) struct State {
     /// The room held for the head of the queue, as of the last time the
     /// queue was served.
     pub(super) held: Option<Held>,
+    /// Jobs running on their kind's fallback executor, per kind.
+    pub(super) fallback: BTreeMap<JobKind, u32>,
 }
 
 /// The load a GPU's pressure is judged by: utilisation, or where it is not

@@ -1,5 +1,7 @@
-//! One `[jobs.<kind>]` table: its limits, its executor, and what to do
-//! when a job holds more GPU memory than the kind declares.
+//! One `[jobs.<kind>]` table: its limits, its executor, what to do when
+//! a job holds more GPU memory than the kind declares, and what to do
+//! when no GPU has room (`busy`, with an optional `[jobs.<kind>.fallback]`
+//! executor that runs without a GPU).
 
 use std::time::Duration;
 
@@ -58,6 +60,52 @@ pub enum ExecutorConfig {
     },
 }
 
+/// What a job of a kind does when no GPU has room for it
+/// (`[jobs.<kind>] busy`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Busy {
+    /// It is refused at once: the coordinator tries another node.
+    Refuse,
+    /// It waits for a slot, up to `queue_wait_ms` when set, and never
+    /// longer than it could still finish by its deadline.
+    Wait {
+        /// `queue_wait_ms`, when set.
+        at_most: Option<Duration>,
+    },
+    /// It runs on the kind's fallback executor, without a GPU, while that
+    /// has room.
+    Fallback(Fallback),
+}
+
+impl Busy {
+    /// The name used in the config.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Busy::Refuse => "refuse",
+            Busy::Wait { .. } => "wait",
+            Busy::Fallback(_) => "fallback",
+        }
+    }
+
+    /// The fallback executor, with `busy = "fallback"`.
+    pub fn fallback(&self) -> Option<&Fallback> {
+        match self {
+            Busy::Fallback(fallback) => Some(fallback),
+            Busy::Refuse | Busy::Wait { .. } => None,
+        }
+    }
+}
+
+/// A kind's `[jobs.<kind>.fallback]` table: an executor that runs its jobs
+/// on no GPU (a smaller or slower model), with its own concurrency.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fallback {
+    /// Most fallback jobs of the kind at once.
+    pub max_concurrent: u32,
+    /// How they run.
+    pub executor: ExecutorConfig,
+}
+
 /// One `[jobs.<kind>]` table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KindConfig {
@@ -65,11 +113,10 @@ pub struct KindConfig {
     pub vram_mb: u64,
     /// Higher wins under pressure (0..=100).
     pub priority: u8,
-    /// Most jobs of this kind at once.
+    /// Most jobs of this kind at once on the GPUs.
     pub max_concurrent: u32,
-    /// How long a job may wait for a slot before it is refused (0: refuse
-    /// at once).
-    pub queue_wait: Duration,
+    /// What a job does when no GPU has room.
+    pub busy: Busy,
     /// How long a job may take to allocate its VRAM (model load); until a
     /// reading taken this long after admission, its `vram_mb` is counted
     /// on top of the measured memory.
@@ -93,6 +140,28 @@ pub(super) struct RawKind {
     command: Option<Spanned<Vec<String>>>,
     timeout_ms: Option<Spanned<u64>>,
     on_vram_overrun: Option<Spanned<String>>,
+    simulated: Option<RawSimulatedKind>,
+    busy: Option<Spanned<String>>,
+    fallback: Option<Spanned<RawFallback>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFallback {
+    max_concurrent: Option<Spanned<u32>>,
+    executor: Option<Spanned<String>>,
+    url: Option<Spanned<String>>,
+    command: Option<Spanned<Vec<String>>>,
+    timeout_ms: Option<Spanned<u64>>,
+    simulated: Option<RawSimulatedKind>,
+}
+
+/// The executor keys of a kind or fallback table.
+struct RawExecutor {
+    executor: Option<Spanned<String>>,
+    url: Option<Spanned<String>>,
+    command: Option<Spanned<Vec<String>>>,
+    timeout_ms: Option<Spanned<u64>>,
     simulated: Option<RawSimulatedKind>,
 }
 
@@ -127,13 +196,6 @@ pub(super) fn kind_config(
 ) -> Result<KindConfig, ConfigError> {
     let field = |key: &str| format!("jobs.{name}.{key}");
     let vram_mb = check.range(field("vram_mb"), raw.vram_mb, 0, 0..=10_000_000)?;
-    let timeout = Duration::from_millis(check.range(
-        field("timeout_ms"),
-        raw.timeout_ms,
-        30_000,
-        1..=3_600_000,
-    )?);
-    let load_time_field = raw.load_time_ms;
     let on_vram_overrun = match raw.on_vram_overrun {
         None => OverrunAction::Warn,
         Some(action) => match action.get_ref().as_str() {
@@ -148,14 +210,186 @@ pub(super) fn kind_config(
             }
         },
     };
+    let executor = executor_config(
+        check,
+        &format!("jobs.{name}"),
+        span.clone(),
+        RawExecutor {
+            executor: raw.executor,
+            url: raw.url,
+            command: raw.command,
+            timeout_ms: raw.timeout_ms,
+            simulated: raw.simulated,
+        },
+        Some(vram_mb),
+    )?;
+    // A command loads its model on every run; a service or the simulator
+    // holds its memory already, so one reading shows a job's memory.
+    let default_load_ms = match executor {
+        ExecutorConfig::Command { .. } => 10_000,
+        ExecutorConfig::Simulated { .. } | ExecutorConfig::Http { .. } => 0,
+    };
+    let busy = busy(check, name, span, raw.busy, raw.queue_wait_ms, raw.fallback)?;
+    Ok(KindConfig {
+        vram_mb,
+        load_time: Duration::from_millis(check.range(
+            field("load_time_ms"),
+            raw.load_time_ms,
+            default_load_ms,
+            0..=3_600_000,
+        )?),
+        priority: check.range(field("priority"), raw.priority, 50, 0..=100)?,
+        max_concurrent: check.range(field("max_concurrent"), raw.max_concurrent, 1, 1..=10_000)?,
+        busy,
+        on_vram_overrun,
+        executor,
+    })
+}
+
+/// The kind's `busy` policy from `busy`, `queue_wait_ms` and the
+/// `[jobs.<kind>.fallback]` table. Without `busy`, a kind with a
+/// `queue_wait_ms` above 0 waits and any other refuses.
+fn busy(
+    check: Checker<'_>,
+    name: &str,
+    span: std::ops::Range<usize>,
+    policy: Option<Spanned<String>>,
+    queue_wait_ms: Option<Spanned<u64>>,
+    fallback: Option<Spanned<RawFallback>>,
+) -> Result<Busy, ConfigError> {
+    let field = |key: &str| format!("jobs.{name}.{key}");
+    let at_most = check
+        .range(field("queue_wait_ms"), queue_wait_ms.clone(), 0, 0..=60_000)
+        .map(|ms| (ms > 0).then(|| Duration::from_millis(ms)))?;
+    let policy_name = match &policy {
+        Some(policy) => policy.get_ref().as_str(),
+        None if at_most.is_some() => "wait",
+        None if fallback.is_some() => "fallback",
+        None => "refuse",
+    };
+    let policy_span = policy.as_ref().map_or(span.clone(), Spanned::span);
+    if policy_name != "wait"
+        && let Some(wait) = &queue_wait_ms
+        && *wait.get_ref() > 0
+    {
+        return Err(check.invalid(
+            field("queue_wait_ms"),
+            wait.span(),
+            format!("queue_wait_ms applies to busy = \"wait\" only; this kind has busy = {policy_name:?}"),
+        ));
+    }
+    if policy_name != "fallback"
+        && let Some(table) = &fallback
+    {
+        let why = if policy.is_some() {
+            format!("this kind has busy = {policy_name:?}")
+        } else {
+            String::from(
+                "queue_wait_ms makes this kind wait: remove it, or set busy = \"fallback\"",
+            )
+        };
+        return Err(check.invalid(
+            field("fallback"),
+            table.span(),
+            format!("a [jobs.{name}.fallback] executor runs only with busy = \"fallback\"; {why}"),
+        ));
+    }
+    if policy_name == "wait"
+        && let Some(wait) = &queue_wait_ms
+        && *wait.get_ref() == 0
+    {
+        return Err(check.invalid(
+            field("queue_wait_ms"),
+            wait.span(),
+            "queue_wait_ms = 0 would refuse at once: use busy = \"refuse\", or leave queue_wait_ms out to wait up to each job's deadline",
+        ));
+    }
+    match policy_name {
+        "refuse" => Ok(Busy::Refuse),
+        "wait" => Ok(Busy::Wait { at_most }),
+        "fallback" => {
+            let Some(table) = fallback else {
+                return Err(check.invalid(
+                    field("busy"),
+                    policy_span,
+                    format!("busy = \"fallback\" needs a [jobs.{name}.fallback] table with the executor that runs without a GPU"),
+                ));
+            };
+            let table_span = table.span();
+            let table = table.into_inner();
+            let executor = executor_config(
+                check,
+                &format!("jobs.{name}.fallback"),
+                table_span,
+                RawExecutor {
+                    executor: table.executor,
+                    url: table.url,
+                    command: table.command,
+                    timeout_ms: table.timeout_ms,
+                    simulated: table.simulated,
+                },
+                None,
+            )?;
+            Ok(Busy::Fallback(Fallback {
+                max_concurrent: check.range(
+                    field("fallback.max_concurrent"),
+                    table.max_concurrent,
+                    1,
+                    1..=10_000,
+                )?,
+                executor,
+            }))
+        }
+        other => Err(check.invalid(
+            field("busy"),
+            policy_span,
+            format!("{other:?} is not a busy policy; use \"refuse\", \"wait\" or \"fallback\""),
+        )),
+    }
+}
+
+/// The executor of a kind (`gpu_vram_mb`: the kind's `vram_mb`) or of its
+/// fallback (`None`: its jobs hold no GPU, so nothing may name one), from
+/// the keys of the table named `table`.
+fn executor_config(
+    check: Checker<'_>,
+    table: &str,
+    span: std::ops::Range<usize>,
+    raw: RawExecutor,
+    gpu_vram_mb: Option<u64>,
+) -> Result<ExecutorConfig, ConfigError> {
+    let field = |key: &str| format!("{table}.{key}");
+    let timeout = Duration::from_millis(check.range(
+        field("timeout_ms"),
+        raw.timeout_ms,
+        30_000,
+        1..=3_600_000,
+    )?);
     let executor_span = raw.executor.as_ref().map_or(span.clone(), Spanned::span);
     let executor_name = raw
         .executor
         .map_or_else(|| "simulated".to_owned(), Spanned::into_inner);
-    let executor = match executor_name.as_str() {
+    match executor_name.as_str() {
         "simulated" => {
             let sim = raw.simulated.unwrap_or_default();
-            ExecutorConfig::Simulated {
+            if gpu_vram_mb.is_none()
+                && let Some(gpu_key) = sim
+                    .actual_vram_mb
+                    .as_ref()
+                    .map(|v| ("actual_vram_mb", v.span()))
+                    .or_else(|| {
+                        sim.utilization_pct
+                            .as_ref()
+                            .map(|v| ("utilization_pct", v.span()))
+                    })
+            {
+                return Err(check.invalid(
+                    field(&format!("simulated.{}", gpu_key.0)),
+                    gpu_key.1,
+                    "a fallback job holds no GPU: only duration_ms applies",
+                ));
+            }
+            Ok(ExecutorConfig::Simulated {
                 duration: Duration::from_millis(check.range(
                     field("simulated.duration_ms"),
                     sim.duration_ms,
@@ -165,16 +399,16 @@ pub(super) fn kind_config(
                 actual_vram_mb: check.range(
                     field("simulated.actual_vram_mb"),
                     sim.actual_vram_mb,
-                    vram_mb,
+                    gpu_vram_mb.unwrap_or(0),
                     0..=10_000_000,
                 )?,
                 utilization_pct: check.range(
                     field("simulated.utilization_pct"),
                     sim.utilization_pct,
-                    10,
+                    if gpu_vram_mb.is_some() { 10 } else { 0 },
                     0..=100,
                 )?,
-            }
+            })
         }
         "http" => {
             let Some(url) = raw.url else {
@@ -198,10 +432,17 @@ pub(super) fn kind_config(
                     format!("{{{bad}}} is not a placeholder; use {{gpu_uuid}} or {{gpu_index}}"),
                 ));
             }
-            ExecutorConfig::Http {
+            if gpu_vram_mb.is_none() && url.get_ref().contains('{') {
+                return Err(check.invalid(
+                    field("url"),
+                    url.span(),
+                    "a fallback job runs on no GPU: its url cannot name one",
+                ));
+            }
+            Ok(ExecutorConfig::Http {
                 url: url.into_inner(),
                 timeout,
-            }
+            })
         }
         "command" => {
             let Some(command) = raw.command else {
@@ -218,42 +459,129 @@ pub(super) fn kind_config(
                     "the command needs at least a program",
                 ));
             }
-            ExecutorConfig::Command {
+            Ok(ExecutorConfig::Command {
                 argv: command.into_inner(),
                 timeout,
+            })
+        }
+        other => Err(check.invalid(
+            field("executor"),
+            executor_span,
+            format!("{other:?} is not an executor; use \"simulated\", \"http\" or \"command\""),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use lingua_shared::JobKind;
+
+    use super::*;
+    use crate::config::AgentConfig;
+
+    /// A node serving `[jobs.mt]` with `table` as the kind's keys.
+    fn kind(table: &str) -> Result<KindConfig, String> {
+        let text = format!(
+            "node_id = \"n1\"\n[capabilities]\nsrc_langs = [\"zh\"]\ntgt_langs = [\"en\"]\n[gpu]\nbackend = \"simulated\"\n[jobs.mt]\nvram_mb = 1000\n{table}\n"
+        );
+        AgentConfig::parse(&text)
+            .map(|config| config.jobs[&JobKind::new("mt").unwrap()].clone())
+            .map_err(|err| err.to_string())
+    }
+
+    #[test]
+    fn busy_defaults_to_wait_with_a_queue_wait_and_to_refuse_without() {
+        assert_eq!(kind("").unwrap().busy, Busy::Refuse);
+        assert_eq!(
+            kind("queue_wait_ms = 200").unwrap().busy,
+            Busy::Wait {
+                at_most: Some(Duration::from_millis(200))
             }
+        );
+        assert_eq!(
+            kind("busy = \"wait\"").unwrap().busy,
+            Busy::Wait { at_most: None },
+            "bounded by each job's deadline only"
+        );
+        assert_eq!(kind("busy = \"refuse\"").unwrap().busy, Busy::Refuse);
+    }
+
+    #[test]
+    fn a_fallback_is_an_executor_of_its_own() {
+        let config = kind(
+            "busy = \"fallback\"\n[jobs.mt.fallback]\nmax_concurrent = 3\nexecutor = \"command\"\ncommand = [\"/usr/bin/mt-cpu\"]\ntimeout_ms = 5000",
+        )
+        .unwrap();
+        assert_eq!(
+            config.busy,
+            Busy::Fallback(Fallback {
+                max_concurrent: 3,
+                executor: ExecutorConfig::Command {
+                    argv: vec!["/usr/bin/mt-cpu".into()],
+                    timeout: Duration::from_secs(5),
+                },
+            })
+        );
+        let implied =
+            kind("[jobs.mt.fallback]\n[jobs.mt.fallback.simulated]\nduration_ms = 900").unwrap();
+        assert_eq!(
+            implied.busy,
+            Busy::Fallback(Fallback {
+                max_concurrent: 1,
+                executor: ExecutorConfig::Simulated {
+                    duration: Duration::from_millis(900),
+                    actual_vram_mb: 0,
+                    utilization_pct: 0,
+                },
+            }),
+            "the table alone means busy = \"fallback\""
+        );
+    }
+
+    #[test]
+    fn busy_settings_that_contradict_each_other_are_errors() {
+        let cases = [
+            (
+                "busy = \"later\"",
+                "jobs.mt.busy (line 9): \"later\" is not a busy policy",
+            ),
+            (
+                "busy = \"fallback\"",
+                "busy = \"fallback\" needs a [jobs.mt.fallback] table",
+            ),
+            (
+                "busy = \"refuse\"\nqueue_wait_ms = 100",
+                "queue_wait_ms applies to busy = \"wait\" only",
+            ),
+            (
+                "busy = \"wait\"\nqueue_wait_ms = 0",
+                "queue_wait_ms = 0 would refuse at once",
+            ),
+            (
+                "busy = \"wait\"\n[jobs.mt.fallback]",
+                "runs only with busy = \"fallback\"; this kind has busy = \"wait\"",
+            ),
+            (
+                "[jobs.mt.fallback]\nmax_concurrent = 0",
+                "jobs.mt.fallback.max_concurrent",
+            ),
+            (
+                "[jobs.mt.fallback]\nexecutor = \"http\"\nurl = \"http://127.0.0.1:8001/{gpu_uuid}\"",
+                "a fallback job runs on no GPU: its url cannot name one",
+            ),
+            (
+                "[jobs.mt.fallback]\n[jobs.mt.fallback.simulated]\nactual_vram_mb = 10",
+                "jobs.mt.fallback.simulated.actual_vram_mb",
+            ),
+            ("[jobs.mt.fallback]\nvram_mb = 10", "vram_mb"),
+            (
+                "queue_wait_ms = 100\n[jobs.mt.fallback]",
+                "queue_wait_ms makes this kind wait",
+            ),
+        ];
+        for (table, expected) in cases {
+            let error = kind(table).unwrap_err();
+            assert!(error.contains(expected), "{table:?}: {error}");
         }
-        other => {
-            return Err(check.invalid(
-                field("executor"),
-                executor_span,
-                format!("{other:?} is not an executor; use \"simulated\", \"http\" or \"command\""),
-            ));
-        }
-    };
-    // A command loads its model on every run; a service or the simulator
-    // holds its memory already, so one reading shows a job's memory.
-    let default_load_ms = match executor {
-        ExecutorConfig::Command { .. } => 10_000,
-        ExecutorConfig::Simulated { .. } | ExecutorConfig::Http { .. } => 0,
-    };
-    Ok(KindConfig {
-        vram_mb,
-        load_time: Duration::from_millis(check.range(
-            field("load_time_ms"),
-            load_time_field,
-            default_load_ms,
-            0..=3_600_000,
-        )?),
-        priority: check.range(field("priority"), raw.priority, 50, 0..=100)?,
-        max_concurrent: check.range(field("max_concurrent"), raw.max_concurrent, 1, 1..=10_000)?,
-        queue_wait: Duration::from_millis(check.range(
-            field("queue_wait_ms"),
-            raw.queue_wait_ms,
-            0,
-            0..=60_000,
-        )?),
-        on_vram_overrun,
-        executor,
-    })
+    }
 }

@@ -227,6 +227,7 @@ mod tests {
                 gpu_problem: None,
                 room: None,
                 running: Some(1),
+                fallback_slots: BTreeMap::new(),
             }),
             gpus: Vec::new(),
             last_seen_ms: 0,

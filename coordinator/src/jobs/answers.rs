@@ -5,14 +5,14 @@ use super::*;
 
 impl JobRouter {
     /// A node's connection of `epoch` accepted or refused an assignment.
-    /// Returns the attempt's kind when the attempt is known here and the
+    /// Returns the attempt's route when the attempt is known here and the
     /// connection is the node's current one.
     pub fn answer(
         &self,
         (node, epoch): (&NodeId, u64),
         key: &JobRef,
         refusal: Option<(RejectReason, String)>,
-    ) -> Option<JobKind> {
+    ) -> Option<Route> {
         if !self.registry.is_current(node, epoch) {
             return None;
         }
@@ -27,14 +27,14 @@ impl JobRouter {
                 None => AttemptEvent::Accepted,
                 Some((reason, message)) => AttemptEvent::Rejected(reason, message),
             });
-            return Some(attempt.kind.clone());
+            return Some(attempt.route.clone());
         }
         let mut forwarded = lock(&self.forwarded);
         let entry = forwarded.get_mut(key).filter(|f| &f.node == node)?;
         if std::mem::take(&mut entry.counted) {
-            self.hints.answered(node, &entry.kind);
+            self.hints.answered(node, &entry.route);
         }
-        let (kind, origin) = (entry.kind.clone(), entry.origin.clone());
+        let (route, origin) = (entry.route.clone(), entry.origin.clone());
         let answer = match refusal {
             None => RemoteAnswer::Accepted,
             Some((reason, message)) => {
@@ -46,14 +46,14 @@ impl JobRouter {
         };
         drop(forwarded);
         self.tell_later(origin, key.clone(), answer);
-        Some(kind)
+        Some(route)
     }
 
     /// A node reported a result: record it (fenced by node and attempt),
     /// wake the dispatcher, and say whether the node may drop it from its
     /// outbox.
     pub async fn result(&self, node: &NodeId, result: &JobResult) -> Result<Taken, StoreError> {
-        let (completed, outcome) = match &result.outcome {
+        let (completed, mut outcome) = match &result.outcome {
             Outcome::Completed { output } => (true, json!({"output": output})),
             Outcome::Failed { code, message } => {
                 let code = match code {
@@ -66,6 +66,9 @@ impl JobRouter {
                 (false, json!({"error": {"code": code, "message": message}}))
             }
         };
+        if let Some(device) = result.device {
+            outcome["device"] = json!(device);
+        }
         let finish = self
             .store
             .job_finish(
@@ -136,7 +139,7 @@ impl JobRouter {
                 .filter_map(|key| {
                     let ended = forwarded.remove(&key)?;
                     if ended.counted {
-                        self.hints.answered(node, &ended.kind);
+                        self.hints.answered(node, &ended.route);
                     }
                     Some((key, ended.origin))
                 })

@@ -9,7 +9,7 @@ impl JobRouter {
     pub(super) async fn try_node(
         &self,
         job: &Job,
-        node: &NodeId,
+        (node, device): (&NodeId, DeviceChoice),
         attempt: u32,
         deadline: Instant,
         assigned: Assigned,
@@ -18,17 +18,6 @@ impl JobRouter {
             job_id: job.id.clone(),
             attempt,
         };
-        let (tx, mut events) = mpsc::unbounded_channel();
-        lock(&self.attempts).insert(
-            key.clone(),
-            Attempt {
-                node: node.clone(),
-                kind: job.kind.clone(),
-                events: tx,
-                assigned: Some(assigned),
-                holder: None,
-            },
-        );
         let remaining = deadline.saturating_duration_since(Instant::now());
         let assign = JobAssign {
             job_id: job.id.clone(),
@@ -40,7 +29,23 @@ impl JobRouter {
             timeout_ms: u64::try_from(remaining.as_millis())
                 .unwrap_or(u64::MAX)
                 .max(1),
+            device,
+            answer_within_ms: Some(
+                u64::try_from(self.config.accept_timeout.min(remaining).as_millis())
+                    .unwrap_or(u64::MAX),
+            ),
         };
+        let (tx, mut events) = mpsc::unbounded_channel();
+        lock(&self.attempts).insert(
+            key.clone(),
+            Attempt {
+                node: node.clone(),
+                route: route_of(&assign),
+                events: tx,
+                assigned: Some(assigned),
+                holder: None,
+            },
+        );
         self.metrics.assignments.inc();
         let delivered = if self.registry.get(node).is_some() {
             let assign = Message::JobAssign(assign);

@@ -1,6 +1,7 @@
 //! A job's dispatch: pick a node (in its turn in the admission queue while
 //! no node has room), record the attempt, follow it, move on or end.
 
+use super::pick::Picked;
 use super::*;
 use tracing::Instrument;
 
@@ -20,17 +21,19 @@ impl JobRouter {
                     Err(failure) => return self.fail(state, failure).await,
                 }
             }
-            if let Some(waiting) = &seat
-                && !waiting.turn(self.latest_start(state)).await
-            {
+            let turn = match &seat {
+                Some(waiting) => waiting.turn(self.latest_start(state)).await,
+                None => Some(Turn::Head),
+            };
+            let Some(turn) = turn else {
                 let failure = self.waited_too_long(state);
                 return self.fail(state, failure).await;
-            }
+            };
             let wakes = lock(&self.queues).wakes(&state.key);
-            let (node, assigned) = match self.pick(state).await? {
-                Picked::Node(node, assigned) => {
+            let (node, assigned, device) = match self.pick(state, turn).await? {
+                Picked::Node(node, assigned, device) => {
                     self.granted(state, seat.take());
-                    (node, assigned)
+                    (node, assigned, device)
                 }
                 Picked::NoNodes => {
                     // Nothing serves the pair and kind: waiting would only
@@ -40,21 +43,8 @@ impl JobRouter {
                     return self.fail(state, failure).await;
                 }
                 Picked::NoCapacity => {
-                    // Every node is full, or every node with room was tried
-                    // already: nodes that refused may have room by the next
-                    // report, so they become candidates again.
-                    state.excluded.clear();
-                    if seat.is_none() {
-                        match self.sit(state) {
-                            Ok(joined) => seat = Some(joined),
-                            Err(failure) => return self.fail(state, failure).await,
-                        }
-                    }
-                    if let Some(waiting) = &seat
-                        && lock(&self.queues).wakes(&state.key) != wakes
-                    {
-                        // A report landed during the pick: try again.
-                        waiting.turn.notify_one();
+                    if let Err(failure) = self.wait_for_room(state, &mut seat, wakes) {
+                        return self.fail(state, failure).await;
                     }
                     continue;
                 }
@@ -65,12 +55,21 @@ impl JobRouter {
             let sent = Instant::now();
             let span = tracing::info_span!("attempt", node_id = %node, attempt = state.attempt);
             match self
-                .try_node(job, &node, state.attempt, state.deadline, assigned)
+                .try_node(
+                    job,
+                    (&node, device),
+                    state.attempt,
+                    state.deadline,
+                    assigned,
+                )
                 .instrument(span)
                 .await
             {
                 Tried::Finished => {
-                    lock(&self.queues).ran(&state.key, sent.elapsed());
+                    if device == DeviceChoice::Gpu {
+                        // What the queue expects a job to take: on a GPU.
+                        lock(&self.queues).ran(&state.key, sent.elapsed());
+                    }
                     return Ok(self.wait_remote(&job.id, state.deadline).await?);
                 }
                 Tried::Refused(message) => {
@@ -87,6 +86,29 @@ impl JobRouter {
         }
     }
 
+    /// No node had room (or every node with room was tried already): the
+    /// job waits in its queue for a report of room. Nodes that refused may
+    /// have room by then, so they become candidates again. A report that
+    /// landed during the pick (`wakes` moved on) makes it try again at
+    /// once.
+    fn wait_for_room<'a>(
+        &'a self,
+        state: &mut Dispatch<'_>,
+        seat: &mut Option<Seat<'a>>,
+        wakes: u64,
+    ) -> Result<(), Failure> {
+        state.excluded.clear();
+        if seat.is_none() {
+            *seat = Some(self.sit(state)?);
+        }
+        if let Some(waiting) = seat
+            && lock(&self.queues).wakes(&state.key) != wakes
+        {
+            waiting.turn.notify_one();
+        }
+        Ok(())
+    }
+
     /// A seat in the job's queue, or why it cannot wait there: the queues
     /// are full, or this one cannot serve it before its deadline.
     fn sit<'a>(&'a self, state: &mut Dispatch<'_>) -> Result<Seat<'a>, Failure> {
@@ -98,6 +120,7 @@ impl JobRouter {
             tenant: job.tenant.clone(),
             turn: Arc::clone(&turn),
             arrival: state.arrival,
+            fallback: job.device == DeviceChoice::Any,
         };
         let now = Instant::now();
         let mut queues = lock(&self.queues);
@@ -235,42 +258,6 @@ impl JobRouter {
             .set(depth);
     }
 
-    /// One `route_pick`, and the assignment counted in the chosen node's
-    /// hints before any routing update of the pair is computed.
-    /// A node held here whose hints (exact, whatever pair took its memory)
-    /// say it has no room, although the pair's record in Redis did (a pick
-    /// through another pair took the memory since that record was
-    /// written), is passed over, and the record corrected.
-    async fn pick(&self, state: &mut Dispatch<'_>) -> Result<Picked, StoreError> {
-        let job = state.job;
-        let _picking = self.hints.picking(job.pair).await;
-        loop {
-            let pick = self
-                .store
-                .route_pick(
-                    job.pair,
-                    &job.kind,
-                    job.session.as_deref(),
-                    SESSION_AFFINITY,
-                    self.config.pick,
-                    &state.excluded,
-                )
-                .await?;
-            let node = match pick {
-                Pick::Node(node) => node,
-                Pick::NoNodes => return Ok(Picked::NoNodes),
-                Pick::NoCapacity => return Ok(Picked::NoCapacity),
-            };
-            if self.hints.lacks_room(&node, &job.kind) {
-                self.hints.due([job.pair], &node);
-                state.excluded.push(node);
-                continue;
-            }
-            let assigned = self.hints.assign(&node, &job.kind, job.pair);
-            return Ok(Picked::Node(node, assigned));
-        }
-    }
-
     /// Records the next attempt, on `node`. False when the job is another
     /// dispatcher's (moved on by one).
     async fn record_attempt(
@@ -334,19 +321,20 @@ struct Seat<'a> {
 }
 
 impl Seat<'_> {
-    /// Waits until the job heads its queue and a report says there may be
-    /// room; false once `deadline` passed.
-    async fn turn(&self, deadline: Instant) -> bool {
+    /// Waits until a report says there may be room and the job may try
+    /// (it heads its queue, or stands in for the head on the fallback's
+    /// room); `None` once `deadline` passed.
+    async fn turn(&self, deadline: Instant) -> Option<Turn> {
         loop {
             if tokio::time::timeout_at(deadline, self.turn.notified())
                 .await
                 .is_err()
             {
-                return false;
+                return None;
             }
             let mut queues = lock(&self.router.queues);
-            if queues.is_head(&self.key, &self.id) {
-                return true;
+            if let Some(turn) = queues.turn(&self.key, &self.id) {
+                return Some(turn);
             }
             // Woken while another job had moved ahead: its turn.
             queues.wake(&self.key);
@@ -363,13 +351,6 @@ impl Drop for Seat<'_> {
         queues.leave(&self.key, &self.id);
         self.router.show_depth(&queues, &self.key);
     }
-}
-
-/// A pick, with the chosen node's assignment counted.
-enum Picked {
-    Node(NodeId, Assigned),
-    NoNodes,
-    NoCapacity,
 }
 
 /// Why a job ended without a node's answer.
@@ -411,13 +392,13 @@ impl Failure {
 /// One job's dispatch between attempts: what it was, where it stands,
 /// what it may still do. Pure: the router does the IO.
 pub(in crate::jobs) struct Dispatch<'a> {
-    job: &'a Job,
+    pub(in crate::jobs) job: &'a Job,
     /// Its admission queue.
     key: QueueKey,
     /// When it times out.
     deadline: Instant,
     /// Nodes that refused or lost it since the last capacity wait.
-    excluded: Vec<NodeId>,
+    pub(in crate::jobs) excluded: Vec<NodeId>,
     /// Its place in its queue, once it joined: back after a refusal, it
     /// keeps it.
     arrival: Option<u64>,

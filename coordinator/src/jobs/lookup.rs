@@ -24,6 +24,7 @@ impl JobRouter {
                     id: id.to_string(),
                     status: JobStatus::Running,
                     node_id: None,
+                    device: None,
                     attempts: 0,
                     output: None,
                     error: None,

@@ -41,21 +41,21 @@ impl JobRouter {
         self.store.other_live_holder(node, &self.instance).await
     }
 
-    /// Records that the node's answers to `job` (of `kind`, through
+    /// Records that the node's answers to `job` (sent through `route` of
     /// `pair`) belong to `origin`.
     pub fn note_forwarded(
         &self,
         job: JobRef,
         node: &NodeId,
-        (kind, pair): (JobKind, LangPair),
+        (route, pair): (Route, LangPair),
         origin: &str,
     ) {
-        self.hints.assigned(node, &kind, pair);
+        self.hints.assigned(node, &route, pair);
         lock(&self.forwarded).insert(
             job,
             Forwarded {
                 node: node.clone(),
-                kind,
+                route,
                 origin: origin.to_owned(),
                 counted: true,
             },
@@ -67,7 +67,7 @@ impl JobRouter {
     pub(super) fn end_forwarded(&self, job: &JobRef) -> Option<Forwarded> {
         let ended = lock(&self.forwarded).remove(job)?;
         if ended.counted {
-            self.hints.answered(&ended.node, &ended.kind);
+            self.hints.answered(&ended.node, &ended.route);
         }
         Some(ended)
     }

@@ -27,6 +27,9 @@ pub struct JobRequest {
     /// Whom the fair share of the admission queue counts it for; the
     /// client token when absent.
     pub tenant: Option<String>,
+    /// Where it may run: `"gpu"` only, or `"any"` (the default): a kind's
+    /// fallback executor too, once no node of the pair has GPU room.
+    pub device: Option<String>,
 }
 
 /// The priority of a job that names none.
@@ -55,6 +58,8 @@ pub struct Job {
     pub priority: u8,
     /// Whom the admission queue's fair share counts it for.
     pub tenant: String,
+    /// Where it may run.
+    pub device: DeviceChoice,
     /// Whether `priority` and `tenant` were given (they are then part of
     /// the canonical request).
     explicit: (bool, bool),
@@ -117,6 +122,15 @@ impl Job {
             }
             t => t,
         };
+        let device = match request.device.as_deref() {
+            None | Some("any") => DeviceChoice::Any,
+            Some("gpu") => DeviceChoice::Gpu,
+            Some(other) => {
+                return Err(format!(
+                    "device must be \"gpu\" (a GPU only) or \"any\" (the default: a kind's CPU fallback too), not {other:?}"
+                ));
+            }
+        };
         Ok(Self {
             id,
             kind,
@@ -127,6 +141,7 @@ impl Job {
             explicit: (priority.is_some(), tenant.is_some()),
             priority: priority.unwrap_or(DEFAULT_PRIORITY),
             tenant: tenant.unwrap_or_else(|| owner.clone()),
+            device,
             owner,
         })
     }
@@ -152,6 +167,9 @@ impl Job {
         if self.explicit.1 {
             request["tenant"] = json!(self.tenant);
         }
+        if self.device == DeviceChoice::Gpu {
+            request["device"] = json!(self.device);
+        }
         request.to_string()
     }
 }
@@ -169,6 +187,8 @@ impl Job {
             session_id: self.session.clone(),
             payload: Value::Null,
             timeout_ms: u64::MAX,
+            device: DeviceChoice::Gpu,
+            answer_within_ms: Some(u64::MAX),
         });
         encoded_len(&envelope) - "null".len() + encoded_len(&self.payload)
     }

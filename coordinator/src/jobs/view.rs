@@ -55,6 +55,10 @@ pub struct JobView {
     /// The node of the last attempt.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node_id: Option<String>,
+    /// Where it ran, once its node answered: `gpu`, or `cpu` (a kind's
+    /// fallback executor, or a node without GPUs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
     /// Attempts made.
     pub attempts: u32,
     /// The executor's output, when completed.
@@ -76,6 +80,7 @@ impl JobView {
             id: id.to_string(),
             status: record.status,
             node_id: record.node.clone().filter(|n| !n.is_empty()),
+            device: outcome["device"].as_str().map(str::to_owned),
             attempts: record.attempt,
             output: (record.status == JobStatus::Completed).then(|| outcome["output"].clone()),
             error: (record.status == JobStatus::Failed).then(|| outcome["error"].clone()),

@@ -93,15 +93,15 @@ pub(super) fn reject(services: &NodeServices, session: &mut Session, reject: Job
         attempt: reject.attempt,
     };
     let reason = reject.reason;
-    let kind = services.router.answer(
+    let route = services.router.answer(
         (&session.node, session.epoch),
         &key,
         Some((reason, reject.message)),
     );
     // The node is full for that kind, whatever its last report said:
     // route nothing more of it there until it reports room again.
-    if let (Some(kind), RejectReason::NoCapacity) = (kind, reason) {
-        services.hints.full(&session.node, &kind);
+    if let (Some(route), RejectReason::NoCapacity) = (route, reason) {
+        services.hints.full(&session.node, &route);
         session.publish(services);
     }
     Handled::Fine

@@ -27,13 +27,13 @@ impl Store {
             .arg(max_nodes_per_pool)
             .arg(millis(lease));
         for kind in kinds {
-            invocation.key(keys.served(kind));
+            invocation.key(keys.served(&Route::gpu(kind)));
         }
         self.invoke("pool_join", invocation).await
     }
 
     /// Takes a node out of `pair`: pool seat, lease and routing entries of
-    /// `kinds`. Returns whether it was a member.
+    /// `kinds` (GPU and fallback). Returns whether it was a member.
     pub async fn pool_leave(
         &self,
         pair: LangPair,
@@ -41,6 +41,10 @@ impl Store {
         kinds: &[JobKind],
     ) -> Result<bool, StoreError> {
         let keys = PairKeys::new(pair);
+        let routes: Vec<Route> = kinds
+            .iter()
+            .flat_map(|kind| [Route::gpu(kind), Route::fallback(kind)])
+            .collect();
         let mut invocation = self.scripts.pool_leave.prepare_invoke();
         invocation
             .key(&keys.members)
@@ -48,17 +52,17 @@ impl Store {
             .key(&keys.room)
             .key(&keys.leases)
             .key(&keys.next_pool);
-        for kind in kinds {
-            invocation.key(keys.route(kind));
+        for route in &routes {
+            invocation.key(keys.route(route));
         }
-        for kind in kinds {
-            invocation.key(keys.free(kind));
+        for route in &routes {
+            invocation.key(keys.free(route));
         }
-        for kind in kinds {
-            invocation.key(keys.served(kind));
+        for route in &routes {
+            invocation.key(keys.served(route));
         }
         invocation.key(keys.memory());
-        invocation.arg(node.as_str()).arg(kinds.len());
+        invocation.arg(node.as_str()).arg(routes.len());
         let was_member: i64 = self.invoke("pool_leave", invocation).await?;
         Ok(was_member == 1)
     }
@@ -72,29 +76,29 @@ impl Store {
         lease: Duration,
     ) -> Result<RouteUpdated, StoreError> {
         let keys = PairKeys::new(pair);
-        let mut kinds: Vec<&JobKind> = entries.iter().flat_map(|e| e.free.keys()).collect();
-        kinds.sort_unstable();
-        kinds.dedup();
+        let mut routes: Vec<&Route> = entries.iter().flat_map(|e| e.free.keys()).collect();
+        routes.sort_unstable();
+        routes.dedup();
         let mut invocation = self.scripts.route_update.prepare_invoke();
         invocation.key(&keys.leases).key(keys.memory());
-        for kind in &kinds {
-            invocation.key(keys.route(kind));
+        for route in &routes {
+            invocation.key(keys.route(route));
         }
-        for kind in &kinds {
-            invocation.key(keys.free(kind));
+        for route in &routes {
+            invocation.key(keys.free(route));
         }
-        for kind in &kinds {
-            invocation.key(keys.served(kind));
+        for route in &routes {
+            invocation.key(keys.served(route));
         }
         invocation.key(keys.waiting());
-        invocation.arg(millis(lease)).arg(kinds.len());
+        invocation.arg(millis(lease)).arg(routes.len());
         for entry in entries {
             let room = entry.room.as_ref().map_or_else(String::new, |room| {
                 serde_json::to_string(room).unwrap_or_default()
             });
             invocation.arg(entry.node.as_str()).arg(room);
-            for kind in &kinds {
-                let free = entry.free.get(*kind).map_or(-1, |&n| i64::from(n));
+            for route in &routes {
+                let free = entry.free.get(*route).map_or(-1, |&n| i64::from(n));
                 invocation.arg(free);
             }
         }
@@ -138,7 +142,7 @@ impl Store {
     pub async fn route_pick(
         &self,
         pair: LangPair,
-        kind: &JobKind,
+        route: &Route,
         session: Option<&str>,
         affinity: Duration,
         policy: PickPolicy,
@@ -147,16 +151,16 @@ impl Store {
         let keys = PairKeys::new(pair);
         let mut invocation = self.scripts.route_pick.prepare_invoke();
         invocation
-            .key(keys.route(kind))
-            .key(keys.free(kind))
+            .key(keys.route(route))
+            .key(keys.free(route))
             .key(&keys.leases)
             .key(keys.session(session.unwrap_or("")))
             .key(keys.memory())
-            .key(keys.served(kind))
+            .key(keys.served(route))
             .arg(if session.is_some() { "1" } else { "0" })
             .arg(millis(affinity))
             .arg(policy.as_str())
-            .arg(kind.as_str());
+            .arg(route.to_string());
         for node in excluded {
             invocation.arg(node.as_str());
         }

@@ -4,7 +4,9 @@
 //! agents with simulated GPUs of different sizes over several language
 //! pairs, drives a burst-and-lull speech-translation load through the HTTP
 //! API, kills one agent part-way so its jobs are routed elsewhere, and
-//! prints a summary. Exits 0 only when every job reached a terminal state.
+//! prints a summary. Translation has a CPU fallback (`busy = "fallback"`):
+//! when the GPUs are full, translation jobs run on it, and the summary
+//! counts them. Exits 0 only when every job reached a terminal state.
 //!
 //! `--speech` runs real speech instead (see [`speech`]).
 #![forbid(unsafe_code)]
@@ -150,6 +152,10 @@ max_concurrent = 12
 [jobs.translate.simulated]
 duration_ms = 90
 utilization_pct = 6
+[jobs.translate.fallback]
+max_concurrent = 4
+[jobs.translate.fallback.simulated]
+duration_ms = 250
 [jobs.tts]
 vram_mb = 4000
 priority = 50
@@ -230,6 +236,8 @@ impl DemoAgent {
 struct Tally {
     latencies_ms: Vec<u64>,
     completed: usize,
+    /// Completed on a CPU fallback executor.
+    on_cpu: usize,
     failed: BTreeMap<String, usize>,
     rerouted: usize,
     unanswered: usize,
@@ -538,6 +546,9 @@ async fn run_load(
             match answer {
                 Some(job) if job["status"] == "completed" => {
                     tally.completed += 1;
+                    if job["device"] == "cpu" {
+                        tally.on_cpu += 1;
+                    }
                     tally
                         .latencies_ms
                         .push(job["latency_ms"].as_u64().unwrap_or(0));
@@ -600,6 +611,10 @@ async fn run_load(
         println!("    e.g. {example}");
     }
     println!("  without an answer    {}", tally.unanswered);
+    println!(
+        "  cpu fallback         {} translate jobs ran on it while no GPU had room",
+        tally.on_cpu
+    );
     println!(
         "  throughput           {:.0} jobs/s over {elapsed:.1} s",
         total as f64 / elapsed

@@ -9,6 +9,7 @@
 //! --workspace`, then run `target/release/lingua-bench`.
 #![forbid(unsafe_code)]
 
+mod busy;
 mod coordinators;
 mod fleet_scale;
 mod footprint;
@@ -68,6 +69,8 @@ enum Scenario {
     Footprint,
     /// Throughput with 1, 2 and 3 coordinators on one Redis.
     Coordinators,
+    /// 150 % of the GPUs' capacity, with and without a CPU fallback.
+    Busy,
 }
 
 /// Options every scenario sees.
@@ -145,6 +148,7 @@ fn main() -> ExitCode {
                 Scenario::Mixed => mixed::run(&options).await,
                 Scenario::Footprint => footprint::run(&options).await,
                 Scenario::Coordinators => coordinators::run(&options).await,
+                Scenario::Busy => busy::run(&options).await,
             }
         });
         match outcome {
@@ -218,6 +222,11 @@ pub struct SimAgent<'a> {
 impl SimAgent<'_> {
     /// The config.
     pub fn config(&self) -> Result<AgentConfig, BenchError> {
+        self.config_with("")
+    }
+
+    /// The config, with `tables` (TOML) after the kind's.
+    pub fn config_with(&self, tables: &str) -> Result<AgentConfig, BenchError> {
         let text = format!(
             r#"
 node_id = "{node_id}"
@@ -238,6 +247,7 @@ max_concurrent = {max}
 [jobs.translate.simulated]
 duration_ms = {duration}
 utilization_pct = {utilization}
+{tables}
 "#,
             node_id = self.node_id,
             url = self.url,

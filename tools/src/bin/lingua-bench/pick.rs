@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures_util::future::try_join_all;
 use lingua_coordinator::config::PickPolicy;
 use lingua_coordinator::metrics::Metrics;
-use lingua_coordinator::store::{Pick, RouteEntry, Store};
+use lingua_coordinator::store::{Pick, Route, RouteEntry, Store};
 use lingua_shared::{JobKind, LangPair, NodeId};
 use tokio::time::Instant;
 
@@ -78,7 +78,7 @@ async fn measure(
             .iter()
             .map(|node| RouteEntry {
                 node: node.clone(),
-                free: BTreeMap::from([(kind.clone(), 1_000_000)]),
+                free: BTreeMap::from([(Route::gpu(&kind), 1_000_000)]),
                 room: None,
             })
             .collect();
@@ -96,7 +96,14 @@ async fn measure(
     for _ in 0..PICKS {
         let started = Instant::now();
         let pick = store
-            .route_pick(pair, &kind, None, Duration::ZERO, PickPolicy::Capacity, &[])
+            .route_pick(
+                pair,
+                &Route::gpu(&kind),
+                None,
+                Duration::ZERO,
+                PickPolicy::Capacity,
+                &[],
+            )
             .await
             .map_err(|e| e.to_string())?;
         round_trips.push(started.elapsed());

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use lingua_coordinator::config::PickPolicy;
 use lingua_coordinator::metrics::Metrics;
-use lingua_coordinator::store::{Pick, RouteEntry, Store};
+use lingua_coordinator::store::{Pick, Route, RouteEntry, Store};
 use lingua_shared::{JobId, JobKind, LangPair, NodeId};
 use lingua_tests::fleet::{CoordinatorProcess, free_local_addr, proc_sample, redis_counters};
 use serde_json::json;
@@ -169,7 +169,14 @@ async fn ceiling(redis_url: &str, clients: u32, window: Duration) -> Result<f64,
                 let mut serial = 0u64;
                 while Instant::now() < end {
                     let node = match store
-                        .route_pick(pair, &kind, None, Duration::ZERO, PickPolicy::Capacity, &[])
+                        .route_pick(
+                            pair,
+                            &Route::gpu(&kind),
+                            None,
+                            Duration::ZERO,
+                            PickPolicy::Capacity,
+                            &[],
+                        )
                         .await
                     {
                         Ok(Pick::Node(node)) => node,
@@ -213,7 +220,7 @@ pub fn with_room(nodes: impl Iterator<Item = NodeId>, kind: &JobKind) -> Vec<Rou
     nodes
         .map(|node| RouteEntry {
             node,
-            free: BTreeMap::from([(kind.clone(), SLOTS)]),
+            free: BTreeMap::from([(Route::gpu(kind), SLOTS)]),
             room: None,
         })
         .collect()
