@@ -61,10 +61,12 @@ mod pick;
 mod remote;
 mod request;
 mod submit;
+mod timing;
 mod view;
 
 pub use request::{DEFAULT_PRIORITY, Job, JobRequest};
 pub use submit::Submitted;
+pub use timing::Timing;
 pub use view::{JobErrorCode, JobView};
 
 /// What a dispatch task hears about its current attempt.

@@ -18,6 +18,7 @@
 //! - [`hints`]: what routing is told about the nodes held here.
 //! - [`queue`]: the admission queue, per pair and kind.
 //! - [`route_batch`]: routing updates batched per language pair.
+//! - [`heartbeats`]: heartbeats recorded in Redis in batches.
 //! - [`registry`]: node sockets held by this instance.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`recent`]: the last minute of jobs, for the fleet view.
@@ -31,6 +32,7 @@ pub mod config;
 pub mod drain;
 pub mod fleet;
 pub mod forward;
+pub mod heartbeats;
 pub mod hints;
 pub mod http;
 pub mod inbox;

@@ -74,6 +74,14 @@ pub struct KindLabel {
     pub kind: String,
 }
 
+/// Label: a stage of a job's dispatch (`start`, `queue`, `pick`,
+/// `record`, `accept`, `run`, `answer`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StageLabel {
+    /// The stage.
+    pub stage: String,
+}
+
 /// Label: this build's version.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VersionLabel {
@@ -130,6 +138,8 @@ pub struct Metrics {
     pub redis_up: Gauge,
     /// Jobs dispatched here, submission to answer, by kind.
     pub job_seconds: HistogramFamily<KindLabel>,
+    /// Where the time of jobs dispatched here went, by stage.
+    pub stage_seconds: HistogramFamily<StageLabel>,
     /// The last minute of jobs, for the fleet view.
     pub recent: Recent,
 }
@@ -149,6 +159,11 @@ fn script_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_05, 2.0, 15))
 }
 
+fn stage_histogram() -> Histogram {
+    // 50 µs .. ~52 s: a stage can be a whole job's run.
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 21))
+}
+
 /// The help text of each metric, as `/metrics` shows it.
 mod help {
     pub const NODES_CONNECTED: &str = "Node sockets held by this coordinator instance";
@@ -157,7 +172,9 @@ mod help {
     pub const REGISTRATIONS: &str = "Node registrations by outcome";
     pub const HEARTBEATS: &str = "Heartbeats received";
     pub const FRAMES_REJECTED: &str = "Node frames answered with an error frame, by code";
-    pub const SCRIPT_SECONDS: &str = "Latency of Redis script calls";
+    pub const SCRIPT_SECONDS: &str =
+        "Latency of Redis script calls (a pipelined batch of heartbeats counts once)";
+    pub const STAGE_SECONDS: &str = "Where the time of jobs dispatched here went, by stage: start (recording the job), queue (waiting for room), pick (choosing a node), record (recording the attempt), accept (assignment to the node's answer), run (accept to result), answer (result to answer)";
     pub const POOL_NODES: &str = "Nodes per pool held by this instance (refreshed at each scrape)";
     pub const JOBS: &str = "Jobs dispatched here that ended, by status or error code";
     pub const RESULTS: &str = "Node results: applied, duplicate (already ended), stale (superseded attempt) or foreign (assigned to another node: refused)";
@@ -242,6 +259,12 @@ impl Default for Metrics {
                 help::FLEET_SNAPSHOTS,
                 Counter::default(),
             ),
+            stage_seconds: register(
+                r,
+                "job_stage_seconds",
+                help::STAGE_SECONDS,
+                HistogramFamily::new_with_constructor(stage_histogram as fn() -> Histogram),
+            ),
             recent: Recent::default(),
             registry: root,
         }
@@ -314,6 +337,15 @@ impl Metrics {
                 script: script.to_owned(),
             })
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// Records how long one job spent in one `stage` of its dispatch.
+    pub fn stage(&self, stage: &str, took: Duration) {
+        self.stage_seconds
+            .get_or_create(&StageLabel {
+                stage: stage.to_owned(),
+            })
+            .observe(took.as_secs_f64());
     }
 
     /// Counts one registration outcome.

@@ -30,6 +30,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::NodeCredentials;
 use crate::config::Config;
+use crate::heartbeats::HeartbeatBatcher;
 use crate::hints::Hints;
 use crate::jobs::JobRouter;
 use crate::listener::{ConnectionPermit, PeerAddr};
@@ -66,6 +67,8 @@ pub struct NodeServices {
     pub registry: Arc<Registry>,
     /// Pending routing updates.
     pub batcher: Arc<RouteBatcher>,
+    /// Heartbeats waiting to be recorded in Redis.
+    pub heartbeats: Arc<HeartbeatBatcher>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Job routing: answers, refusals and re-dispatch of lost attempts.
@@ -330,7 +333,7 @@ async fn handle(
     message: Message,
 ) -> Result<Handled, Ending> {
     match message {
-        Message::Heartbeat(heartbeat) => frames::heartbeat(services, session, heartbeat).await,
+        Message::Heartbeat(heartbeat) => Ok(frames::heartbeat(services, session, heartbeat)),
         Message::Capacity(capacity) => {
             session.reported(services, capacity);
             session.publish_soon(services);

@@ -134,6 +134,16 @@ impl Registry {
         }
     }
 
+    /// Sends a control message to `node`'s connection of `epoch`, and to
+    /// no newer one. Returns whether it was delivered.
+    pub fn send_to(&self, node: &NodeId, epoch: u64, control: Control) -> bool {
+        let nodes = self.lock();
+        nodes
+            .get(node)
+            .filter(|n| n.epoch == epoch)
+            .is_some_and(|n| n.control.try_send(control).is_ok())
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, LocalNode>> {
         // A panic while holding this lock cannot leave the map half-written
         // (every operation is a single map call), so a poisoned lock is safe

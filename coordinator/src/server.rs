@@ -18,6 +18,7 @@ use crate::auth::{ApiTokens, NodeCredentials};
 use crate::config::Config;
 use crate::drain::Drainer;
 use crate::fleet::{self, Live};
+use crate::heartbeats::HeartbeatBatcher;
 use crate::hints::Hints;
 use crate::http::{access, fleet as fleet_view, jobs, nodes, ops, ui};
 use crate::inbox::{self, Peers};
@@ -93,7 +94,13 @@ fn services(
         metrics.clone(),
         shutdown.clone(),
     ));
+    let heartbeats = Arc::new(HeartbeatBatcher::new(
+        store.clone(),
+        registry.clone(),
+        (config.lease(), config.offline_retention),
+    ));
     NodeServices {
+        heartbeats,
         credentials: NodeCredentials {
             shared: config.node_tokens.clone(),
             secret: config.node_secret.clone(),
@@ -152,6 +159,7 @@ pub async fn run(
     let listen = listener.local_addr()?.to_string();
     let loops = [
         tokio::spawn(nodes.batcher.clone().run(loops_stop.clone())),
+        tokio::spawn(nodes.heartbeats.clone().run(loops_stop.clone())),
         tokio::spawn(inbox::announce(
             peers.clone(),
             listen.clone(),

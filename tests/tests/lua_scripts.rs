@@ -12,7 +12,8 @@ use lingua_coordinator::fleet::views::{NodeState, NodeView};
 use lingua_coordinator::metrics::Metrics;
 use lingua_coordinator::private_redis::PrivateRedis;
 use lingua_coordinator::store::{
-    DrainOutcome, Finish, JobStart, Pick, RegisterOutcome, Registration, Route, RouteEntry, Store,
+    Beat, DrainOutcome, Finish, JobStart, Pick, RegisterOutcome, Registration, Route, RouteEntry,
+    Store,
 };
 use lingua_shared::protocol::{CapacityReport, Heartbeat};
 use lingua_shared::room::Room;
@@ -303,12 +304,31 @@ async fn scripts_survive_a_script_cache_flush() {
         registration("before", &["zh"], &["en"]),
     )
     .await;
+    let store = store(&redis).await;
+    let flushed = node("flushed");
+    let RegisterOutcome::Registered { epoch, .. } = store
+        .register_node(&reg(&flushed, "i", LEASE))
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
     let mut conn = lingua_tests::connect(&redis).await;
     let _: () = redis::cmd("SCRIPT")
         .arg("FLUSH")
         .query_async(&mut conn)
         .await
         .unwrap();
+    // A pipelined batch of heartbeats meets NOSCRIPT too, and is sent
+    // again call by call, which loads the script.
+    let capacity = String::from("{}");
+    assert_eq!(
+        store
+            .heartbeats(&[(flushed, Beat { epoch, capacity })], (LEASE, RETENTION))
+            .await
+            .unwrap(),
+        [true]
+    );
     // NOSCRIPT is answered by loading the script again, transparently.
     let (second, _) = TestNode::register(
         &coordinator.ws_url(),
@@ -386,22 +406,23 @@ async fn stale_epochs_are_fenced_off() {
     else {
         panic!()
     };
-    assert!(
-        !store
-            .heartbeat(&id, old, (LEASE, RETENTION), "{}")
+    let beat = |epoch: u64| {
+        let capacity = String::from("{}");
+        (id.clone(), Beat { epoch, capacity })
+    };
+    // One pipeline: the stale connection's heartbeat and the current one's
+    // (as two nodes' heartbeats share a batch).
+    assert_eq!(
+        store
+            .heartbeats(&[beat(old), beat(new)], (LEASE, RETENTION))
             .await
-            .unwrap()
+            .unwrap(),
+        [false, true]
     );
     assert!(!store.node_offline(&id, old).await.unwrap());
     assert_eq!(
         store.drain_node(&id, Some(old)).await.unwrap(),
         DrainOutcome::Stale
-    );
-    assert!(
-        store
-            .heartbeat(&id, new, (LEASE, RETENTION), "{}")
-            .await
-            .unwrap()
     );
     assert_eq!(state(&store, &id).await, NodeState::Ready);
     assert!(matches!(

@@ -82,17 +82,34 @@ async fn promtool_accepts_both_live_endpoints() {
             "tgt_lang": "en", "payload": {}});
         let request = http.post(coordinator.url("/v1/jobs")).json(&job).send();
         async move {
-            request
-                .await
+            let response = request.await.unwrap();
+            let timing = response.headers()["server-timing"]
+                .to_str()
                 .unwrap()
-                .json::<serde_json::Value>()
-                .await
-                .unwrap()
+                .to_owned();
+            (response.json::<serde_json::Value>().await.unwrap(), timing)
         }
     }))
     .await;
-    for answer in answers {
+    for (answer, timing) in answers {
         assert_eq!(answer["status"], "completed", "{answer}");
+        // Where its time went, stage by stage; the 200 ms run among them.
+        let stages: Vec<(&str, f64)> = timing
+            .split(", ")
+            .map(|stage| {
+                let (name, ms) = stage.split_once(";dur=").unwrap();
+                (name, ms.parse().unwrap())
+            })
+            .collect();
+        let names: Vec<&str> = stages.iter().map(|(name, _)| *name).collect();
+        assert_eq!(
+            names,
+            [
+                "start", "queue", "pick", "record", "accept", "run", "answer"
+            ],
+            "{timing}"
+        );
+        assert!(stages[5].1 >= 200.0, "{timing}");
     }
 
     let agent_url = format!("http://{metrics_addr}/metrics");
@@ -120,6 +137,8 @@ async fn promtool_accepts_both_live_endpoints() {
     let (_, coordinator_text) = scrape(&http, &coordinator.url("/metrics")).await;
     for series in [
         r#"lingua_job_duration_seconds_count{kind="translate"} 8"#,
+        r#"lingua_job_stage_seconds_count{stage="run"} 8"#,
+        r#"lingua_job_stage_seconds_count{stage="queue"} 8"#,
         "lingua_redis_up 1",
         r#"lingua_build_info{version=""#,
     ] {

@@ -7,7 +7,7 @@ use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Extension, Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use lingua_shared::{JobId, MAX_FRAME_BYTES, MAX_REQUEST_BODY_BYTES};
@@ -54,11 +54,21 @@ pub const MAX_WAIT_MS: u64 = 60_000;
 
 /// A job's view; a `no_capacity` failure tells when to try again
 /// (`Retry-After`).
+/// A job's view as the answer: its status code, `Retry-After` when it is
+/// worth submitting again, and `Server-Timing` (where its time went on
+/// this coordinator) for the client that submitted and waited for it.
 fn view_response(view: JobView) -> Response {
     let retry_after = view.retry_after();
+    let timing = view
+        .timing
+        .as_ref()
+        .and_then(|timing| HeaderValue::from_str(&timing.header()).ok());
     let mut response = (view.http_status(), Json(view)).into_response();
     if let Some(wait) = retry_after {
         set_retry_after(&mut response, wait);
+    }
+    if let Some(timing) = timing {
+        response.headers_mut().insert("server-timing", timing);
     }
     response
 }

@@ -10,9 +10,9 @@ impl JobRouter {
         &self,
         job: &Job,
         (node, device): (&NodeId, DeviceChoice),
-        attempt: u32,
-        deadline: Instant,
+        (attempt, deadline): (u32, Instant),
         assigned: Assigned,
+        timing: &mut Timing,
     ) -> Tried {
         let key = JobRef {
             job_id: job.id.clone(),
@@ -54,7 +54,8 @@ impl JobRouter {
             self.forward(node, &key, assign).await
         };
         let outcome = if delivered {
-            self.follow(node, &key, &mut events, deadline).await
+            self.follow(node, &key, &mut events, (deadline, timing))
+                .await
         } else {
             Tried::Move(
                 JobErrorCode::NodeLost,
@@ -70,17 +71,23 @@ impl JobRouter {
         node: &NodeId,
         key: &JobRef,
         events: &mut mpsc::UnboundedReceiver<AttemptEvent>,
-        deadline: Instant,
+        (deadline, timing): (Instant, &mut Timing),
     ) -> Tried {
-        let accept_by = (Instant::now() + self.config.accept_timeout).min(deadline);
+        let sent = Instant::now();
+        let accept_by = (sent + self.config.accept_timeout).min(deadline);
         let first = tokio::time::timeout_at(accept_by, events.recv()).await;
+        let answered = Instant::now();
+        timing.accept += answered.saturating_duration_since(sent);
         if let Some(attempt) = lock(&self.attempts).get_mut(key) {
             // Not answered in time (or answered): no longer counted.
             attempt.assigned = None;
         }
         let accepted = match first {
             Ok(Some(AttemptEvent::Accepted)) => true,
-            Ok(Some(AttemptEvent::Finished)) => return Tried::Finished,
+            Ok(Some(AttemptEvent::Finished)) => {
+                timing.result_at = Some(answered);
+                return Tried::Finished;
+            }
             Ok(Some(AttemptEvent::Rejected(reason, message))) => {
                 let name = serde_json::to_value(reason).ok();
                 self.metrics
@@ -109,8 +116,14 @@ impl JobRouter {
                 format!("{node} did not answer the assignment in time"),
             );
         }
-        match tokio::time::timeout_at(deadline, events.recv()).await {
-            Ok(Some(AttemptEvent::Finished)) => Tried::Finished,
+        let ended = tokio::time::timeout_at(deadline, events.recv()).await;
+        let now = Instant::now();
+        timing.run += now.saturating_duration_since(answered);
+        match ended {
+            Ok(Some(AttemptEvent::Finished)) => {
+                timing.result_at = Some(now);
+                Tried::Finished
+            }
             Ok(Some(AttemptEvent::NodeLost) | None) => Tried::Move(
                 JobErrorCode::NodeLost,
                 format!("node {node} went away while running the job"),

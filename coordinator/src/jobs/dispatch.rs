@@ -58,9 +58,9 @@ impl JobRouter {
                 .try_node(
                     job,
                     (&node, device),
-                    state.attempt,
-                    state.deadline,
+                    (state.attempt, state.deadline),
                     assigned,
+                    &mut state.timing,
                 )
                 .instrument(span)
                 .await
@@ -233,13 +233,15 @@ impl JobRouter {
 
     /// The job found room: it leaves its queue (if it sat in one), and the
     /// next in line tries at once.
-    fn granted(&self, state: &Dispatch<'_>, seat: Option<Seat<'_>>) {
+    fn granted(&self, state: &mut Dispatch<'_>, seat: Option<Seat<'_>>) {
         let now = Instant::now();
         if let Some(seat) = &seat {
+            let waited = now.saturating_duration_since(seat.joined);
+            state.timing.queue += waited;
             self.metrics
                 .queue_wait
                 .get_or_create(&queue_label(&state.key))
-                .observe(now.saturating_duration_since(seat.joined).as_secs_f64());
+                .observe(waited.as_secs_f64());
         }
         let mut queues = lock(&self.queues);
         queues.granted(&state.key, &state.job.id, &state.job.tenant, now);
@@ -265,11 +267,13 @@ impl JobRouter {
         state: &mut Dispatch<'_>,
         node: &NodeId,
     ) -> Result<bool, SubmitError> {
+        let started = Instant::now();
         let next = self
             .store
             .job_attempt(&state.job.id, state.attempt, node)
-            .await?;
-        match next {
+            .await;
+        state.timing.record += started.elapsed();
+        match next? {
             Some(attempt) => {
                 state.attempt = attempt;
                 Ok(true)
@@ -399,6 +403,8 @@ pub(in crate::jobs) struct Dispatch<'a> {
     deadline: Instant,
     /// Nodes that refused or lost it since the last capacity wait.
     pub(in crate::jobs) excluded: Vec<NodeId>,
+    /// Where its time went so far.
+    pub(in crate::jobs) timing: Timing,
     /// Its place in its queue, once it joined: back after a refusal, it
     /// keeps it.
     arrival: Option<u64>,
@@ -419,6 +425,7 @@ impl<'a> Dispatch<'a> {
             key: (job.pair, job.kind.clone()),
             deadline: Instant::now() + job.timeout,
             excluded: Vec::new(),
+            timing: Timing::default(),
             arrival: None,
             attempt: 0,
             tries: 0,

@@ -29,6 +29,7 @@ impl JobRouter {
                     output: None,
                     error: None,
                     latency_ms: None,
+                    timing: None,
                 });
             }
             tokio::time::sleep_until((Instant::now() + pause).min(deadline)).await;

@@ -15,6 +15,17 @@ impl JobRouter {
         state: &mut Dispatch<'_>,
         turn: Turn,
     ) -> Result<Picked, StoreError> {
+        let started = Instant::now();
+        let picked = self.pick_routes(state, turn).await;
+        state.timing.pick += started.elapsed();
+        picked
+    }
+
+    async fn pick_routes(
+        &self,
+        state: &mut Dispatch<'_>,
+        turn: Turn,
+    ) -> Result<Picked, StoreError> {
         let job = state.job;
         let _picking = self.hints.picking(job.pair).await;
         if turn == Turn::Fallback {

@@ -40,6 +40,7 @@ impl JobRouter {
             return Err(SubmitError::QueueFull { retry_after });
         }
         let lifetime = job.timeout + self.config.result_ttl;
+        let recording = Instant::now();
         let started = self
             .store
             .job_start(
@@ -51,6 +52,7 @@ impl JobRouter {
                 &self.instance,
             )
             .await;
+        let start = recording.elapsed();
         let status = match started {
             Ok(JobStart::New) => JobStatus::Queued,
             Ok(JobStart::Exists) => JobStatus::Running,
@@ -68,8 +70,9 @@ impl JobRouter {
         // Every line logged for the job carries its id (its attempts add
         // the node and the attempt number).
         let span = tracing::info_span!("job", job_id = %job.id);
-        self.tasks
-            .spawn(async move { this.follow_job(job, waiter, fresh).await }.instrument(span));
+        self.tasks.spawn(
+            async move { this.follow_job(job, waiter, fresh, start).await }.instrument(span),
+        );
         Ok(Submitted { status, terminal })
     }
 
@@ -106,14 +109,21 @@ impl JobRouter {
         }
     }
 
-    /// Dispatches a job recorded just now. A Redis error does not end it:
-    /// the dispatch goes on from where it stood once Redis answers, until
-    /// the job's deadline (the job is recorded; nobody else would).
-    async fn dispatch(&self, job: &Job) -> Result<JobView, SubmitError> {
+    /// Dispatches a job recorded just now (which took `start`). A Redis
+    /// error does not end it: the dispatch goes on from where it stood
+    /// once Redis answers, until the job's deadline (the job is recorded;
+    /// nobody else would). Its answer says where its time went.
+    async fn dispatch(&self, job: &Job, start: Duration) -> Result<JobView, SubmitError> {
         let mut state = Dispatch::new(job);
+        state.timing.start = start;
         let mut pause = Duration::from_millis(50);
         loop {
             match self.run(&mut state).await {
+                Ok(mut view) => {
+                    state.timing.answered(Instant::now());
+                    view.timing = Some(state.timing);
+                    return Ok(view);
+                }
                 Err(SubmitError::Store(err)) if !state.past_deadline() => {
                     tracing::warn!(job_id = %job.id, error = %err, "dispatch paused: redis unavailable");
                     tokio::time::sleep(pause).await;
@@ -128,11 +138,17 @@ impl JobRouter {
     /// recorded before (by an earlier submission here or elsewhere), and
     /// publishes its terminal view. On shutdown it stops: the job stays in
     /// Redis as it is.
-    async fn follow_job(self: Arc<Self>, job: Job, waiter: Arc<Waiter>, fresh: bool) {
+    async fn follow_job(
+        self: Arc<Self>,
+        job: Job,
+        waiter: Arc<Waiter>,
+        fresh: bool,
+        start: Duration,
+    ) {
         let outcome = tokio::select! {
             outcome = async {
                 if fresh {
-                    self.dispatch(&job).await
+                    self.dispatch(&job, start).await
                 } else {
                     Ok(self.wait_remote(&job.id, Instant::now() + job.timeout).await?)
                 }
@@ -177,5 +193,10 @@ impl JobRouter {
         let latency_ms = view.latency_ms.unwrap_or(0);
         self.metrics
             .job_ended((job.kind.as_str(), status), latency_ms, failure);
+        if let Some(timing) = &view.timing {
+            for (stage, took) in timing.stages() {
+                self.metrics.stage(stage, took);
+            }
+        }
     }
 }

@@ -70,6 +70,10 @@ pub struct JobView {
     /// Submission to terminal state.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub latency_ms: Option<u64>,
+    /// Where its time went, for the submitting client's answer (the
+    /// `Server-Timing` header); never in the JSON.
+    #[serde(skip)]
+    pub timing: Option<Timing>,
 }
 
 impl JobView {
@@ -85,6 +89,7 @@ impl JobView {
             output: (record.status == JobStatus::Completed).then(|| outcome["output"].clone()),
             error: (record.status == JobStatus::Failed).then(|| outcome["error"].clone()),
             latency_ms: record.latency_ms,
+            timing: None,
         }
     }
 

@@ -14,13 +14,13 @@ use super::NodeServices;
 use super::{Ending, Handled, MAX_LOGGED_CHARS, Session, send, send_error};
 use crate::jobs::Taken;
 
-/// A heartbeat: renews the connection; recorded in Redis at most twice
-/// per interval.
-pub(super) async fn heartbeat(
+/// A heartbeat: renews the connection; recorded in Redis (in the next
+/// batch) at most twice per interval.
+pub(super) fn heartbeat(
     services: &NodeServices,
     session: &mut Session,
     heartbeat: Heartbeat,
-) -> Result<Handled, Ending> {
+) -> Handled {
     services.metrics.heartbeats.inc();
     session.reported(services, heartbeat.capacity);
     // More than two heartbeats per interval renew the connection
@@ -34,37 +34,15 @@ pub(super) async fn heartbeat(
         at.elapsed() < interval / 2 && lease.saturating_sub(at.elapsed()) > interval
     }) {
         session.publish_soon(services);
-        return Ok(Handled::Alive);
+        return Handled::Alive;
     }
     session.recorded = Some(Instant::now());
     let capacity = serde_json::to_string(&session.capacity).unwrap_or_default();
-    // A Redis outage does not end the link: closing every socket on
-    // a Redis blip would move every running job (and run it twice).
-    // The next heartbeat renews the lease once Redis answers.
-    let current = match services
-        .store
-        .heartbeat(
-            &session.node,
-            session.epoch,
-            (services.config.lease(), services.config.offline_retention),
-            &capacity,
-        )
-        .await
-    {
-        Ok(current) => current,
-        Err(err) => {
-            tracing::warn!(node_id = %session.node, error = %err, "heartbeat not recorded: redis unavailable");
-            true
-        }
-    };
-    if !current {
-        return Err(Ending::new(
-            CloseCode::Superseded,
-            "a newer registration of this node exists",
-        ));
-    }
+    services
+        .heartbeats
+        .record(&session.node, session.epoch, capacity);
     session.publish_soon(services);
-    Ok(Handled::Alive)
+    Handled::Alive
 }
 
 /// The node announces it is draining.

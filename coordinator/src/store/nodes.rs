@@ -3,6 +3,16 @@
 
 use super::*;
 
+/// A heartbeat to record: its connection's epoch and the node's capacity
+/// (JSON).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Beat {
+    /// The epoch of the connection it came on.
+    pub epoch: u64,
+    /// The capacity report, as `GET /v1/nodes/{id}` shows it.
+    pub capacity: String,
+}
+
 impl Store {
     /// Records a registration and returns its epoch, or the conflict.
     pub async fn register_node(
@@ -44,27 +54,57 @@ impl Store {
         }
     }
 
-    /// Extends a node's lease, and its record's life by `lease` plus
-    /// `retention`; `false` when `epoch` is no longer current.
-    pub async fn heartbeat(
+    /// Records a batch of heartbeats in one pipeline: each extends its
+    /// node's lease, and its record's life by `lease` plus `retention`;
+    /// per heartbeat, `false` when its epoch is no longer current. Scripts missing from Redis' cache (a restart, a `SCRIPT
+    /// FLUSH`) are loaded by sending the batch one call at a time once.
+    pub async fn heartbeats(
         &self,
-        node: &NodeId,
-        epoch: u64,
+        beats: &[(NodeId, Beat)],
         (lease, retention): (Duration, Duration),
-        capacity: &str,
-    ) -> Result<bool, StoreError> {
-        let keys = NodeKeys::new(node);
-        let mut invocation = self.scripts.node_heartbeat.prepare_invoke();
-        invocation
-            .key(&keys.hash)
-            .key(&keys.lease)
-            .key(&keys.epoch)
-            .arg(epoch)
-            .arg(millis(lease))
-            .arg(capacity)
-            .arg(millis(lease + retention));
-        let current: i64 = self.invoke("node_heartbeat", invocation).await?;
-        Ok(current == 1)
+    ) -> Result<Vec<bool>, StoreError> {
+        let invocations: Vec<ScriptInvocation<'_>> = beats
+            .iter()
+            .map(|(node, beat)| {
+                let keys = NodeKeys::new(node);
+                let mut invocation = self.scripts.node_heartbeat.prepare_invoke();
+                invocation
+                    .key(&keys.hash)
+                    .key(&keys.lease)
+                    .key(&keys.epoch)
+                    .arg(beat.epoch)
+                    .arg(millis(lease))
+                    .arg(&beat.capacity)
+                    .arg(millis(lease + retention));
+                invocation
+            })
+            .collect();
+        let mut pipe = redis::pipe();
+        for invocation in &invocations {
+            pipe.invoke_script(invocation);
+        }
+        let mut conn = self.conn.clone();
+        let started = Instant::now();
+        let reply: redis::RedisResult<Vec<i64>> = pipe.query_async(&mut conn).await;
+        let current = match reply {
+            Ok(current) => {
+                self.metrics
+                    .observe_script("node_heartbeat", started.elapsed());
+                current
+            }
+            Err(err)
+                if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+            {
+                // Each call counts in the script metric on its own.
+                let mut current = Vec::with_capacity(invocations.len());
+                for invocation in invocations {
+                    current.push(self.invoke::<i64>("node_heartbeat", invocation).await?);
+                }
+                current
+            }
+            Err(err) => return Err(err.into()),
+        };
+        Ok(current.into_iter().map(|c| c == 1).collect())
     }
 
     /// Marks a node offline; `false` when a newer registration exists.

@@ -16,6 +16,7 @@ mod footprint;
 mod mixed;
 mod pick;
 mod policy;
+mod tails;
 mod throughput;
 
 use std::fmt::Write as _;
@@ -392,7 +393,8 @@ async fn metrics_text(
         .map_err(|e| e.to_string())
 }
 
-/// Jobs run by a load, and their latencies.
+/// Jobs run by a load, their latencies, and where their time went.
+#[derive(Default)]
 pub struct Load {
     /// Completed.
     pub jobs: u64,
@@ -400,19 +402,62 @@ pub struct Load {
     pub failed: u64,
     /// Of the completed ones.
     pub latencies: Vec<Duration>,
+    /// Of the completed ones: the latency and the coordinator's
+    /// `Server-Timing` header.
+    pub timings: Vec<(Duration, String)>,
 }
 
-/// One job; its latency, or `None` when it did not complete.
+impl Load {
+    /// Counts one job's outcome.
+    fn add(&mut self, answered: Option<Answered>) {
+        match answered {
+            Some(answered) => {
+                self.jobs += 1;
+                self.latencies.push(answered.latency);
+                if let Some(timing) = answered.timing {
+                    self.timings.push((answered.latency, timing));
+                }
+            }
+            None => self.failed += 1,
+        }
+    }
+
+    /// Adds another load's counts.
+    fn merge(&mut self, other: Load) {
+        self.jobs += other.jobs;
+        self.failed += other.failed;
+        self.latencies.extend(other.latencies);
+        self.timings.extend(other.timings);
+    }
+}
+
+/// A completed job, as its client saw it.
+pub struct Answered {
+    /// Submission to answer.
+    pub latency: Duration,
+    /// The answer's `Server-Timing` header.
+    pub timing: Option<String>,
+}
+
+/// One job; its latency and timing, or `None` when it did not complete.
 pub async fn one_job(
     client: &reqwest::Client,
     url: &str,
     body: &serde_json::Value,
-) -> Option<Duration> {
+) -> Option<Answered> {
     let started = tokio::time::Instant::now();
     let response = client.post(url).json(body).send().await.ok()?;
     let ok = response.status().is_success();
+    let timing = response
+        .headers()
+        .get("server-timing")
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned);
     let answer: serde_json::Value = response.json().await.ok()?;
-    (ok && answer["status"] == "completed").then(|| started.elapsed())
+    (ok && answer["status"] == "completed").then(|| Answered {
+        latency: started.elapsed(),
+        timing,
+    })
 }
 
 /// `clients` keep-alive clients submitting `body` one job after another
@@ -433,34 +478,18 @@ pub async fn closed_loop(
                 body.clone(),
             );
             tokio::spawn(async move {
-                let mut load = Load {
-                    jobs: 0,
-                    failed: 0,
-                    latencies: Vec::new(),
-                };
+                let mut load = Load::default();
                 while tokio::time::Instant::now() < end {
-                    match one_job(&client, &url, &body).await {
-                        Some(latency) => {
-                            load.jobs += 1;
-                            load.latencies.push(latency);
-                        }
-                        None => load.failed += 1,
-                    }
+                    load.add(one_job(&client, &url, &body).await);
                 }
                 load
             })
         })
         .collect();
-    let mut total = Load {
-        jobs: 0,
-        failed: 0,
-        latencies: Vec::new(),
-    };
+    let mut total = Load::default();
     for task in tasks {
         if let Ok(load) = task.await {
-            total.jobs += load.jobs;
-            total.failed += load.failed;
-            total.latencies.extend(load.latencies);
+            total.merge(load);
         }
     }
     total
@@ -530,19 +559,9 @@ pub async fn open_loop(
         }
     }
     drop(tx);
-    let mut load = Load {
-        jobs: 0,
-        failed: 0,
-        latencies: Vec::new(),
-    };
+    let mut load = Load::default();
     while let Some(answer) = rx.recv().await {
-        match answer {
-            Some(latency) => {
-                load.jobs += 1;
-                load.latencies.push(latency);
-            }
-            None => load.failed += 1,
-        }
+        load.add(answer);
     }
     load
 }

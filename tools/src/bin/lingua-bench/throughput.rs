@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use crate::{
     BenchError, Options, Percentiles, Row, SLOTS, closed_loop, core_pct, http_client, noop_fleet,
-    open_loop, private_redis, scratch,
+    open_loop, private_redis, scratch, tails,
 };
 
 const AGENTS: usize = 100;
@@ -67,7 +67,9 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     let ceiling = ceiling(&redis.url(), options.clients, options.window).await?;
     let closed_pct = Percentiles::of(&mut closed.latencies);
     let open_pct = Percentiles::of(&mut open.latencies);
-    Ok(vec![
+    let cpu_per_job =
+        (cpu_after.cpu - cpu_before.cpu).as_secs_f64() * 1e6 / closed.jobs.max(1) as f64;
+    let mut rows = vec![
         Row::new(
             format!(
                 "Throughput, {AGENTS} agents, {} keep-alive clients (closed loop)",
@@ -112,15 +114,20 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
         ),
         Row::new(
             "Coordinator CPU during the closed loop",
-            core_pct(cpu_after.cpu - cpu_before.cpu, options.window),
-            "",
+            format!(
+                "{}, {cpu_per_job:.0} µs per job",
+                core_pct(cpu_after.cpu - cpu_before.cpu, options.window)
+            ),
+            "<= 80 µs per job",
         ),
         Row::new(
             "Redis CPU during the closed loop",
             core_pct(redis_after.cpu - redis_before.cpu, options.window),
             "",
         ),
-    ])
+    ];
+    rows.extend(tails::slowest(&open, 0.001, "at half load"));
+    Ok(rows)
 }
 
 fn job_body() -> serde_json::Value {

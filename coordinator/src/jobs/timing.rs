@@ -1,0 +1,100 @@
+//! Where a job's time went on the coordinator that dispatched it, stage
+//! by stage: the `Server-Timing` header of its answer to the submitting
+//! client, and `lingua_job_stage_seconds{stage}`.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// A job's stages on this coordinator. Stages a job went through more
+/// than once (a refusal, a lost node) add up.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Timing {
+    /// Recording the job at submit (`job_start`).
+    pub start: Duration,
+    /// Waiting in the admission queue for room.
+    pub queue: Duration,
+    /// Choosing a node (`route_pick`, and the hints).
+    pub pick: Duration,
+    /// Recording each attempt (`job_attempt`).
+    pub record: Duration,
+    /// From sending `job_assign` to the node's accept or refusal.
+    pub accept: Duration,
+    /// From the node's accept to its result, recorded.
+    pub run: Duration,
+    /// From the result to the answer (the job read back).
+    pub answer: Duration,
+    /// When the result arrived, until the answer is timed.
+    pub(super) result_at: Option<Instant>,
+}
+
+impl Timing {
+    /// The stages with their names, in the order a job goes through them.
+    pub fn stages(&self) -> [(&'static str, Duration); 7] {
+        [
+            ("start", self.start),
+            ("queue", self.queue),
+            ("pick", self.pick),
+            ("record", self.record),
+            ("accept", self.accept),
+            ("run", self.run),
+            ("answer", self.answer),
+        ]
+    }
+
+    /// The stage names.
+    pub fn names() -> [&'static str; 7] {
+        Self::default().stages().map(|(name, _)| name)
+    }
+
+    /// The answer is ready now: the time since the result is its stage.
+    pub(super) fn answered(&mut self, now: Instant) {
+        if let Some(result_at) = self.result_at.take() {
+            self.answer = now.saturating_duration_since(result_at);
+        }
+    }
+
+    /// The `Server-Timing` header value: `start;dur=0.412, queue;dur=0,
+    /// …` (milliseconds, as the header counts them).
+    pub fn header(&self) -> String {
+        let mut header = String::new();
+        for (name, took) in self.stages() {
+            if !header.is_empty() {
+                header.push_str(", ");
+            }
+            let _ = write!(header, "{name};dur={:.3}", took.as_secs_f64() * 1000.0);
+        }
+        header
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_header_lists_every_stage_in_milliseconds() {
+        let timing = Timing {
+            start: Duration::from_micros(412),
+            run: Duration::from_millis(150),
+            ..Timing::default()
+        };
+        assert_eq!(
+            timing.header(),
+            "start;dur=0.412, queue;dur=0.000, pick;dur=0.000, record;dur=0.000, accept;dur=0.000, run;dur=150.000, answer;dur=0.000"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_answer_stage_runs_from_the_result() {
+        let mut timing = Timing {
+            result_at: Some(Instant::now()),
+            ..Timing::default()
+        };
+        tokio::time::advance(Duration::from_millis(3)).await;
+        timing.answered(Instant::now());
+        assert_eq!(timing.answer, Duration::from_millis(3));
+        assert_eq!(timing.result_at, None);
+    }
+}
