@@ -7,9 +7,12 @@
 -- ARGV[2] lease length in ms
 -- ARGV[3] capacity JSON
 -- ARGV[4] how long the node's keys outlive this sign of life, ms
--- Returns 1, or 0 when the epoch is stale (a newer registration exists):
--- the caller must close that connection.
-if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then
+-- Returns 1, or 0 when the epoch is stale (a newer registration exists)
+-- or the node was marked offline since (its connection ended; a
+-- heartbeat recorded late must not bring its lease back): the caller
+-- closes that connection, if it is still open.
+local fields = redis.call('HMGET', KEYS[1], 'epoch', 'state')
+if fields[1] ~= ARGV[1] or fields[2] == 'offline' then
   return 0
 end
 local now = redis.call('TIME')

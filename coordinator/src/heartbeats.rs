@@ -1,13 +1,15 @@
 //! Records heartbeats in Redis in batches.
 //!
 //! Every node held here heartbeats once per interval: 10,000 nodes make
-//! 5,000 `node_heartbeat` calls a second. Sending each on its own costs a
-//! round trip and a request's bookkeeping per node; instead a heartbeat
-//! to record waits here a few milliseconds, and each flush sends every
-//! one due as one pipeline (a round trip per [`MAX_BATCH`] nodes; on
-//! Redis Cluster, one per master holding some of them). A heartbeat whose
-//! epoch is no longer current (a newer registration of the node exists)
-//! closes its connection, as an unbatched one did.
+//! 5,000 `node_heartbeat` calls a second. A connection does not wait for
+//! its own: the heartbeat waits here a few milliseconds, and each flush
+//! sends every one due together, which the Redis connection pipelines
+//! (about one round trip per flush rather than one per node, and no frame
+//! of the node waits behind Redis). A heartbeat whose epoch is no longer
+//! current (a newer registration of the node exists) closes its
+//! connection, as an unbatched one did; one still due when its connection
+//! ends is dropped ([`HeartbeatBatcher::forget`]), so that it cannot
+//! renew the lease of a node marked offline.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -20,12 +22,12 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::registry::{Control, Registry};
-use crate::store::{Beat, Store};
+use crate::store::Store;
 
 /// How long heartbeats gather before a flush.
 const FLUSH_WINDOW: Duration = Duration::from_millis(5);
-/// Most heartbeats in one pipeline.
-pub const MAX_BATCH: usize = 512;
+/// Most heartbeats sent at once.
+const MAX_BATCH: usize = 512;
 
 /// Heartbeats waiting to be recorded, flushed by [`HeartbeatBatcher::run`].
 pub struct HeartbeatBatcher {
@@ -35,7 +37,8 @@ pub struct HeartbeatBatcher {
     /// its keys outlive that.
     lease: Duration,
     retention: Duration,
-    due: Mutex<HashMap<NodeId, Beat>>,
+    /// Per connection (node and epoch): the capacity to record (JSON).
+    due: Mutex<HashMap<(NodeId, u64), String>>,
     due_now: Notify,
 }
 
@@ -58,11 +61,17 @@ impl HeartbeatBatcher {
     }
 
     /// Queues a heartbeat of `node`'s connection of `epoch`, with its
-    /// capacity (JSON); a later one of the same node before the flush
-    /// replaces it.
+    /// capacity (JSON); a later one of the same connection before the
+    /// flush replaces it.
     pub fn record(&self, node: &NodeId, epoch: u64, capacity: String) {
-        lock(&self.due).insert(node.clone(), Beat { epoch, capacity });
+        lock(&self.due).insert((node.clone(), epoch), capacity);
         self.due_now.notify_one();
+    }
+
+    /// The connection of `epoch` ended: its heartbeat, if still due, is
+    /// not recorded.
+    pub fn forget(&self, node: &NodeId, epoch: u64) {
+        lock(&self.due).remove(&(node.clone(), epoch));
     }
 
     /// Flushes until `shutdown`, then once more.
@@ -79,28 +88,29 @@ impl HeartbeatBatcher {
     }
 
     async fn flush(&self) {
-        let due: Vec<(NodeId, Beat)> = std::mem::take(&mut *lock(&self.due)).into_iter().collect();
+        let due: Vec<((NodeId, u64), String)> =
+            std::mem::take(&mut *lock(&self.due)).into_iter().collect();
         for batch in due.chunks(MAX_BATCH) {
-            // A Redis outage does not end the links: closing every socket
-            // on a Redis blip would move every running job (and run it
-            // twice). The next heartbeat renews the lease once Redis
-            // answers.
-            let current = match self
+            let recorded = self
                 .store
                 .heartbeats(batch, (self.lease, self.retention))
-                .await
-            {
-                Ok(current) => current,
-                Err(err) => {
-                    tracing::warn!(nodes = batch.len(), error = %err, "heartbeats not recorded: redis unavailable");
-                    continue;
-                }
-            };
-            for ((node, beat), current) in batch.iter().zip(current) {
-                if !current {
+                .await;
+            let failed = recorded.iter().filter(|r| r.is_none()).count();
+            if failed > 0 {
+                // A Redis outage does not end the links: closing every
+                // socket on a Redis blip would move every running job (and
+                // run it twice). The next heartbeat renews the lease once
+                // Redis answers.
+                tracing::warn!(
+                    heartbeats = failed,
+                    "heartbeats not recorded: redis unavailable"
+                );
+            }
+            for (((node, epoch), _), recorded) in batch.iter().zip(recorded) {
+                if recorded == Some(false) {
                     self.registry.send_to(
                         node,
-                        beat.epoch,
+                        *epoch,
                         Control::Close(
                             CloseCode::Superseded,
                             "a newer registration of this node exists",

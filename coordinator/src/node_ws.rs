@@ -140,6 +140,7 @@ async fn serve(mut socket: WebSocket, services: Arc<NodeServices>, peer: SocketA
 /// Takes a closed connection's node out of routing, unless a newer
 /// registration of the same node already replaced it.
 async fn leave(services: &NodeServices, session: &Session) {
+    services.heartbeats.forget(&session.node, session.epoch);
     if services.registry.remove(&session.node, session.epoch) {
         services.router.node_lost(&session.node);
         services.hints.forget(&session.node);

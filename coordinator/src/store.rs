@@ -25,7 +25,6 @@ use crate::metrics::Metrics;
 mod instances;
 mod jobs;
 mod nodes;
-pub use nodes::Beat;
 mod pools;
 
 /// A Redis failure, or a reply the scripts never give.

@@ -12,8 +12,7 @@ use lingua_coordinator::fleet::views::{NodeState, NodeView};
 use lingua_coordinator::metrics::Metrics;
 use lingua_coordinator::private_redis::PrivateRedis;
 use lingua_coordinator::store::{
-    Beat, DrainOutcome, Finish, JobStart, Pick, RegisterOutcome, Registration, Route, RouteEntry,
-    Store,
+    DrainOutcome, Finish, JobStart, Pick, RegisterOutcome, Registration, Route, RouteEntry, Store,
 };
 use lingua_shared::protocol::{CapacityReport, Heartbeat};
 use lingua_shared::room::Room;
@@ -319,15 +318,15 @@ async fn scripts_survive_a_script_cache_flush() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    // A pipelined batch of heartbeats meets NOSCRIPT too, and is sent
-    // again call by call, which loads the script.
-    let capacity = String::from("{}");
+    // A batch of heartbeats meets NOSCRIPT too, and loads the script.
     assert_eq!(
         store
-            .heartbeats(&[(flushed, Beat { epoch, capacity })], (LEASE, RETENTION))
-            .await
-            .unwrap(),
-        [true]
+            .heartbeats(
+                &[((flushed, epoch), String::from("{}"))],
+                (LEASE, RETENTION)
+            )
+            .await,
+        [Some(true)]
     );
     // NOSCRIPT is answered by loading the script again, transparently.
     let (second, _) = TestNode::register(
@@ -406,18 +405,14 @@ async fn stale_epochs_are_fenced_off() {
     else {
         panic!()
     };
-    let beat = |epoch: u64| {
-        let capacity = String::from("{}");
-        (id.clone(), Beat { epoch, capacity })
-    };
-    // One pipeline: the stale connection's heartbeat and the current one's
+    let beat = |epoch: u64| ((id.clone(), epoch), String::from("{}"));
+    // One batch: the stale connection's heartbeat and the current one's
     // (as two nodes' heartbeats share a batch).
     assert_eq!(
         store
             .heartbeats(&[beat(old), beat(new)], (LEASE, RETENTION))
-            .await
-            .unwrap(),
-        [false, true]
+            .await,
+        [Some(false), Some(true)]
     );
     assert!(!store.node_offline(&id, old).await.unwrap());
     assert_eq!(
@@ -434,6 +429,21 @@ async fn stale_epochs_are_fenced_off() {
         store.drain_node(&node("ghost"), None).await.unwrap(),
         DrainOutcome::Unknown
     );
+    // The connection ends; a heartbeat of it recorded late does not bring
+    // the lease back.
+    assert!(store.node_offline(&id, new).await.unwrap());
+    assert_eq!(
+        store.heartbeats(&[beat(new)], (LEASE, RETENTION)).await,
+        [Some(false)]
+    );
+    assert_eq!(state(&store, &id).await, NodeState::Offline);
+    let mut conn = lingua_tests::connect(&redis).await;
+    let lease: u32 = redis::cmd("EXISTS")
+        .arg(format!("lingua:v1:node:{{{id}}}:lease"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(lease, 0);
 }
 
 #[tokio::test]

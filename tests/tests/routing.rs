@@ -94,6 +94,38 @@ async fn free_slot_hints_come_back_between_heartbeats(redis: impl RedisBackend) 
     coordinator.stop().await;
 }
 
+/// Heartbeats are recorded in batches (on a Redis Cluster, spread over
+/// its masters): a node heartbeating for many leases stays alive, its
+/// record seen lately.
+async fn recorded_heartbeats_keep_a_node_alive_for_many_leases(redis: impl RedisBackend) {
+    let coordinator = TestCoordinator::start(&redis, test_config()).await;
+    let agents: Vec<TestAgent> = ["beat-1", "beat-2", "beat-3"]
+        .iter()
+        .map(|name| TestAgent::start(agent_config(name, &coordinator.ws_url(), 10)))
+        .collect();
+    for agent in &agents {
+        agent.registered(1).await;
+    }
+    // test_config: a 200 ms interval and a 600 ms lease; 30 heartbeats
+    // are three leases for each of the three nodes.
+    eventually("thirty heartbeats", || async {
+        let beats = coordinator
+            .metric(None, "lingua_heartbeats_total")
+            .await
+            .unwrap_or(0.0);
+        (beats >= 30.0).then_some(())
+    })
+    .await;
+    for name in ["beat-1", "beat-2", "beat-3"] {
+        let (_, node) = coordinator.get(&format!("/v1/nodes/{name}")).await;
+        assert_eq!(node["state"], "ready", "{node}");
+    }
+    for agent in agents {
+        agent.stop().await.unwrap();
+    }
+    coordinator.stop().await;
+}
+
 async fn jobs_run_only_on_nodes_serving_their_pair(redis: impl RedisBackend) {
     let coordinator = TestCoordinator::start(&redis, test_config()).await;
     let zh_en = TestAgent::start(agent_config("zh-en", &coordinator.ws_url(), 20));
@@ -742,6 +774,7 @@ macro_rules! on_both_backends {
 
 on_both_backends!(
     free_slot_hints_come_back_between_heartbeats,
+    recorded_heartbeats_keep_a_node_alive_for_many_leases,
     jobs_run_only_on_nodes_serving_their_pair,
     a_burst_spreads_by_capacity_and_never_exceeds_an_arbiter,
     a_mixed_burst_into_one_node_waits_for_memory_instead_of_being_refused,

@@ -47,12 +47,15 @@ impl JobRouter {
             },
         );
         self.metrics.assignments.inc();
+        let sending = Instant::now();
         let delivered = if self.registry.get(node).is_some() {
             let assign = Message::JobAssign(assign);
             self.registry.send(node, Control::Send(Box::new(assign)))
         } else {
             self.forward(node, &key, assign).await
         };
+        // Forwarding through another instance is part of reaching the node.
+        timing.accept += sending.elapsed();
         let outcome = if delivered {
             self.follow(node, &key, &mut events, (deadline, timing))
                 .await

@@ -22,7 +22,7 @@ impl JobRouter {
                 }
             }
             let turn = match &seat {
-                Some(waiting) => waiting.turn(self.latest_start(state)).await,
+                Some(waiting) => waiting.turn(state).await,
                 None => Some(Turn::Head),
             };
             let Some(turn) = turn else {
@@ -236,12 +236,10 @@ impl JobRouter {
     fn granted(&self, state: &mut Dispatch<'_>, seat: Option<Seat<'_>>) {
         let now = Instant::now();
         if let Some(seat) = &seat {
-            let waited = now.saturating_duration_since(seat.joined);
-            state.timing.queue += waited;
             self.metrics
                 .queue_wait
                 .get_or_create(&queue_label(&state.key))
-                .observe(waited.as_secs_f64());
+                .observe(now.saturating_duration_since(seat.joined).as_secs_f64());
         }
         let mut queues = lock(&self.queues);
         queues.granted(&state.key, &state.job.id, &state.job.tenant, now);
@@ -290,7 +288,9 @@ impl JobRouter {
         failure: Failure,
     ) -> Result<JobView, SubmitError> {
         let job = state.job;
-        self.store
+        let recording = Instant::now();
+        let finished = self
+            .store
             .job_finish(
                 &job.id,
                 (None, state.attempt),
@@ -298,10 +298,12 @@ impl JobRouter {
                 &failure.outcome(),
                 self.config.result_ttl,
             )
-            .await?;
-        Ok(self
-            .wait_remote(&job.id, Instant::now() + job.timeout)
-            .await?)
+            .await;
+        let now = Instant::now();
+        state.timing.record += now.saturating_duration_since(recording);
+        state.timing.result_at = Some(now);
+        finished?;
+        Ok(self.wait_remote(&job.id, now + job.timeout).await?)
     }
 }
 
@@ -327,8 +329,16 @@ struct Seat<'a> {
 impl Seat<'_> {
     /// Waits until a report says there may be room and the job may try
     /// (it heads its queue, or stands in for the head on the fallback's
-    /// room); `None` once `deadline` passed.
-    async fn turn(&self, deadline: Instant) -> Option<Turn> {
+    /// room); `None` once it could no longer start in time. The wait is
+    /// the job's `queue` stage.
+    async fn turn(&self, state: &mut Dispatch<'_>) -> Option<Turn> {
+        let waiting = Instant::now();
+        let turn = self.next_turn(self.router.latest_start(state)).await;
+        state.timing.queue += waiting.elapsed();
+        turn
+    }
+
+    async fn next_turn(&self, deadline: Instant) -> Option<Turn> {
         loop {
             if tokio::time::timeout_at(deadline, self.turn.notified())
                 .await

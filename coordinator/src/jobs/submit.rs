@@ -194,8 +194,12 @@ impl JobRouter {
         self.metrics
             .job_ended((job.kind.as_str(), status), latency_ms, failure);
         if let Some(timing) = &view.timing {
+            // A stage the job never went through (no wait for room, no
+            // node reached) is not counted as a zero.
             for (stage, took) in timing.stages() {
-                self.metrics.stage(stage, took);
+                if !took.is_zero() {
+                    self.metrics.stage(stage, took);
+                }
             }
         }
     }

@@ -15,11 +15,14 @@ pub struct Timing {
     pub start: Duration,
     /// Waiting in the admission queue for room.
     pub queue: Duration,
-    /// Choosing a node (`route_pick`, and the hints).
+    /// Choosing a node (`route_pick`, the hints, and waiting for the
+    /// pair's picking lock while a routing update of it is written).
     pub pick: Duration,
-    /// Recording each attempt (`job_attempt`).
+    /// Recording each attempt (`job_attempt`), and a failure decided
+    /// here (`job_finish`).
     pub record: Duration,
-    /// From sending `job_assign` to the node's accept or refusal.
+    /// From sending `job_assign` (forwarding it through another
+    /// instance included) to the node's accept or refusal.
     pub accept: Duration,
     /// From the node's accept to its result, recorded.
     pub run: Duration,

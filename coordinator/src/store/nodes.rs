@@ -3,16 +3,6 @@
 
 use super::*;
 
-/// A heartbeat to record: its connection's epoch and the node's capacity
-/// (JSON).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Beat {
-    /// The epoch of the connection it came on.
-    pub epoch: u64,
-    /// The capacity report, as `GET /v1/nodes/{id}` shows it.
-    pub capacity: String,
-}
-
 impl Store {
     /// Records a registration and returns its epoch, or the conflict.
     pub async fn register_node(
@@ -54,57 +44,35 @@ impl Store {
         }
     }
 
-    /// Records a batch of heartbeats in one pipeline: each extends its
-    /// node's lease, and its record's life by `lease` plus `retention`;
-    /// per heartbeat, `false` when its epoch is no longer current. Scripts missing from Redis' cache (a restart, a `SCRIPT
-    /// FLUSH`) are loaded by sending the batch one call at a time once.
+    /// Records a batch of heartbeats: each extends its node's lease, and
+    /// its record's life by `lease` plus `retention`. The calls go out
+    /// together (the connection pipelines them: about one round trip for
+    /// the batch; on Redis Cluster, each to the master of its node's slot).
+    /// Per heartbeat: `Some(false)` when its epoch is no longer current (or
+    /// the node was marked offline since), `None` when the call failed.
     pub async fn heartbeats(
         &self,
-        beats: &[(NodeId, Beat)],
+        beats: &[((NodeId, u64), String)],
         (lease, retention): (Duration, Duration),
-    ) -> Result<Vec<bool>, StoreError> {
-        let invocations: Vec<ScriptInvocation<'_>> = beats
-            .iter()
-            .map(|(node, beat)| {
-                let keys = NodeKeys::new(node);
+    ) -> Vec<Option<bool>> {
+        let calls = beats.iter().map(|((node, epoch), capacity)| {
+            let keys = NodeKeys::new(node);
+            async move {
                 let mut invocation = self.scripts.node_heartbeat.prepare_invoke();
                 invocation
                     .key(&keys.hash)
                     .key(&keys.lease)
                     .key(&keys.epoch)
-                    .arg(beat.epoch)
+                    .arg(*epoch)
                     .arg(millis(lease))
-                    .arg(&beat.capacity)
+                    .arg(capacity)
                     .arg(millis(lease + retention));
-                invocation
-            })
-            .collect();
-        let mut pipe = redis::pipe();
-        for invocation in &invocations {
-            pipe.invoke_script(invocation);
-        }
-        let mut conn = self.conn.clone();
-        let started = Instant::now();
-        let reply: redis::RedisResult<Vec<i64>> = pipe.query_async(&mut conn).await;
-        let current = match reply {
-            Ok(current) => {
-                self.metrics
-                    .observe_script("node_heartbeat", started.elapsed());
-                current
+                let current: Result<i64, StoreError> =
+                    self.invoke("node_heartbeat", invocation).await;
+                current.ok().map(|current| current == 1)
             }
-            Err(err)
-                if err.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-            {
-                // Each call counts in the script metric on its own.
-                let mut current = Vec::with_capacity(invocations.len());
-                for invocation in invocations {
-                    current.push(self.invoke::<i64>("node_heartbeat", invocation).await?);
-                }
-                current
-            }
-            Err(err) => return Err(err.into()),
-        };
-        Ok(current.into_iter().map(|c| c == 1).collect())
+        });
+        futures_util::future::join_all(calls).await
     }
 
     /// Marks a node offline; `false` when a newer registration exists.
