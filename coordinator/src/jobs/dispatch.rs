@@ -233,7 +233,7 @@ impl JobRouter {
 
     /// The job found room: it leaves its queue (if it sat in one), and the
     /// next in line tries at once.
-    fn granted(&self, state: &mut Dispatch<'_>, seat: Option<Seat<'_>>) {
+    fn granted(&self, state: &Dispatch<'_>, seat: Option<Seat<'_>>) {
         let now = Instant::now();
         if let Some(seat) = &seat {
             self.metrics
