@@ -1219,6 +1219,21 @@ async fn an_admin_drain_is_kept_for_the_same_agent_process_only() {
     assert_eq!(state(&store, &id).await, NodeState::Ready);
 }
 
+/// One pick on `route` of `pair`, without a session or tried nodes.
+async fn pick_once(store: &Store, pair: LangPair, route: Route) -> Pick {
+    store
+        .route_pick(
+            pair,
+            &route,
+            None,
+            Duration::ZERO,
+            PickPolicy::Capacity,
+            &[],
+        )
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_pick_of_any_kind_shrinks_every_kind_on_a_node_that_reports_its_room() {
     let redis = lingua_tests::redis().await;
@@ -1242,22 +1257,7 @@ async fn a_pick_of_any_kind_shrinks_every_kind_on_a_node_that_reports_its_room()
         }),
     };
     store.route_update(zh_en, &[entry], LEASE).await.unwrap();
-    let pick = |kind: &JobKind| {
-        let (store, kind) = (store.clone(), kind.clone());
-        async move {
-            store
-                .route_pick(
-                    zh_en,
-                    &Route::gpu(&kind),
-                    None,
-                    Duration::ZERO,
-                    PickPolicy::Capacity,
-                    &[],
-                )
-                .await
-                .unwrap()
-        }
-    };
+    let pick = |kind: &JobKind| pick_once(&store, zh_en, Route::gpu(kind));
     assert_eq!(pick(&asr).await, Pick::Node(node("a")));
     assert_eq!(pick(&asr).await, Pick::Node(node("a")));
     // 4,000 MiB left: one translate fits, not the five the node counted
@@ -1287,22 +1287,7 @@ async fn a_fallback_route_is_a_list_of_its_own_that_takes_no_memory() {
         }),
     };
     store.route_update(zh_en, &[entry], LEASE).await.unwrap();
-    let pick = |route: Route| {
-        let store = store.clone();
-        async move {
-            store
-                .route_pick(
-                    zh_en,
-                    &route,
-                    None,
-                    Duration::ZERO,
-                    PickPolicy::Capacity,
-                    &[],
-                )
-                .await
-                .unwrap()
-        }
-    };
+    let pick = |route: Route| pick_once(&store, zh_en, route);
     let mut conn = lingua_tests::connect(&redis).await;
     let memory = |conn: &mut redis::aio::MultiplexedConnection| {
         let mut conn = conn.clone();
