@@ -3,7 +3,7 @@
 -- dispatched it died) and its result (the node died too, or never got the
 -- assignment); any coordinator that sees it records it failed.
 --
--- KEYS[1] job hash lingua:v1:job:{<job id>}
+-- KEYS[1] job hash lingua:v1:pair:{<src:tgt>}:job:<job id>
 -- ARGV[1] grace after the deadline, ms (the live dispatcher ends its own
 --         jobs at the deadline; the grace lets it win)
 -- ARGV[2] the outcome JSON (error code and message)

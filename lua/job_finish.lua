@@ -1,14 +1,16 @@
 -- job_finish: record a job's one terminal state.
 --
--- KEYS[1] job hash lingua:v1:job:{<job id>}
+-- KEYS[1] job hash lingua:v1:pair:{<src:tgt>}:job:<job id>
 -- ARGV[1] the attempt that produced the outcome
 -- ARGV[2] "completed" or "failed"
 -- ARGV[3] the outcome JSON (output, or error code and message)
 -- ARGV[4] how long to keep the result, ms
 -- ARGV[5] the node reporting the outcome, or "" when the dispatching
 --         coordinator ends the job itself (timeout, no capacity)
--- Returns "applied", "duplicate" (already terminal: a repeated or late
--- result), "stale" (from an attempt that was superseded) or
+-- Returns {"applied", latency_ms} (submission to now: the caller builds
+-- the answer from this and what it knows), "duplicate" (already terminal:
+-- a repeated or late result), "stale" (from an attempt that was
+-- superseded) or
 -- {"foreign", node}: the current attempt was assigned to that other node,
 -- so the reporter has no say in it.
 local fields = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'created_ms', 'node')
@@ -32,4 +34,4 @@ redis.call('HSET', KEYS[1],
   'finished_ms', now_ms,
   'latency_ms', now_ms - tonumber(fields[3]))
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return 'applied'
+return {'applied', now_ms - tonumber(fields[3])}

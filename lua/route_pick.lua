@@ -1,5 +1,7 @@
--- route_pick: choose a node for one job attempt. The one script call a
--- dispatch costs.
+-- route_pick: choose a node for one job attempt and, for a job, record
+-- the attempt: the one script call an attempt costs. Every key is in the
+-- pair's slot (the job's hash too), so on Redis Cluster as on one Redis it
+-- is one round trip.
 --
 -- KEYS[1] route:<r>    ZSET node -> lease deadline  lingua:v1:pair:{<src:tgt>}:route:<r>
 -- KEYS[2] free:<r>     HASH node -> free slots     lingua:v1:pair:{<src:tgt>}:free:<r>
@@ -9,15 +11,30 @@
 --                      (a key nobody writes when the job has no session)
 -- KEYS[5] memory       HASH node -> its room (JSON)  lingua:v1:pair:{<src:tgt>}:memory
 -- KEYS[6] served:<r>   ZSET node -> lease deadline  lingua:v1:pair:{<src:tgt>}:served:<r>
+-- KEYS[7] job          HASH lingua:v1:pair:{<src:tgt>}:job:<job id>; absent
+--                      for a pick that records nothing (lingua-bench)
 -- ARGV[1] "1" when the job has a session, "0" otherwise
 -- ARGV[2] session affinity lifetime in ms
 -- ARGV[3] policy: "capacity", or "random" (any live member, room or not:
 --         the earlier system's policy, kept only to measure against)
 -- ARGV[4] the route <r>: a kind (its GPU room), or `<kind>@cpu` (its
 --         fallback room, which takes no memory)
--- ARGV[5..] nodes already tried for this job (excluded)
--- Returns {"ok", node} or {"no_capacity"} (live nodes serve the kind, none
--- with room) or {"no_nodes"} (no live node serves the pair and kind).
+-- ARGV[5] nodes already tried for this job (excluded), comma-separated
+-- ARGV[6] with a job: "open" (a job's arrival) or "next" (its next attempt)
+-- open:   ARGV[7] the request, canonical JSON; ARGV[8] key lifetime in ms
+--         (job timeout + result retention); ARGV[9] the coordinator
+--         instance dispatching it; ARGV[10] the job's timeout in ms (its
+--         deadline is now + timeout); ARGV[11] "1" to pick, "0" to only
+--         record it queued (others wait for room before it)
+-- next:   ARGV[7] the attempt the caller believes current
+-- Returns {"ok", node, attempt} (attempt 0 without a job), {"no_capacity"}
+-- (live nodes serve the kind, none with room) or {"no_nodes"} (no live
+-- node serves the pair and kind); with a job also {"queued"} (recorded,
+-- no pick asked), {"exists", status, attempt} (open: the same request is
+-- recorded already), {"conflict"} (open: the id is taken by a different
+-- request in this pair) or {"stale"} (next: the job ended, or someone
+-- else moved it on). A job opened without a node stays "queued" at
+-- attempt 0; each attempt recorded here is "running" on its node.
 --
 -- Candidates are nodes whose last report showed free slots of the kind
 -- and whose lease is current: a sampled entry whose lease is past is
@@ -33,6 +50,38 @@
 local now = redis.call('TIME')
 local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
 
+local job = KEYS[7]
+if job then
+  if ARGV[6] == 'open' then
+    local request = redis.call('HGET', job, 'request')
+    if request then
+      if request ~= ARGV[7] then
+        return {'conflict'}
+      end
+      local fields = redis.call('HMGET', job, 'status', 'attempt')
+      return {'exists', fields[1], tonumber(fields[2])}
+    end
+    redis.call('HSET', job,
+      'request', ARGV[7],
+      'status', 'queued',
+      'attempt', 0,
+      'node', '',
+      'nodes', '',
+      'coordinator', ARGV[9],
+      'created_ms', now_ms,
+      'deadline_ms', now_ms + tonumber(ARGV[10]))
+    redis.call('PEXPIRE', job, ARGV[8])
+    if ARGV[11] ~= '1' then
+      return {'queued'}
+    end
+  else
+    local fields = redis.call('HMGET', job, 'status', 'attempt')
+    if (fields[1] ~= 'running' and fields[1] ~= 'queued') or fields[2] ~= ARGV[7] then
+      return {'stale'}
+    end
+  end
+end
+
 for _, node in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms, 'LIMIT', 0, 16)) do
   redis.call('ZREM', KEYS[1], node)
   redis.call('HDEL', KEYS[2], node)
@@ -40,10 +89,11 @@ for _, node in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms, 'LIMI
 end
 
 local kind = ARGV[4]
-local tried = #ARGV - 4
+local tried = 0
 local excluded = {}
-for i = 5, #ARGV do
-  excluded[ARGV[i]] = true
+for node in string.gmatch(ARGV[5], '[^,]+') do
+  excluded[node] = true
+  tried = tried + 1
 end
 
 -- The node's room for the kind now, and its memory record (nil when it
@@ -89,6 +139,22 @@ local function take(memory)
   return false
 end
 
+-- Records the job's next attempt, on `node`: its number (0 without a job).
+local function record_attempt(node)
+  if not job then
+    return 0
+  end
+  local attempt = redis.call('HINCRBY', job, 'attempt', 1)
+  local nodes = redis.call('HGET', job, 'nodes')
+  if nodes ~= '' then
+    nodes = nodes .. ',' .. node
+  else
+    nodes = node
+  end
+  redis.call('HSET', job, 'status', 'running', 'node', node, 'nodes', nodes)
+  return attempt
+end
+
 local function forget(node)
   redis.call('ZREM', KEYS[1], node)
   redis.call('HDEL', KEYS[2], node)
@@ -125,7 +191,7 @@ if not chosen and ARGV[3] == 'random' then
     end
   end
   if chosen then
-    return {'ok', chosen}
+    return {'ok', chosen, record_attempt(chosen)}
   end
 end
 
@@ -177,4 +243,4 @@ end
 if ARGV[1] == '1' then
   redis.call('SET', KEYS[4], chosen, 'PX', ARGV[2])
 end
-return {'ok', chosen}
+return {'ok', chosen, record_attempt(chosen)}

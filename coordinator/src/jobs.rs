@@ -1,12 +1,13 @@
 //! Job routing: from `POST /v1/jobs` to exactly one terminal state.
 //!
-//! Each job is dispatched by one task: pick a node (one `route_pick` call),
-//! record the attempt (`job_start`, later `job_attempt`), send `job_assign`,
-//! and wait for the node's answer. A refusal, an assignment not answered
+//! Each job is dispatched by one task: pick a node and record the attempt
+//! (one `route_pick` call, which at the job's arrival also records the
+//! job), send `job_assign`, and wait for the node's answer. A refusal, an assignment not answered
 //! within `accept_timeout_ms`, or the node's connection dying moves the job
 //! to another node with a new attempt number, up to `max_attempts`. Results
 //! are recorded by `job_finish`, fenced by attempt, so a late result of a
-//! superseded attempt is acknowledged and ignored. docs/ARCHITECTURE.md
+//! superseded attempt is acknowledged and ignored; the answer is built from
+//! what `job_finish` recorded, not read back. docs/ARCHITECTURE.md
 //! draws the lifecycle.
 
 use std::collections::HashMap;
@@ -34,7 +35,8 @@ use crate::metrics::{Metrics, QueueLabel, ResultLabel};
 use crate::queue::{QueueKey, Queues, Shed, Turn, Waiting};
 use crate::registry::{Control, Registry};
 use crate::store::{
-    Finish, JobRecord, JobStart, JobStatus, Pick, Route, Store, StoreError, wall_clock_ms,
+    Finish, JobPick, JobRecord, JobStart, JobStatus, NewJob, PickOn, Route, Store, StoreError,
+    wall_clock_ms,
 };
 
 /// How long a session keeps preferring the node that served it last.
@@ -56,6 +58,7 @@ const MIN_RETRY_AFTER: Duration = Duration::from_secs(1);
 mod answers;
 mod attempts;
 mod dispatch;
+mod failure;
 mod lookup;
 mod pick;
 mod remote;
@@ -74,7 +77,9 @@ pub use view::{JobErrorCode, JobView};
 enum AttemptEvent {
     Accepted,
     Rejected(RejectReason, String),
-    Finished,
+    /// The result is recorded: its view when this instance recorded it
+    /// (else the dispatcher reads it back).
+    Finished(Option<Box<JobView>>),
     NodeLost,
 }
 
@@ -187,6 +192,7 @@ pub fn route_of(assign: &JobAssign) -> Route {
 /// One attempt in flight: where it went, and its dispatcher's inbox.
 struct Attempt {
     node: NodeId,
+    pair: LangPair,
     route: Route,
     events: mpsc::UnboundedSender<AttemptEvent>,
     /// Counted in the node's hints until the node's first answer, taken
@@ -202,6 +208,7 @@ struct Attempt {
 /// this instance holds: where the node's answers must go.
 struct Forwarded {
     node: NodeId,
+    pair: LangPair,
     route: Route,
     origin: String,
     /// Counted in the node's hints until its first answer.
@@ -210,8 +217,9 @@ struct Forwarded {
 
 /// How an attempt ended for its dispatcher.
 enum Tried {
-    /// The node finished it (its result is recorded).
-    Finished,
+    /// The node finished it (its result is recorded): its view when this
+    /// instance recorded it.
+    Finished(Option<Box<JobView>>),
     /// The node refused it: try another, as long as time allows.
     Refused(String),
     /// The node did not answer or went away: try another, up to

@@ -174,11 +174,18 @@ impl PairKeys {
     pub fn session(&self, session: &str) -> String {
         format!("{}:session:{session}", self.base)
     }
+
+    /// HASH: job `id` of the pair, in the pair's slot so that the pick
+    /// that chooses its node records its attempt.
+    pub fn job(&self, id: &JobId) -> String {
+        format!("{}:job:{id}", self.base)
+    }
 }
 
-/// The HASH of one job, tagged `{<job id>}`.
-pub fn job(id: &JobId) -> String {
-    format!("{PREFIX}:job:{{{id}}}")
+/// STRING, tagged `{<job id>}`: the pair of job `id` (its hash is in the
+/// pair's slot).
+pub fn job_pair(id: &JobId) -> String {
+    format!("{PREFIX}:job:{{{id}}}:pair")
 }
 
 #[cfg(test)]

@@ -27,6 +27,8 @@ mod jobs;
 mod nodes;
 mod pools;
 
+pub use jobs::{JobPick, JobStart, NewJob, PickOn};
+
 /// A Redis failure, or a reply the scripts never give.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -61,8 +63,6 @@ struct Scripts {
     pool_leave: Script,
     route_update: Script,
     route_pick: Script,
-    job_start: Script,
-    job_attempt: Script,
     job_finish: Script,
     job_expire: Script,
 }
@@ -78,8 +78,6 @@ impl Scripts {
             pool_leave: Script::new(include_str!("../../lua/pool_leave.lua")),
             route_update: Script::new(include_str!("../../lua/route_update.lua")),
             route_pick: Script::new(include_str!("../../lua/route_pick.lua")),
-            job_start: Script::new(include_str!("../../lua/job_start.lua")),
-            job_attempt: Script::new(include_str!("../../lua/job_attempt.lua")),
             job_finish: Script::new(include_str!("../../lua/job_finish.lua")),
             job_expire: Script::new(include_str!("../../lua/job_expire.lua")),
         }
@@ -160,22 +158,14 @@ pub enum Pick {
     NoNodes,
 }
 
-/// The answer to [`Store::job_start`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum JobStart {
-    /// Created: queued without a node, or attempt 1 on the node given.
-    New,
-    /// The same request is already known.
-    Exists,
-    /// The id belongs to a different request.
-    Conflict,
-}
-
 /// How [`Store::job_finish`] went.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Finish {
     /// Recorded: this was the job's terminal state.
-    Applied,
+    Applied {
+        /// Submission to now.
+        latency_ms: u64,
+    },
     /// The job had already ended.
     Duplicate,
     /// The attempt was superseded.

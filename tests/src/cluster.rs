@@ -10,7 +10,7 @@ use lingua_coordinator::metrics::Metrics;
 use lingua_coordinator::private_redis::PrivateRedis;
 use lingua_coordinator::store::Store;
 
-use crate::{PATIENCE, RedisBackend};
+use crate::{CommandStats, PATIENCE, RedisBackend};
 
 /// Masters in a test cluster.
 const MASTERS: usize = 3;
@@ -100,6 +100,16 @@ impl RedisBackend for RedisCluster {
 
     fn coordinator_args(&self) -> Vec<String> {
         vec!["--redis-cluster".into(), self.seeds().join(",")]
+    }
+}
+
+impl CommandStats for RedisCluster {
+    async fn command_calls(&self, command: &str) -> u64 {
+        let mut calls = 0;
+        for node in &self.nodes {
+            calls += node.command_calls(command).await;
+        }
+        calls
     }
 }
 

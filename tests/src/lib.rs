@@ -99,6 +99,13 @@ pub trait RedisBackend {
     fn coordinator_args(&self) -> Vec<String>;
 }
 
+/// What a test Redis (or Cluster) has run.
+pub trait CommandStats {
+    /// How many times its servers ran `command` (lowercase), scripts'
+    /// calls included (`INFO commandstats`, summed over every server).
+    fn command_calls(&self, command: &str) -> impl Future<Output = u64> + Send;
+}
+
 impl RedisBackend for PrivateRedis {
     async fn store(&self, metrics: Arc<Metrics>) -> Store {
         Store::connect(&self.url(), metrics)
@@ -108,6 +115,22 @@ impl RedisBackend for PrivateRedis {
 
     fn coordinator_args(&self) -> Vec<String> {
         vec!["--redis-url".into(), self.url()]
+    }
+}
+
+impl CommandStats for PrivateRedis {
+    async fn command_calls(&self, command: &str) -> u64 {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut connect(self).await)
+            .await
+            .expect("INFO answers");
+        let prefix = format!("cmdstat_{command}:");
+        info.lines()
+            .find_map(|line| line.strip_prefix(prefix.as_str()))
+            .and_then(|stats| stats.split(',').find_map(|kv| kv.strip_prefix("calls=")))
+            .and_then(|calls| calls.parse().ok())
+            .unwrap_or(0)
     }
 }
 

@@ -12,7 +12,8 @@ use lingua_coordinator::fleet::views::{NodeState, NodeView};
 use lingua_coordinator::metrics::Metrics;
 use lingua_coordinator::private_redis::PrivateRedis;
 use lingua_coordinator::store::{
-    DrainOutcome, Finish, JobStart, Pick, RegisterOutcome, Registration, Route, RouteEntry, Store,
+    DrainOutcome, Finish, JobPick, JobStart, NewJob, Pick, PickOn, RegisterOutcome, Registration,
+    Route, RouteEntry, Store,
 };
 use lingua_shared::protocol::{CapacityReport, Heartbeat};
 use lingua_shared::room::Room;
@@ -145,8 +146,6 @@ fn script_names() -> HashMap<String, &'static str> {
         ("pool_leave", include_str!("../../lua/pool_leave.lua")),
         ("route_update", include_str!("../../lua/route_update.lua")),
         ("route_pick", include_str!("../../lua/route_pick.lua")),
-        ("job_start", include_str!("../../lua/job_start.lua")),
-        ("job_attempt", include_str!("../../lua/job_attempt.lua")),
         ("job_finish", include_str!("../../lua/job_finish.lua")),
         ("job_expire", include_str!("../../lua/job_expire.lua")),
     ];
@@ -188,8 +187,8 @@ async fn every_script_call_keeps_its_keys_in_one_cluster_slot() {
         (view["capacity"]["free_slots"] == serde_json::json!({})).then_some(())
     })
     .await;
-    // A job through a real agent: route_pick, job_start, job_finish; then
-    // a (refused) job_attempt on the finished job.
+    // A job through a real agent: route_pick (recording it), job_finish;
+    // then a (refused) next attempt on the finished job.
     let agent = lingua_tests::TestAgent::start(lingua_tests::agent_config(
         "slots-agent",
         &coordinator.ws_url(),
@@ -206,9 +205,19 @@ async fn every_script_call_keeps_its_keys_in_one_cluster_slot() {
     assert_eq!(answer.status(), 200);
     let store = store(&redis).await;
     let job_id = JobId::new("slot-job").unwrap();
-    let agent_id = NodeId::new("slots-agent").unwrap();
+    let translate = Route::gpu(&JobKind::new("translate").unwrap());
+    let next = PickOn {
+        route: &translate,
+        session: None,
+        affinity: Duration::ZERO,
+        policy: PickPolicy::Capacity,
+        excluded: &[],
+    };
     assert_eq!(
-        store.job_attempt(&job_id, 1, &agent_id).await.unwrap(),
+        store
+            .job_next((pair("zh:en"), &job_id), 1, next)
+            .await
+            .unwrap(),
         None
     );
     agent.stop().await.unwrap();
@@ -227,17 +236,11 @@ async fn every_script_call_keeps_its_keys_in_one_cluster_slot() {
     // An orphan: a job recorded as running whose dispatcher is gone. Past
     // its deadline and the grace, reading it ends it (job_expire).
     let orphan = JobId::new("orphan").unwrap();
-    store
-        .job_start(
-            &orphan,
-            "{}",
-            Some(&agent_id),
-            Duration::ZERO,
-            LEASE,
-            "gone",
-        )
-        .await
-        .unwrap();
+    let orphaned = NewJob {
+        coordinator: "gone",
+        ..new_job(&orphan, pair("zh:en"), "{}", Duration::ZERO)
+    };
+    store.job_open(orphaned, (next, false)).await.unwrap();
     let ended = eventually("the orphan to be ended", || async {
         let (_, view) = coordinator.get("/v1/jobs/orphan").await;
         (view["status"] == "failed").then_some(view)
@@ -694,92 +697,162 @@ async fn pool_join_cost_does_not_grow_with_the_number_of_pools() {
     );
 }
 
+/// `zh:en` with nodes `a` and `b`, each with `slots` free `asr` slots.
+async fn two_nodes_with_room(store: &Store, slots: u32) -> Route {
+    let (zh_en, asr) = (pair("zh:en"), JobKind::new("asr").unwrap());
+    let route = Route::gpu(&asr);
+    let mut entries = Vec::new();
+    for id in ["a", "b"] {
+        store
+            .pool_join(zh_en, &node(id), &[], 10, LEASE)
+            .await
+            .unwrap();
+        entries.push(RouteEntry {
+            node: node(id),
+            free: [(route.clone(), slots)].into(),
+            room: None,
+        });
+    }
+    store.route_update(zh_en, &entries, LEASE).await.unwrap();
+    route
+}
+
+fn new_job<'a>(id: &'a JobId, pair: LangPair, request: &'a str, timeout: Duration) -> NewJob<'a> {
+    NewJob {
+        id,
+        pair,
+        request,
+        timeout,
+        retention: LEASE,
+        coordinator: "c",
+    }
+}
+
+fn on<'a>(route: &'a Route, excluded: &'a [NodeId]) -> PickOn<'a> {
+    PickOn {
+        route,
+        session: None,
+        affinity: Duration::ZERO,
+        policy: PickPolicy::Capacity,
+        excluded,
+    }
+}
+
 #[tokio::test]
-async fn job_records_are_idempotent_and_fenced_by_attempt() {
+async fn a_job_is_recorded_by_its_first_pick_idempotently_and_fenced_by_attempt() {
     let redis = lingua_tests::redis().await;
     let store = store(&redis).await;
+    let route = two_nodes_with_room(&store, 4).await;
+    let zh_en = pair("zh:en");
     let id = JobId::new("j-1").unwrap();
-    let (a, b) = (node("a"), node("b"));
-    assert_eq!(
-        store
-            .job_start(&id, "{req}", Some(&a), LEASE, LEASE, "c")
-            .await
-            .unwrap(),
-        JobStart::New
-    );
-    assert_eq!(
-        store
-            .job_start(&id, "{req}", Some(&b), LEASE, LEASE, "c")
-            .await
-            .unwrap(),
-        JobStart::Exists
-    );
-    assert_eq!(
-        store
-            .job_start(&id, "{other}", Some(&b), LEASE, LEASE, "c")
-            .await
-            .unwrap(),
-        JobStart::Conflict
-    );
-    assert_eq!(
-        store.job_attempt(&id, 2, &b).await.unwrap(),
-        None,
-        "stale: attempt 1 is current"
-    );
-    assert_eq!(store.job_attempt(&id, 1, &b).await.unwrap(), Some(2));
-    let done = serde_json::json!({"output": {"text": "hi"}});
-    assert_eq!(
-        store
-            .job_finish(&id, (Some(&a), 1), true, &done, LEASE)
-            .await
-            .unwrap(),
-        Finish::Stale,
-        "the superseded attempt is ignored"
-    );
-    assert_eq!(
-        store
-            .job_finish(&id, (Some(&a), 2), true, &done, LEASE)
-            .await
-            .unwrap(),
-        Finish::Foreign {
-            assigned: "b".into()
-        },
-        "attempt 2 is b's: a has no say in it"
-    );
-    assert_eq!(
-        store
-            .job_finish(&id, (Some(&b), 2), true, &done, LEASE)
-            .await
-            .unwrap(),
-        Finish::Applied
-    );
-    assert_eq!(
-        store
-            .job_finish(&id, (Some(&b), 2), true, &done, LEASE)
-            .await
-            .unwrap(),
-        Finish::Duplicate
-    );
-    assert_eq!(
-        store.job_attempt(&id, 2, &a).await.unwrap(),
-        None,
-        "an ended job takes no new attempt"
-    );
-    let record = store.job(&id).await.unwrap().unwrap();
+    let opened = store
+        .job_open(new_job(&id, zh_en, "{req}", LEASE), (on(&route, &[]), true))
+        .await
+        .unwrap();
+    let JobStart::New(Some(JobPick::Node(first, 1))) = opened else {
+        panic!("a new job picks attempt 1: {opened:?}");
+    };
+    let (_, record) = store.job(&id).await.unwrap().unwrap();
     assert_eq!(
         (
             record.status.as_str(),
             record.attempt,
             record.node.as_deref()
         ),
-        ("completed", 2, Some("b"))
+        ("running", 1, Some(first.as_str())),
+        "the pick recorded the job and its attempt"
+    );
+    let again = |request: &'static str, pair: LangPair| {
+        let (store, id, route) = (store.clone(), id.clone(), route.clone());
+        async move {
+            store
+                .job_open(new_job(&id, pair, request, LEASE), (on(&route, &[]), true))
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(again("{req}", zh_en).await, JobStart::Exists);
+    assert_eq!(again("{other}", zh_en).await, JobStart::Conflict);
+    assert_eq!(
+        again("{req}", pair("en:ja")).await,
+        JobStart::Conflict,
+        "an id is one job across pairs"
+    );
+    let mut conn = lingua_tests::connect(&redis).await;
+    let left: u64 = redis::cmd("EXISTS")
+        .arg("lingua:v1:pair:{en:ja}:job:j-1")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "the other pair's record is taken back");
+
+    let next = |current: u32, excluded: Vec<NodeId>| {
+        let (store, id, route) = (store.clone(), id.clone(), route.clone());
+        async move {
+            store
+                .job_next((zh_en, &id), current, on(&route, &excluded))
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(next(2, vec![]).await, None, "stale: attempt 1 is current");
+    let other = if first == node("a") {
+        node("b")
+    } else {
+        node("a")
+    };
+    assert_eq!(
+        next(1, vec![first.clone()]).await,
+        Some(JobPick::Node(other.clone(), 2)),
+        "the tried node is excluded"
+    );
+    let done = serde_json::json!({"output": {"text": "hi"}});
+    let finish = |reporter: &NodeId, attempt: u32| {
+        let (store, id, done, reporter) =
+            (store.clone(), id.clone(), done.clone(), reporter.clone());
+        async move {
+            store
+                .job_finish((zh_en, &id), (Some(&reporter), attempt), true, &done, LEASE)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        finish(&first, 1).await,
+        Finish::Stale,
+        "the superseded attempt is ignored"
+    );
+    assert_eq!(
+        finish(&first, 2).await,
+        Finish::Foreign {
+            assigned: other.to_string()
+        },
+        "attempt 2 is the other node's: the first has no say in it"
+    );
+    assert!(matches!(finish(&other, 2).await, Finish::Applied { .. }));
+    assert_eq!(finish(&other, 2).await, Finish::Duplicate);
+    assert_eq!(
+        next(2, vec![]).await,
+        None,
+        "an ended job takes no new attempt"
+    );
+    let (found, record) = store.job(&id).await.unwrap().unwrap();
+    assert_eq!(found, zh_en);
+    assert_eq!(
+        (
+            record.status.as_str(),
+            record.attempt,
+            record.node.as_deref()
+        ),
+        ("completed", 2, Some(other.as_str()))
     );
     assert_eq!(record.outcome, Some(done));
+    let unknown = JobId::new("unknown").unwrap();
     assert_eq!(
         store
             .job_finish(
-                &JobId::new("unknown").unwrap(),
-                (Some(&a), 1),
+                (zh_en, &unknown),
+                (Some(&first), 1),
                 true,
                 &serde_json::json!({}),
                 LEASE
@@ -791,23 +864,80 @@ async fn job_records_are_idempotent_and_fenced_by_attempt() {
 }
 
 #[tokio::test]
+async fn a_job_opened_without_room_or_without_a_pick_is_queued() {
+    let redis = lingua_tests::redis().await;
+    let store = store(&redis).await;
+    let route = two_nodes_with_room(&store, 1).await;
+    let zh_en = pair("zh:en");
+    let (waits, takes, finds) = (
+        JobId::new("waits").unwrap(),
+        JobId::new("takes").unwrap(),
+        JobId::new("finds").unwrap(),
+    );
+    assert_eq!(
+        store
+            .job_open(
+                new_job(&waits, zh_en, "{}", LEASE),
+                (on(&route, &[]), false)
+            )
+            .await
+            .unwrap(),
+        JobStart::New(None),
+        "others wait ahead: recorded only"
+    );
+    let (_, record) = store.job(&waits).await.unwrap().unwrap();
+    assert_eq!((record.status.as_str(), record.attempt), ("queued", 0));
+    for id in [&takes, &finds] {
+        let opened = store
+            .job_open(new_job(id, zh_en, "{}", LEASE), (on(&route, &[]), true))
+            .await
+            .unwrap();
+        assert!(
+            matches!(opened, JobStart::New(Some(JobPick::Node(_, 1)))),
+            "{opened:?}"
+        );
+    }
+    assert_eq!(
+        store
+            .job_next((zh_en, &waits), 0, on(&route, &[]))
+            .await
+            .unwrap(),
+        Some(JobPick::NoCapacity),
+        "both slots are taken"
+    );
+    let (_, record) = store.job(&waits).await.unwrap().unwrap();
+    assert_eq!(
+        (record.status.as_str(), record.attempt),
+        ("queued", 0),
+        "a pick without room changes nothing"
+    );
+}
+
+#[tokio::test]
 async fn only_a_job_running_past_its_deadline_and_grace_expires() {
     let redis = lingua_tests::redis().await;
     let store = store(&redis).await;
+    let route = two_nodes_with_room(&store, 4).await;
+    let zh_en = pair("zh:en");
     let (due, later) = (JobId::new("due").unwrap(), JobId::new("later").unwrap());
-    let a = node("a");
-    store
-        .job_start(&due, "{req}", Some(&a), Duration::ZERO, LEASE, "c")
-        .await
-        .unwrap();
-    store
-        .job_start(&later, "{req}", Some(&a), LEASE, LEASE, "c")
-        .await
-        .unwrap();
+    for (id, timeout) in [(&due, Duration::ZERO), (&later, LEASE)] {
+        store
+            .job_open(
+                new_job(id, zh_en, "{req}", timeout),
+                (on(&route, &[]), true),
+            )
+            .await
+            .unwrap();
+    }
     let failed = serde_json::json!({"error": {"code": "timeout", "message": "orphaned"}});
     let expire = |id: &JobId, grace: Duration| {
         let (store, id, failed) = (store.clone(), id.clone(), failed.clone());
-        async move { store.job_expire(&id, grace, &failed, LEASE).await.unwrap() }
+        async move {
+            store
+                .job_expire((zh_en, &id), grace, &failed, LEASE)
+                .await
+                .unwrap()
+        }
     };
     assert!(
         !expire(&due, LEASE).await,
@@ -817,19 +947,23 @@ async fn only_a_job_running_past_its_deadline_and_grace_expires() {
     assert!(expire(&due, Duration::ZERO).await);
     assert!(!expire(&due, Duration::ZERO).await, "already ended");
     assert!(!expire(&JobId::new("never").unwrap(), Duration::ZERO).await);
-    let record = store.job(&due).await.unwrap().unwrap();
+    let (_, record) = store.job(&due).await.unwrap().unwrap();
     assert_eq!(record.status, "failed");
     assert_eq!(record.outcome, Some(failed));
     let done = serde_json::json!({"output": {}});
+    let node = record.node.map(|n| NodeId::new(n).unwrap()).unwrap();
     assert_eq!(
         store
-            .job_finish(&due, (Some(&a), 1), true, &done, LEASE)
+            .job_finish((zh_en, &due), (Some(&node), 1), true, &done, LEASE)
             .await
             .unwrap(),
         Finish::Duplicate,
         "a result arriving after the expiry does not overwrite it"
     );
-    assert_eq!(store.job(&later).await.unwrap().unwrap().status, "running");
+    assert_eq!(
+        store.job(&later).await.unwrap().unwrap().1.status,
+        "running"
+    );
 }
 
 #[tokio::test]

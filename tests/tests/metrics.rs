@@ -138,7 +138,7 @@ async fn promtool_accepts_both_live_endpoints() {
     for series in [
         r#"lingua_job_duration_seconds_count{kind="translate"} 8"#,
         r#"lingua_job_stage_seconds_count{stage="run"} 8"#,
-        r#"lingua_job_stage_seconds_count{stage="pick"} 8"#,
+        r#"lingua_job_stage_seconds_count{stage="start"} 8"#,
         "lingua_redis_up 1",
         r#"lingua_build_info{version=""#,
     ] {

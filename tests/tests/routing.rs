@@ -15,8 +15,8 @@ use lingua_shared::protocol::{
 };
 use lingua_tests::cluster::RedisCluster;
 use lingua_tests::{
-    Received, RedisBackend, TestAgent, TestCoordinator, TestNode, agent_config, agent_toml,
-    eventually, registration, test_config,
+    CommandStats, Received, RedisBackend, TestAgent, TestCoordinator, TestNode, agent_config,
+    agent_toml, eventually, registration, test_config,
 };
 use serde_json::{Value, json};
 
@@ -255,12 +255,66 @@ async fn the_same_id_submitted_five_times_concurrently_runs_once(redis: impl Red
         1,
         "executed once: {executions:?}"
     );
-    // Same id, different body: 409.
+    // Same id, different body: 409, in another pair too (its record lives
+    // in another slot), and the job stays as it was.
+    let mut other_pair = body.clone();
     body["payload"] = json!({"text": "something else"});
     let (status, error) = submit(&coordinator, body).await;
     assert_eq!(
         (status, error["error"]["code"].as_str()),
         (409, Some("conflict"))
+    );
+    other_pair["tgt_lang"] = json!("ja");
+    let (status, error) = submit(&coordinator, other_pair).await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (409, Some("conflict")),
+        "{error}"
+    );
+    let (status, kept) = coordinator.get("/v1/jobs/utterance-42").await;
+    assert_eq!((status, &kept), (200, &answers[0].1));
+    agent.stop().await.unwrap();
+    coordinator.stop().await;
+}
+
+/// A job costs two script calls, one round trip each: the pick that
+/// records it, and its result; the answer carries what the result
+/// recorded, not read back.
+async fn a_job_costs_one_pick_and_one_result(redis: impl RedisBackend + CommandStats) {
+    let coordinator = TestCoordinator::start(&redis, test_config()).await;
+    let agent = TestAgent::start(agent_config("two", &coordinator.ws_url(), 0));
+    agent.registered(1).await;
+    let calls = |script: &'static str| {
+        let coordinator = &coordinator;
+        async move {
+            let series =
+                format!("lingua_redis_script_duration_seconds_count{{script=\"{script}\"}}");
+            coordinator.metric(None, &series).await.unwrap_or(0.0)
+        }
+    };
+    let (picks, finishes) = (calls("route_pick").await, calls("job_finish").await);
+    let reads = redis.command_calls("hgetall").await;
+    for i in 0..10 {
+        let (status, body) = submit(&coordinator, translate("zh", "en")).await;
+        assert_eq!(status, 200, "job {i}: {body}");
+        assert_eq!(
+            (
+                &body["status"],
+                &body["node_id"],
+                &body["attempts"],
+                &body["device"]
+            ),
+            (&json!("completed"), &json!("two"), &json!(1), &json!("gpu")),
+            "{body}"
+        );
+        assert!(body["latency_ms"].is_u64(), "{body}");
+    }
+    assert_eq!(calls("route_pick").await - picks, 10.0);
+    assert_eq!(calls("job_finish").await - finishes, 10.0);
+    assert_eq!(
+        redis.command_calls("hgetall").await,
+        reads,
+        "no job was read back"
     );
     agent.stop().await.unwrap();
     coordinator.stop().await;
@@ -779,6 +833,7 @@ on_both_backends!(
     a_burst_spreads_by_capacity_and_never_exceeds_an_arbiter,
     a_mixed_burst_into_one_node_waits_for_memory_instead_of_being_refused,
     the_same_id_submitted_five_times_concurrently_runs_once,
+    a_job_costs_one_pick_and_one_result,
     failures_get_their_documented_codes,
     bad_requests_get_400s_and_the_service_keeps_serving,
     the_api_token_guards_jobs,

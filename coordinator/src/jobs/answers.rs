@@ -69,10 +69,19 @@ impl JobRouter {
         if let Some(device) = result.device {
             outcome["device"] = json!(device);
         }
+        let key = JobRef {
+            job_id: result.job_id.clone(),
+            attempt: result.attempt,
+        };
+        let Some(pair) = self.pair_of(&key).await? else {
+            // No record names the job: long gone.
+            self.count_result("stale");
+            return Ok(Taken::Acknowledged);
+        };
         let finish = self
             .store
             .job_finish(
-                &result.job_id,
+                (pair, &result.job_id),
                 (Some(node), result.attempt),
                 completed,
                 &outcome,
@@ -80,45 +89,69 @@ impl JobRouter {
             )
             .await?;
         tracing::debug!(job_id = %result.job_id, attempt = result.attempt, node_id = %node, ?finish, "job result");
-        let taken = match &finish {
-            Finish::Applied => "applied",
+        self.count_result(match &finish {
+            Finish::Applied { .. } => "applied",
             Finish::Duplicate => "duplicate",
             Finish::Stale => "stale",
             Finish::Foreign { .. } => "foreign",
-        };
-        self.metrics
-            .results
-            .get_or_create(&ResultLabel {
-                outcome: taken.into(),
-            })
-            .inc();
-        let key = JobRef {
-            job_id: result.job_id.clone(),
-            attempt: result.attempt,
-        };
+        });
         if let Finish::Foreign { assigned } = finish {
             tracing::warn!(node_id = %node, assigned_node = %assigned, job_id = %key.job_id, attempt = key.attempt, "result refused: the attempt is assigned to another node");
             return Ok(Taken::Foreign);
         }
         // Whatever became of it, a forwarded attempt ends with its result.
         let forwarded = self.end_forwarded(&key);
-        if finish != Finish::Applied {
+        let Finish::Applied { latency_ms } = finish else {
             return Ok(Taken::Acknowledged);
-        }
+        };
         if let Some(attempt) = lock(&self.attempts).get(&key) {
-            let _ = attempt.events.send(AttemptEvent::Finished);
+            let status = if completed {
+                JobStatus::Completed
+            } else {
+                JobStatus::Failed
+            };
+            let view = JobView::ended(
+                &key.job_id,
+                (status, outcome),
+                (Some(node.to_string()), key.attempt),
+                latency_ms,
+            );
+            let _ = attempt
+                .events
+                .send(AttemptEvent::Finished(Some(Box::new(view))));
             return Ok(Taken::Acknowledged);
         }
         // Dispatched elsewhere (forwarded here, or its node moved to this
         // instance since): its dispatcher is waiting.
         let origin = match forwarded {
             Some(forwarded) => Some(forwarded.origin),
-            None => self.store.job_dispatcher(&key.job_id).await?,
+            None => self.store.job_dispatcher((pair, &key.job_id)).await?,
         };
         if let Some(origin) = origin.filter(|o| o != &self.instance) {
             self.tell_later(origin, key, RemoteAnswer::Finished);
         }
         Ok(Taken::Acknowledged)
+    }
+
+    /// The pair of an attempt's job: known here while it is dispatched or
+    /// forwarded here, else from Redis's index.
+    async fn pair_of(&self, key: &JobRef) -> Result<Option<LangPair>, StoreError> {
+        if let Some(attempt) = lock(&self.attempts).get(key) {
+            return Ok(Some(attempt.pair));
+        }
+        if let Some(forwarded) = lock(&self.forwarded).get(key) {
+            return Ok(Some(forwarded.pair));
+        }
+        self.store.job_pair(&key.job_id).await
+    }
+
+    fn count_result(&self, outcome: &str) {
+        self.metrics
+            .results
+            .get_or_create(&ResultLabel {
+                outcome: outcome.into(),
+            })
+            .inc();
     }
 
     /// A node's connection ended: its running attempts move elsewhere.

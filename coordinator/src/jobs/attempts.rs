@@ -40,6 +40,7 @@ impl JobRouter {
             key.clone(),
             Attempt {
                 node: node.clone(),
+                pair: job.pair,
                 route: route_of(&assign),
                 events: tx,
                 assigned: Some(assigned),
@@ -87,9 +88,9 @@ impl JobRouter {
         }
         let accepted = match first {
             Ok(Some(AttemptEvent::Accepted)) => true,
-            Ok(Some(AttemptEvent::Finished)) => {
+            Ok(Some(AttemptEvent::Finished(view))) => {
                 timing.result_at = Some(answered);
-                return Tried::Finished;
+                return Tried::Finished(view);
             }
             Ok(Some(AttemptEvent::Rejected(reason, message))) => {
                 let name = serde_json::to_value(reason).ok();
@@ -123,9 +124,9 @@ impl JobRouter {
         let now = Instant::now();
         timing.run += now.saturating_duration_since(answered);
         match ended {
-            Ok(Some(AttemptEvent::Finished)) => {
+            Ok(Some(AttemptEvent::Finished(view))) => {
                 timing.result_at = Some(now);
-                Tried::Finished
+                Tried::Finished(view)
             }
             Ok(Some(AttemptEvent::NodeLost) | None) => Tried::Move(
                 JobErrorCode::NodeLost,

@@ -1,36 +1,35 @@
 //! A job's dispatch: pick a node (in its turn in the admission queue while
-//! no node has room), record the attempt, follow it, move on or end.
+//! no node has room; the pick records the attempt), follow it, move on or
+//! end.
 
+use super::failure::Failure;
 use super::pick::Picked;
 use super::*;
 use tracing::Instrument;
 
 impl JobRouter {
-    /// Tries nodes until the job ends, here or on another instance.
-    pub(super) async fn run(&self, state: &mut Dispatch<'_>) -> Result<JobView, SubmitError> {
+    /// Tries nodes until the job ends, here or on another instance,
+    /// starting from a pick made already (with the queue's wakes before
+    /// it), if any.
+    pub(super) async fn run(
+        &self,
+        state: &mut Dispatch<'_>,
+        mut first: Option<(Picked, u64)>,
+    ) -> Result<JobView, SubmitError> {
         let job = state.job;
         let mut seat: Option<Seat<'_>> = None;
         loop {
             if let Some(failure) = state.spent(self.config.max_attempts, Instant::now()) {
                 return self.fail(state, failure).await;
             }
-            if seat.is_none() && lock(&self.queues).depth(&state.key) > 0 {
-                // Others wait for room of this pair and kind: behind them.
-                match self.sit(state) {
-                    Ok(joined) => seat = Some(joined),
+            let (picked, wakes) = match first.take() {
+                Some(first) => first,
+                None => match self.next_pick(state, &mut seat).await? {
+                    Ok(picked) => picked,
                     Err(failure) => return self.fail(state, failure).await,
-                }
-            }
-            let turn = match &seat {
-                Some(waiting) => waiting.turn(state).await,
-                None => Some(Turn::Head),
+                },
             };
-            let Some(turn) = turn else {
-                let failure = self.waited_too_long(state);
-                return self.fail(state, failure).await;
-            };
-            let wakes = lock(&self.queues).wakes(&state.key);
-            let (node, assigned, device) = match self.pick(state, turn).await? {
+            let (node, assigned, device) = match picked {
                 Picked::Node(node, assigned, device) => {
                     self.granted(state, seat.take());
                     (node, assigned, device)
@@ -48,10 +47,8 @@ impl JobRouter {
                     }
                     continue;
                 }
+                Picked::Stale => return Ok(self.wait_remote(&job.id, state.deadline).await?),
             };
-            if !self.record_attempt(state, &node).await? {
-                return Ok(self.wait_remote(&job.id, state.deadline).await?);
-            }
             let sent = Instant::now();
             let span = tracing::info_span!("attempt", node_id = %node, attempt = state.attempt);
             match self
@@ -65,12 +62,15 @@ impl JobRouter {
                 .instrument(span)
                 .await
             {
-                Tried::Finished => {
+                Tried::Finished(view) => {
                     if device == DeviceChoice::Gpu {
                         // What the queue expects a job to take: on a GPU.
                         lock(&self.queues).ran(&state.key, sent.elapsed());
                     }
-                    return Ok(self.wait_remote(&job.id, state.deadline).await?);
+                    return match view {
+                        Some(view) => Ok(*view),
+                        None => Ok(self.wait_remote(&job.id, state.deadline).await?),
+                    };
                 }
                 Tried::Refused(message) => {
                     state.moved_on(node, Failure::new(JobErrorCode::NoCapacity, message), false);
@@ -84,6 +84,31 @@ impl JobRouter {
                 }
             }
         }
+    }
+
+    /// The next pick, in the job's turn when others wait for room of its
+    /// pair and kind (it sits behind them), with the queue's wakes before
+    /// it; or why the job must end.
+    async fn next_pick<'a>(
+        &'a self,
+        state: &mut Dispatch<'_>,
+        seat: &mut Option<Seat<'a>>,
+    ) -> Result<Result<(Picked, u64), Failure>, StoreError> {
+        if seat.is_none() && lock(&self.queues).depth(&state.key) > 0 {
+            match self.sit(state) {
+                Ok(joined) => *seat = Some(joined),
+                Err(failure) => return Ok(Err(failure)),
+            }
+        }
+        let turn = match seat.as_ref() {
+            Some(waiting) => waiting.turn(state).await,
+            None => Some(Turn::Head),
+        };
+        let Some(turn) = turn else {
+            return Ok(Err(self.waited_too_long(state)));
+        };
+        let wakes = lock(&self.queues).wakes(&state.key);
+        Ok(Ok((self.pick(state, turn).await?, wakes)))
     }
 
     /// No node had room (or every node with room was tried already): the
@@ -258,28 +283,6 @@ impl JobRouter {
             .set(depth);
     }
 
-    /// Records the next attempt, on `node`. False when the job is another
-    /// dispatcher's (moved on by one).
-    async fn record_attempt(
-        &self,
-        state: &mut Dispatch<'_>,
-        node: &NodeId,
-    ) -> Result<bool, SubmitError> {
-        let started = Instant::now();
-        let next = self
-            .store
-            .job_attempt(&state.job.id, state.attempt, node)
-            .await;
-        state.timing.record += started.elapsed();
-        match next? {
-            Some(attempt) => {
-                state.attempt = attempt;
-                Ok(true)
-            }
-            None => Ok(false),
-        }
-    }
-
     /// Records a failure decided here (not by a node) as the job's terminal
     /// state.
     async fn fail(
@@ -289,20 +292,29 @@ impl JobRouter {
     ) -> Result<JobView, SubmitError> {
         let job = state.job;
         let recording = Instant::now();
+        let outcome = failure.outcome();
         let finished = self
             .store
             .job_finish(
-                &job.id,
+                (job.pair, &job.id),
                 (None, state.attempt),
                 false,
-                &failure.outcome(),
+                &outcome,
                 self.config.result_ttl,
             )
             .await;
         let now = Instant::now();
         state.timing.record += now.saturating_duration_since(recording);
         state.timing.result_at = Some(now);
-        finished?;
+        if let Finish::Applied { latency_ms } = finished? {
+            let node = state.node.as_ref().map(ToString::to_string);
+            return Ok(JobView::ended(
+                &job.id,
+                (JobStatus::Failed, outcome),
+                (node, state.attempt),
+                latency_ms,
+            ));
+        }
         Ok(self.wait_remote(&job.id, now + job.timeout).await?)
     }
 }
@@ -367,42 +379,6 @@ impl Drop for Seat<'_> {
     }
 }
 
-/// Why a job ended without a node's answer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Failure {
-    code: JobErrorCode,
-    message: String,
-    /// When it is worth submitting again (`no_capacity`).
-    retry_after: Option<Duration>,
-}
-
-impl Failure {
-    fn new(code: JobErrorCode, message: String) -> Self {
-        Self {
-            code,
-            message,
-            retry_after: None,
-        }
-    }
-
-    fn retry_after(self, wait: Duration) -> Self {
-        Self {
-            retry_after: Some(wait),
-            ..self
-        }
-    }
-
-    /// The outcome as stored: `{"error": {"code", "message",
-    /// "retry_after_ms"?}}`.
-    fn outcome(&self) -> Value {
-        let mut error = json!({"code": self.code, "message": self.message});
-        if let Some(wait) = self.retry_after {
-            error["retry_after_ms"] = json!(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));
-        }
-        json!({ "error": error })
-    }
-}
-
 /// One job's dispatch between attempts: what it was, where it stands,
 /// what it may still do. Pure: the router does the IO.
 pub(in crate::jobs) struct Dispatch<'a> {
@@ -419,7 +395,9 @@ pub(in crate::jobs) struct Dispatch<'a> {
     /// keeps it.
     arrival: Option<u64>,
     /// The current attempt number (0 while queued).
-    attempt: u32,
+    pub(in crate::jobs) attempt: u32,
+    /// The node of the current attempt.
+    pub(in crate::jobs) node: Option<NodeId>,
     /// Attempts here that failed for other reasons than a refusal (a
     /// node silent or lost): refusals only move the job on, its deadline
     /// bounds them.
@@ -438,6 +416,7 @@ impl<'a> Dispatch<'a> {
             timing: Timing::default(),
             arrival: None,
             attempt: 0,
+            node: None,
             tries: 0,
             last_failure: Failure::new(
                 JobErrorCode::NoCapacity,
@@ -544,17 +523,5 @@ mod tests {
         state.last_failure = Failure::new(JobErrorCode::NoCapacity, "n1 refused: full".into());
         let later = state.failure_or(JobErrorCode::NoNodes, "nothing serves it".into());
         assert_eq!(later, state.last_failure);
-    }
-
-    #[test]
-    fn a_failure_with_a_retry_after_stores_it_in_ms() {
-        let failure = Failure::new(JobErrorCode::NoCapacity, "full".into())
-            .retry_after(Duration::from_millis(1500));
-        assert_eq!(
-            failure.outcome(),
-            json!({"error": {"code": "no_capacity", "message": "full", "retry_after_ms": 1500}})
-        );
-        let plain = Failure::new(JobErrorCode::Timeout, "late".into()).outcome();
-        assert_eq!(plain["error"].get("retry_after_ms"), None);
     }
 }

@@ -41,14 +41,15 @@ impl JobRouter {
     /// orphan (its dispatcher died with its coordinator, its result is
     /// lost) and is recorded failed here, so that nobody waits forever.
     pub(super) async fn record(&self, id: &JobId) -> Result<Option<JobRecord>, StoreError> {
-        let record = self.store.job(id).await?;
-        let orphaned = record.as_ref().is_some_and(|r| {
-            !r.status.is_terminal()
-                && r.deadline_ms
-                    .is_some_and(|d| wall_clock_ms() > d + ORPHAN_GRACE_MS)
-        });
+        let Some((pair, record)) = self.store.job(id).await? else {
+            return Ok(None);
+        };
+        let orphaned = !record.status.is_terminal()
+            && record
+                .deadline_ms
+                .is_some_and(|d| wall_clock_ms() > d + ORPHAN_GRACE_MS);
         if !orphaned {
-            return Ok(record);
+            return Ok(Some(record));
         }
         let outcome = json!({"error": {
             "code": JobErrorCode::Timeout,
@@ -57,7 +58,7 @@ impl JobRouter {
         if self
             .store
             .job_expire(
-                id,
+                (pair, id),
                 Duration::from_millis(ORPHAN_GRACE_MS),
                 &outcome,
                 self.config.result_ttl,
@@ -66,7 +67,7 @@ impl JobRouter {
         {
             tracing::warn!(job_id = %id, "orphaned job recorded as failed after its deadline");
         }
-        self.store.job(id).await
+        Ok(self.store.job(id).await?.map(|(_, record)| record))
     }
 
     /// The stored view of a job, waiting up to `wait` for a terminal state;

@@ -1,11 +1,73 @@
 //! A job's pick: a node with GPU room for it, else (when the job may run
 //! anywhere) one with room on its kind's CPU fallback; the chosen node's
 //! assignment counted in its hints before any routing update of the pair.
+//! Each pick records the attempt it chose, in the same script call; a
+//! job's first pick also records the job.
 
 use super::dispatch::Dispatch;
 use super::*;
 
 impl JobRouter {
+    /// Records a job (or finds it) and, while no job of its pair and kind
+    /// waits for room here, picks its first node on its GPU route, in one
+    /// call.
+    pub(super) async fn open(&self, job: &Job, request: &str) -> Result<Opened, StoreError> {
+        let key = (job.pair, job.kind.clone());
+        let (wakes, pick) = {
+            let queues = lock(&self.queues);
+            (queues.wakes(&key), queues.depth(&key) == 0)
+        };
+        let route = Route::gpu(&job.kind);
+        let _picking = if pick {
+            Some(self.hints.picking(job.pair).await)
+        } else {
+            None
+        };
+        let new = NewJob {
+            id: &job.id,
+            pair: job.pair,
+            request,
+            timeout: job.timeout,
+            retention: self.config.result_ttl,
+            coordinator: &self.instance,
+        };
+        let picked = match self
+            .store
+            .job_open(new, (self.pick_on(job, &route, &[]), pick))
+            .await?
+        {
+            JobStart::Exists => return Ok(Opened::Exists),
+            JobStart::Conflict => return Ok(Opened::Conflict),
+            JobStart::New(picked) => picked,
+        };
+        let mut first = First {
+            attempt: 0,
+            node: None,
+            excluded: Vec::new(),
+            picked: None,
+            wakes,
+        };
+        match picked {
+            Some(JobPick::Node(node, attempt)) => {
+                first.attempt = attempt;
+                first.node = Some(node.clone());
+                match self.count_pick(job.pair, &route, &node) {
+                    Some(assigned) => {
+                        first.picked = Some(Picked::Node(node, assigned, DeviceChoice::Gpu));
+                    }
+                    None => first.excluded.push(node),
+                }
+            }
+            Some(JobPick::NoNodes) => first.picked = Some(Picked::NoNodes),
+            // With a fallback to try, the dispatch picks again.
+            Some(JobPick::NoCapacity) if job.device == DeviceChoice::Gpu => {
+                first.picked = Some(Picked::NoCapacity);
+            }
+            Some(JobPick::NoCapacity) | None => {}
+        }
+        Ok(Opened::New(first))
+    }
+
     /// A node with GPU room for the job, else (when the job may run
     /// anywhere) one with room on the kind's fallback executor: the node
     /// is then told it may run the job on either. A job standing in for a
@@ -29,14 +91,20 @@ impl JobRouter {
         let job = state.job;
         let _picking = self.hints.picking(job.pair).await;
         if turn == Turn::Fallback {
-            return match self.pick_on(state, &Route::fallback(&job.kind)).await? {
+            return match self
+                .pick_on_route(state, &Route::fallback(&job.kind))
+                .await?
+            {
                 Picked::NoNodes => Ok(Picked::NoCapacity),
                 picked => Ok(picked),
             };
         }
-        match self.pick_on(state, &Route::gpu(&job.kind)).await? {
+        match self.pick_on_route(state, &Route::gpu(&job.kind)).await? {
             Picked::NoCapacity if job.device == DeviceChoice::Any => {
-                match self.pick_on(state, &Route::fallback(&job.kind)).await? {
+                match self
+                    .pick_on_route(state, &Route::fallback(&job.kind))
+                    .await?
+                {
                     // Nothing has a fallback: the GPUs' answer stands.
                     Picked::NoNodes => Ok(Picked::NoCapacity),
                     picked => Ok(picked),
@@ -46,38 +114,33 @@ impl JobRouter {
         }
     }
 
-    /// One `route_pick` on `route`, and the assignment counted in the
-    /// chosen node's hints before any routing update of the pair is
-    /// computed (the caller holds the pair's picking lock). A node held
-    /// here whose hints (exact, whatever pair took its memory) say it has
-    /// no room, although the pair's record in Redis did (a pick through
-    /// another pair took the memory since that record was written), is
-    /// passed over, and the record corrected.
-    async fn pick_on(&self, state: &mut Dispatch<'_>, route: &Route) -> Result<Picked, StoreError> {
+    /// One `route_pick` on `route` for the job's next attempt, and the
+    /// assignment counted in the chosen node's hints (the caller holds the
+    /// pair's picking lock).
+    async fn pick_on_route(
+        &self,
+        state: &mut Dispatch<'_>,
+        route: &Route,
+    ) -> Result<Picked, StoreError> {
         let job = state.job;
         loop {
+            let on = self.pick_on(job, route, &state.excluded);
             let pick = self
                 .store
-                .route_pick(
-                    job.pair,
-                    route,
-                    job.session.as_deref(),
-                    SESSION_AFFINITY,
-                    self.config.pick,
-                    &state.excluded,
-                )
+                .job_next((job.pair, &job.id), state.attempt, on)
                 .await?;
-            let node = match pick {
-                Pick::Node(node) => node,
-                Pick::NoNodes => return Ok(Picked::NoNodes),
-                Pick::NoCapacity => return Ok(Picked::NoCapacity),
+            let (node, attempt) = match pick {
+                Some(JobPick::Node(node, attempt)) => (node, attempt),
+                Some(JobPick::NoNodes) => return Ok(Picked::NoNodes),
+                Some(JobPick::NoCapacity) => return Ok(Picked::NoCapacity),
+                None => return Ok(Picked::Stale),
             };
-            if self.hints.lacks_room(&node, route) {
-                self.hints.due([job.pair], &node);
+            state.attempt = attempt;
+            state.node = Some(node.clone());
+            let Some(assigned) = self.count_pick(job.pair, route, &node) else {
                 state.excluded.push(node);
                 continue;
-            }
-            let assigned = self.hints.assign(&node, route, job.pair);
+            };
             let device = if route.fallback {
                 DeviceChoice::Any
             } else {
@@ -85,6 +148,30 @@ impl JobRouter {
             };
             return Ok(Picked::Node(node, assigned, device));
         }
+    }
+
+    fn pick_on<'a>(&self, job: &'a Job, route: &'a Route, excluded: &'a [NodeId]) -> PickOn<'a> {
+        PickOn {
+            route,
+            session: job.session.as_deref(),
+            affinity: SESSION_AFFINITY,
+            policy: self.config.pick,
+            excluded,
+        }
+    }
+
+    /// The assignment counted in the chosen node's hints, or `None`: a
+    /// node held here whose hints (exact, whatever pair took its memory)
+    /// say it has no room, although the pair's record in Redis did (a
+    /// pick through another pair took the memory since that record was
+    /// written), is passed over, and the record corrected. The attempt
+    /// recorded on it stays in the job's record, never sent.
+    fn count_pick(&self, pair: LangPair, route: &Route, node: &NodeId) -> Option<Assigned> {
+        if self.hints.lacks_room(node, route) {
+            self.hints.due([pair], node);
+            return None;
+        }
+        Some(self.hints.assign(node, route, pair))
     }
 }
 
@@ -94,4 +181,30 @@ pub(super) enum Picked {
     Node(NodeId, Assigned, DeviceChoice),
     NoNodes,
     NoCapacity,
+    /// The job ended, or another dispatcher moved it on: nothing picked.
+    Stale,
+}
+
+/// A job's arrival: recorded, or found.
+pub(super) enum Opened {
+    /// Recorded now, with what its first pick gave.
+    New(First),
+    /// The same request is already known.
+    Exists,
+    /// The id belongs to a different request.
+    Conflict,
+}
+
+/// What a job's first pick (at its arrival) gave its dispatch.
+pub(super) struct First {
+    /// The attempt recorded (0: still queued).
+    pub(super) attempt: u32,
+    /// Its node.
+    pub(super) node: Option<NodeId>,
+    /// A node passed over.
+    pub(super) excluded: Vec<NodeId>,
+    /// The pick to follow; `None`: the dispatch picks (again).
+    pub(super) picked: Option<Picked>,
+    /// The queue's wakes before the pick.
+    pub(super) wakes: u64,
 }

@@ -55,6 +55,7 @@ impl JobRouter {
             job,
             Forwarded {
                 node: node.clone(),
+                pair,
                 route,
                 origin: origin.to_owned(),
                 counted: true,
@@ -96,7 +97,7 @@ impl JobRouter {
                 RemoteAnswer::Rejected { reason, message } => {
                     AttemptEvent::Rejected(reason, message)
                 }
-                RemoteAnswer::Finished => AttemptEvent::Finished,
+                RemoteAnswer::Finished => AttemptEvent::Finished(None),
                 RemoteAnswer::Lost => AttemptEvent::NodeLost,
             });
         }

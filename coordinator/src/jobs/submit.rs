@@ -1,7 +1,9 @@
-//! Taking a job in: recorded in Redis at once (queued), then one task
-//! dispatches it; submissions of the same id share its answer.
+//! Taking a job in: recorded in Redis at once (with its first pick, when
+//! nothing waits ahead of it), then one task dispatches it; submissions of
+//! the same id share its answer.
 
 use super::dispatch::Dispatch;
+use super::pick::{First, Opened};
 use super::*;
 use crate::recent::{FailedJob, now_ms};
 use tracing::Instrument;
@@ -15,8 +17,9 @@ pub struct Submitted {
 }
 
 impl JobRouter {
-    /// Submits a job: returns once it is recorded (queued) or found,
-    /// without picking a node for an id that exists. Refused without
+    /// Submits a job: returns once it is recorded (queued, or running on
+    /// its first pick) or found, without picking a node for an id that
+    /// exists. Refused without
     /// being recorded when it would wait behind others while this
     /// instance already holds `max_queued` waiting jobs.
     pub async fn submit(self: &Arc<Self>, job: Job) -> Result<Submitted, SubmitError> {
@@ -39,24 +42,14 @@ impl JobRouter {
             self.metrics.shed("queue_full");
             return Err(SubmitError::QueueFull { retry_after });
         }
-        let lifetime = job.timeout + self.config.result_ttl;
         let recording = Instant::now();
-        let started = self
-            .store
-            .job_start(
-                &job.id,
-                &request,
-                None,
-                job.timeout,
-                lifetime,
-                &self.instance,
-            )
-            .await;
+        let opened = self.open(&job, &request).await;
         let start = recording.elapsed();
-        let status = match started {
-            Ok(JobStart::New) => JobStatus::Queued,
-            Ok(JobStart::Exists) => JobStatus::Running,
-            Ok(JobStart::Conflict) => {
+        let (status, first) = match opened {
+            Ok(Opened::New(first)) if first.attempt > 0 => (JobStatus::Running, Some(first)),
+            Ok(Opened::New(first)) => (JobStatus::Queued, Some(first)),
+            Ok(Opened::Exists) => (JobStatus::Running, None),
+            Ok(Opened::Conflict) => {
                 lock(&self.waiters).remove(&job.id);
                 return Err(SubmitError::Conflict(job.id));
             }
@@ -66,12 +59,11 @@ impl JobRouter {
             }
         };
         let this = Arc::clone(self);
-        let fresh = status == JobStatus::Queued;
         // Every line logged for the job carries its id (its attempts add
         // the node and the attempt number).
         let span = tracing::info_span!("job", job_id = %job.id);
         self.tasks.spawn(
-            async move { this.follow_job(job, waiter, fresh, start).await }.instrument(span),
+            async move { this.follow_job(job, waiter, first, start).await }.instrument(span),
         );
         Ok(Submitted { status, terminal })
     }
@@ -109,16 +101,26 @@ impl JobRouter {
         }
     }
 
-    /// Dispatches a job recorded just now (which took `start`). A Redis
-    /// error does not end it: the dispatch goes on from where it stood
-    /// once Redis answers, until the job's deadline (the job is recorded;
-    /// nobody else would). Its answer says where its time went.
-    async fn dispatch(&self, job: &Job, start: Duration) -> Result<JobView, SubmitError> {
+    /// Dispatches a job recorded just now (which took `start`), from
+    /// its `first` pick. A Redis error does not end it: the dispatch goes
+    /// on from where it stood once Redis answers, until the job's
+    /// deadline (the job is recorded; nobody else would). Its answer says
+    /// where its time went.
+    async fn dispatch(
+        &self,
+        job: &Job,
+        first: First,
+        start: Duration,
+    ) -> Result<JobView, SubmitError> {
         let mut state = Dispatch::new(job);
         state.timing.start = start;
+        state.attempt = first.attempt;
+        state.node = first.node;
+        state.excluded = first.excluded;
+        let mut picked = first.picked.map(|picked| (picked, first.wakes));
         let mut pause = Duration::from_millis(50);
         loop {
-            match self.run(&mut state).await {
+            match self.run(&mut state, picked.take()).await {
                 Ok(mut view) => {
                     state.timing.answered(Instant::now());
                     view.timing = Some(state.timing);
@@ -134,23 +136,23 @@ impl JobRouter {
         }
     }
 
-    /// Dispatches a job recorded just now (`fresh`), or waits for one
-    /// recorded before (by an earlier submission here or elsewhere), and
-    /// publishes its terminal view. On shutdown it stops: the job stays in
-    /// Redis as it is.
+    /// Dispatches a job recorded just now (from its `first` pick), or
+    /// waits for one recorded before (by an earlier submission here or
+    /// elsewhere), and publishes its terminal view. On shutdown it stops:
+    /// the job stays in Redis as it is.
     async fn follow_job(
         self: Arc<Self>,
         job: Job,
         waiter: Arc<Waiter>,
-        fresh: bool,
+        first: Option<First>,
         start: Duration,
     ) {
+        let fresh = first.is_some();
         let outcome = tokio::select! {
             outcome = async {
-                if fresh {
-                    self.dispatch(&job, start).await
-                } else {
-                    Ok(self.wait_remote(&job.id, Instant::now() + job.timeout).await?)
+                match first {
+                    Some(first) => self.dispatch(&job, first, start).await,
+                    None => Ok(self.wait_remote(&job.id, Instant::now() + job.timeout).await?),
                 }
             } => outcome,
             () = self.shutdown.cancelled() => {

@@ -11,22 +11,24 @@ use tokio::time::Instant;
 /// than once (a refusal, a lost node) add up.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Timing {
-    /// Recording the job at submit (`job_start`).
+    /// Recording the job at submit, with its first pick when nothing
+    /// waits ahead of it (one `route_pick`, and the id's index beside it).
     pub start: Duration,
     /// Waiting in the admission queue for room.
     pub queue: Duration,
-    /// Choosing a node (`route_pick`, the hints, and waiting for the
-    /// pair's picking lock while a routing update of it is written).
+    /// Choosing a node for a later attempt (`route_pick`, which records
+    /// it, the hints, and waiting for the pair's picking lock while a
+    /// routing update of it is written).
     pub pick: Duration,
-    /// Recording each attempt (`job_attempt`), and a failure decided
-    /// here (`job_finish`).
+    /// Recording a failure decided here (`job_finish`).
     pub record: Duration,
     /// From sending `job_assign` (forwarding it through another
     /// instance included) to the node's accept or refusal.
     pub accept: Duration,
     /// From the node's accept to its result, recorded.
     pub run: Duration,
-    /// From the result to the answer (the job read back).
+    /// From the result to the answer (read back only when another
+    /// instance recorded the result).
     pub answer: Duration,
     /// When the result arrived, until the answer is timed.
     pub(super) result_at: Option<Instant>,

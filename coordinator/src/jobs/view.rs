@@ -80,15 +80,35 @@ impl JobView {
     /// The view of a stored job.
     pub fn from_record(id: &JobId, record: &JobRecord) -> Self {
         let outcome = record.outcome.clone().unwrap_or(Value::Null);
+        let mut view = Self::ended(
+            id,
+            (record.status, outcome),
+            (record.node.clone(), record.attempt),
+            0,
+        );
+        view.latency_ms = record.latency_ms;
+        view
+    }
+
+    /// The view of a job in `status` with `outcome` as stored (`output`,
+    /// or `error`, and `device`), at `attempts` on `node`, `latency_ms`
+    /// after it was submitted.
+    pub fn ended(
+        id: &JobId,
+        (status, mut outcome): (JobStatus, Value),
+        (node, attempts): (Option<String>, u32),
+        latency_ms: u64,
+    ) -> Self {
+        let mut take = |field: &str| outcome.get_mut(field).map(Value::take);
         Self {
             id: id.to_string(),
-            status: record.status,
-            node_id: record.node.clone().filter(|n| !n.is_empty()),
-            device: outcome["device"].as_str().map(str::to_owned),
-            attempts: record.attempt,
-            output: (record.status == JobStatus::Completed).then(|| outcome["output"].clone()),
-            error: (record.status == JobStatus::Failed).then(|| outcome["error"].clone()),
-            latency_ms: record.latency_ms,
+            status,
+            node_id: node.filter(|n| !n.is_empty()),
+            device: take("device").and_then(|d| d.as_str().map(str::to_owned)),
+            attempts,
+            output: (status == JobStatus::Completed).then(|| take("output").unwrap_or_default()),
+            error: (status == JobStatus::Failed).then(|| take("error").unwrap_or_default()),
+            latency_ms: Some(latency_ms),
             timing: None,
         }
     }

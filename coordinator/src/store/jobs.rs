@@ -1,62 +1,186 @@
-//! Job records: start, attempts, the one terminal state, orphans.
+//! Job records: arrival and attempts (recorded by the pick that chose
+//! their node), the one terminal state, orphans.
+//!
+//! A job's hash lives in its pair's slot, beside the routing keys its
+//! picks read, so one `route_pick` call records it and picks its node. An
+//! index in the id's own slot (`job_pair`) names its pair, for lookups by
+//! id and so that an id is one job across pairs.
 
 use super::*;
 
+/// One pick: the route, the job's session, the policy, and the nodes the
+/// job tried already.
+#[derive(Debug, Clone, Copy)]
+pub struct PickOn<'a> {
+    /// The routing list picked from.
+    pub route: &'a Route,
+    /// The job's session: its last node wins while it has room.
+    pub session: Option<&'a str>,
+    /// How long a session keeps preferring its node.
+    pub affinity: Duration,
+    /// The pick policy.
+    pub policy: PickPolicy,
+    /// Nodes not to pick.
+    pub excluded: &'a [NodeId],
+}
+
+/// A job arriving: what is recorded at its arrival.
+#[derive(Debug, Clone, Copy)]
+pub struct NewJob<'a> {
+    /// The id.
+    pub id: &'a JobId,
+    /// Its pair (the slot of its hash).
+    pub pair: LangPair,
+    /// The request, canonical JSON (compared on resubmission).
+    pub request: &'a str,
+    /// The job's timeout: its deadline is now + timeout.
+    pub timeout: Duration,
+    /// How long its result is kept once it ended.
+    pub retention: Duration,
+    /// The coordinator instance dispatching it.
+    pub coordinator: &'a str,
+}
+
+/// A job's pick: the node and the attempt recorded on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobPick {
+    /// This node, for this attempt.
+    Node(NodeId, u32),
+    /// Live nodes serve the pair and kind, none reported room.
+    NoCapacity,
+    /// No live node serves the pair and kind.
+    NoNodes,
+}
+
+/// The answer to [`Store::job_open`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobStart {
+    /// Recorded: queued, and the pick when one was asked.
+    New(Option<JobPick>),
+    /// The same request is already known.
+    Exists,
+    /// The id belongs to a different request.
+    Conflict,
+}
+
 impl Store {
-    /// Creates a job with its first attempt on `node`, or queued without
-    /// one (`None`: attempt 0, [`Store::job_attempt`] gives it a node), or
-    /// finds it.
-    pub async fn job_start(
+    /// Records a job, queued, and (when `pick`) picks its first node on
+    /// `on`, recording attempt 1 there; or finds it. One script call, and
+    /// beside it (sent at once, the same round trip) the claim of the id in
+    /// the index of job pairs: an id that names a job of another pair is a
+    /// conflict, and the record made here is taken back.
+    pub async fn job_open(
         &self,
-        id: &JobId,
-        request: &str,
-        node: Option<&NodeId>,
-        timeout: Duration,
-        lifetime: Duration,
-        coordinator: &str,
+        job: NewJob<'_>,
+        (on, pick): (PickOn<'_>, bool),
     ) -> Result<JobStart, StoreError> {
-        let mut invocation = self.scripts.job_start.prepare_invoke();
+        let lifetime = job.timeout + job.retention;
+        let pair = job.pair.to_string();
+        let keys = PairKeys::new(job.pair);
+        let record = keys.job(job.id);
+        let mut invocation = self.pick_invocation(&keys, &on);
         invocation
-            .key(keys::job(id))
-            .arg(request)
-            .arg(node.map_or("", NodeId::as_str))
+            .key(&record)
+            .arg("open")
+            .arg(job.request)
             .arg(millis(lifetime))
-            .arg(coordinator)
-            .arg(millis(timeout));
-        let reply: Vec<Value> = self.invoke("job_start", invocation).await?;
-        match reply.first().and_then(text).as_deref() {
-            Some("new") => Ok(JobStart::New),
-            Some("exists") => Ok(JobStart::Exists),
-            Some("conflict") => Ok(JobStart::Conflict),
-            _ => Err(StoreError::Unexpected {
-                script: "job_start",
-                reply: format!("{reply:?}"),
-            }),
+            .arg(job.coordinator)
+            .arg(millis(job.timeout))
+            .arg(if pick { "1" } else { "0" });
+        // The index outlives every record of the id: a record ends at most
+        // `retention` after its lifetime.
+        let mut claim = redis::cmd("SET");
+        claim
+            .arg(keys::job_pair(job.id))
+            .arg(&pair)
+            .arg("NX")
+            .arg("GET")
+            .arg("PX")
+            .arg(millis(lifetime + job.retention));
+        let mut conn = self.conn.clone();
+        let (claimed, reply) = tokio::join!(
+            claim.query_async::<Option<String>>(&mut conn),
+            self.invoke::<Vec<Value>>("route_pick", invocation)
+        );
+        let opened = match reply?.as_slice() {
+            [status] if text(status).as_deref() == Some("queued") => JobStart::New(None),
+            [status, ..] if text(status).as_deref() == Some("exists") => JobStart::Exists,
+            [status] if text(status).as_deref() == Some("conflict") => JobStart::Conflict,
+            reply => JobStart::New(Some(job_pick(reply)?)),
+        };
+        let created = matches!(opened, JobStart::New(_));
+        let mut conn = self.conn.clone();
+        match claimed? {
+            Some(other) if other != pair => {
+                if created {
+                    // Another pair's job has the id: this record goes (a
+                    // pick it made is given back by the node's next report).
+                    let () = redis::cmd("DEL")
+                        .arg(&record)
+                        .query_async(&mut conn)
+                        .await?;
+                }
+                return Ok(JobStart::Conflict);
+            }
+            Some(_) if created => {
+                // An earlier record of the id in this pair expired: the
+                // index lives as long as the new one.
+                let () = redis::cmd("SET")
+                    .arg(keys::job_pair(job.id))
+                    .arg(&pair)
+                    .arg("PX")
+                    .arg(millis(lifetime + job.retention))
+                    .query_async(&mut conn)
+                    .await?;
+            }
+            _ => {}
+        }
+        Ok(opened)
+    }
+
+    /// Picks the next node for a job recorded at attempt `current`, and
+    /// records the new attempt there. `None` when the job ended or another
+    /// dispatcher moved it on (nothing was picked).
+    pub async fn job_next(
+        &self,
+        (pair, id): (LangPair, &JobId),
+        current: u32,
+        on: PickOn<'_>,
+    ) -> Result<Option<JobPick>, StoreError> {
+        let keys = PairKeys::new(pair);
+        let mut invocation = self.pick_invocation(&keys, &on);
+        invocation.key(keys.job(id)).arg("next").arg(current);
+        let reply: Vec<Value> = self.invoke("route_pick", invocation).await?;
+        match reply.as_slice() {
+            [status] if text(status).as_deref() == Some("stale") => Ok(None),
+            reply => job_pick(reply).map(Some),
         }
     }
 
-    /// Moves a queued or running job from attempt `current` to a new one
-    /// on `node`.
-    /// Returns the new attempt, or `None` when the job ended or moved on.
-    pub async fn job_attempt(
-        &self,
-        id: &JobId,
-        current: u32,
-        node: &NodeId,
-    ) -> Result<Option<u32>, StoreError> {
-        let mut invocation = self.scripts.job_attempt.prepare_invoke();
+    /// A `route_pick` invocation's routing keys and arguments; a job's
+    /// key and arguments follow.
+    pub(super) fn pick_invocation(&self, keys: &PairKeys, on: &PickOn<'_>) -> ScriptInvocation<'_> {
+        let mut invocation = self.scripts.route_pick.prepare_invoke();
+        let excluded: Vec<&str> = on.excluded.iter().map(NodeId::as_str).collect();
         invocation
-            .key(keys::job(id))
-            .arg(current)
-            .arg(node.as_str());
-        let attempt: u32 = self.invoke("job_attempt", invocation).await?;
-        Ok((attempt > 0).then_some(attempt))
+            .key(keys.route(on.route))
+            .key(keys.free(on.route))
+            .key(&keys.leases)
+            .key(keys.session(on.session.unwrap_or("")))
+            .key(keys.memory())
+            .key(keys.served(on.route))
+            .arg(if on.session.is_some() { "1" } else { "0" })
+            .arg(millis(on.affinity))
+            .arg(on.policy.as_str())
+            .arg(on.route.to_string())
+            .arg(excluded.join(","));
+        invocation
     }
 
     /// Records the terminal state produced by `attempt`.
     pub async fn job_finish(
         &self,
-        id: &JobId,
+        (pair, id): (LangPair, &JobId),
         (reporter, attempt): (Option<&NodeId>, u32),
         completed: bool,
         outcome: &serde_json::Value,
@@ -64,7 +188,7 @@ impl Store {
     ) -> Result<Finish, StoreError> {
         let mut invocation = self.scripts.job_finish.prepare_invoke();
         invocation
-            .key(keys::job(id))
+            .key(PairKeys::new(pair).job(id))
             .arg(attempt)
             .arg(
                 if completed {
@@ -84,6 +208,12 @@ impl Store {
         };
         if let Value::Array(items) = &reply {
             return match items.as_slice() {
+                [status, latency] if text(status).as_deref() == Some("applied") => {
+                    Ok(Finish::Applied {
+                        latency_ms: u64::from_redis_value(latency.clone())
+                            .map_err(|_| unexpected())?,
+                    })
+                }
                 [status, assigned] if text(status).as_deref() == Some("foreign") => {
                     Ok(Finish::Foreign {
                         assigned: text(assigned).unwrap_or_default(),
@@ -93,7 +223,6 @@ impl Store {
             };
         }
         match text(&reply).as_deref() {
-            Some("applied") => Ok(Finish::Applied),
             Some("duplicate") => Ok(Finish::Duplicate),
             Some("stale") => Ok(Finish::Stale),
             _ => Err(unexpected()),
@@ -104,14 +233,14 @@ impl Store {
     /// failed with `outcome`: its dispatcher and its result are gone.
     pub async fn job_expire(
         &self,
-        id: &JobId,
+        (pair, id): (LangPair, &JobId),
         grace: Duration,
         outcome: &serde_json::Value,
         retention: Duration,
     ) -> Result<bool, StoreError> {
         let mut invocation = self.scripts.job_expire.prepare_invoke();
         invocation
-            .key(keys::job(id))
+            .key(PairKeys::new(pair).job(id))
             .arg(millis(grace))
             .arg(outcome.to_string())
             .arg(millis(retention));
@@ -126,11 +255,24 @@ impl Store {
         }
     }
 
-    /// A job, if Redis still holds it.
-    pub async fn job(&self, id: &JobId) -> Result<Option<JobRecord>, StoreError> {
+    /// The pair of job `id`, from the index of job pairs.
+    pub async fn job_pair(&self, id: &JobId) -> Result<Option<LangPair>, StoreError> {
+        let mut conn = self.conn.clone();
+        let pair: Option<String> = redis::cmd("GET")
+            .arg(keys::job_pair(id))
+            .query_async(&mut conn)
+            .await?;
+        Ok(pair.and_then(|pair| pair.parse().ok()))
+    }
+
+    /// A job and its pair, if Redis still holds it.
+    pub async fn job(&self, id: &JobId) -> Result<Option<(LangPair, JobRecord)>, StoreError> {
+        let Some(pair) = self.job_pair(id).await? else {
+            return Ok(None);
+        };
         let mut conn = self.conn.clone();
         let mut fields: HashMap<String, String> = redis::cmd("HGETALL")
-            .arg(keys::job(id))
+            .arg(PairKeys::new(pair).job(id))
             .query_async(&mut conn)
             .await?;
         let Some(status) = fields
@@ -139,29 +281,54 @@ impl Store {
         else {
             return Ok(None);
         };
-        Ok(Some(JobRecord {
-            status,
-            attempt: fields
-                .get("attempt")
-                .and_then(|a| a.parse().ok())
-                .unwrap_or(0),
-            node: fields.remove("node"),
-            outcome: fields
-                .get("outcome")
-                .and_then(|o| serde_json::from_str(o).ok()),
-            latency_ms: fields.get("latency_ms").and_then(|l| l.parse().ok()),
-            deadline_ms: fields.get("deadline_ms").and_then(|d| d.parse().ok()),
-            request: fields.remove("request").unwrap_or_default(),
-        }))
+        Ok(Some((
+            pair,
+            JobRecord {
+                status,
+                attempt: fields
+                    .get("attempt")
+                    .and_then(|a| a.parse().ok())
+                    .unwrap_or(0),
+                node: fields.remove("node"),
+                outcome: fields
+                    .get("outcome")
+                    .and_then(|o| serde_json::from_str(o).ok()),
+                latency_ms: fields.get("latency_ms").and_then(|l| l.parse().ok()),
+                deadline_ms: fields.get("deadline_ms").and_then(|d| d.parse().ok()),
+                request: fields.remove("request").unwrap_or_default(),
+            },
+        )))
     }
 
-    /// The instance dispatching job `id`.
-    pub async fn job_dispatcher(&self, id: &JobId) -> Result<Option<String>, StoreError> {
+    /// The instance dispatching job `id` of `pair`.
+    pub async fn job_dispatcher(
+        &self,
+        (pair, id): (LangPair, &JobId),
+    ) -> Result<Option<String>, StoreError> {
         let mut conn = self.conn.clone();
         Ok(redis::cmd("HGET")
-            .arg(keys::job(id))
+            .arg(PairKeys::new(pair).job(id))
             .arg("coordinator")
             .query_async(&mut conn)
             .await?)
+    }
+}
+
+/// A pick's reply: `{"ok", node, attempt}`, `{"no_capacity"}` or
+/// `{"no_nodes"}`.
+fn job_pick(reply: &[Value]) -> Result<JobPick, StoreError> {
+    match reply {
+        [status, node, attempt] if text(status).as_deref() == Some("ok") => {
+            let attempt = u32::from_redis_value(attempt.clone()).unwrap_or(0);
+            Ok(text(node)
+                .and_then(|node| NodeId::new(node).ok())
+                .map_or(JobPick::NoCapacity, |node| JobPick::Node(node, attempt)))
+        }
+        [status] if text(status).as_deref() == Some("no_capacity") => Ok(JobPick::NoCapacity),
+        [status] if text(status).as_deref() == Some("no_nodes") => Ok(JobPick::NoNodes),
+        _ => Err(StoreError::Unexpected {
+            script: "route_pick",
+            reply: format!("{reply:?}"),
+        }),
     }
 }

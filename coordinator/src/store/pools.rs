@@ -148,25 +148,17 @@ impl Store {
         policy: PickPolicy,
         excluded: &[NodeId],
     ) -> Result<Pick, StoreError> {
-        let keys = PairKeys::new(pair);
-        let mut invocation = self.scripts.route_pick.prepare_invoke();
-        invocation
-            .key(keys.route(route))
-            .key(keys.free(route))
-            .key(&keys.leases)
-            .key(keys.session(session.unwrap_or("")))
-            .key(keys.memory())
-            .key(keys.served(route))
-            .arg(if session.is_some() { "1" } else { "0" })
-            .arg(millis(affinity))
-            .arg(policy.as_str())
-            .arg(route.to_string());
-        for node in excluded {
-            invocation.arg(node.as_str());
-        }
+        let on = PickOn {
+            route,
+            session,
+            affinity,
+            policy,
+            excluded,
+        };
+        let invocation = self.pick_invocation(&PairKeys::new(pair), &on);
         let reply: Vec<String> = self.invoke("route_pick", invocation).await?;
         match reply.as_slice() {
-            [status, node] if status == "ok" => {
+            [status, node, _] if status == "ok" => {
                 Ok(NodeId::new(node.as_str()).map_or(Pick::NoCapacity, Pick::Node))
             }
             [status] if status == "no_capacity" => Ok(Pick::NoCapacity),

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use lingua_coordinator::config::PickPolicy;
 use lingua_coordinator::metrics::Metrics;
-use lingua_coordinator::store::{Pick, Route, RouteEntry, Store};
+use lingua_coordinator::store::{
+    JobPick, JobStart, NewJob, PickOn, Route, RouteEntry, Store, StoreError,
+};
 use lingua_shared::{JobId, JobKind, LangPair, NodeId};
 use lingua_tests::fleet::{CoordinatorProcess, free_local_addr, proc_sample, redis_counters};
 use serde_json::json;
@@ -97,7 +99,7 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
             "p99 < 5 ms",
         ),
         Row::new(
-            "Redis-alone ceiling (route_pick + job_start + job_finish, route_update every 16 jobs)",
+            "Redis-alone ceiling (route_pick recording the job, job_finish, route_update every 16 jobs)",
             format!(
                 "{ceiling:.0} jobs/s; the fleet reached {:.0} %",
                 rate * 100.0 / ceiling
@@ -134,9 +136,10 @@ fn job_body() -> serde_json::Value {
     json!({"kind": "translate", "src_lang": "zh", "tgt_lang": "en", "payload": {}})
 }
 
-/// Jobs per second Redis sustains when a job is nothing but its script
-/// calls, issued by `clients` concurrent tasks over one multiplexed
-/// connection, as the coordinator issues them.
+/// Jobs per second Redis sustains when a job is nothing but its Redis
+/// calls (the pick that records it with the claim of its id beside it,
+/// then its result), issued by `clients` concurrent tasks over one
+/// multiplexed connection, as the coordinator issues them.
 async fn ceiling(redis_url: &str, clients: u32, window: Duration) -> Result<f64, BenchError> {
     let store = Store::connect(redis_url, Arc::new(Metrics::default()))
         .await
@@ -174,34 +177,36 @@ async fn ceiling(redis_url: &str, clients: u32, window: Duration) -> Result<f64,
             tokio::spawn(async move {
                 let mut picked = Vec::new();
                 let mut serial = 0u64;
+                let route = Route::gpu(&kind);
+                let on = PickOn {
+                    route: &route,
+                    session: None,
+                    affinity: Duration::ZERO,
+                    policy: PickPolicy::Capacity,
+                    excluded: &[],
+                };
                 while Instant::now() < end {
-                    let node = match store
-                        .route_pick(
-                            pair,
-                            &Route::gpu(&kind),
-                            None,
-                            Duration::ZERO,
-                            PickPolicy::Capacity,
-                            &[],
-                        )
-                        .await
-                    {
-                        Ok(Pick::Node(node)) => node,
-                        Ok(_) => {
+                    serial += 1;
+                    let id =
+                        JobId::new(format!("ceiling-{client}-{serial}")).expect("a valid job id");
+                    let job = NewJob {
+                        id: &id,
+                        pair,
+                        request: &request,
+                        timeout: lease,
+                        retention: lease,
+                        coordinator: "bench",
+                    };
+                    let (node, attempt) = match store.job_open(job, (on, true)).await? {
+                        JobStart::New(Some(JobPick::Node(node, attempt))) => (node, attempt),
+                        _ => {
                             let entries = with_room(all.iter().cloned(), &kind);
                             store.route_update(pair, &entries, lease).await?;
                             continue;
                         }
-                        Err(err) => return Err(err),
                     };
-                    serial += 1;
-                    let id =
-                        JobId::new(format!("ceiling-{client}-{serial}")).expect("a valid job id");
                     store
-                        .job_start(&id, &request, Some(&node), lease, lease, "bench")
-                        .await?;
-                    store
-                        .job_finish(&id, (Some(&node), 1), true, &outcome, lease)
+                        .job_finish((pair, &id), (Some(&node), attempt), true, &outcome, lease)
                         .await?;
                     picked.push(node);
                     if picked.len() == 16 {
@@ -210,7 +215,7 @@ async fn ceiling(redis_url: &str, clients: u32, window: Duration) -> Result<f64,
                     }
                     done.fetch_add(1, Ordering::Relaxed);
                 }
-                Ok(())
+                Ok::<(), StoreError>(())
             })
         })
         .collect();
