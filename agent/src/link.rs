@@ -403,7 +403,8 @@ impl Link {
                     }
                 },
                 _ = ticker.tick() => {
-                    if last_heard.elapsed() > heartbeat * 3 {
+                    let quiet = last_heard.elapsed();
+                    if quiet > heartbeat * 3 {
                         return Ended::Reconnect("no traffic from the coordinator for 3 heartbeat intervals (half-open connection)".into());
                     }
                     seq += 1;
@@ -412,7 +413,13 @@ impl Link {
                     debounce = None;
                     spent.clear();
                     sends.push(Message::Heartbeat(Heartbeat { seq, capacity: report }));
-                    if let Err(e) = ws.send(WsMessage::Ping(Vec::new().into())).await {
+                    // A ping only after a quiet interval and a half: its pong
+                    // (or anything else heard) shows the link alive within
+                    // the three intervals, at half the frames of a ping per
+                    // heartbeat.
+                    if quiet >= heartbeat * 3 / 2
+                        && let Err(e) = ws.send(WsMessage::Ping(Vec::new().into())).await
+                    {
                         return Ended::Reconnect(format!("send ping: {e}"));
                     }
                 }

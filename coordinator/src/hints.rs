@@ -114,15 +114,30 @@ impl Hints {
     /// A new report from `node`: it counts every assignment answered
     /// before it. A kind whose fallback the node no longer reports (a
     /// reload took it away) keeps a fallback route with no room, so that
-    /// the next update takes the node out of it.
-    pub fn report(&self, node: &NodeId, mut report: CapacityReport) {
-        if let Some(held) = lock(&self.nodes).get_mut(node) {
-            for kind in held.report.fallback_slots.keys() {
-                report.fallback_slots.entry(kind.clone()).or_insert(0);
-            }
-            held.uncounted = held.unanswered.clone();
-            held.report = report;
+    /// the next update takes the node out of it. True when the node's room
+    /// (slots, fallback slots or memory) differs from the last report's.
+    pub fn report(&self, node: &NodeId, mut report: CapacityReport) -> bool {
+        let mut nodes = lock(&self.nodes);
+        let Some(held) = nodes.get_mut(node) else {
+            return false;
+        };
+        for kind in held.report.fallback_slots.keys() {
+            report.fallback_slots.entry(kind.clone()).or_insert(0);
         }
+        let changed = held.report.free_slots != report.free_slots
+            || held.report.fallback_slots != report.fallback_slots
+            || held.report.room != report.room;
+        held.uncounted = held.unanswered.clone();
+        held.report = report;
+        changed
+    }
+
+    /// True when every assignment to `node` was answered (or the node is
+    /// not held here).
+    pub fn settled(&self, node: &NodeId) -> bool {
+        lock(&self.nodes)
+            .get(node)
+            .is_none_or(|held| held.unanswered.values().all(|&count| count == 0))
     }
 
     /// `node` refused a job sent through `route` for want of room: none

@@ -70,20 +70,11 @@ impl NodeKeys {
     }
 }
 
-/// The keys of one language pair, all tagged `{<src:tgt>}`.
+/// The keys of one language pair, all tagged `{<src:tgt>}`, each built
+/// when asked for.
 #[derive(Debug, Clone)]
 pub struct PairKeys {
     base: String,
-    /// HASH node -> pool id.
-    pub members: String,
-    /// ZSET pool id -> number of members (non-empty pools).
-    pub pools: String,
-    /// ZSET pool id -> number of members, only pools with room.
-    pub room: String,
-    /// STRING counter for new pool ids.
-    pub next_pool: String,
-    /// ZSET node -> lease deadline in ms.
-    pub leases: String,
 }
 
 /// One routing list of a pair: the nodes with room for a kind on their
@@ -129,15 +120,34 @@ impl fmt::Display for Route {
 impl PairKeys {
     /// The keys of `pair`.
     pub fn new(pair: LangPair) -> Self {
-        let base = format!("{PREFIX}:pair:{{{pair}}}");
         Self {
-            members: format!("{base}:members"),
-            pools: format!("{base}:pools"),
-            room: format!("{base}:room"),
-            next_pool: format!("{base}:next_pool"),
-            leases: format!("{base}:leases"),
-            base,
+            base: format!("{PREFIX}:pair:{{{pair}}}"),
         }
+    }
+
+    /// HASH node -> pool id.
+    pub fn members(&self) -> String {
+        format!("{}:members", self.base)
+    }
+
+    /// ZSET pool id -> number of members (non-empty pools).
+    pub fn pools(&self) -> String {
+        format!("{}:pools", self.base)
+    }
+
+    /// ZSET pool id -> number of members, only pools with room.
+    pub fn room(&self) -> String {
+        format!("{}:room", self.base)
+    }
+
+    /// STRING counter for new pool ids.
+    pub fn next_pool(&self) -> String {
+        format!("{}:next_pool", self.base)
+    }
+
+    /// ZSET node -> lease deadline in ms.
+    pub fn leases(&self) -> String {
+        format!("{}:leases", self.base)
     }
 
     /// ZSET node -> lease deadline: nodes with free slots on `route`.
@@ -207,6 +217,6 @@ mod tests {
             pair.free(&Route::fallback(&asr)),
             "lingua:v1:pair:{zh:en}:free:asr@cpu"
         );
-        assert_eq!(pair.members, "lingua:v1:pair:{zh:en}:members");
+        assert_eq!(pair.members(), "lingua:v1:pair:{zh:en}:members");
     }
 }

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
 use axum::extract::{ConnectInfo, Extension, State, WebSocketUpgrade};
 use axum::response::Response;
@@ -21,8 +22,10 @@ use tokio::time::{Instant, sleep_until, timeout};
 
 mod frames;
 mod handshake;
+mod results;
 mod session;
 
+use results::Results;
 use session::Session;
 
 use tokio_util::sync::CancellationToken;
@@ -225,7 +228,7 @@ async fn send_error(
 
 /// The payload of a data frame, or why the connection ends.
 enum Frame {
-    Data(Vec<u8>),
+    Data(Bytes),
     Skip,
 }
 
@@ -240,8 +243,8 @@ fn frame_of(received: Option<Result<WsMessage, axum::Error>>) -> Result<Frame, E
                 Err(Ending::new(CloseCode::Normal, "connection error"))
             }
         }
-        Some(Ok(WsMessage::Text(text))) => Ok(Frame::Data(text.as_bytes().to_vec())),
-        Some(Ok(WsMessage::Binary(bytes))) => Ok(Frame::Data(bytes.to_vec())),
+        Some(Ok(WsMessage::Text(text))) => Ok(Frame::Data(text.into())),
+        Some(Ok(WsMessage::Binary(bytes))) => Ok(Frame::Data(bytes)),
         Some(Ok(WsMessage::Close(_))) => Err(Ending::new(CloseCode::Normal, "node closed")),
         Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => Ok(Frame::Skip),
     }
@@ -255,28 +258,31 @@ async fn run(
 ) -> Ending {
     let lease = services.config.lease();
     let mut silent_deadline = Instant::now() + lease;
-    let mut bad_frames = 0u32;
+    let mut bad_frames = BadFrames(0);
+    let mut results = Results::default();
     loop {
         let publish_at = session.published + MIN_PUBLISH_INTERVAL;
+        let acks_at = results.flush_at();
         let received = tokio::select! {
-            received = socket.recv() => received,
-            instruction = control.recv() => {
-                match instruction {
-                    Some(Control::Send(message)) => {
-                        if let Err(ending) = send(socket, services, &message).await {
-                            return ending;
-                        }
-                    }
-                    Some(Control::Close(code, reason)) => return Ending::new(code, reason),
-                    Some(Control::Drain(reason)) => {
-                        session.draining.store(true, Ordering::SeqCst);
-                        session.publish(services);
-                        if let Err(ending) = send(socket, services, &Message::Drain(Drain { reason })).await {
-                            return ending;
-                        }
-                    }
-                    None => return Ending::new(CloseCode::Internal, "control channel closed"),
+            received = socket.recv(), if results.has_room() => received,
+            Some(recorded) = results.recorded(), if results.recording() => {
+                let answered = results.answer(socket, services, &session.node, recorded).await;
+                if let Err(ending) = answered.and_then(|handled| bad_frames.count(&handled)) {
+                    return ending;
                 }
+                continue;
+            }
+            () = sleep_until(acks_at.unwrap_or(publish_at)), if acks_at.is_some() => {
+                if let Err(ending) = results.flush(socket, lease).await {
+                    return ending;
+                }
+                continue;
+            }
+            instruction = control.recv() => {
+                if let Err(ending) = instruct(socket, services, session, instruction).await {
+                    return ending;
+                }
+                results.sent();
                 continue;
             }
             () = sleep_until(publish_at), if session.publish_pending => {
@@ -300,24 +306,58 @@ async fn run(
                 {
                     return Ending::new(CloseCode::Normal, "send failed");
                 }
-                bad_frames += 1;
-                if bad_frames >= MAX_BAD_FRAMES {
-                    return Ending::new(CloseCode::PolicyViolation, "too many bad frames");
+                if let Err(ending) = bad_frames.count(&Handled::Bad) {
+                    return ending;
                 }
                 continue;
             }
         };
-        match handle(socket, services, session, message).await {
-            Ok(Handled::Fine) => {}
+        match handle(socket, services, session, message, &mut results).await {
             Ok(Handled::Alive) => silent_deadline = Instant::now() + lease,
-            Ok(Handled::Bad) => {
-                bad_frames += 1;
-                if bad_frames >= MAX_BAD_FRAMES {
-                    return Ending::new(CloseCode::PolicyViolation, "too many bad frames");
+            Ok(handled) => {
+                if let Err(ending) = bad_frames.count(&handled) {
+                    return ending;
                 }
             }
             Err(ending) => return ending,
         }
+    }
+}
+
+/// Bad frames from one connection so far: too many end it.
+struct BadFrames(u32);
+
+impl BadFrames {
+    fn count(&mut self, handled: &Handled) -> Result<(), Ending> {
+        if matches!(handled, Handled::Bad) {
+            self.0 += 1;
+            if self.0 >= MAX_BAD_FRAMES {
+                return Err(Ending::new(
+                    CloseCode::PolicyViolation,
+                    "too many bad frames",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Carries out what the rest of the coordinator asked of this connection.
+async fn instruct(
+    socket: &mut WebSocket,
+    services: &NodeServices,
+    session: &mut Session,
+    instruction: Option<Control>,
+) -> Result<(), Ending> {
+    match instruction {
+        Some(Control::Send(message)) => send(socket, services, &message).await,
+        Some(Control::Close(code, reason)) => Err(Ending::new(code, reason)),
+        Some(Control::Drain(reason)) => {
+            session.draining.store(true, Ordering::SeqCst);
+            session.publish(services);
+            send(socket, services, &Message::Drain(Drain { reason })).await
+        }
+        None => Err(Ending::new(CloseCode::Internal, "control channel closed")),
     }
 }
 
@@ -327,11 +367,12 @@ enum Handled {
     Bad,
 }
 
-async fn handle(
+async fn handle<'a>(
     socket: &mut WebSocket,
-    services: &NodeServices,
+    services: &'a NodeServices,
     session: &mut Session,
     message: Message,
+    results: &mut Results<'a>,
 ) -> Result<Handled, Ending> {
     match message {
         Message::Heartbeat(heartbeat) => Ok(frames::heartbeat(services, session, heartbeat)),
@@ -354,7 +395,10 @@ async fn handle(
             Ok(Handled::Fine)
         }
         Message::JobReject(reject) => Ok(frames::reject(services, session, reject)),
-        Message::JobResult(result) => frames::result(socket, services, session, result).await,
+        Message::JobResult(result) => {
+            results.record(&services.router, &session.node, result);
+            Ok(Handled::Fine)
+        }
         other @ (Message::Register(_)
         | Message::RegisterAck(_)
         | Message::JobAssign(_)

@@ -1,9 +1,13 @@
 //! Node registration, pools, liveness and duplicate ids, against a real
 //! coordinator, real Redis and real WebSockets.
 
+use std::time::Duration;
+
 use lingua_shared::close::CloseCode;
 use lingua_shared::protocol::{CapacityReport, Heartbeat};
 use lingua_shared::{JobKind, Message};
+
+use lingua_coordinator::node_ws::MIN_PUBLISH_INTERVAL;
 use lingua_tests::{Received, TestCoordinator, TestNode, eventually, registration, test_config};
 use serde_json::Value;
 
@@ -137,6 +141,92 @@ async fn heartbeats_keep_a_node_alive_and_capacity_drives_routing() {
     .await;
     eventually("room to make the node routable", || async {
         (route_members(&redis, "zh:en").await == ["busy"]).then_some(())
+    })
+    .await;
+    coordinator.stop().await;
+}
+
+/// The free-slot hint of node `steady` in `zh:en`.
+async fn free_hint(redis: &lingua_coordinator::private_redis::PrivateRedis) -> Option<u32> {
+    let mut conn = lingua_tests::connect(redis).await;
+    redis::cmd("HGET")
+        .arg("lingua:v1:pair:{zh:en}:free:translate")
+        .arg("steady")
+        .query_async(&mut conn)
+        .await
+        .unwrap()
+}
+
+/// A heartbeat that says nothing new costs routing nothing: only a change
+/// of room (or half the routing lease spent) sends a routing update. A
+/// mark written into the node's routing hint shows whether an update came.
+#[tokio::test]
+async fn a_heartbeat_updates_routing_only_when_the_room_changed() {
+    let redis = lingua_tests::redis().await;
+    let config = lingua_coordinator::config::Config {
+        heartbeat_interval: Duration::from_secs(60),
+        ..test_config()
+    };
+    let coordinator = TestCoordinator::start(&redis, config).await;
+    let (mut node, _) = TestNode::register(
+        &coordinator.ws_url(),
+        registration("steady", &["zh"], &["en"]),
+    )
+    .await;
+    let kind = JobKind::new("translate").unwrap();
+    let mut seq = 0;
+    let mut beat = |free: u32| {
+        seq += 1;
+        Message::Heartbeat(Heartbeat {
+            seq,
+            capacity: CapacityReport {
+                free_slots: [(kind.clone(), free)].into(),
+                ..CapacityReport::default()
+            },
+        })
+    };
+    let hint = "lingua:v1:pair:{zh:en}:free:translate";
+    let mut conn = lingua_tests::connect(&redis).await;
+    // The first report's update may be written twice (the registration's
+    // and its own); once a second change is seen, none is pending.
+    for free in [2, 1] {
+        node.send(&beat(free)).await;
+        eventually("the heartbeat's room in routing", || async {
+            (free_hint(&redis).await == Some(free)).then_some(())
+        })
+        .await;
+    }
+    let () = redis::cmd("HSET")
+        .arg(hint)
+        .arg("steady")
+        .arg(9)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    for read in 3..=7u32 {
+        node.send(&beat(1)).await;
+        eventually("the heartbeat to be read", || async {
+            let beats = coordinator.metric(None, "lingua_heartbeats_total").await?;
+            (beats >= f64::from(read)).then_some(())
+        })
+        .await;
+    }
+    // Any update would rewrite the mark within MIN_PUBLISH_INTERVAL and a
+    // flush; none may come in ten times that.
+    let rewritten = tokio::time::timeout(MIN_PUBLISH_INTERVAL * 10, async {
+        while free_hint(&redis).await == Some(9) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(
+        rewritten.is_err(),
+        "unchanged heartbeats updated routing: {:?}",
+        free_hint(&redis).await
+    );
+    node.send(&beat(3)).await;
+    eventually("the changed room in routing", || async {
+        (free_hint(&redis).await == Some(3)).then_some(())
     })
     .await;
     coordinator.stop().await;

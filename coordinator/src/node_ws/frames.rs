@@ -1,28 +1,23 @@
 //! One function per message a registered node sends that needs more than
-//! a line: heartbeats, drains, refusals, results.
+//! a line: heartbeats, drains, refusals (results: `results.rs`).
 
-use axum::extract::ws::WebSocket;
-use lingua_shared::Message;
-use lingua_shared::close::CloseCode;
-use lingua_shared::protocol::{
-    Drain, ErrorCode, Heartbeat, JobRef, JobReject, JobResult, RejectReason,
-};
+use lingua_shared::protocol::{Drain, Heartbeat, JobRef, JobReject, RejectReason};
 use std::sync::atomic::Ordering;
 use tokio::time::Instant;
 
 use super::NodeServices;
-use super::{Ending, Handled, MAX_LOGGED_CHARS, Session, send, send_error};
-use crate::jobs::Taken;
+use super::{Handled, MAX_LOGGED_CHARS, Session};
 
 /// A heartbeat: renews the connection; recorded in Redis (in the next
-/// batch) at most twice per interval.
+/// batch) at most twice per interval; told to routing when the node's room
+/// changed, while assignments to it are unanswered, or once half its
+/// routing lease is spent (about every other heartbeat of an idle node).
 pub(super) fn heartbeat(
     services: &NodeServices,
     session: &mut Session,
     heartbeat: Heartbeat,
 ) -> Handled {
     services.metrics.heartbeats.inc();
-    session.reported(services, heartbeat.capacity);
     // More than two heartbeats per interval renew the connection
     // but cost Redis nothing: a node cannot turn its frame rate
     // into script calls.
@@ -30,18 +25,21 @@ pub(super) fn heartbeat(
     // or this heartbeat renews it whatever the rate.
     let interval = services.config.heartbeat_interval;
     let lease = services.config.lease();
-    if session.recorded.is_some_and(|at| {
+    let record = !session.recorded.is_some_and(|at| {
         at.elapsed() < interval / 2 && lease.saturating_sub(at.elapsed()) > interval
-    }) {
+    });
+    let capacity = record.then(|| serde_json::to_string(&heartbeat.capacity).unwrap_or_default());
+    let changed = session.reported(services, heartbeat.capacity);
+    if changed || !services.hints.settled(&session.node) || session.published.elapsed() >= lease / 2
+    {
         session.publish_soon(services);
-        return Handled::Alive;
     }
-    session.recorded = Some(Instant::now());
-    let capacity = serde_json::to_string(&session.capacity).unwrap_or_default();
-    services
-        .heartbeats
-        .record(&session.node, session.epoch, capacity);
-    session.publish_soon(services);
+    if let Some(capacity) = capacity {
+        session.recorded = Some(Instant::now());
+        services
+            .heartbeats
+            .record(&session.node, session.epoch, capacity);
+    }
     Handled::Alive
 }
 
@@ -83,37 +81,4 @@ pub(super) fn reject(services: &NodeServices, session: &mut Session, reject: Job
         session.publish(services);
     }
     Handled::Fine
-}
-
-/// A job's result: recorded (fenced by node and attempt) and acknowledged,
-/// or refused when the attempt is another node's.
-pub(super) async fn result(
-    socket: &mut WebSocket,
-    services: &NodeServices,
-    session: &Session,
-    result: JobResult,
-) -> Result<Handled, Ending> {
-    match services.router.result(&session.node, &result).await {
-        Ok(Taken::Acknowledged) => {}
-        Ok(Taken::Foreign) => {
-            let text = format!(
-                "job {} attempt {} is not assigned to node {}: result refused",
-                result.job_id, result.attempt, session.node
-            );
-            send_error(socket, services, ErrorCode::NotAssigned, text).await?;
-            return Ok(Handled::Bad);
-        }
-        Err(err) => {
-            // Unacknowledged, the result stays in the agent's outbox
-            // and comes back after it reconnects.
-            tracing::error!(node_id = %session.node, job_id = %result.job_id, error = %err, "recording a result failed");
-            return Err(Ending::new(CloseCode::Internal, "redis unavailable"));
-        }
-    }
-    let ack = Message::ResultAck(JobRef {
-        job_id: result.job_id,
-        attempt: result.attempt,
-    });
-    send(socket, services, &ack).await?;
-    Ok(Handled::Fine)
 }

@@ -356,7 +356,7 @@ async fn acknowledge(
         (checked.pairs.clone(), checked.kinds.clone()),
         checked.version,
         draining.clone(),
-        register.capacity.clone(),
+        register.capacity,
     );
     let session = Session {
         node: register.node_id,
@@ -364,7 +364,6 @@ async fn acknowledge(
         pairs: checked.pairs,
         kinds: checked.kinds,
         draining,
-        capacity: register.capacity,
         published: Instant::now(),
         publish_pending: false,
         recorded: None,

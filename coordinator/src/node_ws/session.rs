@@ -19,8 +19,6 @@ pub(super) struct Session {
     /// Shared with the registry entry and the hints: an admin drain sets
     /// it.
     pub(super) draining: Arc<AtomicBool>,
-    /// The last report, as the admin API shows it.
-    pub(super) capacity: CapacityReport,
     /// When this connection's routing entries were last queued.
     pub(super) published: Instant,
     /// A report arrived within [`MIN_PUBLISH_INTERVAL`] of the last one
@@ -31,10 +29,10 @@ pub(super) struct Session {
 }
 
 impl Session {
-    /// Takes a report from the node: its hints follow it.
-    pub(super) fn reported(&mut self, services: &NodeServices, report: CapacityReport) {
-        services.hints.report(&self.node, report.clone());
-        self.capacity = report;
+    /// Takes a report from the node: its hints follow it. True when its
+    /// room changed since the last report.
+    pub(super) fn reported(&mut self, services: &NodeServices, report: CapacityReport) -> bool {
+        services.hints.report(&self.node, report)
     }
 
     /// Queues this node's routing entries in every pair it serves.

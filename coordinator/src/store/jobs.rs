@@ -165,7 +165,7 @@ impl Store {
         invocation
             .key(keys.route(on.route))
             .key(keys.free(on.route))
-            .key(&keys.leases)
+            .key(keys.leases())
             .key(keys.session(on.session.unwrap_or("")))
             .key(keys.memory())
             .key(keys.served(on.route))

@@ -18,11 +18,11 @@ impl Store {
         let keys = PairKeys::new(pair);
         let mut invocation = self.scripts.pool_join.prepare_invoke();
         invocation
-            .key(&keys.members)
-            .key(&keys.pools)
-            .key(&keys.room)
-            .key(&keys.next_pool)
-            .key(&keys.leases)
+            .key(keys.members())
+            .key(keys.pools())
+            .key(keys.room())
+            .key(keys.next_pool())
+            .key(keys.leases())
             .arg(node.as_str())
             .arg(max_nodes_per_pool)
             .arg(millis(lease));
@@ -47,11 +47,11 @@ impl Store {
             .collect();
         let mut invocation = self.scripts.pool_leave.prepare_invoke();
         invocation
-            .key(&keys.members)
-            .key(&keys.pools)
-            .key(&keys.room)
-            .key(&keys.leases)
-            .key(&keys.next_pool);
+            .key(keys.members())
+            .key(keys.pools())
+            .key(keys.room())
+            .key(keys.leases())
+            .key(keys.next_pool());
         for route in &routes {
             invocation.key(keys.route(route));
         }
@@ -80,7 +80,7 @@ impl Store {
         routes.sort_unstable();
         routes.dedup();
         let mut invocation = self.scripts.route_update.prepare_invoke();
-        invocation.key(&keys.leases).key(keys.memory());
+        invocation.key(keys.leases()).key(keys.memory());
         for route in &routes {
             invocation.key(keys.route(route));
         }
@@ -185,7 +185,7 @@ impl Store {
         let members: Vec<HashMap<String, String>> =
             futures_util::future::try_join_all(pairs.iter().map(|pair| {
                 let mut conn = self.conn.clone();
-                let key = PairKeys::new(*pair).members;
+                let key = PairKeys::new(*pair).members();
                 async move { redis::cmd("HGETALL").arg(key).query_async(&mut conn).await }
             }))
             .await?;
