@@ -114,22 +114,37 @@ impl Hints {
     /// A new report from `node`: it counts every assignment answered
     /// before it. A kind whose fallback the node no longer reports (a
     /// reload took it away) keeps a fallback route with no room, so that
-    /// the next update takes the node out of it. True when the node's room
-    /// (slots, fallback slots or memory) differs from the last report's.
-    pub fn report(&self, node: &NodeId, mut report: CapacityReport) -> bool {
-        let mut nodes = lock(&self.nodes);
-        let Some(held) = nodes.get_mut(node) else {
-            return false;
-        };
-        for kind in held.report.fallback_slots.keys() {
-            report.fallback_slots.entry(kind.clone()).or_insert(0);
+    /// the next update takes the node out of it.
+    pub fn report(&self, node: &NodeId, mut report: CapacityReport) {
+        if let Some(held) = lock(&self.nodes).get_mut(node) {
+            for kind in held.report.fallback_slots.keys() {
+                report.fallback_slots.entry(kind.clone()).or_insert(0);
+            }
+            held.uncounted = held.unanswered.clone();
+            held.report = report;
         }
-        let changed = held.report.free_slots != report.free_slots
-            || held.report.fallback_slots != report.fallback_slots
-            || held.report.room != report.room;
-        held.uncounted = held.unanswered.clone();
-        held.report = report;
-        changed
+    }
+
+    /// True when `report` differs from `node`'s last one in what routing
+    /// and operators act on: its slots, fallback slots, memory, or jobs
+    /// running (a node not held here: true).
+    pub fn changes(&self, node: &NodeId, report: &CapacityReport) -> bool {
+        let nodes = lock(&self.nodes);
+        let Some(held) = nodes.get(node).map(|held| &held.report) else {
+            return true;
+        };
+        let fallback_changed = report
+            .fallback_slots
+            .iter()
+            .any(|(kind, free)| held.fallback_slots.get(kind) != Some(free))
+            || held
+                .fallback_slots
+                .iter()
+                .any(|(kind, free)| report.fallback_slots.get(kind).unwrap_or(&0) != free);
+        held.free_slots != report.free_slots
+            || fallback_changed
+            || held.room != report.room
+            || held.running != report.running
     }
 
     /// True when every assignment to `node` was answered (or the node is

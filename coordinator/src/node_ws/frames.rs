@@ -8,28 +8,33 @@ use tokio::time::Instant;
 use super::NodeServices;
 use super::{Handled, MAX_LOGGED_CHARS, Session};
 
-/// A heartbeat: renews the connection; recorded in Redis (in the next
-/// batch) at most twice per interval; told to routing when the node's room
-/// changed, while assignments to it are unanswered, or once half its
-/// routing lease is spent (about every other heartbeat of an idle node).
+/// A heartbeat: renews the connection. Recorded in Redis (in the next
+/// batch) when the report changed (at most twice per interval) or once
+/// half the recorded lease is spent; told to routing when the report
+/// changed, while assignments to the node are unanswered, or once half its
+/// routing lease is spent. An idle node's heartbeat costs Redis something
+/// every other interval.
 pub(super) fn heartbeat(
     services: &NodeServices,
     session: &mut Session,
     heartbeat: Heartbeat,
 ) -> Handled {
     services.metrics.heartbeats.inc();
+    let changed = services.hints.changes(&session.node, &heartbeat.capacity);
     // More than two heartbeats per interval renew the connection
     // but cost Redis nothing: a node cannot turn its frame rate
-    // into script calls.
-    // The lease recorded last must still outlast a whole interval,
-    // or this heartbeat renews it whatever the rate.
+    // into script calls. The lease recorded last must still outlast
+    // a whole interval, or this heartbeat renews it whatever the rate.
     let interval = services.config.heartbeat_interval;
     let lease = services.config.lease();
-    let record = !session.recorded.is_some_and(|at| {
-        at.elapsed() < interval / 2 && lease.saturating_sub(at.elapsed()) > interval
+    let record = session.recorded.is_none_or(|at| {
+        let since = at.elapsed();
+        since >= lease / 2
+            || lease.saturating_sub(since) <= interval
+            || (changed && since >= interval / 2)
     });
     let capacity = record.then(|| serde_json::to_string(&heartbeat.capacity).unwrap_or_default());
-    let changed = session.reported(services, heartbeat.capacity);
+    session.reported(services, heartbeat.capacity);
     if changed || !services.hints.settled(&session.node) || session.published.elapsed() >= lease / 2
     {
         session.publish_soon(services);

@@ -29,10 +29,9 @@ pub(super) struct Session {
 }
 
 impl Session {
-    /// Takes a report from the node: its hints follow it. True when its
-    /// room changed since the last report.
-    pub(super) fn reported(&mut self, services: &NodeServices, report: CapacityReport) -> bool {
-        services.hints.report(&self.node, report)
+    /// Takes a report from the node: its hints follow it.
+    pub(super) fn reported(&mut self, services: &NodeServices, report: CapacityReport) {
+        services.hints.report(&self.node, report);
     }
 
     /// Queues this node's routing entries in every pair it serves.
