@@ -11,7 +11,7 @@
 //! ends is dropped ([`HeartbeatBatcher::forget`]), so that it cannot
 //! renew the lease of a node marked offline.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -40,6 +40,9 @@ pub struct HeartbeatBatcher {
     /// Per connection (node and epoch): the capacity to record (JSON).
     due: Mutex<HashMap<(NodeId, u64), String>>,
     due_now: Notify,
+    /// Connections whose last heartbeat Redis did not record: their next
+    /// one is recorded, whatever it says.
+    unrecorded: Mutex<HashSet<(NodeId, u64)>>,
 }
 
 impl HeartbeatBatcher {
@@ -57,7 +60,14 @@ impl HeartbeatBatcher {
             retention,
             due: Mutex::default(),
             due_now: Notify::new(),
+            unrecorded: Mutex::default(),
         }
+    }
+
+    /// True (once) when the last heartbeat queued for `node`'s connection
+    /// of `epoch` was not recorded.
+    pub fn missed(&self, node: &NodeId, epoch: u64) -> bool {
+        lock(&self.unrecorded).remove(&(node.clone(), epoch))
     }
 
     /// Queues a heartbeat of `node`'s connection of `epoch`, with its
@@ -71,7 +81,9 @@ impl HeartbeatBatcher {
     /// The connection of `epoch` ended: its heartbeat, if still due, is
     /// not recorded.
     pub fn forget(&self, node: &NodeId, epoch: u64) {
-        lock(&self.due).remove(&(node.clone(), epoch));
+        let key = (node.clone(), epoch);
+        lock(&self.due).remove(&key);
+        lock(&self.unrecorded).remove(&key);
     }
 
     /// Flushes until `shutdown`, then once more.
@@ -99,14 +111,17 @@ impl HeartbeatBatcher {
             if failed > 0 {
                 // A Redis outage does not end the links: closing every
                 // socket on a Redis blip would move every running job (and
-                // run it twice). The next heartbeat renews the lease once
-                // Redis answers.
+                // run it twice). The connection's next heartbeat is
+                // recorded, and renews the lease once Redis answers.
                 tracing::warn!(
                     heartbeats = failed,
                     "heartbeats not recorded: redis unavailable"
                 );
             }
             for (((node, epoch), _), recorded) in batch.iter().zip(recorded) {
+                if recorded.is_none() {
+                    lock(&self.unrecorded).insert((node.clone(), *epoch));
+                }
                 if recorded == Some(false) {
                     self.registry.send_to(
                         node,

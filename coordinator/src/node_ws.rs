@@ -377,6 +377,7 @@ async fn handle<'a>(
     match message {
         Message::Heartbeat(heartbeat) => Ok(frames::heartbeat(services, session, heartbeat)),
         Message::Capacity(capacity) => {
+            session.record_due |= services.hints.changes(&session.node, &capacity);
             session.reported(services, capacity);
             session.publish_soon(services);
             Ok(Handled::Fine)

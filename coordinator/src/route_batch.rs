@@ -7,6 +7,7 @@
 //! call carrying every node that changed. Entries are computed at the
 //! flush, from the nodes' [`Hints`], while no pick of the pair runs.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,6 +35,9 @@ pub struct RouteBatcher {
     hints: Arc<Hints>,
     queues: Arc<Mutex<Queues>>,
     instance: String,
+    /// Nodes whose last update failed: their next heartbeat updates
+    /// routing, whatever it says.
+    unwritten: Mutex<HashSet<NodeId>>,
 }
 
 impl RouteBatcher {
@@ -56,7 +60,13 @@ impl RouteBatcher {
             hints,
             queues,
             instance,
+            unwritten: Mutex::default(),
         }
+    }
+
+    /// True (once) when `node`'s last routing update failed.
+    pub fn missed(&self, node: &NodeId) -> bool {
+        lock(&self.unwritten).remove(node)
     }
 
     /// Queues an update of `node`'s entry in each of `pairs`.
@@ -96,6 +106,7 @@ impl RouteBatcher {
                 }
                 Err(err) => {
                     tracing::warn!(%pair, nodes = entries.len(), error = %err, "routing update failed");
+                    lock(&self.unwritten).extend(entries.into_iter().map(|e| e.node));
                     (pair, Vec::new())
                 }
             }

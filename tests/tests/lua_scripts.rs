@@ -772,10 +772,13 @@ async fn a_job_is_recorded_by_its_first_pick_idempotently_and_fenced_by_attempt(
         }
     };
     assert_eq!(again("{req}", zh_en).await, JobStart::Exists);
-    assert_eq!(again("{other}", zh_en).await, JobStart::Conflict);
+    assert_eq!(
+        again("{other}", zh_en).await,
+        JobStart::Conflict { picked: None }
+    );
     assert_eq!(
         again("{req}", pair("en:ja")).await,
-        JobStart::Conflict,
+        JobStart::Conflict { picked: None },
         "an id is one job across pairs"
     );
     let mut conn = lingua_tests::connect(&redis).await;

@@ -277,6 +277,49 @@ async fn the_same_id_submitted_five_times_concurrently_runs_once(redis: impl Red
     coordinator.stop().await;
 }
 
+/// A submission refused because its id is another pair's job gives back
+/// the slot its pick took: with reports a minute apart, ten such refusals
+/// in a pair whose node has eight slots leave it room for a real job.
+async fn a_refused_id_gives_back_its_pick(redis: impl RedisBackend) {
+    let config = lingua_coordinator::config::Config {
+        heartbeat_interval: Duration::from_secs(60),
+        ..test_config()
+    };
+    let coordinator = TestCoordinator::start(&redis, config).await;
+    let english = TestAgent::start(agent_config("english", &coordinator.ws_url(), 0));
+    let japanese = TestAgent::start(with_langs(
+        agent_config("japanese", &coordinator.ws_url(), 0),
+        "zh",
+        "ja",
+    ));
+    english.registered(1).await;
+    japanese.registered(1).await;
+    let mut body = translate("zh", "en");
+    body["id"] = json!("taken");
+    let (status, answer) = submit(&coordinator, body.clone()).await;
+    assert_eq!(status, 200, "{answer}");
+    body["tgt_lang"] = json!("ja");
+    for _ in 0..10 {
+        let (status, error) = submit(&coordinator, body.clone()).await;
+        assert_eq!(
+            (status, error["error"]["code"].as_str()),
+            (409, Some("conflict")),
+            "{error}"
+        );
+    }
+    let mut fresh = translate("zh", "ja");
+    fresh["timeout_ms"] = json!(5000);
+    let (status, answer) = submit(&coordinator, fresh).await;
+    assert_eq!(
+        (status, &answer["node_id"]),
+        (200, &json!("japanese")),
+        "{answer}"
+    );
+    english.stop().await.unwrap();
+    japanese.stop().await.unwrap();
+    coordinator.stop().await;
+}
+
 /// A job costs two script calls, one round trip each: the pick that
 /// records it, and its result; the answer carries what the result
 /// recorded, not read back. Five jobs one after another on an 8-slot node:
@@ -836,6 +879,7 @@ on_both_backends!(
     a_mixed_burst_into_one_node_waits_for_memory_instead_of_being_refused,
     the_same_id_submitted_five_times_concurrently_runs_once,
     a_job_costs_one_pick_and_one_result,
+    a_refused_id_gives_back_its_pick,
     failures_get_their_documented_codes,
     bad_requests_get_400s_and_the_service_keeps_serving,
     the_api_token_guards_jobs,

@@ -31,13 +31,21 @@ impl JobRouter {
             retention: self.config.result_ttl,
             coordinator: &self.instance,
         };
-        let picked = match self
+        let mut picked = match self
             .store
             .job_open(new, (self.pick_on(job, &route, &[]), pick))
             .await?
         {
             JobStart::Exists => return Ok(Opened::Exists),
-            JobStart::Conflict => return Ok(Opened::Conflict),
+            JobStart::Conflict { picked } => {
+                if let Some(node) = picked {
+                    // The slot the pick took, given back by the node's
+                    // entry as this instance knows it (a node held
+                    // elsewhere: by its next report).
+                    self.hints.due([job.pair], &node);
+                }
+                return Ok(Opened::Conflict);
+            }
             JobStart::New(picked) => picked,
         };
         let mut first = First {
@@ -47,24 +55,30 @@ impl JobRouter {
             picked: None,
             wakes,
         };
-        match picked {
-            Some(JobPick::Node(node, attempt)) => {
-                first.attempt = attempt;
-                first.node = Some(node.clone());
-                match self.count_pick(job.pair, &route, &node) {
-                    Some(assigned) => {
-                        first.picked = Some(Picked::Node(node, assigned, DeviceChoice::Gpu));
-                    }
-                    None => first.excluded.push(node),
-                }
+        while let Some(JobPick::Node(node, attempt)) = picked {
+            first.attempt = attempt;
+            first.node = Some(node.clone());
+            if let Some(assigned) = self.count_pick(job.pair, &route, &node) {
+                first.picked = Some(Picked::Node(node, assigned, DeviceChoice::Gpu));
+                return Ok(Opened::New(first));
             }
-            Some(JobPick::NoNodes) => first.picked = Some(Picked::NoNodes),
+            // Passed over: the next pick at once, so that no attempt stays
+            // recorded on a node that never got the job.
+            first.excluded.push(node);
+            let on = self.pick_on(job, &route, &first.excluded);
+            picked = self
+                .store
+                .job_next((job.pair, &job.id), attempt, on)
+                .await?;
+        }
+        first.picked = match picked {
+            Some(JobPick::NoNodes) => Some(Picked::NoNodes),
             // With a fallback to try, the dispatch picks again.
             Some(JobPick::NoCapacity) if job.device == DeviceChoice::Gpu => {
-                first.picked = Some(Picked::NoCapacity);
+                Some(Picked::NoCapacity)
             }
-            Some(JobPick::NoCapacity) | None => {}
-        }
+            _ => None,
+        };
         Ok(Opened::New(first))
     }
 

@@ -3,17 +3,21 @@
 
 use lingua_shared::protocol::{Drain, Heartbeat, JobRef, JobReject, RejectReason};
 use std::sync::atomic::Ordering;
+use std::time::Duration;
+
 use tokio::time::Instant;
 
 use super::NodeServices;
 use super::{Handled, MAX_LOGGED_CHARS, Session};
 
 /// A heartbeat: renews the connection. Recorded in Redis (in the next
-/// batch) when the report changed (at most twice per interval) or once
-/// half the recorded lease is spent; told to routing when the report
-/// changed, while assignments to the node are unanswered, or once half its
-/// routing lease is spent. An idle node's heartbeat costs Redis something
-/// every other interval.
+/// batch) when the node's report changed since the last one recorded (at
+/// most twice per interval), when the last one failed, or when the lease
+/// recorded last would otherwise run short: unless the next heartbeat,
+/// an interval later, would still leave half an interval of it. Told to
+/// routing on the same terms, and while assignments to the node are
+/// unanswered. At the default three-interval lease, an idle node's
+/// heartbeat costs Redis something every other interval.
 pub(super) fn heartbeat(
     services: &NodeServices,
     session: &mut Session,
@@ -21,29 +25,35 @@ pub(super) fn heartbeat(
 ) -> Handled {
     services.metrics.heartbeats.inc();
     let changed = services.hints.changes(&session.node, &heartbeat.capacity);
-    // More than two heartbeats per interval renew the connection
-    // but cost Redis nothing: a node cannot turn its frame rate
-    // into script calls. The lease recorded last must still outlast
-    // a whole interval, or this heartbeat renews it whatever the rate.
     let interval = services.config.heartbeat_interval;
     let lease = services.config.lease();
-    let record = session.recorded.is_none_or(|at| {
-        let since = at.elapsed();
-        since >= lease / 2
-            || lease.saturating_sub(since) <= interval
-            || (changed && since >= interval / 2)
-    });
+    let runs_short = |since: Duration| lease.saturating_sub(since + interval) < interval / 2;
+    // More than two heartbeats per interval renew the connection but cost
+    // Redis nothing: a node cannot turn its frame rate into script calls.
+    let record_changed = std::mem::take(&mut session.record_due) || changed;
+    let record = services.heartbeats.missed(&session.node, session.epoch)
+        || session.recorded.is_none_or(|at| {
+            let since = at.elapsed();
+            runs_short(since) || (record_changed && since >= interval / 2)
+        });
     let capacity = record.then(|| serde_json::to_string(&heartbeat.capacity).unwrap_or_default());
     session.reported(services, heartbeat.capacity);
-    if changed || !services.hints.settled(&session.node) || session.published.elapsed() >= lease / 2
+    if changed
+        || !services.hints.settled(&session.node)
+        || services.batcher.missed(&session.node)
+        || runs_short(session.published.elapsed())
     {
         session.publish_soon(services);
     }
-    if let Some(capacity) = capacity {
-        session.recorded = Some(Instant::now());
-        services
-            .heartbeats
-            .record(&session.node, session.epoch, capacity);
+    match capacity {
+        Some(capacity) => {
+            session.recorded = Some(Instant::now());
+            services
+                .heartbeats
+                .record(&session.node, session.epoch, capacity);
+        }
+        // Not recorded now: what changed goes with the next record.
+        None => session.record_due |= record_changed,
     }
     Handled::Alive
 }

@@ -367,6 +367,7 @@ async fn acknowledge(
         published: Instant::now(),
         publish_pending: false,
         recorded: None,
+        record_due: false,
     };
     let mut sent = send(socket, services, &ack).await;
     if sent.is_ok() && recorded.drained && !register.draining {

@@ -20,7 +20,7 @@ use crate::store::StoreError;
 
 /// Results of one connection being recorded at once, at most: past this,
 /// its socket is not read until one is done.
-pub(super) const MAX_RECORDING: usize = 64;
+pub(super) const MAX_RECORDING: usize = 16;
 /// How long an acknowledgement may wait for a frame to ride with.
 pub(super) const ACK_DELAY: std::time::Duration = std::time::Duration::from_millis(20);
 

@@ -26,6 +26,10 @@ pub(super) struct Session {
     pub(super) publish_pending: bool,
     /// When a heartbeat was last recorded in Redis (never, at first).
     pub(super) recorded: Option<Instant>,
+    /// The node's report changed since the last heartbeat recorded (a
+    /// capacity report, or a heartbeat not recorded): the next heartbeat
+    /// records it.
+    pub(super) record_due: bool,
 }
 
 impl Session {

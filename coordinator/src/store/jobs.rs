@@ -59,8 +59,12 @@ pub enum JobStart {
     New(Option<JobPick>),
     /// The same request is already known.
     Exists,
-    /// The id belongs to a different request.
-    Conflict,
+    /// The id belongs to a different request; when it is another pair's,
+    /// the node the pick here took a slot of, to give it back.
+    Conflict {
+        /// That node.
+        picked: Option<NodeId>,
+    },
 }
 
 impl Store {
@@ -102,38 +106,67 @@ impl Store {
             claim.query_async::<Option<String>>(&mut conn),
             self.invoke::<Vec<Value>>("route_pick", invocation)
         );
-        let opened = match reply?.as_slice() {
-            [status] if text(status).as_deref() == Some("queued") => JobStart::New(None),
-            [status, ..] if text(status).as_deref() == Some("exists") => JobStart::Exists,
-            [status] if text(status).as_deref() == Some("conflict") => JobStart::Conflict,
-            reply => JobStart::New(Some(job_pick(reply)?)),
-        };
-        let created = matches!(opened, JobStart::New(_));
-        let mut conn = self.conn.clone();
-        match claimed? {
-            Some(other) if other != pair => {
-                if created {
-                    // Another pair's job has the id: this record goes (a
-                    // pick it made is given back by the node's next report).
-                    let () = redis::cmd("DEL")
-                        .arg(&record)
-                        .query_async(&mut conn)
-                        .await?;
+        let parsed = reply.and_then(|reply| {
+            Ok(match reply.as_slice() {
+                [status] if text(status).as_deref() == Some("queued") => JobStart::New(None),
+                [status, ..] if text(status).as_deref() == Some("exists") => JobStart::Exists,
+                [status] if text(status).as_deref() == Some("conflict") => {
+                    JobStart::Conflict { picked: None }
                 }
-                return Ok(JobStart::Conflict);
+                reply => JobStart::New(Some(job_pick(reply)?)),
+            })
+        });
+        let mut conn = self.conn.clone();
+        let opened = match parsed {
+            Ok(opened) => opened,
+            Err(err) => {
+                if matches!(claimed, Ok(None)) {
+                    // Claimed for a record that may not exist: let the id go.
+                    let _: Result<(), _> = redis::cmd("DEL")
+                        .arg(keys::job_pair(job.id))
+                        .query_async(&mut conn)
+                        .await;
+                }
+                return Err(err);
             }
-            Some(_) if created => {
+        };
+        let JobStart::New(picked) = &opened else {
+            // Found: the index says nothing this record does not.
+            return Ok(opened);
+        };
+        match claimed {
+            Ok(Some(other)) if other != pair => {
+                // Another pair's job has the id: this record goes. The
+                // caller gives back the pick it made.
+                let () = redis::cmd("DEL")
+                    .arg(&record)
+                    .query_async(&mut conn)
+                    .await?;
+                let picked = match picked {
+                    Some(JobPick::Node(node, _)) => Some(node.clone()),
+                    _ => None,
+                };
+                return Ok(JobStart::Conflict { picked });
+            }
+            Ok(Some(_)) => {
                 // An earlier record of the id in this pair expired: the
                 // index lives as long as the new one.
-                let () = redis::cmd("SET")
+                let renewed: Result<(), _> = redis::cmd("SET")
                     .arg(keys::job_pair(job.id))
                     .arg(&pair)
                     .arg("PX")
                     .arg(millis(lifetime + job.retention))
                     .query_async(&mut conn)
-                    .await?;
+                    .await;
+                if let Err(err) = renewed {
+                    tracing::warn!(job_id = %job.id, error = %err, "cannot renew the job's index");
+                }
             }
-            _ => {}
+            Ok(None) => {}
+            // The job is recorded: it runs; only lookups by id miss it.
+            Err(err) => {
+                tracing::warn!(job_id = %job.id, error = %err, "cannot claim the job's id in the index");
+            }
         }
         Ok(opened)
     }
