@@ -130,6 +130,24 @@ impl Store {
                 return Err(err);
             }
         };
+        self.settle_claim(&job, &record, claimed, opened).await
+    }
+
+    /// What the index's claim means for a job just opened: an id that is
+    /// another pair's job takes the new record back (a conflict); an index
+    /// that outlived an earlier record of this pair is renewed; an index
+    /// that could not be written leaves the job recorded (only lookups by
+    /// id miss it).
+    async fn settle_claim(
+        &self,
+        job: &NewJob<'_>,
+        record: &str,
+        claimed: Result<Option<String>, redis::RedisError>,
+        opened: JobStart,
+    ) -> Result<JobStart, StoreError> {
+        let pair = job.pair.to_string();
+        let lifetime = job.timeout + job.retention;
+        let mut conn = self.conn.clone();
         let JobStart::New(picked) = &opened else {
             // Found: the index says nothing this record does not.
             return Ok(opened);
@@ -138,10 +156,7 @@ impl Store {
             Ok(Some(other)) if other != pair => {
                 // Another pair's job has the id: this record goes. The
                 // caller gives back the pick it made.
-                let () = redis::cmd("DEL")
-                    .arg(&record)
-                    .query_async(&mut conn)
-                    .await?;
+                let () = redis::cmd("DEL").arg(record).query_async(&mut conn).await?;
                 let picked = match picked {
                     Some(JobPick::Node(node, _)) => Some(node.clone()),
                     _ => None,
