@@ -297,17 +297,17 @@ async fn drain(api: &Api, id: &str, json: bool, wait: Option<Duration>) -> Resul
     if !json {
         println!("node {id} is draining: it gets no new jobs; waiting until it runs none");
     }
-    let since = drained["last_seen_ms"].as_u64().unwrap_or(0);
+    let mut since = drained["last_seen_ms"].as_u64().unwrap_or(0);
     let (deadline, mut idle) = (Instant::now() + limit, 0);
     loop {
         let node = api.get(&path).await?;
         let running = node["capacity"]["running"].as_u64();
-        let fresh = node["last_seen_ms"].as_u64().unwrap_or(0) > since;
-        idle = if fresh && running == Some(0) {
-            idle + 1
-        } else {
-            0
-        };
+        let seen = node["last_seen_ms"].as_u64().unwrap_or(0);
+        // Only a report newer than the last one read counts, idle or not.
+        if seen > since {
+            since = seen;
+            idle = if running == Some(0) { idle + 1 } else { 0 };
+        }
         if node["state"] == "offline" || idle >= 2 {
             print(json, &node, || {
                 format!("node {id} runs no job: stop its agent now (systemctl stop lingua-agent)\n")
