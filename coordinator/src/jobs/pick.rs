@@ -18,11 +18,13 @@ impl JobRouter {
             (queues.wakes(&key), queues.depth(&key) == 0)
         };
         let route = Route::gpu(&job.kind);
+        let locking = Instant::now();
         let _picking = if pick {
             Some(self.hints.picking(job.pair).await)
         } else {
             None
         };
+        let locked = locking.elapsed();
         let new = NewJob {
             id: &job.id,
             pair: job.pair,
@@ -54,6 +56,7 @@ impl JobRouter {
             excluded: Vec::new(),
             picked: None,
             wakes,
+            locked,
         };
         while let Some(JobPick::Node(node, attempt)) = picked {
             first.attempt = attempt;
@@ -221,4 +224,7 @@ pub(super) struct First {
     pub(super) picked: Option<Picked>,
     /// The queue's wakes before the pick.
     pub(super) wakes: u64,
+    /// How long it waited for the pair's picking lock (a routing update
+    /// of the pair being written): part of its `pick` stage.
+    pub(super) locked: Duration,
 }

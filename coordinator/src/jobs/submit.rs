@@ -113,7 +113,8 @@ impl JobRouter {
         start: Duration,
     ) -> Result<JobView, SubmitError> {
         let mut state = Dispatch::new(job);
-        state.timing.start = start;
+        state.timing.start = start.saturating_sub(first.locked);
+        state.timing.pick = first.locked;
         state.attempt = first.attempt;
         state.node = first.node;
         state.excluded = first.excluded;

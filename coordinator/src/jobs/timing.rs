@@ -12,13 +12,14 @@ use tokio::time::Instant;
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Timing {
     /// Recording the job at submit, with its first pick when nothing
-    /// waits ahead of it (one `route_pick`, and the id's index beside it).
+    /// waits ahead of it (one `route_pick`, and the id's index beside it);
+    /// its wait for the pair's picking lock counts in `pick`.
     pub start: Duration,
     /// Waiting in the admission queue for room.
     pub queue: Duration,
     /// Choosing a node for a later attempt (`route_pick`, which records
-    /// it, the hints, and waiting for the pair's picking lock while a
-    /// routing update of it is written).
+    /// it, and the hints), and every wait for the pair's picking lock
+    /// while a routing update of it is written.
     pub pick: Duration,
     /// Recording a failure decided here (`job_finish`).
     pub record: Duration,
