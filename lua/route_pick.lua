@@ -20,13 +20,16 @@
 -- ARGV[4] the route <r>: a kind (its GPU room), or `<kind>@cpu` (its
 --         fallback room, which takes no memory)
 -- ARGV[5] nodes already tried for this job (excluded), comma-separated
--- ARGV[6] with a job: "open" (a job's arrival) or "next" (its next attempt)
+-- ARGV[6] with a job: "open" (a job's arrival), "next" (its next attempt)
+--         or "retake" (the current attempt's pick was passed over by the
+--         caller, who knew the node had no room: a new pick takes its
+--         number, and without one the attempt is taken back)
 -- open:   ARGV[7] the request, canonical JSON; ARGV[8] key lifetime in ms
 --         (job timeout + result retention); ARGV[9] the coordinator
 --         instance dispatching it; ARGV[10] the job's timeout in ms (its
 --         deadline is now + timeout); ARGV[11] "1" to pick, "0" to only
 --         record it queued (others wait for room before it)
--- next:   ARGV[7] the attempt the caller believes current
+-- next, retake: ARGV[7] the attempt the caller believes current
 -- Returns {"ok", node, attempt} (attempt 0 without a job), {"no_capacity"}
 -- (live nodes serve the kind, none with room) or {"no_nodes"} (no live
 -- node serves the pair and kind); with a job also {"queued"} (recorded,
@@ -81,6 +84,7 @@ if job then
     end
   end
 end
+local retake = job and ARGV[6] == 'retake'
 
 for _, node in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms, 'LIMIT', 0, 16)) do
   redis.call('ZREM', KEYS[1], node)
@@ -139,13 +143,26 @@ local function take(memory)
   return false
 end
 
--- Records the job's next attempt, on `node`: its number (0 without a job).
+-- The nodes picked for the job, less the one a retake replaces.
+local function nodes_kept()
+  local nodes = redis.call('HGET', job, 'nodes')
+  if retake then
+    nodes = string.match(nodes, '^(.*),[^,]*$') or ''
+  end
+  return nodes
+end
+
+-- Records the job's next attempt (a retake: the current one), on `node`:
+-- its number (0 without a job).
 local function record_attempt(node)
   if not job then
     return 0
   end
-  local attempt = redis.call('HINCRBY', job, 'attempt', 1)
-  local nodes = redis.call('HGET', job, 'nodes')
+  local attempt = tonumber(ARGV[7])
+  if not retake then
+    attempt = redis.call('HINCRBY', job, 'attempt', 1)
+  end
+  local nodes = nodes_kept()
   if nodes ~= '' then
     nodes = nodes .. ',' .. node
   else
@@ -227,6 +244,15 @@ if not chosen then
 end
 
 if not chosen then
+  if retake then
+    -- The passed-over attempt is taken back: no node holds it.
+    local attempt = tonumber(ARGV[7]) - 1
+    local status = 'running'
+    if attempt == 0 then
+      status = 'queued'
+    end
+    redis.call('HSET', job, 'attempt', attempt, 'status', status, 'node', '', 'nodes', nodes_kept())
+  end
   if redis.call('ZCOUNT', KEYS[6], '(' .. now_ms, '+inf') == 0 then
     return {'no_nodes'}
   end

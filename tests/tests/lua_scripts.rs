@@ -215,7 +215,7 @@ async fn every_script_call_keeps_its_keys_in_one_cluster_slot() {
     };
     assert_eq!(
         store
-            .job_next((pair("zh:en"), &job_id), 1, next)
+            .job_next((pair("zh:en"), &job_id), (1, false), next)
             .await
             .unwrap(),
         None
@@ -793,7 +793,7 @@ async fn a_job_is_recorded_by_its_first_pick_idempotently_and_fenced_by_attempt(
         let (store, id, route) = (store.clone(), id.clone(), route.clone());
         async move {
             store
-                .job_next((zh_en, &id), current, on(&route, &excluded))
+                .job_next((zh_en, &id), (current, false), on(&route, &excluded))
                 .await
                 .unwrap()
         }
@@ -867,6 +867,58 @@ async fn a_job_is_recorded_by_its_first_pick_idempotently_and_fenced_by_attempt(
 }
 
 #[tokio::test]
+async fn a_passed_over_pick_is_retaken_or_taken_back() {
+    let redis = lingua_tests::redis().await;
+    let store = store(&redis).await;
+    let route = two_nodes_with_room(&store, 1).await;
+    let zh_en = pair("zh:en");
+    let id = JobId::new("j-retake").unwrap();
+    let opened = store
+        .job_open(new_job(&id, zh_en, "{}", LEASE), (on(&route, &[]), true))
+        .await
+        .unwrap();
+    let JobStart::New(Some(JobPick::Node(first, 1))) = opened else {
+        panic!("a new job picks attempt 1: {opened:?}");
+    };
+    let other = if first == node("a") {
+        node("b")
+    } else {
+        node("a")
+    };
+    let record = || async {
+        let (_, record) = store.job(&id).await.unwrap().unwrap();
+        (
+            record.status.as_str().to_owned(),
+            record.attempt,
+            record.node.unwrap_or_default(),
+        )
+    };
+    let excluded = [first.clone()];
+    assert_eq!(
+        store
+            .job_next((zh_en, &id), (1, true), on(&route, &excluded))
+            .await
+            .unwrap(),
+        Some(JobPick::Node(other.clone(), 1)),
+        "the retake takes the passed-over attempt's number"
+    );
+    assert_eq!(record().await, ("running".into(), 1, other.to_string()));
+    let excluded = [first, other];
+    assert_eq!(
+        store
+            .job_next((zh_en, &id), (1, true), on(&route, &excluded))
+            .await
+            .unwrap(),
+        Some(JobPick::NoCapacity)
+    );
+    assert_eq!(
+        record().await,
+        ("queued".into(), 0, String::new()),
+        "without a node the attempt is taken back: no node may report for it"
+    );
+}
+
+#[tokio::test]
 async fn a_job_opened_without_room_or_without_a_pick_is_queued() {
     let redis = lingua_tests::redis().await;
     let store = store(&redis).await;
@@ -902,7 +954,7 @@ async fn a_job_opened_without_room_or_without_a_pick_is_queued() {
     }
     assert_eq!(
         store
-            .job_next((zh_en, &waits), 0, on(&route, &[]))
+            .job_next((zh_en, &waits), (0, false), on(&route, &[]))
             .await
             .unwrap(),
         Some(JobPick::NoCapacity),

@@ -60,18 +60,20 @@ impl JobRouter {
         };
         while let Some(JobPick::Node(node, attempt)) = picked {
             first.attempt = attempt;
-            first.node = Some(node.clone());
             if let Some(assigned) = self.count_pick(job.pair, &route, &node) {
+                first.node = Some(node.clone());
                 first.picked = Some(Picked::Node(node, assigned, DeviceChoice::Gpu));
                 return Ok(Opened::New(first));
             }
-            // Passed over: the next pick at once, so that no attempt stays
-            // recorded on a node that never got the job.
+            // Passed over: a pick elsewhere takes its attempt at once, or
+            // the attempt is taken back: no attempt stays recorded on a
+            // node that never got the job.
             first.excluded.push(node);
+            first.attempt = attempt - 1;
             let on = self.pick_on(job, &route, &first.excluded);
             picked = self
                 .store
-                .job_next((job.pair, &job.id), attempt, on)
+                .job_next((job.pair, &job.id), (attempt, true), on)
                 .await?;
         }
         first.picked = match picked {
@@ -140,11 +142,12 @@ impl JobRouter {
         route: &Route,
     ) -> Result<Picked, StoreError> {
         let job = state.job;
+        let mut current = (state.attempt, false);
         loop {
             let on = self.pick_on(job, route, &state.excluded);
             let pick = self
                 .store
-                .job_next((job.pair, &job.id), state.attempt, on)
+                .job_next((job.pair, &job.id), current, on)
                 .await?;
             let (node, attempt) = match pick {
                 Some(JobPick::Node(node, attempt)) => (node, attempt),
@@ -153,11 +156,15 @@ impl JobRouter {
                 None => return Ok(Picked::Stale),
             };
             state.attempt = attempt;
-            state.node = Some(node.clone());
             let Some(assigned) = self.count_pick(job.pair, route, &node) else {
+                // Passed over: the next pick takes its attempt, or takes
+                // it back.
                 state.excluded.push(node);
+                state.attempt = attempt - 1;
+                current = (attempt, true);
                 continue;
             };
+            state.node = Some(node.clone());
             let device = if route.fallback {
                 DeviceChoice::Any
             } else {

@@ -187,17 +187,24 @@ impl Store {
     }
 
     /// Picks the next node for a job recorded at attempt `current`, and
-    /// records the new attempt there. `None` when the job ended or another
-    /// dispatcher moved it on (nothing was picked).
+    /// records the new attempt there; with `retake`, the caller passed
+    /// over the node `current` was recorded on (it knew it had no room):
+    /// the pick takes `current`'s number instead, and without a node the
+    /// attempt is taken back (the job is then at `current - 1`, on no
+    /// node). `None` when the job ended or another dispatcher moved it on
+    /// (nothing was picked).
     pub async fn job_next(
         &self,
         (pair, id): (LangPair, &JobId),
-        current: u32,
+        (current, retake): (u32, bool),
         on: PickOn<'_>,
     ) -> Result<Option<JobPick>, StoreError> {
         let keys = PairKeys::new(pair);
         let mut invocation = self.pick_invocation(&keys, &on);
-        invocation.key(keys.job(id)).arg("next").arg(current);
+        invocation
+            .key(keys.job(id))
+            .arg(if retake { "retake" } else { "next" })
+            .arg(current);
         let reply: Vec<Value> = self.invoke("route_pick", invocation).await?;
         match reply.as_slice() {
             [status] if text(status).as_deref() == Some("stale") => Ok(None),
