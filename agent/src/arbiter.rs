@@ -547,7 +547,7 @@ impl Arbiter {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::VecDeque;
     use std::pin::Pin;
     use std::sync::Arc;
@@ -562,7 +562,7 @@ mod tests {
     const TOTAL: u64 = 10_000;
     const RESERVE: u64 = 1_000;
 
-    fn kind(name: &str) -> JobKind {
+    pub(crate) fn kind(name: &str) -> JobKind {
         JobKind::new(name).unwrap()
     }
 
@@ -572,7 +572,9 @@ mod tests {
         Instant::now() + Duration::from_secs(3600)
     }
 
-    fn limits(kinds: &[(&str, u64, u8, u32, u64)]) -> Limits {
+    /// Limits of `kinds`: (name, VRAM MiB, priority, most at once, queue
+    /// wait ms).
+    pub(crate) fn limits(kinds: &[(&str, u64, u8, u32, u64)]) -> Limits {
         Limits {
             uses_gpus: true,
             reserve_mb: RESERVE,
@@ -603,7 +605,8 @@ mod tests {
         }
     }
 
-    fn gpu(used: u64, util: u8) -> GpuSnapshot {
+    /// GPU 0, with `used` MiB in use and `util` % busy.
+    pub(crate) fn gpu(used: u64, util: u8) -> GpuSnapshot {
         gpu_at(0, used, util)
     }
 

@@ -37,13 +37,14 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsClos
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
+mod batch;
+
+use batch::{Batch, Reported};
+
 use crate::arbiter::Arbiter;
 use crate::gpu::GpuSnapshot;
 use crate::jobs::{Jobs, Outgoing};
 
-/// Capacity changes wait this long so that bursts go out as one report;
-/// a kind going from full to having room (or back) is sent at once.
-const CAPACITY_DEBOUNCE: Duration = Duration::from_millis(10);
 /// Time the coordinator has to answer `register`.
 const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -351,17 +352,13 @@ impl Link {
             }
         }
         let mut capacity_changes = self.arbiter.subscribe();
-        let mut last_sent = self.arbiter.free_slots();
-        let mut debounce: Option<Instant> = None;
-        // Assignments received per kind since the last report: the
-        // coordinator took one off its hint of our free slots for each.
-        let mut spent: BTreeMap<JobKind, u32> = BTreeMap::new();
+        let mut reported = Reported::new(&self.arbiter);
+        let mut batch = Batch::default();
         let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
         let mut seq = 0u64;
         let mut last_heard = Instant::now();
         loop {
-            let flush_at = debounce.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-            let mut sends: Vec<Message> = Vec::new();
+            let never = Instant::now() + Duration::from_secs(3600);
             tokio::select! {
                 frame = ws.next() => {
                     last_heard = Instant::now();
@@ -369,10 +366,7 @@ impl Link {
                         Some(Ok(WsMessage::Text(text))) => match decode(text.as_bytes()) {
                             Ok(message) => {
                                 if let Message::JobAssign(assign) = &message {
-                                    // Even if our count ends where it was, the
-                                    // coordinator's hint is now lower: report soon.
-                                    *spent.entry(assign.kind.clone()).or_default() += 1;
-                                    debounce.get_or_insert_with(|| Instant::now() + CAPACITY_DEBOUNCE);
+                                    reported.assigned(&assign.kind);
                                 }
                                 self.handle(message, outbox);
                             }
@@ -380,7 +374,7 @@ impl Link {
                                 // The link stays up: tell the coordinator what
                                 // was wrong, as it does for ours.
                                 tracing::warn!(error = %e, "bad frame from the coordinator");
-                                sends.push(Message::Error(ErrorFrame { code: e.code(), message: e.to_string() }));
+                                batch.push(Message::Error(ErrorFrame { code: e.code(), message: e.to_string() }));
                             }
                         },
                         Some(Ok(WsMessage::Close(frame))) => {
@@ -392,67 +386,39 @@ impl Link {
                         None => return Ended::Reconnect("connection closed".into()),
                     }
                 }
-                Some(out) = self.outgoing.recv() => match out {
-                    Outgoing::Accept(key) => sends.push(Message::JobAccept(key)),
-                    Outgoing::Reject(reject) => sends.push(Message::JobReject(reject)),
-                    Outgoing::Result(result) => {
-                        let result = within_frame(result);
-                        outbox.insert(JobRef { job_id: result.job_id.clone(), attempt: result.attempt }, result.clone());
-                        self.status.send_modify(|s| s.outbox = outbox.len());
-                        sends.push(Message::JobResult(result));
-                    }
-                },
+                Some(out) = self.outgoing.recv() => self.take(out, &mut batch, outbox),
                 _ = ticker.tick() => {
                     let quiet = last_heard.elapsed();
                     if quiet > heartbeat * 3 {
                         return Ended::Reconnect("no traffic from the coordinator for 3 heartbeat intervals (half-open connection)".into());
                     }
                     seq += 1;
-                    let report = capacity(&self.arbiter);
-                    last_sent = report.free_slots.clone();
-                    debounce = None;
-                    spent.clear();
-                    sends.push(Message::Heartbeat(Heartbeat { seq, capacity: report }));
+                    let capacity = reported.report(&self.arbiter);
+                    batch.push(Message::Heartbeat(Heartbeat { seq, capacity }));
                     // A ping only after a quiet interval and a half: its pong
                     // (or anything else heard) shows the link alive within
                     // the three intervals, at half the frames of a ping per
                     // heartbeat.
                     if quiet >= heartbeat * 3 / 2
-                        && let Err(e) = ws.send(WsMessage::Ping(Vec::new().into())).await
+                        && let Err(e) = ws.feed(WsMessage::Ping(Vec::new().into())).await
                     {
                         return Ended::Reconnect(format!("send ping: {e}"));
                     }
                 }
                 Ok(()) = capacity_changes.changed() => {
-                    // At once when the coordinator's hint (our last report, less
-                    // what it assigned since) says full or free and we are the
-                    // other: a free slot it does not know of is wasted time.
-                    let now = self.arbiter.free_slots();
-                    let flipped = now.iter().any(|(kind, &free)| {
-                        let hint = last_sent.get(kind).copied().unwrap_or(0).saturating_sub(spent.get(kind).copied().unwrap_or(0));
-                        (free == 0) != (hint == 0)
-                    });
-                    if flipped {
-                        last_sent = now;
-                        debounce = None;
-                        spent.clear();
-                        sends.push(Message::Capacity(capacity(&self.arbiter)));
-                    } else if now != last_sent && debounce.is_none() {
-                        debounce = Some(Instant::now() + CAPACITY_DEBOUNCE);
+                    if let Some(report) = reported.changed(&self.arbiter) {
+                        batch.push(Message::Capacity(report));
                     }
                 }
-                () = sleep_until(flush_at) => {
-                    debounce = None;
-                    let report = capacity(&self.arbiter);
-                    if report.free_slots != last_sent || !spent.is_empty() {
-                        last_sent = report.free_slots.clone();
-                        spent.clear();
-                        sends.push(Message::Capacity(report));
+                () = sleep_until(reported.debounce().unwrap_or(never)) => {
+                    if let Some(report) = reported.pending(&self.arbiter) {
+                        batch.push(Message::Capacity(report));
                     }
                 }
+                () = sleep_until(batch.accepts_by().unwrap_or(never)) => {}
                 Ok(()) = self.draining.changed() => {
                     if *self.draining.borrow() {
-                        sends.push(Message::Drain(Drain { reason: "agent shutting down".into() }));
+                        batch.push(Message::Drain(Drain { reason: "agent shutting down".into() }));
                     }
                 }
                 () = shutdown.cancelled() => {
@@ -463,10 +429,35 @@ impl Link {
                     return Ended::Done(LinkEnd::Shutdown);
                 }
             }
-            for message in sends {
-                if let Err(e) = ws.send(WsMessage::text(encode(&message))).await {
-                    return Ended::Reconnect(format!("send {}: {e}", message.type_name()));
-                }
+            // Whatever else is ready goes in the same write.
+            while let Ok(out) = self.outgoing.try_recv() {
+                self.take(out, &mut batch, outbox);
+            }
+            if batch.due(Instant::now())
+                && let Err(e) = send_all(&mut ws, batch.take(reported.pending(&self.arbiter))).await
+            {
+                return Ended::Reconnect(e);
+            }
+        }
+    }
+
+    /// Queues what the jobs have to say; a result also waits in the
+    /// outbox until acknowledged.
+    fn take(&self, out: Outgoing, batch: &mut Batch, outbox: &mut BTreeMap<JobRef, JobResult>) {
+        match out {
+            Outgoing::Accept(key) => batch.accept(key),
+            Outgoing::Reject(reject) => batch.push(Message::JobReject(reject)),
+            Outgoing::Result(result) => {
+                let result = within_frame(result);
+                outbox.insert(
+                    JobRef {
+                        job_id: result.job_id.clone(),
+                        attempt: result.attempt,
+                    },
+                    result.clone(),
+                );
+                self.status.send_modify(|s| s.outbox = outbox.len());
+                batch.push(Message::JobResult(result));
             }
         }
     }
@@ -519,6 +510,16 @@ fn within_frame(result: JobResult) -> JobResult {
         },
         ..result
     }
+}
+
+/// Writes `frames` and flushes once: one write for all of them.
+async fn send_all(ws: &mut Ws, frames: Vec<Message>) -> Result<(), String> {
+    for message in frames {
+        ws.feed(WsMessage::text(encode(&message)))
+            .await
+            .map_err(|e| format!("send {}: {e}", message.type_name()))?;
+    }
+    ws.flush().await.map_err(|e| format!("send: {e}"))
 }
 
 fn closed(code: u16, reason: String) -> Ended {

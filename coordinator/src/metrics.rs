@@ -82,6 +82,24 @@ pub struct StageLabel {
     pub stage: String,
 }
 
+/// Label: a frame on a node socket.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FrameLabel {
+    /// `in` (from the node) or `out` (to the node).
+    pub direction: &'static str,
+    /// The frame's `type`.
+    pub r#type: &'static str,
+}
+
+/// Which way a frame went on a node socket.
+#[derive(Clone, Copy, Debug)]
+pub enum Direction {
+    /// From the node.
+    In,
+    /// To the node.
+    Out,
+}
+
 /// Label: this build's version.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct VersionLabel {
@@ -111,6 +129,8 @@ pub struct Metrics {
     pub heartbeats: Counter,
     /// Frames answered with an `error` frame, by code.
     pub frames_rejected: Family<CodeLabel, Counter>,
+    /// Frames on node sockets, by direction and type.
+    pub frames: Family<FrameLabel, Counter>,
     /// Redis script call latency.
     pub script_seconds: HistogramFamily<ScriptLabel>,
     /// Members per pool, refreshed at each scrape.
@@ -172,6 +192,7 @@ mod help {
     pub const REGISTRATIONS: &str = "Node registrations by outcome";
     pub const HEARTBEATS: &str = "Heartbeats received";
     pub const FRAMES_REJECTED: &str = "Node frames answered with an error frame, by code";
+    pub const FRAMES: &str = "Frames on node sockets after registration, by direction (in: from the node, out: to it) and type";
     pub const SCRIPT_SECONDS: &str = "Latency of Redis script calls";
     pub const STAGE_SECONDS: &str = "Where the time of jobs dispatched here went, by stage: start (recording the job), queue (waiting for room), pick (choosing a node), record (recording the attempt), accept (assignment to the node's answer), run (accept to result), answer (result to answer)";
     pub const POOL_NODES: &str = "Nodes per pool held by this instance (refreshed at each scrape)";
@@ -227,6 +248,7 @@ impl Default for Metrics {
                 help::FRAMES_REJECTED,
                 Family::default(),
             ),
+            frames: register(r, "node_frames", help::FRAMES, Family::default()),
             script_seconds: register(
                 r,
                 "redis_script_duration_seconds",
@@ -352,6 +374,19 @@ impl Metrics {
         self.registrations
             .get_or_create(&OutcomeLabel {
                 outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts one frame on a node socket.
+    pub fn frame(&self, direction: Direction, message_type: &'static str) {
+        self.frames
+            .get_or_create(&FrameLabel {
+                direction: match direction {
+                    Direction::In => "in",
+                    Direction::Out => "out",
+                },
+                r#type: message_type,
             })
             .inc();
     }

@@ -13,6 +13,7 @@ use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
 use axum::extract::{ConnectInfo, Extension, State, WebSocketUpgrade};
 use axum::response::Response;
+use futures_util::SinkExt;
 use futures_util::future::join_all;
 use lingua_shared::close::CloseCode;
 use lingua_shared::protocol::{Drain, ErrorCode, ErrorFrame};
@@ -37,7 +38,7 @@ use crate::heartbeats::HeartbeatBatcher;
 use crate::hints::Hints;
 use crate::jobs::JobRouter;
 use crate::listener::{ConnectionPermit, PeerAddr};
-use crate::metrics::Metrics;
+use crate::metrics::{Direction, Metrics};
 use crate::registry::{Control, Registry};
 use crate::route_batch::RouteBatcher;
 use crate::store::Store;
@@ -53,6 +54,8 @@ pub const MAX_CAPABILITIES: usize = 32;
 pub const CONTROL_QUEUE: usize = 256;
 /// Longest text from a node that goes into a log line.
 const MAX_LOGGED_CHARS: usize = 512;
+/// Most queued frames written to one node socket with one flush.
+const MAX_WRITE_BATCH: usize = 64;
 /// Shortest time between two routing updates from one connection: more
 /// frequent capacity reports are coalesced, the latest one wins.
 pub const MIN_PUBLISH_INTERVAL: Duration = Duration::from_millis(25);
@@ -184,20 +187,40 @@ async fn close(socket: &mut WebSocket, ending: Ending) {
     .await;
 }
 
-/// Sends one frame. A node that does not take it within one lease is not
-/// reading: its connection ends, so it leaves routing instead of holding a
-/// socket (and its jobs) while the heartbeat deadline cannot fire.
+/// Sends one frame, and whatever was buffered before it.
 async fn send(
     socket: &mut WebSocket,
     services: &NodeServices,
     message: &Message,
 ) -> Result<(), Ending> {
-    match timeout(
-        services.config.lease(),
-        socket.send(WsMessage::Text(encode(message).into())),
+    feed(socket, services, message).await?;
+    within_lease(services, socket.flush()).await
+}
+
+/// Writes one frame to the socket's buffer, sent with the next flush (or
+/// at once when the buffer fills).
+async fn feed(
+    socket: &mut WebSocket,
+    services: &NodeServices,
+    message: &Message,
+) -> Result<(), Ending> {
+    services.metrics.frame(Direction::Out, message.type_name());
+    within_lease(
+        services,
+        socket.feed(WsMessage::Text(encode(message).into())),
     )
     .await
-    {
+}
+
+/// A write that the node does not take within one lease ends its
+/// connection: a node that is not reading leaves routing instead of
+/// holding a socket (and its jobs) while the heartbeat deadline cannot
+/// fire.
+async fn within_lease(
+    services: &NodeServices,
+    write: impl Future<Output = Result<(), axum::Error>>,
+) -> Result<(), Ending> {
+    match timeout(services.config.lease(), write).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(Ending::new(CloseCode::Normal, "send failed")),
         Err(_) => Err(Ending::new(
@@ -273,13 +296,13 @@ async fn run(
                 continue;
             }
             () = sleep_until(acks_at.unwrap_or(publish_at)), if acks_at.is_some() => {
-                if let Err(ending) = results.flush(socket, lease).await {
+                if let Err(ending) = results.flush(socket, services).await {
                     return ending;
                 }
                 continue;
             }
             instruction = control.recv() => {
-                if let Err(ending) = instruct(socket, services, session, instruction).await {
+                if let Err(ending) = instruct(socket, services, session, (instruction, control)).await {
                     return ending;
                 }
                 results.sent();
@@ -298,7 +321,10 @@ async fn run(
             Err(ending) => return ending,
         };
         let message = match decode(&frame) {
-            Ok(message) => message,
+            Ok(message) => {
+                services.metrics.frame(Direction::In, message.type_name());
+                message
+            }
             Err(err) => {
                 if send_error(socket, services, err.code(), err.to_string())
                     .await
@@ -342,23 +368,33 @@ impl BadFrames {
     }
 }
 
-/// Carries out what the rest of the coordinator asked of this connection.
+/// Carries out what the rest of the coordinator asked of this connection:
+/// `first`, and what else is queued (up to [`MAX_WRITE_BATCH`]), with one
+/// write.
 async fn instruct(
     socket: &mut WebSocket,
     services: &NodeServices,
     session: &mut Session,
-    instruction: Option<Control>,
+    (first, control): (Option<Control>, &mut mpsc::Receiver<Control>),
 ) -> Result<(), Ending> {
-    match instruction {
-        Some(Control::Send(message)) => send(socket, services, &message).await,
-        Some(Control::Close(code, reason)) => Err(Ending::new(code, reason)),
-        Some(Control::Drain(reason)) => {
-            session.draining.store(true, Ordering::SeqCst);
-            session.publish(services);
-            send(socket, services, &Message::Drain(Drain { reason })).await
+    let mut next = first;
+    for _ in 0..MAX_WRITE_BATCH {
+        match next {
+            Some(Control::Send(message)) => feed(socket, services, &message).await?,
+            Some(Control::Close(code, reason)) => return Err(Ending::new(code, reason)),
+            Some(Control::Drain(reason)) => {
+                session.draining.store(true, Ordering::SeqCst);
+                session.publish(services);
+                feed(socket, services, &Message::Drain(Drain { reason })).await?;
+            }
+            None => return Err(Ending::new(CloseCode::Internal, "control channel closed")),
         }
-        None => Err(Ending::new(CloseCode::Internal, "control channel closed")),
+        match control.try_recv() {
+            Ok(more) => next = Some(more),
+            Err(_) => break,
+        }
     }
+    within_lease(services, socket.flush()).await
 }
 
 enum Handled {

@@ -201,6 +201,21 @@ impl TestCoordinator {
         format!("http://{}{path}", self.addr)
     }
 
+    /// POSTs `body` to `/v1/jobs` and returns status and JSON answer.
+    pub async fn submit(&self, body: serde_json::Value) -> (u16, serde_json::Value) {
+        let response = reqwest::Client::new()
+            .post(self.url("/v1/jobs"))
+            .json(&body)
+            .send()
+            .await
+            .expect("the coordinator answers HTTP");
+        let status = response.status().as_u16();
+        (
+            status,
+            response.json().await.unwrap_or(serde_json::Value::Null),
+        )
+    }
+
     /// GETs `path` and returns status and JSON body.
     pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
         let response = reqwest::get(self.url(path))

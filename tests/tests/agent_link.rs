@@ -1,6 +1,7 @@
 //! A real agent (simulated GPUs) against a real coordinator: registration,
 //! capacity that follows the GPUs, reconnecting after a coordinator
-//! restart, refusals that stop the agent, drain on shutdown, live reload.
+//! restart, refusals that stop the agent, drain on shutdown, live reload,
+//! and the frames a job costs.
 
 use lingua_agent::agent::AgentError;
 use lingua_coordinator::config::Config;
@@ -235,6 +236,41 @@ async fn an_idle_link_stays_up_on_pongs_and_heartbeats_alone() {
     assert!(status.connected && status.registrations == 1, "{status:?}");
     let (_, view) = coordinator.get("/v1/nodes/quiet-link").await;
     assert_eq!(view["state"], "ready");
+    agent.stop().await.unwrap();
+    coordinator.stop().await;
+}
+
+#[tokio::test]
+async fn a_job_that_ends_at_once_is_answered_by_its_result_alone() {
+    let redis = lingua_tests::redis().await;
+    let coordinator = TestCoordinator::start(&redis, test_config()).await;
+    let agent = TestAgent::start(agent_config("fast-jobs", &coordinator.ws_url(), 0));
+    agent.registered(1).await;
+    const JOBS: u32 = 20;
+    for i in 0..JOBS {
+        let (_, answer) = coordinator
+            .submit(
+                serde_json::json!({"id": format!("fast-{i}"), "kind": "translate",
+                "src_lang": "zh", "tgt_lang": "en", "payload": {}}),
+            )
+            .await;
+        assert_eq!(answer["status"], "completed", "{answer}");
+    }
+    let frames = |kind: &'static str| {
+        let coordinator = &coordinator;
+        async move {
+            let series = format!("lingua_node_frames_total{{direction=\"in\",type=\"{kind}\"}}");
+            coordinator.metric(None, &series).await.unwrap_or(0.0)
+        }
+    };
+    assert_eq!(frames("job_result").await, f64::from(JOBS));
+    // An accept waits a few ms for its job's result, which answers for it:
+    // jobs that end at once need no accept frame (before, one per job).
+    let accepts = frames("job_accept").await;
+    assert!(
+        accepts < f64::from(JOBS),
+        "{accepts} accepts for {JOBS} jobs"
+    );
     agent.stop().await.unwrap();
     coordinator.stop().await;
 }

@@ -109,7 +109,9 @@ async fn promtool_accepts_both_live_endpoints() {
             ],
             "{timing}"
         );
-        assert!(stages[5].1 >= 200.0, "{timing}");
+        // The agent may hold its accept a few ms for the result: the
+        // 200 ms lie in accept and run together.
+        assert!(stages[4].1 + stages[5].1 >= 200.0, "{timing}");
     }
 
     let agent_url = format!("http://{metrics_addr}/metrics");

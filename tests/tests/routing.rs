@@ -20,17 +20,6 @@ use lingua_tests::{
 };
 use serde_json::{Value, json};
 
-async fn submit(coordinator: &TestCoordinator, body: Value) -> (u16, Value) {
-    let response = reqwest::Client::new()
-        .post(coordinator.url("/v1/jobs"))
-        .json(&body)
-        .send()
-        .await
-        .expect("the coordinator answers");
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
-}
-
 fn translate(src: &str, tgt: &str) -> Value {
     json!({"kind": "translate", "src_lang": src, "tgt_lang": tgt, "payload": {"text": "hello"}})
 }
@@ -83,7 +72,7 @@ async fn free_slot_hints_come_back_between_heartbeats(redis: impl RedisBackend) 
     for i in 0..40 {
         let mut job = translate("zh", "en");
         job["timeout_ms"] = json!(5000);
-        let (status, body) = submit(&coordinator, job).await;
+        let (status, body) = coordinator.submit(job).await;
         assert_eq!(
             (status, &body["status"]),
             (200, &json!("completed")),
@@ -142,12 +131,12 @@ async fn jobs_run_only_on_nodes_serving_their_pair(redis: impl RedisBackend) {
     for agent in [&zh_en, &de_fr, &en_zh] {
         agent.registered(1).await;
     }
-    let answers = join_all((0..30).map(|_| submit(&coordinator, translate("zh", "en")))).await;
+    let answers = join_all((0..30).map(|_| coordinator.submit(translate("zh", "en")))).await;
     for (status, body) in answers {
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["node_id"], "zh-en", "{body}");
     }
-    let (status, body) = submit(&coordinator, translate("de", "fr")).await;
+    let (status, body) = coordinator.submit(translate("de", "fr")).await;
     assert_eq!((status, body["node_id"].as_str()), (200, Some("de-fr")));
     for agent in [zh_en, de_fr, en_zh] {
         agent.stop().await.unwrap();
@@ -199,7 +188,7 @@ async fn a_burst_spreads_by_capacity_and_never_exceeds_an_arbiter(redis: impl Re
     });
     let config =
         json!({"kind": "translate", "src_lang": "zh", "tgt_lang": "en", "timeout_ms": 60000});
-    let answers = join_all((0..300).map(|_| submit(&coordinator, config.clone()))).await;
+    let answers = join_all((0..300).map(|_| coordinator.submit(config.clone()))).await;
     watching.cancel();
     let peaks = watcher.await.unwrap();
     let mut per_node: HashMap<String, u32> = HashMap::new();
@@ -243,7 +232,7 @@ async fn the_same_id_submitted_five_times_concurrently_runs_once(redis: impl Red
     agent.registered(1).await;
     let mut body = translate("zh", "en");
     body["id"] = json!("utterance-42");
-    let answers = join_all((0..5).map(|_| submit(&coordinator, body.clone()))).await;
+    let answers = join_all((0..5).map(|_| coordinator.submit(body.clone()))).await;
     for answer in &answers {
         assert_eq!(answer, &answers[0], "five identical answers");
     }
@@ -259,13 +248,13 @@ async fn the_same_id_submitted_five_times_concurrently_runs_once(redis: impl Red
     // in another slot), and the job stays as it was.
     let mut other_pair = body.clone();
     body["payload"] = json!({"text": "something else"});
-    let (status, error) = submit(&coordinator, body).await;
+    let (status, error) = coordinator.submit(body).await;
     assert_eq!(
         (status, error["error"]["code"].as_str()),
         (409, Some("conflict"))
     );
     other_pair["tgt_lang"] = json!("ja");
-    let (status, error) = submit(&coordinator, other_pair).await;
+    let (status, error) = coordinator.submit(other_pair).await;
     assert_eq!(
         (status, error["error"]["code"].as_str()),
         (409, Some("conflict")),
@@ -296,11 +285,11 @@ async fn a_refused_id_gives_back_its_pick(redis: impl RedisBackend) {
     japanese.registered(1).await;
     let mut body = translate("zh", "en");
     body["id"] = json!("taken");
-    let (status, answer) = submit(&coordinator, body.clone()).await;
+    let (status, answer) = coordinator.submit(body.clone()).await;
     assert_eq!(status, 200, "{answer}");
     body["tgt_lang"] = json!("ja");
     for _ in 0..10 {
-        let (status, error) = submit(&coordinator, body.clone()).await;
+        let (status, error) = coordinator.submit(body.clone()).await;
         assert_eq!(
             (status, error["error"]["code"].as_str()),
             (409, Some("conflict")),
@@ -309,7 +298,7 @@ async fn a_refused_id_gives_back_its_pick(redis: impl RedisBackend) {
     }
     let mut fresh = translate("zh", "ja");
     fresh["timeout_ms"] = json!(5000);
-    let (status, answer) = submit(&coordinator, fresh).await;
+    let (status, answer) = coordinator.submit(fresh).await;
     assert_eq!(
         (status, &answer["node_id"]),
         (200, &json!("japanese")),
@@ -338,13 +327,13 @@ async fn a_job_costs_one_pick_and_one_result(redis: impl RedisBackend + CommandS
         }
     };
     // A first job waits, if need be, for the agent's first reports.
-    let (status, body) = submit(&coordinator, translate("zh", "en")).await;
+    let (status, body) = coordinator.submit(translate("zh", "en")).await;
     assert_eq!(status, 200, "{body}");
     let (picks, finishes) = (calls("route_pick").await, calls("job_finish").await);
     let reads = redis.command_calls("hgetall").await;
     let mut attempts = 0u32;
     for i in 0..5 {
-        let (status, body) = submit(&coordinator, translate("zh", "en")).await;
+        let (status, body) = coordinator.submit(translate("zh", "en")).await;
         assert_eq!(status, 200, "job {i}: {body}");
         assert_eq!(
             (&body["status"], &body["node_id"], &body["device"]),
@@ -369,7 +358,7 @@ async fn failures_get_their_documented_codes(redis: impl RedisBackend) {
     let coordinator = TestCoordinator::start(&redis, test_config()).await;
 
     // Nothing serves ja:ko.
-    let (status, body) = submit(&coordinator, translate("ja", "ko")).await;
+    let (status, body) = coordinator.submit(translate("ja", "ko")).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (503, Some("no_nodes")),
@@ -386,7 +375,7 @@ async fn failures_get_their_documented_codes(redis: impl RedisBackend) {
     // zh:en is served, but no node runs asr there: no_nodes at once, not a
     // wait for room that never comes.
     let asr = json!({"kind": "asr", "src_lang": "zh", "tgt_lang": "en", "timeout_ms": 30000});
-    let (status, body) = submit(&coordinator, asr).await;
+    let (status, body) = coordinator.submit(asr).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (503, Some("no_nodes")),
@@ -400,7 +389,7 @@ async fn failures_get_their_documented_codes(redis: impl RedisBackend) {
     let mut hurried = translate("zh", "en");
     hurried["timeout_ms"] = json!(100);
     hurried["id"] = json!("hurried");
-    let (status, body) = submit(&coordinator, hurried).await;
+    let (status, body) = coordinator.submit(hurried).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (504, Some("timeout")),
@@ -429,7 +418,7 @@ async fn failures_get_their_documented_codes(redis: impl RedisBackend) {
     .await;
     let mut impatient = translate("zh", "en");
     impatient["timeout_ms"] = json!(300);
-    let (status, body) = submit(&coordinator, impatient).await;
+    let (status, body) = coordinator.submit(impatient).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (503, Some("no_capacity")),
@@ -451,7 +440,7 @@ async fn failures_get_their_documented_codes(redis: impl RedisBackend) {
     });
     let broken = TestAgent::start(failing);
     broken.registered(1).await;
-    let (status, body) = submit(&coordinator, translate("zh", "en")).await;
+    let (status, body) = coordinator.submit(translate("zh", "en")).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (502, Some("executor_failed")),
@@ -565,7 +554,7 @@ async fn bad_requests_get_400s_and_the_service_keeps_serving(redis: impl RedisBa
     }
     let (status, _) = coordinator.get("/v1/jobs/bad%20id").await;
     assert_eq!(status, 400);
-    let (status, body) = submit(&coordinator, translate("zh", "en")).await;
+    let (status, body) = coordinator.submit(translate("zh", "en")).await;
     assert_eq!(
         (status, body["status"].as_str()),
         (200, Some("completed")),
@@ -581,7 +570,7 @@ async fn the_api_token_guards_jobs(redis: impl RedisBackend) {
         ..test_config()
     };
     let coordinator = TestCoordinator::start(&redis, config).await;
-    let (status, body) = submit(&coordinator, translate("zh", "en")).await;
+    let (status, body) = coordinator.submit(translate("zh", "en")).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (401, Some("unauthorized"))
@@ -726,7 +715,7 @@ duration_ms = 300
         "translate",
         "translate",
     ];
-    let answers = join_all(burst.iter().map(|&kind| submit(&coordinator, job(kind)))).await;
+    let answers = join_all(burst.iter().map(|&kind| coordinator.submit(job(kind)))).await;
     for (status, body) in answers {
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["status"], "completed", "{body}");

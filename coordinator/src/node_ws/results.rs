@@ -6,15 +6,15 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use axum::extract::ws::{Message as WsMessage, WebSocket};
+use axum::extract::ws::WebSocket;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt, StreamExt};
 use lingua_shared::close::CloseCode;
 use lingua_shared::protocol::{ErrorCode, JobRef, JobResult};
-use lingua_shared::{Message, NodeId, encode};
-use tokio::time::{Instant, timeout};
+use lingua_shared::{Message, NodeId};
+use tokio::time::Instant;
 
-use super::{Ending, Handled, NodeServices, send_error};
+use super::{Ending, Handled, NodeServices, feed, send_error, within_lease};
 use crate::jobs::{JobRouter, Taken};
 use crate::store::StoreError;
 
@@ -22,7 +22,7 @@ use crate::store::StoreError;
 /// its socket is not read until one is done.
 pub(super) const MAX_RECORDING: usize = 16;
 /// How long an acknowledgement may wait for a frame to ride with.
-pub(super) const ACK_DELAY: std::time::Duration = std::time::Duration::from_millis(20);
+pub(super) const ACK_DELAY: std::time::Duration = std::time::Duration::from_millis(50);
 
 type Recording<'a> =
     Pin<Box<dyn Future<Output = (JobResult, Result<Taken, StoreError>)> + Send + 'a>>;
@@ -76,13 +76,10 @@ impl<'a> Results<'a> {
     pub(super) async fn flush(
         &mut self,
         socket: &mut WebSocket,
-        limit: std::time::Duration,
+        services: &NodeServices,
     ) -> Result<(), Ending> {
         self.sent();
-        match timeout(limit, socket.flush()).await {
-            Ok(Ok(())) => Ok(()),
-            _ => Err(Ending::new(CloseCode::Normal, "send failed")),
-        }
+        within_lease(services, socket.flush()).await
     }
 
     /// Answers a recorded result: its acknowledgement buffered (the node
@@ -116,21 +113,7 @@ impl<'a> Results<'a> {
             job_id: result.job_id,
             attempt: result.attempt,
         });
-        match timeout(
-            services.config.lease(),
-            socket.feed(WsMessage::Text(encode(&ack).into())),
-        )
-        .await
-        {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return Err(Ending::new(CloseCode::Normal, "send failed")),
-            Err(_) => {
-                return Err(Ending::new(
-                    CloseCode::PolicyViolation,
-                    "send timed out: the node is not reading",
-                ));
-            }
-        }
+        feed(socket, services, &ack).await?;
         self.unsent_until
             .get_or_insert_with(|| Instant::now() + ACK_DELAY);
         Ok(Handled::Fine)

@@ -19,8 +19,8 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use crate::{
-    BenchError, Options, Percentiles, Row, SLOTS, closed_loop, core_pct, http_client, noop_fleet,
-    open_loop, private_redis, scratch, tails,
+    BenchError, Options, Percentiles, Row, SLOTS, closed_loop, core_pct, http_client, metric_sum,
+    noop_fleet, open_loop, private_redis, scratch, tails,
 };
 
 const AGENTS: usize = 100;
@@ -51,11 +51,13 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     let redis_before = redis_counters(&mut conn).await.map_err(|e| e.to_string())?;
     let cpu_before = proc_sample(coordinator.pid()).map_err(|e| e.to_string())?;
     let assignments_before = crate::assignments(&client, &coordinator).await?;
+    let frames_before = Frames::of(&client, &coordinator).await?;
     let mut closed =
         closed_loop(&client, &urls, options.clients, options.window, &job_body()).await;
     let cpu_after = proc_sample(coordinator.pid()).map_err(|e| e.to_string())?;
     let redis_after = redis_counters(&mut conn).await.map_err(|e| e.to_string())?;
     let assignments = crate::assignments(&client, &coordinator).await? - assignments_before;
+    let frames = Frames::of(&client, &coordinator).await? - frames_before;
     let rate = closed.jobs as f64 / options.window.as_secs_f64();
     let scripts_per_job =
         (redis_after.scripts - redis_before.scripts) as f64 / closed.jobs.max(1) as f64;
@@ -115,6 +117,11 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
             "",
         ),
         Row::new(
+            "Node socket frames per job in the closed loop: from nodes (of which job_accept), to nodes",
+            frames.per_job(closed.jobs),
+            "",
+        ),
+        Row::new(
             "Coordinator CPU during the closed loop",
             format!(
                 "{}, {cpu_per_job:.0} µs per job",
@@ -130,6 +137,57 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     ];
     rows.extend(tails::slowest(&open, 0.001, "at half load"));
     Ok(rows)
+}
+
+/// Frames counted on the coordinator's node sockets.
+#[derive(Clone, Copy)]
+struct Frames {
+    from_nodes: u64,
+    accepts: u64,
+    to_nodes: u64,
+}
+
+impl Frames {
+    async fn of(
+        client: &reqwest::Client,
+        coordinator: &CoordinatorProcess,
+    ) -> Result<Self, BenchError> {
+        const FAMILY: &str = "lingua_node_frames_total";
+        Ok(Self {
+            from_nodes: metric_sum(client, coordinator, &format!("{FAMILY}{{direction=\"in\""))
+                .await?,
+            accepts: metric_sum(
+                client,
+                coordinator,
+                &format!("{FAMILY}{{direction=\"in\",type=\"job_accept\"}}"),
+            )
+            .await?,
+            to_nodes: metric_sum(client, coordinator, &format!("{FAMILY}{{direction=\"out\""))
+                .await?,
+        })
+    }
+
+    fn per_job(self, jobs: u64) -> String {
+        let per_job = |count: u64| count as f64 / jobs.max(1) as f64;
+        format!(
+            "{:.2} ({:.2}), {:.2}",
+            per_job(self.from_nodes),
+            per_job(self.accepts),
+            per_job(self.to_nodes)
+        )
+    }
+}
+
+impl std::ops::Sub for Frames {
+    type Output = Self;
+
+    fn sub(self, before: Self) -> Self {
+        Self {
+            from_nodes: self.from_nodes - before.from_nodes,
+            accepts: self.accepts - before.accepts,
+            to_nodes: self.to_nodes - before.to_nodes,
+        }
+    }
 }
 
 fn job_body() -> serde_json::Value {
