@@ -136,7 +136,11 @@ impl Executor {
                     }
                     _ => None,
                 };
-                tokio::time::sleep(*duration).await;
+                // A zero-length job ends now, not at the timer's next tick
+                // (up to a millisecond later).
+                if !duration.is_zero() {
+                    tokio::time::sleep(*duration).await;
+                }
                 Outcome::Completed {
                     output: json!({
                         "simulated": true,
@@ -378,6 +382,23 @@ mod tests {
             argv: vec!["sh".into(), "-c".into(), script.into()],
             timeout: Duration::from_millis(timeout_ms),
         }
+    }
+
+    #[test]
+    fn a_zero_length_simulated_job_needs_no_timer() {
+        // Without the runtime's timer, a sleep would panic: the job ends
+        // at once instead of at the timer's next tick.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let executor = Executor::Simulated {
+            duration: Duration::ZERO,
+            actual_vram_mb: 0,
+            utilization_pct: 0,
+            gpus: None,
+        };
+        let outcome = runtime.block_on(executor.run(&job(json!({})), (None, Device::Gpu), &|_| ()));
+        assert!(matches!(outcome, Outcome::Completed { .. }), "{outcome:?}");
     }
 
     #[tokio::test]
