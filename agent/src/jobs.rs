@@ -55,8 +55,9 @@ pub struct Executors {
 #[derive(Debug)]
 pub enum Outgoing {
     /// `job_accept`: sent if connected, dropped otherwise (the
-    /// coordinator re-assigns an unanswered attempt).
-    Accept(JobRef),
+    /// coordinator re-assigns an unanswered attempt); it must go by the
+    /// moment given, when the coordinator set one.
+    Accept(JobRef, Option<Instant>),
     /// `job_reject`: the same.
     Reject(JobReject),
     /// A finished attempt: kept in the outbox until acknowledged.
@@ -151,13 +152,8 @@ impl Jobs {
             .copied()
             .unwrap_or_default();
         let deadline = later(received, job.timeout_ms);
-        let mut until = deadline.checked_sub(run).unwrap_or(received);
-        if let Some(ms) = job.answer_within_ms {
-            let margin = (Duration::from_millis(ms) / 10).min(ANSWER_MARGIN);
-            let answer_by = later(received, ms);
-            until = until.min(answer_by.checked_sub(margin).unwrap_or(received));
-        }
-        until
+        let until = deadline.checked_sub(run).unwrap_or(received);
+        answer_by(job, received).map_or(until, |by| until.min(by))
     }
 
     /// A slot for `job`: on a GPU (waiting up to `until` for a kind with
@@ -250,7 +246,9 @@ impl Jobs {
                 return self.reject(&job, reason, refusal.to_string());
             }
         };
-        let _ = self.outgoing.send(Outgoing::Accept(key.clone()));
+        let _ = self
+            .outgoing
+            .send(Outgoing::Accept(key.clone(), answer_by(&job, received)));
         let started = Instant::now();
         let deadline = later(received, job.timeout_ms);
         let on_fallback = permit.is_fallback();
@@ -359,6 +357,15 @@ fn vram_overrun(job: &JobAssign, overrun: Overrun) -> Option<Outcome> {
             "the job's processes held {} MiB of GPU memory, over the {} MiB its kind declares (vram_mb); killed because on_vram_overrun = \"kill\"",
             overrun.used_mb, overrun.declared_mb
         ),
+    })
+}
+
+/// The last moment the answer to `job`, received at `received`, may go:
+/// the coordinator's window, less a margin for the way back.
+fn answer_by(job: &JobAssign, received: Instant) -> Option<Instant> {
+    job.answer_within_ms.map(|ms| {
+        let margin = (Duration::from_millis(ms) / 10).min(ANSWER_MARGIN);
+        later(received, ms).checked_sub(margin).unwrap_or(received)
     })
 }
 
@@ -480,7 +487,7 @@ mod tests {
     async fn accepted_jobs_run_and_report_then_free_their_slot() {
         let (jobs, arbiter, mut rx) = setup(1, 100, 0);
         jobs.assign(assign("a", 1000));
-        assert!(matches!(next(&mut rx).await, Outgoing::Accept(_)));
+        assert!(matches!(next(&mut rx).await, Outgoing::Accept(..)));
         assert_eq!(arbiter.free_slots()[&kind()], 0);
         jobs.assign(assign("b", 1000));
         let Outgoing::Reject(reject) = next(&mut rx).await else {
@@ -499,7 +506,7 @@ mod tests {
     async fn a_cancel_ends_a_wait_for_a_slot_and_runs_nothing() {
         let (jobs, arbiter, mut rx) = setup(1, 1000, 60_000);
         jobs.assign(assign("running", 5000));
-        assert!(matches!(next(&mut rx).await, Outgoing::Accept(_)));
+        assert!(matches!(next(&mut rx).await, Outgoing::Accept(..)));
         jobs.assign(assign("waiting", 5000));
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert_eq!(arbiter.waiting()[&kind()], 1, "it waits for the slot");
@@ -524,7 +531,7 @@ mod tests {
     async fn the_watchdog_stops_jobs_that_overrun_their_timeout() {
         let (jobs, arbiter, mut rx) = setup(1, 60_000, 0);
         jobs.assign(assign("slow", 500));
-        assert!(matches!(next(&mut rx).await, Outgoing::Accept(_)));
+        assert!(matches!(next(&mut rx).await, Outgoing::Accept(..)));
         let Outgoing::Result(result) = next(&mut rx).await else {
             panic!("result")
         };
@@ -543,7 +550,7 @@ mod tests {
     async fn cancel_stops_the_job_and_frees_the_slot() {
         let (jobs, arbiter, mut rx) = setup(1, 60_000, 0);
         jobs.assign(assign("c", 120_000));
-        assert!(matches!(next(&mut rx).await, Outgoing::Accept(_)));
+        assert!(matches!(next(&mut rx).await, Outgoing::Accept(..)));
         jobs.cancel(&JobRef {
             job_id: JobId::new("c").unwrap(),
             attempt: 1,
@@ -565,7 +572,7 @@ mod tests {
     async fn duplicates_unknown_kinds_and_pairs_are_refused() {
         let (jobs, _arbiter, mut rx) = setup(4, 10, 0);
         jobs.assign(assign("d", 1000));
-        assert!(matches!(next(&mut rx).await, Outgoing::Accept(_)));
+        assert!(matches!(next(&mut rx).await, Outgoing::Accept(..)));
         assert!(matches!(next(&mut rx).await, Outgoing::Result(_)));
         jobs.assign(assign("d", 1000));
         let Outgoing::Reject(reject) = next(&mut rx).await else {
@@ -607,9 +614,9 @@ mod tests {
         let (jobs, arbiter, mut rx) = setup_busy(1, 100, Duration::ZERO, Some((1, 300)));
         assert_eq!(arbiter.fallback_slots()[&kind()], 1);
         jobs.assign(assign("gpu", 1000));
-        assert!(matches!(next(&mut rx).await, Outgoing::Accept(_)));
+        assert!(matches!(next(&mut rx).await, Outgoing::Accept(..)));
         jobs.assign(assign("cpu", 1000));
-        assert!(matches!(next(&mut rx).await, Outgoing::Accept(_)));
+        assert!(matches!(next(&mut rx).await, Outgoing::Accept(..)));
         assert_eq!(arbiter.fallback_slots()[&kind()], 0);
         assert_eq!(arbiter.running(), 2);
         jobs.assign(assign("none", 1000));
@@ -643,8 +650,8 @@ mod tests {
         let (jobs, arbiter, mut rx) = setup_busy(2, 100, Duration::ZERO, Some((1, 300)));
         jobs.assign(assign("a", 1000));
         jobs.assign(assign("b", 1000));
-        assert!(matches!(next(&mut rx).await, Outgoing::Accept(_)));
-        assert!(matches!(next(&mut rx).await, Outgoing::Accept(_)));
+        assert!(matches!(next(&mut rx).await, Outgoing::Accept(..)));
+        assert!(matches!(next(&mut rx).await, Outgoing::Accept(..)));
         assert_eq!(arbiter.fallback_slots()[&kind()], 1);
         for _ in 0..2 {
             assert_eq!(result(&mut rx).await.device, Some(Device::Gpu));
@@ -655,7 +662,7 @@ mod tests {
     async fn a_job_that_requires_a_gpu_never_runs_on_the_fallback() {
         let (jobs, arbiter, mut rx) = setup_busy(1, 100, Duration::ZERO, Some((1, 300)));
         jobs.assign(assign("a", 1000));
-        assert!(matches!(next(&mut rx).await, Outgoing::Accept(_)));
+        assert!(matches!(next(&mut rx).await, Outgoing::Accept(..)));
         let mut gpu_only = assign("b", 1000);
         gpu_only.device = DeviceChoice::Gpu;
         jobs.assign(gpu_only);
@@ -668,7 +675,7 @@ mod tests {
     async fn a_refuse_kind_is_refused_at_once() {
         let (jobs, _arbiter, mut rx) = setup_busy(1, 100, Duration::ZERO, None);
         jobs.assign(assign("a", 1000));
-        assert!(matches!(next(&mut rx).await, Outgoing::Accept(_)));
+        assert!(matches!(next(&mut rx).await, Outgoing::Accept(..)));
         let sent = Instant::now();
         jobs.assign(assign("b", 1000));
         assert_eq!(refusal(&mut rx).await.reason, RejectReason::NoCapacity);
@@ -680,10 +687,10 @@ mod tests {
         let (jobs, _arbiter, mut rx) = setup_busy(1, 400, Duration::MAX, None);
         let start = Instant::now();
         jobs.assign(assign("a", 1000));
-        assert!(matches!(next(&mut rx).await, Outgoing::Accept(_)));
+        assert!(matches!(next(&mut rx).await, Outgoing::Accept(..)));
         jobs.assign(assign("b", 1000));
         assert!(matches!(next(&mut rx).await, Outgoing::Result(_)));
-        assert!(matches!(next(&mut rx).await, Outgoing::Accept(_)));
+        assert!(matches!(next(&mut rx).await, Outgoing::Accept(..)));
         assert_eq!(
             start.elapsed(),
             Duration::from_millis(400),
@@ -702,10 +709,10 @@ mod tests {
         let (jobs, _arbiter, mut rx) = setup_busy(1, 400, Duration::MAX, None);
         // One run teaches the node that the kind takes 400 ms.
         jobs.assign(assign("first", 5000));
-        assert!(matches!(next(&mut rx).await, Outgoing::Accept(_)));
+        assert!(matches!(next(&mut rx).await, Outgoing::Accept(..)));
         assert!(matches!(next(&mut rx).await, Outgoing::Result(_)));
         jobs.assign(assign("running", 5000));
-        assert!(matches!(next(&mut rx).await, Outgoing::Accept(_)));
+        assert!(matches!(next(&mut rx).await, Outgoing::Accept(..)));
         // Its slot frees in 400 ms; with 600 ms left it could start then
         // but not finish: refused once 200 ms remain (the usual 400 ms).
         let sent = Instant::now();
@@ -729,7 +736,7 @@ mod tests {
         let mut far = assign("far", u64::MAX);
         far.answer_within_ms = Some(u64::MAX);
         jobs.assign(far);
-        assert!(matches!(next(&mut rx).await, Outgoing::Accept(_)));
+        assert!(matches!(next(&mut rx).await, Outgoing::Accept(..)));
         let done = result(&mut rx).await;
         assert!(
             matches!(done.outcome, Outcome::Completed { .. }),

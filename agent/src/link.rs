@@ -429,9 +429,16 @@ impl Link {
                     return Ended::Done(LinkEnd::Shutdown);
                 }
             }
-            // Whatever else is ready goes in the same write.
+            // Whatever else is ready goes in the same write, a change of
+            // slots not seen yet included.
             while let Ok(out) = self.outgoing.try_recv() {
                 self.take(out, &mut batch, outbox);
+            }
+            if capacity_changes.has_changed().unwrap_or(false) {
+                capacity_changes.borrow_and_update();
+                if let Some(report) = reported.changed(&self.arbiter) {
+                    batch.push(Message::Capacity(report));
+                }
             }
             if batch.due(Instant::now())
                 && let Err(e) = send_all(&mut ws, batch.take(reported.pending(&self.arbiter))).await
@@ -445,7 +452,7 @@ impl Link {
     /// outbox until acknowledged.
     fn take(&self, out: Outgoing, batch: &mut Batch, outbox: &mut BTreeMap<JobRef, JobResult>) {
         match out {
-            Outgoing::Accept(key) => batch.accept(key),
+            Outgoing::Accept(key, by) => batch.accept(key, by),
             Outgoing::Reject(reject) => batch.push(Message::JobReject(reject)),
             Outgoing::Result(result) => {
                 let result = within_frame(result);

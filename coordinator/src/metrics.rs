@@ -192,7 +192,7 @@ mod help {
     pub const REGISTRATIONS: &str = "Node registrations by outcome";
     pub const HEARTBEATS: &str = "Heartbeats received";
     pub const FRAMES_REJECTED: &str = "Node frames answered with an error frame, by code";
-    pub const FRAMES: &str = "Frames on node sockets after registration, by direction (in: from the node, out: to it) and type";
+    pub const FRAMES: &str = "Frames on node sockets, by direction (in: from the node, once registered; out: to it) and type";
     pub const SCRIPT_SECONDS: &str = "Latency of Redis script calls";
     pub const STAGE_SECONDS: &str = "Where the time of jobs dispatched here went, by stage: start (recording the job), queue (waiting for room), pick (choosing a node), record (recording the attempt), accept (assignment to the node's answer), run (accept to result), answer (result to answer)";
     pub const POOL_NODES: &str = "Nodes per pool held by this instance (refreshed at each scrape)";

@@ -16,7 +16,7 @@ use axum::response::Response;
 use futures_util::SinkExt;
 use futures_util::future::join_all;
 use lingua_shared::close::CloseCode;
-use lingua_shared::protocol::{Drain, ErrorCode, ErrorFrame};
+use lingua_shared::protocol::{Drain, ErrorCode, ErrorFrame, JobRef};
 use lingua_shared::{MAX_FRAME_BYTES, Message, WS_BUFFER_BYTES, decode, encode};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout};
@@ -377,24 +377,33 @@ async fn instruct(
     session: &mut Session,
     (first, control): (Option<Control>, &mut mpsc::Receiver<Control>),
 ) -> Result<(), Ending> {
-    let mut next = first;
-    for _ in 0..MAX_WRITE_BATCH {
-        match next {
-            Some(Control::Send(message)) => feed(socket, services, &message).await?,
-            Some(Control::Close(code, reason)) => return Err(Ending::new(code, reason)),
-            Some(Control::Drain(reason)) => {
+    let Some(first) = first else {
+        return Err(Ending::new(CloseCode::Internal, "control channel closed"));
+    };
+    for instruction in queued(first, control, MAX_WRITE_BATCH) {
+        match instruction {
+            Control::Send(message) => feed(socket, services, &message).await?,
+            Control::Close(code, reason) => return Err(Ending::new(code, reason)),
+            Control::Drain(reason) => {
                 session.draining.store(true, Ordering::SeqCst);
                 session.publish(services);
                 feed(socket, services, &Message::Drain(Drain { reason })).await?;
             }
-            None => return Err(Ending::new(CloseCode::Internal, "control channel closed")),
-        }
-        match control.try_recv() {
-            Ok(more) => next = Some(more),
-            Err(_) => break,
         }
     }
     within_lease(services, socket.flush()).await
+}
+
+/// `first` and what is queued behind it, `most` in all at most; the rest
+/// stays queued.
+fn queued(first: Control, control: &mut mpsc::Receiver<Control>, most: usize) -> Vec<Control> {
+    let mut batch = vec![first];
+    while batch.len() < most
+        && let Ok(more) = control.try_recv()
+    {
+        batch.push(more);
+    }
+    batch
 }
 
 enum Handled {
@@ -433,6 +442,13 @@ async fn handle<'a>(
         }
         Message::JobReject(reject) => Ok(frames::reject(services, session, reject)),
         Message::JobResult(result) => {
+            let key = JobRef {
+                job_id: result.job_id.clone(),
+                attempt: result.attempt,
+            };
+            services
+                .router
+                .result_arrived((&session.node, session.epoch), &key);
             results.record(&services.router, &session.node, result);
             Ok(Handled::Fine)
         }
@@ -448,5 +464,35 @@ async fn handle<'a>(
             send_error(socket, services, ErrorCode::UnexpectedMessage, text).await?;
             Ok(Handled::Bad)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drain(reason: &str) -> Control {
+        Control::Drain(reason.to_owned())
+    }
+
+    fn reasons(batch: Vec<Control>) -> Vec<String> {
+        batch
+            .into_iter()
+            .map(|control| match control {
+                Control::Drain(reason) => reason,
+                _ => unreachable!("only drains were queued"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_batch_takes_what_is_queued_up_to_its_size_and_loses_nothing() {
+        let (tx, mut rx) = mpsc::channel(8);
+        for i in 1..=4 {
+            tx.try_send(drain(&i.to_string())).unwrap();
+        }
+        assert_eq!(reasons(queued(drain("0"), &mut rx, 3)), ["0", "1", "2"]);
+        let next = rx.try_recv().unwrap();
+        assert_eq!(reasons(queued(next, &mut rx, 3)), ["3", "4"]);
     }
 }

@@ -34,25 +34,35 @@ pub(super) struct Batch {
     accepts_by: Option<Instant>,
     /// Frames to send with the next write.
     frames: Vec<Message>,
+    /// Heartbeats and capacity reports, sent after the other frames: a
+    /// report counts the jobs whose answers and results precede it, so
+    /// it must not overtake them.
+    reports: Vec<Message>,
 }
 
 impl Batch {
-    /// An accept, held back for a while.
-    pub(super) fn accept(&mut self, key: JobRef) {
-        self.accepts_by
-            .get_or_insert_with(|| Instant::now() + ACCEPT_DELAY);
+    /// An accept, held back for a while, but not past `by` (the moment
+    /// the coordinator's wait for it ends, less a margin).
+    pub(super) fn accept(&mut self, key: JobRef, by: Option<Instant>) {
+        let hold = Instant::now() + ACCEPT_DELAY;
+        let until = by.map_or(hold, |by| by.min(hold));
+        self.accepts_by = Some(self.accepts_by.map_or(until, |due| due.min(until)));
         self.accepts.push(key);
     }
 
     /// A frame that goes with the next write; a result answers for its
     /// accept if that is still held.
     pub(super) fn push(&mut self, message: Message) {
-        if let Message::JobResult(result) = &message {
-            self.accepts
-                .retain(|key| key.job_id != result.job_id || key.attempt != result.attempt);
-            if self.accepts.is_empty() {
-                self.accepts_by = None;
+        match &message {
+            Message::Heartbeat(_) | Message::Capacity(_) => return self.reports.push(message),
+            Message::JobResult(result) => {
+                self.accepts
+                    .retain(|key| key.job_id != result.job_id || key.attempt != result.attempt);
+                if self.accepts.is_empty() {
+                    self.accepts_by = None;
+                }
             }
+            _ => {}
         }
         self.frames.push(message);
     }
@@ -64,15 +74,18 @@ impl Batch {
 
     /// True when held accepts are due, or any frame is ready.
     pub(super) fn due(&self, now: Instant) -> bool {
-        !self.frames.is_empty() || self.accepts_by.is_some_and(|by| by <= now)
+        !self.frames.is_empty()
+            || !self.reports.is_empty()
+            || self.accepts_by.is_some_and(|by| by <= now)
     }
 
-    /// The frames of one write, in order: accepts, then the rest, then a
-    /// capacity report last (it counts what the frames before it say).
+    /// The frames of one write, in order: accepts, then results and the
+    /// rest, then reports (`report` last).
     pub(super) fn take(&mut self, report: Option<CapacityReport>) -> Vec<Message> {
         self.accepts_by = None;
         let mut frames: Vec<Message> = self.accepts.drain(..).map(Message::JobAccept).collect();
         frames.append(&mut self.frames);
+        frames.append(&mut self.reports);
         frames.extend(report.map(Message::Capacity));
         frames
     }
@@ -241,9 +254,30 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn reports_never_overtake_the_results_they_count() {
+        let arbiter = arbiter(1);
+        let mut batch = Batch::default();
+        batch.accept(key("a", 1), None);
+        batch.push(Message::Capacity(capacity(&arbiter)));
+        batch.push(result("a", 1));
+        assert_eq!(types(&batch.take(None)), ["job_result", "capacity"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_accept_is_not_held_past_the_coordinators_wait() {
+        let mut batch = Batch::default();
+        let by = Instant::now() + ACCEPT_DELAY / 5;
+        batch.accept(key("a", 1), Some(Instant::now() + ACCEPT_DELAY * 2));
+        batch.accept(key("b", 1), Some(by));
+        assert_eq!(batch.accepts_by(), Some(by));
+        tokio::time::advance(ACCEPT_DELAY / 5).await;
+        assert!(batch.due(Instant::now()));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_result_answers_for_its_held_accept() {
         let mut batch = Batch::default();
-        batch.accept(key("a", 1));
+        batch.accept(key("a", 1), None);
         assert!(!batch.due(Instant::now()), "an accept alone waits");
         batch.push(result("a", 1));
         assert_eq!(batch.accepts_by(), None);
@@ -253,8 +287,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn held_accepts_go_when_due_or_with_another_frame() {
         let mut batch = Batch::default();
-        batch.accept(key("a", 1));
-        batch.accept(key("b", 1));
+        batch.accept(key("a", 1), None);
+        batch.accept(key("b", 1), None);
         tokio::time::advance(ACCEPT_DELAY).await;
         assert!(batch.due(Instant::now()));
         batch.push(result("a", 2));

@@ -49,6 +49,30 @@ impl JobRouter {
         Some(route)
     }
 
+    /// A node's connection of `epoch` sent a result: it answers the
+    /// assignment as an accept would (a job that ends at once may have no
+    /// accept), uncounted now, before the report that may come with it is
+    /// read. The result itself is recorded after, by [`Self::result`].
+    pub fn result_arrived(&self, (node, epoch): (&NodeId, u64), key: &JobRef) {
+        if !self.registry.is_current(node, epoch) {
+            return;
+        }
+        if let Some(attempt) = lock(&self.attempts)
+            .get_mut(key)
+            .filter(|a| &a.node == node)
+        {
+            attempt.assigned = None;
+            return;
+        }
+        if let Some(entry) = lock(&self.forwarded)
+            .get_mut(key)
+            .filter(|f| &f.node == node)
+            && std::mem::take(&mut entry.counted)
+        {
+            self.hints.answered(node, &entry.route);
+        }
+    }
+
     /// A node reported a result: record it (fenced by node and attempt),
     /// wake the dispatcher, and say whether the node may drop it from its
     /// outbox.
