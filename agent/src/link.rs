@@ -20,7 +20,7 @@ use futures_util::{SinkExt, StreamExt};
 use lingua_shared::close::CloseCode;
 use lingua_shared::protocol::{
     Capabilities, CapacityReport, Drain, ErrorFrame, FailureCode, GpuInfo, GpuReading, Heartbeat,
-    JobRef, JobResult, Outcome, Register, Secret, VersionRange,
+    JobRef, JobResult, Outcome, RESULT_ANSWERS_VERSION, Register, Secret, VersionRange,
 };
 use lingua_shared::{
     JobKind, LangCode, MAX_FRAME_BYTES, Message, NodeId, WS_BUFFER_BYTES, decode, encode,
@@ -211,9 +211,9 @@ impl Link {
                 },
             };
             let why = match attempt {
-                Ok((ws, heartbeat)) => {
+                Ok((ws, agreed)) => {
                     delays = backoff.build();
-                    match self.session(ws, heartbeat, &mut outbox, &shutdown).await {
+                    match self.session(ws, agreed, &mut outbox, &shutdown).await {
                         Ended::Done(end) => return end,
                         Ended::Reconnect(why) => why,
                     }
@@ -265,7 +265,7 @@ impl Link {
         url: &str,
         connector: Option<Connector>,
         gpus: &[GpuInfo],
-    ) -> Result<(Ws, Duration), Ended> {
+    ) -> Result<(Ws, (Duration, u32)), Ended> {
         let config = WebSocketConfig::default()
             .max_message_size(Some(MAX_FRAME_BYTES))
             .max_frame_size(Some(MAX_FRAME_BYTES))
@@ -303,7 +303,8 @@ impl Link {
                     s.connected = true;
                     s.registrations += 1;
                 });
-                Ok((ws, Duration::from_millis(ack.heartbeat_interval_ms.max(10))))
+                let heartbeat = Duration::from_millis(ack.heartbeat_interval_ms.max(10));
+                Ok((ws, (heartbeat, ack.protocol_version)))
             }
             Ok(Message::Error(error)) => {
                 // The close frame that follows carries the code; read it.
@@ -331,7 +332,7 @@ impl Link {
     async fn session(
         &mut self,
         mut ws: Ws,
-        heartbeat: Duration,
+        (heartbeat, version): (Duration, u32),
         outbox: &mut BTreeMap<JobRef, JobResult>,
         shutdown: &CancellationToken,
     ) -> Ended {
@@ -353,7 +354,9 @@ impl Link {
         }
         let mut capacity_changes = self.arbiter.subscribe();
         let mut reported = Reported::new(&self.arbiter);
-        let mut batch = Batch::default();
+        // An older coordinator counts an assignment as answered only by
+        // its accept: every accept goes.
+        let mut batch = Batch::new(version >= RESULT_ANSWERS_VERSION);
         let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
         let mut seq = 0u64;
         let mut last_heard = Instant::now();

@@ -17,7 +17,11 @@ use crate::lang::{LangCode, LangPair};
 use crate::room::Room;
 
 /// The newest protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
+/// From this version on, a `job_result` answers for its `job_accept`: a
+/// node may leave the accept out when the result comes first, and the
+/// coordinator counts the result as the answer as soon as it reads it.
+pub const RESULT_ANSWERS_VERSION: u32 = 3;
 /// The oldest protocol version this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 

@@ -5,7 +5,8 @@
 //! - An accept waits up to [`ACCEPT_DELAY`] for its job's result: a job
 //!   that ends at once is answered by its result alone (the result tells
 //!   the coordinator the node took the job). It goes sooner with any
-//!   other frame.
+//!   other frame. Only with coordinators of protocol 3 or later: older
+//!   ones count an assignment as answered by its accept alone.
 //! - A capacity change waits up to [`CAPACITY_DEBOUNCE`], so that bursts
 //!   go out as one report, and rides with any frame sent before then. A
 //!   kind going from full to having room (or back), as the coordinator
@@ -29,6 +30,9 @@ pub(super) const CAPACITY_DEBOUNCE: Duration = Duration::from_millis(10);
 /// Frames due on one connection.
 #[derive(Default)]
 pub(super) struct Batch {
+    /// The coordinator takes a result as the answer to its assignment
+    /// (protocol 3): accepts are held for their results.
+    results_answer: bool,
     /// Accepts not sent yet, and the moment the first must go.
     accepts: Vec<JobRef>,
     accepts_by: Option<Instant>,
@@ -41,10 +45,23 @@ pub(super) struct Batch {
 }
 
 impl Batch {
+    /// A batch whose accepts wait for their results when `results_answer`
+    /// (else they go with the next write).
+    pub(super) fn new(results_answer: bool) -> Self {
+        Self {
+            results_answer,
+            ..Self::default()
+        }
+    }
+
     /// An accept, held back for a while, but not past `by` (the moment
     /// the coordinator's wait for it ends, less a margin).
     pub(super) fn accept(&mut self, key: JobRef, by: Option<Instant>) {
-        let hold = Instant::now() + ACCEPT_DELAY;
+        let hold = if self.results_answer {
+            Instant::now() + ACCEPT_DELAY
+        } else {
+            Instant::now()
+        };
         let until = by.map_or(hold, |by| by.min(hold));
         self.accepts_by = Some(self.accepts_by.map_or(until, |due| due.min(until)));
         self.accepts.push(key);
@@ -55,7 +72,7 @@ impl Batch {
     pub(super) fn push(&mut self, message: Message) {
         match &message {
             Message::Heartbeat(_) | Message::Capacity(_) => return self.reports.push(message),
-            Message::JobResult(result) => {
+            Message::JobResult(result) if self.results_answer => {
                 self.accepts
                     .retain(|key| key.job_id != result.job_id || key.attempt != result.attempt);
                 if self.accepts.is_empty() {
@@ -256,7 +273,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn reports_never_overtake_the_results_they_count() {
         let arbiter = arbiter(1);
-        let mut batch = Batch::default();
+        let mut batch = Batch::new(true);
         batch.accept(key("a", 1), None);
         batch.push(Message::Capacity(capacity(&arbiter)));
         batch.push(result("a", 1));
@@ -265,7 +282,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_accept_is_not_held_past_the_coordinators_wait() {
-        let mut batch = Batch::default();
+        let mut batch = Batch::new(true);
         let by = Instant::now() + ACCEPT_DELAY / 5;
         batch.accept(key("a", 1), Some(Instant::now() + ACCEPT_DELAY * 2));
         batch.accept(key("b", 1), Some(by));
@@ -275,8 +292,17 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn an_older_coordinator_gets_every_accept_at_once() {
+        let mut batch = Batch::new(false);
+        batch.accept(key("a", 1), None);
+        assert!(batch.due(Instant::now()), "not held");
+        batch.push(result("a", 1));
+        assert_eq!(types(&batch.take(None)), ["job_accept", "job_result"]);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_result_answers_for_its_held_accept() {
-        let mut batch = Batch::default();
+        let mut batch = Batch::new(true);
         batch.accept(key("a", 1), None);
         assert!(!batch.due(Instant::now()), "an accept alone waits");
         batch.push(result("a", 1));
@@ -286,7 +312,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn held_accepts_go_when_due_or_with_another_frame() {
-        let mut batch = Batch::default();
+        let mut batch = Batch::new(true);
         batch.accept(key("a", 1), None);
         batch.accept(key("b", 1), None);
         tokio::time::advance(ACCEPT_DELAY).await;
