@@ -1,5 +1,6 @@
 //! Messages of the node <-> coordinator WebSocket protocol, versions 1
-//! and 2 (2 adds [`CapacityReport::room`]).
+//! to 3 (2 adds [`CapacityReport::room`]; from 3 a `job_result` answers
+//! for its `job_accept`).
 //!
 //! Every frame is one JSON object tagged by `type`. Unknown fields are
 //! ignored so that either side can be upgraded first; unknown `type`s are an

@@ -49,10 +49,12 @@ impl JobRouter {
         Some(route)
     }
 
-    /// A node's connection of `epoch` sent a result: it answers the
-    /// assignment as an accept would (a job that ends at once may have no
-    /// accept), uncounted now, before the report that may come with it is
-    /// read. The result itself is recorded after, by [`Self::result`].
+    /// A node's connection of `epoch` sent a result: when the assignment
+    /// is still unanswered (a job that ends at once may have no accept),
+    /// the result answers it as an accept would, now: uncounted before the
+    /// report that may come with it is read, and its dispatcher no longer
+    /// waiting for an answer while the result is recorded (by
+    /// [`Self::result`], after).
     pub fn result_arrived(&self, (node, epoch): (&NodeId, u64), key: &JobRef) {
         if !self.registry.is_current(node, epoch) {
             return;
@@ -61,15 +63,20 @@ impl JobRouter {
             .get_mut(key)
             .filter(|a| &a.node == node)
         {
-            attempt.assigned = None;
+            if attempt.assigned.take().is_some() {
+                let _ = attempt.events.send(AttemptEvent::Accepted);
+            }
             return;
         }
-        if let Some(entry) = lock(&self.forwarded)
-            .get_mut(key)
-            .filter(|f| &f.node == node)
-            && std::mem::take(&mut entry.counted)
-        {
+        let mut forwarded = lock(&self.forwarded);
+        let Some(entry) = forwarded.get_mut(key).filter(|f| &f.node == node) else {
+            return;
+        };
+        if std::mem::take(&mut entry.counted) {
             self.hints.answered(node, &entry.route);
+            let origin = entry.origin.clone();
+            drop(forwarded);
+            self.tell_later(origin, key.clone(), RemoteAnswer::Accepted);
         }
     }
 
