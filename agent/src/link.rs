@@ -5,9 +5,10 @@
 //! stale socket), then sends heartbeats with capacity, capacity reports on
 //! changes that matter, answers to assignments and job results. Results
 //! wait in an outbox until the coordinator acknowledges them, and are sent
-//! again after every reconnect. A connection that receives nothing for
-//! three heartbeat intervals (pings included) is taken as half-open and
-//! replaced. Close codes that retrying cannot fix (bad token, no common
+//! again after every reconnect. After two and a half heartbeat intervals
+//! without a frame from the coordinator a ping goes with the heartbeat;
+//! a connection that has not answered it by the next heartbeat is taken
+//! as half-open and replaced. Close codes that retrying cannot fix (bad token, no common
 //! version, node id held by another host) end the link for good.
 
 use std::collections::BTreeMap;
@@ -360,11 +361,14 @@ impl Link {
         let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
         let mut seq = 0u64;
         let mut last_heard = Instant::now();
+        // When a ping went out that nothing has answered yet.
+        let mut ping_sent: Option<Instant> = None;
         loop {
             let never = Instant::now() + Duration::from_secs(3600);
             tokio::select! {
                 frame = ws.next() => {
                     last_heard = Instant::now();
+                    ping_sent = None;
                     match frame {
                         Some(Ok(WsMessage::Text(text))) => match decode(text.as_bytes()) {
                             Ok(message) => {
@@ -391,21 +395,23 @@ impl Link {
                 }
                 Some(out) = self.outgoing.recv() => self.take(out, &mut batch, outbox),
                 _ = ticker.tick() => {
-                    let quiet = last_heard.elapsed();
-                    if quiet > heartbeat * 3 {
-                        return Ended::Reconnect("no traffic from the coordinator for 3 heartbeat intervals (half-open connection)".into());
+                    // Half an interval at least: ticks missed while the
+                    // agent stalled come at once, before any answer could.
+                    if ping_sent.is_some_and(|at| at.elapsed() >= heartbeat / 2) {
+                        return Ended::Reconnect("no answer from the coordinator to a ping within a heartbeat interval (half-open connection)".into());
                     }
                     seq += 1;
                     let capacity = reported.report(&self.arbiter);
                     batch.push(Message::Heartbeat(Heartbeat { seq, capacity }));
-                    // A ping only after a quiet interval and a half: its pong
-                    // (or anything else heard) shows the link alive within
-                    // the three intervals, at half the frames of a ping per
-                    // heartbeat.
-                    if quiet >= heartbeat * 3 / 2
-                        && let Err(e) = ws.feed(WsMessage::Ping(Vec::new().into())).await
-                    {
-                        return Ended::Reconnect(format!("send ping: {e}"));
+                    // A ping only after two and a half quiet intervals
+                    // (every third heartbeat of an idle link): a link that
+                    // does not answer is replaced at the next heartbeat,
+                    // within four intervals of the last frame heard.
+                    if ping_sent.is_none() && last_heard.elapsed() >= heartbeat * 5 / 2 {
+                        if let Err(e) = ws.feed(WsMessage::Ping(Vec::new().into())).await {
+                            return Ended::Reconnect(format!("send ping: {e}"));
+                        }
+                        ping_sent = Some(Instant::now());
                     }
                 }
                 Ok(()) = capacity_changes.changed() => {

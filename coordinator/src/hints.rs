@@ -21,11 +21,13 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use lingua_shared::protocol::CapacityReport;
 use lingua_shared::sync::lock;
 use lingua_shared::{JobKind, LangPair, NodeId};
 use tokio::sync::{Notify, OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock};
+use tokio::time::Instant;
 
 use crate::store::{Route, RouteEntry};
 
@@ -42,10 +44,15 @@ struct Node {
     version: u32,
     draining: Arc<AtomicBool>,
     report: CapacityReport,
+    /// The JSON text `report` was read from, while it holds what that
+    /// text says: a heartbeat with the same text need not be read again.
+    source: Option<Box<str>>,
     /// Assignments sent and not answered yet, per route.
     unanswered: BTreeMap<Route, u32>,
     /// Assignments the last report cannot have counted, per route.
     uncounted: BTreeMap<Route, u32>,
+    /// When the node's entry was last computed for writing, per pair.
+    written: Vec<(LangPair, Instant)>,
 }
 
 /// The routing hints of the nodes this instance holds.
@@ -94,12 +101,15 @@ impl Hints {
     ) {
         let mut nodes = lock(&self.nodes);
         let (unanswered, uncounted) = (BTreeMap::new(), BTreeMap::new());
+        let written = pairs.iter().map(|&pair| (pair, Instant::now())).collect();
         let held = Node {
+            written,
             pairs,
             kinds,
             version,
             draining,
             report,
+            source: None,
             unanswered,
             uncounted,
         };
@@ -115,14 +125,43 @@ impl Hints {
     /// before it. A kind whose fallback the node no longer reports (a
     /// reload took it away) keeps a fallback route with no room, so that
     /// the next update takes the node out of it.
-    pub fn report(&self, node: &NodeId, mut report: CapacityReport) {
+    pub fn report(&self, node: &NodeId, report: CapacityReport) {
+        self.report_read(node, report, None);
+    }
+
+    /// A new report from `node` read from the JSON `text`, as
+    /// [`Hints::report`]: the same text again can be taken by
+    /// [`Hints::report_again`].
+    pub fn report_from(&self, node: &NodeId, report: CapacityReport, text: &str) {
+        self.report_read(node, report, Some(text.into()));
+    }
+
+    fn report_read(&self, node: &NodeId, mut report: CapacityReport, source: Option<Box<str>>) {
         if let Some(held) = lock(&self.nodes).get_mut(node) {
             for kind in held.report.fallback_slots.keys() {
                 report.fallback_slots.entry(kind.clone()).or_insert(0);
             }
             held.uncounted = held.unanswered.clone();
             held.report = report;
+            held.source = source;
         }
+    }
+
+    /// `node` reports again with the JSON `text`: when it is the text
+    /// its report held was read from, and says nothing the report does
+    /// not (nothing changed it since), that report is taken anew, as
+    /// [`Hints::report`] would take it, and this is true. False when the
+    /// text must be read.
+    pub fn report_again(&self, node: &NodeId, text: &str) -> bool {
+        let mut nodes = lock(&self.nodes);
+        let Some(held) = nodes.get_mut(node) else {
+            return false;
+        };
+        if held.source.as_deref() != Some(text) {
+            return false;
+        }
+        held.uncounted = held.unanswered.clone();
+        true
     }
 
     /// True when `report` differs from `node`'s last one in what routing
@@ -159,6 +198,7 @@ impl Hints {
     /// there until it reports again.
     pub fn full(&self, node: &NodeId, route: &Route) {
         if let Some(held) = lock(&self.nodes).get_mut(node) {
+            held.source = None;
             let slots = if route.fallback {
                 &mut held.report.fallback_slots
             } else {
@@ -228,21 +268,50 @@ impl Hints {
     /// The routing entry of `node` now; none when it is not held here.
     pub fn entry(&self, node: &NodeId) -> Option<RouteEntry> {
         let nodes = lock(&self.nodes);
-        let held = nodes.get(node)?;
+        Some(self.entry_of(node, nodes.get(node)?))
+    }
+
+    /// The routing entry of `node` now, to be written in `pair` (its
+    /// lease there starts now); none when it is not held here.
+    pub fn entry_to_write(&self, node: &NodeId, pair: LangPair) -> Option<RouteEntry> {
+        let mut nodes = lock(&self.nodes);
+        let held = nodes.get_mut(node)?;
+        if let Some((_, at)) = held.written.iter_mut().find(|(p, _)| *p == pair) {
+            *at = Instant::now();
+        }
+        Some(self.entry_of(node, held))
+    }
+
+    /// The entries written longer than `age` ago, per pair: an idle node
+    /// renews its leases there with them (they are no longer stale).
+    pub fn stale(&self, age: Duration) -> HashMap<LangPair, HashSet<NodeId>> {
+        let mut stale: HashMap<LangPair, HashSet<NodeId>> = HashMap::new();
+        let nodes = lock(&self.nodes);
+        for (node, held) in nodes.iter() {
+            for (pair, at) in &held.written {
+                if at.elapsed() >= age {
+                    stale.entry(*pair).or_default().insert(node.clone());
+                }
+            }
+        }
+        stale
+    }
+
+    fn entry_of(&self, node: &NodeId, held: &Node) -> RouteEntry {
         let fallbacks = held
             .kinds
             .iter()
             .filter(|kind| held.report.fallback_slots.contains_key(*kind));
         if held.draining.load(Ordering::SeqCst) {
             let routes = held.kinds.iter().map(Route::gpu);
-            return Some(RouteEntry {
+            return RouteEntry {
                 node: node.clone(),
                 free: routes
                     .chain(fallbacks.map(Route::fallback))
                     .map(|route| (route, 0))
                     .collect(),
                 room: None,
-            });
+            };
         }
         let mut room = held
             .report
@@ -271,11 +340,11 @@ impl Hints {
             let reported = held.report.fallback_slots[kind];
             free.insert(route.clone(), reported.saturating_sub(sent(&route)));
         }
-        Some(RouteEntry {
+        RouteEntry {
             node: node.clone(),
             free,
             room,
-        })
+        }
     }
 
     /// Counts an assignment picked here until the returned guard drops
@@ -416,6 +485,65 @@ mod tests {
         hints.answered(&node(), &Route::gpu(&kind("translate")));
         hints.report(&node(), report());
         assert_eq!(free(&hints, "translate"), 5);
+    }
+
+    #[test]
+    fn the_same_text_again_counts_as_a_report_until_something_changes_the_one_held() {
+        let hints = hints(ROOM_VERSION);
+        let asr = Route::gpu(&kind("asr"));
+        let text = serde_json::to_string(&report()).unwrap();
+        assert!(
+            !hints.report_again(&node(), &text),
+            "not read from any text yet"
+        );
+        hints.report_from(&node(), report(), &text);
+        // Answered before the text came again: counted, as by a report.
+        hints.assigned(&node(), &asr, pair("zh:en"));
+        hints.answered(&node(), &asr);
+        assert_eq!(free(&hints, "asr"), 1);
+        assert!(hints.report_again(&node(), &text));
+        assert_eq!(free(&hints, "asr"), 2);
+        assert!(!hints.report_again(&node(), &text.replace('5', "4")));
+        // A refusal for want of room changes the report held: the text
+        // no longer says what it holds.
+        hints.full(&node(), &asr);
+        assert!(!hints.report_again(&node(), &text));
+        hints.report_from(&node(), report(), &text);
+        hints.report(&node(), report());
+        assert!(
+            !hints.report_again(&node(), &text),
+            "a report read from no text"
+        );
+        assert!(!hints.report_again(&NodeId::new("other").unwrap(), &text));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn entries_written_over_an_age_ago_are_stale_per_pair() {
+        let hints = Hints::default();
+        let (zh_en, zh_ja) = (pair("zh:en"), pair("zh:ja"));
+        hints.hold(
+            &node(),
+            (vec![zh_en, zh_ja], vec![kind("asr")]),
+            ROOM_VERSION,
+            Arc::default(),
+            report(),
+        );
+        let age = Duration::from_secs(3);
+        assert!(hints.stale(age).is_empty(), "held just now");
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(hints.entry_to_write(&node(), zh_en).is_some());
+        // Reading an entry is not writing it.
+        assert!(hints.entry(&node()).is_some());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let stale = hints.stale(age);
+        assert_eq!(stale.keys().collect::<Vec<_>>(), [&zh_ja]);
+        assert!(stale[&zh_ja].contains(&node()));
+        assert!(hints.entry_to_write(&node(), zh_ja).is_some());
+        assert!(hints.stale(age).is_empty());
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(hints.stale(age).keys().collect::<Vec<_>>(), [&zh_en]);
+        hints.forget(&node());
+        assert!(hints.stale(Duration::ZERO).is_empty(), "a node not held");
     }
 
     #[test]

@@ -320,25 +320,25 @@ async fn run(
             Ok(Frame::Skip) => continue,
             Err(ending) => return ending,
         };
-        let message = match decode(&frame) {
-            Ok(message) => {
-                services.metrics.frame(Direction::In, message.type_name());
-                message
-            }
-            Err(err) => {
-                if send_error(socket, services, err.code(), err.to_string())
-                    .await
-                    .is_err()
-                {
-                    return Ending::new(CloseCode::Normal, "send failed");
+        let handled = match frames::heartbeat_frame(services, session, &frame) {
+            Some(handled) => Ok(handled),
+            None => match decode(&frame) {
+                Ok(message) => {
+                    services.metrics.frame(Direction::In, message.type_name());
+                    handle(socket, services, session, message, &mut results).await
                 }
-                if let Err(ending) = bad_frames.count(&Handled::Bad) {
-                    return ending;
+                Err(err) => {
+                    if send_error(socket, services, err.code(), err.to_string())
+                        .await
+                        .is_err()
+                    {
+                        return Ending::new(CloseCode::Normal, "send failed");
+                    }
+                    Ok(Handled::Bad)
                 }
-                continue;
-            }
+            },
         };
-        match handle(socket, services, session, message, &mut results).await {
+        match handled {
             Ok(Handled::Alive) => silent_deadline = Instant::now() + lease,
             Ok(handled) => {
                 if let Err(ending) = bad_frames.count(&handled) {
@@ -420,7 +420,11 @@ async fn handle<'a>(
     results: &mut Results<'a>,
 ) -> Result<Handled, Ending> {
     match message {
-        Message::Heartbeat(heartbeat) => Ok(frames::heartbeat(services, session, heartbeat)),
+        Message::Heartbeat(heartbeat) => {
+            let text = serde_json::to_string(&heartbeat.capacity).unwrap_or_default();
+            let report = Some((heartbeat.capacity, text.as_str()));
+            Ok(frames::heartbeat(services, session, report))
+        }
         Message::Capacity(capacity) => {
             session.record_due |= services.hints.changes(&session.node, &capacity);
             session.reported(services, capacity);

@@ -6,14 +6,23 @@
 //! for a few milliseconds and each pair is flushed with one `route_update`
 //! call carrying every node that changed. Entries are computed at the
 //! flush, from the nodes' [`Hints`], while no pick of the pair runs.
+//!
+//! An entry's lease in its pair runs out unless it is written again. An
+//! idle node's reports change nothing, so its entries are renewed by a
+//! sweep, every sixth of a lease, of those written over half a lease ago:
+//! each is renewed with a lease's third at least to spare, and each pair's
+//! renewals go together (one call per pair and sweep, however many of its
+//! nodes are idle, where renewing at each node's heartbeat cost one call
+//! per node).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::future::join_all;
 use lingua_shared::sync::lock;
 use lingua_shared::{JobKind, LangPair, NodeId};
+use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use crate::forward::{self, Envelope};
@@ -76,24 +85,30 @@ impl RouteBatcher {
 
     /// Flushes until `shutdown`, then once more.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut sweep = tokio::time::interval(self.lease / 6);
+        sweep.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                () = self.hints.wait_due() => {}
+                () = self.hints.wait_due() => {
+                    tokio::time::sleep(FLUSH_WINDOW).await;
+                    self.flush(self.hints.take_due()).await;
+                }
+                _ = sweep.tick() => self.flush(self.hints.stale(self.lease / 2)).await,
                 () = shutdown.cancelled() => break,
             }
-            tokio::time::sleep(FLUSH_WINDOW).await;
-            self.flush().await;
         }
-        self.flush().await;
+        self.flush(self.hints.take_due()).await;
     }
 
-    async fn flush(&self) {
+    async fn flush(&self, batch: HashMap<LangPair, HashSet<NodeId>>) {
         let (store, lease) = (&self.store, self.lease);
-        let batch = self.hints.take_due();
         let hints = &self.hints;
         let calls = batch.into_iter().map(|(pair, nodes)| async move {
             let updating = hints.updating(pair).await;
-            let entries: Vec<RouteEntry> = nodes.iter().filter_map(|node| hints.entry(node)).collect();
+            let entries: Vec<RouteEntry> = nodes
+                .iter()
+                .filter_map(|node| hints.entry_to_write(node, pair))
+                .collect();
             if entries.is_empty() {
                 return (pair, Vec::new());
             }

@@ -16,6 +16,7 @@ use std::borrow::Cow;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::protocol::{ErrorCode, Message};
 
@@ -108,11 +109,7 @@ fn fast(frame: &[u8]) -> Option<Message> {
     fn read<T: DeserializeOwned>(frame: &[u8], message: fn(T) -> Message) -> Option<Message> {
         serde_json::from_slice(frame).ok().map(message)
     }
-    let text = std::str::from_utf8(frame).ok()?;
-    if !text.trim_start().starts_with('{') {
-        return None;
-    }
-    let tag: Tag<'_> = serde_json::from_slice(frame).ok()?;
+    let tag: Tag<'_> = serde_json::from_str(object_text(frame)?).ok()?;
     match tag.ty.as_ref() {
         "register" => read(frame, Message::Register),
         "register_ack" => read(frame, Message::RegisterAck),
@@ -128,6 +125,37 @@ fn fast(frame: &[u8]) -> Option<Message> {
         "error" => read(frame, Message::Error),
         _ => None,
     }
+}
+
+/// The frame as text when it is UTF-8 throughout and a JSON object (serde
+/// would also read a struct from an array).
+fn object_text(frame: &[u8]) -> Option<&str> {
+    let text = std::str::from_utf8(frame).ok()?;
+    text.trim_start().starts_with('{').then_some(text)
+}
+
+/// A `heartbeat` as its frame has it, its capacity not read.
+#[derive(Deserialize)]
+struct RawHeartbeat<'a> {
+    #[serde(rename = "type", borrow)]
+    ty: Cow<'a, str>,
+    seq: u64,
+    #[serde(borrow)]
+    capacity: &'a RawValue,
+}
+
+/// A `heartbeat` frame's `seq`, and its capacity as the JSON text the
+/// frame holds, not read further: a receiver that has read the same text
+/// before need not read it again. `None` for any other frame; for a
+/// heartbeat too when its fields do not parse this far (what [`decode`]
+/// says of it then is the answer). The capacity's text is valid JSON, not
+/// yet a valid [`CapacityReport`](crate::protocol::CapacityReport).
+pub fn split_heartbeat(frame: &[u8]) -> Option<(u64, &str)> {
+    if frame.len() > MAX_FRAME_BYTES {
+        return None;
+    }
+    let raw: RawHeartbeat<'_> = serde_json::from_str(object_text(frame)?).ok()?;
+    (raw.ty == "heartbeat").then(|| (raw.seq, raw.capacity.get()))
 }
 
 /// A frame [`fast`] could not read, decoded through a JSON tree: the
@@ -333,6 +361,44 @@ mod tests {
             let frame = encode(&message);
             assert_eq!(decode(frame.as_bytes()).unwrap(), message, "{frame}");
         }
+    }
+
+    #[test]
+    fn a_split_heartbeat_holds_what_decode_reads() {
+        let beat = every_message()
+            .into_iter()
+            .find(|m| matches!(m, Message::Heartbeat(_)))
+            .unwrap();
+        let Message::Heartbeat(expected) = &beat else {
+            unreachable!()
+        };
+        let capacity = serde_json::to_string(&expected.capacity).unwrap();
+        let seq = expected.seq;
+        for frame in [
+            encode(&beat),
+            format!(r#"{{"capacity":{capacity},"seq":{seq},"type":"heartbeat"}}"#),
+            format!(r#" {{"type":"heart\u0062eat","x":[1],"seq":{seq},"capacity":{capacity}}}"#),
+        ] {
+            let (split_seq, text) = split_heartbeat(frame.as_bytes()).expect(&frame);
+            assert_eq!(split_seq, seq, "{frame}");
+            let read: CapacityReport = serde_json::from_str(text).unwrap();
+            assert_eq!(read, expected.capacity, "{frame}");
+            assert_eq!(decode(frame.as_bytes()).unwrap(), beat, "{frame}");
+        }
+        for frame in [
+            encode(&Message::Capacity(expected.capacity.clone())),
+            format!(r#"{{"type":"heartbeat","seq":-1,"capacity":{capacity}}}"#),
+            format!(r#"{{"type":"heartbeat","capacity":{capacity}}}"#),
+            format!(r#"{{"type":"heartbeat","seq":1,"seq":2,"capacity":{capacity}}}"#),
+            format!(r#"["heartbeat",{seq},{capacity}]"#),
+        ] {
+            assert_eq!(split_heartbeat(frame.as_bytes()), None, "{frame}");
+        }
+        let huge = format!(
+            r#"{{"type":"heartbeat","seq":1,"capacity":{{"x":"{}"}}}}"#,
+            "a".repeat(MAX_FRAME_BYTES)
+        );
+        assert_eq!(split_heartbeat(huge.as_bytes()), None);
     }
 
     #[test]

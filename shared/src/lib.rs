@@ -40,7 +40,7 @@ pub mod systemd;
 
 pub use codec::{
     DecodeError, MAX_FRAME_BYTES, MAX_REQUEST_BODY_BYTES, WS_BUFFER_BYTES, decode, encode,
-    encoded_len,
+    encoded_len, split_heartbeat,
 };
 pub use ids::{IdError, JobId, JobKind, NodeId};
 pub use lang::{LangCode, LangError, LangPair};

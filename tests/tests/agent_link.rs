@@ -6,6 +6,7 @@
 use lingua_agent::agent::AgentError;
 use lingua_coordinator::config::Config;
 use lingua_shared::close::CloseCode;
+use lingua_tests::fleet::Blackhole;
 use lingua_tests::{TestAgent, TestCoordinator, agent_config, eventually, test_config};
 
 async fn routable(conn: &redis::aio::MultiplexedConnection, node: &str) -> bool {
@@ -228,14 +229,35 @@ async fn an_idle_link_stays_up_on_pongs_and_heartbeats_alone() {
     let coordinator = TestCoordinator::start(&redis, test_config()).await;
     let agent = TestAgent::start(agent_config("quiet-link", &coordinator.ws_url(), 100));
     agent.registered(1).await;
-    // Nothing but heartbeats and pings for ten heartbeat intervals (the
-    // half-open detector fires after three silent ones): no reconnect, and
-    // the coordinator keeps the node alive.
+    // Nothing but heartbeats and pings for ten heartbeat intervals (a
+    // ping goes after two and a half silent ones, and an unanswered one
+    // ends the link): no reconnect, and the coordinator keeps the node
+    // alive.
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
     let status = agent.handles.status.borrow().clone();
     assert!(status.connected && status.registrations == 1, "{status:?}");
     let (_, view) = coordinator.get("/v1/nodes/quiet-link").await;
     assert_eq!(view["state"], "ready");
+    agent.stop().await.unwrap();
+    coordinator.stop().await;
+}
+
+#[tokio::test]
+async fn a_link_that_passes_no_byte_is_replaced() {
+    let redis = lingua_tests::redis().await;
+    let coordinator = TestCoordinator::start(&redis, test_config()).await;
+    let proxy = Blackhole::start(coordinator.addr).await;
+    let url = format!("ws://{}/v1/node", proxy.addr);
+    let agent = TestAgent::start(agent_config("frozen-link", &url, 100));
+    agent.registered(1).await;
+    // Nothing closes; the coordinator answers no ping.
+    proxy.freeze();
+    eventually("the agent to give up the silent link", || async {
+        (!agent.handles.status.borrow().connected).then_some(())
+    })
+    .await;
+    proxy.thaw();
+    agent.registered(2).await;
     agent.stop().await.unwrap();
     coordinator.stop().await;
 }

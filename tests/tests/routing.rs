@@ -114,6 +114,9 @@ async fn recorded_heartbeats_keep_a_node_alive_for_many_leases(redis: impl Redis
         let (_, node) = coordinator.get(&format!("/v1/nodes/{name}")).await;
         assert_eq!(node["state"], "ready", "{node}");
     }
+    // Idle for three leases: their routing entries were renewed all along.
+    let (_, answer) = coordinator.submit(translate("zh", "en")).await;
+    assert_eq!(answer["status"], "completed", "{answer}");
     for agent in agents {
         agent.stop().await.unwrap();
     }

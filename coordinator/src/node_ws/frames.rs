@@ -1,7 +1,8 @@
 //! One function per message a registered node sends that needs more than
 //! a line: heartbeats, drains, refusals (results: `results.rs`).
 
-use lingua_shared::protocol::{Drain, Heartbeat, JobRef, JobReject, RejectReason};
+use lingua_shared::protocol::{CapacityReport, Drain, JobRef, JobReject, RejectReason};
+use lingua_shared::split_heartbeat;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -9,22 +10,54 @@ use tokio::time::Instant;
 
 use super::NodeServices;
 use super::{Handled, MAX_LOGGED_CHARS, Session};
+use crate::metrics::Direction;
 
-/// A heartbeat: renews the connection. Recorded in Redis (in the next
+/// A heartbeat frame, read only as far as needed: a capacity with the
+/// same text as the node's last one is not read again (an idle node's
+/// heartbeats are all alike), the report held is taken anew. `None` when
+/// `frame` is not a heartbeat read this way ([`lingua_shared::decode`]
+/// then says what it is).
+pub(super) fn heartbeat_frame(
+    services: &NodeServices,
+    session: &mut Session,
+    frame: &[u8],
+) -> Option<Handled> {
+    let (_, text) = split_heartbeat(frame)?;
+    let report = if services.hints.report_again(&session.node, text) {
+        None
+    } else {
+        Some((serde_json::from_str(text).ok()?, text))
+    };
+    services.metrics.frame(Direction::In, "heartbeat");
+    Some(heartbeat(services, session, report))
+}
+
+/// A heartbeat, with the report it brings and the text that was read
+/// from (`None`: the report held, taken again).
+///
+/// A heartbeat renews the connection. Recorded in Redis (in the next
 /// batch) when the node's report changed since the last one recorded (at
 /// most twice per interval), when the last one failed, or when the lease
 /// recorded last would otherwise run short: unless the next heartbeat,
-/// an interval later, would still leave half an interval of it. Told to
-/// routing on the same terms, and while assignments to the node are
-/// unanswered. At the default three-interval lease, an idle node's
-/// heartbeat costs Redis something every other interval.
+/// an interval later, would still leave half an interval of it. At the
+/// default three-interval lease, an idle node's heartbeat costs Redis
+/// something every other interval. Told to routing when the report
+/// changed, while assignments to the node are unanswered, and after a
+/// routing update of the node failed; an idle node's routing entries are
+/// renewed by [`crate::route_batch::RouteBatcher`]'s sweep.
 pub(super) fn heartbeat(
     services: &NodeServices,
     session: &mut Session,
-    heartbeat: Heartbeat,
+    report: Option<(CapacityReport, &str)>,
 ) -> Handled {
     services.metrics.heartbeats.inc();
-    let changed = services.hints.changes(&session.node, &heartbeat.capacity);
+    let changed = report.is_some_and(|(report, text)| {
+        let node = &session.node;
+        let changed = services.hints.changes(node, &report);
+        session.capacity = serde_json::to_string(&report).unwrap_or_default();
+        services.hints.report_from(node, report, text);
+        changed
+    });
     let interval = services.config.heartbeat_interval;
     let lease = services.config.lease();
     let runs_short = |since: Duration| lease.saturating_sub(since + interval) < interval / 2;
@@ -36,13 +69,8 @@ pub(super) fn heartbeat(
             let since = at.elapsed();
             runs_short(since) || (record_changed && since >= interval / 2)
         });
-    let capacity = record.then(|| serde_json::to_string(&heartbeat.capacity).unwrap_or_default());
-    session.reported(services, heartbeat.capacity);
-    if changed
-        || !services.hints.settled(&session.node)
-        || services.batcher.missed(&session.node)
-        || runs_short(session.published.elapsed())
-    {
+    let capacity = record.then(|| session.capacity.clone());
+    if changed || !services.hints.settled(&session.node) || services.batcher.missed(&session.node) {
         session.publish_soon(services);
     }
     match capacity {

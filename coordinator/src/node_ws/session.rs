@@ -30,6 +30,9 @@ pub(super) struct Session {
     /// capacity report, or a heartbeat not recorded): the next heartbeat
     /// records it.
     pub(super) record_due: bool,
+    /// The capacity of the node's last heartbeat read, as recorded in
+    /// Redis (JSON).
+    pub(super) capacity: String,
 }
 
 impl Session {

@@ -82,7 +82,7 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
                 coordinator_after.rss_kib as f64 / 1024.0
             ),
             if size == 10_000 {
-                "< 25 % of a core, < 500 MB"
+                "< 15 % of a core, < 300 MB"
             } else {
                 ""
             },
