@@ -5,10 +5,10 @@
 //! stale socket), then sends heartbeats with capacity, capacity reports on
 //! changes that matter, answers to assignments and job results. Results
 //! wait in an outbox until the coordinator acknowledges them, and are sent
-//! again after every reconnect. After two and a half heartbeat intervals
-//! without a frame from the coordinator a ping goes with the heartbeat;
-//! a connection that has not answered it by the next heartbeat is taken
-//! as half-open and replaced. Close codes that retrying cannot fix (bad token, no common
+//! again after every reconnect. After two heartbeat intervals without a
+//! frame from the coordinator a ping goes with the heartbeat; a
+//! connection that has not answered it within an interval is taken as
+//! half-open and replaced. Close codes that retrying cannot fix (bad token, no common
 //! version, node id held by another host) end the link for good.
 
 use std::collections::BTreeMap;
@@ -395,19 +395,20 @@ impl Link {
                 }
                 Some(out) = self.outgoing.recv() => self.take(out, &mut batch, outbox),
                 _ = ticker.tick() => {
-                    // Half an interval at least: ticks missed while the
-                    // agent stalled come at once, before any answer could.
-                    if ping_sent.is_some_and(|at| at.elapsed() >= heartbeat / 2) {
+                    // A whole interval: ticks missed while the agent
+                    // stalled come at once, before any answer could.
+                    if ping_sent.is_some_and(|at| at.elapsed() >= heartbeat) {
                         return Ended::Reconnect("no answer from the coordinator to a ping within a heartbeat interval (half-open connection)".into());
                     }
                     seq += 1;
                     let capacity = reported.report(&self.arbiter);
                     batch.push(Message::Heartbeat(Heartbeat { seq, capacity }));
-                    // A ping only after two and a half quiet intervals
-                    // (every third heartbeat of an idle link): a link that
-                    // does not answer is replaced at the next heartbeat,
-                    // within four intervals of the last frame heard.
-                    if ping_sent.is_none() && last_heard.elapsed() >= heartbeat * 5 / 2 {
+                    // A ping only after two quiet intervals (every third
+                    // heartbeat of an idle link, whose last frame heard is
+                    // the answer to the ping before): a link that does
+                    // not answer is replaced two heartbeats later, four
+                    // to five intervals after the last frame heard.
+                    if ping_sent.is_none() && last_heard.elapsed() >= heartbeat * 2 {
                         if let Err(e) = ws.feed(WsMessage::Ping(Vec::new().into())).await {
                             return Ended::Reconnect(format!("send ping: {e}"));
                         }

@@ -35,6 +35,9 @@ use crate::store::{Route, RouteEntry};
 pub const ROOM_VERSION: u32 = 2;
 /// Pair locks kept before those nobody holds are dropped.
 const MAX_IDLE_PAIR_LOCKS: usize = 4096;
+/// Longest report text kept to be recognised when it comes again: a
+/// heartbeat is a few hundred bytes, one of eight GPUs under 2 KiB.
+pub const MAX_SOURCE_BYTES: usize = 8 * 1024;
 
 /// One held node.
 #[derive(Debug)]
@@ -44,14 +47,18 @@ struct Node {
     version: u32,
     draining: Arc<AtomicBool>,
     report: CapacityReport,
-    /// The JSON text `report` was read from, while it holds what that
-    /// text says: a heartbeat with the same text need not be read again.
-    source: Option<Box<str>>,
+    /// The JSON text `report` was read from, and the connection (epoch)
+    /// that sent it, while it holds what that text says: a heartbeat of
+    /// that connection with the same text need not be read again.
+    source: Option<(u64, Box<str>)>,
+    /// When the node last reported (any report, read or taken again).
+    heard: Instant,
     /// Assignments sent and not answered yet, per route.
     unanswered: BTreeMap<Route, u32>,
     /// Assignments the last report cannot have counted, per route.
     uncounted: BTreeMap<Route, u32>,
-    /// When the node's entry was last computed for writing, per pair.
+    /// When the node's entry last began to be written, per pair (that
+    /// write succeeded).
     written: Vec<(LangPair, Instant)>,
 }
 
@@ -101,9 +108,11 @@ impl Hints {
     ) {
         let mut nodes = lock(&self.nodes);
         let (unanswered, uncounted) = (BTreeMap::new(), BTreeMap::new());
-        let written = pairs.iter().map(|&pair| (pair, Instant::now())).collect();
+        let now = Instant::now();
+        let written = pairs.iter().map(|&pair| (pair, now)).collect();
         let held = Node {
             written,
+            heard: now,
             pairs,
             kinds,
             version,
@@ -129,14 +138,21 @@ impl Hints {
         self.report_read(node, report, None);
     }
 
-    /// A new report from `node` read from the JSON `text`, as
-    /// [`Hints::report`]: the same text again can be taken by
-    /// [`Hints::report_again`].
-    pub fn report_from(&self, node: &NodeId, report: CapacityReport, text: &str) {
-        self.report_read(node, report, Some(text.into()));
+    /// A new report from `node`'s connection of `epoch`, read from the
+    /// JSON `text`, as [`Hints::report`]: the same text again from that
+    /// connection can be taken by [`Hints::report_again`] (a text over
+    /// [`MAX_SOURCE_BYTES`] is not kept, and is read every time).
+    pub fn report_from(&self, (node, epoch): (&NodeId, u64), report: CapacityReport, text: &str) {
+        let source = (text.len() <= MAX_SOURCE_BYTES).then(|| (epoch, text.into()));
+        self.report_read(node, report, source);
     }
 
-    fn report_read(&self, node: &NodeId, mut report: CapacityReport, source: Option<Box<str>>) {
+    fn report_read(
+        &self,
+        node: &NodeId,
+        mut report: CapacityReport,
+        source: Option<(u64, Box<str>)>,
+    ) {
         if let Some(held) = lock(&self.nodes).get_mut(node) {
             for kind in held.report.fallback_slots.keys() {
                 report.fallback_slots.entry(kind.clone()).or_insert(0);
@@ -144,23 +160,29 @@ impl Hints {
             held.uncounted = held.unanswered.clone();
             held.report = report;
             held.source = source;
+            held.heard = Instant::now();
         }
     }
 
-    /// `node` reports again with the JSON `text`: when it is the text
-    /// its report held was read from, and says nothing the report does
-    /// not (nothing changed it since), that report is taken anew, as
-    /// [`Hints::report`] would take it, and this is true. False when the
-    /// text must be read.
-    pub fn report_again(&self, node: &NodeId, text: &str) -> bool {
+    /// `node`'s connection of `epoch` reports again with the JSON
+    /// `text`: when it is the text the report held was read from, sent
+    /// by that connection, and says nothing the report does not (nothing
+    /// changed it since), that report is taken anew, as [`Hints::report`]
+    /// would take it, and this is true. False when the text must be read.
+    pub fn report_again(&self, (node, epoch): (&NodeId, u64), text: &str) -> bool {
         let mut nodes = lock(&self.nodes);
         let Some(held) = nodes.get_mut(node) else {
             return false;
         };
-        if held.source.as_deref() != Some(text) {
+        if held
+            .source
+            .as_ref()
+            .is_none_or(|(from, source)| *from != epoch || **source != *text)
+        {
             return false;
         }
         held.uncounted = held.unanswered.clone();
+        held.heard = Instant::now();
         true
     }
 
@@ -271,25 +293,36 @@ impl Hints {
         Some(self.entry_of(node, nodes.get(node)?))
     }
 
-    /// The routing entry of `node` now, to be written in `pair` (its
-    /// lease there starts now); none when it is not held here.
-    pub fn entry_to_write(&self, node: &NodeId, pair: LangPair) -> Option<RouteEntry> {
-        let mut nodes = lock(&self.nodes);
-        let held = nodes.get_mut(node)?;
-        if let Some((_, at)) = held.written.iter_mut().find(|(p, _)| *p == pair) {
-            *at = Instant::now();
+    /// The entries of `nodes` in `pair` were written, in a write begun
+    /// `at`: their leases there run from then at the earliest.
+    pub fn wrote<'a>(
+        &self,
+        pair: LangPair,
+        nodes: impl IntoIterator<Item = &'a NodeId>,
+        at: Instant,
+    ) {
+        let mut held = lock(&self.nodes);
+        for node in nodes {
+            if let Some(written) = held
+                .get_mut(node)
+                .and_then(|held| held.written.iter_mut().find(|(p, _)| *p == pair))
+            {
+                written.1 = written.1.max(at);
+            }
         }
-        Some(self.entry_of(node, held))
     }
 
-    /// The entries written longer than `age` ago, per pair: an idle node
-    /// renews its leases there with them (they are no longer stale).
+    /// The entries written `age` ago or longer, per pair, of the nodes
+    /// that reported since: those of a node heard from go on, as its
+    /// heartbeats renewed them before; a node gone silent is not kept in
+    /// routing by them.
     pub fn stale(&self, age: Duration) -> HashMap<LangPair, HashSet<NodeId>> {
         let mut stale: HashMap<LangPair, HashSet<NodeId>> = HashMap::new();
+        let now = Instant::now();
         let nodes = lock(&self.nodes);
         for (node, held) in nodes.iter() {
             for (pair, at) in &held.written {
-                if at.elapsed() >= age {
+                if now.duration_since(*at) >= age && held.heard > *at {
                     stale.entry(*pair).or_default().insert(node.clone());
                 }
             }
@@ -492,33 +525,42 @@ mod tests {
         let hints = hints(ROOM_VERSION);
         let asr = Route::gpu(&kind("asr"));
         let text = serde_json::to_string(&report()).unwrap();
+        let this = (&node(), 1);
         assert!(
-            !hints.report_again(&node(), &text),
+            !hints.report_again(this, &text),
             "not read from any text yet"
         );
-        hints.report_from(&node(), report(), &text);
+        hints.report_from(this, report(), &text);
         // Answered before the text came again: counted, as by a report.
         hints.assigned(&node(), &asr, pair("zh:en"));
         hints.answered(&node(), &asr);
         assert_eq!(free(&hints, "asr"), 1);
-        assert!(hints.report_again(&node(), &text));
+        assert!(hints.report_again(this, &text));
         assert_eq!(free(&hints, "asr"), 2);
-        assert!(!hints.report_again(&node(), &text.replace('5', "4")));
+        assert!(!hints.report_again(this, &text.replace('5', "4")));
+        assert!(
+            !hints.report_again((&node(), 2), &text),
+            "another connection of the node"
+        );
         // A refusal for want of room changes the report held: the text
         // no longer says what it holds.
         hints.full(&node(), &asr);
-        assert!(!hints.report_again(&node(), &text));
-        hints.report_from(&node(), report(), &text);
+        assert!(!hints.report_again(this, &text));
+        hints.report_from(this, report(), &text);
         hints.report(&node(), report());
         assert!(
-            !hints.report_again(&node(), &text),
+            !hints.report_again(this, &text),
             "a report read from no text"
         );
-        assert!(!hints.report_again(&NodeId::new("other").unwrap(), &text));
+        let padded = format!("{}{}", " ".repeat(MAX_SOURCE_BYTES), text);
+        hints.report_from(this, report(), &padded);
+        assert!(!hints.report_again(this, &padded), "too long to keep");
+        let other = NodeId::new("other").unwrap();
+        assert!(!hints.report_again((&other, 1), &text));
     }
 
     #[tokio::test(start_paused = true)]
-    async fn entries_written_over_an_age_ago_are_stale_per_pair() {
+    async fn entries_are_stale_an_age_after_their_write_while_their_node_reports() {
         let hints = Hints::default();
         let (zh_en, zh_ja) = (pair("zh:en"), pair("zh:ja"));
         hints.hold(
@@ -529,19 +571,29 @@ mod tests {
             report(),
         );
         let age = Duration::from_secs(3);
-        assert!(hints.stale(age).is_empty(), "held just now");
         tokio::time::advance(Duration::from_secs(2)).await;
-        assert!(hints.entry_to_write(&node(), zh_en).is_some());
-        // Reading an entry is not writing it.
-        assert!(hints.entry(&node()).is_some());
+        hints.wrote(zh_en, [&node()], Instant::now());
         tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(hints.stale(age).is_empty(), "not heard since held");
+        hints.report(&node(), report());
         let stale = hints.stale(age);
         assert_eq!(stale.keys().collect::<Vec<_>>(), [&zh_ja]);
         assert!(stale[&zh_ja].contains(&node()));
-        assert!(hints.entry_to_write(&node(), zh_ja).is_some());
+        hints.wrote(zh_ja, [&node()], Instant::now());
         assert!(hints.stale(age).is_empty());
         tokio::time::advance(Duration::from_secs(2)).await;
         assert_eq!(hints.stale(age).keys().collect::<Vec<_>>(), [&zh_en]);
+        hints.wrote(zh_en, [&node()], Instant::now());
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert!(
+            hints.stale(age).is_empty(),
+            "silent since both were written"
+        );
+        let text = serde_json::to_string(&report()).unwrap();
+        hints.report_from((&node(), 1), report(), &text);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(hints.report_again((&node(), 1), &text));
+        assert_eq!(hints.stale(age).len(), 2, "heard again: both pairs are due");
         hints.forget(&node());
         assert!(hints.stale(Duration::ZERO).is_empty(), "a node not held");
     }

@@ -422,8 +422,8 @@ async fn handle<'a>(
     match message {
         Message::Heartbeat(heartbeat) => {
             let text = serde_json::to_string(&heartbeat.capacity).unwrap_or_default();
-            let report = Some((heartbeat.capacity, text.as_str()));
-            Ok(frames::heartbeat(services, session, report))
+            let report = Some(heartbeat.capacity);
+            Ok(frames::heartbeat(services, session, &text, report))
         }
         Message::Capacity(capacity) => {
             session.record_due |= services.hints.changes(&session.node, &capacity);

@@ -9,11 +9,13 @@
 //!
 //! An entry's lease in its pair runs out unless it is written again. An
 //! idle node's reports change nothing, so its entries are renewed by a
-//! sweep, every sixth of a lease, of those written over half a lease ago:
-//! each is renewed with a lease's third at least to spare, and each pair's
-//! renewals go together (one call per pair and sweep, however many of its
-//! nodes are idle, where renewing at each node's heartbeat cost one call
-//! per node).
+//! sweep, every sixth of a lease, of those written half a lease ago or
+//! more whose node reported since (a node gone silent is left to expire,
+//! as before): each is renewed with a third of its lease at least to
+//! spare (a sixth, when a renewal failed and the next sweep does it), and
+//! each pair's renewals go together (one call per pair and sweep, however
+//! many of its nodes are idle, where renewing at each node's heartbeat
+//! cost one call per node).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -22,7 +24,7 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use lingua_shared::sync::lock;
 use lingua_shared::{JobKind, LangPair, NodeId};
-use tokio::time::MissedTickBehavior;
+use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::forward::{self, Envelope};
@@ -33,6 +35,9 @@ use crate::store::{RouteEntry, Store};
 
 /// How long updates gather before a flush.
 const FLUSH_WINDOW: Duration = Duration::from_millis(5);
+/// Most nodes in one `route_update` call: a sweep of a pair of thousands
+/// of idle nodes goes in several, none holding Redis long.
+const MAX_ENTRIES: usize = 256;
 
 /// Writes the routing entries [`Hints`] says are due, flushed by
 /// [`RouteBatcher::run`].
@@ -103,12 +108,18 @@ impl RouteBatcher {
     async fn flush(&self, batch: HashMap<LangPair, HashSet<NodeId>>) {
         let (store, lease) = (&self.store, self.lease);
         let hints = &self.hints;
-        let calls = batch.into_iter().map(|(pair, nodes)| async move {
-            let updating = hints.updating(pair).await;
-            let entries: Vec<RouteEntry> = nodes
-                .iter()
-                .filter_map(|node| hints.entry_to_write(node, pair))
+        let chunks = batch.into_iter().flat_map(|(pair, nodes)| {
+            let nodes: Vec<NodeId> = nodes.into_iter().collect();
+            let chunks: Vec<_> = nodes
+                .chunks(MAX_ENTRIES)
+                .map(|c| (pair, c.to_vec()))
                 .collect();
+            chunks
+        });
+        let calls = chunks.map(|(pair, nodes)| async move {
+            let updating = hints.updating(pair).await;
+            let at = Instant::now();
+            let entries: Vec<RouteEntry> = nodes.iter().filter_map(|node| hints.entry(node)).collect();
             if entries.is_empty() {
                 return (pair, Vec::new());
             }
@@ -116,6 +127,7 @@ impl RouteBatcher {
             drop(updating);
             match updated {
                 Ok(updated) => {
+                    hints.wrote(pair, entries.iter().map(|e| &e.node), at);
                     self.wake(pair, &entries, &updated.waiting).await;
                     (pair, updated.missing)
                 }

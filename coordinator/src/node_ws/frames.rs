@@ -23,17 +23,20 @@ pub(super) fn heartbeat_frame(
     frame: &[u8],
 ) -> Option<Handled> {
     let (_, text) = split_heartbeat(frame)?;
-    let report = if services.hints.report_again(&session.node, text) {
+    let report = if services
+        .hints
+        .report_again((&session.node, session.epoch), text)
+    {
         None
     } else {
-        Some((serde_json::from_str(text).ok()?, text))
+        Some(serde_json::from_str(text).ok()?)
     };
     services.metrics.frame(Direction::In, "heartbeat");
-    Some(heartbeat(services, session, report))
+    Some(heartbeat(services, session, text, report))
 }
 
-/// A heartbeat, with the report it brings and the text that was read
-/// from (`None`: the report held, taken again).
+/// A heartbeat whose capacity is the JSON `text`, with the report read
+/// from it (`None`: the same text as the report held, taken again).
 ///
 /// A heartbeat renews the connection. Recorded in Redis (in the next
 /// batch) when the node's report changed since the last one recorded (at
@@ -48,16 +51,13 @@ pub(super) fn heartbeat_frame(
 pub(super) fn heartbeat(
     services: &NodeServices,
     session: &mut Session,
-    report: Option<(CapacityReport, &str)>,
+    text: &str,
+    report: Option<CapacityReport>,
 ) -> Handled {
     services.metrics.heartbeats.inc();
-    let changed = report.is_some_and(|(report, text)| {
-        let node = &session.node;
-        let changed = services.hints.changes(node, &report);
-        session.capacity = serde_json::to_string(&report).unwrap_or_default();
-        services.hints.report_from(node, report, text);
-        changed
-    });
+    let changed = report
+        .as_ref()
+        .is_some_and(|report| services.hints.changes(&session.node, report));
     let interval = services.config.heartbeat_interval;
     let lease = services.config.lease();
     let runs_short = |since: Duration| lease.saturating_sub(since + interval) < interval / 2;
@@ -69,7 +69,15 @@ pub(super) fn heartbeat(
             let since = at.elapsed();
             runs_short(since) || (record_changed && since >= interval / 2)
         });
-    let capacity = record.then(|| session.capacity.clone());
+    if report.is_some() {
+        // Made when a heartbeat of this report is recorded.
+        session.capacity = None;
+    }
+    let capacity = record.then(|| session.capacity_json(text, report.as_ref()));
+    if let Some(report) = report {
+        let connection = (&session.node, session.epoch);
+        services.hints.report_from(connection, report, text);
+    }
     if changed || !services.hints.settled(&session.node) || services.batcher.missed(&session.node) {
         session.publish_soon(services);
     }

@@ -368,7 +368,7 @@ async fn acknowledge(
         publish_pending: false,
         recorded: None,
         record_due: false,
-        capacity: String::new(),
+        capacity: None,
     };
     let mut sent = send(socket, services, &ack).await;
     if sent.is_ok() && recorded.drained && !register.draining {

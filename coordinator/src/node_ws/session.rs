@@ -30,15 +30,31 @@ pub(super) struct Session {
     /// capacity report, or a heartbeat not recorded): the next heartbeat
     /// records it.
     pub(super) record_due: bool,
-    /// The capacity of the node's last heartbeat read, as recorded in
-    /// Redis (JSON).
-    pub(super) capacity: String,
+    /// The capacity of the node's last heartbeat, as recorded in Redis
+    /// (JSON), once one of that capacity was recorded.
+    pub(super) capacity: Option<String>,
 }
 
 impl Session {
     /// Takes a report from the node: its hints follow it.
     pub(super) fn reported(&mut self, services: &NodeServices, report: CapacityReport) {
         services.hints.report(&self.node, report);
+    }
+
+    /// The JSON to record for the heartbeat capacity `text` (read as
+    /// `report`; `None` when it was the same text as the last one), made
+    /// once per capacity.
+    pub(super) fn capacity_json(&mut self, text: &str, report: Option<&CapacityReport>) -> String {
+        self.capacity
+            .get_or_insert_with(|| {
+                let json = match report {
+                    Some(report) => serde_json::to_string(report),
+                    None => serde_json::from_str::<CapacityReport>(text)
+                        .and_then(|report| serde_json::to_string(&report)),
+                };
+                json.unwrap_or_default()
+            })
+            .clone()
     }
 
     /// Queues this node's routing entries in every pair it serves.
