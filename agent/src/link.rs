@@ -406,8 +406,10 @@ impl Link {
                     // A ping only after two quiet intervals (every third
                     // heartbeat of an idle link, whose last frame heard is
                     // the answer to the ping before): a link that does
-                    // not answer is replaced two heartbeats later, four
-                    // to five intervals after the last frame heard.
+                    // not answer is replaced one or two heartbeats later,
+                    // three to five intervals after the last frame heard.
+                    // (An agent stalled for over an interval after a ping
+                    // may find the tick before the answer, and reconnect.)
                     if ping_sent.is_none() && last_heard.elapsed() >= heartbeat * 2 {
                         if let Err(e) = ws.feed(WsMessage::Ping(Vec::new().into())).await {
                             return Ended::Reconnect(format!("send ping: {e}"));

@@ -9,13 +9,11 @@
 //!
 //! An entry's lease in its pair runs out unless it is written again. An
 //! idle node's reports change nothing, so its entries are renewed by a
-//! sweep, every sixth of a lease, of those written half a lease ago or
-//! more whose node reported since (a node gone silent is left to expire,
-//! as before): each is renewed with a third of its lease at least to
-//! spare (a sixth, when a renewal failed and the next sweep does it), and
-//! each pair's renewals go together (one call per pair and sweep, however
-//! many of its nodes are idle, where renewing at each node's heartbeat
-//! cost one call per node).
+//! sweep ([`RouteBatcher::sweep`]) of those written long enough ago whose
+//! node reported since (a node gone silent is left to expire, as
+//! before). Each pair's renewals go together: one call per pair and
+//! sweep (per [`MAX_ENTRIES`] nodes), however many of its nodes are idle,
+//! where renewing at each node's heartbeat cost one call per node.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -46,6 +44,8 @@ pub struct RouteBatcher {
     registry: Arc<Registry>,
     max_nodes_per_pool: u32,
     lease: Duration,
+    /// The nodes' heartbeat interval.
+    interval: Duration,
     hints: Arc<Hints>,
     queues: Arc<Mutex<Queues>>,
     instance: String,
@@ -59,11 +59,13 @@ impl RouteBatcher {
     /// `store`, waking the `queues` of each pair and kind that has room
     /// after a flush (and other instances waiting there); nodes of
     /// `registry` that lost their pair lease are re-joined with these pool
-    /// settings (most nodes per pool, lease).
+    /// settings (most nodes per pool, lease); idle nodes' entries are
+    /// renewed as their heartbeats, every `interval`, renewed them.
     pub fn new(
         (store, instance): (Store, String),
         registry: Arc<Registry>,
         (max_nodes_per_pool, lease): (u32, Duration),
+        interval: Duration,
         (hints, queues): (Arc<Hints>, Arc<Mutex<Queues>>),
     ) -> Self {
         Self {
@@ -71,6 +73,7 @@ impl RouteBatcher {
             registry,
             max_nodes_per_pool,
             lease,
+            interval,
             hints,
             queues,
             instance,
@@ -90,7 +93,8 @@ impl RouteBatcher {
 
     /// Flushes until `shutdown`, then once more.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut sweep = tokio::time::interval(self.lease / 6);
+        let (every, age) = sweep(self.lease, self.interval);
+        let mut sweep = tokio::time::interval(every);
         sweep.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -98,7 +102,7 @@ impl RouteBatcher {
                     tokio::time::sleep(FLUSH_WINDOW).await;
                     self.flush(self.hints.take_due()).await;
                 }
-                _ = sweep.tick() => self.flush(self.hints.stale(self.lease / 2)).await,
+                _ = sweep.tick() => self.flush(self.hints.stale(age)).await,
                 () = shutdown.cancelled() => break,
             }
         }
@@ -127,7 +131,8 @@ impl RouteBatcher {
             drop(updating);
             match updated {
                 Ok(updated) => {
-                    hints.wrote(pair, entries.iter().map(|e| &e.node), at);
+                    let written = entries.iter().map(|e| &e.node);
+                    hints.wrote(pair, written.filter(|node| !updated.missing.contains(node)), at);
                     self.wake(pair, &entries, &updated.waiting).await;
                     (pair, updated.missing)
                 }
@@ -192,9 +197,46 @@ impl RouteBatcher {
                 .await
             {
                 tracing::warn!(%pair, node_id = %node, error = %err, "re-joining pool failed");
+                // Its next heartbeat tries again.
+                lock(&self.unwritten).insert(node);
                 continue;
             }
             self.queue([pair], &node);
+        }
+    }
+}
+
+/// How often the sweep runs with this `lease` and heartbeat `interval`,
+/// and how old an entry it renews is: an entry is renewed at an age of
+/// its lease less an interval and a half (as a heartbeat renewed it: when
+/// the next one would leave less than half an interval), within a sixth
+/// of a lease or half an interval (the shorter) after, once its node
+/// reported since. With heartbeats every interval, an entry has about an
+/// interval of its lease left when renewed (two thirds of one at two
+/// missed heartbeats).
+fn sweep(lease: Duration, interval: Duration) -> (Duration, Duration) {
+    let every = (lease / 6).min(interval / 2);
+    (every, lease.saturating_sub(interval * 3 / 2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_entries_are_renewed_with_about_an_interval_left() {
+        let ms = Duration::from_millis;
+        // The default: a 2 s interval, three missed heartbeats.
+        assert_eq!(sweep(ms(6000), ms(2000)), (ms(1000), ms(3000)));
+        assert_eq!(sweep(ms(4000), ms(2000)), (ms(4000) / 6, ms(1000)));
+        assert_eq!(sweep(ms(20_000), ms(2000)), (ms(1000), ms(17_000)));
+        for missed in 2..=10 {
+            let (interval, lease) = (ms(2000), ms(2000) * missed);
+            let (every, age) = sweep(lease, interval);
+            // Renewed at the latest a sweep after the age, and after a
+            // heartbeat (every interval) since the last write.
+            let renewed = age.max(interval) + every;
+            assert!(lease - renewed >= interval * 2 / 3, "{missed} missed");
         }
     }
 }

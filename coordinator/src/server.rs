@@ -83,6 +83,7 @@ fn services(
         (store.clone(), instance.clone()),
         registry.clone(),
         (config.max_nodes_per_pool, config.lease()),
+        config.heartbeat_interval,
         (hints.clone(), queues.clone()),
     ));
     let router = Arc::new(JobRouter::new(

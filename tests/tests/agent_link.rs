@@ -230,7 +230,7 @@ async fn an_idle_link_stays_up_on_pongs_and_heartbeats_alone() {
     let agent = TestAgent::start(agent_config("quiet-link", &coordinator.ws_url(), 100));
     agent.registered(1).await;
     // Nothing but heartbeats and pings for ten heartbeat intervals (a
-    // ping goes after two and a half silent ones, and an unanswered one
+    // ping goes after two silent ones, and an unanswered one
     // ends the link): no reconnect, and the coordinator keeps the node
     // alive.
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
