@@ -12,6 +12,9 @@ use super::NodeServices;
 use super::{Handled, MAX_LOGGED_CHARS, Session};
 use crate::metrics::Direction;
 
+/// How `lingua_shared::encode` begins a heartbeat.
+const HEARTBEAT_START: &[u8] = br#"{"type":"heartbeat","#;
+
 /// A heartbeat frame, read only as far as needed: a capacity with the
 /// same text as the node's last one is not read again (an idle node's
 /// heartbeats are all alike), the report held is taken anew. `None` when
@@ -22,6 +25,12 @@ pub(super) fn heartbeat_frame(
     session: &mut Session,
     frame: &[u8],
 ) -> Option<Handled> {
+    // Other frames (results, with their outputs) are not read twice: a
+    // heartbeat encoded otherwise than `lingua_shared::encode` does it
+    // goes through `decode`, to the same end.
+    if !frame.starts_with(HEARTBEAT_START) {
+        return None;
+    }
     let (_, text) = split_heartbeat(frame)?;
     let report = if services
         .hints
@@ -132,4 +141,21 @@ pub(super) fn reject(services: &NodeServices, session: &mut Session, reject: Job
         session.publish(services);
     }
     Handled::Fine
+}
+
+#[cfg(test)]
+mod tests {
+    use lingua_shared::protocol::Heartbeat;
+    use lingua_shared::{Message, encode};
+
+    use super::*;
+
+    #[test]
+    fn an_encoded_heartbeat_begins_as_the_fast_path_expects() {
+        let beat = Message::Heartbeat(Heartbeat {
+            seq: 7,
+            capacity: CapacityReport::default(),
+        });
+        assert!(encode(&beat).as_bytes().starts_with(HEARTBEAT_START));
+    }
 }
