@@ -49,8 +49,8 @@ pub struct RouteBatcher {
     hints: Arc<Hints>,
     queues: Arc<Mutex<Queues>>,
     instance: String,
-    /// Nodes whose last update failed: their next heartbeat updates
-    /// routing, whatever it says.
+    /// Nodes whose last update, or re-join, failed: their next heartbeat
+    /// updates routing, whatever it says.
     unwritten: Mutex<HashSet<NodeId>>,
 }
 
