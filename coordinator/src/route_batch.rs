@@ -9,7 +9,7 @@
 //!
 //! An entry's lease in its pair runs out unless it is written again. An
 //! idle node's reports change nothing, so its entries are renewed by a
-//! sweep ([`RouteBatcher::sweep`]) of those written long enough ago whose
+//! sweep ([`sweep`]) of those written long enough ago whose
 //! node reported since (a node gone silent is left to expire, as
 //! before). Each pair's renewals go together: one call per pair and
 //! sweep (per [`MAX_ENTRIES`] nodes), however many of its nodes are idle,
