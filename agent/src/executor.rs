@@ -30,9 +30,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lingua_shared::protocol::{Device, FailureCode, JobAssign, Outcome};
+use lingua_shared::{JobKind, LangPair, RawJson};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use serde_json::{Value, json};
+use serde::Serialize;
+
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
@@ -142,11 +144,11 @@ impl Executor {
                     tokio::time::sleep(*duration).await;
                 }
                 Outcome::Completed {
-                    output: json!({
-                        "simulated": true,
-                        "kind": job.kind,
-                        "pair": job.pair,
-                        "payload": job.payload,
+                    output: RawJson::of(&Simulated {
+                        kind: &job.kind,
+                        pair: job.pair,
+                        payload: &job.payload,
+                        simulated: true,
                     }),
                 }
             }
@@ -173,7 +175,21 @@ fn gpu_url(template: &str, gpu: Option<&Placement>) -> String {
         .replace("{gpu_index}", &index)
 }
 
-async fn http(client: &reqwest::Client, url: &str, timeout: Duration, payload: &Value) -> Outcome {
+/// A simulated job's output: what it was asked to do.
+#[derive(Serialize)]
+struct Simulated<'a> {
+    kind: &'a JobKind,
+    pair: LangPair,
+    payload: &'a RawJson,
+    simulated: bool,
+}
+
+async fn http(
+    client: &reqwest::Client,
+    url: &str,
+    timeout: Duration,
+    payload: &RawJson,
+) -> Outcome {
     let response = match client.post(url).timeout(timeout).json(payload).send().await {
         Ok(response) => response,
         Err(err) if err.is_timeout() => {
@@ -247,7 +263,7 @@ impl Drop for GroupKiller {
 async fn command(
     argv: &[String],
     timeout: Duration,
-    payload: &Value,
+    payload: &RawJson,
     (gpu, device): (Option<&Placement>, Device),
     on_spawn: &(dyn Fn(u32) + Sync),
 ) -> Outcome {
@@ -290,7 +306,7 @@ async fn command(
             .and_then(|id| i32::try_from(id).ok())
             .map(Pid::from_raw),
     );
-    let input = payload.to_string();
+    let input = payload.get();
     let mut stdin = child.stdin.take();
     let mut stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
@@ -361,7 +377,18 @@ mod tests {
     use lingua_shared::protocol::DeviceChoice;
     use lingua_shared::{JobId, JobKind};
 
+    use serde_json::{Value, json};
+
     use super::*;
+
+    /// A completed job's output, parsed (an executor's text keeps its own
+    /// spacing and key order).
+    fn output(outcome: Outcome) -> Value {
+        match outcome {
+            Outcome::Completed { output } => output.to_value(),
+            failed => panic!("not completed: {failed:?}"),
+        }
+    }
 
     fn job(payload: Value) -> JobAssign {
         JobAssign {
@@ -370,7 +397,7 @@ mod tests {
             kind: JobKind::new("mt").unwrap(),
             pair: "zh:en".parse().unwrap(),
             session_id: None,
-            payload,
+            payload: RawJson::of(&payload),
             timeout_ms: 1000,
             device: DeviceChoice::Any,
             answer_within_ms: None,
@@ -407,12 +434,7 @@ mod tests {
         let outcome = executor
             .run(&job(json!({"text": "你好"})), (None, Device::Cpu), &|_| ())
             .await;
-        assert_eq!(
-            outcome,
-            Outcome::Completed {
-                output: json!({"got": {"text": "你好"}})
-            }
-        );
+        assert_eq!(output(outcome), json!({"got": {"text": "你好"}}));
     }
 
     #[tokio::test]
@@ -430,19 +452,15 @@ mod tests {
             .await;
         let uuid = "GPU-8e6a3b7e-0000-4000-8000-000000000003";
         assert_eq!(
-            outcome,
-            Outcome::Completed {
-                output: json!({"cuda": uuid, "nvidia": uuid, "uuid": uuid, "index": "3", "device": "gpu"})
-            }
+            output(outcome),
+            json!({"cuda": uuid, "nvidia": uuid, "uuid": uuid, "index": "3", "device": "gpu"})
         );
         let outcome = executor
             .run(&job(json!(1)), (None, Device::Cpu), &|_| ())
             .await;
         assert_eq!(
-            outcome,
-            Outcome::Completed {
-                output: json!({"cuda": "", "nvidia": "", "uuid": "", "index": "", "device": "cpu"})
-            }
+            output(outcome),
+            json!({"cuda": "", "nvidia": "", "uuid": "", "index": "", "device": "cpu"})
         );
     }
 
@@ -461,7 +479,7 @@ mod tests {
         };
         let reported = *group.lock().unwrap();
         assert!(reported.is_some());
-        assert_eq!(output.as_u64(), reported.map(u64::from));
+        assert_eq!(output.to_value().as_u64(), reported.map(u64::from));
     }
 
     #[tokio::test]
@@ -476,10 +494,8 @@ mod tests {
             .run(&job(json!({"t": 1})), (Some(&gpu), Device::Gpu), &|_| ())
             .await;
         assert_eq!(
-            outcome,
-            Outcome::Completed {
-                output: json!({"index": "1", "uuid": "MIG-5c1d", "body": {"t": 1}})
-            }
+            output(outcome),
+            json!({"index": "1", "uuid": "MIG-5c1d", "body": {"t": 1}})
         );
     }
 
@@ -610,12 +626,7 @@ mod tests {
         let outcome = http_executor(format!("{base}/echo"), 5000)
             .run(&job(json!({"text": "hi"})), (None, Device::Cpu), &|_| ())
             .await;
-        assert_eq!(
-            outcome,
-            Outcome::Completed {
-                output: json!({"echo": {"text": "hi"}})
-            }
-        );
+        assert_eq!(output(outcome), json!({"echo": {"text": "hi"}}));
         let outcome = http_executor(format!("{base}/fail"), 5000)
             .run(&job(json!(1)), (None, Device::Cpu), &|_| ())
             .await;
@@ -698,7 +709,7 @@ mod tests {
         let Outcome::Completed { output } = running.await else {
             panic!("completes")
         };
-        assert_eq!(output["payload"], json!({"x": 1}));
+        assert_eq!(output.to_value()["payload"], json!({"x": 1}));
         assert_eq!(gpus.snapshot()[0].memory_used_mb, 0);
     }
 }

@@ -472,7 +472,7 @@ mod tests {
             kind: kind(),
             pair: "zh:en".parse().unwrap(),
             session_id: None,
-            payload: json!({}),
+            payload: lingua_shared::RawJson::of(&json!({})),
             timeout_ms,
             device: DeviceChoice::Any,
             answer_within_ms: None,

@@ -729,7 +729,7 @@ library_path = {:?}
             kind: kind("asr"),
             pair: "zh:en".parse().unwrap(),
             session_id: None,
-            payload: serde_json::json!(n),
+            payload: lingua_shared::RawJson::of(&serde_json::json!(n)),
             timeout_ms: 60_000,
             device: DeviceChoice::Gpu,
             answer_within_ms: None,
@@ -849,12 +849,10 @@ async fn command_jobs_are_attributed_their_processes_memory_and_overruns_reporte
     .await;
     release(fifo);
     let result = node.result().await;
-    assert_eq!(
-        result.outcome,
-        Outcome::Completed {
-            output: serde_json::json!({"done": 1})
-        }
-    );
+    let Outcome::Completed { output } = &result.outcome else {
+        panic!("not completed: {:?}", result.outcome)
+    };
+    assert_eq!(output.to_value(), serde_json::json!({"done": 1}));
     assert_eq!(
         node.overruns_metric(),
         "lingua_agent_vram_overruns_total{kind=\"asr\"} 1",
@@ -900,12 +898,11 @@ async fn on_vram_overrun_kill_fails_the_job_and_the_node_keeps_serving() {
     fake.set(&one_gpu(4000, "", &[(pid, 3000)]));
     node.reading_shows(4000).await;
     release(fifo);
-    assert_eq!(
-        node.result().await.outcome,
-        Outcome::Completed {
-            output: serde_json::json!({"done": 2})
-        }
-    );
+    let result = node.result().await;
+    let Outcome::Completed { output } = &result.outcome else {
+        panic!("not completed: {:?}", result.outcome)
+    };
+    assert_eq!(output.to_value(), serde_json::json!({"done": 2}));
     assert_eq!(
         node.overruns_metric(),
         "lingua_agent_vram_overruns_total{kind=\"asr\"} 1"

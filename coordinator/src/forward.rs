@@ -33,6 +33,7 @@ pub enum Envelope {
         /// The node.
         node: NodeId,
         /// The assignment.
+        #[serde(deserialize_with = "assignment")]
         assign: JobAssign,
     },
     /// For the holder of `node`: drain it (an admin asked another
@@ -65,6 +66,15 @@ pub enum Envelope {
         /// What became of it.
         answer: RemoteAnswer,
     },
+}
+
+/// An assignment read from an envelope. Serde reads an internally tagged
+/// enum through a buffer, from which a payload cannot be kept as text
+/// ([`lingua_shared::RawJson`]): the assignment is read again from text
+/// of its own (its payload then comes with its keys sorted).
+fn assignment<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<JobAssign, D::Error> {
+    let value = serde_json::Value::deserialize(deserializer)?;
+    serde_json::from_str(&value.to_string()).map_err(serde::de::Error::custom)
 }
 
 /// What became of a forwarded attempt.
@@ -115,7 +125,7 @@ mod tests {
             kind: lingua_shared::JobKind::new("asr").unwrap(),
             pair: "zh:en".parse().unwrap(),
             session_id: None,
-            payload: serde_json::json!({"text": "hi"}),
+            payload: lingua_shared::RawJson::of(&serde_json::json!({"text": "hi"})),
             timeout_ms: 1000,
             device: lingua_shared::protocol::DeviceChoice::Gpu,
             answer_within_ms: Some(500),

@@ -16,10 +16,11 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use lingua_shared::protocol::{
-    DeviceChoice, FailureCode, JobAssign, JobCancel, JobRef, JobResult, Outcome, RejectReason,
+    Device, DeviceChoice, FailureCode, JobAssign, JobCancel, JobRef, JobResult, Outcome,
+    RejectReason,
 };
 use lingua_shared::sync::lock;
-use lingua_shared::{JobId, JobKind, LangCode, LangPair, Message, NodeId, encoded_len};
+use lingua_shared::{JobId, JobKind, LangCode, LangPair, Message, NodeId, RawJson, encoded_len};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::{Notify, mpsc, watch};
@@ -70,6 +71,7 @@ mod view;
 pub use request::{DEFAULT_PRIORITY, Job, JobRequest};
 pub use submit::Submitted;
 pub use timing::Timing;
+use view::Ended;
 pub use view::{JobErrorCode, JobView};
 
 /// What a dispatch task hears about its current attempt.

@@ -8,6 +8,7 @@
 use std::fmt;
 
 use lingua_shared::{JobId, JobKind, LangPair, NodeId};
+use redis::{RedisWrite, ToRedisArgs};
 
 const PREFIX: &str = "lingua:v1";
 
@@ -70,11 +71,12 @@ impl NodeKeys {
     }
 }
 
-/// The keys of one language pair, all tagged `{<src:tgt>}`, each built
-/// when asked for.
-#[derive(Debug, Clone)]
+/// The keys of one language pair, all tagged `{<src:tgt>}`. Each is a
+/// [`PairKey`]: written into the Redis command that uses it, never built
+/// as a `String` first (a dozen allocations per job, docs/BENCHMARKS.md).
+#[derive(Debug, Clone, Copy)]
 pub struct PairKeys {
-    base: String,
+    pair: LangPair,
 }
 
 /// One routing list of a pair: the nodes with room for a kind on their
@@ -117,78 +119,123 @@ impl fmt::Display for Route {
     }
 }
 
+impl ToRedisArgs for Route {
+    fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
+        out.write_arg_fmt(self);
+    }
+}
+
+/// A key of a pair: `lingua:v1:pair:{<src:tgt>}:<name>[:<part>]`.
+#[derive(Debug, Clone, Copy)]
+pub struct PairKey<'a> {
+    pair: LangPair,
+    name: &'static str,
+    part: Part<'a>,
+}
+
+/// What follows a pair key's name.
+#[derive(Debug, Clone, Copy)]
+enum Part<'a> {
+    None,
+    Route(&'a Route),
+    Text(&'a str),
+}
+
+impl fmt::Display for PairKey<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{PREFIX}:pair:{{{}}}:{}", self.pair, self.name)?;
+        match self.part {
+            Part::None => Ok(()),
+            Part::Route(route) => write!(f, ":{route}"),
+            Part::Text(text) => write!(f, ":{text}"),
+        }
+    }
+}
+
+impl ToRedisArgs for PairKey<'_> {
+    fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
+        out.write_arg_fmt(self);
+    }
+}
+
 impl PairKeys {
     /// The keys of `pair`.
     pub fn new(pair: LangPair) -> Self {
-        Self {
-            base: format!("{PREFIX}:pair:{{{pair}}}"),
+        Self { pair }
+    }
+
+    fn key<'a>(&self, name: &'static str, part: Part<'a>) -> PairKey<'a> {
+        PairKey {
+            pair: self.pair,
+            name,
+            part,
         }
     }
 
     /// HASH node -> pool id.
-    pub fn members(&self) -> String {
-        format!("{}:members", self.base)
+    pub fn members(&self) -> PairKey<'static> {
+        self.key("members", Part::None)
     }
 
     /// ZSET pool id -> number of members (non-empty pools).
-    pub fn pools(&self) -> String {
-        format!("{}:pools", self.base)
+    pub fn pools(&self) -> PairKey<'static> {
+        self.key("pools", Part::None)
     }
 
     /// ZSET pool id -> number of members, only pools with room.
-    pub fn room(&self) -> String {
-        format!("{}:room", self.base)
+    pub fn room(&self) -> PairKey<'static> {
+        self.key("room", Part::None)
     }
 
     /// STRING counter for new pool ids.
-    pub fn next_pool(&self) -> String {
-        format!("{}:next_pool", self.base)
+    pub fn next_pool(&self) -> PairKey<'static> {
+        self.key("next_pool", Part::None)
     }
 
     /// ZSET node -> lease deadline in ms.
-    pub fn leases(&self) -> String {
-        format!("{}:leases", self.base)
+    pub fn leases(&self) -> PairKey<'static> {
+        self.key("leases", Part::None)
     }
 
     /// ZSET node -> lease deadline: nodes with free slots on `route`.
-    pub fn route(&self, route: &Route) -> String {
-        format!("{}:route:{route}", self.base)
+    pub fn route<'a>(&self, route: &'a Route) -> PairKey<'a> {
+        self.key("route", Part::Route(route))
     }
 
     /// HASH node -> free slots on `route`.
-    pub fn free(&self, route: &Route) -> String {
-        format!("{}:free:{route}", self.base)
+    pub fn free<'a>(&self, route: &'a Route) -> PairKey<'a> {
+        self.key("free", Part::Route(route))
     }
 
     /// ZSET node -> lease deadline: nodes that serve `route`, room or not.
-    pub fn served(&self, route: &Route) -> String {
-        format!("{}:served:{route}", self.base)
+    pub fn served<'a>(&self, route: &'a Route) -> PairKey<'a> {
+        self.key("served", Part::Route(route))
     }
 
     /// ZSET instance -> deadline (ms): coordinator instances with jobs
     /// waiting for room in the pair, to be told when a routing update
     /// shows some.
-    pub fn waiting(&self) -> String {
-        format!("{}:waiting", self.base)
+    pub fn waiting(&self) -> PairKey<'static> {
+        self.key("waiting", Part::None)
     }
 
     /// HASH node -> its room (JSON of `lingua_shared::room::Room`), for
     /// nodes that report one: every kind's hint shrinks when any kind is
     /// assigned there.
-    pub fn memory(&self) -> String {
-        format!("{}:memory", self.base)
+    pub fn memory(&self) -> PairKey<'static> {
+        self.key("memory", Part::None)
     }
 
     /// STRING: the node that served `session` last (empty session: a key
     /// nobody writes).
-    pub fn session(&self, session: &str) -> String {
-        format!("{}:session:{session}", self.base)
+    pub fn session<'a>(&self, session: &'a str) -> PairKey<'a> {
+        self.key("session", Part::Text(session))
     }
 
     /// HASH: job `id` of the pair, in the pair's slot so that the pick
     /// that chooses its node records its attempt.
-    pub fn job(&self, id: &JobId) -> String {
-        format!("{}:job:{id}", self.base)
+    pub fn job<'a>(&self, id: &'a JobId) -> PairKey<'a> {
+        self.key("job", Part::Text(id.as_str()))
     }
 }
 
@@ -210,13 +257,28 @@ mod tests {
         let pair = PairKeys::new("zh:en".parse().unwrap());
         let asr = JobKind::new("asr").unwrap();
         assert_eq!(
-            pair.route(&Route::gpu(&asr)),
+            pair.route(&Route::gpu(&asr)).to_string(),
             "lingua:v1:pair:{zh:en}:route:asr"
         );
         assert_eq!(
-            pair.free(&Route::fallback(&asr)),
+            pair.free(&Route::fallback(&asr)).to_string(),
             "lingua:v1:pair:{zh:en}:free:asr@cpu"
         );
-        assert_eq!(pair.members(), "lingua:v1:pair:{zh:en}:members");
+        assert_eq!(pair.members().to_string(), "lingua:v1:pair:{zh:en}:members");
+        let id = JobId::new("sess-9:utt-3").unwrap();
+        assert_eq!(
+            pair.job(&id).to_string(),
+            "lingua:v1:pair:{zh:en}:job:sess-9:utt-3"
+        );
+        assert_eq!(
+            pair.session("s-1").to_string(),
+            "lingua:v1:pair:{zh:en}:session:s-1"
+        );
+        let mut cmd = redis::cmd("GET");
+        cmd.arg(pair.leases());
+        assert_eq!(
+            cmd.get_packed_command(),
+            b"*2\r\n$3\r\nGET\r\n$29\r\nlingua:v1:pair:{zh:en}:leases\r\n"
+        );
     }
 }

@@ -25,7 +25,7 @@ pub struct OutcomeLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ScriptLabel {
     /// The script's file name without `.lua`.
-    pub script: String,
+    pub script: &'static str,
 }
 
 /// Label: a protocol error code.
@@ -39,14 +39,14 @@ pub struct CodeLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
     /// `applied`, `duplicate` or `stale`.
-    pub outcome: String,
+    pub outcome: &'static str,
 }
 
 /// Label: a job's terminal status.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct JobLabel {
     /// `completed`, or the error code.
-    pub status: String,
+    pub status: &'static str,
 }
 
 /// Label: a pool.
@@ -79,7 +79,7 @@ pub struct KindLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StageLabel {
     /// The stage.
-    pub stage: String,
+    pub stage: &'static str,
 }
 
 /// Label: a frame on a node socket.
@@ -352,20 +352,16 @@ fn register<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, 
 
 impl Metrics {
     /// Records one script call's latency.
-    pub fn observe_script(&self, script: &str, elapsed: Duration) {
+    pub fn observe_script(&self, script: &'static str, elapsed: Duration) {
         self.script_seconds
-            .get_or_create(&ScriptLabel {
-                script: script.to_owned(),
-            })
+            .get_or_create(&ScriptLabel { script })
             .observe(elapsed.as_secs_f64());
     }
 
     /// Records how long one job spent in one `stage` of its dispatch.
-    pub fn stage(&self, stage: &str, took: Duration) {
+    pub fn stage(&self, stage: &'static str, took: Duration) {
         self.stage_seconds
-            .get_or_create(&StageLabel {
-                stage: stage.to_owned(),
-            })
+            .get_or_create(&StageLabel { stage })
             .observe(took.as_secs_f64());
     }
 
@@ -404,7 +400,7 @@ impl Metrics {
     /// error code) after `latency_ms`, with its failure when it failed.
     pub fn job_ended(
         &self,
-        (kind, status): (&str, String),
+        (kind, status): (&str, &'static str),
         latency_ms: u64,
         failure: Option<FailedJob>,
     ) {

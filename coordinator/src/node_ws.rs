@@ -453,7 +453,7 @@ async fn handle<'a>(
             services
                 .router
                 .result_arrived((&session.node, session.epoch), &key);
-            results.record(&services.router, &session.node, result);
+            results.record(&services.router, &session.node, (key, result));
             Ok(Handled::Fine)
         }
         other @ (Message::Register(_)

@@ -14,14 +14,16 @@ use lingua_shared::{JobId, JobKind, LangPair, NodeId};
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::{FromRedisValue, RedisFuture, Script, ScriptInvocation, TlsCertificates, Value};
+use redis::{FromRedisValue, RedisFuture, Script, TlsCertificates, Value};
 use serde::Serialize;
 
 use crate::config::PickPolicy;
 pub use crate::keys::Route;
-use crate::keys::{self, InstanceKeys, NodeKeys, PairKeys};
+use crate::keys::{self, InstanceKeys, NodeKeys, PairKey, PairKeys};
 use crate::metrics::Metrics;
+use call::Call;
 
+mod call;
 mod instances;
 mod jobs;
 mod nodes;
@@ -454,11 +456,11 @@ impl Store {
     async fn invoke<T: FromRedisValue>(
         &self,
         name: &'static str,
-        invocation: ScriptInvocation<'_>,
+        call: &Call<'_>,
     ) -> Result<T, StoreError> {
         let mut conn = self.conn.clone();
         let started = Instant::now();
-        let reply = invocation.invoke_async(&mut conn).await;
+        let reply = call.run(&mut conn).await;
         self.metrics.observe_script(name, started.elapsed());
         Ok(reply?)
     }
@@ -469,7 +471,7 @@ fn millis(duration: Duration) -> u64 {
 }
 
 fn text(value: &Value) -> Option<String> {
-    String::from_redis_value(value.clone()).ok()
+    String::from_redis_value_ref(value).ok()
 }
 
 fn json_list<T: serde::de::DeserializeOwned>(value: &Value) -> Vec<T> {

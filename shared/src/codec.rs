@@ -106,11 +106,22 @@ struct Tag<'a> {
 /// where the tree refuses the frame: the one difference, and a harmless
 /// one.
 fn fast(frame: &[u8]) -> Option<Message> {
-    fn read<T: DeserializeOwned>(frame: &[u8], message: fn(T) -> Message) -> Option<Message> {
-        serde_json::from_slice(frame).ok().map(message)
-    }
     let tag: Tag<'_> = serde_json::from_str(object_text(frame)?).ok()?;
-    match tag.ty.as_ref() {
+    typed(frame, &tag.ty)?.ok()
+}
+
+/// A frame read as the message its `type` names (`None`: no type of that
+/// name). Straight from the frame's text, never from a `Value`: payloads
+/// and outputs are kept as text ([`crate::RawJson`]), which only a reader
+/// of text can do.
+fn typed(frame: &[u8], ty: &str) -> Option<Result<Message, serde_json::Error>> {
+    fn read<T: DeserializeOwned>(
+        frame: &[u8],
+        message: fn(T) -> Message,
+    ) -> Option<Result<Message, serde_json::Error>> {
+        Some(serde_json::from_slice(frame).map(message))
+    }
+    match ty {
         "register" => read(frame, Message::Register),
         "register_ack" => read(frame, Message::RegisterAck),
         "heartbeat" => read(frame, Message::Heartbeat),
@@ -174,7 +185,10 @@ fn explain(frame: &[u8]) -> Result<Message, DecodeError> {
         .into_iter()
         .find(|known| *known == ty)
         .ok_or_else(|| DecodeError::UnknownType(clip(ty)))?;
-    Message::deserialize(value).map_err(|source| DecodeError::Invalid { ty, source })
+    match typed(frame, ty) {
+        Some(read) => read.map_err(|source| DecodeError::Invalid { ty, source }),
+        None => Err(DecodeError::UnknownType(clip(ty))),
+    }
 }
 
 /// Encodes a message as a JSON text frame.
@@ -222,6 +236,8 @@ fn clip(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
+
+    use crate::RawJson;
 
     use proptest::prelude::*;
 
@@ -298,7 +314,7 @@ mod tests {
                 kind: JobKind::new("translate").unwrap(),
                 pair: "zh:en".parse().unwrap(),
                 session_id: Some("sess".into()),
-                payload: json!({"text": "你好"}),
+                payload: RawJson::of(&json!({"text": "你好"})),
                 timeout_ms: 30000,
                 device: DeviceChoice::Gpu,
                 answer_within_ms: Some(2000),
@@ -317,7 +333,7 @@ mod tests {
                 job_id: job_id.clone(),
                 attempt: 1,
                 outcome: Outcome::Completed {
-                    output: json!({"text": "hello"}),
+                    output: RawJson::of(&json!({"text": "hello"})),
                 },
                 duration_ms: 12,
                 device: Some(Device::Cpu),

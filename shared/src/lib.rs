@@ -34,6 +34,7 @@ pub mod lang;
 pub mod metrics;
 pub mod process;
 pub mod protocol;
+pub mod raw;
 pub mod room;
 pub mod sync;
 pub mod systemd;
@@ -45,3 +46,4 @@ pub use codec::{
 pub use ids::{IdError, JobId, JobKind, NodeId};
 pub use lang::{LangCode, LangError, LangPair};
 pub use protocol::{Message, PROTOCOL_VERSION};
+pub use raw::RawJson;

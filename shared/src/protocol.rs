@@ -11,10 +11,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::ids::{JobId, JobKind, NodeId};
 use crate::lang::{LangCode, LangPair};
+use crate::raw::RawJson;
 use crate::room::Room;
 
 /// The newest protocol version this build speaks.
@@ -26,8 +26,10 @@ pub const RESULT_ANSWERS_VERSION: u32 = 3;
 /// The oldest protocol version this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u32 = 1;
 
-/// One protocol message. The serde tag `type` is the snake_case variant name.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One protocol message. The serde tag `type` is the snake_case variant
+/// name. Frames are read by [`crate::codec::decode`], which reads the
+/// variant its `type` names straight from the text.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Message {
     /// node -> coordinator: the first frame of a connection.
@@ -277,8 +279,8 @@ pub struct JobAssign {
     /// The client's session, for logs and local caches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_id: Option<String>,
-    /// Opaque input for the executor.
-    pub payload: Value,
+    /// Opaque input for the executor, as the client sent it.
+    pub payload: RawJson,
     /// How long the job may run on the node before it is stopped: the time
     /// left to its deadline.
     pub timeout_ms: u64,
@@ -367,14 +369,16 @@ pub struct JobReject {
     pub message: String,
 }
 
-/// How a job ended on the node.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// How a job ended on the node. Read by hand (below), not by serde's
+/// internally tagged enums, which buffer every field and cannot carry an
+/// output as text.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum Outcome {
     /// The executor produced output.
     Completed {
-        /// The executor's output.
-        output: Value,
+        /// The executor's output, as it wrote it.
+        output: RawJson,
     },
     /// The job did not produce output.
     Failed {
@@ -398,6 +402,45 @@ pub enum FailureCode {
     /// A code newer than this build.
     #[serde(other)]
     Other,
+}
+
+impl<'de> Deserialize<'de> for Outcome {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        #[derive(Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        enum Status {
+            Completed,
+            Failed,
+        }
+        /// Every field of either variant; unknown ones are skipped.
+        #[derive(Deserialize)]
+        struct Fields {
+            status: Status,
+            #[serde(default, deserialize_with = "present")]
+            output: Option<RawJson>,
+            code: Option<FailureCode>,
+            message: Option<String>,
+        }
+        /// `output: null` is an output (`null`), not a missing one.
+        fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<RawJson>, D::Error> {
+            RawJson::deserialize(d).map(Some)
+        }
+        let fields = Fields::deserialize(deserializer)?;
+        match fields.status {
+            Status::Completed => Ok(Outcome::Completed {
+                output: fields
+                    .output
+                    .ok_or_else(|| D::Error::missing_field("output"))?,
+            }),
+            Status::Failed => Ok(Outcome::Failed {
+                code: fields.code.ok_or_else(|| D::Error::missing_field("code"))?,
+                message: fields
+                    .message
+                    .ok_or_else(|| D::Error::missing_field("message"))?,
+            }),
+        }
+    }
 }
 
 /// node -> coordinator: a job attempt finished.
@@ -494,11 +537,49 @@ mod tests {
     }
 
     #[test]
+    fn an_outcome_keeps_its_output_as_written_and_names_what_is_missing() {
+        let read = |text: &str| serde_json::from_str::<Outcome>(text);
+        let Ok(Outcome::Completed { output }) =
+            read(r#"{"status": "completed", "output": {"b": 1.50,  "a": null}, "extra": 1}"#)
+        else {
+            panic!("a completed outcome reads")
+        };
+        assert_eq!(output.get(), r#"{"b": 1.50,  "a": null}"#);
+        let Ok(Outcome::Completed { output }) = read(r#"{"status": "completed", "output": null}"#)
+        else {
+            panic!("a null output is an output")
+        };
+        assert_eq!(output.get(), "null");
+        let missing = read(r#"{"status": "completed"}"#).unwrap_err().to_string();
+        assert!(missing.contains("missing field `output`"), "{missing}");
+        assert_eq!(
+            read(r#"{"status": "failed", "code": "timeout", "message": "slow"}"#).unwrap(),
+            Outcome::Failed {
+                code: FailureCode::Timeout,
+                message: "slow".into()
+            }
+        );
+        assert_eq!(
+            read(r#"{"status": "failed", "code": "from_the_future", "message": "?"}"#).unwrap(),
+            Outcome::Failed {
+                code: FailureCode::Other,
+                message: "?".into()
+            }
+        );
+        let missing = read(r#"{"status": "failed", "message": "m"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(missing.contains("missing field `code`"), "{missing}");
+        let unknown = read(r#"{"status": "exploded"}"#).unwrap_err().to_string();
+        assert!(unknown.contains("unknown variant `exploded`"), "{unknown}");
+    }
+
+    #[test]
     fn type_names_match_the_serde_tags() {
         let message = Message::Drain(Drain {
             reason: "maintenance".into(),
         });
-        let json: Value = serde_json::to_value(&message).unwrap();
+        let json: serde_json::Value = serde_json::to_value(&message).unwrap();
         assert_eq!(json["type"], message.type_name());
     }
 }

@@ -815,7 +815,13 @@ async fn a_job_is_recorded_by_its_first_pick_idempotently_and_fenced_by_attempt(
             (store.clone(), id.clone(), done.clone(), reporter.clone());
         async move {
             store
-                .job_finish((zh_en, &id), (Some(&reporter), attempt), true, &done, LEASE)
+                .job_finish(
+                    (zh_en, &id),
+                    (Some(&reporter), attempt),
+                    true,
+                    &done.to_string(),
+                    LEASE,
+                )
                 .await
                 .unwrap()
         }
@@ -853,13 +859,7 @@ async fn a_job_is_recorded_by_its_first_pick_idempotently_and_fenced_by_attempt(
     let unknown = JobId::new("unknown").unwrap();
     assert_eq!(
         store
-            .job_finish(
-                (zh_en, &unknown),
-                (Some(&first), 1),
-                true,
-                &serde_json::json!({}),
-                LEASE
-            )
+            .job_finish((zh_en, &unknown), (Some(&first), 1), true, "{}", LEASE)
             .await
             .unwrap(),
         Finish::Stale
@@ -989,7 +989,7 @@ async fn only_a_job_running_past_its_deadline_and_grace_expires() {
         let (store, id, failed) = (store.clone(), id.clone(), failed.clone());
         async move {
             store
-                .job_expire((zh_en, &id), grace, &failed, LEASE)
+                .job_expire((zh_en, &id), grace, &failed.to_string(), LEASE)
                 .await
                 .unwrap()
         }
@@ -1009,7 +1009,13 @@ async fn only_a_job_running_past_its_deadline_and_grace_expires() {
     let node = record.node.map(|n| NodeId::new(n).unwrap()).unwrap();
     assert_eq!(
         store
-            .job_finish((zh_en, &due), (Some(&node), 1), true, &done, LEASE)
+            .job_finish(
+                (zh_en, &due),
+                (Some(&node), 1),
+                true,
+                &done.to_string(),
+                LEASE
+            )
             .await
             .unwrap(),
         Finish::Duplicate,

@@ -736,6 +736,57 @@ duration_ms = 300
     coordinator.stop().await;
 }
 
+#[tokio::test]
+async fn payloads_and_outputs_pass_through_as_written() {
+    let redis = lingua_tests::redis().await;
+    let coordinator = TestCoordinator::start(&redis, test_config()).await;
+    let register = registration("verbatim", &["zh"], &["en"]);
+    let (mut node, _) = TestNode::register(&coordinator.ws_url(), register).await;
+    // Spacing, key order and a number's form that a parse and a rewrite
+    // would each change.
+    let payload = r#"{"z": [1, "二"],  "a": {"n": 1.50}}"#;
+    let body = format!(
+        r#"{{"id": "verbatim-1", "kind": "translate", "src_lang": "zh", "tgt_lang": "en", "timeout_ms": 20000, "payload": {payload}}}"#
+    );
+    let submit = |body: String| {
+        let url = coordinator.url("/v1/jobs");
+        async move {
+            let answer = reqwest::Client::new()
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            (answer.status().as_u16(), answer.text().await.unwrap())
+        }
+    };
+    let submitted = tokio::spawn(submit(body.clone()));
+    let assign = next_assign(&mut node).await;
+    assert_eq!(assign.payload.get(), payload);
+    let output = r#"{"zz": 2.50,  "aa": [ ]}"#;
+    node.send_raw(format!(
+        r#"{{"type": "job_result", "job_id": "verbatim-1", "attempt": {}, "duration_ms": 1, "outcome": {{"status": "completed", "output": {output}}}}}"#,
+        assign.attempt
+    ))
+    .await;
+    let (status, answer) = submitted.await.unwrap();
+    assert_eq!(status, 200, "{answer}");
+    assert!(
+        answer.contains(&format!(r#""output":{output}"#)),
+        "{answer}"
+    );
+    // The same body again is the same job; the payload written otherwise
+    // is another body.
+    let (status, again) = submit(body.clone()).await;
+    assert_eq!(status, 200, "{again}");
+    assert!(again.contains(r#""status":"completed""#), "{again}");
+    let (status, other) = submit(body.replace("1.50", "1.5")).await;
+    assert_eq!(status, 409, "{other}");
+    node.close().await;
+    coordinator.stop().await;
+}
+
 /// The node's next `job_assign`, skipping other frames.
 async fn next_assign(node: &mut TestNode) -> JobAssign {
     loop {
@@ -807,7 +858,7 @@ async fn a_refusal_moves_a_job_on_without_using_up_its_attempts() {
         job_id: second.job_id,
         attempt: second.attempt,
         outcome: Outcome::Completed {
-            output: json!({"text": "hello"}),
+            output: lingua_shared::RawJson::of(&json!({"text": "hello"})),
         },
         duration_ms: 1,
         device: None,

@@ -134,7 +134,7 @@ async fn a_node_cannot_record_the_result_of_a_job_assigned_to_another() {
             job_id: attempt.job_id.clone(),
             attempt: attempt.attempt,
             outcome: Outcome::Completed {
-                output: json!({"text": text}),
+                output: lingua_shared::RawJson::of(&json!({"text": text})),
             },
             duration_ms: 1,
             device: None,

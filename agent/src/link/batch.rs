@@ -209,7 +209,7 @@ mod tests {
             job_id: JobId::new(id).unwrap(),
             attempt,
             outcome: Outcome::Completed {
-                output: serde_json::json!({}),
+                output: lingua_shared::RawJson::of(&serde_json::json!({})),
             },
             duration_ms: 0,
             device: None,

@@ -83,25 +83,11 @@ impl JobRouter {
     /// A node reported a result: record it (fenced by node and attempt),
     /// wake the dispatcher, and say whether the node may drop it from its
     /// outbox.
-    pub async fn result(&self, node: &NodeId, result: &JobResult) -> Result<Taken, StoreError> {
-        let (completed, mut outcome) = match &result.outcome {
-            Outcome::Completed { output } => (true, json!({"output": output})),
-            Outcome::Failed { code, message } => {
-                let code = match code {
-                    FailureCode::Timeout => JobErrorCode::Timeout,
-                    FailureCode::Cancelled => JobErrorCode::Cancelled,
-                    FailureCode::ExecutorFailed | FailureCode::Other => {
-                        JobErrorCode::ExecutorFailed
-                    }
-                };
-                (false, json!({"error": {"code": code, "message": message}}))
-            }
-        };
-        if let Some(device) = result.device {
-            outcome["device"] = json!(device);
-        }
+    pub async fn result(&self, node: &NodeId, result: JobResult) -> Result<Taken, StoreError> {
+        let completed = matches!(result.outcome, Outcome::Completed { .. });
+        let ended = Ended::reported(result.outcome, result.device);
         let key = JobRef {
-            job_id: result.job_id.clone(),
+            job_id: result.job_id,
             attempt: result.attempt,
         };
         let Some(pair) = self.pair_of(&key).await? else {
@@ -112,14 +98,14 @@ impl JobRouter {
         let finish = self
             .store
             .job_finish(
-                (pair, &result.job_id),
-                (Some(node), result.attempt),
+                (pair, &key.job_id),
+                (Some(node), key.attempt),
                 completed,
-                &outcome,
+                &ended.recorded(),
                 self.config.result_ttl,
             )
             .await?;
-        tracing::debug!(job_id = %result.job_id, attempt = result.attempt, node_id = %node, ?finish, "job result");
+        tracing::debug!(job_id = %key.job_id, attempt = key.attempt, node_id = %node, ?finish, "job result");
         self.count_result(match &finish {
             Finish::Applied { .. } => "applied",
             Finish::Duplicate => "duplicate",
@@ -143,7 +129,7 @@ impl JobRouter {
             };
             let view = JobView::ended(
                 &key.job_id,
-                (status, outcome),
+                (status, ended),
                 (Some(node.to_string()), key.attempt),
                 latency_ms,
             );
@@ -176,12 +162,10 @@ impl JobRouter {
         self.store.job_pair(&key.job_id).await
     }
 
-    fn count_result(&self, outcome: &str) {
+    fn count_result(&self, outcome: &'static str) {
         self.metrics
             .results
-            .get_or_create(&ResultLabel {
-                outcome: outcome.into(),
-            })
+            .get_or_create(&ResultLabel { outcome })
             .inc();
     }
 

@@ -299,7 +299,7 @@ impl JobRouter {
                 (job.pair, &job.id),
                 (None, state.attempt),
                 false,
-                &outcome,
+                &outcome.recorded(),
                 self.config.result_ttl,
             )
             .await;

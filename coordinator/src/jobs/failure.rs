@@ -29,12 +29,15 @@ impl Failure {
 
     /// The outcome as stored: `{"error": {"code", "message",
     /// "retry_after_ms"?}}`.
-    pub(super) fn outcome(&self) -> Value {
+    pub(super) fn outcome(&self) -> Ended {
         let mut error = json!({"code": self.code, "message": self.message});
         if let Some(wait) = self.retry_after {
             error["retry_after_ms"] = json!(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX));
         }
-        json!({ "error": error })
+        Ended {
+            error: Some(error),
+            ..Ended::default()
+        }
     }
 }
 
@@ -46,11 +49,14 @@ mod tests {
     fn a_failure_with_a_retry_after_stores_it_in_ms() {
         let failure = Failure::new(JobErrorCode::NoCapacity, "full".into())
             .retry_after(Duration::from_millis(1500));
+        let recorded = |failure: &Failure| -> Value {
+            serde_json::from_str(&failure.outcome().recorded()).unwrap()
+        };
         assert_eq!(
-            failure.outcome(),
+            recorded(&failure),
             json!({"error": {"code": "no_capacity", "message": "full", "retry_after_ms": 1500}})
         );
-        let plain = Failure::new(JobErrorCode::Timeout, "late".into()).outcome();
-        assert_eq!(plain["error"].get("retry_after_ms"), None);
+        let plain = Failure::new(JobErrorCode::Timeout, "late".into());
+        assert_eq!(recorded(&plain)["error"].get("retry_after_ms"), None);
     }
 }

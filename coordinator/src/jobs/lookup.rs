@@ -60,7 +60,7 @@ impl JobRouter {
             .job_expire(
                 (pair, id),
                 Duration::from_millis(ORPHAN_GRACE_MS),
-                &outcome,
+                &outcome.to_string(),
                 self.config.result_ttl,
             )
             .await?

@@ -17,9 +17,9 @@ pub struct JobRequest {
     pub tgt_lang: String,
     /// Session, for affinity.
     pub session_id: Option<String>,
-    /// Opaque input.
+    /// Opaque input, kept as the text it came as.
     #[serde(default)]
-    pub payload: Value,
+    pub payload: RawJson,
     /// Time limit; the config's default when absent.
     pub timeout_ms: Option<u64>,
     /// Order in the admission queue, 0-100 (higher first); 50 when absent.
@@ -48,8 +48,8 @@ pub struct Job {
     pub pair: LangPair,
     /// Its session.
     pub session: Option<String>,
-    /// Its payload.
-    pub payload: Value,
+    /// Its payload, as the client wrote it.
+    pub payload: RawJson,
     /// Its time limit.
     pub timeout: Duration,
     /// Who submitted it: a client token's fingerprint, empty for admins.
@@ -150,28 +150,43 @@ impl Job {
     /// a different canonical request is a conflict.
     /// The owner is part of it: another client reusing the id conflicts
     /// instead of reading someone else's job.
+    /// Its fields in the order of their names, as a JSON object's keys
+    /// sort, and the payload as the client wrote it: a resubmission with
+    /// the payload written otherwise (other spacing, other key order) is
+    /// another body.
     pub(super) fn canonical(&self) -> String {
-        let mut request = json!({
-            "kind": self.kind,
-            "pair": self.pair,
-            "session_id": self.session,
-            "payload": self.payload,
-            "timeout_ms": self.timeout.as_millis() as u64,
-        });
-        if !self.owner.is_empty() {
-            request["owner"] = json!(self.owner);
-        }
-        if self.explicit.0 {
-            request["priority"] = json!(self.priority);
-        }
-        if self.explicit.1 {
-            request["tenant"] = json!(self.tenant);
-        }
-        if self.device == DeviceChoice::Gpu {
-            request["device"] = json!(self.device);
-        }
-        request.to_string()
+        let request = Canonical {
+            device: (self.device == DeviceChoice::Gpu).then_some(self.device),
+            kind: &self.kind,
+            owner: Some(self.owner.as_str()).filter(|owner| !owner.is_empty()),
+            pair: self.pair,
+            payload: &self.payload,
+            priority: self.explicit.0.then_some(self.priority),
+            session_id: self.session.as_deref(),
+            tenant: self.explicit.1.then_some(self.tenant.as_str()),
+            timeout_ms: u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX),
+        };
+        // Strings, numbers and a JSON value: serialisation cannot fail.
+        serde_json::to_string(&request).unwrap_or_default()
     }
+}
+
+/// A job's canonical request: see [`Job::canonical`].
+#[derive(Serialize)]
+struct Canonical<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    device: Option<DeviceChoice>,
+    kind: &'a JobKind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    owner: Option<&'a str>,
+    pair: LangPair,
+    payload: &'a RawJson,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    priority: Option<u8>,
+    session_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tenant: Option<&'a str>,
+    timeout_ms: u64,
 }
 
 impl Job {
@@ -185,12 +200,12 @@ impl Job {
             kind: self.kind.clone(),
             pair: self.pair,
             session_id: self.session.clone(),
-            payload: Value::Null,
+            payload: RawJson::default(),
             timeout_ms: u64::MAX,
             device: DeviceChoice::Gpu,
             answer_within_ms: Some(u64::MAX),
         });
-        encoded_len(&envelope) - "null".len() + encoded_len(&self.payload)
+        encoded_len(&envelope) - "null".len() + self.payload.get().len()
     }
 }
 
@@ -200,4 +215,37 @@ pub(super) fn owner_of(request: &str) -> String {
         .ok()
         .and_then(|r| r["owner"].as_str().map(str::to_owned))
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(body: &str, owner: &str) -> Job {
+        let request: JobRequest = serde_json::from_str(body).unwrap();
+        Job::from_request(request, Duration::from_secs(30), owner.into()).unwrap()
+    }
+
+    /// Records hold the canonical text of the request that made them: a
+    /// resubmission is compared with it, byte for byte. Its fields are
+    /// written in one order whatever the body's; the payload goes in as
+    /// the client wrote it.
+    #[test]
+    fn the_canonical_request_is_the_text_records_hold() {
+        let full = job(
+            r#"{"timeout_ms": 5000, "id": "a-1", "kind": "translate", "src_lang": "zh",
+                "tgt_lang": "en", "session_id": "s-1", "payload": {"z": [1, "二"], "a": null},
+                "priority": 70, "tenant": "team-a", "device": "gpu"}"#,
+            "9f2c",
+        );
+        assert_eq!(
+            full.canonical(),
+            r#"{"device":"gpu","kind":"translate","owner":"9f2c","pair":"zh:en","payload":{"z": [1, "二"], "a": null},"priority":70,"session_id":"s-1","tenant":"team-a","timeout_ms":5000}"#
+        );
+        let bare = job(r#"{"kind": "asr", "src_lang": "en", "tgt_lang": "es"}"#, "");
+        assert_eq!(
+            bare.canonical(),
+            r#"{"kind":"asr","pair":"en:es","payload":null,"session_id":null,"timeout_ms":30000}"#
+        );
+    }
 }

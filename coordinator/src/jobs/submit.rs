@@ -179,7 +179,8 @@ impl JobRouter {
     /// Counts a job dispatched here that ended (a job followed for another
     /// submission is counted where it was dispatched).
     fn count_ended(&self, job: &Job, view: &JobView) {
-        let failure = view.error_code().map(|code| FailedJob {
+        let code = view.error_code();
+        let failure = code.map(|code| FailedJob {
             id: job.id.to_string(),
             pair: job.pair.to_string(),
             kind: job.kind.to_string(),
@@ -190,9 +191,7 @@ impl JobRouter {
             node_id: view.node_id.clone(),
             at_ms: now_ms(),
         });
-        let status = failure
-            .as_ref()
-            .map_or_else(|| view.status.as_str().to_owned(), |f| f.code.clone());
+        let status = code.map_or(view.status.as_str(), JobErrorCode::as_str);
         let latency_ms = view.latency_ms.unwrap_or(0);
         self.metrics
             .job_ended((job.kind.as_str(), status), latency_ms, failure);

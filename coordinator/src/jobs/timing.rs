@@ -62,14 +62,15 @@ impl Timing {
     }
 
     /// The `Server-Timing` header value: `start;dur=0.412, queue;dur=0,
-    /// …` (milliseconds, as the header counts them).
+    /// …` (milliseconds to the microsecond, as the header counts them).
     pub fn header(&self) -> String {
-        let mut header = String::new();
+        let mut header = String::with_capacity(160);
         for (name, took) in self.stages() {
             if !header.is_empty() {
                 header.push_str(", ");
             }
-            let _ = write!(header, "{name};dur={:.3}", took.as_secs_f64() * 1000.0);
+            let micros = took.as_micros();
+            let _ = write!(header, "{name};dur={}.{:03}", micros / 1000, micros % 1000);
         }
         header
     }

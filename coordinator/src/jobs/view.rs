@@ -61,9 +61,9 @@ pub struct JobView {
     pub device: Option<String>,
     /// Attempts made.
     pub attempts: u32,
-    /// The executor's output, when completed.
+    /// The executor's output, when completed, as the executor wrote it.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub output: Option<Value>,
+    pub output: Option<RawJson>,
     /// Why it failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<Value>,
@@ -76,13 +76,68 @@ pub struct JobView {
     pub timing: Option<Timing>,
 }
 
+/// How a job ended, as its record holds it (`outcome`, the JSON of this)
+/// and its answer shows it.
+#[derive(Debug, Default, Serialize)]
+pub struct Ended {
+    /// The executor's output.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output: Option<RawJson>,
+    /// Why it failed: `code`, `message`, and `retry_after_ms` for a
+    /// failure worth retrying.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<Value>,
+    /// Where it ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<Device>,
+}
+
+impl Ended {
+    /// How a node said a job ended, on `device`.
+    pub fn reported(outcome: Outcome, device: Option<Device>) -> Self {
+        match outcome {
+            Outcome::Completed { output } => Self {
+                output: Some(output),
+                device,
+                ..Self::default()
+            },
+            Outcome::Failed { code, message } => {
+                let code = match code {
+                    FailureCode::Timeout => JobErrorCode::Timeout,
+                    FailureCode::Cancelled => JobErrorCode::Cancelled,
+                    FailureCode::ExecutorFailed | FailureCode::Other => {
+                        JobErrorCode::ExecutorFailed
+                    }
+                };
+                Self {
+                    error: Some(json!({"code": code, "message": message})),
+                    device,
+                    ..Self::default()
+                }
+            }
+        }
+    }
+
+    /// The text stored as the record's `outcome`.
+    pub fn recorded(&self) -> String {
+        // A JSON text, a JSON value and a name: serialisation cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
 impl JobView {
     /// The view of a stored job.
     pub fn from_record(id: &JobId, record: &JobRecord) -> Self {
-        let outcome = record.outcome.clone().unwrap_or(Value::Null);
+        let outcome = record.outcome.as_ref();
+        let field = |name: &str| outcome.and_then(|outcome| outcome.get(name));
+        let ended = Ended {
+            output: field("output").map(RawJson::of),
+            error: field("error").cloned(),
+            device: field("device").and_then(|device| Device::deserialize(device).ok()),
+        };
         let mut view = Self::ended(
             id,
-            (record.status, outcome),
+            (record.status, ended),
             (record.node.clone(), record.attempt),
             0,
         );
@@ -95,19 +150,18 @@ impl JobView {
     /// after it was submitted.
     pub fn ended(
         id: &JobId,
-        (status, mut outcome): (JobStatus, Value),
+        (status, ended): (JobStatus, Ended),
         (node, attempts): (Option<String>, u32),
         latency_ms: u64,
     ) -> Self {
-        let mut take = |field: &str| outcome.get_mut(field).map(Value::take);
         Self {
             id: id.to_string(),
             status,
             node_id: node.filter(|n| !n.is_empty()),
-            device: take("device").and_then(|d| d.as_str().map(str::to_owned)),
+            device: ended.device.map(|device| device.name().to_owned()),
             attempts,
-            output: (status == JobStatus::Completed).then(|| take("output").unwrap_or_default()),
-            error: (status == JobStatus::Failed).then(|| take("error").unwrap_or_default()),
+            output: (status == JobStatus::Completed).then(|| ended.output.unwrap_or_default()),
+            error: (status == JobStatus::Failed).then(|| ended.error.unwrap_or_default()),
             latency_ms: Some(latency_ms),
             timing: None,
         }

@@ -24,8 +24,7 @@ pub(super) const MAX_RECORDING: usize = 16;
 /// How long an acknowledgement may wait for a frame to ride with.
 pub(super) const ACK_DELAY: std::time::Duration = std::time::Duration::from_millis(50);
 
-type Recording<'a> =
-    Pin<Box<dyn Future<Output = (JobResult, Result<Taken, StoreError>)> + Send + 'a>>;
+type Recording<'a> = Pin<Box<dyn Future<Output = (JobRef, Result<Taken, StoreError>)> + Send + 'a>>;
 
 /// One connection's results in flight, and its acknowledgements not yet
 /// sent.
@@ -39,11 +38,15 @@ pub(super) struct Results<'a> {
 
 impl<'a> Results<'a> {
     /// Starts recording `result`, reported by `node`.
-    pub(super) fn record(&mut self, router: &'a JobRouter, node: &NodeId, result: JobResult) {
+    pub(super) fn record(
+        &mut self,
+        router: &'a JobRouter,
+        node: &NodeId,
+        (key, result): (JobRef, JobResult),
+    ) {
         let node = node.clone();
         self.recording.push(Box::pin(async move {
-            let taken = router.result(&node, &result).await;
-            (result, taken)
+            (key, router.result(&node, result).await)
         }));
     }
 
@@ -58,7 +61,7 @@ impl<'a> Results<'a> {
     }
 
     /// The next result recorded (pending while none is in flight).
-    pub(super) async fn recorded(&mut self) -> Option<(JobResult, Result<Taken, StoreError>)> {
+    pub(super) async fn recorded(&mut self) -> Option<(JobRef, Result<Taken, StoreError>)> {
         self.recording.next().await
     }
 
@@ -91,28 +94,25 @@ impl<'a> Results<'a> {
         socket: &mut WebSocket,
         services: &NodeServices,
         node: &NodeId,
-        (result, taken): (JobResult, Result<Taken, StoreError>),
+        (key, taken): (JobRef, Result<Taken, StoreError>),
     ) -> Result<Handled, Ending> {
         match taken {
             Ok(Taken::Acknowledged) => {}
             Ok(Taken::Foreign) => {
                 let text = format!(
                     "job {} attempt {} is not assigned to node {node}: result refused",
-                    result.job_id, result.attempt
+                    key.job_id, key.attempt
                 );
                 send_error(socket, services, ErrorCode::NotAssigned, text).await?;
                 self.sent();
                 return Ok(Handled::Bad);
             }
             Err(err) => {
-                tracing::error!(node_id = %node, job_id = %result.job_id, error = %err, "recording a result failed");
+                tracing::error!(node_id = %node, job_id = %key.job_id, error = %err, "recording a result failed");
                 return Err(Ending::new(CloseCode::Internal, "redis unavailable"));
             }
         }
-        let ack = Message::ResultAck(JobRef {
-            job_id: result.job_id,
-            attempt: result.attempt,
-        });
+        let ack = Message::ResultAck(key);
         feed(socket, services, &ack).await?;
         self.unsent_until
             .get_or_insert_with(|| Instant::now() + ACK_DELAY);

@@ -82,10 +82,8 @@ impl Store {
         let pair = job.pair.to_string();
         let keys = PairKeys::new(job.pair);
         let record = keys.job(job.id);
-        let mut invocation = self.pick_invocation(&keys, &on);
-        invocation
-            .key(&record)
-            .arg("open")
+        let mut call = self.pick_call(&keys, &on, Some(record));
+        call.arg("open")
             .arg(job.request)
             .arg(millis(lifetime))
             .arg(job.coordinator)
@@ -104,7 +102,7 @@ impl Store {
         let mut conn = self.conn.clone();
         let (claimed, reply) = tokio::join!(
             claim.query_async::<Option<String>>(&mut conn),
-            self.invoke::<Vec<Value>>("route_pick", invocation)
+            self.invoke::<Vec<Value>>("route_pick", &call)
         );
         let parsed = reply.and_then(|reply| {
             Ok(match reply.as_slice() {
@@ -130,7 +128,7 @@ impl Store {
                 return Err(err);
             }
         };
-        self.settle_claim(&job, &record, claimed, opened).await
+        self.settle_claim(&job, record, claimed, opened).await
     }
 
     /// What the index's claim means for a job just opened: an id that is
@@ -141,11 +139,10 @@ impl Store {
     async fn settle_claim(
         &self,
         job: &NewJob<'_>,
-        record: &str,
+        record: PairKey<'_>,
         claimed: Result<Option<String>, redis::RedisError>,
         opened: JobStart,
     ) -> Result<JobStart, StoreError> {
-        let pair = job.pair.to_string();
         let lifetime = job.timeout + job.retention;
         let mut conn = self.conn.clone();
         let JobStart::New(picked) = &opened else {
@@ -153,7 +150,7 @@ impl Store {
             return Ok(opened);
         };
         match claimed {
-            Ok(Some(other)) if other != pair => {
+            Ok(Some(other)) if other != job.pair.to_string() => {
                 // Another pair's job has the id: this record goes. The
                 // caller gives back the pick it made.
                 let () = redis::cmd("DEL").arg(record).query_async(&mut conn).await?;
@@ -168,7 +165,7 @@ impl Store {
                 // index lives as long as the new one.
                 let renewed: Result<(), _> = redis::cmd("SET")
                     .arg(keys::job_pair(job.id))
-                    .arg(&pair)
+                    .arg(job.pair.to_string())
                     .arg("PX")
                     .arg(millis(lifetime + job.retention))
                     .query_async(&mut conn)
@@ -200,36 +197,48 @@ impl Store {
         on: PickOn<'_>,
     ) -> Result<Option<JobPick>, StoreError> {
         let keys = PairKeys::new(pair);
-        let mut invocation = self.pick_invocation(&keys, &on);
-        invocation
-            .key(keys.job(id))
-            .arg(if retake { "retake" } else { "next" })
+        let mut call = self.pick_call(&keys, &on, Some(keys.job(id)));
+        call.arg(if retake { "retake" } else { "next" })
             .arg(current);
-        let reply: Vec<Value> = self.invoke("route_pick", invocation).await?;
+        let reply: Vec<Value> = self.invoke("route_pick", &call).await?;
         match reply.as_slice() {
             [status] if text(status).as_deref() == Some("stale") => Ok(None),
             reply => job_pick(reply).map(Some),
         }
     }
 
-    /// A `route_pick` invocation's routing keys and arguments; a job's
-    /// key and arguments follow.
-    pub(super) fn pick_invocation(&self, keys: &PairKeys, on: &PickOn<'_>) -> ScriptInvocation<'_> {
-        let mut invocation = self.scripts.route_pick.prepare_invoke();
-        let excluded: Vec<&str> = on.excluded.iter().map(NodeId::as_str).collect();
-        invocation
-            .key(keys.route(on.route))
+    /// A `route_pick` call with its routing keys and arguments, and the
+    /// key of the `job` record it acts on, if any; that job's arguments
+    /// follow.
+    pub(super) fn pick_call(
+        &self,
+        keys: &PairKeys,
+        on: &PickOn<'_>,
+        job: Option<PairKey<'_>>,
+    ) -> Call<'_> {
+        let mut call = Call::new(&self.scripts.route_pick, 6 + usize::from(job.is_some()));
+        call.key(keys.route(on.route))
             .key(keys.free(on.route))
             .key(keys.leases())
             .key(keys.session(on.session.unwrap_or("")))
             .key(keys.memory())
-            .key(keys.served(on.route))
-            .arg(if on.session.is_some() { "1" } else { "0" })
+            .key(keys.served(on.route));
+        if let Some(job) = job {
+            call.key(job);
+        }
+        let mut excluded = String::new();
+        for node in on.excluded {
+            if !excluded.is_empty() {
+                excluded.push(',');
+            }
+            excluded.push_str(node.as_str());
+        }
+        call.arg(if on.session.is_some() { "1" } else { "0" })
             .arg(millis(on.affinity))
             .arg(on.policy.as_str())
-            .arg(on.route.to_string())
-            .arg(excluded.join(","));
-        invocation
+            .arg(on.route)
+            .arg(excluded);
+        call
     }
 
     /// Records the terminal state produced by `attempt`.
@@ -238,12 +247,11 @@ impl Store {
         (pair, id): (LangPair, &JobId),
         (reporter, attempt): (Option<&NodeId>, u32),
         completed: bool,
-        outcome: &serde_json::Value,
+        outcome: &str,
         retention: Duration,
     ) -> Result<Finish, StoreError> {
-        let mut invocation = self.scripts.job_finish.prepare_invoke();
-        invocation
-            .key(PairKeys::new(pair).job(id))
+        let mut call = Call::new(&self.scripts.job_finish, 1);
+        call.key(PairKeys::new(pair).job(id))
             .arg(attempt)
             .arg(
                 if completed {
@@ -253,10 +261,10 @@ impl Store {
                 }
                 .as_str(),
             )
-            .arg(outcome.to_string())
+            .arg(outcome)
             .arg(millis(retention))
             .arg(reporter.map_or("", NodeId::as_str));
-        let reply: Value = self.invoke("job_finish", invocation).await?;
+        let reply: Value = self.invoke("job_finish", &call).await?;
         let unexpected = || StoreError::Unexpected {
             script: "job_finish",
             reply: format!("{reply:?}"),
@@ -265,8 +273,7 @@ impl Store {
             return match items.as_slice() {
                 [status, latency] if text(status).as_deref() == Some("applied") => {
                     Ok(Finish::Applied {
-                        latency_ms: u64::from_redis_value(latency.clone())
-                            .map_err(|_| unexpected())?,
+                        latency_ms: u64::from_redis_value_ref(latency).map_err(|_| unexpected())?,
                     })
                 }
                 [status, assigned] if text(status).as_deref() == Some("foreign") => {
@@ -290,16 +297,15 @@ impl Store {
         &self,
         (pair, id): (LangPair, &JobId),
         grace: Duration,
-        outcome: &serde_json::Value,
+        outcome: &str,
         retention: Duration,
     ) -> Result<bool, StoreError> {
-        let mut invocation = self.scripts.job_expire.prepare_invoke();
-        invocation
-            .key(PairKeys::new(pair).job(id))
+        let mut call = Call::new(&self.scripts.job_expire, 1);
+        call.key(PairKeys::new(pair).job(id))
             .arg(millis(grace))
-            .arg(outcome.to_string())
+            .arg(outcome)
             .arg(millis(retention));
-        let reply: String = self.invoke("job_expire", invocation).await?;
+        let reply: String = self.invoke("job_expire", &call).await?;
         match reply.as_str() {
             "expired" => Ok(true),
             "running" | "ended" | "missing" => Ok(false),
@@ -374,7 +380,7 @@ impl Store {
 fn job_pick(reply: &[Value]) -> Result<JobPick, StoreError> {
     match reply {
         [status, node, attempt] if text(status).as_deref() == Some("ok") => {
-            let attempt = u32::from_redis_value(attempt.clone()).unwrap_or(0);
+            let attempt = u32::from_redis_value_ref(attempt).unwrap_or(0);
             Ok(text(node)
                 .and_then(|node| NodeId::new(node).ok())
                 .map_or(JobPick::NoCapacity, |node| JobPick::Node(node, attempt)))

@@ -10,9 +10,8 @@ impl Store {
         reg: &Registration<'_>,
     ) -> Result<RegisterOutcome, StoreError> {
         let keys = NodeKeys::new(reg.node_id);
-        let mut invocation = self.scripts.register_node.prepare_invoke();
-        invocation
-            .key(&keys.hash)
+        let mut call = Call::new(&self.scripts.register_node, 3);
+        call.key(&keys.hash)
             .key(&keys.epoch)
             .key(&keys.lease)
             .arg(reg.instance)
@@ -21,7 +20,7 @@ impl Store {
             .arg(if reg.draining { "draining" } else { "ready" })
             .arg(reg.fields.to_string())
             .arg(millis(reg.lease + reg.retention));
-        let reply: Vec<Value> = self.invoke("register_node", invocation).await?;
+        let reply: Vec<Value> = self.invoke("register_node", &call).await?;
         let unexpected = || StoreError::Unexpected {
             script: "register_node",
             reply: format!("{reply:?}"),
@@ -29,10 +28,10 @@ impl Store {
         match reply.as_slice() {
             [status, epoch, pairs, kinds, drained] if text(status).as_deref() == Some("ok") => {
                 Ok(RegisterOutcome::Registered {
-                    epoch: u64::from_redis_value(epoch.clone()).map_err(|_| unexpected())?,
+                    epoch: u64::from_redis_value_ref(epoch).map_err(|_| unexpected())?,
                     previous_pairs: json_list(pairs),
                     previous_kinds: json_list(kinds),
-                    drained: i64::from_redis_value(drained.clone()).map_err(|_| unexpected())? == 1,
+                    drained: i64::from_redis_value_ref(drained).map_err(|_| unexpected())? == 1,
                 })
             }
             [status, holder] if text(status).as_deref() == Some("conflict") => {
@@ -58,17 +57,15 @@ impl Store {
         let calls = beats.iter().map(|((node, epoch), capacity)| {
             let keys = NodeKeys::new(node);
             async move {
-                let mut invocation = self.scripts.node_heartbeat.prepare_invoke();
-                invocation
-                    .key(&keys.hash)
+                let mut call = Call::new(&self.scripts.node_heartbeat, 3);
+                call.key(&keys.hash)
                     .key(&keys.lease)
                     .key(&keys.epoch)
                     .arg(*epoch)
                     .arg(millis(lease))
                     .arg(capacity)
                     .arg(millis(lease + retention));
-                let current: Result<i64, StoreError> =
-                    self.invoke("node_heartbeat", invocation).await;
+                let current: Result<i64, StoreError> = self.invoke("node_heartbeat", &call).await;
                 current.ok().map(|current| current == 1)
             }
         });
@@ -78,9 +75,9 @@ impl Store {
     /// Marks a node offline; `false` when a newer registration exists.
     pub async fn node_offline(&self, node: &NodeId, epoch: u64) -> Result<bool, StoreError> {
         let keys = NodeKeys::new(node);
-        let mut invocation = self.scripts.node_offline.prepare_invoke();
-        invocation.key(&keys.hash).key(&keys.lease).arg(epoch);
-        let current: i64 = self.invoke("node_offline", invocation).await?;
+        let mut call = Call::new(&self.scripts.node_offline, 2);
+        call.key(&keys.hash).key(&keys.lease).arg(epoch);
+        let current: i64 = self.invoke("node_offline", &call).await?;
         Ok(current == 1)
     }
 
@@ -92,12 +89,11 @@ impl Store {
         epoch: Option<u64>,
     ) -> Result<DrainOutcome, StoreError> {
         let keys = NodeKeys::new(node);
-        let mut invocation = self.scripts.node_drain.prepare_invoke();
-        invocation
-            .key(&keys.hash)
+        let mut call = Call::new(&self.scripts.node_drain, 2);
+        call.key(&keys.hash)
             .key(&keys.lease)
             .arg(epoch.map(|e| e.to_string()).unwrap_or_default());
-        let reply: Value = self.invoke("node_drain", invocation).await?;
+        let reply: Value = self.invoke("node_drain", &call).await?;
         let unexpected = || StoreError::Unexpected {
             script: "node_drain",
             reply: format!("{reply:?}"),
@@ -106,7 +102,7 @@ impl Store {
             Value::Nil => Ok(DrainOutcome::Unknown),
             Value::Array(items) => match items.as_slice() {
                 [epoch, coordinator, pairs, kinds] => Ok(DrainOutcome::Draining {
-                    epoch: u64::from_redis_value(epoch.clone()).map_err(|_| unexpected())?,
+                    epoch: u64::from_redis_value_ref(epoch).map_err(|_| unexpected())?,
                     coordinator: text(coordinator).unwrap_or_default(),
                     pairs: json_list(pairs),
                     kinds: json_list(kinds),

@@ -16,20 +16,19 @@ impl Store {
         lease: Duration,
     ) -> Result<String, StoreError> {
         let keys = PairKeys::new(pair);
-        let mut invocation = self.scripts.pool_join.prepare_invoke();
-        invocation
-            .key(keys.members())
+        let mut call = Call::new(&self.scripts.pool_join, 5 + kinds.len());
+        call.key(keys.members())
             .key(keys.pools())
             .key(keys.room())
             .key(keys.next_pool())
-            .key(keys.leases())
-            .arg(node.as_str())
+            .key(keys.leases());
+        for kind in kinds {
+            call.key(keys.served(&Route::gpu(kind)));
+        }
+        call.arg(node.as_str())
             .arg(max_nodes_per_pool)
             .arg(millis(lease));
-        for kind in kinds {
-            invocation.key(keys.served(&Route::gpu(kind)));
-        }
-        self.invoke("pool_join", invocation).await
+        self.invoke("pool_join", &call).await
     }
 
     /// Takes a node out of `pair`: pool seat, lease and routing entries of
@@ -45,25 +44,24 @@ impl Store {
             .iter()
             .flat_map(|kind| [Route::gpu(kind), Route::fallback(kind)])
             .collect();
-        let mut invocation = self.scripts.pool_leave.prepare_invoke();
-        invocation
-            .key(keys.members())
+        let mut call = Call::new(&self.scripts.pool_leave, 6 + 3 * routes.len());
+        call.key(keys.members())
             .key(keys.pools())
             .key(keys.room())
             .key(keys.leases())
             .key(keys.next_pool());
         for route in &routes {
-            invocation.key(keys.route(route));
+            call.key(keys.route(route));
         }
         for route in &routes {
-            invocation.key(keys.free(route));
+            call.key(keys.free(route));
         }
         for route in &routes {
-            invocation.key(keys.served(route));
+            call.key(keys.served(route));
         }
-        invocation.key(keys.memory());
-        invocation.arg(node.as_str()).arg(routes.len());
-        let was_member: i64 = self.invoke("pool_leave", invocation).await?;
+        call.key(keys.memory());
+        call.arg(node.as_str()).arg(routes.len());
+        let was_member: i64 = self.invoke("pool_leave", &call).await?;
         Ok(was_member == 1)
     }
 
@@ -79,31 +77,31 @@ impl Store {
         let mut routes: Vec<&Route> = entries.iter().flat_map(|e| e.free.keys()).collect();
         routes.sort_unstable();
         routes.dedup();
-        let mut invocation = self.scripts.route_update.prepare_invoke();
-        invocation.key(keys.leases()).key(keys.memory());
+        let mut call = Call::new(&self.scripts.route_update, 3 + 3 * routes.len());
+        call.key(keys.leases()).key(keys.memory());
         for route in &routes {
-            invocation.key(keys.route(route));
+            call.key(keys.route(route));
         }
         for route in &routes {
-            invocation.key(keys.free(route));
+            call.key(keys.free(route));
         }
         for route in &routes {
-            invocation.key(keys.served(route));
+            call.key(keys.served(route));
         }
-        invocation.key(keys.waiting());
-        invocation.arg(millis(lease)).arg(routes.len());
+        call.key(keys.waiting());
+        call.arg(millis(lease)).arg(routes.len());
         for entry in entries {
             let room = entry.room.as_ref().map_or_else(String::new, |room| {
                 serde_json::to_string(room).unwrap_or_default()
             });
-            invocation.arg(entry.node.as_str()).arg(room);
+            call.arg(entry.node.as_str()).arg(room);
             for route in &routes {
                 let free = entry.free.get(*route).map_or(-1, |&n| i64::from(n));
-                invocation.arg(free);
+                call.arg(free);
             }
         }
         let (missing, waiting): (Vec<String>, Vec<String>) =
-            self.invoke("route_update", invocation).await?;
+            self.invoke("route_update", &call).await?;
         Ok(RouteUpdated {
             missing: missing
                 .into_iter()
@@ -155,8 +153,8 @@ impl Store {
             policy,
             excluded,
         };
-        let invocation = self.pick_invocation(&PairKeys::new(pair), &on);
-        let reply: Vec<String> = self.invoke("route_pick", invocation).await?;
+        let call = self.pick_call(&PairKeys::new(pair), &on, None);
+        let reply: Vec<String> = self.invoke("route_pick", &call).await?;
         match reply.as_slice() {
             [status, node, _] if status == "ok" => {
                 Ok(NodeId::new(node.as_str()).map_or(Pick::NoCapacity, Pick::Node))

@@ -221,7 +221,7 @@ async fn ceiling(redis_url: &str, clients: u32, window: Duration) -> Result<f64,
     let done = Arc::new(AtomicU64::new(0));
     let end = Instant::now() + window;
     let request = job_body().to_string();
-    let outcome = json!({"output": {}});
+    let outcome = json!({"output": {}}).to_string();
     let tasks: Vec<_> = (0..clients)
         .map(|client| {
             let (store, kind, done, request, outcome) = (
