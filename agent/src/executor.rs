@@ -306,7 +306,10 @@ async fn command(
             .and_then(|id| i32::try_from(id).ok())
             .map(Pid::from_raw),
     );
-    let input = payload.get();
+    // On one line, as the payload was when it was written out again: JSON
+    // strings hold no raw line breaks, so each is whitespace between
+    // tokens (a program may read one line).
+    let input = payload.get().replace(['\n', '\r'], " ");
     let mut stdin = child.stdin.take();
     let mut stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
@@ -435,6 +438,22 @@ mod tests {
             .run(&job(json!({"text": "你好"})), (None, Device::Cpu), &|_| ())
             .await;
         assert_eq!(output(outcome), json!({"got": {"text": "你好"}}));
+    }
+
+    #[tokio::test]
+    async fn a_command_reads_a_payload_written_over_lines_on_one_line() {
+        let executor = command_executor(r#"read -r line; printf '{"got": %s}' "$line""#, 5000);
+        let mut assign = job(json!(null));
+        assign.payload =
+            serde_json::from_str("{\r\n  \"text\": \"a b\",\n  \"n\": 1.50\n}").unwrap();
+        let outcome = executor.run(&assign, (None, Device::Cpu), &|_| ()).await;
+        let Outcome::Completed { output } = outcome else {
+            panic!("completes: {outcome:?}")
+        };
+        assert_eq!(
+            output.get(),
+            r#"{"got": {    "text": "a b",   "n": 1.50 }}"#
+        );
     }
 
     #[tokio::test]

@@ -116,7 +116,7 @@ pub async fn receive(peers: Arc<Peers>, stop: CancellationToken) {
             };
             let ids: Vec<String> = entries.iter().map(|(id, _)| id.clone()).collect();
             for (_, text) in entries {
-                match serde_json::from_str::<Envelope>(&text) {
+                match Envelope::read(&text) {
                     Ok(envelope) => deliver(&peers, envelope).await,
                     Err(err) => tracing::warn!(error = %err, "ignoring a malformed inbox entry"),
                 }

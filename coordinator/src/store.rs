@@ -238,8 +238,8 @@ pub struct JobRecord {
     pub attempt: u32,
     /// The node of the current (or last) attempt.
     pub node: Option<String>,
-    /// The terminal outcome (output, or error), as stored.
-    pub outcome: Option<serde_json::Value>,
+    /// The terminal outcome (output, or error), the JSON text stored.
+    pub outcome: Option<String>,
     /// Submission to terminal state, ms.
     pub latency_ms: Option<u64>,
     /// When the job times out, ms since the epoch (Redis's clock).

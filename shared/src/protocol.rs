@@ -417,14 +417,11 @@ impl<'de> Deserialize<'de> for Outcome {
         #[derive(Deserialize)]
         struct Fields {
             status: Status,
-            #[serde(default, deserialize_with = "present")]
+            /// `output: null` is an output (`null`), not a missing one.
+            #[serde(default, deserialize_with = "crate::raw::present")]
             output: Option<RawJson>,
             code: Option<FailureCode>,
             message: Option<String>,
-        }
-        /// `output: null` is an output (`null`), not a missing one.
-        fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<RawJson>, D::Error> {
-            RawJson::deserialize(d).map(Some)
         }
         let fields = Fields::deserialize(deserializer)?;
         match fields.status {

@@ -855,7 +855,7 @@ async fn a_job_is_recorded_by_its_first_pick_idempotently_and_fenced_by_attempt(
         ),
         ("completed", 2, Some(other.as_str()))
     );
-    assert_eq!(record.outcome, Some(done));
+    assert_eq!(record.outcome, Some(done.to_string()));
     let unknown = JobId::new("unknown").unwrap();
     assert_eq!(
         store
@@ -1004,7 +1004,7 @@ async fn only_a_job_running_past_its_deadline_and_grace_expires() {
     assert!(!expire(&JobId::new("never").unwrap(), Duration::ZERO).await);
     let (_, record) = store.job(&due).await.unwrap().unwrap();
     assert_eq!(record.status, "failed");
-    assert_eq!(record.outcome, Some(failed));
+    assert_eq!(record.outcome, Some(failed.to_string()));
     let done = serde_json::json!({"output": {}});
     let node = record.node.map(|n| NodeId::new(n).unwrap()).unwrap();
     assert_eq!(

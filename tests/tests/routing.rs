@@ -540,6 +540,17 @@ async fn bad_requests_get_400s_and_the_service_keeps_serving(redis: impl RedisBa
                 .to_vec(),
             400,
         ),
+        // Payloads kept as text are still JSON a parser takes in full.
+        (
+            br#"{"kind": "translate", "src_lang": "zh", "tgt_lang": "en", "payload": [1e400]}"#
+                .to_vec(),
+            400,
+        ),
+        (
+            br#"{"kind": "translate", "src_lang": "zh", "tgt_lang": "en", "payload": "\ud800"}"#
+                .to_vec(),
+            400,
+        ),
         (
             format!(
                 r#"{{"kind":"translate","src_lang":"zh","tgt_lang":"en","payload":"{}"}}"#,
@@ -776,11 +787,18 @@ async fn payloads_and_outputs_pass_through_as_written() {
         answer.contains(&format!(r#""output":{output}"#)),
         "{answer}"
     );
-    // The same body again is the same job; the payload written otherwise
-    // is another body.
+    // The same body again is the same job, answered from its record, as
+    // is a read; the payload written otherwise is another body.
     let (status, again) = submit(body.clone()).await;
     assert_eq!(status, 200, "{again}");
-    assert!(again.contains(r#""status":"completed""#), "{again}");
+    assert!(again.contains(&format!(r#""output":{output}"#)), "{again}");
+    let read = reqwest::get(coordinator.url("/v1/jobs/verbatim-1"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(read.contains(&format!(r#""output":{output}"#)), "{read}");
     let (status, other) = submit(body.replace("1.50", "1.5")).await;
     assert_eq!(status, 409, "{other}");
     node.close().await;

@@ -211,9 +211,16 @@ impl Job {
 
 /// The owner recorded in a canonical request (empty: an admin's job).
 pub(super) fn owner_of(request: &str) -> String {
-    serde_json::from_str::<Value>(request)
+    /// Only the owner is read: the payload is skipped over, not parsed.
+    #[derive(Deserialize)]
+    struct Owner<'a> {
+        #[serde(borrow, default)]
+        owner: Option<std::borrow::Cow<'a, str>>,
+    }
+    serde_json::from_str::<Owner<'_>>(request)
         .ok()
-        .and_then(|r| r["owner"].as_str().map(str::to_owned))
+        .and_then(|request| request.owner)
+        .map(std::borrow::Cow::into_owned)
         .unwrap_or_default()
 }
 

@@ -78,17 +78,21 @@ pub struct JobView {
 
 /// How a job ended, as its record holds it (`outcome`, the JSON of this)
 /// and its answer shows it.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Ended {
-    /// The executor's output.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// The executor's output, as it wrote it.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "lingua_shared::raw::present"
+    )]
     pub output: Option<RawJson>,
     /// Why it failed: `code`, `message`, and `retry_after_ms` for a
     /// failure worth retrying.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<Value>,
     /// Where it ran.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub device: Option<Device>,
 }
 
@@ -128,13 +132,12 @@ impl Ended {
 impl JobView {
     /// The view of a stored job.
     pub fn from_record(id: &JobId, record: &JobRecord) -> Self {
-        let outcome = record.outcome.as_ref();
-        let field = |name: &str| outcome.and_then(|outcome| outcome.get(name));
-        let ended = Ended {
-            output: field("output").map(RawJson::of),
-            error: field("error").cloned(),
-            device: field("device").and_then(|device| Device::deserialize(device).ok()),
-        };
+        // Read from its text: the output stays as the executor wrote it.
+        let ended = record
+            .outcome
+            .as_deref()
+            .and_then(|outcome| serde_json::from_str(outcome).ok())
+            .unwrap_or_default();
         let mut view = Self::ended(
             id,
             (record.status, ended),

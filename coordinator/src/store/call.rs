@@ -48,6 +48,7 @@ impl<'a> Call<'a> {
         &self,
         conn: &mut impl redis::aio::ConnectionLike,
     ) -> Result<T, RedisError> {
+        debug_assert_eq!(self.keys_left, 0, "fewer keys than the call declared");
         match self.cmd.query_async(conn).await {
             Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
                 self.script.load_async(conn).await?;

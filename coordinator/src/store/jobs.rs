@@ -351,9 +351,7 @@ impl Store {
                     .and_then(|a| a.parse().ok())
                     .unwrap_or(0),
                 node: fields.remove("node"),
-                outcome: fields
-                    .get("outcome")
-                    .and_then(|o| serde_json::from_str(o).ok()),
+                outcome: fields.remove("outcome"),
                 latency_ms: fields.get("latency_ms").and_then(|l| l.parse().ok()),
                 deadline_ms: fields.get("deadline_ms").and_then(|d| d.parse().ok()),
                 request: fields.remove("request").unwrap_or_default(),
