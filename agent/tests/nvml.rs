@@ -852,7 +852,10 @@ async fn command_jobs_are_attributed_their_processes_memory_and_overruns_reporte
     let Outcome::Completed { output } = &result.outcome else {
         panic!("not completed: {:?}", result.outcome)
     };
-    assert_eq!(output.to_value(), serde_json::json!({"done": 1}));
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(output.get()).unwrap(),
+        serde_json::json!({"done": 1})
+    );
     assert_eq!(
         node.overruns_metric(),
         "lingua_agent_vram_overruns_total{kind=\"asr\"} 1",
@@ -902,7 +905,10 @@ async fn on_vram_overrun_kill_fails_the_job_and_the_node_keeps_serving() {
     let Outcome::Completed { output } = &result.outcome else {
         panic!("not completed: {:?}", result.outcome)
     };
-    assert_eq!(output.to_value(), serde_json::json!({"done": 2}));
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(output.get()).unwrap(),
+        serde_json::json!({"done": 2})
+    );
     assert_eq!(
         node.overruns_metric(),
         "lingua_agent_vram_overruns_total{kind=\"asr\"} 1"

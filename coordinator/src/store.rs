@@ -1,7 +1,7 @@
 //! Everything the coordinator keeps in Redis, behind typed methods.
 //!
 //! State changes go through the Lua scripts in `lua/` (loaded once by SHA,
-//! reloaded on NOSCRIPT by `redis::Script`); reads for the admin API are
+//! reloaded on NOSCRIPT by `call::Call::run`); reads for the admin API are
 //! plain commands. Each script call touches keys of one hash tag only.
 
 use std::collections::{BTreeMap, HashMap};

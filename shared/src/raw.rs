@@ -5,14 +5,14 @@
 
 use std::fmt;
 
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use serde_json::value::RawValue;
 
 /// One JSON value, as text. Two are equal when their texts are: `{"a":1}`
-/// and `{ "a": 1 }` differ. It holds only what a [`Value`] holds too
-/// (see [`Strict`]), so code that parses it later cannot fail.
+/// and `{ "a": 1 }` differ. It holds only JSON a [`serde_json::Value`] would take, at
+/// most [`MAX_DEPTH`] levels deep, so a parser that reads it later, alone
+/// or inside a frame or a record, takes it too.
 #[derive(Clone, Serialize)]
 #[serde(transparent)]
 pub struct RawJson(Box<RawValue>);
@@ -20,7 +20,9 @@ pub struct RawJson(Box<RawValue>);
 impl<'de> Deserialize<'de> for RawJson {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let raw = Box::<RawValue>::deserialize(deserializer)?;
-        if let Err(err) = serde_json::from_str::<Strict>(raw.get()) {
+        let mut reader = serde_json::Deserializer::from_str(raw.get());
+        let strict = Strict { left: MAX_DEPTH };
+        if let Err(err) = strict.deserialize(&mut reader) {
             // Its position counts from the value's start, not the text's.
             let text = err.to_string();
             let what = text
@@ -36,58 +38,80 @@ impl<'de> Deserialize<'de> for RawJson {
     }
 }
 
-/// JSON read as a [`Value`] reads it, without building one: numbers in
-/// range, no lone surrogate in a string, at most 128 levels. A raw value
-/// is only skipped over, which lets all three through.
-struct Strict;
+/// How deep a value kept as text may nest: a parser that reads it later
+/// inside a frame or a record (a few levels more) stays within its 128.
+pub const MAX_DEPTH: u32 = 100;
 
-impl<'de> Deserialize<'de> for Strict {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(Strict)
+/// JSON read as a [`serde_json::Value`] reads it, without building one: numbers in
+/// range, no lone surrogate, at most `left` more levels. A raw value is
+/// only skipped over, which lets all three through.
+#[derive(Clone, Copy)]
+struct Strict {
+    left: u32,
+}
+
+impl Strict {
+    fn deeper<E: de::Error>(self) -> Result<Self, E> {
+        match self.left.checked_sub(1) {
+            Some(left) => Ok(Self { left }),
+            None => Err(E::custom(format_args!(
+                "nested deeper than {MAX_DEPTH} levels"
+            ))),
+        }
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Strict {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
     }
 }
 
 impl<'de> Visitor<'de> for Strict {
-    type Value = Strict;
+    type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("any JSON value")
     }
 
-    fn visit_bool<E>(self, _: bool) -> Result<Strict, E> {
-        Ok(Strict)
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
     }
 
-    fn visit_i64<E>(self, _: i64) -> Result<Strict, E> {
-        Ok(Strict)
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
     }
 
-    fn visit_u64<E>(self, _: u64) -> Result<Strict, E> {
-        Ok(Strict)
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
     }
 
-    fn visit_f64<E>(self, _: f64) -> Result<Strict, E> {
-        Ok(Strict)
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
     }
 
-    fn visit_str<E>(self, _: &str) -> Result<Strict, E> {
-        Ok(Strict)
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
     }
 
-    fn visit_unit<E>(self) -> Result<Strict, E> {
-        Ok(Strict)
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Strict, A::Error> {
-        while seq.next_element::<Strict>()?.is_some() {}
-        Ok(Strict)
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let inner = self.deeper()?;
+        while seq.next_element_seed(inner)?.is_some() {}
+        Ok(())
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Strict, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let inner = self.deeper()?;
         while map.next_key::<IgnoredAny>()?.is_some() {
-            map.next_value::<Strict>()?;
+            map.next_value_seed(inner)?;
         }
-        Ok(Strict)
+        Ok(())
     }
 }
 
@@ -101,12 +125,6 @@ impl RawJson {
     /// `Value`, structs of strings and numbers); one that fails is `null`.
     pub fn of<T: Serialize + ?Sized>(value: &T) -> Self {
         Self(serde_json::value::to_raw_value(value).unwrap_or_default())
-    }
-
-    /// The value parsed into a tree, for code that looks inside it.
-    pub fn to_value(&self) -> Value {
-        // The text was read as JSON: it parses again.
-        serde_json::from_str(self.get()).unwrap_or_default()
     }
 }
 
@@ -138,7 +156,7 @@ impl fmt::Debug for RawJson {
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     use super::*;
 
@@ -157,7 +175,7 @@ mod tests {
             r#"{"payload":{"z": [1, "二"],  "a": null},"n":1}"#
         );
         assert_eq!(
-            carrier.payload.to_value(),
+            serde_json::from_str::<Value>(carrier.payload.get()).unwrap(),
             json!({"a": null, "z": [1, "二"]})
         );
     }
@@ -170,7 +188,7 @@ mod tests {
         for text in [
             "[1e400]".to_owned(),
             r#"{"k": "\ud800"}"#.to_owned(),
-            format!("{}{}", "[".repeat(129), "]".repeat(129)),
+            format!("{}{}", "[".repeat(128), "]".repeat(128)),
         ] {
             assert!(serde_json::from_str::<Box<RawValue>>(&text).is_ok());
             assert!(serde_json::from_str::<Value>(&text).is_err(), "{text}");
@@ -181,8 +199,22 @@ mod tests {
             error.to_string(),
             "number out of range at line 1 column 9 of the value"
         );
-        let deep = format!("{}{}", "[".repeat(127), "]".repeat(127));
-        assert!(serde_json::from_str::<RawJson>(&deep).is_ok());
+        // Room for the frame or record around it.
+        let nested = |levels: usize| {
+            format!(
+                "{}1{}",
+                "[{\"a\":".repeat(levels / 2),
+                "}]".repeat(levels / 2)
+            )
+        };
+        assert!(serde_json::from_str::<RawJson>(&nested(100)).is_ok());
+        let error = serde_json::from_str::<RawJson>(&nested(102)).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .starts_with("nested deeper than 100 levels"),
+            "{error}"
+        );
         assert_eq!(RawJson::default().get(), "null");
         assert_eq!(RawJson::of(&json!({"b": 2})).get(), r#"{"b":2}"#);
     }

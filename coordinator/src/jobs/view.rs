@@ -91,9 +91,26 @@ pub struct Ended {
     /// failure worth retrying.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<Value>,
-    /// Where it ran.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Where it ran (a name this build does not know: not shown).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "known_device"
+    )]
     pub device: Option<Device>,
+}
+
+/// A recorded device, or none for a name this build does not know: one
+/// field must not make the rest of the outcome unreadable.
+fn known_device<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Device>, D::Error> {
+    let name = Option::<String>::deserialize(deserializer)?;
+    Ok(name.and_then(|name| {
+        [Device::Gpu, Device::Cpu]
+            .into_iter()
+            .find(|d| d.name() == name)
+    }))
 }
 
 impl Ended {
@@ -133,11 +150,14 @@ impl JobView {
     /// The view of a stored job.
     pub fn from_record(id: &JobId, record: &JobRecord) -> Self {
         // Read from its text: the output stays as the executor wrote it.
-        let ended = record
-            .outcome
-            .as_deref()
-            .and_then(|outcome| serde_json::from_str(outcome).ok())
-            .unwrap_or_default();
+        let ended = match record.outcome.as_deref().map(serde_json::from_str) {
+            Some(Ok(ended)) => ended,
+            Some(Err(err)) => {
+                tracing::warn!(job_id = %id, error = %err, "the job's recorded outcome cannot be read");
+                Ended::default()
+            }
+            None => Ended::default(),
+        };
         let mut view = Self::ended(
             id,
             (record.status, ended),
@@ -195,5 +215,51 @@ impl JobView {
         self.error
             .as_ref()
             .and_then(|e| serde_json::from_value(e["code"].clone()).ok())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(status: JobStatus, outcome: &str) -> JobRecord {
+        JobRecord {
+            status,
+            attempt: 1,
+            node: Some("gpu-1".into()),
+            outcome: Some(outcome.into()),
+            latency_ms: Some(12),
+            deadline_ms: None,
+            request: String::new(),
+        }
+    }
+
+    /// A read-back answer shows what the record holds, the output as the
+    /// executor wrote it, whatever else the record says.
+    #[test]
+    fn a_recorded_outcome_is_read_field_by_field() {
+        let id = JobId::new("j-1").unwrap();
+        let done = record(
+            JobStatus::Completed,
+            r#"{"output":{"z": 1.50, "a": [ ]},"device":"gpu"}"#,
+        );
+        let view = JobView::from_record(&id, &done);
+        assert_eq!(
+            view.output.as_ref().map(RawJson::get),
+            Some(r#"{"z": 1.50, "a": [ ]}"#)
+        );
+        assert_eq!(view.device.as_deref(), Some("gpu"));
+        // A device this build does not know leaves the output readable.
+        let newer = record(JobStatus::Completed, r#"{"output":7,"device":"tpu"}"#);
+        let view = JobView::from_record(&id, &newer);
+        assert_eq!(view.output.as_ref().map(RawJson::get), Some("7"));
+        assert_eq!(view.device, None);
+        let failed = record(
+            JobStatus::Failed,
+            r#"{"error":{"code":"timeout","message":"late"}}"#,
+        );
+        let view = JobView::from_record(&id, &failed);
+        assert_eq!(view.error_code(), Some(JobErrorCode::Timeout));
+        assert_eq!(view.output, None);
     }
 }
