@@ -51,6 +51,10 @@ struct Cli {
     /// Concurrent keep-alive HTTP clients in the throughput scenario.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
     clients: u32,
+    /// Size of each job's payload in the throughput scenario, in bytes
+    /// (about: segments of text, as a translation request has; 0: `{}`).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=262_144))]
+    payload_bytes: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -82,6 +86,8 @@ pub struct Options {
     pub fleet: Vec<u32>,
     /// HTTP clients.
     pub clients: u32,
+    /// Bytes of payload per job in the throughput scenario (about).
+    pub payload_bytes: u32,
 }
 
 /// One line of the results table.
@@ -128,6 +134,7 @@ fn main() -> ExitCode {
         window: Duration::from_secs(cli.seconds),
         fleet: cli.fleet,
         clients: cli.clients,
+        payload_bytes: cli.payload_bytes,
     };
     raise_open_files_limit();
     let runtime = match tokio::runtime::Runtime::new() {

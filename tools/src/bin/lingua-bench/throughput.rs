@@ -39,7 +39,7 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
         &urls,
         options.clients,
         Duration::from_secs(1),
-        &job_body(),
+        &job_body(options.payload_bytes),
     )
     .await;
 
@@ -52,8 +52,14 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     let cpu_before = proc_sample(coordinator.pid()).map_err(|e| e.to_string())?;
     let assignments_before = crate::assignments(&client, &coordinator).await?;
     let frames_before = Frames::of(&client, &coordinator).await?;
-    let mut closed =
-        closed_loop(&client, &urls, options.clients, options.window, &job_body()).await;
+    let mut closed = closed_loop(
+        &client,
+        &urls,
+        options.clients,
+        options.window,
+        &job_body(options.payload_bytes),
+    )
+    .await;
     let cpu_after = proc_sample(coordinator.pid()).map_err(|e| e.to_string())?;
     let redis_after = redis_counters(&mut conn).await.map_err(|e| e.to_string())?;
     let assignments = crate::assignments(&client, &coordinator).await? - assignments_before;
@@ -62,13 +68,20 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     let scripts_per_job =
         (redis_after.scripts - redis_before.scripts) as f64 / closed.jobs.max(1) as f64;
 
-    let mut open = open_loop(&client, &jobs_url, rate / 2.0, options.window, &job_body()).await;
+    let mut open = open_loop(
+        &client,
+        &jobs_url,
+        rate / 2.0,
+        options.window,
+        &job_body(options.payload_bytes),
+    )
+    .await;
     for agent in agents {
         let _ = agent.stop().await;
     }
     coordinator.kill().await;
 
-    let ceiling = ceiling(&redis.url(), options.clients, options.window).await?;
+    let ceiling = ceiling(&redis.url(), options).await?;
     let closed_pct = Percentiles::of(&mut closed.latencies);
     let open_pct = Percentiles::of(&mut open.latencies);
     let cpu_per_job =
@@ -76,8 +89,12 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     let mut rows = vec![
         Row::new(
             format!(
-                "Throughput, {AGENTS} agents, {} keep-alive clients (closed loop)",
-                options.clients
+                "Throughput, {AGENTS} agents, {} keep-alive clients (closed loop){}",
+                options.clients,
+                match options.payload_bytes {
+                    0 => String::new(),
+                    bytes => format!(", payloads of about {bytes} bytes"),
+                }
             ),
             format!("{rate:.0} jobs/s ({} failed)", closed.failed),
             ">= 10,000 jobs/s",
@@ -190,15 +207,28 @@ impl std::ops::Sub for Frames {
     }
 }
 
-fn job_body() -> serde_json::Value {
-    json!({"kind": "translate", "src_lang": "zh", "tgt_lang": "en", "payload": {}})
+/// A translate job whose payload is about `bytes` long: segments of
+/// text, as a translation request has (`{}` for 0).
+fn job_body(bytes: u32) -> serde_json::Value {
+    const TEXT: &str = "Lorem ipsum dolor sit amet, consectetur adipiscing";
+    let segments: Vec<_> = (0..bytes.div_ceil(64))
+        .map(|id| json!({"id": id, "text": TEXT}))
+        .collect();
+    let payload = if segments.is_empty() {
+        json!({})
+    } else {
+        json!({ "segments": segments })
+    };
+    json!({"kind": "translate", "src_lang": "zh", "tgt_lang": "en", "payload": payload})
 }
 
 /// Jobs per second Redis sustains when a job is nothing but its Redis
 /// calls (the pick that records it with the claim of its id beside it,
 /// then its result), issued by `clients` concurrent tasks over one
-/// multiplexed connection, as the coordinator issues them.
-async fn ceiling(redis_url: &str, clients: u32, window: Duration) -> Result<f64, BenchError> {
+/// multiplexed connection, as the coordinator issues them, with records
+/// of the jobs' size.
+async fn ceiling(redis_url: &str, options: &Options) -> Result<f64, BenchError> {
+    let (clients, window) = (options.clients, options.window);
     let store = Store::connect(redis_url, Arc::new(Metrics::default()))
         .await
         .map_err(|e| format!("redis: {e}"))?;
@@ -220,8 +250,11 @@ async fn ceiling(redis_url: &str, clients: u32, window: Duration) -> Result<f64,
         .map_err(|e| e.to_string())?;
     let done = Arc::new(AtomicU64::new(0));
     let end = Instant::now() + window;
-    let request = job_body().to_string();
-    let outcome = json!({"output": {}}).to_string();
+    // A request and an output the size of the jobs' (a simulated job's
+    // output holds its payload).
+    let body = job_body(options.payload_bytes);
+    let request = body.to_string();
+    let outcome = json!({"output": {"payload": body["payload"]}}).to_string();
     let tasks: Vec<_> = (0..clients)
         .map(|client| {
             let (store, kind, done, request, outcome) = (
