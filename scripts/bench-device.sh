@@ -11,12 +11,15 @@
 # libraries), as `scripts/gpu-check.sh --prepare DIR` leaves them. With
 # $OUT set, the tables and the tails of the bench's logs are written
 # there. Tunables (environment): RUNS (10), SECONDS_EACH (5), FLEET
-# (10000).
+# (10000), WORKERS (the coordinator's worker threads: "default", or
+# counts that each run goes through in turn, e.g. "2 16" with RUNS=5 to
+# compare two counts in one sitting).
 set -u
 
 RUNS=${RUNS:-10}
 SECONDS_EACH=${SECONDS_EACH:-5}
 FLEET=${FLEET:-10000}
+WORKERS=${WORKERS:-default}
 
 usage() {
     echo "usage: $0 --prepare DIR | --bin-dir DIR" >&2
@@ -52,10 +55,16 @@ mkdir -p "$OUT"
     free -g | head -2
     redis-server --version
 } >"$OUT/machine.txt" 2>&1
+workers_args() {
+    [ "$1" = default ] || echo "--worker-threads $1"
+}
 for i in $(seq 1 "$RUNS"); do
-    echo "== run $i $(date +%T)"
-    timeout 90 lingua-bench --scenario throughput --seconds "$SECONDS_EACH" \
-        2>>"$OUT/throughput.err" | grep '^|'
+    for workers in $WORKERS; do
+        echo "== run $i, worker threads: $workers, $(date +%T)"
+        # shellcheck disable=SC2046 # the flag and its count are two words
+        timeout 90 lingua-bench --scenario throughput --seconds "$SECONDS_EACH" \
+            $(workers_args "$workers") 2>>"$OUT/throughput.err" | grep '^|'
+    done
 done >"$OUT/throughput.md"
 timeout 200 lingua-bench --scenario fleet-scale --fleet "$FLEET" --seconds "$SECONDS_EACH" \
     2>"$OUT/fleet.err" | grep '^|' >"$OUT/fleet.md"

@@ -81,7 +81,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Some(Command::Probe) => probe(&config),
-        None => block_on("lingua-agent", serve(config, cli.config)),
+        None => block_on("lingua-agent", None, serve(config, cli.config)),
     }
 }
 

@@ -91,6 +91,9 @@ pub struct Config {
     /// Time a connection has to send a request's headers; also how long
     /// an idle keep-alive connection stays open.
     pub header_read_timeout: Duration,
+    /// Threads that run the coordinator's tasks; `None`: the default for
+    /// the host ([`default_workers`]).
+    pub worker_threads: Option<u32>,
 }
 
 /// How `route_pick` chooses among the nodes of a pair.
@@ -146,6 +149,7 @@ impl Default for Config {
             offline_retention: Duration::from_millis(86_400_000),
             max_connections: 16_384,
             header_read_timeout: Duration::from_millis(10_000),
+            worker_threads: None,
         }
     }
 }
@@ -284,8 +288,19 @@ impl Config {
                 self.header_read_timeout,
                 100..=600_000,
             )?,
+            worker_threads: match raw.worker_threads {
+                None => self.worker_threads,
+                given => Some(check.range("limits.worker_threads", given, 1, 1..=1_024)?),
+            },
             ..self
         })
+    }
+
+    /// Threads to run the coordinator's tasks on a host with `cores`
+    /// cores: `limits.worker_threads`, or the default for the host.
+    pub fn workers(&self, cores: usize) -> usize {
+        self.worker_threads
+            .map_or_else(|| default_workers(cores), |n| n as usize)
     }
 
     /// Checks the rules that span fields and command-line overrides: run it
@@ -352,6 +367,18 @@ impl Config {
     pub fn nodes_need_token(&self) -> bool {
         !self.node_tokens.is_empty() || self.node_secret.is_some()
     }
+}
+
+/// Worker threads without `limits.worker_threads`: two, or one on a
+/// one-core host. A job is a few short tasks that hand off to each other,
+/// and each worker that the load does not keep busy costs CPU per job in
+/// wakeups and stealing: on 2 cores, 4 workers cost about 1.15 times the
+/// CPU per job of 2 and 16 about 1.5 times; with one worker per core, a
+/// 16-core machine spent about twice the 2-core figure
+/// (docs/BENCHMARKS.md). One instance's throughput is bounded by its
+/// Redis before two busy workers are: more load takes more instances.
+pub fn default_workers(cores: usize) -> usize {
+    cores.clamp(1, 2)
 }
 
 #[cfg(test)]
@@ -442,6 +469,26 @@ max_attempts = 3
             .to_string();
         assert!(err.contains("line 2"), "{err}");
         assert!(err.contains("`capacity` or `random`"), "{err}");
+    }
+
+    #[test]
+    fn worker_threads_default_to_two_or_fewer_cores() {
+        let config = Config::parse("").unwrap();
+        assert_eq!(config.worker_threads, None);
+        let defaults: Vec<usize> = [1, 2, 3, 4, 16, 128]
+            .into_iter()
+            .map(|cores| config.workers(cores))
+            .collect();
+        assert_eq!(defaults, [1, 2, 2, 2, 2, 2]);
+        let four = Config::parse("[limits]\nworker_threads = 4\n").unwrap();
+        assert_eq!((four.workers(2), four.workers(64)), (4, 4));
+        for text in ["worker_threads = 0", "worker_threads = 5000"] {
+            let err = Config::parse(&format!("[limits]\n{text}\n")).unwrap_err();
+            assert!(
+                err.to_string().contains("limits.worker_threads (line 2)"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! and written by plain commands. docs/REDIS_DATA_MODEL.md lists them all.
 
 use std::fmt;
+use std::io::Write;
 
 use lingua_shared::{JobId, JobKind, LangPair, NodeId};
 use redis::{RedisWrite, ToRedisArgs};
@@ -109,20 +110,49 @@ impl Route {
     }
 }
 
+impl Route {
+    /// Hands `put` each piece of the route's name, in order.
+    fn pieces(&self, put: &mut dyn FnMut(&str)) {
+        put(self.kind.as_str());
+        if self.fallback {
+            put("@cpu");
+        }
+    }
+}
+
 impl fmt::Display for Route {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.fallback {
-            write!(f, "{}@cpu", self.kind)
-        } else {
-            write!(f, "{}", self.kind)
-        }
+        write_pieces(f, |put| self.pieces(put))
     }
 }
 
 impl ToRedisArgs for Route {
     fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
-        out.write_arg_fmt(self);
+        write_arg(out, |put| self.pieces(put));
     }
+}
+
+/// Writes the pieces that `pieces` hands out to a formatter.
+fn write_pieces(
+    f: &mut fmt::Formatter<'_>,
+    pieces: impl FnOnce(&mut dyn FnMut(&str)),
+) -> fmt::Result {
+    let mut written = Ok(());
+    pieces(&mut |piece| {
+        if written.is_ok() {
+            written = f.write_str(piece);
+        }
+    });
+    written
+}
+
+/// Writes the pieces that `pieces` hands out as one argument of a Redis
+/// command, straight into its buffer: no `fmt` machinery, no `String`
+/// (keys are written a dozen times per job).
+fn write_arg<W: ?Sized + RedisWrite>(out: &mut W, pieces: impl FnOnce(&mut dyn FnMut(&str))) {
+    let mut arg = out.writer_for_next_arg();
+    // A command's buffer is a `Vec`: a write into it cannot fail.
+    pieces(&mut |piece| arg.write_all(piece.as_bytes()).unwrap_or(()));
 }
 
 /// A key of a pair: `lingua:v1:pair:{<src:tgt>}:<name>[:<part>]`.
@@ -141,20 +171,39 @@ enum Part<'a> {
     Text(&'a str),
 }
 
+impl PairKey<'_> {
+    /// Hands `put` each piece of the key's text, in order.
+    fn pieces(&self, put: &mut dyn FnMut(&str)) {
+        put(PREFIX);
+        put(":pair:{");
+        put(self.pair.src.as_str());
+        put(":");
+        put(self.pair.tgt.as_str());
+        put("}:");
+        put(self.name);
+        match self.part {
+            Part::None => {}
+            Part::Route(route) => {
+                put(":");
+                route.pieces(put);
+            }
+            Part::Text(text) => {
+                put(":");
+                put(text);
+            }
+        }
+    }
+}
+
 impl fmt::Display for PairKey<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{PREFIX}:pair:{{{}}}:{}", self.pair, self.name)?;
-        match self.part {
-            Part::None => Ok(()),
-            Part::Route(route) => write!(f, ":{route}"),
-            Part::Text(text) => write!(f, ":{text}"),
-        }
+        write_pieces(f, |put| self.pieces(put))
     }
 }
 
 impl ToRedisArgs for PairKey<'_> {
     fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
-        out.write_arg_fmt(self);
+        write_arg(out, |put| self.pieces(put));
     }
 }
 
@@ -280,5 +329,22 @@ mod tests {
             cmd.get_packed_command(),
             b"*2\r\n$3\r\nGET\r\n$29\r\nlingua:v1:pair:{zh:en}:leases\r\n"
         );
+        // Written into the command piece by piece, each key is still one
+        // argument, the same text as its `Display`.
+        let fallback = Route::fallback(&asr);
+        let mut cmd = redis::cmd("MGET");
+        cmd.arg(pair.free(&fallback))
+            .arg(pair.job(&id))
+            .arg(&fallback);
+        let written = String::from_utf8(cmd.get_packed_command()).unwrap();
+        let expected = [
+            "MGET".to_owned(),
+            pair.free(&fallback).to_string(),
+            pair.job(&id).to_string(),
+            "asr@cpu".to_owned(),
+        ]
+        .map(|arg| format!("${}\r\n{arg}\r\n", arg.len()))
+        .concat();
+        assert_eq!(written, format!("*4\r\n{expected}"));
     }
 }

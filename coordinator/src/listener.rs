@@ -53,8 +53,7 @@ where
 {
     let permits = Arc::new(Semaphore::new(limits.max as usize));
     let connections = TaskTracker::new();
-    // When the cap was last reported: once per CAP_LOG_INTERVAL at most,
-    // since under attack it is reached at every accept.
+    // When the cap was last logged (an attack reaches it at every accept).
     let mut reported: Option<tokio::time::Instant> = None;
     loop {
         let permit = match permits.clone().try_acquire_owned() {
@@ -93,7 +92,8 @@ where
         let mut http = http1::Builder::new();
         http.timer(TokioTimer::new())
             .header_read_timeout(limits.header_read_timeout);
-        let shutdown = shutdown.clone();
+        // Its own token: each wait on the shared one locks what all share.
+        let shutdown = shutdown.child_token();
         connections.spawn(async move {
             let _held = permit;
             let connection = http

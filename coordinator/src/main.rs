@@ -108,7 +108,14 @@ fn main() -> ExitCode {
             return Exit::Usage.into();
         }
     };
-    block_on("lingua-coordinator", serve(config, tls))
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let workers = config.workers(cores);
+    tracing::info!(
+        worker_threads = workers,
+        cores,
+        "starting; limits.worker_threads sets the threads"
+    );
+    block_on("lingua-coordinator", Some(workers), serve(config, tls))
 }
 
 fn print_node_token(config: &Config, node_id: &str) -> ExitCode {

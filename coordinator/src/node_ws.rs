@@ -280,23 +280,32 @@ async fn run(
     control: &mut mpsc::Receiver<Control>,
 ) -> Ending {
     let lease = services.config.lease();
-    let mut silent_deadline = Instant::now() + lease;
     let mut bad_frames = BadFrames(0);
     let mut results = Results::default();
+    let mut silent_at = Instant::now() + lease;
+    // One timer for the connection's deadlines, and one wait for shutdown,
+    // made once and moved: each new timer or wait takes a shared lock.
+    let timer = sleep_until(silent_at);
+    let token = services.shutdown.child_token();
+    let shutdown = token.cancelled();
+    tokio::pin!(timer, shutdown);
     loop {
-        let publish_at = session.published + MIN_PUBLISH_INTERVAL;
         let acks_at = results.flush_at();
+        let publish_at = session
+            .publish_pending
+            .then(|| session.published + MIN_PUBLISH_INTERVAL);
+        let next = [acks_at, publish_at]
+            .into_iter()
+            .flatten()
+            .fold(silent_at, Instant::min);
+        if timer.deadline() != next {
+            timer.as_mut().reset(next);
+        }
         let received = tokio::select! {
             received = socket.recv(), if results.has_room() => received,
             Some(recorded) = results.recorded(), if results.recording() => {
                 let answered = results.answer(socket, services, &session.node, recorded).await;
                 if let Err(ending) = answered.and_then(|handled| bad_frames.count(&handled)) {
-                    return ending;
-                }
-                continue;
-            }
-            () = sleep_until(acks_at.unwrap_or(publish_at)), if acks_at.is_some() => {
-                if let Err(ending) = results.flush(socket, services).await {
                     return ending;
                 }
                 continue;
@@ -308,44 +317,62 @@ async fn run(
                 results.sent();
                 continue;
             }
-            () = sleep_until(publish_at), if session.publish_pending => {
-                session.publish(services);
+            () = &mut timer => {
+                let now = Instant::now();
+                if silent_at <= now {
+                    return Ending::new(CloseCode::HeartbeatTimeout, "missed heartbeats");
+                }
+                if acks_at.is_some_and(|at| at <= now)
+                    && let Err(ending) = results.flush(socket, services).await
+                {
+                    return ending;
+                }
+                if publish_at.is_some_and(|at| at <= now) {
+                    session.publish(services);
+                }
                 continue;
             }
-            () = sleep_until(silent_deadline) => return Ending::new(CloseCode::HeartbeatTimeout, "missed heartbeats"),
-            () = services.shutdown.cancelled() => return Ending::new(CloseCode::GoingAway, "coordinator shutting down"),
+            () = &mut shutdown => return Ending::new(CloseCode::GoingAway, "coordinator shutting down"),
         };
         let frame = match frame_of(received) {
             Ok(Frame::Data(frame)) => frame,
             Ok(Frame::Skip) => continue,
             Err(ending) => return ending,
         };
-        let handled = match frames::heartbeat_frame(services, session, &frame) {
-            Some(handled) => Ok(handled),
-            None => match decode(&frame) {
-                Ok(message) => {
-                    services.metrics.frame(Direction::In, message.type_name());
-                    handle(socket, services, session, message, &mut results).await
-                }
-                Err(err) => {
-                    if send_error(socket, services, err.code(), err.to_string())
-                        .await
-                        .is_err()
-                    {
-                        return Ending::new(CloseCode::Normal, "send failed");
-                    }
-                    Ok(Handled::Bad)
-                }
-            },
-        };
-        match handled {
-            Ok(Handled::Alive) => silent_deadline = Instant::now() + lease,
+        match take(socket, services, session, &frame, &mut results).await {
+            Ok(Handled::Alive) => silent_at = Instant::now() + lease,
             Ok(handled) => {
                 if let Err(ending) = bad_frames.count(&handled) {
                     return ending;
                 }
             }
             Err(ending) => return ending,
+        }
+    }
+}
+
+/// Takes in a data frame from the node: a heartbeat read in part when
+/// its capacity is the one held, any other frame decoded and handled.
+async fn take<'a>(
+    socket: &mut WebSocket,
+    services: &'a NodeServices,
+    session: &mut Session,
+    frame: &[u8],
+    results: &mut Results<'a>,
+) -> Result<Handled, Ending> {
+    if let Some(handled) = frames::heartbeat_frame(services, session, frame) {
+        return Ok(handled);
+    }
+    match decode(frame) {
+        Ok(message) => {
+            services.metrics.frame(Direction::In, message.type_name());
+            handle(socket, services, session, message, results).await
+        }
+        Err(err) => {
+            send_error(socket, services, err.code(), err.to_string())
+                .await
+                .map_err(|_| Ending::new(CloseCode::Normal, "send failed"))?;
+            Ok(Handled::Bad)
         }
     }
 }

@@ -105,10 +105,19 @@ pub fn generate_docs(command: clap::Command, dir: &std::path::Path) -> ExitCode 
     }
 }
 
-/// Runs `serve` to its exit code on a new multi-threaded tokio runtime; 70
-/// when the runtime cannot start, printed as `program: reason`.
-pub fn block_on(program: &str, serve: impl Future<Output = ExitCode>) -> ExitCode {
-    match tokio::runtime::Runtime::new() {
+/// Runs `serve` to its exit code on a new multi-threaded tokio runtime
+/// with `workers` threads (`None`: one per core); 70 when the runtime
+/// cannot start, printed as `program: reason`.
+pub fn block_on(
+    program: &str,
+    workers: Option<usize>,
+    serve: impl Future<Output = ExitCode>,
+) -> ExitCode {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(workers) = workers {
+        builder.worker_threads(workers);
+    }
+    match builder.enable_all().build() {
         Ok(runtime) => runtime.block_on(serve),
         Err(err) => {
             print_error(format_args!(

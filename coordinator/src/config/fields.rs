@@ -66,6 +66,7 @@ pub(super) struct RawNodes {
 pub(super) struct RawLimits {
     pub(super) max_connections: Option<Spanned<u32>>,
     pub(super) header_read_timeout_ms: Option<Spanned<u64>>,
+    pub(super) worker_threads: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

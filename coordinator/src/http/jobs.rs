@@ -12,7 +12,6 @@ use axum::response::{IntoResponse, Response};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use lingua_shared::{JobId, MAX_FRAME_BYTES, MAX_REQUEST_BODY_BYTES};
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 
 use super::{ApiError, query, set_retry_after};
 use crate::auth::Caller;
@@ -107,7 +106,6 @@ async fn read_body(body: Body, limit: Duration) -> Result<Bytes, ApiError> {
 pub async fn submit_job(
     State(router): State<Arc<JobRouter>>,
     State(limits): State<JobLimits>,
-    State(shutdown): State<CancellationToken>,
     Extension(caller): Extension<Caller>,
     submit: Result<Query<SubmitQuery>, QueryRejection>,
     body: Body,
@@ -159,15 +157,13 @@ pub async fn submit_job(
     }
     let mut terminal = submitted.terminal;
     // The dispatcher ends the job at its timeout; the margin covers Redis.
-    // A coordinator shutting down answers with the job still running: the
-    // client can ask another instance for it.
+    // A coordinator shutting down answers with the job still running (its
+    // dispatcher stops and drops the sender): the client can ask another
+    // instance for it.
     let margin = timeout + Duration::from_secs(5);
-    let waited = tokio::select! {
-        waited = tokio::time::timeout(margin, terminal.wait_for(Option::is_some)) => match waited {
-            Ok(Ok(view)) => view.clone(),
-            _ => None,
-        },
-        () = shutdown.cancelled() => None,
+    let waited = match tokio::time::timeout(margin, terminal.wait_for(Option::is_some)).await {
+        Ok(Ok(view)) => view.clone(),
+        _ => None,
     };
     if let Some(view) = waited {
         return Ok(view_response(view));

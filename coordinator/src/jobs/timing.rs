@@ -2,7 +2,6 @@
 //! by stage: the `Server-Timing` header of its answer to the submitting
 //! client, and `lingua_job_stage_seconds{stage}`.
 
-use std::fmt::Write as _;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -65,12 +64,18 @@ impl Timing {
     /// …` (milliseconds to the microsecond, as the header counts them).
     pub fn header(&self) -> String {
         let mut header = String::with_capacity(160);
+        let mut digits = itoa::Buffer::new();
         for (name, took) in self.stages() {
             if !header.is_empty() {
                 header.push_str(", ");
             }
             let micros = took.as_micros();
-            let _ = write!(header, "{name};dur={}.{:03}", micros / 1000, micros % 1000);
+            header.push_str(name);
+            header.push_str(";dur=");
+            header.push_str(digits.format(micros / 1000));
+            header.push('.');
+            // The thousandths, zero-padded: 1000 + 5 is written "1005".
+            header.push_str(&digits.format(1000 + micros % 1000)[1..]);
         }
         header
     }

@@ -125,7 +125,7 @@ fn main() -> ExitCode {
         let _ = Cli::command().print_help();
         return Exit::Usage.into();
     };
-    block_on("lingua-ctl", async move {
+    block_on("lingua-ctl", None, async move {
         match run(cli, command).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {

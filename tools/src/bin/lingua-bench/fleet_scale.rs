@@ -29,7 +29,8 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     let redis = private_redis().await?;
     let dir = scratch()?;
     let addr = free_local_addr();
-    let mut coordinator = CoordinatorProcess::start(dir.path(), &redis, addr, "").await?;
+    let config = options.coordinator_config();
+    let mut coordinator = CoordinatorProcess::start(dir.path(), &redis, addr, &config).await?;
     let url = coordinator.ws_url();
     let mut conn = redis::Client::open(redis.url())
         .map_err(|e| format!("redis: {e}"))?
@@ -72,7 +73,10 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
         let redis_after = redis_counters(&mut conn).await.map_err(|e| e.to_string())?;
         let seconds = options.window.as_secs_f64();
         rows.push(Row::new(
-            format!("{size} agents connected: coordinator CPU, RSS"),
+            format!(
+                "{size} agents connected: coordinator CPU, RSS ({} worker threads)",
+                options.coordinator_workers()
+            ),
             format!(
                 "{}, {:.0} MB",
                 core_pct(
@@ -100,7 +104,7 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     }
     let killed = Instant::now();
     coordinator.kill().await;
-    coordinator = CoordinatorProcess::start(dir.path(), &redis, addr, "").await?;
+    coordinator = CoordinatorProcess::start(dir.path(), &redis, addr, &config).await?;
     let restarted = killed.elapsed();
     all_registered(&agents, 2, Duration::from_secs(180)).await?;
     rows.push(Row::new(

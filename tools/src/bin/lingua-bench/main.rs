@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use lingua_agent::config::AgentConfig;
+use lingua_coordinator::config::default_workers;
 use lingua_coordinator::private_redis::PrivateRedis;
 use lingua_shared::process::{Exit, LogFormat, init_logging, usage_error};
 use lingua_tests::TestAgent;
@@ -55,6 +56,11 @@ struct Cli {
     /// (about: segments of text, as a translation request has; 0: `{}`).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=262_144))]
     payload_bytes: u32,
+    /// Worker threads of the coordinator in the throughput and fleet-scale
+    /// scenarios (its `limits.worker_threads`; default: the coordinator's
+    /// default for this machine).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    worker_threads: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -88,6 +94,25 @@ pub struct Options {
     pub clients: u32,
     /// Bytes of payload per job in the throughput scenario (about).
     pub payload_bytes: u32,
+    /// `limits.worker_threads` of the throughput and fleet-scale
+    /// coordinators, when given.
+    pub worker_threads: Option<u32>,
+}
+
+impl Options {
+    /// The config of the throughput and fleet-scale coordinators.
+    pub fn coordinator_config(&self) -> String {
+        self.worker_threads
+            .map(|n| format!("[limits]\nworker_threads = {n}\n"))
+            .unwrap_or_default()
+    }
+
+    /// The coordinator's worker threads in those scenarios.
+    pub fn coordinator_workers(&self) -> usize {
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        self.worker_threads
+            .map_or_else(|| default_workers(cores), |n| n as usize)
+    }
 }
 
 /// One line of the results table.
@@ -135,6 +160,7 @@ fn main() -> ExitCode {
         fleet: cli.fleet,
         clients: cli.clients,
         payload_bytes: cli.payload_bytes,
+        worker_threads: cli.worker_threads,
     };
     raise_open_files_limit();
     let runtime = match tokio::runtime::Runtime::new() {

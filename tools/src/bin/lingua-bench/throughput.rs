@@ -28,7 +28,9 @@ const AGENTS: usize = 100;
 pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     let redis = private_redis().await?;
     let dir = scratch()?;
-    let coordinator = CoordinatorProcess::start(dir.path(), &redis, free_local_addr(), "").await?;
+    let config = options.coordinator_config();
+    let coordinator =
+        CoordinatorProcess::start(dir.path(), &redis, free_local_addr(), &config).await?;
     let agents = noop_fleet(&[coordinator.ws_url()], AGENTS).await?;
     let client = http_client(options.clients)?;
     let jobs_url = coordinator.url("/v1/jobs");
@@ -89,8 +91,9 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     let mut rows = vec![
         Row::new(
             format!(
-                "Throughput, {AGENTS} agents, {} keep-alive clients (closed loop){}",
+                "Throughput, {AGENTS} agents, {} keep-alive clients, {} coordinator worker threads (closed loop){}",
                 options.clients,
+                options.coordinator_workers(),
                 match options.payload_bytes {
                     0 => String::new(),
                     bytes => format!(", payloads of about {bytes} bytes"),
