@@ -1,6 +1,7 @@
 //! Job routing: from `POST /v1/jobs` to exactly one terminal state.
 //!
-//! Each job is dispatched by one task: pick a node and record the attempt
+//! Each job has one dispatcher (the waiting request's task, else a task of
+//! its own, `submit.rs`): pick a node and record the attempt
 //! (one `route_pick` call, which at the job's arrival also records the
 //! job), send `job_assign`, and wait for the node's answer. A refusal, an assignment not answered
 //! within `accept_timeout_ms`, or the node's connection dying moves the job
@@ -122,8 +123,8 @@ pub struct JobRouter {
     queues: Arc<Mutex<Queues>>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
-    /// Dispatch tasks and messages posted to other instances, awaited on
-    /// shutdown ([`JobRouter::finish`]).
+    /// Dispatchers (in a request's task or their own) and messages posted
+    /// to other instances, awaited on shutdown ([`JobRouter::finish`]).
     tasks: TaskTracker,
 }
 
@@ -159,7 +160,7 @@ impl JobRouter {
         }
     }
 
-    /// After shutdown: waits up to `limit` for the dispatch tasks (they stop
+    /// After shutdown: waits up to `limit` for the dispatchers (they stop
     /// at once, leaving their jobs `running` in Redis) and the messages
     /// posted to other instances. False when some were still running.
     pub async fn finish(&self, limit: Duration) -> bool {

@@ -110,11 +110,7 @@ fn main() -> ExitCode {
     };
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let workers = config.workers(cores);
-    tracing::info!(
-        worker_threads = workers,
-        cores,
-        "starting; limits.worker_threads sets the threads"
-    );
+    tracing::info!(worker_threads = workers, cores, "starting");
     block_on("lingua-coordinator", Some(workers), serve(config, tls))
 }
 

@@ -199,7 +199,7 @@ pub async fn run(
     served
 }
 
-/// Waits (a while) for node connections and dispatch tasks to end.
+/// Waits (a while) for node connections and job dispatchers to end.
 async fn finish(nodes: &NodeServices) {
     nodes.tasks.close();
     if tokio::time::timeout(DRAIN_TIMEOUT, nodes.tasks.wait())
@@ -209,6 +209,6 @@ async fn finish(nodes: &NodeServices) {
         tracing::warn!("node connections did not close in time");
     }
     if !nodes.router.finish(DRAIN_TIMEOUT).await {
-        tracing::warn!("job dispatch tasks did not end in time");
+        tracing::warn!("job dispatchers did not end in time");
     }
 }

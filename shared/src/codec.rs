@@ -5,11 +5,12 @@
 //! step failed with a [`DecodeError`] the receiver can send back as an
 //! [`ErrorFrame`](crate::protocol::ErrorFrame).
 //!
-//! A well-formed frame is read in two passes over its bytes: its `type`
-//! alone (borrowed, nothing allocated), then the message of that type
-//! straight from the bytes. Going through a JSON tree, as serde's tagged
-//! enums do, allocated every key and value twice; it is kept for frames
-//! that fail, to say why.
+//! A well-formed frame is read straight from its bytes as the message its
+//! `type` names: in one pass when the frame begins with its type (as
+//! [`encode`] writes every frame), else after a first pass that reads the
+//! `type` alone (borrowed, nothing allocated). Going through a JSON tree,
+//! as serde's tagged enums do, allocated every key and value twice; it is
+//! kept for frames that fail, to say why.
 
 use std::borrow::Cow;
 
@@ -197,10 +198,14 @@ fn explain(frame: &[u8]) -> Result<Message, DecodeError> {
         Value::Object(object) => object,
         other => return Err(DecodeError::NotAnObject(json_kind(other))),
     };
-    let ty = object
-        .get("type")
-        .and_then(Value::as_str)
-        .ok_or(DecodeError::MissingType)?;
+    // A frame that begins with its type is that type, as in `fast`.
+    let ty = match leading_type(frame) {
+        Some(ty) => ty,
+        None => object
+            .get("type")
+            .and_then(Value::as_str)
+            .ok_or(DecodeError::MissingType)?,
+    };
     let ty = Message::TYPES
         .into_iter()
         .find(|known| *known == ty)
@@ -454,7 +459,20 @@ mod tests {
         // is an unknown field to that message (the tree keeps the last).
         let twice = br#"{"type":"drain","reason":"x","type":"job_accept"}"#;
         assert!(matches!(fast(twice), Some(Message::Drain(_))));
-        assert!(explain(twice).is_err());
+        assert!(matches!(decode(twice), Ok(Message::Drain(_))));
+        // Invalid as its first type, it is that type's error, whatever
+        // the later one would make of it.
+        for frame in [
+            br#"{"type":"drain","reason":5,"type":"job_accept","job_id":"j","attempt":1}"#
+                .as_slice(),
+            br#"{"type":"drain","reason":5,"type":"job_accept"}"#,
+        ] {
+            assert!(
+                matches!(decode(frame), Err(DecodeError::Invalid { ty: "drain", .. })),
+                "{}",
+                String::from_utf8_lossy(frame)
+            );
+        }
         // What the fast path declines, the tree explains.
         let invalid_utf8 = b"{\"type\":\"drain\",\"x\":\"\xff\"}".to_vec();
         for frame in [

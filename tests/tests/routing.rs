@@ -851,6 +851,19 @@ async fn a_refusal_moves_a_job_on_without_using_up_its_attempts() {
     // One attempt that may end silent or lost; refusals do not count.
     let (coordinator, mut node, submitted) = one_attempt_and_a_raw_node(&redis, "refuser").await;
     let first = next_assign(&mut node).await;
+    refused_then_done(&mut node, &first).await;
+    let answer = submitted.await.unwrap();
+    assert_eq!(answer["status"], "completed", "{answer}");
+    assert_eq!(answer["attempts"], 2, "{answer}");
+    let refusals = r#"lingua_job_refusals_total{reason="no_capacity"}"#;
+    assert_eq!(coordinator.metric(None, refusals).await, Some(1.0));
+    node.close().await;
+    coordinator.stop().await;
+}
+
+/// The node refuses the `first` assignment (busy a moment), reports room
+/// again, and completes the job's next attempt with `{"text": "hello"}`.
+async fn refused_then_done(node: &mut TestNode, first: &JobAssign) {
     node.send(&Message::JobReject(JobReject {
         job_id: first.job_id.clone(),
         attempt: first.attempt,
@@ -864,7 +877,7 @@ async fn a_refusal_moves_a_job_on_without_using_up_its_attempts() {
         ..CapacityReport::default()
     };
     node.send(&Message::Capacity(room)).await;
-    let second = next_assign(&mut node).await;
+    let second = next_assign(node).await;
     assert_eq!(second.job_id, first.job_id);
     assert_eq!(second.attempt, first.attempt + 1);
     let key = JobRef {
@@ -882,11 +895,30 @@ async fn a_refusal_moves_a_job_on_without_using_up_its_attempts() {
         device: None,
     }))
     .await;
-    let answer = submitted.await.unwrap();
-    assert_eq!(answer["status"], "completed", "{answer}");
-    assert_eq!(answer["attempts"], 2, "{answer}");
-    let refusals = r#"lingua_job_refusals_total{reason="no_capacity"}"#;
-    assert_eq!(coordinator.metric(None, refusals).await, Some(1.0));
+}
+
+/// A submission waiting for its answer drives the job's dispatch itself;
+/// when its client goes away, the dispatch goes on without it.
+#[tokio::test]
+async fn a_job_whose_client_went_away_is_still_moved_on_and_finished() {
+    let redis = lingua_tests::redis().await;
+    let (coordinator, mut node, submitted) = one_attempt_and_a_raw_node(&redis, "left").await;
+    let first = next_assign(&mut node).await;
+    submitted.abort();
+    // Its connection closed: open are the node's socket and the one
+    // asking.
+    eventually("the client's connection to close", || async {
+        let open = coordinator.metric(None, "lingua_connections_open").await;
+        (open == Some(2.0)).then_some(())
+    })
+    .await;
+    // Only a dispatcher still at work moves the job on after a refusal.
+    refused_then_done(&mut node, &first).await;
+    let path = format!("/v1/jobs/{}?wait_ms=10000", first.job_id);
+    let (status, view) = coordinator.get(&path).await;
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(view["status"], "completed", "{view}");
+    assert_eq!(view["output"]["text"], "hello", "{view}");
     node.close().await;
     coordinator.stop().await;
 }

@@ -149,22 +149,22 @@ pub async fn submit_job(
         Err(SubmitError::Store(err)) => return Err(err.into()),
     };
     if !submit.wait {
+        let status = submitted.status;
+        submitted.detach();
         return Ok((
             StatusCode::ACCEPTED,
-            Json(json!({"id": id, "status": submitted.status})),
+            Json(json!({"id": id, "status": status})),
         )
             .into_response());
     }
-    let mut terminal = submitted.terminal;
     // The dispatcher ends the job at its timeout; the margin covers Redis.
     // A coordinator shutting down answers with the job still running (its
-    // dispatcher stops and drops the sender): the client can ask another
-    // instance for it.
+    // dispatcher stops): the client can ask another instance for it.
     let margin = timeout + Duration::from_secs(5);
-    let waited = match tokio::time::timeout(margin, terminal.wait_for(Option::is_some)).await {
-        Ok(Ok(view)) => view.clone(),
-        _ => None,
-    };
+    let waited = tokio::time::timeout(margin, submitted.answer())
+        .await
+        .ok()
+        .flatten();
     if let Some(view) = waited {
         return Ok(view_response(view));
     }

@@ -1,11 +1,13 @@
 //! Taking a job in: recorded in Redis at once (with its first pick, when
-//! nothing waits ahead of it), then one task dispatches it; submissions of
-//! the same id share its answer.
+//! nothing waits ahead of it), then one dispatcher takes it on, in the
+//! task of the submission that waits for its answer, else in a task of its
+//! own; submissions of the same id share its answer.
 
 use super::dispatch::Dispatch;
 use super::pick::{First, Opened};
 use super::*;
 use crate::recent::{FailedJob, now_ms};
+use std::pin::Pin;
 use tracing::Instrument;
 
 /// A job taken in: where it stands now, and its terminal view to come.
@@ -13,7 +15,50 @@ pub struct Submitted {
     /// Its status as recorded.
     pub status: JobStatus,
     /// Yields its terminal view.
-    pub terminal: watch::Receiver<Option<JobView>>,
+    terminal: watch::Receiver<Option<JobView>>,
+    /// Its dispatch, when this submission started it: driven by
+    /// [`Submitted::answer`] in the caller's task (no task of its own, no
+    /// hand-off between tasks for its answer), or by a task of its own
+    /// once this is dropped before it ends.
+    dispatch: Option<Dispatching>,
+}
+
+type Dispatching = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+impl Submitted {
+    /// The job's terminal view, once it ends; its dispatch is driven here
+    /// while this is awaited. `None` when its dispatcher stopped first
+    /// (the coordinator is shutting down): the job is as Redis has it.
+    pub async fn answer(mut self) -> Option<JobView> {
+        if let Some(dispatch) = self.dispatch.as_mut() {
+            dispatch.await;
+            self.dispatch = None;
+        }
+        let view = self.terminal.wait_for(Option::is_some).await.ok()?;
+        view.clone()
+    }
+
+    /// Lets the dispatch go on, on a task of its own, without waiting.
+    pub fn detach(mut self) {
+        self.go_on();
+    }
+
+    /// Hands what is left of the dispatch, if any, to a task of its own.
+    fn go_on(&mut self) {
+        if let Some(dispatch) = self.dispatch.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(dispatch);
+        }
+    }
+}
+
+impl Drop for Submitted {
+    /// A dispatch not driven to its end goes on on a task of its own: a
+    /// job is never left half-dispatched because its client went away.
+    fn drop(&mut self) {
+        self.go_on();
+    }
 }
 
 impl JobRouter {
@@ -35,10 +80,16 @@ impl JobRouter {
                 .borrow()
                 .as_ref()
                 .map_or(JobStatus::Running, |v| v.status);
-            return Ok(Submitted { status, terminal });
+            return Ok(Submitted {
+                status,
+                terminal,
+                dispatch: None,
+            });
         }
+        // Until its dispatcher takes it over: a handler dropped while the
+        // job is recorded (its client gone) leaves no waiter behind.
+        let registered = Registered::new(&self.waiters, &job.id, &waiter);
         if let Some(retry_after) = self.queue_full(&job) {
-            lock(&self.waiters).remove(&job.id);
             self.metrics.shed("queue_full");
             return Err(SubmitError::QueueFull { retry_after });
         }
@@ -49,23 +100,22 @@ impl JobRouter {
             Ok(Opened::New(first)) if first.attempt > 0 => (JobStatus::Running, Some(first)),
             Ok(Opened::New(first)) => (JobStatus::Queued, Some(first)),
             Ok(Opened::Exists) => (JobStatus::Running, None),
-            Ok(Opened::Conflict) => {
-                lock(&self.waiters).remove(&job.id);
-                return Err(SubmitError::Conflict(job.id));
-            }
-            Err(err) => {
-                lock(&self.waiters).remove(&job.id);
-                return Err(err.into());
-            }
+            Ok(Opened::Conflict) => return Err(SubmitError::Conflict(job.id.clone())),
+            Err(err) => return Err(err.into()),
         };
+        registered.hand_over();
         let this = Arc::clone(self);
         // Every line logged for the job carries its id (its attempts add
         // the node and the attempt number).
         let span = tracing::info_span!("job", job_id = %job.id);
-        self.tasks.spawn(
+        let dispatch = self.tasks.track_future(
             async move { this.follow_job(job, waiter, first, start).await }.instrument(span),
         );
-        Ok(Submitted { status, terminal })
+        Ok(Submitted {
+            status,
+            terminal,
+            dispatch: Some(Box::pin(dispatch)),
+        })
     }
 
     /// Retry-After for a job that would wait behind others while the
@@ -149,6 +199,9 @@ impl JobRouter {
         start: Duration,
     ) {
         let fresh = first.is_some();
+        // However this ends (published, stopped, failed, panicked), a
+        // later submission of the id does not wait on this waiter.
+        let _registered = Registered::new(&self.waiters, &job.id, &waiter);
         let outcome = tokio::select! {
             outcome = async {
                 match first {
@@ -156,17 +209,12 @@ impl JobRouter {
                     None => Ok(self.wait_remote(&job.id, Instant::now() + job.timeout).await?),
                 }
             } => outcome,
-            () = self.shutdown.cancelled() => {
-                lock(&self.waiters).remove(&job.id);
-                return;
-            }
+            () = self.shutdown.cancelled() => return,
         };
         let view = match outcome {
             Ok(view) => view,
             Err(err) => {
                 tracing::error!(job_id = %job.id, error = %err, "dispatch failed");
-                lock(&self.waiters).remove(&job.id);
-                drop(waiter);
                 return;
             }
         };
@@ -204,5 +252,86 @@ impl JobRouter {
                 }
             }
         }
+    }
+}
+
+/// A waiter that a submission put in the map: taken out when this is
+/// dropped, unless another has replaced it there or the submission handed
+/// it over (its dispatcher holds one of its own). Its subscribers' wait
+/// ends with it: they read the job from Redis instead.
+struct Registered<'a> {
+    waiters: &'a Mutex<HashMap<JobId, Arc<Waiter>>>,
+    id: &'a JobId,
+    waiter: &'a Arc<Waiter>,
+    armed: bool,
+}
+
+impl<'a> Registered<'a> {
+    fn new(
+        waiters: &'a Mutex<HashMap<JobId, Arc<Waiter>>>,
+        id: &'a JobId,
+        waiter: &'a Arc<Waiter>,
+    ) -> Self {
+        Self {
+            waiters,
+            id,
+            waiter,
+            armed: true,
+        }
+    }
+
+    /// The dispatcher takes over: dropping this leaves the waiter.
+    fn hand_over(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut waiters = lock(self.waiters);
+        if waiters
+            .get(self.id)
+            .is_some_and(|held| Arc::ptr_eq(held, self.waiter))
+        {
+            waiters.remove(self.id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiter() -> Arc<Waiter> {
+        Arc::new(Waiter {
+            request: String::new(),
+            terminal: watch::channel(None).0,
+        })
+    }
+
+    #[test]
+    fn a_registered_waiter_leaves_the_map_unless_handed_over_or_replaced() {
+        let id = JobId::new("j-1").unwrap();
+        let waiters = Mutex::new(HashMap::new());
+        let first = waiter();
+        lock(&waiters).insert(id.clone(), Arc::clone(&first));
+        let subscriber = first.terminal.subscribe();
+        Registered::new(&waiters, &id, &first).hand_over();
+        assert!(lock(&waiters).contains_key(&id), "handed over: kept");
+        drop(Registered::new(&waiters, &id, &first));
+        assert!(!lock(&waiters).contains_key(&id), "dropped: taken out");
+        drop(first);
+        assert!(
+            subscriber.has_changed().is_err(),
+            "with the waiter gone, its subscribers' wait ends"
+        );
+        let (older, newer) = (waiter(), waiter());
+        lock(&waiters).insert(id.clone(), Arc::clone(&newer));
+        drop(Registered::new(&waiters, &id, &older));
+        let held = lock(&waiters).get(&id).cloned().unwrap();
+        assert!(Arc::ptr_eq(&held, &newer), "another's waiter stays");
     }
 }
