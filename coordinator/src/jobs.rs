@@ -75,7 +75,7 @@ pub use timing::Timing;
 use view::Ended;
 pub use view::{JobErrorCode, JobView};
 
-/// What a dispatch task hears about its current attempt.
+/// What a dispatcher hears about its current attempt.
 #[derive(Debug)]
 enum AttemptEvent {
     Accepted,

@@ -816,16 +816,17 @@ async fn next_assign(node: &mut TestNode) -> JobAssign {
     }
 }
 
-/// A coordinator allowing one attempt that ends silent or lost, a raw
-/// node `name` serving zh -> en, and a translate job submitted in the
-/// background (its answer).
+/// A coordinator of `config` allowing one attempt that ends silent or
+/// lost, a raw node `name` serving zh -> en, and a translate job submitted
+/// in the background (its answer).
 async fn one_attempt_and_a_raw_node(
     redis: &PrivateRedis,
     name: &str,
+    config: lingua_coordinator::config::Config,
 ) -> (TestCoordinator, TestNode, tokio::task::JoinHandle<Value>) {
     let config = lingua_coordinator::config::Config {
         max_attempts: 1,
-        ..test_config()
+        ..config
     };
     let coordinator = TestCoordinator::start(redis, config).await;
     let register = registration(name, &["zh"], &["en"]);
@@ -849,7 +850,8 @@ async fn one_attempt_and_a_raw_node(
 async fn a_refusal_moves_a_job_on_without_using_up_its_attempts() {
     let redis = lingua_tests::redis().await;
     // One attempt that may end silent or lost; refusals do not count.
-    let (coordinator, mut node, submitted) = one_attempt_and_a_raw_node(&redis, "refuser").await;
+    let (coordinator, mut node, submitted) =
+        one_attempt_and_a_raw_node(&redis, "refuser", test_config()).await;
     let first = next_assign(&mut node).await;
     refused_then_done(&mut node, &first).await;
     let answer = submitted.await.unwrap();
@@ -902,7 +904,14 @@ async fn refused_then_done(node: &mut TestNode, first: &JobAssign) {
 #[tokio::test]
 async fn a_job_whose_client_went_away_is_still_moved_on_and_finished() {
     let redis = lingua_tests::redis().await;
-    let (coordinator, mut node, submitted) = one_attempt_and_a_raw_node(&redis, "left").await;
+    // However slowly the client's leaving is noticed, the first attempt
+    // is still waiting for the node's answer when it comes.
+    let config = lingua_coordinator::config::Config {
+        accept_timeout: Duration::from_secs(60),
+        ..test_config()
+    };
+    let (coordinator, mut node, submitted) =
+        one_attempt_and_a_raw_node(&redis, "left", config).await;
     let first = next_assign(&mut node).await;
     submitted.abort();
     // Its connection closed: open are the node's socket and the one
@@ -926,7 +935,8 @@ async fn a_job_whose_client_went_away_is_still_moved_on_and_finished() {
 #[tokio::test]
 async fn a_node_that_cannot_run_a_job_at_all_uses_up_an_attempt() {
     let redis = lingua_tests::redis().await;
-    let (coordinator, mut node, submitted) = one_attempt_and_a_raw_node(&redis, "misfit").await;
+    let (coordinator, mut node, submitted) =
+        one_attempt_and_a_raw_node(&redis, "misfit", test_config()).await;
     let assign = next_assign(&mut node).await;
     node.send(&Message::JobReject(JobReject {
         job_id: assign.job_id,

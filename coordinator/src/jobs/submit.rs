@@ -7,7 +7,10 @@ use super::dispatch::Dispatch;
 use super::pick::{First, Opened};
 use super::*;
 use crate::recent::{FailedJob, now_ms};
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
+
+use futures_util::FutureExt;
 use tracing::Instrument;
 
 /// A job taken in: where it stands now, and its terminal view to come.
@@ -28,11 +31,17 @@ type Dispatching = Pin<Box<dyn Future<Output = ()> + Send>>;
 impl Submitted {
     /// The job's terminal view, once it ends; its dispatch is driven here
     /// while this is awaited. `None` when its dispatcher stopped first
-    /// (the coordinator is shutting down): the job is as Redis has it.
+    /// (the coordinator is shutting down, or the dispatch panicked): the
+    /// job is as Redis has it.
     pub async fn answer(mut self) -> Option<JobView> {
         if let Some(dispatch) = self.dispatch.as_mut() {
-            dispatch.await;
+            // A panic stays the dispatch's own, as on a task of its own:
+            // the request still gets an answer.
+            let ran = AssertUnwindSafe(dispatch).catch_unwind().await;
             self.dispatch = None;
+            if ran.is_err() {
+                tracing::error!("a job's dispatch panicked; its answer is read from Redis");
+            }
         }
         let view = self.terminal.wait_for(Option::is_some).await.ok()?;
         view.clone()
@@ -45,17 +54,22 @@ impl Submitted {
 
     /// Hands what is left of the dispatch, if any, to a task of its own.
     fn go_on(&mut self) {
-        if let Some(dispatch) = self.dispatch.take()
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            runtime.spawn(dispatch);
+        let Some(dispatch) = self.dispatch.take() else {
+            return;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(dispatch)),
+            Err(_) => tracing::error!(
+                "no runtime to go on with a job's dispatch: it stays as Redis has it"
+            ),
         }
     }
 }
 
 impl Drop for Submitted {
-    /// A dispatch not driven to its end goes on on a task of its own: a
-    /// job is never left half-dispatched because its client went away.
+    /// A dispatch not driven to its end goes on in a task of its own: a
+    /// job handed to its dispatcher is not left half-dispatched because
+    /// its client went away.
     fn drop(&mut self) {
         self.go_on();
     }
@@ -86,9 +100,14 @@ impl JobRouter {
                 dispatch: None,
             });
         }
-        // Until its dispatcher takes it over: a handler dropped while the
-        // job is recorded (its client gone) leaves no waiter behind.
-        let registered = Registered::new(&self.waiters, &job.id, &waiter);
+        // However this submission ends (refused, its request dropped
+        // while the job is recorded, its dispatch done, stopped, dropped
+        // or panicked), a later one of the id does not wait on its waiter.
+        let registered = Registered {
+            router: Arc::clone(self),
+            id: job.id.clone(),
+            waiter,
+        };
         if let Some(retry_after) = self.queue_full(&job) {
             self.metrics.shed("queue_full");
             return Err(SubmitError::QueueFull { retry_after });
@@ -100,16 +119,19 @@ impl JobRouter {
             Ok(Opened::New(first)) if first.attempt > 0 => (JobStatus::Running, Some(first)),
             Ok(Opened::New(first)) => (JobStatus::Queued, Some(first)),
             Ok(Opened::Exists) => (JobStatus::Running, None),
-            Ok(Opened::Conflict) => return Err(SubmitError::Conflict(job.id.clone())),
+            Ok(Opened::Conflict) => return Err(SubmitError::Conflict(job.id)),
             Err(err) => return Err(err.into()),
         };
-        registered.hand_over();
         let this = Arc::clone(self);
         // Every line logged for the job carries its id (its attempts add
         // the node and the attempt number).
         let span = tracing::info_span!("job", job_id = %job.id);
         let dispatch = self.tasks.track_future(
-            async move { this.follow_job(job, waiter, first, start).await }.instrument(span),
+            async move {
+                let _registered = registered;
+                this.follow_job(job, first, start).await;
+            }
+            .instrument(span),
         );
         Ok(Submitted {
             status,
@@ -191,17 +213,8 @@ impl JobRouter {
     /// waits for one recorded before (by an earlier submission here or
     /// elsewhere), and publishes its terminal view. On shutdown it stops:
     /// the job stays in Redis as it is.
-    async fn follow_job(
-        self: Arc<Self>,
-        job: Job,
-        waiter: Arc<Waiter>,
-        first: Option<First>,
-        start: Duration,
-    ) {
+    async fn follow_job(self: Arc<Self>, job: Job, first: Option<First>, start: Duration) {
         let fresh = first.is_some();
-        // However this ends (published, stopped, failed, panicked), a
-        // later submission of the id does not wait on this waiter.
-        let _registered = Registered::new(&self.waiters, &job.id, &waiter);
         let outcome = tokio::select! {
             outcome = async {
                 match first {
@@ -255,49 +268,31 @@ impl JobRouter {
     }
 }
 
-/// A waiter that a submission put in the map: taken out when this is
-/// dropped, unless another has replaced it there or the submission handed
-/// it over (its dispatcher holds one of its own). Its subscribers' wait
-/// ends with it: they read the job from Redis instead.
-struct Registered<'a> {
-    waiters: &'a Mutex<HashMap<JobId, Arc<Waiter>>>,
-    id: &'a JobId,
-    waiter: &'a Arc<Waiter>,
-    armed: bool,
+/// A waiter that a submission put in the map, held by the submission and
+/// then by its dispatch (to its end, even one never polled): taken out
+/// when this is dropped, unless another has replaced it there (publishing
+/// a view takes it out first). Its subscribers' wait ends with it: they
+/// read the job from Redis instead.
+struct Registered {
+    router: Arc<JobRouter>,
+    id: JobId,
+    waiter: Arc<Waiter>,
 }
 
-impl<'a> Registered<'a> {
-    fn new(
-        waiters: &'a Mutex<HashMap<JobId, Arc<Waiter>>>,
-        id: &'a JobId,
-        waiter: &'a Arc<Waiter>,
-    ) -> Self {
-        Self {
-            waiters,
-            id,
-            waiter,
-            armed: true,
-        }
-    }
-
-    /// The dispatcher takes over: dropping this leaves the waiter.
-    fn hand_over(mut self) {
-        self.armed = false;
-    }
-}
-
-impl Drop for Registered<'_> {
+impl Drop for Registered {
     fn drop(&mut self) {
-        if !self.armed {
-            return;
-        }
-        let mut waiters = lock(self.waiters);
-        if waiters
-            .get(self.id)
-            .is_some_and(|held| Arc::ptr_eq(held, self.waiter))
-        {
-            waiters.remove(self.id);
-        }
+        forget(&self.router.waiters, &self.id, &self.waiter);
+    }
+}
+
+/// Takes `waiter` out of `waiters`, unless another holds `id`'s place.
+fn forget(waiters: &Mutex<HashMap<JobId, Arc<Waiter>>>, id: &JobId, waiter: &Arc<Waiter>) {
+    let mut waiters = lock(waiters);
+    if waiters
+        .get(id)
+        .is_some_and(|held| Arc::ptr_eq(held, waiter))
+    {
+        waiters.remove(id);
     }
 }
 
@@ -313,16 +308,14 @@ mod tests {
     }
 
     #[test]
-    fn a_registered_waiter_leaves_the_map_unless_handed_over_or_replaced() {
+    fn a_forgotten_waiter_leaves_the_map_unless_another_took_its_place() {
         let id = JobId::new("j-1").unwrap();
         let waiters = Mutex::new(HashMap::new());
         let first = waiter();
         lock(&waiters).insert(id.clone(), Arc::clone(&first));
         let subscriber = first.terminal.subscribe();
-        Registered::new(&waiters, &id, &first).hand_over();
-        assert!(lock(&waiters).contains_key(&id), "handed over: kept");
-        drop(Registered::new(&waiters, &id, &first));
-        assert!(!lock(&waiters).contains_key(&id), "dropped: taken out");
+        forget(&waiters, &id, &first);
+        assert!(!lock(&waiters).contains_key(&id), "taken out");
         drop(first);
         assert!(
             subscriber.has_changed().is_err(),
@@ -330,7 +323,7 @@ mod tests {
         );
         let (older, newer) = (waiter(), waiter());
         lock(&waiters).insert(id.clone(), Arc::clone(&newer));
-        drop(Registered::new(&waiters, &id, &older));
+        forget(&waiters, &id, &older);
         let held = lock(&waiters).get(&id).cloned().unwrap();
         assert!(Arc::ptr_eq(&held, &newer), "another's waiter stays");
     }
