@@ -102,6 +102,10 @@ pub enum SubmitError {
     /// Redis failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Its dispatch ended before saying whether the job was recorded
+    /// (it panicked).
+    #[error("the job's dispatch stopped before the job was recorded")]
+    Stopped,
 }
 
 struct Waiter {

@@ -1,5 +1,5 @@
 //! Pieces for whole-fleet runs (`lingua-bench`, the fault-injection test):
-//! the real binaries as child processes, a TCP proxy that can blackhole a
+//! the real binaries as child processes, a proxy that can blackhole a
 //! link, a counting inference service, and readings from `/proc` and
 //! Redis `INFO`.
 
@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lingua_shared::sync::lock;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
@@ -246,57 +246,124 @@ pub async fn redis_counters(
     })
 }
 
-/// A TCP proxy the harness controls: forwards to `upstream` until frozen;
-/// frozen, it keeps every connection open and accepts new ones but passes
-/// no byte either way (a half-open link, as a dead switch or a hung host
-/// leaves it).
+/// A TCP proxy the harness controls: forwards to its upstream until
+/// frozen; frozen, it keeps every connection open and accepts new ones but
+/// passes no byte either way (a half-open link, as a dead switch or a hung
+/// host leaves it).
 pub struct Blackhole {
     /// Where clients connect.
     pub addr: SocketAddr,
-    frozen: watch::Sender<bool>,
+    link: watch::Sender<Link>,
+    held: Arc<Mutex<Vec<u8>>>,
     task: tokio::task::JoinHandle<()>,
 }
 
+/// What a [`Blackhole`] does with the bytes sent to it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Link {
+    /// Passes them on.
+    Open,
+    /// Takes none in.
+    Frozen,
+    /// Takes them in (what a peer sends is not stuck in its own buffers)
+    /// and keeps them until the thaw.
+    Holding,
+}
+
+/// Where a [`Blackhole`] forwards.
+enum Upstream {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+/// Either kind of upstream connection.
+trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Stream for S {}
+
+impl Upstream {
+    async fn connect(&self) -> std::io::Result<Box<dyn Stream>> {
+        Ok(match self {
+            Self::Tcp(addr) => Box::new(TcpStream::connect(addr).await?),
+            Self::Unix(path) => Box::new(UnixStream::connect(path).await?),
+        })
+    }
+}
+
 impl Blackhole {
-    /// Starts a proxy on a free local port.
+    /// Starts a proxy to `upstream` on a free local port.
     ///
     /// # Panics
     /// When no local port can be bound.
     pub async fn start(upstream: SocketAddr) -> Self {
+        Self::to(Upstream::Tcp(upstream)).await
+    }
+
+    /// Starts a proxy to the unix socket at `upstream` (a test Redis) on a
+    /// free local port.
+    ///
+    /// # Panics
+    /// When no local port can be bound.
+    pub async fn start_unix(upstream: PathBuf) -> Self {
+        Self::to(Upstream::Unix(upstream)).await
+    }
+
+    async fn to(upstream: Upstream) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind the proxy");
         let addr = listener
             .local_addr()
             .expect("a bound listener has an address");
-        let (frozen, _) = watch::channel(false);
-        let switch = frozen.clone();
+        let (link, _) = watch::channel(Link::Open);
+        let held = Arc::new(Mutex::new(Vec::new()));
+        let switch = link.clone();
+        let holding = Arc::clone(&held);
+        let upstream = Arc::new(upstream);
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let frozen = switch.subscribe();
+                let link = switch.subscribe();
+                let (held, upstream) = (Arc::clone(&holding), Arc::clone(&upstream));
                 tokio::spawn(async move {
-                    if let Ok(server) = TcpStream::connect(upstream).await {
+                    if let Ok(server) = upstream.connect().await {
                         let (client_read, client_write) = client.into_split();
-                        let (server_read, server_write) = server.into_split();
+                        let (server_read, server_write) = tokio::io::split(server);
                         tokio::select! {
-                            () = pump(client_read, server_write, frozen.clone()) => {}
-                            () = pump(server_read, client_write, frozen) => {}
+                            () = pump(client_read, server_write, link.clone(), Arc::clone(&held)) => {}
+                            () = pump(server_read, client_write, link, held) => {}
                         }
                     }
                 });
             }
         });
-        Self { addr, frozen, task }
+        Self {
+            addr,
+            link,
+            held,
+            task,
+        }
     }
 
     /// Stops passing bytes, without closing anything.
     pub fn freeze(&self) {
-        self.frozen.send_replace(true);
+        self.link.send_replace(Link::Frozen);
+    }
+
+    /// Stops passing bytes on but takes them in, for [`Blackhole::held`]
+    /// to show (a peer whose requests go out and get no answer).
+    pub fn hold(&self) {
+        lock(&self.held).clear();
+        self.link.send_replace(Link::Holding);
+    }
+
+    /// The bytes taken in, either way, since [`Blackhole::hold`].
+    pub fn held(&self) -> Vec<u8> {
+        lock(&self.held).clone()
     }
 
     /// Passes bytes again.
     pub fn thaw(&self) {
-        self.frozen.send_replace(false);
+        self.link.send_replace(Link::Open);
     }
 }
 
@@ -307,13 +374,14 @@ impl Drop for Blackhole {
 }
 
 async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    mut frozen: watch::Receiver<bool>,
+    mut from: impl AsyncRead + Unpin,
+    mut to: impl AsyncWrite + Unpin,
+    mut link: watch::Receiver<Link>,
+    held: Arc<Mutex<Vec<u8>>>,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
-        if frozen.wait_for(|f| !*f).await.is_err() {
+        if link.wait_for(|l| *l != Link::Frozen).await.is_err() {
             return;
         }
         let n = tokio::select! {
@@ -321,10 +389,15 @@ async fn pump(
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             },
-            _ = frozen.wait_for(|f| *f) => continue,
+            _ = link.wait_for(|l| *l == Link::Frozen) => continue,
         };
-        // Bytes read before a freeze are held until the thaw.
-        if frozen.wait_for(|f| !*f).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
+        if *link.borrow() == Link::Holding {
+            lock(&held).extend_from_slice(&buf[..n]);
+        }
+        // Bytes read before a freeze, or while holding, wait for the thaw.
+        if link.wait_for(|l| *l == Link::Open).await.is_err()
+            || to.write_all(&buf[..n]).await.is_err()
+        {
             return;
         }
     }

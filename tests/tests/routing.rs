@@ -4,16 +4,20 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::join_all;
 use lingua_agent::config::{AgentConfig, ExecutorConfig};
+use lingua_coordinator::metrics::Metrics;
 use lingua_coordinator::private_redis::PrivateRedis;
+use lingua_coordinator::store::Store;
 use lingua_shared::Message;
 use lingua_shared::protocol::{
     CapacityReport, JobAssign, JobRef, JobReject, JobResult, Outcome, RejectReason,
 };
 use lingua_tests::cluster::RedisCluster;
+use lingua_tests::fleet::Blackhole;
 use lingua_tests::{
     CommandStats, Received, RedisBackend, TestAgent, TestCoordinator, TestNode, agent_config,
     agent_toml, eventually, registration, test_config,
@@ -882,14 +886,19 @@ async fn refused_then_done(node: &mut TestNode, first: &JobAssign) {
     let second = next_assign(node).await;
     assert_eq!(second.job_id, first.job_id);
     assert_eq!(second.attempt, first.attempt + 1);
+    accepted_then_done(node, second).await;
+}
+
+/// Accepts `assign` and answers it completed with `{"text": "hello"}`.
+async fn accepted_then_done(node: &mut TestNode, assign: JobAssign) {
     let key = JobRef {
-        job_id: second.job_id.clone(),
-        attempt: second.attempt,
+        job_id: assign.job_id.clone(),
+        attempt: assign.attempt,
     };
     node.send(&Message::JobAccept(key)).await;
     node.send(&Message::JobResult(JobResult {
-        job_id: second.job_id,
-        attempt: second.attempt,
+        job_id: assign.job_id,
+        attempt: assign.attempt,
         outcome: Outcome::Completed {
             output: lingua_shared::RawJson::of(&json!({"text": "hello"})),
         },
@@ -930,6 +939,113 @@ async fn a_job_whose_client_went_away_is_still_moved_on_and_finished() {
     assert_eq!(view["output"]["text"], "hello", "{view}");
     node.close().await;
     coordinator.stop().await;
+}
+
+/// A raw node sends no heartbeats: with this config the coordinator
+/// closes it for that after 6 s, not 0.6 s, however slow the machine.
+fn quiet_node_config() -> lingua_coordinator::config::Config {
+    lingua_coordinator::config::Config {
+        heartbeat_interval: Duration::from_secs(2),
+        ..test_config()
+    }
+}
+
+/// A test Redis reached through a proxy that the test holds.
+struct Proxied(String);
+
+impl RedisBackend for Proxied {
+    async fn store(&self, metrics: Arc<Metrics>) -> Store {
+        Store::connect(&self.0, metrics)
+            .await
+            .expect("the test redis answers through the proxy")
+    }
+
+    fn coordinator_args(&self) -> Vec<String> {
+        vec!["--redis-url".into(), self.0.clone()]
+    }
+}
+
+#[tokio::test]
+async fn a_job_whose_client_went_away_while_it_was_recorded_is_still_dispatched() {
+    let redis = lingua_tests::redis().await;
+    let proxy = Blackhole::start_unix(redis.socket_path().to_owned()).await;
+    let backend = Proxied(format!("redis://{}", proxy.addr));
+    let coordinator = TestCoordinator::start(&backend, quiet_node_config()).await;
+    let register = registration("recorder", &["zh"], &["en"]);
+    let (mut node, _) = TestNode::register(&coordinator.ws_url(), register).await;
+    // Redis gets the job's record (and first pick) only once the client
+    // has gone.
+    proxy.hold();
+    let url = coordinator.url("/v1/jobs");
+    let body = json!({"id": "held-1", "kind": "translate", "src_lang": "zh", "tgt_lang": "en",
+        "timeout_ms": 20000});
+    let submitted =
+        tokio::spawn(async move { reqwest::Client::new().post(url).json(&body).send().await });
+    eventually("the job's record to be on its way to Redis", || async {
+        let held = proxy.held();
+        held.windows(6).any(|w| w == b"held-1").then_some(())
+    })
+    .await;
+    submitted.abort();
+    eventually("the client's connection to close", || async {
+        let open = coordinator.metric(None, "lingua_connections_open").await;
+        (open == Some(2.0)).then_some(())
+    })
+    .await;
+    proxy.thaw();
+    // Only a dispatcher that went on without its request assigns it.
+    let assign = next_assign(&mut node).await;
+    assert_eq!(assign.job_id.as_str(), "held-1");
+    accepted_then_done(&mut node, assign).await;
+    let (status, view) = coordinator.get("/v1/jobs/held-1?wait_ms=10000").await;
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(view["status"], "completed", "{view}");
+    node.close().await;
+    coordinator.stop().await;
+}
+
+#[tokio::test]
+async fn a_long_poll_for_another_instances_job_ends_when_its_coordinator_stops() {
+    let redis = lingua_tests::redis().await;
+    let dispatching = TestCoordinator::start(&redis, quiet_node_config()).await;
+    let asked = TestCoordinator::start(&redis, quiet_node_config()).await;
+    let register = registration("slow", &["zh"], &["en"]);
+    let (mut node, _) = TestNode::register(&dispatching.ws_url(), register).await;
+    let body = json!({"id": "polled-1", "kind": "translate", "src_lang": "zh", "tgt_lang": "en",
+        "timeout_ms": 20000});
+    let accepted = reqwest::Client::new()
+        .post(dispatching.url("/v1/jobs?wait=false"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(accepted.status(), 202);
+    // Running, with no result to come while the poll waits.
+    let assign = next_assign(&mut node).await;
+    let key = JobRef {
+        job_id: assign.job_id,
+        attempt: assign.attempt,
+    };
+    node.send(&Message::JobAccept(key)).await;
+    let before = redis.command_calls("hgetall").await;
+    let url = asked.url("/v1/jobs/polled-1?wait_ms=60000");
+    let polled = tokio::spawn(async move {
+        let answer = reqwest::get(url).await.unwrap();
+        (
+            answer.status().as_u16(),
+            answer.json::<Value>().await.unwrap(),
+        )
+    });
+    eventually("the other instance to poll Redis for the job", || async {
+        (redis.command_calls("hgetall").await >= before + 3).then_some(())
+    })
+    .await;
+    asked.stop().await;
+    let (status, view) = polled.await.unwrap();
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(view["status"], "running", "{view}");
+    node.close().await;
+    dispatching.stop().await;
 }
 
 #[tokio::test]

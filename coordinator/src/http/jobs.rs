@@ -129,25 +129,7 @@ pub async fn submit_job(
     }
     let timeout = job.timeout;
     let id = job.id.clone();
-    let submitted = match router.submit(job).await {
-        Ok(submitted) => submitted,
-        Err(SubmitError::Conflict(id)) => {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "conflict",
-                format!("job id {id} was already submitted with a different body"),
-            ));
-        }
-        Err(SubmitError::QueueFull { retry_after }) => {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "queue_full",
-                "no node has room and this coordinator's admission queue is full ([jobs] max_queued); retry after the time in Retry-After",
-            )
-            .retry_after(retry_after));
-        }
-        Err(SubmitError::Store(err)) => return Err(err.into()),
-    };
+    let submitted = router.submit(job).await.map_err(not_taken)?;
     if !submit.wait {
         let status = submitted.status;
         submitted.detach();
@@ -175,6 +157,29 @@ pub async fn submit_job(
             "internal",
             "the job was lost; submit it again",
         )),
+    }
+}
+
+/// The answer to a submission that was not taken in.
+fn not_taken(err: SubmitError) -> ApiError {
+    match err {
+        SubmitError::Conflict(id) => ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("job id {id} was already submitted with a different body"),
+        ),
+        SubmitError::QueueFull { retry_after } => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "queue_full",
+            "no node has room and this coordinator's admission queue is full ([jobs] max_queued); retry after the time in Retry-After",
+        )
+        .retry_after(retry_after),
+        SubmitError::Store(err) => err.into(),
+        SubmitError::Stopped => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "taking the job in failed; submit it again with the same id (a job is recorded once)",
+        ),
     }
 }
 

@@ -98,6 +98,12 @@ impl JobRouter {
             }
             return Ok(Some(view));
         }
-        Ok(Some(self.wait_remote(id, deadline).await?))
+        // Shutting down, this instance answers with the job as it stands
+        // (the client asks another): its HTTP drain does not wait out the
+        // poll.
+        tokio::select! {
+            waited = self.wait_remote(id, deadline) => Ok(Some(waited?)),
+            () = self.shutdown.cancelled() => Ok(Some(view)),
+        }
     }
 }

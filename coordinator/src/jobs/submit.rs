@@ -1,16 +1,20 @@
 //! Taking a job in: recorded in Redis at once (with its first pick, when
-//! nothing waits ahead of it), then one dispatcher takes it on, in the
-//! task of the submission that waits for its answer, else in a task of its
-//! own; submissions of the same id share its answer.
+//! nothing waits ahead of it), then one dispatcher takes it on. Recording
+//! and dispatch are one future, driven in the task of the submission that
+//! waits for the answer, else in a task of its own (from the moment the
+//! submission is dropped, even while the job is being recorded);
+//! submissions of the same id share its answer.
 
 use super::dispatch::Dispatch;
 use super::pick::{First, Opened};
 use super::*;
 use crate::recent::{FailedJob, now_ms};
-use std::panic::AssertUnwindSafe;
+use std::future::poll_fn;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
+use std::task::{Context, Poll};
 
-use futures_util::FutureExt;
+use tokio::sync::oneshot;
 use tracing::Instrument;
 
 /// A job taken in: where it stands now, and its terminal view to come.
@@ -19,14 +23,19 @@ pub struct Submitted {
     pub status: JobStatus,
     /// Yields its terminal view.
     terminal: watch::Receiver<Option<JobView>>,
-    /// Its dispatch, when this submission started it: driven by
-    /// [`Submitted::answer`] in the caller's task (no task of its own, no
-    /// hand-off between tasks for its answer), or by a task of its own
-    /// once this is dropped before it ends.
+    /// Its recording and dispatch, when this submission started them:
+    /// driven by [`JobRouter::submit`] and then [`Submitted::answer`] in
+    /// the caller's task (no task of its own, no hand-off between tasks
+    /// for its answer), or by a task of its own once this is dropped
+    /// before it ends.
     dispatch: Option<Dispatching>,
 }
 
 type Dispatching = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// What recording a job gave its submission: its status, or why it was
+/// not taken.
+type Recorded = Result<JobStatus, SubmitError>;
 
 impl Submitted {
     /// The job's terminal view, once it ends; its dispatch is driven here
@@ -34,17 +43,38 @@ impl Submitted {
     /// (the coordinator is shutting down, or the dispatch panicked): the
     /// job is as Redis has it.
     pub async fn answer(mut self) -> Option<JobView> {
-        if let Some(dispatch) = self.dispatch.as_mut() {
-            // A panic stays the dispatch's own, as on a task of its own:
-            // the request still gets an answer.
-            let ran = AssertUnwindSafe(dispatch).catch_unwind().await;
-            self.dispatch = None;
-            if ran.is_err() {
-                tracing::error!("a job's dispatch panicked; its answer is read from Redis");
-            }
-        }
+        poll_fn(|cx| self.drive(cx)).await;
         let view = self.terminal.wait_for(Option::is_some).await.ok()?;
         view.clone()
+    }
+
+    /// Drives the dispatch until the job is recorded (or refused).
+    async fn recorded(&mut self, mut recorded: oneshot::Receiver<Recorded>) -> Recorded {
+        poll_fn(|cx| {
+            // The dispatch first: it sends what recording gave, then goes
+            // on. Once it has ended, whatever it sent has arrived.
+            let _ = self.drive(cx);
+            Pin::new(&mut recorded)
+                .poll(cx)
+                .map(|recorded| recorded.unwrap_or(Err(SubmitError::Stopped)))
+        })
+        .await
+    }
+
+    /// Polls the dispatch, if any is left: ready once it has ended. A
+    /// panic stays the dispatch's own, as on a task of its own: the
+    /// request still gets an answer.
+    fn drive(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(dispatch) = self.dispatch.as_mut() else {
+            return Poll::Ready(());
+        };
+        match catch_unwind(AssertUnwindSafe(|| dispatch.as_mut().poll(cx))) {
+            Ok(Poll::Pending) => return Poll::Pending,
+            Ok(Poll::Ready(())) => {}
+            Err(_) => tracing::error!("a job's dispatch panicked; its answer is read from Redis"),
+        }
+        self.dispatch = None;
+        Poll::Ready(())
     }
 
     /// Lets the dispatch go on, on a task of its own, without waiting.
@@ -80,7 +110,8 @@ impl JobRouter {
     /// its first pick) or found, without picking a node for an id that
     /// exists. Refused without
     /// being recorded when it would wait behind others while this
-    /// instance already holds `max_queued` waiting jobs.
+    /// instance already holds `max_queued` waiting jobs. Dropped while the
+    /// job is being recorded, its dispatch goes on without it.
     pub async fn submit(self: &Arc<Self>, job: Job) -> Result<Submitted, SubmitError> {
         let request = job.canonical();
         let (waiter, fresh) = self.waiter(&job.id, &request);
@@ -112,16 +143,7 @@ impl JobRouter {
             self.metrics.shed("queue_full");
             return Err(SubmitError::QueueFull { retry_after });
         }
-        let recording = Instant::now();
-        let opened = self.open(&job, &request).await;
-        let start = recording.elapsed();
-        let (status, first) = match opened {
-            Ok(Opened::New(first)) if first.attempt > 0 => (JobStatus::Running, Some(first)),
-            Ok(Opened::New(first)) => (JobStatus::Queued, Some(first)),
-            Ok(Opened::Exists) => (JobStatus::Running, None),
-            Ok(Opened::Conflict) => return Err(SubmitError::Conflict(job.id)),
-            Err(err) => return Err(err.into()),
-        };
+        let (told, recorded) = oneshot::channel();
         let this = Arc::clone(self);
         // Every line logged for the job carries its id (its attempts add
         // the node and the attempt number).
@@ -129,15 +151,37 @@ impl JobRouter {
         let dispatch = self.tasks.track_future(
             async move {
                 let _registered = registered;
+                let recording = Instant::now();
+                let opened = this.open(&job, &request).await;
+                let start = recording.elapsed();
+                let (status, first) = match opened {
+                    Ok(Opened::New(first)) if first.attempt > 0 => {
+                        (JobStatus::Running, Some(first))
+                    }
+                    Ok(Opened::New(first)) => (JobStatus::Queued, Some(first)),
+                    Ok(Opened::Exists) => (JobStatus::Running, None),
+                    Ok(Opened::Conflict) => {
+                        let _ = told.send(Err(SubmitError::Conflict(job.id)));
+                        return;
+                    }
+                    Err(err) => {
+                        let _ = told.send(Err(err.into()));
+                        return;
+                    }
+                };
+                // Its submission may be gone: the job goes on all the same.
+                let _ = told.send(Ok(status));
                 this.follow_job(job, first, start).await;
             }
             .instrument(span),
         );
-        Ok(Submitted {
-            status,
+        let mut submitted = Submitted {
+            status: JobStatus::Queued,
             terminal,
             dispatch: Some(Box::pin(dispatch)),
-        })
+        };
+        submitted.status = submitted.recorded(recorded).await?;
+        Ok(submitted)
     }
 
     /// Retry-After for a job that would wait behind others while the
