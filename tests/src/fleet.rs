@@ -380,25 +380,45 @@ async fn pump(
     held: Arc<Mutex<Vec<u8>>>,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
+    // Bytes read while holding, or just before a freeze: passed on at the
+    // thaw.
+    let mut pending = Vec::new();
     loop {
-        if link.wait_for(|l| *l != Link::Frozen).await.is_err() {
-            return;
+        let now = *link.borrow_and_update();
+        if now == Link::Open && !pending.is_empty() {
+            if to.write_all(&pending).await.is_err() {
+                return;
+            }
+            pending.clear();
+        }
+        if now == Link::Frozen {
+            if link.changed().await.is_err() {
+                return;
+            }
+            continue;
         }
         let n = tokio::select! {
             read = from.read(&mut buf) => match read {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             },
-            _ = link.wait_for(|l| *l == Link::Frozen) => continue,
+            changed = link.changed() => match changed {
+                Ok(()) => continue,
+                Err(_) => return,
+            },
         };
-        if *link.borrow() == Link::Holding {
-            lock(&held).extend_from_slice(&buf[..n]);
-        }
-        // Bytes read before a freeze, or while holding, wait for the thaw.
-        if link.wait_for(|l| *l == Link::Open).await.is_err()
-            || to.write_all(&buf[..n]).await.is_err()
-        {
-            return;
+        let now = *link.borrow();
+        match now {
+            Link::Open => {
+                if to.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+            Link::Holding => {
+                lock(&held).extend_from_slice(&buf[..n]);
+                pending.extend_from_slice(&buf[..n]);
+            }
+            Link::Frozen => pending.extend_from_slice(&buf[..n]),
         }
     }
 }

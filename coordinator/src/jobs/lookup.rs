@@ -103,7 +103,10 @@ impl JobRouter {
         // poll.
         tokio::select! {
             waited = self.wait_remote(id, deadline) => Ok(Some(waited?)),
-            () = self.shutdown.cancelled() => Ok(Some(view)),
+            () = self.shutdown.cancelled() => match self.record(id).await {
+                Ok(Some(record)) => Ok(Some(JobView::from_record(id, &record))),
+                Ok(None) | Err(_) => Ok(Some(view)),
+            },
         }
     }
 }
