@@ -34,7 +34,7 @@ pub use jobs::{JobPick, JobStart, NewJob, PickOn};
 /// A Redis failure, or a reply the scripts never give.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The Redis call failed.
+    /// The Redis call failed (or its reply did not come in time).
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
     /// The CA file for `rediss://` cannot be read.
@@ -53,6 +53,14 @@ pub enum StoreError {
         /// The reply, for the log.
         reply: String,
     },
+}
+
+impl StoreError {
+    /// Whether the call's reply did not come in time: the call may have
+    /// run all the same.
+    pub fn timed_out(&self) -> bool {
+        matches!(self, Self::Redis(err) if err.is_timeout())
+    }
 }
 
 /// The Lua scripts, compiled in.
@@ -246,6 +254,8 @@ pub struct JobRecord {
     pub deadline_ms: Option<u64>,
     /// The canonical request JSON.
     pub request: String,
+    /// The instance that recorded it and dispatches it.
+    pub coordinator: Option<String>,
 }
 
 /// One node's hash as Redis holds it, and whether its lease is live.

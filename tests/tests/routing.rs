@@ -1004,6 +1004,39 @@ async fn a_job_whose_client_went_away_while_it_was_recorded_is_still_dispatched(
     coordinator.stop().await;
 }
 
+/// A recording whose reply comes after the Redis timeout fails its
+/// submission, but the job Redis holds after all is dispatched.
+#[tokio::test]
+async fn a_job_recorded_after_its_reply_timed_out_is_dispatched_all_the_same() {
+    let redis = lingua_tests::redis().await;
+    let proxy = Blackhole::start_unix(redis.socket_path().to_owned()).await;
+    let backend = Proxied(format!("redis://{}", proxy.addr));
+    let coordinator = TestCoordinator::start(&backend, quiet_node_config()).await;
+    let register = registration("late", &["zh"], &["en"]);
+    let (mut node, _) = TestNode::register(&coordinator.ws_url(), register).await;
+    // Redis gets the job's record only after the 5 s Redis timeout.
+    proxy.hold();
+    let body = json!({"id": "late-1", "kind": "translate", "src_lang": "zh", "tgt_lang": "en",
+        "timeout_ms": 60000});
+    let (status, answer) = coordinator.submit(body).await;
+    assert_eq!(status, 503, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("same id")),
+        "{answer}"
+    );
+    proxy.thaw();
+    let assign = next_assign(&mut node).await;
+    assert_eq!(assign.job_id.as_str(), "late-1");
+    accepted_then_done(&mut node, assign).await;
+    let (status, view) = coordinator.get("/v1/jobs/late-1?wait_ms=10000").await;
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(view["status"], "completed", "{view}");
+    node.close().await;
+    coordinator.stop().await;
+}
+
 #[tokio::test]
 async fn a_long_poll_for_another_instances_job_ends_when_its_coordinator_stops() {
     let redis = lingua_tests::redis().await;

@@ -174,6 +174,15 @@ fn not_taken(err: SubmitError) -> ApiError {
             "no node has room and this coordinator's admission queue is full ([jobs] max_queued); retry after the time in Retry-After",
         )
         .retry_after(retry_after),
+        SubmitError::Store(err) if err.timed_out() => {
+            tracing::error!(error = %err, "a job's recording timed out");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "redis did not answer in time, and may have recorded the job all the same; \
+                 submit it again with the same id to follow it (a job runs once)",
+            )
+        }
         SubmitError::Store(err) => err.into(),
         SubmitError::Stopped => ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -1,6 +1,7 @@
 //! Reading a job's state back: from a local waiter, or from Redis (ending
 //! an orphan whose dispatcher died on the way).
 
+use super::pick::{First, Opened};
 use super::request::owner_of;
 use super::*;
 
@@ -35,6 +36,61 @@ impl JobRouter {
             tokio::time::sleep_until((Instant::now() + pause).min(deadline)).await;
             pause = (pause * 2).min(REMOTE_POLL_MAX);
         }
+    }
+
+    /// After a recording of `job` (canonical `request`) whose reply timed
+    /// out, when Redis may have it, or may get it late: records it again
+    /// (which the first recording, landing later, cannot undo), until
+    /// Redis answers, the job's deadline, or shutdown. What its dispatch
+    /// goes on from: its first pick, when this recorded it or Redis has it
+    /// as this instance recorded it (no dispatcher but this, then); none,
+    /// for a job to follow. `None`: nothing to do.
+    pub(super) async fn reopen(&self, job: Job, request: &str) -> Option<(Job, Option<First>)> {
+        let deadline = Instant::now() + job.timeout;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            tokio::select! {
+                opened = self.open(&job, request) => match opened {
+                    Ok(Opened::New(first)) => return Some((job, Some(first))),
+                    Ok(Opened::Exists) => return Some(self.taken_on(job).await),
+                    Ok(Opened::Conflict) => return None,
+                    Err(_) if Instant::now() < deadline => {}
+                    Err(_) => return None,
+                },
+                () = self.shutdown.cancelled() => return None,
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// A job found recorded on its reopening: taken on from where it
+    /// stands, with the time it has left, when this instance recorded it
+    /// and it has not ended; else followed.
+    async fn taken_on(&self, mut job: Job) -> (Job, Option<First>) {
+        let record = match self.store.job(&job.id).await {
+            Ok(Some((_, record))) => record,
+            Ok(None) | Err(_) => return (job, None),
+        };
+        let ours = record.coordinator.as_deref() == Some(self.instance.as_str());
+        let Some(deadline_ms) = record.deadline_ms.filter(|_| ours) else {
+            return (job, None);
+        };
+        if record.status.is_terminal() {
+            return (job, None);
+        }
+        job.timeout = Duration::from_millis(deadline_ms.saturating_sub(wall_clock_ms()));
+        tracing::warn!(job_id = %job.id, attempt = record.attempt,
+            "recorded although its reply timed out: dispatched from where it stands");
+        let first = First {
+            attempt: record.attempt,
+            node: None,
+            excluded: Vec::new(),
+            picked: None,
+            wakes: 0,
+            locked: Duration::ZERO,
+        };
+        (job, Some(first))
     }
 
     /// A job's record; one still running well past its deadline is an

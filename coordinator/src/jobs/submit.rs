@@ -165,7 +165,14 @@ impl JobRouter {
                         return;
                     }
                     Err(err) => {
+                        let timed_out = err.timed_out();
                         let _ = told.send(Err(err.into()));
+                        // Its reply lost, the record may have reached
+                        // Redis all the same (or may yet), with no
+                        // dispatcher but this.
+                        if timed_out && let Some((job, first)) = this.reopen(job, &request).await {
+                            this.follow_job(job, first, recording.elapsed()).await;
+                        }
                         return;
                     }
                 };

@@ -231,6 +231,7 @@ mod tests {
             latency_ms: Some(12),
             deadline_ms: None,
             request: String::new(),
+            coordinator: None,
         }
     }
 

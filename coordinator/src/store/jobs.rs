@@ -355,6 +355,7 @@ impl Store {
                 latency_ms: fields.get("latency_ms").and_then(|l| l.parse().ok()),
                 deadline_ms: fields.get("deadline_ms").and_then(|d| d.parse().ok()),
                 request: fields.remove("request").unwrap_or_default(),
+                coordinator: fields.remove("coordinator"),
             },
         )))
     }
