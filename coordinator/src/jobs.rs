@@ -12,6 +12,7 @@
 //! draws the lifecycle.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -130,6 +131,9 @@ pub struct JobRouter {
     /// Dispatchers (in a request's task or their own) and messages posted
     /// to other instances, awaited on shutdown ([`JobRouter::finish`]).
     tasks: TaskTracker,
+    /// Jobs being recorded again after a reply that did not come
+    /// ([`JobRouter::reopen`]); at most `max_queued`.
+    reopening: AtomicUsize,
 }
 
 impl JobRouter {
@@ -161,6 +165,7 @@ impl JobRouter {
             metrics,
             shutdown,
             tasks: TaskTracker::new(),
+            reopening: AtomicUsize::new(0),
         }
     }
 

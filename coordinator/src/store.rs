@@ -56,10 +56,11 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// Whether the call's reply did not come in time: the call may have
-    /// run all the same.
-    pub fn timed_out(&self) -> bool {
-        matches!(self, Self::Redis(err) if err.is_timeout())
+    /// Whether the call may have run all the same: its reply did not come
+    /// in time, or its connection dropped once it could have been sent.
+    pub fn may_have_run(&self) -> bool {
+        matches!(self, Self::Redis(err) if err.is_timeout()
+            || (err.is_connection_dropped() && !err.is_connection_refusal()))
     }
 }
 

@@ -174,13 +174,13 @@ fn not_taken(err: SubmitError) -> ApiError {
             "no node has room and this coordinator's admission queue is full ([jobs] max_queued); retry after the time in Retry-After",
         )
         .retry_after(retry_after),
-        SubmitError::Store(err) if err.timed_out() => {
-            tracing::error!(error = %err, "a job's recording timed out");
+        SubmitError::Store(err) if err.may_have_run() => {
+            tracing::error!(error = %err, "a job's recording got no answer");
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
-                "redis did not answer in time, and may have recorded the job all the same; \
-                 submit it again with the same id to follow it (a job runs once)",
+                "redis did not answer, and may have recorded the job all the same; \
+                 submit it again with the same id to follow it",
             )
         }
         SubmitError::Store(err) => err.into(),

@@ -38,50 +38,73 @@ impl JobRouter {
         }
     }
 
-    /// After a recording of `job` (canonical `request`) whose reply timed
-    /// out, when Redis may have it, or may get it late: records it again
-    /// (which the first recording, landing later, cannot undo), until
+    /// After a recording of `job` (canonical `request`) that got no
+    /// answer, when Redis may have it, or may get it late: records it
+    /// again (which the first recording, landing later, cannot undo) until
     /// Redis answers, the job's deadline, or shutdown. What its dispatch
     /// goes on from: its first pick, when this recorded it or Redis has it
     /// as this instance recorded it (no dispatcher but this, then); none,
-    /// for a job to follow. `None`: nothing to do.
+    /// for a job to follow. `None`: nothing to do, or `max_queued` jobs
+    /// being recorded again already.
     pub(super) async fn reopen(&self, job: Job, request: &str) -> Option<(Job, Option<First>)> {
+        let Some(_place) = Reopening::take(&self.reopening, self.config.max_queued) else {
+            tracing::warn!(job_id = %job.id,
+                "too many jobs being recorded again: left to the orphan rule if recorded");
+            return None;
+        };
         let deadline = Instant::now() + job.timeout;
         let mut pause = Duration::from_millis(50);
-        loop {
-            tokio::select! {
-                opened = self.open(&job, request) => match opened {
-                    Ok(Opened::New(first)) => return Some((job, Some(first))),
-                    Ok(Opened::Exists) => return Some(self.taken_on(job).await),
-                    Ok(Opened::Conflict) => return None,
-                    Err(_) if Instant::now() < deadline => {}
-                    Err(_) => return None,
-                },
+        let record = loop {
+            let tried = tokio::select! {
+                tried = self.reopen_once(&job, request) => tried,
                 () = self.shutdown.cancelled() => return None,
+            };
+            match tried {
+                Ok(Reopened::Recorded(first)) => return Some((job, Some(first))),
+                Ok(Reopened::Found(record)) => break record,
+                Ok(Reopened::Nothing) => return None,
+                Err(_) if Instant::now() < deadline => {}
+                Err(_) => return None,
             }
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(1));
-        }
+        };
+        Some(self.taken_on(job, &record))
+    }
+
+    /// One try of [`JobRouter::reopen`].
+    async fn reopen_once(&self, job: &Job, request: &str) -> Result<Reopened, StoreError> {
+        Ok(match self.open(job, request).await? {
+            Opened::New(first) => Reopened::Recorded(first),
+            Opened::Conflict => Reopened::Nothing,
+            // The id's index may name another pair's job (a conflict whose
+            // answer was lost): only this request's record is the job.
+            Opened::Exists => match self.store.job(&job.id).await? {
+                Some((_, record)) if record.request == request => Reopened::Found(record),
+                _ => Reopened::Nothing,
+            },
+        })
     }
 
     /// A job found recorded on its reopening: taken on from where it
     /// stands, with the time it has left, when this instance recorded it
     /// and it has not ended; else followed.
-    async fn taken_on(&self, mut job: Job) -> (Job, Option<First>) {
-        let record = match self.store.job(&job.id).await {
-            Ok(Some((_, record))) => record,
-            Ok(None) | Err(_) => return (job, None),
-        };
+    fn taken_on(&self, mut job: Job, record: &JobRecord) -> (Job, Option<First>) {
         let ours = record.coordinator.as_deref() == Some(self.instance.as_str());
-        let Some(deadline_ms) = record.deadline_ms.filter(|_| ours) else {
+        let left = record
+            .deadline_ms
+            .filter(|_| ours && !record.status.is_terminal());
+        let Some(deadline_ms) = left else {
             return (job, None);
         };
-        if record.status.is_terminal() {
-            return (job, None);
-        }
         job.timeout = Duration::from_millis(deadline_ms.saturating_sub(wall_clock_ms()));
+        // The slot its recorded pick took there is not in this instance's
+        // hints: the node's entry is rewritten from them.
+        if let Some(node) = record.node.as_deref().and_then(|n| NodeId::new(n).ok()) {
+            self.hints.due([job.pair], &node);
+        }
         tracing::warn!(job_id = %job.id, attempt = record.attempt,
-            "recorded although its reply timed out: dispatched from where it stands");
+            "recorded although its answer was lost: dispatched from where it stands");
         let first = First {
             attempt: record.attempt,
             node: None,
@@ -164,5 +187,54 @@ impl JobRouter {
                 Ok(None) | Err(_) => Ok(Some(view)),
             },
         }
+    }
+}
+
+/// What one try of reopening a job gave.
+enum Reopened {
+    /// Recorded by this try.
+    Recorded(First),
+    /// Recorded before, as this.
+    Found(JobRecord),
+    /// Another request's id, or gone.
+    Nothing,
+}
+
+/// A place among the jobs being recorded again, given back when dropped.
+struct Reopening<'a>(&'a AtomicUsize);
+
+impl<'a> Reopening<'a> {
+    /// A place, when fewer than `most` are taken.
+    fn take(count: &'a AtomicUsize, most: u32) -> Option<Self> {
+        let most = usize::try_from(most).unwrap_or(usize::MAX);
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < most).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Self(count))
+    }
+}
+
+impl Drop for Reopening<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn places_to_reopen_are_capped_and_given_back() {
+        let count = AtomicUsize::new(0);
+        let first = Reopening::take(&count, 2).expect("a first place");
+        let second = Reopening::take(&count, 2).expect("a second place");
+        assert!(Reopening::take(&count, 2).is_none(), "two at most");
+        drop(first);
+        let third = Reopening::take(&count, 2).expect("a place given back");
+        drop((second, third));
+        assert_eq!(count.load(Ordering::Acquire), 0);
     }
 }

@@ -165,12 +165,13 @@ impl JobRouter {
                         return;
                     }
                     Err(err) => {
-                        let timed_out = err.timed_out();
+                        let may_have_run = err.may_have_run();
                         let _ = told.send(Err(err.into()));
                         // Its reply lost, the record may have reached
                         // Redis all the same (or may yet), with no
                         // dispatcher but this.
-                        if timed_out && let Some((job, first)) = this.reopen(job, &request).await {
+                        if may_have_run && let Some((job, first)) = this.reopen(job, &request).await
+                        {
                             this.follow_job(job, first, recording.elapsed()).await;
                         }
                         return;
