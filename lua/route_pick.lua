@@ -28,7 +28,9 @@
 --         (job timeout + result retention); ARGV[9] the coordinator
 --         instance dispatching it; ARGV[10] the job's timeout in ms (its
 --         deadline is now + timeout); ARGV[11] "1" to pick, "0" to only
---         record it queued (others wait for room before it)
+--         record it queued (others wait for room before it); ARGV[12] the
+--         submission's mark on the instance, so that it knows its own
+--         record after losing this call's answer
 -- next, retake: ARGV[7] the attempt the caller believes current
 -- Returns {"ok", node, attempt} (attempt 0 without a job), {"no_capacity"}
 -- (live nodes serve the kind, none with room) or {"no_nodes"} (no live
@@ -71,6 +73,7 @@ if job then
       'node', '',
       'nodes', '',
       'coordinator', ARGV[9],
+      'opener', ARGV[12],
       'created_ms', now_ms,
       'deadline_ms', now_ms + tonumber(ARGV[10]))
     redis.call('PEXPIRE', job, ARGV[8])

@@ -12,7 +12,7 @@
 //! draws the lifecycle.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -134,6 +134,8 @@ pub struct JobRouter {
     /// Jobs being recorded again after a reply that did not come
     /// ([`JobRouter::reopen`]); at most `max_queued`.
     reopening: AtomicUsize,
+    /// The next submission's mark in its job's record.
+    openers: AtomicU64,
 }
 
 impl JobRouter {
@@ -166,6 +168,7 @@ impl JobRouter {
             shutdown,
             tasks: TaskTracker::new(),
             reopening: AtomicUsize::new(0),
+            openers: AtomicU64::new(0),
         }
     }
 

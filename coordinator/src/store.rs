@@ -29,7 +29,7 @@ mod jobs;
 mod nodes;
 mod pools;
 
-pub use jobs::{JobPick, JobStart, NewJob, PickOn};
+pub use jobs::{JobPick, JobRecord, JobStart, NewJob, PickOn};
 
 /// A Redis failure, or a reply the scripts never give.
 #[derive(Debug, thiserror::Error)]
@@ -236,27 +236,6 @@ impl PartialEq<&str> for JobStatus {
     fn eq(&self, other: &&str) -> bool {
         self.as_str() == *other
     }
-}
-
-/// One job as Redis holds it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct JobRecord {
-    /// Where it stands.
-    pub status: JobStatus,
-    /// The current (or last) attempt.
-    pub attempt: u32,
-    /// The node of the current (or last) attempt.
-    pub node: Option<String>,
-    /// The terminal outcome (output, or error), the JSON text stored.
-    pub outcome: Option<String>,
-    /// Submission to terminal state, ms.
-    pub latency_ms: Option<u64>,
-    /// When the job times out, ms since the epoch (Redis's clock).
-    pub deadline_ms: Option<u64>,
-    /// The canonical request JSON.
-    pub request: String,
-    /// The instance that recorded it and dispatches it.
-    pub coordinator: Option<String>,
 }
 
 /// One node's hash as Redis holds it, and whether its lease is live.

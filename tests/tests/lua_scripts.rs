@@ -725,6 +725,7 @@ fn new_job<'a>(id: &'a JobId, pair: LangPair, request: &'a str, timeout: Duratio
         timeout,
         retention: LEASE,
         coordinator: "c",
+        opener: 7,
     }
 }
 
@@ -916,6 +917,39 @@ async fn a_passed_over_pick_is_retaken_or_taken_back() {
         ("queued".into(), 0, String::new()),
         "without a node the attempt is taken back: no node may report for it"
     );
+}
+
+#[tokio::test]
+async fn a_job_is_recorded_with_its_dispatcher_and_its_submissions_mark() {
+    let redis = lingua_tests::redis().await;
+    let store = store(&redis).await;
+    let route = two_nodes_with_room(&store, 1).await;
+    let id = JobId::new("marked").unwrap();
+    let first = NewJob {
+        coordinator: "c-1",
+        opener: 41,
+        ..new_job(&id, pair("zh:en"), "{}", LEASE)
+    };
+    store
+        .job_open(first, (on(&route, &[]), true))
+        .await
+        .unwrap();
+    // The same request again (a submission that lost its answer, say)
+    // finds the job and leaves its marks.
+    let again = NewJob {
+        coordinator: "c-2",
+        opener: 42,
+        ..new_job(&id, pair("zh:en"), "{}", LEASE)
+    };
+    let opened = store
+        .job_open(again, (on(&route, &[]), true))
+        .await
+        .unwrap();
+    assert_eq!(opened, JobStart::Exists);
+    let (_, record) = store.job(&id).await.unwrap().unwrap();
+    assert_eq!(record.coordinator.as_deref(), Some("c-1"));
+    assert_eq!(record.opener, Some(41));
+    assert_eq!((record.status.as_str(), record.attempt), ("running", 1));
 }
 
 #[tokio::test]

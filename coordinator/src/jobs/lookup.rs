@@ -38,15 +38,20 @@ impl JobRouter {
         }
     }
 
-    /// After a recording of `job` (canonical `request`) that got no
-    /// answer, when Redis may have it, or may get it late: records it
-    /// again (which the first recording, landing later, cannot undo) until
-    /// Redis answers, the job's deadline, or shutdown. What its dispatch
-    /// goes on from: its first pick, when this recorded it or Redis has it
-    /// as this instance recorded it (no dispatcher but this, then); none,
-    /// for a job to follow. `None`: nothing to do, or `max_queued` jobs
+    /// After a recording of `job` (canonical `request`, by the submission
+    /// marked `opener`) that got no answer, when Redis may have it, or may
+    /// get it late: records it again (which the first recording, landing
+    /// later, cannot undo) until Redis answers, the job's deadline, or
+    /// shutdown. What its dispatch goes on from: its first pick, when this
+    /// recorded it or Redis has it as this submission recorded it (no
+    /// dispatcher but this, then); none, for a job to follow. `None`: nothing to do, or `max_queued` jobs
     /// being recorded again already.
-    pub(super) async fn reopen(&self, job: Job, request: &str) -> Option<(Job, Option<First>)> {
+    pub(super) async fn reopen(
+        &self,
+        job: Job,
+        request: &str,
+        opener: u64,
+    ) -> Option<(Job, Option<First>)> {
         let Some(_place) = Reopening::take(&self.reopening, self.config.max_queued) else {
             tracing::warn!(job_id = %job.id,
                 "too many jobs being recorded again: left to the orphan rule if recorded");
@@ -56,7 +61,7 @@ impl JobRouter {
         let mut pause = Duration::from_millis(50);
         let record = loop {
             let tried = tokio::select! {
-                tried = self.reopen_once(&job, request) => tried,
+                tried = self.reopen_once(&job, request, opener) => tried,
                 () = self.shutdown.cancelled() => return None,
             };
             match tried {
@@ -69,12 +74,17 @@ impl JobRouter {
             tokio::time::sleep(pause).await;
             pause = (pause * 2).min(Duration::from_secs(1));
         };
-        Some(self.taken_on(job, &record))
+        Some(self.taken_on(job, &record, opener))
     }
 
     /// One try of [`JobRouter::reopen`].
-    async fn reopen_once(&self, job: &Job, request: &str) -> Result<Reopened, StoreError> {
-        Ok(match self.open(job, request).await? {
+    async fn reopen_once(
+        &self,
+        job: &Job,
+        request: &str,
+        opener: u64,
+    ) -> Result<Reopened, StoreError> {
+        Ok(match self.open(job, request, opener).await? {
             Opened::New(first) => Reopened::Recorded(first),
             Opened::Conflict => Reopened::Nothing,
             // The id's index may name another pair's job (a conflict whose
@@ -87,10 +97,12 @@ impl JobRouter {
     }
 
     /// A job found recorded on its reopening: taken on from where it
-    /// stands, with the time it has left, when this instance recorded it
-    /// and it has not ended; else followed.
-    fn taken_on(&self, mut job: Job, record: &JobRecord) -> (Job, Option<First>) {
-        let ours = record.coordinator.as_deref() == Some(self.instance.as_str());
+    /// stands, with the time it has left, when the submission marked
+    /// `opener` on this instance recorded it (another's may still be
+    /// dispatching it) and it has not ended; else followed.
+    fn taken_on(&self, mut job: Job, record: &JobRecord, opener: u64) -> (Job, Option<First>) {
+        let ours = record.coordinator.as_deref() == Some(self.instance.as_str())
+            && record.opener == Some(opener);
         let left = record
             .deadline_ms
             .filter(|_| ours && !record.status.is_terminal());

@@ -4,14 +4,21 @@
 //! Each pick records the attempt it chose, in the same script call; a
 //! job's first pick also records the job.
 
+use futures_util::future::OptionFuture;
+
 use super::dispatch::Dispatch;
 use super::*;
 
 impl JobRouter {
     /// Records a job (or finds it) and, while no job of its pair and kind
     /// waits for room here, picks its first node on its GPU route, in one
-    /// call.
-    pub(super) async fn open(&self, job: &Job, request: &str) -> Result<Opened, StoreError> {
+    /// call; the record carries its submission's mark, `opener`.
+    pub(super) async fn open(
+        &self,
+        job: &Job,
+        request: &str,
+        opener: u64,
+    ) -> Result<Opened, StoreError> {
         let key = (job.pair, job.kind.clone());
         let (wakes, pick) = {
             let queues = lock(&self.queues);
@@ -19,11 +26,7 @@ impl JobRouter {
         };
         let route = Route::gpu(&job.kind);
         let locking = Instant::now();
-        let _picking = if pick {
-            Some(self.hints.picking(job.pair).await)
-        } else {
-            None
-        };
+        let _picking = OptionFuture::from(pick.then(|| self.hints.picking(job.pair))).await;
         let locked = locking.elapsed();
         let new = NewJob {
             id: &job.id,
@@ -32,6 +35,7 @@ impl JobRouter {
             timeout: job.timeout,
             retention: self.config.result_ttl,
             coordinator: &self.instance,
+            opener,
         };
         let mut picked = match self
             .store

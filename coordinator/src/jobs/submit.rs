@@ -151,35 +151,7 @@ impl JobRouter {
         let dispatch = self.tasks.track_future(
             async move {
                 let _registered = registered;
-                let recording = Instant::now();
-                let opened = this.open(&job, &request).await;
-                let start = recording.elapsed();
-                let (status, first) = match opened {
-                    Ok(Opened::New(first)) if first.attempt > 0 => {
-                        (JobStatus::Running, Some(first))
-                    }
-                    Ok(Opened::New(first)) => (JobStatus::Queued, Some(first)),
-                    Ok(Opened::Exists) => (JobStatus::Running, None),
-                    Ok(Opened::Conflict) => {
-                        let _ = told.send(Err(SubmitError::Conflict(job.id)));
-                        return;
-                    }
-                    Err(err) => {
-                        let may_have_run = err.may_have_run();
-                        let _ = told.send(Err(err.into()));
-                        // Its reply lost, the record may have reached
-                        // Redis all the same (or may yet), with no
-                        // dispatcher but this.
-                        if may_have_run && let Some((job, first)) = this.reopen(job, &request).await
-                        {
-                            this.follow_job(job, first, recording.elapsed()).await;
-                        }
-                        return;
-                    }
-                };
-                // Its submission may be gone: the job goes on all the same.
-                let _ = told.send(Ok(status));
-                this.follow_job(job, first, start).await;
+                this.record_and_dispatch(job, request, told).await;
             }
             .instrument(span),
         );
@@ -190,6 +162,43 @@ impl JobRouter {
         };
         submitted.status = submitted.recorded(recorded).await?;
         Ok(submitted)
+    }
+
+    /// Records a fresh submission's job (canonical `request`), tells the
+    /// submission what that gave, then dispatches it.
+    async fn record_and_dispatch(
+        self: Arc<Self>,
+        job: Job,
+        request: String,
+        told: oneshot::Sender<Recorded>,
+    ) {
+        let opener = self.openers.fetch_add(1, Ordering::Relaxed);
+        let recording = Instant::now();
+        let opened = self.open(&job, &request, opener).await;
+        let start = recording.elapsed();
+        let (status, first) = match opened {
+            Ok(Opened::New(first)) if first.attempt > 0 => (JobStatus::Running, Some(first)),
+            Ok(Opened::New(first)) => (JobStatus::Queued, Some(first)),
+            Ok(Opened::Exists) => (JobStatus::Running, None),
+            Ok(Opened::Conflict) => {
+                let _ = told.send(Err(SubmitError::Conflict(job.id)));
+                return;
+            }
+            Err(err) => {
+                let may_have_run = err.may_have_run();
+                let _ = told.send(Err(err.into()));
+                // Its answer lost, the record may have reached Redis all
+                // the same (or may yet), with no dispatcher but this.
+                if may_have_run && let Some((job, first)) = self.reopen(job, &request, opener).await
+                {
+                    self.follow_job(job, first, recording.elapsed()).await;
+                }
+                return;
+            }
+        };
+        // Its submission may be gone: the job goes on all the same.
+        let _ = told.send(Ok(status));
+        self.follow_job(job, first, start).await;
     }
 
     /// Retry-After for a job that would wait behind others while the

@@ -232,6 +232,7 @@ mod tests {
             deadline_ms: None,
             request: String::new(),
             coordinator: None,
+            opener: None,
         }
     }
 

@@ -39,6 +39,32 @@ pub struct NewJob<'a> {
     pub retention: Duration,
     /// The coordinator instance dispatching it.
     pub coordinator: &'a str,
+    /// The submission's mark, unique on its instance: it knows its own
+    /// record by it after losing this call's answer.
+    pub opener: u64,
+}
+
+/// One job as Redis holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobRecord {
+    /// Where it stands.
+    pub status: JobStatus,
+    /// The current (or last) attempt.
+    pub attempt: u32,
+    /// The node of the current (or last) attempt.
+    pub node: Option<String>,
+    /// The terminal outcome (output, or error), the JSON text stored.
+    pub outcome: Option<String>,
+    /// Submission to terminal state, ms.
+    pub latency_ms: Option<u64>,
+    /// When the job times out, ms since the epoch (Redis's clock).
+    pub deadline_ms: Option<u64>,
+    /// The canonical request JSON.
+    pub request: String,
+    /// The instance that recorded it and dispatches it.
+    pub coordinator: Option<String>,
+    /// The mark of the submission that recorded it, on that instance.
+    pub opener: Option<u64>,
 }
 
 /// A job's pick: the node and the attempt recorded on it.
@@ -88,7 +114,8 @@ impl Store {
             .arg(millis(lifetime))
             .arg(job.coordinator)
             .arg(millis(job.timeout))
-            .arg(if pick { "1" } else { "0" });
+            .arg(if pick { "1" } else { "0" })
+            .arg(job.opener);
         // The index outlives every record of the id: a record ends at most
         // `retention` after its lifetime.
         let mut claim = redis::cmd("SET");
@@ -356,6 +383,7 @@ impl Store {
                 deadline_ms: fields.get("deadline_ms").and_then(|d| d.parse().ok()),
                 request: fields.remove("request").unwrap_or_default(),
                 coordinator: fields.remove("coordinator"),
+                opener: fields.get("opener").and_then(|o| o.parse().ok()),
             },
         )))
     }

@@ -290,6 +290,7 @@ async fn ceiling(redis_url: &str, options: &Options) -> Result<f64, BenchError> 
                         timeout: lease,
                         retention: lease,
                         coordinator: "bench",
+                        opener: serial,
                     };
                     let (node, attempt) = match store.job_open(job, (on, true)).await? {
                         JobStart::New(Some(JobPick::Node(node, attempt))) => (node, attempt),
