@@ -44,8 +44,8 @@ impl JobRouter {
     /// later, cannot undo) until Redis answers, the job's deadline, or
     /// shutdown. What its dispatch goes on from: its first pick, when this
     /// recorded it or Redis has it as this submission recorded it (no
-    /// dispatcher but this, then); none, for a job to follow. `None`: nothing to do, or `max_queued` jobs
-    /// being recorded again already.
+    /// dispatcher but this, then); none, for a job to follow. `None`:
+    /// nothing to do, or `max_queued` jobs being recorded again already.
     pub(super) async fn reopen(
         &self,
         job: Job,
@@ -101,12 +101,7 @@ impl JobRouter {
     /// `opener` on this instance recorded it (another's may still be
     /// dispatching it) and it has not ended; else followed.
     fn taken_on(&self, mut job: Job, record: &JobRecord, opener: u64) -> (Job, Option<First>) {
-        let ours = record.coordinator.as_deref() == Some(self.instance.as_str())
-            && record.opener == Some(opener);
-        let left = record
-            .deadline_ms
-            .filter(|_| ours && !record.status.is_terminal());
-        let Some(deadline_ms) = left else {
+        let Some(deadline_ms) = own_deadline(record, &self.instance, opener) else {
             return (job, None);
         };
         job.timeout = Duration::from_millis(deadline_ms.saturating_sub(wall_clock_ms()));
@@ -202,6 +197,15 @@ impl JobRouter {
     }
 }
 
+/// The deadline of a job that the submission marked `opener` on
+/// `instance` recorded and that has not ended: one to take on.
+fn own_deadline(record: &JobRecord, instance: &str, opener: u64) -> Option<u64> {
+    let own = record.coordinator.as_deref() == Some(instance) && record.opener == Some(opener);
+    record
+        .deadline_ms
+        .filter(|_| own && !record.status.is_terminal())
+}
+
 /// What one try of reopening a job gave.
 enum Reopened {
     /// Recorded by this try.
@@ -237,6 +241,38 @@ impl Drop for Reopening<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_submissions_own_record_that_has_not_ended_is_taken_on() {
+        let record = JobRecord {
+            status: JobStatus::Running,
+            attempt: 1,
+            node: Some("gpu-1".into()),
+            outcome: None,
+            latency_ms: None,
+            deadline_ms: Some(5_000),
+            request: String::new(),
+            coordinator: Some("c-1".into()),
+            opener: Some(7),
+        };
+        assert_eq!(own_deadline(&record, "c-1", 7), Some(5_000));
+        assert_eq!(
+            own_deadline(&record, "c-1", 8),
+            None,
+            "another submission's"
+        );
+        assert_eq!(own_deadline(&record, "c-2", 7), None, "another instance's");
+        let older = JobRecord {
+            opener: None,
+            ..record.clone()
+        };
+        assert_eq!(own_deadline(&older, "c-1", 7), None, "written before marks");
+        let ended = JobRecord {
+            status: JobStatus::Completed,
+            ..record
+        };
+        assert_eq!(own_deadline(&ended, "c-1", 7), None, "ended: followed");
+    }
 
     #[test]
     fn places_to_reopen_are_capped_and_given_back() {
