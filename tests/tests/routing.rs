@@ -965,14 +965,33 @@ impl RedisBackend for Proxied {
     }
 }
 
-#[tokio::test]
-async fn a_job_whose_client_went_away_while_it_was_recorded_is_still_dispatched() {
+/// A coordinator on a test Redis reached through a proxy, and a raw node
+/// `name` serving zh -> en registered through it.
+async fn behind_a_proxy(name: &str) -> (PrivateRedis, Blackhole, TestCoordinator, TestNode) {
     let redis = lingua_tests::redis().await;
     let proxy = Blackhole::start_unix(redis.socket_path().to_owned()).await;
     let backend = Proxied(format!("redis://{}", proxy.addr));
     let coordinator = TestCoordinator::start(&backend, quiet_node_config()).await;
-    let register = registration("recorder", &["zh"], &["en"]);
-    let (mut node, _) = TestNode::register(&coordinator.ws_url(), register).await;
+    let register = registration(name, &["zh"], &["en"]);
+    let (node, _) = TestNode::register(&coordinator.ws_url(), register).await;
+    (redis, proxy, coordinator, node)
+}
+
+/// Completes `assign` from `node`, and checks the coordinator answers its
+/// job completed; then stops both.
+async fn completed(mut node: TestNode, coordinator: TestCoordinator, assign: JobAssign) {
+    let path = format!("/v1/jobs/{}?wait_ms=10000", assign.job_id);
+    accepted_then_done(&mut node, assign).await;
+    let (status, view) = coordinator.get(&path).await;
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(view["status"], "completed", "{view}");
+    node.close().await;
+    coordinator.stop().await;
+}
+
+#[tokio::test]
+async fn a_job_whose_client_went_away_while_it_was_recorded_is_still_dispatched() {
+    let (_redis, proxy, coordinator, mut node) = behind_a_proxy("recorder").await;
     // Redis gets the job's record (and first pick) only once the client
     // has gone.
     proxy.hold();
@@ -996,24 +1015,14 @@ async fn a_job_whose_client_went_away_while_it_was_recorded_is_still_dispatched(
     // Only a dispatcher that went on without its request assigns it.
     let assign = next_assign(&mut node).await;
     assert_eq!(assign.job_id.as_str(), "held-1");
-    accepted_then_done(&mut node, assign).await;
-    let (status, view) = coordinator.get("/v1/jobs/held-1?wait_ms=10000").await;
-    assert_eq!(status, 200, "{view}");
-    assert_eq!(view["status"], "completed", "{view}");
-    node.close().await;
-    coordinator.stop().await;
+    completed(node, coordinator, assign).await;
 }
 
 /// A recording whose reply comes after the Redis timeout fails its
 /// submission, but the job Redis holds after all is dispatched.
 #[tokio::test]
 async fn a_job_recorded_after_its_reply_timed_out_is_dispatched_all_the_same() {
-    let redis = lingua_tests::redis().await;
-    let proxy = Blackhole::start_unix(redis.socket_path().to_owned()).await;
-    let backend = Proxied(format!("redis://{}", proxy.addr));
-    let coordinator = TestCoordinator::start(&backend, quiet_node_config()).await;
-    let register = registration("late", &["zh"], &["en"]);
-    let (mut node, _) = TestNode::register(&coordinator.ws_url(), register).await;
+    let (_redis, proxy, coordinator, mut node) = behind_a_proxy("late").await;
     // Redis gets the job's record only after the 5 s Redis timeout.
     proxy.hold();
     let body = json!({"id": "late-1", "kind": "translate", "src_lang": "zh", "tgt_lang": "en",
@@ -1029,12 +1038,7 @@ async fn a_job_recorded_after_its_reply_timed_out_is_dispatched_all_the_same() {
     proxy.thaw();
     let assign = next_assign(&mut node).await;
     assert_eq!(assign.job_id.as_str(), "late-1");
-    accepted_then_done(&mut node, assign).await;
-    let (status, view) = coordinator.get("/v1/jobs/late-1?wait_ms=10000").await;
-    assert_eq!(status, 200, "{view}");
-    assert_eq!(view["status"], "completed", "{view}");
-    node.close().await;
-    coordinator.stop().await;
+    completed(node, coordinator, assign).await;
 }
 
 #[tokio::test]
