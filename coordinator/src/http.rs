@@ -1,7 +1,8 @@
 //! The HTTP API (README.md, docs/ARCHITECTURE.md): jobs, nodes and pools,
 //! the fleet view and its dashboard, health and metrics. Each handler takes only the services it uses, as
 //! axum `State` substates ([`crate::state`] says how each is found).
-//! Errors are `{"error": {"code", "message"}}` with a fitting status.
+//! Errors are `{"error": {"code", "message"}}` with a fitting status, and
+//! the job's `id` where the job may exist all the same.
 
 use axum::Json;
 use axum::extract::Query;
@@ -11,6 +12,8 @@ use std::time::Duration;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
+
+use lingua_shared::JobId;
 
 use crate::store::StoreError;
 
@@ -28,6 +31,8 @@ pub struct ApiError {
     code: &'static str,
     message: String,
     retry_after: Option<Duration>,
+    /// The job the request was about, for one the client can follow.
+    job: Option<JobId>,
 }
 
 impl ApiError {
@@ -38,6 +43,7 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after: None,
+            job: None,
         }
     }
 
@@ -45,6 +51,15 @@ impl ApiError {
     pub fn retry_after(self, wait: Duration) -> Self {
         Self {
             retry_after: Some(wait),
+            ..self
+        }
+    }
+
+    /// The same, naming the job it is about (`error.id`): one that may be
+    /// recorded all the same, with an id the client may not have chosen.
+    pub fn about(self, job: JobId) -> Self {
+        Self {
+            job: Some(job),
             ..self
         }
     }
@@ -73,7 +88,10 @@ impl From<StoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.code, "message": self.message}});
+        let body = match self.job {
+            Some(id) => json!({"error": {"code": self.code, "message": self.message, "id": id}}),
+            None => json!({"error": {"code": self.code, "message": self.message}}),
+        };
         let mut response = (self.status, Json(body)).into_response();
         if let Some(wait) = self.retry_after {
             set_retry_after(&mut response, wait);

@@ -129,7 +129,10 @@ pub async fn submit_job(
     }
     let timeout = job.timeout;
     let id = job.id.clone();
-    let submitted = router.submit(job).await.map_err(not_taken)?;
+    let submitted = router
+        .submit(job)
+        .await
+        .map_err(|err| not_taken(err, &id))?;
     if !submit.wait {
         let status = submitted.status;
         submitted.detach();
@@ -160,8 +163,8 @@ pub async fn submit_job(
     }
 }
 
-/// The answer to a submission that was not taken in.
-fn not_taken(err: SubmitError) -> ApiError {
+/// The answer to a submission of job `id` that was not taken in.
+fn not_taken(err: SubmitError, id: &JobId) -> ApiError {
     match err {
         SubmitError::Conflict(id) => ApiError::new(
             StatusCode::CONFLICT,
@@ -179,9 +182,12 @@ fn not_taken(err: SubmitError) -> ApiError {
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
-                "redis did not answer, and may have recorded the job all the same; \
-                 submit it again with the same id to follow it",
+                format!(
+                    "redis did not answer, and may have recorded the job all the same; \
+                     submit it again with id {id} (or GET /v1/jobs/{id}) to follow it"
+                ),
             )
+            .about(id.clone())
         }
         SubmitError::Store(err) => err.into(),
         SubmitError::Stopped => ApiError::new(

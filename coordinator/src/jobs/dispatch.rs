@@ -402,8 +402,9 @@ pub(in crate::jobs) struct Dispatch<'a> {
     /// node silent or lost): refusals only move the job on, its deadline
     /// bounds them.
     tries: u32,
-    /// Why the last attempt moved on.
-    last_failure: Failure,
+    /// Why the last attempt here moved on (none yet: a job taken on or
+    /// resumed at a later attempt has made none here).
+    last_failure: Option<Failure>,
 }
 
 impl<'a> Dispatch<'a> {
@@ -418,10 +419,7 @@ impl<'a> Dispatch<'a> {
             attempt: 0,
             node: None,
             tries: 0,
-            last_failure: Failure::new(
-                JobErrorCode::NoCapacity,
-                String::from("every candidate node refused the job"),
-            ),
+            last_failure: None,
         }
     }
 
@@ -429,7 +427,10 @@ impl<'a> Dispatch<'a> {
     /// attempts left, or its deadline passed at `now`.
     fn spent(&self, max_attempts: u32, now: Instant) -> Option<Failure> {
         if self.tries >= max_attempts {
-            Some(self.last_failure.clone())
+            Some(self.failure_or(
+                JobErrorCode::NoCapacity,
+                String::from("every candidate node refused the job"),
+            ))
         } else if now >= self.deadline {
             Some(self.timed_out())
         } else {
@@ -442,7 +443,7 @@ impl<'a> Dispatch<'a> {
     /// the node only said "not now".
     fn moved_on(&mut self, node: NodeId, failure: Failure, counts: bool) {
         self.excluded.push(node);
-        self.last_failure = failure;
+        self.last_failure = Some(failure);
         if counts {
             self.tries += 1;
         }
@@ -459,14 +460,13 @@ impl<'a> Dispatch<'a> {
         Failure::new(JobErrorCode::Timeout, message)
     }
 
-    /// `code` before any attempt; after one, why the last one moved on
-    /// (what the client can act on).
+    /// Why the last attempt here moved on (what the client can act on);
+    /// `code` before any did, even when the job was taken on or resumed at
+    /// a later attempt.
     fn failure_or(&self, code: JobErrorCode, message: String) -> Failure {
-        if self.attempt == 0 {
-            Failure::new(code, message)
-        } else {
-            self.last_failure.clone()
-        }
+        self.last_failure
+            .clone()
+            .unwrap_or_else(|| Failure::new(code, message))
     }
 }
 
@@ -499,7 +499,10 @@ mod tests {
         state.moved_on(node(), refused, true);
         assert_eq!(state.tries, 1, "a silence or a loss counts");
         state.tries = 3;
-        state.last_failure = Failure::new(JobErrorCode::NodeLost, "node n1 went away".into());
+        state.last_failure = Some(Failure::new(
+            JobErrorCode::NodeLost,
+            "node n1 went away".into(),
+        ));
         assert_eq!(
             state.spent(3, now),
             Some(Failure::new(
@@ -519,9 +522,13 @@ mod tests {
         let mut state = Dispatch::new(&job);
         let first = state.failure_or(JobErrorCode::NoNodes, "nothing serves it".into());
         assert_eq!(first.code, JobErrorCode::NoNodes);
+        // Taken on at its second attempt: nothing moved on here yet.
         state.attempt = 2;
-        state.last_failure = Failure::new(JobErrorCode::NoCapacity, "n1 refused: full".into());
+        let taken_on = state.failure_or(JobErrorCode::NoNodes, "nothing serves it".into());
+        assert_eq!(taken_on.code, JobErrorCode::NoNodes);
+        let refused = Failure::new(JobErrorCode::NoCapacity, "n1 refused: full".into());
+        state.moved_on(NodeId::new("n1").unwrap(), refused.clone(), false);
         let later = state.failure_or(JobErrorCode::NoNodes, "nothing serves it".into());
-        assert_eq!(later, state.last_failure);
+        assert_eq!(later, refused);
     }
 }
