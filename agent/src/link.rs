@@ -24,8 +24,8 @@ use lingua_shared::protocol::{
     JobRef, JobResult, Outcome, RESULT_ANSWERS_VERSION, Register, Secret, VersionRange,
 };
 use lingua_shared::{
-    JobKind, LangCode, MAX_FRAME_BYTES, Message, NodeId, WS_BUFFER_BYTES, decode, encode,
-    encoded_len,
+    JobKind, LangCode, MAX_FRAME_BYTES, Message, NodeId, WS_READ_BUFFER_BYTES,
+    WS_WRITE_BUFFER_BYTES, decode, encode, encoded_len,
 };
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
@@ -270,8 +270,8 @@ impl Link {
         let config = WebSocketConfig::default()
             .max_message_size(Some(MAX_FRAME_BYTES))
             .max_frame_size(Some(MAX_FRAME_BYTES))
-            .read_buffer_size(WS_BUFFER_BYTES)
-            .write_buffer_size(WS_BUFFER_BYTES);
+            .read_buffer_size(WS_READ_BUFFER_BYTES)
+            .write_buffer_size(WS_WRITE_BUFFER_BYTES);
         let (mut ws, _) =
             tokio_tungstenite::connect_async_tls_with_config(url, Some(config), true, connector)
                 .await

@@ -17,7 +17,7 @@ use futures_util::SinkExt;
 use futures_util::future::join_all;
 use lingua_shared::close::CloseCode;
 use lingua_shared::protocol::{Drain, ErrorCode, ErrorFrame, JobRef};
-use lingua_shared::{MAX_FRAME_BYTES, Message, WS_BUFFER_BYTES, decode, encode};
+use lingua_shared::{MAX_FRAME_BYTES, Message, decode, encode};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout};
 
@@ -98,8 +98,8 @@ pub async fn upgrade(
 ) -> Response {
     ws.max_message_size(MAX_FRAME_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
-        .read_buffer_size(WS_BUFFER_BYTES)
-        .write_buffer_size(WS_BUFFER_BYTES)
+        .read_buffer_size(lingua_shared::WS_READ_BUFFER_BYTES)
+        .write_buffer_size(lingua_shared::WS_WRITE_BUFFER_BYTES)
         .on_upgrade(move |socket| {
             let tasks = services.tasks.clone();
             tasks.track_future(async move {

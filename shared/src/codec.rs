@@ -29,14 +29,19 @@ pub const MAX_FRAME_BYTES: usize = 1 << 20;
 /// be no larger than the frame that carries the job to a node.
 pub const MAX_REQUEST_BODY_BYTES: usize = MAX_FRAME_BYTES;
 
-/// Read and write buffer of one WebSocket, either side. Frames are small
-/// (a heartbeat is a few hundred bytes, a sentence's result a few more),
-/// and a larger one grows the buffer as needed; the libraries' default of
-/// 128 KiB each would cost a coordinator holding 10,000 node sockets
-/// gigabytes. tungstenite zeroes the free part of the read buffer before
+/// Read buffer of one WebSocket, either side. Frames are small (a
+/// heartbeat is a few hundred bytes, a sentence's result a few more), and
+/// a larger one grows the buffer as needed; the libraries' default of
+/// 128 KiB would cost a coordinator holding 10,000 node sockets over a
+/// gigabyte. tungstenite zeroes the free part of the read buffer before
 /// each read, so a smaller one is also less to zero per frame
 /// (docs/BENCHMARKS.md).
-pub const WS_BUFFER_BYTES: usize = 4 * 1024;
+pub const WS_READ_BUFFER_BYTES: usize = 4 * 1024;
+
+/// How many bytes of frames a WebSocket gathers before it writes them,
+/// either side (a flush writes what there is): a batch of small frames
+/// goes in one write. The buffer grows only as far as a batch needs.
+pub const WS_WRITE_BUFFER_BYTES: usize = 8 * 1024;
 
 /// Why a frame is not a message.
 #[derive(Debug, thiserror::Error)]

@@ -40,8 +40,8 @@ pub mod sync;
 pub mod systemd;
 
 pub use codec::{
-    DecodeError, MAX_FRAME_BYTES, MAX_REQUEST_BODY_BYTES, WS_BUFFER_BYTES, decode, encode,
-    encoded_len, split_heartbeat,
+    DecodeError, MAX_FRAME_BYTES, MAX_REQUEST_BODY_BYTES, WS_READ_BUFFER_BYTES,
+    WS_WRITE_BUFFER_BYTES, decode, encode, encoded_len, split_heartbeat,
 };
 pub use ids::{IdError, JobId, JobKind, NodeId};
 pub use lang::{LangCode, LangError, LangPair};

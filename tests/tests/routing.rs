@@ -1043,7 +1043,18 @@ async fn a_job_recorded_after_its_reply_timed_out_is_dispatched_all_the_same() {
     proxy.thaw();
     let assign = next_assign(&mut node).await;
     assert_eq!(assign.job_id.as_str(), id);
-    completed(node, coordinator, assign).await;
+    // Submitted again with the id it was given, the job is followed to
+    // its result.
+    let again = json!({"id": id, "kind": "translate", "src_lang": "zh", "tgt_lang": "en",
+        "timeout_ms": 60000});
+    let ((status, view), ()) = tokio::join!(
+        coordinator.submit(again),
+        accepted_then_done(&mut node, assign)
+    );
+    assert_eq!(status, 200, "{view}");
+    assert_eq!(view["status"], "completed", "{view}");
+    node.close().await;
+    coordinator.stop().await;
 }
 
 #[tokio::test]

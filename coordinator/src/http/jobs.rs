@@ -178,13 +178,13 @@ fn not_taken(err: SubmitError, id: &JobId) -> ApiError {
         )
         .retry_after(retry_after),
         SubmitError::Store(err) if err.may_have_run() => {
-            tracing::error!(error = %err, "a job's recording got no answer");
+            tracing::error!(job_id = %id, error = %err, "a job's recording got no answer");
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
                 format!(
                     "redis did not answer, and may have recorded the job all the same; \
-                     submit it again with id {id} (or GET /v1/jobs/{id}) to follow it"
+                     submit it again with id {id} to follow it (a job is recorded once)"
                 ),
             )
             .about(id.clone())
@@ -193,8 +193,11 @@ fn not_taken(err: SubmitError, id: &JobId) -> ApiError {
         SubmitError::Stopped => ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
-            "taking the job in failed; submit it again with the same id (a job is recorded once)",
-        ),
+            format!(
+                "taking the job in failed; submit it again with id {id} (a job is recorded once)"
+            ),
+        )
+        .about(id.clone()),
     }
 }
 
