@@ -29,9 +29,11 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 
 /// glibc's malloc took a third of the coordinator's CPU with 10,000 nodes
-/// connected (docs/BENCHMARKS.md).
+/// connected; mimalloc, after it, read the link inside a freed block at
+/// each allocation, a cache miss on a busy core. jemalloc keeps its free
+/// blocks in arrays of pointers (docs/BENCHMARKS.md, "jemalloc").
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 /// The Lingua fleet coordinator: registers GPU nodes, keeps per-language-pair
 /// pools in Redis and routes jobs to nodes with room.
