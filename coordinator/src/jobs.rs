@@ -34,7 +34,7 @@ use crate::auth::Caller;
 use crate::config::Config;
 use crate::forward::{self, Envelope, RemoteAnswer};
 use crate::hints::{Assigned, Hints};
-use crate::metrics::{Metrics, QueueLabel, ResultLabel};
+use crate::metrics::{Metrics, QueueLabel};
 use crate::queue::{QueueKey, Queues, Shed, Turn, Waiting};
 use crate::registry::{Control, Registry};
 use crate::store::{

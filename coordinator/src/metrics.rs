@@ -14,6 +14,12 @@ use lingua_shared::metrics::ProcessCollector;
 
 use crate::recent::{FailedJob, Recent};
 
+mod per_job;
+mod series;
+
+use per_job::PerJob;
+pub use per_job::STAGES;
+
 /// Label: the outcome of a registration.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabel {
@@ -129,16 +135,10 @@ pub struct Metrics {
     pub heartbeats: Counter,
     /// Frames answered with an `error` frame, by code.
     pub frames_rejected: Family<CodeLabel, Counter>,
-    /// Frames on node sockets, by direction and type.
-    pub frames: Family<FrameLabel, Counter>,
-    /// Redis script call latency.
-    pub script_seconds: HistogramFamily<ScriptLabel>,
     /// Members per pool, refreshed at each scrape.
     pub pool_nodes: Family<PoolLabel, Gauge>,
-    /// Jobs dispatched by this instance that reached a terminal state.
-    pub jobs: Family<JobLabel, Counter>,
-    /// Node results by how they were taken.
-    pub results: Family<ResultLabel, Counter>,
+    /// What every job counts.
+    per_job: PerJob,
     /// Assignments sent to nodes (every attempt).
     pub assignments: Counter,
     /// Assignments forwarded to the instance holding the node's socket.
@@ -158,8 +158,6 @@ pub struct Metrics {
     pub redis_up: Gauge,
     /// Jobs dispatched here, submission to answer, by kind.
     pub job_seconds: HistogramFamily<KindLabel>,
-    /// Where the time of jobs dispatched here went, by stage.
-    pub stage_seconds: HistogramFamily<StageLabel>,
     /// The last minute of jobs, for the fleet view.
     pub recent: Recent,
 }
@@ -248,16 +246,8 @@ impl Default for Metrics {
                 help::FRAMES_REJECTED,
                 Family::default(),
             ),
-            frames: register(r, "node_frames", help::FRAMES, Family::default()),
-            script_seconds: register(
-                r,
-                "redis_script_duration_seconds",
-                help::SCRIPT_SECONDS,
-                HistogramFamily::new_with_constructor(script_histogram as fn() -> Histogram),
-            ),
+            per_job: PerJob::new(r),
             pool_nodes: register(r, "pool_nodes", help::POOL_NODES, Family::default()),
-            jobs: register(r, "jobs", help::JOBS, Family::default()),
-            results: register(r, "job_results", help::RESULTS, Family::default()),
             assignments: register(r, "job_assignments", help::ASSIGNMENTS, Counter::default()),
             forwarded: register(
                 r,
@@ -279,12 +269,6 @@ impl Default for Metrics {
                 "fleet_snapshots",
                 help::FLEET_SNAPSHOTS,
                 Counter::default(),
-            ),
-            stage_seconds: register(
-                r,
-                "job_stage_seconds",
-                help::STAGE_SECONDS,
-                HistogramFamily::new_with_constructor(stage_histogram as fn() -> Histogram),
             ),
             recent: Recent::default(),
             registry: root,
@@ -353,16 +337,18 @@ fn register<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, 
 impl Metrics {
     /// Records one script call's latency.
     pub fn observe_script(&self, script: &'static str, elapsed: Duration) {
-        self.script_seconds
-            .get_or_create(&ScriptLabel { script })
-            .observe(elapsed.as_secs_f64());
+        let seconds = elapsed.as_secs_f64();
+        self.per_job
+            .script_seconds
+            .with(script, |series| series.observe(seconds));
     }
 
     /// Records how long one job spent in one `stage` of its dispatch.
     pub fn stage(&self, stage: &'static str, took: Duration) {
-        self.stage_seconds
-            .get_or_create(&StageLabel { stage })
-            .observe(took.as_secs_f64());
+        let seconds = took.as_secs_f64();
+        self.per_job
+            .stage_seconds
+            .with(stage, |series| series.observe(seconds));
     }
 
     /// Counts one registration outcome.
@@ -376,15 +362,14 @@ impl Metrics {
 
     /// Counts one frame on a node socket.
     pub fn frame(&self, direction: Direction, message_type: &'static str) {
-        self.frames
-            .get_or_create(&FrameLabel {
-                direction: match direction {
-                    Direction::In => "in",
-                    Direction::Out => "out",
-                },
-                r#type: message_type,
-            })
-            .inc();
+        let (from_nodes, to_nodes) = &self.per_job.frames;
+        let frames = match direction {
+            Direction::In => from_nodes,
+            Direction::Out => to_nodes,
+        };
+        frames.with(message_type, |series| {
+            series.inc();
+        });
     }
 
     /// Counts one rejected frame.
@@ -404,13 +389,23 @@ impl Metrics {
         latency_ms: u64,
         failure: Option<FailedJob>,
     ) {
-        self.jobs.get_or_create(&JobLabel { status }).inc();
+        self.per_job.jobs.with(status, |series| {
+            series.inc();
+        });
         self.job_seconds
             .get_or_create(&KindLabel {
                 kind: kind.to_owned(),
             })
             .observe(latency_ms as f64 / 1000.0);
         self.recent.ended(latency_ms, failure);
+    }
+
+    /// Counts a node's result by how it was taken: `outcome` is one of
+    /// `applied`, `duplicate`, `stale`, `foreign`.
+    pub fn result(&self, outcome: &'static str) {
+        self.per_job.results.with(outcome, |series| {
+            series.inc();
+        });
     }
 
     /// Counts a job answered early, for `reason`.

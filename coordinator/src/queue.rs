@@ -296,7 +296,12 @@ impl Queues {
     /// A capacity report for `key`: the head may try, and so may the job
     /// standing in for it on the fallback.
     pub fn wake(&mut self, key: &QueueKey) {
-        *self.wakes.entry(key.clone()).or_default() += 1;
+        match self.wakes.get_mut(key) {
+            Some(wakes) => *wakes += 1,
+            None => {
+                self.wakes.insert(key.clone(), 1);
+            }
+        }
         if let Some(queue) = self.queues.get(key) {
             for waiting in [queue.head(), queue.fallback_stand_in()]
                 .into_iter()
@@ -344,7 +349,12 @@ impl Queues {
                 queue.interval = Some(average(queue.interval, newest));
             }
         }
-        *queue.served.entry(tenant.to_owned()).or_default() += 1;
+        match queue.served.get_mut(tenant) {
+            Some(served) => *served += 1,
+            None => {
+                queue.served.insert(tenant.to_owned(), 1);
+            }
+        }
         queue.last_grant = Some(now);
         self.wake(key);
         self.drop_if_idle(key);

@@ -163,10 +163,7 @@ impl JobRouter {
     }
 
     fn count_result(&self, outcome: &'static str) {
-        self.metrics
-            .results
-            .get_or_create(&ResultLabel { outcome })
-            .inc();
+        self.metrics.result(outcome);
     }
 
     /// A node's connection ended: its running attempts move elsewhere.

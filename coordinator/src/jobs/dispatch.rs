@@ -268,7 +268,10 @@ impl JobRouter {
         }
         let mut queues = lock(&self.queues);
         queues.granted(&state.key, &state.job.id, &state.job.tenant, now);
-        self.show_depth(&queues, &state.key);
+        if seat.is_some() {
+            // Only a job that sat in the queue changes its depth.
+            self.show_depth(&queues, &state.key);
+        }
         drop(queues);
         if let Some(mut seat) = seat {
             seat.granted = true;

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::metrics::STAGES;
+
 /// A job's stages on this coordinator. Stages a job went through more
 /// than once (a refusal, a lost node) add up.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -37,20 +39,16 @@ pub struct Timing {
 impl Timing {
     /// The stages with their names, in the order a job goes through them.
     pub fn stages(&self) -> [(&'static str, Duration); 7] {
-        [
-            ("start", self.start),
-            ("queue", self.queue),
-            ("pick", self.pick),
-            ("record", self.record),
-            ("accept", self.accept),
-            ("run", self.run),
-            ("answer", self.answer),
-        ]
-    }
-
-    /// The stage names.
-    pub fn names() -> [&'static str; 7] {
-        Self::default().stages().map(|(name, _)| name)
+        let took = [
+            self.start,
+            self.queue,
+            self.pick,
+            self.record,
+            self.accept,
+            self.run,
+            self.answer,
+        ];
+        std::array::from_fn(|stage| (STAGES[stage], took[stage]))
     }
 
     /// The answer is ready now: the time since the result is its stage.
