@@ -369,16 +369,18 @@ impl Config {
     }
 }
 
-/// Worker threads without `limits.worker_threads`: two, or one on a
-/// one-core host. A job is a few short tasks that hand off to each other,
-/// and each worker that the load does not keep busy costs CPU per job in
-/// wakeups and stealing: on 2 cores, 4 workers cost about 1.15 times the
-/// CPU per job of 2 and 16 about 1.5 times; with one worker per core, a
-/// 16-core machine spent about twice the 2-core figure
-/// (docs/BENCHMARKS.md). One instance's throughput is bounded by its
-/// Redis before two busy workers are: more load takes more instances.
+/// Worker threads without `limits.worker_threads`: one on a host of two
+/// cores or fewer, two on a larger one. A job is a few short tasks that
+/// hand off to each other, and each worker that the load does not keep
+/// busy costs CPU per job in wakeups and stealing: on 2 cores, one worker
+/// spent 0.9 times the CPU per job of two at the same throughput and tails
+/// (20 alternating pairs), 4 workers about 1.15 times and 16 about 1.5
+/// times; with one worker per core, a 16-core machine spent about twice
+/// the 2-core figure (docs/BENCHMARKS.md). Two on larger hosts until one
+/// is measured there. One instance's throughput is bounded by its Redis
+/// about where one busy worker is: more load takes more instances.
 pub fn default_workers(cores: usize) -> usize {
-    cores.clamp(1, 2)
+    if cores <= 2 { 1 } else { 2 }
 }
 
 #[cfg(test)]
@@ -472,14 +474,14 @@ max_attempts = 3
     }
 
     #[test]
-    fn worker_threads_default_to_two_or_fewer_cores() {
+    fn worker_threads_default_to_one_on_small_hosts_and_two_on_others() {
         let config = Config::parse("").unwrap();
         assert_eq!(config.worker_threads, None);
         let defaults: Vec<usize> = [1, 2, 3, 4, 16, 128]
             .into_iter()
             .map(|cores| config.workers(cores))
             .collect();
-        assert_eq!(defaults, [1, 2, 2, 2, 2, 2]);
+        assert_eq!(defaults, [1, 1, 2, 2, 2, 2]);
         let four = Config::parse("[limits]\nworker_threads = 4\n").unwrap();
         assert_eq!((four.workers(2), four.workers(64)), (4, 4));
         for text in ["worker_threads = 0", "worker_threads = 5000"] {

@@ -74,7 +74,7 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
         let seconds = options.window.as_secs_f64();
         rows.push(Row::new(
             format!(
-                "{size} agents connected: coordinator CPU, RSS ({} worker threads)",
+                "{size} agents connected: coordinator CPU, RSS (worker threads: {})",
                 options.coordinator_workers()
             ),
             format!(

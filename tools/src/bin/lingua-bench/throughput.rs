@@ -91,7 +91,7 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     let mut rows = vec![
         Row::new(
             format!(
-                "Throughput, {AGENTS} agents, {} keep-alive clients, {} coordinator worker threads (closed loop){}",
+                "Throughput, {AGENTS} agents, {} keep-alive clients, coordinator worker threads: {} (closed loop){}",
                 options.clients,
                 options.coordinator_workers(),
                 match options.payload_bytes {
