@@ -44,7 +44,7 @@ pub struct CodeLabel {
 /// Label: how a node's result was taken.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
-    /// `applied`, `duplicate` or `stale`.
+    /// `applied`, `duplicate`, `stale` or `foreign`.
     pub outcome: &'static str,
 }
 

@@ -92,7 +92,7 @@ impl JobRouter {
         };
         let Some(pair) = self.pair_of(&key).await? else {
             // No record names the job: long gone.
-            self.count_result("stale");
+            self.metrics.result("stale");
             return Ok(Taken::Acknowledged);
         };
         let finish = self
@@ -106,7 +106,7 @@ impl JobRouter {
             )
             .await?;
         tracing::debug!(job_id = %key.job_id, attempt = key.attempt, node_id = %node, ?finish, "job result");
-        self.count_result(match &finish {
+        self.metrics.result(match &finish {
             Finish::Applied { .. } => "applied",
             Finish::Duplicate => "duplicate",
             Finish::Stale => "stale",
@@ -160,10 +160,6 @@ impl JobRouter {
             return Ok(Some(forwarded.pair));
         }
         self.store.job_pair(&key.job_id).await
-    }
-
-    fn count_result(&self, outcome: &'static str) {
-        self.metrics.result(outcome);
     }
 
     /// A node's connection ended: its running attempts move elsewhere.

@@ -28,7 +28,8 @@ const SCRIPTS: [&str; 10] = [
     "job_finish",
     "job_expire",
 ];
-/// The frames a registered node may send, and those sent to it.
+/// The frames a registered node may send; those sent to a node (the
+/// registration's answer last: it comes once per connection).
 const FRAMES_IN: [&str; 7] = [
     "heartbeat",
     "capacity",
@@ -38,7 +39,14 @@ const FRAMES_IN: [&str; 7] = [
     "job_reject",
     "job_result",
 ];
-const FRAMES_OUT: [&str; 5] = ["job_assign", "result_ack", "job_cancel", "drain", "error"];
+const FRAMES_OUT: [&str; 6] = [
+    "job_assign",
+    "result_ack",
+    "job_cancel",
+    "drain",
+    "error",
+    "register_ack",
+];
 /// How a node's result was taken.
 const RESULT_OUTCOMES: [&str; 4] = ["applied", "duplicate", "stale", "foreign"];
 
