@@ -233,6 +233,13 @@ impl Queues {
         (ahead > 0).then(|| interval * u32::try_from(ahead + 1).unwrap_or(u32::MAX))
     }
 
+    /// The next arrival number: a job's place in its queue, should it
+    /// wait, among jobs of the same priority and tenant.
+    pub fn arrive(&mut self) -> u64 {
+        self.arrivals += 1;
+        self.arrivals
+    }
+
     /// Adds a job that must wait, unless the cap is reached or the queue
     /// cannot serve it before `deadline` (at `now`).
     /// Returns its arrival number (give it back as `arrival` if it joins
@@ -257,10 +264,7 @@ impl Queues {
                 run: run.unwrap_or_default(),
             });
         }
-        let seq = waiting.arrival.unwrap_or_else(|| {
-            self.arrivals += 1;
-            self.arrivals
-        });
+        let seq = waiting.arrival.unwrap_or_else(|| self.arrive());
         let queue = self.queues.entry(key.clone()).or_default();
         queue.busy_since.get_or_insert(now);
         let jobs = queue

@@ -394,9 +394,9 @@ pub(in crate::jobs) struct Dispatch<'a> {
     pub(in crate::jobs) excluded: Vec<NodeId>,
     /// Where its time went so far.
     pub(in crate::jobs) timing: Timing,
-    /// Its place in its queue, once it joined: back after a refusal, it
-    /// keeps it.
-    arrival: Option<u64>,
+    /// Its place in its queue, taken when it arrived (or when it first
+    /// joined): back after a refusal, it keeps it.
+    pub(in crate::jobs) arrival: Option<u64>,
     /// The current attempt number (0 while queued).
     pub(in crate::jobs) attempt: u32,
     /// The node of the current attempt.

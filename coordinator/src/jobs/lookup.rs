@@ -119,6 +119,7 @@ impl JobRouter {
             picked: None,
             wakes: 0,
             locked: Duration::ZERO,
+            arrival: None,
         };
         (job, Some(first))
     }

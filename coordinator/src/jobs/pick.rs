@@ -20,9 +20,11 @@ impl JobRouter {
         opener: u64,
     ) -> Result<Opened, StoreError> {
         let key = (job.pair, job.kind.clone());
-        let (wakes, pick) = {
-            let queues = lock(&self.queues);
-            (queues.wakes(&key), queues.depth(&key) == 0)
+        // Its place in the queue, should it wait, is taken now: a job
+        // submitted after this one's answer cannot get ahead of it.
+        let (wakes, pick, arrival) = {
+            let mut queues = lock(&self.queues);
+            (queues.wakes(&key), queues.depth(&key) == 0, queues.arrive())
         };
         let route = Route::gpu(&job.kind);
         let locking = Instant::now();
@@ -61,6 +63,7 @@ impl JobRouter {
             picked: None,
             wakes,
             locked,
+            arrival: Some(arrival),
         };
         while let Some(JobPick::Node(node, attempt)) = picked {
             first.attempt = attempt;
@@ -238,4 +241,7 @@ pub(super) struct First {
     /// How long it waited for the pair's picking lock (a routing update
     /// of the pair being written): part of its `pick` stage.
     pub(super) locked: Duration,
+    /// Its place in its queue, should it wait; `None`: taken when it
+    /// joins.
+    pub(super) arrival: Option<u64>,
 }

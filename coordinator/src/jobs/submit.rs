@@ -251,6 +251,7 @@ impl JobRouter {
         state.attempt = first.attempt;
         state.node = first.node;
         state.excluded = first.excluded;
+        state.arrival = first.arrival;
         let mut picked = first.picked.map(|picked| (picked, first.wakes));
         let mut pause = Duration::from_millis(50);
         loop {
