@@ -26,12 +26,14 @@ end
 if ARGV[5] ~= '' and fields[4] ~= ARGV[5] then
   return {'foreign', fields[4]}
 end
+-- Numbers go to redis.call as text (see route_pick.lua).
 local now = redis.call('TIME')
 local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
+local latency_ms = now_ms - tonumber(fields[3])
 redis.call('HSET', KEYS[1],
   'status', ARGV[2],
   'outcome', ARGV[3],
-  'finished_ms', now_ms,
-  'latency_ms', now_ms - tonumber(fields[3]))
+  'finished_ms', string.format('%d', now_ms),
+  'latency_ms', string.format('%d', latency_ms))
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return {'applied', now_ms - tonumber(fields[3])}
+return {'applied', latency_ms}

@@ -16,8 +16,9 @@ if fields[1] ~= ARGV[1] or fields[2] == 'offline' then
   return 0
 end
 local now = redis.call('TIME')
+-- A number goes to redis.call as text (see route_pick.lua).
 redis.call('HSET', KEYS[1],
-  'last_seen_ms', now[1] * 1000 + math.floor(now[2] / 1000),
+  'last_seen_ms', string.format('%d', tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)),
   'capacity', ARGV[3])
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[4])

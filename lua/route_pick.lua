@@ -52,8 +52,14 @@
 -- places): every kind's room there shrinks until its next report (the
 -- node stays the authority: it may refuse). Cost: a few commands on a
 -- bounded sample, whatever the size of the fleet.
+--
+-- Numbers go to redis.call as text (string.format('%d'), or a literal):
+-- Redis 7.0 writes a Lua number out with printf's %.17g, which costs more
+-- than most of the commands here (docs/BENCHMARKS.md).
 local now = redis.call('TIME')
-local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
+local now_us = tonumber(now[2])
+local now_ms = tonumber(now[1]) * 1000 + math.floor(now_us / 1000)
+local now_text = string.format('%d', now_ms)
 
 local job = KEYS[7]
 if job then
@@ -69,13 +75,13 @@ if job then
     redis.call('HSET', job,
       'request', ARGV[7],
       'status', 'queued',
-      'attempt', 0,
+      'attempt', '0',
       'node', '',
       'nodes', '',
       'coordinator', ARGV[9],
       'opener', ARGV[12],
-      'created_ms', now_ms,
-      'deadline_ms', now_ms + tonumber(ARGV[10]))
+      'created_ms', now_text,
+      'deadline_ms', string.format('%d', now_ms + tonumber(ARGV[10])))
     redis.call('PEXPIRE', job, ARGV[8])
     if ARGV[11] ~= '1' then
       return {'queued'}
@@ -89,11 +95,16 @@ if job then
 end
 local retake = job and ARGV[6] == 'retake'
 
-for _, node in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms, 'LIMIT', 0, 16)) do
+local lapsed = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_text, 'LIMIT', '0', '16')
+for _, node in ipairs(lapsed) do
   redis.call('ZREM', KEYS[1], node)
   redis.call('HDEL', KEYS[2], node)
   redis.call('HDEL', KEYS[5], node)
 end
+-- Under the limit, the sweep left no lapsed lease in the route: a sample
+-- of it needs no deadlines (Redis 7.0 writes each score out with %.17g,
+-- and Lua reads it back with strtod: more than the sample itself costs).
+local swept = #lapsed < 16
 
 local kind = ARGV[4]
 local tried = 0
@@ -163,7 +174,7 @@ local function record_attempt(node)
   end
   local attempt = tonumber(ARGV[7])
   if not retake then
-    attempt = redis.call('HINCRBY', job, 'attempt', 1)
+    attempt = redis.call('HINCRBY', job, 'attempt', '1')
   end
   local nodes = nodes_kept()
   if nodes ~= '' then
@@ -195,7 +206,7 @@ end
 if not chosen and ARGV[3] == 'random' then
   -- A negative count samples with repetition, each draw uniform (a
   -- positive count at or above the set's size returns it in set order).
-  local sampled = redis.call('ZRANDMEMBER', KEYS[3], -(4 + tried), 'WITHSCORES')
+  local sampled = redis.call('ZRANDMEMBER', KEYS[3], string.format('%d', -(4 + tried)), 'WITHSCORES')
   for i = 1, #sampled, 2 do
     if not chosen and not excluded[sampled[i]] and tonumber(sampled[i + 1]) > now_ms then
       chosen = sampled[i]
@@ -203,7 +214,7 @@ if not chosen and ARGV[3] == 'random' then
   end
   if not chosen then
     -- Every draw hit a tried node: take the first live untried one.
-    local live = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. now_ms, '+inf', 'LIMIT', 0, tried + 1)
+    local live = redis.call('ZRANGEBYSCORE', KEYS[3], '(' .. now_text, '+inf', 'LIMIT', '0', string.format('%d', tried + 1))
     for _, node in ipairs(live) do
       if not chosen and not excluded[node] then
         chosen = node
@@ -222,12 +233,18 @@ if not chosen then
   -- two to spare for nodes whose memory other kinds took since their
   -- report. A sample as large as the set comes back in set order: start at
   -- a varying offset so that ties do not always go to the same node.
-  local sampled = redis.call('ZRANDMEMBER', KEYS[1], 4 + tried, 'WITHSCORES')
-  local count = #sampled / 2
+  local size = string.format('%d', 4 + tried)
+  local sampled, step
+  if swept then
+    sampled, step = redis.call('ZRANDMEMBER', KEYS[1], size), 1
+  else
+    sampled, step = redis.call('ZRANDMEMBER', KEYS[1], size, 'WITHSCORES'), 2
+  end
+  local count = #sampled / step
   for i = 1, count do
-    local at = ((i + now[2]) % count) * 2 + 1
+    local at = ((i + now_us) % count) * step + 1
     local node = sampled[at]
-    if tonumber(sampled[at + 1]) <= now_ms then
+    if step == 2 and tonumber(sampled[at + 1]) <= now_ms then
       forget(node)
       redis.call('HDEL', KEYS[5], node)
     elseif not excluded[node] and seen < 2 then
@@ -254,15 +271,15 @@ if not chosen then
     if attempt == 0 then
       status = 'queued'
     end
-    redis.call('HSET', job, 'attempt', attempt, 'status', status, 'node', '', 'nodes', nodes_kept())
+    redis.call('HSET', job, 'attempt', string.format('%d', attempt), 'status', status, 'node', '', 'nodes', nodes_kept())
   end
-  if redis.call('ZCOUNT', KEYS[6], '(' .. now_ms, '+inf') == 0 then
+  if redis.call('ZCOUNT', KEYS[6], '(' .. now_text, '+inf') == 0 then
     return {'no_nodes'}
   end
   return {'no_capacity'}
 end
 
-local left = redis.call('HINCRBY', KEYS[2], chosen, -1)
+local left = redis.call('HINCRBY', KEYS[2], chosen, '-1')
 if chosen_memory and take(chosen_memory) then
   redis.call('HSET', KEYS[5], chosen, cjson.encode(chosen_memory))
 end

@@ -27,10 +27,12 @@
 -- of the pair (their lease ran out and they were cleaned up: the caller
 -- re-joins them), and the instances with jobs waiting for room here (the
 -- caller tells them when the update shows room).
+-- Numbers go to redis.call as text (see route_pick.lua).
 local n = tonumber(ARGV[2])
 local now = redis.call('TIME')
-local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
-local deadline = now_ms + tonumber(ARGV[1])
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local now_text = string.format('%d', now_ms)
+local deadline = string.format('%d', now_ms + tonumber(ARGV[1]))
 local missing = {}
 local i = 3
 while i <= #ARGV do
@@ -46,7 +48,7 @@ while i <= #ARGV do
       local free = tonumber(ARGV[i + 1 + k])
       if free > 0 then
         redis.call('ZADD', KEYS[2 + k], deadline, node)
-        redis.call('HSET', KEYS[2 + n + k], node, free)
+        redis.call('HSET', KEYS[2 + n + k], node, string.format('%d', free))
       else
         redis.call('ZREM', KEYS[2 + k], node)
         redis.call('HDEL', KEYS[2 + n + k], node)
@@ -65,8 +67,8 @@ end
 -- Nodes whose lease ran out leave the served sets (O(log N) plus the
 -- nodes removed).
 for k = 1, n do
-  redis.call('ZREMRANGEBYSCORE', KEYS[2 + 2 * n + k], '-inf', now_ms)
+  redis.call('ZREMRANGEBYSCORE', KEYS[2 + 2 * n + k], '-inf', now_text)
 end
 local waiting = KEYS[3 + 3 * n]
-redis.call('ZREMRANGEBYSCORE', waiting, '-inf', now_ms)
-return {missing, redis.call('ZRANGE', waiting, 0, -1)}
+redis.call('ZREMRANGEBYSCORE', waiting, '-inf', now_text)
+return {missing, redis.call('ZRANGE', waiting, '0', '-1')}

@@ -1003,6 +1003,54 @@ async fn a_job_opened_without_room_or_without_a_pick_is_queued() {
 }
 
 #[tokio::test]
+async fn a_jobs_times_are_recorded_as_whole_milliseconds() {
+    // The scripts hand Redis their numbers as text they format themselves
+    // (not as Lua numbers): what they record must still read as integers.
+    let redis = lingua_tests::redis().await;
+    let store = store(&redis).await;
+    let mut conn = lingua_tests::connect(&redis).await;
+    let route = two_nodes_with_room(&store, 4).await;
+    let zh_en = pair("zh:en");
+    let id = JobId::new("timed").unwrap();
+    let timeout = Duration::from_millis(1_234);
+    store
+        .job_open(
+            new_job(&id, zh_en, "{req}", timeout),
+            (on(&route, &[]), true),
+        )
+        .await
+        .unwrap();
+    let (_, record) = store.job(&id).await.unwrap().unwrap();
+    let node = record.node.map(|n| NodeId::new(n).unwrap()).unwrap();
+    let finished = store
+        .job_finish((zh_en, &id), (Some(&node), 1), true, "{}", LEASE)
+        .await
+        .unwrap();
+    let times: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg("lingua:v1:pair:{zh:en}:job:timed")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let ms = |field: &str| -> u64 {
+        let text = &times[field];
+        assert!(
+            !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()),
+            "{field} = {text:?}"
+        );
+        text.parse().unwrap()
+    };
+    assert_eq!(ms("attempt"), 1);
+    assert_eq!(ms("deadline_ms") - ms("created_ms"), 1_234);
+    assert_eq!(ms("latency_ms"), ms("finished_ms") - ms("created_ms"));
+    assert_eq!(
+        finished,
+        Finish::Applied {
+            latency_ms: ms("latency_ms")
+        }
+    );
+}
+
+#[tokio::test]
 async fn only_a_job_running_past_its_deadline_and_grace_expires() {
     let redis = lingua_tests::redis().await;
     let store = store(&redis).await;

@@ -86,8 +86,9 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     let ceiling = ceiling(&redis.url(), options).await?;
     let closed_pct = Percentiles::of(&mut closed.latencies);
     let open_pct = Percentiles::of(&mut open.latencies);
-    let cpu_per_job =
-        (cpu_after.cpu - cpu_before.cpu).as_secs_f64() * 1e6 / closed.jobs.max(1) as f64;
+    let per_job = |cpu: Duration| cpu.as_secs_f64() * 1e6 / closed.jobs.max(1) as f64;
+    let cpu_per_job = per_job(cpu_after.cpu - cpu_before.cpu);
+    let redis_per_job = per_job(redis_after.cpu - redis_before.cpu);
     let mut rows = vec![
         Row::new(
             format!(
@@ -151,7 +152,10 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
         ),
         Row::new(
             "Redis CPU during the closed loop",
-            core_pct(redis_after.cpu - redis_before.cpu, options.window),
+            format!(
+                "{}, {redis_per_job:.0} µs per job",
+                core_pct(redis_after.cpu - redis_before.cpu, options.window)
+            ),
             "",
         ),
     ];
