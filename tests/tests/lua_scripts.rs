@@ -1376,6 +1376,73 @@ async fn route_pick_never_chooses_a_node_whose_lease_is_past() {
 }
 
 #[tokio::test]
+async fn a_pick_past_a_full_sweep_still_passes_over_lapsed_nodes() {
+    // A pick removes up to 16 lapsed entries, then samples: without their
+    // deadlines only when the sweep removed fewer (none can be left).
+    // Around that limit, the lapsed nodes (more room than the live one)
+    // must never be chosen.
+    let redis = lingua_tests::redis().await;
+    let store = store(&redis).await;
+    let mut conn = lingua_tests::connect(&redis).await;
+    let asr = JobKind::new("asr").unwrap();
+    let route = Route::gpu(&asr);
+    let short = Duration::from_millis(50);
+    let cases = [
+        (pair("zh:en"), 15),
+        (pair("ja:en"), 16),
+        (pair("ko:en"), 17),
+    ];
+    for (pair, lapsed) in cases {
+        let entries: Vec<RouteEntry> = (0..lapsed)
+            .map(|i| RouteEntry {
+                node: node(&format!("dead-{lapsed}-{i}")),
+                free: [(route.clone(), 8)].into(),
+                room: None,
+            })
+            .collect();
+        for entry in &entries {
+            store
+                .pool_join(pair, &entry.node, &[], 100, short)
+                .await
+                .unwrap();
+        }
+        store.route_update(pair, &entries, short).await.unwrap();
+    }
+    let expires = redis_now_ms(&mut conn).await + 50;
+    eventually("the leases to pass", || {
+        let mut conn = conn.clone();
+        async move { (redis_now_ms(&mut conn).await > expires).then_some(()) }
+    })
+    .await;
+    let live = node("live");
+    for (pair, lapsed) in cases {
+        store.pool_join(pair, &live, &[], 100, LEASE).await.unwrap();
+        let entry = RouteEntry {
+            node: live.clone(),
+            free: [(route.clone(), 1)].into(),
+            room: None,
+        };
+        store.route_update(pair, &[entry], LEASE).await.unwrap();
+        let picked = store
+            .route_pick(
+                pair,
+                &route,
+                None,
+                Duration::from_secs(60),
+                PickPolicy::Capacity,
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            picked,
+            Pick::Node(live.clone()),
+            "{lapsed} lapsed in {pair}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn an_offline_node_expires_after_its_retention_and_leaves_the_index() {
     let redis = lingua_tests::redis().await;
     let store = store(&redis).await;
