@@ -1327,6 +1327,40 @@ async fn redis_now_ms(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
     secs * 1000 + micros / 1000
 }
 
+/// Gives each pair `(pair, count)` that many nodes with `free` slots on
+/// `route` (`dead-<count>-<i>`) whose leases run out (their coordinator
+/// died holding them), and waits until Redis's clock is past them.
+async fn lapsed_nodes(
+    store: &Store,
+    conn: &mut redis::aio::MultiplexedConnection,
+    pairs: &[(LangPair, usize)],
+    (route, free): (&Route, u32),
+) {
+    let short = Duration::from_millis(50);
+    for &(pair, count) in pairs {
+        let entries: Vec<RouteEntry> = (0..count)
+            .map(|i| RouteEntry {
+                node: node(&format!("dead-{count}-{i}")),
+                free: [(route.clone(), free)].into(),
+                room: None,
+            })
+            .collect();
+        for entry in &entries {
+            store
+                .pool_join(pair, &entry.node, &[], 100, short)
+                .await
+                .unwrap();
+        }
+        store.route_update(pair, &entries, short).await.unwrap();
+    }
+    let expires = redis_now_ms(conn).await + 50;
+    eventually("the leases to pass", || {
+        let mut conn = conn.clone();
+        async move { (redis_now_ms(&mut conn).await > expires).then_some(()) }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn route_pick_never_chooses_a_node_whose_lease_is_past() {
     let redis = lingua_tests::redis().await;
@@ -1334,29 +1368,8 @@ async fn route_pick_never_chooses_a_node_whose_lease_is_past() {
     let mut conn = lingua_tests::connect(&redis).await;
     let zh_en = pair("zh:en");
     let asr = JobKind::new("asr").unwrap();
-    let short = Duration::from_millis(50);
-    // More expired entries than one pick cleans up on its way (16): their
-    // coordinator died holding them.
-    let entries: Vec<RouteEntry> = (0..20)
-        .map(|i| RouteEntry {
-            node: node(&format!("dead-{i}")),
-            free: [(Route::gpu(&asr), 4)].into(),
-            room: None,
-        })
-        .collect();
-    for entry in &entries {
-        store
-            .pool_join(zh_en, &entry.node, &[], 100, short)
-            .await
-            .unwrap();
-    }
-    store.route_update(zh_en, &entries, short).await.unwrap();
-    let expires = redis_now_ms(&mut conn).await + 50;
-    eventually("the leases to pass", || {
-        let mut conn = conn.clone();
-        async move { (redis_now_ms(&mut conn).await > expires).then_some(()) }
-    })
-    .await;
+    // More expired entries than one pick cleans up on its way (16).
+    lapsed_nodes(&store, &mut conn, &[(zh_en, 20)], (&Route::gpu(&asr), 4)).await;
     for _ in 0..3 {
         assert_eq!(
             store
@@ -1386,34 +1399,12 @@ async fn a_pick_past_a_full_sweep_still_passes_over_lapsed_nodes() {
     let mut conn = lingua_tests::connect(&redis).await;
     let asr = JobKind::new("asr").unwrap();
     let route = Route::gpu(&asr);
-    let short = Duration::from_millis(50);
     let cases = [
         (pair("zh:en"), 15),
         (pair("ja:en"), 16),
         (pair("ko:en"), 17),
     ];
-    for (pair, lapsed) in cases {
-        let entries: Vec<RouteEntry> = (0..lapsed)
-            .map(|i| RouteEntry {
-                node: node(&format!("dead-{lapsed}-{i}")),
-                free: [(route.clone(), 8)].into(),
-                room: None,
-            })
-            .collect();
-        for entry in &entries {
-            store
-                .pool_join(pair, &entry.node, &[], 100, short)
-                .await
-                .unwrap();
-        }
-        store.route_update(pair, &entries, short).await.unwrap();
-    }
-    let expires = redis_now_ms(&mut conn).await + 50;
-    eventually("the leases to pass", || {
-        let mut conn = conn.clone();
-        async move { (redis_now_ms(&mut conn).await > expires).then_some(()) }
-    })
-    .await;
+    lapsed_nodes(&store, &mut conn, &cases, (&route, 8)).await;
     let live = node("live");
     for (pair, lapsed) in cases {
         store.pool_join(pair, &live, &[], 100, LEASE).await.unwrap();
