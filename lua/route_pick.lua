@@ -62,6 +62,29 @@ local now_ms = tonumber(now[1]) * 1000 + math.floor(now_us / 1000)
 local now_text = string.format('%d', now_ms)
 
 local job = KEYS[7]
+
+-- Records an arriving job, in one write of its hash: running its first
+-- attempt on `node`, or queued at attempt 0 (`node` is '').
+local function record_open(node)
+  local status, attempt = 'queued', '0'
+  if node ~= '' then
+    status, attempt = 'running', '1'
+  end
+  redis.call('HSET', job,
+    'request', ARGV[7],
+    'status', status,
+    'attempt', attempt,
+    'node', node,
+    'nodes', node,
+    'coordinator', ARGV[9],
+    'opener', ARGV[12],
+    'created_ms', now_text,
+    'deadline_ms', string.format('%d', now_ms + tonumber(ARGV[10])))
+  redis.call('PEXPIRE', job, ARGV[8])
+end
+
+-- An arriving job, not recorded yet: recorded once its pick is known.
+local opening = false
 if job then
   if ARGV[6] == 'open' then
     local request = redis.call('HGET', job, 'request')
@@ -72,20 +95,11 @@ if job then
       local fields = redis.call('HMGET', job, 'status', 'attempt')
       return {'exists', fields[1], tonumber(fields[2])}
     end
-    redis.call('HSET', job,
-      'request', ARGV[7],
-      'status', 'queued',
-      'attempt', '0',
-      'node', '',
-      'nodes', '',
-      'coordinator', ARGV[9],
-      'opener', ARGV[12],
-      'created_ms', now_text,
-      'deadline_ms', string.format('%d', now_ms + tonumber(ARGV[10])))
-    redis.call('PEXPIRE', job, ARGV[8])
     if ARGV[11] ~= '1' then
+      record_open('')
       return {'queued'}
     end
+    opening = true
   else
     local fields = redis.call('HMGET', job, 'status', 'attempt')
     if (fields[1] ~= 'running' and fields[1] ~= 'queued') or fields[2] ~= ARGV[7] then
@@ -171,6 +185,10 @@ end
 local function record_attempt(node)
   if not job then
     return 0
+  end
+  if opening then
+    record_open(node)
+    return 1
   end
   local attempt = tonumber(ARGV[7])
   if not retake then
@@ -264,6 +282,9 @@ if not chosen then
 end
 
 if not chosen then
+  if opening then
+    record_open('')
+  end
   if retake then
     -- The passed-over attempt is taken back: no node holds it.
     local attempt = tonumber(ARGV[7]) - 1

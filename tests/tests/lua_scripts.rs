@@ -1000,6 +1000,25 @@ async fn a_job_opened_without_room_or_without_a_pick_is_queued() {
         ("queued", 0),
         "a pick without room changes nothing"
     );
+    let late = JobId::new("late").unwrap();
+    assert_eq!(
+        store
+            .job_open(new_job(&late, zh_en, "{}", LEASE), (on(&route, &[]), true))
+            .await
+            .unwrap(),
+        JobStart::New(Some(JobPick::NoCapacity)),
+        "its first pick found no room"
+    );
+    let (_, record) = store.job(&late).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            record.status.as_str(),
+            record.attempt,
+            record.node.as_deref()
+        ),
+        ("queued", 0, Some("")),
+        "recorded all the same, waiting for room"
+    );
 }
 
 #[tokio::test]
