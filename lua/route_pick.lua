@@ -63,6 +63,12 @@ local now_text = string.format('%d', now_ms)
 
 local job = KEYS[7]
 
+-- An arriving job, not recorded yet: recorded once its pick is known.
+local opening = false
+-- Its deadline, worked out before anything is written (a bad timeout
+-- fails the call with nothing changed).
+local deadline_text
+
 -- Records an arriving job, in one write of its hash: running its first
 -- attempt on `node`, or queued at attempt 0 (`node` is '').
 local function record_open(node)
@@ -79,12 +85,10 @@ local function record_open(node)
     'coordinator', ARGV[9],
     'opener', ARGV[12],
     'created_ms', now_text,
-    'deadline_ms', string.format('%d', now_ms + tonumber(ARGV[10])))
+    'deadline_ms', deadline_text)
   redis.call('PEXPIRE', job, ARGV[8])
 end
 
--- An arriving job, not recorded yet: recorded once its pick is known.
-local opening = false
 if job then
   if ARGV[6] == 'open' then
     local request = redis.call('HGET', job, 'request')
@@ -95,6 +99,7 @@ if job then
       local fields = redis.call('HMGET', job, 'status', 'attempt')
       return {'exists', fields[1], tonumber(fields[2])}
     end
+    deadline_text = string.format('%d', now_ms + tonumber(ARGV[10]))
     if ARGV[11] ~= '1' then
       record_open('')
       return {'queued'}

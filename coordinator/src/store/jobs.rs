@@ -81,7 +81,8 @@ pub enum JobPick {
 /// The answer to [`Store::job_open`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobStart {
-    /// Recorded: queued, and the pick when one was asked.
+    /// Recorded: running on the node picked, else queued (the pick, when
+    /// one was asked).
     New(Option<JobPick>),
     /// The same request is already known.
     Exists,
