@@ -54,8 +54,8 @@
 -- bounded sample, whatever the size of the fleet.
 --
 -- Numbers go to redis.call as text (string.format('%d'), or a literal):
--- Redis 7.0 writes a Lua number out with printf's %.17g, which costs more
--- than most of the commands here (docs/BENCHMARKS.md).
+-- Redis 7.0 writes a Lua number out with printf's %.17g: about 2,000
+-- instructions a number (docs/BENCHMARKS.md).
 local now = redis.call('TIME')
 local now_us = tonumber(now[2])
 local now_ms = tonumber(now[1]) * 1000 + math.floor(now_us / 1000)
