@@ -370,17 +370,19 @@ impl Config {
 }
 
 /// Worker threads without `limits.worker_threads`: one on a host of two
-/// cores or fewer, two on a larger one. A job is a few short tasks that
-/// hand off to each other, and each worker that the load does not keep
-/// busy costs CPU per job in wakeups and stealing: on 2 cores, one worker
-/// spent 0.9 times the CPU per job of two at the same throughput, tails
-/// within the spread between runs (20 alternating pairs), 4 workers about
-/// 1.15 times and 16 about 1.5 times; with one worker per core, a 16-core
-/// machine spent about twice the 2-core figure (docs/BENCHMARKS.md). Two
-/// on larger hosts until one is measured there. At about 80 µs a job, one
-/// busy worker would serve some 12,000 jobs/s, near one Redis's ceiling
-/// (11,600-16,200 jobs/s measured on 16 cores): more load takes more
-/// instances.
+/// cores or fewer (the main thread itself, see
+/// [`lingua_shared::process::block_on`]), two on a larger one. A job is
+/// a few short tasks that hand off to each other, and each thread that
+/// the load does not keep busy costs CPU per job in wakeups and stealing:
+/// on 2 cores, one worker beside the main thread spent 0.9 times the CPU
+/// per job of two at the same throughput (20 alternating pairs), 4
+/// workers about 1.15 times and 16 about 1.5 times, and the main thread
+/// alone 0.82 times what one worker beside it did (11 pairs); with one
+/// worker per core, a 16-core machine spent about twice the 2-core
+/// figure (docs/BENCHMARKS.md). Two on larger hosts until one is
+/// measured there. At about 80 µs a job, one busy worker would serve
+/// some 12,000 jobs/s, near one Redis's ceiling (11,600-16,200 jobs/s
+/// measured on 16 cores): more load takes more instances.
 pub fn default_workers(cores: usize) -> usize {
     if cores <= 2 { 1 } else { 2 }
 }

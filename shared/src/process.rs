@@ -105,16 +105,25 @@ pub fn generate_docs(command: clap::Command, dir: &std::path::Path) -> ExitCode 
     }
 }
 
-/// Runs `serve` to its exit code on a new multi-threaded tokio runtime
-/// with `workers` threads (`None`: one per core); 70 when the runtime
-/// cannot start, printed as `program: reason`.
+/// Runs `serve` to its exit code on a new tokio runtime with `workers`
+/// worker threads (`None`: one per core); 70 when the runtime cannot
+/// start, printed as `program: reason`. One worker is the calling thread
+/// itself (tokio's current-thread scheduler): every task runs where
+/// `serve` runs, and no hand-off between threads is paid for
+/// (docs/BENCHMARKS.md, "One thread, not a worker beside the main one").
+/// More are that many threads beside the calling one, which runs `serve`
+/// alone.
 pub fn block_on(
     program: &str,
     workers: Option<usize>,
     serve: impl Future<Output = ExitCode>,
 ) -> ExitCode {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(workers) = workers {
+    let mut builder = if workers == Some(1) {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if let Some(workers) = workers.filter(|&workers| workers > 1) {
         builder.worker_threads(workers);
     }
     match builder.enable_all().build() {
@@ -161,7 +170,28 @@ impl StopSignals {
 
 #[cfg(test)]
 mod tests {
-    use super::StopSignals;
+    use std::process::ExitCode;
+    use std::thread::ThreadId;
+
+    use super::{StopSignals, block_on};
+
+    /// The thread a task spawned by `serve` ran on, with `workers`.
+    fn where_tasks_run(workers: usize) -> ThreadId {
+        let mut ran_on = None;
+        block_on("test", Some(workers), async {
+            let task = tokio::spawn(async { std::thread::current().id() });
+            ran_on = task.await.ok();
+            ExitCode::SUCCESS
+        });
+        ran_on.expect("the task ran")
+    }
+
+    #[test]
+    fn one_worker_is_the_calling_thread_and_more_are_threads_beside_it() {
+        let caller = std::thread::current().id();
+        assert_eq!(where_tasks_run(1), caller);
+        assert_ne!(where_tasks_run(2), caller);
+    }
 
     #[tokio::test]
     async fn a_signal_caught_before_anyone_waits_is_not_lost() {
