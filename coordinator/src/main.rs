@@ -112,7 +112,12 @@ fn main() -> ExitCode {
     };
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let workers = config.workers(cores);
-    tracing::info!(worker_threads = workers, cores, "starting");
+    let scheduler = if workers == 1 {
+        "current_thread"
+    } else {
+        "multi_thread"
+    };
+    tracing::info!(worker_threads = workers, scheduler, cores, "starting");
     block_on("lingua-coordinator", Some(workers), serve(config, tls))
 }
 

@@ -106,7 +106,7 @@ pub fn generate_docs(command: clap::Command, dir: &std::path::Path) -> ExitCode 
 }
 
 /// Runs `serve` to its exit code on a new tokio runtime with `workers`
-/// worker threads (`None`: one per core); 70 when the runtime cannot
+/// worker threads (`None`, or 0: one per core); 70 when the runtime cannot
 /// start, printed as `program: reason`. One worker is the calling thread
 /// itself (tokio's current-thread scheduler): every task runs where
 /// `serve` runs, and no hand-off between threads is paid for
