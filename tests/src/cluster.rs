@@ -1,7 +1,7 @@
-//! A real local Redis Cluster for tests: three masters, each a private
-//! `redis-server` (stopped with its owner, like every harness server) with
-//! `--cluster-enabled yes` on a free TCP port, joined with
-//! `redis-cli --cluster create`.
+//! A real local Redis Cluster for tests and the bench: three masters,
+//! each a private `redis-server` (stopped with its owner, like every
+//! harness server) with `--cluster-enabled yes` on a free TCP port, joined
+//! with `redis-cli --cluster create`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,16 +24,16 @@ impl RedisCluster {
     /// Starts the servers, forms the cluster and waits until every node
     /// reports `cluster_state:ok`.
     ///
-    /// # Panics
+    /// # Errors
     /// When `redis-server` or `redis-cli` is missing, or the cluster does
-    /// not form: these tests cannot run without it.
-    pub async fn start() -> Self {
+    /// not form.
+    pub async fn start() -> Result<Self, String> {
         let mut nodes = Vec::with_capacity(MASTERS);
         for port in cluster_ports(MASTERS) {
             nodes.push(
                 PrivateRedis::start_cluster_node(port)
                     .await
-                    .unwrap_or_else(|e| panic!("a cluster node of redis-server: {e}")),
+                    .map_err(|e| format!("a cluster node of redis-server: {e}"))?,
             );
         }
         let cluster = Self { nodes };
@@ -48,16 +48,17 @@ impl RedisCluster {
             .args(["--cluster-replicas", "0", "--cluster-yes"])
             .output()
             .await
-            .unwrap_or_else(|e| {
-                panic!("redis-cli (installed with redis-server) forms the test cluster: {e}")
-            });
-        assert!(
-            created.status.success(),
-            "redis-cli --cluster create failed: {}",
-            String::from_utf8_lossy(&created.stdout)
-        );
-        cluster.wait_ok().await;
-        cluster
+            .map_err(|e| {
+                format!("redis-cli (installed with redis-server) forms the cluster: {e}")
+            })?;
+        if !created.status.success() {
+            return Err(format!(
+                "redis-cli --cluster create failed: {}",
+                String::from_utf8_lossy(&created.stdout)
+            ));
+        }
+        cluster.wait_ok().await?;
+        Ok(cluster)
     }
 
     /// `redis://127.0.0.1:PORT` of every master.
@@ -68,7 +69,7 @@ impl RedisCluster {
             .collect()
     }
 
-    async fn wait_ok(&self) {
+    async fn wait_ok(&self) -> Result<(), String> {
         let deadline = tokio::time::Instant::now() + PATIENCE;
         for node in &self.nodes {
             let mut conn = crate::connect(node).await;
@@ -81,13 +82,15 @@ impl RedisCluster {
                 if info.contains("cluster_state:ok") {
                     break;
                 }
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "the test cluster did not reach cluster_state:ok: {info}"
-                );
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(format!(
+                        "the cluster did not reach cluster_state:ok: {info}"
+                    ));
+                }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
+        Ok(())
     }
 }
 

@@ -191,7 +191,8 @@ async fn three_coordinators_share_one_fleet_on_one_redis() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_coordinators_share_one_fleet_on_a_redis_cluster() {
-    three_coordinators_share_one_fleet(RedisCluster::start().await).await;
+    three_coordinators_share_one_fleet(RedisCluster::start().await.expect("a test Redis Cluster"))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

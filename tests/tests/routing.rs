@@ -1143,7 +1143,7 @@ macro_rules! on_both_backends {
             $(
                 #[tokio::test]
                 async fn $test() {
-                    super::$test(super::RedisCluster::start().await).await;
+                    super::$test(super::RedisCluster::start().await.expect("a test Redis Cluster")).await;
                 }
             )*
         }

@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use lingua_tests::TestAgent;
-use lingua_tests::fleet::{CoordinatorProcess, free_local_addr, proc_sample, redis_counters};
+use lingua_tests::fleet::{CoordinatorProcess, free_local_addr, proc_sample};
 use tokio::time::Instant;
 
-use crate::{BenchError, Options, Row, SimAgent, all_registered, core_pct, private_redis, scratch};
+use crate::{BenchError, Options, Redis, Row, SimAgent, all_registered, core_pct, scratch};
 
 const LANGUAGES: [&str; 20] = [
     "en", "zh", "ja", "ko", "de", "fr", "es", "it", "pt", "ru", "ar", "hi", "tr", "nl", "pl", "sv",
@@ -26,17 +26,12 @@ fn pair(index: usize) -> (&'static str, &'static str) {
 }
 
 pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
-    let redis = private_redis().await?;
+    let redis = Redis::start(options.redis).await?;
     let dir = scratch()?;
     let addr = free_local_addr();
     let config = options.coordinator_config();
     let mut coordinator = CoordinatorProcess::start(dir.path(), &redis, addr, &config).await?;
     let url = coordinator.ws_url();
-    let mut conn = redis::Client::open(redis.url())
-        .map_err(|e| format!("redis: {e}"))?
-        .get_multiplexed_async_connection()
-        .await
-        .map_err(|e| format!("redis: {e}"))?;
     let mut sizes = options.fleet.clone();
     sizes.sort_unstable();
     let mut agents: Vec<TestAgent> = Vec::new();
@@ -64,18 +59,19 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
             proc_sample(coordinator.pid()).map_err(|e| e.to_string())?,
             proc_sample(std::process::id()).map_err(|e| e.to_string())?,
         );
-        let redis_before = redis_counters(&mut conn).await.map_err(|e| e.to_string())?;
+        let redis_before = redis.counters().await?;
         tokio::time::sleep(options.window).await;
         let (coordinator_after, bench_after) = (
             proc_sample(coordinator.pid()).map_err(|e| e.to_string())?,
             proc_sample(std::process::id()).map_err(|e| e.to_string())?,
         );
-        let redis_after = redis_counters(&mut conn).await.map_err(|e| e.to_string())?;
+        let redis_after = redis.counters().await?;
         let seconds = options.window.as_secs_f64();
         rows.push(Row::new(
             format!(
-                "{size} agents connected: coordinator CPU, RSS (worker threads: {})",
-                options.coordinator_workers()
+                "{size} agents connected: coordinator CPU, RSS (worker threads: {}; {})",
+                options.coordinator_workers(),
+                options.redis.describe()
             ),
             format!(
                 "{}, {:.0} MB",

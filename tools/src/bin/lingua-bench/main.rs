@@ -21,15 +21,19 @@ mod throughput;
 
 use std::fmt::Write as _;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use lingua_agent::config::AgentConfig;
 use lingua_coordinator::config::default_workers;
+use lingua_coordinator::metrics::Metrics;
 use lingua_coordinator::private_redis::PrivateRedis;
+use lingua_coordinator::store::Store;
 use lingua_shared::process::{Exit, LogFormat, init_logging, usage_error};
-use lingua_tests::TestAgent;
-use lingua_tests::fleet::CoordinatorProcess;
+use lingua_tests::cluster::RedisCluster;
+use lingua_tests::fleet::{CoordinatorProcess, RedisCounters, redis_counters};
+use lingua_tests::{RedisBackend, TestAgent};
 use lingua_tools::percentile;
 
 /// Measures a real Lingua fleet on this machine (private Redis, the
@@ -61,6 +65,30 @@ struct Cli {
     /// default for this machine).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
     worker_threads: Option<u32>,
+    /// The Redis of the throughput and fleet-scale scenarios: one
+    /// `redis-server`, or a Redis Cluster of three masters (formed with
+    /// `redis-cli`; Redis figures are summed over the masters).
+    #[arg(long, value_enum, default_value_t = RedisKind::One)]
+    redis: RedisKind,
+}
+
+/// What Redis a scenario runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RedisKind {
+    /// One `redis-server`.
+    One,
+    /// A Redis Cluster of three masters.
+    Cluster,
+}
+
+impl RedisKind {
+    /// How the results table names it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::One => "one Redis",
+            Self::Cluster => "a 3-master Redis Cluster",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -97,6 +125,8 @@ pub struct Options {
     /// `limits.worker_threads` of the throughput and fleet-scale
     /// coordinators, when given.
     pub worker_threads: Option<u32>,
+    /// The Redis of the throughput and fleet-scale scenarios.
+    pub redis: RedisKind,
 }
 
 impl Options {
@@ -161,6 +191,7 @@ fn main() -> ExitCode {
         clients: cli.clients,
         payload_bytes: cli.payload_bytes,
         worker_threads: cli.worker_threads,
+        redis: cli.redis,
     };
     raise_open_files_limit();
     let runtime = match tokio::runtime::Runtime::new() {
@@ -221,6 +252,63 @@ pub async fn private_redis() -> Result<PrivateRedis, BenchError> {
     PrivateRedis::start()
         .await
         .map_err(|e| format!("redis-server: {e}"))
+}
+
+/// A private Redis of either kind, running.
+pub enum Redis {
+    /// One server.
+    One(Box<PrivateRedis>),
+    /// Three masters.
+    Cluster(RedisCluster),
+}
+
+impl Redis {
+    /// Starts one of `kind`.
+    pub async fn start(kind: RedisKind) -> Result<Self, BenchError> {
+        Ok(match kind {
+            RedisKind::One => Self::One(Box::new(private_redis().await?)),
+            RedisKind::Cluster => Self::Cluster(RedisCluster::start().await?),
+        })
+    }
+
+    /// Reads the counters of every server, summed.
+    pub async fn counters(&self) -> Result<RedisCounters, BenchError> {
+        let urls = match self {
+            Self::One(redis) => vec![redis.url()],
+            Self::Cluster(cluster) => cluster.seeds(),
+        };
+        let mut sum = RedisCounters::default();
+        for url in urls {
+            let mut conn = redis::Client::open(url)
+                .map_err(|e| format!("redis: {e}"))?
+                .get_multiplexed_async_connection()
+                .await
+                .map_err(|e| format!("redis: {e}"))?;
+            let counters = redis_counters(&mut conn)
+                .await
+                .map_err(|e| format!("redis: {e}"))?;
+            sum.commands += counters.commands;
+            sum.scripts += counters.scripts;
+            sum.cpu += counters.cpu;
+        }
+        Ok(sum)
+    }
+}
+
+impl RedisBackend for Redis {
+    async fn store(&self, metrics: Arc<Metrics>) -> Store {
+        match self {
+            Self::One(redis) => redis.store(metrics).await,
+            Self::Cluster(cluster) => cluster.store(metrics).await,
+        }
+    }
+
+    fn coordinator_args(&self) -> Vec<String> {
+        match self {
+            Self::One(redis) => redis.coordinator_args(),
+            Self::Cluster(cluster) => cluster.coordinator_args(),
+        }
+    }
 }
 
 /// A scratch directory.
