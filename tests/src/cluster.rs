@@ -49,12 +49,16 @@ impl RedisCluster {
             .output()
             .await
             .map_err(|e| {
-                format!("redis-cli (installed with redis-server) forms the cluster: {e}")
+                format!(
+                    "redis-cli, which forms the cluster, did not start ({e}): install it \
+                     (Debian: apt-get install redis-tools)"
+                )
             })?;
         if !created.status.success() {
             return Err(format!(
-                "redis-cli --cluster create failed: {}",
-                String::from_utf8_lossy(&created.stdout)
+                "redis-cli --cluster create failed: {}{}",
+                String::from_utf8_lossy(&created.stdout),
+                String::from_utf8_lossy(&created.stderr)
             ));
         }
         cluster.wait_ok().await?;
@@ -72,7 +76,11 @@ impl RedisCluster {
     async fn wait_ok(&self) -> Result<(), String> {
         let deadline = tokio::time::Instant::now() + PATIENCE;
         for node in &self.nodes {
-            let mut conn = crate::connect(node).await;
+            let mut conn = redis::Client::open(node.url())
+                .map_err(|e| format!("a cluster node's URL: {e}"))?
+                .get_multiplexed_async_connection()
+                .await
+                .map_err(|e| format!("a cluster node does not answer: {e}"))?;
             loop {
                 let info: String = redis::cmd("CLUSTER")
                     .arg("INFO")

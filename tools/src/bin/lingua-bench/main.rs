@@ -65,9 +65,10 @@ struct Cli {
     /// default for this machine).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
     worker_threads: Option<u32>,
-    /// The Redis of the throughput and fleet-scale scenarios: one
-    /// `redis-server`, or a Redis Cluster of three masters (formed with
-    /// `redis-cli`; Redis figures are summed over the masters).
+    /// The Redis of the throughput and fleet-scale scenarios (only those:
+    /// choose them with --scenario): one `redis-server`, or a Redis
+    /// Cluster of three masters (formed with `redis-cli`, which must be
+    /// installed; Redis figures are summed over the masters).
     #[arg(long, value_enum, default_value_t = RedisKind::One)]
     redis: RedisKind,
 }
@@ -181,6 +182,18 @@ fn main() -> ExitCode {
     } else {
         cli.scenarios.clone()
     };
+    if cli.redis == RedisKind::Cluster
+        && let Some(other) = scenarios
+            .iter()
+            .find(|s| !matches!(s, Scenario::Throughput | Scenario::FleetScale))
+            .and_then(ValueEnum::to_possible_value)
+    {
+        eprintln!(
+            "lingua-bench: --redis cluster applies to the throughput and fleet-scale scenarios only, not {} (with no --scenario, every scenario runs): add --scenario throughput, --scenario fleet-scale or both",
+            other.get_name()
+        );
+        return Exit::Usage.into();
+    }
     if cli.fleet.iter().any(|&n| n == 0 || n > 20_000) {
         eprintln!("lingua-bench: --fleet sizes must be between 1 and 20000");
         return Exit::Usage.into();
@@ -269,6 +282,16 @@ impl Redis {
             RedisKind::One => Self::One(Box::new(private_redis().await?)),
             RedisKind::Cluster => Self::Cluster(RedisCluster::start().await?),
         })
+    }
+
+    /// A store on it, as the bench's own client.
+    pub async fn connect_store(&self) -> Result<Store, BenchError> {
+        let metrics = Arc::new(Metrics::default());
+        match self {
+            Self::One(redis) => Store::connect(&redis.url(), metrics).await,
+            Self::Cluster(cluster) => Store::connect_cluster(&cluster.seeds(), None, metrics).await,
+        }
+        .map_err(|e| format!("redis: {e}"))
     }
 
     /// Reads the counters of every server, summed.

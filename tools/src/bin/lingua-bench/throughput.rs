@@ -9,10 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use lingua_coordinator::config::PickPolicy;
-use lingua_coordinator::metrics::Metrics;
 use lingua_coordinator::store::{JobPick, JobStart, NewJob, PickOn, Route, RouteEntry, StoreError};
 use lingua_shared::{JobId, JobKind, LangPair, NodeId};
-use lingua_tests::RedisBackend;
 use lingua_tests::fleet::{CoordinatorProcess, free_local_addr, proc_sample};
 use serde_json::json;
 use tokio::time::Instant;
@@ -231,7 +229,7 @@ fn job_body(bytes: u32) -> serde_json::Value {
 /// of the jobs' size.
 async fn ceiling(redis: &Redis, options: &Options) -> Result<f64, BenchError> {
     let (clients, window) = (options.clients, options.window);
-    let store = redis.store(Arc::new(Metrics::default())).await;
+    let store = redis.connect_store().await?;
     let pair: LangPair = "ko:ja".parse().map_err(|e| format!("{e}"))?;
     let kind = JobKind::new("translate").map_err(|e| e.to_string())?;
     let lease = Duration::from_secs(60);
