@@ -26,6 +26,7 @@ use call::Call;
 mod call;
 mod instances;
 mod jobs;
+mod masters;
 mod nodes;
 mod pools;
 
@@ -283,18 +284,19 @@ pub struct RouteEntry {
 }
 
 /// A connection to one Redis or to a Redis Cluster: both reconnect by
-/// themselves, and both multiplex concurrent requests.
+/// themselves, and both multiplex concurrent requests. On the Cluster,
+/// script calls go straight to their slot's master.
 #[derive(Clone)]
 enum Conn {
     Single(ConnectionManager),
-    Cluster(ClusterConnection),
+    Cluster(ClusterConnection, Arc<masters::Masters>),
 }
 
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, Value> {
         match self {
             Self::Single(conn) => conn.req_packed_command(cmd),
-            Self::Cluster(conn) => conn.req_packed_command(cmd),
+            Self::Cluster(conn, masters) => Box::pin(masters.send(conn, cmd)),
         }
     }
 
@@ -306,14 +308,14 @@ impl ConnectionLike for Conn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Self::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
-            Self::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(conn, _) => conn.req_packed_commands(pipeline, offset, count),
         }
     }
 
     fn get_db(&self) -> i64 {
         match self {
             Self::Single(conn) => conn.get_db(),
-            Self::Cluster(conn) => conn.get_db(),
+            Self::Cluster(conn, _) => conn.get_db(),
         }
     }
 }
@@ -403,9 +405,11 @@ impl Store {
         if ca_file.is_some() {
             builder = builder.certs(certificates(ca_file)?);
         }
-        let conn = builder.build()?.get_async_connection().await?;
+        let mut conn = builder.build()?.get_async_connection().await?;
+        let seed = seeds.first().map_or("", String::as_str);
+        let masters = masters::Masters::new(seed, ca_file, &mut conn).await?;
         let target = Target::Cluster(seeds.to_vec(), ca_file.map(Path::to_path_buf));
-        Self::checked(Conn::Cluster(conn), target, metrics).await
+        Self::checked(Conn::Cluster(conn, masters), target, metrics).await
     }
 
     /// A store on a connection of its own, for blocking reads that must

@@ -1688,3 +1688,168 @@ async fn a_fallback_route_is_a_list_of_its_own_that_takes_no_memory() {
         .unwrap();
     assert_eq!(served, 0, "leaving the pair leaves the fallback lists too");
 }
+
+/// A direct connection to each master of `cluster`, with its node id.
+async fn masters(
+    cluster: &lingua_tests::cluster::RedisCluster,
+) -> Vec<(String, String, redis::aio::MultiplexedConnection)> {
+    let mut masters = Vec::new();
+    for url in cluster.seeds() {
+        let mut conn = redis::Client::open(url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let id: String = redis::cmd("CLUSTER")
+            .arg("MYID")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        masters.push((url, id, conn));
+    }
+    masters
+}
+
+/// Moves `slot` from the master at `from` to the one at `to`, keys and
+/// all, as `redis-cli --cluster reshard` does.
+async fn move_slot(
+    masters: &mut [(String, String, redis::aio::MultiplexedConnection)],
+    slot: u16,
+    (from, to): (usize, usize),
+) {
+    let (from_id, to_id) = (masters[from].1.clone(), masters[to].1.clone());
+    let to_port = masters[to].0.rsplit(':').next().unwrap().to_owned();
+    let () = redis::cmd("CLUSTER")
+        .arg("SETSLOT")
+        .arg(slot)
+        .arg("IMPORTING")
+        .arg(&from_id)
+        .query_async(&mut masters[to].2)
+        .await
+        .unwrap();
+    let () = redis::cmd("CLUSTER")
+        .arg("SETSLOT")
+        .arg(slot)
+        .arg("MIGRATING")
+        .arg(&to_id)
+        .query_async(&mut masters[from].2)
+        .await
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("CLUSTER")
+        .arg("GETKEYSINSLOT")
+        .arg(slot)
+        .arg(1000)
+        .query_async(&mut masters[from].2)
+        .await
+        .unwrap();
+    assert!(!keys.is_empty(), "the slot holds the node's keys");
+    let () = redis::cmd("MIGRATE")
+        .arg("127.0.0.1")
+        .arg(&to_port)
+        .arg("")
+        .arg(0)
+        .arg(5000)
+        .arg("KEYS")
+        .arg(&keys)
+        .query_async(&mut masters[from].2)
+        .await
+        .unwrap();
+    for (_, _, conn) in masters.iter_mut() {
+        let () = redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg("NODE")
+            .arg(&to_id)
+            .query_async(conn)
+            .await
+            .unwrap();
+    }
+}
+
+/// The index of the master that holds keys of `slot`.
+async fn holder(
+    masters: &mut [(String, String, redis::aio::MultiplexedConnection)],
+    slot: u16,
+) -> usize {
+    for (index, (_, _, conn)) in masters.iter_mut().enumerate() {
+        let keys: u64 = redis::cmd("CLUSTER")
+            .arg("COUNTKEYSINSLOT")
+            .arg(slot)
+            .query_async(conn)
+            .await
+            .unwrap();
+        if keys > 0 {
+            return index;
+        }
+    }
+    panic!("no master holds keys of slot {slot}");
+}
+
+#[tokio::test]
+async fn script_calls_follow_a_slot_that_moves_to_another_master() {
+    let cluster = lingua_tests::cluster::RedisCluster::start().await.unwrap();
+    let store = Store::connect_cluster(&cluster.seeds(), None, Arc::new(Metrics::default()))
+        .await
+        .unwrap();
+    let mut masters = masters(&cluster).await;
+    let id = node("moving");
+    assert!(matches!(
+        store.register_node(&reg(&id, "i1", LEASE)).await.unwrap(),
+        RegisterOutcome::Registered { epoch: 1, .. }
+    ));
+    let slot: u16 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg("lingua:v1:node:{moving}")
+        .query_async(&mut masters[0].2)
+        .await
+        .unwrap();
+    let from = holder(&mut masters, slot).await;
+    let to = (from + 1) % masters.len();
+    move_slot(&mut masters, slot, (from, to)).await;
+
+    // The first call after the move meets MOVED at the old master and is
+    // sent again; every call after it lands on the new one.
+    for epoch in 2..=20 {
+        assert!(matches!(
+            store.register_node(&reg(&id, "i1", LEASE)).await.unwrap(),
+            RegisterOutcome::Registered { epoch: e, .. } if e == epoch
+        ));
+    }
+    assert_eq!(holder(&mut masters, slot).await, to);
+    let record = store.node(&id).await.unwrap().unwrap();
+    assert_eq!(record.fields["instance"], "i1");
+}
+
+#[tokio::test]
+async fn script_calls_go_through_again_once_the_masters_drop_every_connection() {
+    let cluster = lingua_tests::cluster::RedisCluster::start().await.unwrap();
+    let store = Store::connect_cluster(&cluster.seeds(), None, Arc::new(Metrics::default()))
+        .await
+        .unwrap();
+    let mut masters = masters(&cluster).await;
+    let id = node("dropped");
+    store.register_node(&reg(&id, "i1", LEASE)).await.unwrap();
+    for (_, _, conn) in &mut masters {
+        let _killed: u64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("normal")
+            .arg("SKIPME")
+            .arg("yes")
+            .query_async(conn)
+            .await
+            .unwrap();
+    }
+    // A call on a dropped connection may fail (it may have run); the
+    // store then maps the masters again and connects to them anew.
+    eventually("script calls to go through again", || async {
+        store.register_node(&reg(&id, "i1", LEASE)).await.ok()
+    })
+    .await;
+    for _ in 0..20 {
+        assert!(matches!(
+            store.register_node(&reg(&id, "i1", LEASE)).await.unwrap(),
+            RegisterOutcome::Registered { .. }
+        ));
+    }
+}
