@@ -154,6 +154,9 @@ pub struct Metrics {
     pub refusals: Family<ReasonLabel, Counter>,
     /// Fleet snapshots built for dashboards and `lingua-ctl top`.
     pub fleet_snapshots: Counter,
+    /// Redis Cluster slot maps read (for sending commands straight to
+    /// their slot's master).
+    pub cluster_slot_maps: Counter,
     /// 1 while Redis answered this instance's last call.
     pub redis_up: Gauge,
     /// Jobs dispatched here, submission to answer, by kind.
@@ -209,6 +212,7 @@ mod help {
     pub const REDIS_UP: &str =
         "1 while this instance's last Redis call (at least one a second) succeeded";
     pub const JOB_SECONDS: &str = "Jobs dispatched here, submission to answer, by kind";
+    pub const CLUSTER_SLOT_MAPS: &str = "Redis Cluster slot maps read, for sending script calls straight to their slot's master: on first use, then after MOVED, READONLY or a failed connection to a master";
     pub const FLEET_SNAPSHOTS: &str = "Fleet snapshots built for live views (one per second while any dashboard or lingua-ctl top watches, however many)";
 }
 
@@ -264,6 +268,12 @@ impl Default for Metrics {
             ),
             shed: register(r, "jobs_shed", help::SHED, Family::default()),
             refusals: register(r, "job_refusals", help::REFUSALS, Family::default()),
+            cluster_slot_maps: register(
+                r,
+                "redis_cluster_slot_maps",
+                help::CLUSTER_SLOT_MAPS,
+                Counter::default(),
+            ),
             fleet_snapshots: register(
                 r,
                 "fleet_snapshots",

@@ -405,9 +405,9 @@ impl Store {
         if ca_file.is_some() {
             builder = builder.certs(certificates(ca_file)?);
         }
-        let mut conn = builder.build()?.get_async_connection().await?;
+        let conn = builder.build()?.get_async_connection().await?;
         let seed = seeds.first().map_or("", String::as_str);
-        let masters = masters::Masters::new(seed, ca_file, &mut conn).await?;
+        let masters = masters::Masters::new(seed, ca_file, metrics.clone())?;
         let target = Target::Cluster(seeds.to_vec(), ca_file.map(Path::to_path_buf));
         Self::checked(Conn::Cluster(conn, masters), target, metrics).await
     }

@@ -10,14 +10,15 @@
 //! master"). Every script keeps its keys in one slot, so a call's slot is
 //! its first key's.
 //!
-//! The map of slots to masters comes from `CLUSTER SLOTS`. A call it
-//! cannot place goes through the cluster connection, which follows
-//! redirects and reconnects; so does a call that the master answered
-//! without running (`MOVED`, `ASK`, `TRYAGAIN`, `CLUSTERDOWN`,
-//! `READONLY`). Either makes the map stale, and it is read again (at most
-//! once a second) in the background. A call whose connection failed once
-//! it could have been sent is not sent again: its error says that it may
-//! have run, as on one Redis.
+//! The map of slots to masters comes from `CLUSTER SLOTS`, read on first
+//! use and again, in the background and at most once a second, when a
+//! master answers `MOVED` or `READONLY` (the slot has a new master) or a
+//! connection to a master fails. A call the map cannot place goes through
+//! the cluster connection, which follows redirects and reconnects; so does
+//! a call that a master answered without running it (`MOVED`, `ASK`,
+//! `TRYAGAIN`, `CLUSTERDOWN`, `MASTERDOWN`, `LOADING`, `READONLY`). A
+//! call whose connection failed once it could have been sent is not sent
+//! again: its error says that it may have run, as on one Redis.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,13 +34,17 @@ use redis::{
 use tokio::time::Instant;
 
 use super::{REDIS_TIMEOUT, StoreError, certificates};
+use crate::metrics::Metrics;
 
 /// Slots in a Redis Cluster.
 const SLOTS: usize = 16384;
 /// The map is read again at most this often.
 const REFRESH_EVERY: Duration = Duration::from_secs(1);
-/// No master serves the slot (in [`SlotMap::owner`]).
+/// No master serves the slot here (in [`SlotMap::owner`]).
 const NO_MASTER: u16 = u16::MAX;
+
+/// A master's address: host and port, as `CLUSTER SLOTS` gives them.
+type Address = (String, u16);
 
 /// The cluster's masters, by slot, and how to connect to them.
 pub(super) struct Masters {
@@ -47,43 +52,45 @@ pub(super) struct Masters {
     seed: ConnectionInfo,
     /// The CA `rediss://` nodes are trusted by, if not the system's roots.
     ca_file: Option<PathBuf>,
-    /// The current map; `None` while stale.
+    /// The current map; `None` before the first read and once a
+    /// connection in it failed.
     map: RwLock<Option<Arc<SlotMap>>>,
-    /// A refresh is under way.
+    /// A read of the map is under way.
     refreshing: AtomicBool,
-    /// The last refresh began then.
+    /// The last read began then.
     last_refresh: Mutex<Option<Instant>>,
+    /// The last read failed (it was logged as a warning; the next
+    /// failures are not, until one succeeds).
+    failing: AtomicBool,
+    /// Counts the maps read.
+    metrics: Arc<Metrics>,
 }
 
 /// Which master serves each slot, and a connection to each.
 struct SlotMap {
     /// Per slot, the index of its master in `masters`, or [`NO_MASTER`].
     owner: Vec<u16>,
-    masters: Vec<MultiplexedConnection>,
+    masters: Vec<(Address, MultiplexedConnection)>,
 }
 
 impl Masters {
-    /// The masters of the cluster that `seed` belongs to, mapped through
-    /// `cluster`. A map that cannot be read now is read on first use.
-    pub(super) async fn new(
+    /// The masters of the cluster that `seed` belongs to; they are mapped
+    /// on first use (a store that never sends a script call never maps
+    /// them).
+    pub(super) fn new(
         seed: &str,
         ca_file: Option<&Path>,
-        cluster: &mut ClusterConnection,
+        metrics: Arc<Metrics>,
     ) -> Result<Arc<Self>, StoreError> {
-        let masters = Arc::new(Self {
+        Ok(Arc::new(Self {
             seed: seed.into_connection_info()?,
             ca_file: ca_file.map(Path::to_path_buf),
             map: RwLock::new(None),
             refreshing: AtomicBool::new(false),
             last_refresh: Mutex::new(None),
-        });
-        masters.refreshing.store(true, Ordering::Release);
-        *masters
-            .last_refresh
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
-        masters.refresh(cluster).await;
-        Ok(masters)
+            failing: AtomicBool::new(false),
+            metrics,
+        }))
     }
 
     /// Sends `cmd` to the master of its slot, or through `cluster` when it
@@ -97,29 +104,39 @@ impl Masters {
             return cluster.req_packed_command(cmd).await;
         };
         // A server's error comes as a value, for the caller to take out:
-        // these are taken out here, to tell those that ran from those that
-        // did not.
+        // it is taken out here, to tell the errors of calls that ran from
+        // those of calls that did not.
         let reply = match master.send_packed_command(cmd).await {
             Ok(Value::ServerError(err)) => Err(RedisError::from(err)),
             reply => reply,
         };
-        match reply {
-            Ok(value) => Ok(value),
-            Err(err) if not_run_here(&err) => {
-                self.stale(cluster);
+        let Err(err) = reply else {
+            return reply;
+        };
+        match err.retry_method() {
+            // Not run: the error of the call itself (NOSCRIPT among them).
+            RetryMethod::NoRetry => Err(err),
+            // Not run: the slot has another master now.
+            RetryMethod::MovedRedirect | RetryMethod::RefreshSlotsAndRetry => {
+                self.refresh_soon(cluster);
                 cluster.req_packed_command(cmd).await
             }
-            Err(err) => {
-                if !matches!(err.retry_method(), RetryMethod::NoRetry) {
-                    self.stale(cluster);
-                }
+            // Not run: the slot is moving, or the cluster cannot serve it
+            // yet; the map stands.
+            RetryMethod::AskRedirect | RetryMethod::WaitAndRetry => {
+                cluster.req_packed_command(cmd).await
+            }
+            // The connection failed: the call may have run.
+            _ => {
+                *self.map.write().unwrap_or_else(|e| e.into_inner()) = None;
+                self.refresh_soon(cluster);
                 Err(err)
             }
         }
     }
 
-    /// The connection to the master of `slot`; `None` while the map is
-    /// stale (a refresh is then started) or the slot has no master.
+    /// The connection to the master of `slot`; `None` when the slot has
+    /// no master here, or there is no map yet (its read is then started).
     fn master(
         self: &Arc<Self>,
         slot: u16,
@@ -131,13 +148,9 @@ impl Masters {
             return None;
         };
         let index = *map.owner.get(usize::from(slot))?;
-        map.masters.get(usize::from(index)).cloned()
-    }
-
-    /// Drops the map and reads it again.
-    fn stale(self: &Arc<Self>, cluster: &ClusterConnection) {
-        *self.map.write().unwrap_or_else(|e| e.into_inner()) = None;
-        self.refresh_soon(cluster);
+        map.masters
+            .get(usize::from(index))
+            .map(|(_, conn)| conn.clone())
     }
 
     /// Reads the map again in the background, unless a read is under way
@@ -157,18 +170,31 @@ impl Masters {
         tokio::spawn(async move { masters.refresh(&mut cluster).await });
     }
 
-    /// Reads the map and connects to every master in it; on failure the
-    /// map stays stale and every call goes through the cluster connection.
+    /// Reads the map; on failure the one in use stays (or there is none,
+    /// and every call goes through the cluster connection).
     async fn refresh(&self, cluster: &mut ClusterConnection) {
         match self.read(cluster).await {
-            Ok(map) => *self.map.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(map)),
+            Ok(map) => {
+                *self.map.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(map));
+                self.metrics.cluster_slot_maps.inc();
+                if self.failing.swap(false, Ordering::AcqRel) {
+                    tracing::info!("the Redis Cluster's slots are mapped again");
+                }
+            }
+            Err(err) if self.failing.swap(true, Ordering::AcqRel) => {
+                tracing::debug!(error = %err, "cannot map the Redis Cluster's slots");
+            }
             Err(err) => {
-                tracing::warn!(error = %err, "cannot map the Redis Cluster's slots; script calls go through the cluster connection")
+                tracing::warn!(error = %err, "cannot map the Redis Cluster's slots; script calls go through the cluster connection until they are");
             }
         }
         self.refreshing.store(false, Ordering::Release);
     }
 
+    /// Reads `CLUSTER SLOTS` and connects to each master in it, keeping
+    /// the connections of the map in use to masters still there. A master
+    /// that cannot be reached now is left out (its slots go through the
+    /// cluster connection until the next read).
     async fn read(&self, cluster: &mut ClusterConnection) -> Result<SlotMap, StoreError> {
         let reply: Value = redis::cmd("CLUSTER")
             .arg("SLOTS")
@@ -178,14 +204,34 @@ impl Masters {
             script: "CLUSTER SLOTS",
             reply: format!("{reply:?}"),
         })?;
+        let current = self.map.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(REDIS_TIMEOUT))
+            .set_response_timeout(Some(REDIS_TIMEOUT));
         let mut owner = vec![NO_MASTER; SLOTS];
-        let mut addresses: Vec<(String, u16)> = Vec::new();
+        let mut masters: Vec<(Address, MultiplexedConnection)> = Vec::new();
         for SlotRange { start, end, master } in ranges {
-            let index = match addresses.iter().position(|known| *known == master) {
+            let index = match masters.iter().position(|(known, _)| *known == master) {
                 Some(index) => index,
                 None => {
-                    addresses.push(master);
-                    addresses.len() - 1
+                    let kept = current.as_ref().and_then(|map| {
+                        map.masters
+                            .iter()
+                            .find(|(known, _)| *known == master)
+                            .map(|(_, conn)| conn.clone())
+                    });
+                    let conn = match kept {
+                        Some(conn) => conn,
+                        None => match self.connect(&master, &config).await {
+                            Ok(conn) => conn,
+                            Err(err) => {
+                                tracing::debug!(host = %master.0, port = master.1, error = %err, "cannot connect to a Redis Cluster master");
+                                continue;
+                            }
+                        },
+                    };
+                    masters.push((master, conn));
+                    masters.len() - 1
                 }
             };
             let index = u16::try_from(index).unwrap_or(NO_MASTER);
@@ -193,39 +239,27 @@ impl Masters {
                 *slot = index;
             }
         }
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(REDIS_TIMEOUT))
-            .set_response_timeout(Some(REDIS_TIMEOUT));
-        let mut masters = Vec::with_capacity(addresses.len());
-        for (host, port) in addresses {
-            let info = self
-                .seed
-                .clone()
-                .set_addr(node_addr(self.seed.addr(), host, port));
-            let client = match &self.ca_file {
-                Some(ca) => Client::build_with_tls(info, certificates(Some(ca))?)?,
-                None => Client::open(info)?,
-            };
-            masters.push(
-                client
-                    .get_multiplexed_async_connection_with_config(&config)
-                    .await?,
-            );
-        }
         Ok(SlotMap { owner, masters })
     }
-}
 
-/// Whether the master answered `err` without running the command: it is
-/// not the slot's master (now), or the cluster cannot serve it yet.
-fn not_run_here(err: &RedisError) -> bool {
-    matches!(
-        err.retry_method(),
-        RetryMethod::MovedRedirect
-            | RetryMethod::AskRedirect
-            | RetryMethod::WaitAndRetry
-            | RetryMethod::RefreshSlotsAndRetry
-    ) || err.is_connection_refusal()
+    /// A new connection to the master at `address`.
+    async fn connect(
+        &self,
+        (host, port): &Address,
+        config: &AsyncConnectionConfig,
+    ) -> Result<MultiplexedConnection, StoreError> {
+        let info = self
+            .seed
+            .clone()
+            .set_addr(node_addr(self.seed.addr(), host.clone(), *port));
+        let client = match &self.ca_file {
+            Some(ca) => Client::build_with_tls(info, certificates(Some(ca))?)?,
+            None => Client::open(info)?,
+        };
+        Ok(client
+            .get_multiplexed_async_connection_with_config(config)
+            .await?)
+    }
 }
 
 /// A node's address, reached the way the seed is (TLS or not).
@@ -279,49 +313,54 @@ pub(super) fn key_slot(key: &[u8]) -> u16 {
     crc16::State::<crc16::XMODEM>::calculate(tagged.unwrap_or(key)) % SLOTS as u16
 }
 
-/// Slots `start..=end`, served by the master at `master` (host, port).
+/// Slots `start..=end`, served by the master at `master`.
 #[derive(Debug, PartialEq, Eq)]
 struct SlotRange {
     start: usize,
     end: usize,
-    master: (String, u16),
+    master: Address,
 }
 
-/// The slot ranges of a `CLUSTER SLOTS` reply; `None` if it is not one.
+/// The slot ranges of a `CLUSTER SLOTS` reply whose master's address is
+/// known (a range without one goes through the cluster connection);
+/// `None` if the reply is not one.
 fn slot_ranges(reply: &Value) -> Option<Vec<SlotRange>> {
     let Value::Array(ranges) = reply else {
         return None;
     };
-    ranges
-        .iter()
-        .map(|range| {
-            let Value::Array(range) = range else {
-                return None;
-            };
-            let [Value::Int(start), Value::Int(end), Value::Array(master), ..] = range.as_slice()
-            else {
-                return None;
-            };
-            let [host, Value::Int(port), ..] = master.as_slice() else {
-                return None;
-            };
-            let host = match host {
-                Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok()?,
-                Value::SimpleString(text) => text.clone(),
-                _ => return None,
-            };
-            let start = usize::try_from(*start).ok()?;
-            let end = usize::try_from(*end).ok()?;
-            if host.is_empty() || host == "?" || start > end || end >= SLOTS {
-                return None;
-            }
-            Some(SlotRange {
-                start,
-                end,
-                master: (host, u16::try_from(*port).ok()?),
-            })
-        })
-        .collect()
+    if ranges.len() > SLOTS {
+        return None;
+    }
+    Some(ranges.iter().filter_map(slot_range).collect())
+}
+
+/// One range of a `CLUSTER SLOTS` reply: first slot, last slot, then the
+/// master as host, port and more.
+fn slot_range(range: &Value) -> Option<SlotRange> {
+    let Value::Array(range) = range else {
+        return None;
+    };
+    let [Value::Int(start), Value::Int(end), Value::Array(master), ..] = range.as_slice() else {
+        return None;
+    };
+    let [host, Value::Int(port), ..] = master.as_slice() else {
+        return None;
+    };
+    let host = match host {
+        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok()?,
+        Value::SimpleString(text) => text.clone(),
+        _ => return None,
+    };
+    let start = usize::try_from(*start).ok()?;
+    let end = usize::try_from(*end).ok()?;
+    if host.is_empty() || host == "?" || start > end || end >= SLOTS {
+        return None;
+    }
+    Some(SlotRange {
+        start,
+        end,
+        master: (host, u16::try_from(*port).ok()?),
+    })
 }
 
 #[cfg(test)]
@@ -392,15 +431,35 @@ mod tests {
                 },
             ])
         );
+        // A range without a master's address is left out, the others stay.
         for bad in [
-            Value::Nil,
-            Value::Array(vec![range(0, 16384, "127.0.0.1", 7000)]),
-            Value::Array(vec![range(5, 4, "127.0.0.1", 7000)]),
-            Value::Array(vec![range(0, 10, "?", 7000)]),
-            Value::Array(vec![range(0, 10, "127.0.0.1", 70000)]),
-            Value::Array(vec![Value::Array(vec![Value::Int(0)])]),
+            range(0, 16384, "127.0.0.1", 7000),
+            range(5, 4, "127.0.0.1", 7000),
+            range(0, 10, "?", 7000),
+            range(0, 10, "", 7000),
+            range(0, 10, "127.0.0.1", 70000),
+            Value::Array(vec![Value::Int(0)]),
+            Value::Array(vec![
+                Value::Int(0),
+                Value::Int(10),
+                Value::Array(vec![Value::Nil, Value::Int(7000)]),
+            ]),
         ] {
-            assert_eq!(slot_ranges(&bad), None, "{bad:?}");
+            let reply = Value::Array(vec![bad, range(11, 20, "127.0.0.1", 7001)]);
+            assert_eq!(
+                slot_ranges(&reply),
+                Some(vec![SlotRange {
+                    start: 11,
+                    end: 20,
+                    master: ("127.0.0.1".to_owned(), 7001)
+                }]),
+                "{reply:?}"
+            );
         }
+        assert_eq!(slot_ranges(&Value::Nil), None);
+        assert_eq!(
+            slot_ranges(&Value::Array(vec![Value::Nil; SLOTS + 1])),
+            None
+        );
     }
 }
