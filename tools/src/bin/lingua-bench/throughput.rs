@@ -44,6 +44,7 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
 
     let redis_before = redis.counters().await?;
     let cpu_before = proc_sample(coordinator.pid()).map_err(|e| e.to_string())?;
+    let bench_before = proc_sample(std::process::id()).map_err(|e| e.to_string())?;
     let assignments_before = crate::assignments(&client, &coordinator).await?;
     let frames_before = Frames::of(&client, &coordinator).await?;
     let mut closed = closed_loop(
@@ -55,6 +56,7 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     )
     .await;
     let cpu_after = proc_sample(coordinator.pid()).map_err(|e| e.to_string())?;
+    let bench_after = proc_sample(std::process::id()).map_err(|e| e.to_string())?;
     let redis_after = redis.counters().await?;
     let assignments = crate::assignments(&client, &coordinator).await? - assignments_before;
     let frames = Frames::of(&client, &coordinator).await? - frames_before;
@@ -81,6 +83,13 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     let per_job = |cpu: Duration| cpu.as_secs_f64() * 1e6 / closed.jobs.max(1) as f64;
     let cpu_per_job = per_job(cpu_after.cpu - cpu_before.cpu);
     let redis_per_job = per_job(redis_after.cpu - redis_before.cpu);
+    let bench_per_job = per_job(bench_after.cpu - bench_before.cpu);
+    // What this host's cores could run if they ran nothing but these
+    // three, at this run's cost per job: the most the share of the
+    // ceiling can reach here.
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let all_per_job = cpu_per_job + redis_per_job + bench_per_job;
+    let cores_bound = cores as f64 * 1e6 / all_per_job.max(1.0);
     let mut rows = vec![
         Row::new(
             format!(
@@ -148,6 +157,22 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
             format!(
                 "{}, {redis_per_job:.0} µs per job",
                 core_pct(redis_after.cpu - redis_before.cpu, options.window)
+            ),
+            "",
+        ),
+        Row::new(
+            format!("Bench CPU (load generator and {AGENTS} agents) during the closed loop"),
+            format!(
+                "{}, {bench_per_job:.0} µs per job",
+                core_pct(bench_after.cpu - bench_before.cpu, options.window)
+            ),
+            "",
+        ),
+        Row::new(
+            format!("The three together, and the most {cores} cores run at that cost"),
+            format!(
+                "{all_per_job:.0} µs per job: {cores_bound:.0} jobs/s, {:.0} % of the ceiling",
+                cores_bound * 100.0 / ceiling
             ),
             "",
         ),
