@@ -1689,10 +1689,11 @@ async fn a_fallback_route_is_a_list_of_its_own_that_takes_no_memory() {
     assert_eq!(served, 0, "leaving the pair leaves the fallback lists too");
 }
 
+/// A master of a test cluster: its URL, its node id, a connection to it.
+type Master = (String, String, redis::aio::MultiplexedConnection);
+
 /// A direct connection to each master of `cluster`, with its node id.
-async fn masters(
-    cluster: &lingua_tests::cluster::RedisCluster,
-) -> Vec<(String, String, redis::aio::MultiplexedConnection)> {
+async fn masters(cluster: &lingua_tests::cluster::RedisCluster) -> Vec<Master> {
     let mut masters = Vec::new();
     for url in cluster.seeds() {
         let mut conn = redis::Client::open(url.as_str())
@@ -1712,11 +1713,7 @@ async fn masters(
 
 /// Moves `slot` from the master at `from` to the one at `to`, keys and
 /// all, as `redis-cli --cluster reshard` does.
-async fn move_slot(
-    masters: &mut [(String, String, redis::aio::MultiplexedConnection)],
-    slot: u16,
-    (from, to): (usize, usize),
-) {
+async fn move_slot(masters: &mut [Master], slot: u16, (from, to): (usize, usize)) {
     let (from_id, to_id) = (masters[from].1.clone(), masters[to].1.clone());
     let to_port = masters[to].0.rsplit(':').next().unwrap().to_owned();
     let () = redis::cmd("CLUSTER")
@@ -1767,10 +1764,7 @@ async fn move_slot(
 }
 
 /// The index of the master that holds keys of `slot`.
-async fn holder(
-    masters: &mut [(String, String, redis::aio::MultiplexedConnection)],
-    slot: u16,
-) -> usize {
+async fn holder(masters: &mut [Master], slot: u16) -> usize {
     for (index, (_, _, conn)) in masters.iter_mut().enumerate() {
         let keys: u64 = redis::cmd("CLUSTER")
             .arg("COUNTKEYSINSLOT")
@@ -1795,16 +1789,30 @@ async fn mapped(store: &Store, metrics: &Metrics, id: &NodeId, maps: u64) {
     .await;
 }
 
-#[tokio::test]
-async fn script_calls_follow_a_slot_that_moves_to_another_master() {
+/// A store on a new cluster, which has mapped its slots through calls
+/// for node `id`; the cluster, the store's metrics and each master.
+async fn mapped_cluster(
+    id: &NodeId,
+) -> (
+    lingua_tests::cluster::RedisCluster,
+    Arc<Metrics>,
+    Store,
+    Vec<Master>,
+) {
     let cluster = lingua_tests::cluster::RedisCluster::start().await.unwrap();
     let metrics = Arc::new(Metrics::default());
     let store = Store::connect_cluster(&cluster.seeds(), None, metrics.clone())
         .await
         .unwrap();
-    let mut masters = masters(&cluster).await;
+    let masters = masters(&cluster).await;
+    mapped(&store, &metrics, id, 1).await;
+    (cluster, metrics, store, masters)
+}
+
+#[tokio::test]
+async fn script_calls_follow_a_slot_that_moves_to_another_master() {
     let id = node("moving");
-    mapped(&store, &metrics, &id, 1).await;
+    let (_cluster, metrics, store, mut masters) = mapped_cluster(&id).await;
     let slot: u16 = redis::cmd("CLUSTER")
         .arg("KEYSLOT")
         .arg("lingua:v1:node:{moving}")
@@ -1833,14 +1841,8 @@ async fn script_calls_follow_a_slot_that_moves_to_another_master() {
 
 #[tokio::test]
 async fn script_calls_go_through_again_once_the_masters_drop_every_connection() {
-    let cluster = lingua_tests::cluster::RedisCluster::start().await.unwrap();
-    let metrics = Arc::new(Metrics::default());
-    let store = Store::connect_cluster(&cluster.seeds(), None, metrics.clone())
-        .await
-        .unwrap();
-    let mut masters = masters(&cluster).await;
     let id = node("dropped");
-    mapped(&store, &metrics, &id, 1).await;
+    let (_cluster, metrics, store, mut masters) = mapped_cluster(&id).await;
     for (_, _, conn) in &mut masters {
         let _killed: u64 = redis::cmd("CLIENT")
             .arg("KILL")
