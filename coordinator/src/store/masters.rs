@@ -114,7 +114,8 @@ impl Masters {
             return reply;
         };
         match err.retry_method() {
-            // Not run: the error of the call itself (NOSCRIPT among them).
+            // The call's own error (a script's, or NOSCRIPT): the caller's,
+            // as from any connection.
             RetryMethod::NoRetry => Err(err),
             // Not run: the slot has another master now.
             RetryMethod::MovedRedirect | RetryMethod::RefreshSlotsAndRetry => {
