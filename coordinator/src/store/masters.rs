@@ -1,14 +1,17 @@
-//! The routing path's commands on a Redis Cluster (script calls, and the
-//! job's claim of its id), sent straight to the master that holds their
-//! slot.
+//! Script calls and one-key writes on a Redis Cluster (the job's claim of
+//! its id, a node's index entries), sent straight to the master that holds
+//! their slot.
 //!
 //! redis-rs's cluster connection passes every command through a task of
 //! its own and a channel before the node's connection, under a timer for
 //! the whole request: on the routing path, where a job is two script
 //! calls and a `SET`, that hop was most of what a job cost more on the
 //! Cluster than on one Redis (docs/BENCHMARKS.md, "Straight to the slot's
-//! master"). Every script keeps its keys in one slot, so a call's slot is
-//! its first key's.
+//! master"). With thousands of requests in flight at once, as when every
+//! node registers again after a restart, its task cost the coordinator
+//! twice the CPU of the same commands sent straight ("The reconnect storm,
+//! explained"). Every script keeps its keys in one slot, so a call's slot
+//! is its first key's.
 //!
 //! The map of slots to masters comes from `CLUSTER SLOTS`, read on first
 //! use and again, in the background and at most once a second, when a
@@ -280,17 +283,26 @@ fn node_addr(seed: &ConnectionAddr, host: String, port: u16) -> ConnectionAddr {
     }
 }
 
+/// Commands sent straight to a master when they come alone: each has
+/// one key, its first argument. `SET` claims a job's id beside its pick;
+/// `SADD` and `HSET` index a node as it registers, 10,000 at once in a
+/// reconnect storm, which the cluster connection served at twice the CPU
+/// (docs/BENCHMARKS.md, "The reconnect storm, explained").
+const ONE_KEY_WRITES: [&[u8]; 3] = [b"SET", b"SADD", b"HSET"];
+
 /// The slot of a command sent straight to a master: a script call's
-/// (its first key's) or a `SET`'s (the job's claim in the index of job
-/// pairs, sent beside the pick). `None` for anything else: those go
-/// through the cluster connection.
+/// (its first key's) or a write's of [`ONE_KEY_WRITES`]. `None` for
+/// anything else: those go through the cluster connection.
 fn command_slot(cmd: &Cmd) -> Option<u16> {
     let mut args = cmd.args_iter().map(|arg| match arg {
         redis::Arg::Simple(bytes) => Some(bytes),
         _ => None,
     });
     let name = args.next()??;
-    if name.eq_ignore_ascii_case(b"SET") {
+    if ONE_KEY_WRITES
+        .iter()
+        .any(|write| name.eq_ignore_ascii_case(write))
+    {
         return Some(key_slot(args.next()??));
     }
     if !name.eq_ignore_ascii_case(b"EVALSHA") {
@@ -382,7 +394,7 @@ mod tests {
     }
 
     #[test]
-    fn only_script_calls_with_keys_and_sets_have_a_slot() {
+    fn only_script_calls_with_keys_and_one_key_writes_have_a_slot() {
         let mut call = redis::cmd("EVALSHA");
         call.arg("abc")
             .arg(2)
@@ -396,6 +408,15 @@ mod tests {
         let mut set = redis::cmd("SET");
         set.arg("lingua:v1:job:{j1}:pair").arg("zh:en").arg("NX");
         assert_eq!(command_slot(&set), Some(key_slot(b"j1")));
+        let mut index = redis::cmd("sadd");
+        index.arg("lingua:v1:nodes").arg("gpu-1");
+        assert_eq!(command_slot(&index), Some(key_slot(b"lingua:v1:nodes")));
+        let mut pools = redis::cmd("HSET");
+        pools.arg("lingua:v1:node:{gpu-1}").arg("pools").arg("{}");
+        assert_eq!(command_slot(&pools), Some(key_slot(b"gpu-1")));
+        let mut read = redis::cmd("SMEMBERS");
+        read.arg("lingua:v1:nodes");
+        assert_eq!(command_slot(&read), None);
         let mut del = redis::cmd("DEL");
         del.arg("a").arg("b");
         assert_eq!(command_slot(&del), None);
