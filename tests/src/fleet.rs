@@ -161,16 +161,21 @@ impl CoordinatorProcess {
     }
 }
 
-/// CPU time and resident memory of a process, from `/proc`.
+/// CPU time, time spent waiting for a CPU, and resident memory of a
+/// process, from `/proc`.
 #[derive(Debug, Clone, Copy)]
 pub struct ProcSample {
     /// User plus system CPU time so far.
     pub cpu: Duration,
+    /// Time its threads were ready to run but waited for a CPU so far
+    /// (the run queue; threads that ended are not counted).
+    pub waited: Duration,
     /// Resident set size, KiB.
     pub rss_kib: u64,
 }
 
-/// Reads `/proc/<pid>/stat` and `/proc/<pid>/status`.
+/// Reads `/proc/<pid>/stat`, `/proc/<pid>/status` and each thread's
+/// `/proc/<pid>/task/<tid>/schedstat`.
 ///
 /// # Errors
 /// When the process is gone or `/proc` is not Linux's.
@@ -204,8 +209,48 @@ pub fn proc_sample(pid: u32) -> std::io::Result<ProcSample> {
         .unwrap_or(0);
     Ok(ProcSample {
         cpu: Duration::from_millis(cpu_ms),
+        waited: run_queue_wait(pid)?,
         rss_kib,
     })
+}
+
+/// The run-queue wait of every thread of `pid`: the second field of each
+/// thread's `schedstat`, in nanoseconds.
+fn run_queue_wait(pid: u32) -> std::io::Result<Duration> {
+    let mut waited = 0_u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        // A thread may end between the listing and the read.
+        let Ok(schedstat) = std::fs::read_to_string(task?.path().join("schedstat")) else {
+            continue;
+        };
+        waited += schedstat
+            .split_whitespace()
+            .nth(1)
+            .and_then(|ns| ns.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Ok(Duration::from_nanos(waited))
+}
+
+/// The host's CPU time so far, and how much of it the hypervisor gave to
+/// other guests (`steal`), from the `cpu` line of `/proc/stat`, in clock
+/// ticks.
+///
+/// # Errors
+/// When `/proc/stat` cannot be read or has no `cpu` line.
+pub fn host_steal() -> std::io::Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let ticks: Vec<u64> = stat
+        .lines()
+        .find_map(|line| line.strip_prefix("cpu "))
+        .ok_or_else(|| std::io::Error::other("no cpu line in /proc/stat"))?
+        .split_whitespace()
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal guest guest_nice;
+    // guest time is already counted in user time.
+    let total = ticks.iter().take(8).sum();
+    Ok((ticks.get(7).copied().unwrap_or(0), total))
 }
 
 /// Counters from Redis `INFO`.
@@ -217,6 +262,9 @@ pub struct RedisCounters {
     pub scripts: u64,
     /// CPU time of the server so far.
     pub cpu: Duration,
+    /// Time its threads waited for a CPU so far (zero when its process,
+    /// as `INFO` names it, is not on this host).
+    pub waited: Duration,
 }
 
 /// Reads [`RedisCounters`].
@@ -243,6 +291,9 @@ pub async fn redis_counters(
         commands: number("total_commands_processed").unwrap_or(0.0) as u64,
         scripts: calls("cmdstat_evalsha") + calls("cmdstat_eval"),
         cpu: Duration::from_secs_f64(cpu),
+        waited: number("process_id")
+            .and_then(|pid| proc_sample(pid as u32).ok())
+            .map_or(Duration::ZERO, |sample| sample.waited),
     })
 }
 

@@ -313,6 +313,7 @@ impl Redis {
             sum.commands += counters.commands;
             sum.scripts += counters.scripts;
             sum.cpu += counters.cpu;
+            sum.waited += counters.waited;
         }
         Ok(sum)
     }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use lingua_coordinator::config::PickPolicy;
 use lingua_coordinator::store::{JobPick, JobStart, NewJob, PickOn, Route, RouteEntry, StoreError};
 use lingua_shared::{JobId, JobKind, LangPair, NodeId};
-use lingua_tests::fleet::{CoordinatorProcess, free_local_addr, proc_sample};
+use lingua_tests::fleet::{CoordinatorProcess, free_local_addr, host_steal, proc_sample};
 use serde_json::json;
 use tokio::time::Instant;
 
@@ -64,6 +64,7 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     let scripts_per_job =
         (redis_after.scripts - redis_before.scripts) as f64 / closed.jobs.max(1) as f64;
 
+    let waits_before = Waits::now(&coordinator, &redis).await?;
     let mut open = open_loop(
         &client,
         &jobs_url,
@@ -72,6 +73,7 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
         &job_body(options.payload_bytes),
     )
     .await;
+    let waits = Waits::now(&coordinator, &redis).await?.since(waits_before);
     for agent in agents {
         let _ = agent.stop().await;
     }
@@ -177,8 +179,63 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
             "",
         ),
     ];
+    rows.push(Row::new(
+        "At half load, waiting for a CPU (run queue, per second of the window): coordinator, Redis, bench; host CPU time stolen by the hypervisor",
+        waits.show(options.window),
+        "",
+    ));
     rows.extend(tails::slowest(&open, 0.001, "at half load"));
     Ok(rows)
+}
+
+/// How long each process was ready to run but waited for a CPU, and how
+/// much of the host's CPU time the hypervisor took: whether a load's
+/// tails are this host's contention, not a stage of the coordinator.
+#[derive(Clone, Copy)]
+struct Waits {
+    coordinator: Duration,
+    redis: Duration,
+    bench: Duration,
+    /// Host ticks stolen, and all host ticks.
+    steal: (u64, u64),
+}
+
+impl Waits {
+    async fn now(coordinator: &CoordinatorProcess, redis: &Redis) -> Result<Self, BenchError> {
+        Ok(Self {
+            coordinator: proc_sample(coordinator.pid())
+                .map_err(|e| e.to_string())?
+                .waited,
+            redis: redis.counters().await?.waited,
+            bench: proc_sample(std::process::id())
+                .map_err(|e| e.to_string())?
+                .waited,
+            steal: host_steal().map_err(|e| format!("/proc/stat: {e}"))?,
+        })
+    }
+
+    fn since(self, before: Self) -> Self {
+        Self {
+            coordinator: self.coordinator.saturating_sub(before.coordinator),
+            redis: self.redis.saturating_sub(before.redis),
+            bench: self.bench.saturating_sub(before.bench),
+            steal: (
+                self.steal.0.saturating_sub(before.steal.0),
+                self.steal.1.saturating_sub(before.steal.1),
+            ),
+        }
+    }
+
+    fn show(self, window: Duration) -> String {
+        let per_second = |waited: Duration| waited.as_secs_f64() * 1000.0 / window.as_secs_f64();
+        format!(
+            "{:.1}, {:.1}, {:.1} ms; {:.1} %",
+            per_second(self.coordinator),
+            per_second(self.redis),
+            per_second(self.bench),
+            self.steal.0 as f64 * 100.0 / self.steal.1.max(1) as f64
+        )
+    }
 }
 
 /// Frames counted on the coordinator's node sockets.
