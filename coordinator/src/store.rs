@@ -285,7 +285,7 @@ pub struct RouteEntry {
 
 /// A connection to one Redis or to a Redis Cluster: both reconnect by
 /// themselves, and both multiplex concurrent requests. On the Cluster,
-/// script calls go straight to their slot's master.
+/// script calls and one-key writes go straight to their slot's master.
 #[derive(Clone)]
 enum Conn {
     Single(ConnectionManager),

@@ -262,8 +262,9 @@ pub struct RedisCounters {
     pub scripts: u64,
     /// CPU time of the server so far.
     pub cpu: Duration,
-    /// Time its threads waited for a CPU so far (zero when its process,
-    /// as `INFO` names it, is not on this host).
+    /// Time its threads waited for a CPU so far; zero unless the process
+    /// `INFO` names is a `redis-server` on this host (a server in another
+    /// host or container names a process id of its own namespace).
     pub waited: Duration,
 }
 
@@ -292,7 +293,12 @@ pub async fn redis_counters(
         scripts: calls("cmdstat_evalsha") + calls("cmdstat_eval"),
         cpu: Duration::from_secs_f64(cpu),
         waited: number("process_id")
-            .and_then(|pid| proc_sample(pid as u32).ok())
+            .map(|pid| pid as u32)
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .is_ok_and(|comm| comm.trim_end() == "redis-server")
+            })
+            .and_then(|pid| proc_sample(pid).ok())
             .map_or(Duration::ZERO, |sample| sample.waited),
     })
 }

@@ -1861,3 +1861,34 @@ async fn script_calls_go_through_again_once_the_masters_drop_every_connection() 
         store.register_node(&reg(&id, "i1", LEASE)).await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn index_writes_go_through_when_the_masters_drop_every_connection() {
+    let id = node("indexed");
+    let (_cluster, _metrics, store, mut masters) = mapped_cluster(&id).await;
+    store.register_node(&reg(&id, "i1", LEASE)).await.unwrap();
+    for (_, _, conn) in &mut masters {
+        let _killed: u64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("normal")
+            .arg("SKIPME")
+            .arg("yes")
+            .query_async(conn)
+            .await
+            .unwrap();
+    }
+    // `SADD` and `HSET` change nothing when run twice: a dropped
+    // connection has them sent again, not failed as "may have run".
+    let pools = BTreeMap::from([(pair("zh:en"), "p1".to_owned())]);
+    store.index_node(&id, &pools).await.unwrap();
+    let listed = store.nodes().await.unwrap();
+    let record = listed
+        .iter()
+        .find(|n| n.id == id)
+        .expect("the node is indexed");
+    assert_eq!(
+        record.fields.get("pools").map(String::as_str),
+        Some(r#"{"zh:en":"p1"}"#)
+    );
+}

@@ -8,10 +8,10 @@
 //! calls and a `SET`, that hop was most of what a job cost more on the
 //! Cluster than on one Redis (docs/BENCHMARKS.md, "Straight to the slot's
 //! master"). With thousands of requests in flight at once, as when every
-//! node registers again after a restart, its task cost the coordinator
-//! twice the CPU of the same commands sent straight ("The reconnect storm,
-//! explained"). Every script keeps its keys in one slot, so a call's slot
-//! is its first key's.
+//! node registers again after a restart, its task took nearly half the
+//! coordinator's CPU ("The reconnect storm, explained; waiting for a
+//! CPU"). Every script keeps its keys in one slot, so a call's slot is
+//! its first key's.
 //!
 //! The map of slots to masters comes from `CLUSTER SLOTS`, read on first
 //! use and again, in the background and at most once a second, when a
@@ -21,7 +21,9 @@
 //! a call that a master answered without running it (`MOVED`, `ASK`,
 //! `TRYAGAIN`, `CLUSTERDOWN`, `MASTERDOWN`, `LOADING`, `READONLY`). A
 //! call whose connection failed once it could have been sent is not sent
-//! again: its error says that it may have run, as on one Redis.
+//! again: its error says that it may have run, as on one Redis; only
+//! writes that leave the same state however often they run (`SADD`,
+//! `HSET`) are sent again, through the cluster connection.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -78,8 +80,8 @@ struct SlotMap {
 
 impl Masters {
     /// The masters of the cluster that `seed` belongs to; they are mapped
-    /// on first use (a store that never sends a script call never maps
-    /// them).
+    /// on first use (a store that never sends a command they take never
+    /// maps them).
     pub(super) fn new(
         seed: &str,
         ca_file: Option<&Path>,
@@ -130,11 +132,16 @@ impl Masters {
             RetryMethod::AskRedirect | RetryMethod::WaitAndRetry => {
                 cluster.req_packed_command(cmd).await
             }
-            // The connection failed: the call may have run.
+            // The connection failed: the call may have run; running it
+            // again changes nothing if it is idempotent.
             _ => {
                 *self.map.write().unwrap_or_else(|e| e.into_inner()) = None;
                 self.refresh_soon(cluster);
-                Err(err)
+                if named(cmd, &IDEMPOTENT_WRITES) {
+                    cluster.req_packed_command(cmd).await
+                } else {
+                    Err(err)
+                }
             }
         }
     }
@@ -189,7 +196,7 @@ impl Masters {
                 tracing::debug!(error = %err, "cannot map the Redis Cluster's slots");
             }
             Err(err) => {
-                tracing::warn!(error = %err, "cannot map the Redis Cluster's slots; script calls go through the cluster connection until they are");
+                tracing::warn!(error = %err, "cannot map the Redis Cluster's slots; script calls and one-key writes go through the cluster connection until they are");
             }
         }
         self.refreshing.store(false, Ordering::Release);
@@ -287,8 +294,25 @@ fn node_addr(seed: &ConnectionAddr, host: String, port: u16) -> ConnectionAddr {
 /// one key, its first argument. `SET` claims a job's id beside its pick;
 /// `SADD` and `HSET` index a node as it registers, 10,000 at once in a
 /// reconnect storm, which the cluster connection served at twice the CPU
-/// (docs/BENCHMARKS.md, "The reconnect storm, explained").
+/// (docs/BENCHMARKS.md, "The reconnect storm, explained; waiting for a
+/// CPU").
 const ONE_KEY_WRITES: [&[u8]; 3] = [b"SET", b"SADD", b"HSET"];
+
+/// Those of [`ONE_KEY_WRITES`] that leave the same state however often
+/// they run: sent again, through the cluster connection, when their
+/// master's connection fails (a node's index entries stay whole through a
+/// failover). Not `SET`, whose `NX` claims a job's id.
+const IDEMPOTENT_WRITES: [&[u8]; 2] = [b"SADD", b"HSET"];
+
+/// True when `cmd` is one of `names` (in any case).
+fn named(cmd: &Cmd, names: &[&[u8]]) -> bool {
+    match cmd.args_iter().next() {
+        Some(redis::Arg::Simple(name)) => {
+            names.iter().any(|known| name.eq_ignore_ascii_case(known))
+        }
+        _ => false,
+    }
+}
 
 /// The slot of a command sent straight to a master: a script call's
 /// (its first key's) or a write's of [`ONE_KEY_WRITES`]. `None` for
@@ -299,10 +323,7 @@ fn command_slot(cmd: &Cmd) -> Option<u16> {
         _ => None,
     });
     let name = args.next()??;
-    if ONE_KEY_WRITES
-        .iter()
-        .any(|write| name.eq_ignore_ascii_case(write))
-    {
+    if named(cmd, &ONE_KEY_WRITES) {
         return Some(key_slot(args.next()??));
     }
     if !name.eq_ignore_ascii_case(b"EVALSHA") {

@@ -65,6 +65,7 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
         (redis_after.scripts - redis_before.scripts) as f64 / closed.jobs.max(1) as f64;
 
     let waits_before = Waits::now(&coordinator, &redis).await?;
+    let open_started = Instant::now();
     let mut open = open_loop(
         &client,
         &jobs_url,
@@ -74,6 +75,8 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     )
     .await;
     let waits = Waits::now(&coordinator, &redis).await?.since(waits_before);
+    // The window, and the answers still coming in after it.
+    let open_took = open_started.elapsed();
     for agent in agents {
         let _ = agent.stop().await;
     }
@@ -180,8 +183,8 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
         ),
     ];
     rows.push(Row::new(
-        "At half load, waiting for a CPU (run queue, per second of the window): coordinator, Redis, bench; host CPU time stolen by the hypervisor",
-        waits.show(options.window),
+        "At half load, waiting for a CPU (run queue, summed over each process's threads, per second): coordinator, Redis, bench; host CPU time stolen by the hypervisor",
+        waits.show(open_took),
         "",
     ));
     rows.extend(tails::slowest(&open, 0.001, "at half load"));
@@ -226,8 +229,9 @@ impl Waits {
         }
     }
 
-    fn show(self, window: Duration) -> String {
-        let per_second = |waited: Duration| waited.as_secs_f64() * 1000.0 / window.as_secs_f64();
+    /// Per second of `took`; each process's wait summed over its threads.
+    fn show(self, took: Duration) -> String {
+        let per_second = |waited: Duration| waited.as_secs_f64() * 1000.0 / took.as_secs_f64();
         format!(
             "{:.1}, {:.1}, {:.1} ms; {:.1} %",
             per_second(self.coordinator),
