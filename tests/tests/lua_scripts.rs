@@ -1789,6 +1789,21 @@ async fn mapped(store: &Store, metrics: &Metrics, id: &NodeId, maps: u64) {
     .await;
 }
 
+/// Has each master drop every client connection but the harness's own.
+async fn drop_every_connection(masters: &mut [Master]) {
+    for (_, _, conn) in masters {
+        let _killed: u64 = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("TYPE")
+            .arg("normal")
+            .arg("SKIPME")
+            .arg("yes")
+            .query_async(conn)
+            .await
+            .unwrap();
+    }
+}
+
 /// A store on a new cluster, which has mapped its slots through calls
 /// for node `id`; the cluster, the store's metrics and each master.
 async fn mapped_cluster(
@@ -1843,17 +1858,7 @@ async fn script_calls_follow_a_slot_that_moves_to_another_master() {
 async fn script_calls_go_through_again_once_the_masters_drop_every_connection() {
     let id = node("dropped");
     let (_cluster, metrics, store, mut masters) = mapped_cluster(&id).await;
-    for (_, _, conn) in &mut masters {
-        let _killed: u64 = redis::cmd("CLIENT")
-            .arg("KILL")
-            .arg("TYPE")
-            .arg("normal")
-            .arg("SKIPME")
-            .arg("yes")
-            .query_async(conn)
-            .await
-            .unwrap();
-    }
+    drop_every_connection(&mut masters).await;
     // A call on a dropped connection may fail (it may have run); the
     // store then maps the masters again and connects to them anew.
     mapped(&store, &metrics, &id, 2).await;
@@ -1867,17 +1872,7 @@ async fn index_writes_go_through_when_the_masters_drop_every_connection() {
     let id = node("indexed");
     let (_cluster, _metrics, store, mut masters) = mapped_cluster(&id).await;
     store.register_node(&reg(&id, "i1", LEASE)).await.unwrap();
-    for (_, _, conn) in &mut masters {
-        let _killed: u64 = redis::cmd("CLIENT")
-            .arg("KILL")
-            .arg("TYPE")
-            .arg("normal")
-            .arg("SKIPME")
-            .arg("yes")
-            .query_async(conn)
-            .await
-            .unwrap();
-    }
+    drop_every_connection(&mut masters).await;
     // `SADD` and `HSET` change nothing when run twice: a dropped
     // connection has them sent again, not failed as "may have run".
     let pools = BTreeMap::from([(pair("zh:en"), "p1".to_owned())]);
