@@ -168,8 +168,9 @@ pub struct ProcSample {
     /// User plus system CPU time so far.
     pub cpu: Duration,
     /// Time its threads were ready to run but waited for a CPU so far
-    /// (the run queue; threads that ended are not counted).
-    pub waited: Duration,
+    /// (the run queue; threads that ended are not counted); `None` on a
+    /// kernel that keeps no `schedstat`.
+    pub waited: Option<Duration>,
     /// Resident set size, KiB.
     pub rss_kib: u64,
 }
@@ -215,21 +216,23 @@ pub fn proc_sample(pid: u32) -> std::io::Result<ProcSample> {
 }
 
 /// The run-queue wait of every thread of `pid`: the second field of each
-/// thread's `schedstat`, in nanoseconds.
-fn run_queue_wait(pid: u32) -> std::io::Result<Duration> {
-    let mut waited = 0_u64;
+/// thread's `schedstat`, in nanoseconds; `None` when no thread has one (a
+/// kernel built without it).
+fn run_queue_wait(pid: u32) -> std::io::Result<Option<Duration>> {
+    let mut waited = None;
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
         // A thread may end between the listing and the read.
         let Ok(schedstat) = std::fs::read_to_string(task?.path().join("schedstat")) else {
             continue;
         };
-        waited += schedstat
+        let ns = schedstat
             .split_whitespace()
             .nth(1)
             .and_then(|ns| ns.parse::<u64>().ok())
             .unwrap_or(0);
+        waited = Some(waited.unwrap_or(0) + ns);
     }
-    Ok(Duration::from_nanos(waited))
+    Ok(waited.map(Duration::from_nanos))
 }
 
 /// The host's CPU time so far, and how much of it the hypervisor gave to
@@ -262,10 +265,11 @@ pub struct RedisCounters {
     pub scripts: u64,
     /// CPU time of the server so far.
     pub cpu: Duration,
-    /// Time its threads waited for a CPU so far; zero unless the process
-    /// `INFO` names is a `redis-server` on this host (a server in another
-    /// host or container names a process id of its own namespace).
-    pub waited: Duration,
+    /// Time its threads waited for a CPU so far; `None` unless the process
+    /// `INFO` names is a `redis-server` on this host that keeps a
+    /// `schedstat` (a server in another host or container names a process
+    /// id of its own namespace).
+    pub waited: Option<Duration>,
 }
 
 /// Reads [`RedisCounters`].
@@ -299,7 +303,7 @@ pub async fn redis_counters(
                     .is_ok_and(|comm| comm.trim_end() == "redis-server")
             })
             .and_then(|pid| proc_sample(pid).ok())
-            .map_or(Duration::ZERO, |sample| sample.waited),
+            .and_then(|sample| sample.waited),
     })
 }
 

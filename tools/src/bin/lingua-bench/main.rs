@@ -300,7 +300,10 @@ impl Redis {
             Self::One(redis) => vec![redis.url()],
             Self::Cluster(cluster) => cluster.seeds(),
         };
-        let mut sum = RedisCounters::default();
+        let mut sum = RedisCounters {
+            waited: Some(Duration::ZERO),
+            ..RedisCounters::default()
+        };
         for url in urls {
             let mut conn = redis::Client::open(url)
                 .map_err(|e| format!("redis: {e}"))?
@@ -313,7 +316,7 @@ impl Redis {
             sum.commands += counters.commands;
             sum.scripts += counters.scripts;
             sum.cpu += counters.cpu;
-            sum.waited += counters.waited;
+            sum.waited = sum.waited.zip(counters.waited).map(|(a, b)| a + b);
         }
         Ok(sum)
     }

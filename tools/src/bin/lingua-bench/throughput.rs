@@ -196,9 +196,10 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
 /// tails are this host's contention, not a stage of the coordinator.
 #[derive(Clone, Copy)]
 struct Waits {
-    coordinator: Duration,
-    redis: Duration,
-    bench: Duration,
+    /// `None` where the kernel keeps no `schedstat`.
+    coordinator: Option<Duration>,
+    redis: Option<Duration>,
+    bench: Option<Duration>,
     /// Host ticks stolen, and all host ticks.
     steal: (u64, u64),
 }
@@ -218,10 +219,13 @@ impl Waits {
     }
 
     fn since(self, before: Self) -> Self {
+        let since = |after: Option<Duration>, before: Option<Duration>| {
+            after.zip(before).map(|(a, b)| a.saturating_sub(b))
+        };
         Self {
-            coordinator: self.coordinator.saturating_sub(before.coordinator),
-            redis: self.redis.saturating_sub(before.redis),
-            bench: self.bench.saturating_sub(before.bench),
+            coordinator: since(self.coordinator, before.coordinator),
+            redis: since(self.redis, before.redis),
+            bench: since(self.bench, before.bench),
             steal: (
                 self.steal.0.saturating_sub(before.steal.0),
                 self.steal.1.saturating_sub(before.steal.1),
@@ -231,9 +235,13 @@ impl Waits {
 
     /// Per second of `took`; each process's wait summed over its threads.
     fn show(self, took: Duration) -> String {
-        let per_second = |waited: Duration| waited.as_secs_f64() * 1000.0 / took.as_secs_f64();
+        let per_second = |waited: Option<Duration>| {
+            waited.map_or("unknown".to_owned(), |waited| {
+                format!("{:.1}", waited.as_secs_f64() * 1000.0 / took.as_secs_f64())
+            })
+        };
         format!(
-            "{:.1}, {:.1}, {:.1} ms; {:.1} %",
+            "{}, {}, {} ms; {:.1} %",
             per_second(self.coordinator),
             per_second(self.redis),
             per_second(self.bench),
