@@ -293,7 +293,8 @@ fn node_addr(seed: &ConnectionAddr, host: String, port: u16) -> ConnectionAddr {
 /// Commands sent straight to a master when they come alone: each has
 /// one key, its first argument. `SET` claims a job's id beside its pick;
 /// `SADD` and `HSET` index a node as it registers, 10,000 at once in a
-/// reconnect storm, which the cluster connection served at twice the CPU
+/// reconnect storm: sent straight, the restarted coordinator spent less
+/// than half the CPU it spent with them on the cluster connection
 /// (docs/BENCHMARKS.md, "The reconnect storm, explained; waiting for a
 /// CPU").
 const ONE_KEY_WRITES: [&[u8]; 3] = [b"SET", b"SADD", b"HSET"];
