@@ -36,6 +36,13 @@ use lingua_tests::fleet::{CoordinatorProcess, RedisCounters, redis_counters};
 use lingua_tests::{RedisBackend, TestAgent};
 use lingua_tools::percentile;
 
+/// The load generator and its agents share the cores with what they
+/// measure; glibc's malloc took about a sixth of their CPU time, and
+/// jemalloc (the coordinator's allocator) takes less, leaving the rest
+/// to the fleet (docs/BENCHMARKS.md, "The bench's own cost").
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Measures a real Lingua fleet on this machine (private Redis, the
 /// coordinator binary, simulated agents) and prints a Markdown table of
 /// results beside their targets. Build with `cargo build --release
