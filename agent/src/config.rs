@@ -336,7 +336,7 @@ impl AgentConfig {
             let name = name.into_inner();
             let kind_id = JobKind::new(name.as_str())
                 .map_err(|e| check.invalid(format!("jobs.{name}"), span.clone(), e.to_string()))?;
-            let kind = kind_config(check, &name, span, kind)?;
+            let kind = kind_config(check, &name, span, kind, gpu.backend)?;
             jobs.insert(kind_id, kind);
         }
         let system_roots = match (&raw.system_roots, &raw.ca_file) {
@@ -690,6 +690,41 @@ duration_ms = 150
             &config.jobs[&JobKind::new("translate").unwrap()].executor,
             ExecutorConfig::Http { timeout, .. } if *timeout == Duration::from_millis(500)
         ));
+    }
+
+    #[test]
+    fn only_simulated_gpus_may_leave_the_executor_out() {
+        let unnamed = SPEC_EXAMPLE.replace("executor = \"simulated\"\n", "");
+        let config = AgentConfig::parse(&unnamed).unwrap();
+        assert!(matches!(
+            config.jobs[&JobKind::new("translate").unwrap()].executor,
+            ExecutorConfig::Simulated { .. }
+        ));
+        for backend in ["nvml", "none"] {
+            let real =
+                unnamed.replace("backend = \"simulated\"", &format!("backend = {backend:?}"));
+            let message = error(&real);
+            assert!(
+                message.contains("jobs.translate.executor (line 20)")
+                    && message.contains(&format!("with backend = \"{backend}\""))
+                    && message.contains("made-up output"),
+                "{message}"
+            );
+            let named =
+                SPEC_EXAMPLE.replace("backend = \"simulated\"", &format!("backend = {backend:?}"));
+            AgentConfig::parse(&named).unwrap();
+        }
+        let fallback = SPEC_EXAMPLE
+            .replace("backend = \"simulated\"", "backend = \"nvml\"")
+            .replace(
+                "[jobs.translate.simulated]",
+                "busy = \"fallback\"\n[jobs.translate.fallback]\nmax_concurrent = 2\n[jobs.translate.simulated]",
+            );
+        let message = error(&fallback);
+        assert!(
+            message.contains("jobs.translate.fallback.executor"),
+            "{message}"
+        );
     }
 
     #[test]

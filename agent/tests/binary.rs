@@ -33,10 +33,12 @@ external_used_mb = 3000
 [jobs.translate]
 vram_mb = 2000
 max_concurrent = 4
+executor = "simulated"
 [jobs.asr]
 vram_mb = 5000
 priority = 90
 max_concurrent = 8
+executor = "simulated"
 "#;
 
 fn config(backend: &str, coordinator: &str, metrics: &str) -> (tempfile::TempDir, PathBuf) {

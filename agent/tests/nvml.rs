@@ -120,14 +120,17 @@ const KINDS: &str = r#"
 [jobs.translate]
 vram_mb = 2000
 max_concurrent = 64
+executor = "simulated"
 [jobs.asr]
 vram_mb = 6000
 priority = 90
 max_concurrent = 64
+executor = "simulated"
 [jobs.repair]
 vram_mb = 1000
 priority = 20
 max_concurrent = 64
+executor = "simulated"
 "#;
 
 /// An agent config with the NVML backend, loading `library` (the system's

@@ -65,8 +65,9 @@ pub struct Config {
     pub max_nodes_per_pool: u32,
     /// Job timeout when a request names none.
     pub default_job_timeout: Duration,
-    /// Attempts per job that may end with the node silent or gone
-    /// (refusals do not count).
+    /// Attempts per job that may end with the node silent, gone, or
+    /// refusing a job it cannot run at all ("not now" refusals,
+    /// `no_capacity` and `draining`, do not count).
     pub max_attempts: u32,
     /// How long a node has to accept or refuse an assignment.
     pub accept_timeout: Duration,

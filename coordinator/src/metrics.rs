@@ -211,7 +211,8 @@ mod help {
     pub const BUILD_INFO: &str = "Always 1; its label says the coordinator's version";
     pub const REDIS_UP: &str =
         "1 while this instance's last Redis call (at least one a second) succeeded";
-    pub const JOB_SECONDS: &str = "Jobs dispatched here, submission to answer, by kind";
+    pub const JOB_SECONDS: &str =
+        "Jobs dispatched here, submission to answer, by kind (not those no live node served)";
     pub const CLUSTER_SLOT_MAPS: &str = "Redis Cluster slot maps read, for sending script calls straight to their slot's master: on first use, then after MOVED, READONLY or a failed connection to a master";
     pub const FLEET_SNAPSHOTS: &str = "Fleet snapshots built for live views (one per second while any dashboard or lingua-ctl top watches, however many)";
 }
@@ -391,22 +392,27 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts a job of `kind` that ended (`status`: `completed` or its
-    /// error code) after `latency_ms`, with its failure when it failed.
+    /// Counts a job that ended (`status`: `completed` or its error code)
+    /// after `latency_ms`, with its failure when it failed; its latency
+    /// goes into the histogram of its `kind`, given only for a kind some
+    /// node served (any other is only a client's word, and a series for
+    /// each would grow `/metrics` without bound).
     pub fn job_ended(
         &self,
-        (kind, status): (&str, &'static str),
+        (kind, status): (Option<&str>, &'static str),
         latency_ms: u64,
         failure: Option<FailedJob>,
     ) {
         self.per_job.jobs.with(status, |series| {
             series.inc();
         });
-        self.job_seconds
-            .get_or_create(&KindLabel {
-                kind: kind.to_owned(),
-            })
-            .observe(latency_ms as f64 / 1000.0);
+        if let Some(kind) = kind {
+            self.job_seconds
+                .get_or_create(&KindLabel {
+                    kind: kind.to_owned(),
+                })
+                .observe(latency_ms as f64 / 1000.0);
+        }
         self.recent.ended(latency_ms, failure);
     }
 

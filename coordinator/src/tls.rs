@@ -27,8 +27,12 @@ use crate::config::TlsConfig;
 
 /// Longest a TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a connection may stay silent before its first bytes: a TLS
+/// client speaks first (its hello), at once. A socket that says nothing
+/// holds a handshake permit this long, not the whole handshake timeout.
+const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(2);
 /// Connections in TLS handshake at once.
-const MAX_HANDSHAKES: usize = 64;
+const MAX_HANDSHAKES: usize = 256;
 
 /// Why the certificate or key cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -161,6 +165,14 @@ impl TlsListener {
                 let tx = tx.clone();
                 tokio::spawn(async move {
                     let _permit = permit;
+                    let mut first = [0u8; 1];
+                    if tokio::time::timeout(FIRST_BYTES_TIMEOUT, stream.peek(&mut first))
+                        .await
+                        .is_err()
+                    {
+                        tracing::debug!(%peer, "closed: silent before its tls hello");
+                        return;
+                    }
                     // The deadline covers the hand-over too: a connection
                     // the server has no room for is closed, not parked.
                     let handed = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
@@ -206,5 +218,34 @@ impl axum::serve::Listener for TlsListener {
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
         Ok(self.local)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncReadExt;
+    use tokio::time::Instant;
+
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_gives_back_its_permit_at_the_first_bytes_deadline() {
+        let config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(rustls::server::ResolvesServerCertUsingSni::new()));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tls = TlsListener::new(listener, TlsAcceptor::from(Arc::new(config))).unwrap();
+        let started = Instant::now();
+        let mut silent = TcpStream::connect(tls.local).await.unwrap();
+        let mut byte = [0u8; 1];
+        let read = silent.read(&mut byte).await;
+        assert!(matches!(read, Ok(0)) || read.is_err(), "{read:?}");
+        let held = started.elapsed();
+        assert!(
+            (FIRST_BYTES_TIMEOUT..HANDSHAKE_TIMEOUT).contains(&held),
+            "closed after {held:?}"
+        );
     }
 }

@@ -285,6 +285,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+    use crate::bounded::{MAX_REPORTED_DEVICES, MAX_REPORTED_KINDS};
     use crate::ids::{JobId, JobKind, NodeId};
     use crate::protocol::*;
 
@@ -607,6 +608,62 @@ mod tests {
         register["capabilities"]["src_langs"] = json!(["english"]);
         let err = decode(register.to_string().as_bytes()).unwrap_err();
         assert!(err.to_string().contains("english"), "{err}");
+    }
+
+    #[test]
+    fn capacity_reports_list_a_bounded_number_of_devices_and_kinds() {
+        let kinds = |n: usize| -> serde_json::Map<String, serde_json::Value> {
+            (0..n).map(|i| (format!("k{i}"), json!(1000))).collect()
+        };
+        let devices = |n: usize| vec![json!(1000); n];
+        let gpus = |n: usize| {
+            let reading = serde_json::to_value(&every_message()[3]).unwrap()["gpus"][0].clone();
+            vec![reading; n]
+        };
+        let report = |free: usize,
+                      devices_mb: Vec<serde_json::Value>,
+                      vram: usize,
+                      gpus: Vec<serde_json::Value>| {
+            json!({"type": "capacity", "free_slots": kinds(free), "gpus": gpus,
+                   "room": {"devices_mb": devices_mb, "vram_mb": kinds(vram)},
+                   "fallback_slots": kinds(free)})
+        };
+        let at_limit = report(
+            MAX_REPORTED_KINDS,
+            devices(MAX_REPORTED_DEVICES),
+            MAX_REPORTED_KINDS,
+            gpus(MAX_REPORTED_DEVICES),
+        );
+        let decoded = decode(at_limit.to_string().as_bytes());
+        assert!(matches!(decoded, Ok(Message::Capacity(_))), "{decoded:?}");
+        let over = [
+            report(MAX_REPORTED_KINDS + 1, devices(1), 1, gpus(1)),
+            report(1, devices(MAX_REPORTED_DEVICES + 1), 1, gpus(1)),
+            report(1, devices(1), MAX_REPORTED_KINDS + 1, gpus(1)),
+            report(1, devices(1), 1, gpus(MAX_REPORTED_DEVICES + 1)),
+        ];
+        for frame in over {
+            let err = decode(frame.to_string().as_bytes()).unwrap_err();
+            assert!(
+                matches!(err, DecodeError::Invalid { ty: "capacity", .. }),
+                "{err}"
+            );
+            assert!(err.to_string().contains("where at most"), "{err}");
+            assert_eq!(err.code(), ErrorCode::InvalidMessage);
+        }
+        let mut heartbeat = serde_json::to_value(&every_message()[2]).unwrap();
+        heartbeat["capacity"]["room"] = json!({"devices_mb": devices(100_000), "vram_mb": {}});
+        let err = decode(heartbeat.to_string().as_bytes()).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DecodeError::Invalid {
+                    ty: "heartbeat",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 
     #[test]

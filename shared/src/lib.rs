@@ -19,11 +19,13 @@
 //!   binaries' `/metrics`.
 //! - [`sync`]: lock helpers that tolerate a poisoned lock.
 //! - [`room`]: a node's room for new jobs, memory every kind shares.
+//! - [`bounded`]: the most entries a capacity report's lists may hold.
 //!
 //! docs/PROTOCOL.md describes the protocol for people; this crate is its
 //! executable form.
 #![forbid(unsafe_code)]
 
+pub mod bounded;
 pub mod close;
 pub mod codec;
 pub mod config_check;

@@ -12,6 +12,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::bounded::{MAX_REPORTED_DEVICES, MAX_REPORTED_KINDS, at_most};
 use crate::ids::{JobId, JobKind, NodeId};
 use crate::lang::{LangCode, LangPair};
 use crate::raw::RawJson;
@@ -219,9 +220,10 @@ pub struct Heartbeat {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct CapacityReport {
     /// How many more jobs of each kind the arbiter would admit now.
+    #[serde(deserialize_with = "at_most::<MAX_REPORTED_KINDS, _, _>")]
     pub free_slots: BTreeMap<JobKind, u32>,
     /// Current GPU readings.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "at_most::<MAX_REPORTED_DEVICES, _, _>")]
     pub gpus: Vec<GpuReading>,
     /// Why the node's GPUs admit nothing as a whole (NVML unavailable, a
     /// stale reading); absent when they can be read.
@@ -239,7 +241,11 @@ pub struct CapacityReport {
     /// How many more jobs of each kind with `busy = "fallback"` the
     /// node's fallback (CPU) executors would take now; absent when no kind
     /// has one. Routing uses this room only when no GPU room is left.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "at_most::<MAX_REPORTED_KINDS, _, _>"
+    )]
     pub fallback_slots: BTreeMap<JobKind, u32>,
 }
 

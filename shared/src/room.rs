@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::bounded::{MAX_REPORTED_DEVICES, MAX_REPORTED_KINDS, at_most};
 use crate::ids::JobKind;
 
 /// VRAM free for new jobs on each device, and what one job of each kind
@@ -16,9 +17,11 @@ use crate::ids::JobKind;
 pub struct Room {
     /// MiB free for new jobs on each healthy GPU or MIG instance (after
     /// the node's reserve and what its jobs hold or are loading).
+    #[serde(deserialize_with = "at_most::<MAX_REPORTED_DEVICES, _, _>")]
     pub devices_mb: Vec<u64>,
     /// MiB one job of each kind takes (`vram_mb`; 0 for kinds that take
     /// none).
+    #[serde(deserialize_with = "at_most::<MAX_REPORTED_KINDS, _, _>")]
     pub vram_mb: BTreeMap<JobKind, u64>,
 }
 

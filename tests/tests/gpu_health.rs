@@ -50,6 +50,7 @@ library_path = {:?}
 [jobs.translate]
 vram_mb = 2000
 max_concurrent = 32
+executor = "simulated"
 "#,
         lib.display().to_string()
     );

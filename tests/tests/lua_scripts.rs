@@ -1804,6 +1804,24 @@ async fn drop_every_connection(masters: &mut [Master]) {
     }
 }
 
+/// Whether the master on `conn` serves `slot` (its own line of
+/// `CLUSTER NODES`: flags with `myself`, then its slot ranges).
+async fn serves(conn: &mut redis::aio::MultiplexedConnection, slot: u16) -> bool {
+    let nodes: String = redis::cmd("CLUSTER")
+        .arg("NODES")
+        .query_async(conn)
+        .await
+        .unwrap();
+    let mine = nodes
+        .lines()
+        .find(|line| line.split(' ').nth(2).is_some_and(|f| f.contains("myself")))
+        .expect("a master lists itself");
+    mine.split(' ').skip(8).any(|range| {
+        let (from, to) = range.split_once('-').unwrap_or((range, range));
+        (from.parse::<u16>().unwrap()..=to.parse::<u16>().unwrap()).contains(&slot)
+    })
+}
+
 /// A store on a new cluster, which has mapped its slots through calls
 /// for node `id`; the cluster, the store's metrics and each master.
 async fn mapped_cluster(
@@ -1865,6 +1883,52 @@ async fn script_calls_go_through_again_once_the_masters_drop_every_connection() 
     for _ in 0..20 {
         store.register_node(&reg(&id, "i1", LEASE)).await.unwrap();
     }
+}
+
+#[tokio::test]
+async fn a_job_keeps_its_id_claim_when_its_master_drops_every_connection() {
+    let id = node("claiming");
+    let (_cluster, _metrics, store, mut masters) = mapped_cluster(&id).await;
+    let route = two_nodes_with_room(&store, 4).await;
+    let zh_en = pair("zh:en");
+    let pair_slot: u16 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg("{zh:en}")
+        .query_async(&mut masters[0].2)
+        .await
+        .unwrap();
+    let pair_master = holder(&mut masters, pair_slot).await;
+    // A job whose id is claimed on another master than its pair's record.
+    let mut job = None;
+    for n in 0.. {
+        let candidate = JobId::new(format!("claimed-{n}")).unwrap();
+        let slot: u16 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(lingua_coordinator::keys::job_pair(&candidate))
+            .query_async(&mut masters[0].2)
+            .await
+            .unwrap();
+        if !serves(&mut masters[pair_master].2, slot).await {
+            job = Some(candidate);
+            break;
+        }
+    }
+    let job = job.unwrap();
+    let others: Vec<usize> = (0..masters.len()).filter(|&m| m != pair_master).collect();
+    for m in others {
+        drop_every_connection(&mut masters[m..=m]).await;
+    }
+    // The claim meets a dropped connection; `SET NX GET` changes nothing
+    // when run twice, so it is sent again, and the id stays found.
+    let opened = store
+        .job_open(new_job(&job, zh_en, "{}", LEASE), (on(&route, &[]), true))
+        .await
+        .unwrap();
+    assert!(
+        matches!(opened, JobStart::New(Some(JobPick::Node(_, 1)))),
+        "{opened:?}"
+    );
+    assert_eq!(store.job_pair(&job).await.unwrap(), Some(zh_en));
 }
 
 #[tokio::test]

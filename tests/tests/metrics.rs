@@ -210,3 +210,26 @@ async fn metrics_are_served_while_redis_is_down_and_say_so() {
     );
     coordinator.stop().await;
 }
+
+#[tokio::test]
+async fn kinds_that_no_node_serves_add_no_series() {
+    let redis = lingua_tests::redis().await;
+    let coordinator = TestCoordinator::start(&redis, test_config()).await;
+    for n in 0..3 {
+        let (_, answer) = coordinator
+            .submit(json!({"kind": format!("made-up-{n}"), "src_lang": "zh", "tgt_lang": "en", "payload": {}}))
+            .await;
+        assert_eq!(answer["error"]["code"], "no_nodes", "{answer}");
+    }
+    // Counted, but a client's kinds do not become series: any number of
+    // them would otherwise grow `/metrics` without bound.
+    assert_eq!(
+        coordinator
+            .metric(None, r#"lingua_jobs_total{status="no_nodes"}"#)
+            .await,
+        Some(3.0)
+    );
+    let (_, text) = scrape(&reqwest::Client::new(), &coordinator.url("/metrics")).await;
+    assert!(!text.contains("made-up"), "{text}");
+    coordinator.stop().await;
+}

@@ -853,7 +853,7 @@ async fn one_attempt_and_a_raw_node(
 #[tokio::test]
 async fn a_refusal_moves_a_job_on_without_using_up_its_attempts() {
     let redis = lingua_tests::redis().await;
-    // One attempt that may end silent or lost; refusals do not count.
+    // One attempt that may end silent or lost; "not now" refusals do not count.
     let (coordinator, mut node, submitted) =
         one_attempt_and_a_raw_node(&redis, "refuser", test_config()).await;
     let first = next_assign(&mut node).await;

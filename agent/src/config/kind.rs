@@ -9,6 +9,8 @@ use lingua_shared::config_check::{Checker, ConfigError};
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::Backend;
+
 /// What the agent does when a `command` job's own processes hold more GPU
 /// memory than its kind's `vram_mb` (`[jobs.<kind>] on_vram_overrun`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -193,6 +195,7 @@ pub(super) fn kind_config(
     name: &str,
     span: std::ops::Range<usize>,
     raw: RawKind,
+    backend: Backend,
 ) -> Result<KindConfig, ConfigError> {
     let field = |key: &str| format!("jobs.{name}.{key}");
     let vram_mb = check.range(field("vram_mb"), raw.vram_mb, 0, 0..=10_000_000)?;
@@ -222,6 +225,7 @@ pub(super) fn kind_config(
             simulated: raw.simulated,
         },
         Some(vram_mb),
+        backend,
     )?;
     // A command loads its model on every run; a service or the simulator
     // holds its memory already, so one reading shows a job's memory.
@@ -229,7 +233,15 @@ pub(super) fn kind_config(
         ExecutorConfig::Command { .. } => 10_000,
         ExecutorConfig::Simulated { .. } | ExecutorConfig::Http { .. } => 0,
     };
-    let busy = busy(check, name, span, raw.busy, raw.queue_wait_ms, raw.fallback)?;
+    let busy = busy(
+        check,
+        name,
+        span,
+        raw.busy,
+        raw.queue_wait_ms,
+        raw.fallback,
+        backend,
+    )?;
     Ok(KindConfig {
         vram_mb,
         load_time: Duration::from_millis(check.range(
@@ -256,6 +268,7 @@ fn busy(
     policy: Option<Spanned<String>>,
     queue_wait_ms: Option<Spanned<u64>>,
     fallback: Option<Spanned<RawFallback>>,
+    backend: Backend,
 ) -> Result<Busy, ConfigError> {
     let field = |key: &str| format!("jobs.{name}.{key}");
     let at_most = check
@@ -329,6 +342,7 @@ fn busy(
                     simulated: table.simulated,
                 },
                 None,
+                backend,
             )?;
             Ok(Busy::Fallback(Fallback {
                 max_concurrent: check.range(
@@ -350,13 +364,16 @@ fn busy(
 
 /// The executor of a kind (`gpu_vram_mb`: the kind's `vram_mb`) or of its
 /// fallback (`None`: its jobs hold no GPU, so nothing may name one), from
-/// the keys of the table named `table`.
+/// the keys of the table named `table`. Only on simulated GPUs may the
+/// table leave `executor` out (it is then `"simulated"`): on a real node
+/// a forgotten line would answer every job with made-up output.
 fn executor_config(
     check: Checker<'_>,
     table: &str,
     span: std::ops::Range<usize>,
     raw: RawExecutor,
     gpu_vram_mb: Option<u64>,
+    backend: Backend,
 ) -> Result<ExecutorConfig, ConfigError> {
     let field = |key: &str| format!("{table}.{key}");
     let timeout = Duration::from_millis(check.range(
@@ -366,9 +383,20 @@ fn executor_config(
         1..=3_600_000,
     )?);
     let executor_span = raw.executor.as_ref().map_or(span.clone(), Spanned::span);
-    let executor_name = raw
-        .executor
-        .map_or_else(|| "simulated".to_owned(), Spanned::into_inner);
+    let executor_name = match raw.executor {
+        Some(name) => name.into_inner(),
+        None if backend == Backend::Simulated => "simulated".to_owned(),
+        None => {
+            return Err(check.invalid(
+                field("executor"),
+                span,
+                format!(
+                    "no executor: with backend = \"{}\", name what runs the jobs: executor = \"http\" (with url) or \"command\" (with command); \"simulated\" answers every job with made-up output",
+                    backend.name()
+                ),
+            ));
+        }
+    };
     match executor_name.as_str() {
         "simulated" => {
             let sim = raw.simulated.unwrap_or_default();

@@ -316,8 +316,10 @@ impl JobRouter {
         });
         let status = code.map_or(view.status.as_str(), JobErrorCode::as_str);
         let latency_ms = view.latency_ms.unwrap_or(0);
+        // A kind no live node served is only the client's word.
+        let served = (code != Some(JobErrorCode::NoNodes)).then_some(job.kind.as_str());
         self.metrics
-            .job_ended((job.kind.as_str(), status), latency_ms, failure);
+            .job_ended((served, status), latency_ms, failure);
         if let Some(timing) = &view.timing {
             // A stage the job never went through (no wait for room, no
             // node reached) is not counted as a zero.

@@ -20,10 +20,10 @@
 //! the cluster connection, which follows redirects and reconnects; so does
 //! a call that a master answered without running it (`MOVED`, `ASK`,
 //! `TRYAGAIN`, `CLUSTERDOWN`, `MASTERDOWN`, `LOADING`, `READONLY`). A
-//! call whose connection failed once it could have been sent is not sent
-//! again: its error says that it may have run, as on one Redis; only
-//! writes that leave the same state however often they run (`SADD`,
-//! `HSET`) are sent again, through the cluster connection.
+//! script call whose connection failed once it could have been sent is
+//! not sent again: its error says that it may have run, as on one Redis;
+//! the one-key writes, which leave the same state however often they run,
+//! are sent again, through the cluster connection.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -132,12 +132,12 @@ impl Masters {
             RetryMethod::AskRedirect | RetryMethod::WaitAndRetry => {
                 cluster.req_packed_command(cmd).await
             }
-            // The connection failed: the call may have run; running it
-            // again changes nothing if it is idempotent.
+            // The connection failed: the call may have run; running a
+            // one-key write again changes nothing, a script call may.
             _ => {
                 *self.map.write().unwrap_or_else(|e| e.into_inner()) = None;
                 self.refresh_soon(cluster);
-                if named(cmd, &IDEMPOTENT_WRITES) {
+                if named(cmd, &ONE_KEY_WRITES) {
                     cluster.req_packed_command(cmd).await
                 } else {
                     Err(err)
@@ -297,13 +297,14 @@ fn node_addr(seed: &ConnectionAddr, host: String, port: u16) -> ConnectionAddr {
 /// than half the CPU it spent with them on the cluster connection
 /// (docs/BENCHMARKS.md, "The reconnect storm, explained; waiting for a
 /// CPU").
+///
+/// Each leaves the same state however often it runs, so each is sent
+/// again, through the cluster connection, when its master's connection
+/// fails (as that connection itself would do): a node's index entries
+/// stay whole through a failover, and so does a job's claim of its id.
+/// That claim (`SET NX GET`) run twice finds the second time the job's
+/// own pair, which it takes as its own (`Store::settle_claim`).
 const ONE_KEY_WRITES: [&[u8]; 3] = [b"SET", b"SADD", b"HSET"];
-
-/// Those of [`ONE_KEY_WRITES`] that leave the same state however often
-/// they run: sent again, through the cluster connection, when their
-/// master's connection fails (a node's index entries stay whole through a
-/// failover). Not `SET`, whose `NX` claims a job's id.
-const IDEMPOTENT_WRITES: [&[u8]; 2] = [b"SADD", b"HSET"];
 
 /// True when `cmd` is one of `names` (in any case).
 fn named(cmd: &Cmd, names: &[&[u8]]) -> bool {
