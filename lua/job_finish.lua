@@ -29,7 +29,9 @@ end
 -- Numbers go to redis.call as text (see route_pick.lua).
 local now = redis.call('TIME')
 local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
-local latency_ms = now_ms - tonumber(fields[3])
+-- A clock behind the one that recorded the submission (a failover to a
+-- master whose clock is behind) gives 0, not a negative time.
+local latency_ms = math.max(0, now_ms - tonumber(fields[3]))
 redis.call('HSET', KEYS[1],
   'status', ARGV[2],
   'outcome', ARGV[3],

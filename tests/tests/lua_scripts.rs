@@ -740,6 +740,36 @@ fn on<'a>(route: &'a Route, excluded: &'a [NodeId]) -> PickOn<'a> {
 }
 
 #[tokio::test]
+async fn a_job_finished_on_a_clock_behind_its_submission_takes_no_negative_time() {
+    let redis = lingua_tests::redis().await;
+    let store = store(&redis).await;
+    let route = two_nodes_with_room(&store, 4).await;
+    let zh_en = pair("zh:en");
+    let id = JobId::new("early").unwrap();
+    store
+        .job_open(new_job(&id, zh_en, "{}", LEASE), (on(&route, &[]), true))
+        .await
+        .unwrap();
+    let (_, record) = store.job(&id).await.unwrap().unwrap();
+    let node = record.node.map(|n| NodeId::new(n).unwrap()).unwrap();
+    // Submitted, by this Redis's clock, an hour from now.
+    let mut conn = lingua_tests::connect(&redis).await;
+    let (secs, _): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    let () = redis::cmd("HSET")
+        .arg("lingua:v1:pair:{zh:en}:job:early")
+        .arg("created_ms")
+        .arg((secs + 3600) * 1000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let finished = store
+        .job_finish((zh_en, &id), (Some(&node), 1), true, "{}", LEASE)
+        .await
+        .unwrap();
+    assert_eq!(finished, Finish::Applied { latency_ms: 0 });
+}
+
+#[tokio::test]
 async fn a_job_is_recorded_by_its_first_pick_idempotently_and_fenced_by_attempt() {
     let redis = lingua_tests::redis().await;
     let store = store(&redis).await;

@@ -143,8 +143,9 @@ fn gpu_counts(nodes: &[NodeView]) -> GpuCounts {
     for gpu in reports.iter().flat_map(|c| &c.gpus) {
         counts.total += 1;
         counts.unhealthy += usize::from(!gpu.healthy);
-        counts.memory_used_mb += gpu.memory_used_mb;
-        counts.memory_total_mb += gpu.memory_total_mb;
+        // Nodes' own figures: a wrong one must not overflow the sum.
+        counts.memory_used_mb = counts.memory_used_mb.saturating_add(gpu.memory_used_mb);
+        counts.memory_total_mb = counts.memory_total_mb.saturating_add(gpu.memory_total_mb);
     }
     counts
 }
@@ -187,7 +188,8 @@ fn pairs(nodes: &[NodeView], pools: Vec<PoolView>) -> Vec<PairView> {
             pair.ready_nodes += 1;
             let free = node.capacity.iter().flat_map(|c| &c.free_slots);
             for (kind, slots) in free {
-                *pair.free_slots.entry(kind.clone()).or_default() += slots;
+                let sum = pair.free_slots.entry(kind.clone()).or_default();
+                *sum = sum.saturating_add(*slots);
             }
         }
         pair.no_capacity = pair.free_slots.values().all(|slots| *slots == 0);
