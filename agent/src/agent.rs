@@ -249,6 +249,28 @@ impl Agent {
     }
 }
 
+/// `old` with what of `new` can change live: the settings of the kinds
+/// already served, reserve, pressure, drain timeout. `None` when `new`
+/// names another GPU backend: its kinds were checked against that
+/// backend (a kind without `executor` is simulated on simulated GPUs
+/// only), not against the one this agent runs until a restart.
+fn live_config(old: &AgentConfig, new: &AgentConfig) -> Option<AgentConfig> {
+    if old.gpu.backend != new.gpu.backend {
+        return None;
+    }
+    let mut live = old.clone();
+    for (kind, settings) in &mut live.jobs {
+        if let Some(updated) = new.jobs.get(kind) {
+            *settings = updated.clone();
+        }
+    }
+    live.gpu.reserve_mb = new.gpu.reserve_mb;
+    live.gpu.pressure = new.gpu.pressure;
+    live.gpu.stale_after = new.gpu.stale_after;
+    live.drain_timeout = new.drain_timeout;
+    Some(live)
+}
+
 /// Applies what can change live (job limits and executors of the kinds
 /// already served, reserve, pressure, drain timeout) and returns the config
 /// now in force; everything else waits for a restart, and says so.
@@ -289,20 +311,61 @@ fn apply_reload(
     if !restart_needed.is_empty() {
         tracing::warn!(changed = ?restart_needed, "these settings apply only after a restart; keeping the old values until then");
     }
-    let mut live = old.clone();
-    for (kind, settings) in &mut live.jobs {
-        if let Some(updated) = new.jobs.get(kind) {
-            *settings = updated.clone();
-        }
-    }
-    live.gpu.reserve_mb = new.gpu.reserve_mb;
-    live.gpu.pressure = new.gpu.pressure;
-    live.gpu.stale_after = new.gpu.stale_after;
-    live.drain_timeout = new.drain_timeout;
+    let Some(live) = live_config(old, new) else {
+        tracing::warn!(
+            "gpu.backend changed: the new [jobs] tables were checked against a backend this agent does not run; nothing applied until a restart"
+        );
+        return old.clone();
+    };
     handles.arbiter.reconfigure(Limits::from_config(&live));
     jobs.set_executors(executors(&live, handles.simulated.as_ref(), client));
     tracing::info!(
         "config reloaded: job limits, executors, reserve, pressure and drain timeout applied"
     );
     live
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ExecutorConfig;
+
+    const REAL: &str = r#"
+[capabilities]
+src_langs = ["zh"]
+tgt_langs = ["en"]
+[gpu]
+backend = "nvml"
+[jobs.translate]
+vram_mb = 2000
+max_concurrent = 8
+executor = "http"
+url = "http://127.0.0.1:8001/translate"
+"#;
+
+    #[test]
+    fn a_reload_applies_kind_settings_only_on_the_backend_it_was_checked_against() {
+        let old = AgentConfig::parse(REAL).unwrap();
+        let translate = JobKind::new("translate").unwrap();
+        let tuned =
+            AgentConfig::parse(&REAL.replace("max_concurrent = 8", "max_concurrent = 2")).unwrap();
+        let live = live_config(&old, &tuned).unwrap();
+        assert_eq!(live.jobs[&translate].max_concurrent, 2);
+        // On simulated GPUs a kind may leave its executor out (simulated):
+        // a real node must not take that in before it restarts.
+        let simulated = AgentConfig::parse(
+            &REAL
+                .replace("backend = \"nvml\"", "backend = \"simulated\"")
+                .replace(
+                    "executor = \"http\"\nurl = \"http://127.0.0.1:8001/translate\"\n",
+                    "",
+                ),
+        )
+        .unwrap();
+        assert!(matches!(
+            simulated.jobs[&translate].executor,
+            ExecutorConfig::Simulated { .. }
+        ));
+        assert!(live_config(&old, &simulated).is_none());
+    }
 }

@@ -328,8 +328,9 @@ fn raise_open_files_limit(max_connections: u32) -> u32 {
     } else {
         soft
     };
-    // Redis connections, the private redis-server's socket, TLS files.
-    const RESERVED: u64 = 64;
+    // Redis connections, the private redis-server's socket, TLS files;
+    // and the sockets in TLS handshake, which the cap does not count yet.
+    const RESERVED: u64 = 64 + tls::MAX_HANDSHAKES as u64;
     if limit >= u64::from(max_connections) + RESERVED {
         return max_connections;
     }

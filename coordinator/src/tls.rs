@@ -31,8 +31,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// client speaks first (its hello), at once. A socket that says nothing
 /// holds a handshake permit this long, not the whole handshake timeout.
 const FIRST_BYTES_TIMEOUT: Duration = Duration::from_secs(2);
-/// Connections in TLS handshake at once.
-const MAX_HANDSHAKES: usize = 256;
+/// Connections in TLS handshake at once; each holds a descriptor beside
+/// the connections the server counts.
+pub const MAX_HANDSHAKES: usize = 256;
 
 /// Why the certificate or key cannot be used.
 #[derive(Debug, thiserror::Error)]

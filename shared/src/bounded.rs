@@ -4,10 +4,11 @@
 
 use serde::Deserialize;
 
-/// Most GPUs (or MIG instances) a capacity report may list: 16 GPUs of
-/// 7 instances each fit. A longer list is an invalid message: every
-/// routing decision for the node reads it (docs/SECURITY.md).
-pub const MAX_REPORTED_DEVICES: usize = 128;
+/// Most GPUs (or MIG instances) a registration or capacity report may
+/// list: 32 GPUs of 7 instances each fit. A longer list is an invalid
+/// message: every routing decision for the node reads it
+/// (docs/SECURITY.md).
+pub const MAX_REPORTED_DEVICES: usize = 256;
 /// Most kinds a capacity report may list in each of its maps, as many as
 /// a node may declare.
 pub const MAX_REPORTED_KINDS: usize = 32;

@@ -651,6 +651,14 @@ mod tests {
             assert!(err.to_string().contains("where at most"), "{err}");
             assert_eq!(err.code(), ErrorCode::InvalidMessage);
         }
+        let mut register = serde_json::to_value(&every_message()[0]).unwrap();
+        let info = register["gpus"][0].clone();
+        register["gpus"] = json!(vec![info; MAX_REPORTED_DEVICES + 1]);
+        let err = decode(register.to_string().as_bytes()).unwrap_err();
+        assert!(
+            matches!(err, DecodeError::Invalid { ty: "register", .. }),
+            "{err}"
+        );
         let mut heartbeat = serde_json::to_value(&every_message()[2]).unwrap();
         heartbeat["capacity"]["room"] = json!({"devices_mb": devices(100_000), "vram_mb": {}});
         let err = decode(heartbeat.to_string().as_bytes()).unwrap_err();

@@ -183,7 +183,7 @@ pub struct Register {
     /// Languages and kinds served.
     pub capabilities: Capabilities,
     /// The node's GPUs (empty on a CPU-only node).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "at_most::<MAX_REPORTED_DEVICES, _, _>")]
     pub gpus: Vec<GpuInfo>,
     /// Capacity at the time of registration.
     pub capacity: CapacityReport,

@@ -106,7 +106,7 @@ impl Masters {
         cmd: &Cmd,
     ) -> RedisResult<Value> {
         let Some(mut master) = command_slot(cmd).and_then(|slot| self.master(slot, cluster)) else {
-            return cluster.req_packed_command(cmd).await;
+            return through_cluster(cluster, cmd).await;
         };
         // A server's error comes as a value, for the caller to take out:
         // it is taken out here, to tell the errors of calls that ran from
@@ -125,12 +125,12 @@ impl Masters {
             // Not run: the slot has another master now.
             RetryMethod::MovedRedirect | RetryMethod::RefreshSlotsAndRetry => {
                 self.refresh_soon(cluster);
-                cluster.req_packed_command(cmd).await
+                through_cluster(cluster, cmd).await
             }
             // Not run: the slot is moving, or the cluster cannot serve it
             // yet; the map stands.
             RetryMethod::AskRedirect | RetryMethod::WaitAndRetry => {
-                cluster.req_packed_command(cmd).await
+                through_cluster(cluster, cmd).await
             }
             // The connection failed: the call may have run; running a
             // one-key write again changes nothing, a script call may.
@@ -138,7 +138,7 @@ impl Masters {
                 *self.map.write().unwrap_or_else(|e| e.into_inner()) = None;
                 self.refresh_soon(cluster);
                 if named(cmd, &ONE_KEY_WRITES) {
-                    cluster.req_packed_command(cmd).await
+                    through_cluster(cluster, cmd).await
                 } else {
                     Err(err)
                 }
@@ -287,6 +287,35 @@ fn node_addr(seed: &ConnectionAddr, host: String, port: u16) -> ConnectionAddr {
             tls_params: tls_params.clone(),
         },
         _ => ConnectionAddr::Tcp(host, port),
+    }
+}
+
+/// Times a call is sent through the cluster connection, at most, while
+/// its answers say that it did not run.
+const CLUSTER_TRIES: usize = 4;
+
+/// `cmd` through the cluster connection, sent again while the answer
+/// says it did not run (`MOVED`, `ASK`, `TRYAGAIN`, ...): that connection
+/// follows redirects itself, but within a budget of tries that a
+/// reconnection after dropped connections can spend before the redirect
+/// it then meets.
+async fn through_cluster(cluster: &mut ClusterConnection, cmd: &Cmd) -> RedisResult<Value> {
+    let mut tries = 1;
+    loop {
+        let reply = cluster.req_packed_command(cmd).await;
+        let not_run = reply.as_ref().is_err_and(|err| {
+            matches!(
+                err.retry_method(),
+                RetryMethod::MovedRedirect
+                    | RetryMethod::AskRedirect
+                    | RetryMethod::WaitAndRetry
+                    | RetryMethod::RefreshSlotsAndRetry
+            )
+        });
+        if !not_run || tries == CLUSTER_TRIES {
+            return reply;
+        }
+        tries += 1;
     }
 }
 
