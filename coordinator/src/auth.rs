@@ -12,10 +12,14 @@ use subtle::ConstantTimeEq;
 /// token derived so far.
 const NODE_TOKEN_CONTEXT: &str = "lingua-node-token:v1:";
 
-/// True when `presented` equals one of `tokens`.
+/// True when `presented` equals one of `tokens`. Their SHA-256 digests
+/// are compared, all of one length: a comparison of the texts themselves
+/// ends at once on lengths that differ, which tells a token's length.
 pub fn contains_token(tokens: &[String], presented: &str) -> bool {
+    let presented = digest::digest(&digest::SHA256, presented.as_bytes());
     tokens.iter().fold(false, |found, token| {
-        found | bool::from(token.as_bytes().ct_eq(presented.as_bytes()))
+        let token = digest::digest(&digest::SHA256, token.as_bytes());
+        found | bool::from(token.as_ref().ct_eq(presented.as_ref()))
     })
 }
 
@@ -182,6 +186,8 @@ mod tests {
         assert!(shared.allows(&node("x"), Some("a-shared-node-token")));
         assert!(shared.allows(&node("y"), Some("a-shared-node-token")));
         assert!(!shared.allows(&node("y"), Some("a-shared-node-tokeN")));
+        assert!(!shared.allows(&node("y"), Some("a-shared-node-toke")));
+        assert!(!shared.allows(&node("y"), Some("a-shared-node-token ")));
         assert!(NodeCredentials::default().allows(&node("x"), None));
     }
 
