@@ -157,6 +157,12 @@ async fn deliver(peers: &Peers, envelope: Envelope) {
             peers.registry.drain(&node, reason);
         }
         Envelope::Cancel { node, cancel } => {
+            // Its sender gave up on the attempt: whether or not the node
+            // ever answers, it holds no room here any longer.
+            peers.router.forget_forwarded(&JobRef {
+                job_id: cancel.job_id.clone(),
+                attempt: cancel.attempt,
+            });
             peers
                 .registry
                 .send(&node, Control::Send(Box::new(Message::JobCancel(cancel))));

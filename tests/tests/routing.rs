@@ -941,6 +941,79 @@ async fn a_job_whose_client_went_away_is_still_moved_on_and_finished() {
     coordinator.stop().await;
 }
 
+/// An assignment forwarded through another instance, never answered and
+/// then cancelled by the instance that sent it, no longer holds room on
+/// the node: the node's next report offers its slot again.
+#[tokio::test]
+async fn a_forwarded_assignment_cancelled_unanswered_gives_its_room_back() {
+    let redis = lingua_tests::redis().await;
+    let holder = TestCoordinator::start(&redis, quiet_node_config()).await;
+    let origin = TestCoordinator::start(
+        &redis,
+        lingua_coordinator::config::Config {
+            accept_timeout: Duration::from_millis(300),
+            max_attempts: 1,
+            ..quiet_node_config()
+        },
+    )
+    .await;
+    let mut register = registration("silent", &["zh"], &["en"]);
+    let one_slot = CapacityReport {
+        free_slots: [(register.capabilities.kinds[0].clone(), 1)].into(),
+        ..CapacityReport::default()
+    };
+    register.capacity = one_slot.clone();
+    let (mut node, _) = TestNode::register(&holder.ws_url(), register).await;
+    let body = |id: &str| {
+        json!({"id": id, "kind": "translate", "src_lang": "zh", "tgt_lang": "en",
+               "timeout_ms": 20000})
+    };
+    let (status, unanswered) = origin.submit(body("unanswered")).await;
+    let assign = next_assign(&mut node).await;
+    assert_eq!(assign.job_id.as_str(), "unanswered");
+    assert_eq!(status, 503, "{unanswered}");
+    assert_eq!(unanswered["error"]["code"], "no_capacity", "{unanswered}");
+    loop {
+        match node.recv().await {
+            Received::Message(Message::JobCancel(cancel)) => {
+                assert_eq!(cancel.job_id, assign.job_id);
+                break;
+            }
+            Received::Message(_) => {}
+            other => panic!("expected job_cancel, got {other:?}"),
+        }
+    }
+    // The node never ran it: its slot is free, and it says so.
+    node.send(&Message::Capacity(one_slot)).await;
+    let url = origin.url("/v1/jobs");
+    let submitted = tokio::spawn(async move {
+        let answer = reqwest::Client::new()
+            .post(url)
+            .json(&body("next"))
+            .send()
+            .await
+            .unwrap();
+        (
+            answer.status().as_u16(),
+            answer.json::<Value>().await.unwrap(),
+        )
+    });
+    let next = tokio::time::timeout(Duration::from_secs(15), next_assign(&mut node))
+        .await
+        .expect("the node's slot is offered again");
+    assert_eq!(next.job_id.as_str(), "next");
+    accepted_then_done(&mut node, next).await;
+    let (status, answer) = submitted.await.unwrap();
+    assert_eq!(
+        (status, &answer["status"]),
+        (200, &json!("completed")),
+        "{answer}"
+    );
+    node.close().await;
+    origin.stop().await;
+    holder.stop().await;
+}
+
 /// A raw node sends no heartbeats: with this config the coordinator
 /// closes it for that after 30 s, not 0.6 s, however slow the machine.
 fn quiet_node_config() -> lingua_coordinator::config::Config {

@@ -73,7 +73,8 @@ impl JobRouter {
         Some(ended)
     }
 
-    /// Forgets a forwarded assignment (it could not be delivered).
+    /// Forgets a forwarded assignment: it could not be delivered, or the
+    /// instance that sent it cancelled it.
     pub fn forget_forwarded(&self, job: &JobRef) {
         self.end_forwarded(job);
     }
