@@ -206,7 +206,7 @@ async fn http(
         }
     };
     let status = response.status();
-    let body = match response.bytes().await {
+    let body = match limited_body(response).await {
         Ok(body) => body,
         Err(err) if err.is_timeout() => {
             return failed(
@@ -229,6 +229,20 @@ async fn http(
         );
     }
     json_output(&body, "http executor: the answer")
+}
+
+/// An answer's body, read up to one byte past `MAX_OUTPUT_BYTES`: a
+/// longer one is refused without holding the rest of it.
+async fn limited_body(mut response: reqwest::Response) -> reqwest::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        let room = MAX_OUTPUT_BYTES + 1 - body.len();
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body.len() > MAX_OUTPUT_BYTES {
+            break;
+        }
+    }
+    Ok(body)
 }
 
 /// The output of an executor: JSON of at most 1 MiB.
@@ -600,6 +614,7 @@ mod tests {
 
     /// A local inference service: `/echo` answers the payload, `/fail`
     /// answers 500, `/slow` never answers, `/text` answers plain text,
+    /// `/endless` answers a body that never ends,
     /// `/gpu/{index}/{uuid}` answers which GPU's route it was.
     async fn inference_service() -> String {
         use axum::Json;
@@ -624,7 +639,17 @@ mod tests {
                 post(|| async { (StatusCode::INTERNAL_SERVER_ERROR, "model crashed") }),
             )
             .route("/slow", post(std::future::pending::<&'static str>))
-            .route("/text", post(|| async { "not json" }));
+            .route("/text", post(|| async { "not json" }))
+            .route(
+                "/endless",
+                post(|| async {
+                    let chunk = axum::body::Bytes::from_static(&[b' '; 64 * 1024]);
+                    let spaces = futures_util::stream::repeat_with(move || {
+                        Ok::<_, std::io::Error>(chunk.clone())
+                    });
+                    axum::body::Body::from_stream(spaces)
+                }),
+            );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
@@ -663,6 +688,14 @@ mod tests {
                 ..
             }
         ));
+        // An answer that never ends is refused at 1 MiB, not read whole.
+        let outcome = http_executor(format!("{base}/endless"), 3000)
+            .run(&job(json!(1)), (None, Device::Cpu), &|_| ())
+            .await;
+        assert!(
+            matches!(&outcome, Outcome::Failed { code: FailureCode::ExecutorFailed, message } if message.contains("larger than 1 MiB")),
+            "{outcome:?}"
+        );
         let outcome = http_executor(format!("{base}/slow"), 200)
             .run(&job(json!(1)), (None, Device::Cpu), &|_| ())
             .await;
