@@ -48,7 +48,12 @@ async fn measure(instances: usize, options: &Options) -> Result<Row, BenchError>
     let cpu: Duration = coordinators
         .iter()
         .zip(before)
-        .map(|(c, before)| proc_sample(c.pid()).map(|s| s.cpu).unwrap_or_default() - before)
+        .map(|(c, before)| {
+            proc_sample(c.pid())
+                .map(|s| s.cpu)
+                .unwrap_or_default()
+                .saturating_sub(before)
+        })
         .sum();
     let mut forwarded = 0;
     let mut assigned = 0;

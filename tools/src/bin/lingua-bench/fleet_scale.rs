@@ -76,7 +76,7 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
             format!(
                 "{}, {:.0} MB",
                 core_pct(
-                    coordinator_after.cpu - coordinator_before.cpu,
+                    coordinator_after.cpu.saturating_sub(coordinator_before.cpu),
                     options.window
                 ),
                 coordinator_after.rss_kib as f64 / 1024.0
@@ -91,9 +91,15 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
             format!("{size} agents connected: Redis commands/s, CPU; agents' process CPU"),
             format!(
                 "{:.0}/s, {}; {}",
-                (redis_after.commands - redis_before.commands) as f64 / seconds,
-                core_pct(redis_after.cpu - redis_before.cpu, options.window),
-                core_pct(bench_after.cpu - bench_before.cpu, options.window),
+                redis_after.commands.saturating_sub(redis_before.commands) as f64 / seconds,
+                core_pct(
+                    redis_after.cpu.saturating_sub(redis_before.cpu),
+                    options.window
+                ),
+                core_pct(
+                    bench_after.cpu.saturating_sub(bench_before.cpu),
+                    options.window
+                ),
             ),
             "",
         ));

@@ -74,7 +74,10 @@ utilization_pct = 3
             "lingua-agent idle (connected, heartbeating)",
             format!(
                 "{}, {:.1} MB RSS",
-                core_pct(idle_after.cpu - idle_before.cpu, options.window),
+                core_pct(
+                    idle_after.cpu.saturating_sub(idle_before.cpu),
+                    options.window
+                ),
                 idle_after.rss_kib as f64 / 1024.0
             ),
             "nearly free",
@@ -83,7 +86,10 @@ utilization_pct = 3
             format!("lingua-agent under load ({SLOTS} slots of 20 ms jobs)"),
             format!(
                 "{}, {:.1} MB RSS, {:.0} jobs/s, latency {}",
-                core_pct(load_after.cpu - load_before.cpu, options.window),
+                core_pct(
+                    load_after.cpu.saturating_sub(load_before.cpu),
+                    options.window
+                ),
                 load_after.rss_kib as f64 / 1024.0,
                 completed as f64 / options.window.as_secs_f64(),
                 latency.show()

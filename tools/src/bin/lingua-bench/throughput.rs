@@ -62,7 +62,7 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     let frames = Frames::of(&client, &coordinator).await? - frames_before;
     let rate = closed.jobs as f64 / options.window.as_secs_f64();
     let scripts_per_job =
-        (redis_after.scripts - redis_before.scripts) as f64 / closed.jobs.max(1) as f64;
+        redis_after.scripts.saturating_sub(redis_before.scripts) as f64 / closed.jobs.max(1) as f64;
 
     let waits_before = Waits::now(&coordinator, &redis).await?;
     let open_started = Instant::now();
@@ -86,9 +86,9 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     let closed_pct = Percentiles::of(&mut closed.latencies);
     let open_pct = Percentiles::of(&mut open.latencies);
     let per_job = |cpu: Duration| cpu.as_secs_f64() * 1e6 / closed.jobs.max(1) as f64;
-    let cpu_per_job = per_job(cpu_after.cpu - cpu_before.cpu);
-    let redis_per_job = per_job(redis_after.cpu - redis_before.cpu);
-    let bench_per_job = per_job(bench_after.cpu - bench_before.cpu);
+    let cpu_per_job = per_job(cpu_after.cpu.saturating_sub(cpu_before.cpu));
+    let redis_per_job = per_job(redis_after.cpu.saturating_sub(redis_before.cpu));
+    let bench_per_job = per_job(bench_after.cpu.saturating_sub(bench_before.cpu));
     // What this host's cores could run if they ran nothing but these
     // three, at this run's cost per job: the most the share of the
     // ceiling can reach here.
@@ -153,7 +153,7 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
             "Coordinator CPU during the closed loop",
             format!(
                 "{}, {cpu_per_job:.0} µs per job",
-                core_pct(cpu_after.cpu - cpu_before.cpu, options.window)
+                core_pct(cpu_after.cpu.saturating_sub(cpu_before.cpu), options.window)
             ),
             "<= 80 µs per job",
         ),
@@ -161,7 +161,10 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
             "Redis CPU during the closed loop",
             format!(
                 "{}, {redis_per_job:.0} µs per job",
-                core_pct(redis_after.cpu - redis_before.cpu, options.window)
+                core_pct(
+                    redis_after.cpu.saturating_sub(redis_before.cpu),
+                    options.window
+                )
             ),
             "",
         ),
@@ -169,7 +172,10 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
             format!("Bench CPU (load generator and {AGENTS} agents) during the closed loop"),
             format!(
                 "{}, {bench_per_job:.0} µs per job",
-                core_pct(bench_after.cpu - bench_before.cpu, options.window)
+                core_pct(
+                    bench_after.cpu.saturating_sub(bench_before.cpu),
+                    options.window
+                )
             ),
             "",
         ),
@@ -294,9 +300,9 @@ impl std::ops::Sub for Frames {
 
     fn sub(self, before: Self) -> Self {
         Self {
-            from_nodes: self.from_nodes - before.from_nodes,
-            accepts: self.accepts - before.accepts,
-            to_nodes: self.to_nodes - before.to_nodes,
+            from_nodes: self.from_nodes.saturating_sub(before.from_nodes),
+            accepts: self.accepts.saturating_sub(before.accepts),
+            to_nodes: self.to_nodes.saturating_sub(before.to_nodes),
         }
     }
 }
