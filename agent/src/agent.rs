@@ -272,7 +272,7 @@ fn live_config(old: &AgentConfig, new: &AgentConfig) -> Option<AgentConfig> {
 }
 
 /// Applies what can change live (job limits and executors of the kinds
-/// already served, reserve, pressure, drain timeout) and returns the config
+/// already served, reserve, pressure, stale time, drain timeout) and returns the config
 /// now in force; everything else waits for a restart, and says so.
 fn apply_reload(
     old: &AgentConfig,

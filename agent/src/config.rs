@@ -728,6 +728,28 @@ duration_ms = 150
     }
 
     #[test]
+    fn real_gpus_need_each_kind_to_state_its_memory() {
+        let nvml = SPEC_EXAMPLE.replace("backend = \"simulated\"", "backend = \"nvml\"");
+        AgentConfig::parse(&nvml).unwrap();
+        let unstated = nvml.replace("vram_mb = 2000\n", "");
+        let message = error(&unstated);
+        assert!(
+            message.contains("jobs.translate.vram_mb (line 20)")
+                && message.contains("with backend = \"nvml\"")
+                && message.contains("probe"),
+            "{message}"
+        );
+        let none = nvml.replace("vram_mb = 2000\n", "vram_mb = 0\n");
+        let translate =
+            &AgentConfig::parse(&none).unwrap().jobs[&JobKind::new("translate").unwrap()];
+        assert_eq!(translate.vram_mb, 0, "stated as none, it is none");
+        for backend in ["simulated", "none"] {
+            let other = unstated.replace("backend = \"nvml\"", &format!("backend = {backend:?}"));
+            AgentConfig::parse(&other).unwrap();
+        }
+    }
+
+    #[test]
     fn required_parts_and_cross_field_rules() {
         assert!(error("[jobs.asr]\n").contains("capabilities"));
         let no_jobs = "[capabilities]\nsrc_langs = [\"zh\"]\ntgt_langs = [\"en\"]\n";

@@ -195,10 +195,10 @@ mod help {
     pub const FRAMES_REJECTED: &str = "Node frames answered with an error frame, by code";
     pub const FRAMES: &str = "Frames on node sockets, by direction (in: from the node, once registered; out: to it) and type";
     pub const SCRIPT_SECONDS: &str = "Latency of Redis script calls";
-    pub const STAGE_SECONDS: &str = "Where the time of jobs dispatched here went, by stage: start (recording the job), queue (waiting for room), pick (choosing a node), record (recording the attempt), accept (assignment to the node's answer), run (accept to result), answer (result to answer)";
+    pub const STAGE_SECONDS: &str = "Where the time of jobs dispatched here went, by stage: start (recording the job, with its first pick), queue (waiting for room), pick (choosing a node for a later attempt), record (recording a failure decided here), accept (assignment to the node's answer), run (accept to result), answer (result to answer)";
     pub const POOL_NODES: &str = "Nodes per pool held by this instance (refreshed at each scrape)";
     pub const JOBS: &str = "Jobs dispatched here that ended, by status or error code";
-    pub const RESULTS: &str = "Node results: applied, duplicate (already ended), stale (superseded attempt) or foreign (assigned to another node: refused)";
+    pub const RESULTS: &str = "Node results: applied, duplicate (already ended), stale (superseded attempt, or one the coordinator cancelled) or foreign (assigned to another node: refused)";
     pub const ASSIGNMENTS: &str = "Assignments sent to nodes (one per attempt)";
     pub const FORWARDED: &str =
         "Assignments sent through the inbox of the instance holding the node's socket";
@@ -206,7 +206,7 @@ mod help {
         "Jobs waiting in this instance's admission queue, per pair and kind";
     pub const QUEUE_WAIT: &str =
         "Time jobs waited in the admission queue until a node had room, per pair and kind";
-    pub const SHED: &str = "Jobs answered no_capacity early: queue_full (max_queued reached), too_late (the queue could not serve them before their deadline), deadline (it passed while queued)";
+    pub const SHED: &str = "Jobs the admission queue turned away: queue_full (max_queued reached: answered queue_full unrecorded, or failed no_capacity once recorded), too_late (the queue could not serve them before their deadline), deadline (it passed while queued); the last two fail no_capacity";
     pub const REFUSALS: &str = "Assignments nodes refused, by the node's reason";
     pub const BUILD_INFO: &str = "Always 1; its label says the coordinator's version";
     pub const REDIS_UP: &str =

@@ -14,7 +14,7 @@ use lingua_coordinator::private_redis::PrivateRedis;
 use lingua_coordinator::store::Store;
 use lingua_shared::Message;
 use lingua_shared::protocol::{
-    CapacityReport, JobAssign, JobRef, JobReject, JobResult, Outcome, RejectReason,
+    CapacityReport, FailureCode, JobAssign, JobRef, JobReject, JobResult, Outcome, RejectReason,
 };
 use lingua_tests::cluster::RedisCluster;
 use lingua_tests::fleet::Blackhole;
@@ -1012,6 +1012,96 @@ async fn a_forwarded_assignment_cancelled_unanswered_gives_its_room_back() {
     node.close().await;
     origin.stop().await;
     holder.stop().await;
+}
+
+/// A node that stopped a job because the coordinator cancelled it (its
+/// accept was lost, and the dispatcher moved on) says so in a result:
+/// that ends the attempt, not the job, which runs on the next node with
+/// room.
+#[tokio::test]
+async fn a_cancelled_attempt_does_not_end_its_job() {
+    let redis = lingua_tests::redis().await;
+    let config = lingua_coordinator::config::Config {
+        accept_timeout: Duration::from_millis(1000),
+        ..quiet_node_config()
+    };
+    let coordinator = TestCoordinator::start(&redis, config).await;
+    let room = |free: u32| {
+        let kind = registration("any", &["zh"], &["en"]).capabilities.kinds[0].clone();
+        CapacityReport {
+            free_slots: [(kind, free)].into(),
+            ..CapacityReport::default()
+        }
+    };
+    let mut register = registration("full", &["zh"], &["en"]);
+    register.capacity = room(0);
+    let (mut full, _) = TestNode::register(&coordinator.ws_url(), register).await;
+    let mut register = registration("silent", &["zh"], &["en"]);
+    register.capacity = room(1);
+    let (mut silent, _) = TestNode::register(&coordinator.ws_url(), register).await;
+    let url = coordinator.url("/v1/jobs");
+    let submitted = tokio::spawn(async move {
+        let body = json!({"id": "cancelled-once", "kind": "translate", "src_lang": "zh",
+                          "tgt_lang": "en", "timeout_ms": 20000});
+        let answer = reqwest::Client::new()
+            .post(url)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (
+            answer.status().as_u16(),
+            answer.json::<Value>().await.unwrap(),
+        )
+    });
+    // The silent node runs it (its slot taken) but its accept is lost.
+    let first = next_assign(&mut silent).await;
+    silent.send(&Message::Capacity(room(0))).await;
+    let cancel = loop {
+        match silent.recv().await {
+            Received::Message(Message::JobCancel(cancel)) => break cancel,
+            Received::Message(_) => {}
+            other => panic!("expected job_cancel, got {other:?}"),
+        }
+    };
+    assert_eq!(
+        (&cancel.job_id, cancel.attempt),
+        (&first.job_id, first.attempt)
+    );
+    silent
+        .send(&Message::JobResult(JobResult {
+            job_id: first.job_id.clone(),
+            attempt: first.attempt,
+            outcome: Outcome::Failed {
+                code: FailureCode::Cancelled,
+                message: "cancelled by the coordinator".into(),
+            },
+            duration_ms: 1,
+            device: None,
+        }))
+        .await;
+    loop {
+        match silent.recv().await {
+            Received::Message(Message::ResultAck(acked)) if acked.job_id == first.job_id => break,
+            Received::Message(_) => {}
+            other => panic!("expected result_ack, got {other:?}"),
+        }
+    }
+    // Room elsewhere: the job runs there.
+    full.send(&Message::Capacity(room(1))).await;
+    let second = next_assign(&mut full).await;
+    assert_eq!(second.job_id, first.job_id);
+    accepted_then_done(&mut full, second).await;
+    let (status, answer) = submitted.await.unwrap();
+    assert_eq!(
+        (status, &answer["status"]),
+        (200, &json!("completed")),
+        "{answer}"
+    );
+    assert_eq!(answer["node_id"], "full", "{answer}");
+    silent.close().await;
+    full.close().await;
+    coordinator.stop().await;
 }
 
 /// A raw node sends no heartbeats: with this config the coordinator

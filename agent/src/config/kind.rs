@@ -198,6 +198,15 @@ pub(super) fn kind_config(
     backend: Backend,
 ) -> Result<KindConfig, ConfigError> {
     let field = |key: &str| format!("jobs.{name}.{key}");
+    if backend == Backend::Nvml && raw.vram_mb.is_none() {
+        // Left out, it would be 0: jobs admitted by count alone, however
+        // little memory the GPU has left.
+        return Err(check.invalid(
+            field("vram_mb"),
+            span,
+            "no vram_mb: with backend = \"nvml\" the arbiter admits a job only on a GPU with this much memory free (MiB); set it a little above the peak a job of this kind holds (`lingua-agent probe` shows it), or to 0 for a kind that uses no GPU memory".to_owned(),
+        ));
+    }
     let vram_mb = check.range(field("vram_mb"), raw.vram_mb, 0, 0..=10_000_000)?;
     let on_vram_overrun = match raw.on_vram_overrun {
         None => OverrunAction::Warn,

@@ -84,12 +84,25 @@ impl JobRouter {
     /// wake the dispatcher, and say whether the node may drop it from its
     /// outbox.
     pub async fn result(&self, node: &NodeId, result: JobResult) -> Result<Taken, StoreError> {
-        let completed = matches!(result.outcome, Outcome::Completed { .. });
-        let ended = Ended::reported(result.outcome, result.device);
         let key = JobRef {
             job_id: result.job_id,
             attempt: result.attempt,
         };
+        if let Outcome::Failed {
+            code: FailureCode::Cancelled,
+            ..
+        } = result.outcome
+        {
+            // Only a dispatcher cancels an attempt, once it has given up
+            // on it: it moved the job on, or records the job's timeout
+            // itself. The node's word that it stopped ends the attempt,
+            // not the job.
+            self.end_forwarded(&key);
+            self.metrics.result("stale");
+            return Ok(Taken::Acknowledged);
+        }
+        let completed = matches!(result.outcome, Outcome::Completed { .. });
+        let ended = Ended::reported(result.outcome, result.device);
         let Some(pair) = self.pair_of(&key).await? else {
             // No record names the job: long gone.
             self.metrics.result("stale");
