@@ -8,12 +8,13 @@
 -- ARGV[5] the node reporting the outcome, or "" when the dispatching
 --         coordinator ends the job itself (timeout, no capacity)
 -- Returns {"applied", latency_ms} (submission to now: the caller builds
--- the answer from this and what it knows), "duplicate" (already terminal:
--- a repeated or late result), "stale" (from an attempt that was
--- superseded) or
+-- the answer from this and what it knows), {"late", latency_ms, outcome}
+-- (a node's outcome after the job's deadline: recorded as this failure,
+-- `timeout`, instead), "duplicate" (already terminal: a repeated or late
+-- result), "stale" (from an attempt that was superseded) or
 -- {"foreign", node}: the current attempt was assigned to that other node,
 -- so the reporter has no say in it.
-local fields = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'created_ms', 'node')
+local fields = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'created_ms', 'node', 'deadline_ms')
 if not fields[1] then
   return 'stale'
 end
@@ -32,10 +33,22 @@ local now_ms = now[1] * 1000 + math.floor(now[2] / 1000)
 -- A clock behind the one that recorded the submission (a failover to a
 -- master whose clock is behind) gives 0, not a negative time.
 local latency_ms = math.max(0, now_ms - tonumber(fields[3]))
+local status, outcome, reply = ARGV[2], ARGV[3], 'applied'
+-- Real time: a node's answer after the job's deadline is a failed one
+-- (its client's time is up), whatever it says.
+if ARGV[5] ~= '' and fields[5] and now_ms > tonumber(fields[5]) then
+  status, reply = 'failed', 'late'
+  outcome = string.format(
+    '{"error":{"code":"timeout","message":"the result came %d ms after the job\'s deadline"}}',
+    now_ms - tonumber(fields[5]))
+end
 redis.call('HSET', KEYS[1],
-  'status', ARGV[2],
-  'outcome', ARGV[3],
+  'status', status,
+  'outcome', outcome,
   'finished_ms', string.format('%d', now_ms),
   'latency_ms', string.format('%d', latency_ms))
 redis.call('PEXPIRE', KEYS[1], ARGV[4])
+if reply == 'late' then
+  return {'late', latency_ms, outcome}
+end
 return {'applied', latency_ms}

@@ -198,7 +198,7 @@ mod help {
     pub const STAGE_SECONDS: &str = "Where the time of jobs dispatched here went, by stage: start (recording the job, with its first pick), queue (waiting for room), pick (choosing a node for a later attempt), record (recording a failure decided here), accept (assignment to the node's answer), run (accept to result), answer (result to answer)";
     pub const POOL_NODES: &str = "Nodes per pool held by this instance (refreshed at each scrape)";
     pub const JOBS: &str = "Jobs dispatched here that ended, by status or error code";
-    pub const RESULTS: &str = "Node results: applied, duplicate (already ended), stale (superseded attempt, or one the coordinator cancelled) or foreign (assigned to another node: refused)";
+    pub const RESULTS: &str = "Node results: applied, late (after the job's deadline: recorded as failed, timeout), duplicate (already ended), stale (superseded attempt, or one the coordinator cancelled) or foreign (assigned to another node: refused)";
     pub const ASSIGNMENTS: &str = "Assignments sent to nodes (one per attempt)";
     pub const FORWARDED: &str =
         "Assignments sent through the inbox of the instance holding the node's socket";

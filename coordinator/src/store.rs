@@ -178,6 +178,14 @@ pub enum Finish {
         /// Submission to now.
         latency_ms: u64,
     },
+    /// Recorded, but as a failure (`timeout`, the recorded `outcome`):
+    /// the node's outcome came after the job's deadline.
+    Late {
+        /// Submission to now.
+        latency_ms: u64,
+        /// The outcome recorded (the JSON of the job's `Ended`).
+        outcome: String,
+    },
     /// The job had already ended.
     Duplicate,
     /// The attempt was superseded.

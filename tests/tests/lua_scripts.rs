@@ -770,6 +770,56 @@ async fn a_job_finished_on_a_clock_behind_its_submission_takes_no_negative_time(
 }
 
 #[tokio::test]
+async fn a_result_after_its_jobs_deadline_is_recorded_as_a_timeout() {
+    let redis = lingua_tests::redis().await;
+    let store = store(&redis).await;
+    let route = two_nodes_with_room(&store, 4).await;
+    let zh_en = pair("zh:en");
+    let mut conn = lingua_tests::connect(&redis).await;
+    let (secs, _): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    for id in ["late", "decided-late"] {
+        let id = JobId::new(id).unwrap();
+        store
+            .job_open(new_job(&id, zh_en, "{}", LEASE), (on(&route, &[]), true))
+            .await
+            .unwrap();
+        // Its deadline, by this Redis's clock, passed a minute ago.
+        let () = redis::cmd("HSET")
+            .arg(format!("lingua:v1:pair:{{zh:en}}:job:{id}"))
+            .arg("deadline_ms")
+            .arg((secs - 60) * 1000)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let late = JobId::new("late").unwrap();
+    let (_, record) = store.job(&late).await.unwrap().unwrap();
+    let node = record.node.map(|n| NodeId::new(n).unwrap()).unwrap();
+    let completed = r#"{"output":{"text":"too late"}}"#;
+    let finished = store
+        .job_finish((zh_en, &late), (Some(&node), 1), true, completed, LEASE)
+        .await
+        .unwrap();
+    let Finish::Late { outcome, .. } = finished else {
+        panic!("a node's result past the deadline is late: {finished:?}");
+    };
+    let outcome: serde_json::Value = serde_json::from_str(&outcome).unwrap();
+    assert_eq!(outcome["error"]["code"], "timeout", "{outcome}");
+    let (_, record) = store.job(&late).await.unwrap().unwrap();
+    assert_eq!(record.status.as_str(), "failed");
+    let recorded: serde_json::Value = serde_json::from_str(&record.outcome.unwrap()).unwrap();
+    assert_eq!(recorded, outcome);
+    // The dispatcher's own failure at the deadline is recorded as it says.
+    let decided = JobId::new("decided-late").unwrap();
+    let failure = r#"{"error":{"code":"timeout","message":"no result within 1000 ms"}}"#;
+    let finished = store
+        .job_finish((zh_en, &decided), (None, 1), false, failure, LEASE)
+        .await
+        .unwrap();
+    assert!(matches!(finished, Finish::Applied { .. }), "{finished:?}");
+}
+
+#[tokio::test]
 async fn a_job_is_recorded_by_its_first_pick_idempotently_and_fenced_by_attempt() {
     let redis = lingua_tests::redis().await;
     let store = store(&redis).await;

@@ -121,6 +121,7 @@ impl JobRouter {
         tracing::debug!(job_id = %key.job_id, attempt = key.attempt, node_id = %node, ?finish, "job result");
         self.metrics.result(match &finish {
             Finish::Applied { .. } => "applied",
+            Finish::Late { .. } => "late",
             Finish::Duplicate => "duplicate",
             Finish::Stale => "stale",
             Finish::Foreign { .. } => "foreign",
@@ -131,15 +132,25 @@ impl JobRouter {
         }
         // Whatever became of it, a forwarded attempt ends with its result.
         let forwarded = self.end_forwarded(&key);
-        let Finish::Applied { latency_ms } = finish else {
-            return Ok(Taken::Acknowledged);
+        let (status, ended, latency_ms) = match finish {
+            Finish::Applied { latency_ms } if completed => {
+                (JobStatus::Completed, ended, latency_ms)
+            }
+            Finish::Applied { latency_ms } => (JobStatus::Failed, ended, latency_ms),
+            Finish::Late {
+                latency_ms,
+                outcome,
+            } => {
+                tracing::warn!(node_id = %node, job_id = %key.job_id, attempt = key.attempt, "a result came after its job's deadline: recorded as failed, timeout");
+                // What the script recorded: JSON of an `Ended`.
+                let ended = serde_json::from_str(&outcome).unwrap_or_default();
+                (JobStatus::Failed, ended, latency_ms)
+            }
+            Finish::Duplicate | Finish::Stale | Finish::Foreign { .. } => {
+                return Ok(Taken::Acknowledged);
+            }
         };
         if let Some(attempt) = lock(&self.attempts).get(&key) {
-            let status = if completed {
-                JobStatus::Completed
-            } else {
-                JobStatus::Failed
-            };
             let view = JobView::ended(
                 &key.job_id,
                 (status, ended),

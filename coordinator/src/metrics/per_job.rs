@@ -48,7 +48,7 @@ const FRAMES_OUT: [&str; 6] = [
     "register_ack",
 ];
 /// How a node's result was taken.
-const RESULT_OUTCOMES: [&str; 4] = ["applied", "duplicate", "stale", "foreign"];
+const RESULT_OUTCOMES: [&str; 5] = ["applied", "late", "duplicate", "stale", "foreign"];
 
 /// The series every job counts, resolved at start.
 pub(super) struct PerJob {

@@ -304,6 +304,12 @@ impl Store {
                         latency_ms: u64::from_redis_value_ref(latency).map_err(|_| unexpected())?,
                     })
                 }
+                [status, latency, outcome] if text(status).as_deref() == Some("late") => {
+                    Ok(Finish::Late {
+                        latency_ms: u64::from_redis_value_ref(latency).map_err(|_| unexpected())?,
+                        outcome: text(outcome).ok_or_else(unexpected)?,
+                    })
+                }
                 [status, assigned] if text(status).as_deref() == Some("foreign") => {
                     Ok(Finish::Foreign {
                         assigned: text(assigned).unwrap_or_default(),
