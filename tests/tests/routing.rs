@@ -1104,6 +1104,62 @@ async fn a_cancelled_attempt_does_not_end_its_job() {
     coordinator.stop().await;
 }
 
+/// A pick that ran in Redis but whose answer was lost moved the job to
+/// an attempt its dispatcher never sent; the dispatcher's next pick finds
+/// the job moved on. At the deadline it records the job's timeout rather
+/// than answering with a job still running.
+#[tokio::test]
+async fn a_job_moved_on_by_a_pick_whose_answer_was_lost_ends_at_its_deadline() {
+    let redis = lingua_tests::redis().await;
+    let coordinator = TestCoordinator::start(&redis, quiet_node_config()).await;
+    let register = registration("refuser", &["zh"], &["en"]);
+    let (mut node, _) = TestNode::register(&coordinator.ws_url(), register).await;
+    let body = json!({"id": "lost-pick", "kind": "translate", "src_lang": "zh",
+                      "tgt_lang": "en", "timeout_ms": 3000});
+    let submitted = tokio::spawn({
+        let url = coordinator.url("/v1/jobs");
+        async move {
+            let answer = reqwest::Client::new()
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            (
+                answer.status().as_u16(),
+                answer.json::<Value>().await.unwrap(),
+            )
+        }
+    });
+    let first = next_assign(&mut node).await;
+    // What the lost pick did: the job's next attempt, recorded.
+    let mut conn = lingua_tests::connect(&redis).await;
+    let () = redis::cmd("HSET")
+        .arg("lingua:v1:pair:{zh:en}:job:lost-pick")
+        .arg("attempt")
+        .arg(first.attempt + 1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    node.send(&Message::JobReject(JobReject {
+        job_id: first.job_id.clone(),
+        attempt: first.attempt,
+        reason: RejectReason::NoCapacity,
+        message: "busy".into(),
+    }))
+    .await;
+    let (status, answer) = submitted.await.unwrap();
+    assert_eq!(status, 504, "{answer}");
+    assert_eq!(answer["error"]["code"], "timeout", "{answer}");
+    let (_, view) = coordinator.get("/v1/jobs/lost-pick").await;
+    assert_eq!(
+        view["status"], "failed",
+        "recorded, not only answered: {view}"
+    );
+    node.close().await;
+    coordinator.stop().await;
+}
+
 /// A raw node sends no heartbeats: with this config the coordinator
 /// closes it for that after 30 s, not 0.6 s, however slow the machine.
 fn quiet_node_config() -> lingua_coordinator::config::Config {

@@ -47,7 +47,7 @@ impl JobRouter {
                     }
                     continue;
                 }
-                Picked::Stale => return Ok(self.wait_remote(&job.id, state.deadline).await?),
+                Picked::Stale => return self.ended_elsewhere(state, state.deadline).await,
             };
             let sent = Instant::now();
             let span = tracing::info_span!("attempt", node_id = %node, attempt = state.attempt);
@@ -69,7 +69,7 @@ impl JobRouter {
                     }
                     return match view {
                         Some(view) => Ok(*view),
-                        None => Ok(self.wait_remote(&job.id, state.deadline).await?),
+                        None => self.ended_elsewhere(state, state.deadline).await,
                     };
                 }
                 Tried::Refused(message) => {
@@ -318,7 +318,57 @@ impl JobRouter {
                 latency_ms,
             ));
         }
-        Ok(self.wait_remote(&job.id, now + job.timeout).await?)
+        self.ended_elsewhere(state, now + job.timeout).await
+    }
+
+    /// The job's terminal state, recorded by another dispatcher, instance
+    /// or node, by `deadline`. A job still not ended then is failed
+    /// `timeout` here, at the attempt Redis holds (one never sent: a pick
+    /// whose answer was lost), so that its answer is never a job still
+    /// running.
+    async fn ended_elsewhere(
+        &self,
+        state: &mut Dispatch<'_>,
+        deadline: Instant,
+    ) -> Result<JobView, SubmitError> {
+        let job = state.job;
+        let view = self.wait_remote(&job.id, deadline).await?;
+        if view.is_terminal() {
+            return Ok(view);
+        }
+        let outcome = state.timed_out().outcome();
+        let finished = self
+            .store
+            .job_finish(
+                (job.pair, &job.id),
+                (None, view.attempts),
+                false,
+                &outcome.recorded(),
+                self.config.result_ttl,
+            )
+            .await?;
+        if let Finish::Applied { latency_ms } = finished {
+            tracing::warn!(job_id = %job.id, attempt = view.attempts, "the job was not ended elsewhere by its deadline: recorded as failed, timeout");
+            return Ok(JobView::ended(
+                &job.id,
+                (JobStatus::Failed, outcome),
+                (view.node_id, view.attempts),
+                latency_ms,
+            ));
+        }
+        // Ended (or moved on) just now, or its record is gone: what Redis
+        // says, and failed `timeout` if that is still not an end.
+        let view = self.wait_remote(&job.id, Instant::now()).await?;
+        if view.is_terminal() {
+            return Ok(view);
+        }
+        let waited = u64::try_from(job.timeout.as_millis()).unwrap_or(u64::MAX);
+        Ok(JobView::ended(
+            &job.id,
+            (JobStatus::Failed, outcome),
+            (view.node_id, view.attempts),
+            waited,
+        ))
     }
 }
 
