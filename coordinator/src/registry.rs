@@ -28,6 +28,8 @@ pub enum Control {
 pub struct LocalNode {
     /// The registration's epoch.
     pub epoch: u64,
+    /// The agent process that registered (its `instance`).
+    pub instance: String,
     /// The node's pairs, from the moment its registration is held.
     pub pairs: Vec<LangPair>,
     /// The pool it holds in each pair, once joined.
@@ -160,6 +162,7 @@ mod tests {
         let (control, inbox) = mpsc::channel(1);
         let node = LocalNode {
             epoch,
+            instance: String::new(),
             pairs: Vec::new(),
             pools: BTreeMap::new(),
             draining: Arc::new(AtomicBool::new(false)),

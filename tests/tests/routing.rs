@@ -1160,6 +1160,83 @@ async fn a_job_moved_on_by_a_pick_whose_answer_was_lost_ends_at_its_deadline() {
     coordinator.stop().await;
 }
 
+/// A node whose agent restarted (a new process, `instance`) and came
+/// back to the same coordinator before that coordinator saw its old
+/// connection die: the jobs the old process ran are gone with it, and
+/// move on at once rather than at their deadline.
+#[tokio::test]
+async fn the_jobs_of_a_restarted_agent_move_on_when_it_registers_again() {
+    let redis = lingua_tests::redis().await;
+    let coordinator = TestCoordinator::start(&redis, quiet_node_config()).await;
+    let (mut old, _) = TestNode::register(
+        &coordinator.ws_url(),
+        registration("restarted", &["zh"], &["en"]),
+    )
+    .await;
+    let submitted = tokio::spawn({
+        let url = coordinator.url("/v1/jobs");
+        async move {
+            let body = json!({"id": "outlived", "kind": "translate", "src_lang": "zh",
+                              "tgt_lang": "en", "timeout_ms": 30000});
+            let answer = reqwest::Client::new()
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            answer.json::<Value>().await.unwrap()
+        }
+    });
+    let first = next_assign(&mut old).await;
+    old.send(&Message::JobAccept(JobRef {
+        job_id: first.job_id.clone(),
+        attempt: first.attempt,
+    }))
+    .await;
+    let (mut other, _) = TestNode::register(
+        &coordinator.ws_url(),
+        registration("other", &["zh"], &["en"]),
+    )
+    .await;
+    let mut conn = lingua_tests::connect(&redis).await;
+    eventually("the other node to be offered jobs", || {
+        let mut conn = conn.clone();
+        async move {
+            let score: Option<f64> = redis::cmd("ZSCORE")
+                .arg("lingua:v1:pair:{zh:en}:route:translate")
+                .arg("other")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            score.map(|_| ())
+        }
+    })
+    .await;
+    // The old process's lease ran out (its heartbeats stopped); the
+    // coordinator has not yet missed enough of them to drop its socket.
+    let () = redis::cmd("DEL")
+        .arg("lingua:v1:node:{restarted}:lease")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut again = registration("restarted", &["zh"], &["en"]);
+    again.instance = "a-new-process".into();
+    let (new, _) = TestNode::register(&coordinator.ws_url(), again).await;
+    let second = next_assign(&mut other).await;
+    assert_eq!(
+        (&second.job_id, second.attempt),
+        (&first.job_id, first.attempt + 1)
+    );
+    accepted_then_done(&mut other, second).await;
+    let answer = submitted.await.unwrap();
+    assert_eq!(answer["status"], "completed", "{answer}");
+    assert_eq!(answer["node_id"], "other", "{answer}");
+    old.close().await;
+    new.close().await;
+    other.close().await;
+    coordinator.stop().await;
+}
+
 /// A raw node sends no heartbeats: with this config the coordinator
 /// closes it for that after 30 s, not 0.6 s, however slow the machine.
 fn quiet_node_config() -> lingua_coordinator::config::Config {

@@ -51,6 +51,7 @@ pub(super) async fn register(
     let draining = Arc::new(AtomicBool::new(register.draining || recorded.drained));
     let local = LocalNode {
         epoch: recorded.epoch,
+        instance: register.instance.clone(),
         pairs: checked.pairs.clone(),
         pools: BTreeMap::new(),
         draining: draining.clone(),
@@ -62,6 +63,13 @@ pub(super) async fn register(
                 CloseCode::Superseded,
                 "replaced by a newer connection",
             ));
+            if old.instance != register.instance {
+                // Another agent process: the jobs the old one ran went
+                // with it. (The same process goes on with them, and
+                // reports them on this connection.)
+                tracing::warn!(node_id = %register.node_id, "the node's agent restarted: its running jobs move on");
+                services.router.node_lost(&register.node_id);
+            }
         }
         Ok(None) => {}
         // A registration of the same node that overtook this one holds
