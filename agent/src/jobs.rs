@@ -117,14 +117,53 @@ impl Jobs {
     }
 
     /// Handles one assignment: answers it and, when admitted, runs it in
-    /// the background.
+    /// the background. The attempt is known (to [`Jobs::cancel`]) before
+    /// the next frame is read.
     pub fn assign(self: &Arc<Self>, job: JobAssign) {
+        let received = Instant::now();
+        let key = JobRef {
+            job_id: job.job_id.clone(),
+            attempt: job.attempt,
+        };
+        if !self.pairs.contains(&job.pair) {
+            return self.reject(
+                &job,
+                RejectReason::UnsupportedPair,
+                format!("this node does not serve {}", job.pair),
+            );
+        }
+        let executors = sync::read(&self.executors).get(&job.kind).cloned();
+        let Some(executors) = executors else {
+            return self.reject(
+                &job,
+                RejectReason::UnknownKind,
+                format!("this node does not run {} jobs", job.kind),
+            );
+        };
+        let cancel = CancellationToken::new();
+        {
+            let mut attempts = self.attempts();
+            if attempts.running.contains_key(&key) || attempts.finished.contains(&key) {
+                drop(attempts);
+                return self.reject(
+                    &job,
+                    RejectReason::Duplicate,
+                    "this attempt already ran here".into(),
+                );
+            }
+            attempts.running.insert(key.clone(), cancel.clone());
+        }
         let this = Arc::clone(self);
         // Every line logged for the job carries its id and attempt (the
         // coordinator's lines carry the same, to follow a job across both).
         let span = tracing::info_span!("job", job_id = %job.job_id, attempt = job.attempt);
-        self.tasks
-            .spawn(async move { this.admit_and_run(job).await }.instrument(span));
+        self.tasks.spawn(
+            async move {
+                this.admit_and_run(job, (key, cancel), (executors, received))
+                    .await;
+            }
+            .instrument(span),
+        );
     }
 
     fn reject(&self, job: &JobAssign, reason: RejectReason, message: String) {
@@ -182,40 +221,14 @@ impl Jobs {
         *usual = (*usual * (RUN_TIME_WEIGHT - 1) + took) / RUN_TIME_WEIGHT;
     }
 
-    async fn admit_and_run(self: Arc<Self>, job: JobAssign) {
-        let received = Instant::now();
-        let key = JobRef {
-            job_id: job.job_id.clone(),
-            attempt: job.attempt,
-        };
-        if !self.pairs.contains(&job.pair) {
-            return self.reject(
-                &job,
-                RejectReason::UnsupportedPair,
-                format!("this node does not serve {}", job.pair),
-            );
-        }
-        let executors = sync::read(&self.executors).get(&job.kind).cloned();
-        let Some(executors) = executors else {
-            return self.reject(
-                &job,
-                RejectReason::UnknownKind,
-                format!("this node does not run {} jobs", job.kind),
-            );
-        };
-        let cancel = CancellationToken::new();
-        {
-            let mut attempts = self.attempts();
-            if attempts.running.contains_key(&key) || attempts.finished.contains(&key) {
-                drop(attempts);
-                return self.reject(
-                    &job,
-                    RejectReason::Duplicate,
-                    "this attempt already ran here".into(),
-                );
-            }
-            attempts.running.insert(key.clone(), cancel.clone());
-        }
+    /// Admits and runs an attempt [`Jobs::assign`] registered as `key`,
+    /// stopped by `cancel`.
+    async fn admit_and_run(
+        self: Arc<Self>,
+        job: JobAssign,
+        (key, cancel): (JobRef, CancellationToken),
+        (executors, received): (Executors, Instant),
+    ) {
         // A cancel (the coordinator gave up on the attempt) ends the wait:
         // the job leaves the arbiter's queue and any room held for it.
         let until = self.wait_until(&job, received);
@@ -522,6 +535,29 @@ mod tests {
         assert_eq!(result.job_id.as_str(), "running");
         // Paused time: well past when the cancelled job would have ended.
         tokio::time::advance(Duration::from_secs(2)).await;
+        tokio::task::yield_now().await;
+        assert!(rx.try_recv().is_err(), "the cancelled job never ran");
+        assert_eq!(arbiter.running(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancel_read_right_behind_its_assignment_runs_nothing() {
+        let (jobs, arbiter, mut rx) = setup(1, 1000, 0);
+        // One frame after the other, before the job's task has run.
+        jobs.assign(assign("cancelled", 5000));
+        jobs.cancel(&JobRef {
+            job_id: JobId::new("cancelled").unwrap(),
+            attempt: 1,
+        });
+        jobs.assign(assign("next", 5000));
+        let Outgoing::Accept(accepted, _) = next(&mut rx).await else {
+            panic!("the next job takes the one slot")
+        };
+        assert_eq!(accepted.job_id.as_str(), "next");
+        let Outgoing::Result(result) = next(&mut rx).await else {
+            panic!("the next job's result")
+        };
+        assert_eq!(result.job_id.as_str(), "next");
         tokio::task::yield_now().await;
         assert!(rx.try_recv().is_err(), "the cancelled job never ran");
         assert_eq!(arbiter.running(), 0);
