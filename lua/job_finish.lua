@@ -7,6 +7,9 @@
 -- ARGV[4] how long to keep the result, ms
 -- ARGV[5] the node reporting the outcome, or "" when the dispatching
 --         coordinator ends the job itself (timeout, no capacity)
+-- ARGV[6] how long past the job's deadline a node's outcome is still
+--         taken as it says, ms (the dispatcher times the job on its own
+--         clock, from a moment after this one's deadline was written)
 -- Returns {"applied", latency_ms} (submission to now: the caller builds
 -- the answer from this and what it knows), {"late", latency_ms, outcome}
 -- (a node's outcome after the job's deadline: recorded as this failure,
@@ -36,7 +39,7 @@ local latency_ms = math.max(0, now_ms - tonumber(fields[3]))
 local status, outcome, reply = ARGV[2], ARGV[3], 'applied'
 -- Real time: a node's answer after the job's deadline is a failed one
 -- (its client's time is up), whatever it says.
-if ARGV[5] ~= '' and fields[5] and now_ms > tonumber(fields[5]) then
+if ARGV[5] ~= '' and fields[5] and now_ms > tonumber(fields[5]) + tonumber(ARGV[6]) then
   status, reply = 'failed', 'late'
   outcome = string.format(
     '{"error":{"code":"timeout","message":"the result came %d ms after the job\'s deadline"}}',

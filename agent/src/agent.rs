@@ -320,7 +320,7 @@ fn apply_reload(
     handles.arbiter.reconfigure(Limits::from_config(&live));
     jobs.set_executors(executors(&live, handles.simulated.as_ref(), client));
     tracing::info!(
-        "config reloaded: job limits, executors, reserve, pressure and drain timeout applied"
+        "config reloaded: job limits, executors, reserve, pressure, stale time and drain timeout applied"
     );
     live
 }

@@ -14,7 +14,8 @@ const NODE_TOKEN_CONTEXT: &str = "lingua-node-token:v1:";
 
 /// True when `presented` equals one of `tokens`. Their SHA-256 digests
 /// are compared, all of one length: a comparison of the texts themselves
-/// ends at once on lengths that differ, which tells a token's length.
+/// ends at once on lengths that differ, which tells a guess's length
+/// was wrong.
 pub fn contains_token(tokens: &[String], presented: &str) -> bool {
     let presented = digest::digest(&digest::SHA256, presented.as_bytes());
     tokens.iter().fold(false, |found, token| {

@@ -479,7 +479,7 @@ async fn handle<'a>(
             };
             services
                 .router
-                .result_arrived((&session.node, session.epoch), &key);
+                .result_arrived((&session.node, session.epoch), &key, &result.outcome);
             results.record(&services.router, &session.node, (key, result));
             Ok(Handled::Fine)
         }

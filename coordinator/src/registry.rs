@@ -94,6 +94,14 @@ impl Registry {
         self.lock().get(node).is_some_and(|n| n.epoch == epoch)
     }
 
+    /// Whether `node` is held here by an agent process other than
+    /// `instance`.
+    pub fn held_by_another(&self, node: &NodeId, instance: &str) -> bool {
+        self.lock()
+            .get(node)
+            .is_some_and(|n| n.instance != instance)
+    }
+
     /// Nodes held here per pair and pool: what `/metrics` reports, at no
     /// Redis cost however many keys Redis holds.
     pub fn pool_sizes(&self) -> BTreeMap<(LangPair, String), i64> {

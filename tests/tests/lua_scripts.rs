@@ -776,18 +776,24 @@ async fn a_result_after_its_jobs_deadline_is_recorded_as_a_timeout() {
     let route = two_nodes_with_room(&store, 4).await;
     let zh_en = pair("zh:en");
     let mut conn = lingua_tests::connect(&redis).await;
-    let (secs, _): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
-    for id in ["late", "decided-late"] {
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    let now_ms = secs * 1000 + micros / 1000;
+    // Their deadlines, by this Redis's clock: a minute ago, or a moment
+    // ago (within the grace a dispatcher's own clock needs).
+    for (id, ago_ms) in [
+        ("late", 60_000),
+        ("decided-late", 60_000),
+        ("just-in-time", 200),
+    ] {
         let id = JobId::new(id).unwrap();
         store
             .job_open(new_job(&id, zh_en, "{}", LEASE), (on(&route, &[]), true))
             .await
             .unwrap();
-        // Its deadline, by this Redis's clock, passed a minute ago.
         let () = redis::cmd("HSET")
             .arg(format!("lingua:v1:pair:{{zh:en}}:job:{id}"))
             .arg("deadline_ms")
-            .arg((secs - 60) * 1000)
+            .arg(now_ms - ago_ms)
             .query_async(&mut conn)
             .await
             .unwrap();
@@ -814,6 +820,14 @@ async fn a_result_after_its_jobs_deadline_is_recorded_as_a_timeout() {
     let failure = r#"{"error":{"code":"timeout","message":"no result within 1000 ms"}}"#;
     let finished = store
         .job_finish((zh_en, &decided), (None, 1), false, failure, LEASE)
+        .await
+        .unwrap();
+    assert!(matches!(finished, Finish::Applied { .. }), "{finished:?}");
+    let in_time = JobId::new("just-in-time").unwrap();
+    let (_, record) = store.job(&in_time).await.unwrap().unwrap();
+    let node = record.node.map(|n| NodeId::new(n).unwrap()).unwrap();
+    let finished = store
+        .job_finish((zh_en, &in_time), (Some(&node), 1), true, completed, LEASE)
         .await
         .unwrap();
     assert!(matches!(finished, Finish::Applied { .. }), "{finished:?}");

@@ -204,7 +204,7 @@ pub(super) fn kind_config(
         return Err(check.invalid(
             field("vram_mb"),
             span,
-            "no vram_mb: with backend = \"nvml\" the arbiter admits a job only on a GPU with this much memory free (MiB); set it a little above the peak a job of this kind holds (`lingua-agent probe` shows it), or to 0 for a kind that uses no GPU memory".to_owned(),
+            "no vram_mb: with backend = \"nvml\" (the default) the arbiter admits a job only on a GPU with this much memory free (MiB), so each kind states it: a little above the peak a job of the kind holds (to measure it, set vram_mb = 0 for a while and watch `lingua-agent probe` as one job runs), or 0 for a kind that uses no GPU memory".to_owned(),
         ));
     }
     let vram_mb = check.range(field("vram_mb"), raw.vram_mb, 0, 0..=10_000_000)?;

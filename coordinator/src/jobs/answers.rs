@@ -54,9 +54,10 @@ impl JobRouter {
     /// the result answers it as an accept would, now: uncounted before the
     /// report that may come with it is read, and its dispatcher no longer
     /// waiting for an answer while the result is recorded (by
-    /// [`Self::result`], after).
-    pub fn result_arrived(&self, (node, epoch): (&NodeId, u64), key: &JobRef) {
-        if !self.registry.is_current(node, epoch) {
+    /// [`Self::result`], after). A cancelled attempt was over before its
+    /// result: that answers nothing.
+    pub fn result_arrived(&self, (node, epoch): (&NodeId, u64), key: &JobRef, outcome: &Outcome) {
+        if is_cancelled(outcome) || !self.registry.is_current(node, epoch) {
             return;
         }
         if let Some(attempt) = lock(&self.attempts)
@@ -88,16 +89,11 @@ impl JobRouter {
             job_id: result.job_id,
             attempt: result.attempt,
         };
-        if let Outcome::Failed {
-            code: FailureCode::Cancelled,
-            ..
-        } = result.outcome
-        {
+        if is_cancelled(&result.outcome) {
             // Only a dispatcher cancels an attempt, once it has given up
             // on it: it moved the job on, or records the job's timeout
-            // itself. The node's word that it stopped ends the attempt,
-            // not the job.
-            self.end_forwarded(&key);
+            // itself, and its cancel ended any forwarding. The node's word
+            // that it stopped ends nothing (whichever node says it).
             self.metrics.result("stale");
             return Ok(Taken::Acknowledged);
         }
@@ -132,23 +128,11 @@ impl JobRouter {
         }
         // Whatever became of it, a forwarded attempt ends with its result.
         let forwarded = self.end_forwarded(&key);
-        let (status, ended, latency_ms) = match finish {
-            Finish::Applied { latency_ms } if completed => {
-                (JobStatus::Completed, ended, latency_ms)
-            }
-            Finish::Applied { latency_ms } => (JobStatus::Failed, ended, latency_ms),
-            Finish::Late {
-                latency_ms,
-                outcome,
-            } => {
-                tracing::warn!(node_id = %node, job_id = %key.job_id, attempt = key.attempt, "a result came after its job's deadline: recorded as failed, timeout");
-                // What the script recorded: JSON of an `Ended`.
-                let ended = serde_json::from_str(&outcome).unwrap_or_default();
-                (JobStatus::Failed, ended, latency_ms)
-            }
-            Finish::Duplicate | Finish::Stale | Finish::Foreign { .. } => {
-                return Ok(Taken::Acknowledged);
-            }
+        if matches!(finish, Finish::Late { .. }) {
+            tracing::warn!(node_id = %node, job_id = %key.job_id, attempt = key.attempt, "a result came after its job's deadline: recorded as failed, timeout");
+        }
+        let Some((status, ended, latency_ms)) = recorded(finish, completed, ended) else {
+            return Ok(Taken::Acknowledged);
         };
         if let Some(attempt) = lock(&self.attempts).get(&key) {
             let view = JobView::ended(
@@ -213,5 +197,36 @@ impl JobRouter {
         for (key, origin) in lost {
             self.tell_later(origin, key, RemoteAnswer::Lost);
         }
+    }
+}
+
+/// Whether a node's outcome says the coordinator cancelled it.
+fn is_cancelled(outcome: &Outcome) -> bool {
+    matches!(
+        outcome,
+        Outcome::Failed {
+            code: FailureCode::Cancelled,
+            ..
+        }
+    )
+}
+
+/// What a node's result recorded, as its answer shows it: none when it
+/// recorded nothing (a duplicate, stale or foreign result).
+fn recorded(finish: Finish, completed: bool, ended: Ended) -> Option<(JobStatus, Ended, u64)> {
+    match finish {
+        Finish::Applied { latency_ms } if completed => {
+            Some((JobStatus::Completed, ended, latency_ms))
+        }
+        Finish::Applied { latency_ms } => Some((JobStatus::Failed, ended, latency_ms)),
+        Finish::Late {
+            latency_ms,
+            outcome,
+        } => {
+            // What the script recorded: JSON of an `Ended`.
+            let ended = serde_json::from_str(&outcome).unwrap_or_default();
+            Some((JobStatus::Failed, ended, latency_ms))
+        }
+        Finish::Duplicate | Finish::Stale | Finish::Foreign { .. } => None,
     }
 }

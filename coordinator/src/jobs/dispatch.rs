@@ -318,57 +318,7 @@ impl JobRouter {
                 latency_ms,
             ));
         }
-        self.ended_elsewhere(state, now + job.timeout).await
-    }
-
-    /// The job's terminal state, recorded by another dispatcher, instance
-    /// or node, by `deadline`. A job still not ended then is failed
-    /// `timeout` here, at the attempt Redis holds (one never sent: a pick
-    /// whose answer was lost), so that its answer is never a job still
-    /// running.
-    async fn ended_elsewhere(
-        &self,
-        state: &mut Dispatch<'_>,
-        deadline: Instant,
-    ) -> Result<JobView, SubmitError> {
-        let job = state.job;
-        let view = self.wait_remote(&job.id, deadline).await?;
-        if view.is_terminal() {
-            return Ok(view);
-        }
-        let outcome = state.timed_out().outcome();
-        let finished = self
-            .store
-            .job_finish(
-                (job.pair, &job.id),
-                (None, view.attempts),
-                false,
-                &outcome.recorded(),
-                self.config.result_ttl,
-            )
-            .await?;
-        if let Finish::Applied { latency_ms } = finished {
-            tracing::warn!(job_id = %job.id, attempt = view.attempts, "the job was not ended elsewhere by its deadline: recorded as failed, timeout");
-            return Ok(JobView::ended(
-                &job.id,
-                (JobStatus::Failed, outcome),
-                (view.node_id, view.attempts),
-                latency_ms,
-            ));
-        }
-        // Ended (or moved on) just now, or its record is gone: what Redis
-        // says, and failed `timeout` if that is still not an end.
-        let view = self.wait_remote(&job.id, Instant::now()).await?;
-        if view.is_terminal() {
-            return Ok(view);
-        }
-        let waited = u64::try_from(job.timeout.as_millis()).unwrap_or(u64::MAX);
-        Ok(JobView::ended(
-            &job.id,
-            (JobStatus::Failed, outcome),
-            (view.node_id, view.attempts),
-            waited,
-        ))
+        self.ended_elsewhere(state, state.deadline.max(now)).await
     }
 }
 
@@ -508,7 +458,7 @@ impl<'a> Dispatch<'a> {
     }
 
     /// The job timed out.
-    fn timed_out(&self) -> Failure {
+    pub(super) fn timed_out(&self) -> Failure {
         let message = format!("no result within {} ms", self.job.timeout.as_millis());
         Failure::new(JobErrorCode::Timeout, message)
     }

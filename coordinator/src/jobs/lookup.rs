@@ -1,6 +1,7 @@
 //! Reading a job's state back: from a local waiter, or from Redis (ending
 //! an orphan whose dispatcher died on the way).
 
+use super::dispatch::Dispatch;
 use super::pick::{First, Opened};
 use super::request::owner_of;
 use super::*;
@@ -36,6 +37,56 @@ impl JobRouter {
             tokio::time::sleep_until((Instant::now() + pause).min(deadline)).await;
             pause = (pause * 2).min(REMOTE_POLL_MAX);
         }
+    }
+
+    /// The job's terminal state, recorded by another dispatcher, instance
+    /// or node, by `deadline`. A job still not ended then is failed
+    /// `timeout` here, at the attempt Redis holds (one never sent: a pick
+    /// whose answer was lost), so that its answer is never a job still
+    /// running.
+    pub(super) async fn ended_elsewhere(
+        &self,
+        state: &mut Dispatch<'_>,
+        deadline: Instant,
+    ) -> Result<JobView, SubmitError> {
+        let job = state.job;
+        let view = self.wait_remote(&job.id, deadline).await?;
+        if view.is_terminal() {
+            return Ok(view);
+        }
+        let outcome = state.timed_out().outcome();
+        let finished = self
+            .store
+            .job_finish(
+                (job.pair, &job.id),
+                (None, view.attempts),
+                false,
+                &outcome.recorded(),
+                self.config.result_ttl,
+            )
+            .await?;
+        if let Finish::Applied { latency_ms } = finished {
+            tracing::warn!(job_id = %job.id, attempt = view.attempts, "the job was not ended elsewhere by its deadline: recorded as failed, timeout");
+            return Ok(JobView::ended(
+                &job.id,
+                (JobStatus::Failed, outcome),
+                (view.node_id, view.attempts),
+                latency_ms,
+            ));
+        }
+        // Ended (or moved on) just now, or its record is gone: what Redis
+        // says, and failed `timeout` if that is still not an end.
+        let view = self.wait_remote(&job.id, Instant::now()).await?;
+        if view.is_terminal() {
+            return Ok(view);
+        }
+        let waited = u64::try_from(job.timeout.as_millis()).unwrap_or(u64::MAX);
+        Ok(JobView::ended(
+            &job.id,
+            (JobStatus::Failed, outcome),
+            (view.node_id, view.attempts),
+            waited,
+        ))
     }
 
     /// After a recording of `job` (canonical `request`, by the submission

@@ -57,19 +57,24 @@ pub(super) async fn register(
         draining: draining.clone(),
         control,
     };
+    if services
+        .registry
+        .held_by_another(&register.node_id, &register.instance)
+    {
+        // Another agent process, registered once the old one's lease ran
+        // out: the jobs the old one ran went with it. (The same process
+        // goes on with them, and reports them on its new connection.)
+        // Moved on before this connection is held, so that none sent to
+        // it is taken for the old process's.
+        tracing::warn!(node_id = %register.node_id, "the node's agent restarted: its running jobs move on");
+        services.router.node_lost(&register.node_id);
+    }
     match services.registry.insert(register.node_id.clone(), local) {
         Ok(Some(old)) => {
             let _ = old.control.try_send(Control::Close(
                 CloseCode::Superseded,
                 "replaced by a newer connection",
             ));
-            if old.instance != register.instance {
-                // Another agent process: the jobs the old one ran went
-                // with it. (The same process goes on with them, and
-                // reports them on this connection.)
-                tracing::warn!(node_id = %register.node_id, "the node's agent restarted: its running jobs move on");
-                services.router.node_lost(&register.node_id);
-            }
         }
         Ok(None) => {}
         // A registration of the same node that overtook this one holds

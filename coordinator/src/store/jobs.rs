@@ -94,6 +94,13 @@ pub enum JobStart {
     },
 }
 
+/// How long past a job's deadline (Redis's clock) a node's result is still
+/// recorded as it says; later, it is recorded failed `timeout`. The
+/// dispatcher times a job on its own clock, from a moment after the
+/// deadline was written, and ends it itself at its deadline: this only
+/// catches results that come when no dispatcher is left to time them.
+const LATE_GRACE: Duration = Duration::from_secs(2);
+
 impl Store {
     /// Records a job, queued, and (when `pick`) picks its first node on
     /// `on`, recording attempt 1 there; or finds it. One script call, and
@@ -291,7 +298,8 @@ impl Store {
             )
             .arg(outcome)
             .arg(millis(retention))
-            .arg(reporter.map_or("", NodeId::as_str));
+            .arg(reporter.map_or("", NodeId::as_str))
+            .arg(millis(LATE_GRACE));
         let reply: Value = self.invoke("job_finish", &call).await?;
         let unexpected = || StoreError::Unexpected {
             script: "job_finish",
