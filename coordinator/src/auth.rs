@@ -12,16 +12,41 @@ use subtle::ConstantTimeEq;
 /// token derived so far.
 const NODE_TOKEN_CONTEXT: &str = "lingua-node-token:v1:";
 
-/// True when `presented` equals one of `tokens`. Their SHA-256 digests
-/// are compared, all of one length: a comparison of the texts themselves
-/// ends at once on lengths that differ, which tells a guess's length
-/// was wrong.
-pub fn contains_token(tokens: &[String], presented: &str) -> bool {
-    let presented = digest::digest(&digest::SHA256, presented.as_bytes());
-    tokens.iter().fold(false, |found, token| {
-        let token = digest::digest(&digest::SHA256, token.as_bytes());
-        found | bool::from(token.as_ref().ct_eq(presented.as_ref()))
-    })
+/// Secrets kept as their SHA-256 digests, taken once, when the config is
+/// read. Digests are compared, all of one length: a comparison of the
+/// texts themselves ends at once on lengths that differ, which tells a
+/// guess's length was wrong.
+#[derive(Clone, Default)]
+pub struct Tokens(Vec<digest::Digest>);
+
+impl Tokens {
+    /// The digests of `tokens`.
+    pub fn new(tokens: &[String]) -> Self {
+        Self(tokens.iter().map(|token| sha256(token)).collect())
+    }
+
+    /// True when none is set.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// True when `presented` is one of them; every one is compared.
+    pub fn contains(&self, presented: &str) -> bool {
+        let presented = sha256(presented);
+        self.0.iter().fold(false, |found, token| {
+            found | bool::from(token.as_ref().ct_eq(presented.as_ref()))
+        })
+    }
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tokens({} set)", self.0.len())
+    }
+}
+
+fn sha256(text: &str) -> digest::Digest {
+    digest::digest(&digest::SHA256, text.as_bytes())
 }
 
 /// The token of `node` under `secret`: HMAC-SHA256 of the node id, hex.
@@ -40,7 +65,7 @@ fn hex(bytes: &[u8]) -> String {
 #[derive(Debug, Clone, Default)]
 pub struct NodeCredentials {
     /// Shared tokens: any of them registers any node id.
-    pub shared: Vec<String>,
+    pub shared: Tokens,
     /// The secret per-node tokens derive from ([`node_token`]).
     pub secret: Option<String>,
 }
@@ -59,11 +84,14 @@ impl NodeCredentials {
         let Some(presented) = presented else {
             return false;
         };
-        let derived = self
-            .secret
-            .as_deref()
-            .is_some_and(|secret| contains_token(&[node_token(secret, node)], presented));
-        derived | contains_token(&self.shared, presented)
+        let derived = self.secret.as_deref().is_some_and(|secret| {
+            bool::from(
+                sha256(&node_token(secret, node))
+                    .as_ref()
+                    .ct_eq(sha256(presented).as_ref()),
+            )
+        });
+        derived | self.shared.contains(presented)
     }
 }
 
@@ -105,9 +133,9 @@ impl Caller {
 #[derive(Debug, Clone, Default)]
 pub struct ApiTokens {
     /// Admin tokens (`[auth] api_tokens`).
-    pub admin: Vec<String>,
+    pub admin: Tokens,
     /// Client tokens (`[auth] client_tokens`).
-    pub client: Vec<String>,
+    pub client: Tokens,
 }
 
 impl ApiTokens {
@@ -123,8 +151,8 @@ impl ApiTokens {
             return Some(Caller::open());
         }
         let token = bearer(authorization?)?;
-        let admin = contains_token(&self.admin, token);
-        let client = contains_token(&self.client, token);
+        let admin = self.admin.contains(token);
+        let client = self.client.contains(token);
         if admin {
             Some(Caller::open())
         } else if client {
@@ -150,8 +178,7 @@ fn bearer(value: &str) -> Option<&str> {
 /// A stable, non-secret name for a client token: the first 16 hex digits
 /// of its SHA-256.
 fn fingerprint(token: &str) -> String {
-    let digest = digest::digest(&digest::SHA256, token.as_bytes());
-    let mut name = hex(digest.as_ref());
+    let mut name = hex(sha256(token).as_ref());
     name.truncate(16);
     name
 }
@@ -167,7 +194,7 @@ mod tests {
     #[test]
     fn a_node_token_registers_its_own_node_only() {
         let credentials = NodeCredentials {
-            shared: Vec::new(),
+            shared: Tokens::default(),
             secret: Some("a-coordinator-secret-of-enough-length".into()),
         };
         let a = node_token(credentials.secret.as_deref().unwrap(), &node("gpu-a"));
@@ -181,7 +208,7 @@ mod tests {
     #[test]
     fn a_shared_token_registers_any_node_and_no_tokens_means_open() {
         let shared = NodeCredentials {
-            shared: vec!["a-shared-node-token".into()],
+            shared: Tokens::new(&["a-shared-node-token".into()]),
             secret: None,
         };
         assert!(shared.allows(&node("x"), Some("a-shared-node-token")));
@@ -195,8 +222,8 @@ mod tests {
     #[test]
     fn bearer_scheme_is_case_insensitive_and_roles_are_kept_apart() {
         let tokens = ApiTokens {
-            admin: vec!["admin-token-0123456789".into()],
-            client: vec!["client-token-0123456789".into()],
+            admin: Tokens::new(&["admin-token-0123456789".into()]),
+            client: Tokens::new(&["client-token-0123456789".into()]),
         };
         for header in [
             "Bearer admin-token-0123456789",

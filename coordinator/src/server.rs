@@ -14,7 +14,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::{ApiTokens, NodeCredentials};
+use crate::auth::{ApiTokens, NodeCredentials, Tokens};
 use crate::config::Config;
 use crate::drain::Drainer;
 use crate::fleet::{self, Live};
@@ -103,7 +103,7 @@ fn services(
     NodeServices {
         heartbeats,
         credentials: NodeCredentials {
-            shared: config.node_tokens.clone(),
+            shared: Tokens::new(&config.node_tokens),
             secret: config.node_secret.clone(),
         },
         config,
@@ -134,8 +134,8 @@ pub async fn run(
     let config = &nodes.config;
     let shared = Shared {
         api_tokens: Arc::new(ApiTokens {
-            admin: config.api_tokens.clone(),
-            client: config.client_tokens.clone(),
+            admin: Tokens::new(&config.api_tokens),
+            client: Tokens::new(&config.client_tokens),
         }),
         drainer: Arc::new(Drainer {
             store: nodes.store.clone(),
