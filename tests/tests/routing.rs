@@ -1237,6 +1237,67 @@ async fn the_jobs_of_a_restarted_agent_move_on_when_it_registers_again() {
     coordinator.stop().await;
 }
 
+/// A `cancelled` result for an attempt nobody cancelled answers nothing:
+/// the dispatcher still waits for an accept, and moves the job on when
+/// none comes in time.
+#[tokio::test]
+async fn a_cancelled_result_is_not_an_accept() {
+    let redis = lingua_tests::redis().await;
+    let config = lingua_coordinator::config::Config {
+        accept_timeout: Duration::from_millis(500),
+        ..quiet_node_config()
+    };
+    let coordinator = TestCoordinator::start(&redis, config).await;
+    let (mut liar, _) = TestNode::register(
+        &coordinator.ws_url(),
+        registration("liar", &["zh"], &["en"]),
+    )
+    .await;
+    let submitted = tokio::spawn({
+        let url = coordinator.url("/v1/jobs");
+        async move {
+            let body = json!({"id": "not-cancelled", "kind": "translate", "src_lang": "zh",
+                              "tgt_lang": "en", "timeout_ms": 30000});
+            let answer = reqwest::Client::new()
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            answer.json::<Value>().await.unwrap()
+        }
+    });
+    let first = next_assign(&mut liar).await;
+    liar.send(&Message::JobResult(JobResult {
+        job_id: first.job_id.clone(),
+        attempt: first.attempt,
+        outcome: Outcome::Failed {
+            code: FailureCode::Cancelled,
+            message: "cancelled by the coordinator".into(),
+        },
+        duration_ms: 1,
+        device: None,
+    }))
+    .await;
+    let (mut other, _) = TestNode::register(
+        &coordinator.ws_url(),
+        registration("other", &["zh"], &["en"]),
+    )
+    .await;
+    let second = next_assign(&mut other).await;
+    assert_eq!(
+        (&second.job_id, second.attempt),
+        (&first.job_id, first.attempt + 1)
+    );
+    accepted_then_done(&mut other, second).await;
+    let answer = submitted.await.unwrap();
+    assert_eq!(answer["status"], "completed", "{answer}");
+    assert_eq!(answer["node_id"], "other", "{answer}");
+    liar.close().await;
+    other.close().await;
+    coordinator.stop().await;
+}
+
 /// A raw node sends no heartbeats: with this config the coordinator
 /// closes it for that after 30 s, not 0.6 s, however slow the machine.
 fn quiet_node_config() -> lingua_coordinator::config::Config {
