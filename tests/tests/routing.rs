@@ -12,10 +12,11 @@ use lingua_agent::config::{AgentConfig, ExecutorConfig};
 use lingua_coordinator::metrics::Metrics;
 use lingua_coordinator::private_redis::PrivateRedis;
 use lingua_coordinator::store::Store;
-use lingua_shared::Message;
 use lingua_shared::protocol::{
-    CapacityReport, FailureCode, JobAssign, JobRef, JobReject, JobResult, Outcome, RejectReason,
+    CapacityReport, FailureCode, JobAssign, JobCancel, JobRef, JobReject, JobResult, Outcome,
+    RejectReason,
 };
+use lingua_shared::{JobKind, Message};
 use lingua_tests::cluster::RedisCluster;
 use lingua_tests::fleet::Blackhole;
 use lingua_tests::{
@@ -820,6 +821,66 @@ async fn next_assign(node: &mut TestNode) -> JobAssign {
     }
 }
 
+/// The node's next `job_cancel`, skipping other frames.
+async fn next_cancel(node: &mut TestNode) -> JobCancel {
+    loop {
+        match node.recv().await {
+            Received::Message(Message::JobCancel(cancel)) => return cancel,
+            Received::Message(_) => {}
+            other => panic!("expected job_cancel, got {other:?}"),
+        }
+    }
+}
+
+/// `body` submitted to `coordinator` in the background: its answer's
+/// status and JSON.
+fn submit_in_background(
+    coordinator: &TestCoordinator,
+    body: Value,
+) -> tokio::task::JoinHandle<(u16, Value)> {
+    let url = coordinator.url("/v1/jobs");
+    tokio::spawn(async move {
+        let answer = reqwest::Client::new()
+            .post(url)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (
+            answer.status().as_u16(),
+            answer.json::<Value>().await.unwrap(),
+        )
+    })
+}
+
+/// A translate job `id` for zh -> en with `timeout_ms`.
+fn zh_en_job(id: &str, timeout_ms: u64) -> Value {
+    json!({"id": id, "kind": "translate", "src_lang": "zh", "tgt_lang": "en",
+           "timeout_ms": timeout_ms})
+}
+
+/// A report of `free` translate slots.
+fn translate_room(free: u32) -> CapacityReport {
+    CapacityReport {
+        free_slots: [(JobKind::new("translate").unwrap(), free)].into(),
+        ..CapacityReport::default()
+    }
+}
+
+/// The result a node sends once it stopped `assign` for a cancel.
+fn cancelled(assign: &JobAssign) -> Message {
+    Message::JobResult(JobResult {
+        job_id: assign.job_id.clone(),
+        attempt: assign.attempt,
+        outcome: Outcome::Failed {
+            code: FailureCode::Cancelled,
+            message: "cancelled by the coordinator".into(),
+        },
+        duration_ms: 1,
+        device: None,
+    })
+}
+
 /// A coordinator of `config` allowing one attempt that ends silent or
 /// lost, a raw node `name` serving zh -> en, and a translate job submitted
 /// in the background (its answer).
@@ -958,46 +1019,17 @@ async fn a_forwarded_assignment_cancelled_unanswered_gives_its_room_back() {
     )
     .await;
     let mut register = registration("silent", &["zh"], &["en"]);
-    let one_slot = CapacityReport {
-        free_slots: [(register.capabilities.kinds[0].clone(), 1)].into(),
-        ..CapacityReport::default()
-    };
-    register.capacity = one_slot.clone();
+    register.capacity = translate_room(1);
     let (mut node, _) = TestNode::register(&holder.ws_url(), register).await;
-    let body = |id: &str| {
-        json!({"id": id, "kind": "translate", "src_lang": "zh", "tgt_lang": "en",
-               "timeout_ms": 20000})
-    };
-    let (status, unanswered) = origin.submit(body("unanswered")).await;
+    let (status, unanswered) = origin.submit(zh_en_job("unanswered", 20000)).await;
     let assign = next_assign(&mut node).await;
     assert_eq!(assign.job_id.as_str(), "unanswered");
     assert_eq!(status, 503, "{unanswered}");
     assert_eq!(unanswered["error"]["code"], "no_capacity", "{unanswered}");
-    loop {
-        match node.recv().await {
-            Received::Message(Message::JobCancel(cancel)) => {
-                assert_eq!(cancel.job_id, assign.job_id);
-                break;
-            }
-            Received::Message(_) => {}
-            other => panic!("expected job_cancel, got {other:?}"),
-        }
-    }
+    assert_eq!(next_cancel(&mut node).await.job_id, assign.job_id);
     // The node never ran it: its slot is free, and it says so.
-    node.send(&Message::Capacity(one_slot)).await;
-    let url = origin.url("/v1/jobs");
-    let submitted = tokio::spawn(async move {
-        let answer = reqwest::Client::new()
-            .post(url)
-            .json(&body("next"))
-            .send()
-            .await
-            .unwrap();
-        (
-            answer.status().as_u16(),
-            answer.json::<Value>().await.unwrap(),
-        )
-    });
+    node.send(&Message::Capacity(translate_room(1))).await;
+    let submitted = submit_in_background(&origin, zh_en_job("next", 20000));
     let next = tokio::time::timeout(Duration::from_secs(15), next_assign(&mut node))
         .await
         .expect("the node's slot is offered again");
@@ -1026,60 +1058,22 @@ async fn a_cancelled_attempt_does_not_end_its_job() {
         ..quiet_node_config()
     };
     let coordinator = TestCoordinator::start(&redis, config).await;
-    let room = |free: u32| {
-        let kind = registration("any", &["zh"], &["en"]).capabilities.kinds[0].clone();
-        CapacityReport {
-            free_slots: [(kind, free)].into(),
-            ..CapacityReport::default()
-        }
-    };
     let mut register = registration("full", &["zh"], &["en"]);
-    register.capacity = room(0);
+    register.capacity = translate_room(0);
     let (mut full, _) = TestNode::register(&coordinator.ws_url(), register).await;
     let mut register = registration("silent", &["zh"], &["en"]);
-    register.capacity = room(1);
+    register.capacity = translate_room(1);
     let (mut silent, _) = TestNode::register(&coordinator.ws_url(), register).await;
-    let url = coordinator.url("/v1/jobs");
-    let submitted = tokio::spawn(async move {
-        let body = json!({"id": "cancelled-once", "kind": "translate", "src_lang": "zh",
-                          "tgt_lang": "en", "timeout_ms": 20000});
-        let answer = reqwest::Client::new()
-            .post(url)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        (
-            answer.status().as_u16(),
-            answer.json::<Value>().await.unwrap(),
-        )
-    });
+    let submitted = submit_in_background(&coordinator, zh_en_job("cancelled-once", 20000));
     // The silent node runs it (its slot taken) but its accept is lost.
     let first = next_assign(&mut silent).await;
-    silent.send(&Message::Capacity(room(0))).await;
-    let cancel = loop {
-        match silent.recv().await {
-            Received::Message(Message::JobCancel(cancel)) => break cancel,
-            Received::Message(_) => {}
-            other => panic!("expected job_cancel, got {other:?}"),
-        }
-    };
+    silent.send(&Message::Capacity(translate_room(0))).await;
+    let cancel = next_cancel(&mut silent).await;
     assert_eq!(
         (&cancel.job_id, cancel.attempt),
         (&first.job_id, first.attempt)
     );
-    silent
-        .send(&Message::JobResult(JobResult {
-            job_id: first.job_id.clone(),
-            attempt: first.attempt,
-            outcome: Outcome::Failed {
-                code: FailureCode::Cancelled,
-                message: "cancelled by the coordinator".into(),
-            },
-            duration_ms: 1,
-            device: None,
-        }))
-        .await;
+    silent.send(&cancelled(&first)).await;
     loop {
         match silent.recv().await {
             Received::Message(Message::ResultAck(acked)) if acked.job_id == first.job_id => break,
@@ -1088,7 +1082,7 @@ async fn a_cancelled_attempt_does_not_end_its_job() {
         }
     }
     // Room elsewhere: the job runs there.
-    full.send(&Message::Capacity(room(1))).await;
+    full.send(&Message::Capacity(translate_room(1))).await;
     let second = next_assign(&mut full).await;
     assert_eq!(second.job_id, first.job_id);
     accepted_then_done(&mut full, second).await;
@@ -1114,23 +1108,7 @@ async fn a_job_moved_on_by_a_pick_whose_answer_was_lost_ends_at_its_deadline() {
     let coordinator = TestCoordinator::start(&redis, quiet_node_config()).await;
     let register = registration("refuser", &["zh"], &["en"]);
     let (mut node, _) = TestNode::register(&coordinator.ws_url(), register).await;
-    let body = json!({"id": "lost-pick", "kind": "translate", "src_lang": "zh",
-                      "tgt_lang": "en", "timeout_ms": 3000});
-    let submitted = tokio::spawn({
-        let url = coordinator.url("/v1/jobs");
-        async move {
-            let answer = reqwest::Client::new()
-                .post(url)
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            (
-                answer.status().as_u16(),
-                answer.json::<Value>().await.unwrap(),
-            )
-        }
-    });
+    let submitted = submit_in_background(&coordinator, zh_en_job("lost-pick", 3000));
     let first = next_assign(&mut node).await;
     // What the lost pick did: the job's next attempt, recorded.
     let mut conn = lingua_tests::connect(&redis).await;
@@ -1173,20 +1151,7 @@ async fn the_jobs_of_a_restarted_agent_move_on_when_it_registers_again() {
         registration("restarted", &["zh"], &["en"]),
     )
     .await;
-    let submitted = tokio::spawn({
-        let url = coordinator.url("/v1/jobs");
-        async move {
-            let body = json!({"id": "outlived", "kind": "translate", "src_lang": "zh",
-                              "tgt_lang": "en", "timeout_ms": 30000});
-            let answer = reqwest::Client::new()
-                .post(url)
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            answer.json::<Value>().await.unwrap()
-        }
-    });
+    let submitted = submit_in_background(&coordinator, zh_en_job("outlived", 30000));
     let first = next_assign(&mut old).await;
     old.send(&Message::JobAccept(JobRef {
         job_id: first.job_id.clone(),
@@ -1228,8 +1193,12 @@ async fn the_jobs_of_a_restarted_agent_move_on_when_it_registers_again() {
         (&first.job_id, first.attempt + 1)
     );
     accepted_then_done(&mut other, second).await;
-    let answer = submitted.await.unwrap();
-    assert_eq!(answer["status"], "completed", "{answer}");
+    let (status, answer) = submitted.await.unwrap();
+    assert_eq!(
+        (status, &answer["status"]),
+        (200, &json!("completed")),
+        "{answer}"
+    );
     assert_eq!(answer["node_id"], "other", "{answer}");
     old.close().await;
     new.close().await;
@@ -1253,32 +1222,9 @@ async fn a_cancelled_result_is_not_an_accept() {
         registration("liar", &["zh"], &["en"]),
     )
     .await;
-    let submitted = tokio::spawn({
-        let url = coordinator.url("/v1/jobs");
-        async move {
-            let body = json!({"id": "not-cancelled", "kind": "translate", "src_lang": "zh",
-                              "tgt_lang": "en", "timeout_ms": 30000});
-            let answer = reqwest::Client::new()
-                .post(url)
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            answer.json::<Value>().await.unwrap()
-        }
-    });
+    let submitted = submit_in_background(&coordinator, zh_en_job("not-cancelled", 30000));
     let first = next_assign(&mut liar).await;
-    liar.send(&Message::JobResult(JobResult {
-        job_id: first.job_id.clone(),
-        attempt: first.attempt,
-        outcome: Outcome::Failed {
-            code: FailureCode::Cancelled,
-            message: "cancelled by the coordinator".into(),
-        },
-        duration_ms: 1,
-        device: None,
-    }))
-    .await;
+    liar.send(&cancelled(&first)).await;
     let (mut other, _) = TestNode::register(
         &coordinator.ws_url(),
         registration("other", &["zh"], &["en"]),
@@ -1290,8 +1236,12 @@ async fn a_cancelled_result_is_not_an_accept() {
         (&first.job_id, first.attempt + 1)
     );
     accepted_then_done(&mut other, second).await;
-    let answer = submitted.await.unwrap();
-    assert_eq!(answer["status"], "completed", "{answer}");
+    let (status, answer) = submitted.await.unwrap();
+    assert_eq!(
+        (status, &answer["status"]),
+        (200, &json!("completed")),
+        "{answer}"
+    );
     assert_eq!(answer["node_id"], "other", "{answer}");
     liar.close().await;
     other.close().await;

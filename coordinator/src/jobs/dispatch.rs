@@ -286,6 +286,38 @@ impl JobRouter {
             .set(depth);
     }
 
+    /// Records `outcome`, a failure decided here, as the job's terminal
+    /// state at `attempt` (on `node`): its view, or none when the job had
+    /// ended or moved on.
+    pub(super) async fn record_failure(
+        &self,
+        job: &Job,
+        (node, attempt): (Option<String>, u32),
+        outcome: Ended,
+    ) -> Result<Option<JobView>, StoreError> {
+        let finished = self
+            .store
+            .job_finish(
+                (job.pair, &job.id),
+                (None, attempt),
+                false,
+                &outcome.recorded(),
+                self.config.result_ttl,
+            )
+            .await?;
+        Ok(match finished {
+            Finish::Applied { latency_ms } => Some(JobView::ended(
+                &job.id,
+                (JobStatus::Failed, outcome),
+                (node, attempt),
+                latency_ms,
+            )),
+            Finish::Late { .. } | Finish::Duplicate | Finish::Stale | Finish::Foreign { .. } => {
+                None
+            }
+        })
+    }
+
     /// Records a failure decided here (not by a node) as the job's terminal
     /// state.
     async fn fail(
@@ -293,30 +325,16 @@ impl JobRouter {
         state: &mut Dispatch<'_>,
         failure: Failure,
     ) -> Result<JobView, SubmitError> {
-        let job = state.job;
         let recording = Instant::now();
-        let outcome = failure.outcome();
-        let finished = self
-            .store
-            .job_finish(
-                (job.pair, &job.id),
-                (None, state.attempt),
-                false,
-                &outcome.recorded(),
-                self.config.result_ttl,
-            )
+        let node = state.node.as_ref().map(ToString::to_string);
+        let recorded = self
+            .record_failure(state.job, (node, state.attempt), failure.outcome())
             .await;
         let now = Instant::now();
         state.timing.record += now.saturating_duration_since(recording);
         state.timing.result_at = Some(now);
-        if let Finish::Applied { latency_ms } = finished? {
-            let node = state.node.as_ref().map(ToString::to_string);
-            return Ok(JobView::ended(
-                &job.id,
-                (JobStatus::Failed, outcome),
-                (node, state.attempt),
-                latency_ms,
-            ));
+        if let Some(view) = recorded? {
+            return Ok(view);
         }
         self.ended_elsewhere(state, state.deadline.max(now)).await
     }

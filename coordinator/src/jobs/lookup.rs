@@ -54,25 +54,13 @@ impl JobRouter {
         if view.is_terminal() {
             return Ok(view);
         }
-        let outcome = state.timed_out().outcome();
-        let finished = self
-            .store
-            .job_finish(
-                (job.pair, &job.id),
-                (None, view.attempts),
-                false,
-                &outcome.recorded(),
-                self.config.result_ttl,
-            )
-            .await?;
-        if let Finish::Applied { latency_ms } = finished {
+        let at = (view.node_id.clone(), view.attempts);
+        if let Some(ended) = self
+            .record_failure(job, at, state.timed_out().outcome())
+            .await?
+        {
             tracing::warn!(job_id = %job.id, attempt = view.attempts, "the job was not ended elsewhere by its deadline: recorded as failed, timeout");
-            return Ok(JobView::ended(
-                &job.id,
-                (JobStatus::Failed, outcome),
-                (view.node_id, view.attempts),
-                latency_ms,
-            ));
+            return Ok(ended);
         }
         // Ended (or moved on) just now, or its record is gone: what Redis
         // says, and failed `timeout` if that is still not an end.
@@ -83,7 +71,7 @@ impl JobRouter {
         let waited = u64::try_from(job.timeout.as_millis()).unwrap_or(u64::MAX);
         Ok(JobView::ended(
             &job.id,
-            (JobStatus::Failed, outcome),
+            (JobStatus::Failed, state.timed_out().outcome()),
             (view.node_id, view.attempts),
             waited,
         ))
