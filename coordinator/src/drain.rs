@@ -84,7 +84,6 @@ impl Drainer {
             node: node.clone(),
             reason: reason.to_owned(),
         };
-        forward::send(&self.store, &holder, &envelope).await?;
-        Ok(true)
+        forward::send(&self.store, &holder, &envelope).await
     }
 }

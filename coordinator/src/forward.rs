@@ -14,7 +14,7 @@
 //! runs the loops that announce this instance and read its inbox.
 
 use lingua_shared::protocol::{JobAssign, JobCancel, JobRef, RejectReason};
-use lingua_shared::{JobKind, LangPair, NodeId};
+use lingua_shared::{JobId, JobKind, LangPair, NodeId};
 use serde::{Deserialize, Serialize};
 
 use tokio_util::task::TaskTracker;
@@ -59,6 +59,19 @@ pub enum Envelope {
         pair: LangPair,
         /// The kinds with room.
         kinds: Vec<JobKind>,
+    },
+    /// For a live instance: take over the dispatch of a job that `from`
+    /// held waiting for room (no attempt in flight) at `attempt`: it
+    /// stopped, or died with the job queued.
+    Adopt {
+        /// The instance that stopped or died.
+        from: String,
+        /// The job's pair (the slot of its record).
+        pair: LangPair,
+        /// The job.
+        job_id: JobId,
+        /// The attempt it waited at: taken over only from there.
+        attempt: u32,
     },
     /// For a job's dispatcher: what became of one attempt.
     Answer {
@@ -120,8 +133,9 @@ pub enum RemoteAnswer {
     Lost,
 }
 
-/// Appends `envelope` to `instance`'s inbox.
-pub async fn send(store: &Store, instance: &str, envelope: &Envelope) -> Result<(), StoreError> {
+/// Appends `envelope` to `instance`'s inbox; false when that instance is
+/// gone (its inbox with it).
+pub async fn send(store: &Store, instance: &str, envelope: &Envelope) -> Result<bool, StoreError> {
     let text = serde_json::to_string(envelope).expect("envelopes serialise");
     store.inbox_push(instance, &text).await
 }
@@ -175,6 +189,12 @@ mod tests {
             Envelope::Answer {
                 job,
                 answer: RemoteAnswer::Finished,
+            },
+            Envelope::Adopt {
+                from: "b".into(),
+                pair: "zh:en".parse().unwrap(),
+                job_id: lingua_shared::JobId::new("j-2").unwrap(),
+                attempt: 3,
             },
         ] {
             let text = serde_json::to_string(&envelope).unwrap();

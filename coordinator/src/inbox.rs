@@ -28,11 +28,15 @@ pub struct Peers {
     pub registry: Arc<Registry>,
     /// This coordinator instance's random id.
     pub instance: String,
+    /// Cancelled when this instance starts to stop (it still serves its
+    /// nodes and inbox a while).
+    pub leaving: CancellationToken,
 }
 
 /// Keeps this instance's presence (`listen`) alive every `every`, for
 /// `ttl`, reaps instances that died, and moves on attempts held by dead
-/// instances. On `stop` the instance removes itself.
+/// instances. Once `leaving`, it says it is stopping; on `stop` the
+/// instance removes itself.
 pub async fn announce(
     peers: Arc<Peers>,
     listen: String,
@@ -41,14 +45,17 @@ pub async fn announce(
     stop: CancellationToken,
 ) {
     let mut ticker = tokio::time::interval(every);
+    let mut left = false;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
+            // Stopping: no more jobs are handed to this instance, at once.
+            () = peers.leaving.cancelled(), if !left => left = true,
             () = stop.cancelled() => break,
         }
         if let Err(err) = peers
             .store
-            .instance_alive(&peers.instance, &listen, ttl)
+            .instance_alive(&peers.instance, &listen, (ttl, left))
             .await
         {
             tracing::warn!(error = %err, "cannot renew this instance's presence");
@@ -168,6 +175,12 @@ async fn deliver(peers: &Peers, envelope: Envelope) {
                 .send(&node, Control::Send(Box::new(Message::JobCancel(cancel))));
         }
         Envelope::Answer { job, answer } => peers.router.remote_answer(&job, answer),
+        Envelope::Adopt {
+            from,
+            pair,
+            job_id,
+            attempt,
+        } => peers.router.adopt(from, pair, (job_id, attempt)),
         Envelope::Capacity { pair, kinds } => peers.router.room_in(pair, &kinds),
     }
 }

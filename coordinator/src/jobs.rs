@@ -67,6 +67,7 @@ mod pick;
 mod remote;
 mod request;
 mod submit;
+mod takeover;
 mod timing;
 mod view;
 

@@ -155,6 +155,7 @@ pub async fn run(
         router: nodes.router.clone(),
         registry: nodes.registry.clone(),
         instance: nodes.instance.clone(),
+        leaving: shutdown.clone(),
     });
     let loops_stop = CancellationToken::new();
     let listen = listener.local_addr()?.to_string();

@@ -30,7 +30,7 @@ mod masters;
 mod nodes;
 mod pools;
 
-pub use jobs::{JobPick, JobRecord, JobStart, NewJob, PickOn};
+pub use jobs::{Adopted, JobPick, JobRecord, JobStart, NewJob, PickOn};
 
 /// A Redis failure, or a reply the scripts never give.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +77,7 @@ struct Scripts {
     route_pick: Script,
     job_finish: Script,
     job_expire: Script,
+    job_adopt: Script,
 }
 
 impl Scripts {
@@ -92,6 +93,7 @@ impl Scripts {
             route_pick: Script::new(include_str!("../../lua/route_pick.lua")),
             job_finish: Script::new(include_str!("../../lua/job_finish.lua")),
             job_expire: Script::new(include_str!("../../lua/job_expire.lua")),
+            job_adopt: Script::new(include_str!("../../lua/job_adopt.lua")),
         }
     }
 }

@@ -148,6 +148,7 @@ fn script_names() -> HashMap<String, &'static str> {
         ("route_pick", include_str!("../../lua/route_pick.lua")),
         ("job_finish", include_str!("../../lua/job_finish.lua")),
         ("job_expire", include_str!("../../lua/job_expire.lua")),
+        ("job_adopt", include_str!("../../lua/job_adopt.lua")),
     ];
     scripts
         .into_iter()
@@ -241,6 +242,12 @@ async fn every_script_call_keeps_its_keys_in_one_cluster_slot() {
         ..new_job(&orphan, pair("zh:en"), "{}", Duration::ZERO)
     };
     store.job_open(orphaned, (next, false)).await.unwrap();
+    // Nobody gave it up: it is not taken over.
+    let adopted = store
+        .job_adopt((pair("zh:en"), &orphan), ("elsewhere", "here"), (1, 0))
+        .await
+        .unwrap();
+    assert_eq!(adopted, None);
     let ended = eventually("the orphan to be ended", || async {
         let (_, view) = coordinator.get("/v1/jobs/orphan").await;
         (view["status"] == "failed").then_some(view)
@@ -831,6 +838,95 @@ async fn a_result_after_its_jobs_deadline_is_recorded_as_a_timeout() {
         .await
         .unwrap();
     assert!(matches!(finished, Finish::Applied { .. }), "{finished:?}");
+}
+
+/// A stopping instance's waiting job is taken over once, from the
+/// instance that gave it up, while it has not ended; the record then names
+/// its new dispatcher.
+#[tokio::test]
+async fn a_job_is_adopted_once_from_the_instance_that_gave_it_up() {
+    let redis = lingua_tests::redis().await;
+    let store = store(&redis).await;
+    let route = two_nodes_with_room(&store, 4).await;
+    let zh_en = pair("zh:en");
+    let id = JobId::new("handed").unwrap();
+    let mut job = new_job(&id, zh_en, "{req}", Duration::from_secs(60));
+    job.coordinator = "stopping";
+    store.job_open(job, (on(&route, &[]), false)).await.unwrap();
+    let (_, queued) = store.job(&id).await.unwrap().unwrap();
+    assert_eq!(queued.status.as_str(), "queued");
+    let adopt = |from: &'static str, to: &'static str, attempt: u32| {
+        let (store, id) = (store.clone(), id.clone());
+        async move {
+            store
+                .job_adopt((zh_en, &id), (from, to), (9, attempt))
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        adopt("another", "b", 0).await,
+        None,
+        "only from its dispatcher"
+    );
+    assert_eq!(
+        adopt("stopping", "b", 1).await,
+        None,
+        "only at the attempt it waited at"
+    );
+    let adopted = adopt("stopping", "b", 0).await.expect("taken over");
+    assert_eq!((adopted.attempt, adopted.request.as_str()), (0, "{req}"));
+    assert_eq!(Some(adopted.deadline_ms), queued.deadline_ms);
+    let (_, record) = store.job(&id).await.unwrap().unwrap();
+    assert_eq!(
+        (record.coordinator.as_deref(), record.opener),
+        (Some("b"), Some(9))
+    );
+    assert_eq!(adopt("stopping", "c", 0).await, None, "once");
+    let failure = r#"{"error":{"code":"timeout","message":"no result"}}"#;
+    store
+        .job_finish((zh_en, &id), (None, 0), false, failure, LEASE)
+        .await
+        .unwrap();
+    assert_eq!(adopt("b", "c", 0).await, None, "not once it ended");
+    let gone = JobId::new("never").unwrap();
+    let missing = store
+        .job_adopt((zh_en, &gone), ("b", "c"), (1, 0))
+        .await
+        .unwrap();
+    assert_eq!(missing, None);
+}
+
+/// Jobs are handed over only to instances that are live and not
+/// stopping, through an inbox that still exists; a stopping instance is
+/// reaped only once its presence is gone.
+#[tokio::test]
+async fn jobs_are_handed_only_to_live_instances_that_are_not_stopping() {
+    let redis = lingua_tests::redis().await;
+    let store = store(&redis).await;
+    for instance in ["me", "staying", "stopping"] {
+        store
+            .instance_alive(instance, "127.0.0.1:1", (LEASE, false))
+            .await
+            .unwrap();
+        store.inbox_open(instance).await.unwrap();
+    }
+    store
+        .instance_alive("stopping", "127.0.0.1:1", (LEASE, true))
+        .await
+        .unwrap();
+    let candidates = store.other_live_instances("me").await.unwrap();
+    assert_eq!(candidates, ["staying"]);
+    assert!(
+        store.reap_instances().await.unwrap().is_empty(),
+        "still present"
+    );
+    assert!(store.inbox_push("staying", "{}").await.unwrap());
+    store.instance_gone("staying").await.unwrap();
+    assert!(
+        !store.inbox_push("staying", "{}").await.unwrap(),
+        "an inbox that is gone takes nothing"
+    );
 }
 
 #[tokio::test]

@@ -9,14 +9,15 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use lingua_agent::config::{AgentConfig, ExecutorConfig};
+use lingua_coordinator::config::PickPolicy;
 use lingua_coordinator::metrics::Metrics;
 use lingua_coordinator::private_redis::PrivateRedis;
-use lingua_coordinator::store::Store;
+use lingua_coordinator::store::{NewJob, PickOn, Route, Store};
 use lingua_shared::protocol::{
     CapacityReport, FailureCode, JobAssign, JobCancel, JobRef, JobReject, JobResult, Outcome,
     RejectReason,
 };
-use lingua_shared::{JobKind, Message};
+use lingua_shared::{JobId, JobKind, Message};
 use lingua_tests::cluster::RedisCluster;
 use lingua_tests::fleet::Blackhole;
 use lingua_tests::{
@@ -867,6 +868,24 @@ fn translate_room(free: u32) -> CapacityReport {
     }
 }
 
+/// Waits until `node` is in the zh -> en translate routing index: jobs
+/// are offered to it.
+async fn offered_translations(conn: &redis::aio::MultiplexedConnection, node: &str) {
+    eventually(&format!("{node} to be offered jobs"), || {
+        let mut conn = conn.clone();
+        async move {
+            let score: Option<f64> = redis::cmd("ZSCORE")
+                .arg("lingua:v1:pair:{zh:en}:route:translate")
+                .arg(node)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            score.map(|_| ())
+        }
+    })
+    .await;
+}
+
 /// The result a node sends once it stopped `assign` for a cancel.
 fn cancelled(assign: &JobAssign) -> Message {
     Message::JobResult(JobResult {
@@ -1164,19 +1183,7 @@ async fn the_jobs_of_a_restarted_agent_move_on_when_it_registers_again() {
     )
     .await;
     let mut conn = lingua_tests::connect(&redis).await;
-    eventually("the other node to be offered jobs", || {
-        let mut conn = conn.clone();
-        async move {
-            let score: Option<f64> = redis::cmd("ZSCORE")
-                .arg("lingua:v1:pair:{zh:en}:route:translate")
-                .arg("other")
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            score.map(|_| ())
-        }
-    })
-    .await;
+    offered_translations(&conn, "other").await;
     // The old process's lease ran out (its heartbeats stopped); the
     // coordinator has not yet missed enough of them to drop its socket.
     let () = redis::cmd("DEL")
@@ -1408,6 +1415,153 @@ async fn a_long_poll_for_another_instances_job_ends_when_its_coordinator_stops()
     assert_eq!(view["status"], "running", "{view}");
     node.close().await;
     dispatching.stop().await;
+}
+
+/// A coordinator that stops while jobs wait for room there (one refused
+/// by its node, one recorded queued behind it) hands them to another
+/// instance, which dispatches them once the node has room: before, they
+/// waited in Redis for nobody until their deadline.
+#[tokio::test]
+async fn a_stopping_coordinator_hands_its_waiting_jobs_to_another() {
+    let redis = lingua_tests::redis().await;
+    let stopping = TestCoordinator::start(&redis, quiet_node_config()).await;
+    let staying = TestCoordinator::start(&redis, quiet_node_config()).await;
+    let mut register = registration("full", &["zh"], &["en"]);
+    register.capacity = translate_room(1);
+    let (mut node, _) = TestNode::register(&staying.ws_url(), register).await;
+    let submit = |id: &str| {
+        let (url, body) = (stopping.url("/v1/jobs?wait=false"), zh_en_job(id, 60_000));
+        async move {
+            let answer = reqwest::Client::new()
+                .post(url)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(answer.status(), 202);
+        }
+    };
+    let depth = |instance: &TestCoordinator, jobs: f64| {
+        let series = r#"lingua_queue_depth{pair="zh:en",kind="translate"}"#;
+        let metrics = instance.url("/metrics");
+        async move {
+            eventually(&format!("{jobs} jobs waiting for room"), || {
+                let metrics = metrics.clone();
+                async move {
+                    let text = reqwest::get(metrics).await.ok()?.text().await.ok()?;
+                    text.lines()
+                        .any(|line| line == format!("{series} {jobs}"))
+                        .then_some(())
+                }
+            })
+            .await;
+        }
+    };
+    // One refused by the node whenever it is sent, until it waits for
+    // room (a refusal leaves the node none once its entry is rewritten);
+    // one recorded queued behind it. The first is sent once the node's
+    // room is in its routing entry.
+    offered_translations(&lingua_tests::connect(&redis).await, "full").await;
+    submit("refused").await;
+    let waiting = depth(&stopping, 1.0);
+    tokio::pin!(waiting);
+    loop {
+        tokio::select! {
+            () = &mut waiting => break,
+            assign = next_assign(&mut node) => {
+                node.send(&Message::JobReject(JobReject {
+                    job_id: assign.job_id,
+                    attempt: assign.attempt,
+                    reason: RejectReason::NoCapacity,
+                    message: "translate: busy".into(),
+                }))
+                .await;
+            }
+        }
+    }
+    submit("queued").await;
+    depth(&stopping, 2.0).await;
+    let mut stood = HashMap::new();
+    for id in ["refused", "queued"] {
+        let (_, view) = stopping.get(&format!("/v1/jobs/{id}")).await;
+        stood.insert(id.to_owned(), view["attempts"].as_u64().unwrap());
+    }
+    assert_eq!(stood["queued"], 0, "recorded queued: {stood:?}");
+    stopping.stop().await;
+    eventually("the other instance to take both jobs over", || async {
+        let adopted = staying.metric(None, "lingua_jobs_adopted_total").await;
+        (adopted == Some(2.0)).then_some(())
+    })
+    .await;
+    node.send(&Message::Capacity(translate_room(2))).await;
+    for _ in 0..2 {
+        let assign = next_assign(&mut node).await;
+        let at = stood[assign.job_id.as_str()];
+        assert_eq!(
+            u64::from(assign.attempt),
+            at + 1,
+            "{} goes on from the attempt it stood at",
+            assign.job_id
+        );
+        accepted_then_done(&mut node, assign).await;
+    }
+    for id in ["refused", "queued"] {
+        let (status, view) = staying.get(&format!("/v1/jobs/{id}?wait_ms=10000")).await;
+        assert_eq!(status, 200, "{view}");
+        assert_eq!(view["status"], "completed", "{view}");
+    }
+    node.close().await;
+    staying.stop().await;
+}
+
+/// A job still queued whose coordinator instance died (it could hand
+/// nothing over) is taken over by an instance that reads it, and
+/// dispatched: before, it waited for nobody until its deadline.
+#[tokio::test]
+async fn a_queued_job_of_a_dead_coordinator_is_taken_over_by_its_reader() {
+    let redis = lingua_tests::redis().await;
+    let coordinator = TestCoordinator::start(&redis, quiet_node_config()).await;
+    let register = registration("idle", &["zh"], &["en"]);
+    let (mut node, _) = TestNode::register(&coordinator.ws_url(), register).await;
+    // Recorded queued by an instance that is gone, as its record stays.
+    let store = Store::connect(&redis.url(), Arc::new(Metrics::default()))
+        .await
+        .unwrap();
+    let id = JobId::new("abandoned").unwrap();
+    let route = Route::gpu(&JobKind::new("translate").unwrap());
+    let recorded = NewJob {
+        id: &id,
+        pair: "zh:en".parse().unwrap(),
+        request: r#"{"kind":"translate","pair":"zh:en","payload":null,"session_id":null,"timeout_ms":60000}"#,
+        timeout: Duration::from_secs(60),
+        retention: Duration::from_secs(60),
+        coordinator: "died",
+        opener: 1,
+    };
+    let no_pick = PickOn {
+        route: &route,
+        session: None,
+        affinity: Duration::ZERO,
+        policy: PickPolicy::Capacity,
+        excluded: &[],
+    };
+    store.job_open(recorded, (no_pick, false)).await.unwrap();
+    let url = coordinator.url("/v1/jobs/abandoned?wait_ms=30000");
+    let polled = tokio::spawn(async move {
+        let answer = reqwest::get(url).await.unwrap();
+        answer.json::<Value>().await.unwrap()
+    });
+    let assign = tokio::time::timeout(lingua_tests::PATIENCE, next_assign(&mut node))
+        .await
+        .expect("the job is taken over and sent to the node");
+    assert_eq!((assign.job_id.as_str(), assign.attempt), ("abandoned", 1));
+    accepted_then_done(&mut node, assign).await;
+    let view = polled.await.unwrap();
+    assert_eq!(view["status"], "completed", "{view}");
+    let adopted = coordinator.metric(None, "lingua_jobs_adopted_total").await;
+    assert_eq!(adopted, Some(1.0));
+    node.close().await;
+    coordinator.stop().await;
 }
 
 #[tokio::test]

@@ -363,10 +363,15 @@ impl Seat<'_> {
     /// Waits until a report says there may be room and the job may try
     /// (it heads its queue, or stands in for the head on the fallback's
     /// room); `None` once it could no longer start in time. The wait is
-    /// the job's `queue` stage.
+    /// the job's `queue` stage. When the coordinator stops meanwhile, the
+    /// job (no attempt in flight) is handed over.
     async fn turn(&self, state: &mut Dispatch<'_>) -> Option<Turn> {
         let waiting = Instant::now();
-        let turn = self.next_turn(self.router.latest_start(state)).await;
+        let turn = tokio::select! {
+            biased;
+            () = self.router.shutdown.cancelled() => self.router.hand_over(state.job, state.attempt).await,
+            turn = self.next_turn(self.router.latest_start(state)) => turn,
+        };
         state.timing.queue += waiting.elapsed();
         turn
     }

@@ -151,25 +151,18 @@ impl JobRouter {
         }
         tracing::warn!(job_id = %job.id, attempt = record.attempt,
             "recorded although its answer was lost: dispatched from where it stands");
-        let first = First {
-            attempt: record.attempt,
-            node: None,
-            excluded: Vec::new(),
-            picked: None,
-            wakes: 0,
-            locked: Duration::ZERO,
-            arrival: None,
-        };
-        (job, Some(first))
+        (job, Some(First::resumed(record.attempt)))
     }
 
     /// A job's record; one still running well past its deadline is an
     /// orphan (its dispatcher died with its coordinator, its result is
     /// lost) and is recorded failed here, so that nobody waits forever.
+    /// One still queued whose dispatcher is gone is taken over.
     pub(super) async fn record(&self, id: &JobId) -> Result<Option<JobRecord>, StoreError> {
         let Some((pair, record)) = self.store.job(id).await? else {
             return Ok(None);
         };
+        self.take_if_abandoned((pair, id), &record).await?;
         let orphaned = !record.status.is_terminal()
             && record
                 .deadline_ms
@@ -194,6 +187,37 @@ impl JobRouter {
             tracing::warn!(job_id = %id, "orphaned job recorded as failed after its deadline");
         }
         Ok(self.store.job(id).await?.map(|(_, record)| record))
+    }
+
+    /// A job recorded `queued` (waiting for room: no node has it) whose
+    /// dispatching instance is gone, having died without handing it over,
+    /// is taken over here, as one handed over is: through this instance's
+    /// own inbox. Should that instance be alive after all (its presence
+    /// lapsed), the attempt fence lets only one of the two dispatchers'
+    /// picks through.
+    async fn take_if_abandoned(
+        &self,
+        (pair, id): (LangPair, &JobId),
+        record: &JobRecord,
+    ) -> Result<(), StoreError> {
+        let Some(from) = record
+            .coordinator
+            .as_deref()
+            .filter(|from| record.status == JobStatus::Queued && *from != self.instance)
+        else {
+            return Ok(());
+        };
+        if self.shutdown.is_cancelled() || self.store.instance_present(from).await? {
+            return Ok(());
+        }
+        let envelope = Envelope::Adopt {
+            from: from.to_owned(),
+            pair,
+            job_id: id.clone(),
+            attempt: record.attempt,
+        };
+        forward::post(&self.store, &self.tasks, self.instance.clone(), envelope);
+        Ok(())
     }
 
     /// The stored view of a job, waiting up to `wait` for a terminal state;

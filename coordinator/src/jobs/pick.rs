@@ -245,3 +245,19 @@ pub(super) struct First {
     /// joins.
     pub(super) arrival: Option<u64>,
 }
+
+impl First {
+    /// A dispatch taken up at `attempt` as Redis has it, by a dispatcher
+    /// that made no pick of it: it picks from there.
+    pub(super) fn resumed(attempt: u32) -> Self {
+        Self {
+            attempt,
+            node: None,
+            excluded: Vec::new(),
+            picked: None,
+            wakes: 0,
+            locked: Duration::ZERO,
+            arrival: None,
+        }
+    }
+}

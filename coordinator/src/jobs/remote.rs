@@ -25,9 +25,13 @@ impl JobRouter {
             attempt.holder = Some(holder.clone());
         }
         match forward::send(&self.store, &holder, &envelope).await {
-            Ok(()) => {
+            Ok(true) => {
                 self.metrics.forwarded.inc();
                 true
+            }
+            Ok(false) => {
+                tracing::warn!(node_id = %node, %holder, "cannot forward the assignment: the node's coordinator instance is gone");
+                false
             }
             Err(err) => {
                 tracing::warn!(node_id = %node, %holder, error = %err, "cannot forward the assignment");

@@ -171,6 +171,43 @@ impl Job {
     }
 }
 
+impl Job {
+    /// The job `id` from its canonical request (as its record holds it),
+    /// for an instance taking over its dispatch: the inverse of
+    /// [`Job::canonical`].
+    pub(super) fn from_canonical(id: JobId, request: &str) -> Result<Self, serde_json::Error> {
+        let stored: Stored = serde_json::from_str(request)?;
+        let owner = stored.owner.unwrap_or_default();
+        Ok(Self {
+            id,
+            kind: stored.kind,
+            pair: stored.pair,
+            session: stored.session_id,
+            payload: stored.payload,
+            timeout: Duration::from_millis(stored.timeout_ms),
+            explicit: (stored.priority.is_some(), stored.tenant.is_some()),
+            priority: stored.priority.unwrap_or(DEFAULT_PRIORITY),
+            tenant: stored.tenant.unwrap_or_else(|| owner.clone()),
+            device: stored.device.unwrap_or(DeviceChoice::Any),
+            owner,
+        })
+    }
+}
+
+/// A canonical request read back: see [`Job::from_canonical`].
+#[derive(Deserialize)]
+struct Stored {
+    device: Option<DeviceChoice>,
+    kind: JobKind,
+    owner: Option<String>,
+    pair: LangPair,
+    payload: RawJson,
+    priority: Option<u8>,
+    session_id: Option<String>,
+    tenant: Option<String>,
+    timeout_ms: u64,
+}
+
 /// A job's canonical request: see [`Job::canonical`].
 #[derive(Serialize)]
 struct Canonical<'a> {
@@ -254,5 +291,26 @@ mod tests {
             bare.canonical(),
             r#"{"kind":"asr","pair":"en:es","payload":null,"session_id":null,"timeout_ms":30000}"#
         );
+        let tenanted = job(
+            r#"{"kind": "asr", "src_lang": "en", "tgt_lang": "es", "tenant": "t"}"#,
+            "ab12",
+        );
+        // Read back, each is the job it was: its canonical text and what
+        // its dispatch and queue go by.
+        for job in [full, bare, tenanted] {
+            let back = Job::from_canonical(job.id.clone(), &job.canonical()).unwrap();
+            assert_eq!(back.canonical(), job.canonical());
+            assert_eq!(
+                (back.priority, &back.tenant, back.device, back.timeout),
+                (job.priority, &job.tenant, job.device, job.timeout)
+            );
+            assert_eq!(
+                (back.pair, &back.kind, &back.session),
+                (job.pair, &job.kind, &job.session)
+            );
+        }
+        let wrong =
+            r#"{"kind":"asr","pair":"en-es","payload":null,"session_id":null,"timeout_ms":1}"#;
+        assert!(Job::from_canonical(JobId::new("j").unwrap(), wrong).is_err());
     }
 }

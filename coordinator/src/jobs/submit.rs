@@ -275,9 +275,17 @@ impl JobRouter {
     /// waits for one recorded before (by an earlier submission here or
     /// elsewhere), and publishes its terminal view. On shutdown it stops:
     /// the job stays in Redis as it is.
-    async fn follow_job(self: Arc<Self>, job: Job, first: Option<First>, start: Duration) {
+    pub(super) async fn follow_job(
+        self: Arc<Self>,
+        job: Job,
+        first: Option<First>,
+        start: Duration,
+    ) {
         let fresh = first.is_some();
+        // The dispatch first: a job waiting for room hands itself over
+        // when the shutdown comes (`Seat::turn`) before it is dropped.
         let outcome = tokio::select! {
+            biased;
             outcome = async {
                 match first {
                     Some(first) => self.dispatch(&job, first, start).await,
@@ -337,10 +345,10 @@ impl JobRouter {
 /// when this is dropped, unless another has replaced it there (publishing
 /// a view takes it out first). Its subscribers' wait ends with it: they
 /// read the job from Redis instead.
-struct Registered {
-    router: Arc<JobRouter>,
-    id: JobId,
-    waiter: Arc<Waiter>,
+pub(super) struct Registered {
+    pub(super) router: Arc<JobRouter>,
+    pub(super) id: JobId,
+    pub(super) waiter: Arc<Waiter>,
 }
 
 impl Drop for Registered {

@@ -16,7 +16,7 @@ pub const STAGES: [&str; 7] = [
     "start", "queue", "pick", "record", "accept", "run", "answer",
 ];
 /// The coordinator's scripts (`lua/`).
-const SCRIPTS: [&str; 10] = [
+const SCRIPTS: [&str; 11] = [
     "register_node",
     "node_heartbeat",
     "node_offline",
@@ -27,6 +27,7 @@ const SCRIPTS: [&str; 10] = [
     "route_pick",
     "job_finish",
     "job_expire",
+    "job_adopt",
 ];
 /// The frames a registered node may send; those sent to a node (the
 /// registration's answer last: it comes once per connection).

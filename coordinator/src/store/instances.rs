@@ -1,15 +1,19 @@
 //! Coordinator instances: presence, reaping, and their inboxes.
 
+use rand::seq::SliceRandom;
+
 use super::*;
 
 impl Store {
     /// Announces (or renews) coordinator `instance`, serving on `listen`,
-    /// for `ttl`.
+    /// for `ttl`. A `leaving` instance (stopping) stays present, but its
+    /// index entry is overdue: no job is handed to it, and it is reaped
+    /// should it die before it removes itself.
     pub async fn instance_alive(
         &self,
         instance: &str,
         listen: &str,
-        ttl: Duration,
+        (ttl, leaving): (Duration, bool),
     ) -> Result<(), StoreError> {
         let keys = InstanceKeys::new(instance);
         let mut conn = self.conn.clone();
@@ -20,9 +24,14 @@ impl Store {
             .arg(millis(ttl))
             .query_async::<()>(&mut conn)
             .await?;
+        let deadline = if leaving {
+            0
+        } else {
+            wall_clock_ms() + millis(ttl)
+        };
         redis::cmd("ZADD")
             .arg(keys::ALL_INSTANCES)
-            .arg(wall_clock_ms() + millis(ttl))
+            .arg(deadline)
             .arg(instance)
             .query_async::<()>(&mut conn)
             .await?;
@@ -122,6 +131,27 @@ impl Store {
         Ok(reaped)
     }
 
+    /// The live instances other than `me` that are not stopping, in a
+    /// random order.
+    pub async fn other_live_instances(&self, me: &str) -> Result<Vec<String>, StoreError> {
+        let mut conn = self.conn.clone();
+        let mut instances: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(keys::ALL_INSTANCES)
+            .arg(wall_clock_ms())
+            .arg("+inf")
+            .query_async(&mut conn)
+            .await?;
+        instances.retain(|instance| instance != me);
+        instances.shuffle(&mut rand::rng());
+        let mut live = Vec::with_capacity(instances.len());
+        for instance in instances {
+            if self.instance_present(&instance).await? {
+                live.push(instance);
+            }
+        }
+        Ok(live)
+    }
+
     /// The live instance other than `me` holding `node`'s socket, if any.
     pub async fn other_live_holder(
         &self,
@@ -161,12 +191,13 @@ impl Store {
         }
     }
 
-    /// Appends `message` to `instance`'s inbox.
-    pub async fn inbox_push(&self, instance: &str, message: &str) -> Result<(), StoreError> {
+    /// Appends `message` to `instance`'s inbox; false when the inbox is
+    /// gone (so is the instance).
+    pub async fn inbox_push(&self, instance: &str, message: &str) -> Result<bool, StoreError> {
         let mut conn = self.conn.clone();
         // NOMKSTREAM: a message for an instance that is gone (its inbox
         // reaped) is dropped rather than recreating the inbox forever.
-        redis::cmd("XADD")
+        Ok(redis::cmd("XADD")
             .arg(InstanceKeys::new(instance).inbox)
             .arg("NOMKSTREAM")
             .arg("MAXLEN")
@@ -175,9 +206,9 @@ impl Store {
             .arg("*")
             .arg("m")
             .arg(message)
-            .query_async::<()>(&mut conn)
-            .await?;
-        Ok(())
+            .query_async::<Option<String>>(&mut conn)
+            .await?
+            .is_some())
     }
 
     /// Waits up to `block` for messages in `instance`'s inbox; returns

@@ -67,6 +67,18 @@ pub struct JobRecord {
     pub opener: Option<u64>,
 }
 
+/// A job whose dispatch this instance took over ([`Store::job_adopt`]):
+/// where it stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Adopted {
+    /// Its current attempt (0: never sent to a node).
+    pub attempt: u32,
+    /// When it times out, ms since the epoch (Redis's clock).
+    pub deadline_ms: u64,
+    /// The canonical request JSON.
+    pub request: String,
+}
+
 /// A job's pick: the node and the attempt recorded on it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum JobPick {
@@ -355,6 +367,54 @@ impl Store {
                 script: "job_expire",
                 reply,
             }),
+        }
+    }
+
+    /// Takes the dispatch of job `id` over from instance `from` (which
+    /// gave it up, or died), for instance `to`, marking the record with the
+    /// taker's `opener`: where the job stands, when it was `from`'s, still
+    /// at `attempt`, and has not ended.
+    pub async fn job_adopt(
+        &self,
+        (pair, id): (LangPair, &JobId),
+        (from, to): (&str, &str),
+        (opener, attempt): (u64, u32),
+    ) -> Result<Option<Adopted>, StoreError> {
+        let mut call = Call::new(&self.scripts.job_adopt, 1);
+        call.key(PairKeys::new(pair).job(id))
+            .arg(from)
+            .arg(to)
+            .arg(opener)
+            .arg(attempt);
+        let reply: Vec<Value> = self.invoke("job_adopt", &call).await?;
+        let unexpected = || StoreError::Unexpected {
+            script: "job_adopt",
+            reply: format!("{reply:?}"),
+        };
+        match reply.as_slice() {
+            [status, attempt, deadline_ms, request]
+                if text(status).as_deref() == Some("adopted") =>
+            {
+                let number = |value: &Value| -> Result<u64, StoreError> {
+                    text(value)
+                        .and_then(|t| t.parse().ok())
+                        .ok_or_else(unexpected)
+                };
+                Ok(Some(Adopted {
+                    attempt: u32::try_from(number(attempt)?).map_err(|_| unexpected())?,
+                    deadline_ms: number(deadline_ms)?,
+                    request: text(request).ok_or_else(unexpected)?,
+                }))
+            }
+            [status]
+                if matches!(
+                    text(status).as_deref(),
+                    Some("missing" | "ended" | "taken" | "moved")
+                ) =>
+            {
+                Ok(None)
+            }
+            _ => Err(unexpected()),
         }
     }
 

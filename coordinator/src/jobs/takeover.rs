@@ -1,0 +1,126 @@
+//! Jobs waiting for room, taken over by another instance: each job waiting
+//! for room when its coordinator stops (no attempt in flight, so nothing
+//! runs it) is handed to another live instance through its inbox, which
+//! adopts it in Redis (`job_adopt`: only from the instance that gave it
+//! up, at the attempt it waited at) and dispatches it from there, with the
+//! time it has left. A job still `queued` whose instance died is handed
+//! over by the instance that reads it, to itself (`JobRouter::record`).
+
+use super::pick::First;
+use super::submit::Registered;
+use super::*;
+use tracing::Instrument;
+
+impl JobRouter {
+    /// This instance is stopping while `job` waits for room here at
+    /// `attempt`: another live instance is asked to take it over. Its
+    /// dispatch here sends nothing more: this never returns, and the
+    /// dispatch ends with the shutdown.
+    pub(super) async fn hand_over<T>(&self, job: &Job, attempt: u32) -> T {
+        self.pass_on(self.instance.clone(), (job.pair, job.id.clone(), attempt));
+        std::future::pending().await
+    }
+
+    /// Asks another live instance that is not stopping to take over the
+    /// job that instance `from` dispatched: the first whose inbox takes
+    /// the message.
+    pub(super) fn pass_on(&self, from: String, (pair, job_id, attempt): (LangPair, JobId, u32)) {
+        let (store, me) = (self.store.clone(), self.instance.clone());
+        self.tasks.spawn(async move {
+            let instances = match store.other_live_instances(&me).await {
+                Ok(instances) => instances,
+                Err(err) => {
+                    tracing::warn!(%job_id, error = %err, "cannot look for a coordinator instance to take a job waiting for room over: it ends at its deadline");
+                    return;
+                }
+            };
+            let envelope = Envelope::Adopt {
+                from,
+                pair,
+                job_id: job_id.clone(),
+                attempt,
+            };
+            for to in instances {
+                match forward::send(&store, &to, &envelope).await {
+                    Ok(true) => {
+                        tracing::info!(%job_id, instance = %to, "a job waiting for room handed over to another coordinator instance");
+                        return;
+                    }
+                    Ok(false) => {}
+                    Err(err) => {
+                        tracing::warn!(%job_id, instance = %to, error = %err, "cannot hand a job waiting for room over to this instance");
+                    }
+                }
+            }
+            tracing::warn!(%job_id, "no other coordinator instance took over a job waiting for room: it is taken over when read once this one is gone, if it was queued, or ends at its deadline");
+        });
+    }
+
+    /// Takes over the dispatch of `job_id` of `pair`, which instance
+    /// `from` held waiting for room at `attempt` (it stopped, or died with
+    /// the job queued), in a task of its own. Stopping too, it passes the
+    /// job on.
+    pub fn adopt(self: &Arc<Self>, from: String, pair: LangPair, (job_id, attempt): (JobId, u32)) {
+        if self.shutdown.is_cancelled() {
+            self.pass_on(from, (pair, job_id, attempt));
+            return;
+        }
+        let span = tracing::info_span!("job", %job_id);
+        let this = Arc::clone(self);
+        self.tasks.spawn(
+            async move { this.take_over(&from, pair, (job_id, attempt)).await }.instrument(span),
+        );
+    }
+
+    /// Once Redis says the job was `from`'s, at `attempt`, and has not
+    /// ended, it is this instance's: dispatched from that attempt until its
+    /// deadline (it waited for room: no node runs it). A submission of the
+    /// id here waits on it from then on.
+    async fn take_over(
+        self: Arc<Self>,
+        from: &str,
+        pair: LangPair,
+        (job_id, attempt): (JobId, u32),
+    ) {
+        let opener = self.openers.fetch_add(1, Ordering::Relaxed);
+        let adopted = match self
+            .store
+            .job_adopt((pair, &job_id), (from, &self.instance), (opener, attempt))
+            .await
+        {
+            Ok(Some(adopted)) => adopted,
+            Ok(None) => {
+                tracing::debug!(%from, "a job handed over had ended, moved on, or was taken already");
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(%from, error = %err, "cannot take over a job handed over: it ends at its deadline");
+                return;
+            }
+        };
+        if self.shutdown.is_cancelled() {
+            // Stopping since: handed on, from here.
+            self.pass_on(self.instance.clone(), (pair, job_id, attempt));
+            return;
+        }
+        let mut job = match Job::from_canonical(job_id, &adopted.request) {
+            Ok(job) => job,
+            Err(err) => {
+                tracing::error!(%from, error = %err, "a job taken over has a request that cannot be read: it ends at its deadline");
+                return;
+            }
+        };
+        job.timeout = Duration::from_millis(adopted.deadline_ms.saturating_sub(wall_clock_ms()));
+        let (waiter, fresh) = self.waiter(&job.id, &adopted.request);
+        let registered = fresh.then(|| Registered {
+            router: Arc::clone(&self),
+            id: job.id.clone(),
+            waiter,
+        });
+        self.metrics.adopted.inc();
+        tracing::info!(%from, attempt, "took over a job waiting for room from a coordinator instance that stopped or died");
+        let _registered = registered;
+        self.follow_job(job, Some(First::resumed(attempt)), Duration::ZERO)
+            .await;
+    }
+}
