@@ -12,17 +12,20 @@
 -- ARGV[2] the instance taking it over
 -- ARGV[3] the taker's mark for the job (its `opener`)
 -- ARGV[4] the attempt the job waited at
+-- Taken by the same taker with the same mark already (a call whose reply
+-- was lost, sent again), it answers as it did.
 -- Returns {"adopted", attempt, deadline_ms, request}, or {"missing"},
 -- {"ended"} (terminal), {"taken"} (another instance dispatches it) or
 -- {"moved"} (at another attempt).
-local fields = redis.call('HMGET', KEYS[1], 'status', 'coordinator', 'attempt', 'deadline_ms', 'request')
+local fields = redis.call('HMGET', KEYS[1], 'status', 'coordinator', 'attempt', 'deadline_ms', 'request', 'opener')
 if not fields[1] then
   return {'missing'}
 end
 if fields[1] ~= 'running' and fields[1] ~= 'queued' then
   return {'ended'}
 end
-if fields[2] ~= ARGV[1] then
+local again = fields[2] == ARGV[2] and fields[6] == ARGV[3]
+if fields[2] ~= ARGV[1] and not again then
   return {'taken'}
 end
 if (fields[3] or '0') ~= ARGV[4] then

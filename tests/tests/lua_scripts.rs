@@ -875,6 +875,11 @@ async fn a_job_is_adopted_once_from_the_instance_that_gave_it_up() {
         "only at the attempt it waited at"
     );
     let adopted = adopt("stopping", "b", 0).await.expect("taken over");
+    assert_eq!(
+        adopt("stopping", "b", 0).await,
+        Some(adopted.clone()),
+        "sent again by the same taker (its reply lost), it answers as it did"
+    );
     assert_eq!((adopted.attempt, adopted.request.as_str()), (0, "{req}"));
     assert_eq!(Some(adopted.deadline_ms), queued.deadline_ms);
     let (_, record) = store.job(&id).await.unwrap().unwrap();

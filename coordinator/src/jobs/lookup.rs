@@ -200,10 +200,12 @@ impl JobRouter {
         (pair, id): (LangPair, &JobId),
         record: &JobRecord,
     ) -> Result<(), StoreError> {
+        let in_time = record.deadline_ms.is_some_and(|d| wall_clock_ms() < d);
         let Some(from) = record
             .coordinator
             .as_deref()
             .filter(|from| record.status == JobStatus::Queued && *from != self.instance)
+            .filter(|_| in_time)
         else {
             return Ok(());
         };

@@ -11,6 +11,10 @@ use super::submit::Registered;
 use super::*;
 use tracing::Instrument;
 
+/// The longest pause before a failing takeover is tried again (pauses
+/// double from 50 ms: six tries more, over about 3 s).
+const ADOPT_LAST_PAUSE: Duration = Duration::from_millis(1_600);
+
 impl JobRouter {
     /// This instance is stopping while `job` waits for room here at
     /// `attempt`: another live instance is asked to take it over. Its
@@ -83,19 +87,29 @@ impl JobRouter {
         (job_id, attempt): (JobId, u32),
     ) {
         let opener = self.openers.fetch_add(1, Ordering::Relaxed);
-        let adopted = match self
-            .store
-            .job_adopt((pair, &job_id), (from, &self.instance), (opener, attempt))
-            .await
-        {
-            Ok(Some(adopted)) => adopted,
-            Ok(None) => {
-                tracing::debug!(%from, "a job handed over had ended, moved on, or was taken already");
-                return;
-            }
-            Err(err) => {
-                tracing::warn!(%from, error = %err, "cannot take over a job handed over: it ends at its deadline");
-                return;
+        // Sent again while Redis fails: the same call, once it ran, answers
+        // as it did.
+        let mut pause = Duration::from_millis(50);
+        let adopted = loop {
+            match self
+                .store
+                .job_adopt((pair, &job_id), (from, &self.instance), (opener, attempt))
+                .await
+            {
+                Ok(Some(adopted)) => break adopted,
+                Ok(None) => {
+                    tracing::debug!(%from, "a job handed over had ended, moved on, or was taken already");
+                    return;
+                }
+                Err(err) if pause <= ADOPT_LAST_PAUSE && !self.shutdown.is_cancelled() => {
+                    tracing::warn!(%from, error = %err, "taking over a job handed over failed; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+                Err(err) => {
+                    tracing::warn!(%from, error = %err, "cannot take over a job handed over: it ends at its deadline");
+                    return;
+                }
             }
         };
         if self.shutdown.is_cancelled() {
