@@ -39,7 +39,9 @@
 -- recorded already), {"conflict"} (open: the id is taken by a different
 -- request in this pair) or {"stale"} (next: the job ended, or someone
 -- else moved it on). A job opened without a node stays "queued" at
--- attempt 0; each attempt recorded here is "running" on its node.
+-- attempt 0; each attempt recorded here is "running" on its node; a later
+-- pick that finds no room (or a retake taken back) records it "queued"
+-- again, at the attempt it stands at.
 --
 -- Candidates are nodes whose last report showed free slots of the kind
 -- and whose lease is current: a sampled entry whose lease is past is
@@ -293,11 +295,13 @@ if not chosen then
   if retake then
     -- The passed-over attempt is taken back: no node holds it.
     local attempt = tonumber(ARGV[7]) - 1
-    local status = 'running'
-    if attempt == 0 then
-      status = 'queued'
-    end
-    redis.call('HSET', job, 'attempt', string.format('%d', attempt), 'status', status, 'node', '', 'nodes', nodes_kept())
+    redis.call('HSET', job, 'attempt', string.format('%d', attempt), 'status', 'queued', 'node', '', 'nodes', nodes_kept())
+  elseif job and not opening then
+    -- Its last attempt ended without a result: it waits for room, and
+    -- says so (another instance takes a queued job over when its
+    -- dispatcher is gone). Its node stays named, which may still report
+    -- a result for that attempt.
+    redis.call('HSET', job, 'status', 'queued')
   end
   if redis.call('ZCOUNT', KEYS[6], '(' .. now_text, '+inf') == 0 then
     return {'no_nodes'}

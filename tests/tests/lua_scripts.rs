@@ -934,6 +934,59 @@ async fn jobs_are_handed_only_to_live_instances_that_are_not_stopping() {
     );
 }
 
+/// A job whose attempt ended without a result, and whose next pick finds
+/// no room, is recorded `queued` again at that attempt (a dead
+/// dispatcher's job is taken over only when queued); its node may still
+/// report for that attempt; a later pick sends it on as `running`.
+#[tokio::test]
+async fn a_job_waiting_for_room_after_an_attempt_is_recorded_queued() {
+    let redis = lingua_tests::redis().await;
+    let store = store(&redis).await;
+    let route = two_nodes_with_room(&store, 4).await;
+    let zh_en = pair("zh:en");
+    let id = JobId::new("refused").unwrap();
+    let opened = store
+        .job_open(new_job(&id, zh_en, "{}", LEASE), (on(&route, &[]), true))
+        .await
+        .unwrap();
+    let JobStart::New(Some(JobPick::Node(first, 1))) = opened else {
+        panic!("picked at attempt 1: {opened:?}");
+    };
+    let record = || {
+        let (store, id) = (store.clone(), id.clone());
+        async move {
+            let (_, record) = store.job(&id).await.unwrap().unwrap();
+            (
+                record.status.as_str().to_owned(),
+                record.attempt,
+                record.node,
+            )
+        }
+    };
+    let both = [node("a"), node("b")];
+    let picked = store
+        .job_next((zh_en, &id), (1, false), on(&route, &both))
+        .await
+        .unwrap();
+    assert_eq!(picked, Some(JobPick::NoCapacity));
+    assert_eq!(
+        record().await,
+        ("queued".into(), 1, Some(first.to_string())),
+        "waiting for room, at the attempt it stands at"
+    );
+    let picked = store
+        .job_next((zh_en, &id), (1, false), on(&route, &[]))
+        .await
+        .unwrap();
+    let Some(JobPick::Node(second, 2)) = picked else {
+        panic!("sent on at attempt 2: {picked:?}");
+    };
+    assert_eq!(
+        record().await,
+        ("running".into(), 2, Some(second.to_string()))
+    );
+}
+
 #[tokio::test]
 async fn a_job_is_recorded_by_its_first_pick_idempotently_and_fenced_by_attempt() {
     let redis = lingua_tests::redis().await;

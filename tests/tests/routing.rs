@@ -1516,50 +1516,80 @@ async fn a_stopping_coordinator_hands_its_waiting_jobs_to_another() {
 
 /// A job still queued whose coordinator instance died (it could hand
 /// nothing over) is taken over by an instance that reads it, and
-/// dispatched: before, it waited for nobody until its deadline.
+/// dispatched: one queued from its arrival, and one whose attempt ended
+/// and whose next pick found no room. Before, they waited for nobody until
+/// their deadline.
 #[tokio::test]
 async fn a_queued_job_of_a_dead_coordinator_is_taken_over_by_its_reader() {
     let redis = lingua_tests::redis().await;
     let coordinator = TestCoordinator::start(&redis, quiet_node_config()).await;
     let register = registration("idle", &["zh"], &["en"]);
     let (mut node, _) = TestNode::register(&coordinator.ws_url(), register).await;
-    // Recorded queued by an instance that is gone, as its record stays.
+    offered_translations(&lingua_tests::connect(&redis).await, "idle").await;
+    // Recorded by an instance that is gone, as its records stay.
     let store = Store::connect(&redis.url(), Arc::new(Metrics::default()))
         .await
         .unwrap();
-    let id = JobId::new("abandoned").unwrap();
     let route = Route::gpu(&JobKind::new("translate").unwrap());
-    let recorded = NewJob {
-        id: &id,
-        pair: "zh:en".parse().unwrap(),
-        request: r#"{"kind":"translate","pair":"zh:en","payload":null,"session_id":null,"timeout_ms":60000}"#,
-        timeout: Duration::from_secs(60),
-        retention: Duration::from_secs(60),
-        coordinator: "died",
-        opener: 1,
-    };
-    let no_pick = PickOn {
+    let idle = [lingua_shared::NodeId::new("idle").unwrap()];
+    let on = |excluded| PickOn {
         route: &route,
         session: None,
         affinity: Duration::ZERO,
         policy: PickPolicy::Capacity,
-        excluded: &[],
+        excluded,
     };
-    store.job_open(recorded, (no_pick, false)).await.unwrap();
-    let url = coordinator.url("/v1/jobs/abandoned?wait_ms=30000");
-    let polled = tokio::spawn(async move {
-        let answer = reqwest::get(url).await.unwrap();
-        answer.json::<Value>().await.unwrap()
-    });
-    let assign = tokio::time::timeout(lingua_tests::PATIENCE, next_assign(&mut node))
+    let ids = [
+        JobId::new("abandoned").unwrap(),
+        JobId::new("moved-on").unwrap(),
+    ];
+    for (id, pick) in ids.iter().zip([false, true]) {
+        let recorded = NewJob {
+            id,
+            pair: "zh:en".parse().unwrap(),
+            request: r#"{"kind":"translate","pair":"zh:en","payload":null,"session_id":null,"timeout_ms":60000}"#,
+            timeout: Duration::from_secs(60),
+            retention: Duration::from_secs(60),
+            coordinator: "died",
+            opener: 1,
+        };
+        store.job_open(recorded, (on(&[]), pick)).await.unwrap();
+    }
+    // Its first attempt ended without a result; no other node had room.
+    let pair = "zh:en".parse().unwrap();
+    let next = store
+        .job_next((pair, &ids[1]), (1, false), on(&idle))
         .await
-        .expect("the job is taken over and sent to the node");
-    assert_eq!((assign.job_id.as_str(), assign.attempt), ("abandoned", 1));
-    accepted_then_done(&mut node, assign).await;
-    let view = polled.await.unwrap();
-    assert_eq!(view["status"], "completed", "{view}");
+        .unwrap();
+    assert_eq!(next, Some(lingua_coordinator::store::JobPick::NoCapacity));
+    let polls: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let url = coordinator.url(&format!("/v1/jobs/{id}?wait_ms=30000"));
+            tokio::spawn(async move {
+                let answer = reqwest::get(url).await.unwrap();
+                answer.json::<Value>().await.unwrap()
+            })
+        })
+        .collect();
+    let mut attempts = HashMap::new();
+    for _ in 0..2 {
+        let assign = tokio::time::timeout(lingua_tests::PATIENCE, next_assign(&mut node))
+            .await
+            .expect("the jobs are taken over and sent to the node");
+        attempts.insert(assign.job_id.to_string(), assign.attempt);
+        accepted_then_done(&mut node, assign).await;
+    }
+    assert_eq!(
+        attempts,
+        HashMap::from([("abandoned".into(), 1), ("moved-on".into(), 2)])
+    );
+    for poll in polls {
+        let view = poll.await.unwrap();
+        assert_eq!(view["status"], "completed", "{view}");
+    }
     let adopted = coordinator.metric(None, "lingua_jobs_adopted_total").await;
-    assert_eq!(adopted, Some(1.0));
+    assert_eq!(adopted, Some(2.0));
     node.close().await;
     coordinator.stop().await;
 }
