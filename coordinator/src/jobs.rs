@@ -137,6 +137,11 @@ pub struct JobRouter {
     reopening: AtomicUsize,
     /// The next submission's mark in its job's record.
     openers: AtomicU64,
+    /// Abandoned jobs this instance asked itself to take over, with their
+    /// deadlines (ms): asked once, not once per read
+    /// ([`JobRouter::record`]); forgotten past the deadline, or when the
+    /// asking failed.
+    adopting: Mutex<HashMap<JobId, u64>>,
 }
 
 impl JobRouter {
@@ -170,6 +175,7 @@ impl JobRouter {
             tasks: TaskTracker::new(),
             reopening: AtomicUsize::new(0),
             openers: AtomicU64::new(0),
+            adopting: Mutex::default(),
         }
     }
 

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use futures_util::future::join_all;
 use lingua_agent::config::{AgentConfig, ExecutorConfig};
+use lingua_coordinator::auth::{ApiTokens, Tokens};
 use lingua_coordinator::config::PickPolicy;
+use lingua_coordinator::keys::{self, InstanceKeys};
 use lingua_coordinator::metrics::Metrics;
 use lingua_coordinator::private_redis::PrivateRedis;
 use lingua_coordinator::store::{NewJob, PickOn, Route, Store};
@@ -24,6 +26,7 @@ use lingua_tests::{
     CommandStats, Received, RedisBackend, TestAgent, TestCoordinator, TestNode, agent_config,
     agent_toml, eventually, registration, test_config,
 };
+use redis::AsyncCommands;
 use serde_json::{Value, json};
 
 fn translate(src: &str, tgt: &str) -> Value {
@@ -1590,6 +1593,114 @@ async fn a_queued_job_of_a_dead_coordinator_is_taken_over_by_its_reader() {
     }
     let adopted = coordinator.metric(None, "lingua_jobs_adopted_total").await;
     assert_eq!(adopted, Some(2.0));
+    node.close().await;
+    coordinator.stop().await;
+}
+
+/// A job still queued whose coordinator instance died is asked to be
+/// taken over once, however often it is read, and never by a reader who
+/// may not see it (who sees nothing). Before, every read asked again, and
+/// another client's read asked too.
+#[tokio::test]
+async fn an_abandoned_job_is_asked_for_once_and_only_by_a_reader_who_may_see_it() {
+    const ADMIN: &str = "the-admin-of-the-abandoned-job";
+    const OWNER: &str = "the-owner-of-the-abandoned-job";
+    const OTHER: &str = "a-client-who-may-not-see-it";
+    let redis = lingua_tests::redis().await;
+    let config = lingua_coordinator::config::Config {
+        api_tokens: vec![ADMIN.into()],
+        client_tokens: vec![OWNER.into(), OTHER.into()],
+        ..quiet_node_config()
+    };
+    let coordinator = TestCoordinator::start(&redis, config).await;
+    // A node without room: the job, once taken over, waits for room.
+    let mut register = registration("full", &["zh"], &["en"]);
+    register.capacity = translate_room(0);
+    let (node, _) = TestNode::register(&coordinator.ws_url(), register).await;
+    let conn = lingua_tests::connect(&redis).await;
+    let instance = eventually("the coordinator to announce itself", || {
+        let mut conn = conn.clone();
+        async move {
+            let instances: Vec<String> = conn.zrange(keys::ALL_INSTANCES, 0, -1).await.unwrap();
+            instances.into_iter().next()
+        }
+    })
+    .await;
+    let inbox = InstanceKeys::new(&instance).inbox;
+    // Every message ever appended to the instance's inbox (it deletes
+    // those it read).
+    let asked = || {
+        let (mut conn, inbox) = (conn.clone(), inbox.clone());
+        async move {
+            let mut info: HashMap<String, redis::Value> = redis::cmd("XINFO")
+                .arg("STREAM")
+                .arg(&inbox)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            redis::from_redis_value::<u64>(info.remove("entries-added").unwrap()).unwrap()
+        }
+    };
+    // Recorded by an instance that is gone, waiting for room, for OWNER.
+    let tokens = ApiTokens {
+        admin: Tokens::new(&[]),
+        client: Tokens::new(&[OWNER.into()]),
+    };
+    let owner = tokens
+        .caller(Some(&format!("Bearer {OWNER}")))
+        .unwrap()
+        .owner;
+    let request = format!(
+        r#"{{"kind":"translate","owner":"{owner}","pair":"zh:en","payload":null,"session_id":null,"timeout_ms":60000}}"#
+    );
+    let store = Store::connect(&redis.url(), Arc::new(Metrics::default()))
+        .await
+        .unwrap();
+    let route = Route::gpu(&JobKind::new("translate").unwrap());
+    let on = PickOn {
+        route: &route,
+        session: None,
+        affinity: Duration::ZERO,
+        policy: PickPolicy::Capacity,
+        excluded: &[],
+    };
+    let recorded = NewJob {
+        id: &JobId::new("abandoned").unwrap(),
+        pair: "zh:en".parse().unwrap(),
+        request: &request,
+        timeout: Duration::from_secs(60),
+        retention: Duration::from_secs(60),
+        coordinator: "died",
+        opener: 1,
+    };
+    store.job_open(recorded, (on, false)).await.unwrap();
+    let client = reqwest::Client::new();
+    let read = |token: &'static str| {
+        let request = client
+            .get(coordinator.url("/v1/jobs/abandoned"))
+            .bearer_auth(token);
+        async move {
+            let answer = request.send().await.unwrap();
+            (
+                answer.status().as_u16(),
+                answer.json::<Value>().await.unwrap(),
+            )
+        }
+    };
+    assert_eq!(read(OTHER).await.0, 404, "another client's job");
+    assert_eq!(asked().await, 0, "another client's read asks nothing");
+    let reads = join_all((0..16).map(|_| read(OWNER))).await;
+    assert!(reads.iter().all(|(status, _)| *status == 200), "{reads:?}");
+    eventually("the job to be taken over", || async {
+        let adopted = coordinator
+            .metric(Some(ADMIN), "lingua_jobs_adopted_total")
+            .await;
+        (adopted == Some(1.0)).then_some(())
+    })
+    .await;
+    let (status, view) = read(OWNER).await;
+    assert_eq!((status, &view["status"]), (200, &json!("queued")), "{view}");
+    assert_eq!(asked().await, 1, "seventeen reads ask once");
     node.close().await;
     coordinator.stop().await;
 }

@@ -8,15 +8,18 @@ use super::*;
 
 impl JobRouter {
     /// Waits for a job's terminal state by reading Redis (the job is being
-    /// dispatched by another submission or instance, or by nobody).
+    /// dispatched by another submission or instance, or by nobody), as
+    /// `reader` may see it (a dispatch reads its own job as
+    /// [`Caller::open`]).
     pub(super) async fn wait_remote(
         &self,
         id: &JobId,
         deadline: Instant,
+        reader: &Caller,
     ) -> Result<JobView, StoreError> {
         let mut pause = REMOTE_POLL;
         loop {
-            if let Some(record) = self.record(id).await? {
+            if let Some(record) = self.record(id, reader).await? {
                 let view = JobView::from_record(id, &record);
                 if view.is_terminal() || Instant::now() >= deadline {
                     return Ok(view);
@@ -50,7 +53,7 @@ impl JobRouter {
         deadline: Instant,
     ) -> Result<JobView, SubmitError> {
         let job = state.job;
-        let view = self.wait_remote(&job.id, deadline).await?;
+        let view = self.wait_remote(&job.id, deadline, &Caller::open()).await?;
         if view.is_terminal() {
             return Ok(view);
         }
@@ -64,7 +67,9 @@ impl JobRouter {
         }
         // Ended (or moved on) just now, or its record is gone: what Redis
         // says, and failed `timeout` if that is still not an end.
-        let view = self.wait_remote(&job.id, Instant::now()).await?;
+        let view = self
+            .wait_remote(&job.id, Instant::now(), &Caller::open())
+            .await?;
         if view.is_terminal() {
             return Ok(view);
         }
@@ -154,15 +159,23 @@ impl JobRouter {
         (job, Some(First::resumed(record.attempt)))
     }
 
-    /// A job's record; one still running well past its deadline is an
-    /// orphan (its dispatcher died with its coordinator, its result is
-    /// lost) and is recorded failed here, so that nobody waits forever.
-    /// One still queued whose dispatcher is gone is taken over.
-    pub(super) async fn record(&self, id: &JobId) -> Result<Option<JobRecord>, StoreError> {
+    /// A job's record, `None` when it does not exist or `reader` may not
+    /// see it; one still running well past its deadline is an orphan (its
+    /// dispatcher died with its coordinator, its result is lost) and is
+    /// recorded failed here, so that nobody waits forever. One still
+    /// queued whose dispatcher is gone is taken over.
+    pub(super) async fn record(
+        &self,
+        id: &JobId,
+        reader: &Caller,
+    ) -> Result<Option<JobRecord>, StoreError> {
         let Some((pair, record)) = self.store.job(id).await? else {
             return Ok(None);
         };
-        self.take_if_abandoned((pair, id), &record).await?;
+        if !reader.may_read(&owner_of(&record.request)) {
+            return Ok(None);
+        }
+        self.take_if_abandoned((pair, id), &record).await;
         let orphaned = !record.status.is_terminal()
             && record
                 .deadline_ms
@@ -192,25 +205,28 @@ impl JobRouter {
     /// A job recorded `queued` (waiting for room: no node has it) whose
     /// dispatching instance is gone, having died without handing it over,
     /// is taken over here, as one handed over is: through this instance's
-    /// own inbox. Should that instance be alive after all (its presence
-    /// lapsed), the attempt fence lets only one of the two dispatchers'
-    /// picks through.
-    async fn take_if_abandoned(
-        &self,
-        (pair, id): (LangPair, &JobId),
-        record: &JobRecord,
-    ) -> Result<(), StoreError> {
-        let in_time = record.deadline_ms.is_some_and(|d| wall_clock_ms() < d);
-        let Some(from) = record
+    /// own inbox, once (not once per read; again when the asking failed).
+    /// Should that instance be alive after all (its presence lapsed), the
+    /// attempt fence lets only one of the two dispatchers' picks through.
+    async fn take_if_abandoned(&self, (pair, id): (LangPair, &JobId), record: &JobRecord) {
+        let now = wall_clock_ms();
+        let Some((from, deadline_ms)) = record
             .coordinator
             .as_deref()
             .filter(|from| record.status == JobStatus::Queued && *from != self.instance)
-            .filter(|_| in_time)
+            .zip(record.deadline_ms.filter(|deadline| now < *deadline))
         else {
-            return Ok(());
+            return;
         };
-        if self.shutdown.is_cancelled() || self.store.instance_present(from).await? {
-            return Ok(());
+        if self.shutdown.is_cancelled() {
+            return;
+        }
+        {
+            let mut adopting = lock(&self.adopting);
+            adopting.retain(|_, deadline| now < *deadline);
+            if adopting.insert(id.clone(), deadline_ms).is_some() {
+                return;
+            }
         }
         let envelope = Envelope::Adopt {
             from: from.to_owned(),
@@ -218,8 +234,22 @@ impl JobRouter {
             job_id: id.clone(),
             attempt: record.attempt,
         };
-        forward::post(&self.store, &self.tasks, self.instance.clone(), envelope);
-        Ok(())
+        let asked = match self.store.instance_present(from).await {
+            Ok(false) => forward::send(&self.store, &self.instance, &envelope).await,
+            present => present.map(|_| false),
+        };
+        if !matches!(asked, Ok(true)) {
+            lock(&self.adopting).remove(id);
+        }
+        if let Err(err) = asked {
+            tracing::warn!(job_id = %id, error = %err, "cannot ask for a job waiting for room to be taken over from a coordinator instance that is gone: the next read asks again");
+        }
+    }
+
+    /// Forgets that this instance asked to take `id` over (the takeover
+    /// failed): the next read asks again.
+    pub(super) fn adoption_failed(&self, id: &JobId) {
+        lock(&self.adopting).remove(id);
     }
 
     /// The stored view of a job, waiting up to `wait` for a terminal state;
@@ -231,12 +261,9 @@ impl JobRouter {
         reader: &Caller,
     ) -> Result<Option<JobView>, StoreError> {
         let receiver = lock(&self.waiters).get(id).map(|w| w.terminal.subscribe());
-        let Some(record) = self.record(id).await? else {
+        let Some(record) = self.record(id, reader).await? else {
             return Ok(None);
         };
-        if !reader.may_read(&owner_of(&record.request)) {
-            return Ok(None);
-        }
         let view = JobView::from_record(id, &record);
         if view.is_terminal() || wait.is_zero() {
             return Ok(Some(view));
@@ -254,8 +281,8 @@ impl JobRouter {
         // (the client asks another): its HTTP drain does not wait out the
         // poll.
         tokio::select! {
-            waited = self.wait_remote(id, deadline) => Ok(Some(waited?)),
-            () = self.shutdown.cancelled() => match self.record(id).await {
+            waited = self.wait_remote(id, deadline, reader) => Ok(Some(waited?)),
+            () = self.shutdown.cancelled() => match self.record(id, reader).await {
                 Ok(Some(record)) => Ok(Some(JobView::from_record(id, &record))),
                 Ok(None) | Err(_) => Ok(Some(view)),
             },

@@ -289,7 +289,10 @@ impl JobRouter {
             outcome = async {
                 match first {
                     Some(first) => self.dispatch(&job, first, start).await,
-                    None => Ok(self.wait_remote(&job.id, Instant::now() + job.timeout).await?),
+                    None => {
+                        let deadline = Instant::now() + job.timeout;
+                        Ok(self.wait_remote(&job.id, deadline, &Caller::open()).await?)
+                    }
                 }
             } => outcome,
             () = self.shutdown.cancelled() => return,

@@ -107,7 +107,8 @@ impl JobRouter {
                     pause *= 2;
                 }
                 Err(err) => {
-                    tracing::warn!(%from, error = %err, "cannot take over a job handed over: it ends at its deadline");
+                    tracing::warn!(%from, error = %err, "cannot take over a job handed over: it ends at its deadline, unless read again once Redis answers");
+                    self.adoption_failed(&job_id);
                     return;
                 }
             }
