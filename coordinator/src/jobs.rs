@@ -137,11 +137,13 @@ pub struct JobRouter {
     reopening: AtomicUsize,
     /// The next submission's mark in its job's record.
     openers: AtomicU64,
-    /// Abandoned jobs this instance asked itself to take over, with their
+    /// Abandoned jobs this instance asked itself to take over, by the
+    /// instance that left them and the attempt they stood at, with their
     /// deadlines (ms): asked once, not once per read
     /// ([`JobRouter::record`]); forgotten past the deadline, or when the
-    /// asking failed.
-    adopting: Mutex<HashMap<JobId, u64>>,
+    /// asking or the takeover failed. Left again (by another taker that
+    /// died too, or at a later attempt), a job is asked for again.
+    adopting: Mutex<HashMap<Adopting, u64>>,
 }
 
 impl JobRouter {
@@ -237,13 +239,19 @@ struct Forwarded {
     counted: bool,
 }
 
+/// A takeover asked for: the job, the instance that left it, the attempt
+/// it stood at.
+type Adopting = (JobId, String, u32);
+
 /// How an attempt ended for its dispatcher.
 enum Tried {
     /// The node finished it (its result is recorded): its view when this
     /// instance recorded it.
     Finished(Option<Box<JobView>>),
-    /// The node refused it: try another, as long as time allows.
-    Refused(String),
+    /// The node said "not now", or the assignment never reached it (no
+    /// live instance holds its socket): try another, as long as time
+    /// allows, without using up an attempt.
+    Skip(JobErrorCode, String),
     /// The node did not answer or went away: try another, up to
     /// `max_attempts`.
     Move(JobErrorCode, String),

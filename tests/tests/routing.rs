@@ -11,7 +11,7 @@ use futures_util::future::join_all;
 use lingua_agent::config::{AgentConfig, ExecutorConfig};
 use lingua_coordinator::auth::{ApiTokens, Tokens};
 use lingua_coordinator::config::PickPolicy;
-use lingua_coordinator::keys::{self, InstanceKeys};
+use lingua_coordinator::keys::{self, InstanceKeys, NodeKeys};
 use lingua_coordinator::metrics::Metrics;
 use lingua_coordinator::private_redis::PrivateRedis;
 use lingua_coordinator::store::{NewJob, PickOn, Route, Store};
@@ -948,6 +948,56 @@ async fn a_refusal_moves_a_job_on_without_using_up_its_attempts() {
     assert_eq!(coordinator.metric(None, refusals).await, Some(1.0));
     node.close().await;
     coordinator.stop().await;
+}
+
+/// An assignment that never reaches its node (the routing index still
+/// offers the node, but no live coordinator instance holds its socket)
+/// moves the job on without using up an attempt. Before, it counted
+/// toward `max_attempts`: with one attempt, the job failed `node_lost`
+/// though another node had room.
+#[tokio::test]
+async fn an_assignment_that_never_reached_its_node_uses_up_no_attempt() {
+    let redis = lingua_tests::redis().await;
+    let holder = TestCoordinator::start(&redis, quiet_node_config()).await;
+    let config = lingua_coordinator::config::Config {
+        max_attempts: 1,
+        ..quiet_node_config()
+    };
+    let origin = TestCoordinator::start(&redis, config).await;
+    // The most room, on a node whose instance will be gone: picked first.
+    let mut register = registration("stranded", &["zh"], &["en"]);
+    register.capacity = translate_room(4);
+    let (stranded, _) = TestNode::register(&holder.ws_url(), register).await;
+    let mut register = registration("reachable", &["zh"], &["en"]);
+    register.capacity = translate_room(1);
+    let (mut reachable, _) = TestNode::register(&origin.ws_url(), register).await;
+    let mut conn = lingua_tests::connect(&redis).await;
+    offered_translations(&conn, "stranded").await;
+    offered_translations(&conn, "reachable").await;
+    // As when its instance died and its presence lapsed, before the node
+    // registered again.
+    let stranded_keys = NodeKeys::new(&lingua_shared::NodeId::new("stranded").unwrap());
+    let () = conn
+        .hset(stranded_keys.hash, "coordinator", "gone")
+        .await
+        .unwrap();
+    let submitted = submit_in_background(&origin, zh_en_job("unreached-first", 20_000));
+    let assign = next_assign(&mut reachable).await;
+    assert_eq!(
+        assign.attempt, 2,
+        "its first attempt was the stranded node's"
+    );
+    accepted_then_done(&mut reachable, assign).await;
+    let (status, answer) = submitted.await.unwrap();
+    assert_eq!(
+        (status, &answer["status"]),
+        (200, &json!("completed")),
+        "{answer}"
+    );
+    stranded.close().await;
+    reachable.close().await;
+    origin.stop().await;
+    holder.stop().await;
 }
 
 /// The node refuses the `first` assignment (busy a moment), reports room

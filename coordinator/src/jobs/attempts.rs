@@ -61,7 +61,7 @@ impl JobRouter {
             self.follow(node, &key, &mut events, (deadline, timing))
                 .await
         } else {
-            Tried::Move(
+            Tried::Skip(
                 JobErrorCode::NodeLost,
                 format!("node {node} is not connected to any live coordinator"),
             )
@@ -101,7 +101,9 @@ impl JobRouter {
                 // "Not now" moves the job on for free; a node that cannot
                 // run it at all (kind, pair) uses up an attempt.
                 return match reason {
-                    RejectReason::NoCapacity | RejectReason::Draining => Tried::Refused(message),
+                    RejectReason::NoCapacity | RejectReason::Draining => {
+                        Tried::Skip(JobErrorCode::NoCapacity, message)
+                    }
                     _ => Tried::Move(JobErrorCode::NoCapacity, message),
                 };
             }

@@ -72,8 +72,8 @@ impl JobRouter {
                         None => self.ended_elsewhere(state, state.deadline).await,
                     };
                 }
-                Tried::Refused(message) => {
-                    state.moved_on(node, Failure::new(JobErrorCode::NoCapacity, message), false);
+                Tried::Skip(code, message) => {
+                    state.moved_on(node, Failure::new(code, message), false);
                 }
                 Tried::Move(code, message) => {
                     state.moved_on(node, Failure::new(code, message), true);
@@ -424,9 +424,9 @@ pub(in crate::jobs) struct Dispatch<'a> {
     pub(in crate::jobs) attempt: u32,
     /// The node of the current attempt.
     pub(in crate::jobs) node: Option<NodeId>,
-    /// Attempts here that failed for other reasons than a refusal (a
-    /// node silent or lost): refusals only move the job on, its deadline
-    /// bounds them.
+    /// Attempts here that failed for other reasons than a refusal or an
+    /// assignment that never reached its node (a node silent or lost):
+    /// those only move the job on, its deadline bounds them.
     tries: u32,
     /// Why the last attempt here moved on (none yet: a job taken on or
     /// resumed at a later attempt has made none here).
@@ -466,7 +466,7 @@ impl<'a> Dispatch<'a> {
 
     /// The attempt on `node` ended without a result, for `failure`: the
     /// job moves on, and the attempt `counts` toward `max_attempts` unless
-    /// the node only said "not now".
+    /// the node only said "not now" or never got it.
     fn moved_on(&mut self, node: NodeId, failure: Failure, counts: bool) {
         self.excluded.push(node);
         self.last_failure = Some(failure);

@@ -221,10 +221,11 @@ impl JobRouter {
         if self.shutdown.is_cancelled() {
             return;
         }
+        let asking = (id.clone(), from.to_owned(), record.attempt);
         {
             let mut adopting = lock(&self.adopting);
             adopting.retain(|_, deadline| now < *deadline);
-            if adopting.insert(id.clone(), deadline_ms).is_some() {
+            if adopting.insert(asking.clone(), deadline_ms).is_some() {
                 return;
             }
         }
@@ -239,17 +240,17 @@ impl JobRouter {
             present => present.map(|_| false),
         };
         if !matches!(asked, Ok(true)) {
-            lock(&self.adopting).remove(id);
+            self.adoption_failed(&asking);
         }
         if let Err(err) = asked {
             tracing::warn!(job_id = %id, error = %err, "cannot ask for a job waiting for room to be taken over from a coordinator instance that is gone: the next read asks again");
         }
     }
 
-    /// Forgets that this instance asked to take `id` over (the takeover
-    /// failed): the next read asks again.
-    pub(super) fn adoption_failed(&self, id: &JobId) {
-        lock(&self.adopting).remove(id);
+    /// Forgets that this instance asked to take a job over (the asking or
+    /// the takeover failed): the next read asks again.
+    pub(super) fn adoption_failed(&self, asking: &Adopting) {
+        lock(&self.adopting).remove(asking);
     }
 
     /// The stored view of a job, waiting up to `wait` for a terminal state;

@@ -108,7 +108,7 @@ impl JobRouter {
                 }
                 Err(err) => {
                     tracing::warn!(%from, error = %err, "cannot take over a job handed over: it ends at its deadline, unless read again once Redis answers");
-                    self.adoption_failed(&job_id);
+                    self.adoption_failed(&(job_id, from.to_owned(), attempt));
                     return;
                 }
             }
