@@ -239,6 +239,12 @@ struct Forwarded {
     counted: bool,
 }
 
+/// The time a job recorded with `deadline_ms` has left, now, at most its
+/// `timeout` (a deadline Redis holds is trusted no further).
+fn remaining(deadline_ms: u64, timeout: Duration) -> Duration {
+    Duration::from_millis(deadline_ms.saturating_sub(wall_clock_ms())).min(timeout)
+}
+
 /// A takeover asked for: the job, the instance that left it, the attempt
 /// it stood at.
 type Adopting = (JobId, String, u32);
@@ -257,4 +263,18 @@ enum Tried {
     Move(JobErrorCode, String),
     /// The job's time ran out.
     TimedOut,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_recorded_deadline_gives_at_most_the_jobs_timeout() {
+        let timeout = Duration::from_secs(5);
+        assert_eq!(remaining(u64::MAX, timeout), timeout, "no overflow");
+        assert_eq!(remaining(0, timeout), Duration::ZERO, "long past");
+        let later = remaining(wall_clock_ms() + 3_600_000, timeout);
+        assert_eq!(later, timeout, "an hour left, five seconds given");
+    }
 }

@@ -1074,6 +1074,72 @@ async fn a_job_whose_client_went_away_is_still_moved_on_and_finished() {
     coordinator.stop().await;
 }
 
+/// A node that repeats its accept of an assignment forwarded through
+/// another instance costs the dispatching instance one message more (its
+/// dispatcher moves the job on: the node answered twice), not one per
+/// frame. Before, every frame was passed on to its inbox.
+#[tokio::test]
+async fn a_node_repeating_its_answer_to_a_forwarded_assignment_sends_one_message_more() {
+    let redis = lingua_tests::redis().await;
+    let holder = TestCoordinator::start(&redis, quiet_node_config()).await;
+    let config = lingua_coordinator::config::Config {
+        max_attempts: 1,
+        ..quiet_node_config()
+    };
+    let origin = TestCoordinator::start(&redis, config).await;
+    let (status, health) = origin.get("/healthz").await;
+    assert_eq!(status, 200, "{health}");
+    let inbox = InstanceKeys::new(health["instance"].as_str().unwrap()).inbox;
+    let mut register = registration("repeater", &["zh"], &["en"]);
+    register.capacity = translate_room(1);
+    let (mut node, _) = TestNode::register(&holder.ws_url(), register).await;
+    let mut conn = lingua_tests::connect(&redis).await;
+    offered_translations(&conn, "repeater").await;
+    let submitted = submit_in_background(&origin, zh_en_job("repeated", 20_000));
+    let assign = next_assign(&mut node).await;
+    let key = JobRef {
+        job_id: assign.job_id.clone(),
+        attempt: assign.attempt,
+    };
+    for _ in 0..20 {
+        node.send(&Message::JobAccept(key.clone())).await;
+    }
+    let (status, answer) = submitted.await.unwrap();
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(answer["error"]["code"], "node_lost", "{answer}");
+    // Its result, acknowledged once the holder read every frame before it.
+    node.send(&Message::JobResult(JobResult {
+        job_id: assign.job_id,
+        attempt: assign.attempt,
+        outcome: Outcome::Completed {
+            output: lingua_shared::RawJson::of(&json!({"text": "late"})),
+        },
+        duration_ms: 1,
+        device: None,
+    }))
+    .await;
+    loop {
+        if let Received::Message(Message::ResultAck(acked)) = node.recv().await {
+            assert_eq!(acked, key);
+            break;
+        }
+    }
+    let mut info: HashMap<String, redis::Value> = redis::cmd("XINFO")
+        .arg("STREAM")
+        .arg(&inbox)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let added: u64 = redis::from_redis_value(info.remove("entries-added").unwrap()).unwrap();
+    assert_eq!(
+        added, 2,
+        "the accept, and the one repeat that moved the job on"
+    );
+    node.close().await;
+    origin.stop().await;
+    holder.stop().await;
+}
+
 /// An assignment forwarded through another instance, never answered and
 /// then cancelled by the instance that sent it, no longer holds room on
 /// the node: the node's next report offers its slot again.

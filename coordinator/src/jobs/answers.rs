@@ -31,18 +31,21 @@ impl JobRouter {
         }
         let mut forwarded = lock(&self.forwarded);
         let entry = forwarded.get_mut(key).filter(|f| &f.node == node)?;
-        if std::mem::take(&mut entry.counted) {
+        let first = std::mem::take(&mut entry.counted);
+        if first {
             self.hints.answered(node, &entry.route);
         }
         let (route, origin) = (entry.route.clone(), entry.origin.clone());
+        // An accepted attempt waits here for its result (or the node's
+        // loss). A refusal ends it, and so does a second answer, which its
+        // dispatcher takes as the node's fault: a node that repeats itself
+        // costs the dispatching instance one message more, not one a frame.
+        if refusal.is_some() || !first {
+            forwarded.remove(key);
+        }
         let answer = match refusal {
             None => RemoteAnswer::Accepted,
-            Some((reason, message)) => {
-                // A refused attempt is over here; an accepted one waits for
-                // its result (or the node's loss).
-                forwarded.remove(key);
-                RemoteAnswer::Rejected { reason, message }
-            }
+            Some((reason, message)) => RemoteAnswer::Rejected { reason, message },
         };
         drop(forwarded);
         self.tell_later(origin, key.clone(), answer);

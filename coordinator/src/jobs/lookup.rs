@@ -148,7 +148,7 @@ impl JobRouter {
         let Some(deadline_ms) = own_deadline(record, &self.instance, opener) else {
             return (job, None);
         };
-        job.timeout = Duration::from_millis(deadline_ms.saturating_sub(wall_clock_ms()));
+        job.timeout = remaining(deadline_ms, job.timeout);
         // The slot its recorded pick took there is not in this instance's
         // hints: the node's entry is rewritten from them.
         if let Some(node) = record.node.as_deref().and_then(|n| NodeId::new(n).ok()) {
@@ -179,7 +179,7 @@ impl JobRouter {
         let orphaned = !record.status.is_terminal()
             && record
                 .deadline_ms
-                .is_some_and(|d| wall_clock_ms() > d + ORPHAN_GRACE_MS);
+                .is_some_and(|d| wall_clock_ms() > d.saturating_add(ORPHAN_GRACE_MS));
         if !orphaned {
             return Ok(Some(record));
         }

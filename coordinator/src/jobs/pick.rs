@@ -76,7 +76,7 @@ impl JobRouter {
             // the attempt is taken back: no attempt stays recorded on a
             // node that never got the job.
             first.excluded.push(node);
-            first.attempt = attempt - 1;
+            first.attempt = attempt.saturating_sub(1);
             let on = self.pick_on(job, &route, &first.excluded);
             picked = self
                 .store
@@ -167,7 +167,7 @@ impl JobRouter {
                 // Passed over: the next pick takes its attempt, or takes
                 // it back.
                 state.excluded.push(node);
-                state.attempt = attempt - 1;
+                state.attempt = attempt.saturating_sub(1);
                 current = (attempt, true);
                 continue;
             };

@@ -125,7 +125,7 @@ impl JobRouter {
                 return;
             }
         };
-        job.timeout = Duration::from_millis(adopted.deadline_ms.saturating_sub(wall_clock_ms()));
+        job.timeout = remaining(adopted.deadline_ms, job.timeout);
         let (waiter, fresh) = self.waiter(&job.id, &adopted.request);
         let registered = fresh.then(|| Registered {
             router: Arc::clone(&self),
