@@ -23,6 +23,9 @@ pub const MIN_TOKEN_LEN: usize = 16;
 /// The shortest node secret accepted: every node token derives from it.
 pub const MIN_SECRET_LEN: usize = 32;
 
+/// The priority of a job that names none (0-100, higher first).
+pub const DEFAULT_PRIORITY: u8 = 50;
+
 /// TLS for the listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsConfig {
@@ -51,6 +54,9 @@ pub struct Config {
     pub api_tokens: Vec<String>,
     /// Client bearer tokens: submit jobs, read their own.
     pub client_tokens: Vec<String>,
+    /// The highest priority a client token's job may name (admins name
+    /// any); one naming none gets the lower of this and the default.
+    pub client_max_priority: u8,
     /// Accept unauthenticated nodes on a non-loopback listener.
     pub allow_anonymous: bool,
     /// Serve the API without tokens on a non-loopback listener.
@@ -133,6 +139,7 @@ impl Default for Config {
             node_secret: None,
             api_tokens: Vec::new(),
             client_tokens: Vec::new(),
+            client_max_priority: DEFAULT_PRIORITY,
             allow_anonymous: false,
             allow_open_api: false,
             tls: None,
@@ -178,6 +185,12 @@ impl Config {
             node_secret: node_secret(check, raw.auth.node_secret)?,
             api_tokens: tokens(check, "auth.api_tokens", raw.auth.api_tokens)?,
             client_tokens: tokens(check, "auth.client_tokens", raw.auth.client_tokens)?,
+            client_max_priority: check.range(
+                "auth.client_max_priority",
+                raw.auth.client_max_priority,
+                defaults.client_max_priority,
+                0..=100,
+            )?,
             allow_anonymous: raw.auth.allow_anonymous,
             allow_open_api: raw.auth.allow_open_api,
             tls: raw.tls.map(|tls| TlsConfig {
@@ -518,6 +531,12 @@ max_attempts = 3
             "{text}"
         );
         assert!(matches!(err, ConfigError::Invalid { line: Some(3), .. }));
+        let err = Config::parse("[auth]\nclient_max_priority = 101\n").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("auth.client_max_priority (line 2)"), "{text}");
+        let config = Config::parse("[auth]\nclient_max_priority = 100\n").unwrap();
+        assert_eq!(config.client_max_priority, 100);
+        assert_eq!(Config::default().client_max_priority, DEFAULT_PRIORITY);
     }
 
     #[test]

@@ -71,7 +71,7 @@ mod takeover;
 mod timing;
 mod view;
 
-pub use request::{DEFAULT_PRIORITY, Job, JobRequest};
+pub use request::{Job, JobRequest};
 pub use submit::Submitted;
 pub use timing::Timing;
 use view::Ended;

@@ -2,8 +2,11 @@
 //! language pair and kind, until a capacity report for that pair and kind
 //! lets the head try again. Pure: the dispatchers do the IO.
 //!
-//! Order: priority (higher first), then a fair share between tenants (the
-//! tenant served least so far in this queue goes first), then arrival.
+//! Order: priority (higher first), then a fair share between the clients
+//! that submitted the jobs (the client token served least so far in this
+//! queue goes first) and between the tenants each names (the same, within
+//! a client: a client naming many tenants gets one client's share), then
+//! arrival.
 //! Only the head picks; a successful pick hands the turn to the next head
 //! at once (room may be left), a failed one waits for the next report. So
 //! the Redis calls waiting jobs cost are bounded by capacity reports, not by
@@ -23,6 +26,10 @@ use tokio::time::Instant;
 /// A queue: one pair and kind.
 pub type QueueKey = (LangPair, JobKind);
 
+/// Whose fair share a job counts against: its owner (the client token that
+/// submitted it; empty for admins), then its tenant within that owner.
+pub type Share = (String, String);
+
 /// How fast each queue has been served lately: the weight of the newest
 /// interval in the moving average of the time between two grants.
 const RATE_WEIGHT: f64 = 0.2;
@@ -34,8 +41,8 @@ pub struct Waiting {
     pub id: JobId,
     /// Its priority (0-100).
     pub priority: u8,
-    /// Who submitted it, for the fair share.
-    pub tenant: String,
+    /// Whose it is, for the fair share.
+    pub share: Share,
     /// Woken when it is the head and may try.
     pub turn: Arc<Notify>,
     /// When it first joined, for a job back after a node refused it: it
@@ -63,10 +70,10 @@ struct Entry {
 
 #[derive(Debug, Default)]
 struct Queue {
-    /// Priority (higher first) -> tenant -> jobs in arrival order.
-    levels: BTreeMap<std::cmp::Reverse<u8>, BTreeMap<String, VecDeque<Entry>>>,
-    /// Jobs served per tenant, for the fair share.
-    served: HashMap<String, u64>,
+    /// Priority (higher first) -> share -> jobs in arrival order.
+    levels: BTreeMap<std::cmp::Reverse<u8>, BTreeMap<Share, VecDeque<Entry>>>,
+    /// Jobs served per owner, then per share, for the fair share.
+    served: (HashMap<String, u64>, HashMap<Share, u64>),
     len: usize,
     /// When the last job left by a successful pick.
     last_grant: Option<Instant>,
@@ -79,15 +86,18 @@ struct Queue {
 }
 
 impl Queue {
-    /// The first job of the highest priority: of the tenant served least,
-    /// then of the one whose first job arrived first.
+    /// The first job of the highest priority: of the owner served least,
+    /// of its tenant served least, then of the share whose first job
+    /// arrived first.
     fn head(&self) -> Option<&Waiting> {
-        let (_, tenants) = self.levels.iter().next()?;
-        tenants
+        let (_, shares) = self.levels.iter().next()?;
+        let (owners, tenants) = &self.served;
+        shares
             .iter()
-            .filter_map(|(tenant, jobs)| Some((tenant, jobs.front()?)))
-            .min_by_key(|(tenant, first)| {
-                (self.served.get(*tenant).copied().unwrap_or(0), first.seq)
+            .filter_map(|(share, jobs)| Some((share, jobs.front()?)))
+            .min_by_key(|(share, first)| {
+                let owner = owners.get(&share.0).copied().unwrap_or(0);
+                (owner, tenants.get(*share).copied().unwrap_or(0), first.seq)
             })
             .map(|(_, first)| &first.waiting)
     }
@@ -131,7 +141,8 @@ impl Queue {
         if self.len == 0 {
             // Nobody competes any more: the fair share starts over, and
             // the time until the next backlog is no service time.
-            self.served.clear();
+            self.served.0.clear();
+            self.served.1.clear();
             self.busy_since = None;
         }
         found
@@ -271,7 +282,7 @@ impl Queues {
             .levels
             .entry(std::cmp::Reverse(waiting.priority))
             .or_default()
-            .entry(waiting.tenant.clone())
+            .entry(waiting.share.clone())
             .or_default();
         let at = jobs.partition_point(|e| e.seq < seq);
         jobs.insert(at, Entry { waiting, seq });
@@ -337,10 +348,10 @@ impl Queues {
         self.drop_if_idle(key);
     }
 
-    /// `id` found room: it leaves the queue (if it was in it), its tenant
-    /// counts one more served, and the next head tries at once: room may
-    /// be left.
-    pub fn granted(&mut self, key: &QueueKey, id: &JobId, tenant: &str, now: Instant) {
+    /// `id` found room: it leaves the queue (if it was in it), its share
+    /// (and its owner) counts one more served, and the next head tries at
+    /// once: room may be left.
+    pub fn granted(&mut self, key: &QueueKey, id: &JobId, share: &Share, now: Instant) {
         let queue = self.queues.entry(key.clone()).or_default();
         let busy_since = queue.busy_since;
         if queue.remove(id).is_some() {
@@ -353,10 +364,17 @@ impl Queues {
                 queue.interval = Some(average(queue.interval, newest));
             }
         }
-        match queue.served.get_mut(tenant) {
+        let (owners, shares) = &mut queue.served;
+        match owners.get_mut(&share.0) {
             Some(served) => *served += 1,
             None => {
-                queue.served.insert(tenant.to_owned(), 1);
+                owners.insert(share.0.clone(), 1);
+            }
+        }
+        match shares.get_mut(share) {
+            Some(served) => *served += 1,
+            None => {
+                shares.insert(share.clone(), 1);
             }
         }
         queue.last_grant = Some(now);
@@ -394,11 +412,16 @@ mod tests {
         ("zh:en".parse().unwrap(), JobKind::new("asr").unwrap())
     }
 
+    /// An admin's job's share: tenant `tenant`.
+    fn share(tenant: &str) -> Share {
+        (String::new(), tenant.into())
+    }
+
     fn waiting(id: &str, priority: u8, tenant: &str) -> Waiting {
         Waiting {
             id: JobId::new(id).unwrap(),
             priority,
-            tenant: tenant.into(),
+            share: share(tenant),
             turn: Arc::new(Notify::new()),
             arrival: None,
             fallback: true,
@@ -415,8 +438,8 @@ mod tests {
         let mut order = Vec::new();
         while queues.depth(&key()) > 0 {
             let first = queues.queues[&key()].head().unwrap();
-            let (id, tenant) = (first.id.clone(), first.tenant.clone());
-            queues.granted(&key(), &id, &tenant, now);
+            let (id, share) = (first.id.clone(), first.share.clone());
+            queues.granted(&key(), &id, &share, now);
             order.push(id.to_string());
         }
         order
@@ -449,7 +472,7 @@ mod tests {
         queues
             .join(&key(), waiting("b", 50, "t"), now, deadline)
             .unwrap();
-        queues.granted(&key(), &JobId::new("a").unwrap(), "t", now);
+        queues.granted(&key(), &JobId::new("a").unwrap(), &share("t"), now);
         assert_eq!(head(&queues), "b");
         // The node refused "a": it joins again where it was.
         let back = Waiting {
@@ -458,6 +481,32 @@ mod tests {
         };
         queues.join(&key(), back, now, deadline).unwrap();
         assert_eq!(drain(&mut queues, now), ["a", "b"]);
+    }
+
+    /// A client naming a tenant per job gets one client's share: owners
+    /// take turns first, then the tenants within each.
+    #[test]
+    fn a_client_spreading_its_jobs_over_tenants_gets_one_clients_share() {
+        let mut queues = Queues::new(100);
+        let (now, deadline) = (Instant::now(), Instant::now() + Duration::from_secs(60));
+        for i in 1..=4 {
+            let spread = Waiting {
+                share: ("spreader".into(), format!("tenant-{i}")),
+                ..waiting(&format!("s{i}"), 50, "")
+            };
+            queues.join(&key(), spread, now, deadline).unwrap();
+        }
+        for i in 1..=2 {
+            let plain = Waiting {
+                share: ("plain".into(), "plain".into()),
+                ..waiting(&format!("p{i}"), 50, "")
+            };
+            queues.join(&key(), plain, now, deadline).unwrap();
+        }
+        assert_eq!(
+            drain(&mut queues, now),
+            ["s1", "p1", "s2", "p2", "s3", "s4"]
+        );
     }
 
     #[test]
@@ -488,7 +537,7 @@ mod tests {
         let now = Instant::now();
         let far = now + Duration::from_secs(60);
         // An idle hour says nothing of the rate.
-        queues.granted(&key(), &JobId::new("early").unwrap(), "t", now);
+        queues.granted(&key(), &JobId::new("early").unwrap(), &share("t"), now);
         let now = now + Duration::from_secs(3600);
         // A backlog served one job every 100 ms.
         for id in ["s1", "s2", "s3"] {
@@ -496,7 +545,7 @@ mod tests {
         }
         for (step, id) in ["s1", "s2", "s3"].into_iter().enumerate() {
             let at = now + Duration::from_millis(100 * (step as u64 + 1));
-            queues.granted(&key(), &JobId::new(id).unwrap(), "t", at);
+            queues.granted(&key(), &JobId::new(id).unwrap(), &share("t"), at);
         }
         let later = now + Duration::from_millis(400);
         let far = later + Duration::from_secs(60);
@@ -599,7 +648,7 @@ mod tests {
         assert_eq!(queues.turn(&key(), &id("gpu-only")), Some(Turn::Head));
         assert_eq!(queues.turn(&key(), &id("behind")), Some(Turn::Fallback));
         assert_eq!(queues.turn(&key(), &id("last")), None);
-        queues.granted(&key(), &id("behind"), "t", now);
+        queues.granted(&key(), &id("behind"), &share("t"), now);
         assert_eq!(queues.turn(&key(), &id("last")), Some(Turn::Fallback));
         queues.leave(&key(), &id("gpu-only"));
         assert_eq!(

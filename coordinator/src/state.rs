@@ -56,4 +56,5 @@ substate!(InstanceId, |shared| InstanceId(
 substate!(JobLimits, |shared| JobLimits {
     body_timeout: shared.nodes.config.header_read_timeout,
     default_timeout: shared.nodes.config.default_job_timeout,
+    client_max_priority: shared.nodes.config.client_max_priority,
 });

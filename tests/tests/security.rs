@@ -464,6 +464,78 @@ async fn a_node_that_stops_reading_leaves_routing_within_its_lease() {
     coordinator.stop().await;
 }
 
+/// A client token's job may name a priority up to `[auth]
+/// client_max_priority` (by default 50, the priority of a job naming
+/// none), and one naming none gets the lower of the two; an admin's job
+/// names any. Before, a client token could put its jobs ahead of everyone
+/// else's.
+#[tokio::test]
+async fn a_client_tokens_jobs_name_at_most_its_priority_ceiling() {
+    let redis = lingua_tests::redis().await;
+    let config = Config {
+        api_tokens: vec![ADMIN.into()],
+        client_tokens: vec![CLIENT_A.into()],
+        ..test_config()
+    };
+    let coordinator = TestCoordinator::start(&redis, config).await;
+    let submit = |token, id, priority: Option<u8>| {
+        let mut body = job(id, "你好");
+        if let Some(priority) = priority {
+            body["priority"] = json!(priority);
+        }
+        submit_to(&coordinator, token, body)
+    };
+    let (status, refused) = submit(CLIENT_A, "urgent", Some(51)).await;
+    assert_eq!(status, 400, "{refused}");
+    let message = refused["error"]["message"].as_str().unwrap();
+    assert!(message.contains("client_max_priority"), "{message}");
+    for (token, id, priority) in [
+        (CLIENT_A, "at-the-ceiling", Some(50)),
+        (CLIENT_A, "unnamed", None),
+        (ADMIN, "admins-name-any", Some(100)),
+    ] {
+        let (status, taken) = submit(token, id, priority).await;
+        assert_eq!(status, 202, "{id}: {taken}");
+    }
+    coordinator.stop().await;
+
+    // A lower ceiling: a job naming none gets it.
+    let config = Config {
+        client_tokens: vec![CLIENT_A.into()],
+        client_max_priority: 10,
+        ..test_config()
+    };
+    let coordinator = TestCoordinator::start(&redis, config).await;
+    let (status, taken) = submit_to(&coordinator, CLIENT_A, job("background", "你好")).await;
+    assert_eq!(status, 202, "{taken}");
+    let mut conn = lingua_tests::connect(&redis).await;
+    let request: String = redis::cmd("HGET")
+        .arg("lingua:v1:pair:{zh:en}:job:background")
+        .arg("request")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let request: Value = serde_json::from_str(&request).unwrap();
+    assert_eq!(request["priority"], 10, "{request}");
+    coordinator.stop().await;
+}
+
+/// `body` submitted to `coordinator` with `token`, without waiting: the
+/// answer's status and JSON.
+async fn submit_to(coordinator: &TestCoordinator, token: &str, body: Value) -> (u16, Value) {
+    let answer = reqwest::Client::new()
+        .post(coordinator.url("/v1/jobs?wait=false"))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (
+        answer.status().as_u16(),
+        answer.json::<Value>().await.unwrap(),
+    )
+}
+
 #[tokio::test]
 async fn client_tokens_submit_and_read_their_own_jobs_and_admin_tokens_do_everything() {
     let redis = lingua_tests::redis().await;

@@ -39,6 +39,7 @@ pub(super) struct RawAuth {
     pub(super) node_secret: Option<Spanned<String>>,
     pub(super) api_tokens: Option<Spanned<Vec<String>>>,
     pub(super) client_tokens: Option<Spanned<Vec<String>>>,
+    pub(super) client_max_priority: Option<Spanned<u8>>,
     #[serde(default)]
     pub(super) allow_anonymous: bool,
     #[serde(default)]

@@ -14,7 +14,8 @@ use lingua_shared::{JobId, MAX_FRAME_BYTES, MAX_REQUEST_BODY_BYTES};
 use serde_json::json;
 
 use super::{ApiError, query, set_retry_after};
-use crate::auth::Caller;
+use crate::auth::{Caller, Role};
+use crate::config::DEFAULT_PRIORITY;
 use crate::jobs::{Job, JobRequest, JobRouter, JobView, SubmitError};
 
 /// The limits a job request is held to.
@@ -24,6 +25,27 @@ pub struct JobLimits {
     pub body_timeout: Duration,
     /// The timeout of a job that names none.
     pub default_timeout: Duration,
+    /// The highest priority a client token's job may name.
+    pub client_max_priority: u8,
+}
+
+impl JobLimits {
+    /// The priority `caller` may give a job that asked for `asked`: any
+    /// for an admin; for a client token at most `client_max_priority`
+    /// (more is refused), and that when it names none and that is lower
+    /// than the default.
+    fn priority(&self, caller: &Caller, asked: Option<u8>) -> Result<Option<u8>, ApiError> {
+        let most = self.client_max_priority;
+        match asked {
+            _ if caller.role == Role::Admin => Ok(asked),
+            Some(priority) if priority > most => Err(ApiError::bad_request(format!(
+                "priority {priority} is over {most}, the most a client token's job may name \
+                 ([auth] client_max_priority); submit it with a lower one"
+            ))),
+            None if most < DEFAULT_PRIORITY => Ok(Some(most)),
+            _ => Ok(asked),
+        }
+    }
 }
 
 /// Query of `POST /v1/jobs`.
@@ -112,8 +134,9 @@ pub async fn submit_job(
 ) -> Result<Response, ApiError> {
     let submit = query(submit)?;
     let body = read_body(body, limits.body_timeout).await?;
-    let request: JobRequest = serde_json::from_slice(&body)
+    let mut request: JobRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("bad job request: {e}")))?;
+    request.priority = limits.priority(&caller, request.priority)?;
     let job = Job::from_request(request, limits.default_timeout, caller.owner.clone())
         .map_err(ApiError::bad_request)?;
     let frame = job.assign_frame_len();

@@ -142,7 +142,7 @@ impl JobRouter {
         let waiting = Waiting {
             id: job.id.clone(),
             priority: job.priority,
-            tenant: job.tenant.clone(),
+            share: job.share(),
             turn: Arc::clone(&turn),
             arrival: state.arrival,
             fallback: job.device == DeviceChoice::Any,
@@ -267,7 +267,7 @@ impl JobRouter {
                 .observe(now.saturating_duration_since(seat.joined).as_secs_f64());
         }
         let mut queues = lock(&self.queues);
-        queues.granted(&state.key, &state.job.id, &state.job.tenant, now);
+        queues.granted(&state.key, &state.job.id, &state.job.share(), now);
         if seat.is_some() {
             // Only a job that sat in the queue changes its depth.
             self.show_depth(&queues, &state.key);

@@ -2,6 +2,7 @@
 //! form (idempotency and ownership) and the size of its assignment frame.
 
 use super::*;
+use crate::config::DEFAULT_PRIORITY;
 
 /// The body of `POST /v1/jobs`.
 #[derive(Debug, Deserialize)]
@@ -32,8 +33,6 @@ pub struct JobRequest {
     pub device: Option<String>,
 }
 
-/// The priority of a job that names none.
-pub const DEFAULT_PRIORITY: u8 = 50;
 /// The longest tenant name.
 pub const MAX_TENANT_LEN: usize = 64;
 
@@ -56,7 +55,8 @@ pub struct Job {
     pub owner: String,
     /// Its place in the admission queue, 0-100 (higher first).
     pub priority: u8,
-    /// Whom the admission queue's fair share counts it for.
+    /// Whom the admission queue's fair share counts it for, within its
+    /// owner's share (its owner when it names none).
     pub tenant: String,
     /// Where it may run.
     pub device: DeviceChoice,
@@ -243,6 +243,12 @@ impl Job {
             answer_within_ms: Some(u64::MAX),
         });
         encoded_len(&envelope) - "null".len() + self.payload.get().len()
+    }
+
+    /// Whose fair share in the admission queue it counts against: its
+    /// owner's, then its tenant's within that owner.
+    pub fn share(&self) -> crate::queue::Share {
+        (self.owner.clone(), self.tenant.clone())
     }
 }
 
