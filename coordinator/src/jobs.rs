@@ -52,6 +52,11 @@ const REMOTE_POLL_MAX: Duration = Duration::from_millis(250);
 /// How long past its deadline a running job must be before any instance
 /// ends it as an orphan: its own dispatcher ends it at the deadline.
 const ORPHAN_GRACE_MS: u64 = 2_000;
+/// How long a takeover asked for by a read stands before a read asks
+/// again: should the message be lost on the way (or read by an instance
+/// stopping since), the job is asked for anew. Longer than a takeover's
+/// tries while Redis fails (about 3 s).
+const ASK_AGAIN_AFTER_MS: u64 = 10_000;
 /// How many leases an instance's record of waiting jobs lasts (renewed
 /// every heartbeat interval while jobs wait; clocks may differ a little).
 const WAITING_TTL_LEASES: u32 = 3;
@@ -138,11 +143,13 @@ pub struct JobRouter {
     /// The next submission's mark in its job's record.
     openers: AtomicU64,
     /// Abandoned jobs this instance asked itself to take over, by the
-    /// instance that left them and the attempt they stood at, with their
-    /// deadlines (ms): asked once, not once per read
-    /// ([`JobRouter::record`]); forgotten past the deadline, or when the
-    /// asking or the takeover failed. Left again (by another taker that
-    /// died too, or at a later attempt), a job is asked for again.
+    /// instance that left them and the attempt they stood at, with when
+    /// the asking lapses (ms): asked once, not once per read
+    /// ([`JobRouter::record`]); forgotten at the job's deadline or
+    /// [`ASK_AGAIN_AFTER_MS`] after the asking, whichever comes first, or
+    /// when the asking or the takeover failed. Left again (by another
+    /// taker that died too, or at a later attempt), a job is asked for
+    /// again.
     adopting: Mutex<HashMap<Adopting, u64>>,
 }
 

@@ -1082,8 +1082,10 @@ async fn a_job_whose_client_went_away_is_still_moved_on_and_finished() {
 async fn a_node_repeating_its_answer_to_a_forwarded_assignment_sends_one_message_more() {
     let redis = lingua_tests::redis().await;
     let holder = TestCoordinator::start(&redis, quiet_node_config()).await;
+    // However slow the two inbox hops, the first accept is in time.
     let config = lingua_coordinator::config::Config {
         max_attempts: 1,
+        accept_timeout: Duration::from_secs(30),
         ..quiet_node_config()
     };
     let origin = TestCoordinator::start(&redis, config).await;

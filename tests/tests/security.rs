@@ -499,15 +499,36 @@ async fn a_client_tokens_jobs_name_at_most_its_priority_ceiling() {
     }
     coordinator.stop().await;
 
-    // A lower ceiling: a job naming none gets it.
+    // A lower ceiling: a client's job naming none waits at it, behind an
+    // admin's of a higher priority that came later; its record keeps the
+    // request as it was sent.
     let config = Config {
+        api_tokens: vec![ADMIN.into()],
         client_tokens: vec![CLIENT_A.into()],
         client_max_priority: 10,
         ..test_config()
     };
     let coordinator = TestCoordinator::start(&redis, config).await;
-    let (status, taken) = submit_to(&coordinator, CLIENT_A, job("background", "你好")).await;
-    assert_eq!(status, 202, "{taken}");
+    let mut register = registration("full", &["zh"], &["en"]);
+    register.capacity = translate_room(0);
+    let (mut node, _) = TestNode::register(&coordinator.ws_url(), register).await;
+    let mut urgent = job("urgent", "你好");
+    urgent["priority"] = json!(20);
+    for (token, body) in [(CLIENT_A, job("background", "你好")), (ADMIN, urgent)] {
+        let (status, queued) = submit_to(&coordinator, token, body).await;
+        assert_eq!(
+            (status, &queued["status"]),
+            (202, &json!("queued")),
+            "{queued}"
+        );
+    }
+    node.send(&Message::Capacity(translate_room(1))).await;
+    let first = loop {
+        if let Received::Message(Message::JobAssign(assign)) = node.recv().await {
+            break assign;
+        }
+    };
+    assert_eq!(first.job_id.as_str(), "urgent");
     let mut conn = lingua_tests::connect(&redis).await;
     let request: String = redis::cmd("HGET")
         .arg("lingua:v1:pair:{zh:en}:job:background")
@@ -516,8 +537,17 @@ async fn a_client_tokens_jobs_name_at_most_its_priority_ceiling() {
         .await
         .unwrap();
     let request: Value = serde_json::from_str(&request).unwrap();
-    assert_eq!(request["priority"], 10, "{request}");
+    assert_eq!(request.get("priority"), None, "{request}");
+    node.close().await;
     coordinator.stop().await;
+}
+
+/// Room for `free` translate jobs.
+fn translate_room(free: u32) -> CapacityReport {
+    CapacityReport {
+        free_slots: [(JobKind::new("translate").unwrap(), free)].into(),
+        ..CapacityReport::default()
+    }
 }
 
 /// `body` submitted to `coordinator` with `token`, without waiting: the

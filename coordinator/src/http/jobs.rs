@@ -15,7 +15,6 @@ use serde_json::json;
 
 use super::{ApiError, query, set_retry_after};
 use crate::auth::{Caller, Role};
-use crate::config::DEFAULT_PRIORITY;
 use crate::jobs::{Job, JobRequest, JobRouter, JobView, SubmitError};
 
 /// The limits a job request is held to.
@@ -30,20 +29,18 @@ pub struct JobLimits {
 }
 
 impl JobLimits {
-    /// The priority `caller` may give a job that asked for `asked`: any
-    /// for an admin; for a client token at most `client_max_priority`
-    /// (more is refused), and that when it names none and that is lower
-    /// than the default.
-    fn priority(&self, caller: &Caller, asked: Option<u8>) -> Result<Option<u8>, ApiError> {
+    /// A client token's job may name a priority up to
+    /// `client_max_priority`; an admin's any.
+    fn check_priority(&self, caller: &Caller, asked: Option<u8>) -> Result<(), ApiError> {
         let most = self.client_max_priority;
         match asked {
-            _ if caller.role == Role::Admin => Ok(asked),
-            Some(priority) if priority > most => Err(ApiError::bad_request(format!(
-                "priority {priority} is over {most}, the most a client token's job may name \
-                 ([auth] client_max_priority); submit it with a lower one"
-            ))),
-            None if most < DEFAULT_PRIORITY => Ok(Some(most)),
-            _ => Ok(asked),
+            Some(priority) if caller.role == Role::Client && priority > most => {
+                Err(ApiError::bad_request(format!(
+                    "priority {priority} is over {most}, the most a client token's job may name \
+                     ([auth] client_max_priority); submit it with a lower one"
+                )))
+            }
+            _ => Ok(()),
         }
     }
 }
@@ -134,11 +131,12 @@ pub async fn submit_job(
 ) -> Result<Response, ApiError> {
     let submit = query(submit)?;
     let body = read_body(body, limits.body_timeout).await?;
-    let mut request: JobRequest = serde_json::from_slice(&body)
+    let request: JobRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::bad_request(format!("bad job request: {e}")))?;
-    request.priority = limits.priority(&caller, request.priority)?;
-    let job = Job::from_request(request, limits.default_timeout, caller.owner.clone())
+    limits.check_priority(&caller, request.priority)?;
+    let mut job = Job::from_request(request, limits.default_timeout, caller.owner.clone())
         .map_err(ApiError::bad_request)?;
+    job.cap_priority(limits.client_max_priority);
     let frame = job.assign_frame_len();
     if frame > MAX_FRAME_BYTES {
         return Err(ApiError::new(

@@ -49,22 +49,32 @@ impl JobRouter {
         );
         self.metrics.assignments.inc();
         let sending = Instant::now();
-        let delivered = if self.registry.get(node).is_some() {
+        let undelivered = if self.registry.get(node).is_some() {
             let assign = Message::JobAssign(assign);
-            self.registry.send(node, Control::Send(Box::new(assign)))
+            // Held here, but its socket is closing or not reading (its
+            // send queue is full): that counts, as a silence does.
+            (!self.registry.send(node, Control::Send(Box::new(assign)))).then(|| {
+                let message = format!(
+                    "node {node} is not taking frames: its connection is closing or stalled"
+                );
+                Tried::Move(JobErrorCode::NodeLost, message)
+            })
+        } else if self.forward(node, &key, assign).await {
+            None
         } else {
-            self.forward(node, &key, assign).await
+            // Never reached (no live instance holds it, or its holder's
+            // inbox could not be written): no attempt used up.
+            let message = format!("node {node} could not be reached through any live coordinator");
+            Some(Tried::Skip(JobErrorCode::NodeLost, message))
         };
         // Forwarding through another instance is part of reaching the node.
         timing.accept += sending.elapsed();
-        let outcome = if delivered {
-            self.follow(node, &key, &mut events, (deadline, timing))
-                .await
-        } else {
-            Tried::Skip(
-                JobErrorCode::NodeLost,
-                format!("node {node} is not connected to any live coordinator"),
-            )
+        let outcome = match undelivered {
+            None => {
+                self.follow(node, &key, &mut events, (deadline, timing))
+                    .await
+            }
+            Some(tried) => tried,
         };
         lock(&self.attempts).remove(&key);
         outcome

@@ -224,8 +224,9 @@ impl JobRouter {
         let asking = (id.clone(), from.to_owned(), record.attempt);
         {
             let mut adopting = lock(&self.adopting);
-            adopting.retain(|_, deadline| now < *deadline);
-            if adopting.insert(asking.clone(), deadline_ms).is_some() {
+            adopting.retain(|_, lapses| now < *lapses);
+            let lapses = deadline_ms.min(now.saturating_add(ASK_AGAIN_AFTER_MS));
+            if adopting.insert(asking.clone(), lapses).is_some() {
                 return;
             }
         }

@@ -33,6 +33,8 @@ pub struct JobRequest {
     pub device: Option<String>,
 }
 
+/// The longest job timeout, in ms (one hour).
+const MAX_TIMEOUT_MS: u64 = 3_600_000;
 /// The longest tenant name.
 pub const MAX_TENANT_LEN: usize = 64;
 
@@ -103,7 +105,7 @@ impl Job {
         let timeout = match request.timeout_ms {
             None => default_timeout,
             Some(0) => return Err("timeout_ms must be at least 1".into()),
-            Some(ms) if ms > 3_600_000 => {
+            Some(ms) if ms > MAX_TIMEOUT_MS => {
                 return Err("timeout_ms must be at most 3600000 (one hour)".into());
             }
             Some(ms) => Duration::from_millis(ms),
@@ -184,7 +186,9 @@ impl Job {
             pair: stored.pair,
             session: stored.session_id,
             payload: stored.payload,
-            timeout: Duration::from_millis(stored.timeout_ms),
+            // Held to the limit a submission is: a record is trusted no
+            // further.
+            timeout: Duration::from_millis(stored.timeout_ms.min(MAX_TIMEOUT_MS)),
             explicit: (stored.priority.is_some(), stored.tenant.is_some()),
             priority: stored.priority.unwrap_or(DEFAULT_PRIORITY),
             tenant: stored.tenant.unwrap_or_else(|| owner.clone()),
@@ -243,6 +247,16 @@ impl Job {
             answer_within_ms: Some(u64::MAX),
         });
         encoded_len(&envelope) - "null".len() + self.payload.get().len()
+    }
+
+    /// A client token's job waits at most at `ceiling` (`[auth]
+    /// client_max_priority`: one naming none may wait lower than the
+    /// default); an admin's at the priority it named. Its canonical request
+    /// is unchanged: a client's naming more was refused.
+    pub fn cap_priority(&mut self, ceiling: u8) {
+        if !self.owner.is_empty() {
+            self.priority = self.priority.min(ceiling);
+        }
     }
 
     /// Whose fair share in the admission queue it counts against: its

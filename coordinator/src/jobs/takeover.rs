@@ -126,6 +126,7 @@ impl JobRouter {
             }
         };
         job.timeout = remaining(adopted.deadline_ms, job.timeout);
+        job.cap_priority(self.config.client_max_priority);
         let (waiter, fresh) = self.waiter(&job.id, &adopted.request);
         let registered = fresh.then(|| Registered {
             router: Arc::clone(&self),
