@@ -1715,6 +1715,62 @@ async fn a_queued_job_of_a_dead_coordinator_is_taken_over_by_its_reader() {
     coordinator.stop().await;
 }
 
+/// Records job `id` of `request` (zh -> en translate) with `timeout` as a
+/// coordinator instance that died ("died") left it: waiting for room.
+async fn left_queued_by_the_dead(
+    redis: &PrivateRedis,
+    (id, request): (&str, &str),
+    timeout: Duration,
+) {
+    let store = Store::connect(&redis.url(), Arc::new(Metrics::default()))
+        .await
+        .unwrap();
+    let route = Route::gpu(&JobKind::new("translate").unwrap());
+    let on = PickOn {
+        route: &route,
+        session: None,
+        affinity: Duration::ZERO,
+        policy: PickPolicy::Capacity,
+        excluded: &[],
+    };
+    let recorded = NewJob {
+        id: &JobId::new(id).unwrap(),
+        pair: "zh:en".parse().unwrap(),
+        request,
+        timeout,
+        retention: Duration::from_secs(60),
+        coordinator: "died",
+        opener: 1,
+    };
+    store.job_open(recorded, (on, false)).await.unwrap();
+}
+
+/// A job taken over ends at the deadline its record holds, and its
+/// failure names the timeout its client gave (not the time that was left
+/// at the takeover, as before).
+#[tokio::test]
+async fn a_job_taken_over_fails_naming_its_own_timeout() {
+    let redis = lingua_tests::redis().await;
+    let coordinator = TestCoordinator::start(&redis, quiet_node_config()).await;
+    let mut register = registration("full", &["zh"], &["en"]);
+    register.capacity = translate_room(0);
+    let (node, _) = TestNode::register(&coordinator.ws_url(), register).await;
+    let request =
+        r#"{"kind":"translate","pair":"zh:en","payload":null,"session_id":null,"timeout_ms":1500}"#;
+    left_queued_by_the_dead(&redis, ("short", request), Duration::from_millis(1_500)).await;
+    // Read, it is taken over; it waits for room until its deadline.
+    let (_, view) = coordinator.get("/v1/jobs/short?wait_ms=30000").await;
+    assert_eq!(view["status"], "failed", "{view}");
+    let message = view["error"]["message"].as_str().unwrap();
+    assert!(message.contains("within 1500 ms"), "{message}");
+    assert_eq!(
+        coordinator.metric(None, "lingua_jobs_adopted_total").await,
+        Some(1.0)
+    );
+    node.close().await;
+    coordinator.stop().await;
+}
+
 /// A job still queued whose coordinator instance died is asked to be
 /// taken over once, however often it is read, and never by a reader who
 /// may not see it (who sees nothing). Before, every read asked again, and
@@ -1771,27 +1827,7 @@ async fn an_abandoned_job_is_asked_for_once_and_only_by_a_reader_who_may_see_it(
     let request = format!(
         r#"{{"kind":"translate","owner":"{owner}","pair":"zh:en","payload":null,"session_id":null,"timeout_ms":60000}}"#
     );
-    let store = Store::connect(&redis.url(), Arc::new(Metrics::default()))
-        .await
-        .unwrap();
-    let route = Route::gpu(&JobKind::new("translate").unwrap());
-    let on = PickOn {
-        route: &route,
-        session: None,
-        affinity: Duration::ZERO,
-        policy: PickPolicy::Capacity,
-        excluded: &[],
-    };
-    let recorded = NewJob {
-        id: &JobId::new("abandoned").unwrap(),
-        pair: "zh:en".parse().unwrap(),
-        request: &request,
-        timeout: Duration::from_secs(60),
-        retention: Duration::from_secs(60),
-        coordinator: "died",
-        opener: 1,
-    };
-    store.job_open(recorded, (on, false)).await.unwrap();
+    left_queued_by_the_dead(&redis, ("abandoned", &request), Duration::from_secs(60)).await;
     let client = reqwest::Client::new();
     let read = |token: &'static str| {
         let request = client

@@ -438,7 +438,7 @@ impl<'a> Dispatch<'a> {
         Self {
             job,
             key: (job.pair, job.kind.clone()),
-            deadline: Instant::now() + job.timeout,
+            deadline: job.deadline.unwrap_or_else(|| Instant::now() + job.timeout),
             excluded: Vec::new(),
             timing: Timing::default(),
             arrival: None,

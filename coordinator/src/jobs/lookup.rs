@@ -148,7 +148,7 @@ impl JobRouter {
         let Some(deadline_ms) = own_deadline(record, &self.instance, opener) else {
             return (job, None);
         };
-        job.timeout = remaining(deadline_ms, job.timeout);
+        job.deadline = Some(Instant::now() + remaining(deadline_ms, job.timeout));
         // The slot its recorded pick took there is not in this instance's
         // hints: the node's entry is rewritten from them.
         if let Some(node) = record.node.as_deref().and_then(|n| NodeId::new(n).ok()) {

@@ -53,6 +53,10 @@ pub struct Job {
     pub payload: RawJson,
     /// Its time limit.
     pub timeout: Duration,
+    /// When it must end, when that was set before its dispatch here (a
+    /// job taken on or over: its record's deadline); else its timeout
+    /// from its dispatch's start.
+    pub deadline: Option<Instant>,
     /// Who submitted it: a client token's fingerprint, empty for admins.
     pub owner: String,
     /// Its place in the admission queue, 0-100 (higher first).
@@ -140,6 +144,7 @@ impl Job {
             session,
             payload: request.payload,
             timeout,
+            deadline: None,
             explicit: (priority.is_some(), tenant.is_some()),
             priority: priority.unwrap_or(DEFAULT_PRIORITY),
             tenant: tenant.unwrap_or_else(|| owner.clone()),
@@ -189,6 +194,7 @@ impl Job {
             // Held to the limit a submission is: a record is trusted no
             // further.
             timeout: Duration::from_millis(stored.timeout_ms.min(MAX_TIMEOUT_MS)),
+            deadline: None,
             explicit: (stored.priority.is_some(), stored.tenant.is_some()),
             priority: stored.priority.unwrap_or(DEFAULT_PRIORITY),
             tenant: stored.tenant.unwrap_or_else(|| owner.clone()),

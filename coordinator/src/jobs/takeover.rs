@@ -125,7 +125,7 @@ impl JobRouter {
                 return;
             }
         };
-        job.timeout = remaining(adopted.deadline_ms, job.timeout);
+        job.deadline = Some(Instant::now() + remaining(adopted.deadline_ms, job.timeout));
         job.cap_priority(self.config.client_max_priority);
         let (waiter, fresh) = self.waiter(&job.id, &adopted.request);
         let registered = fresh.then(|| Registered {
