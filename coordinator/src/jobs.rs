@@ -55,7 +55,9 @@ const ORPHAN_GRACE_MS: u64 = 2_000;
 /// How long a takeover asked for by a read stands before a read asks
 /// again: should the message be lost on the way (or read by an instance
 /// stopping since), the job is asked for anew. Longer than a takeover's
-/// tries while Redis fails (about 3 s).
+/// tries while Redis refuses at once (about 3 s); while it hangs, a
+/// second takeover may start beside the first, and `job_adopt` lets one
+/// of them through.
 const ASK_AGAIN_AFTER_MS: u64 = 10_000;
 /// How many leases an instance's record of waiting jobs lasts (renewed
 /// every heartbeat interval while jobs wait; clocks may differ a little).

@@ -66,9 +66,10 @@ pub struct Job {
     pub tenant: String,
     /// Where it may run.
     pub device: DeviceChoice,
-    /// Whether `priority` and `tenant` were given (they are then part of
-    /// the canonical request).
-    explicit: (bool, bool),
+    /// The priority it named, as named, and whether it named its tenant:
+    /// what of them the canonical request holds (whatever the priority it
+    /// waits at).
+    explicit: (Option<u8>, bool),
 }
 
 impl Job {
@@ -145,7 +146,7 @@ impl Job {
             payload: request.payload,
             timeout,
             deadline: None,
-            explicit: (priority.is_some(), tenant.is_some()),
+            explicit: (priority, tenant.is_some()),
             priority: priority.unwrap_or(DEFAULT_PRIORITY),
             tenant: tenant.unwrap_or_else(|| owner.clone()),
             device,
@@ -168,7 +169,7 @@ impl Job {
             owner: Some(self.owner.as_str()).filter(|owner| !owner.is_empty()),
             pair: self.pair,
             payload: &self.payload,
-            priority: self.explicit.0.then_some(self.priority),
+            priority: self.explicit.0,
             session_id: self.session.as_deref(),
             tenant: self.explicit.1.then_some(self.tenant.as_str()),
             timeout_ms: u64::try_from(self.timeout.as_millis()).unwrap_or(u64::MAX),
@@ -195,7 +196,7 @@ impl Job {
             // further.
             timeout: Duration::from_millis(stored.timeout_ms.min(MAX_TIMEOUT_MS)),
             deadline: None,
-            explicit: (stored.priority.is_some(), stored.tenant.is_some()),
+            explicit: (stored.priority, stored.tenant.is_some()),
             priority: stored.priority.unwrap_or(DEFAULT_PRIORITY),
             tenant: stored.tenant.unwrap_or_else(|| owner.clone()),
             device: stored.device.unwrap_or(DeviceChoice::Any),
@@ -257,8 +258,9 @@ impl Job {
 
     /// A client token's job waits at most at `ceiling` (`[auth]
     /// client_max_priority`: one naming none may wait lower than the
-    /// default); an admin's at the priority it named. Its canonical request
-    /// is unchanged: a client's naming more was refused.
+    /// default, one recorded before the ceiling was lowered waits at it);
+    /// an admin's at the priority it named. Its canonical request keeps
+    /// what it named.
     pub fn cap_priority(&mut self, ceiling: u8) {
         if !self.owner.is_empty() {
             self.priority = self.priority.min(ceiling);
@@ -338,5 +340,26 @@ mod tests {
         let wrong =
             r#"{"kind":"asr","pair":"en-es","payload":null,"session_id":null,"timeout_ms":1}"#;
         assert!(Job::from_canonical(JobId::new("j").unwrap(), wrong).is_err());
+    }
+
+    #[test]
+    fn a_record_is_held_to_a_submissions_limits_and_a_ceiling_leaves_it_as_named() {
+        let endless = r#"{"kind":"asr","owner":"ab12","pair":"en:es","payload":null,"priority":90,"session_id":null,"timeout_ms":18446744073709551615}"#;
+        let mut job = Job::from_canonical(JobId::new("j").unwrap(), endless).unwrap();
+        assert_eq!(job.timeout, Duration::from_secs(3600), "one hour at most");
+        job.cap_priority(40);
+        assert_eq!(job.priority, 40, "a client's job waits at the ceiling");
+        assert!(
+            job.canonical().contains(r#""priority":90"#),
+            "{}",
+            job.canonical()
+        );
+        let mut admins = Job::from_canonical(
+            JobId::new("k").unwrap(),
+            &endless.replace(r#""owner":"ab12","#, ""),
+        )
+        .unwrap();
+        admins.cap_priority(40);
+        assert_eq!(admins.priority, 90, "an admin's job waits as named");
     }
 }
