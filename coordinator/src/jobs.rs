@@ -115,6 +115,10 @@ pub enum SubmitError {
     /// (it panicked).
     #[error("the job's dispatch stopped before the job was recorded")]
     Stopped,
+    /// This instance is stopping: the dispatch stopped where nothing is
+    /// lost (the job handed over, or running on its node).
+    #[error("the coordinator is stopping")]
+    Stopping,
 }
 
 struct Waiter {
@@ -272,6 +276,9 @@ enum Tried {
     Move(JobErrorCode, String),
     /// The job's time ran out.
     TimedOut,
+    /// This instance is stopping while the node runs the job: its result
+    /// is recorded by whichever instance it reaches.
+    Stopped,
 }
 
 #[cfg(test)]

@@ -1781,6 +1781,116 @@ async fn a_job_taken_over_keeps_its_deadline_and_fails_naming_its_own_timeout() 
     coordinator.stop().await;
 }
 
+/// A coordinator that stops while one of its attempts waits for the
+/// node's answer (the node on another instance) follows it through the
+/// stop: the node's refusal, after the stop began, moves the job on, and
+/// the job, with no attempt in flight, is handed to the other instance,
+/// which completes it. Before, the stop dropped the dispatch, and the
+/// refused job waited for nobody until its deadline.
+#[tokio::test]
+async fn an_attempt_refused_after_its_coordinator_began_to_stop_is_handed_over() {
+    let redis = lingua_tests::redis().await;
+    let config = lingua_coordinator::config::Config {
+        accept_timeout: Duration::from_secs(30),
+        ..quiet_node_config()
+    };
+    let stopping = TestCoordinator::start(&redis, config).await;
+    let staying = TestCoordinator::start(&redis, quiet_node_config()).await;
+    let (status, health) = stopping.get("/healthz").await;
+    assert_eq!(status, 200, "{health}");
+    let instance = health["instance"].as_str().unwrap().to_owned();
+    let mut register = registration("refuser", &["zh"], &["en"]);
+    register.capacity = translate_room(1);
+    let (mut node, _) = TestNode::register(&staying.ws_url(), register).await;
+    let conn = lingua_tests::connect(&redis).await;
+    offered_translations(&conn, "refuser").await;
+    let submitted = submit_in_background(&stopping, zh_en_job("refused-late", 60_000));
+    let first = next_assign(&mut node).await;
+    let stopped = tokio::spawn(stopping.stop());
+    eventually("the coordinator to say it is stopping", || {
+        let (mut conn, instance) = (conn.clone(), instance.clone());
+        async move {
+            // 0 while it stops; gone once it stopped.
+            let score: Option<f64> = conn.zscore(keys::ALL_INSTANCES, &instance).await.unwrap();
+            score.is_none_or(|score| score == 0.0).then_some(())
+        }
+    })
+    .await;
+    refused_then_done(&mut node, &first).await;
+    stopped.await.unwrap();
+    let (status, view) = staying.get("/v1/jobs/refused-late?wait_ms=10000").await;
+    assert_eq!(
+        (status, &view["status"]),
+        (200, &json!("completed")),
+        "{view}"
+    );
+    assert_eq!(view["attempts"], 2, "{view}");
+    assert_eq!(
+        staying.metric(None, "lingua_jobs_adopted_total").await,
+        Some(1.0)
+    );
+    // Its submission was answered with the job as it stood.
+    let (status, answer) = submitted.await.unwrap();
+    assert_eq!(status, 200, "{answer}");
+    node.close().await;
+    staying.stop().await;
+}
+
+/// A coordinator that stops while a node it holds has not answered an
+/// assignment closes that node's socket: the job, with no attempt in
+/// flight, is handed to the other instance (the node's loss to the stop
+/// uses up no attempt, though one is all it has), which sends it to the
+/// node once the node registered there. Before, the stop dropped the
+/// dispatch and the job waited for nobody until its deadline.
+#[tokio::test]
+async fn a_job_sent_to_a_node_of_a_stopping_coordinator_is_handed_over() {
+    let redis = lingua_tests::redis().await;
+    let config = lingua_coordinator::config::Config {
+        accept_timeout: Duration::from_secs(30),
+        max_attempts: 1,
+        ..quiet_node_config()
+    };
+    let stopping = TestCoordinator::start(&redis, config).await;
+    let staying = TestCoordinator::start(&redis, quiet_node_config()).await;
+    // The pair stays served while the node moves: a node without room.
+    let mut register = registration("full", &["zh"], &["en"]);
+    register.capacity = translate_room(0);
+    let (full, _) = TestNode::register(&staying.ws_url(), register).await;
+    let mut register = registration("moving", &["zh"], &["en"]);
+    register.capacity = translate_room(1);
+    let (mut node, _) = TestNode::register(&stopping.ws_url(), register.clone()).await;
+    let conn = lingua_tests::connect(&redis).await;
+    offered_translations(&conn, "moving").await;
+    let submitted = submit_in_background(&stopping, zh_en_job("moved", 60_000));
+    let first = next_assign(&mut node).await;
+    assert_eq!(first.attempt, 1);
+    let stopped = tokio::spawn(stopping.stop());
+    assert_eq!(
+        node.closed().await,
+        1001,
+        "the stop closes the node's socket"
+    );
+    stopped.await.unwrap();
+    let (_, answer) = submitted.await.unwrap();
+    assert_ne!(answer["status"], "failed", "{answer}");
+    let (mut node, _) = TestNode::register(&staying.ws_url(), register).await;
+    let assign = next_assign(&mut node).await;
+    // Its next attempt (one more if a pick chose the node before it left
+    // the routing index: unreachable, that one moved on for free).
+    assert_eq!(assign.job_id.as_str(), "moved");
+    assert!(assign.attempt > first.attempt, "attempt {}", assign.attempt);
+    accepted_then_done(&mut node, assign).await;
+    let (status, view) = staying.get("/v1/jobs/moved?wait_ms=10000").await;
+    assert_eq!(
+        (status, &view["status"]),
+        (200, &json!("completed")),
+        "{view}"
+    );
+    node.close().await;
+    full.close().await;
+    staying.stop().await;
+}
+
 /// A job still queued whose coordinator instance died is asked to be
 /// taken over once, however often it is read, and never by a reader who
 /// may not see it (who sees nothing). Before, every read asked again, and

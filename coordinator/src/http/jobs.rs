@@ -211,7 +211,7 @@ fn not_taken(err: SubmitError, id: &JobId) -> ApiError {
             .about(id.clone())
         }
         SubmitError::Store(err) => err.into(),
-        SubmitError::Stopped => ApiError::new(
+        SubmitError::Stopped | SubmitError::Stopping => ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
             format!(

@@ -132,7 +132,13 @@ impl JobRouter {
                 format!("{node} did not answer the assignment in time"),
             );
         }
-        let ended = tokio::time::timeout_at(deadline, events.recv()).await;
+        // Stopping, the job is left to run on its node first: the loss of
+        // its socket, which the stop closes, must not move it on.
+        let ended = tokio::select! {
+            biased;
+            () = self.shutdown.cancelled() => return Tried::Stopped,
+            ended = tokio::time::timeout_at(deadline, events.recv()) => ended,
+        };
         let now = Instant::now();
         timing.run += now.saturating_duration_since(answered);
         match ended {

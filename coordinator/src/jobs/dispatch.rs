@@ -19,6 +19,10 @@ impl JobRouter {
         let job = state.job;
         let mut seat: Option<Seat<'_>> = None;
         loop {
+            if self.shutdown.is_cancelled() {
+                // No attempt in flight (a node lost to the stop is no failure).
+                return Err(self.hand_over(job, state.attempt));
+            }
             if let Some(failure) = state.spent(self.config.max_attempts, Instant::now()) {
                 return self.fail(state, failure).await;
             }
@@ -30,15 +34,16 @@ impl JobRouter {
                 },
             };
             let (node, assigned, device) = match picked {
+                Picked::Node(..) if self.shutdown.is_cancelled() => {
+                    // Its attempt is recorded on a node that never gets it.
+                    return Err(self.hand_over(job, state.attempt));
+                }
                 Picked::Node(node, assigned, device) => {
                     self.granted(state, seat.take());
                     (node, assigned, device)
                 }
                 Picked::NoNodes => {
-                    // Nothing serves the pair and kind: waiting would only
-                    // burn the client's timeout.
-                    let message = format!("no live node serves {} jobs for {}", job.kind, job.pair);
-                    let failure = state.failure_or(JobErrorCode::NoNodes, message);
+                    let failure = state.no_nodes();
                     return self.fail(state, failure).await;
                 }
                 Picked::NoCapacity => {
@@ -82,6 +87,7 @@ impl JobRouter {
                     let failure = state.timed_out();
                     return self.fail(state, failure).await;
                 }
+                Tried::Stopped => return Err(SubmitError::Stopping),
             }
         }
     }
@@ -93,7 +99,7 @@ impl JobRouter {
         &'a self,
         state: &mut Dispatch<'_>,
         seat: &mut Option<Seat<'a>>,
-    ) -> Result<Result<(Picked, u64), Failure>, StoreError> {
+    ) -> Result<Result<(Picked, u64), Failure>, SubmitError> {
         if seat.is_none() && lock(&self.queues).depth(&state.key) > 0 {
             match self.sit(state) {
                 Ok(joined) => *seat = Some(joined),
@@ -101,7 +107,7 @@ impl JobRouter {
             }
         }
         let turn = match seat.as_ref() {
-            Some(waiting) => waiting.turn(state).await,
+            Some(waiting) => waiting.turn(state).await?,
             None => Some(Turn::Head),
         };
         let Some(turn) = turn else {
@@ -201,37 +207,6 @@ impl JobRouter {
             }
         };
         Err(failure)
-    }
-
-    /// Another instance saw room for `kinds` in `pair`: the head of each
-    /// of those queues tries again.
-    pub fn room_in(&self, pair: LangPair, kinds: &[JobKind]) {
-        let mut queues = lock(&self.queues);
-        for kind in kinds {
-            queues.wake(&(pair, kind.clone()));
-        }
-    }
-
-    /// Renews, for `ttl`, this instance's place among those waiting for
-    /// room in each pair where jobs wait here.
-    pub async fn still_waiting(&self, ttl: Duration) {
-        let mut pairs: Vec<LangPair> = lock(&self.queues)
-            .depths()
-            .into_iter()
-            .map(|((pair, _), _)| pair)
-            .collect();
-        pairs.sort_unstable();
-        pairs.dedup();
-        if pairs.is_empty() {
-            return;
-        }
-        if let Err(err) = self
-            .store
-            .waiting(&pairs, &self.instance, ttl * WAITING_TTL_LEASES)
-            .await
-        {
-            tracing::warn!(error = %err, "cannot renew this instance's waiting jobs in redis");
-        }
     }
 
     /// The last moment a waiting job may still start and finish by its
@@ -365,15 +340,17 @@ impl Seat<'_> {
     /// room); `None` once it could no longer start in time. The wait is
     /// the job's `queue` stage. When the coordinator stops meanwhile, the
     /// job (no attempt in flight) is handed over.
-    async fn turn(&self, state: &mut Dispatch<'_>) -> Option<Turn> {
+    async fn turn(&self, state: &mut Dispatch<'_>) -> Result<Option<Turn>, SubmitError> {
         let waiting = Instant::now();
         let turn = tokio::select! {
             biased;
-            () = self.router.shutdown.cancelled() => self.router.hand_over(state.job, state.attempt).await,
+            () = self.router.shutdown.cancelled() => {
+                return Err(self.router.hand_over(state.job, state.attempt));
+            }
             turn = self.next_turn(self.router.latest_start(state)) => turn,
         };
         state.timing.queue += waiting.elapsed();
-        turn
+        Ok(turn)
     }
 
     async fn next_turn(&self, deadline: Instant) -> Option<Turn> {
@@ -473,6 +450,14 @@ impl<'a> Dispatch<'a> {
         if counts {
             self.tries += 1;
         }
+    }
+
+    /// Nothing serves the pair and kind: waiting would only burn the
+    /// client's timeout.
+    fn no_nodes(&self) -> Failure {
+        let job = self.job;
+        let message = format!("no live node serves {} jobs for {}", job.kind, job.pair);
+        self.failure_or(JobErrorCode::NoNodes, message)
     }
 
     /// Whether the job's deadline passed.

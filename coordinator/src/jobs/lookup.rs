@@ -53,7 +53,12 @@ impl JobRouter {
         deadline: Instant,
     ) -> Result<JobView, SubmitError> {
         let job = state.job;
-        let view = self.wait_remote(&job.id, deadline, &Caller::open()).await?;
+        let itself = Caller::open();
+        let view = tokio::select! {
+            biased;
+            view = self.wait_remote(&job.id, deadline, &itself) => view?,
+            () = self.shutdown.cancelled() => return Err(SubmitError::Stopping),
+        };
         if view.is_terminal() {
             return Ok(view);
         }

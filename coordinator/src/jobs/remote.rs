@@ -1,9 +1,41 @@
 //! Attempts on nodes another coordinator instance holds: forwarding
-//! assignments and drains, and the answers coming back.
+//! assignments and drains, and the answers coming back; room other
+//! instances saw for the jobs waiting here.
 
 use super::*;
 
 impl JobRouter {
+    /// Another instance saw room for `kinds` in `pair`: the head of each
+    /// of those queues tries again.
+    pub fn room_in(&self, pair: LangPair, kinds: &[JobKind]) {
+        let mut queues = lock(&self.queues);
+        for kind in kinds {
+            queues.wake(&(pair, kind.clone()));
+        }
+    }
+
+    /// Renews, for `ttl`, this instance's place among those waiting for
+    /// room in each pair where jobs wait here.
+    pub async fn still_waiting(&self, ttl: Duration) {
+        let mut pairs: Vec<LangPair> = lock(&self.queues)
+            .depths()
+            .into_iter()
+            .map(|((pair, _), _)| pair)
+            .collect();
+        pairs.sort_unstable();
+        pairs.dedup();
+        if pairs.is_empty() {
+            return;
+        }
+        if let Err(err) = self
+            .store
+            .waiting(&pairs, &self.instance, ttl * WAITING_TTL_LEASES)
+            .await
+        {
+            tracing::warn!(error = %err, "cannot renew this instance's waiting jobs in redis");
+        }
+    }
+
     /// Sends an assignment for a node whose socket another live instance
     /// holds through that instance's inbox. False when no live instance
     /// holds it.

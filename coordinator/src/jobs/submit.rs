@@ -263,7 +263,10 @@ impl JobRouter {
                 }
                 Err(SubmitError::Store(err)) if !state.past_deadline() => {
                     tracing::warn!(job_id = %job.id, error = %err, "dispatch paused: redis unavailable");
-                    tokio::time::sleep(pause).await;
+                    tokio::select! {
+                        () = tokio::time::sleep(pause) => {}
+                        () = self.shutdown.cancelled() => return Err(SubmitError::Stopping),
+                    }
                     pause = (pause * 2).min(Duration::from_secs(1));
                 }
                 outcome => return outcome,
@@ -282,23 +285,23 @@ impl JobRouter {
         start: Duration,
     ) {
         let fresh = first.is_some();
-        // The dispatch first: a job waiting for room hands itself over
-        // when the shutdown comes (`Seat::turn`) before it is dropped.
-        let outcome = tokio::select! {
-            biased;
-            outcome = async {
-                match first {
-                    Some(first) => self.dispatch(&job, first, start).await,
-                    None => {
-                        let deadline = Instant::now() + job.timeout;
-                        Ok(self.wait_remote(&job.id, deadline, &Caller::open()).await?)
-                    }
+        // A dispatch stops on its own when the shutdown comes, where
+        // nothing is lost: it finishes a pick under way, and hands over a
+        // job with no attempt in flight (`JobRouter::hand_over`). A job
+        // only followed is left as it stands.
+        let outcome = match first {
+            Some(first) => self.dispatch(&job, first, start).await,
+            None => {
+                let (deadline, itself) = (Instant::now() + job.timeout, Caller::open());
+                tokio::select! {
+                    waited = self.wait_remote(&job.id, deadline, &itself) => waited.map_err(SubmitError::from),
+                    () = self.shutdown.cancelled() => return,
                 }
-            } => outcome,
-            () = self.shutdown.cancelled() => return,
+            }
         };
         let view = match outcome {
             Ok(view) => view,
+            Err(SubmitError::Stopping) => return,
             Err(err) => {
                 tracing::error!(job_id = %job.id, error = %err, "dispatch failed");
                 return;

@@ -16,13 +16,14 @@ use tracing::Instrument;
 const ADOPT_LAST_PAUSE: Duration = Duration::from_millis(1_600);
 
 impl JobRouter {
-    /// This instance is stopping while `job` waits for room here at
-    /// `attempt`: another live instance is asked to take it over. Its
-    /// dispatch here sends nothing more: this never returns, and the
-    /// dispatch ends with the shutdown.
-    pub(super) async fn hand_over<T>(&self, job: &Job, attempt: u32) -> T {
+    /// This instance is stopping while `job` has no attempt in flight here
+    /// (it waits for room, an attempt ended without a result, or a pick
+    /// chose a node that was not sent it) at `attempt`: another live
+    /// instance is asked to take it over. Its dispatch here sends nothing
+    /// more: it ends with what this returns.
+    pub(super) fn hand_over(&self, job: &Job, attempt: u32) -> SubmitError {
         self.pass_on(self.instance.clone(), (job.pair, job.id.clone(), attempt));
-        std::future::pending().await
+        SubmitError::Stopping
     }
 
     /// Asks another live instance that is not stopping to take over the
