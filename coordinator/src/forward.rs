@@ -61,8 +61,8 @@ pub enum Envelope {
         kinds: Vec<JobKind>,
     },
     /// For a live instance: take over the dispatch of a job that `from`
-    /// held waiting for room (no attempt in flight) at `attempt`: it
-    /// stopped, or died with the job queued.
+    /// held with no attempt in flight at `attempt`: it stopped, or died
+    /// with the job queued.
     Adopt {
         /// The instance that stopped or died.
         from: String,
@@ -70,7 +70,7 @@ pub enum Envelope {
         pair: LangPair,
         /// The job.
         job_id: JobId,
-        /// The attempt it waited at: taken over only from there.
+        /// The attempt it stood at: taken over only from there.
         attempt: u32,
     },
     /// For a job's dispatcher: what became of one attempt.

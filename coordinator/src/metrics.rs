@@ -143,7 +143,7 @@ pub struct Metrics {
     pub assignments: Counter,
     /// Assignments forwarded to the instance holding the node's socket.
     pub forwarded: Counter,
-    /// Jobs waiting for room taken over from another instance.
+    /// Jobs with no attempt in flight taken over from another instance.
     pub adopted: Counter,
     /// Jobs waiting in the admission queue, per pair and kind.
     pub queue_depth: Family<QueueLabel, Gauge>,
@@ -202,7 +202,7 @@ mod help {
     pub const JOBS: &str = "Jobs dispatched here that ended, by status or error code";
     pub const RESULTS: &str = "Node results: applied, late (after the job's deadline: recorded as failed, timeout), duplicate (already ended), stale (superseded attempt, or one the coordinator cancelled) or foreign (assigned to another node: refused)";
     pub const ASSIGNMENTS: &str = "Assignments sent to nodes (one per attempt)";
-    pub const ADOPTED: &str = "Jobs waiting for room taken over from another coordinator instance (it stopped, or died with them queued) and dispatched by this one";
+    pub const ADOPTED: &str = "Jobs with no attempt in flight taken over from another coordinator instance (it stopped, or died with them queued) and dispatched by this one";
     pub const FORWARDED: &str =
         "Assignments sent through the inbox of the instance holding the node's socket";
     pub const QUEUE_DEPTH: &str =

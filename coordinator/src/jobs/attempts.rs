@@ -103,19 +103,12 @@ impl JobRouter {
                 return Tried::Finished(view);
             }
             Ok(Some(AttemptEvent::Rejected(reason, message))) => {
-                let name = serde_json::to_value(reason).ok();
-                self.metrics
-                    .refused(name.as_ref().and_then(Value::as_str).unwrap_or("other"));
-                tracing::debug!(job_id = %key.job_id, attempt = key.attempt, node_id = %node, ?reason, "node refused the job");
-                let message = format!("{node} refused: {message}");
-                // "Not now" moves the job on for free; a node that cannot
-                // run it at all (kind, pair) uses up an attempt.
-                return match reason {
-                    RejectReason::NoCapacity | RejectReason::Draining => {
-                        Tried::Skip(JobErrorCode::NoCapacity, message)
-                    }
-                    _ => Tried::Move(JobErrorCode::NoCapacity, message),
-                };
+                return self.refused((node, key), reason, &message);
+            }
+            Ok(Some(AttemptEvent::NodeLost) | None) if self.shutdown.is_cancelled() => {
+                // Its socket closed by this instance's stop: no failure.
+                let message = format!("node {node} went away as its coordinator stopped");
+                return Tried::Skip(JobErrorCode::NodeLost, message);
             }
             Ok(Some(AttemptEvent::NodeLost) | None) => {
                 return Tried::Move(JobErrorCode::NodeLost, format!("node {node} went away"));
@@ -158,6 +151,28 @@ impl JobRouter {
                 self.cancel(node, key, "job timeout");
                 Tried::TimedOut
             }
+        }
+    }
+
+    /// `node` refused attempt `key` for `reason`: "not now" moves the job
+    /// on for free; a node that cannot run it at all (kind, pair) uses up
+    /// an attempt.
+    fn refused(
+        &self,
+        (node, key): (&NodeId, &JobRef),
+        reason: RejectReason,
+        message: &str,
+    ) -> Tried {
+        let name = serde_json::to_value(reason).ok();
+        self.metrics
+            .refused(name.as_ref().and_then(Value::as_str).unwrap_or("other"));
+        tracing::debug!(job_id = %key.job_id, attempt = key.attempt, node_id = %node, ?reason, "node refused the job");
+        let message = format!("{node} refused: {message}");
+        match reason {
+            RejectReason::NoCapacity | RejectReason::Draining => {
+                Tried::Skip(JobErrorCode::NoCapacity, message)
+            }
+            _ => Tried::Move(JobErrorCode::NoCapacity, message),
         }
     }
 

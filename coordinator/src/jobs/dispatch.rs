@@ -19,12 +19,12 @@ impl JobRouter {
         let job = state.job;
         let mut seat: Option<Seat<'_>> = None;
         loop {
-            if self.shutdown.is_cancelled() {
-                // No attempt in flight (a node lost to the stop is no failure).
-                return Err(self.hand_over(job, state.attempt));
-            }
             if let Some(failure) = state.spent(self.config.max_attempts, Instant::now()) {
                 return self.fail(state, failure).await;
+            }
+            if self.shutdown.is_cancelled() {
+                // No attempt in flight: handed over rather than picked.
+                return Err(self.hand_over(job, state.attempt));
             }
             let (picked, wakes) = match first.take() {
                 Some(first) => first,
@@ -34,8 +34,10 @@ impl JobRouter {
                 },
             };
             let (node, assigned, device) = match picked {
-                Picked::Node(..) if self.shutdown.is_cancelled() => {
-                    // Its attempt is recorded on a node that never gets it.
+                Picked::Node(node, ..) if self.shutdown.is_cancelled() => {
+                    // Recorded on a node that never gets it: its routing
+                    // entry is rewritten from its hints.
+                    self.hints.due([job.pair], &node);
                     return Err(self.hand_over(job, state.attempt));
                 }
                 Picked::Node(node, assigned, device) => {
@@ -83,10 +85,8 @@ impl JobRouter {
                 Tried::Move(code, message) => {
                     state.moved_on(node, Failure::new(code, message), true);
                 }
-                Tried::TimedOut => {
-                    let failure = state.timed_out();
-                    return self.fail(state, failure).await;
-                }
+                // Past its deadline: `spent` ends it.
+                Tried::TimedOut => {}
                 Tried::Stopped => return Err(SubmitError::Stopping),
             }
         }

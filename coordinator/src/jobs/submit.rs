@@ -265,7 +265,9 @@ impl JobRouter {
                     tracing::warn!(job_id = %job.id, error = %err, "dispatch paused: redis unavailable");
                     tokio::select! {
                         () = tokio::time::sleep(pause) => {}
-                        () = self.shutdown.cancelled() => return Err(SubmitError::Stopping),
+                        // `job_adopt`, fenced by the attempt, lets the
+                        // takeover through only if nothing moved it on.
+                        () = self.shutdown.cancelled() => return Err(self.hand_over(job, state.attempt)),
                     }
                     pause = (pause * 2).min(Duration::from_secs(1));
                 }

@@ -1,10 +1,12 @@
-//! Jobs waiting for room, taken over by another instance: each job waiting
-//! for room when its coordinator stops (no attempt in flight, so nothing
-//! runs it) is handed to another live instance through its inbox, which
-//! adopts it in Redis (`job_adopt`: only from the instance that gave it
-//! up, at the attempt it waited at) and dispatches it from there, with the
-//! time it has left. A job still `queued` whose instance died is handed
-//! over by the instance that reads it, to itself (`JobRouter::record`).
+//! Jobs with no attempt in flight, taken over by another instance: each
+//! job a stopping coordinator is left with and no node runs (it waits for
+//! room, its attempt was refused or lost, or its pick chose a node it was
+//! never sent to) is handed to another live instance through its inbox,
+//! which adopts it in Redis (`job_adopt`: only from the instance that gave
+//! it up, at the attempt it stood at) and dispatches it from there, with
+//! the time it has left. A job still `queued` whose instance died is
+//! handed over by the instance that reads it, to itself
+//! (`JobRouter::record`).
 
 use super::pick::First;
 use super::submit::Registered;
@@ -35,7 +37,7 @@ impl JobRouter {
             let instances = match store.other_live_instances(&me).await {
                 Ok(instances) => instances,
                 Err(err) => {
-                    tracing::warn!(%job_id, error = %err, "cannot look for a coordinator instance to take a job waiting for room over: it ends at its deadline");
+                    tracing::warn!(%job_id, error = %err, "cannot look for a coordinator instance to take a job over: it ends at its deadline");
                     return;
                 }
             };
@@ -48,23 +50,23 @@ impl JobRouter {
             for to in instances {
                 match forward::send(&store, &to, &envelope).await {
                     Ok(true) => {
-                        tracing::info!(%job_id, instance = %to, "a job waiting for room handed over to another coordinator instance");
+                        tracing::info!(%job_id, instance = %to, "a job with no attempt in flight handed over to another coordinator instance");
                         return;
                     }
                     Ok(false) => {}
                     Err(err) => {
-                        tracing::warn!(%job_id, instance = %to, error = %err, "cannot hand a job waiting for room over to this instance");
+                        tracing::warn!(%job_id, instance = %to, error = %err, "cannot hand a job over to this instance");
                     }
                 }
             }
-            tracing::warn!(%job_id, "no other coordinator instance took over a job waiting for room: it is taken over when read once this one is gone, if it was queued, or ends at its deadline");
+            tracing::warn!(%job_id, "no other coordinator instance took a job over: it is taken over when read once this one is gone, if it was queued, or ends at its deadline");
         });
     }
 
     /// Takes over the dispatch of `job_id` of `pair`, which instance
-    /// `from` held waiting for room at `attempt` (it stopped, or died with
-    /// the job queued), in a task of its own. Stopping too, it passes the
-    /// job on.
+    /// `from` held with no attempt in flight at `attempt` (it stopped, or
+    /// died with the job queued), in a task of its own. Stopping too, it
+    /// passes the job on.
     pub fn adopt(self: &Arc<Self>, from: String, pair: LangPair, (job_id, attempt): (JobId, u32)) {
         if self.shutdown.is_cancelled() {
             self.pass_on(from, (pair, job_id, attempt));
@@ -79,7 +81,7 @@ impl JobRouter {
 
     /// Once Redis says the job was `from`'s, at `attempt`, and has not
     /// ended, it is this instance's: dispatched from that attempt until its
-    /// deadline (it waited for room: no node runs it). A submission of the
+    /// deadline (no node runs it). A submission of the
     /// id here waits on it from then on.
     async fn take_over(
         self: Arc<Self>,
@@ -135,7 +137,7 @@ impl JobRouter {
             waiter,
         });
         self.metrics.adopted.inc();
-        tracing::info!(%from, attempt, "took over a job waiting for room from a coordinator instance that stopped or died");
+        tracing::info!(%from, attempt, "took over a job from a coordinator instance that stopped or died");
         let _registered = registered;
         self.follow_job(job, Some(First::resumed(attempt)), Duration::ZERO)
             .await;
