@@ -296,6 +296,14 @@ pub fn registration(node_id: &str, src: &[&str], tgt: &[&str]) -> Register {
     }
 }
 
+/// A capacity report of `free` translate slots.
+pub fn translate_room(free: u32) -> CapacityReport {
+    CapacityReport {
+        free_slots: [(JobKind::new("translate").expect("valid kind"), free)].into(),
+        ..CapacityReport::default()
+    }
+}
+
 /// Sets the token of a registration.
 pub fn with_token(mut register: Register, token: &str) -> Register {
     register.token = Some(Secret(token.into()));

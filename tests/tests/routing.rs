@@ -24,7 +24,7 @@ use lingua_tests::cluster::RedisCluster;
 use lingua_tests::fleet::Blackhole;
 use lingua_tests::{
     CommandStats, Received, RedisBackend, TestAgent, TestCoordinator, TestNode, agent_config,
-    agent_toml, eventually, registration, test_config,
+    agent_toml, eventually, registration, test_config, translate_room,
 };
 use redis::AsyncCommands;
 use serde_json::{Value, json};
@@ -863,12 +863,16 @@ fn zh_en_job(id: &str, timeout_ms: u64) -> Value {
            "timeout_ms": timeout_ms})
 }
 
-/// A report of `free` translate slots.
-fn translate_room(free: u32) -> CapacityReport {
-    CapacityReport {
-        free_slots: [(JobKind::new("translate").unwrap(), free)].into(),
-        ..CapacityReport::default()
-    }
+/// Every message ever appended to the stream `inbox` (an instance
+/// deletes those it read).
+async fn entries_added(conn: &redis::aio::MultiplexedConnection, inbox: &str) -> u64 {
+    let mut info: HashMap<String, redis::Value> = redis::cmd("XINFO")
+        .arg("STREAM")
+        .arg(inbox)
+        .query_async(&mut conn.clone())
+        .await
+        .unwrap();
+    redis::from_redis_value(info.remove("entries-added").unwrap()).unwrap()
 }
 
 /// Waits until `node` is in the zh -> en translate routing index: jobs
@@ -1095,7 +1099,7 @@ async fn a_node_repeating_its_answer_to_a_forwarded_assignment_sends_one_message
     let mut register = registration("repeater", &["zh"], &["en"]);
     register.capacity = translate_room(1);
     let (mut node, _) = TestNode::register(&holder.ws_url(), register).await;
-    let mut conn = lingua_tests::connect(&redis).await;
+    let conn = lingua_tests::connect(&redis).await;
     offered_translations(&conn, "repeater").await;
     let submitted = submit_in_background(&origin, zh_en_job("repeated", 20_000));
     let assign = next_assign(&mut node).await;
@@ -1126,15 +1130,9 @@ async fn a_node_repeating_its_answer_to_a_forwarded_assignment_sends_one_message
             break;
         }
     }
-    let mut info: HashMap<String, redis::Value> = redis::cmd("XINFO")
-        .arg("STREAM")
-        .arg(&inbox)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let added: u64 = redis::from_redis_value(info.remove("entries-added").unwrap()).unwrap();
     assert_eq!(
-        added, 2,
+        entries_added(&conn, &inbox).await,
+        2,
         "the accept, and the one repeat that moved the job on"
     );
     node.close().await;
@@ -1921,20 +1919,7 @@ async fn an_abandoned_job_is_asked_for_once_and_only_by_a_reader_who_may_see_it(
     })
     .await;
     let inbox = InstanceKeys::new(&instance).inbox;
-    // Every message ever appended to the instance's inbox (it deletes
-    // those it read).
-    let asked = || {
-        let (mut conn, inbox) = (conn.clone(), inbox.clone());
-        async move {
-            let mut info: HashMap<String, redis::Value> = redis::cmd("XINFO")
-                .arg("STREAM")
-                .arg(&inbox)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            redis::from_redis_value::<u64>(info.remove("entries-added").unwrap()).unwrap()
-        }
-    };
+    let asked = || entries_added(&conn, &inbox);
     // Recorded by an instance that is gone, waiting for room, for OWNER.
     let tokens = ApiTokens {
         admin: Tokens::new(&[]),

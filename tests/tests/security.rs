@@ -17,7 +17,7 @@ use lingua_shared::{JobKind, MAX_FRAME_BYTES, Message, NodeId, encode};
 use lingua_tests::fleet::{free_local_addr, workspace_binary};
 use lingua_tests::{
     PATIENCE, Received, TestAgent, TestCoordinator, TestNode, agent_config, eventually,
-    registration, test_config, with_token,
+    registration, test_config, translate_room, with_token,
 };
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -540,14 +540,6 @@ async fn a_client_tokens_jobs_name_at_most_its_priority_ceiling() {
     assert_eq!(request.get("priority"), None, "{request}");
     node.close().await;
     coordinator.stop().await;
-}
-
-/// Room for `free` translate jobs.
-fn translate_room(free: u32) -> CapacityReport {
-    CapacityReport {
-        free_slots: [(JobKind::new("translate").unwrap(), free)].into(),
-        ..CapacityReport::default()
-    }
 }
 
 /// `body` submitted to `coordinator` with `token`, without waiting: the
