@@ -72,9 +72,7 @@ impl JobRouter {
         }
         // Ended (or moved on) just now, or its record is gone: what Redis
         // says, and failed `timeout` if that is still not an end.
-        let view = self
-            .wait_remote(&job.id, Instant::now(), &Caller::open())
-            .await?;
+        let view = self.wait_remote(&job.id, Instant::now(), &itself).await?;
         if view.is_terminal() {
             return Ok(view);
         }
