@@ -12,16 +12,25 @@
 -- KEYS[6+3n]      memory HASH node -> room  lingua:v1:pair:{<src:tgt>}:memory
 -- ARGV[1] node id
 -- ARGV[2] n, the number of kinds
+-- ARGV[3] (optional) "moving": the node's coordinator instance is
+--         stopping and the node is moving to another; it stays in the
+--         served sets until its lease deadline there, so that the pair is
+--         not taken for unserved (`no_nodes`) while it reconnects.
 -- Returns 1 when the node was a member, 0 otherwise.
 --
 -- The last member out deletes the pool-id counter: with no pool left no
--- id can collide, and a pair nobody serves keeps no key at all.
+-- id can collide, and a pair nobody serves keeps no key at all (a moving
+-- node's served entries go once their lease ran out, with the pair's
+-- next route_update, or when it joins again).
 local node = ARGV[1]
 local n = tonumber(ARGV[2])
+local moving = ARGV[3] == 'moving'
 for i = 1, n do
   redis.call('ZREM', KEYS[5 + i], node)
   redis.call('HDEL', KEYS[5 + n + i], node)
-  redis.call('ZREM', KEYS[5 + 2 * n + i], node)
+  if not moving then
+    redis.call('ZREM', KEYS[5 + 2 * n + i], node)
+  end
 end
 redis.call('HDEL', KEYS[6 + 3 * n], node)
 redis.call('ZREM', KEYS[4], node)

@@ -14,7 +14,6 @@ use axum::extract::ws::{CloseFrame, Message as WsMessage, WebSocket};
 use axum::extract::{ConnectInfo, Extension, State, WebSocketUpgrade};
 use axum::response::Response;
 use futures_util::SinkExt;
-use futures_util::future::join_all;
 use lingua_shared::close::CloseCode;
 use lingua_shared::protocol::{Drain, ErrorCode, ErrorFrame, JobRef};
 use lingua_shared::{MAX_FRAME_BYTES, Message, decode, encode};
@@ -140,39 +139,7 @@ async fn serve(mut socket: WebSocket, services: Arc<NodeServices>, peer: SocketA
     tracing::info!(node_id = %session.node, epoch = session.epoch, code = ending.code.code(), reason = ending.reason, "node connection closing");
     close(&mut socket, ending).await;
     services.metrics.nodes_connected.dec();
-    leave(&services, &session).await;
-}
-
-/// Takes a closed connection's node out of routing, unless a newer
-/// registration of the same node already replaced it.
-async fn leave(services: &NodeServices, session: &Session) {
-    services.heartbeats.forget(&session.node, session.epoch);
-    if services.registry.remove(&session.node, session.epoch) {
-        services.router.node_lost(&session.node);
-        services.hints.forget(&session.node);
-    }
-    match services
-        .store
-        .node_offline(&session.node, session.epoch)
-        .await
-    {
-        Ok(true) => {
-            let leaves = session.pairs.iter().map(|&pair| {
-                services
-                    .store
-                    .pool_leave(pair, &session.node, &session.kinds)
-            });
-            for result in join_all(leaves).await {
-                if let Err(err) = result {
-                    tracing::warn!(node_id = %session.node, error = %err, "leaving pool failed; the pair lease will expire");
-                }
-            }
-        }
-        Ok(false) => {}
-        Err(err) => {
-            tracing::warn!(node_id = %session.node, error = %err, "marking node offline failed; its lease will expire");
-        }
-    }
+    session.leave(&services).await;
 }
 
 async fn close(socket: &mut WebSocket, ending: Ending) {
@@ -332,7 +299,7 @@ async fn run(
                 }
                 continue;
             }
-            () = &mut shutdown => return Ending::new(CloseCode::GoingAway, "coordinator shutting down"),
+            () = &mut shutdown => return frames::stopping(socket, services, session).await,
         };
         let frame = match frame_of(received) {
             Ok(Frame::Data(frame)) => frame,

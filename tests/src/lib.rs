@@ -489,11 +489,18 @@ impl TestNode {
 
     /// Reads until the connection closes; returns the close code.
     pub async fn closed(&mut self) -> u16 {
+        self.messages_until_closed().await.1
+    }
+
+    /// Reads until the connection closes; returns the messages read on
+    /// the way and the close code (1006: no close frame).
+    pub async fn messages_until_closed(&mut self) -> (Vec<Message>, u16) {
+        let mut messages = Vec::new();
         loop {
             match self.recv().await {
-                Received::Close(code) => return code,
-                Received::End => return 1006,
-                Received::Message(_) => {}
+                Received::Close(code) => return (messages, code),
+                Received::End => return (messages, 1006),
+                Received::Message(message) => messages.push(message),
             }
         }
     }

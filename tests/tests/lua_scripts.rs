@@ -1785,6 +1785,48 @@ async fn a_pair_nobody_serves_keeps_no_key() {
     );
 }
 
+/// A node whose coordinator instance stops leaves its pool and routing,
+/// but serves its kinds until its lease deadline: while it moves to
+/// another instance the pair's jobs wait for room rather than fail
+/// `no_nodes`. Once the lease has passed, nothing serves the pair.
+#[tokio::test]
+async fn a_moving_node_leaves_routing_but_serves_its_pair_until_its_lease() {
+    let redis = lingua_tests::redis().await;
+    let store = store(&redis).await;
+    let mut conn = lingua_tests::connect(&redis).await;
+    let zh_en = pair("zh:en");
+    let route = two_nodes_with_room(&store, 1).await;
+    let asr = JobKind::new("asr").unwrap();
+    for id in ["a", "b"] {
+        let left = store
+            .pool_leave_moving(zh_en, &node(id), std::slice::from_ref(&asr))
+            .await
+            .unwrap();
+        assert!(left, "{id} was a member");
+    }
+    assert_eq!(
+        pick_once(&store, zh_en, route.clone()).await,
+        Pick::NoCapacity
+    );
+    let pools: u64 = redis::cmd("ZCARD")
+        .arg("lingua:v1:pair:{zh:en}:pools")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(pools, 0, "their pool seats are given up");
+    // Their leases run out.
+    for id in ["a", "b"] {
+        let _: u64 = redis::cmd("ZADD")
+            .arg("lingua:v1:pair:{zh:en}:served:asr")
+            .arg(1)
+            .arg(id)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    assert_eq!(pick_once(&store, zh_en, route).await, Pick::NoNodes);
+}
+
 #[tokio::test]
 async fn an_admin_drain_is_kept_for_the_same_agent_process_only() {
     let redis = lingua_tests::redis().await;

@@ -1033,16 +1033,20 @@ async fn accepted_then_done(node: &mut TestNode, assign: JobAssign) {
         attempt: assign.attempt,
     };
     node.send(&Message::JobAccept(key)).await;
-    node.send(&Message::JobResult(JobResult {
-        job_id: assign.job_id,
+    node.send(&done(&assign)).await;
+}
+
+/// The result a node sends once `assign` completed.
+fn done(assign: &JobAssign) -> Message {
+    Message::JobResult(JobResult {
+        job_id: assign.job_id.clone(),
         attempt: assign.attempt,
         outcome: Outcome::Completed {
             output: lingua_shared::RawJson::of(&json!({"text": "hello"})),
         },
         duration_ms: 1,
         device: None,
-    }))
-    .await;
+    })
 }
 
 /// A submission waiting for its answer drives the job's dispatch itself;
@@ -1835,11 +1839,16 @@ async fn an_attempt_refused_after_its_coordinator_began_to_stop_is_handed_over()
 }
 
 /// A coordinator that stops while a node it holds has not answered an
-/// assignment closes that node's socket: the job, with no attempt in
-/// flight, is handed to the other instance (the node's loss to the stop
-/// uses up no attempt, though one is all it has), which sends it to the
-/// node once the node registered there. Before, the stop dropped the
-/// dispatch and the job waited for nobody until its deadline.
+/// assignment cancels it and closes that node's socket: the job, with no
+/// attempt in flight, is handed to the other instance (the node's loss to
+/// the stop uses up no attempt, though one is all it has), which sends it
+/// to the node once the node registered there: the only node of the pair,
+/// which serves it still while it moves (before, the job failed
+/// `no_nodes` in that moment). Before, the stop dropped
+/// the dispatch and the job waited for nobody until its deadline; and,
+/// before the cancel, the node could run the first attempt as well. An
+/// attempt the node accepted is not cancelled: it runs on, and its result
+/// is recorded through the other instance.
 #[tokio::test]
 async fn a_job_sent_to_a_node_of_a_stopping_coordinator_is_handed_over() {
     let redis = lingua_tests::redis().await;
@@ -1850,28 +1859,48 @@ async fn a_job_sent_to_a_node_of_a_stopping_coordinator_is_handed_over() {
     };
     let stopping = TestCoordinator::start(&redis, config).await;
     let staying = TestCoordinator::start(&redis, quiet_node_config()).await;
-    // The pair stays served while the node moves: a node without room.
-    let mut register = registration("full", &["zh"], &["en"]);
-    register.capacity = translate_room(0);
-    let (full, _) = TestNode::register(&staying.ws_url(), register).await;
     let mut register = registration("moving", &["zh"], &["en"]);
-    register.capacity = translate_room(1);
+    register.capacity = translate_room(2);
     let (mut node, _) = TestNode::register(&stopping.ws_url(), register.clone()).await;
     let conn = lingua_tests::connect(&redis).await;
     offered_translations(&conn, "moving").await;
     let submitted = submit_in_background(&stopping, zh_en_job("moved", 60_000));
     let first = next_assign(&mut node).await;
     assert_eq!(first.attempt, 1);
+    let _kept = submit_in_background(&stopping, zh_en_job("kept", 60_000));
+    let kept = next_assign(&mut node).await;
+    assert_eq!(kept.job_id.as_str(), "kept");
+    node.send(&Message::JobAccept(JobRef {
+        job_id: kept.job_id.clone(),
+        attempt: kept.attempt,
+    }))
+    .await;
+    // The accept is read once a frame sent after it is answered.
+    node.send_raw(r#"{"type":"are_you_there"}"#.into()).await;
+    loop {
+        if let Received::Message(Message::Error(_)) = node.recv().await {
+            break;
+        }
+    }
     let stopped = tokio::spawn(stopping.stop());
+    let (messages, code) = node.messages_until_closed().await;
+    assert_eq!(code, 1001, "the stop closes the node's socket");
     assert_eq!(
-        node.closed().await,
-        1001,
-        "the stop closes the node's socket"
+        cancelled_attempts(&messages),
+        [("moved".to_owned(), 1)],
+        "the unanswered attempt, and only that one, is cancelled before the close: {messages:?}"
     );
     stopped.await.unwrap();
     let (_, answer) = submitted.await.unwrap();
     assert_ne!(answer["status"], "failed", "{answer}");
     let (mut node, _) = TestNode::register(&staying.ws_url(), register).await;
+    node.send(&done(&kept)).await;
+    let (status, view) = staying.get("/v1/jobs/kept?wait_ms=10000").await;
+    assert_eq!(
+        (status, &view["status"], view["attempts"].as_u64()),
+        (200, &json!("completed"), Some(1)),
+        "{view}"
+    );
     let assign = next_assign(&mut node).await;
     // Its next attempt (one more if a pick chose the node before it left
     // the routing index: unreachable, that one moved on for free).
@@ -1885,8 +1914,63 @@ async fn a_job_sent_to_a_node_of_a_stopping_coordinator_is_handed_over() {
         "{view}"
     );
     node.close().await;
-    full.close().await;
     staying.stop().await;
+}
+
+/// The attempts a list of messages cancels.
+fn cancelled_attempts(messages: &[Message]) -> Vec<(String, u32)> {
+    messages
+        .iter()
+        .filter_map(|message| match message {
+            Message::JobCancel(cancel) => Some((cancel.job_id.to_string(), cancel.attempt)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// An instance that stops while a node it holds has not answered an
+/// assignment forwarded to it by another instance cancels the assignment
+/// before it closes the node's socket, and the dispatching instance moves
+/// the job on. Before, the node kept the attempt across its reconnection
+/// and could run it beside the job's next attempt.
+#[tokio::test]
+async fn a_stopping_instance_cancels_an_unanswered_forwarded_assignment_before_closing() {
+    let redis = lingua_tests::redis().await;
+    let holder = TestCoordinator::start(&redis, quiet_node_config()).await;
+    let config = lingua_coordinator::config::Config {
+        accept_timeout: Duration::from_secs(30),
+        ..quiet_node_config()
+    };
+    let origin = TestCoordinator::start(&redis, config).await;
+    let mut register = registration("forwarded-to", &["zh"], &["en"]);
+    register.capacity = translate_room(1);
+    let (mut node, _) = TestNode::register(&holder.ws_url(), register.clone()).await;
+    let conn = lingua_tests::connect(&redis).await;
+    offered_translations(&conn, "forwarded-to").await;
+    let submitted = submit_in_background(&origin, zh_en_job("forwarded", 60_000));
+    let first = next_assign(&mut node).await;
+    let stopped = tokio::spawn(holder.stop());
+    let (messages, code) = node.messages_until_closed().await;
+    assert_eq!(code, 1001, "the stop closes the node's socket");
+    assert_eq!(
+        cancelled_attempts(&messages),
+        [("forwarded".to_owned(), first.attempt)],
+        "the unanswered attempt is cancelled before the close: {messages:?}"
+    );
+    stopped.await.unwrap();
+    let (mut node, _) = TestNode::register(&origin.ws_url(), register).await;
+    let assign = next_assign(&mut node).await;
+    assert_eq!(assign.job_id.as_str(), "forwarded");
+    assert!(assign.attempt > first.attempt, "attempt {}", assign.attempt);
+    accepted_then_done(&mut node, assign).await;
+    let (status, answer) = submitted.await.unwrap();
+    assert_eq!(
+        (status, &answer["status"]),
+        (200, &json!("completed")),
+        "{answer}"
+    );
+    node.close().await;
+    origin.stop().await;
 }
 
 /// A job still queued whose coordinator instance died is asked to be

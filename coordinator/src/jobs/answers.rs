@@ -173,6 +173,23 @@ impl JobRouter {
         self.store.job_pair(&key.job_id).await
     }
 
+    /// The attempts sent to `node` through this instance that it has not
+    /// answered yet (dispatched here or forwarded here), as its socket task
+    /// reads them: in frame order with its answers.
+    pub fn unanswered(&self, node: &NodeId) -> Vec<JobRef> {
+        let local: Vec<JobRef> = lock(&self.attempts)
+            .iter()
+            .filter(|(_, a)| &a.node == node && a.assigned.is_some())
+            .map(|(key, _)| key.clone())
+            .collect();
+        let forwarded = lock(&self.forwarded);
+        let forwarded = forwarded
+            .iter()
+            .filter(|(_, f)| &f.node == node && f.counted)
+            .map(|(key, _)| key.clone());
+        local.into_iter().chain(forwarded).collect()
+    }
+
     /// A node's connection ended: its running attempts move elsewhere.
     pub fn node_lost(&self, node: &NodeId) {
         for attempt in lock(&self.attempts).values() {

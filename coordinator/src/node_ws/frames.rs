@@ -1,16 +1,22 @@
 //! One function per message a registered node sends that needs more than
-//! a line: heartbeats, drains, refusals (results: `results.rs`).
+//! a line: heartbeats, drains, refusals (results: `results.rs`); and the
+//! cancels this instance's stop sends.
 
-use lingua_shared::protocol::{CapacityReport, Drain, JobRef, JobReject, RejectReason};
-use lingua_shared::split_heartbeat;
+use lingua_shared::close::CloseCode;
+use lingua_shared::protocol::{CapacityReport, Drain, JobCancel, JobRef, JobReject, RejectReason};
+use lingua_shared::{Message, split_heartbeat};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::time::Instant;
+use axum::extract::ws::WebSocket;
+use tokio::time::{Instant, timeout};
 
 use super::NodeServices;
-use super::{Handled, MAX_LOGGED_CHARS, Session};
+use super::{Ending, Handled, MAX_LOGGED_CHARS, Session, feed};
 use crate::metrics::Direction;
+
+/// How long the stop spends writing a node its cancels, before the close.
+const STOP_WRITES: Duration = Duration::from_secs(1);
 
 /// How `lingua_shared::encode` begins a heartbeat.
 const HEARTBEAT_START: &[u8] = br#"{"type":"heartbeat","#;
@@ -141,6 +147,35 @@ pub(super) fn reject(services: &NodeServices, session: &mut Session, reject: Job
         session.publish(services);
     }
     Handled::Fine
+}
+
+/// This instance is stopping: every attempt the node has not answered is
+/// cancelled, ahead of the close. Its job is handed to another instance
+/// (or, forwarded here, moved on by its dispatcher); without the cancel
+/// the node would still run the attempt, waiting for room or already
+/// started, and run it for nothing: its result is refused as superseded.
+/// An answer already on its way is overtaken the same way: an attempt
+/// the node accepted stops at the cancel, and records nothing.
+pub(super) async fn stopping(
+    socket: &mut WebSocket,
+    services: &NodeServices,
+    session: &Session,
+) -> Ending {
+    let cancels = async {
+        for key in services.router.unanswered(&session.node) {
+            let cancel = Message::JobCancel(JobCancel {
+                job_id: key.job_id,
+                attempt: key.attempt,
+                reason: "coordinator stopping".into(),
+            });
+            feed(socket, services, &cancel).await?;
+        }
+        Ok::<(), Ending>(())
+    };
+    // Sent with the close frame; a node that does not take them in time
+    // is closed without them.
+    let _ = timeout(STOP_WRITES, cancels).await;
+    Ending::new(CloseCode::GoingAway, "coordinator shutting down")
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use tokio::time::{Instant, sleep_until};
 
 use super::NodeServices;
 use super::{
-    Ending, Frame, MAX_CAPABILITIES, REGISTER_TIMEOUT, Session, frame_of, leave, send, send_error,
+    Ending, Frame, MAX_CAPABILITIES, REGISTER_TIMEOUT, Session, frame_of, send, send_error,
 };
 use crate::registry::{Control, LocalNode};
 use crate::store::{RegisterOutcome, Registration};
@@ -391,7 +391,7 @@ async fn acknowledge(
         sent = send(socket, services, &drain).await;
     }
     if let Err(ending) = sent {
-        leave(services, &session).await;
+        session.leave(services).await;
         return Err(ending);
     }
     Ok(session)

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
+use futures_util::future::join_all;
 use lingua_shared::protocol::CapacityReport;
 use lingua_shared::{JobKind, LangPair, NodeId};
 use tokio::time::Instant;
@@ -75,6 +76,42 @@ impl Session {
             self.publish(services);
         } else {
             self.publish_pending = true;
+        }
+    }
+
+    /// Takes the closed connection's node out of routing, unless a newer
+    /// registration of the same node already replaced it.
+    pub(super) async fn leave(&self, services: &NodeServices) {
+        services.heartbeats.forget(&self.node, self.epoch);
+        if services.registry.remove(&self.node, self.epoch) {
+            services.router.node_lost(&self.node);
+            services.hints.forget(&self.node);
+        }
+        match services.store.node_offline(&self.node, self.epoch).await {
+            Ok(true) => {
+                // Closed by this instance's stop, the node is moving to
+                // another: still serving its pairs until its lease runs out.
+                let moving = services.shutdown.is_cancelled();
+                let leaves = self.pairs.iter().map(|&pair| {
+                    let (store, node, kinds) = (&services.store, &self.node, &self.kinds);
+                    async move {
+                        if moving {
+                            store.pool_leave_moving(pair, node, kinds).await
+                        } else {
+                            store.pool_leave(pair, node, kinds).await
+                        }
+                    }
+                });
+                for result in join_all(leaves).await {
+                    if let Err(err) = result {
+                        tracing::warn!(node_id = %self.node, error = %err, "leaving pool failed; the pair lease will expire");
+                    }
+                }
+            }
+            Ok(false) => {}
+            Err(err) => {
+                tracing::warn!(node_id = %self.node, error = %err, "marking node offline failed; its lease will expire");
+            }
         }
     }
 }

@@ -39,6 +39,30 @@ impl Store {
         node: &NodeId,
         kinds: &[JobKind],
     ) -> Result<bool, StoreError> {
+        self.leave(pair, node, kinds, "").await
+    }
+
+    /// Takes `node` out of `pair` as [`Self::pool_leave`] does, but leaves
+    /// it counted as serving its kinds until its lease deadline: its
+    /// coordinator instance is stopping, and it is moving to another. Until
+    /// it registers there, the pair's jobs wait for room instead of failing
+    /// `no_nodes`.
+    pub async fn pool_leave_moving(
+        &self,
+        pair: LangPair,
+        node: &NodeId,
+        kinds: &[JobKind],
+    ) -> Result<bool, StoreError> {
+        self.leave(pair, node, kinds, "moving").await
+    }
+
+    async fn leave(
+        &self,
+        pair: LangPair,
+        node: &NodeId,
+        kinds: &[JobKind],
+        how: &str,
+    ) -> Result<bool, StoreError> {
         let keys = PairKeys::new(pair);
         let routes: Vec<Route> = kinds
             .iter()
@@ -60,7 +84,7 @@ impl Store {
             call.key(keys.served(route));
         }
         call.key(keys.memory());
-        call.arg(node.as_str()).arg(routes.len());
+        call.arg(node.as_str()).arg(routes.len()).arg(how);
         let was_member: i64 = self.invoke("pool_leave", &call).await?;
         Ok(was_member == 1)
     }
