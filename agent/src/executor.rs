@@ -5,8 +5,10 @@
 //!   may name the GPU the job was placed on (`{gpu_uuid}`, `{gpu_index}`),
 //!   for one service per GPU.
 //! - `command`: run a program with the payload as JSON on stdin and read
-//!   JSON from stdout; it runs in its own process group, which is killed
-//!   on timeout or cancellation. It sees only the GPU (or MIG instance) the
+//!   JSON from stdout (the payload is written while stdout and stderr are
+//!   read, so the program may write first, and as much as it likes); it
+//!   runs in its own process group, which is killed when the program
+//!   exits, on timeout or on cancellation. It sees only the GPU (or MIG instance) the
 //!   job was placed on: `CUDA_VISIBLE_DEVICES` and `NVIDIA_VISIBLE_DEVICES`
 //!   hold its UUID (CUDA numbers GPUs differently from NVML; a UUID is the
 //!   same to both), `LINGUA_GPU_UUID` and `LINGUA_GPU_INDEX` say which.
@@ -35,7 +37,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde::Serialize;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
 use crate::arbiter::Placement;
@@ -262,6 +264,48 @@ fn json_output(bytes: &[u8], what: &str) -> Outcome {
     }
 }
 
+/// How much of a command's stderr is kept: its end, which a failure
+/// quotes (200 characters of it).
+const STDERR_KEPT: usize = 4096;
+
+/// Which bytes of a pipe [`drained`] keeps.
+#[derive(Clone, Copy)]
+enum Keep {
+    First,
+    Last,
+}
+
+/// Reads `pipe` to its end, keeping `most` bytes of it: a program that
+/// writes more than is kept is read on, never left blocked on a full pipe.
+async fn drained(pipe: Option<impl AsyncRead + Unpin>, most: usize, keep: Keep) -> Vec<u8> {
+    let mut kept = Vec::new();
+    let Some(mut pipe) = pipe else {
+        return kept;
+    };
+    let mut buffer = [0u8; 8192];
+    while let Ok(read @ 1..) = pipe.read(&mut buffer).await {
+        let bytes = &buffer[..read];
+        match keep {
+            Keep::First => {
+                let room = most.saturating_sub(kept.len());
+                kept.extend_from_slice(&bytes[..read.min(room)]);
+            }
+            Keep::Last => {
+                kept.extend_from_slice(bytes);
+                if kept.len() > 2 * most {
+                    kept.drain(..kept.len() - most);
+                }
+            }
+        }
+    }
+    if let Keep::Last = keep
+        && kept.len() > most
+    {
+        kept.drain(..kept.len() - most);
+    }
+    kept
+}
+
 /// Kills a process group when dropped (timeout, cancellation, or the end of
 /// a normal run, to reap anything the command left behind).
 struct GroupKiller(Option<Pid>);
@@ -315,42 +359,41 @@ async fn command(
     if let Some(group) = group {
         on_spawn(group);
     }
-    let _group = GroupKiller(
-        group
-            .and_then(|id| i32::try_from(id).ok())
-            .map(Pid::from_raw),
-    );
+    let group = group
+        .and_then(|id| i32::try_from(id).ok())
+        .map(Pid::from_raw);
+    let _group = GroupKiller(group);
     // On one line, as the payload was when it was written out again: JSON
     // strings hold no raw line breaks, so each is whitespace between
     // tokens (a program may read one line).
     let input = payload.get().replace(['\n', '\r'], " ");
-    let mut stdin = child.stdin.take();
-    let mut stdout = child.stdout.take();
-    let mut stderr = child.stderr.take();
+    let (stdin, stdout, stderr) = (child.stdin.take(), child.stdout.take(), child.stderr.take());
+    // The payload is written while the output is read: a program may
+    // write before it has read all its input, and as much as it likes.
     let run = async {
-        if let Some(stdin) = stdin.as_mut() {
-            // A program that exits without reading its input is judged by
-            // its exit status and output, not by the broken pipe.
-            let _ = stdin.write_all(input.as_bytes()).await;
-        }
-        drop(stdin.take());
-        let mut out = Vec::new();
-        let mut err = Vec::new();
-        let read_out = async {
-            if let Some(stdout) = stdout.as_mut() {
-                let _ = stdout
-                    .take(MAX_OUTPUT_BYTES as u64 + 1)
-                    .read_to_end(&mut out)
-                    .await;
+        let write = async {
+            if let Some(mut stdin) = stdin {
+                // A program that exits without reading its input is judged
+                // by its exit status and output, not by the broken pipe.
+                let _ = stdin.write_all(input.as_bytes()).await;
             }
         };
-        let read_err = async {
-            if let Some(stderr) = stderr.as_mut() {
-                let _ = stderr.take(64 * 1024).read_to_end(&mut err).await;
+        let exited = async {
+            let status = child.wait().await;
+            // The job is over when its program is: what it left behind in
+            // its group, which may hold the pipes open, goes too.
+            if let Some(group) = group {
+                let _ = killpg(group, Signal::SIGKILL);
             }
+            status
         };
-        tokio::join!(read_out, read_err);
-        (child.wait().await, out, err)
+        let ((), out, err, status) = tokio::join!(
+            write,
+            drained(stdout, MAX_OUTPUT_BYTES + 1, Keep::First),
+            drained(stderr, STDERR_KEPT, Keep::Last),
+            exited,
+        );
+        (status, out, err)
     };
     let Ok((status, out, err)) = tokio::time::timeout(timeout, run).await else {
         return failed(
@@ -565,6 +608,59 @@ mod tests {
         assert!(
             matches!(outcome, Outcome::Failed { code: FailureCode::ExecutorFailed, message } if message.contains("cannot start"))
         );
+    }
+
+    /// A program may write much to stderr before it reads its input, and
+    /// its input may be large: neither side waits for the other. Its
+    /// failure quotes the end of its stderr. Before, the agent wrote the
+    /// whole payload before reading anything, and read 64 KiB of stderr
+    /// at most: such jobs ran into their timeout.
+    #[tokio::test]
+    async fn a_command_may_write_much_to_stderr_before_reading_a_large_payload() {
+        let payload = json!({"text": "x".repeat(256 * 1024)});
+        let script =
+            r#"yes progress | head -c 300000 >&2; wc -c | tr -d ' ' | sed 's/.*/{"read": &}/'"#;
+        let outcome = command_executor(script, 20_000)
+            .run(&job(payload.clone()), (None, Device::Cpu), &|_| ())
+            .await;
+        let written = serde_json::to_string(&payload).unwrap().len();
+        assert_eq!(output(outcome), json!({"read": written}));
+        let script = "yes progress | head -c 300000 >&2; echo 'the last line' >&2; exit 2";
+        let outcome = command_executor(script, 20_000)
+            .run(&job(json!(1)), (None, Device::Cpu), &|_| ())
+            .await;
+        let Outcome::Failed { code, message } = outcome else {
+            panic!("fails: {outcome:?}")
+        };
+        assert_eq!(code, FailureCode::ExecutorFailed, "{message}");
+        assert!(message.ends_with("the last line"), "{message}");
+    }
+
+    /// Output past 1 MiB fails the job, saying so, however much more the
+    /// program writes. Before, the agent stopped reading at 1 MiB and the
+    /// program, blocked on the full pipe, ran into the job's timeout.
+    #[tokio::test]
+    async fn a_command_whose_output_passes_1_mib_fails_saying_so() {
+        let outcome = command_executor("yes aaaa | head -c 3000000", 20_000)
+            .run(&job(json!(1)), (None, Device::Cpu), &|_| ())
+            .await;
+        let Outcome::Failed { code, message } = outcome else {
+            panic!("fails: {outcome:?}")
+        };
+        assert_eq!(code, FailureCode::ExecutorFailed, "{message}");
+        assert!(message.contains("larger than 1 MiB"), "{message}");
+    }
+
+    /// A job is done when its program exits, even though something it
+    /// started still holds its output open: that is stopped with it.
+    /// Before, the agent read until every holder closed the pipe, and the
+    /// job ran into its timeout.
+    #[tokio::test]
+    async fn a_command_is_done_when_its_program_exits_whatever_it_left_running() {
+        let outcome = command_executor(r#"sleep 60 & echo '{"done": true}'"#, 20_000)
+            .run(&job(json!(1)), (None, Device::Cpu), &|_| ())
+            .await;
+        assert_eq!(output(outcome), json!({"done": true}));
     }
 
     #[tokio::test]
