@@ -8,15 +8,17 @@
 //! the demo), and none (a CPU-only node).
 //!
 //! The NVML sampler thread owns the library for as long as it runs: when
-//! NVML cannot be initialised it publishes the reason and retries with a
-//! doubling pause (capped at [`NVML_RETRY_CAP`]), and when it stops it
-//! shuts NVML down. `[gpu] devices` keeps only the GPUs it names.
+//! NVML cannot be initialised it publishes the reason (every interval, so
+//! that its readings stay fresh) and retries with a doubling pause (capped
+//! at [`NVML_RETRY_CAP`]); when NVML fails once initialised (it cannot
+//! count the GPUs) it publishes that, shuts NVML down and initialises it
+//! again; and when it stops it shuts NVML down. `[gpu] devices` keeps only the GPUs it names.
 
 use std::collections::HashMap;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use lingua_shared::sync::lock;
 use serde::Serialize;
@@ -154,7 +156,7 @@ impl Source {
             SourceKind::Probe(probe) => probe.read(),
             SourceKind::Nvml(config) => {
                 let library = NvmlLibrary::open(config)?;
-                library.probe(config).read()
+                library.probe(config).read()?
             }
         };
         Ok(select(&self.devices, gpus))
@@ -250,9 +252,18 @@ fn nvml_loop(
         match NvmlLibrary::open(config) {
             Err(err) => {
                 tracing::warn!(error = %err, retry_in_ms = pause.as_millis() as u64, "nvml unavailable: no gpu slots until it initialises");
-                publish(Err(err.to_string()));
-                if stop_requested(stopped, pause) {
-                    return;
+                // Published every interval until the retry: the sampler is
+                // alive (the watchdog is fed), its answer the same.
+                let retry_at = Instant::now() + pause;
+                loop {
+                    publish(Err(err.to_string()));
+                    let left = retry_at.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    if stop_requested(stopped, interval.min(left)) {
+                        return;
+                    }
                 }
                 pause = (pause * 2).min(NVML_RETRY_CAP);
             }
@@ -260,10 +271,25 @@ fn nvml_loop(
                 let mut probe = library.probe(config);
                 tracing::info!(xid_watched = ?probe.watched(), "nvml initialised");
                 loop {
-                    publish(Ok(select(devices, probe.read())));
+                    match probe.read() {
+                        Ok(gpus) => publish(Ok(select(devices, gpus))),
+                        Err(err) => {
+                            // Shut down, and initialised again an
+                            // interval later.
+                            tracing::error!(error = %err, "nvml failed: no gpu slots until it initialises again");
+                            publish(Err(err.to_string()));
+                            break;
+                        }
+                    }
                     if stop_requested(stopped, interval) {
                         return;
                     }
+                }
+                drop(probe);
+                drop(library);
+                pause = interval;
+                if stop_requested(stopped, interval) {
+                    return;
                 }
             }
         }

@@ -144,10 +144,15 @@ impl<'a> NvmlProbe<'a> {
         }
     }
 
-    /// Current readings of every schedulable device.
-    pub fn read(&mut self) -> Vec<GpuSnapshot> {
+    /// Current readings of every schedulable device, or why NVML itself
+    /// failed (it cannot count the GPUs: the driver was unloaded or
+    /// reloaded, say), which initialising it again may mend.
+    pub fn read(&mut self) -> Result<Vec<GpuSnapshot>, ProbeError> {
         self.drain_xid_events();
-        let count = self.nvml.device_count().unwrap_or(0);
+        let count = self
+            .nvml
+            .device_count()
+            .map_err(|err| ProbeError::NvmlUnavailable(format!("nvml stopped answering: {err}")))?;
         let mut snapshots = Vec::with_capacity(count as usize);
         for index in 0..count {
             let known = self.known.get(&index).cloned();
@@ -197,7 +202,7 @@ impl<'a> NvmlProbe<'a> {
                 }
             }
         }
-        snapshots
+        Ok(snapshots)
     }
 
     fn snapshot(

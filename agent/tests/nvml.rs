@@ -281,10 +281,10 @@ fn a_gpu_lost_mid_run_takes_only_that_gpu_out() {
     let library = NvmlLibrary::open(&config.gpu.nvml).unwrap();
     let mut probe = library.probe(&config.gpu.nvml);
     let arbiter = Arbiter::new(Limits::from_config(&config));
-    arbiter.update(probe.read(), Instant::now());
+    arbiter.update(probe.read().unwrap(), Instant::now());
     assert_eq!(arbiter.free_slots()[&kind("asr")], 6);
     fake.set(&two("lost=1"));
-    let gpus = probe.read();
+    let gpus = probe.read().unwrap();
     assert!(gpus[0].healthy);
     assert!(!gpus[1].healthy);
     assert_eq!(gpus[1].uuid, "GPU-00000001-fake", "named by its last UUID");
@@ -296,7 +296,7 @@ fn a_gpu_lost_mid_run_takes_only_that_gpu_out() {
     }
     // It stays out even if the bus answers again.
     fake.set(&two(""));
-    let gpus = probe.read();
+    let gpus = probe.read().unwrap();
     assert!(!gpus[1].healthy);
 }
 
@@ -312,13 +312,13 @@ fn application_xids_are_ignored_and_critical_xids_take_the_gpu_out() {
     fake.set(&format!(
         "init code=0\n{gpus}xid gpu=0 value=13\nxid gpu=0 value=31\nxid gpu=0 value=43\n"
     ));
-    let read = probe.read();
+    let read = probe.read().unwrap();
     assert!(read.iter().all(|g| g.healthy), "{read:?}");
     // Xid 79 (fallen off the bus) on GPU 1.
     fake.set(&format!(
         "init code=0\n{gpus}xid gpu=0 value=13\nxid gpu=0 value=31\nxid gpu=0 value=43\nxid gpu=1 value=79\n"
     ));
-    let read = probe.read();
+    let read = probe.read().unwrap();
     assert!(read[0].healthy);
     assert!(!read[1].healthy);
     assert_eq!(read[1].reason.as_deref(), Some("critical Xid 79"));
@@ -337,7 +337,7 @@ fn application_xids_are_ignored_and_critical_xids_take_the_gpu_out() {
     let library = NvmlLibrary::open(&strict.gpu.nvml).unwrap();
     let mut probe = library.probe(&strict.gpu.nvml);
     strict_fake.set(&format!("init code=0\n{gpus}xid gpu=0 value=13\n"));
-    let read = probe.read();
+    let read = probe.read().unwrap();
     assert!(!read[0].healthy);
     assert_eq!(read[0].reason.as_deref(), Some("critical Xid 13"));
 }
@@ -358,7 +358,7 @@ fn a_failed_event_registration_loses_no_other_gpu() {
     fake.set(&format!(
         "init code=0\n{gpus}xid gpu=0 value=48\nxid gpu=2 value=62\n"
     ));
-    let read = probe.read();
+    let read = probe.read().unwrap();
     let healthy: Vec<bool> = read.iter().map(|g| g.healthy).collect();
     assert_eq!(healthy, [false, true, false]);
 }
@@ -455,6 +455,71 @@ fn init_failure_then_recovery_through_the_sampler() {
     assert_eq!(arbiter.health(), None);
     drop(sampler);
     assert_eq!(fake.calls().last().map(String::as_str), Some("shutdown"));
+}
+
+/// While NVML cannot be initialised the sampler's readings stay fresh
+/// (it says every interval why there are none), so the systemd watchdog,
+/// fed while they are, is fed through the retries. Before, it published
+/// once per retry, whose pauses double up to 30 s: the readings went
+/// stale, and systemd killed an agent that had no driver, again and again.
+#[test]
+fn readings_stay_fresh_while_nvml_cannot_be_initialised() {
+    let fake = FakeNvml::new("init code=9\n");
+    let config = config(&fake, "stale_after_ms = 1000");
+    let arbiter = Arbiter::new(Limits::from_config(&config));
+    let _sampler = {
+        let arbiter = Arc::clone(&arbiter);
+        gpu::spawn_sampler(
+            gpu::open(&config.gpu, None),
+            config.gpu.poll_interval,
+            move |r| {
+                arbiter.publish(r, Instant::now());
+            },
+        )
+        .unwrap()
+    };
+    wait_for("a first reading", || arbiter.health().is_some());
+    // Retries 50, 100, 200, 400, 800 and 1,600 ms apart: the last pause
+    // is longer than a reading stays fresh.
+    while fake.calls().len() < 7 {
+        assert!(arbiter.fresh(), "stale after {} tries", fake.calls().len());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// NVML failing once initialised (it cannot count the GPUs: a driver
+/// reloaded, say) takes the GPUs out, says why, and is initialised again.
+/// Before, the failure read as a node without GPUs, healthy, for good.
+#[test]
+fn nvml_failing_after_it_initialised_is_initialised_again() {
+    let fake = FakeNvml::new(&format!("init code=0\n{}", gpu_line(0, 24, 0, "")));
+    let config = config(&fake, "");
+    let arbiter = Arbiter::new(Limits::from_config(&config));
+    let _sampler = {
+        let arbiter = Arc::clone(&arbiter);
+        gpu::spawn_sampler(
+            gpu::open(&config.gpu, None),
+            config.gpu.poll_interval,
+            move |r| {
+                arbiter.publish(r, Instant::now());
+            },
+        )
+        .unwrap()
+    };
+    wait_for("slots", || arbiter.free_slots()[&kind("asr")] == 3);
+    fake.set(&format!(
+        "init code=0\ncount code=999\n{}",
+        gpu_line(0, 24, 0, "")
+    ));
+    wait_for("the failure to be published", || arbiter.health().is_some());
+    let health = arbiter.health().unwrap();
+    assert!(health.contains("nvml stopped answering"), "{health}");
+    assert_eq!(arbiter.free_slots()[&kind("asr")], 0);
+    let inits = |fake: &FakeNvml| fake.calls().iter().filter(|c| *c == "init").count();
+    wait_for("NVML to be initialised again", || inits(&fake) >= 2);
+    fake.set(&format!("init code=0\n{}", gpu_line(0, 24, 0, "")));
+    wait_for("recovery", || arbiter.free_slots()[&kind("asr")] == 3);
+    assert_eq!(arbiter.health(), None);
 }
 
 async fn metrics(port: u16) -> String {

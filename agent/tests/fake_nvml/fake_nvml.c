@@ -7,6 +7,7 @@
  * rename it over). One directive per line, "key=value" fields:
  *
  *   init code=0                 nvmlInit_v2 returns this code
+ *   count code=0                nvmlDeviceGetCount_v2 returns this code
  *   gpu uuid=GPU-a name=Fake total=81920 used=512 util=10 temp=40
  *       ecc=0 lost=0 register=0 mig=0 procs=0
  *                               util/temp -1: NotSupported; ecc: volatile
@@ -77,7 +78,7 @@ struct proc {
 };
 
 struct state {
-    int init_code;
+    int init_code, count_code;
     int gpu_count;
     struct gpu gpus[MAX_GPUS];
     int xid_count;
@@ -147,6 +148,8 @@ static void load(void) {
         snprintf(padded, sizeof padded, " %s", line);
         if (strncmp(line, "init", 4) == 0) {
             st.init_code = (int)num(padded, "code", 0);
+        } else if (strncmp(line, "count", 5) == 0) {
+            st.count_code = (int)num(padded, "code", 0);
         } else if (strncmp(line, "gpu", 3) == 0 && st.gpu_count < MAX_GPUS) {
             struct gpu *g = &st.gpus[st.gpu_count++];
             if (!field(padded, "uuid", g->uuid, sizeof g->uuid))
@@ -272,6 +275,7 @@ nvmlReturn_t nvmlDeviceGetCount_v2(unsigned *count) {
     pthread_mutex_lock(&lock);
     if (!initialised) DONE(UNINITIALIZED);
     load();
+    if (st.count_code) DONE(st.count_code);
     *count = (unsigned)st.gpu_count;
     DONE(OK);
 }
