@@ -784,6 +784,26 @@ pub(crate) mod tests {
         );
     }
 
+    /// A kind that declares no memory is placed on a healthy GPU, never on
+    /// one out of admission (best fit took the unhealthy one's zero room
+    /// for the tightest fit), and not at all when none is healthy.
+    #[tokio::test(start_paused = true)]
+    async fn a_kind_taking_no_memory_is_never_placed_on_an_unhealthy_gpu() {
+        let arbiter = Arbiter::new(limits(&[("probe", 0, 50, 10, 0)]));
+        let mut sick = gpu(0, 0);
+        sick.healthy = false;
+        arbiter.update(vec![sick.clone(), gpu_at(1, 0, 0)], Instant::now());
+        let permit = arbiter.try_admit(&kind("probe")).unwrap();
+        assert_eq!(permit.gpu(), Some(1), "placed on the healthy GPU");
+        drop(permit);
+        arbiter.update(vec![sick], Instant::now());
+        assert_eq!(arbiter.free_slots()[&kind("probe")], 0);
+        assert!(
+            arbiter.try_admit(&kind("probe")).is_err(),
+            "no healthy GPU: refused"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn best_fit_fills_the_fullest_gpu_that_still_fits() {
         let arbiter = Arbiter::new(limits(&[("asr", 1000, 50, 10, 0)]));

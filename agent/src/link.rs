@@ -234,8 +234,7 @@ impl Link {
                     () = shutdown.cancelled() => return LinkEnd::Shutdown,
                     Some(out) = self.outgoing.recv() => {
                         if let Outgoing::Result(result) = out {
-                            outbox.insert(JobRef { job_id: result.job_id.clone(), attempt: result.attempt }, result);
-                            self.status.send_modify(|s| s.outbox = outbox.len());
+                            self.keep(&mut outbox, result);
                         }
                     }
                 }
@@ -467,18 +466,25 @@ impl Link {
             Outgoing::Accept(key, by) => batch.accept(key, by),
             Outgoing::Reject(reject) => batch.push(Message::JobReject(reject)),
             Outgoing::Result(result) => {
-                let result = within_frame(result);
-                outbox.insert(
-                    JobRef {
-                        job_id: result.job_id.clone(),
-                        attempt: result.attempt,
-                    },
-                    result.clone(),
-                );
-                self.status.send_modify(|s| s.outbox = outbox.len());
+                let result = self.keep(outbox, result);
                 batch.push(Message::JobResult(result));
             }
         }
+    }
+
+    /// Keeps a result in the outbox until it is acknowledged, as it will be
+    /// sent: within one frame.
+    fn keep(&self, outbox: &mut BTreeMap<JobRef, JobResult>, result: JobResult) -> JobResult {
+        let result = within_frame(result);
+        outbox.insert(
+            JobRef {
+                job_id: result.job_id.clone(),
+                attempt: result.attempt,
+            },
+            result.clone(),
+        );
+        self.status.send_modify(|s| s.outbox = outbox.len());
+        result
     }
 
     fn handle(&mut self, message: Message, outbox: &mut BTreeMap<JobRef, JobResult>) {

@@ -157,6 +157,9 @@ pub struct JobRouter {
     /// taker that died too, or at a later attempt), a job is asked for
     /// again.
     adopting: Mutex<HashMap<Adopting, u64>>,
+    /// Stopping, whether another live instance takes this one's jobs
+    /// over: asked of Redis once ([`JobRouter::hands_over`]).
+    successor: tokio::sync::OnceCell<bool>,
 }
 
 impl JobRouter {
@@ -191,6 +194,7 @@ impl JobRouter {
             reopening: AtomicUsize::new(0),
             openers: AtomicU64::new(0),
             adopting: Mutex::default(),
+            successor: tokio::sync::OnceCell::new(),
         }
     }
 

@@ -3,11 +3,14 @@
 //! restart, refusals that stop the agent, drain on shutdown, live reload,
 //! and the frames a job costs.
 
+use std::time::Duration;
+
 use lingua_agent::agent::AgentError;
+use lingua_agent::config::AgentConfig;
 use lingua_coordinator::config::Config;
 use lingua_shared::close::CloseCode;
 use lingua_tests::fleet::Blackhole;
-use lingua_tests::{TestAgent, TestCoordinator, agent_config, eventually, test_config};
+use lingua_tests::{TestAgent, TestCoordinator, agent_config, agent_toml, eventually, test_config};
 
 async fn routable(conn: &redis::aio::MultiplexedConnection, node: &str) -> bool {
     let score: Option<f64> = redis::cmd("ZSCORE")
@@ -219,6 +222,68 @@ async fn results_finished_while_disconnected_are_delivered_once_after_reconnect(
         Some(0.0),
         "each result was applied exactly once"
     );
+    agent.stop().await.unwrap();
+    coordinator.stop().await;
+}
+
+/// A result too large for one frame, finished while the link was down,
+/// goes out as a failure that says so once the link is back. Before, it
+/// went out as it was: the coordinator closed the link (frame too large),
+/// and the agent sent it again after each reconnection, for good.
+#[tokio::test]
+async fn a_result_too_large_for_a_frame_finished_while_disconnected_fails_saying_so() {
+    let redis = lingua_tests::redis().await;
+    let coordinator = TestCoordinator::start(&redis, test_config()).await;
+    let addr = coordinator.addr;
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    // A JSON string of 1,048,562 bytes: within the output limit (1 MiB),
+    // over the frame limit once in a result. Written once `go` exists.
+    let script = format!(
+        r#"while [ ! -e {} ]; do sleep 0.02; done; printf "\""; head -c 1048560 /dev/zero | tr "\000" a; printf "\"""#,
+        go.display()
+    );
+    let rest = format!(
+        r#"[gpu]
+backend = "simulated"
+[jobs.translate]
+vram_mb = 1000
+executor = "command"
+command = ["sh", "-c", '{script}']
+"#
+    );
+    let config = AgentConfig::parse(&agent_toml("large", &coordinator.ws_url(), &rest)).unwrap();
+    let agent = TestAgent::start(config);
+    agent.registered(1).await;
+    let job =
+        serde_json::json!({"id": "large", "kind": "translate", "src_lang": "zh", "tgt_lang": "en"});
+    let response = reqwest::Client::new()
+        .post(coordinator.url("/v1/jobs?wait=false"))
+        .json(&job)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let arbiter = agent.handles.arbiter.clone();
+    eventually("the job to run", || async {
+        (arbiter.running() == 1).then_some(())
+    })
+    .await;
+    coordinator.stop().await;
+    let mut status = agent.handles.status.clone();
+    status.wait_for(|s| !s.connected).await.unwrap();
+    std::fs::write(&go, "").unwrap();
+    status.wait_for(|s| s.outbox == 1).await.unwrap();
+    let coordinator = TestCoordinator::start_on(&redis, test_config(), None, addr).await;
+    agent.registered(2).await;
+    let delivered =
+        tokio::time::timeout(Duration::from_secs(30), status.wait_for(|s| s.outbox == 0));
+    assert!(delivered.await.is_ok(), "the result was never taken");
+    let (code, job) = coordinator.get("/v1/jobs/large?wait_ms=10000").await;
+    assert_eq!(code, 502, "{job}");
+    assert_eq!(job["status"], "failed", "{job}");
+    let message = job["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("frame limit"), "{job}");
     agent.stop().await.unwrap();
     coordinator.stop().await;
 }

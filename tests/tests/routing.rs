@@ -1917,6 +1917,44 @@ async fn a_job_sent_to_a_node_of_a_stopping_coordinator_is_handed_over() {
     staying.stop().await;
 }
 
+/// A coordinator stopping with no other instance to hand its jobs to
+/// leaves an attempt its node has not answered to the node: no cancel
+/// goes before the close, and the node's result, sent once it is back,
+/// completes the job. Cancelled, it would have waited for nobody until
+/// its deadline.
+#[tokio::test]
+async fn a_lone_stopping_coordinator_leaves_an_unanswered_attempt_to_its_node() {
+    let redis = lingua_tests::redis().await;
+    let config = lingua_coordinator::config::Config {
+        accept_timeout: Duration::from_secs(30),
+        ..quiet_node_config()
+    };
+    let coordinator = TestCoordinator::start(&redis, config.clone()).await;
+    let addr = coordinator.addr;
+    let mut register = registration("alone", &["zh"], &["en"]);
+    register.capacity = translate_room(1);
+    let (mut node, _) = TestNode::register(&coordinator.ws_url(), register.clone()).await;
+    offered_translations(&lingua_tests::connect(&redis).await, "alone").await;
+    let _submitted = submit_in_background(&coordinator, zh_en_job("left-to-run", 60_000));
+    let assign = next_assign(&mut node).await;
+    let stopped = tokio::spawn(coordinator.stop());
+    let (messages, code) = node.messages_until_closed().await;
+    assert_eq!(code, 1001, "the stop closes the node's socket");
+    assert_eq!(cancelled_attempts(&messages), [], "{messages:?}");
+    stopped.await.unwrap();
+    let coordinator = TestCoordinator::start_on(&redis, config, None, addr).await;
+    let (mut node, _) = TestNode::register(&coordinator.ws_url(), register).await;
+    node.send(&done(&assign)).await;
+    let (status, view) = coordinator.get("/v1/jobs/left-to-run?wait_ms=10000").await;
+    assert_eq!(
+        (status, &view["status"], view["attempts"].as_u64()),
+        (200, &json!("completed"), Some(1)),
+        "{view}"
+    );
+    node.close().await;
+    coordinator.stop().await;
+}
+
 /// The attempts a list of messages cancels.
 fn cancelled_attempts(messages: &[Message]) -> Vec<(String, u32)> {
     messages

@@ -155,7 +155,8 @@ impl State {
         held: Option<Held>,
     ) -> Result<usize, Refusal> {
         let room = |g: usize| self.room_mb(g, held);
-        let fits = |g: &usize| room(*g) >= limits.vram_mb;
+        // An unhealthy GPU has no room, which a kind taking none would fit.
+        let fits = |g: &usize| self.gpus[*g].healthy && room(*g) >= limits.vram_mb;
         let best = (0..self.gpus.len())
             .filter(fits)
             .filter(|&g| self.allowed_on(g, limits.priority))

@@ -174,20 +174,20 @@ impl JobRouter {
     }
 
     /// The attempts sent to `node` through this instance that it has not
-    /// answered yet (dispatched here or forwarded here), as its socket task
-    /// reads them: in frame order with its answers.
-    pub fn unanswered(&self, node: &NodeId) -> Vec<JobRef> {
-        let local: Vec<JobRef> = lock(&self.attempts)
+    /// answered yet, as its socket task reads them (in frame order with
+    /// its answers): those dispatched here, and those forwarded here.
+    pub fn unanswered(&self, node: &NodeId) -> (Vec<JobRef>, Vec<JobRef>) {
+        let local = lock(&self.attempts)
             .iter()
             .filter(|(_, a)| &a.node == node && a.assigned.is_some())
             .map(|(key, _)| key.clone())
             .collect();
-        let forwarded = lock(&self.forwarded);
-        let forwarded = forwarded
+        let forwarded = lock(&self.forwarded)
             .iter()
             .filter(|(_, f)| &f.node == node && f.counted)
-            .map(|(key, _)| key.clone());
-        local.into_iter().chain(forwarded).collect()
+            .map(|(key, _)| key.clone())
+            .collect();
+        (local, forwarded)
     }
 
     /// A node's connection ended: its running attempts move elsewhere.

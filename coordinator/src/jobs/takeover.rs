@@ -28,6 +28,18 @@ impl JobRouter {
         SubmitError::Stopping
     }
 
+    /// Whether, stopping, this instance has another live one to hand its
+    /// jobs to (asked of Redis at the first need, once).
+    pub async fn hands_over(&self) -> bool {
+        *self
+            .successor
+            .get_or_init(|| async {
+                let live = self.store.other_live_instances(&self.instance).await;
+                live.is_ok_and(|live| !live.is_empty())
+            })
+            .await
+    }
+
     /// Asks another live instance that is not stopping to take over the
     /// job that instance `from` dispatched: the first whose inbox takes
     /// the message.

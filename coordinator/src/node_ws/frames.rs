@@ -150,19 +150,26 @@ pub(super) fn reject(services: &NodeServices, session: &mut Session, reject: Job
 }
 
 /// This instance is stopping: every attempt the node has not answered is
-/// cancelled, ahead of the close. Its job is handed to another instance
-/// (or, forwarded here, moved on by its dispatcher); without the cancel
-/// the node would still run the attempt, waiting for room or already
-/// started, and run it for nothing: its result is refused as superseded.
-/// An answer already on its way is overtaken the same way: an attempt
-/// the node accepted stops at the cancel, and records nothing.
+/// cancelled, ahead of the close, when its job goes on elsewhere: handed
+/// to another instance, or (forwarded here) moved on by its dispatcher.
+/// Without the cancel the node would still run the attempt, waiting for
+/// room or already started, for nothing: its result is refused as
+/// superseded. An answer already on its way is overtaken the same way: an
+/// attempt the node accepted stops at the cancel, and records nothing.
+/// With no other instance to take its job, an attempt dispatched here is
+/// not cancelled: the node's run of it, whose result is recorded once the
+/// node is back, is the job's one chance before its deadline.
 pub(super) async fn stopping(
     socket: &mut WebSocket,
     services: &NodeServices,
     session: &Session,
 ) -> Ending {
     let cancels = async {
-        for key in services.router.unanswered(&session.node) {
+        let (mut local, forwarded) = services.router.unanswered(&session.node);
+        if !local.is_empty() && !services.router.hands_over().await {
+            local.clear();
+        }
+        for key in local.into_iter().chain(forwarded) {
             let cancel = Message::JobCancel(JobCancel {
                 job_id: key.job_id,
                 attempt: key.attempt,
