@@ -32,9 +32,9 @@ use rustls_pki_types::pem::PemObject;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
-use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
@@ -271,13 +271,23 @@ impl Link {
             .max_frame_size(Some(MAX_FRAME_BYTES))
             .read_buffer_size(WS_READ_BUFFER_BYTES)
             .write_buffer_size(WS_WRITE_BUFFER_BYTES);
-        let (mut ws, _) =
-            tokio_tungstenite::connect_async_tls_with_config(url, Some(config), true, connector)
-                .await
-                .map_err(|e| Ended::Reconnect(format!("connect {url}: {e}")))?;
-        ws.send(WsMessage::text(encode(&self.register_message(gpus))))
+        // A peer that takes the connection and never completes the
+        // upgrade (a stopped process, a proxy without a backend) is given
+        // up on, for the next URL.
+        let opened = tokio::time::timeout(
+            REGISTER_TIMEOUT,
+            tokio_tungstenite::connect_async_tls_with_config(url, Some(config), true, connector),
+        );
+        let (mut ws, _) = opened
             .await
-            .map_err(|e| Ended::Reconnect(format!("send register: {e}")))?;
+            .map_err(|_| {
+                Ended::Reconnect(format!(
+                    "connect {url}: no WebSocket within {REGISTER_TIMEOUT:?}"
+                ))
+            })?
+            .map_err(|e| Ended::Reconnect(format!("connect {url}: {e}")))?;
+        let register = WsMessage::text(encode(&self.register_message(gpus)));
+        written(REGISTER_TIMEOUT, ws.send(register), "register").await?;
         let answer = tokio::time::timeout(REGISTER_TIMEOUT, async {
             loop {
                 match ws.next().await {
@@ -336,21 +346,23 @@ impl Link {
         outbox: &mut BTreeMap<JobRef, JobResult>,
         shutdown: &CancellationToken,
     ) -> Ended {
-        for result in outbox.values() {
-            if let Err(e) = ws
-                .send(WsMessage::text(encode(&Message::JobResult(result.clone()))))
-                .await
-            {
-                return Ended::Reconnect(format!("resending results: {e}"));
-            }
-        }
+        // A write the coordinator does not take within three intervals
+        // (its lease, by default: it has given this node up by then) ends
+        // the link: blocked on it, the agent would not reach the ping that
+        // finds a half-open connection.
+        let write_limit = heartbeat * 3;
+        let mut first = outbox
+            .values()
+            .cloned()
+            .map(Message::JobResult)
+            .collect::<Vec<_>>();
         if *self.draining.borrow() {
-            let drain = Message::Drain(Drain {
+            first.push(Message::Drain(Drain {
                 reason: "agent shutting down".into(),
-            });
-            if let Err(e) = ws.send(WsMessage::text(encode(&drain))).await {
-                return Ended::Reconnect(format!("send drain: {e}"));
-            }
+            }));
+        }
+        if let Err(ended) = written(write_limit, send_all(&mut ws, first), "results").await {
+            return ended;
         }
         let mut capacity_changes = self.arbiter.subscribe();
         let mut reported = Reported::new(&self.arbiter);
@@ -410,8 +422,9 @@ impl Link {
                     // (An agent stalled for over an interval after a ping
                     // may find the tick before the answer, and reconnect.)
                     if ping_sent.is_none() && last_heard.elapsed() >= heartbeat * 2 {
-                        if let Err(e) = ws.feed(WsMessage::Ping(Vec::new().into())).await {
-                            return Ended::Reconnect(format!("send ping: {e}"));
+                        let ping = ws.feed(WsMessage::Ping(Vec::new().into()));
+                        if let Err(ended) = written(write_limit, ping, "ping").await {
+                            return ended;
                         }
                         ping_sent = Some(Instant::now());
                     }
@@ -433,10 +446,11 @@ impl Link {
                     }
                 }
                 () = shutdown.cancelled() => {
-                    let _ = ws.close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
+                    let close = ws.close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
                         code: WsCloseCode::Normal,
                         reason: "agent stopped".into(),
-                    })).await;
+                    }));
+                    let _ = written(write_limit, close, "close").await;
                     return Ended::Done(LinkEnd::Shutdown);
                 }
             }
@@ -451,10 +465,12 @@ impl Link {
                     batch.push(Message::Capacity(report));
                 }
             }
-            if batch.due(Instant::now())
-                && let Err(e) = send_all(&mut ws, batch.take(reported.pending(&self.arbiter))).await
-            {
-                return Ended::Reconnect(e);
+            if batch.due(Instant::now()) {
+                let frames = batch.take(reported.pending(&self.arbiter));
+                if let Err(ended) = written(write_limit, send_all(&mut ws, frames), "frames").await
+                {
+                    return ended;
+                }
             }
         }
     }
@@ -538,13 +554,27 @@ fn within_frame(result: JobResult) -> JobResult {
 }
 
 /// Writes `frames` and flushes once: one write for all of them.
-async fn send_all(ws: &mut Ws, frames: Vec<Message>) -> Result<(), String> {
+async fn send_all(ws: &mut Ws, frames: Vec<Message>) -> Result<(), WsError> {
     for message in frames {
-        ws.feed(WsMessage::text(encode(&message)))
-            .await
-            .map_err(|e| format!("send {}: {e}", message.type_name()))?;
+        ws.feed(WsMessage::text(encode(&message))).await?;
     }
-    ws.flush().await.map_err(|e| format!("send: {e}"))
+    ws.flush().await
+}
+
+/// `write`, given up on (for a reconnection) when it fails or the
+/// coordinator does not take it within `limit`.
+async fn written(
+    limit: Duration,
+    write: impl Future<Output = Result<(), WsError>>,
+    what: &str,
+) -> Result<(), Ended> {
+    match tokio::time::timeout(limit, write).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(Ended::Reconnect(format!("send {what}: {e}"))),
+        Err(_) => Err(Ended::Reconnect(format!(
+            "send {what}: the coordinator took nothing for {limit:?}"
+        ))),
+    }
 }
 
 fn closed(code: u16, reason: String) -> Ended {

@@ -288,6 +288,37 @@ command = ["sh", "-c", '{script}']
     coordinator.stop().await;
 }
 
+/// A coordinator URL whose peer takes the connection and never completes
+/// the WebSocket upgrade is given up on, for the next URL. Before, the
+/// agent waited on it for good.
+#[tokio::test]
+async fn a_coordinator_that_never_answers_the_upgrade_is_passed_over() {
+    let redis = lingua_tests::redis().await;
+    let coordinator = TestCoordinator::start(&redis, test_config()).await;
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_url = format!("ws://{}/v1/node", silent.local_addr().unwrap());
+    // Takes connections in and says nothing.
+    let taker = tokio::spawn(async move {
+        let mut taken = Vec::new();
+        while let Ok((connection, _)) = silent.accept().await {
+            taken.push(connection);
+        }
+    });
+    let mut config = agent_config("patient", &silent_url, 100);
+    config.coordinator_urls.push(coordinator.ws_url());
+    let agent = TestAgent::start(config);
+    let mut status = agent.handles.status.clone();
+    let registered =
+        tokio::time::timeout(Duration::from_secs(60), status.wait_for(|s| s.connected));
+    assert!(
+        registered.await.is_ok(),
+        "never registered with the second coordinator"
+    );
+    taker.abort();
+    agent.stop().await.unwrap();
+    coordinator.stop().await;
+}
+
 #[tokio::test]
 async fn an_idle_link_stays_up_on_pongs_and_heartbeats_alone() {
     let redis = lingua_tests::redis().await;
