@@ -66,14 +66,15 @@ fn hex(bytes: &[u8]) -> String {
 pub struct NodeCredentials {
     /// Shared tokens: any of them registers any node id.
     pub shared: Tokens,
-    /// The secret per-node tokens derive from ([`node_token`]).
-    pub secret: Option<String>,
+    /// The secrets per-node tokens derive from ([`node_token`]): the
+    /// current one, and the one it replaces while hosts move over.
+    pub secrets: Vec<String>,
 }
 
 impl NodeCredentials {
     /// True when nodes must present a token.
     pub fn required(&self) -> bool {
-        !self.shared.is_empty() || self.secret.is_some()
+        !self.shared.is_empty() || !self.secrets.is_empty()
     }
 
     /// True when `presented` lets `node` register.
@@ -84,12 +85,10 @@ impl NodeCredentials {
         let Some(presented) = presented else {
             return false;
         };
-        let derived = self.secret.as_deref().is_some_and(|secret| {
-            bool::from(
-                sha256(&node_token(secret, node))
-                    .as_ref()
-                    .ct_eq(sha256(presented).as_ref()),
-            )
+        let digest = sha256(presented);
+        let derived = self.secrets.iter().fold(false, |found, secret| {
+            let token = sha256(&node_token(secret, node));
+            found | bool::from(token.as_ref().ct_eq(digest.as_ref()))
         });
         derived | self.shared.contains(presented)
     }
@@ -195,9 +194,9 @@ mod tests {
     fn a_node_token_registers_its_own_node_only() {
         let credentials = NodeCredentials {
             shared: Tokens::default(),
-            secret: Some("a-coordinator-secret-of-enough-length".into()),
+            secrets: vec!["a-coordinator-secret-of-enough-length".into()],
         };
-        let a = node_token(credentials.secret.as_deref().unwrap(), &node("gpu-a"));
+        let a = node_token(&credentials.secrets[0], &node("gpu-a"));
         assert_eq!(a.len(), 64);
         assert!(credentials.allows(&node("gpu-a"), Some(&a)));
         assert!(!credentials.allows(&node("gpu-b"), Some(&a)));
@@ -205,11 +204,32 @@ mod tests {
         assert!(!credentials.allows(&node("gpu-a"), Some("")));
     }
 
+    /// While hosts move to a new node secret, a token of the previous one
+    /// still registers its own node, and no other.
+    #[test]
+    fn a_token_of_the_previous_secret_registers_its_own_node_only() {
+        let (new, old) = (
+            "the-new-coordinator-secret-0123456",
+            "the-old-coordinator-secret-6543210",
+        );
+        let credentials = NodeCredentials {
+            shared: Tokens::default(),
+            secrets: vec![new.into(), old.into()],
+        };
+        for secret in [new, old] {
+            let a = node_token(secret, &node("gpu-a"));
+            assert!(credentials.allows(&node("gpu-a"), Some(&a)));
+            assert!(!credentials.allows(&node("gpu-b"), Some(&a)));
+        }
+        let unknown = node_token("a-third-secret-nobody-configured-00", &node("gpu-a"));
+        assert!(!credentials.allows(&node("gpu-a"), Some(&unknown)));
+    }
+
     #[test]
     fn a_shared_token_registers_any_node_and_no_tokens_means_open() {
         let shared = NodeCredentials {
             shared: Tokens::new(&["a-shared-node-token".into()]),
-            secret: None,
+            secrets: Vec::new(),
         };
         assert!(shared.allows(&node("x"), Some("a-shared-node-token")));
         assert!(shared.allows(&node("y"), Some("a-shared-node-token")));

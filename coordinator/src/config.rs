@@ -50,6 +50,9 @@ pub struct Config {
     pub node_tokens: Vec<String>,
     /// The secret per-node tokens derive from (`node-token` prints them).
     pub node_secret: Option<String>,
+    /// The secret replaced by `node_secret`, whose tokens register their
+    /// nodes still while hosts move to the new ones.
+    pub previous_node_secret: Option<String>,
     /// Admin bearer tokens for the HTTP API.
     pub api_tokens: Vec<String>,
     /// Client bearer tokens: submit jobs, read their own.
@@ -137,6 +140,7 @@ impl Default for Config {
             redis_ca_file: None,
             node_tokens: Vec::new(),
             node_secret: None,
+            previous_node_secret: None,
             api_tokens: Vec::new(),
             client_tokens: Vec::new(),
             client_max_priority: DEFAULT_PRIORITY,
@@ -182,7 +186,12 @@ impl Config {
             redis_cluster,
             redis_ca_file,
             node_tokens: tokens(check, "auth.node_tokens", raw.auth.node_tokens)?,
-            node_secret: node_secret(check, raw.auth.node_secret)?,
+            node_secret: node_secret(check, "auth.node_secret", raw.auth.node_secret)?,
+            previous_node_secret: node_secret(
+                check,
+                "auth.previous_node_secret",
+                raw.auth.previous_node_secret,
+            )?,
             api_tokens: tokens(check, "auth.api_tokens", raw.auth.api_tokens)?,
             client_tokens: tokens(check, "auth.client_tokens", raw.auth.client_tokens)?,
             client_max_priority: check.range(
@@ -341,6 +350,12 @@ impl Config {
                 "a CA for Redis needs a rediss:// URL (redis.url or redis.cluster)",
             ));
         }
+        if self.previous_node_secret.is_some() && self.node_secret.is_none() {
+            return Err(ConfigError::invalid(
+                "auth.previous_node_secret",
+                "a previous node secret is for moving to a new one: set auth.node_secret to the new secret",
+            ));
+        }
         let public = !self.listen.ip().is_loopback();
         if public && !self.nodes_need_token() && !self.allow_anonymous {
             return Err(ConfigError::invalid(
@@ -365,6 +380,21 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// What this config allows that is likely a mistake, said at start and
+    /// by check-config.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.api_tokens.is_empty() && !self.client_tokens.is_empty() {
+            warnings.push(
+                "auth.client_tokens without auth.api_tokens: no caller is an admin, so /metrics, \
+                 the dashboard, /v1/nodes and drains answer 401 or 403 to everyone; \
+                 set auth.api_tokens for operators and Prometheus"
+                    .to_owned(),
+            );
+        }
+        warnings
     }
 
     /// True when the HTTP API needs no token.
@@ -561,6 +591,25 @@ max_attempts = 3
         )
         .unwrap();
         config.check_security().unwrap();
+    }
+
+    #[test]
+    fn a_previous_node_secret_goes_with_a_new_one_and_is_as_long() {
+        let both = "[auth]\nnode_secret = \"0123456789abcdef0123456789abcdef\"\nprevious_node_secret = \"fedcba9876543210fedcba9876543210\"\n";
+        let config = Config::parse(both).unwrap();
+        config.check_security().unwrap();
+        assert!(config.previous_node_secret.is_some());
+        let alone =
+            Config::parse("[auth]\nprevious_node_secret = \"fedcba9876543210fedcba9876543210\"\n")
+                .unwrap();
+        let err = alone.check_security().unwrap_err().to_string();
+        assert!(
+            err.contains("auth.previous_node_secret") && err.contains("auth.node_secret"),
+            "{err}"
+        );
+        let short = "[auth]\nnode_secret = \"0123456789abcdef0123456789abcdef\"\nprevious_node_secret = \"short\"\n";
+        let err = Config::parse(short).unwrap_err().to_string();
+        assert!(err.contains("auth.previous_node_secret (line 3)"), "{err}");
     }
 
     #[test]

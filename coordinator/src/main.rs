@@ -95,14 +95,11 @@ fn main() -> ExitCode {
             return Exit::Usage.into();
         }
     };
-    match &cli.command {
-        Some(Command::CheckConfig) => {
-            println!("config is valid");
-            return ExitCode::SUCCESS;
-        }
-        Some(Command::NodeToken { node_id }) => return print_node_token(&config, node_id),
-        None => {}
+    if let Some(Command::NodeToken { node_id }) = &cli.command {
+        return print_node_token(&config, node_id);
     }
+    // Read here, so that check-config finds a certificate or key the
+    // service could not load.
     let tls = match config.tls.as_ref().map(tls::Certificate::load).transpose() {
         Ok(tls) => tls,
         Err(err) => {
@@ -110,6 +107,16 @@ fn main() -> ExitCode {
             return Exit::Usage.into();
         }
     };
+    if let Some(Command::CheckConfig) = &cli.command {
+        for warning in config.warnings() {
+            eprintln!("warning: {warning}");
+        }
+        println!("config is valid");
+        return ExitCode::SUCCESS;
+    }
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let workers = config.workers(cores);
     let scheduler = if workers == 1 {

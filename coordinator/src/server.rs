@@ -104,7 +104,12 @@ fn services(
         heartbeats,
         credentials: NodeCredentials {
             shared: Tokens::new(&config.node_tokens),
-            secret: config.node_secret.clone(),
+            secrets: config
+                .node_secret
+                .iter()
+                .chain(&config.previous_node_secret)
+                .cloned()
+                .collect(),
         },
         config,
         store,

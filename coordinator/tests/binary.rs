@@ -90,6 +90,40 @@ async fn usage_and_config_errors_exit_64_with_the_reason() {
     assert!(stderr.contains("allow_anonymous"), "{stderr}");
 }
 
+/// check-config reads the TLS certificate and key the service would
+/// load: before, it said "config is valid" for files the service could
+/// not read, which then exited 64 (and systemd does not restart on 64).
+/// A config that is valid but likely a mistake passes with a warning.
+#[tokio::test]
+async fn check_config_reads_the_tls_files_and_warns_of_client_tokens_alone() {
+    let (dir, missing) = config_file(
+        "[tls]\ncert_file = \"/nonexistent/coordinator.crt\"\nkey_file = \"/nonexistent/coordinator.key\"\n",
+    );
+    let (code, stdout, stderr) = run_to_end(
+        &["check-config", "--config", missing.to_str().unwrap()],
+        None,
+    )
+    .await;
+    assert_eq!(code, 64, "{stdout}{stderr}");
+    assert!(stderr.contains("/nonexistent/coordinator.crt"), "{stderr}");
+    let clients = dir.path().join("clients.toml");
+    std::fs::write(
+        &clients,
+        "[auth]\nclient_tokens = [\"a-client-token-0123\"]\n",
+    )
+    .unwrap();
+    let (code, stdout, stderr) = run_to_end(
+        &["check-config", "--config", clients.to_str().unwrap()],
+        None,
+    )
+    .await;
+    assert_eq!((code, stdout.trim()), (0, "config is valid"), "{stderr}");
+    assert!(
+        stderr.contains("warning: auth.client_tokens without auth.api_tokens"),
+        "{stderr}"
+    );
+}
+
 #[tokio::test]
 async fn missing_dependencies_exit_69_with_what_to_do() {
     let (code, _, stderr) = run_to_end(&["--listen", "127.0.0.1:0"], Some("/nonexistent")).await;

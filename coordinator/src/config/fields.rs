@@ -37,6 +37,7 @@ pub(super) struct RawRedis {
 pub(super) struct RawAuth {
     pub(super) node_tokens: Option<Spanned<Vec<String>>>,
     pub(super) node_secret: Option<Spanned<String>>,
+    pub(super) previous_node_secret: Option<Spanned<String>>,
     pub(super) api_tokens: Option<Spanned<Vec<String>>>,
     pub(super) client_tokens: Option<Spanned<Vec<String>>>,
     pub(super) client_max_priority: Option<Spanned<u8>>,
@@ -131,6 +132,7 @@ pub(super) fn duration(
 
 pub(super) fn node_secret(
     check: Checker<'_>,
+    key: &'static str,
     value: Option<Spanned<String>>,
 ) -> Result<Option<String>, ConfigError> {
     let Some(value) = value else {
@@ -138,7 +140,7 @@ pub(super) fn node_secret(
     };
     if value.get_ref().chars().count() < MIN_SECRET_LEN {
         return Err(check.invalid(
-            "auth.node_secret",
+            key,
             value.span(),
             format!(
                 "the node secret is shorter than {MIN_SECRET_LEN} characters; generate one with `openssl rand -hex 32`"
