@@ -205,12 +205,18 @@ async fn serve(mut config: Config, tls: Option<Arc<Certificate>>) -> ExitCode {
             lingua_shared::fatal!("lingua-coordinator: cannot reach Redis at {url}: {err}");
             Exit::Unavailable.into()
         }
-        Ok(store) => {
-            if private.is_none() {
-                tracing::info!(redis = %url, "using redis");
+        Ok(store) => match store.require_version().await {
+            Err(err) => {
+                lingua_shared::fatal!("lingua-coordinator: {url}: {err}");
+                Exit::Unavailable.into()
             }
-            listen_and_serve(config, tls, store, metrics, caught).await
-        }
+            Ok(()) => {
+                if private.is_none() {
+                    tracing::info!(redis = %url, "using redis");
+                }
+                listen_and_serve(config, tls, store, metrics, caught).await
+            }
+        },
     };
     if let Some(redis) = private {
         redis.stop().await;

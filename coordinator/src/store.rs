@@ -29,6 +29,7 @@ mod jobs;
 mod masters;
 mod nodes;
 mod pools;
+mod version;
 
 pub use jobs::{Adopted, JobPick, JobRecord, JobStart, NewJob, PickOn};
 
@@ -45,6 +46,14 @@ pub enum StoreError {
         path: String,
         /// What is wrong.
         message: String,
+    },
+    /// Redis is older than the coordinator needs.
+    #[error(
+        "Redis {found} is too old: the coordinator needs Redis 7.0 or later (it claims job ids with SET … NX GET); upgrade redis-server"
+    )]
+    TooOld {
+        /// The version Redis names.
+        found: String,
     },
     /// A script answered something it is not written to answer.
     #[error("unexpected reply from {script}: {reply}")]
