@@ -48,9 +48,7 @@ pub enum StoreError {
         message: String,
     },
     /// Redis is older than the coordinator needs.
-    #[error(
-        "Redis {found} is too old: the coordinator needs Redis 7.0 or later (it claims job ids with SET … NX GET); upgrade redis-server"
-    )]
+    #[error("Redis {found} is too old: the coordinator needs 7.0 or later; upgrade redis-server")]
     TooOld {
         /// The version Redis names.
         found: String,
