@@ -194,8 +194,8 @@ impl Agent {
         } = self;
         let sampler = {
             let arbiter = Arc::clone(&handles.arbiter);
-            gpu::spawn_sampler(source, config.gpu.poll_interval, move |reading| {
-                arbiter.publish(reading, Instant::now())
+            gpu::spawn_sampler(source, config.gpu.poll_interval, move |reading, taken| {
+                arbiter.publish(reading, taken)
             })?
         };
         let stop_link = CancellationToken::new();

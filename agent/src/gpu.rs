@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use lingua_shared::sync::lock;
 use serde::Serialize;
+use tokio::time::Instant as Taken;
 
 use crate::config::{Backend, DeviceSelector, GpuConfig, SimulatedGpus as SimulatedConfig};
 use crate::nvml::NvmlLibrary;
@@ -181,13 +182,15 @@ pub fn select(devices: &[DeviceSelector], gpus: Vec<GpuSnapshot>) -> Vec<GpuSnap
         .collect()
 }
 
-/// Reads `source` every `interval` and hands each reading to `publish`,
-/// until the returned [`Sampler`] is dropped: on a thread of its own when
-/// the source blocks, else on a task of the current tokio runtime.
+/// Reads `source` every `interval` and hands each reading to `publish`
+/// with when it was taken (as its read began: a job admitted while a
+/// read takes long may not show in it), until the returned [`Sampler`] is
+/// dropped: on a thread of its own when the source blocks, else on a task
+/// of the current tokio runtime.
 pub fn spawn_sampler(
     source: Source,
     interval: Duration,
-    publish: impl Fn(Reading) + Send + 'static,
+    publish: impl Fn(Reading, Taken) + Send + 'static,
 ) -> std::io::Result<Sampler> {
     let Source { kind, devices } = source;
     let mut probe = match kind {
@@ -204,14 +207,16 @@ pub fn spawn_sampler(
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticker.tick().await;
-                publish(Ok(select(&devices, probe.read())));
+                let taken = Taken::now();
+                publish(Ok(select(&devices, probe.read())), taken);
             }
         });
         return Ok(Sampler::Task(task.abort_handle()));
     }
     spawn_thread(move |stopped| {
         loop {
-            publish(Ok(select(&devices, probe.read())));
+            let taken = Taken::now();
+            publish(Ok(select(&devices, probe.read())), taken);
             if stop_requested(stopped, interval) {
                 return;
             }
@@ -244,7 +249,7 @@ fn nvml_loop(
     config: &crate::config::NvmlConfig,
     devices: &[DeviceSelector],
     interval: Duration,
-    publish: &dyn Fn(Reading),
+    publish: &dyn Fn(Reading, Taken),
     stopped: &Receiver<()>,
 ) {
     let mut pause = interval;
@@ -256,7 +261,7 @@ fn nvml_loop(
                 // alive (the watchdog is fed), its answer the same.
                 let retry_at = Instant::now() + pause;
                 loop {
-                    publish(Err(err.to_string()));
+                    publish(Err(err.to_string()), Taken::now());
                     let left = retry_at.saturating_duration_since(Instant::now());
                     if left.is_zero() {
                         break;
@@ -271,13 +276,14 @@ fn nvml_loop(
                 let mut probe = library.probe(config);
                 tracing::info!(xid_watched = ?probe.watched(), "nvml initialised");
                 loop {
+                    let taken = Taken::now();
                     match probe.read() {
-                        Ok(gpus) => publish(Ok(select(devices, gpus))),
+                        Ok(gpus) => publish(Ok(select(devices, gpus)), taken),
                         Err(err) => {
                             // Shut down, and initialised again an
                             // interval later.
                             tracing::error!(error = %err, "nvml failed: no gpu slots until it initialises again");
-                            publish(Err(err.to_string()));
+                            publish(Err(err.to_string()), taken);
                             break;
                         }
                     }
@@ -524,7 +530,7 @@ mod tests {
     fn a_blocking_probe_is_sampled_on_a_thread_until_dropped() {
         let (tx, rx) = mpsc::channel();
         let probe = Source::probe(Box::new(Blocking(SimulatedProbe(sim()))), Vec::new());
-        let sampler = spawn_sampler(probe, Duration::from_millis(1), move |reading| {
+        let sampler = spawn_sampler(probe, Duration::from_millis(1), move |reading, _| {
             let _ = tx.send(reading.map(|r| r.len()));
         })
         .unwrap();
@@ -535,6 +541,46 @@ mod tests {
         while rx.recv().is_ok() {}
     }
 
+    /// A probe that takes its time, saying when each read began.
+    struct Slow(Arc<Mutex<Vec<Taken>>>);
+
+    impl GpuProbe for Slow {
+        fn backend(&self) -> Backend {
+            Backend::Nvml
+        }
+
+        fn blocks(&self) -> bool {
+            true
+        }
+
+        fn read(&mut self) -> Vec<GpuSnapshot> {
+            lock(&self.0).push(Taken::now());
+            std::thread::sleep(Duration::from_millis(20));
+            Vec::new()
+        }
+    }
+
+    /// A reading is dated when its read began, not when it ended: a job
+    /// admitted while a read takes long is not taken for one it shows.
+    #[test]
+    fn a_reading_is_dated_when_its_read_began() {
+        let began = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let probe = Source::probe(Box::new(Slow(Arc::clone(&began))), Vec::new());
+        let sampler = spawn_sampler(probe, Duration::from_millis(1), move |_, taken| {
+            let _ = tx.send(taken);
+        })
+        .unwrap();
+        let taken = rx.recv().unwrap();
+        drop(sampler);
+        let began = lock(&began)[0];
+        assert!(
+            taken <= began,
+            "dated {:?} after its read began",
+            taken - began
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_simulated_probe_is_sampled_on_a_task_until_dropped() {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
@@ -543,7 +589,7 @@ mod tests {
             Box::new(SimulatedProbe(sim())),
             vec![DeviceSelector::Index(1)],
         );
-        let sampler = spawn_sampler(probe, Duration::from_millis(100), move |reading| {
+        let sampler = spawn_sampler(probe, Duration::from_millis(100), move |reading, _| {
             let _ = tx.send(reading.map(|r| r.iter().map(|g| g.index).collect::<Vec<_>>()));
         })
         .unwrap();

@@ -436,8 +436,8 @@ fn init_failure_then_recovery_through_the_sampler() {
         gpu::spawn_sampler(
             gpu::open(&config.gpu, None),
             config.gpu.poll_interval,
-            move |r| {
-                arbiter.publish(r, Instant::now());
+            move |r, taken| {
+                arbiter.publish(r, taken);
             },
         )
         .unwrap()
@@ -472,8 +472,8 @@ fn readings_stay_fresh_while_nvml_cannot_be_initialised() {
         gpu::spawn_sampler(
             gpu::open(&config.gpu, None),
             config.gpu.poll_interval,
-            move |r| {
-                arbiter.publish(r, Instant::now());
+            move |r, taken| {
+                arbiter.publish(r, taken);
             },
         )
         .unwrap()
@@ -500,8 +500,8 @@ fn nvml_failing_after_it_initialised_is_initialised_again() {
         gpu::spawn_sampler(
             gpu::open(&config.gpu, None),
             config.gpu.poll_interval,
-            move |r| {
-                arbiter.publish(r, Instant::now());
+            move |r, taken| {
+                arbiter.publish(r, taken);
             },
         )
         .unwrap()
@@ -750,7 +750,7 @@ library_path = {:?}
             gpu::spawn_sampler(
                 gpu::open(&config.gpu, None),
                 config.gpu.poll_interval,
-                move |r| arbiter.publish(r, Instant::now()),
+                move |r, taken| arbiter.publish(r, taken),
             )
             .unwrap()
         };
