@@ -173,7 +173,11 @@ impl Jobs {
             .as_ref()
             .and_then(serde_json::Value::as_str)
             .unwrap_or("other");
-        self.metrics.refused(&job.kind, name);
+        // A kind this node does not run is the coordinator's word: counted
+        // as `other`, or each new name would make a series for good.
+        let runs = sync::read(&self.executors).contains_key(&job.kind);
+        let kind = if runs { job.kind.as_str() } else { "other" };
+        self.metrics.refused(kind, name);
         let _ = self.outgoing.send(Outgoing::Reject(JobReject {
             job_id: job.job_id.clone(),
             attempt: job.attempt,
@@ -602,6 +606,32 @@ mod tests {
             }
         ));
         assert_eq!(arbiter.running(), 0);
+    }
+
+    /// Refusals of kinds this node does not run are counted as kind
+    /// `other`: a coordinator naming a new kind per job would otherwise
+    /// make a metric series of each, for good.
+    #[tokio::test(start_paused = true)]
+    async fn refusals_of_kinds_this_node_does_not_run_are_counted_as_other() {
+        let (jobs, _arbiter, mut rx) = setup(4, 10, 0);
+        for (i, name) in ["made-up-1", "made-up-2", "made-up-3"]
+            .into_iter()
+            .enumerate()
+        {
+            let mut job = assign(&format!("u{i}"), 1000);
+            job.kind = JobKind::new(name).unwrap();
+            jobs.assign(job);
+            assert!(matches!(next(&mut rx).await, Outgoing::Reject(_)));
+        }
+        let mut registry = prometheus_client::registry::Registry::default();
+        jobs.metrics.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        assert!(!text.contains("made-up"), "{text}");
+        assert!(
+            text.contains(r#"refusals_total{kind="other",reason="unknown_kind"} 3"#),
+            "{text}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -128,11 +128,30 @@ impl JobMetrics {
         }
     }
 
+    /// Registers the job counts, durations and refusals in `registry`.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "jobs",
+            "Jobs run, by kind and outcome (completed, or the failure code)",
+            self.jobs.clone(),
+        );
+        registry.register(
+            "job_duration_seconds",
+            "Time jobs ran, admission to result, by kind and outcome",
+            self.seconds.clone(),
+        );
+        registry.register(
+            "refusals",
+            "Jobs refused, by kind and reason",
+            self.refusals.clone(),
+        );
+    }
+
     /// A job of `kind` was refused for `reason`.
-    pub fn refused(&self, kind: &JobKind, reason: &str) {
+    pub fn refused(&self, kind: &str, reason: &str) {
         self.refusals
             .get_or_create(&ReasonLabels {
-                kind: kind.to_string(),
+                kind: kind.to_owned(),
                 reason: reason.to_owned(),
             })
             .inc();
@@ -294,21 +313,7 @@ pub fn render(handles: &Handles) -> String {
     }
     let jobs = &handles.job_metrics;
     jobs.known_reasons(arbiter.free_slots().into_keys());
-    r.register(
-        "jobs",
-        "Jobs run, by kind and outcome (completed, or the failure code)",
-        jobs.jobs.clone(),
-    );
-    r.register(
-        "job_duration_seconds",
-        "Time jobs ran, admission to result, by kind and outcome",
-        jobs.seconds.clone(),
-    );
-    r.register(
-        "refusals",
-        "Jobs refused, by kind and reason",
-        jobs.refusals.clone(),
-    );
+    jobs.register(r);
     let gpus = arbiter.gpus();
     per_gpu(r, ("gpu_memory_total_bytes", "GPU memory"), &gpus, |g| {
         Some(g.memory_total_mb as f64 * MIB)
