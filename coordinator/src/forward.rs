@@ -131,6 +131,11 @@ pub enum RemoteAnswer {
     Finished,
     /// The node is gone (or was never there).
     Lost,
+    /// The instance holding the node stopped before the node answered,
+    /// and cancelled the assignment: not the node's failure, so no
+    /// attempt is used up. (An older instance ignores it, and moves the
+    /// attempt on once the holder's presence is gone.)
+    Withdrawn,
 }
 
 /// Appends `envelope` to `instance`'s inbox; false when that instance is

@@ -93,6 +93,8 @@ enum AttemptEvent {
     /// (else the dispatcher reads it back).
     Finished(Option<Box<JobView>>),
     NodeLost,
+    /// Forwarded, unanswered, and cancelled by its holder's stop.
+    Withdrawn,
 }
 
 /// Why a submission could not be dispatched at all.

@@ -1969,14 +1969,17 @@ fn cancelled_attempts(messages: &[Message]) -> Vec<(String, u32)> {
 /// An instance that stops while a node it holds has not answered an
 /// assignment forwarded to it by another instance cancels the assignment
 /// before it closes the node's socket, and the dispatching instance moves
-/// the job on. Before, the node kept the attempt across its reconnection
-/// and could run it beside the job's next attempt.
+/// the job on without counting the attempt (one is all it has). Before,
+/// the node kept the attempt across its reconnection and could run it
+/// beside the job's next attempt; and the holder's stop used up an
+/// attempt: with one, the job failed `node_lost`.
 #[tokio::test]
 async fn a_stopping_instance_cancels_an_unanswered_forwarded_assignment_before_closing() {
     let redis = lingua_tests::redis().await;
     let holder = TestCoordinator::start(&redis, quiet_node_config()).await;
     let config = lingua_coordinator::config::Config {
         accept_timeout: Duration::from_secs(30),
+        max_attempts: 1,
         ..quiet_node_config()
     };
     let origin = TestCoordinator::start(&redis, config).await;

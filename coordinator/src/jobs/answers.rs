@@ -197,7 +197,10 @@ impl JobRouter {
                 let _ = attempt.events.send(AttemptEvent::NodeLost);
             }
         }
-        let lost: Vec<(JobRef, String)> = {
+        // Unanswered when this instance's stop closed the node's socket:
+        // cancelled on the way out (`node_ws`'s stop), so withdrawn.
+        let stopping = self.shutdown.is_cancelled();
+        let lost: Vec<(JobRef, String, RemoteAnswer)> = {
             let mut forwarded = lock(&self.forwarded);
             let keys: Vec<JobRef> = forwarded
                 .iter()
@@ -210,12 +213,17 @@ impl JobRouter {
                     if ended.counted {
                         self.hints.answered(node, &ended.route);
                     }
-                    Some((key, ended.origin))
+                    let answer = if ended.counted && stopping {
+                        RemoteAnswer::Withdrawn
+                    } else {
+                        RemoteAnswer::Lost
+                    };
+                    Some((key, ended.origin, answer))
                 })
                 .collect()
         };
-        for (key, origin) in lost {
-            self.tell_later(origin, key, RemoteAnswer::Lost);
+        for (key, origin, answer) in lost {
+            self.tell_later(origin, key, answer);
         }
     }
 }

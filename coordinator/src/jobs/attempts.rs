@@ -105,6 +105,12 @@ impl JobRouter {
             Ok(Some(AttemptEvent::Rejected(reason, message))) => {
                 return self.refused((node, key), reason, &message);
             }
+            Ok(Some(AttemptEvent::Withdrawn)) => {
+                let message = format!(
+                    "the coordinator instance holding node {node} stopped before it answered"
+                );
+                return Tried::Skip(JobErrorCode::NodeLost, message);
+            }
             Ok(Some(AttemptEvent::NodeLost) | None) if self.shutdown.is_cancelled() => {
                 // Its socket closed by this instance's stop: no failure.
                 let message = format!("node {node} went away as its coordinator stopped");
@@ -139,7 +145,7 @@ impl JobRouter {
                 timing.result_at = Some(now);
                 Tried::Finished(view)
             }
-            Ok(Some(AttemptEvent::NodeLost) | None) => Tried::Move(
+            Ok(Some(AttemptEvent::NodeLost | AttemptEvent::Withdrawn) | None) => Tried::Move(
                 JobErrorCode::NodeLost,
                 format!("node {node} went away while running the job"),
             ),

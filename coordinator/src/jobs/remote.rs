@@ -136,6 +136,7 @@ impl JobRouter {
                 }
                 RemoteAnswer::Finished => AttemptEvent::Finished(None),
                 RemoteAnswer::Lost => AttemptEvent::NodeLost,
+                RemoteAnswer::Withdrawn => AttemptEvent::Withdrawn,
             });
         }
     }
