@@ -136,6 +136,11 @@ pub enum RemoteAnswer {
     /// attempt is used up. (An older instance ignores it, and moves the
     /// attempt on once the holder's presence is gone.)
     Withdrawn,
+    /// The node accepted, and the instance holding it stopped: the node
+    /// runs the job on while it moves to another instance, which records
+    /// its result. (An older instance ignores it, and moves the attempt
+    /// on once the holder's presence is gone.)
+    Moving,
 }
 
 /// Appends `envelope` to `instance`'s inbox; false when that instance is

@@ -95,6 +95,9 @@ enum AttemptEvent {
     NodeLost,
     /// Forwarded, unanswered, and cancelled by its holder's stop.
     Withdrawn,
+    /// Forwarded and accepted; its holder stopped, and the node runs it on
+    /// while it moves to another instance.
+    Moving,
 }
 
 /// Why a submission could not be dispatched at all.

@@ -1917,6 +1917,56 @@ async fn a_job_sent_to_a_node_of_a_stopping_coordinator_is_handed_over() {
     staying.stop().await;
 }
 
+/// An instance that stops while a node it holds runs a job another
+/// instance dispatched (forwarded, accepted) leaves it running: the
+/// dispatcher keeps waiting, and the node's result, recorded wherever it
+/// reconnects, completes the job at that attempt. Before, the dispatcher
+/// took the holder's stop for the node's loss and moved the job on: with
+/// one attempt, it failed `node_lost` while the node ran it to the end.
+#[tokio::test]
+async fn a_forwarded_job_runs_on_through_its_holders_stop() {
+    let redis = lingua_tests::redis().await;
+    let holder = TestCoordinator::start(&redis, quiet_node_config()).await;
+    let config = lingua_coordinator::config::Config {
+        max_attempts: 1,
+        ..quiet_node_config()
+    };
+    let origin = TestCoordinator::start(&redis, config).await;
+    let mut register = registration("running-on", &["zh"], &["en"]);
+    register.capacity = translate_room(1);
+    let (mut node, _) = TestNode::register(&holder.ws_url(), register.clone()).await;
+    offered_translations(&lingua_tests::connect(&redis).await, "running-on").await;
+    let submitted = submit_in_background(&origin, zh_en_job("runs-on", 60_000));
+    let assign = next_assign(&mut node).await;
+    node.send(&Message::JobAccept(JobRef {
+        job_id: assign.job_id.clone(),
+        attempt: assign.attempt,
+    }))
+    .await;
+    // The accept is read once a frame sent after it is answered.
+    node.send_raw(r#"{"type":"are_you_there"}"#.into()).await;
+    loop {
+        if let Received::Message(Message::Error(_)) = node.recv().await {
+            break;
+        }
+    }
+    let stopped = tokio::spawn(holder.stop());
+    let (messages, code) = node.messages_until_closed().await;
+    assert_eq!(code, 1001, "the stop closes the node's socket");
+    assert_eq!(cancelled_attempts(&messages), [], "{messages:?}");
+    stopped.await.unwrap();
+    let (mut node, _) = TestNode::register(&origin.ws_url(), register).await;
+    node.send(&done(&assign)).await;
+    let (status, answer) = submitted.await.unwrap();
+    assert_eq!(
+        (status, &answer["status"], answer["attempts"].as_u64()),
+        (200, &json!("completed"), Some(1)),
+        "{answer}"
+    );
+    node.close().await;
+    origin.stop().await;
+}
+
 /// A coordinator stopping with no other instance to hand its jobs to
 /// leaves an attempt its node has not answered to the node: no cancel
 /// goes before the close, and the node's result, sent once it is back,

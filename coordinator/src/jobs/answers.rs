@@ -197,8 +197,9 @@ impl JobRouter {
                 let _ = attempt.events.send(AttemptEvent::NodeLost);
             }
         }
-        // Unanswered when this instance's stop closed the node's socket:
-        // cancelled on the way out (`node_ws`'s stop), so withdrawn.
+        // When this instance's stop closed the node's socket: unanswered,
+        // cancelled on the way out (`node_ws`'s stop), so withdrawn;
+        // accepted, left to run while the node moves.
         let stopping = self.shutdown.is_cancelled();
         let lost: Vec<(JobRef, String, RemoteAnswer)> = {
             let mut forwarded = lock(&self.forwarded);
@@ -213,10 +214,10 @@ impl JobRouter {
                     if ended.counted {
                         self.hints.answered(node, &ended.route);
                     }
-                    let answer = if ended.counted && stopping {
-                        RemoteAnswer::Withdrawn
-                    } else {
-                        RemoteAnswer::Lost
+                    let answer = match (stopping, ended.counted) {
+                        (true, true) => RemoteAnswer::Withdrawn,
+                        (true, false) => RemoteAnswer::Moving,
+                        (false, _) => RemoteAnswer::Lost,
                     };
                     Some((key, ended.origin, answer))
                 })

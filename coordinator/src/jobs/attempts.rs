@@ -96,8 +96,10 @@ impl JobRouter {
             // Not answered in time (or answered): no longer counted.
             attempt.assigned = None;
         }
-        let accepted = match first {
-            Ok(Some(AttemptEvent::Accepted)) => true,
+        let (accepted, accept_due) = match first {
+            Ok(Some(AttemptEvent::Accepted)) => (true, false),
+            // Its accept, posted apart, may come after the news.
+            Ok(Some(AttemptEvent::Moving)) => (true, true),
             Ok(Some(AttemptEvent::Finished(view))) => {
                 timing.result_at = Some(answered);
                 return Tried::Finished(view);
@@ -105,21 +107,16 @@ impl JobRouter {
             Ok(Some(AttemptEvent::Rejected(reason, message))) => {
                 return self.refused((node, key), reason, &message);
             }
-            Ok(Some(AttemptEvent::Withdrawn)) => {
-                let message = format!(
-                    "the coordinator instance holding node {node} stopped before it answered"
-                );
-                return Tried::Skip(JobErrorCode::NodeLost, message);
+            Ok(Some(AttemptEvent::NodeLost) | None) if !self.shutdown.is_cancelled() => {
+                return Tried::Move(JobErrorCode::NodeLost, format!("node {node} went away"));
             }
-            Ok(Some(AttemptEvent::NodeLost) | None) if self.shutdown.is_cancelled() => {
-                // Its socket closed by this instance's stop: no failure.
+            // Its socket closed by this instance's stop, or by the stop of
+            // the instance holding it (which withdrew it): no failure.
+            Ok(Some(AttemptEvent::NodeLost | AttemptEvent::Withdrawn) | None) => {
                 let message = format!("node {node} went away as its coordinator stopped");
                 return Tried::Skip(JobErrorCode::NodeLost, message);
             }
-            Ok(Some(AttemptEvent::NodeLost) | None) => {
-                return Tried::Move(JobErrorCode::NodeLost, format!("node {node} went away"));
-            }
-            Err(_) => false,
+            Err(_) => (false, false),
         };
         if !accepted {
             self.cancel(node, key, "not accepted in time");
@@ -136,7 +133,7 @@ impl JobRouter {
         let ended = tokio::select! {
             biased;
             () = self.shutdown.cancelled() => return Tried::Stopped,
-            ended = tokio::time::timeout_at(deadline, events.recv()) => ended,
+            ended = Self::outcome(events, deadline, accept_due) => ended,
         };
         let now = Instant::now();
         timing.run += now.saturating_duration_since(answered);
@@ -149,13 +146,33 @@ impl JobRouter {
                 JobErrorCode::NodeLost,
                 format!("node {node} went away while running the job"),
             ),
-            Ok(Some(AttemptEvent::Accepted | AttemptEvent::Rejected(..))) => Tried::Move(
+            Ok(Some(
+                AttemptEvent::Accepted | AttemptEvent::Rejected(..) | AttemptEvent::Moving,
+            )) => Tried::Move(
                 JobErrorCode::NodeLost,
                 format!("node {node} answered the assignment twice"),
             ),
             Err(_) => {
                 self.cancel(node, key, "job timeout");
                 Tried::TimedOut
+            }
+        }
+    }
+
+    /// The event that ends an accepted attempt, or its deadline. A node
+    /// moving to another instance (its holder stopped) runs the job on,
+    /// and its result is recorded wherever it goes: that news ends
+    /// nothing, nor does the accept it may have overtaken (`accept_due`).
+    async fn outcome(
+        events: &mut mpsc::UnboundedReceiver<AttemptEvent>,
+        deadline: Instant,
+        mut accept_due: bool,
+    ) -> Result<Option<AttemptEvent>, tokio::time::error::Elapsed> {
+        loop {
+            match tokio::time::timeout_at(deadline, events.recv()).await {
+                Ok(Some(AttemptEvent::Moving)) => {}
+                Ok(Some(AttemptEvent::Accepted)) if accept_due => accept_due = false,
+                ended => return ended,
             }
         }
     }

@@ -128,7 +128,12 @@ impl JobRouter {
 
     /// Another instance answered about an attempt dispatched here.
     pub fn remote_answer(&self, job: &JobRef, answer: RemoteAnswer) {
-        if let Some(attempt) = lock(&self.attempts).get(job) {
+        if let Some(attempt) = lock(&self.attempts).get_mut(job) {
+            if answer == RemoteAnswer::Moving {
+                // No longer held by the instance that stopped: its going
+                // away moves nothing on ([`Self::check_holders`]).
+                attempt.holder = None;
+            }
             let _ = attempt.events.send(match answer {
                 RemoteAnswer::Accepted => AttemptEvent::Accepted,
                 RemoteAnswer::Rejected { reason, message } => {
@@ -137,6 +142,7 @@ impl JobRouter {
                 RemoteAnswer::Finished => AttemptEvent::Finished(None),
                 RemoteAnswer::Lost => AttemptEvent::NodeLost,
                 RemoteAnswer::Withdrawn => AttemptEvent::Withdrawn,
+                RemoteAnswer::Moving => AttemptEvent::Moving,
             });
         }
     }
