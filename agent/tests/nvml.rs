@@ -426,22 +426,25 @@ fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
+/// An arbiter fed by the sampler of `config`'s GPUs (stopped when the
+/// sampler is dropped).
+fn sampled(config: &AgentConfig) -> (Arc<Arbiter>, gpu::Sampler) {
+    let arbiter = Arbiter::new(Limits::from_config(config));
+    let publishing = Arc::clone(&arbiter);
+    let sampler = gpu::spawn_sampler(
+        gpu::open(&config.gpu, None),
+        config.gpu.poll_interval,
+        move |r, taken| publishing.publish(r, taken),
+    )
+    .unwrap();
+    (arbiter, sampler)
+}
+
 #[test]
 fn init_failure_then_recovery_through_the_sampler() {
     let fake = FakeNvml::new("init code=9\n");
     let config = config(&fake, "");
-    let arbiter = Arbiter::new(Limits::from_config(&config));
-    let sampler = {
-        let arbiter = Arc::clone(&arbiter);
-        gpu::spawn_sampler(
-            gpu::open(&config.gpu, None),
-            config.gpu.poll_interval,
-            move |r, taken| {
-                arbiter.publish(r, taken);
-            },
-        )
-        .unwrap()
-    };
+    let (arbiter, sampler) = sampled(&config);
     wait_for("the failure to be published", || arbiter.health().is_some());
     let health = arbiter.health().unwrap();
     assert!(health.contains("driver is not loaded"), "{health}");
@@ -466,18 +469,7 @@ fn init_failure_then_recovery_through_the_sampler() {
 fn readings_stay_fresh_while_nvml_cannot_be_initialised() {
     let fake = FakeNvml::new("init code=9\n");
     let config = config(&fake, "stale_after_ms = 1000");
-    let arbiter = Arbiter::new(Limits::from_config(&config));
-    let _sampler = {
-        let arbiter = Arc::clone(&arbiter);
-        gpu::spawn_sampler(
-            gpu::open(&config.gpu, None),
-            config.gpu.poll_interval,
-            move |r, taken| {
-                arbiter.publish(r, taken);
-            },
-        )
-        .unwrap()
-    };
+    let (arbiter, _sampler) = sampled(&config);
     wait_for("a first reading", || arbiter.health().is_some());
     // Retries 50, 100, 200, 400, 800 and 1,600 ms apart: the last pause
     // is longer than a reading stays fresh.
@@ -494,18 +486,7 @@ fn readings_stay_fresh_while_nvml_cannot_be_initialised() {
 fn nvml_failing_after_it_initialised_is_initialised_again() {
     let fake = FakeNvml::new(&format!("init code=0\n{}", gpu_line(0, 24, 0, "")));
     let config = config(&fake, "");
-    let arbiter = Arbiter::new(Limits::from_config(&config));
-    let _sampler = {
-        let arbiter = Arc::clone(&arbiter);
-        gpu::spawn_sampler(
-            gpu::open(&config.gpu, None),
-            config.gpu.poll_interval,
-            move |r, taken| {
-                arbiter.publish(r, taken);
-            },
-        )
-        .unwrap()
-    };
+    let (arbiter, _sampler) = sampled(&config);
     wait_for("slots", || arbiter.free_slots()[&kind("asr")] == 3);
     fake.set(&format!(
         "init code=0\ncount code=999\n{}",

@@ -1036,6 +1036,22 @@ async fn accepted_then_done(node: &mut TestNode, assign: JobAssign) {
     node.send(&done(&assign)).await;
 }
 
+/// The node accepts `assign`, and waits until its coordinator has read
+/// the accept: once a frame sent after it is answered.
+async fn accepted_and_read(node: &mut TestNode, assign: &JobAssign) {
+    node.send(&Message::JobAccept(JobRef {
+        job_id: assign.job_id.clone(),
+        attempt: assign.attempt,
+    }))
+    .await;
+    node.send_raw(r#"{"type":"are_you_there"}"#.into()).await;
+    loop {
+        if let Received::Message(Message::Error(_)) = node.recv().await {
+            break;
+        }
+    }
+}
+
 /// The result a node sends once `assign` completed.
 fn done(assign: &JobAssign) -> Message {
     Message::JobResult(JobResult {
@@ -1870,18 +1886,7 @@ async fn a_job_sent_to_a_node_of_a_stopping_coordinator_is_handed_over() {
     let _kept = submit_in_background(&stopping, zh_en_job("kept", 60_000));
     let kept = next_assign(&mut node).await;
     assert_eq!(kept.job_id.as_str(), "kept");
-    node.send(&Message::JobAccept(JobRef {
-        job_id: kept.job_id.clone(),
-        attempt: kept.attempt,
-    }))
-    .await;
-    // The accept is read once a frame sent after it is answered.
-    node.send_raw(r#"{"type":"are_you_there"}"#.into()).await;
-    loop {
-        if let Received::Message(Message::Error(_)) = node.recv().await {
-            break;
-        }
-    }
+    accepted_and_read(&mut node, &kept).await;
     let stopped = tokio::spawn(stopping.stop());
     let (messages, code) = node.messages_until_closed().await;
     assert_eq!(code, 1001, "the stop closes the node's socket");
@@ -1938,18 +1943,7 @@ async fn a_forwarded_job_runs_on_through_its_holders_stop() {
     offered_translations(&lingua_tests::connect(&redis).await, "running-on").await;
     let submitted = submit_in_background(&origin, zh_en_job("runs-on", 60_000));
     let assign = next_assign(&mut node).await;
-    node.send(&Message::JobAccept(JobRef {
-        job_id: assign.job_id.clone(),
-        attempt: assign.attempt,
-    }))
-    .await;
-    // The accept is read once a frame sent after it is answered.
-    node.send_raw(r#"{"type":"are_you_there"}"#.into()).await;
-    loop {
-        if let Received::Message(Message::Error(_)) = node.recv().await {
-            break;
-        }
-    }
+    accepted_and_read(&mut node, &assign).await;
     let stopped = tokio::spawn(holder.stop());
     let (messages, code) = node.messages_until_closed().await;
     assert_eq!(code, 1001, "the stop closes the node's socket");
