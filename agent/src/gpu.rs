@@ -253,6 +253,8 @@ fn nvml_loop(
     stopped: &Receiver<()>,
 ) {
     let mut pause = interval;
+    // GPUs taken out for good stay out when NVML is initialised again.
+    let mut broken = HashMap::new();
     loop {
         match NvmlLibrary::open(config) {
             Err(err) => {
@@ -273,7 +275,9 @@ fn nvml_loop(
                 pause = (pause * 2).min(NVML_RETRY_CAP);
             }
             Ok(library) => {
-                let mut probe = library.probe(config);
+                let mut probe = library
+                    .probe(config)
+                    .remembering(std::mem::take(&mut broken));
                 tracing::info!(xid_watched = ?probe.watched(), "nvml initialised");
                 loop {
                     let taken = Taken::now();
@@ -291,7 +295,7 @@ fn nvml_loop(
                         return;
                     }
                 }
-                drop(probe);
+                broken = probe.into_broken();
                 drop(library);
                 pause = interval;
                 if stop_requested(stopped, interval) {

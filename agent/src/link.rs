@@ -361,8 +361,12 @@ impl Link {
                 reason: "agent shutting down".into(),
             }));
         }
-        if let Err(ended) = written(write_limit, send_all(&mut ws, first), "results").await {
-            return ended;
+        // Each within the limit: a large outbox takes what it takes.
+        for message in first {
+            let frame = WsMessage::text(encode(&message));
+            if let Err(ended) = written(write_limit, ws.send(frame), message.type_name()).await {
+                return ended;
+            }
         }
         let mut capacity_changes = self.arbiter.subscribe();
         let mut reported = Reported::new(&self.arbiter);

@@ -93,6 +93,18 @@ impl<'a> NvmlProbe<'a> {
         probe
     }
 
+    /// The same probe, with the GPUs taken out before NVML was initialised
+    /// again (by critical Xids, whose events are not replayed) kept out.
+    pub fn remembering(mut self, broken: HashMap<String, String>) -> Self {
+        self.broken.extend(broken);
+        self
+    }
+
+    /// The GPUs this probe took out for good, with the reasons.
+    pub fn into_broken(self) -> HashMap<String, String> {
+        self.broken
+    }
+
     fn register_events(&mut self) {
         let count = self.nvml.device_count().unwrap_or(0);
         for index in 0..count {

@@ -503,6 +503,26 @@ fn nvml_failing_after_it_initialised_is_initialised_again() {
     assert_eq!(arbiter.health(), None);
 }
 
+/// A GPU taken out for a critical Xid stays out when NVML is initialised
+/// again: Xid events are not replayed. Before, a transient NVML failure
+/// put it back in admission.
+#[test]
+fn a_gpu_out_for_a_critical_xid_stays_out_when_nvml_is_initialised_again() {
+    let gpus = format!("{}{}", gpu_line(0, 24, 0, ""), gpu_line(1, 24, 0, ""));
+    let fake = FakeNvml::new(&format!("init code=0\n{gpus}xid gpu=0 value=79\n"));
+    let config = config(&fake, "");
+    let (arbiter, _sampler) = sampled(&config);
+    let out = |arbiter: &Arbiter| arbiter.gpus().iter().filter(|g| !g.healthy).count();
+    wait_for("GPU 0 out for its Xid", || out(&arbiter) == 1);
+    fake.set(&format!("init code=0\ncount code=999\n{gpus}"));
+    wait_for("the failure to be published", || arbiter.health().is_some());
+    fake.set(&format!("init code=0\n{gpus}"));
+    wait_for("NVML back", || {
+        arbiter.health().is_none() && arbiter.gpus().len() == 2
+    });
+    assert_eq!(out(&arbiter), 1, "{:?}", arbiter.gpus());
+}
+
 async fn metrics(port: u16) -> String {
     match reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await {
         Ok(response) => response.text().await.unwrap_or_default(),

@@ -131,10 +131,11 @@ pub enum RemoteAnswer {
     Finished,
     /// The node is gone (or was never there).
     Lost,
-    /// The instance holding the node stopped before the node answered,
-    /// and cancelled the assignment: not the node's failure, so no
-    /// attempt is used up. (An older instance ignores it, and moves the
-    /// attempt on once the holder's presence is gone.)
+    /// The assignment never reached the node (its socket is no longer
+    /// held there), or the instance holding it stopped before the node
+    /// answered and cancelled it: not the node's failure, so no attempt is
+    /// used up. (An older instance ignores it, and moves the attempt on
+    /// once the holder's presence is gone, or at the accept timeout.)
     Withdrawn,
     /// The node accepted, and the instance holding it stopped: the node
     /// runs the job on while it moves to another instance, which records

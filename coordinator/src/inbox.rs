@@ -157,7 +157,15 @@ async fn deliver(peers: &Peers, envelope: Envelope) {
                 .send(&node, Control::Send(Box::new(Message::JobAssign(assign))));
             if !sent {
                 peers.router.forget_forwarded(&job);
-                peers.router.tell_later(origin, job, RemoteAnswer::Lost);
+                // Not held here (its socket closed, by this instance's stop
+                // say): it never reached the node, which uses up no attempt.
+                // Held, but closing or stalled: that counts, as a silence.
+                let answer = if peers.registry.get(&node).is_some() {
+                    RemoteAnswer::Lost
+                } else {
+                    RemoteAnswer::Withdrawn
+                };
+                peers.router.tell_later(origin, job, answer);
             }
         }
         Envelope::Drain { node, reason } => {

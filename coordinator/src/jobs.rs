@@ -248,6 +248,9 @@ struct Attempt {
     /// The instance the assignment was forwarded to, when another one
     /// holds the node's socket.
     holder: Option<String>,
+    /// Since when the node, which accepted, moves to another instance (its
+    /// holder stopped): until it is back, or a lease has passed.
+    moving_since: Option<Instant>,
 }
 
 /// An assignment another instance forwarded here, for a node whose socket

@@ -299,7 +299,7 @@ async fn run(
                 }
                 continue;
             }
-            () = &mut shutdown => return frames::stopping(socket, services, session).await,
+            () = &mut shutdown => return frames::stopping(socket, services, session, &mut results).await,
         };
         let frame = match frame_of(received) {
             Ok(Frame::Data(frame)) => frame,

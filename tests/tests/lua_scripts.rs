@@ -932,6 +932,25 @@ async fn jobs_are_handed_only_to_live_instances_that_are_not_stopping() {
         !store.inbox_push("staying", "{}").await.unwrap(),
         "an inbox that is gone takes nothing"
     );
+    // Saying at once that it stops takes an instance out of the takers,
+    // and brings back none that is gone.
+    store
+        .instance_alive("staying", "127.0.0.1:1", (LEASE, false))
+        .await
+        .unwrap();
+    assert_eq!(store.other_live_instances("me").await.unwrap(), ["staying"]);
+    store.instance_leaving("staying").await.unwrap();
+    assert!(store.other_live_instances("me").await.unwrap().is_empty());
+    store.instance_gone("stopping").await.unwrap();
+    store.instance_leaving("stopping").await.unwrap();
+    let index: Vec<String> = redis::cmd("ZRANGE")
+        .arg(lingua_coordinator::keys::ALL_INSTANCES)
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut lingua_tests::connect(&redis).await)
+        .await
+        .unwrap();
+    assert!(!index.contains(&"stopping".to_owned()), "{index:?}");
 }
 
 /// A job whose attempt ended without a result, and whose next pick finds

@@ -1961,6 +1961,50 @@ async fn a_forwarded_job_runs_on_through_its_holders_stop() {
     origin.stop().await;
 }
 
+/// A job whose node, accepted and moving from a stopped holder, never
+/// comes back moves on a lease later, to a node with room, rather than
+/// waiting for nobody until its deadline.
+#[tokio::test]
+async fn a_forwarded_job_whose_node_does_not_come_back_moves_on() {
+    let redis = lingua_tests::redis().await;
+    let holder = TestCoordinator::start(&redis, quiet_node_config()).await;
+    let config = lingua_coordinator::config::Config {
+        heartbeat_interval: Duration::from_millis(200),
+        max_attempts: 2,
+        ..test_config()
+    };
+    let origin = TestCoordinator::start(&redis, config).await;
+    let mut register = registration("gone-for-good", &["zh"], &["en"]);
+    register.capacity = translate_room(1);
+    let (mut node, _) = TestNode::register(&holder.ws_url(), register).await;
+    offered_translations(&lingua_tests::connect(&redis).await, "gone-for-good").await;
+    let submitted = submit_in_background(&origin, zh_en_job("left-behind", 60_000));
+    let assign = next_assign(&mut node).await;
+    accepted_and_read(&mut node, &assign).await;
+    // Room elsewhere, for the next attempt.
+    let agent = TestAgent::start(agent_config("takes-over", &origin.ws_url(), 50));
+    agent.registered(1).await;
+    holder.stop().await;
+    drop(node);
+    let answered = tokio::time::timeout(Duration::from_secs(30), submitted);
+    let (status, answer) = answered
+        .await
+        .expect("moved on before its deadline")
+        .unwrap();
+    assert_eq!(
+        (
+            status,
+            &answer["status"],
+            &answer["node_id"],
+            answer["attempts"].as_u64()
+        ),
+        (200, &json!("completed"), &json!("takes-over"), Some(2)),
+        "{answer}"
+    );
+    agent.stop().await.unwrap();
+    origin.stop().await;
+}
+
 /// A coordinator stopping with no other instance to hand its jobs to
 /// leaves an attempt its node has not answered to the node: no cancel
 /// goes before the close, and the node's result, sent once it is back,

@@ -45,6 +45,7 @@ impl JobRouter {
                 events: tx,
                 assigned: Some(assigned),
                 holder: None,
+                moving_since: None,
             },
         );
         self.metrics.assignments.inc();

@@ -131,8 +131,10 @@ impl JobRouter {
         if let Some(attempt) = lock(&self.attempts).get_mut(job) {
             if answer == RemoteAnswer::Moving {
                 // No longer held by the instance that stopped: its going
-                // away moves nothing on ([`Self::check_holders`]).
+                // away moves nothing on; the node's coming back is watched
+                // instead ([`Self::check_holders`]).
                 attempt.holder = None;
+                attempt.moving_since = Some(Instant::now());
             }
             let _ = attempt.events.send(match answer {
                 RemoteAnswer::Accepted => AttemptEvent::Accepted,
@@ -149,7 +151,10 @@ impl JobRouter {
 
     /// Attempts forwarded to an instance whose presence expired move on:
     /// the node will register elsewhere, and its answers would never come.
+    /// So do those whose node, moving from a holder that stopped, has not
+    /// registered with a live instance a lease later.
     pub async fn check_holders(&self) {
+        self.check_moving().await;
         let holders: Vec<String> = {
             let attempts = lock(&self.attempts);
             let mut holders: Vec<String> =
@@ -165,6 +170,41 @@ impl JobRouter {
             tracing::warn!(%holder, "a coordinator instance holding nodes of jobs dispatched here went away");
             for attempt in lock(&self.attempts).values() {
                 if attempt.holder.as_deref() == Some(holder.as_str()) {
+                    let _ = attempt.events.send(AttemptEvent::NodeLost);
+                }
+            }
+        }
+    }
+
+    /// Attempts whose node moves to another instance: once it registered
+    /// with a live one, that one is its holder; not there a lease after
+    /// the news, the node is taken as lost.
+    async fn check_moving(&self) {
+        let lease = self.config.lease();
+        let overdue: Vec<(JobRef, NodeId)> = lock(&self.attempts)
+            .iter()
+            .filter(|(_, a)| a.moving_since.is_some_and(|at| at.elapsed() >= lease))
+            .map(|(key, a)| (key.clone(), a.node.clone()))
+            .collect();
+        for (key, node) in overdue {
+            // Where it is back: here, at another live instance, or nowhere
+            // (`None`: Redis did not say, so asked again next time).
+            let back = if self.registry.get(&node).is_some() {
+                Some(Some(self.instance.clone()))
+            } else {
+                self.other_holder(&node).await.ok()
+            };
+            let Some(back) = back else { continue };
+            let mut attempts = lock(&self.attempts);
+            let Some(attempt) = attempts.get_mut(&key) else {
+                continue;
+            };
+            attempt.moving_since = None;
+            match back {
+                Some(holder) if holder == self.instance => {}
+                Some(holder) => attempt.holder = Some(holder),
+                None => {
+                    tracing::warn!(node_id = %node, job_id = %key.job_id, "a node that moved from a stopped coordinator instance did not come back within a lease");
                     let _ = attempt.events.send(AttemptEvent::NodeLost);
                 }
             }

@@ -29,11 +29,17 @@ impl JobRouter {
     }
 
     /// Whether, stopping, this instance has another live one to hand its
-    /// jobs to (asked of Redis at the first need, once).
+    /// jobs to (asked of Redis at the first need, once). It says it is
+    /// stopping first: of two instances stopping together, the second to
+    /// ask sees the first stopping, and neither counts on the other unless
+    /// the first asked before the second said so.
     pub async fn hands_over(&self) -> bool {
         *self
             .successor
             .get_or_init(|| async {
+                if self.store.instance_leaving(&self.instance).await.is_err() {
+                    return false;
+                }
                 let live = self.store.other_live_instances(&self.instance).await;
                 live.is_ok_and(|live| !live.is_empty())
             })

@@ -12,6 +12,7 @@ use axum::extract::ws::WebSocket;
 use tokio::time::{Instant, timeout};
 
 use super::NodeServices;
+use super::results::Results;
 use super::{Ending, Handled, MAX_LOGGED_CHARS, Session, feed};
 use crate::metrics::Direction;
 
@@ -158,13 +159,24 @@ pub(super) fn reject(services: &NodeServices, session: &mut Session, reject: Job
 /// attempt the node accepted stops at the cancel, and records nothing.
 /// With no other instance to take its job, an attempt dispatched here is
 /// not cancelled: the node's run of it, whose result is recorded once the
-/// node is back, is the job's one chance before its deadline.
+/// node is back, is the job's one chance before its deadline. Results
+/// being recorded are recorded first: their dispatchers hear of them (a
+/// node sending one again elsewhere finds it recorded, which tells no
+/// one), and the node gets their acknowledgements.
 pub(super) async fn stopping(
     socket: &mut WebSocket,
     services: &NodeServices,
     session: &Session,
+    results: &mut Results<'_>,
 ) -> Ending {
     let cancels = async {
+        while results.recording() {
+            if let Some(recorded) = results.recorded().await {
+                results
+                    .answer(socket, services, &session.node, recorded)
+                    .await?;
+            }
+        }
         let (mut local, forwarded) = services.router.unanswered(&session.node);
         if !local.is_empty() && !services.router.hands_over().await {
             local.clear();
@@ -179,8 +191,9 @@ pub(super) async fn stopping(
         }
         Ok::<(), Ending>(())
     };
-    // Sent with the close frame; a node that does not take them in time
-    // is closed without them.
+    // Sent with the close frame (the acknowledgements too); a node that
+    // does not take them in time, or Redis slow to record, is closed
+    // without them.
     let _ = timeout(STOP_WRITES, cancels).await;
     Ending::new(CloseCode::GoingAway, "coordinator shutting down")
 }

@@ -38,6 +38,20 @@ impl Store {
         Ok(())
     }
 
+    /// Says at once that `instance` is stopping (its index entry overdue),
+    /// unless it is gone from the index already.
+    pub async fn instance_leaving(&self, instance: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("ZADD")
+            .arg(keys::ALL_INSTANCES)
+            .arg("XX")
+            .arg(0)
+            .arg(instance)
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(())
+    }
+
     /// Publishes `instance`'s recent job counts (JSON), kept for `ttl`.
     pub async fn publish_stats(
         &self,
