@@ -58,6 +58,12 @@ use tokio::time::Instant;
 use crate::config::OverrunAction;
 use crate::gpu::GpuSnapshot;
 
+/// The most jobs that wait for a slot at once: one more is answered at
+/// once. The coordinator assigns only where its hints say there is room,
+/// so only a coordinator that ignores them comes near it; each waiting
+/// job holds its payload.
+pub const MAX_WAITING: usize = 1024;
+
 mod fallback;
 mod limits;
 mod queue;
@@ -355,7 +361,11 @@ impl Arbiter {
                 .get(kind)
                 .map_or(Duration::ZERO, |k| k.queue_wait);
             let until = now.checked_add(wait).map_or(until, |end| end.min(until));
-            if until <= now || matches!(refusal, Refusal::UnknownKind(_) | Refusal::Draining) {
+            let full = state.waiting.len() >= MAX_WAITING;
+            if until <= now
+                || full
+                || matches!(refusal, Refusal::UnknownKind(_) | Refusal::Draining)
+            {
                 return Err(refusal);
             }
             let waiting = Waiting {
@@ -1141,6 +1151,32 @@ pub(crate) mod tests {
         assert_eq!(arbiter.running(), 1);
         assert_eq!(arbiter.lock().waiting.len(), 0);
         assert_eq!(arbiter.free_slots()[&translate], 2);
+    }
+
+    /// At most `MAX_WAITING` jobs wait at once: one more is answered at
+    /// once, with the refusal of now, whatever its kind's wait. Before, a
+    /// coordinator sending more than the node has room for grew the queue
+    /// without bound (each waiter holding its job's payload).
+    #[tokio::test(start_paused = true)]
+    async fn at_most_max_waiting_jobs_wait_at_once() {
+        let arbiter = Arbiter::new(limits(&[("asr", 100, 90, 1, 60_000)]));
+        arbiter.update(vec![gpu(0, 0)], Instant::now());
+        let asr = kind("asr");
+        let _running = arbiter.try_admit(&asr).unwrap();
+        let mut waiters: Vec<Queued<'_>> = (0..MAX_WAITING)
+            .map(|_| Box::pin(arbiter.admit(&asr, forever())) as Queued<'_>)
+            .collect();
+        for waiter in &mut waiters {
+            assert!(poll_once(waiter).is_pending());
+        }
+        let started = Instant::now();
+        assert!(matches!(
+            arbiter.admit(&asr, forever()).await,
+            Err(Refusal::Concurrency { .. })
+        ));
+        assert_eq!(started.elapsed(), Duration::ZERO, "answered at once");
+        drop(waiters);
+        assert_eq!(arbiter.waiting()[&asr], 0);
     }
 
     #[tokio::test(start_paused = true)]
