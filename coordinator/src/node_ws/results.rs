@@ -105,6 +105,13 @@ impl<'a> Results<'a> {
                 );
                 send_error(socket, services, ErrorCode::NotAssigned, text).await?;
                 self.sent();
+                // Acknowledged too: never to be recorded, it would otherwise
+                // stay in the agent's outbox, sent again after every
+                // reconnection.
+                let ack = Message::ResultAck(key);
+                feed(socket, services, &ack).await?;
+                self.unsent_until
+                    .get_or_insert_with(|| Instant::now() + ACK_DELAY);
                 return Ok(Handled::Bad);
             }
             Err(err) => {
