@@ -1442,6 +1442,54 @@ async fn completed(mut node: TestNode, coordinator: TestCoordinator, assign: Job
     coordinator.stop().await;
 }
 
+/// A coordinator that stops while it records a node's result finishes
+/// recording it, and acknowledges it, before it closes the node's socket.
+/// Before, the stop dropped the recording half done: the node sent the
+/// result again elsewhere, where it was a duplicate that told the job's
+/// dispatcher nothing.
+#[tokio::test]
+async fn a_result_being_recorded_at_the_stop_is_recorded_and_acknowledged_first() {
+    let (redis, proxy, coordinator, mut node) = behind_a_proxy("finisher").await;
+    // Closed as the stop begins: it has nothing to finish.
+    let witness = registration("witness", &["ja"], &["en"]);
+    let (mut witness, _) = TestNode::register(&coordinator.ws_url(), witness).await;
+    let _submitted = submit_in_background(&coordinator, zh_en_job("finished-at-stop", 60_000));
+    let assign = next_assign(&mut node).await;
+    accepted_and_read(&mut node, &assign).await;
+    proxy.hold();
+    node.send(&done(&assign)).await;
+    eventually(
+        "the result's recording to be on its way to Redis",
+        || async {
+            let held = proxy.held();
+            held.windows(16)
+                .any(|w| w == b"finished-at-stop")
+                .then_some(())
+        },
+    )
+    .await;
+    let stopped = tokio::spawn(coordinator.stop());
+    assert_eq!(witness.closed().await, 1001, "the stop began");
+    proxy.thaw();
+    let (messages, code) = node.messages_until_closed().await;
+    assert_eq!(code, 1001, "the stop closes the node's socket");
+    let key = JobRef {
+        job_id: assign.job_id.clone(),
+        attempt: assign.attempt,
+    };
+    assert!(
+        messages.contains(&Message::ResultAck(key)),
+        "acknowledged before the close: {messages:?}"
+    );
+    stopped.await.unwrap();
+    let status: String = lingua_tests::connect(&redis)
+        .await
+        .hget("lingua:v1:pair:{zh:en}:job:finished-at-stop", "status")
+        .await
+        .unwrap();
+    assert_eq!(status, "completed");
+}
+
 #[tokio::test]
 async fn a_job_whose_client_went_away_while_it_was_recorded_is_still_dispatched() {
     let (_redis, proxy, coordinator, mut node) = behind_a_proxy("recorder").await;
