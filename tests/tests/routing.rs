@@ -2053,6 +2053,63 @@ async fn a_forwarded_job_whose_node_does_not_come_back_moves_on() {
     origin.stop().await;
 }
 
+/// An assignment forwarded to an instance that does not hold the node
+/// (its record names an instance it has left) never reached the node:
+/// it uses up no attempt, and the job runs on the next node with room.
+/// Before, that instance answered `lost`, which counted: with one
+/// attempt, the job failed `node_lost`.
+#[tokio::test]
+async fn an_assignment_its_holder_could_not_deliver_uses_up_no_attempt() {
+    let redis = lingua_tests::redis().await;
+    let config = lingua_coordinator::config::Config {
+        max_attempts: 1,
+        ..quiet_node_config()
+    };
+    let origin = TestCoordinator::start(&redis, config).await;
+    let holder = TestCoordinator::start(&redis, quiet_node_config()).await;
+    let stale = TestCoordinator::start(&redis, quiet_node_config()).await;
+    let (status, health) = stale.get("/healthz").await;
+    assert_eq!(status, 200, "{health}");
+    let stale_instance = health["instance"].as_str().unwrap().to_owned();
+    let stale_inbox = InstanceKeys::new(&stale_instance).inbox;
+    let mut register = registration("misplaced", &["zh"], &["en"]);
+    register.capacity = translate_room(1);
+    let (node, _) = TestNode::register(&holder.ws_url(), register).await;
+    let mut register = registration("later", &["zh"], &["en"]);
+    register.capacity = translate_room(0);
+    let (mut later, _) = TestNode::register(&origin.ws_url(), register).await;
+    let conn = lingua_tests::connect(&redis).await;
+    offered_translations(&conn, "misplaced").await;
+    // Its record names an instance that does not hold it.
+    let () = redis::cmd("HSET")
+        .arg(NodeKeys::new(&lingua_shared::NodeId::new("misplaced").unwrap()).hash)
+        .arg("coordinator")
+        .arg(&stale_instance)
+        .query_async(&mut conn.clone())
+        .await
+        .unwrap();
+    let submitted = submit_in_background(&origin, zh_en_job("undelivered", 20_000));
+    eventually("the assignment to reach the instance named", || async {
+        (entries_added(&conn, &stale_inbox).await >= 1).then_some(())
+    })
+    .await;
+    later.send(&Message::Capacity(translate_room(1))).await;
+    let assign = next_assign(&mut later).await;
+    assert_eq!(assign.job_id.as_str(), "undelivered");
+    accepted_then_done(&mut later, assign).await;
+    let (status, answer) = submitted.await.unwrap();
+    assert_eq!(
+        (status, &answer["status"], &answer["node_id"]),
+        (200, &json!("completed"), &json!("later")),
+        "{answer}"
+    );
+    node.close().await;
+    later.close().await;
+    for coordinator in [origin, holder, stale] {
+        coordinator.stop().await;
+    }
+}
+
 /// A coordinator stopping with no other instance to hand its jobs to
 /// leaves an attempt its node has not answered to the node: no cancel
 /// goes before the close, and the node's result, sent once it is back,
