@@ -53,6 +53,9 @@ pub async fn announce(
             () = peers.leaving.cancelled(), if !left => left = true,
             () = stop.cancelled() => break,
         }
+        // A stop that began meanwhile is said now, not a tick later (its
+        // `hands_over` has said it already: this write must not undo it).
+        left |= peers.leaving.is_cancelled();
         if let Err(err) = peers
             .store
             .instance_alive(&peers.instance, &listen, (ttl, left))

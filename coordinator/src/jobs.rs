@@ -251,6 +251,9 @@ struct Attempt {
     /// Since when the node, which accepted, moves to another instance (its
     /// holder stopped): until it is back, or a lease has passed.
     moving_since: Option<Instant>,
+    /// The node moved once: the instance it came back to knows nothing of
+    /// this attempt, so its going away means the node moves again.
+    moved: bool,
 }
 
 /// An assignment another instance forwarded here, for a node whose socket

@@ -46,6 +46,7 @@ impl JobRouter {
                 assigned: Some(assigned),
                 holder: None,
                 moving_since: None,
+                moved: false,
             },
         );
         self.metrics.assignments.inc();

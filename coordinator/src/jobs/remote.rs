@@ -135,6 +135,7 @@ impl JobRouter {
                 // instead ([`Self::check_holders`]).
                 attempt.holder = None;
                 attempt.moving_since = Some(Instant::now());
+                attempt.moved = true;
             }
             let _ = attempt.events.send(match answer {
                 RemoteAnswer::Accepted => AttemptEvent::Accepted,
@@ -168,8 +169,16 @@ impl JobRouter {
                 continue;
             }
             tracing::warn!(%holder, "a coordinator instance holding nodes of jobs dispatched here went away");
-            for attempt in lock(&self.attempts).values() {
-                if attempt.holder.as_deref() == Some(holder.as_str()) {
+            for attempt in lock(&self.attempts).values_mut() {
+                if attempt.holder.as_deref() != Some(holder.as_str()) {
+                    continue;
+                }
+                if attempt.moved {
+                    // Come back to an instance that knew nothing of it: the
+                    // node moves on with it, and is watched again.
+                    attempt.holder = None;
+                    attempt.moving_since = Some(Instant::now());
+                } else {
                     let _ = attempt.events.send(AttemptEvent::NodeLost);
                 }
             }

@@ -33,17 +33,16 @@ impl JobRouter {
     /// stopping first: of two instances stopping together, the second to
     /// ask sees the first stopping, and neither counts on the other unless
     /// the first asked before the second said so.
+    /// A Redis error answers no for this once, and is not kept.
     pub async fn hands_over(&self) -> bool {
-        *self
-            .successor
-            .get_or_init(|| async {
-                if self.store.instance_leaving(&self.instance).await.is_err() {
-                    return false;
-                }
-                let live = self.store.other_live_instances(&self.instance).await;
-                live.is_ok_and(|live| !live.is_empty())
-            })
-            .await
+        let asked = self.successor.get_or_try_init(|| async {
+            if let Err(err) = self.store.instance_leaving(&self.instance).await {
+                tracing::warn!(error = %err, "cannot say this instance is stopping");
+            }
+            let live = self.store.other_live_instances(&self.instance).await?;
+            Ok::<bool, StoreError>(!live.is_empty())
+        });
+        asked.await.copied().unwrap_or(false)
     }
 
     /// Asks another live instance that is not stopping to take over the

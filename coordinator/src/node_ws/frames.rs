@@ -159,24 +159,17 @@ pub(super) fn reject(services: &NodeServices, session: &mut Session, reject: Job
 /// attempt the node accepted stops at the cancel, and records nothing.
 /// With no other instance to take its job, an attempt dispatched here is
 /// not cancelled: the node's run of it, whose result is recorded once the
-/// node is back, is the job's one chance before its deadline. Results
-/// being recorded are recorded first: their dispatchers hear of them (a
-/// node sending one again elsewhere finds it recorded, which tells no
-/// one), and the node gets their acknowledgements.
+/// node is back, is the job's one chance before its deadline. Then the
+/// results being recorded are recorded, with the time left: their
+/// dispatchers on other instances hear of them, and the node gets their
+/// acknowledgements.
 pub(super) async fn stopping(
     socket: &mut WebSocket,
     services: &NodeServices,
     session: &Session,
     results: &mut Results<'_>,
 ) -> Ending {
-    let cancels = async {
-        while results.recording() {
-            if let Some(recorded) = results.recorded().await {
-                results
-                    .answer(socket, services, &session.node, recorded)
-                    .await?;
-            }
-        }
+    let writes = async {
         let (mut local, forwarded) = services.router.unanswered(&session.node);
         if !local.is_empty() && !services.router.hands_over().await {
             local.clear();
@@ -189,12 +182,18 @@ pub(super) async fn stopping(
             });
             feed(socket, services, &cancel).await?;
         }
+        while results.recording() {
+            if let Some(recorded) = results.recorded().await {
+                results
+                    .answer(socket, services, &session.node, recorded)
+                    .await?;
+            }
+        }
         Ok::<(), Ending>(())
     };
-    // Sent with the close frame (the acknowledgements too); a node that
-    // does not take them in time, or Redis slow to record, is closed
-    // without them.
-    let _ = timeout(STOP_WRITES, cancels).await;
+    // Sent with the close frame; a node that does not take them within
+    // the time, or Redis slow to record, is closed without the rest.
+    let _ = timeout(STOP_WRITES, writes).await;
     Ending::new(CloseCode::GoingAway, "coordinator shutting down")
 }
 
