@@ -73,6 +73,23 @@ pub enum Envelope {
         /// The attempt it stood at: taken over only from there.
         attempt: u32,
     },
+    /// For the instance a node moved to (its holder stopped) while it runs
+    /// `job`, which `origin` dispatches: tell `origin` what becomes of it,
+    /// as of an attempt forwarded there and accepted.
+    Watch {
+        /// The dispatching instance.
+        origin: String,
+        /// The node.
+        node: NodeId,
+        /// The attempt.
+        job: JobRef,
+        /// The job's pair.
+        pair: LangPair,
+        /// The job's kind.
+        kind: JobKind,
+        /// Whether it runs on the kind's fallback.
+        fallback: bool,
+    },
     /// For a job's dispatcher: what became of one attempt.
     Answer {
         /// The attempt.
@@ -198,8 +215,20 @@ mod tests {
                 },
             },
             Envelope::Answer {
-                job,
+                job: job.clone(),
                 answer: RemoteAnswer::Finished,
+            },
+            Envelope::Answer {
+                job: job.clone(),
+                answer: RemoteAnswer::Moving,
+            },
+            Envelope::Watch {
+                origin: "a".into(),
+                node: NodeId::new("gpu-1").unwrap(),
+                job,
+                pair: "zh:en".parse().unwrap(),
+                kind: lingua_shared::JobKind::new("asr").unwrap(),
+                fallback: false,
             },
             Envelope::Adopt {
                 from: "b".into(),

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::forward::{Envelope, RemoteAnswer};
 use crate::jobs::JobRouter;
 use crate::registry::{Control, Registry};
-use crate::store::Store;
+use crate::store::{Route, Store};
 
 /// How long one inbox read blocks before the loop looks around.
 const READ_BLOCK: Duration = Duration::from_secs(2);
@@ -186,6 +186,24 @@ async fn deliver(peers: &Peers, envelope: Envelope) {
                 .send(&node, Control::Send(Box::new(Message::JobCancel(cancel))));
         }
         Envelope::Answer { job, answer } => peers.router.remote_answer(&job, answer),
+        Envelope::Watch {
+            origin,
+            node,
+            job,
+            pair,
+            kind,
+            fallback,
+        } => {
+            let route = Route { kind, fallback };
+            if !peers
+                .router
+                .watch_forwarded(job.clone(), &node, (route, pair), &origin)
+            {
+                // Gone from here already: the node moves on, and its
+                // dispatcher looks for it again.
+                peers.router.tell_later(origin, job, RemoteAnswer::Moving);
+            }
+        }
         Envelope::Adopt {
             from,
             pair,

@@ -2053,6 +2053,60 @@ async fn a_forwarded_job_whose_node_does_not_come_back_moves_on() {
     origin.stop().await;
 }
 
+/// A job whose node, accepted and moving from a stopped holder, came back
+/// to another instance and went away from there moves on: that instance,
+/// told of the attempt, says so. Before, it knew nothing of the attempt,
+/// said nothing, and the job waited for nobody until its deadline.
+#[tokio::test]
+async fn a_forwarded_job_whose_node_moved_and_then_went_away_moves_on() {
+    let redis = lingua_tests::redis().await;
+    let holder = TestCoordinator::start(&redis, quiet_node_config()).await;
+    let next_holder = TestCoordinator::start(&redis, quiet_node_config()).await;
+    let (status, health) = next_holder.get("/healthz").await;
+    assert_eq!(status, 200, "{health}");
+    let next_inbox = InstanceKeys::new(health["instance"].as_str().unwrap()).inbox;
+    // Its lease (1.5 s) is how long the node has to come back elsewhere.
+    let config = lingua_coordinator::config::Config {
+        heartbeat_interval: Duration::from_millis(500),
+        max_attempts: 2,
+        ..test_config()
+    };
+    let origin = TestCoordinator::start(&redis, config).await;
+    let mut register = registration("moves-twice", &["zh"], &["en"]);
+    register.capacity = translate_room(1);
+    let (mut node, _) = TestNode::register(&holder.ws_url(), register.clone()).await;
+    let conn = lingua_tests::connect(&redis).await;
+    offered_translations(&conn, "moves-twice").await;
+    let submitted = submit_in_background(&origin, zh_en_job("moved-then-gone", 60_000));
+    let assign = next_assign(&mut node).await;
+    accepted_and_read(&mut node, &assign).await;
+    let agent = TestAgent::start(agent_config("takes-over-later", &origin.ws_url(), 50));
+    agent.registered(1).await;
+    let stopped = tokio::spawn(holder.stop());
+    assert_eq!(node.closed().await, 1001);
+    let (node, _) = TestNode::register(&next_holder.ws_url(), register).await;
+    stopped.await.unwrap();
+    eventually(
+        "the instance it came back to to be told of the attempt",
+        || async { (entries_added(&conn, &next_inbox).await >= 1).then_some(()) },
+    )
+    .await;
+    node.close().await;
+    let answered = tokio::time::timeout(Duration::from_secs(30), submitted);
+    let (status, answer) = answered
+        .await
+        .expect("moved on before its deadline")
+        .unwrap();
+    assert_eq!(
+        (status, &answer["status"], &answer["node_id"]),
+        (200, &json!("completed"), &json!("takes-over-later")),
+        "{answer}"
+    );
+    agent.stop().await.unwrap();
+    origin.stop().await;
+    next_holder.stop().await;
+}
+
 /// An assignment forwarded to an instance that does not hold the node
 /// (its record names an instance it has left) never reached the node:
 /// it uses up no attempt, and the job runs on the next node with room.

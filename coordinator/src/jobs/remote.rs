@@ -99,6 +99,31 @@ impl JobRouter {
         );
     }
 
+    /// Watches an attempt `origin` dispatches, which `node` accepted and
+    /// runs on after it moved here: as a forwarded attempt answered, its
+    /// result or the node's going away is told to `origin`. False when
+    /// the node is not held here (any more).
+    pub fn watch_forwarded(
+        &self,
+        job: JobRef,
+        node: &NodeId,
+        (route, pair): (Route, LangPair),
+        origin: &str,
+    ) -> bool {
+        if self.registry.get(node).is_none() {
+            return false;
+        }
+        let watched = Forwarded {
+            node: node.clone(),
+            pair,
+            route,
+            origin: origin.to_owned(),
+            counted: false,
+        };
+        lock(&self.forwarded).insert(job, watched);
+        true
+    }
+
     /// Ends a forwarded assignment: uncounted from its node's hints if no
     /// answer did that already.
     pub(super) fn end_forwarded(&self, job: &JobRef) -> Option<Forwarded> {
@@ -211,7 +236,20 @@ impl JobRouter {
             attempt.moving_since = None;
             match back {
                 Some(holder) if holder == self.instance => {}
-                Some(holder) => attempt.holder = Some(holder),
+                Some(holder) => {
+                    // Told of the attempt, so that the node's going away
+                    // from there is told here.
+                    let watch = Envelope::Watch {
+                        origin: self.instance.clone(),
+                        node: node.clone(),
+                        job: key.clone(),
+                        pair: attempt.pair,
+                        kind: attempt.route.kind.clone(),
+                        fallback: attempt.route.fallback,
+                    };
+                    forward::post(&self.store, &self.tasks, holder.clone(), watch);
+                    attempt.holder = Some(holder);
+                }
                 None => {
                     tracing::warn!(node_id = %node, job_id = %key.job_id, "a node that moved from a stopped coordinator instance did not come back within a lease");
                     let _ = attempt.events.send(AttemptEvent::NodeLost);
