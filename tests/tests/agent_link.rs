@@ -173,16 +173,13 @@ async fn reload_applies_limits_live() {
     coordinator.stop().await;
 }
 
-#[tokio::test]
-async fn results_finished_while_disconnected_are_delivered_once_after_reconnect() {
-    let redis = lingua_tests::redis().await;
-    let coordinator = TestCoordinator::start(&redis, test_config()).await;
-    let addr = coordinator.addr;
-    let agent = TestAgent::start(agent_config("outboxer", &coordinator.ws_url(), 800));
-    agent.registered(1).await;
+/// Submits translate jobs `ids` without waiting for them, and waits until
+/// `agent` runs them all.
+async fn submitted_and_running(coordinator: &TestCoordinator, agent: &TestAgent, ids: &[&str]) {
     let client = reqwest::Client::new();
-    for i in 0..3 {
-        let job = serde_json::json!({"id": format!("r-{i}"), "kind": "translate", "src_lang": "zh", "tgt_lang": "en"});
+    for id in ids {
+        let job =
+            serde_json::json!({"id": id, "kind": "translate", "src_lang": "zh", "tgt_lang": "en"});
         let response = client
             .post(coordinator.url("/v1/jobs?wait=false"))
             .json(&job)
@@ -192,10 +189,20 @@ async fn results_finished_while_disconnected_are_delivered_once_after_reconnect(
         assert_eq!(response.status(), 202);
     }
     let arbiter = agent.handles.arbiter.clone();
-    eventually("three jobs to run", || async {
-        (arbiter.running() == 3).then_some(())
+    eventually("the jobs to run", || async {
+        (arbiter.running() as usize == ids.len()).then_some(())
     })
     .await;
+}
+
+#[tokio::test]
+async fn results_finished_while_disconnected_are_delivered_once_after_reconnect() {
+    let redis = lingua_tests::redis().await;
+    let coordinator = TestCoordinator::start(&redis, test_config()).await;
+    let addr = coordinator.addr;
+    let agent = TestAgent::start(agent_config("outboxer", &coordinator.ws_url(), 800));
+    agent.registered(1).await;
+    submitted_and_running(&coordinator, &agent, &["r-0", "r-1", "r-2"]).await;
 
     // The coordinator goes away while they run; they finish disconnected.
     coordinator.stop().await;
@@ -255,20 +262,7 @@ command = ["sh", "-c", '{script}']
     let config = AgentConfig::parse(&agent_toml("large", &coordinator.ws_url(), &rest)).unwrap();
     let agent = TestAgent::start(config);
     agent.registered(1).await;
-    let job =
-        serde_json::json!({"id": "large", "kind": "translate", "src_lang": "zh", "tgt_lang": "en"});
-    let response = reqwest::Client::new()
-        .post(coordinator.url("/v1/jobs?wait=false"))
-        .json(&job)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 202);
-    let arbiter = agent.handles.arbiter.clone();
-    eventually("the job to run", || async {
-        (arbiter.running() == 1).then_some(())
-    })
-    .await;
+    submitted_and_running(&coordinator, &agent, &["large"]).await;
     coordinator.stop().await;
     let mut status = agent.handles.status.clone();
     status.wait_for(|s| !s.connected).await.unwrap();

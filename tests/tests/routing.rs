@@ -17,7 +17,7 @@ use lingua_coordinator::private_redis::PrivateRedis;
 use lingua_coordinator::store::{NewJob, PickOn, Route, Store};
 use lingua_shared::protocol::{
     CapacityReport, FailureCode, JobAssign, JobCancel, JobRef, JobReject, JobResult, Outcome,
-    RejectReason,
+    Register, RejectReason,
 };
 use lingua_shared::{JobId, JobKind, Message};
 use lingua_tests::cluster::RedisCluster;
@@ -875,6 +875,17 @@ async fn entries_added(conn: &redis::aio::MultiplexedConnection, inbox: &str) ->
     redis::from_redis_value(info.remove("entries-added").unwrap()).unwrap()
 }
 
+/// A raw node `name` serving zh -> en with one free translate slot,
+/// registered at `url` and offered jobs; and its registration, to
+/// register it again elsewhere.
+async fn offering_one(redis: &PrivateRedis, url: &str, name: &str) -> (TestNode, Register) {
+    let mut register = registration(name, &["zh"], &["en"]);
+    register.capacity = translate_room(1);
+    let (node, _) = TestNode::register(url, register.clone()).await;
+    offered_translations(&lingua_tests::connect(redis).await, name).await;
+    (node, register)
+}
+
 /// Waits until `node` is in the zh -> en translate routing index: jobs
 /// are offered to it.
 async fn offered_translations(conn: &redis::aio::MultiplexedConnection, node: &str) {
@@ -1116,11 +1127,8 @@ async fn a_node_repeating_its_answer_to_a_forwarded_assignment_sends_one_message
     let (status, health) = origin.get("/healthz").await;
     assert_eq!(status, 200, "{health}");
     let inbox = InstanceKeys::new(health["instance"].as_str().unwrap()).inbox;
-    let mut register = registration("repeater", &["zh"], &["en"]);
-    register.capacity = translate_room(1);
-    let (mut node, _) = TestNode::register(&holder.ws_url(), register).await;
+    let (mut node, _) = offering_one(&redis, &holder.ws_url(), "repeater").await;
     let conn = lingua_tests::connect(&redis).await;
-    offered_translations(&conn, "repeater").await;
     let submitted = submit_in_background(&origin, zh_en_job("repeated", 20_000));
     let assign = next_assign(&mut node).await;
     let key = JobRef {
@@ -1818,11 +1826,8 @@ async fn left_queued_by_the_dead(
 async fn a_job_taken_over_keeps_its_deadline_and_fails_naming_its_own_timeout() {
     let redis = lingua_tests::redis().await;
     let coordinator = TestCoordinator::start(&redis, quiet_node_config()).await;
-    let mut register = registration("silent", &["zh"], &["en"]);
-    register.capacity = translate_room(1);
-    let (mut node, _) = TestNode::register(&coordinator.ws_url(), register).await;
+    let (mut node, _) = offering_one(&redis, &coordinator.ws_url(), "silent").await;
     let mut conn = lingua_tests::connect(&redis).await;
-    offered_translations(&conn, "silent").await;
     let request =
         r#"{"kind":"translate","pair":"zh:en","payload":null,"session_id":null,"timeout_ms":1500}"#;
     left_queued_by_the_dead(&redis, ("short", request), Duration::from_millis(1_500)).await;
@@ -1865,11 +1870,8 @@ async fn an_attempt_refused_after_its_coordinator_began_to_stop_is_handed_over()
     let (status, health) = stopping.get("/healthz").await;
     assert_eq!(status, 200, "{health}");
     let instance = health["instance"].as_str().unwrap().to_owned();
-    let mut register = registration("refuser", &["zh"], &["en"]);
-    register.capacity = translate_room(1);
-    let (mut node, _) = TestNode::register(&staying.ws_url(), register).await;
+    let (mut node, _) = offering_one(&redis, &staying.ws_url(), "refuser").await;
     let conn = lingua_tests::connect(&redis).await;
-    offered_translations(&conn, "refuser").await;
     let submitted = submit_in_background(&stopping, zh_en_job("refused-late", 60_000));
     let first = next_assign(&mut node).await;
     let stopped = tokio::spawn(stopping.stop());
@@ -1985,10 +1987,7 @@ async fn a_forwarded_job_runs_on_through_its_holders_stop() {
         ..quiet_node_config()
     };
     let origin = TestCoordinator::start(&redis, config).await;
-    let mut register = registration("running-on", &["zh"], &["en"]);
-    register.capacity = translate_room(1);
-    let (mut node, _) = TestNode::register(&holder.ws_url(), register.clone()).await;
-    offered_translations(&lingua_tests::connect(&redis).await, "running-on").await;
+    let (mut node, register) = offering_one(&redis, &holder.ws_url(), "running-on").await;
     let submitted = submit_in_background(&origin, zh_en_job("runs-on", 60_000));
     let assign = next_assign(&mut node).await;
     accepted_and_read(&mut node, &assign).await;
@@ -2022,10 +2021,7 @@ async fn a_forwarded_job_whose_node_does_not_come_back_moves_on() {
         ..test_config()
     };
     let origin = TestCoordinator::start(&redis, config).await;
-    let mut register = registration("gone-for-good", &["zh"], &["en"]);
-    register.capacity = translate_room(1);
-    let (mut node, _) = TestNode::register(&holder.ws_url(), register).await;
-    offered_translations(&lingua_tests::connect(&redis).await, "gone-for-good").await;
+    let (mut node, _) = offering_one(&redis, &holder.ws_url(), "gone-for-good").await;
     let submitted = submit_in_background(&origin, zh_en_job("left-behind", 60_000));
     let assign = next_assign(&mut node).await;
     accepted_and_read(&mut node, &assign).await;
@@ -2072,11 +2068,8 @@ async fn a_forwarded_job_whose_node_moved_and_then_went_away_moves_on() {
         ..test_config()
     };
     let origin = TestCoordinator::start(&redis, config).await;
-    let mut register = registration("moves-twice", &["zh"], &["en"]);
-    register.capacity = translate_room(1);
-    let (mut node, _) = TestNode::register(&holder.ws_url(), register.clone()).await;
+    let (mut node, register) = offering_one(&redis, &holder.ws_url(), "moves-twice").await;
     let conn = lingua_tests::connect(&redis).await;
-    offered_translations(&conn, "moves-twice").await;
     let submitted = submit_in_background(&origin, zh_en_job("moved-then-gone", 60_000));
     let assign = next_assign(&mut node).await;
     accepted_and_read(&mut node, &assign).await;
@@ -2178,10 +2171,7 @@ async fn a_lone_stopping_coordinator_leaves_an_unanswered_attempt_to_its_node() 
     };
     let coordinator = TestCoordinator::start(&redis, config.clone()).await;
     let addr = coordinator.addr;
-    let mut register = registration("alone", &["zh"], &["en"]);
-    register.capacity = translate_room(1);
-    let (mut node, _) = TestNode::register(&coordinator.ws_url(), register.clone()).await;
-    offered_translations(&lingua_tests::connect(&redis).await, "alone").await;
+    let (mut node, register) = offering_one(&redis, &coordinator.ws_url(), "alone").await;
     let _submitted = submit_in_background(&coordinator, zh_en_job("left-to-run", 60_000));
     let assign = next_assign(&mut node).await;
     let stopped = tokio::spawn(coordinator.stop());
@@ -2230,11 +2220,7 @@ async fn a_stopping_instance_cancels_an_unanswered_forwarded_assignment_before_c
         ..quiet_node_config()
     };
     let origin = TestCoordinator::start(&redis, config).await;
-    let mut register = registration("forwarded-to", &["zh"], &["en"]);
-    register.capacity = translate_room(1);
-    let (mut node, _) = TestNode::register(&holder.ws_url(), register.clone()).await;
-    let conn = lingua_tests::connect(&redis).await;
-    offered_translations(&conn, "forwarded-to").await;
+    let (mut node, register) = offering_one(&redis, &holder.ws_url(), "forwarded-to").await;
     let submitted = submit_in_background(&origin, zh_en_job("forwarded", 60_000));
     let first = next_assign(&mut node).await;
     let stopped = tokio::spawn(holder.stop());
