@@ -251,8 +251,8 @@ struct Attempt {
     /// Since when the node, which accepted, moves to another instance (its
     /// holder stopped): until it is back, or a lease has passed.
     moving_since: Option<Instant>,
-    /// The node moved once: the instance it came back to knows nothing of
-    /// this attempt, so its going away means the node moves again.
+    /// The node moved once, with the job running: should the instance it
+    /// came back to go away, the node moves again, with the job.
     moved: bool,
 }
 

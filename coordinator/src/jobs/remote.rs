@@ -199,8 +199,8 @@ impl JobRouter {
                     continue;
                 }
                 if attempt.moved {
-                    // Come back to an instance that knew nothing of it: the
-                    // node moves on with it, and is watched again.
+                    // Its holder since it moved is gone: the node moves on
+                    // with the job, and is watched again.
                     attempt.holder = None;
                     attempt.moving_since = Some(Instant::now());
                 } else {

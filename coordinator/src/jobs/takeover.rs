@@ -32,8 +32,8 @@ impl JobRouter {
     /// jobs to (asked of Redis at the first need, once). It says it is
     /// stopping first: of two instances stopping together, the second to
     /// ask sees the first stopping, and neither counts on the other unless
-    /// the first asked before the second said so.
-    /// A Redis error answers no for this once, and is not kept.
+    /// the first asked before the second said so. A Redis error answers
+    /// no for this once, and is not kept.
     pub async fn hands_over(&self) -> bool {
         let asked = self.successor.get_or_try_init(|| async {
             if let Err(err) = self.store.instance_leaving(&self.instance).await {
