@@ -42,8 +42,16 @@ pub fn workspace_binary(name: &str) -> Result<PathBuf, String> {
     ))
 }
 
+/// The log filter of the binaries these tests start: errors only, unless
+/// `LINGUA_TEST_LOG` says otherwise (`LINGUA_TEST_LOG=info` shows what
+/// each coordinator and agent did, on stderr, to follow a failing run).
+fn child_log() -> String {
+    std::env::var("LINGUA_TEST_LOG").unwrap_or_else(|_| "error".into())
+}
+
 /// Writes `config` (agent TOML) to `path` and starts the real
-/// `lingua-agent` binary on it: errors only on stderr, killed on drop.
+/// `lingua-agent` binary on it: errors only on stderr (see
+/// [`child_log`]), killed on drop.
 ///
 /// # Errors
 /// When the binary is missing, the file cannot be written or the process
@@ -53,7 +61,7 @@ pub fn spawn_agent(path: &Path, config: &str) -> Result<Child, String> {
     Command::new(workspace_binary("lingua-agent")?)
         .arg("--config")
         .arg(path)
-        .env("LINGUA_LOG", "error")
+        .env("LINGUA_LOG", child_log())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .kill_on_drop(true)
@@ -112,7 +120,7 @@ impl CoordinatorProcess {
             .arg("--listen")
             .arg(addr.to_string())
             .args(redis.coordinator_args())
-            .env("LINGUA_LOG", "error")
+            .env("LINGUA_LOG", child_log())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .kill_on_drop(true)
@@ -158,6 +166,15 @@ impl CoordinatorProcess {
     /// SIGKILLs it and reaps it.
     pub async fn kill(mut self) {
         let _ = self.child.kill().await;
+    }
+
+    /// Stops it as systemd does (SIGTERM) and returns how it exited.
+    ///
+    /// # Panics
+    /// When it has not exited 30 s after the signal (its stop is bounded
+    /// by about 20 s).
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        crate::signal::terminate(&mut self.child, Duration::from_secs(30)).await
     }
 }
 

@@ -314,9 +314,20 @@ pub fn with_token(mut register: Register, token: &str) -> Register {
 /// zh -> en; `rest` is the rest of it: top-level keys first (a drain
 /// timeout), then `[gpu]` and `[jobs.*]` tables.
 pub fn agent_toml(node_id: &str, url: &str, rest: &str) -> String {
+    agent_toml_listing(node_id, &[url], rest)
+}
+
+/// [`agent_toml`] for an agent listing several coordinators, in the
+/// order it tries them.
+pub fn agent_toml_listing(node_id: &str, urls: &[&str], rest: &str) -> String {
+    let urls = urls
+        .iter()
+        .map(|url| format!("{url:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
     format!(
         r#"node_id = "{node_id}"
-coordinator_url = "{url}"
+coordinator_url = [{urls}]
 {rest}
 [capabilities]
 src_langs = ["zh"]

@@ -1,32 +1,36 @@
 //! Fault injection: jobs flow while agents are SIGKILLed and restarted, one
 //! agent's link is frozen (half-open: a proxy the test controls passes no
 //! byte either way), Redis is restarted and the coordinator is SIGKILLed
-//! and restarted. Every process is real: `redis-server`, the
-//! `lingua-coordinator` and `lingua-agent` binaries, an HTTP inference
-//! service that counts how often each job ran.
+//! and restarted; and, apart, while two coordinators are restarted in
+//! turn (SIGTERM, as systemd does in a rolling restart). Every process is
+//! real: `redis-server`, the `lingua-coordinator` and `lingua-agent`
+//! binaries, an HTTP inference service that counts how often each job ran.
 //!
 //! The promise checked: every submitted job gets a terminal answer
 //! (completed, or failed with a reason), the answer is the one Redis
-//! keeps, a completed job really ran, and none completes twice.
+//! keeps, a completed job really ran, and none completes twice; through
+//! a rolling restart, every job completes and none runs twice.
 //!
 //! Always on: one round of faults. `LINGUA_FAULT_SECONDS=120` repeats the
 //! rounds for that long; run with `-- --nocapture` to see the tally and
 //! the time each fault took to detect (docs/RELIABILITY.md).
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use lingua_coordinator::private_redis::PrivateRedis;
-use lingua_tests::agent_toml;
+use lingua_tests::agent_toml_listing;
 use lingua_tests::fleet::{
     Blackhole, CoordinatorProcess, CountingService, FAST_COORDINATOR, free_local_addr, spawn_agent,
     submit_until_answered,
 };
 use serde_json::{Value, json};
 use tokio::process::Child;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 const AGENTS: usize = 4;
@@ -46,14 +50,16 @@ struct AgentProcess {
 }
 
 impl AgentProcess {
-    fn start(dir: &Path, name: &str, url: &str, service: &str) -> Self {
+    /// Starts `name`, connecting to the first of `urls` it can reach, with
+    /// `slots` jobs at once run by the counting `service`.
+    fn start(dir: &Path, name: &str, urls: &[&str], slots: u32, service: &str) -> Self {
         let config = dir.join(format!("{name}.toml"));
         let rest = format!(
             r#"drain_timeout_ms = 2000
 [gpu]
 backend = "none"
 [jobs.translate]
-max_concurrent = 4
+max_concurrent = {slots}
 executor = "http"
 url = "http://{service}/run"
 timeout_ms = 5000
@@ -62,7 +68,7 @@ timeout_ms = 5000
         let mut agent = Self {
             name: name.to_owned(),
             config,
-            text: agent_toml(name, url, &rest),
+            text: agent_toml_listing(name, urls, &rest),
             child: None,
         };
         agent.spawn();
@@ -86,7 +92,7 @@ struct Fleet {
     dir: tempfile::TempDir,
     redis: PrivateRedis,
     coordinator: Option<CoordinatorProcess>,
-    addr: std::net::SocketAddr,
+    addr: SocketAddr,
     agents: Vec<AgentProcess>,
     proxy: Blackhole,
     http: reqwest::Client,
@@ -112,46 +118,161 @@ impl Fleet {
 
     /// `lingua_nodes_connected` on the coordinator, when it answers.
     async fn connected(&self) -> Option<u64> {
-        let text = self
-            .http
-            .get(self.url("/metrics"))
-            .timeout(Duration::from_secs(1))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        text.lines()
-            .find_map(|l| l.strip_prefix("lingua_nodes_connected "))
-            .and_then(|v| v.trim().parse().ok())
-    }
-
-    /// Polls `check` until it holds; returns how long that took.
-    async fn until<F, Fut>(&self, what: &str, mut check: F) -> Duration
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = bool>,
-    {
-        let started = Instant::now();
-        while !check().await {
-            assert!(
-                started.elapsed() < DETECT_LIMIT,
-                "{what} not within {DETECT_LIMIT:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        started.elapsed()
+        connected(&self.http, self.addr).await
     }
 }
 
-/// Submits job `id` until it gets a terminal answer.
-async fn drive(http: &reqwest::Client, url: &str, id: &str) -> Option<Value> {
-    let job = json!({
-        "id": id, "kind": "translate", "src_lang": "zh", "tgt_lang": "en",
-        "payload": {"job": id, "sleep_ms": 30}, "timeout_ms": 8000,
-    });
-    submit_until_answered(http, &[url.to_owned()], &job, GIVE_UP).await
+/// `lingua_nodes_connected` on the coordinator at `addr`, when it answers.
+async fn connected(http: &reqwest::Client, addr: SocketAddr) -> Option<u64> {
+    let text = http
+        .get(format!("http://{addr}/metrics"))
+        .timeout(Duration::from_secs(1))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("lingua_nodes_connected "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Polls `check` until it holds; returns how long that took.
+async fn until<F, Fut>(what: &str, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let started = Instant::now();
+    while !check().await {
+        assert!(
+            started.elapsed() < DETECT_LIMIT,
+            "{what} not within {DETECT_LIMIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    started.elapsed()
+}
+
+/// Every job a client submitted, with its terminal answer if it got one.
+type Answers = Vec<(String, Option<Value>)>;
+
+/// `clients` clients, each submitting jobs one after another (each to
+/// the next of `jobs_urls` that answers, until it gets a terminal answer;
+/// the payload makes the service take `run_ms`) until `stop` is set.
+fn load(
+    http: &reqwest::Client,
+    jobs_urls: &[String],
+    clients: usize,
+    run_ms: u64,
+    stop: &Arc<AtomicBool>,
+) -> Vec<JoinHandle<Answers>> {
+    (0..clients)
+        .map(|client| {
+            let (http, urls, stop) = (http.clone(), jobs_urls.to_vec(), Arc::clone(stop));
+            tokio::spawn(async move {
+                let mut answers = Answers::new();
+                let mut serial = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    serial += 1;
+                    let id = format!("fault-{client}-{serial}");
+                    let job = json!({
+                        "id": id, "kind": "translate", "src_lang": "zh", "tgt_lang": "en",
+                        "payload": {"job": id, "sleep_ms": run_ms}, "timeout_ms": 8000,
+                    });
+                    let answer = submit_until_answered(&http, &urls, &job, GIVE_UP).await;
+                    answers.push((id, answer));
+                }
+                answers
+            })
+        })
+        .collect()
+}
+
+/// What became of the jobs a load submitted.
+struct Verdict {
+    /// Answers by outcome: `completed`, or `failed: <code>`.
+    tally: BTreeMap<String, usize>,
+    /// Jobs without a terminal answer.
+    unanswered: Vec<String>,
+    /// Jobs the service ran more than once.
+    ran_twice: Vec<String>,
+    submitted: usize,
+}
+
+impl Verdict {
+    /// Stops the load, collects its answers and checks each: its answer
+    /// is the one terminal state Redis keeps (read from `jobs_url`'s
+    /// instance), and a completed job ran.
+    async fn of(
+        clients: Vec<JoinHandle<Answers>>,
+        stop: &AtomicBool,
+        http: &reqwest::Client,
+        jobs_url: &str,
+        service: &CountingService,
+    ) -> Self {
+        stop.store(true, Ordering::Relaxed);
+        let mut answers = Answers::new();
+        for client in clients {
+            answers.extend(client.await.unwrap());
+        }
+        let runs = service.runs();
+        let mut verdict = Self {
+            tally: BTreeMap::new(),
+            unanswered: Vec::new(),
+            ran_twice: Vec::new(),
+            submitted: answers.len(),
+        };
+        for (id, answer) in answers {
+            let Some(answer) = answer else {
+                verdict.unanswered.push(id);
+                continue;
+            };
+            let outcome = if answer["status"] == "completed" {
+                "completed".to_owned()
+            } else {
+                format!(
+                    "failed: {}",
+                    answer["error"]["code"].as_str().unwrap_or("?")
+                )
+            };
+            *verdict.tally.entry(outcome).or_default() += 1;
+            let stored: Value = http
+                .get(format!("{jobs_url}/{id}"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            assert_eq!(
+                (&stored["status"], &stored["attempts"]),
+                (&answer["status"], &answer["attempts"]),
+                "{id}: the answer is the one terminal state Redis keeps"
+            );
+            let executions = runs.get(&id).copied().unwrap_or(0);
+            if answer["status"] == "completed" {
+                assert!(executions >= 1, "{id} completed without running");
+            }
+            if executions > 1 {
+                verdict.ran_twice.push(id);
+            }
+        }
+        verdict
+    }
+
+    fn print(&self, what: &str) {
+        println!(
+            "{what}: {} jobs submitted, {} answered, {:?}, {} ran more than once, \
+             {} without an answer",
+            self.submitted,
+            self.submitted - self.unanswered.len(),
+            self.tally,
+            self.ran_twice.len(),
+            self.unanswered.len()
+        );
+    }
 }
 
 fn rounds_for() -> Duration {
@@ -174,20 +295,19 @@ async fn under_faults_every_job_gets_one_terminal_answer_and_none_completes_twic
         .unwrap_or_else(|e| panic!("{e}"));
     let proxy = Blackhole::start(addr).await;
     let service_addr = service.addr.to_string();
+    let ws_url = coordinator.ws_url();
     let mut agents: Vec<AgentProcess> = (0..AGENTS)
         .map(|i| {
-            AgentProcess::start(
-                dir.path(),
-                &format!("steady-{i}"),
-                &coordinator.ws_url(),
-                &service_addr,
-            )
+            let name = format!("steady-{i}");
+            AgentProcess::start(dir.path(), &name, &[&ws_url], 4, &service_addr)
         })
         .collect();
+    let proxied = format!("ws://{}/v1/node", proxy.addr);
     agents.push(AgentProcess::start(
         dir.path(),
         "behind-proxy",
-        &format!("ws://{}/v1/node", proxy.addr),
+        &[&proxied],
+        4,
         &service_addr,
     ));
     let mut fleet = Fleet {
@@ -200,34 +320,16 @@ async fn under_faults_every_job_gets_one_terminal_answer_and_none_completes_twic
         http: reqwest::Client::new(),
     };
     let everyone = fleet.agents.len() as u64;
-    fleet
-        .until("every agent to connect", || async {
-            fleet.connected().await == Some(everyone)
-        })
-        .await;
+    until("every agent to connect", || async {
+        fleet.connected().await == Some(everyone)
+    })
+    .await;
 
-    // Load: clients submit jobs one after another until told to stop.
     let stop = Arc::new(AtomicBool::new(false));
-    let jobs_url = fleet.url("/v1/jobs");
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|client| {
-            let (http, url, stop) = (fleet.http.clone(), jobs_url.clone(), Arc::clone(&stop));
-            tokio::spawn(async move {
-                let mut answers: Vec<(String, Option<Value>)> = Vec::new();
-                let mut serial = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    serial += 1;
-                    let id = format!("fault-{client}-{serial}");
-                    let answer = drive(&http, &url, &id).await;
-                    answers.push((id, answer));
-                }
-                answers
-            })
-        })
-        .collect();
+    let clients = load(&fleet.http, &[fleet.url("/v1/jobs")], CLIENTS, 30, &stop);
 
     let mut detected: BTreeMap<&str, Vec<Duration>> = BTreeMap::new();
-    let until = Instant::now() + rounds_for();
+    let until_time = Instant::now() + rounds_for();
     let mut round = 0usize;
     loop {
         round += 1;
@@ -235,11 +337,10 @@ async fn under_faults_every_job_gets_one_terminal_answer_and_none_completes_twic
         let victim = round % AGENTS;
         fleet.agents[victim].kill().await;
         let name = fleet.agents[victim].name.clone();
-        let took = fleet
-            .until("a killed agent to go offline", || async {
-                fleet.node_state(&name).await.as_deref() == Some("offline")
-            })
-            .await;
+        let took = until("a killed agent to go offline", || async {
+            fleet.node_state(&name).await.as_deref() == Some("offline")
+        })
+        .await;
         detected
             .entry("agent SIGKILLed: offline")
             .or_default()
@@ -248,11 +349,10 @@ async fn under_faults_every_job_gets_one_terminal_answer_and_none_completes_twic
 
         // A frozen link: nothing passes, nothing closes.
         fleet.proxy.freeze();
-        let took = fleet
-            .until("the frozen agent to go offline", || async {
-                fleet.node_state("behind-proxy").await.as_deref() == Some("offline")
-            })
-            .await;
+        let took = until("the frozen agent to go offline", || async {
+            fleet.node_state("behind-proxy").await.as_deref() == Some("offline")
+        })
+        .await;
         detected
             .entry("link frozen: offline")
             .or_default()
@@ -262,12 +362,11 @@ async fn under_faults_every_job_gets_one_terminal_answer_and_none_completes_twic
         // Redis restarted under load.
         let restarted = Instant::now();
         fleet.redis.restart().await.unwrap();
-        let took = fleet
-            .until("every agent back after the Redis restart", || async {
-                fleet.connected().await == Some(everyone)
-                    && fleet.node_state("behind-proxy").await.as_deref() == Some("ready")
-            })
-            .await;
+        let took = until("every agent back after the Redis restart", || async {
+            fleet.connected().await == Some(everyone)
+                && fleet.node_state("behind-proxy").await.as_deref() == Some("ready")
+        })
+        .await;
         detected
             .entry("Redis restarted: all agents ready")
             .or_default()
@@ -283,84 +382,42 @@ async fn under_faults_every_job_gets_one_terminal_answer_and_none_completes_twic
                 .await
                 .unwrap_or_else(|e| panic!("{e}")),
         );
-        fleet
-            .until("every agent back after the coordinator restart", || async {
-                fleet.connected().await == Some(everyone)
-            })
-            .await;
+        until("every agent back after the coordinator restart", || async {
+            fleet.connected().await == Some(everyone)
+        })
+        .await;
         detected
             .entry("coordinator SIGKILLed: all agents back")
             .or_default()
             .push(killed.elapsed());
-        if Instant::now() >= until {
+        if Instant::now() >= until_time {
             break;
         }
     }
-    stop.store(true, Ordering::Relaxed);
 
-    let mut answers = Vec::new();
-    for client in clients {
-        answers.extend(client.await.unwrap());
-    }
-    let runs = service.runs();
-    let mut tally: BTreeMap<String, usize> = BTreeMap::new();
-    let mut unanswered = Vec::new();
-    let mut ran_twice = 0;
-    for (id, answer) in &answers {
-        let Some(answer) = answer else {
-            unanswered.push(id.clone());
-            continue;
-        };
-        let outcome = if answer["status"] == "completed" {
-            "completed".to_owned()
-        } else {
-            format!(
-                "failed: {}",
-                answer["error"]["code"].as_str().unwrap_or("?")
-            )
-        };
-        *tally.entry(outcome).or_default() += 1;
-        let stored: Value = fleet
-            .http
-            .get(fleet.url(&format!("/v1/jobs/{id}")))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(
-            (&stored["status"], &stored["attempts"]),
-            (&answer["status"], &answer["attempts"]),
-            "{id}: the answer is the one terminal state Redis keeps"
-        );
-        let executions = runs.get(id).copied().unwrap_or(0);
-        if answer["status"] == "completed" {
-            assert!(executions >= 1, "{id} completed without running");
-        }
-        if executions > 1 {
-            ran_twice += 1;
-        }
-    }
-    println!(
-        "fault injection: {round} round(s), {} jobs submitted, {} answered, {tally:?}, \
-         {ran_twice} ran more than once (their first node was lost), \
-         {} without an answer",
-        answers.len(),
-        answers.len() - unanswered.len(),
-        unanswered.len()
-    );
+    let verdict = Verdict::of(
+        clients,
+        &stop,
+        &fleet.http,
+        &fleet.url("/v1/jobs"),
+        &service,
+    )
+    .await;
+    verdict.print(&format!("fault injection, {round} round(s)"));
+    println!("  (a job runs more than once when its first node was lost)");
     for (fault, times) in &detected {
         let worst = times.iter().max().copied().unwrap_or_default();
         println!("  {fault}: worst {worst:?} of {}", times.len());
     }
     assert!(
-        unanswered.is_empty(),
-        "jobs without a terminal answer: {unanswered:?}"
+        verdict.unanswered.is_empty(),
+        "jobs without a terminal answer: {:?}",
+        verdict.unanswered
     );
     assert!(
-        tally.get("completed").copied().unwrap_or(0) > 0,
-        "jobs completed under faults: {tally:?}"
+        verdict.tally.get("completed").copied().unwrap_or(0) > 0,
+        "jobs completed under faults: {:?}",
+        verdict.tally
     );
     for agent in &mut fleet.agents {
         agent.kill().await;
@@ -369,4 +426,100 @@ async fn under_faults_every_job_gets_one_terminal_answer_and_none_completes_twic
         coordinator.kill().await;
     }
     fleet.redis.stop().await;
+}
+
+/// A rolling restart: two coordinators under load, each in turn stopped
+/// (SIGTERM) and started again on its address while its nodes move to the
+/// other. There are fewer slots than clients, so each stop leaves jobs
+/// running, jobs waiting for room and requests waiting for answers: it
+/// hands over what it holds, its nodes keep running what they accepted,
+/// and every job completes, none run twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_under_load_completes_every_job_once() {
+    let redis = PrivateRedis::start()
+        .await
+        .unwrap_or_else(|e| panic!("the fault test needs redis-server: {e}"));
+    let service = CountingService::start().await;
+    let service_addr = service.addr.to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let addrs = [free_local_addr(), free_local_addr()];
+    let mut coordinators = Vec::new();
+    for addr in addrs {
+        let started = CoordinatorProcess::start(dir.path(), &redis, addr, FAST_COORDINATOR).await;
+        coordinators.push(Some(started.unwrap_or_else(|e| panic!("{e}"))));
+    }
+    let ws = addrs.map(|addr| format!("ws://{addr}/v1/node"));
+    let mut agents: Vec<AgentProcess> = (0..AGENTS)
+        .map(|i| {
+            let (first, second) = (&ws[i % 2], &ws[(i + 1) % 2]);
+            let name = format!("rolling-{i}");
+            AgentProcess::start(dir.path(), &name, &[first, second], 1, &service_addr)
+        })
+        .collect();
+    let http = reqwest::Client::new();
+    let on_both = || async {
+        let (a, b) = (
+            connected(&http, addrs[0]).await,
+            connected(&http, addrs[1]).await,
+        );
+        a.unwrap_or(0) + b.unwrap_or(0) == AGENTS as u64
+    };
+    until("every agent to connect", on_both).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let jobs_urls = addrs.map(|addr| format!("http://{addr}/v1/jobs"));
+    let clients = load(&http, &jobs_urls, AGENTS * 2, 150, &stop);
+
+    let until_time = Instant::now() + rounds_for();
+    let mut restarts = 0usize;
+    loop {
+        for (which, addr) in addrs.iter().enumerate() {
+            let other = addrs[1 - which];
+            // Under load: jobs running and waiting on both instances.
+            let before = service.runs().len();
+            until("jobs to run", || async {
+                service.runs().len() > before + AGENTS
+            })
+            .await;
+            let stopped = coordinators[which].take().expect("it runs");
+            let status = stopped.terminate().await;
+            assert!(status.success(), "a stop exits 0, not {status}");
+            until("every agent on the other instance", || async {
+                connected(&http, other).await == Some(AGENTS as u64)
+            })
+            .await;
+            let started = CoordinatorProcess::start(dir.path(), &redis, *addr, FAST_COORDINATOR);
+            coordinators[which] = Some(started.await.unwrap_or_else(|e| panic!("{e}")));
+            restarts += 1;
+        }
+        if Instant::now() >= until_time {
+            break;
+        }
+    }
+
+    let verdict = Verdict::of(clients, &stop, &http, &jobs_urls[0], &service).await;
+    verdict.print(&format!("rolling restart, {restarts} restarts"));
+    assert!(
+        verdict.unanswered.is_empty(),
+        "jobs without a terminal answer: {:?}",
+        verdict.unanswered
+    );
+    assert_eq!(
+        verdict.tally.keys().collect::<Vec<_>>(),
+        ["completed"],
+        "every job completes through a rolling restart: {:?}",
+        verdict.tally
+    );
+    assert!(
+        verdict.ran_twice.is_empty(),
+        "jobs run more than once through a rolling restart: {:?}",
+        verdict.ran_twice
+    );
+    for agent in &mut agents {
+        agent.kill().await;
+    }
+    for coordinator in coordinators.into_iter().flatten() {
+        coordinator.kill().await;
+    }
+    redis.stop().await;
 }

@@ -1,6 +1,6 @@
 //! One function per message a registered node sends that needs more than
-//! a line: heartbeats, drains, refusals (results: `results.rs`); and the
-//! cancels this instance's stop sends.
+//! a line: heartbeats, drains, refusals (results: `results.rs`); and what
+//! this instance's stop reads and sends.
 
 use lingua_shared::close::CloseCode;
 use lingua_shared::protocol::{CapacityReport, Drain, JobCancel, JobRef, JobReject, RejectReason};
@@ -9,15 +9,19 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::extract::ws::WebSocket;
-use tokio::time::{Instant, timeout};
+use tokio::time::{Instant, sleep_until, timeout};
 
 use super::NodeServices;
 use super::results::Results;
-use super::{Ending, Handled, MAX_LOGGED_CHARS, Session, feed};
+use super::{Ending, Frame, Handled, MAX_LOGGED_CHARS, Session, feed, frame_of, take};
 use crate::metrics::Direction;
 
-/// How long the stop spends writing a node its cancels, before the close.
+/// How long the stop spends with a node before the close: reading its
+/// answers, writing its cancels, recording its results.
 const STOP_WRITES: Duration = Duration::from_secs(1);
+/// How long, of that, the stop waits for the node to answer the
+/// assignments it was sent before it cancels the rest.
+const STOP_ANSWERS: Duration = Duration::from_millis(500);
 
 /// How `lingua_shared::encode` begins a heartbeat.
 const HEARTBEAT_START: &[u8] = br#"{"type":"heartbeat","#;
@@ -150,26 +154,32 @@ pub(super) fn reject(services: &NodeServices, session: &mut Session, reject: Job
     Handled::Fine
 }
 
-/// This instance is stopping: every attempt the node has not answered is
-/// cancelled, ahead of the close, when its job goes on elsewhere: handed
-/// to another instance, or (forwarded here) moved on by its dispatcher.
-/// Without the cancel the node would still run the attempt, waiting for
-/// room or already started, for nothing: its result is refused as
-/// superseded. An answer already on its way is overtaken the same way: an
-/// attempt the node accepted stops at the cancel, and records nothing.
-/// With no other instance to take its job, an attempt dispatched here is
-/// not cancelled: the node's run of it, whose result is recorded once the
-/// node is back, is the job's one chance before its deadline. Then the
+/// This instance is stopping. First the node's frames are read, as
+/// usual, until it has answered every assignment sent to it (for up to
+/// [`STOP_ANSWERS`]): an accept on its way when the stop began is read,
+/// and that job runs on where it started, its result recorded wherever
+/// the node goes, rather than being cancelled there and run again
+/// elsewhere. Then every attempt the node still has not answered (it
+/// waits for room on the node, or never reached it) is cancelled, ahead
+/// of the close, when its job goes on elsewhere: handed to another
+/// instance, or (forwarded here) moved on by its dispatcher. Without the
+/// cancel the node would still run it, for nothing: its result is refused
+/// as superseded. An answer sent after all that is overtaken: an attempt
+/// the node accepted stops at the cancel, and records nothing. With no
+/// other instance to take its job, an attempt dispatched here is not
+/// cancelled: the node's run of it, whose result is recorded once the
+/// node is back, is the job's one chance before its deadline. Last, the
 /// results being recorded are recorded, with the time left: their
 /// dispatchers on other instances hear of them, and the node gets their
 /// acknowledgements.
-pub(super) async fn stopping(
+pub(super) async fn stopping<'a>(
     socket: &mut WebSocket,
-    services: &NodeServices,
-    session: &Session,
-    results: &mut Results<'_>,
+    services: &'a NodeServices,
+    session: &mut Session,
+    results: &mut Results<'a>,
 ) -> Ending {
     let writes = async {
+        answers(socket, services, session, results).await?;
         let (mut local, forwarded) = services.router.unanswered(&session.node);
         if !local.is_empty() && !services.router.hands_over().await {
             local.clear();
@@ -195,6 +205,31 @@ pub(super) async fn stopping(
     // the time, or Redis slow to record, is closed without the rest.
     let _ = timeout(STOP_WRITES, writes).await;
     Ending::new(CloseCode::GoingAway, "coordinator shutting down")
+}
+
+/// Reads the node's frames, as the connection does, until the node has
+/// answered every assignment sent to it, or for [`STOP_ANSWERS`].
+async fn answers<'a>(
+    socket: &mut WebSocket,
+    services: &'a NodeServices,
+    session: &mut Session,
+    results: &mut Results<'a>,
+) -> Result<(), Ending> {
+    let by = Instant::now() + STOP_ANSWERS;
+    while !services.hints.settled(&session.node) {
+        let received = tokio::select! {
+            received = socket.recv(), if results.has_room() => received,
+            Some(recorded) = results.recorded(), if results.recording() => {
+                results.answer(socket, services, &session.node, recorded).await?;
+                continue;
+            }
+            () = sleep_until(by) => return Ok(()),
+        };
+        if let Frame::Data(frame) = frame_of(received)? {
+            take(socket, services, session, &frame, results).await?;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
