@@ -20,27 +20,28 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use futures_util::{SinkExt, StreamExt};
 use lingua_shared::close::CloseCode;
 use lingua_shared::protocol::{
-    Capabilities, CapacityReport, Drain, ErrorFrame, FailureCode, GpuInfo, GpuReading, Heartbeat,
-    JobRef, JobResult, Outcome, RESULT_ANSWERS_VERSION, Register, Secret, VersionRange,
+    Capabilities, CapacityReport, Drain, FailureCode, GpuInfo, GpuReading, JobRef, JobResult,
+    Outcome, Register, Secret, VersionRange,
 };
 use lingua_shared::{
     JobKind, LangCode, MAX_FRAME_BYTES, Message, NodeId, WS_READ_BUFFER_BYTES,
     WS_WRITE_BUFFER_BYTES, decode, encode, encoded_len,
 };
-use rustls_pki_types::CertificateDer;
-use rustls_pki_types::pem::PemObject;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
 use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
 mod batch;
+mod connection;
+mod tls;
 
-use batch::{Batch, Reported};
+use batch::Batch;
+use connection::Connection;
+use tls::connector;
 
 use crate::arbiter::Arbiter;
 use crate::gpu::GpuSnapshot;
@@ -153,37 +154,6 @@ fn reading(gpu: &GpuSnapshot) -> GpuReading {
 enum Ended {
     Reconnect(String),
     Done(LinkEnd),
-}
-
-fn connector(endpoint: &Endpoint) -> Result<Option<Connector>, String> {
-    let Some(ca_file) = &endpoint.ca_file else {
-        // tokio-tungstenite's own: the system's roots.
-        return Ok(None);
-    };
-    let mut roots = rustls::RootCertStore::empty();
-    if endpoint.system_roots {
-        let native = rustls_native_certs::load_native_certs();
-        for err in &native.errors {
-            tracing::warn!(error = %err, "cannot read some of the system's CA certificates");
-        }
-        roots.add_parsable_certificates(native.certs);
-    }
-    let certs = CertificateDer::pem_file_iter(ca_file)
-        .map_err(|e| format!("ca_file {}: {e}", ca_file.display()))?;
-    for cert in certs {
-        let cert = cert.map_err(|e| format!("ca_file {}: {e}", ca_file.display()))?;
-        roots
-            .add(cert)
-            .map_err(|e| format!("ca_file {}: {e}", ca_file.display()))?;
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    Ok(Some(Connector::Rustls(Arc::new(config))))
 }
 
 impl Link {
@@ -339,142 +309,76 @@ impl Link {
         }
     }
 
+    /// Runs one registered connection until it ends: what the jobs say
+    /// and the node's room go out in batches, with a heartbeat every
+    /// interval; what the coordinator sends is handled as it comes.
     async fn session(
         &mut self,
-        mut ws: Ws,
-        (heartbeat, version): (Duration, u32),
+        ws: Ws,
+        agreed: (Duration, u32),
         outbox: &mut BTreeMap<JobRef, JobResult>,
         shutdown: &CancellationToken,
     ) -> Ended {
-        // A write the coordinator does not take within three intervals
-        // (its lease, by default: it has given this node up by then) ends
-        // the link: blocked on it, the agent would not reach the ping that
-        // finds a half-open connection.
-        let write_limit = heartbeat * 3;
-        let mut first = outbox
-            .values()
-            .cloned()
-            .map(Message::JobResult)
-            .collect::<Vec<_>>();
-        if *self.draining.borrow() {
-            first.push(Message::Drain(Drain {
-                reason: "agent shutting down".into(),
-            }));
+        // Room is counted from here: a change while the outbox is sent
+        // again is reported after it.
+        let mut room_changes = self.arbiter.subscribe();
+        let mut connection = Connection::new(ws, agreed, &self.arbiter);
+        let draining = *self.draining.borrow();
+        if let Err(ended) = connection.resend(outbox, draining).await {
+            return ended;
         }
-        // Each within the limit: a large outbox takes what it takes.
-        for message in first {
-            let frame = WsMessage::text(encode(&message));
-            if let Err(ended) = written(write_limit, ws.send(frame), message.type_name()).await {
-                return ended;
-            }
-        }
-        let mut capacity_changes = self.arbiter.subscribe();
-        let mut reported = Reported::new(&self.arbiter);
-        // An older coordinator counts an assignment as answered only by
-        // its accept: every accept goes.
-        let mut batch = Batch::new(version >= RESULT_ANSWERS_VERSION);
+        let heartbeat = agreed.0;
         let mut ticker = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
-        let mut seq = 0u64;
-        let mut last_heard = Instant::now();
-        // When a ping went out that nothing has answered yet.
-        let mut ping_sent: Option<Instant> = None;
         loop {
             let never = Instant::now() + Duration::from_secs(3600);
-            tokio::select! {
-                frame = ws.next() => {
-                    last_heard = Instant::now();
-                    ping_sent = None;
-                    match frame {
-                        Some(Ok(WsMessage::Text(text))) => match decode(text.as_bytes()) {
-                            Ok(message) => {
-                                if let Message::JobAssign(assign) = &message {
-                                    reported.assigned(&assign.kind);
-                                }
-                                self.handle(message, outbox);
-                            }
-                            Err(e) => {
-                                // The link stays up: tell the coordinator what
-                                // was wrong, as it does for ours.
-                                tracing::warn!(error = %e, "bad frame from the coordinator");
-                                batch.push(Message::Error(ErrorFrame { code: e.code(), message: e.to_string() }));
-                            }
-                        },
-                        Some(Ok(WsMessage::Close(frame))) => {
-                            let (code, reason) = frame.map_or((1005, String::new()), |f| (u16::from(f.code), f.reason.to_string()));
-                            return closed(code, reason);
+            let debounced = connection.reported.debounce().unwrap_or(never);
+            let accepts_due = connection.batch.accepts_by().unwrap_or(never);
+            let done = tokio::select! {
+                frame = connection.next() => match connection.received(frame) {
+                    Ok(message) => {
+                        if let Some(message) = message {
+                            self.handle(message, outbox);
                         }
-                        Some(Ok(_)) => {}
-                        Some(Err(e)) => return Ended::Reconnect(format!("connection error: {e}")),
-                        None => return Ended::Reconnect("connection closed".into()),
+                        Ok(())
                     }
+                    Err(ended) => Err(ended),
+                },
+                Some(out) = self.outgoing.recv() => {
+                    self.take(out, &mut connection.batch, outbox);
+                    Ok(())
                 }
-                Some(out) = self.outgoing.recv() => self.take(out, &mut batch, outbox),
-                _ = ticker.tick() => {
-                    // A whole interval: ticks missed while the agent
-                    // stalled come at once, before any answer could.
-                    if ping_sent.is_some_and(|at| at.elapsed() >= heartbeat) {
-                        return Ended::Reconnect("no answer from the coordinator to a ping within a heartbeat interval (half-open connection)".into());
-                    }
-                    seq += 1;
-                    let capacity = reported.report(&self.arbiter);
-                    batch.push(Message::Heartbeat(Heartbeat { seq, capacity }));
-                    // A ping only after two quiet intervals (every third
-                    // heartbeat of an idle link, whose last frame heard is
-                    // the answer to the ping before): a link that does
-                    // not answer is replaced one or two heartbeats later,
-                    // three to five intervals after the last frame heard.
-                    // (An agent stalled for over an interval after a ping
-                    // may find the tick before the answer, and reconnect.)
-                    if ping_sent.is_none() && last_heard.elapsed() >= heartbeat * 2 {
-                        let ping = ws.feed(WsMessage::Ping(Vec::new().into()));
-                        if let Err(ended) = written(write_limit, ping, "ping").await {
-                            return ended;
-                        }
-                        ping_sent = Some(Instant::now());
-                    }
+                _ = ticker.tick() => connection.tick(&self.arbiter).await,
+                Ok(()) = room_changes.changed() => {
+                    connection.room_changed(&self.arbiter);
+                    Ok(())
                 }
-                Ok(()) = capacity_changes.changed() => {
-                    if let Some(report) = reported.changed(&self.arbiter) {
-                        batch.push(Message::Capacity(report));
-                    }
+                () = sleep_until(debounced) => {
+                    connection.debounced(&self.arbiter);
+                    Ok(())
                 }
-                () = sleep_until(reported.debounce().unwrap_or(never)) => {
-                    if let Some(report) = reported.pending(&self.arbiter) {
-                        batch.push(Message::Capacity(report));
-                    }
-                }
-                () = sleep_until(batch.accepts_by().unwrap_or(never)) => {}
+                () = sleep_until(accepts_due) => Ok(()),
                 Ok(()) = self.draining.changed() => {
                     if *self.draining.borrow() {
-                        batch.push(Message::Drain(Drain { reason: "agent shutting down".into() }));
+                        connection.batch.push(Message::Drain(Drain { reason: "agent shutting down".into() }));
                     }
+                    Ok(())
                 }
-                () = shutdown.cancelled() => {
-                    let close = ws.close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
-                        code: WsCloseCode::Normal,
-                        reason: "agent stopped".into(),
-                    }));
-                    let _ = written(write_limit, close, "close").await;
-                    return Ended::Done(LinkEnd::Shutdown);
-                }
+                () = shutdown.cancelled() => return connection.close().await,
+            };
+            if let Err(ended) = done {
+                return ended;
             }
             // Whatever else is ready goes in the same write, a change of
             // slots not seen yet included.
             while let Ok(out) = self.outgoing.try_recv() {
-                self.take(out, &mut batch, outbox);
+                self.take(out, &mut connection.batch, outbox);
             }
-            if capacity_changes.has_changed().unwrap_or(false) {
-                capacity_changes.borrow_and_update();
-                if let Some(report) = reported.changed(&self.arbiter) {
-                    batch.push(Message::Capacity(report));
-                }
+            if room_changes.has_changed().unwrap_or(false) {
+                room_changes.borrow_and_update();
+                connection.room_changed(&self.arbiter);
             }
-            if batch.due(Instant::now()) {
-                let frames = batch.take(reported.pending(&self.arbiter));
-                if let Err(ended) = written(write_limit, send_all(&mut ws, frames), "frames").await
-                {
-                    return ended;
-                }
+            if let Err(ended) = connection.flush(&self.arbiter).await {
+                return ended;
             }
         }
     }
@@ -555,14 +459,6 @@ fn within_frame(result: JobResult) -> JobResult {
         },
         ..result
     }
-}
-
-/// Writes `frames` and flushes once: one write for all of them.
-async fn send_all(ws: &mut Ws, frames: Vec<Message>) -> Result<(), WsError> {
-    for message in frames {
-        ws.feed(WsMessage::text(encode(&message))).await?;
-    }
-    ws.flush().await
 }
 
 /// `write`, given up on (for a reconnection) when it fails or the
