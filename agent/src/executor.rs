@@ -38,7 +38,7 @@ use nix::unistd::Pid;
 use serde::Serialize;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::process::Command;
+use tokio::process::{Child, Command};
 
 use crate::arbiter::Placement;
 use crate::config::ExecutorConfig;
@@ -322,37 +322,12 @@ async fn command(
     argv: &[String],
     timeout: Duration,
     payload: &RawJson,
-    (gpu, device): (Option<&Placement>, Device),
+    placed: (Option<&Placement>, Device),
     on_spawn: &(dyn Fn(u32) + Sync),
 ) -> Outcome {
-    let mut process = Command::new(&argv[0]);
-    process.env("LINGUA_DEVICE", device.name());
-    match gpu {
-        Some(gpu) => process
-            .env("CUDA_VISIBLE_DEVICES", &gpu.uuid)
-            .env("NVIDIA_VISIBLE_DEVICES", &gpu.uuid)
-            .env("LINGUA_GPU_UUID", &gpu.uuid)
-            .env("LINGUA_GPU_INDEX", gpu.index.to_string()),
-        None => process
-            .env_remove("CUDA_VISIBLE_DEVICES")
-            .env_remove("NVIDIA_VISIBLE_DEVICES"),
-    };
-    let mut child = match process
-        .args(&argv[1..])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true)
-        .spawn()
-    {
+    let mut child = match spawned(argv, placed) {
         Ok(child) => child,
-        Err(err) => {
-            return failed(
-                FailureCode::ExecutorFailed,
-                format!("command executor: cannot start {}: {err}", argv[0]),
-            );
-        }
+        Err(failure) => return failure,
     };
     // The child leads its own process group: the group's id is its PID.
     let group = child.id();
@@ -395,26 +370,70 @@ async fn command(
         );
         (status, out, err)
     };
-    let Ok((status, out, err)) = tokio::time::timeout(timeout, run).await else {
-        return failed(
+    match tokio::time::timeout(timeout, run).await {
+        Ok((status, out, err)) => exited(&argv[0], status, &out, &err),
+        Err(_) => failed(
             FailureCode::Timeout,
             format!(
                 "command executor: {} ran over {timeout:?} and was killed",
                 argv[0]
             ),
-        );
+        ),
+    }
+}
+
+/// `argv` started in a process group of its own, its standard streams
+/// piped, told its device and GPU (the only one it sees), or the failure
+/// that it could not start.
+fn spawned(argv: &[String], (gpu, device): (Option<&Placement>, Device)) -> Result<Child, Outcome> {
+    let mut process = Command::new(&argv[0]);
+    process.env("LINGUA_DEVICE", device.name());
+    match gpu {
+        Some(gpu) => process
+            .env("CUDA_VISIBLE_DEVICES", &gpu.uuid)
+            .env("NVIDIA_VISIBLE_DEVICES", &gpu.uuid)
+            .env("LINGUA_GPU_UUID", &gpu.uuid)
+            .env("LINGUA_GPU_INDEX", gpu.index.to_string()),
+        None => process
+            .env_remove("CUDA_VISIBLE_DEVICES")
+            .env_remove("NVIDIA_VISIBLE_DEVICES"),
     };
+    process
+        .args(&argv[1..])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|err| {
+            failed(
+                FailureCode::ExecutorFailed,
+                format!("command executor: cannot start {}: {err}", argv[0]),
+            )
+        })
+}
+
+/// The outcome of `program`, which exited with `status` after writing
+/// `out` (kept from the start) and `err` (kept from the end): its output,
+/// or why it failed, with the end of what it said on stderr.
+fn exited(
+    program: &str,
+    status: std::io::Result<std::process::ExitStatus>,
+    out: &[u8],
+    err: &[u8],
+) -> Outcome {
     let status = match status {
         Ok(status) => status,
         Err(e) => {
             return failed(
                 FailureCode::ExecutorFailed,
-                format!("command executor: waiting for {}: {e}", argv[0]),
+                format!("command executor: waiting for {program}: {e}"),
             );
         }
     };
     if !status.success() {
-        let stderr = String::from_utf8_lossy(&err);
+        let stderr = String::from_utf8_lossy(err);
         let tail: String = stderr
             .trim()
             .chars()
@@ -426,10 +445,10 @@ async fn command(
             .collect();
         return failed(
             FailureCode::ExecutorFailed,
-            format!("command executor: {} {status}: {tail}", argv[0]),
+            format!("command executor: {program} {status}: {tail}"),
         );
     }
-    json_output(&out, "command executor: stdout")
+    json_output(out, "command executor: stdout")
 }
 
 #[cfg(test)]
