@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use lingua_shared::Message;
-use lingua_shared::protocol::JobRef;
+use lingua_shared::protocol::{JobAssign, JobRef};
+use lingua_shared::{Message, NodeId};
 use tokio_util::sync::CancellationToken;
 
 use crate::forward::{Envelope, RemoteAnswer};
@@ -144,33 +144,7 @@ async fn deliver(peers: &Peers, envelope: Envelope) {
             origin,
             node,
             assign,
-        } => {
-            let job = JobRef {
-                job_id: assign.job_id.clone(),
-                attempt: assign.attempt,
-            };
-            peers.router.note_forwarded(
-                job.clone(),
-                &node,
-                (crate::jobs::route_of(&assign), assign.pair),
-                &origin,
-            );
-            let sent = peers
-                .registry
-                .send(&node, Control::Send(Box::new(Message::JobAssign(assign))));
-            if !sent {
-                peers.router.forget_forwarded(&job);
-                // Not held here (its socket closed, by this instance's stop
-                // say): it never reached the node, which uses up no attempt.
-                // Held, but closing or stalled: that counts, as a silence.
-                let answer = if peers.registry.get(&node).is_some() {
-                    RemoteAnswer::Lost
-                } else {
-                    RemoteAnswer::Withdrawn
-                };
-                peers.router.tell_later(origin, job, answer);
-            }
-        }
+        } => forwarded(peers, origin, &node, assign),
         Envelope::Drain { node, reason } => {
             peers.registry.drain(&node, reason);
         }
@@ -211,5 +185,43 @@ async fn deliver(peers: &Peers, envelope: Envelope) {
             attempt,
         } => peers.router.adopt(from, pair, (job_id, attempt)),
         Envelope::Capacity { pair, kinds } => peers.router.room_in(pair, &kinds),
+    }
+}
+
+/// An assignment another instance (`origin`) forwarded for `node`, held
+/// here: sent on to the node, or answered at once when it cannot be.
+fn forwarded(peers: &Peers, origin: String, node: &NodeId, assign: JobAssign) {
+    let job = JobRef {
+        job_id: assign.job_id.clone(),
+        attempt: assign.attempt,
+    };
+    if peers.leaving.is_cancelled() {
+        // Stopping: its nodes are about to move, and new work for them
+        // goes elsewhere, as if the node were not held here.
+        peers
+            .router
+            .tell_later(origin, job, RemoteAnswer::Withdrawn);
+        return;
+    }
+    peers.router.note_forwarded(
+        job.clone(),
+        node,
+        (crate::jobs::route_of(&assign), assign.pair),
+        &origin,
+    );
+    let sent = peers
+        .registry
+        .send(node, Control::Send(Box::new(Message::JobAssign(assign))));
+    if !sent {
+        peers.router.forget_forwarded(&job);
+        // Not held here (its socket closed, by this instance's stop say):
+        // it never reached the node, which uses up no attempt. Held, but
+        // closing or stalled: that counts, as a silence.
+        let answer = if peers.registry.get(node).is_some() {
+            RemoteAnswer::Lost
+        } else {
+            RemoteAnswer::Withdrawn
+        };
+        peers.router.tell_later(origin, job, answer);
     }
 }

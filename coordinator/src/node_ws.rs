@@ -299,7 +299,10 @@ async fn run(
                 }
                 continue;
             }
-            () = &mut shutdown => return frames::stopping(socket, services, session, &mut results).await,
+            () = &mut shutdown => {
+                let connection = (session, control, &mut bad_frames);
+                return frames::stopping(socket, services, connection, &mut results).await;
+            }
         };
         let frame = match frame_of(received) {
             Ok(Frame::Data(frame)) => frame,

@@ -2026,6 +2026,108 @@ async fn an_accept_crossing_the_stop_is_read_before_anything_is_cancelled() {
     staying.stop().await;
 }
 
+/// A dispatcher that gives up on an attempt while its coordinator waits
+/// for the node's answers at the stop (the node did not answer in time)
+/// has its cancel written before the close. Before, what the rest of the
+/// coordinator asked of a connection once its stop began was never
+/// written: the node, not told, could still accept and run the attempt
+/// beside the job's next one, on the instance that took it over.
+#[tokio::test]
+async fn a_cancel_sent_while_the_stop_waits_for_answers_reaches_the_node() {
+    let redis = lingua_tests::redis().await;
+    let config = lingua_coordinator::config::Config {
+        accept_timeout: Duration::from_millis(300),
+        ..quiet_node_config()
+    };
+    let stopping = TestCoordinator::start(&redis, config).await;
+    let staying = TestCoordinator::start(&redis, quiet_node_config()).await;
+    let (mut node, _) = offering_one(&redis, &stopping.ws_url(), "slow-to-answer").await;
+    let _submitted = submit_in_background(&stopping, zh_en_job("unanswered", 60_000));
+    let assign = next_assign(&mut node).await;
+    let stopped = tokio::spawn(stopping.stop());
+    let (messages, code) = node.messages_until_closed().await;
+    assert_eq!(code, 1001, "the stop closes the node's socket");
+    let cancels: Vec<(String, u32, String)> = messages
+        .iter()
+        .filter_map(|message| match message {
+            Message::JobCancel(cancel) => Some((
+                cancel.job_id.to_string(),
+                cancel.attempt,
+                cancel.reason.clone(),
+            )),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        cancels,
+        [(
+            "unanswered".to_owned(),
+            assign.attempt,
+            "not accepted in time".to_owned()
+        )],
+        "{messages:?}"
+    );
+    stopped.await.unwrap();
+    staying.stop().await;
+}
+
+/// An assignment another instance forwards to a stopping one goes
+/// elsewhere: the stopping instance answers `withdrawn` (no attempt used
+/// up) rather than giving it to a node about to move. Before, it was
+/// written to the node while the stop waited for the node's answers.
+#[tokio::test]
+async fn an_assignment_forwarded_to_a_stopping_instance_goes_elsewhere() {
+    let redis = lingua_tests::redis().await;
+    let config = lingua_coordinator::config::Config {
+        accept_timeout: Duration::from_secs(30),
+        ..quiet_node_config()
+    };
+    let stopping = TestCoordinator::start(&redis, config).await;
+    let config = lingua_coordinator::config::Config {
+        max_attempts: 1,
+        ..quiet_node_config()
+    };
+    let staying = TestCoordinator::start(&redis, config).await;
+    let mut register = registration("moving", &["zh"], &["en"]);
+    register.capacity = translate_room(2);
+    let (mut node, _) = TestNode::register(&stopping.ws_url(), register.clone()).await;
+    offered_translations(&lingua_tests::connect(&redis).await, "moving").await;
+    let witness = registration("witness", &["ja"], &["en"]);
+    let (mut witness, _) = TestNode::register(&stopping.ws_url(), witness).await;
+    // Unanswered: the stop waits for the node's answer.
+    let _held = submit_in_background(&stopping, zh_en_job("held", 60_000));
+    next_assign(&mut node).await;
+    let stopped = tokio::spawn(stopping.stop());
+    assert_eq!(witness.closed().await, 1001, "the stop began");
+    let submitted = submit_in_background(&staying, zh_en_job("elsewhere", 60_000));
+    let (messages, code) = node.messages_until_closed().await;
+    assert_eq!(code, 1001, "the stop closes the node's socket");
+    assert!(
+        !messages
+            .iter()
+            .any(|m| matches!(m, Message::JobAssign(a) if a.job_id.as_str() == "elsewhere")),
+        "no new work for a node on the move: {messages:?}"
+    );
+    stopped.await.unwrap();
+    let (mut node, _) = TestNode::register(&staying.ws_url(), register).await;
+    loop {
+        let assign = next_assign(&mut node).await;
+        let last = assign.job_id.as_str() == "elsewhere";
+        accepted_then_done(&mut node, assign).await;
+        if last {
+            break;
+        }
+    }
+    let (status, answer) = submitted.await.unwrap();
+    assert_eq!(
+        (status, &answer["status"]),
+        (200, &json!("completed")),
+        "{answer}"
+    );
+    node.close().await;
+    staying.stop().await;
+}
+
 /// An instance that stops while a node it holds runs a job another
 /// instance dispatched (forwarded, accepted) leaves it running: the
 /// dispatcher keeps waiting, and the node's result, recorded wherever it

@@ -9,12 +9,16 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::extract::ws::WebSocket;
+use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until, timeout};
 
 use super::NodeServices;
 use super::results::Results;
-use super::{Ending, Frame, Handled, MAX_LOGGED_CHARS, Session, feed, frame_of, take};
+use super::{
+    BadFrames, Ending, Frame, Handled, MAX_LOGGED_CHARS, Session, feed, frame_of, instruct, take,
+};
 use crate::metrics::Direction;
+use crate::registry::Control;
 
 /// How long the stop spends with a node before the close: reading its
 /// answers, writing its cancels, recording its results.
@@ -155,13 +159,14 @@ pub(super) fn reject(services: &NodeServices, session: &mut Session, reject: Job
 }
 
 /// This instance is stopping. First the node's frames are read, as
-/// usual, until it has answered every assignment sent to it (for up to
-/// [`STOP_ANSWERS`]): an accept on its way when the stop began is read,
-/// and that job runs on where it started, its result recorded wherever
-/// the node goes, rather than being cancelled there and run again
-/// elsewhere. Then every attempt the node still has not answered (it
-/// waits for room on the node, or never reached it) is cancelled, ahead
-/// of the close, when its job goes on elsewhere: handed to another
+/// usual, and what the rest of the coordinator asked of the connection is
+/// written, until the node has answered every assignment sent to it (for
+/// up to [`STOP_ANSWERS`]): an accept on its way when the stop began is
+/// read, and that job runs on where it started, its result recorded
+/// wherever the node goes, rather than being cancelled there and run
+/// again elsewhere. Then every attempt the node still has not answered
+/// (it waits for room on the node, or never reached it) is cancelled,
+/// ahead of the close, when its job goes on elsewhere: handed to another
 /// instance, or (forwarded here) moved on by its dispatcher. Without the
 /// cancel the node would still run it, for nothing: its result is refused
 /// as superseded. An answer sent after all that is overtaken: an attempt
@@ -169,37 +174,37 @@ pub(super) fn reject(services: &NodeServices, session: &mut Session, reject: Job
 /// other instance to take its job, an attempt dispatched here is not
 /// cancelled: the node's run of it, whose result is recorded once the
 /// node is back, is the job's one chance before its deadline. Last, the
-/// results being recorded are recorded, with the time left: their
-/// dispatchers on other instances hear of them, and the node gets their
-/// acknowledgements.
+/// results being recorded are recorded, with the time left, also when
+/// the node went away meanwhile: their dispatchers on other instances
+/// hear of them, and the node gets their acknowledgements.
 pub(super) async fn stopping<'a>(
     socket: &mut WebSocket,
     services: &'a NodeServices,
-    session: &mut Session,
+    (session, control, bad_frames): (&mut Session, &mut mpsc::Receiver<Control>, &mut BadFrames),
     results: &mut Results<'a>,
 ) -> Ending {
     let writes = async {
-        answers(socket, services, session, results).await?;
-        let (mut local, forwarded) = services.router.unanswered(&session.node);
-        if !local.is_empty() && !services.router.hands_over().await {
-            local.clear();
-        }
-        for key in local.into_iter().chain(forwarded) {
-            let cancel = Message::JobCancel(JobCancel {
-                job_id: key.job_id,
-                attempt: key.attempt,
-                reason: "coordinator stopping".into(),
-            });
-            feed(socket, services, &cancel).await?;
+        let answered = answers(socket, services, (session, control, bad_frames), results).await;
+        if answered.is_ok() {
+            // What is left is written as the connection would, not lost.
+            while let Ok(first) = control.try_recv() {
+                if instruct(socket, services, session, (Some(first), control))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            let _ = cancels(socket, services, session).await;
         }
         while results.recording() {
             if let Some(recorded) = results.recorded().await {
-                results
+                // Recorded whatever becomes of its acknowledgement.
+                let _ = results
                     .answer(socket, services, &session.node, recorded)
-                    .await?;
+                    .await;
             }
         }
-        Ok::<(), Ending>(())
     };
     // Sent with the close frame; a node that does not take them within
     // the time, or Redis slow to record, is closed without the rest.
@@ -207,12 +212,13 @@ pub(super) async fn stopping<'a>(
     Ending::new(CloseCode::GoingAway, "coordinator shutting down")
 }
 
-/// Reads the node's frames, as the connection does, until the node has
-/// answered every assignment sent to it, or for [`STOP_ANSWERS`].
+/// Reads the node's frames, and writes what was asked of the connection,
+/// as the connection does, until the node has answered every assignment
+/// sent to it, or for [`STOP_ANSWERS`].
 async fn answers<'a>(
     socket: &mut WebSocket,
     services: &'a NodeServices,
-    session: &mut Session,
+    (session, control, bad_frames): (&mut Session, &mut mpsc::Receiver<Control>, &mut BadFrames),
     results: &mut Results<'a>,
 ) -> Result<(), Ending> {
     let by = Instant::now() + STOP_ANSWERS;
@@ -220,14 +226,43 @@ async fn answers<'a>(
         let received = tokio::select! {
             received = socket.recv(), if results.has_room() => received,
             Some(recorded) = results.recorded(), if results.recording() => {
-                results.answer(socket, services, &session.node, recorded).await?;
+                let handled = results.answer(socket, services, &session.node, recorded).await?;
+                bad_frames.count(&handled)?;
+                continue;
+            }
+            instruction = control.recv() => {
+                instruct(socket, services, session, (instruction, control)).await?;
+                results.sent();
                 continue;
             }
             () = sleep_until(by) => return Ok(()),
         };
         if let Frame::Data(frame) = frame_of(received)? {
-            take(socket, services, session, &frame, results).await?;
+            let handled = take(socket, services, session, &frame, results).await?;
+            bad_frames.count(&handled)?;
         }
+    }
+    Ok(())
+}
+
+/// Cancels the attempts the node has not answered whose jobs go on
+/// elsewhere.
+async fn cancels(
+    socket: &mut WebSocket,
+    services: &NodeServices,
+    session: &Session,
+) -> Result<(), Ending> {
+    let (mut local, forwarded) = services.router.unanswered(&session.node);
+    if !local.is_empty() && !services.router.hands_over().await {
+        local.clear();
+    }
+    for key in local.into_iter().chain(forwarded) {
+        let cancel = Message::JobCancel(JobCancel {
+            job_id: key.job_id,
+            attempt: key.attempt,
+            reason: "coordinator stopping".into(),
+        });
+        feed(socket, services, &cancel).await?;
     }
     Ok(())
 }
