@@ -233,83 +233,26 @@ impl Jobs {
         (key, cancel): (JobRef, CancellationToken),
         (executors, received): (Executors, Instant),
     ) {
-        // A cancel (the coordinator gave up on the attempt) ends the wait:
-        // the job leaves the arbiter's queue and any room held for it.
-        let until = self.wait_until(&job, received);
-        let admitted = tokio::select! {
-            biased;
-            () = cancel.cancelled() => None,
-            admitted = self.admit(&job, until, executors.fallback.is_some()) => Some(admitted),
-        };
-        let permit = match admitted {
-            None => {
-                self.attempts().running.remove(&key);
-                tracing::debug!(job_id = %job.job_id, attempt = job.attempt, "cancelled while waiting for a slot");
-                return;
-            }
-            Some(Ok(permit)) => permit,
-            Some(Err(refusal)) => {
-                self.attempts().running.remove(&key);
-                let reason = match refusal {
-                    Refusal::UnknownKind(_) => RejectReason::UnknownKind,
-                    Refusal::Draining => RejectReason::Draining,
-                    Refusal::Concurrency { .. }
-                    | Refusal::Pressure { .. }
-                    | Refusal::Memory { .. }
-                    | Refusal::Unavailable(_)
-                    | Refusal::Stale { .. }
-                    | Refusal::Fallback { .. } => RejectReason::NoCapacity,
-                };
-                return self.reject(&job, reason, refusal.to_string());
-            }
+        let Some(permit) = self
+            .admitted(&job, (&key, &cancel), (&executors, received))
+            .await
+        else {
+            return;
         };
         let _ = self
             .outgoing
             .send(Outgoing::Accept(key.clone(), answer_by(&job, received)));
         let started = Instant::now();
-        let deadline = later(received, job.timeout_ms);
         let on_fallback = permit.is_fallback();
         let (executor, device) = match &executors.fallback {
             Some(fallback) if on_fallback => (fallback, Device::Cpu),
             _ if permit.placement().is_some() => (&executors.primary, Device::Gpu),
             _ => (&executors.primary, Device::Cpu),
         };
-        let outcome = {
-            let on_spawn = |group| permit.watch_process_group(group);
-            let run = executor.run(&job, (permit.placement(), device), &on_spawn);
-            let overrun = permit.overrun();
-            tokio::pin!(run, overrun);
-            let mut overrun_told = false;
-            loop {
-                tokio::select! {
-                    biased;
-                    () = cancel.cancelled() => break Outcome::Failed { code: FailureCode::Cancelled, message: "cancelled by the coordinator".into() },
-                    outcome = &mut run => break outcome,
-                    () = tokio::time::sleep_until(deadline) => {
-                        tracing::warn!(job_id = %job.job_id, attempt = job.attempt, timeout_ms = job.timeout_ms, "watchdog: job overran its deadline and was stopped");
-                        break Outcome::Failed { code: FailureCode::Timeout, message: format!("the job was not done {} ms after it arrived, its deadline, and was stopped", job.timeout_ms) };
-                    }
-                    overrun = &mut overrun, if !overrun_told => {
-                        overrun_told = true;
-                        if let Some(failed) = vram_overrun(&job, overrun) {
-                            break failed;
-                        }
-                    }
-                }
-            }
-        };
+        let deadline = later(received, job.timeout_ms);
+        let outcome = watched(&job, (executor, device), &permit, (&cancel, deadline)).await;
         drop(permit);
-        {
-            let mut attempts = self.attempts();
-            attempts.running.remove(&key);
-            attempts.finished.insert(key.clone());
-            attempts.finished_order.push_back(key);
-            while attempts.finished_order.len() > REMEMBERED_ATTEMPTS {
-                if let Some(old) = attempts.finished_order.pop_front() {
-                    attempts.finished.remove(&old);
-                }
-            }
-        }
+        self.ended(key);
         let ran = started.elapsed();
         if matches!(outcome, Outcome::Completed { .. }) && !on_fallback {
             self.ran(&job.kind, ran);
@@ -332,6 +275,60 @@ impl Jobs {
         }));
     }
 
+    /// A slot for attempt `key` of `job`, or none: cancelled while it
+    /// waited (a cancel, the coordinator giving up on the attempt, ends
+    /// the wait: the job leaves the arbiter's queue and any room held for
+    /// it), or refused, which the coordinator is told.
+    async fn admitted(
+        &self,
+        job: &JobAssign,
+        (key, cancel): (&JobRef, &CancellationToken),
+        (executors, received): (&Executors, Instant),
+    ) -> Option<Permit> {
+        let until = self.wait_until(job, received);
+        let admitted = tokio::select! {
+            biased;
+            () = cancel.cancelled() => None,
+            admitted = self.admit(job, until, executors.fallback.is_some()) => Some(admitted),
+        };
+        let refusal = match admitted {
+            Some(Ok(permit)) => return Some(permit),
+            None => None,
+            Some(Err(refusal)) => Some(refusal),
+        };
+        self.attempts().running.remove(key);
+        let Some(refusal) = refusal else {
+            tracing::debug!(job_id = %job.job_id, attempt = job.attempt, "cancelled while waiting for a slot");
+            return None;
+        };
+        let reason = match refusal {
+            Refusal::UnknownKind(_) => RejectReason::UnknownKind,
+            Refusal::Draining => RejectReason::Draining,
+            Refusal::Concurrency { .. }
+            | Refusal::Pressure { .. }
+            | Refusal::Memory { .. }
+            | Refusal::Unavailable(_)
+            | Refusal::Stale { .. }
+            | Refusal::Fallback { .. } => RejectReason::NoCapacity,
+        };
+        self.reject(job, reason, refusal.to_string());
+        None
+    }
+
+    /// Attempt `key` ended: it is remembered as run (a repeated
+    /// assignment of it is refused) among the last ones.
+    fn ended(&self, key: JobRef) {
+        let mut attempts = self.attempts();
+        attempts.running.remove(&key);
+        attempts.finished.insert(key.clone());
+        attempts.finished_order.push_back(key);
+        while attempts.finished_order.len() > REMEMBERED_ATTEMPTS {
+            if let Some(old) = attempts.finished_order.pop_front() {
+                attempts.finished.remove(&old);
+            }
+        }
+    }
+
     /// Waits until every job task has ended (after draining).
     pub async fn wait_idle(&self) {
         self.tasks.close();
@@ -344,6 +341,39 @@ impl Jobs {
     pub fn cancel(&self, job: &JobRef) {
         if let Some(token) = self.attempts().running.get(job) {
             token.cancel();
+        }
+    }
+}
+
+/// The run of `job` by `executor` on `permit`'s room, watched: stopped by
+/// `cancel` or at `deadline` (the watchdog), and told (once) when its
+/// processes hold more GPU memory than its kind declares.
+async fn watched(
+    job: &JobAssign,
+    (executor, device): (&Executor, Device),
+    permit: &Permit,
+    (cancel, deadline): (&CancellationToken, Instant),
+) -> Outcome {
+    let on_spawn = |group| permit.watch_process_group(group);
+    let run = executor.run(job, (permit.placement(), device), &on_spawn);
+    let overrun = permit.overrun();
+    tokio::pin!(run, overrun);
+    let mut overrun_told = false;
+    loop {
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => break Outcome::Failed { code: FailureCode::Cancelled, message: "cancelled by the coordinator".into() },
+            outcome = &mut run => break outcome,
+            () = tokio::time::sleep_until(deadline) => {
+                tracing::warn!(job_id = %job.job_id, attempt = job.attempt, timeout_ms = job.timeout_ms, "watchdog: job overran its deadline and was stopped");
+                break Outcome::Failed { code: FailureCode::Timeout, message: format!("the job was not done {} ms after it arrived, its deadline, and was stopped", job.timeout_ms) };
+            }
+            overrun = &mut overrun, if !overrun_told => {
+                overrun_told = true;
+                if let Some(failed) = vram_overrun(job, overrun) {
+                    break failed;
+                }
+            }
         }
     }
 }
