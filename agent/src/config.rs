@@ -21,8 +21,13 @@ use lingua_shared::{JobKind, LangCode, NodeId};
 use serde::Deserialize;
 use toml::Spanned;
 
+mod gpu;
 mod kind;
 
+pub use gpu::{
+    Backend, DEFAULT_IGNORED_XIDS, DeviceSelector, GpuConfig, NvmlConfig, Pressure, SimulatedGpus,
+};
+use gpu::{RawGpu, gpu_config};
 pub use kind::{Busy, ExecutorConfig, Fallback, KindConfig, OverrunAction};
 use kind::{RawKind, kind_config};
 
@@ -30,94 +35,6 @@ use kind::{RawKind, kind_config};
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/lingua/agent.toml";
 /// The coordinator URL without configuration.
 pub const DEFAULT_COORDINATOR_URL: &str = "ws://127.0.0.1:7700/v1/node";
-
-/// Which GPU probe to use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backend {
-    /// NVIDIA GPUs through NVML.
-    Nvml,
-    /// Fake GPUs whose memory follows the jobs (tests, the demo).
-    Simulated,
-    /// No GPU: admission by `max_concurrent` alone.
-    None,
-}
-
-impl Backend {
-    /// The name used in the config and in `probe` output.
-    pub fn name(self) -> &'static str {
-        match self {
-            Backend::Nvml => "nvml",
-            Backend::Simulated => "simulated",
-            Backend::None => "none",
-        }
-    }
-}
-
-/// The simulated GPUs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SimulatedGpus {
-    /// How many.
-    pub count: u32,
-    /// Memory of each, in MiB.
-    pub memory_mb: u64,
-    /// Memory held on each by processes the agent does not own.
-    pub external_used_mb: u64,
-}
-
-/// The utilisation-pressure mode of the arbiter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Pressure {
-    /// Enter pressure when a GPU's utilisation reaches this (percent).
-    pub enter_pct: u8,
-    /// Leave pressure when every GPU is at or below this (percent).
-    pub exit_pct: u8,
-    /// Under pressure only kinds with at least this priority are admitted.
-    pub min_priority: u8,
-}
-
-/// Application Xids: errors a CUDA program causes (a bad kernel, a
-/// process killed mid-work) that leave the GPU itself fine.
-pub const DEFAULT_IGNORED_XIDS: [u64; 6] = [13, 31, 43, 45, 68, 109];
-
-/// One entry of `[gpu] devices`: a GPU (or MIG instance) by UUID, or a GPU
-/// by its NVML index.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DeviceSelector {
-    /// `GPU-…` or `MIG-…`.
-    Uuid(String),
-    /// The NVML index (the order of `nvidia-smi -L`).
-    Index(u32),
-}
-
-/// The `[gpu.nvml]` table.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NvmlConfig {
-    /// Load NVML from this file instead of the system's `libnvidia-ml.so.1`.
-    pub library_path: Option<PathBuf>,
-    /// Xid errors that do not take a GPU out.
-    pub ignored_xids: Vec<u64>,
-}
-
-/// The `[gpu]` table.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct GpuConfig {
-    /// The probe.
-    pub backend: Backend,
-    /// The GPUs this agent schedules on (empty: all of them).
-    pub devices: Vec<DeviceSelector>,
-    /// A reading older than this admits nothing.
-    pub stale_after: Duration,
-    /// NVML settings.
-    pub nvml: NvmlConfig,
-    /// VRAM per GPU never handed out.
-    pub reserve_mb: u64,
-    /// How often the probe is read.
-    pub poll_interval: Duration,
-    /// Pressure thresholds.
-    pub pressure: Pressure,
-    /// The simulated GPUs (backend `simulated`).
-    pub simulated: SimulatedGpus,
-}
 
 /// A validated agent configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -181,43 +98,6 @@ struct RawCapabilities {
     tgt_langs: Spanned<Vec<String>>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawGpu {
-    backend: Option<Spanned<String>>,
-    reserve_mb: Option<Spanned<u64>>,
-    poll_interval_ms: Option<Spanned<u64>>,
-    pressure_enter_pct: Option<Spanned<u8>>,
-    pressure_exit_pct: Option<Spanned<u8>>,
-    pressure_min_priority: Option<Spanned<u8>>,
-    devices: Option<Spanned<Vec<RawDevice>>>,
-    stale_after_ms: Option<Spanned<u64>>,
-    nvml: Option<RawNvml>,
-    simulated: Option<RawSimulatedGpus>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum RawDevice {
-    Index(i64),
-    Uuid(String),
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawNvml {
-    library_path: Option<Spanned<PathBuf>>,
-    ignored_xids: Option<Spanned<Vec<u64>>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawSimulatedGpus {
-    count: Option<Spanned<u32>>,
-    memory_mb: Option<Spanned<u64>>,
-    external_used_mb: Option<Spanned<u64>>,
-}
-
 impl AgentConfig {
     /// Reads and validates a config file. `token_file` is read relative to
     /// the working directory, like every other path.
@@ -229,7 +109,6 @@ impl AgentConfig {
     pub fn parse(source: &str) -> Result<Self, ConfigError> {
         let raw: RawConfig = config_check::parse(source)?;
         let check = Checker::new(source);
-
         let node_id = match raw.node_id {
             Some(id) => {
                 let span = id.span();
@@ -238,83 +117,9 @@ impl AgentConfig {
             }
             None => default_node_id()?,
         };
-        let coordinator_urls = match raw.coordinator_url {
-            Some(urls) => {
-                let span = urls.span();
-                let urls = match urls.into_inner() {
-                    UrlList::One(url) => vec![url],
-                    UrlList::Many(urls) => urls,
-                };
-                if urls.is_empty() {
-                    return Err(check.invalid(
-                        "coordinator_url",
-                        span,
-                        format!(
-                            "list at least one coordinator, like [\"{DEFAULT_COORDINATOR_URL}\"]"
-                        ),
-                    ));
-                }
-                if let Some(url) = urls
-                    .iter()
-                    .find(|url| !(url.starts_with("ws://") || url.starts_with("wss://")))
-                {
-                    return Err(check.invalid(
-                        "coordinator_url",
-                        span,
-                        format!("{url:?} must start with ws:// or wss://, like \"{DEFAULT_COORDINATOR_URL}\""),
-                    ));
-                }
-                urls
-            }
-            None => vec![DEFAULT_COORDINATOR_URL.to_owned()],
-        };
-        let token = match (raw.token, raw.token_file) {
-            (Some(_), Some(file)) => {
-                return Err(check.invalid(
-                    "token_file",
-                    file.span(),
-                    "set token or token_file, not both",
-                ));
-            }
-            (Some(token), None) => Some(token),
-            (None, Some(file)) => {
-                let span = file.span();
-                let path = file.into_inner();
-                let text = std::fs::read_to_string(&path).map_err(|e| {
-                    check.invalid(
-                        "token_file",
-                        span.clone(),
-                        format!("cannot read {}: {e}", path.display()),
-                    )
-                })?;
-                let token = text.trim().to_owned();
-                if token.is_empty() {
-                    return Err(check.invalid(
-                        "token_file",
-                        span,
-                        format!("{} is empty", path.display()),
-                    ));
-                }
-                Some(token)
-            }
-            (None, None) => None,
-        };
-        let metrics_listen = match raw.metrics_listen {
-            Some(addr) => {
-                let span = addr.span();
-                Some(addr.get_ref().parse().map_err(|_| {
-                    check.invalid(
-                        "metrics_listen",
-                        span,
-                        format!(
-                            "{:?} is not an address; write it as \"127.0.0.1:9471\"",
-                            addr.get_ref()
-                        ),
-                    )
-                })?)
-            }
-            None => None,
-        };
+        let coordinator_urls = coordinator_urls(check, raw.coordinator_url)?;
+        let token = token(check, raw.token, raw.token_file)?;
+        let metrics_listen = metrics_listen(check, raw.metrics_listen)?;
         let Some(capabilities) = raw.capabilities else {
             return Err(ConfigError::invalid(
                 "capabilities",
@@ -324,47 +129,14 @@ impl AgentConfig {
         let src_langs = languages(check, "capabilities.src_langs", capabilities.src_langs)?;
         let tgt_langs = languages(check, "capabilities.tgt_langs", capabilities.tgt_langs)?;
         let gpu = gpu_config(check, raw.gpu)?;
-        if raw.jobs.is_empty() {
-            return Err(ConfigError::invalid(
-                "jobs",
-                "no job kinds: add at least one [jobs.<kind>] table, like [jobs.translate]",
-            ));
-        }
-        let mut jobs = BTreeMap::new();
-        for (name, kind) in raw.jobs {
-            let span = name.span();
-            let name = name.into_inner();
-            let kind_id = JobKind::new(name.as_str())
-                .map_err(|e| check.invalid(format!("jobs.{name}"), span.clone(), e.to_string()))?;
-            let kind = kind_config(check, &name, span, kind, gpu.backend)?;
-            jobs.insert(kind_id, kind);
-        }
-        let system_roots = match (&raw.system_roots, &raw.ca_file) {
-            (Some(roots), None) if !*roots.get_ref() => {
-                return Err(check.invalid(
-                    "system_roots",
-                    roots.span(),
-                    "system_roots = false needs a ca_file to trust instead",
-                ));
-            }
-            (Some(roots), _) => *roots.get_ref(),
-            (None, _) => true,
-        };
+        let jobs = kinds(check, raw.jobs, gpu.backend)?;
+        let (system_roots, ca_file) = trust(check, raw.system_roots, raw.ca_file)?;
         Ok(AgentConfig {
             node_id,
             coordinator_urls,
             token,
             system_roots,
-            ca_file: match raw.ca_file {
-                None => None,
-                Some(file) => {
-                    let span = file.span();
-                    let path = file.into_inner();
-                    config_check::check_ca_file(&path)
-                        .map_err(|message| check.invalid("ca_file", span, message))?;
-                    Some(path)
-                }
-            },
+            ca_file,
             drain_timeout: Duration::from_millis(check.range(
                 "drain_timeout_ms",
                 raw.drain_timeout_ms,
@@ -383,6 +155,144 @@ impl AgentConfig {
     pub fn kinds(&self) -> Vec<JobKind> {
         self.jobs.keys().cloned().collect()
     }
+}
+
+/// `coordinator_url`: one or more `ws://` or `wss://` URLs.
+fn coordinator_urls(
+    check: Checker<'_>,
+    value: Option<Spanned<UrlList>>,
+) -> Result<Vec<String>, ConfigError> {
+    let Some(urls) = value else {
+        return Ok(vec![DEFAULT_COORDINATOR_URL.to_owned()]);
+    };
+    let span = urls.span();
+    let urls = match urls.into_inner() {
+        UrlList::One(url) => vec![url],
+        UrlList::Many(urls) => urls,
+    };
+    if urls.is_empty() {
+        return Err(check.invalid(
+            "coordinator_url",
+            span,
+            format!("list at least one coordinator, like [\"{DEFAULT_COORDINATOR_URL}\"]"),
+        ));
+    }
+    if let Some(url) = urls
+        .iter()
+        .find(|url| !(url.starts_with("ws://") || url.starts_with("wss://")))
+    {
+        return Err(check.invalid(
+            "coordinator_url",
+            span,
+            format!("{url:?} must start with ws:// or wss://, like \"{DEFAULT_COORDINATOR_URL}\""),
+        ));
+    }
+    Ok(urls)
+}
+
+/// The node token: `token`, or read from `token_file`, not both.
+fn token(
+    check: Checker<'_>,
+    token: Option<String>,
+    file: Option<Spanned<PathBuf>>,
+) -> Result<Option<String>, ConfigError> {
+    let file = match (token, file) {
+        (Some(_), Some(file)) => {
+            return Err(check.invalid(
+                "token_file",
+                file.span(),
+                "set token or token_file, not both",
+            ));
+        }
+        (token, None) => return Ok(token),
+        (None, Some(file)) => file,
+    };
+    let span = file.span();
+    let path = file.into_inner();
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        check.invalid(
+            "token_file",
+            span.clone(),
+            format!("cannot read {}: {e}", path.display()),
+        )
+    })?;
+    let token = text.trim().to_owned();
+    if token.is_empty() {
+        return Err(check.invalid("token_file", span, format!("{} is empty", path.display())));
+    }
+    Ok(Some(token))
+}
+
+fn metrics_listen(
+    check: Checker<'_>,
+    value: Option<Spanned<String>>,
+) -> Result<Option<SocketAddr>, ConfigError> {
+    let Some(addr) = value else {
+        return Ok(None);
+    };
+    let span = addr.span();
+    addr.get_ref().parse().map(Some).map_err(|_| {
+        check.invalid(
+            "metrics_listen",
+            span,
+            format!(
+                "{:?} is not an address; write it as \"127.0.0.1:9471\"",
+                addr.get_ref()
+            ),
+        )
+    })
+}
+
+/// The `[jobs.<kind>]` tables: at least one.
+fn kinds(
+    check: Checker<'_>,
+    raw: BTreeMap<Spanned<String>, RawKind>,
+    backend: Backend,
+) -> Result<BTreeMap<JobKind, KindConfig>, ConfigError> {
+    if raw.is_empty() {
+        return Err(ConfigError::invalid(
+            "jobs",
+            "no job kinds: add at least one [jobs.<kind>] table, like [jobs.translate]",
+        ));
+    }
+    let mut jobs = BTreeMap::new();
+    for (name, kind) in raw {
+        let span = name.span();
+        let name = name.into_inner();
+        let kind_id = JobKind::new(name.as_str())
+            .map_err(|e| check.invalid(format!("jobs.{name}"), span.clone(), e.to_string()))?;
+        let kind = kind_config(check, &name, span, kind, backend)?;
+        jobs.insert(kind_id, kind);
+    }
+    Ok(jobs)
+}
+
+/// Whether the system's roots are trusted, and the CA file trusted
+/// besides (or instead).
+fn trust(
+    check: Checker<'_>,
+    system_roots: Option<Spanned<bool>>,
+    ca_file: Option<Spanned<PathBuf>>,
+) -> Result<(bool, Option<PathBuf>), ConfigError> {
+    let system_roots = match (&system_roots, &ca_file) {
+        (Some(roots), None) if !*roots.get_ref() => {
+            return Err(check.invalid(
+                "system_roots",
+                roots.span(),
+                "system_roots = false needs a ca_file to trust instead",
+            ));
+        }
+        (Some(roots), _) => *roots.get_ref(),
+        (None, _) => true,
+    };
+    let Some(file) = ca_file else {
+        return Ok((system_roots, None));
+    };
+    let span = file.span();
+    let path = file.into_inner();
+    config_check::check_ca_file(&path)
+        .map_err(|message| check.invalid("ca_file", span, message))?;
+    Ok((system_roots, Some(path)))
 }
 
 fn default_node_id() -> Result<NodeId, ConfigError> {
@@ -419,148 +329,6 @@ fn languages(
             })
         })
         .collect()
-}
-
-fn gpu_config(check: Checker<'_>, raw: RawGpu) -> Result<GpuConfig, ConfigError> {
-    let backend = match raw.backend {
-        None => Backend::Nvml,
-        Some(name) => match name.get_ref().as_str() {
-            "nvml" => Backend::Nvml,
-            "simulated" => Backend::Simulated,
-            "none" => Backend::None,
-            other => {
-                return Err(check.invalid(
-                    "gpu.backend",
-                    name.span(),
-                    format!("{other:?} is not a backend; use \"nvml\", \"simulated\" or \"none\""),
-                ));
-            }
-        },
-    };
-    let pressure_span = raw.pressure_exit_pct.as_ref().map(Spanned::span);
-    let pressure = Pressure {
-        enter_pct: check.range(
-            "gpu.pressure_enter_pct",
-            raw.pressure_enter_pct,
-            85,
-            1..=100,
-        )?,
-        exit_pct: check.range("gpu.pressure_exit_pct", raw.pressure_exit_pct, 78, 0..=100)?,
-        min_priority: check.range(
-            "gpu.pressure_min_priority",
-            raw.pressure_min_priority,
-            70,
-            0..=100,
-        )?,
-    };
-    if pressure.exit_pct >= pressure.enter_pct {
-        let message = format!(
-            "{} must be below pressure_enter_pct ({}) so the mode has hysteresis",
-            pressure.exit_pct, pressure.enter_pct
-        );
-        return Err(match pressure_span {
-            Some(span) => check.invalid("gpu.pressure_exit_pct", span, message),
-            None => ConfigError::invalid("gpu.pressure_exit_pct", message),
-        });
-    }
-    let sim = raw.simulated.unwrap_or_default();
-    let simulated = SimulatedGpus {
-        count: check.range("gpu.simulated.count", sim.count, 1, 1..=64)?,
-        memory_mb: check.range(
-            "gpu.simulated.memory_mb",
-            sim.memory_mb,
-            24_576,
-            1..=10_000_000,
-        )?,
-        external_used_mb: check.range(
-            "gpu.simulated.external_used_mb",
-            sim.external_used_mb,
-            0,
-            0..=10_000_000,
-        )?,
-    };
-    let poll_interval = Duration::from_millis(check.range(
-        "gpu.poll_interval_ms",
-        raw.poll_interval_ms,
-        500,
-        10..=60_000,
-    )?);
-    let default_stale = (5 * poll_interval.as_millis() as u64).max(2_000);
-    let stale_after = Duration::from_millis(check.range(
-        "gpu.stale_after_ms",
-        raw.stale_after_ms,
-        default_stale,
-        1..=3_600_000,
-    )?);
-    if stale_after <= poll_interval {
-        return Err(ConfigError::invalid(
-            "gpu.stale_after_ms",
-            format!(
-                "{} ms must be longer than poll_interval_ms ({} ms), or every reading is stale",
-                stale_after.as_millis(),
-                poll_interval.as_millis()
-            ),
-        ));
-    }
-    let devices = match raw.devices {
-        None => Vec::new(),
-        Some(list) => {
-            let span = list.span();
-            let mut devices = Vec::new();
-            for device in list.into_inner() {
-                devices.push(match device {
-                    RawDevice::Index(index) => DeviceSelector::Index(u32::try_from(index).map_err(|_| {
-                        check.invalid("gpu.devices", span.clone(), format!("{index} is not a GPU index"))
-                    })?),
-                    RawDevice::Uuid(uuid) if uuid.starts_with("GPU-") || uuid.starts_with("MIG-") => {
-                        DeviceSelector::Uuid(uuid)
-                    }
-                    RawDevice::Uuid(other) => {
-                        return Err(check.invalid(
-                            "gpu.devices",
-                            span,
-                            format!("{other:?} is neither a GPU index nor a UUID like \"GPU-…\" or \"MIG-…\" (see nvidia-smi -L)"),
-                        ));
-                    }
-                });
-            }
-            if devices.is_empty() {
-                return Err(check.invalid(
-                    "gpu.devices",
-                    span,
-                    "list at least one GPU, or leave devices out to use them all",
-                ));
-            }
-            devices
-        }
-    };
-    let raw_nvml = raw.nvml.unwrap_or_default();
-    let nvml = NvmlConfig {
-        library_path: match raw_nvml.library_path {
-            None => None,
-            Some(path) if path.get_ref().as_os_str().is_empty() => {
-                return Err(check.invalid(
-                    "gpu.nvml.library_path",
-                    path.span(),
-                    "give the path of libnvidia-ml.so.1, or leave it out",
-                ));
-            }
-            Some(path) => Some(path.into_inner()),
-        },
-        ignored_xids: raw_nvml
-            .ignored_xids
-            .map_or_else(|| DEFAULT_IGNORED_XIDS.to_vec(), Spanned::into_inner),
-    };
-    Ok(GpuConfig {
-        backend,
-        devices,
-        stale_after,
-        nvml,
-        reserve_mb: check.range("gpu.reserve_mb", raw.reserve_mb, 1024, 0..=10_000_000)?,
-        poll_interval,
-        pressure,
-        simulated,
-    })
 }
 
 #[cfg(test)]
