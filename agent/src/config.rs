@@ -21,14 +21,16 @@ use lingua_shared::{JobKind, LangCode, NodeId};
 use serde::Deserialize;
 use toml::Spanned;
 
+mod executor;
 mod gpu;
 mod kind;
 
+pub use executor::ExecutorConfig;
 pub use gpu::{
     Backend, DEFAULT_IGNORED_XIDS, DeviceSelector, GpuConfig, NvmlConfig, Pressure, SimulatedGpus,
 };
 use gpu::{RawGpu, gpu_config};
-pub use kind::{Busy, ExecutorConfig, Fallback, KindConfig, OverrunAction};
+pub use kind::{Busy, Fallback, KindConfig, OverrunAction};
 use kind::{RawKind, kind_config};
 
 /// Where the agent looks for its config without `--config`.

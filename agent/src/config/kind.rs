@@ -10,6 +10,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::Backend;
+use super::executor::{ExecutorConfig, RawExecutor, RawSimulatedKind, executor_config};
 
 /// What the agent does when a `command` job's own processes hold more GPU
 /// memory than its kind's `vram_mb` (`[jobs.<kind>] on_vram_overrun`).
@@ -30,36 +31,6 @@ impl OverrunAction {
             OverrunAction::Kill => "kill",
         }
     }
-}
-
-/// How a kind's jobs run.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ExecutorConfig {
-    /// Sleep, holding simulated VRAM.
-    Simulated {
-        /// How long a job runs.
-        duration: Duration,
-        /// VRAM a running job really holds (defaults to the kind's
-        /// `vram_mb`).
-        actual_vram_mb: u64,
-        /// Utilisation a running job adds to its GPU, in percent.
-        utilization_pct: u8,
-    },
-    /// POST the payload to a local inference service.
-    Http {
-        /// The service URL; `{gpu_uuid}` and `{gpu_index}` are replaced by
-        /// the GPU the job was placed on (one service per GPU).
-        url: String,
-        /// Request timeout.
-        timeout: Duration,
-    },
-    /// Run a command: payload on stdin, JSON on stdout.
-    Command {
-        /// Program and arguments.
-        argv: Vec<String>,
-        /// Time limit; the process group is killed past it.
-        timeout: Duration,
-    },
 }
 
 /// What a job of a kind does when no GPU has room for it
@@ -156,38 +127,6 @@ struct RawFallback {
     command: Option<Spanned<Vec<String>>>,
     timeout_ms: Option<Spanned<u64>>,
     simulated: Option<RawSimulatedKind>,
-}
-
-/// The executor keys of a kind or fallback table.
-struct RawExecutor {
-    executor: Option<Spanned<String>>,
-    url: Option<Spanned<String>>,
-    command: Option<Spanned<Vec<String>>>,
-    timeout_ms: Option<Spanned<u64>>,
-    simulated: Option<RawSimulatedKind>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawSimulatedKind {
-    duration_ms: Option<Spanned<u64>>,
-    actual_vram_mb: Option<Spanned<u64>>,
-    utilization_pct: Option<Spanned<u8>>,
-}
-
-/// The first `{…}` in a URL template that is not a known placeholder.
-fn unknown_placeholder(url: &str) -> Option<String> {
-    let mut rest = url;
-    while let Some(open) = rest.find('{') {
-        let after = &rest[open + 1..];
-        let close = after.find('}').unwrap_or(after.len());
-        let name = &after[..close];
-        if name != "gpu_uuid" && name != "gpu_index" {
-            return Some(name.to_owned());
-        }
-        rest = &after[close..];
-    }
-    None
 }
 
 pub(super) fn kind_config(
@@ -289,9 +228,42 @@ fn busy(
         None if fallback.is_some() => "fallback",
         None => "refuse",
     };
-    let policy_span = policy.as_ref().map_or(span.clone(), Spanned::span);
+    let policy_span = policy.as_ref().map_or(span, Spanned::span);
+    let named = policy.is_some();
+    busy_keys_agree(check, name, (policy_name, named), &queue_wait_ms, &fallback)?;
+    match policy_name {
+        "refuse" => Ok(Busy::Refuse),
+        "wait" => Ok(Busy::Wait { at_most }),
+        "fallback" => {
+            let Some(table) = fallback else {
+                return Err(check.invalid(
+                    field("busy"),
+                    policy_span,
+                    format!("busy = \"fallback\" needs a [jobs.{name}.fallback] table with the executor that runs without a GPU"),
+                ));
+            };
+            fallback_config(check, name, table, backend).map(Busy::Fallback)
+        }
+        other => Err(check.invalid(
+            field("busy"),
+            policy_span,
+            format!("{other:?} is not a busy policy; use \"refuse\", \"wait\" or \"fallback\""),
+        )),
+    }
+}
+
+/// `queue_wait_ms` and a fallback table go with their policy only
+/// (`policy_name`, `named` when `busy` was written).
+fn busy_keys_agree(
+    check: Checker<'_>,
+    name: &str,
+    (policy_name, named): (&str, bool),
+    queue_wait_ms: &Option<Spanned<u64>>,
+    fallback: &Option<Spanned<RawFallback>>,
+) -> Result<(), ConfigError> {
+    let field = |key: &str| format!("jobs.{name}.{key}");
     if policy_name != "wait"
-        && let Some(wait) = &queue_wait_ms
+        && let Some(wait) = queue_wait_ms
         && *wait.get_ref() > 0
     {
         return Err(check.invalid(
@@ -301,9 +273,9 @@ fn busy(
         ));
     }
     if policy_name != "fallback"
-        && let Some(table) = &fallback
+        && let Some(table) = fallback
     {
-        let why = if policy.is_some() {
+        let why = if named {
             format!("this kind has busy = {policy_name:?}")
         } else {
             String::from(
@@ -317,7 +289,7 @@ fn busy(
         ));
     }
     if policy_name == "wait"
-        && let Some(wait) = &queue_wait_ms
+        && let Some(wait) = queue_wait_ms
         && *wait.get_ref() == 0
     {
         return Err(check.invalid(
@@ -326,187 +298,41 @@ fn busy(
             "queue_wait_ms = 0 would refuse at once: use busy = \"refuse\", or leave queue_wait_ms out to wait up to each job's deadline",
         ));
     }
-    match policy_name {
-        "refuse" => Ok(Busy::Refuse),
-        "wait" => Ok(Busy::Wait { at_most }),
-        "fallback" => {
-            let Some(table) = fallback else {
-                return Err(check.invalid(
-                    field("busy"),
-                    policy_span,
-                    format!("busy = \"fallback\" needs a [jobs.{name}.fallback] table with the executor that runs without a GPU"),
-                ));
-            };
-            let table_span = table.span();
-            let table = table.into_inner();
-            let executor = executor_config(
-                check,
-                &format!("jobs.{name}.fallback"),
-                table_span,
-                RawExecutor {
-                    executor: table.executor,
-                    url: table.url,
-                    command: table.command,
-                    timeout_ms: table.timeout_ms,
-                    simulated: table.simulated,
-                },
-                None,
-                backend,
-            )?;
-            Ok(Busy::Fallback(Fallback {
-                max_concurrent: check.range(
-                    field("fallback.max_concurrent"),
-                    table.max_concurrent,
-                    1,
-                    1..=10_000,
-                )?,
-                executor,
-            }))
-        }
-        other => Err(check.invalid(
-            field("busy"),
-            policy_span,
-            format!("{other:?} is not a busy policy; use \"refuse\", \"wait\" or \"fallback\""),
-        )),
-    }
+    Ok(())
 }
 
-/// The executor of a kind (`gpu_vram_mb`: the kind's `vram_mb`) or of its
-/// fallback (`None`: its jobs hold no GPU, so nothing may name one), from
-/// the keys of the table named `table`. Only on simulated GPUs may the
-/// table leave `executor` out (it is then `"simulated"`): on a real node
-/// a forgotten line would answer every job with made-up output.
-fn executor_config(
+/// The `[jobs.<kind>.fallback]` table of kind `name`.
+fn fallback_config(
     check: Checker<'_>,
-    table: &str,
-    span: std::ops::Range<usize>,
-    raw: RawExecutor,
-    gpu_vram_mb: Option<u64>,
+    name: &str,
+    table: Spanned<RawFallback>,
     backend: Backend,
-) -> Result<ExecutorConfig, ConfigError> {
-    let field = |key: &str| format!("{table}.{key}");
-    let timeout = Duration::from_millis(check.range(
-        field("timeout_ms"),
-        raw.timeout_ms,
-        30_000,
-        1..=3_600_000,
-    )?);
-    let executor_span = raw.executor.as_ref().map_or(span.clone(), Spanned::span);
-    let executor_name = match raw.executor {
-        Some(name) => name.into_inner(),
-        None if backend == Backend::Simulated => "simulated".to_owned(),
-        None => {
-            return Err(check.invalid(
-                field("executor"),
-                span,
-                format!(
-                    "no executor: with backend = \"{}\", name what runs the jobs: executor = \"http\" (with url) or \"command\" (with command); \"simulated\" answers every job with made-up output",
-                    backend.name()
-                ),
-            ));
-        }
-    };
-    match executor_name.as_str() {
-        "simulated" => {
-            let sim = raw.simulated.unwrap_or_default();
-            if gpu_vram_mb.is_none()
-                && let Some(gpu_key) = sim
-                    .actual_vram_mb
-                    .as_ref()
-                    .map(|v| ("actual_vram_mb", v.span()))
-                    .or_else(|| {
-                        sim.utilization_pct
-                            .as_ref()
-                            .map(|v| ("utilization_pct", v.span()))
-                    })
-            {
-                return Err(check.invalid(
-                    field(&format!("simulated.{}", gpu_key.0)),
-                    gpu_key.1,
-                    "a fallback job holds no GPU: only duration_ms applies",
-                ));
-            }
-            Ok(ExecutorConfig::Simulated {
-                duration: Duration::from_millis(check.range(
-                    field("simulated.duration_ms"),
-                    sim.duration_ms,
-                    150,
-                    0..=3_600_000,
-                )?),
-                actual_vram_mb: check.range(
-                    field("simulated.actual_vram_mb"),
-                    sim.actual_vram_mb,
-                    gpu_vram_mb.unwrap_or(0),
-                    0..=10_000_000,
-                )?,
-                utilization_pct: check.range(
-                    field("simulated.utilization_pct"),
-                    sim.utilization_pct,
-                    if gpu_vram_mb.is_some() { 10 } else { 0 },
-                    0..=100,
-                )?,
-            })
-        }
-        "http" => {
-            let Some(url) = raw.url else {
-                return Err(check.invalid(
-                    field("url"),
-                    span,
-                    "executor \"http\" needs url = \"http://127.0.0.1:8001/...\"",
-                ));
-            };
-            if !(url.get_ref().starts_with("http://") || url.get_ref().starts_with("https://")) {
-                return Err(check.invalid(
-                    field("url"),
-                    url.span(),
-                    format!("{:?} must start with http:// or https://", url.get_ref()),
-                ));
-            }
-            if let Some(bad) = unknown_placeholder(url.get_ref()) {
-                return Err(check.invalid(
-                    field("url"),
-                    url.span(),
-                    format!("{{{bad}}} is not a placeholder; use {{gpu_uuid}} or {{gpu_index}}"),
-                ));
-            }
-            if gpu_vram_mb.is_none() && url.get_ref().contains('{') {
-                return Err(check.invalid(
-                    field("url"),
-                    url.span(),
-                    "a fallback job runs on no GPU: its url cannot name one",
-                ));
-            }
-            Ok(ExecutorConfig::Http {
-                url: url.into_inner(),
-                timeout,
-            })
-        }
-        "command" => {
-            let Some(command) = raw.command else {
-                return Err(check.invalid(
-                    field("command"),
-                    span,
-                    "executor \"command\" needs command = [\"/path/to/program\", \"args\"]",
-                ));
-            };
-            if command.get_ref().is_empty() || command.get_ref()[0].is_empty() {
-                return Err(check.invalid(
-                    field("command"),
-                    command.span(),
-                    "the command needs at least a program",
-                ));
-            }
-            Ok(ExecutorConfig::Command {
-                argv: command.into_inner(),
-                timeout,
-            })
-        }
-        other => Err(check.invalid(
-            field("executor"),
-            executor_span,
-            format!("{other:?} is not an executor; use \"simulated\", \"http\" or \"command\""),
-        )),
-    }
+) -> Result<Fallback, ConfigError> {
+    let table_span = table.span();
+    let table = table.into_inner();
+    let executor = executor_config(
+        check,
+        &format!("jobs.{name}.fallback"),
+        table_span,
+        RawExecutor {
+            executor: table.executor,
+            url: table.url,
+            command: table.command,
+            timeout_ms: table.timeout_ms,
+            simulated: table.simulated,
+        },
+        None,
+        backend,
+    )?;
+    Ok(Fallback {
+        max_concurrent: check.range(
+            format!("jobs.{name}.fallback.max_concurrent"),
+            table.max_concurrent,
+            1,
+            1..=10_000,
+        )?,
+        executor,
+    })
 }
 
 #[cfg(test)]
