@@ -19,9 +19,9 @@ use crate::arbiter::{Arbiter, Limits};
 use crate::config::{AgentConfig, Backend};
 use crate::executor::Executor;
 use crate::gpu::{self, SimulatedGpus};
+use crate::jobs::JobMetrics;
 use crate::jobs::{Executors, Jobs};
 use crate::link::{Endpoint, Identity, Link, LinkEnd, LinkStatus};
-use crate::metrics::JobMetrics;
 
 /// The longest pause between reconnection attempts.
 pub const BACKOFF_CAP: Duration = Duration::from_secs(5);

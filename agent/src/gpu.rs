@@ -3,7 +3,7 @@
 //! [`spawn_sampler`] reads a [`Source`] periodically: on a dedicated
 //! thread when its reads block (NVML), on a tokio task otherwise, so that a
 //! process can host thousands of simulated agents (`lingua-bench`) without
-//! a thread each. Three backends: NVML ([`crate::nvml`]), simulated GPUs
+//! a thread each. Three backends: NVML ([`nvml`]), simulated GPUs
 //! whose memory and utilisation follow the jobs running on them (tests and
 //! the demo), and none (a CPU-only node).
 //!
@@ -25,7 +25,10 @@ use serde::Serialize;
 use tokio::time::Instant as Taken;
 
 use crate::config::{Backend, DeviceSelector, GpuConfig, SimulatedGpus as SimulatedConfig};
-use crate::nvml::NvmlLibrary;
+
+pub mod nvml;
+
+use nvml::NvmlLibrary;
 
 /// The longest pause between two attempts to initialise NVML.
 pub const NVML_RETRY_CAP: Duration = Duration::from_secs(30);

@@ -28,10 +28,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+mod metrics;
+
+pub use metrics::JobMetrics;
+
 use crate::arbiter::{Arbiter, Overrun, Permit, Refusal};
 use crate::config::OverrunAction;
 use crate::executor::Executor;
-use crate::metrics::JobMetrics;
 
 /// How many finished attempts are remembered to refuse duplicates.
 const REMEMBERED_ATTEMPTS: usize = 4096;

@@ -8,8 +8,7 @@
 //! - [`jobs`]: admission, running, watchdog and cancellation of jobs.
 //! - [`metrics`]: the agent's Prometheus endpoint.
 //! - [`link`]: the coordinator link (reconnect, outbox).
-//! - [`gpu`]: GPU probes (simulated, none) and the sampler thread.
-//! - [`nvml`]: the NVML probe.
+//! - [`gpu`]: GPU probes (NVML, simulated, none) and the sampler thread.
 #![forbid(unsafe_code)]
 
 pub mod agent;
@@ -20,4 +19,3 @@ pub mod gpu;
 pub mod jobs;
 pub mod link;
 pub mod metrics;
-pub mod nvml;

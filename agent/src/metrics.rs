@@ -17,40 +17,23 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use lingua_shared::JobKind;
 use lingua_shared::metrics::{ProcessCollector, exposition};
-use lingua_shared::protocol::Device;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Metric, Registry};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::Handles;
+use crate::arbiter::Arbiter;
 use crate::gpu::GpuSnapshot;
+use crate::link::LinkStatus;
 
 /// Label: a job kind.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
     kind: String,
-}
-
-/// Labels: a job kind, how its job ended (`completed`, or the failure
-/// code), and where it ran (`gpu`, or `cpu`: a fallback executor or a node
-/// without GPUs).
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct OutcomeLabels {
-    kind: String,
-    outcome: String,
-    device: String,
-}
-
-/// Labels: a job kind and why a job of it was refused.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ReasonLabels {
-    kind: String,
-    reason: String,
 }
 
 /// Labels of a GPU: `gpu` and `UUID` as the DCGM exporter names them.
@@ -66,96 +49,6 @@ struct GpuLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VersionLabel {
     version: String,
-}
-
-type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
-
-fn duration_histogram() -> Histogram {
-    // 5 ms .. ~160 s
-    Histogram::new(exponential_buckets(0.005, 2.0, 16))
-}
-
-/// Job counts and durations, kept as jobs end (shared by every scrape).
-#[derive(Debug)]
-pub struct JobMetrics {
-    jobs: Family<OutcomeLabels, Counter>,
-    seconds: HistogramFamily<OutcomeLabels>,
-    refusals: Family<ReasonLabels, Counter>,
-}
-
-impl Default for JobMetrics {
-    fn default() -> Self {
-        Self {
-            jobs: Family::default(),
-            seconds: HistogramFamily::new_with_constructor(duration_histogram),
-            refusals: Family::default(),
-        }
-    }
-}
-
-impl JobMetrics {
-    /// A job of `kind` ran on `device` for `seconds` and ended with
-    /// `outcome` (`completed`, or its failure code).
-    pub fn ended(&self, kind: &JobKind, (outcome, device): (&str, Device), seconds: f64) {
-        let labels = OutcomeLabels {
-            kind: kind.to_string(),
-            outcome: outcome.to_owned(),
-            device: device.name().to_owned(),
-        };
-        self.jobs.get_or_create(&labels).inc();
-        self.seconds.get_or_create(&labels).observe(seconds);
-    }
-
-    /// Every refusal reason of every kind in `kinds` starts at 0, so that
-    /// their series exist (and `rate()` over them works) before the first.
-    fn known_reasons(&self, kinds: impl Iterator<Item = JobKind>) {
-        let reasons = [
-            "no_capacity",
-            "draining",
-            "unknown_kind",
-            "unsupported_pair",
-            "duplicate",
-        ];
-        for kind in kinds {
-            for reason in reasons {
-                self.refusals
-                    .get_or_create(&ReasonLabels {
-                        kind: kind.to_string(),
-                        reason: reason.to_owned(),
-                    })
-                    .inc_by(0);
-            }
-        }
-    }
-
-    /// Registers the job counts, durations and refusals in `registry`.
-    pub fn register(&self, registry: &mut Registry) {
-        registry.register(
-            "jobs",
-            "Jobs run, by kind and outcome (completed, or the failure code)",
-            self.jobs.clone(),
-        );
-        registry.register(
-            "job_duration_seconds",
-            "Time jobs ran, admission to result, by kind and outcome",
-            self.seconds.clone(),
-        );
-        registry.register(
-            "refusals",
-            "Jobs refused, by kind and reason",
-            self.refusals.clone(),
-        );
-    }
-
-    /// A job of `kind` was refused for `reason`.
-    pub fn refused(&self, kind: &str, reason: &str) {
-        self.refusals
-            .get_or_create(&ReasonLabels {
-                kind: kind.to_owned(),
-                reason: reason.to_owned(),
-            })
-            .inc();
-    }
 }
 
 /// Binds `addr` (so that a taken port fails at start) and returns the
@@ -232,10 +125,23 @@ const MIB: f64 = 1024.0 * 1024.0;
 /// Every metric, in OpenMetrics text.
 pub fn render(handles: &Handles) -> String {
     let arbiter = &handles.arbiter;
-    let status = handles.status.borrow().clone();
     let mut root = Registry::default();
     root.register_collector(Box::new(ProcessCollector));
     let r = root.sub_registry_with_prefix("lingua_agent");
+    link_metrics(r, &handles.status.borrow().clone());
+    arbiter_metrics(r, arbiter);
+    let jobs = &handles.job_metrics;
+    jobs.known_reasons(arbiter.free_slots().into_keys());
+    jobs.register(r);
+    gpu_metrics(r, &arbiter.gpus());
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &root)
+        .expect("writing to a String cannot fail");
+    text
+}
+
+/// The agent's version, and its link to the coordinator.
+fn link_metrics(r: &mut Registry, status: &LinkStatus) {
     let build: Family<VersionLabel, Gauge> = register(
         r,
         "build_info",
@@ -266,6 +172,10 @@ pub fn render(handles: &Handles) -> String {
         "Results waiting for the coordinator's acknowledgement",
         status.outbox as i64,
     );
+}
+
+/// What the arbiter runs, holds back and has room for.
+fn arbiter_metrics(r: &mut Registry, arbiter: &Arbiter) {
     gauge(
         r,
         "jobs_running",
@@ -311,29 +221,29 @@ pub fn render(handles: &Handles) -> String {
             })
             .inc_by(n);
     }
-    let jobs = &handles.job_metrics;
-    jobs.known_reasons(arbiter.free_slots().into_keys());
-    jobs.register(r);
-    let gpus = arbiter.gpus();
-    per_gpu(r, ("gpu_memory_total_bytes", "GPU memory"), &gpus, |g| {
+}
+
+/// Each GPU's latest reading.
+fn gpu_metrics(r: &mut Registry, gpus: &[GpuSnapshot]) {
+    per_gpu(r, ("gpu_memory_total_bytes", "GPU memory"), gpus, |g| {
         Some(g.memory_total_mb as f64 * MIB)
     });
     per_gpu(
         r,
         ("gpu_memory_used_bytes", "GPU memory in use by anyone"),
-        &gpus,
+        gpus,
         |g| Some(g.memory_used_mb as f64 * MIB),
     );
     per_gpu(
         r,
         ("gpu_utilization_ratio", "GPU utilisation, 0 to 1"),
-        &gpus,
+        gpus,
         |g| g.utilization_pct.map(|p| f64::from(p) / 100.0),
     );
     per_gpu(
         r,
         ("gpu_temperature_celsius", "GPU temperature"),
-        &gpus,
+        gpus,
         |g| g.temperature_c.map(f64::from),
     );
     per_gpu(
@@ -342,13 +252,9 @@ pub fn render(handles: &Handles) -> String {
             "gpu_healthy",
             "0 once a GPU reported a critical error or was lost",
         ),
-        &gpus,
+        gpus,
         |g| Some(f64::from(u8::from(g.healthy))),
     );
-    let mut text = String::new();
-    prometheus_client::encoding::text::encode(&mut text, &root)
-        .expect("writing to a String cannot fail");
-    text
 }
 
 async fn metrics(State(handles): State<Handles>, headers: HeaderMap) -> impl IntoResponse {

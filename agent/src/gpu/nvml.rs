@@ -30,8 +30,8 @@ use nvml_wrapper::enums::event::XidError;
 use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::event::EventSet;
 
+use super::{GpuProcess, GpuSnapshot, ProbeError, process_group};
 use crate::config::NvmlConfig;
-use crate::gpu::{self, GpuProcess, GpuSnapshot, ProbeError};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -321,7 +321,7 @@ fn compute_processes(device: &Device<'_>, uuid: &str) -> Option<Vec<GpuProcess>>
         .filter_map(|process| match process.used_gpu_memory {
             UsedGpuMemory::Used(bytes) => Some(GpuProcess {
                 pid: process.pid,
-                group: gpu::process_group(process.pid),
+                group: process_group(process.pid),
                 used_mb: bytes.div_ceil(MIB),
             }),
             UsedGpuMemory::Unavailable => None,
