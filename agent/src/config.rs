@@ -7,7 +7,8 @@
 //! `[gpu.nvml] library_path`, `ignored_xids`;
 //! `[jobs.<kind>] busy`, `queue_wait_ms`, `load_time_ms`, `on_vram_overrun`,
 //! `[jobs.<kind>.fallback]`
-//! (the kind tables are read in `config/kind.rs`);
+//! (the kind tables are read in `config/kind.rs`, their executor keys in
+//! `config/executor.rs`, the `[gpu]` table in `config/gpu.rs`);
 //! `[jobs.<kind>.simulated] actual_vram_mb`, `utilization_pct`.
 
 use std::collections::BTreeMap;
@@ -225,6 +226,7 @@ fn token(
     Ok(Some(token))
 }
 
+/// `metrics_listen`: an address to serve the agent's `/metrics` on.
 fn metrics_listen(
     check: Checker<'_>,
     value: Option<Spanned<String>>,

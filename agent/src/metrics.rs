@@ -2,7 +2,7 @@
 //! arbiter sees and admits, its jobs by kind and outcome, the state of its
 //! link, and the `process_*` metrics. Gauges are read at scrape time, so
 //! an idle agent does no metrics work at all; job counts and durations are
-//! kept as they happen ([`JobMetrics`]). GPUs are labelled `gpu` and
+//! kept as they happen ([`crate::jobs::JobMetrics`]). GPUs are labelled `gpu` and
 //! `UUID` as NVIDIA's DCGM exporter labels them, so that queries can join
 //! the two on `UUID`; the product name is `model_name` (DCGM's `modelName`
 //! fails Prometheus' snake_case lint, which `promtool check metrics`
@@ -128,7 +128,8 @@ pub fn render(handles: &Handles) -> String {
     let mut root = Registry::default();
     root.register_collector(Box::new(ProcessCollector));
     let r = root.sub_registry_with_prefix("lingua_agent");
-    link_metrics(r, &handles.status.borrow().clone());
+    let status = handles.status.borrow().clone();
+    link_metrics(r, &status);
     arbiter_metrics(r, arbiter);
     let jobs = &handles.job_metrics;
     jobs.known_reasons(arbiter.free_slots().into_keys());

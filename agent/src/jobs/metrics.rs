@@ -66,7 +66,7 @@ impl JobMetrics {
 
     /// Every refusal reason of every kind in `kinds` starts at 0, so that
     /// their series exist (and `rate()` over them works) before the first.
-    pub fn known_reasons(&self, kinds: impl Iterator<Item = JobKind>) {
+    pub(crate) fn known_reasons(&self, kinds: impl Iterator<Item = JobKind>) {
         let reasons = [
             "no_capacity",
             "draining",

@@ -82,6 +82,8 @@ impl Connection {
             let frame = WsMessage::text(encode(&message));
             written(self.write_limit, self.ws.send(frame), message.type_name()).await?;
         }
+        // Nothing is read meanwhile: quiet is counted from here.
+        self.last_heard = Instant::now();
         Ok(())
     }
 
