@@ -150,6 +150,15 @@ fn reading(gpu: &GpuSnapshot) -> GpuReading {
     }
 }
 
+/// A connection registered with a coordinator.
+struct Registered {
+    ws: Ws,
+    /// The coordinator's heartbeat interval and protocol version.
+    agreed: (Duration, u32),
+    /// The free slots registration told it of, and the changes since.
+    room: (BTreeMap<JobKind, u32>, watch::Receiver<u64>),
+}
+
 /// How a connection ended.
 enum Ended {
     Reconnect(String),
@@ -182,9 +191,9 @@ impl Link {
                 },
             };
             let why = match attempt {
-                Ok((ws, agreed)) => {
+                Ok(registered) => {
                     delays = backoff.build();
-                    match self.session(ws, agreed, &mut outbox, &shutdown).await {
+                    match self.session(registered, &mut outbox, &shutdown).await {
                         Ended::Done(end) => return end,
                         Ended::Reconnect(why) => why,
                     }
@@ -212,8 +221,8 @@ impl Link {
         }
     }
 
-    fn register_message(&self, gpus: &[GpuInfo]) -> Message {
-        Message::Register(Register {
+    fn register(&self, gpus: &[GpuInfo]) -> Register {
+        Register {
             node_id: self.identity.node_id.clone(),
             token: self.identity.token.clone().map(Secret),
             protocol: VersionRange::OURS,
@@ -227,7 +236,7 @@ impl Link {
             gpus: gpus.to_vec(),
             capacity: capacity(&self.arbiter),
             draining: *self.draining.borrow(),
-        })
+        }
     }
 
     async fn connect(
@@ -235,7 +244,7 @@ impl Link {
         url: &str,
         connector: Option<Connector>,
         gpus: &[GpuInfo],
-    ) -> Result<(Ws, (Duration, u32)), Ended> {
+    ) -> Result<Registered, Ended> {
         let config = WebSocketConfig::default()
             .max_message_size(Some(MAX_FRAME_BYTES))
             .max_frame_size(Some(MAX_FRAME_BYTES))
@@ -256,7 +265,12 @@ impl Link {
                 ))
             })?
             .map_err(|e| Ended::Reconnect(format!("connect {url}: {e}")))?;
-        let register = WsMessage::text(encode(&self.register_message(gpus)));
+        // Room is counted from what registration tells: a change from
+        // then on is reported once registered.
+        let room_changes = self.arbiter.subscribe();
+        let register = self.register(gpus);
+        let told = register.capacity.free_slots.clone();
+        let register = WsMessage::text(encode(&Message::Register(register)));
         written(REGISTER_TIMEOUT, ws.send(register), "register").await?;
         let answer = tokio::time::timeout(REGISTER_TIMEOUT, async {
             loop {
@@ -284,7 +298,11 @@ impl Link {
                     s.registrations += 1;
                 });
                 let heartbeat = Duration::from_millis(ack.heartbeat_interval_ms.max(10));
-                Ok((ws, (heartbeat, ack.protocol_version)))
+                Ok(Registered {
+                    ws,
+                    agreed: (heartbeat, ack.protocol_version),
+                    room: (told, room_changes),
+                })
             }
             Ok(Message::Error(error)) => {
                 // The close frame that follows carries the code; read it.
@@ -314,15 +332,16 @@ impl Link {
     /// interval; what the coordinator sends is handled as it comes.
     async fn session(
         &mut self,
-        ws: Ws,
-        agreed: (Duration, u32),
+        registered: Registered,
         outbox: &mut BTreeMap<JobRef, JobResult>,
         shutdown: &CancellationToken,
     ) -> Ended {
-        // Room is counted from here: a change while the outbox is sent
-        // again is reported after it.
-        let mut room_changes = self.arbiter.subscribe();
-        let mut connection = Connection::new(ws, agreed, &self.arbiter);
+        let Registered {
+            ws,
+            agreed,
+            room: (told, mut room_changes),
+        } = registered;
+        let mut connection = Connection::new(ws, agreed, told);
         let draining = *self.draining.borrow();
         if let Err(ended) = connection.resend(outbox, draining).await {
             return ended;

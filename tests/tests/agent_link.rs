@@ -313,6 +313,63 @@ async fn a_coordinator_that_never_answers_the_upgrade_is_passed_over() {
     coordinator.stop().await;
 }
 
+/// A change of room while the agent waits for its registration to be
+/// acknowledged is reported once it is: the coordinator's view starts
+/// from what the registration said. Before, the agent took its room when
+/// the connection began as what the coordinator knew, and said nothing of
+/// the change until its next heartbeat (an interval later: here, a
+/// minute).
+#[tokio::test]
+async fn a_change_of_room_during_registration_is_reported_once_registered() {
+    use futures_util::{SinkExt, StreamExt};
+    use lingua_shared::protocol::RegisterAck;
+    use lingua_shared::{Message, decode, encode};
+    use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}/v1/node", listener.local_addr().unwrap());
+    let config = agent_config("registering", &url, 100);
+    let agent = TestAgent::start(config.clone());
+    let (stream, _) = listener.accept().await.unwrap();
+    let mut ws = tokio_tungstenite::accept_async(stream).await.unwrap();
+    let frame = ws.next().await.unwrap().unwrap();
+    let Ok(Message::Register(register)) = decode(frame.to_text().unwrap().as_bytes()) else {
+        panic!("expected register, got {frame:?}");
+    };
+    assert_eq!(register.capacity.free_slots.values().sum::<u32>(), 8);
+    // Fewer slots before the acknowledgement comes.
+    let mut smaller = config;
+    smaller
+        .jobs
+        .values_mut()
+        .for_each(|kind| kind.max_concurrent = 2);
+    agent.reload(smaller);
+    eventually("the agent to take the new limit", || async {
+        let free = agent.handles.arbiter.free_slots();
+        (free.values().sum::<u32>() == 2).then_some(())
+    })
+    .await;
+    let ack = Message::RegisterAck(RegisterAck {
+        protocol_version: register.protocol.max,
+        epoch: 1,
+        heartbeat_interval_ms: 60_000,
+        pairs: vec!["zh:en".parse().unwrap()],
+    });
+    ws.send(WsMessage::text(encode(&ack))).await.unwrap();
+    let reported = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let frame = ws.next().await.unwrap().unwrap();
+            if let Ok(Message::Capacity(report)) = decode(frame.to_text().unwrap().as_bytes()) {
+                return report;
+            }
+        }
+    })
+    .await
+    .expect("a capacity report long before the first heartbeat");
+    assert_eq!(reported.free_slots.values().sum::<u32>(), 2);
+    agent.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn an_idle_link_stays_up_on_pongs_and_heartbeats_alone() {
     let redis = lingua_tests::redis().await;

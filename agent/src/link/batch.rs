@@ -120,9 +120,11 @@ pub(super) struct Reported {
 }
 
 impl Reported {
-    pub(super) fn new(arbiter: &Arbiter) -> Self {
+    /// The coordinator was last told of `told` free slots (at
+    /// registration).
+    pub(super) fn new(told: BTreeMap<JobKind, u32>) -> Self {
         Self {
-            last_sent: arbiter.free_slots(),
+            last_sent: told,
             spent: BTreeMap::new(),
             debounce: None,
         }
@@ -230,7 +232,7 @@ mod tests {
     async fn a_change_is_owed_until_reported_once() {
         let arbiter = arbiter(4);
         let mt = kind("mt");
-        let mut reported = Reported::new(&arbiter);
+        let mut reported = Reported::new(arbiter.free_slots());
         assert!(reported.pending(&arbiter).is_none(), "nothing changed");
         reported.assigned(&mt);
         let permit = arbiter.try_admit(&mt).unwrap();
@@ -251,7 +253,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_assignment_alone_is_owed_a_report() {
         let arbiter = arbiter(4);
-        let mut reported = Reported::new(&arbiter);
+        let mut reported = Reported::new(arbiter.free_slots());
         reported.assigned(&kind("mt"));
         assert!(
             reported.pending(&arbiter).is_some(),
@@ -263,7 +265,7 @@ mod tests {
     async fn full_is_reported_at_once() {
         let arbiter = arbiter(1);
         let mt = kind("mt");
-        let mut reported = Reported::new(&arbiter);
+        let mut reported = Reported::new(arbiter.free_slots());
         let _permit = arbiter.try_admit(&mt).unwrap();
         let report = reported.changed(&arbiter).expect("full is a flip");
         assert_eq!(report.free_slots[&mt], 0);

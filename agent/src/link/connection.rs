@@ -10,7 +10,7 @@ use futures_util::{SinkExt, StreamExt};
 use lingua_shared::protocol::{
     Drain, ErrorFrame, Heartbeat, JobRef, JobResult, RESULT_ANSWERS_VERSION,
 };
-use lingua_shared::{Message, decode, encode};
+use lingua_shared::{JobKind, Message, decode, encode};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
@@ -44,8 +44,12 @@ pub(super) struct Connection {
 
 impl Connection {
     /// A connection registered with a coordinator of protocol `version`,
-    /// whose heartbeat interval is `heartbeat`.
-    pub(super) fn new(ws: Ws, (heartbeat, version): (Duration, u32), arbiter: &Arbiter) -> Self {
+    /// whose heartbeat interval is `heartbeat`, told of `told` free slots.
+    pub(super) fn new(
+        ws: Ws,
+        (heartbeat, version): (Duration, u32),
+        told: BTreeMap<JobKind, u32>,
+    ) -> Self {
         Self {
             ws,
             heartbeat,
@@ -53,7 +57,7 @@ impl Connection {
             // An older coordinator counts an assignment as answered only
             // by its accept: every accept goes.
             batch: Batch::new(version >= RESULT_ANSWERS_VERSION),
-            reported: Reported::new(arbiter),
+            reported: Reported::new(told),
             seq: 0,
             last_heard: Instant::now(),
             ping_sent: None,
