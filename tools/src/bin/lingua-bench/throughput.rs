@@ -9,14 +9,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use lingua_coordinator::config::PickPolicy;
-use lingua_coordinator::store::{JobPick, JobStart, NewJob, PickOn, Route, RouteEntry, StoreError};
+use lingua_coordinator::store::{
+    JobPick, JobStart, NewJob, PickOn, Route, RouteEntry, Store, StoreError,
+};
 use lingua_shared::{JobId, JobKind, LangPair, NodeId};
 use lingua_tests::fleet::{CoordinatorProcess, free_local_addr, host_steal, proc_sample};
 use serde_json::json;
 use tokio::time::Instant;
 
 use crate::{
-    BenchError, Options, Percentiles, Redis, Row, SLOTS, closed_loop, core_pct, http_client,
+    BenchError, Load, Options, Percentiles, Redis, Row, SLOTS, closed_loop, core_pct, http_client,
     metric_sum, noop_fleet, open_loop, scratch, tails,
 };
 
@@ -30,50 +32,23 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
         CoordinatorProcess::start(dir.path(), &redis, free_local_addr(), &config).await?;
     let agents = noop_fleet(&[coordinator.ws_url()], AGENTS).await?;
     let client = http_client(options.clients)?;
-    let jobs_url = coordinator.url("/v1/jobs");
+    let body = job_body(options.payload_bytes);
+    let urls = [coordinator.url("/v1/jobs")];
     // Warm up connections and caches.
-    let urls = [jobs_url.clone()];
     closed_loop(
         &client,
         &urls,
         options.clients,
         Duration::from_secs(1),
-        &job_body(options.payload_bytes),
+        &body,
     )
     .await;
-
-    let redis_before = redis.counters().await?;
-    let cpu_before = proc_sample(coordinator.pid()).map_err(|e| e.to_string())?;
-    let bench_before = proc_sample(std::process::id()).map_err(|e| e.to_string())?;
-    let assignments_before = crate::assignments(&client, &coordinator).await?;
-    let frames_before = Frames::of(&client, &coordinator).await?;
-    let mut closed = closed_loop(
-        &client,
-        &urls,
-        options.clients,
-        options.window,
-        &job_body(options.payload_bytes),
-    )
-    .await;
-    let cpu_after = proc_sample(coordinator.pid()).map_err(|e| e.to_string())?;
-    let bench_after = proc_sample(std::process::id()).map_err(|e| e.to_string())?;
-    let redis_after = redis.counters().await?;
-    let assignments = crate::assignments(&client, &coordinator).await? - assignments_before;
-    let frames = Frames::of(&client, &coordinator).await? - frames_before;
-    let rate = closed.jobs as f64 / options.window.as_secs_f64();
-    let scripts_per_job =
-        redis_after.scripts.saturating_sub(redis_before.scripts) as f64 / closed.jobs.max(1) as f64;
+    let mut closed = Closed::measure(options, (&client, &coordinator, &redis), &body).await?;
+    let rate = closed.load.jobs as f64 / options.window.as_secs_f64();
 
     let waits_before = Waits::now(&coordinator, &redis).await?;
     let open_started = Instant::now();
-    let mut open = open_loop(
-        &client,
-        &jobs_url,
-        rate / 2.0,
-        options.window,
-        &job_body(options.payload_bytes),
-    )
-    .await;
+    let mut open = open_loop(&client, &urls[0], rate / 2.0, options.window, &body).await;
     let waits = Waits::now(&coordinator, &redis).await?.since(waits_before);
     // The window, and the answers still coming in after it.
     let open_took = open_started.elapsed();
@@ -83,19 +58,27 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     coordinator.kill().await;
 
     let ceiling = ceiling(&redis, options).await?;
+    let mut rows = load_rows(options, (&mut closed.load, &mut open), (rate, ceiling));
+    rows.extend(closed.cost_rows(options, ceiling));
+    rows.push(Row::new(
+        "At half load, waiting for a CPU (run queue, summed over each process's threads, per second): coordinator, Redis, bench; host CPU time stolen by the hypervisor",
+        waits.show(open_took),
+        "",
+    ));
+    rows.extend(tails::slowest(&open, 0.001, "at half load"));
+    Ok(rows)
+}
+
+/// The rows of the closed loop's rate and latency, the open loop's
+/// latency at half that `rate`, and the Redis-alone `ceiling`.
+fn load_rows(
+    options: &Options,
+    (closed, open): (&mut Load, &mut Load),
+    (rate, ceiling): (f64, f64),
+) -> Vec<Row> {
     let closed_pct = Percentiles::of(&mut closed.latencies);
     let open_pct = Percentiles::of(&mut open.latencies);
-    let per_job = |cpu: Duration| cpu.as_secs_f64() * 1e6 / closed.jobs.max(1) as f64;
-    let cpu_per_job = per_job(cpu_after.cpu.saturating_sub(cpu_before.cpu));
-    let redis_per_job = per_job(redis_after.cpu.saturating_sub(redis_before.cpu));
-    let bench_per_job = per_job(bench_after.cpu.saturating_sub(bench_before.cpu));
-    // What this host's cores could run if they ran nothing but these
-    // three, at this run's cost per job: the most the share of the
-    // ceiling can reach here.
-    let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    let all_per_job = cpu_per_job + redis_per_job + bench_per_job;
-    let cores_bound = cores as f64 * 1e6 / all_per_job.max(1.0);
-    let mut rows = vec![
+    vec![
         Row::new(
             format!(
                 "Throughput, {AGENTS} agents, {} keep-alive clients, coordinator worker threads: {}, {} (closed loop){}",
@@ -136,65 +119,118 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
             ),
             ">= 60 % of the ceiling",
         ),
-        Row::new(
-            "Script calls, assignments per job in the closed loop",
-            format!(
-                "{scripts_per_job:.2}, {:.3}",
-                assignments as f64 / closed.jobs.max(1) as f64
+    ]
+}
+
+/// The closed loop, and what it cost.
+struct Closed {
+    load: Load,
+    /// CPU time of the coordinator, of Redis and of the bench over it.
+    cpu: (Duration, Duration, Duration),
+    /// Redis script calls.
+    scripts: u64,
+    /// Assignments sent to nodes.
+    assignments: u64,
+    frames: Frames,
+}
+
+impl Closed {
+    /// Runs the closed loop of `body` jobs for the window, with the
+    /// counters read before and after.
+    async fn measure(
+        options: &Options,
+        (client, coordinator, redis): (&reqwest::Client, &CoordinatorProcess, &Redis),
+        body: &serde_json::Value,
+    ) -> Result<Self, BenchError> {
+        let urls = [coordinator.url("/v1/jobs")];
+        let redis_before = redis.counters().await?;
+        let cpu_before = proc_sample(coordinator.pid()).map_err(|e| e.to_string())?;
+        let bench_before = proc_sample(std::process::id()).map_err(|e| e.to_string())?;
+        let assignments_before = crate::assignments(client, coordinator).await?;
+        let frames_before = Frames::of(client, coordinator).await?;
+        let load = closed_loop(client, &urls, options.clients, options.window, body).await;
+        let cpu_after = proc_sample(coordinator.pid()).map_err(|e| e.to_string())?;
+        let bench_after = proc_sample(std::process::id()).map_err(|e| e.to_string())?;
+        let redis_after = redis.counters().await?;
+        let assignments = crate::assignments(client, coordinator).await? - assignments_before;
+        let frames = Frames::of(client, coordinator).await? - frames_before;
+        Ok(Self {
+            load,
+            cpu: (
+                cpu_after.cpu.saturating_sub(cpu_before.cpu),
+                redis_after.cpu.saturating_sub(redis_before.cpu),
+                bench_after.cpu.saturating_sub(bench_before.cpu),
             ),
-            "",
-        ),
-        Row::new(
-            "Node socket frames per job in the closed loop: from nodes (of which job_accept), to nodes",
-            frames.per_job(closed.jobs),
-            "",
-        ),
-        Row::new(
-            "Coordinator CPU during the closed loop",
-            format!(
-                "{}, {cpu_per_job:.0} µs per job",
-                core_pct(cpu_after.cpu.saturating_sub(cpu_before.cpu), options.window)
+            scripts: redis_after.scripts.saturating_sub(redis_before.scripts),
+            assignments,
+            frames,
+        })
+    }
+
+    /// The rows of what a job cost: script calls, frames, and the CPU of
+    /// each process, beside the most this host's cores could run at that
+    /// cost (against the `ceiling`).
+    fn cost_rows(&self, options: &Options, ceiling: f64) -> Vec<Row> {
+        let jobs = self.load.jobs.max(1) as f64;
+        let (coordinator, redis, bench) = self.cpu;
+        let per_job = |cpu: Duration| cpu.as_secs_f64() * 1e6 / jobs;
+        let (cpu_per_job, redis_per_job, bench_per_job) =
+            (per_job(coordinator), per_job(redis), per_job(bench));
+        // What this host's cores could run if they ran nothing but these
+        // three, at this run's cost per job: the most the share of the
+        // ceiling can reach here.
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
+        let all_per_job = cpu_per_job + redis_per_job + bench_per_job;
+        let cores_bound = cores as f64 * 1e6 / all_per_job.max(1.0);
+        vec![
+            Row::new(
+                "Script calls, assignments per job in the closed loop",
+                format!(
+                    "{:.2}, {:.3}",
+                    self.scripts as f64 / jobs,
+                    self.assignments as f64 / jobs
+                ),
+                "",
             ),
-            "<= 80 µs per job",
-        ),
-        Row::new(
-            "Redis CPU during the closed loop",
-            format!(
-                "{}, {redis_per_job:.0} µs per job",
-                core_pct(
-                    redis_after.cpu.saturating_sub(redis_before.cpu),
-                    options.window
-                )
+            Row::new(
+                "Node socket frames per job in the closed loop: from nodes (of which job_accept), to nodes",
+                self.frames.per_job(self.load.jobs),
+                "",
             ),
-            "",
-        ),
-        Row::new(
-            format!("Bench CPU (load generator and {AGENTS} agents) during the closed loop"),
-            format!(
-                "{}, {bench_per_job:.0} µs per job",
-                core_pct(
-                    bench_after.cpu.saturating_sub(bench_before.cpu),
-                    options.window
-                )
+            Row::new(
+                "Coordinator CPU during the closed loop",
+                format!(
+                    "{}, {cpu_per_job:.0} µs per job",
+                    core_pct(coordinator, options.window)
+                ),
+                "<= 80 µs per job",
             ),
-            "",
-        ),
-        Row::new(
-            format!("The three together, and the most {cores} cores run at that cost"),
-            format!(
-                "{all_per_job:.0} µs per job: {cores_bound:.0} jobs/s, {:.0} % of the ceiling",
-                cores_bound * 100.0 / ceiling
+            Row::new(
+                "Redis CPU during the closed loop",
+                format!(
+                    "{}, {redis_per_job:.0} µs per job",
+                    core_pct(redis, options.window)
+                ),
+                "",
             ),
-            "",
-        ),
-    ];
-    rows.push(Row::new(
-        "At half load, waiting for a CPU (run queue, summed over each process's threads, per second): coordinator, Redis, bench; host CPU time stolen by the hypervisor",
-        waits.show(open_took),
-        "",
-    ));
-    rows.extend(tails::slowest(&open, 0.001, "at half load"));
-    Ok(rows)
+            Row::new(
+                format!("Bench CPU (load generator and {AGENTS} agents) during the closed loop"),
+                format!(
+                    "{}, {bench_per_job:.0} µs per job",
+                    core_pct(bench, options.window)
+                ),
+                "",
+            ),
+            Row::new(
+                format!("The three together, and the most {cores} cores run at that cost"),
+                format!(
+                    "{all_per_job:.0} µs per job: {cores_bound:.0} jobs/s, {:.0} % of the ceiling",
+                    cores_bound * 100.0 / ceiling
+                ),
+                "",
+            ),
+        ]
+    }
 }
 
 /// How long each process was ready to run but waited for a CPU, and how
@@ -355,58 +391,15 @@ async fn ceiling(redis: &Redis, options: &Options) -> Result<f64, BenchError> {
     let outcome = json!({"output": {"payload": body["payload"]}}).to_string();
     let tasks: Vec<_> = (0..clients)
         .map(|client| {
-            let (store, kind, done, request, outcome) = (
-                store.clone(),
-                kind.clone(),
-                Arc::clone(&done),
-                request.clone(),
-                outcome.clone(),
-            );
-            let all = nodes.clone();
-            tokio::spawn(async move {
-                let mut picked = Vec::new();
-                let mut serial = 0u64;
-                let route = Route::gpu(&kind);
-                let on = PickOn {
-                    route: &route,
-                    session: None,
-                    affinity: Duration::ZERO,
-                    policy: PickPolicy::Capacity,
-                    excluded: &[],
-                };
-                while Instant::now() < end {
-                    serial += 1;
-                    let id =
-                        JobId::new(format!("ceiling-{client}-{serial}")).expect("a valid job id");
-                    let job = NewJob {
-                        id: &id,
-                        pair,
-                        request: &request,
-                        timeout: lease,
-                        retention: lease,
-                        coordinator: "bench",
-                        opener: serial,
-                    };
-                    let (node, attempt) = match store.job_open(job, (on, true)).await? {
-                        JobStart::New(Some(JobPick::Node(node, attempt))) => (node, attempt),
-                        _ => {
-                            let entries = with_room(all.iter().cloned(), &kind);
-                            store.route_update(pair, &entries, lease).await?;
-                            continue;
-                        }
-                    };
-                    store
-                        .job_finish((pair, &id), (Some(&node), attempt), true, &outcome, lease)
-                        .await?;
-                    picked.push(node);
-                    if picked.len() == 16 {
-                        let entries = with_room(picked.drain(..), &kind);
-                        store.route_update(pair, &entries, lease).await?;
-                    }
-                    done.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok::<(), StoreError>(())
-            })
+            let job = CeilingJob {
+                pair,
+                kind: kind.clone(),
+                request: request.clone(),
+                outcome: outcome.clone(),
+                lease,
+            };
+            let (store, nodes, done) = (store.clone(), nodes.clone(), Arc::clone(&done));
+            tokio::spawn(async move { job.run(&store, (client, end), &nodes, &done).await })
         })
         .collect();
     for task in tasks {
@@ -415,6 +408,78 @@ async fn ceiling(redis: &Redis, options: &Options) -> Result<f64, BenchError> {
             .map_err(|e| format!("redis: {e}"))?;
     }
     Ok(done.load(Ordering::Relaxed) as f64 / window.as_secs_f64())
+}
+
+/// What one client of the ceiling's measurement sends: jobs of `kind`
+/// for `pair` with this `request` and `outcome`.
+struct CeilingJob {
+    pair: LangPair,
+    kind: JobKind,
+    request: String,
+    outcome: String,
+    lease: Duration,
+}
+
+impl CeilingJob {
+    /// Client `client` picks and finishes jobs until `end`, counting them
+    /// in `done`, and gives `nodes` their room back as the coordinator
+    /// would (every 16 jobs, or when none is left).
+    async fn run(
+        &self,
+        store: &Store,
+        (client, end): (u32, Instant),
+        nodes: &[NodeId],
+        done: &AtomicU64,
+    ) -> Result<(), StoreError> {
+        let (pair, lease) = (self.pair, self.lease);
+        let mut picked = Vec::new();
+        let mut serial = 0u64;
+        let route = Route::gpu(&self.kind);
+        let on = PickOn {
+            route: &route,
+            session: None,
+            affinity: Duration::ZERO,
+            policy: PickPolicy::Capacity,
+            excluded: &[],
+        };
+        while Instant::now() < end {
+            serial += 1;
+            let id = JobId::new(format!("ceiling-{client}-{serial}")).expect("a valid job id");
+            let job = NewJob {
+                id: &id,
+                pair,
+                request: &self.request,
+                timeout: lease,
+                retention: lease,
+                coordinator: "bench",
+                opener: serial,
+            };
+            let (node, attempt) = match store.job_open(job, (on, true)).await? {
+                JobStart::New(Some(JobPick::Node(node, attempt))) => (node, attempt),
+                _ => {
+                    let entries = with_room(nodes.iter().cloned(), &self.kind);
+                    store.route_update(pair, &entries, lease).await?;
+                    continue;
+                }
+            };
+            store
+                .job_finish(
+                    (pair, &id),
+                    (Some(&node), attempt),
+                    true,
+                    &self.outcome,
+                    lease,
+                )
+                .await?;
+            picked.push(node);
+            if picked.len() == 16 {
+                let entries = with_room(picked.drain(..), &self.kind);
+                store.route_update(pair, &entries, lease).await?;
+            }
+            done.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
 }
 
 /// Routing entries that give every node all its slots of `kind` back.
