@@ -25,49 +25,48 @@ fn pair(index: usize) -> (&'static str, &'static str) {
     (LANGUAGES[src], LANGUAGES[(src + step) % LANGUAGES.len()])
 }
 
-pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
-    let redis = Redis::start(options.redis).await?;
-    let dir = scratch()?;
-    let addr = free_local_addr();
-    let config = options.coordinator_config();
-    let mut coordinator = CoordinatorProcess::start(dir.path(), &redis, addr, &config).await?;
-    let url = coordinator.ws_url();
-    let mut sizes = options.fleet.clone();
-    sizes.sort_unstable();
-    let mut agents: Vec<TestAgent> = Vec::new();
-    let mut rows = Vec::new();
-    for size in sizes {
-        while agents.len() < size as usize {
-            let name = format!("fleet-{:05}", agents.len());
-            let config = SimAgent {
-                node_id: &name,
-                url: &url,
-                pair: pair(agents.len()),
-                memory_mb: 24_576,
-                vram_mb: 2_000,
-                max_concurrent: 8,
-                duration_ms: 100,
-                poll_ms: 1_000,
-            }
-            .config()?;
-            agents.push(TestAgent::start(config));
+/// Starts agents until there are `size`, each connecting to `url`.
+fn grow(agents: &mut Vec<TestAgent>, size: usize, url: &str) -> Result<(), BenchError> {
+    while agents.len() < size {
+        let name = format!("fleet-{:05}", agents.len());
+        let config = SimAgent {
+            node_id: &name,
+            url,
+            pair: pair(agents.len()),
+            memory_mb: 24_576,
+            vram_mb: 2_000,
+            max_concurrent: 8,
+            duration_ms: 100,
+            poll_ms: 1_000,
         }
-        all_registered(&agents, 1, Duration::from_secs(180)).await?;
-        // Let the registrations' own traffic pass: measure the steady state.
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        let (coordinator_before, bench_before) = (
-            proc_sample(coordinator.pid()).map_err(|e| e.to_string())?,
-            proc_sample(std::process::id()).map_err(|e| e.to_string())?,
-        );
-        let redis_before = redis.counters().await?;
-        tokio::time::sleep(options.window).await;
-        let (coordinator_after, bench_after) = (
-            proc_sample(coordinator.pid()).map_err(|e| e.to_string())?,
-            proc_sample(std::process::id()).map_err(|e| e.to_string())?,
-        );
-        let redis_after = redis.counters().await?;
-        let seconds = options.window.as_secs_f64();
-        rows.push(Row::new(
+        .config()?;
+        agents.push(TestAgent::start(config));
+    }
+    Ok(())
+}
+
+/// What `size` idle agents connected cost over the window: the
+/// coordinator's CPU and memory, Redis's commands and CPU, the agents'.
+async fn idle_rows(
+    options: &Options,
+    size: u32,
+    coordinator: &CoordinatorProcess,
+    redis: &Redis,
+) -> Result<Vec<Row>, BenchError> {
+    let (coordinator_before, bench_before) = (
+        proc_sample(coordinator.pid()).map_err(|e| e.to_string())?,
+        proc_sample(std::process::id()).map_err(|e| e.to_string())?,
+    );
+    let redis_before = redis.counters().await?;
+    tokio::time::sleep(options.window).await;
+    let (coordinator_after, bench_after) = (
+        proc_sample(coordinator.pid()).map_err(|e| e.to_string())?,
+        proc_sample(std::process::id()).map_err(|e| e.to_string())?,
+    );
+    let redis_after = redis.counters().await?;
+    let seconds = options.window.as_secs_f64();
+    Ok(vec![
+        Row::new(
             format!(
                 "{size} agents connected: coordinator CPU, RSS (worker threads: {}; {})",
                 options.coordinator_workers(),
@@ -86,8 +85,8 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
             } else {
                 ""
             },
-        ));
-        rows.push(Row::new(
+        ),
+        Row::new(
             format!("{size} agents connected: Redis commands/s, CPU; agents' process CPU"),
             format!(
                 "{:.0}/s, {}; {}",
@@ -102,7 +101,27 @@ pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
                 ),
             ),
             "",
-        ));
+        ),
+    ])
+}
+
+pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
+    let redis = Redis::start(options.redis).await?;
+    let dir = scratch()?;
+    let addr = free_local_addr();
+    let config = options.coordinator_config();
+    let mut coordinator = CoordinatorProcess::start(dir.path(), &redis, addr, &config).await?;
+    let url = coordinator.ws_url();
+    let mut sizes = options.fleet.clone();
+    sizes.sort_unstable();
+    let mut agents: Vec<TestAgent> = Vec::new();
+    let mut rows = Vec::new();
+    for size in sizes {
+        grow(&mut agents, size as usize, &url)?;
+        all_registered(&agents, 1, Duration::from_secs(180)).await?;
+        // Let the registrations' own traffic pass: measure the steady state.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        rows.extend(idle_rows(options, size, &coordinator, &redis).await?);
     }
     let killed = Instant::now();
     coordinator.kill().await;

@@ -11,6 +11,29 @@ use crate::{BenchError, Options, Percentiles, Row, closed_loop, core_pct, privat
 
 const SLOTS: u32 = 16;
 
+/// Waits until the agent shows `ready` on the coordinator, for up to
+/// 10 s.
+async fn ready(
+    client: &reqwest::Client,
+    coordinator: &CoordinatorProcess,
+) -> Result<(), BenchError> {
+    let node_url = coordinator.url("/v1/nodes/footprint");
+    let ready = Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = match client.get(&node_url).send().await {
+            Ok(response) => response.json::<serde_json::Value>().await.ok(),
+            Err(_) => None,
+        };
+        if state.is_some_and(|s| s["state"] == "ready") {
+            return Ok(());
+        }
+        if Instant::now() >= ready {
+            return Err("lingua-agent did not register within 10 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 pub async fn run(options: &Options) -> Result<Vec<Row>, BenchError> {
     let redis = private_redis().await?;
     let dir = scratch()?;
@@ -40,21 +63,7 @@ utilization_pct = 3
     let mut agent = spawn_agent(&config, &text)?;
     let pid = agent.id().ok_or("lingua-agent exited at once")?;
     let client = reqwest::Client::new();
-    let node_url = coordinator.url("/v1/nodes/footprint");
-    let ready = Instant::now() + Duration::from_secs(10);
-    loop {
-        let state = match client.get(&node_url).send().await {
-            Ok(response) => response.json::<serde_json::Value>().await.ok(),
-            Err(_) => None,
-        };
-        if state.is_some_and(|s| s["state"] == "ready") {
-            break;
-        }
-        if Instant::now() >= ready {
-            return Err("lingua-agent did not register within 10 s".into());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    ready(&client, &coordinator).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle_before = proc_sample(pid).map_err(|e| e.to_string())?;
     tokio::time::sleep(options.window).await;
