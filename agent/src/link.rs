@@ -17,30 +17,26 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use futures_util::{SinkExt, StreamExt};
 use lingua_shared::close::CloseCode;
 use lingua_shared::protocol::{
-    Capabilities, CapacityReport, Drain, FailureCode, GpuInfo, GpuReading, JobRef, JobResult,
-    Outcome, Register, Secret, VersionRange,
+    CapacityReport, Drain, FailureCode, GpuInfo, GpuReading, JobRef, JobResult, Outcome,
 };
-use lingua_shared::{
-    JobKind, LangCode, MAX_FRAME_BYTES, Message, NodeId, WS_READ_BUFFER_BYTES,
-    WS_WRITE_BUFFER_BYTES, decode, encode, encoded_len,
-};
+use lingua_shared::{JobKind, LangCode, MAX_FRAME_BYTES, Message, NodeId, encoded_len};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message as WsMessage};
-use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::tungstenite::Error as WsError;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
 mod batch;
 mod connection;
+mod registration;
 mod tls;
 
 use batch::Batch;
 use connection::Connection;
+use registration::Registered;
 use tls::connector;
 
 use crate::arbiter::Arbiter;
@@ -150,15 +146,6 @@ fn reading(gpu: &GpuSnapshot) -> GpuReading {
     }
 }
 
-/// A connection registered with a coordinator.
-struct Registered {
-    ws: Ws,
-    /// The coordinator's heartbeat interval and protocol version.
-    agreed: (Duration, u32),
-    /// The free slots registration told it of, and the changes since.
-    room: (BTreeMap<JobKind, u32>, watch::Receiver<u64>),
-}
-
 /// How a connection ended.
 enum Ended {
     Reconnect(String),
@@ -218,112 +205,6 @@ impl Link {
                     }
                 }
             }
-        }
-    }
-
-    fn register(&self, gpus: &[GpuInfo]) -> Register {
-        Register {
-            node_id: self.identity.node_id.clone(),
-            token: self.identity.token.clone().map(Secret),
-            protocol: VersionRange::OURS,
-            agent_version: env!("CARGO_PKG_VERSION").into(),
-            instance: self.identity.instance.clone(),
-            capabilities: Capabilities {
-                src_langs: self.identity.src_langs.clone(),
-                tgt_langs: self.identity.tgt_langs.clone(),
-                kinds: self.identity.kinds.clone(),
-            },
-            gpus: gpus.to_vec(),
-            capacity: capacity(&self.arbiter),
-            draining: *self.draining.borrow(),
-        }
-    }
-
-    async fn connect(
-        &mut self,
-        url: &str,
-        connector: Option<Connector>,
-        gpus: &[GpuInfo],
-    ) -> Result<Registered, Ended> {
-        let config = WebSocketConfig::default()
-            .max_message_size(Some(MAX_FRAME_BYTES))
-            .max_frame_size(Some(MAX_FRAME_BYTES))
-            .read_buffer_size(WS_READ_BUFFER_BYTES)
-            .write_buffer_size(WS_WRITE_BUFFER_BYTES);
-        // A peer that takes the connection and never completes the
-        // upgrade (a stopped process, a proxy without a backend) is given
-        // up on, for the next URL.
-        let opened = tokio::time::timeout(
-            REGISTER_TIMEOUT,
-            tokio_tungstenite::connect_async_tls_with_config(url, Some(config), true, connector),
-        );
-        let (mut ws, _) = opened
-            .await
-            .map_err(|_| {
-                Ended::Reconnect(format!(
-                    "connect {url}: no WebSocket within {REGISTER_TIMEOUT:?}"
-                ))
-            })?
-            .map_err(|e| Ended::Reconnect(format!("connect {url}: {e}")))?;
-        // Room is counted from what registration tells: a change from
-        // then on is reported once registered.
-        let room_changes = self.arbiter.subscribe();
-        let register = self.register(gpus);
-        let told = register.capacity.free_slots.clone();
-        let register = WsMessage::text(encode(&Message::Register(register)));
-        written(REGISTER_TIMEOUT, ws.send(register), "register").await?;
-        let answer = tokio::time::timeout(REGISTER_TIMEOUT, async {
-            loop {
-                match ws.next().await {
-                    Some(Ok(WsMessage::Text(text))) => return Ok(decode(text.as_bytes())),
-                    Some(Ok(WsMessage::Close(frame))) => {
-                        let (code, reason) = frame.map_or((1005, String::new()), |f| {
-                            (u16::from(f.code), f.reason.to_string())
-                        });
-                        return Err(closed(code, reason));
-                    }
-                    Some(Ok(_)) => {}
-                    Some(Err(e)) => return Err(Ended::Reconnect(format!("registering: {e}"))),
-                    None => return Err(Ended::Reconnect("closed while registering".into())),
-                }
-            }
-        })
-        .await
-        .map_err(|_| Ended::Reconnect("no register_ack in time".into()))??;
-        match answer {
-            Ok(Message::RegisterAck(ack)) => {
-                tracing::info!(%url, epoch = ack.epoch, pairs = ack.pairs.len(), "registered with the coordinator");
-                self.status.send_modify(|s| {
-                    s.connected = true;
-                    s.registrations += 1;
-                });
-                let heartbeat = Duration::from_millis(ack.heartbeat_interval_ms.max(10));
-                Ok(Registered {
-                    ws,
-                    agreed: (heartbeat, ack.protocol_version),
-                    room: (told, room_changes),
-                })
-            }
-            Ok(Message::Error(error)) => {
-                // The close frame that follows carries the code; read it.
-                let code = loop {
-                    match tokio::time::timeout(REGISTER_TIMEOUT, ws.next()).await {
-                        Ok(Some(Ok(WsMessage::Close(frame)))) => {
-                            break frame.map_or(1005, |f| u16::from(f.code));
-                        }
-                        Ok(Some(Ok(_))) => {}
-                        _ => break 1006,
-                    }
-                };
-                Err(closed(code, error.message))
-            }
-            Ok(other) => Err(Ended::Reconnect(format!(
-                "expected register_ack, got {}",
-                other.type_name()
-            ))),
-            Err(e) => Err(Ended::Reconnect(format!(
-                "bad frame while registering: {e}"
-            ))),
         }
     }
 

@@ -12,11 +12,14 @@
 #![forbid(unsafe_code)]
 
 // The crate root is a file, so its module directory is named explicitly.
+#[path = "lingua-demo/screen.rs"]
+mod screen;
 #[path = "lingua-demo/speech.rs"]
 mod speech;
 
-use std::collections::BTreeMap;
-use std::io::{IsTerminal, Write};
+use screen::{Screen, Tally, summary};
+
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -33,7 +36,6 @@ use lingua_coordinator::private_redis::PrivateRedis;
 use lingua_coordinator::server;
 use lingua_coordinator::store::Store;
 use lingua_shared::process::{Exit, LogFormat, init_logging, usage_error};
-use lingua_tools::percentile;
 use serde_json::{Value, json};
 use tokio::sync::{Mutex, Semaphore, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -232,114 +234,6 @@ impl DemoAgent {
     }
 }
 
-#[derive(Default)]
-struct Tally {
-    latencies_ms: Vec<u64>,
-    completed: usize,
-    /// Completed on a CPU fallback executor.
-    on_cpu: usize,
-    failed: BTreeMap<String, usize>,
-    rerouted: usize,
-    unanswered: usize,
-    examples: Vec<String>,
-}
-
-fn bar(done: usize, total: usize, width: usize) -> String {
-    let filled = (done * width)
-        .checked_div(total)
-        .unwrap_or(width)
-        .min(width);
-    format!("[{}{}]", "#".repeat(filled), ".".repeat(width - filled))
-}
-
-fn counter(metrics: &Metrics, family: &str) -> u64 {
-    // Read through the Prometheus text so the demo shows exactly what an
-    // operator would scrape.
-    let text = metrics.render();
-    text.lines()
-        .filter(|line| line.starts_with(family))
-        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum::<f64>() as u64
-}
-
-struct View<'a> {
-    started: Instant,
-    total: usize,
-    done: usize,
-    tally: &'a Tally,
-    agents: &'a [DemoAgent],
-    metrics: &'a Metrics,
-    killed: Option<&'a str>,
-}
-
-fn render(view: &View<'_>) -> Vec<String> {
-    let elapsed = view.started.elapsed().as_secs_f64().max(0.001);
-    let mut sorted = view.tally.latencies_ms.clone();
-    sorted.sort_unstable();
-    let failed: usize = view.tally.failed.values().sum();
-    let assignments = counter(view.metrics, "lingua_job_assignments_total");
-    let mut lines = vec![
-        format!(
-            "{} {}/{}  {:.0} jobs/s  p50 {} ms  p99 {} ms  failed {}",
-            bar(view.done, view.total, 20),
-            view.done,
-            view.total,
-            view.done as f64 / elapsed,
-            percentile(&sorted, 0.50),
-            percentile(&sorted, 0.99),
-            failed
-        ),
-        format!(
-            "queued {}  shed {}  sent {}  refused {}  retried {}{}",
-            counter(view.metrics, "lingua_queue_depth"),
-            counter(view.metrics, "lingua_jobs_shed_total"),
-            assignments,
-            counter(view.metrics, "lingua_job_refusals_total"),
-            view.tally.rerouted,
-            view.killed
-                .map(|k| format!("  ({k} was killed)"))
-                .unwrap_or_default()
-        ),
-        format!(
-            "{:<8} {:<8} {:>7} {:>18} {:>22}",
-            "node", "state", "running", "free asr/mt/tts", "VRAM in use (MiB)"
-        ),
-    ];
-    for agent in view.agents {
-        let free = agent.handles.arbiter.free_slots();
-        let slots = ["asr", "translate", "tts"]
-            .iter()
-            .map(|k| {
-                free.iter()
-                    .find(|(kind, _)| kind.as_str() == *k)
-                    .map_or(0, |(_, n)| *n)
-                    .to_string()
-            })
-            .collect::<Vec<_>>()
-            .join("/");
-        let gpus = agent.handles.arbiter.gpus();
-        let used: u64 = gpus.iter().map(|g| g.memory_used_mb).sum();
-        let total: u64 = gpus.iter().map(|g| g.memory_total_mb).sum();
-        let state = if !agent.alive() {
-            "KILLED"
-        } else if agent.handles.status.borrow().connected {
-            "ready"
-        } else {
-            "offline"
-        };
-        let running = if agent.alive() {
-            agent.handles.arbiter.running()
-        } else {
-            0
-        };
-        lines.push(format!(
-            "{:<8} {:<8} {:>7} {:>18} {:>10} / {:<9}",
-            agent.name, state, running, slots, used, total
-        ));
-    }
-    lines
-}
-
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -473,6 +367,31 @@ async fn simulated(cli: &Cli, addr: SocketAddr, metrics: &Metrics) -> ExitCode {
     outcome
 }
 
+/// Job `i` of the load: the kinds in turn, over the `pairs` the agents
+/// serve, in one of 40 sessions.
+fn job(i: usize, pairs: &[(String, String)]) -> Value {
+    let kinds = ["asr", "translate", "tts"];
+    let (src, tgt) = &pairs[i % pairs.len()];
+    json!({
+        "id": format!("demo-{i}"),
+        "kind": kinds[i % kinds.len()],
+        "src_lang": src,
+        "tgt_lang": tgt,
+        "session_id": format!("session-{}", i % 40),
+        "payload": {"utterance": i},
+        "timeout_ms": 20000,
+    })
+}
+
+/// Kills the last agent, says so, and returns its name.
+fn kill_last(agents: &mut [DemoAgent]) -> String {
+    let victim = agents.len() - 1;
+    agents[victim].kill();
+    let name = agents[victim].name.clone();
+    println!("lingua-demo: killed {name} (its running jobs move to other nodes)");
+    name
+}
+
 async fn run_load(
     cli: &Cli,
     addr: SocketAddr,
@@ -496,7 +415,6 @@ async fn run_load(
     // Burst, lull, burst: many clients, then few, then many again.
     let clients = Arc::new(Semaphore::new(96));
     let mut submitted = Vec::with_capacity(total);
-    let kinds = ["asr", "translate", "tts"];
     let pairs = job_pairs(cli.agents);
     let mut killed: Option<String> = None;
     let mut last_draw = Instant::now();
@@ -507,14 +425,8 @@ async fn run_load(
             tokio::time::sleep(Duration::from_millis(4)).await;
         }
         if killed.is_none() && i >= total * 2 / 5 {
-            let victim = agents.len() - 1;
-            screen.draw(agents, metrics, killed.as_deref(), true).await;
-            agents[victim].kill();
-            killed = Some(agents[victim].name.clone());
-            println!(
-                "lingua-demo: killed {} (its running jobs move to other nodes)",
-                agents[victim].name
-            );
+            screen.draw(agents, metrics, None, true).await;
+            killed = Some(kill_last(agents));
             screen.detach();
         }
         let permit = clients
@@ -522,16 +434,7 @@ async fn run_load(
             .acquire_owned()
             .await
             .expect("the semaphore is never closed");
-        let (src, tgt) = &pairs[i % pairs.len()];
-        let body = json!({
-            "id": format!("demo-{i}"),
-            "kind": kinds[i % kinds.len()],
-            "src_lang": src,
-            "tgt_lang": tgt,
-            "session_id": format!("session-{}", i % 40),
-            "payload": {"utterance": i},
-            "timeout_ms": 20000,
-        });
+        let body = job(i, &pairs);
         let client = client.clone();
         let url = format!("http://{addr}/v1/jobs");
         let tally = tally.clone();
@@ -542,37 +445,7 @@ async fn run_load(
                 Ok(response) => response.json().await.ok(),
                 Err(_) => None,
             };
-            let mut tally = tally.lock().await;
-            match answer {
-                Some(job) if job["status"] == "completed" => {
-                    tally.completed += 1;
-                    if job["device"] == "cpu" {
-                        tally.on_cpu += 1;
-                    }
-                    tally
-                        .latencies_ms
-                        .push(job["latency_ms"].as_u64().unwrap_or(0));
-                    if job["attempts"].as_u64().unwrap_or(1) > 1 {
-                        tally.rerouted += 1;
-                    }
-                }
-                Some(job) if job["status"] == "failed" => {
-                    let code = job["error"]["code"]
-                        .as_str()
-                        .unwrap_or("unknown")
-                        .to_owned();
-                    *tally.failed.entry(code).or_default() += 1;
-                    if tally.examples.len() < 3 {
-                        tally.examples.push(
-                            job["error"]["message"]
-                                .as_str()
-                                .unwrap_or_default()
-                                .to_owned(),
-                        );
-                    }
-                }
-                _ => tally.unanswered += 1,
-            }
+            tally.lock().await.add(answer);
             drop(permit);
             done.fetch_add(1, Ordering::Relaxed);
         }));
@@ -590,126 +463,6 @@ async fn run_load(
     }
     screen.draw(agents, metrics, killed.as_deref(), true).await;
     let tally = tally.lock().await;
-    let elapsed = started.elapsed().as_secs_f64();
-    let mut sorted = tally.latencies_ms.clone();
-    sorted.sort_unstable();
-    let failed: usize = tally.failed.values().sum();
-    let assignments = counter(metrics, "lingua_job_assignments_total");
-    println!();
-    println!("summary");
-    println!("  jobs submitted       {total}");
-    println!("  completed            {}", tally.completed);
-    println!(
-        "  failed               {failed}{}",
-        if tally.failed.is_empty() {
-            String::new()
-        } else {
-            format!(" {:?}", tally.failed)
-        }
-    );
-    for example in &tally.examples {
-        println!("    e.g. {example}");
-    }
-    println!("  without an answer    {}", tally.unanswered);
-    println!(
-        "  cpu fallback         {} translate jobs ran on it while no GPU had room",
-        tally.on_cpu
-    );
-    println!(
-        "  throughput           {:.0} jobs/s over {elapsed:.1} s",
-        total as f64 / elapsed
-    );
-    println!(
-        "  latency              p50 {} ms, p99 {} ms",
-        percentile(&sorted, 0.50),
-        percentile(&sorted, 0.99)
-    );
-    let refusals = counter(metrics, "lingua_job_refusals_total");
-    println!(
-        "  assignments          {assignments}: {refusals} refused by nodes ({:.3} per job), {} beyond one per job in all",
-        refusals as f64 / total.max(1) as f64,
-        assignments.saturating_sub(total as u64)
-    );
-    println!(
-        "  admission queue      at most {} jobs waiting for room; {} answered early (no room in time)",
-        screen.peak_queued,
-        counter(metrics, "lingua_jobs_shed_total")
-    );
-    if let Some(killed) = &killed {
-        println!(
-            "  node failure         {killed} killed part-way; its jobs were retried on other nodes ({} jobs completed after more than one attempt)",
-            tally.rerouted
-        );
-    }
-    if tally.unanswered == 0 && tally.completed + failed == total {
-        println!("every job reached a terminal state");
-        ExitCode::SUCCESS
-    } else {
-        println!(
-            "{} jobs got no terminal answer",
-            total - tally.completed - failed
-        );
-        Exit::Internal.into()
-    }
-}
-
-/// The live progress: redrawn in place on a terminal, one line per
-/// refresh otherwise.
-struct Screen {
-    tty: bool,
-    /// The most jobs seen waiting in the admission queue.
-    peak_queued: u64,
-    printed: usize,
-    started: Instant,
-    total: usize,
-    done: Arc<AtomicUsize>,
-    tally: Arc<Mutex<Tally>>,
-}
-
-impl Screen {
-    async fn draw(
-        &mut self,
-        agents: &[DemoAgent],
-        metrics: &Metrics,
-        killed: Option<&str>,
-        full: bool,
-    ) {
-        let tally = self.tally.lock().await;
-        self.peak_queued = self.peak_queued.max(counter(metrics, "lingua_queue_depth"));
-        let lines = render(&View {
-            started: self.started,
-            total: self.total,
-            done: self.done.load(Ordering::Relaxed),
-            tally: &tally,
-            agents,
-            metrics,
-            killed,
-        });
-        let mut out = std::io::stdout().lock();
-        if self.tty {
-            if self.printed > 0 {
-                let _ = write!(out, "\x1b[{}A", self.printed);
-            }
-            // A line that wraps would throw the redraw off: cut each to
-            // the terminal's width.
-            let width = terminal_size::terminal_size().map_or(80, |(w, _)| usize::from(w.0));
-            for line in &lines {
-                let cut: String = line.chars().take(width.saturating_sub(1)).collect();
-                let _ = writeln!(out, "\x1b[2K{cut}");
-            }
-            self.printed = lines.len();
-        } else if full {
-            for line in &lines {
-                let _ = writeln!(out, "{line}");
-            }
-        } else {
-            let _ = writeln!(out, "{}", lines[0]);
-        }
-        let _ = out.flush();
-    }
-
-    /// Forget what was drawn (a message was printed below it).
-    fn detach(&mut self) {
-        self.printed = 0;
-    }
+    let run = (started.elapsed(), screen.peak_queued, killed.as_deref());
+    summary(total, &tally, metrics, run)
 }
