@@ -231,7 +231,12 @@ impl Agent {
         let mut status = handles.status.clone();
         let drained = tokio::time::timeout_at(deadline, async {
             jobs.wait_idle().await;
-            let _ = status.wait_for(|s| s.outbox == 0).await;
+            // Every result the jobs reported, taken by the link (it may
+            // not have read the last ones yet) and acknowledged.
+            let reported = jobs.results_reported();
+            let _ = status
+                .wait_for(|s| s.results_taken >= reported && s.outbox == 0)
+                .await;
         })
         .await;
         if drained.is_err() {

@@ -14,6 +14,7 @@
 //! `on_vram_overrun = "kill"`, stopped and failed.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -86,6 +87,8 @@ pub struct Jobs {
     outgoing: mpsc::UnboundedSender<Outgoing>,
     metrics: Arc<JobMetrics>,
     tasks: TaskTracker,
+    /// Results sent to the link so far.
+    results: AtomicU64,
 }
 
 impl Jobs {
@@ -106,6 +109,7 @@ impl Jobs {
             outgoing,
             metrics,
             tasks: TaskTracker::new(),
+            results: AtomicU64::new(0),
         })
     }
 
@@ -269,6 +273,7 @@ impl Jobs {
         };
         self.metrics
             .ended(&job.kind, (&ended, device), ran.as_secs_f64());
+        self.results.fetch_add(1, Ordering::SeqCst);
         let _ = self.outgoing.send(Outgoing::Result(JobResult {
             job_id: job.job_id,
             attempt: job.attempt,
@@ -330,6 +335,13 @@ impl Jobs {
                 attempts.finished.remove(&old);
             }
         }
+    }
+
+    /// Results reported to the link so far: a drain is over once the link
+    /// has taken each of them ([`crate::link::LinkStatus::results_taken`])
+    /// and the coordinator acknowledged it.
+    pub fn results_reported(&self) -> u64 {
+        self.results.load(Ordering::SeqCst)
     }
 
     /// Waits until every job task has ended (after draining).

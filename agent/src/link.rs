@@ -102,6 +102,10 @@ pub struct LinkStatus {
     pub outbox: usize,
     /// Registrations so far.
     pub registrations: u64,
+    /// Results taken from the jobs so far (into the outbox, until
+    /// acknowledged): a drain waits until it has every result the jobs
+    /// reported ([`crate::jobs::Jobs::results_reported`]).
+    pub results_taken: u64,
 }
 
 /// Everything the link works with.
@@ -307,7 +311,10 @@ impl Link {
             },
             result.clone(),
         );
-        self.status.send_modify(|s| s.outbox = outbox.len());
+        self.status.send_modify(|s| {
+            s.outbox = outbox.len();
+            s.results_taken += 1;
+        });
         result
     }
 

@@ -370,6 +370,35 @@ async fn a_change_of_room_during_registration_is_reported_once_registered() {
     agent.stop().await.unwrap();
 }
 
+/// An agent that drains (SIGTERM) while it runs a job stops only once
+/// the job's result is delivered. Before, the drain looked at the outbox
+/// as the job ended, before the link had taken the result in: it found
+/// it empty, the agent stopped without sending the result, and the job
+/// ran again elsewhere (or, with one attempt, failed `node_lost`). Found
+/// by the agents' rolling restart in tests/tests/faults.rs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_finished_as_the_agent_drains_is_delivered_before_it_stops() {
+    let redis = lingua_tests::redis().await;
+    let config = Config {
+        max_attempts: 1,
+        ..test_config()
+    };
+    let coordinator = TestCoordinator::start(&redis, config).await;
+    for round in 0..5 {
+        let name = format!("draining-{round}");
+        let agent = TestAgent::start(agent_config(&name, &coordinator.ws_url(), 200));
+        agent.registered(1).await;
+        let id = format!("last-{round}");
+        submitted_and_running(&coordinator, &agent, &[&id]).await;
+        agent.stop().await.unwrap();
+        let (_, view) = coordinator
+            .get(&format!("/v1/jobs/{id}?wait_ms=10000"))
+            .await;
+        assert_eq!(view["status"], "completed", "round {round}: {view}");
+    }
+    coordinator.stop().await;
+}
+
 #[tokio::test]
 async fn an_idle_link_stays_up_on_pongs_and_heartbeats_alone() {
     let redis = lingua_tests::redis().await;

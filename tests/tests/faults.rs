@@ -2,14 +2,16 @@
 //! agent's link is frozen (half-open: a proxy the test controls passes no
 //! byte either way), Redis is restarted and the coordinator is SIGKILLed
 //! and restarted; and, apart, while two coordinators are restarted in
-//! turn (SIGTERM, as systemd does in a rolling restart). Every process is
+//! turn (SIGTERM, as systemd does in a rolling restart), and while the
+//! agents are. Every process is
 //! real: `redis-server`, the `lingua-coordinator` and `lingua-agent`
 //! binaries, an HTTP inference service that counts how often each job ran.
 //!
 //! The promise checked: every submitted job gets a terminal answer
 //! (completed, or failed with a reason), the answer is the one Redis
 //! keeps, a completed job really ran, and none completes twice; through
-//! a rolling restart, every job completes and none runs twice.
+//! a rolling restart (of the coordinators or of the agents), every job
+//! completes and none runs twice.
 //!
 //! Always on: one round of faults. `LINGUA_FAULT_SECONDS=120` repeats the
 //! rounds for that long; run with `-- --nocapture` to see the tally and
@@ -84,6 +86,13 @@ timeout_ms = 5000
         if let Some(mut child) = self.child.take() {
             child.kill().await.unwrap();
         }
+    }
+
+    /// Stops it as systemd does (SIGTERM: it drains) and returns how it
+    /// exited.
+    async fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("it runs");
+        lingua_tests::signal::terminate(&mut child, Duration::from_secs(30)).await
     }
 }
 
@@ -521,5 +530,89 @@ async fn a_rolling_restart_under_load_completes_every_job_once() {
     for coordinator in coordinators.into_iter().flatten() {
         coordinator.kill().await;
     }
+    redis.stop().await;
+}
+
+/// A rolling restart of the agents: each in turn stopped (SIGTERM: it
+/// drains, finishing what it runs) and started again, under load. Every
+/// job completes, none runs twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_the_agents_under_load_completes_every_job_once() {
+    let redis = PrivateRedis::start()
+        .await
+        .unwrap_or_else(|e| panic!("the fault test needs redis-server: {e}"));
+    let service = CountingService::start().await;
+    let service_addr = service.addr.to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let addr = free_local_addr();
+    let coordinator = CoordinatorProcess::start(dir.path(), &redis, addr, FAST_COORDINATOR)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let ws = coordinator.ws_url();
+    let mut agents: Vec<AgentProcess> = (0..AGENTS)
+        .map(|i| {
+            let name = format!("upgraded-{i}");
+            AgentProcess::start(dir.path(), &name, &[&ws], 1, &service_addr)
+        })
+        .collect();
+    let http = reqwest::Client::new();
+    let everyone = AGENTS as u64;
+    until("every agent to connect", || async {
+        connected(&http, addr).await == Some(everyone)
+    })
+    .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let jobs_url = coordinator.url("/v1/jobs");
+    let clients = load(
+        &http,
+        std::slice::from_ref(&jobs_url),
+        AGENTS * 2,
+        150,
+        &stop,
+    );
+    let until_time = Instant::now() + rounds_for();
+    let mut restarts = 0usize;
+    loop {
+        for agent in &mut agents {
+            let before = service.runs().len();
+            until("jobs to run", || async {
+                service.runs().len() > before + AGENTS
+            })
+            .await;
+            let status = agent.terminate().await;
+            assert!(status.success(), "a drain exits 0, not {status}");
+            agent.spawn();
+            until("every agent connected again", || async {
+                connected(&http, addr).await == Some(everyone)
+            })
+            .await;
+            restarts += 1;
+        }
+        if Instant::now() >= until_time {
+            break;
+        }
+    }
+    let verdict = Verdict::of(clients, &stop, &http, &jobs_url, &service).await;
+    verdict.print(&format!("agents restarted one by one, {restarts} restarts"));
+    assert!(
+        verdict.unanswered.is_empty(),
+        "jobs without a terminal answer: {:?}",
+        verdict.unanswered
+    );
+    assert_eq!(
+        verdict.tally.keys().collect::<Vec<_>>(),
+        ["completed"],
+        "every job completes through a rolling restart of the agents: {:?}",
+        verdict.tally
+    );
+    assert!(
+        verdict.ran_twice.is_empty(),
+        "jobs run more than once: {:?}",
+        verdict.ran_twice
+    );
+    for agent in &mut agents {
+        agent.kill().await;
+    }
+    coordinator.kill().await;
     redis.stop().await;
 }
