@@ -271,6 +271,26 @@ impl Verdict {
         verdict
     }
 
+    /// Every job got a terminal answer, completed, and ran once.
+    fn every_job_completed_once(&self) {
+        assert!(
+            self.unanswered.is_empty(),
+            "jobs without a terminal answer: {:?}",
+            self.unanswered
+        );
+        assert_eq!(
+            self.tally.keys().collect::<Vec<_>>(),
+            ["completed"],
+            "every job completes: {:?}",
+            self.tally
+        );
+        assert!(
+            self.ran_twice.is_empty(),
+            "jobs run more than once: {:?}",
+            self.ran_twice
+        );
+    }
+
     fn print(&self, what: &str) {
         println!(
             "{what}: {} jobs submitted, {} answered, {:?}, {} ran more than once, \
@@ -508,22 +528,7 @@ async fn a_rolling_restart_under_load_completes_every_job_once() {
 
     let verdict = Verdict::of(clients, &stop, &http, &jobs_urls[0], &service).await;
     verdict.print(&format!("rolling restart, {restarts} restarts"));
-    assert!(
-        verdict.unanswered.is_empty(),
-        "jobs without a terminal answer: {:?}",
-        verdict.unanswered
-    );
-    assert_eq!(
-        verdict.tally.keys().collect::<Vec<_>>(),
-        ["completed"],
-        "every job completes through a rolling restart: {:?}",
-        verdict.tally
-    );
-    assert!(
-        verdict.ran_twice.is_empty(),
-        "jobs run more than once through a rolling restart: {:?}",
-        verdict.ran_twice
-    );
+    verdict.every_job_completed_once();
     for agent in &mut agents {
         agent.kill().await;
     }
@@ -594,22 +599,7 @@ async fn a_rolling_restart_of_the_agents_under_load_completes_every_job_once() {
     }
     let verdict = Verdict::of(clients, &stop, &http, &jobs_url, &service).await;
     verdict.print(&format!("agents restarted one by one, {restarts} restarts"));
-    assert!(
-        verdict.unanswered.is_empty(),
-        "jobs without a terminal answer: {:?}",
-        verdict.unanswered
-    );
-    assert_eq!(
-        verdict.tally.keys().collect::<Vec<_>>(),
-        ["completed"],
-        "every job completes through a rolling restart of the agents: {:?}",
-        verdict.tally
-    );
-    assert!(
-        verdict.ran_twice.is_empty(),
-        "jobs run more than once: {:?}",
-        verdict.ran_twice
-    );
+    verdict.every_job_completed_once();
     for agent in &mut agents {
         agent.kill().await;
     }
